@@ -1,0 +1,1 @@
+//! kiln-frontend: ONNX import (protobuf to IR) and tensor files (.pb, .npy).

@@ -1,0 +1,28 @@
+//! kiln-ir: the tensor IR every part of kiln shares — dtypes, symbolic shapes, tensors,
+//! the SSA graph, the op set with shape rules and reference semantics, the verifier, the
+//! text form, and the reference interpreter.
+#![warn(missing_docs)]
+
+pub mod attr;
+pub mod dtype;
+pub mod graph;
+pub mod infer;
+pub mod interp;
+pub mod ops;
+pub mod shape;
+pub mod tensor;
+pub mod text;
+pub mod verify;
+
+pub use attr::{Attr, Attrs};
+pub use dtype::DType;
+pub use graph::{Graph, Node, TensorType, Value, ValueId};
+pub use infer::{infer_types, InferError};
+pub use interp::{run, run_named, EvalError};
+pub use ops::{Fact, OpKind};
+pub use shape::{Dim, Shape};
+pub use tensor::{Elem, Tensor, TensorData};
+pub use verify::{verify, VerifyError};
+
+#[doc(hidden)]
+pub use half;

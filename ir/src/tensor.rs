@@ -1,0 +1,579 @@
+//! Concrete tensors: a shape and a typed, row-major element buffer. This is what the
+//! interpreter computes on and what constants in the graph hold.
+
+use crate::DType;
+use half::{bf16, f16};
+use std::fmt;
+
+/// A typed element buffer, one variant per [`DType`].
+#[derive(Clone, Debug)]
+#[allow(missing_docs)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    I8(Vec<i8>),
+    I16(Vec<i16>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    U64(Vec<u64>),
+    Bool(Vec<bool>),
+}
+
+/// Runs `$body` with `$v` bound to the typed `Vec` inside a [`TensorData`], so that one
+/// generic body serves every dtype. `$T` names the element type in the body.
+///
+/// ```
+/// use kiln_ir::{dispatch, TensorData};
+/// let d = TensorData::I32(vec![1, 2, 3]);
+/// let n = dispatch!(&d, v, T => v.len());
+/// assert_eq!(n, 3);
+/// ```
+#[macro_export]
+macro_rules! dispatch {
+    ($data:expr, $v:ident, $T:ident => $body:expr) => {{
+        #[allow(unused_imports)]
+        use $crate::half::{bf16, f16};
+        match $data {
+            $crate::TensorData::F32($v) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                $body
+            }
+            $crate::TensorData::F64($v) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                $body
+            }
+            $crate::TensorData::F16($v) => {
+                #[allow(dead_code)]
+                type $T = f16;
+                $body
+            }
+            $crate::TensorData::BF16($v) => {
+                #[allow(dead_code)]
+                type $T = bf16;
+                $body
+            }
+            $crate::TensorData::I8($v) => {
+                #[allow(dead_code)]
+                type $T = i8;
+                $body
+            }
+            $crate::TensorData::I16($v) => {
+                #[allow(dead_code)]
+                type $T = i16;
+                $body
+            }
+            $crate::TensorData::I32($v) => {
+                #[allow(dead_code)]
+                type $T = i32;
+                $body
+            }
+            $crate::TensorData::I64($v) => {
+                #[allow(dead_code)]
+                type $T = i64;
+                $body
+            }
+            $crate::TensorData::U8($v) => {
+                #[allow(dead_code)]
+                type $T = u8;
+                $body
+            }
+            $crate::TensorData::U16($v) => {
+                #[allow(dead_code)]
+                type $T = u16;
+                $body
+            }
+            $crate::TensorData::U32($v) => {
+                #[allow(dead_code)]
+                type $T = u32;
+                $body
+            }
+            $crate::TensorData::U64($v) => {
+                #[allow(dead_code)]
+                type $T = u64;
+                $body
+            }
+            $crate::TensorData::Bool($v) => {
+                #[allow(dead_code)]
+                type $T = bool;
+                $body
+            }
+        }
+    }};
+}
+
+/// A scalar element type that a [`TensorData`] can hold.
+pub trait Elem:
+    Copy + Default + PartialEq + PartialOrd + fmt::Debug + Send + Sync + 'static
+{
+    /// The dtype of this element type.
+    const DTYPE: DType;
+    /// Wraps a vector in the matching [`TensorData`] variant.
+    fn wrap(v: Vec<Self>) -> TensorData;
+    /// Borrows the vector if `d` holds this element type.
+    fn unwrap(d: &TensorData) -> Option<&Vec<Self>>;
+    /// Borrows the vector mutably if `d` holds this element type.
+    fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>>;
+    /// Converts to f64 (bool is 0 or 1).
+    fn to_f64(self) -> f64;
+    /// Converts from f64 with Rust `as` semantics (saturating for ints, NaN to 0).
+    fn from_f64(x: f64) -> Self;
+    /// Converts to i64 exactly for integers, truncating for floats.
+    fn to_i64(self) -> i64;
+    /// Converts from i64 with wrapping for narrower integers.
+    fn from_i64(x: i64) -> Self;
+    /// Little-endian bytes of one element.
+    fn write_le(self, out: &mut Vec<u8>);
+    /// Reads one element from exactly `size()` little-endian bytes.
+    fn read_le(b: &[u8]) -> Self;
+}
+
+macro_rules! impl_elem_num {
+    ($t:ty, $variant:ident, $dt:ident, float = $is_float:expr) => {
+        impl Elem for $t {
+            const DTYPE: DType = DType::$dt;
+            fn wrap(v: Vec<Self>) -> TensorData {
+                TensorData::$variant(v)
+            }
+            fn unwrap(d: &TensorData) -> Option<&Vec<Self>> {
+                match d {
+                    TensorData::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>> {
+                match d {
+                    TensorData::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn to_i64(self) -> i64 {
+                self as i64
+            }
+            fn from_i64(x: i64) -> Self {
+                x as $t
+            }
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("element byte width"))
+            }
+        }
+    };
+}
+impl_elem_num!(f32, F32, F32, float = true);
+impl_elem_num!(f64, F64, F64, float = true);
+impl_elem_num!(i8, I8, I8, float = false);
+impl_elem_num!(i16, I16, I16, float = false);
+impl_elem_num!(i32, I32, I32, float = false);
+impl_elem_num!(i64, I64, I64, float = false);
+impl_elem_num!(u8, U8, U8, float = false);
+impl_elem_num!(u16, U16, U16, float = false);
+impl_elem_num!(u32, U32, U32, float = false);
+impl_elem_num!(u64, U64, U64, float = false);
+
+macro_rules! impl_elem_half {
+    ($t:ty, $variant:ident) => {
+        impl Elem for $t {
+            const DTYPE: DType = DType::$variant;
+            fn wrap(v: Vec<Self>) -> TensorData {
+                TensorData::$variant(v)
+            }
+            fn unwrap(d: &TensorData) -> Option<&Vec<Self>> {
+                match d {
+                    TensorData::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>> {
+                match d {
+                    TensorData::$variant(v) => Some(v),
+                    _ => None,
+                }
+            }
+            fn to_f64(self) -> f64 {
+                self.to_f64()
+            }
+            fn from_f64(x: f64) -> Self {
+                <$t>::from_f64(x)
+            }
+            fn to_i64(self) -> i64 {
+                self.to_f64() as i64
+            }
+            fn from_i64(x: i64) -> Self {
+                <$t>::from_f64(x as f64)
+            }
+            fn write_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("element byte width"))
+            }
+        }
+    };
+}
+impl_elem_half!(f16, F16);
+impl_elem_half!(bf16, BF16);
+
+impl Elem for bool {
+    const DTYPE: DType = DType::Bool;
+    fn wrap(v: Vec<Self>) -> TensorData {
+        TensorData::Bool(v)
+    }
+    fn unwrap(d: &TensorData) -> Option<&Vec<Self>> {
+        match d {
+            TensorData::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>> {
+        match d {
+            TensorData::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn to_f64(self) -> f64 {
+        self as u8 as f64
+    }
+    fn from_f64(x: f64) -> Self {
+        x != 0.0
+    }
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+    fn from_i64(x: i64) -> Self {
+        x != 0
+    }
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.push(self as u8);
+    }
+    fn read_le(b: &[u8]) -> Self {
+        b[0] != 0
+    }
+}
+
+impl TensorData {
+    /// The dtype of the elements.
+    pub fn dtype(&self) -> DType {
+        dispatch!(self, _v, T => <T as Elem>::DTYPE)
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        dispatch!(self, v, T => v.len())
+    }
+
+    /// True if there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `n` zero (false) elements of `dtype`.
+    pub fn zeros(dtype: DType, n: usize) -> TensorData {
+        Self::filled(dtype, n, 0.0)
+    }
+
+    /// `n` elements of `dtype`, each `x` converted.
+    pub fn filled(dtype: DType, n: usize, x: f64) -> TensorData {
+        fn mk<T: Elem>(n: usize, x: f64) -> TensorData {
+            T::wrap(vec![T::from_f64(x); n])
+        }
+        match dtype {
+            DType::F32 => mk::<f32>(n, x),
+            DType::F64 => mk::<f64>(n, x),
+            DType::F16 => mk::<f16>(n, x),
+            DType::BF16 => mk::<bf16>(n, x),
+            DType::I8 => mk::<i8>(n, x),
+            DType::I16 => mk::<i16>(n, x),
+            DType::I32 => mk::<i32>(n, x),
+            DType::I64 => mk::<i64>(n, x),
+            DType::U8 => mk::<u8>(n, x),
+            DType::U16 => mk::<u16>(n, x),
+            DType::U32 => mk::<u32>(n, x),
+            DType::U64 => mk::<u64>(n, x),
+            DType::Bool => mk::<bool>(n, x),
+        }
+    }
+
+    /// Builds a buffer of `dtype` from f64 values (with `as` conversion).
+    pub fn from_f64s(dtype: DType, xs: impl Iterator<Item = f64>) -> TensorData {
+        fn mk<T: Elem>(xs: impl Iterator<Item = f64>) -> TensorData {
+            T::wrap(xs.map(T::from_f64).collect())
+        }
+        match dtype {
+            DType::F32 => mk::<f32>(xs),
+            DType::F64 => mk::<f64>(xs),
+            DType::F16 => mk::<f16>(xs),
+            DType::BF16 => mk::<bf16>(xs),
+            DType::I8 => mk::<i8>(xs),
+            DType::I16 => mk::<i16>(xs),
+            DType::I32 => mk::<i32>(xs),
+            DType::I64 => mk::<i64>(xs),
+            DType::U8 => mk::<u8>(xs),
+            DType::U16 => mk::<u16>(xs),
+            DType::U32 => mk::<u32>(xs),
+            DType::U64 => mk::<u64>(xs),
+            DType::Bool => mk::<bool>(xs),
+        }
+    }
+
+    /// Builds a buffer of `dtype` from i64 values (wrapping for narrower ints).
+    pub fn from_i64s(dtype: DType, xs: impl Iterator<Item = i64>) -> TensorData {
+        fn mk<T: Elem>(xs: impl Iterator<Item = i64>) -> TensorData {
+            T::wrap(xs.map(T::from_i64).collect())
+        }
+        match dtype {
+            DType::F32 => mk::<f32>(xs),
+            DType::F64 => mk::<f64>(xs),
+            DType::F16 => mk::<f16>(xs),
+            DType::BF16 => mk::<bf16>(xs),
+            DType::I8 => mk::<i8>(xs),
+            DType::I16 => mk::<i16>(xs),
+            DType::I32 => mk::<i32>(xs),
+            DType::I64 => mk::<i64>(xs),
+            DType::U8 => mk::<u8>(xs),
+            DType::U16 => mk::<u16>(xs),
+            DType::U32 => mk::<u32>(xs),
+            DType::U64 => mk::<u64>(xs),
+            DType::Bool => mk::<bool>(xs),
+        }
+    }
+
+    /// Decodes little-endian bytes. Errors if the byte count is not a multiple of the
+    /// element size.
+    pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<TensorData, String> {
+        let size = dtype.size();
+        if bytes.len() % size != 0 {
+            return Err(format!(
+                "{} bytes is not a whole number of {dtype} elements",
+                bytes.len()
+            ));
+        }
+        fn mk<T: Elem>(bytes: &[u8], size: usize) -> TensorData {
+            T::wrap(bytes.chunks_exact(size).map(T::read_le).collect())
+        }
+        Ok(match dtype {
+            DType::F32 => mk::<f32>(bytes, size),
+            DType::F64 => mk::<f64>(bytes, size),
+            DType::F16 => mk::<f16>(bytes, size),
+            DType::BF16 => mk::<bf16>(bytes, size),
+            DType::I8 => mk::<i8>(bytes, size),
+            DType::I16 => mk::<i16>(bytes, size),
+            DType::I32 => mk::<i32>(bytes, size),
+            DType::I64 => mk::<i64>(bytes, size),
+            DType::U8 => mk::<u8>(bytes, size),
+            DType::U16 => mk::<u16>(bytes, size),
+            DType::U32 => mk::<u32>(bytes, size),
+            DType::U64 => mk::<u64>(bytes, size),
+            DType::Bool => mk::<bool>(bytes, size),
+        })
+    }
+
+    /// Little-endian bytes of all elements.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        dispatch!(self, v, T => {
+            let mut out = Vec::with_capacity(v.len() * <T as Elem>::DTYPE.size());
+            for &x in v.iter() {
+                x.write_le(&mut out);
+            }
+            out
+        })
+    }
+
+    /// All elements converted to f64.
+    pub fn to_f64s(&self) -> Vec<f64> {
+        dispatch!(self, v, T => v.iter().map(|&x| Elem::to_f64(x)).collect())
+    }
+
+    /// All elements converted to i64 (floats truncate).
+    pub fn to_i64s(&self) -> Vec<i64> {
+        dispatch!(self, v, T => v.iter().map(|&x| Elem::to_i64(x)).collect())
+    }
+}
+
+/// A concrete tensor: row-major data of a known shape.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: TensorData,
+}
+
+/// Bitwise equality, so NaNs with the same bits compare equal (needed for round-trips).
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        self.shape == other.shape
+            && self.dtype() == other.dtype()
+            && self.data.to_le_bytes() == other.data.to_le_bytes()
+    }
+}
+
+impl Tensor {
+    /// Makes a tensor; errors if the element count does not match the shape.
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Tensor, String> {
+        let n = numel(&shape);
+        if n != data.len() {
+            return Err(format!(
+                "shape {shape:?} needs {n} elements but the data has {}",
+                data.len()
+            ));
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// Makes a tensor from a typed vector; panics if the element count is wrong, so use
+    /// it only where the count is computed from the shape.
+    pub fn from_vec<T: Elem>(shape: Vec<usize>, v: Vec<T>) -> Tensor {
+        assert_eq!(numel(&shape), v.len(), "Tensor::from_vec: element count");
+        Tensor {
+            shape,
+            data: T::wrap(v),
+        }
+    }
+
+    /// A rank-0 tensor.
+    pub fn scalar<T: Elem>(x: T) -> Tensor {
+        Tensor {
+            shape: vec![],
+            data: T::wrap(vec![x]),
+        }
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(dtype: DType, shape: Vec<usize>) -> Tensor {
+        let n = numel(&shape);
+        Tensor {
+            shape,
+            data: TensorData::zeros(dtype, n),
+        }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// The element count.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True if the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// The typed buffer.
+    pub fn data(&self) -> &TensorData {
+        &self.data
+    }
+
+    /// Takes the typed buffer.
+    pub fn into_data(self) -> TensorData {
+        self.data
+    }
+
+    /// The elements as a typed slice, if the dtype matches.
+    pub fn as_slice<T: Elem>(&self) -> Option<&[T]> {
+        T::unwrap(&self.data).map(|v| v.as_slice())
+    }
+
+    /// The same data with a new shape of equal element count.
+    pub fn reshaped(self, shape: Vec<usize>) -> Result<Tensor, String> {
+        Tensor::new(shape, self.data)
+    }
+
+    /// Converts elements to `dtype` (ONNX Cast semantics: floats to ints truncate toward
+    /// zero, anything to bool is `x != 0`).
+    pub fn cast(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let data = if self.dtype().is_float() || dtype.is_float() {
+            TensorData::from_f64s(dtype, self.data.to_f64s().into_iter())
+        } else if dtype == DType::Bool {
+            TensorData::Bool(self.data.to_i64s().into_iter().map(|x| x != 0).collect())
+        } else if matches!(self.data, TensorData::U64(_)) {
+            // u64 above i64::MAX must not go through i64's sign.
+            let v = u64::unwrap(&self.data).expect("u64");
+            TensorData::from_i64s(dtype, v.iter().map(|&x| x as i64))
+        } else {
+            TensorData::from_i64s(dtype, self.data.to_i64s().into_iter())
+        };
+        Tensor {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
+    /// All elements as f64.
+    pub fn to_f64s(&self) -> Vec<f64> {
+        self.data.to_f64s()
+    }
+
+    /// All elements as i64 (floats truncate).
+    pub fn to_i64s(&self) -> Vec<i64> {
+        self.data.to_i64s()
+    }
+}
+
+/// The element count of a shape.
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Row-major strides (in elements) of a shape.
+pub fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cast_truncates_floats_and_maps_nonzero_to_true() {
+        let t = Tensor::from_vec(vec![3], vec![-1.7f32, 0.0, 2.9]);
+        assert_eq!(t.cast(DType::I64).to_i64s(), vec![-1, 0, 2]);
+        assert_eq!(
+            t.cast(DType::Bool).as_slice::<bool>().unwrap(),
+            &[true, false, true]
+        );
+    }
+
+    #[test]
+    fn le_bytes_round_trip_every_dtype() {
+        for dt in DType::ALL {
+            let d = TensorData::from_f64s(dt, [0.0, 1.0, 2.0].into_iter());
+            let back = TensorData::from_le_bytes(dt, &d.to_le_bytes()).unwrap();
+            assert_eq!(back.to_f64s(), d.to_f64s(), "{dt}");
+        }
+        assert!(TensorData::from_le_bytes(DType::F32, &[0; 5]).is_err());
+    }
+}

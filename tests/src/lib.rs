@@ -1,0 +1,1 @@
+//! Shared helpers for kiln integration tests.
