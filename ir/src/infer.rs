@@ -51,7 +51,7 @@ pub fn facts(g: &Graph) -> Result<Vec<Fact>, InferError> {
                 node.outputs.len()
             )));
         }
-        fold_small_constants(node, &ins, &mut out);
+        fold_small_constants(node.op, &node.attrs, &ins, &mut out);
         for (f, &o) in out.iter_mut().zip(&node.outputs) {
             f.ty = refine(g.ty(o), &f.ty)
                 .map_err(|m| err(format!("output `{}`: {m}", g.value(o).name)))?;
@@ -80,8 +80,13 @@ pub fn infer_types(g: &mut Graph) -> Result<(), InferError> {
 }
 
 /// Evaluates a node whose inputs are all small constants, so its outputs become constants.
-fn fold_small_constants(node: &crate::Node, ins: &[Option<&Fact>], out: &mut [Fact]) {
-    if node.op == OpKind::If {
+pub(crate) fn fold_small_constants(
+    op: OpKind,
+    attrs: &crate::Attrs,
+    ins: &[Option<&Fact>],
+    out: &mut [Fact],
+) {
+    if op == OpKind::If {
         return;
     }
     let mut tensors = Vec::with_capacity(ins.len());
@@ -94,7 +99,7 @@ fn fold_small_constants(node: &crate::Node, ins: &[Option<&Fact>], out: &mut [Fa
             },
         }
     }
-    if let Ok(results) = ops::eval(node.op, &node.attrs, &tensors) {
+    if let Ok(results) = ops::eval(op, attrs, &tensors) {
         for (f, t) in out.iter_mut().zip(results) {
             if t.len() <= FOLD_LIMIT_ELEMS && t.dtype() == f.ty.dtype {
                 f.ty.shape = Shape::fixed(t.shape());

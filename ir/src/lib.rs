@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod attr;
+pub mod builder;
 pub mod dtype;
 pub mod graph;
 pub mod infer;
@@ -15,6 +16,7 @@ pub mod text;
 pub mod verify;
 
 pub use attr::{Attr, Attrs};
+pub use builder::GraphBuilder;
 pub use dtype::DType;
 pub use graph::{Graph, Node, TensorType, Value, ValueId};
 pub use infer::{infer_types, InferError};

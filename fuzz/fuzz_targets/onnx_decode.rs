@@ -1,0 +1,4 @@
+//! Fuzz target onnx_decode (to be written).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+fuzz_target!(|_data: &[u8]| {});
