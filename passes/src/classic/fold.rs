@@ -8,6 +8,8 @@
 //! are left as they are. A folded node is turned into a `constant` node in place, so its
 //! value keeps its id and name.
 //!
+//! `identity` nodes are not folded (see the comment in `run`).
+//!
 //! Size limit: a result bigger than `max_elems` is only materialised when it replaces
 //! large constants that die with it (so folding `transpose(W)` of a single-use weight is
 //! fine, but broadcasting a scalar into a huge tensor, or copying a weight that is also
@@ -52,6 +54,17 @@ impl Pass for FoldConstants {
         let mut inserts: Vec<(usize, Node)> = Vec::new();
         for i in 0..g.nodes.len() {
             if matches!(g.nodes[i].op, OpKind::Constant | OpKind::If) {
+                continue;
+            }
+            if g.nodes[i].op == OpKind::Identity {
+                // Left in place: an identity that survives `simplify_ops` keeps a graph
+                // output's name, and folding it would copy its operand (and then
+                // `eliminate_common_subexpressions` would bring the identity back).
+                if let (Some(Some(x)), [o]) = (g.nodes[i].inputs.first(), &g.nodes[i].outputs[..]) {
+                    if known[o.index()].is_none() {
+                        known[o.index()] = known[x.index()].clone();
+                    }
+                }
                 continue;
             }
             let node = g.nodes[i].clone();
