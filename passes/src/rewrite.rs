@@ -347,6 +347,26 @@ pub fn compact_values(g: &mut Graph) -> usize {
     n - g.values.len()
 }
 
+/// Checks that every value id the graph mentions is in range, so that passes can index
+/// the value table freely. (The verifier checks more; passes may run without it.)
+pub fn check_ids(g: &Graph) -> Result<(), String> {
+    let n = g.values.len();
+    let ids = g.inputs.iter().chain(&g.outputs).chain(
+        g.nodes
+            .iter()
+            .flat_map(|nd| nd.inputs.iter().flatten().chain(&nd.outputs)),
+    );
+    for v in ids {
+        if v.index() >= n {
+            return Err(format!(
+                "value id {} is out of range (the graph has {n} values)",
+                v.0
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Which node defines each value (`None` for graph inputs and undefined values).
 pub fn producers(g: &Graph) -> Vec<Option<usize>> {
     let mut p = vec![None; g.values.len()];
@@ -436,6 +456,18 @@ mod tests {
         assert_eq!(names, vec!["a", "b", "b"]);
         assert_eq!(g.outputs[1], g.outputs[2]);
         assert_eq!(g.nodes.last().unwrap().op, OpKind::Identity);
+    }
+
+    #[test]
+    fn out_of_range_ids_are_reported() {
+        let mut g = Graph::new("g");
+        g.add_constant("a", Tensor::scalar(1i64));
+        assert!(check_ids(&g).is_ok());
+        g.outputs = vec![ValueId(5)];
+        assert_eq!(
+            check_ids(&g).unwrap_err(),
+            "value id 5 is out of range (the graph has 1 values)"
+        );
     }
 
     #[test]

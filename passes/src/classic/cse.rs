@@ -27,6 +27,7 @@ impl Pass for EliminateCommonSubexpressions {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
+        rewrite::check_ids(g).map_err(|m| PassError::graph(self.name(), m))?;
         let mut stats = PassStats::default();
         let mut subst = Subst::new(g);
         // Key hash -> indices of earlier nodes with that hash.

@@ -20,6 +20,7 @@ impl Pass for EliminateDeadCode {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
+        rewrite::check_ids(g).map_err(|m| PassError::graph(self.name(), m))?;
         let values = g.values.len();
         let removed = rewrite::remove_dead(g);
         let mut stats = PassStats {

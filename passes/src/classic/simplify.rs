@@ -32,6 +32,7 @@ impl Pass for SimplifyOps {
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
+        rewrite::check_ids(g).map_err(|m| PassError::graph(NAME, m))?;
         let mut stats = PassStats::default();
         for _ in 0..MAX_ROUNDS {
             let round = simplify_round(g)?;
