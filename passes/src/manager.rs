@@ -203,10 +203,12 @@ impl PassManager {
     pub fn configure(&mut self, spec: &str) -> Result<&mut PassManager, ManagerError> {
         let mut enabled: Vec<bool> = self.entries.iter().map(|e| e.enabled).collect();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (on, name) = match item.split_at(1) {
-                ("-", rest) => (false, rest.trim()),
-                ("+", rest) => (true, rest.trim()),
-                _ => (true, item),
+            let (on, name) = if let Some(rest) = item.strip_prefix('-') {
+                (false, rest.trim())
+            } else if let Some(rest) = item.strip_prefix('+') {
+                (true, rest.trim())
+            } else {
+                (true, item)
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(ManagerError::BadSpec {
@@ -442,10 +444,12 @@ mod tests {
              eliminate_dead_code, dce"
         );
         assert_eq!(pm.enabled_names().len(), 2, "a failed spec changes nothing");
-        assert!(matches!(
-            pm.configure("-").err(),
-            Some(ManagerError::BadSpec { .. })
-        ));
+        for bad in ["-", "é", "-a b", "+x;y"] {
+            assert!(
+                matches!(pm.configure(bad).err(), Some(ManagerError::BadSpec { .. })),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -90,7 +90,7 @@ mod tests {
                     vec![Some(a)],
                 ),
                 3 => {
-                    let perm = if rng.next() % 2 == 0 {
+                    let perm = if rng.next() & 1 == 0 {
                         vec![1, 0]
                     } else {
                         vec![0, 1]
