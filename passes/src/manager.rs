@@ -291,7 +291,7 @@ impl PassManager {
                 report.skipped.push(name);
                 continue;
             }
-            self.dump(g, index, name, "before")?;
+            self.dump(g, index, name, "before", None)?;
             let nodes_before = g.nodes.len();
             let start = Instant::now();
             let stats = e
@@ -299,14 +299,19 @@ impl PassManager {
                 .run(g)
                 .map_err(|source| ManagerError::Pass { index, source })?;
             let time = start.elapsed();
-            self.dump(g, index, name, "after")?;
-            if self.verify {
-                kiln_ir::verify(g).map_err(|source| ManagerError::Verify {
-                    index,
-                    pass: name,
-                    source,
-                })?;
-            }
+            let verified = if self.verify {
+                kiln_ir::verify(g)
+            } else {
+                Ok(())
+            };
+            // A broken graph's dump starts with what the verifier found.
+            let note = verified.as_ref().err().map(|e| format!("; {e}\n"));
+            self.dump(g, index, name, "after", note.as_deref())?;
+            verified.map_err(|source| ManagerError::Verify {
+                index,
+                pass: name,
+                source,
+            })?;
             report.passes.push(PassReport {
                 index,
                 name,
@@ -319,12 +324,20 @@ impl PassManager {
         Ok(report)
     }
 
-    fn dump(&self, g: &Graph, index: usize, pass: &str, when: &str) -> Result<(), ManagerError> {
+    fn dump(
+        &self,
+        g: &Graph,
+        index: usize,
+        pass: &str,
+        when: &str,
+        note: Option<&str>,
+    ) -> Result<(), ManagerError> {
         let Some(dir) = &self.dump_dir else {
             return Ok(());
         };
         let path = dump_path(dir, index, pass, when);
-        std::fs::write(&path, dump_text(g)).map_err(|e| ManagerError::Dump {
+        let text = format!("{}{}", note.unwrap_or(""), dump_text(g));
+        std::fs::write(&path, text).map_err(|e| ManagerError::Dump {
             path,
             msg: e.to_string(),
         })
@@ -522,6 +535,21 @@ mod tests {
         let before = std::fs::read_to_string(dir.join(&files[1])).unwrap();
         let after = std::fs::read_to_string(dir.join(&files[0])).unwrap();
         assert!(before.contains("\"dead\"") && !after.contains("\"dead\""));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_broken_graph_dump_starts_with_the_verifier_error() {
+        let dir = std::env::temp_dir().join(format!("kiln-passes-broken-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut pm = PassManager::new(vec![Box::new(Breaker)]);
+        pm.dump_to(Some(dir.clone()));
+        assert!(pm.run(&mut graph()).is_err());
+        let after = std::fs::read_to_string(dir.join("01.break_graph.after.kir")).unwrap();
+        assert!(
+            after.starts_with("; verifier: at return: graph output id 999 is never defined\n"),
+            "{after}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
