@@ -43,10 +43,9 @@ mod tests {
         let mut g = Graph::new("g");
         let x = g.add_input("x", kiln_ir::TensorType::unknown_shape(kiln_ir::DType::F32));
         let a = g.add_constant("a", Tensor::scalar(2.0f32));
-        let b = g.add_constant("b", Tensor::scalar(2.0f32));
+        g.add_constant("b", Tensor::scalar(2.0f32));
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
-        let _ = b;
         let report = pm.run(&mut g).unwrap();
         assert_eq!(report.passes.len(), 5);
         assert_eq!(g.nodes.len(), 1);

@@ -505,7 +505,7 @@ mod tests {
     fn remove_dead_keeps_values_captured_by_subgraphs() {
         let mut g = Graph::new("g");
         let cond = g.add_input("cond", TensorType::new(DType::Bool, Shape::fixed(&[])));
-        let cap = g.add_constant("captured", Tensor::scalar(1.0f32));
+        g.add_constant("captured", Tensor::scalar(1.0f32));
         let mut branch = Graph::new("then");
         let outer = branch.add_value("captured", f32_ty(&[]));
         branch.outputs = vec![outer];
@@ -522,7 +522,6 @@ mod tests {
         g.outputs = vec![out];
         assert_eq!(remove_dead(&mut g), 0);
         assert!(g.values.iter().any(|v| v.name == "captured"));
-        let _ = cap;
     }
 
     #[test]

@@ -150,7 +150,6 @@ mod tests {
         let b = g.add_constant("b", Tensor::from_vec(vec![2], vec![1.0f32, f32::NAN]));
         let c = g.add_constant("c", Tensor::from_vec(vec![2], vec![1.0f32, 2.0]));
         g.outputs = vec![a, b, c];
-        let before = g.clone();
         let stats = cse(&mut g);
         assert_eq!(stats.counter("constants_merged"), 1);
         // `a` and `b` are now one value; `b` keeps its name through an identity.
@@ -165,7 +164,6 @@ mod tests {
             g.nodes.iter().filter(|n| n.op == OpKind::Constant).count(),
             2
         );
-        let _ = before;
     }
 
     #[test]
