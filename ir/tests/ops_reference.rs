@@ -14,7 +14,10 @@ fn parse_tensor(s: &str) -> Tensor {
     let h: Vec<&str> = head.split_whitespace().collect();
     let dt: DType = h[0].parse().expect("dtype");
     let rank: usize = h[1].parse().expect("rank");
-    let shape: Vec<usize> = h[2..2 + rank].iter().map(|x| x.parse().expect("dim")).collect();
+    let shape: Vec<usize> = h[2..2 + rank]
+        .iter()
+        .map(|x| x.parse().expect("dim"))
+        .collect();
     let v: Vec<&str> = vals.split_whitespace().collect();
     let data = if dt.is_float() {
         TensorData::from_f64s(dt, v.iter().map(|x| x.parse::<f64>().expect("float")))
@@ -33,7 +36,11 @@ fn parse_attr(rest: &str) -> (String, Attr) {
         "int" => Attr::Int(v.parse().expect("int")),
         "float" => Attr::Float(v.parse().expect("float")),
         "str" => Attr::Str(v.to_string()),
-        "ints" => Attr::Ints(v.split_whitespace().map(|x| x.parse().expect("int")).collect()),
+        "ints" => Attr::Ints(
+            v.split_whitespace()
+                .map(|x| x.parse().expect("int"))
+                .collect(),
+        ),
         "tensor" => Attr::Tensor(Arc::new(parse_tensor(v))),
         k => panic!("unknown attribute kind {k}"),
     };
@@ -95,7 +102,9 @@ fn eval_matches_onnx_reference() {
     for c in &cases {
         let ins: Vec<Option<&Tensor>> = c.inputs.iter().map(|t| t.as_ref()).collect();
         match ops::eval(c.op, &c.attrs, &ins) {
-            Ok(got) if got.len() == c.outputs.len() && got.iter().zip(&c.outputs).all(|(g, w)| close(g, w)) => {}
+            Ok(got)
+                if got.len() == c.outputs.len()
+                    && got.iter().zip(&c.outputs).all(|(g, w)| close(g, w)) => {}
             Ok(got) => failures.push(format!("{}: got {got:?}, want {:?}", c.name, c.outputs)),
             Err(e) => failures.push(format!("{}: {e}", c.name)),
         }
@@ -123,8 +132,11 @@ fn shape_rules_admit_reference_outputs() {
                 .collect();
             let refs: Vec<Option<&Fact>> = facts.iter().map(|f| f.as_ref()).collect();
             match ops::infer(c.op, &c.attrs, &refs) {
-                Ok(fs) if fs.len() == c.outputs.len()
-                    && fs.iter().zip(&c.outputs).all(|(f, w)| f.ty.dtype == w.dtype() && f.ty.shape.admits(w.shape())) => {}
+                Ok(fs)
+                    if fs.len() == c.outputs.len()
+                        && fs.iter().zip(&c.outputs).all(|(f, w)| {
+                            f.ty.dtype == w.dtype() && f.ty.shape.admits(w.shape())
+                        }) => {}
                 Ok(fs) => failures.push(format!(
                     "{}: inferred {:?}",
                     c.name,

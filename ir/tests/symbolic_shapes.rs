@@ -10,7 +10,11 @@ use std::sync::Arc;
 fn sym(dims: &[&str]) -> Shape {
     Shape::new(
         dims.iter()
-            .map(|d| d.parse::<u64>().map(Dim::Fixed).unwrap_or(Dim::Sym(d.to_string())))
+            .map(|d| {
+                d.parse::<u64>()
+                    .map(Dim::Fixed)
+                    .unwrap_or(Dim::Sym(d.to_string()))
+            })
             .collect(),
     )
 }
@@ -28,7 +32,13 @@ impl B {
         self.1 += 1;
         let name = format!("v{}", self.1);
         self.0
-            .node(op, attrs, ins.iter().map(|&i| Some(i)).collect(), vec![(name, None)], "")
+            .node(
+                op,
+                attrs,
+                ins.iter().map(|&i| Some(i)).collect(),
+                vec![(name, None)],
+                "",
+            )
             .expect("inference succeeds")[0]
     }
     fn konst(&mut self, t: Tensor) -> ValueId {
@@ -47,14 +57,22 @@ impl B {
     /// `unsqueeze(gather(shape_tensor, i), [0])`: one dim of a shape as a 1-element tensor.
     fn dim_of(&mut self, shape_tensor: ValueId, i: i64) -> ValueId {
         let idx = self.konst(Tensor::scalar(i));
-        let g = self.node(OpKind::Gather, Attrs::new().with("axis", Attr::Int(0)), &[shape_tensor, idx]);
+        let g = self.node(
+            OpKind::Gather,
+            Attrs::new().with("axis", Attr::Int(0)),
+            &[shape_tensor, idx],
+        );
         let zero = self.ints(&[0]);
         self.node(OpKind::Unsqueeze, Attrs::new(), &[g, zero])
     }
 }
 
 fn concat(b: &mut B, parts: &[ValueId]) -> ValueId {
-    b.node(OpKind::Concat, Attrs::new().with("axis", Attr::Int(0)), parts)
+    b.node(
+        OpKind::Concat,
+        Attrs::new().with("axis", Attr::Int(0)),
+        parts,
+    )
 }
 
 #[test]
@@ -62,7 +80,10 @@ fn reshape_chain_keeps_batch_and_sequence_symbolic() {
     let mut b = B::new();
     let x = b.input("x", DType::F32, sym(&["B", "S", "768"]));
     let s = b.node(OpKind::Shape, Attrs::new(), &[x]);
-    assert_eq!(b.0.fact(s).dims, Some(vec!["B".into(), "S".into(), Dim::Fixed(768)]));
+    assert_eq!(
+        b.0.fact(s).dims,
+        Some(vec!["B".into(), "S".into(), Dim::Fixed(768)])
+    );
     let bd = b.dim_of(s, 0);
     let sd = b.dim_of(s, -2);
     assert_eq!(b.0.fact(sd).dims, Some(vec!["S".into()]));
@@ -113,14 +134,25 @@ fn reshape_chain_keeps_batch_and_sequence_symbolic() {
     let pos = b.node(OpKind::Range, Attrs::new(), &[zero, s_scalar, one]);
     assert_eq!(b.shape_of(pos), "[S]");
     // flatten of [B, S, 12, 64] at 2, and size.
-    let fl = b.node(OpKind::Flatten, Attrs::new().with("axis", Attr::Int(2)), &[r]);
+    let fl = b.node(
+        OpKind::Flatten,
+        Attrs::new().with("axis", Attr::Int(2)),
+        &[r],
+    );
     assert_eq!(b.shape_of(fl), "[?, 768]");
-    let tr = b.node(OpKind::Transpose, Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])), &[r]);
+    let tr = b.node(
+        OpKind::Transpose,
+        Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])),
+        &[r],
+    );
     assert_eq!(b.shape_of(tr), "[B, 12, S, 64]");
 
     // The graph runs, and every output fits its inferred type (the interpreter checks).
     let g = b.0.finish(vec![r, r2, r3, r4, r5, e, z, pos, fl, tr]);
-    let xs = Tensor::from_vec(vec![2, 3, 768], (0..2 * 3 * 768).map(|i| i as f32).collect());
+    let xs = Tensor::from_vec(
+        vec![2, 3, 768],
+        (0..2 * 3 * 768).map(|i| i as f32).collect(),
+    );
     let ys = Tensor::from_vec(vec![1, 1, 64], vec![1f32; 64]);
     let outs = run(&g, vec![xs.clone(), ys]).expect("runs");
     assert_eq!(outs[0].shape(), &[2, 3, 12, 64]);
@@ -163,9 +195,14 @@ fn squeeze_and_unsqueeze_keep_symbols() {
     // Squeezing a known non-1 axis is a definite error.
     let ax3 = b.ints(&[0]);
     let y = b.input("y", DType::F32, sym(&["3", "S"]));
-    let err = b
-        .0
-        .node(OpKind::Squeeze, Attrs::new(), vec![Some(y), Some(ax3)], vec![("bad".into(), None)], "")
+    let err =
+        b.0.node(
+            OpKind::Squeeze,
+            Attrs::new(),
+            vec![Some(y), Some(ax3)],
+            vec![("bad".into(), None)],
+            "",
+        )
         .unwrap_err();
     assert!(err.msg.contains("cannot squeeze"), "{err}");
 }
@@ -177,20 +214,35 @@ fn if_runs_the_chosen_branch_and_merges_branch_shapes() {
         let mut g = GraphBuilder::new(if perm { "then" } else { "else" });
         let x = g.input("x", TensorType::new(DType::F32, sym(&["2", "3"])));
         let out = if perm {
-            g.node(OpKind::Transpose, Attrs::new(), vec![Some(x)], vec![("t".into(), None)], "")
-                .expect("transpose")[0]
+            g.node(
+                OpKind::Transpose,
+                Attrs::new(),
+                vec![Some(x)],
+                vec![("t".into(), None)],
+                "",
+            )
+            .expect("transpose")[0]
         } else {
             let s = g
                 .node(
                     OpKind::Constant,
-                    Attrs::new().with("value", Attr::Tensor(Arc::new(Tensor::from_vec(vec![2], vec![2i64, 3])))),
+                    Attrs::new().with(
+                        "value",
+                        Attr::Tensor(Arc::new(Tensor::from_vec(vec![2], vec![2i64, 3]))),
+                    ),
                     vec![],
                     vec![("s".into(), None)],
                     "",
                 )
                 .expect("constant")[0];
-            g.node(OpKind::Reshape, Attrs::new(), vec![Some(x), Some(s)], vec![("r".into(), None)], "")
-                .expect("reshape")[0]
+            g.node(
+                OpKind::Reshape,
+                Attrs::new(),
+                vec![Some(x), Some(s)],
+                vec![("r".into(), None)],
+                "",
+            )
+            .expect("reshape")[0]
         };
         Arc::new(g.finish(vec![out]))
     };

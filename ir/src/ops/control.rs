@@ -61,8 +61,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             let mut captures = Vec::with_capacity(inputs.len().saturating_sub(1));
             for (i, t) in inputs.iter().enumerate().skip(1) {
                 captures.push(
-                    (*t)
-                        .ok_or_else(|| format!("capture #{i} is missing"))?
+                    (*t).ok_or_else(|| format!("capture #{i} is missing"))?
                         .clone(),
                 );
             }
@@ -77,7 +76,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
 fn truth(t: &Tensor) -> Result<bool, String> {
     match t.to_f64s().as_slice() {
         [x] => Ok(*x != 0.0),
-        v => Err(format!("the condition must be one element, has {}", v.len())),
+        v => Err(format!(
+            "the condition must be one element, has {}",
+            v.len()
+        )),
     }
 }
 

@@ -162,10 +162,18 @@ fn eye_dtype(attrs: &Attrs, input: DType) -> Result<DType, String> {
 }
 
 /// An integer range, computed exactly in i128.
-fn range_int(dt: DType, start: &Tensor, limit: &Tensor, delta: &Tensor) -> Result<TensorData, String> {
+fn range_int(
+    dt: DType,
+    start: &Tensor,
+    limit: &Tensor,
+    delta: &Tensor,
+) -> Result<TensorData, String> {
     let one = |t: &Tensor| -> Result<i128, String> {
         Ok(if dt == DType::U64 {
-            t.as_slice::<u64>().and_then(|v| v.first()).copied().unwrap_or(0) as i128
+            t.as_slice::<u64>()
+                .and_then(|v| v.first())
+                .copied()
+                .unwrap_or(0) as i128
         } else {
             ints(t, "range bound")?[0] as i128
         })

@@ -6,10 +6,10 @@
 //! from the end, as in ONNX) and a bad one is an `Err`.
 
 use super::movement::{
-    checked_numel, const_ints, fact, fact_dims, for_each_index, gathered, int_scalar, ints,
+    axis, checked_numel, const_ints, fact, fact_dims, for_each_index, gathered, int_scalar, ints,
     strides, take, take_or, to_size,
 };
-use super::{arg, norm_axis, not_in_family, opt_arg, Fact};
+use super::{arg, not_in_family, opt_arg, Fact};
 use crate::{Attrs, DType, Dim, Elem, OpKind, Shape, Tensor};
 use std::cmp::Ordering;
 
@@ -25,7 +25,10 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
             let (Some(d), Some(q)) = (xd, ind.ty.shape.dims()) else {
                 return Ok(vec![fact(dt, Shape::unknown())]);
             };
-            let a = norm_axis(attrs.int_or("axis", 0)?, d.len())?;
+            if d.is_empty() {
+                return Err("cannot gather from a scalar".into());
+            }
+            let a = axis(attrs.int_or("axis", 0)?, d.len())?;
             let mut out = d[..a].to_vec();
             out.extend_from_slice(q);
             out.extend_from_slice(&d[a + 1..]);
@@ -44,9 +47,13 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
             let ind = arg(inputs, 1)?;
             if let (Some(d), Some(q)) = (xd, ind.ty.shape.dims()) {
                 if d.len() != q.len() {
-                    return Err(format!("data rank {} but indices rank {}", d.len(), q.len()));
+                    return Err(format!(
+                        "data rank {} but indices rank {}",
+                        d.len(),
+                        q.len()
+                    ));
                 }
-                norm_axis(attrs.int_or("axis", 0)?, d.len())?;
+                axis(attrs.int_or("axis", 0)?, d.len())?;
             }
             vec![fact(dt, ind.ty.shape.clone())]
         }
@@ -81,7 +88,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
                 Some(d) => {
                     let r = d.len() as i64 + 1;
                     let a = attrs.int_or("axis", -1)?;
-                    let a = norm_axis(a, r as usize)?;
+                    let a = axis(a, r as usize)?;
                     let n = depth
                         .konst
                         .as_ref()
@@ -98,14 +105,17 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
             vec![fact(values.ty.dtype, shape)]
         }
         OpKind::NonZero => {
-            let r = xd.map(|d| Dim::Fixed(d.len() as u64)).unwrap_or(Dim::Unknown);
+            let r = xd
+                .map(|d| Dim::Fixed(d.len() as u64))
+                .unwrap_or(Dim::Unknown);
             vec![fact(DType::I64, Shape::new(vec![r, Dim::Unknown]))]
         }
         OpKind::Compress => {
             let shape = match (attrs.int("axis")?, xd) {
                 (None, _) => Shape::new(vec![Dim::Unknown]),
+                (Some(_), Some([])) => return Err("cannot compress a scalar along an axis".into()),
                 (Some(a), Some(d)) => {
-                    let a = norm_axis(a, d.len())?;
+                    let a = axis(a, d.len())?;
                     let mut out = d.to_vec();
                     out[a] = Dim::Unknown;
                     Shape::new(out)
@@ -117,8 +127,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         OpKind::TopK => {
             let k = arg(inputs, 1)?;
             let shape = match xd {
+                Some([]) => return Err("top_k needs rank >= 1".into()),
                 Some(d) => {
-                    let a = norm_axis(attrs.int_or("axis", -1)?, d.len())?;
+                    let a = axis(attrs.int_or("axis", -1)?, d.len())?;
                     let mut out = d.to_vec();
                     out[a] = match const_ints(k).as_deref() {
                         Some([k]) => {
@@ -158,10 +169,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     Ok(match op {
         OpKind::Gather => {
             let ind = arg(inputs, 1)?;
-            let a = norm_axis(attrs.int_or("axis", 0)?, rank)?;
             if rank == 0 {
                 return Err("cannot gather from a scalar".into());
             }
+            let a = axis(attrs.int_or("axis", 0)?, rank)?;
             let n = shape[a];
             let idx = norm_indices(&ints(ind, "indices")?, n)?;
             let outer: usize = shape[..a].iter().product();
@@ -181,7 +192,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         }
         OpKind::GatherElements => {
             let ind = arg(inputs, 1)?;
-            let a = norm_axis(attrs.int_or("axis", 0)?, rank)?;
+            let a = axis(attrs.int_or("axis", 0)?, rank)?;
             let map = elements_map(shape, ind, a)?;
             vec![gathered(x, ind.shape().to_vec(), &map)?]
         }
@@ -201,9 +212,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                     ind.shape()
                 ));
             }
-            let a = norm_axis(attrs.int_or("axis", 0)?, rank)?;
+            let a = axis(attrs.int_or("axis", 0)?, rank)?;
             let dst = elements_map(shape, ind, a)?;
-            let pairs: Vec<(usize, usize)> = dst.into_iter().enumerate().map(|(u, d)| (d, u)).collect();
+            let pairs: Vec<(usize, usize)> =
+                dst.into_iter().enumerate().map(|(u, d)| (d, u)).collect();
             vec![scatter(x, upd, &pairs, &reduction(attrs)?)?]
         }
         OpKind::ScatterND => {
@@ -216,7 +228,8 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                     upd.shape()
                 ));
             }
-            let pairs: Vec<(usize, usize)> = dst.into_iter().enumerate().map(|(u, d)| (d, u)).collect();
+            let pairs: Vec<(usize, usize)> =
+                dst.into_iter().enumerate().map(|(u, d)| (d, u)).collect();
             vec![scatter(x, upd, &pairs, &reduction(attrs)?)?]
         }
         OpKind::OneHot => {
@@ -233,7 +246,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                 return Err(format!("depth must be non-negative, got {d}"));
             }
             let depth = *d as i64;
-            let a = norm_axis(attrs.int_or("axis", -1)?, rank + 1)?;
+            let a = axis(attrs.int_or("axis", -1)?, rank + 1)?;
             let mut out = shape.to_vec();
             out.insert(a, depth as usize);
             checked_numel(&out)?;
@@ -242,8 +255,16 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             let mut map = Vec::with_capacity(out.iter().product());
             for_each_index(&out, |ix| {
                 let j = ix[a] as i64;
-                let outer: usize = ix[..a].iter().zip(strides(&shape[..a])).map(|(p, q)| p * q).sum();
-                let rest: usize = ix[a + 1..].iter().zip(strides(&shape[a..])).map(|(p, q)| p * q).sum();
+                let outer: usize = ix[..a]
+                    .iter()
+                    .zip(strides(&shape[..a]))
+                    .map(|(p, q)| p * q)
+                    .sum();
+                let rest: usize = ix[a + 1..]
+                    .iter()
+                    .zip(strides(&shape[a..]))
+                    .map(|(p, q)| p * q)
+                    .sum();
                 let mut v = idx[outer * inner + rest];
                 if v < 0 {
                     v += depth;
@@ -254,7 +275,8 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             vec![Tensor::new(out, take(values.data(), &map)?)?]
         }
         OpKind::NonZero => {
-            let nz: Vec<bool> = crate::dispatch!(x.data(), v, T => v.iter().map(|&e| e != T::default()).collect());
+            let nz: Vec<bool> =
+                crate::dispatch!(x.data(), v, T => v.iter().map(|&e| e != T::default()).collect());
             let count = nz.iter().filter(|&&b| b).count();
             let mut out = vec![0i64; rank * count];
             let mut j = 0;
@@ -278,11 +300,17 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             }
             let c: Vec<bool> = cond.to_f64s().into_iter().map(|v| v != 0.0).collect();
             let (view, a): (Vec<usize>, usize) = match attrs.int("axis")? {
-                Some(a) => (shape.to_vec(), norm_axis(a, rank)?),
+                Some(_) if rank == 0 => return Err("cannot compress a scalar along an axis".into()),
+                Some(a) => (shape.to_vec(), axis(a, rank)?),
                 None => (vec![x.len()], 0),
             };
             let n = view[a];
-            let picked: Vec<usize> = c.iter().enumerate().filter(|(_, &b)| b).map(|(i, _)| i).collect();
+            let picked: Vec<usize> = c
+                .iter()
+                .enumerate()
+                .filter(|(_, &b)| b)
+                .map(|(i, _)| i)
+                .collect();
             if let Some(&i) = picked.iter().find(|&&i| i >= n) {
                 return Err(format!("condition selects index {i} of an axis of {n}"));
             }
@@ -301,7 +329,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         }
         OpKind::TopK => {
             let k = to_size(int_scalar(arg(inputs, 1)?, "k")?, "k")?;
-            let a = norm_axis(attrs.int_or("axis", -1)?, rank)?;
+            let a = axis(attrs.int_or("axis", -1)?, rank)?;
             if rank == 0 {
                 return Err("top_k needs rank >= 1".into());
             }
@@ -360,7 +388,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                 map.push(keep.then_some(flat));
             }
             let zero = Tensor::zeros(x.dtype(), vec![]);
-            vec![Tensor::new(shape.to_vec(), take_or(x.data(), &map, zero.data())?)?]
+            vec![Tensor::new(
+                shape.to_vec(),
+                take_or(x.data(), &map, zero.data())?,
+            )?]
         }
         _ => return Err(not_in_family(op)),
     })
@@ -394,7 +425,11 @@ fn total_cmp<T: PartialOrd>(a: &T, b: &T) -> Ordering {
 fn elements_map(shape: &[usize], ind: &Tensor, a: usize) -> Result<Vec<usize>, String> {
     let q = ind.shape();
     if q.len() != shape.len() {
-        return Err(format!("data rank {} but indices rank {}", shape.len(), q.len()));
+        return Err(format!(
+            "data rank {} but indices rank {}",
+            shape.len(),
+            q.len()
+        ));
     }
     for k in 0..q.len() {
         if k != a && q[k] > shape[k] {
@@ -408,7 +443,11 @@ fn elements_map(shape: &[usize], ind: &Tensor, a: usize) -> Result<Vec<usize>, S
     for_each_index(q, |ix| {
         let mut off = 0;
         for k in 0..ix.len() {
-            let c = if k == a { norm_index(idx[flat], shape[a])? } else { ix[k] };
+            let c = if k == a {
+                norm_index(idx[flat], shape[a])?
+            } else {
+                ix[k]
+            };
             off += c * st[k];
         }
         map.push(off);
@@ -431,7 +470,9 @@ fn nd_map(shape: &[usize], ind: &Tensor, b: usize) -> Result<(Vec<usize>, Vec<us
         ));
     }
     if q[..b] != shape[..b] {
-        return Err(format!("batch dims of indices {q:?} and data {shape:?} differ"));
+        return Err(format!(
+            "batch dims of indices {q:?} and data {shape:?} differ"
+        ));
     }
     let idx = ints(ind, "indices")?;
     let st = strides(shape);
@@ -466,14 +507,16 @@ enum Reduction {
 }
 
 fn reduction(attrs: &Attrs) -> Result<Reduction, String> {
-    Ok(match attrs.string_or("reduction", "none".into())?.as_str() {
-        "none" => Reduction::None,
-        "add" => Reduction::Add,
-        "mul" => Reduction::Mul,
-        "max" => Reduction::Max,
-        "min" => Reduction::Min,
-        r => return Err(format!("unknown reduction `{r}`")),
-    })
+    Ok(
+        match attrs.string_or("reduction", "none".into())?.as_str() {
+            "none" => Reduction::None,
+            "add" => Reduction::Add,
+            "mul" => Reduction::Mul,
+            "max" => Reduction::Max,
+            "min" => Reduction::Min,
+            r => return Err(format!("unknown reduction `{r}`")),
+        },
+    )
 }
 
 /// Element arithmetic scatter reductions need: wrapping for ints, or/and for bool.
@@ -541,7 +584,11 @@ fn scatter(
     r: &Reduction,
 ) -> Result<Tensor, String> {
     if updates.dtype() != x.dtype() {
-        return Err(format!("updates are {} but data is {}", updates.dtype(), x.dtype()));
+        return Err(format!(
+            "updates are {} but data is {}",
+            updates.dtype(),
+            x.dtype()
+        ));
     }
     let data = crate::dispatch!(x.data(), v, T => {
         let u = <T as Elem>::unwrap(updates.data()).ok_or("dtype mismatch")?;

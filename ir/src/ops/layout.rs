@@ -8,11 +8,11 @@
 //! such as `shape -> gather -> unsqueeze -> concat -> reshape` keep `B` and `S` symbolic.
 
 use super::movement::{
-    check_perm, checked_numel, const_ints, dim_mul, dim_product, dims_or_len, fact, fact_dims,
-    for_each_index, gathered, ints, norm_axes, strides, take_or, to_size,
-    transpose_map, unify, Mono,
+    axis, check_perm, checked_numel, const_ints, dim_mul, dim_product, dims_or_len, fact,
+    fact_dims, for_each_index, gathered, ints, norm_axes, strides, take_or, to_size, transpose_map,
+    unify, Mono,
 };
-use super::{arg, norm_axis, not_in_family, opt_arg, Fact};
+use super::{arg, not_in_family, opt_arg, Fact};
 use crate::shape::{broadcast, broadcast_concrete};
 use crate::{Attrs, DType, Dim, OpKind, Shape, Tensor};
 
@@ -101,7 +101,10 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         OpKind::Transpose => match xd {
             Some(d) => {
                 let perm = perm_attr(attrs, d.len())?;
-                vec![fact(dt, Shape::new(perm.iter().map(|&p| d[p].clone()).collect()))]
+                vec![fact(
+                    dt,
+                    Shape::new(perm.iter().map(|&p| d[p].clone()).collect()),
+                )]
             }
             None => same(),
         },
@@ -152,7 +155,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
                                     Dim::Fixed(n) => {
                                         let m = *n as i64 + b + e;
                                         if m < 0 {
-                                            return Err(format!("pads {b}, {e} crop past size {n}"));
+                                            return Err(format!(
+                                                "pads {b}, {e} crop past size {n}"
+                                            ));
                                         }
                                         Dim::Fixed(m as u64)
                                     }
@@ -259,7 +264,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             vec![concat(&ts, attrs.req_int("axis")?)?]
         }
         OpKind::Split => {
-            let axis = norm_axis(attrs.int_or("axis", 0)?, rank)?;
+            if rank == 0 {
+                return Err("cannot split a scalar".into());
+            }
+            let axis = axis(attrs.int_or("axis", 0)?, rank)?;
             let n = shape.get(axis).copied().unwrap_or(0);
             let sizes = match opt_arg(inputs, 1) {
                 Some(s) => {
@@ -329,7 +337,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             };
             let (six, perm, out) = if op == OpKind::DepthToSpace {
                 if c % (b * b) != 0 {
-                    return Err(format!("channels {c} not divisible by blocksize² {}", b * b));
+                    return Err(format!(
+                        "channels {c} not divisible by blocksize² {}",
+                        b * b
+                    ));
                 }
                 let cb = c / (b * b);
                 let out = vec![n, cb, h * b, w * b];
@@ -350,13 +361,17 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         }
         OpKind::ReverseSequence => {
             let lens = ints(arg(inputs, 1)?, "sequence_lens")?;
-            let b_ax = norm_axis(attrs.int_or("batch_axis", 1)?, rank)?;
-            let t_ax = norm_axis(attrs.int_or("time_axis", 0)?, rank)?;
+            let b_ax = axis(attrs.int_or("batch_axis", 1)?, rank)?;
+            let t_ax = axis(attrs.int_or("time_axis", 0)?, rank)?;
             if rank < 2 || b_ax == t_ax {
                 return Err("batch_axis and time_axis must be two different axes".into());
             }
             if lens.len() != shape[b_ax] {
-                return Err(format!("{} sequence_lens for batch {}", lens.len(), shape[b_ax]));
+                return Err(format!(
+                    "{} sequence_lens for batch {}",
+                    lens.len(),
+                    shape[b_ax]
+                ));
             }
             for &l in &lens {
                 if l < 0 || l as usize > shape[t_ax] {
@@ -458,7 +473,9 @@ fn reshape_target(shape: &[usize], target: &[i64], allowzero: bool) -> Result<Ve
         }
         out[i] = total / known;
     } else if known != total {
-        return Err(format!("cannot reshape {shape:?} ({total} elements) to {target:?}"));
+        return Err(format!(
+            "cannot reshape {shape:?} ({total} elements) to {target:?}"
+        ));
     }
     Ok(out)
 }
@@ -506,12 +523,16 @@ fn infer_reshape(x: &Fact, s: &Fact, attrs: &Attrs) -> Result<Fact, String> {
             }
         }
     }
-    if let (Some(xd), Some(_)) = (xd.and_then(|d| Mono::of(d)), Mono::of(&out)) {
+    if let (Some(xd), Some(_)) = (xd.and_then(Mono::of), Mono::of(&out)) {
         let a = xd.to_dim();
         let b = dim_product(&out);
         if let (Dim::Fixed(p), Dim::Fixed(q)) = (a, b) {
             if p != q {
-                return Err(format!("cannot reshape {} elements to {}", p, Shape::new(out)));
+                return Err(format!(
+                    "cannot reshape {} elements to {}",
+                    p,
+                    Shape::new(out)
+                ));
             }
         }
     }
@@ -529,11 +550,11 @@ fn infer_concat(attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Fact, String>
             return Err(format!("inputs of dtypes {dt} and {}", f.ty.dtype));
         }
     }
-    let axis = attrs.req_int("axis")?;
+    let ax = attrs.req_int("axis")?;
     let Some(rank) = ins.iter().find_map(|f| f.ty.shape.rank()) else {
         return Ok(fact(dt, Shape::unknown()));
     };
-    let a = norm_axis(axis, rank)?;
+    let a = axis(ax, rank)?;
     let mut out: Vec<Dim> = vec![Dim::Unknown; rank];
     let mut total = Some(0u64);
     for f in &ins {
@@ -578,13 +599,13 @@ fn infer_concat(attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Fact, String>
     Ok(fact_dims(dt, Shape::new(out), dims))
 }
 
-fn concat(ts: &[&Tensor], axis: i64) -> Result<Tensor, String> {
+fn concat(ts: &[&Tensor], ax: i64) -> Result<Tensor, String> {
     let first = ts.first().ok_or("concat needs at least one input")?;
     let rank = first.rank();
     if rank == 0 {
         return Err("cannot concat scalars".into());
     }
-    let a = norm_axis(axis, rank)?;
+    let a = axis(ax, rank)?;
     let mut out_shape = first.shape().to_vec();
     out_shape[a] = 0;
     for t in ts {
@@ -660,7 +681,10 @@ fn infer_split(x: &Fact, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     let Some(d) = x.ty.shape.dims() else {
         return Ok(vec![fact(dt, Shape::unknown()); count]);
     };
-    let a = norm_axis(attrs.int_or("axis", 0)?, d.len())?;
+    if d.is_empty() {
+        return Err("cannot split a scalar".into());
+    }
+    let a = axis(attrs.int_or("axis", 0)?, d.len())?;
     let sizes: Vec<Dim> = match split {
         Some(s) => {
             let sizes = s.value_dims().unwrap_or(vec![Dim::Unknown; count]);
@@ -746,7 +770,10 @@ fn slice_params(
             return Err("slice step must not be 0".into());
         }
         if axes[i] >= rank {
-            return Err(format!("slice axis {} out of range for rank {rank}", axes[i]));
+            return Err(format!(
+                "slice axis {} out of range for rank {rank}",
+                axes[i]
+            ));
         }
         out.push((axes[i], starts[i], ends[i], steps[i]));
     }

@@ -15,6 +15,12 @@ pub(crate) const MAX_ELEMS: usize = 1 << 31;
 
 /// The element count of a shape computed from data, checked for overflow and the limit.
 pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize, String> {
+    // Each dim on its own too: an empty tensor may still be walked along a huge axis.
+    if let Some(d) = shape.iter().find(|&&d| d > MAX_ELEMS) {
+        return Err(format!(
+            "dim {d} of shape {shape:?} is over the limit of {MAX_ELEMS}"
+        ));
+    }
     let mut n: usize = 1;
     for &d in shape {
         n = n
@@ -129,7 +135,7 @@ pub(crate) fn check_perm(perm: &[i64], rank: usize) -> Result<Vec<usize>, String
     let mut seen = vec![false; rank];
     let mut out = Vec::with_capacity(rank);
     for &p in perm {
-        let a = super::norm_axis(p, rank)?;
+        let a = axis(p, rank)?;
         if std::mem::replace(&mut seen[a], true) {
             return Err(format!("perm {perm:?} repeats axis {p}"));
         }
@@ -141,7 +147,10 @@ pub(crate) fn check_perm(perm: &[i64], rank: usize) -> Result<Vec<usize>, String
 /// The elements of an integer tensor as i64; an error for other dtypes.
 pub(crate) fn ints(t: &Tensor, what: &str) -> Result<Vec<i64>, String> {
     if !t.dtype().is_int() {
-        return Err(format!("{what} must be an integer tensor, got {}", t.dtype()));
+        return Err(format!(
+            "{what} must be an integer tensor, got {}",
+            t.dtype()
+        ));
     }
     if t.dtype() == DType::U64 {
         let v = t.as_slice::<u64>().unwrap_or(&[]);
@@ -162,11 +171,21 @@ pub(crate) fn int_scalar(t: &Tensor, what: &str) -> Result<i64, String> {
     }
 }
 
+/// Normalises a possibly negative axis against a rank; unlike [`super::norm_axis`] a
+/// scalar has no axis 0, since every caller here indexes dims with the result.
+pub(crate) fn axis(a: i64, rank: usize) -> Result<usize, String> {
+    let n = super::norm_axis(a, rank)?;
+    if n >= rank {
+        return Err(format!("axis {a} is out of range for rank {rank}"));
+    }
+    Ok(n)
+}
+
 /// Normalises a list of axes against a rank, rejecting repeats.
 pub(crate) fn norm_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>, String> {
     let mut out = Vec::with_capacity(axes.len());
     for &a in axes {
-        let n = super::norm_axis(a, rank)?;
+        let n = axis(a, rank)?;
         if out.contains(&n) {
             return Err(format!("axis {a} is repeated in {axes:?}"));
         }

@@ -21,13 +21,15 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         return Ok(vec![fact(dt, Shape::unknown())]);
     };
     let rank = d.len();
-    let present = |i: usize| opt_arg(inputs, i).filter(|f| f.ty.shape.dims() != Some(&[Dim::Fixed(0)]));
+    let present =
+        |i: usize| opt_arg(inputs, i).filter(|f| f.ty.shape.dims() != Some(&[Dim::Fixed(0)]));
     let axes = axes_attr(attrs, rank)?;
     let mut out = d.to_vec();
     if let Some(s) = present(3) {
         match const_ints(s) {
             Some(sizes) => {
-                let known: Option<Vec<usize>> = d.iter().map(|d| d.fixed().map(|n| n as usize)).collect();
+                let known: Option<Vec<usize>> =
+                    d.iter().map(|d| d.fixed().map(|n| n as usize)).collect();
                 match known {
                     Some(in_shape) => {
                         let (o, _) = sizes_and_scales(&in_shape, &axes, &sizes, attrs)?;
@@ -95,7 +97,9 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     }
     let (out, scales) = match (present(2), present(3)) {
         (Some(_), Some(_)) => return Err("resize takes scales or sizes, not both".into()),
-        (None, Some(s)) => sizes_and_scales(shape, &axes, &super::movement::ints(s, "sizes")?, attrs)?,
+        (None, Some(s)) => {
+            sizes_and_scales(shape, &axes, &super::movement::ints(s, "sizes")?, attrs)?
+        }
         (Some(s), None) => {
             let sc = s.to_f64s();
             if sc.len() != axes.len() {
@@ -116,7 +120,11 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     let mut roi = vec![(0.0, 1.0); rank];
     if ctm == "tf_crop_and_resize" {
         let r = present(1).ok_or("tf_crop_and_resize needs roi")?.to_f64s();
-        let ax: Vec<usize> = if r.len() == 2 * rank { (0..rank).collect() } else { axes.clone() };
+        let ax: Vec<usize> = if r.len() == 2 * rank {
+            (0..rank).collect()
+        } else {
+            axes.clone()
+        };
         if r.len() != 2 * ax.len() {
             return Err(format!("roi has {} values for {} axes", r.len(), ax.len()));
         }
@@ -179,7 +187,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                 data = resample_axis(&data, &cur, a, &taps, extrap);
                 cur[a] = out[a];
             }
-            Ok(vec![Tensor::new(out, TensorData::from_f64s(x.dtype(), data.into_iter()))?])
+            Ok(vec![Tensor::new(
+                out,
+                TensorData::from_f64s(x.dtype(), data.into_iter()),
+            )?])
         }
         m => Err(format!("unknown resize mode `{m}`")),
     }
@@ -303,8 +314,20 @@ fn nearest(c: f64, mode: &str, n: usize) -> Result<usize, String> {
         f
     } else {
         match mode {
-            "round_prefer_floor" => if r <= 0.5 { f } else { f + 1.0 },
-            "round_prefer_ceil" => if r < 0.5 { f } else { f + 1.0 },
+            "round_prefer_floor" => {
+                if r <= 0.5 {
+                    f
+                } else {
+                    f + 1.0
+                }
+            }
+            "round_prefer_ceil" => {
+                if r < 0.5 {
+                    f
+                } else {
+                    f + 1.0
+                }
+            }
             "floor" => f,
             "ceil" => f + 1.0,
             m => return Err(format!("unknown nearest_mode `{m}`")),
@@ -317,7 +340,11 @@ fn nearest(c: f64, mode: &str, n: usize) -> Result<usize, String> {
 fn weights(c: f64, n: usize, cubic: bool, a: f64, exclude_outside: bool) -> Vec<(usize, f64)> {
     let f = c.floor();
     // The left neighbour with the ratio in (0, 1].
-    let (left, t) = if c == f { (f as i64 - 1, 1.0) } else { (f as i64, c - f) };
+    let (left, t) = if c == f {
+        (f as i64 - 1, 1.0)
+    } else {
+        (f as i64, c - f)
+    };
     let (first, coeffs): (i64, Vec<f64>) = if cubic {
         let u = 1.0 - t;
         (
@@ -375,7 +402,9 @@ fn resample_axis(
                     None => extrap,
                     Some(ws) => ws
                         .iter()
-                        .map(|&(j, w)| w * data.get((o * n + j) * inner + i).copied().unwrap_or(0.0))
+                        .map(|&(j, w)| {
+                            w * data.get((o * n + j) * inner + i).copied().unwrap_or(0.0)
+                        })
                         .sum(),
                 });
             }
