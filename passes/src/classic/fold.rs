@@ -273,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs ops from main"]
+    #[ignore = "needs elementwise ops from main"]
     fn node_on_constants_becomes_a_constant_keeping_its_name() {
         let mut g = add_chain();
         let before = g.clone();
@@ -289,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs ops from main"]
+    #[ignore = "needs elementwise ops from main"]
     fn large_results_are_not_materialised_but_single_use_weights_are_replaced() {
         // broadcast: small operands, big result -> not folded.
         let mut g = Graph::new("g");
@@ -317,7 +317,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs ops from main"]
+    #[ignore = "needs elementwise ops from main"]
     fn small_result_of_a_multi_output_node_is_materialised_alone() {
         // split(w, [2, 18]) where w is also used elsewhere: only the small half folds.
         let mut g = Graph::new("g");
@@ -429,7 +429,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs ops from main"]
     fn static_shape_arithmetic_becomes_a_constant() {
         let mut g = shape_chain(Dim::Fixed(5));
         let before = g.clone();
@@ -443,7 +442,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs ops from main"]
     fn symbolic_shape_arithmetic_is_left_alone() {
         let mut g = shape_chain(Dim::Sym("B".into()));
         let before = g.clone();
