@@ -214,6 +214,68 @@ proptest! {
     }
 }
 
+/// An edit to printed text: at a position, drop some bytes and insert a snippet.
+fn arb_edits() -> impl Strategy<Value = Vec<(Index, usize, String)>> {
+    let snippet = prop_oneof![
+        Just(String::new()),
+        select(vec![
+            "%",
+            "@",
+            "\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            "(",
+            ")",
+            ",",
+            ":",
+            "=",
+            "-",
+            "_",
+            "0x",
+            "func @g() -> () {",
+            "return",
+            "nan(",
+            "1e999",
+            "99999999999999999999",
+            "dense<",
+            "\\u{",
+            "*",
+            "?",
+            "ints[",
+            " ",
+            "\n",
+            "//"
+        ])
+        .prop_map(String::from),
+        any::<String>(),
+    ];
+    prop::collection::vec((any::<Index>(), 0usize..4, snippet), 1..4)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Mangled text never panics the parser, and whatever parses re-prints stably.
+    #[test]
+    fn mangled_text_is_an_error_or_round_trips(g in arb_graph(1), edits in arb_edits()) {
+        let mut text = print(&g);
+        for (at, drop, insert) in edits {
+            let mut i = at.index(text.len() + 1);
+            while !text.is_char_boundary(i) { i -= 1; }
+            let mut j = (i + drop).min(text.len());
+            while !text.is_char_boundary(j) { j += 1; }
+            text.replace_range(i..j, &insert);
+        }
+        if let Ok(g2) = parse(&text) {
+            let p = print(&g2);
+            let g3 = parse(&p).map_err(|e| TestCaseError::fail(format!("{e}\n{p}")))?;
+            prop_assert_eq!(print(&g3), p);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- snapshots
 
 fn check(g: &Graph, expect: Expect) {
@@ -657,6 +719,32 @@ fn error_long_lines_show_an_excerpt() {
         "zz",
         "{shown}"
     );
+}
+
+/// `cargo test -p kiln-ir --release --test text_roundtrip -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn a_36_mb_constant_prints_and_parses_quickly() {
+    let n = 9 << 20;
+    let t = Tensor::from_vec(vec![n], (0..n).map(|i| i as f32).collect());
+    let mut g = Graph::new("big");
+    let k = g.add_constant("k", t);
+    g.outputs = vec![k];
+    let t0 = std::time::Instant::now();
+    let bytes = g.constant_value(k).unwrap().data().to_le_bytes();
+    println!("to_le_bytes {:?} ({} bytes)", t0.elapsed(), bytes.len());
+    let t0 = std::time::Instant::now();
+    let text = print(&g);
+    let t1 = std::time::Instant::now();
+    let back = parse(&text).unwrap();
+    let t2 = std::time::Instant::now();
+    println!(
+        "print {:?}, parse {:?} for {} MB of text",
+        t1 - t0,
+        t2 - t1,
+        text.len() >> 20
+    );
+    assert_eq!(back, g);
 }
 
 #[test]

@@ -208,12 +208,12 @@ pub(crate) fn tensor(out: &mut String, t: &Tensor) {
 /// `0x` and two lowercase hex digits per byte, written without per-byte allocation.
 fn hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(2 + 2 * bytes.len());
-    out.push_str("0x");
-    let mut buf = Vec::with_capacity(2 * bytes.len());
-    for &b in bytes {
-        buf.push(DIGITS[(b >> 4) as usize]);
-        buf.push(DIGITS[(b & 15) as usize]);
+    let mut buf = vec![0u8; 2 * bytes.len()];
+    for (pair, &b) in buf.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[(b >> 4) as usize];
+        pair[1] = DIGITS[(b & 15) as usize];
     }
+    out.reserve(2 + buf.len());
+    out.push_str("0x");
     out.push_str(std::str::from_utf8(&buf).expect("hex digits are ASCII"));
 }
