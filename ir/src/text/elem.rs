@@ -80,97 +80,104 @@ impl TextElem for bool {
     }
 }
 
-/// Writes a float whose NaN bits are `bits` (`canon` is the dtype's default NaN, `sign`
-/// its sign bit, `width` its hex digits), finite values through `finite`.
-fn write_float(
-    out: &mut String,
-    nan: bool,
-    inf: Option<bool>,
-    bits: u64,
+/// The bit layout facts of one float type that printing and parsing need.
+struct FloatBits {
+    /// The type's default NaN (`nan`).
     canon: u64,
+    /// +infinity.
+    inf: u64,
+    /// The sign bit.
     sign: u64,
+    /// All bits set (the largest bit pattern).
+    max: u64,
+    /// Hex digits in a bit pattern.
     width: usize,
-    finite: impl FnOnce(&mut String),
-) {
-    if nan {
-        if bits == canon {
-            out.push_str("nan");
-        } else if bits == canon | sign {
-            out.push_str("-nan");
-        } else {
-            let _ = write!(out, "nan(0x{bits:0width$x})");
-        }
-    } else if let Some(neg) = inf {
-        out.push_str(if neg { "-inf" } else { "inf" });
-    } else {
-        finite(out);
-    }
 }
 
-/// A float literal's bits: `from_text` parses a finite literal (None if out of range).
-fn float_bits(
-    lit: &Lit,
-    dtype: DType,
-    canon: u64,
-    inf: u64,
-    sign: u64,
-    max: u64,
-    from_text: impl FnOnce(&str) -> Option<u64>,
-) -> Result<u64, String> {
-    let (neg, bits) = match lit {
-        Lit::Num { neg, text } => (
-            *neg,
-            from_text(text).ok_or_else(|| format!("`{text}` is out of range for {dtype}"))?,
-        ),
-        Lit::Inf { neg } => (*neg, inf),
-        Lit::Nan { neg, bits: None } => (*neg, canon),
-        Lit::Nan { neg, bits: Some(b) } => {
-            if *b > max {
-                return Err(format!("NaN bits 0x{b:x} do not fit in {dtype}"));
-            }
-            (*neg, *b)
+impl FloatBits {
+    fn of<B: Into<u64>>(canon: B, inf: B, bytes: usize) -> FloatBits {
+        let bits = 8 * bytes as u32;
+        FloatBits {
+            canon: canon.into(),
+            inf: inf.into(),
+            sign: 1 << (bits - 1),
+            max: u64::MAX >> (64 - bits),
+            width: 2 * bytes,
         }
-        Lit::Bool(_) => return Err(format!("expected a number for {dtype}, found a bool")),
-    };
-    Ok(if neg { bits ^ sign } else { bits })
+    }
+
+    /// Writes the float with bit pattern `bits`; `finite` writes it when it is finite.
+    fn write(&self, out: &mut String, bits: u64, finite: impl FnOnce(&mut String)) {
+        let abs = bits & !self.sign;
+        let neg = bits & self.sign != 0;
+        if abs > self.inf {
+            // NaN: the default one by name, any other by its bits.
+            if bits == self.canon {
+                out.push_str("nan");
+            } else if bits == self.canon | self.sign {
+                out.push_str("-nan");
+            } else {
+                let _ = write!(out, "nan(0x{bits:0w$x})", w = self.width);
+            }
+        } else if abs == self.inf {
+            out.push_str(if neg { "-inf" } else { "inf" });
+        } else {
+            finite(out);
+        }
+    }
+
+    /// A literal's bit pattern; `from_text` parses a finite literal (None if out of range).
+    fn parse(
+        &self,
+        lit: &Lit,
+        dtype: DType,
+        from_text: impl FnOnce(&str) -> Option<u64>,
+    ) -> Result<u64, String> {
+        let (neg, bits) = match lit {
+            Lit::Num { neg, text } => (
+                *neg,
+                from_text(text).ok_or_else(|| format!("`{text}` is out of range for {dtype}"))?,
+            ),
+            Lit::Inf { neg } => (*neg, self.inf),
+            Lit::Nan { neg, bits: None } => (*neg, self.canon),
+            Lit::Nan { neg, bits: Some(b) } => {
+                if *b > self.max {
+                    return Err(format!("NaN bits 0x{b:x} do not fit in {dtype}"));
+                }
+                (*neg, *b)
+            }
+            Lit::Bool(_) => return Err(format!("expected a number for {dtype}, found a bool")),
+        };
+        Ok(if neg { bits ^ self.sign } else { bits })
+    }
 }
 
 macro_rules! float_elem {
     ($t:ty, $bits:ty, $via:ty, $to:expr, $from:expr) => {
         impl TextElem for $t {
             fn write(self, out: &mut String) {
-                let width = 2 * std::mem::size_of::<$bits>();
-                let sign = 1u64 << (8 * std::mem::size_of::<$bits>() - 1);
-                let inf = self.is_infinite().then(|| self.is_sign_negative());
-                write_float(
-                    out,
-                    self.is_nan(),
-                    inf,
-                    self.to_bits() as u64,
-                    <$t>::NAN.to_bits() as u64,
-                    sign,
-                    width,
-                    |out| {
-                        let via: $via = $to(self);
-                        let _ = write!(out, "{via:?}");
-                    },
-                )
+                let layout = FloatBits::of(
+                    <$t>::NAN.to_bits(),
+                    <$t>::INFINITY.to_bits(),
+                    std::mem::size_of::<$bits>(),
+                );
+                layout.write(out, self.to_bits().into(), |out| {
+                    let via: $via = $to(self);
+                    let _ = write!(out, "{via:?}");
+                })
             }
             fn from_lit(lit: &Lit) -> Result<Self, String> {
-                let sign = 1u64 << (8 * std::mem::size_of::<$bits>() - 1);
-                let bits = float_bits(
-                    lit,
-                    <$t as Elem>::DTYPE,
-                    <$t>::NAN.to_bits() as u64,
-                    <$t>::INFINITY.to_bits() as u64,
-                    sign,
-                    <$bits>::MAX as u64,
-                    |text| {
-                        let via: $via = text.parse().ok()?;
-                        let v: $t = $from(via);
-                        (!v.is_infinite()).then(|| v.to_bits() as u64)
-                    },
-                )?;
+                let layout = FloatBits::of(
+                    <$t>::NAN.to_bits(),
+                    <$t>::INFINITY.to_bits(),
+                    std::mem::size_of::<$bits>(),
+                );
+                let bits = layout.parse(lit, <$t as Elem>::DTYPE, |text| {
+                    let via: $via = text.parse().ok()?;
+                    let v: $t = $from(via);
+                    (!v.is_infinite()).then(|| v.to_bits().into())
+                })?;
+                // `parse` keeps the bits within the type's width.
                 Ok(<$t>::from_bits(bits as $bits))
             }
         }

@@ -28,7 +28,7 @@ fn graph(out: &mut String, g: &Graph, level: usize) {
     let name = |id: crate::ValueId| g.values.get(id.index()).map_or("", |v| v.name.as_str());
     let ty = |out: &mut String, id: crate::ValueId| match g.values.get(id.index()) {
         Some(v) => tensor_type(out, &v.ty),
-        None => out.push_str("?"),
+        None => out.push('?'),
     };
     out.push_str("func ");
     sigil_name(out, '@', &g.name);
