@@ -447,7 +447,7 @@ fn nan_float_attributes_keep_their_bits() {
 #[test]
 fn omitted_types_are_inferred_and_given_types_are_verbatim() {
     let g = parse(
-        "func @k() -> (i64[2]) {
+        "func @k() -> i64[2] {
            %k = constant {value = dense<i64[2]> [1, -2]}
            %j = constant {value = ints[1]} : f32[N, ?]   // verbatim, even if wrong
            return %k

@@ -7,7 +7,7 @@
 //!   %0 = matmul %x, %w : f32[B, 4]
 //!   %1 = relu %0 : f32[B, 4] loc("/mlp/Relu")
 //!   %a, %b = split %1, %s {axis = 1} : f32[B, 2], f32[B, 2]
-//!   %c = slice %x, %st, _, %ax : f32[?, *]
+//!   %c = slice %x, %st, _, %ax : f32[*]
 //!   %k = constant {value = dense<f32[2, 2]> [1.0, 2.0, 3.0, 4.0]} : f32[2, 2]
 //!   return %0, %a
 //! }
@@ -23,7 +23,8 @@
 //!   is a NaN by its bits), strings `"s"`, lists `[1, 2]` `[1.5]` `["a"]`, empty lists
 //!   `ints[]` `floats[]` `strings[]`, tensors `dense<f32[2]> [1.0, 2.0]` or, past 16
 //!   elements, `dense<f32[768, 768]> 0x...` (little-endian bytes in hex), and graphs as a
-//!   nested `func`. `//` starts a comment.
+//!   nested `func`, which is a scope of its own (it sees none of the outer values).
+//!   `//` starts a comment. Statements need no separators.
 //!
 //! ```
 //! let src = "func @f(%x: f32[B, 4]) -> (f32[B, 4]) {\n  %y = relu %x : f32[B, 4]\n  return %y\n}\n";
