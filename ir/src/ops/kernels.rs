@@ -400,51 +400,53 @@ impl Window {
     /// Conv-style output sizes (floor, or ceil when `ceil`), resolving auto_pad into
     /// `self.pads`. Errors when the window does not fit.
     pub(crate) fn resolve(&mut self, input: &[usize], ceil: bool) -> Result<Vec<usize>, String> {
-        let n = input.len();
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let (inp, s, span) = (input[i], self.strides[i], self.span(i));
-            let o = match self.auto_pad.as_str() {
-                "SAME_UPPER" | "SAME_LOWER" => {
-                    let o = inp.div_ceil(s);
-                    let total = ((o.max(1) - 1) * s + span).saturating_sub(inp);
-                    let small = total / 2;
-                    let (b, e) = if self.auto_pad == "SAME_UPPER" {
-                        (small, total - small)
-                    } else {
-                        (total - small, small)
-                    };
-                    self.pads[i] = b;
-                    self.pads[n + i] = e;
-                    o
+        (0..input.len())
+            .map(|i| self.resolve_axis(i, input[i], ceil))
+            .collect()
+    }
+
+    /// The output size along spatial axis `i` for an input of size `inp`.
+    pub(crate) fn resolve_axis(&mut self, i: usize, inp: usize, ceil: bool) -> Result<usize, String> {
+        let n = self.kernel.len();
+        let (s, span) = (self.strides[i], self.span(i));
+        Ok(match self.auto_pad.as_str() {
+            "SAME_UPPER" | "SAME_LOWER" => {
+                let o = inp.div_ceil(s);
+                let total = ((o.max(1) - 1) * s + span).saturating_sub(inp);
+                let small = total / 2;
+                let (b, e) = if self.auto_pad == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+                self.pads[i] = b;
+                self.pads[n + i] = e;
+                o
+            }
+            "VALID" | "NOTSET" | "" => {
+                if self.auto_pad == "VALID" {
+                    self.pads[i] = 0;
+                    self.pads[n + i] = 0;
                 }
-                "VALID" | "NOTSET" | "" => {
-                    if self.auto_pad == "VALID" {
-                        self.pads[i] = 0;
-                        self.pads[n + i] = 0;
-                    }
-                    let padded = inp + self.pads[i] + self.pads[n + i];
-                    if padded < span {
-                        return Err(format!(
-                            "window of extent {span} does not fit padded input of size {padded}"
-                        ));
-                    }
-                    let mut o = if ceil {
-                        (padded - span).div_ceil(s) + 1
-                    } else {
-                        (padded - span) / s + 1
-                    };
-                    // A ceil-mode window must start inside the input or its begin pad.
-                    if ceil && (o - 1) * s >= inp + self.pads[i] {
-                        o -= 1;
-                    }
-                    o
+                let padded = inp + self.pads[i] + self.pads[n + i];
+                if padded < span {
+                    return Err(format!(
+                        "window of extent {span} does not fit padded input of size {padded}"
+                    ));
                 }
-                other => return Err(format!("unknown auto_pad `{other}`")),
-            };
-            out.push(o);
-        }
-        Ok(out)
+                let mut o = if ceil {
+                    (padded - span).div_ceil(s) + 1
+                } else {
+                    (padded - span) / s + 1
+                };
+                // A ceil-mode window must start inside the input or its begin pad.
+                if ceil && (o - 1) * s >= inp + self.pads[i] {
+                    o -= 1;
+                }
+                o
+            }
+            other => return Err(format!("unknown auto_pad `{other}`")),
+        })
     }
 }
 
