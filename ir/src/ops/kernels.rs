@@ -125,14 +125,6 @@ pub(crate) fn split_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) 
     (outer, len, inner)
 }
 
-/// A tensor's elements as f64, with a check that the dtype is a float.
-pub(crate) fn floats(t: &Tensor, what: &str) -> Result<Vec<f64>, String> {
-    if !t.dtype().is_float() {
-        return Err(format!("{what} must be a float tensor, got {}", t.dtype()));
-    }
-    Ok(t.to_f64s())
-}
-
 /// Builds a tensor of `dtype` from f64 values.
 pub(crate) fn from_f64s(dtype: DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tensor, String> {
     Tensor::new(shape, TensorData::from_f64s(dtype, v.into_iter()))
