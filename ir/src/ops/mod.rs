@@ -14,6 +14,7 @@ pub mod generate;
 pub mod index;
 pub mod layout;
 pub mod linalg;
+mod movement;
 pub mod nn;
 pub mod pool;
 pub mod reduce;

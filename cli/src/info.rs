@@ -1,0 +1,39 @@
+//! `kiln info`: what a model takes and gives, what it is made of, and how big it is.
+
+use kiln_ir::OpKind;
+use std::path::Path;
+
+pub fn info(path: &Path) -> anyhow::Result<()> {
+    let model = kiln_runtime::Model::load(path)?;
+    let g = model.graph();
+    println!("model: {} (graph @{})", path.display(), g.name);
+    if let Some(opsets) = kiln_frontend::onnx::opsets_of(path) {
+        let list: Vec<String> = opsets
+            .iter()
+            .map(|(d, v)| format!("{}={v}", if d.is_empty() { "ai.onnx" } else { d }))
+            .collect();
+        println!("opsets: {}", list.join(", "));
+    }
+    println!("inputs:");
+    for &i in &g.inputs {
+        println!("  %{}: {}", g.value(i).name, g.ty(i));
+    }
+    println!("outputs:");
+    for &o in &g.outputs {
+        println!("  %{}: {}", g.value(o).name, g.ty(o));
+    }
+    let (mut params, mut bytes) = (0usize, 0usize);
+    for n in g.nodes.iter().filter(|n| n.op == OpKind::Constant) {
+        if let Ok(Some(t)) = n.attrs.tensor("value") {
+            params += t.len();
+            bytes += t.len() * t.dtype().size();
+        }
+    }
+    println!("parameters: {params} ({:.2} MB)", bytes as f64 / 1e6);
+    println!("nodes: {}", g.nodes.len());
+    println!("ops:");
+    for (op, count) in g.op_histogram() {
+        println!("  {:<24} {count}", op.name());
+    }
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! `kiln run`: run a model on inputs from files (or random ones), write the outputs, or
+//! check them against an ONNX test-data folder.
+
+use anyhow::{bail, Context, Result};
+use kiln_ir::{DType, Dim, Tensor, TensorData};
+use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// An ONNX file or a text-form `.kir` file.
+    model: PathBuf,
+    /// An input tensor: NAME=FILE, where FILE is `.npy` or an ONNX TensorProto `.pb`.
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// Fill inputs that were not given with seeded random values (ids in [0, 10)).
+    #[arg(long)]
+    random_inputs: bool,
+    /// Size of a symbolic dim for random inputs: NAME=N (default 1).
+    #[arg(long = "dim", value_name = "NAME=N")]
+    dims: Vec<String>,
+    /// Write each output as DIR/<output name>.npy.
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Run on DIR/input_*.pb and compare with DIR/output_*.pb; exit 2 if over tolerance.
+    #[arg(long, value_name = "DIR", conflicts_with = "inputs")]
+    test_data: Option<PathBuf>,
+}
+
+pub fn run(args: &RunArgs) -> Result<ExitCode> {
+    let model = Model::load(&args.model)?;
+    let g = model.graph();
+    if let Some(dir) = &args.test_data {
+        return run_test_data(&model, dir);
+    }
+    let mut given: HashMap<String, Tensor> = HashMap::new();
+    for spec in &args.inputs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
+        given.insert(name.to_string(), read_tensor(Path::new(file))?);
+    }
+    let dims = parse_dims(&args.dims)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut inputs = Vec::new();
+    for &i in &g.inputs {
+        let v = g.value(i);
+        let t = match given.remove(&v.name) {
+            Some(t) => t,
+            None if args.random_inputs => random_tensor(&v.ty, &dims, &mut rng)
+                .with_context(|| format!("making a random value for input `{}`", v.name))?,
+            None => bail!(
+                "missing input `{}` ({}); pass --input {}=FILE or --random-inputs",
+                v.name,
+                v.ty,
+                v.name
+            ),
+        };
+        inputs.push((v.name.clone(), t));
+    }
+    if let Some(extra) = given.keys().next() {
+        bail!("the model has no input named `{extra}`");
+    }
+    let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let outs = model.run(&named)?;
+    for (&o, t) in g.outputs.iter().zip(&outs) {
+        let name = &g.value(o).name;
+        println!("{name}: {}{:?}", t.dtype(), t.shape());
+        if let Some(dir) = &args.output_dir {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join(format!("{}.npy", file_safe(name)));
+            kiln_frontend::tensor_io::write_npy(&path, t)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
+    let g = model.graph();
+    let data = TestData::load(dir)?;
+    if data.inputs.len() != g.inputs.len() {
+        bail!(
+            "{} has {} inputs but the model takes {}",
+            dir.display(),
+            data.inputs.len(),
+            g.inputs.len()
+        );
+    }
+    // Test files are matched to graph inputs by position, as ONNX's runner does.
+    let named: Vec<(&str, Tensor)> = g
+        .inputs
+        .iter()
+        .zip(&data.inputs)
+        .map(|(&i, (_, t))| (g.value(i).name.as_str(), t.clone()))
+        .collect();
+    let outs = model.run(&named)?;
+    if outs.len() != data.outputs.len() {
+        bail!("the model gives {} outputs but {} has {}", outs.len(), dir.display(), data.outputs.len());
+    }
+    let mut all_ok = true;
+    println!("{:<28} {:<18} {:>12} {:>12}  result", "output", "shape", "max abs err", "max rel err");
+    for ((&o, got), (_, want)) in g.outputs.iter().zip(&outs).zip(&data.outputs) {
+        let e = compare(got, want, MODEL_TOLERANCE);
+        all_ok &= e.ok;
+        println!(
+            "{:<28} {:<18} {:>12.3e} {:>12.3e}  {}",
+            g.value(o).name,
+            format!("{:?}", got.shape()),
+            e.max_abs,
+            e.max_rel,
+            if e.ok { "ok".to_string() } else { format!("MISMATCH: {}", e.reason.unwrap_or_default()) }
+        );
+    }
+    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+fn read_tensor(path: &Path) -> Result<Tensor> {
+    let t = if path.extension().is_some_and(|e| e == "pb") {
+        kiln_frontend::tensor_io::read_tensor_pb(path)?.1
+    } else {
+        kiln_frontend::tensor_io::read_npy(path)?
+    };
+    Ok(t)
+}
+
+fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
+    specs
+        .iter()
+        .map(|s| {
+            let (n, v) = s.split_once('=').with_context(|| format!("--dim `{s}` should be NAME=N"))?;
+            Ok((n.to_string(), v.parse().with_context(|| format!("--dim `{s}`: not a size"))?))
+        })
+        .collect()
+}
+
+fn random_tensor(
+    ty: &kiln_ir::TensorType,
+    dims: &HashMap<String, usize>,
+    rng: &mut impl Rng,
+) -> Result<Tensor> {
+    let Some(ds) = ty.shape.dims() else { bail!("its rank is unknown") };
+    let shape: Vec<usize> = ds
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as usize,
+            Dim::Sym(s) => dims.get(s).copied().unwrap_or(1),
+            Dim::Unknown => 1,
+        })
+        .collect();
+    let n: usize = shape.iter().product();
+    let data = if ty.dtype.is_float() {
+        TensorData::from_f64s(ty.dtype, (0..n).map(|_| rng.gen_range(-1.0..1.0)))
+    } else if ty.dtype == DType::Bool {
+        TensorData::from_i64s(ty.dtype, (0..n).map(|_| 1))
+    } else {
+        TensorData::from_i64s(ty.dtype, (0..n).map(|_| rng.gen_range(0..10)))
+    };
+    Ok(Tensor::new(shape, data).map_err(anyhow::Error::msg)?)
+}
+
+fn file_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+}
