@@ -3,6 +3,7 @@
 
 use super::proto::{attr_type as ty, AttributeProto};
 use super::tensor::{dtype_of, tensor_from_proto};
+use super::OnnxError;
 use kiln_ir::Attr;
 use std::path::Path;
 use std::sync::Arc;
@@ -53,29 +54,52 @@ fn utf8(b: &[u8], name: &str) -> Result<String, String> {
     String::from_utf8(b.to_vec()).map_err(|_| format!("attribute `{name}` is not valid UTF-8"))
 }
 
-/// Converts a non-graph attribute of ONNX op `op`. Errors are messages without the node
-/// (the caller adds it).
+/// Converts a non-graph attribute of ONNX op `op` on node `node`.
 pub(crate) fn convert(
     op: &str,
+    node: &str,
     a: &AttributeProto,
     base_dir: Option<&Path>,
-) -> Result<Attr, String> {
+) -> Result<Attr, OnnxError> {
+    if is_dtype_attr(op, &a.name) && kind(a) == ty::INT {
+        let code = i32::try_from(a.i).unwrap_or(-1);
+        let dt = dtype_of(code, || {
+            format!("attribute `{}` of node `{node}` ({op})", a.name)
+        })?;
+        return Ok(Attr::Str(dt.name().to_string()));
+    }
+    convert_inner(op, a, base_dir).map_err(|e| match e {
+        Inner::Msg(msg) => OnnxError::Node {
+            node: node.to_string(),
+            op: op.to_string(),
+            msg,
+        },
+        Inner::Onnx(e) => e,
+    })
+}
+
+enum Inner {
+    Msg(String),
+    Onnx(OnnxError),
+}
+
+impl From<String> for Inner {
+    fn from(s: String) -> Inner {
+        Inner::Msg(s)
+    }
+}
+
+fn convert_inner(op: &str, a: &AttributeProto, base_dir: Option<&Path>) -> Result<Attr, Inner> {
     let name = a.name.as_str();
     if !a.ref_attr_name.is_empty() {
         return Err(format!(
             "attribute `{name}` refers to a function attribute; functions are not supported"
-        ));
+        )
+        .into());
     }
     let k = kind(a);
     if is_dtype_attr(op, name) {
-        if k != ty::INT {
-            return Err(format!(
-                "attribute `{name}` should be a data type code (int)"
-            ));
-        }
-        let code = i32::try_from(a.i).map_err(|_| format!("bad data type code {}", a.i))?;
-        let dt = dtype_of(code, &format!("attribute `{name}`"))?;
-        return Ok(Attr::Str(dt.name().to_string()));
+        return Err(format!("attribute `{name}` should be a data type code (int)").into());
     }
     Ok(match k {
         ty::FLOAT => Attr::Float(a.f),
@@ -94,15 +118,16 @@ pub(crate) fn convert(
                 a.t.as_ref()
                     .ok_or_else(|| format!("attribute `{name}` is a tensor but holds none"))?;
             Attr::Tensor(Arc::new(
-                tensor_from_proto(t, base_dir).map_err(|e| format!("attribute `{name}`: {e}"))?,
+                tensor_from_proto(t, base_dir).map_err(Inner::Onnx)?,
             ))
         }
-        ty::GRAPH => return Err(format!("attribute `{name}`: graph handled by the caller")),
+        ty::GRAPH => return Err(format!("attribute `{name}`: graph handled by the caller").into()),
         other => {
             return Err(format!(
                 "attribute `{name}` has kind {} which kiln does not support",
                 kind_name(other)
-            ))
+            )
+            .into())
         }
     })
 }

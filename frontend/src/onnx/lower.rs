@@ -479,15 +479,16 @@ pub(crate) fn value_type(vi: &ValueInfoProto) -> Result<Option<TensorType>, Onnx
                 type_proto::Value::OptionalType(_) => "optional",
                 _ => "sparse tensor",
             };
-            return Err(err(format!(
-                "has a {kind} type; kiln supports only tensors"
-            )));
+            return Err(OnnxError::UnsupportedType {
+                value: vi.name.clone(),
+                kind: kind.into(),
+            });
         }
     };
     if t.elem_type == 0 {
         return Ok(None);
     }
-    let dtype = dtype_of(t.elem_type, "the value").map_err(err)?;
+    let dtype = dtype_of(t.elem_type, || format!("value `{}`", vi.name))?;
     let shape = match &t.shape {
         None => Shape::unknown(),
         Some(s) => {

@@ -45,7 +45,7 @@ pub(crate) fn convert_node(
     };
     let op = OpKind::from_onnx(&n.op_type).ok_or_else(|| err("not a supported ONNX op".into()))?;
     if op == OpKind::Constant {
-        let value = constant_value(n, ctx).map_err(err)?;
+        let value = constant_value(n, &node_label, ctx)?;
         out.push(LNode {
             op,
             attrs: Attrs::new().with("value", Attr::Tensor(Arc::new(value))),
@@ -63,7 +63,7 @@ pub(crate) fn convert_node(
         }
         attrs.set(
             &a.name,
-            attrs::convert(&n.op_type, a, ctx.base_dir).map_err(&err)?,
+            attrs::convert(&n.op_type, &node_label, a, ctx.base_dir)?,
         );
     }
     let mut inputs: Vec<Option<String>> = n
@@ -259,30 +259,38 @@ impl Migration<'_, '_> {
 }
 
 /// The tensor of a `Constant` node, from whichever value attribute it has.
-fn constant_value(n: &NodeProto, ctx: &Ctx<'_>) -> Result<Tensor, String> {
+fn constant_value(n: &NodeProto, label: &str, ctx: &Ctx<'_>) -> Result<Tensor, OnnxError> {
+    let err = |msg: String| OnnxError::Node {
+        node: label.to_string(),
+        op: n.op_type.clone(),
+        msg,
+    };
     let Some(a) = n.attribute.first() else {
-        return Err("has no value attribute".into());
+        return Err(err("has no value attribute".into()));
     };
     if n.attribute.len() != 1 {
-        return Err(format!(
+        return Err(err(format!(
             "has {} attributes; it needs exactly one value attribute",
             n.attribute.len()
-        ));
+        )));
     }
     match a.name.as_str() {
-        "value" => match attrs::convert("Constant", a, ctx.base_dir)? {
+        "value" => match attrs::convert("Constant", label, a, ctx.base_dir)? {
             Attr::Tensor(t) => Ok(Arc::unwrap_or_clone(t)),
-            other => Err(format!(
+            other => Err(err(format!(
                 "attribute `value` should be a tensor, is {}",
                 other.kind()
-            )),
+            ))),
         },
         "value_float" => Ok(Tensor::scalar(a.f)),
         "value_floats" => Ok(Tensor::from_vec(vec![a.floats.len()], a.floats.clone())),
         "value_int" => Ok(Tensor::scalar(a.i)),
         "value_ints" => Ok(Tensor::from_vec(vec![a.ints.len()], a.ints.clone())),
-        "sparse_value" => Err("sparse constants are not supported".into()),
-        "value_string" | "value_strings" => Err("string constants are not supported".into()),
-        other => Err(format!("unknown value attribute `{other}`")),
+        "sparse_value" => Err(err("sparse constants are not supported".into())),
+        "value_string" | "value_strings" => Err(OnnxError::UnsupportedDtype {
+            what: format!("constant `{label}`"),
+            code: 8,
+        }),
+        other => Err(err(format!("unknown value attribute `{other}`"))),
     }
 }

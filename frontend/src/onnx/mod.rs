@@ -83,6 +83,23 @@ pub enum OnnxError {
         /// Each unsupported op type, most used first.
         ops: Vec<UnsupportedOp>,
     },
+    /// A tensor, value or attribute uses an ONNX data type kiln does not have
+    /// (strings, complex, 8-bit floats, an unknown code).
+    #[error("{what} has data type {code} ({}), which kiln does not support", tensor::onnx_type_name(*.code))]
+    UnsupportedDtype {
+        /// What has it: "tensor `w`", "value `x`", "attribute `to`".
+        what: String,
+        /// The ONNX `TensorProto.DataType` number.
+        code: i32,
+    },
+    /// A graph input or output is not a tensor (sequence, map, optional, sparse).
+    #[error("value `{value}` has a {kind} type; kiln supports only tensors")]
+    UnsupportedType {
+        /// The value's name.
+        value: String,
+        /// The kind of type it has.
+        kind: String,
+    },
     /// A tensor (initializer, attribute or file) is malformed.
     #[error("tensor `{tensor}`: {msg}")]
     Tensor {
@@ -186,6 +203,22 @@ pub fn op_type_histogram(model: &proto::ModelProto) -> Vec<(String, usize)> {
     let mut v: Vec<_> = m.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v
+}
+
+/// The opsets a model file imports, as (domain, version) with `""` for `ai.onnx`; `None`
+/// if the file cannot be read or decoded. For display (`kiln info`).
+pub fn opsets_of(path: &Path) -> Option<Vec<(String, i64)>> {
+    let model = decode_model(map_file(path).ok()?).ok()?;
+    Some(
+        model
+            .opset_import
+            .iter()
+            .map(|o| {
+                let d = if o.domain == "ai.onnx" { "" } else { &o.domain };
+                (d.to_string(), o.version)
+            })
+            .collect(),
+    )
 }
 
 /// Memory-maps a file as `Bytes` (an empty file is an empty buffer: mapping it fails).

@@ -30,14 +30,9 @@ pub(crate) fn onnx_type_name(code: i32) -> &'static str {
     }
 }
 
-/// The kiln dtype of an ONNX data type code, or an error naming `what` and the code.
-pub(crate) fn dtype_of(code: i32, what: &str) -> Result<DType, String> {
-    DType::from_onnx_code(code).ok_or_else(|| {
-        format!(
-            "{what} has data type {code} ({}), which kiln does not support",
-            onnx_type_name(code)
-        )
-    })
+/// The kiln dtype of an ONNX data type code, or an error naming `what()` and the code.
+pub(crate) fn dtype_of(code: i32, what: impl FnOnce() -> String) -> Result<DType, OnnxError> {
+    DType::from_onnx_code(code).ok_or_else(|| OnnxError::UnsupportedDtype { what: what(), code })
 }
 
 /// The shape of a tensor proto, checked: no negative dims, no overflowing element count.
@@ -57,7 +52,7 @@ pub(crate) fn checked_shape(dims: &[i64]) -> Result<(Vec<usize>, usize), String>
 
 /// Converts a tensor proto. `base_dir` is the folder external data is relative to.
 pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Tensor, OnnxError> {
-    let dtype = dtype_of(t.data_type, "the tensor").map_err(|m| err(t, m))?;
+    let dtype = dtype_of(t.data_type, || format!("tensor `{}`", t.name))?;
     let (shape, n) = checked_shape(&t.dims).map_err(|m| err(t, m))?;
     if t.segment.is_some() {
         return Err(err(t, "segmented tensors are not supported"));
