@@ -236,3 +236,6 @@ pub(crate) fn map_file(path: &Path) -> Result<Bytes, OnnxError> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     Ok(Bytes::from_owner(map))
 }
+
+#[cfg(test)]
+mod tests;
