@@ -34,14 +34,22 @@ pub fn run_all(dir: &Path) -> std::io::Result<Vec<CaseResult>> {
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
+    let trace = std::env::var_os("KILN_CONFORMANCE_TRACE").is_some();
     Ok(names
         .into_iter()
         .map(|name| {
             let path = dir.join(&name);
+            let start = std::time::Instant::now();
+            if trace {
+                eprint!("{name} ... ");
+            }
             let outcome = match catch_unwind(AssertUnwindSafe(|| run_case(&path))) {
                 Ok(o) => o,
                 Err(p) => Outcome::Failed(format!("PANIC: {}", panic_message(&p))),
             };
+            if trace {
+                eprintln!("{:?} {:.2}s", std::mem::discriminant(&outcome), start.elapsed().as_secs_f64());
+            }
             CaseResult { name, outcome }
         })
         .collect())
