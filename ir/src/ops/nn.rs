@@ -155,8 +155,9 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                     } else {
                         (0..len).map(|j| v[idx(j)] * v[idx(j)]).sum::<f64>().sqrt()
                     };
+                    // A zero vector stays zero (onnx reference), rather than 0/0.
                     for j in 0..len {
-                        y[idx(j)] = v[idx(j)] / norm;
+                        y[idx(j)] = if norm == 0.0 { 0.0 } else { v[idx(j)] / norm };
                     }
                 }
             }
