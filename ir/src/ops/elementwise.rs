@@ -81,10 +81,57 @@ fn dims_arith(op: OpKind, inputs: &[Option<&Fact>]) -> Option<Vec<Dim>> {
     Some(out)
 }
 
+/// The one-input ops (casts, clip and the math/activation functions).
 fn is_unary(op: OpKind) -> bool {
-    let i = OpKind::ALL.iter().position(|&o| o == op);
-    let clip = OpKind::ALL.iter().position(|&o| o == OpKind::Clip);
-    matches!((i, clip), (Some(i), Some(c)) if i <= c)
+    use OpKind::*;
+    matches!(
+        op,
+        Identity
+            | Abs
+            | Neg
+            | Sqrt
+            | Exp
+            | Log
+            | Reciprocal
+            | Floor
+            | Ceil
+            | Round
+            | Sign
+            | Sin
+            | Cos
+            | Tan
+            | Asin
+            | Acos
+            | Atan
+            | Sinh
+            | Cosh
+            | Asinh
+            | Acosh
+            | Atanh
+            | Erf
+            | Tanh
+            | Sigmoid
+            | Relu
+            | LeakyRelu
+            | Elu
+            | Selu
+            | Celu
+            | Gelu
+            | Mish
+            | Softplus
+            | Softsign
+            | HardSigmoid
+            | HardSwish
+            | ThresholdedRelu
+            | Shrink
+            | IsNaN
+            | IsInf
+            | Not
+            | BitwiseNot
+            | Cast
+            | CastLike
+            | Clip
+    )
 }
 
 fn cast_target(attrs: &Attrs) -> Result<DType, String> {
