@@ -108,7 +108,7 @@ pub(crate) fn zip2<A: Copy, B: Copy, O>(
 ) -> Result<(Vec<usize>, Vec<O>), String> {
     let out = crate::shape::broadcast_concrete(ash, bsh)
         .ok_or_else(|| format!("cannot broadcast {ash:?} with {bsh:?}"))?;
-    let n: usize = out.iter().product();
+    let n = checked_numel(&out)?;
     let (ba, bb) = (Bc::new(a, ash, &out), Bc::new(b, bsh, &out));
     let mut v = Vec::with_capacity(n);
     for i in 0..n {
@@ -220,42 +220,76 @@ fn float_rem(a: f64, b: f64, fmod: bool) -> f64 {
 macro_rules! num_float {
     ($t:ty, $to:expr, $from:expr) => {
         impl Num for $t {
-            #[inline] fn add(self, o: Self) -> Self { $from($to(self) + $to(o)) }
-            #[inline] fn sub(self, o: Self) -> Self { $from($to(self) - $to(o)) }
-            #[inline] fn mul(self, o: Self) -> Self { $from($to(self) * $to(o)) }
-            #[inline] fn div(self, o: Self) -> Result<Self, String> { Ok($from($to(self) / $to(o))) }
+            #[inline]
+            fn add(self, o: Self) -> Self {
+                $from($to(self) + $to(o))
+            }
+            #[inline]
+            fn sub(self, o: Self) -> Self {
+                $from($to(self) - $to(o))
+            }
+            #[inline]
+            fn mul(self, o: Self) -> Self {
+                $from($to(self) * $to(o))
+            }
+            #[inline]
+            fn div(self, o: Self) -> Result<Self, String> {
+                Ok($from($to(self) / $to(o)))
+            }
             fn rem(self, o: Self, fmod: bool) -> Result<Self, String> {
                 Ok($from(float_rem($to(self) as f64, $to(o) as f64, fmod) as _))
             }
-            #[inline] fn max_(self, o: Self) -> Self {
-                if $to(self).is_nan() || $to(o).is_nan() { $from(f32::NAN as _) }
-                else if $to(o) > $to(self) { o } else { self }
+            #[inline]
+            fn max_(self, o: Self) -> Self {
+                if $to(self).is_nan() || $to(o).is_nan() {
+                    $from(f32::NAN as _)
+                } else if $to(o) > $to(self) {
+                    o
+                } else {
+                    self
+                }
             }
-            #[inline] fn min_(self, o: Self) -> Self {
-                if $to(self).is_nan() || $to(o).is_nan() { $from(f32::NAN as _) }
-                else if $to(o) < $to(self) { o } else { self }
+            #[inline]
+            fn min_(self, o: Self) -> Self {
+                if $to(self).is_nan() || $to(o).is_nan() {
+                    $from(f32::NAN as _)
+                } else if $to(o) < $to(self) {
+                    o
+                } else {
+                    self
+                }
             }
-            #[inline] fn neg(self) -> Self { $from(-$to(self)) }
-            #[inline] fn abs_(self) -> Self { $from($to(self).abs()) }
-            fn zero() -> Self { $from(0.0) }
-            fn one() -> Self { $from(1.0) }
-            fn lowest() -> Self { $from(f32::NEG_INFINITY as _) }
-            fn highest() -> Self { $from(f32::INFINITY as _) }
+            #[inline]
+            fn neg(self) -> Self {
+                $from(-$to(self))
+            }
+            #[inline]
+            fn abs_(self) -> Self {
+                $from($to(self).abs())
+            }
+            fn zero() -> Self {
+                $from(0.0)
+            }
+            fn one() -> Self {
+                $from(1.0)
+            }
+            fn lowest() -> Self {
+                $from(f32::NEG_INFINITY as _)
+            }
+            fn highest() -> Self {
+                $from(f32::INFINITY as _)
+            }
         }
     };
 }
 num_float!(f32, |x: f32| x, |x: f32| x);
 num_float!(f64, |x: f64| x, |x: f64| x);
-num_float!(
-    half::f16,
-    |x: half::f16| x.to_f32(),
-    |x: f32| half::f16::from_f32(x)
-);
-num_float!(
-    half::bf16,
-    |x: half::bf16| x.to_f32(),
-    |x: f32| half::bf16::from_f32(x)
-);
+num_float!(half::f16, |x: half::f16| x.to_f32(), |x: f32| {
+    half::f16::from_f32(x)
+});
+num_float!(half::bf16, |x: half::bf16| x.to_f32(), |x: f32| {
+    half::bf16::from_f32(x)
+});
 
 /// Bool never reaches arithmetic (the ops reject it first); these keep `dispatch!` total.
 impl Num for bool {
@@ -386,7 +420,9 @@ impl Window {
 
     /// The extent of the dilated kernel along axis `i`.
     pub(crate) fn span(&self, i: usize) -> usize {
-        (self.kernel[i].saturating_sub(1)) * self.dilations[i] + 1
+        (self.kernel[i].saturating_sub(1))
+            .saturating_mul(self.dilations[i])
+            .saturating_add(1)
     }
 
     /// Conv-style output sizes (floor, or ceil when `ceil`), resolving auto_pad into
@@ -398,13 +434,20 @@ impl Window {
     }
 
     /// The output size along spatial axis `i` for an input of size `inp`.
-    pub(crate) fn resolve_axis(&mut self, i: usize, inp: usize, ceil: bool) -> Result<usize, String> {
+    pub(crate) fn resolve_axis(
+        &mut self,
+        i: usize,
+        inp: usize,
+        ceil: bool,
+    ) -> Result<usize, String> {
         let n = self.kernel.len();
         let (s, span) = (self.strides[i], self.span(i));
         Ok(match self.auto_pad.as_str() {
             "SAME_UPPER" | "SAME_LOWER" => {
                 let o = inp.div_ceil(s);
-                let total = ((o.max(1) - 1) * s + span).saturating_sub(inp);
+                let total = ((o.max(1) - 1) * s)
+                    .saturating_add(span)
+                    .saturating_sub(inp);
                 let small = total / 2;
                 let (b, e) = if self.auto_pad == "SAME_UPPER" {
                     (small, total - small)
@@ -420,7 +463,9 @@ impl Window {
                     self.pads[i] = 0;
                     self.pads[n + i] = 0;
                 }
-                let padded = inp + self.pads[i] + self.pads[n + i];
+                let padded = inp
+                    .saturating_add(self.pads[i])
+                    .saturating_add(self.pads[n + i]);
                 if padded < span {
                     return Err(format!(
                         "window of extent {span} does not fit padded input of size {padded}"
@@ -432,7 +477,7 @@ impl Window {
                     (padded - span) / s + 1
                 };
                 // A ceil-mode window must start inside the input or its begin pad.
-                if ceil && (o - 1) * s >= inp + self.pads[i] {
+                if ceil && (o - 1).saturating_mul(s) >= inp.saturating_add(self.pads[i]) {
                     o -= 1;
                 }
                 o

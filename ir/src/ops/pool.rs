@@ -31,7 +31,10 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     let shape = match x.ty.shape.dims() {
         None => Shape::unknown(),
         Some(d) if d.len() < 3 => {
-            return Err(format!("pooling needs an (N, C, ...) input, got rank {}", d.len()))
+            return Err(format!(
+                "pooling needs an (N, C, ...) input, got rank {}",
+                d.len()
+            ))
         }
         Some(d) => {
             let n = d.len() - 2;
@@ -70,7 +73,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     let x = arg(inputs, 0)?;
     let shape = x.shape().to_vec();
     if shape.len() < 3 {
-        return Err(format!("pooling needs an (N, C, ...) input, got rank {}", shape.len()));
+        return Err(format!(
+            "pooling needs an (N, C, ...) input, got rank {}",
+            shape.len()
+        ));
     }
     if x.dtype() == DType::Bool {
         return Err("pooling does not take bool".into());
@@ -96,14 +102,17 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     // Per axis and output index, the positions its window reads.
     let mut taps: Vec<Vec<Vec<Tap>>> = Vec::with_capacity(nsp);
     for a in 0..nsp {
-        let extent = spatial[a] + win.pads[a] + win.pads[nsp + a];
+        let extent = spatial[a]
+            .saturating_add(win.pads[a])
+            .saturating_add(win.pads[nsp + a]);
         let mut per = Vec::with_capacity(out_sp[a]);
         for o in 0..out_sp[a] {
             let mut t = Vec::new();
             for k in 0..win.kernel[a] {
-                let pos = o * win.strides[a] + k * win.dilations[a];
+                // Positions grow with k: stop at the first past the padded extent.
+                let pos = (o * win.strides[a]).saturating_add(k.saturating_mul(win.dilations[a]));
                 if pos >= extent {
-                    continue;
+                    break;
                 }
                 t.push(match pos.checked_sub(win.pads[a]) {
                     Some(r) if r < spatial[a] => Tap::In(r),
@@ -173,7 +182,11 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             } else if is_lp {
                 y.push(sum.powf(1.0 / p));
             } else {
-                y.push(if count == 0 { f64::NAN } else { sum / count as f64 });
+                y.push(if count == 0 {
+                    f64::NAN
+                } else {
+                    sum / count as f64
+                });
             }
         });
     }
