@@ -8,13 +8,15 @@ use std::time::Instant;
 
 fn models() -> Vec<PathBuf> {
     // `<repo>/../shared/models` in the main checkout; worktrees sit one level deeper, so
-    // look in every ancestor.
+    // look in every ancestor (or where KILN_SHARED_MODELS says).
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let Some(root) = here
-        .ancestors()
-        .map(|a| a.join("shared/models"))
+    let Some(root) = std::env::var_os("KILN_SHARED_MODELS")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(here.ancestors().map(|a| a.join("shared/models")))
         .find(|p| p.is_dir())
     else {
+        eprintln!("no shared/models folder found: model tests skipped");
         return vec![];
     };
     let mut out = vec![];
@@ -56,10 +58,6 @@ fn exported_ops(model: &Path) -> Option<Vec<(String, usize)>> {
 #[test]
 fn every_shared_model_decodes_with_its_recorded_op_histogram() {
     let models = models();
-    if models.is_empty() {
-        eprintln!("no models under shared/models: skipped");
-        return;
-    }
     for p in &models {
         let bytes = bytes::Bytes::from(std::fs::read(p).unwrap());
         let m = decode_model(bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));

@@ -1,4 +1,13 @@
-//! Fuzz target npy_read (to be written).
+//! Fuzz target npy_read: arbitrary bytes as a `.npy` file and as a `.pb` TensorProto.
+//! Whatever reads must write back and read again to the same tensor.
 #![no_main]
+use kiln_frontend::tensor_io::{read_npy_bytes, read_tensor_pb_bytes, write_npy_bytes};
 use libfuzzer_sys::fuzz_target;
-fuzz_target!(|_data: &[u8]| {});
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(t) = read_npy_bytes(data) {
+        let back = read_npy_bytes(&write_npy_bytes(&t)).expect("re-reading written npy");
+        assert_eq!(back, t);
+    }
+    let _ = read_tensor_pb_bytes(data, None);
+});

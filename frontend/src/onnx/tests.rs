@@ -534,6 +534,7 @@ fn unnamed_outputs_get_fresh_names_and_trailing_ones_are_dropped() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn old_opset_attributes_become_constant_inputs() {
     let cases: Vec<(&str, Vec<AttributeProto>, i64, Vec<(usize, Vec<i64>)>)> = vec![
         (
