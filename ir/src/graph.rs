@@ -107,7 +107,7 @@ impl Graph {
         &self.values[id.index()].ty
     }
 
-    /// Adds a value with a name made unique against the names in use, and returns it.
+    /// Adds a value (its name must not be in use: the verifier checks) and returns it.
     pub fn add_value(&mut self, name: &str, ty: TensorType) -> ValueId {
         let id = ValueId(self.values.len() as u32);
         self.values.push(Value {
