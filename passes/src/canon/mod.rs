@@ -21,10 +21,10 @@ pub mod norms;
 pub mod rotary;
 
 pub use activations::FuseSilu;
-//ATT
+pub use attention::FuseAttention;
 pub use gelu::FuseGelu;
-//NORMS
-//ROT
+pub use norms::FuseNorms;
+pub use rotary::FuseRotary;
 
 use crate::rewrite::{self, Namer, Subst};
 use crate::{PassError, PassStats};
