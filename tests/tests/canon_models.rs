@@ -54,7 +54,11 @@ fn check(name: &str, want: Counts) {
     assert_eq!(outs.len(), data.outputs.len());
     for (k, (got, (_, want))) in outs.iter().zip(&data.outputs).enumerate() {
         let e = compare(got, want, MODEL_TOLERANCE);
-        assert!(e.ok, "{name} output #{k}: max abs {:e}: {:?}", e.max_abs, e.reason);
+        assert!(
+            e.ok,
+            "{name} output #{k}: max abs {:e}: {:?}",
+            e.max_abs, e.reason
+        );
     }
 }
 

@@ -9,13 +9,12 @@
 //!   `simplify_ops` composes with the exporter's head transposes);
 //! - grouped-query heads: `k` and `v` written as LLaMA's `repeat_kv`
 //!   (`reshape(expand(unsqueeze(k, 2), [B, Hkv, g, T, D]), [B, Hkv·g, T, D])`) are
-//!   replaced by the un-repeated `[B, Hkv, T, D]` tensors when every dim involved is
-//!   known to match (the op's kv-head grouping does the repeat);
+//!   replaced by the un-repeated `[B, Hkv, T, D]` tensors when the head counts and
+//!   widths are known to match (the op's kv-head grouping does the repeat);
 //! - the mask is whatever the graph adds to the scaled scores (HF's `Where(keep, 0,
 //!   finfo.min)` causal and padding masks, with or without a KV cache, where `T` counts
 //!   the cached keys). It stays an additive float input, so rows masked with `finfo.min`
-//!   keep their finite decomposed semantics; it must broadcast into the scores without
-//!   widening them.
+//!   keep their finite decomposed semantics; it must not be known to widen the scores.
 //!
 //! Heads stay split by the exporter's reshape/transpose around the op: q, k, v arrive as
 //! `[B, H, S, D]` and the output `[B, H, S, Dv]` goes back through its transpose/reshape.
@@ -66,12 +65,21 @@ fn scaled_scores(m: &Matcher, t: ValueId) -> Option<(usize, f64, Vec<usize>)> {
     }
 }
 
-/// True if a mask of shape `mask` broadcasts into `scores` without widening it.
+/// False if a mask of shape `mask` is known to widen `scores` when added (a score axis
+/// of size 1 meeting a larger mask axis). Unknown sizes are accepted: a mask that
+/// widened the scores at run time would make `attention` fail, never compute otherwise.
 fn mask_fits(mask: &[Dim], scores: &[Dim]) -> bool {
     mask.len() <= scores.len()
-        && mask.iter().rev().zip(scores.iter().rev()).all(|(a, s)| {
-            a.fixed() == Some(1) || same_dim(a, s) || s.fixed().is_some_and(|n| n > 1)
-        })
+        && mask
+            .iter()
+            .rev()
+            .zip(scores.iter().rev())
+            .all(|(a, s)| a.fixed() == Some(1) || same_dim(a, s) || s.fixed() != Some(1))
+}
+
+/// Two dims that may be equal: equal when both are known, anything when one is not.
+fn may_equal(a: &Dim, b: &Dim) -> bool {
+    same_dim(a, b) || *a == Dim::Unknown || *b == Dim::Unknown
 }
 
 /// LLaMA's `repeat_kv`: returns the un-repeated `[B, Hkv, T, D]` value and the nodes.
@@ -81,21 +89,29 @@ fn strip_repeat_kv(m: &Matcher, v: ValueId) -> Option<(ValueId, Vec<usize>)> {
     let (ke, ex) = m.def_op(e, OpKind::Expand)?;
     let u = Matcher::input(ex, 0)?;
     let (ku, un) = m.def_op(u, OpKind::Unsqueeze)?;
-    if m.ints(Matcher::input(un, 1)?)? != [2] || m.sole_user(e)?.0 != kr || m.sole_user(u)?.0 != ke {
+    if m.ints(Matcher::input(un, 1)?)? != [2] || m.sole_user(e)?.0 != kr || m.sole_user(u)?.0 != ke
+    {
         return None;
     }
     let k0 = Matcher::input(un, 0)?;
     let x = rank4(m, k0)?;
     let eo = m.dims(e).filter(|d| d.len() == 5)?;
     let ro = rank4(m, v)?;
-    let g = eo[2].fixed()?;
-    let hkv = x[1].fixed()?;
-    let ok = [0, 1].iter().all(|&j| same_dim(&eo[j], &x[j]))
-        && [3, 4].iter().all(|&j| same_dim(&eo[j], &x[j - 1]))
-        && same_dim(&ro[0], &x[0])
-        && same_dim(&ro[2], &x[2])
+    // The kv heads and the head width must be known; the repeat factor g follows from
+    // the merged head count. Batch and sequence sizes may be unknown (importers lose
+    // them through shape arithmetic): a mismatch there makes `attention` fail at run
+    // time rather than compute something else.
+    let hkv = x[1].fixed().filter(|&h| h > 0)?;
+    let merged = ro[1].fixed()?;
+    let g = (merged % hkv == 0).then_some(merged / hkv)?;
+    let ok = same_dim(&eo[1], &x[1])
+        && same_dim(&eo[4], &x[3])
         && same_dim(&ro[3], &x[3])
-        && ro[1].fixed() == hkv.checked_mul(g);
+        && (eo[2] == Dim::Unknown || eo[2].fixed() == Some(g))
+        && may_equal(&eo[0], &x[0])
+        && may_equal(&eo[3], &x[2])
+        && may_equal(&ro[0], &x[0])
+        && may_equal(&ro[2], &x[2]);
     ok.then(|| (k0, vec![kr, ke, ku]))
 }
 
@@ -121,11 +137,12 @@ fn find(m: &Matcher, i: usize) -> Option<Fusion> {
     let mut interior = vec![i, root];
     let (mm, scale, nodes, mask) = match m.def(s) {
         Some((ka, add)) if add.op == OpKind::Add => {
-            let (mm, scale, nodes, mask) = Matcher::operands(add)?.into_iter().find_map(|(t, mk)| {
-                let (mm, c, nodes) = scaled_scores(m, t)?;
-                m.sole_user(t)?;
-                Some((mm, c, nodes, mk))
-            })?;
+            let (mm, scale, nodes, mask) =
+                Matcher::operands(add)?.into_iter().find_map(|(t, mk)| {
+                    let (mm, c, nodes) = scaled_scores(m, t)?;
+                    m.sole_user(t)?;
+                    Some((mm, c, nodes, mk))
+                })?;
             interior.push(ka);
             (mm, scale, nodes, Some(mask))
         }
@@ -215,7 +232,14 @@ mod tests {
     use crate::canon::testing::*;
 
     /// `softmax(q·kᵀ·c + mask)·v` with kᵀ = transpose(k, perm).
-    fn sdpa(b: &mut B, q: ValueId, kt: ValueId, v: ValueId, mask: Option<ValueId>, div: bool) -> ValueId {
+    fn sdpa(
+        b: &mut B,
+        q: ValueId,
+        kt: ValueId,
+        v: ValueId,
+        mask: Option<ValueId>,
+        div: bool,
+    ) -> ValueId {
         let s = b.bin(OpKind::MatMul, q, kt);
         let s = if div {
             let c = b.f(4.0);
@@ -228,12 +252,20 @@ mod tests {
             Some(mk) => b.bin(OpKind::Add, mk, s),
             None => s,
         };
-        let p = b.op(OpKind::Softmax, Attrs::new().with("axis", Attr::Int(-1)), &[s]);
+        let p = b.op(
+            OpKind::Softmax,
+            Attrs::new().with("axis", Attr::Int(-1)),
+            &[s],
+        );
         b.bin(OpKind::MatMul, p, v)
     }
 
     fn transpose(b: &mut B, x: ValueId, perm: &[i64]) -> ValueId {
-        b.op(OpKind::Transpose, Attrs::new().with("perm", Attr::Ints(perm.to_vec())), &[x])
+        b.op(
+            OpKind::Transpose,
+            Attrs::new().with("perm", Attr::Ints(perm.to_vec())),
+            &[x],
+        )
     }
 
     #[test]
@@ -305,7 +337,12 @@ mod tests {
         let y = sdpa(&mut b, q, kt, q, None, false);
         let g0 = b.finish(&[y]);
         let mut g = g0.clone();
-        let p = g.nodes.iter().find(|n| n.op == OpKind::Softmax).unwrap().outputs[0];
+        let p = g
+            .nodes
+            .iter()
+            .find(|n| n.op == OpKind::Softmax)
+            .unwrap()
+            .outputs[0];
         g.outputs.push(p);
         let after = rewrite_and_compare(&FuseAttention, &g);
         assert_eq!(count(&after, OpKind::Attention), 0);

@@ -80,7 +80,11 @@ fn find(m: &Matcher, i: usize) -> Option<Fusion> {
             inputs: vec![Some(Operand::Value(x))],
             name: "gelu".into(),
         }],
-        counter: if tanh { "gelu_tanh_fused" } else { "gelu_erf_fused" },
+        counter: if tanh {
+            "gelu_tanh_fused"
+        } else {
+            "gelu_erf_fused"
+        },
     })
 }
 
@@ -160,7 +164,13 @@ fn half_product(m: &Matcher, x: ValueId, e: ValueId) -> Option<(usize, Vec<usize
     let (_, other) = Matcher::operands(m1)?.into_iter().find(|&(a, _)| a == e)?;
     if other == x || m.is_scalar(other, 0.5) {
         // (x · e) · 0.5 or (e · 0.5) · x
-        let want_last = |v: ValueId| if other == x { m.is_scalar(v, 0.5) } else { v == x };
+        let want_last = |v: ValueId| {
+            if other == x {
+                m.is_scalar(v, 0.5)
+            } else {
+                v == x
+            }
+        };
         let (k2, m2) = m.sole_user(m1.outputs[0])?;
         if m2.op != OpKind::Mul {
             return None;
@@ -214,7 +224,11 @@ mod tests {
             let y = erf_gelu(&mut b, x, assoc);
             let g = b.finish(&[y]);
             let after = rewrite_and_compare(&FuseGelu, &g);
-            assert_eq!(crate::testutil::ops(&after), vec![OpKind::Gelu], "assoc {assoc}");
+            assert_eq!(
+                crate::testutil::ops(&after),
+                vec![OpKind::Gelu],
+                "assoc {assoc}"
+            );
             assert!(after.nodes[0].attrs.get("approximate").is_none());
         }
     }
@@ -249,7 +263,14 @@ mod tests {
             let g = b.finish(&[y]);
             let after = rewrite_and_compare(&FuseGelu, &g);
             assert_eq!(crate::testutil::ops(&after), vec![OpKind::Gelu]);
-            assert_eq!(after.nodes[0].attrs.string("approximate").unwrap().as_deref(), Some("tanh"));
+            assert_eq!(
+                after.nodes[0]
+                    .attrs
+                    .string("approximate")
+                    .unwrap()
+                    .as_deref(),
+                Some("tanh")
+            );
         }
     }
 
@@ -266,7 +287,12 @@ mod tests {
         let x = b.input("x", &[3, 8]);
         let y = erf_gelu(&mut b, x, 0);
         let g0 = b.finish(&[y]);
-        let erf = g0.nodes.iter().find(|n| n.op == OpKind::Erf).unwrap().outputs[0];
+        let erf = g0
+            .nodes
+            .iter()
+            .find(|n| n.op == OpKind::Erf)
+            .unwrap()
+            .outputs[0];
         let mut g = g0.clone();
         g.outputs.push(erf);
         let after = rewrite_and_compare(&FuseGelu, &g);

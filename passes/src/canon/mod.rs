@@ -121,7 +121,10 @@ impl<'g> Matcher<'g> {
 
     /// `v`'s contents, when known at compile time.
     pub fn konst(&self, v: ValueId) -> Option<Arc<Tensor>> {
-        self.fact(v).konst.clone().or_else(|| self.g.constant_value(v))
+        self.fact(v)
+            .konst
+            .clone()
+            .or_else(|| self.g.constant_value(v))
     }
 
     /// `v` as a single float, when it is a one-element constant.
@@ -156,7 +159,10 @@ impl<'g> Matcher<'g> {
         interior.iter().filter(|&&i| i != root).all(|&i| {
             self.g.nodes[i].outputs.iter().all(|o| {
                 !self.outputs.contains(o)
-                    && self.users(*o).iter().all(|u| *u == root || interior.contains(u))
+                    && self
+                        .users(*o)
+                        .iter()
+                        .all(|u| *u == root || interior.contains(u))
             })
         })
     }

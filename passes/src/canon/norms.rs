@@ -58,8 +58,12 @@ fn root_mean_square(m: &Matcher, s: ValueId) -> Option<(ValueId, f64, Vec<usize>
     let (ka, add) = m.def_op(Matcher::input(sq, 0)?, OpKind::Add)?;
     for (ms, e) in Matcher::operands(add)? {
         let Some(eps) = m.scalar(e) else { continue };
-        let Some((km, sqv)) = last_axis_mean(m, ms) else { continue };
-        let Some((kp, y)) = square(m, sqv) else { continue };
+        let Some((km, sqv)) = last_axis_mean(m, ms) else {
+            continue;
+        };
+        let Some((kp, y)) = square(m, sqv) else {
+            continue;
+        };
         return Some((y, eps, vec![ks, ka, km, kp]));
     }
     None
@@ -81,7 +85,9 @@ fn normalised(m: &Matcher, n: ValueId) -> Option<(ValueId, ValueId, f64, Vec<usi
                 let Some((kr, rn)) = m.def(r) else { continue };
                 let s = match rn.op {
                     OpKind::Reciprocal => Matcher::input(rn, 0),
-                    OpKind::Div if m.is_scalar(Matcher::input(rn, 0)?, 1.0) => Matcher::input(rn, 1),
+                    OpKind::Div if m.is_scalar(Matcher::input(rn, 0)?, 1.0) => {
+                        Matcher::input(rn, 1)
+                    }
                     _ => None,
                 };
                 let Some((y, eps, mut nodes)) = s.and_then(|s| root_mean_square(m, s)) else {
@@ -102,9 +108,11 @@ fn fits_into(m: &Matcher, p: ValueId, x: ValueId) -> bool {
         return false;
     };
     pd.len() <= xd.len()
-        && pd.iter().rev().zip(xd.iter().rev()).all(|(a, b)| {
-            a.fixed() == Some(1) || same_dim(a, b)
-        })
+        && pd
+            .iter()
+            .rev()
+            .zip(xd.iter().rev())
+            .all(|(a, b)| a.fixed() == Some(1) || same_dim(a, b))
 }
 
 fn find(m: &Matcher, i: usize) -> Option<Fusion> {
@@ -190,7 +198,11 @@ fn find(m: &Matcher, i: usize) -> Option<Fusion> {
             inputs,
             name: kind.name().into(),
         }],
-        counter: if kind == OpKind::LayerNorm { "layer_norm_fused" } else { "rms_norm_fused" },
+        counter: if kind == OpKind::LayerNorm {
+            "layer_norm_fused"
+        } else {
+            "rms_norm_fused"
+        },
     })
 }
 
@@ -238,7 +250,11 @@ mod tests {
             let ops = crate::testutil::ops(&after);
             assert_eq!(count(&after, OpKind::LayerNorm), 1, "{ops:?}");
             assert_eq!(ops.len(), if affine { 1 } else { 2 }, "{ops:?}");
-            let ln = after.nodes.iter().find(|n| n.op == OpKind::LayerNorm).unwrap();
+            let ln = after
+                .nodes
+                .iter()
+                .find(|n| n.op == OpKind::LayerNorm)
+                .unwrap();
             assert_eq!(ln.attrs.float("epsilon").unwrap(), Some(1e-5));
             assert_eq!(ln.inputs.len(), if affine { 3 } else { 2 });
         }
@@ -275,7 +291,11 @@ mod tests {
             let y = rms_norm(&mut b, x, form);
             let g = b.finish(&[y]);
             let after = rewrite_and_compare(&FuseNorms, &g);
-            assert_eq!(crate::testutil::ops(&after), vec![OpKind::RmsNorm], "form {form}");
+            assert_eq!(
+                crate::testutil::ops(&after),
+                vec![OpKind::RmsNorm],
+                "form {form}"
+            );
             let n = &after.nodes[0];
             assert_eq!(n.attrs.int("axis").unwrap(), Some(-1));
             assert_eq!(n.attrs.int("stash_type").unwrap(), Some(1));
@@ -305,7 +325,12 @@ mod tests {
         let y = rms_norm(&mut b, x, 2);
         let g0 = b.finish(&[y]);
         let mut g = g0.clone();
-        let var = g.nodes.iter().find(|n| n.op == OpKind::Sqrt).unwrap().outputs[0];
+        let var = g
+            .nodes
+            .iter()
+            .find(|n| n.op == OpKind::Sqrt)
+            .unwrap()
+            .outputs[0];
         g.outputs.push(var);
         let after = rewrite_and_compare(&FuseNorms, &g);
         assert_eq!(count(&after, OpKind::RmsNorm), 0);

@@ -35,7 +35,11 @@ fn last_axis_slice(m: &Matcher, s: ValueId) -> Option<(usize, ValueId, i64, i64)
     let x = Matcher::input(n, 0)?;
     let rank = m.dims(x)?.len();
     let d = m.dims(x)?.last()?.fixed()? as i64;
-    let one = |v: Option<ValueId>| v.and_then(|v| m.ints(v)).filter(|a| a.len() == 1).map(|a| a[0]);
+    let one = |v: Option<ValueId>| {
+        v.and_then(|v| m.ints(v))
+            .filter(|a| a.len() == 1)
+            .map(|a| a[0])
+    };
     let (lo, hi) = (one(Matcher::input(n, 1))?, one(Matcher::input(n, 2))?);
     if !m.is_last_axis(Matcher::input(n, 3), rank) {
         return None;
@@ -75,18 +79,25 @@ fn find(m: &Matcher, i: usize) -> Option<Fusion> {
         return None;
     }
     for (a, b) in Matcher::operands(add)? {
-        let Some((ka, ma)) = m.def_op(a, OpKind::Mul) else { continue };
-        let Some((kb, mb)) = m.def_op(b, OpKind::Mul) else { continue };
+        let Some((ka, ma)) = m.def_op(a, OpKind::Mul) else {
+            continue;
+        };
+        let Some((kb, mb)) = m.def_op(b, OpKind::Mul) else {
+            continue;
+        };
         // b = rotate_half(x) · sin, a = x · cos.
         for (r, sin) in Matcher::operands(mb)? {
-            let Some((x, mut interior)) = rotate_half(m, r) else { continue };
+            let Some((x, mut interior)) = rotate_half(m, r) else {
+                continue;
+            };
             let Some((_, cos)) = Matcher::operands(ma)?.into_iter().find(|&(p, _)| p == x) else {
                 continue;
             };
             // cos/sin must not widen the rotated axis (rotary rotates x before broadcasting).
             let d = m.dims(x)?.last()?.clone();
             let keeps_axis = |v: ValueId| {
-                m.dims(v).is_some_and(|s| s.last().is_none_or(|l| *l == d || l.fixed() == Some(1)))
+                m.dims(v)
+                    .is_some_and(|s| s.last().is_none_or(|l| *l == d || l.fixed() == Some(1)))
             };
             if !keeps_axis(cos) || !keeps_axis(sin) || !m.fact(cos).ty.dtype.is_float() {
                 continue;
@@ -129,7 +140,11 @@ mod tests {
         let lo = b.op(OpKind::Slice, Attrs::new(), &[x, z, h, ax, one]);
         let hi = b.op(OpKind::Slice, Attrs::new(), &[x, h, end, ax, one]);
         let n = b.un(OpKind::Neg, hi);
-        let r = b.op(OpKind::Concat, Attrs::new().with("axis", kiln_ir::Attr::Int(-1)), &[n, lo]);
+        let r = b.op(
+            OpKind::Concat,
+            Attrs::new().with("axis", kiln_ir::Attr::Int(-1)),
+            &[n, lo],
+        );
         let xc = b.bin(OpKind::Mul, x, cos);
         let rs = b.bin(OpKind::Mul, r, sin);
         b.bin(OpKind::Add, rs, xc)

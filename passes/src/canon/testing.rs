@@ -3,7 +3,9 @@
 
 use super::CANON_TOLERANCE;
 use crate::Pass;
-use kiln_ir::{Attr, Attrs, DType, Dim, Graph, GraphBuilder, OpKind, Shape, Tensor, TensorType, ValueId};
+use kiln_ir::{
+    Attr, Attrs, DType, Dim, Graph, GraphBuilder, OpKind, Shape, Tensor, TensorType, ValueId,
+};
 use std::sync::Arc;
 
 /// A graph under construction, with shortcuts for the ops the patterns use.
@@ -18,16 +20,29 @@ impl B {
     pub fn input(&mut self, name: &str, dims: &[i64]) -> ValueId {
         let d = dims
             .iter()
-            .map(|&x| if x < 0 { Dim::Sym(["S", "B", "T"][(-x - 1) as usize % 3].into()) } else { Dim::Fixed(x as u64) })
+            .map(|&x| {
+                if x < 0 {
+                    Dim::Sym(["S", "B", "T"][(-x - 1) as usize % 3].into())
+                } else {
+                    Dim::Fixed(x as u64)
+                }
+            })
             .collect();
-        self.0.input(name, TensorType::new(DType::F32, Shape::new(d)))
+        self.0
+            .input(name, TensorType::new(DType::F32, Shape::new(d)))
     }
 
     pub fn op(&mut self, op: OpKind, attrs: Attrs, ins: &[ValueId]) -> ValueId {
         self.1 += 1;
         let name = format!("v{}", self.1);
         self.0
-            .node(op, attrs, ins.iter().map(|&i| Some(i)).collect(), vec![(name, None)], "")
+            .node(
+                op,
+                attrs,
+                ins.iter().map(|&i| Some(i)).collect(),
+                vec![(name, None)],
+                "",
+            )
             .unwrap_or_else(|e| panic!("{e}"))[0]
     }
 
@@ -40,7 +55,11 @@ impl B {
     }
 
     pub fn konst(&mut self, t: Tensor) -> ValueId {
-        self.op(OpKind::Constant, Attrs::new().with("value", Attr::Tensor(Arc::new(t))), &[])
+        self.op(
+            OpKind::Constant,
+            Attrs::new().with("value", Attr::Tensor(Arc::new(t))),
+            &[],
+        )
     }
 
     pub fn f(&mut self, x: f32) -> ValueId {
