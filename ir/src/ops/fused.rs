@@ -368,6 +368,9 @@ fn linear_shape(inputs: &[Option<&Fact>]) -> Result<Shape, String> {
     Ok(out)
 }
 
+/// An optional epilogue operand of `linear`: values and shape.
+type Operand = (Vec<f64>, Vec<usize>);
+
 /// `act(row_scale ⊙ (x·w) + bias) + residual`. Bias, row_scale and residual must
 /// broadcast to the product's shape `[..., N]`; they do not enlarge it.
 fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
@@ -391,7 +394,7 @@ fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
     let m: usize = lead.iter().product();
     let mut y = vec![0.0; total];
     super::kernels::matmul_acc(&xv, &wv, &mut y, m, k, n);
-    let operand = |i: usize, what: &str| -> Result<Option<(Vec<f64>, Vec<usize>)>, String> {
+    let operand = |i: usize, what: &str| -> Result<Option<Operand>, String> {
         match opt_arg(inputs, i) {
             None => Ok(None),
             Some(t) => {
@@ -405,7 +408,7 @@ fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
         operand(3, "row_scale")?,
         operand(4, "residual")?,
     );
-    fn bc<'a>(o: &'a Option<(Vec<f64>, Vec<usize>)>, out: &[usize]) -> Option<Bc<'a, f64>> {
+    fn bc<'a>(o: &'a Option<Operand>, out: &[usize]) -> Option<Bc<'a, f64>> {
         o.as_ref().map(|(v, s)| Bc::new(v, s, out))
     }
     let (bias, scale, resid) = (bc(&bias, &out), bc(&scale, &out), bc(&resid, &out));
