@@ -19,6 +19,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod canon;
 pub mod classic;
 pub mod manager;
 pub mod pass;

@@ -1,6 +1,7 @@
 //! The default optimisation pipeline, as one list read top to bottom. Each line is one
 //! pass and why it sits there. Names are what `--passes=-name` and dump files use.
 
+use crate::canon::{FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu};
 use crate::classic::{
     EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, SimplifyOps,
 };
@@ -16,6 +17,19 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
         // (shape -> gather -> concat on fixed dims); symbolic shapes stay symbolic.
         Box::new(FoldConstants::default()),
         // Folding turns reshape targets into constants: reshapes may now compose or vanish.
+        Box::new(SimplifyOps),
+        // Canonicalisation: recognise what exporters decomposed as first-class ops.
+        // Layer norms and LLaMA's RMS norms (ReduceMean/Pow/Sqrt/Div chains).
+        Box::new(FuseNorms),
+        // GELU in its erf (BERT, ViT) and tanh (GPT-2) forms.
+        Box::new(FuseGelu),
+        // x * sigmoid(x) (LLaMA's SwiGLU gate).
+        Box::new(FuseSilu),
+        // x*cos + rotate_half(x)*sin (LLaMA's RoPE).
+        Box::new(FuseRotary),
+        // softmax(q k^T * c + mask) v, grouped-query heads, KV caches.
+        Box::new(FuseAttention),
+        // Compose the transposes fuse_attention inserts with the exporter's head transposes.
         Box::new(SimplifyOps),
         // Merge duplicate constants and computations (after folding made more of them equal).
         Box::new(EliminateCommonSubexpressions),
@@ -47,7 +61,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 5);
+        assert_eq!(report.passes.len(), 11);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

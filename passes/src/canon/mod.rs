@@ -1,0 +1,318 @@
+//! Canonicalisation: recognising what ONNX exporters decompose (GELU, layer and RMS norms,
+//! SiLU, rotary embeddings, scaled-dot-product attention) and replacing each decomposition
+//! by the one first-class op that backends implement fast. One file per pattern family;
+//! this module holds the shared matching helpers ([`Matcher`]) and the one place that
+//! applies a match to the graph ([`Fusion`], [`apply_fusions`]).
+//!
+//! A pattern is matched structurally on the graph: producers of values, constant values
+//! (from constant nodes or inference facts), and shape facts. Every guard is checked:
+//! constants have the exact values (within f32 rounding), reductions run over the last
+//! axis, and interior values have no users outside the pattern (so nothing is computed
+//! twice). A match replaces the pattern's root value; the interior nodes then die.
+//!
+//! These rewrites change rounding (the fused op computes in one step what the decomposed
+//! graph rounds at every step), so unlike the classic passes they are not bit-exact; the
+//! tests compare within [`CANON_TOLERANCE`].
+
+pub mod activations;
+pub mod attention;
+pub mod gelu;
+pub mod norms;
+pub mod rotary;
+
+pub use activations::FuseSilu;
+pub use attention::FuseAttention;
+pub use gelu::FuseGelu;
+pub use norms::FuseNorms;
+pub use rotary::FuseRotary;
+
+use crate::rewrite::{self, Namer, Subst};
+use crate::{PassError, PassStats};
+use kiln_ir::ops::Fact;
+use kiln_ir::{Attrs, Dim, Graph, Node, OpKind, Tensor, TensorType, ValueId};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Relative tolerance the canonicalisation tests allow between a decomposed graph and
+/// its fused form (f32 graphs; the fused ops compute in f64 and round once).
+pub const CANON_TOLERANCE: f64 = 1e-4;
+
+/// Relative tolerance when comparing a graph constant with the value a pattern needs
+/// (`0.044715`, `sqrt(2)`): exporters store them as f32.
+const CONST_RTOL: f64 = 1e-6;
+
+/// Read-only view of a graph for matching: producers, users and inference facts.
+pub(crate) struct Matcher<'g> {
+    pub g: &'g Graph,
+    prod: Vec<Option<usize>>,
+    users: Vec<Vec<usize>>,
+    outputs: HashSet<ValueId>,
+    facts: Vec<Fact>,
+}
+
+impl<'g> Matcher<'g> {
+    /// Indexes `g`; fails if its ids are broken or shape inference rejects it.
+    pub fn new(g: &'g Graph, pass: &'static str) -> Result<Matcher<'g>, PassError> {
+        rewrite::check_ids(g).map_err(|m| PassError::graph(pass, m))?;
+        let facts = kiln_ir::infer::facts(g).map_err(|e| PassError::graph(pass, e))?;
+        let mut users = vec![vec![]; g.values.len()];
+        for (i, n) in g.nodes.iter().enumerate() {
+            for v in n.inputs.iter().flatten() {
+                users[v.index()].push(i);
+            }
+        }
+        Ok(Matcher {
+            g,
+            prod: rewrite::producers(g),
+            users,
+            outputs: g.outputs.iter().copied().collect(),
+            facts,
+        })
+    }
+
+    /// The node defining `v` and its index, if a node does.
+    pub fn def(&self, v: ValueId) -> Option<(usize, &'g Node)> {
+        let i = self.prod.get(v.index()).copied().flatten()?;
+        Some((i, &self.g.nodes[i]))
+    }
+
+    /// The node defining `v` if it is a one-output `op`.
+    pub fn def_op(&self, v: ValueId, op: OpKind) -> Option<(usize, &'g Node)> {
+        self.def(v)
+            .filter(|(_, n)| n.op == op && n.outputs.len() == 1)
+    }
+
+    /// Input `k` of a node, if present.
+    pub fn input(n: &Node, k: usize) -> Option<ValueId> {
+        n.inputs.get(k).copied().flatten()
+    }
+
+    /// The two operands of a binary node, in both orders (for commutative ops).
+    pub fn operands(n: &Node) -> Option<[(ValueId, ValueId); 2]> {
+        if n.inputs.len() != 2 {
+            return None;
+        }
+        let (a, b) = (Self::input(n, 0)?, Self::input(n, 1)?);
+        Some([(a, b), (b, a)])
+    }
+
+    /// The node indices using `v`.
+    pub fn users(&self, v: ValueId) -> &[usize] {
+        self.users.get(v.index()).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The one node using `v`, if `v` has exactly one use and is not a graph output.
+    pub fn sole_user(&self, v: ValueId) -> Option<(usize, &'g Node)> {
+        match self.users(v) {
+            [u] if !self.outputs.contains(&v) => Some((*u, &self.g.nodes[*u])),
+            _ => None,
+        }
+    }
+
+    /// What inference knows about `v`.
+    pub fn fact(&self, v: ValueId) -> &Fact {
+        &self.facts[v.index()]
+    }
+
+    /// The dims of `v`, if its rank is known.
+    pub fn dims(&self, v: ValueId) -> Option<&[Dim]> {
+        self.fact(v).ty.shape.dims()
+    }
+
+    /// `v`'s contents, when known at compile time.
+    pub fn konst(&self, v: ValueId) -> Option<Arc<Tensor>> {
+        self.fact(v)
+            .konst
+            .clone()
+            .or_else(|| self.g.constant_value(v))
+    }
+
+    /// `v` as a single float, when it is a one-element constant.
+    pub fn scalar(&self, v: ValueId) -> Option<f64> {
+        let k = self.konst(v)?;
+        (k.len() == 1 && k.dtype().is_float()).then(|| k.to_f64s()[0])
+    }
+
+    /// True if `v` is a one-element constant equal to `want` (within f32 rounding).
+    pub fn is_scalar(&self, v: ValueId, want: f64) -> bool {
+        self.scalar(v)
+            .is_some_and(|x| (x - want).abs() <= CONST_RTOL * want.abs().max(1e-30))
+    }
+
+    /// `v` as integers, when it is an integer constant.
+    pub fn ints(&self, v: ValueId) -> Option<Vec<i64>> {
+        let k = self.konst(v)?;
+        k.dtype().is_int().then(|| k.to_i64s())
+    }
+
+    /// True if `axes` (an axes input) names exactly the last axis of a rank-`rank` tensor.
+    pub fn is_last_axis(&self, axes: Option<ValueId>, rank: usize) -> bool {
+        let Some(a) = axes.and_then(|a| self.ints(a)) else {
+            return false;
+        };
+        rank > 0 && (a == [-1] || a == [rank as i64 - 1])
+    }
+
+    /// True if every node in `interior` but `root` has all its outputs used only by nodes
+    /// in `interior` (and none is a graph output), so replacing `root` kills them all.
+    pub fn closed(&self, root: usize, interior: &[usize]) -> bool {
+        interior.iter().filter(|&&i| i != root).all(|&i| {
+            self.g.nodes[i].outputs.iter().all(|o| {
+                !self.outputs.contains(o)
+                    && self
+                        .users(*o)
+                        .iter()
+                        .all(|u| *u == root || interior.contains(u))
+            })
+        })
+    }
+}
+
+/// Two dims that are known to be equal (the same size, or the same symbol).
+pub(crate) fn same_dim(a: &Dim, b: &Dim) -> bool {
+    a == b && *a != Dim::Unknown
+}
+
+/// An operand of a node a fusion creates.
+#[derive(Clone, Debug)]
+pub(crate) enum Operand {
+    /// An existing value.
+    Value(ValueId),
+    /// The output of an earlier node of the same fusion.
+    New(usize),
+    /// A new constant.
+    Const(Tensor),
+}
+
+/// A node a fusion creates (one output).
+#[derive(Clone, Debug)]
+pub(crate) struct NewNode {
+    pub op: OpKind,
+    pub attrs: Attrs,
+    pub inputs: Vec<Option<Operand>>,
+    /// Base for the output's name.
+    pub name: String,
+}
+
+/// One match: new nodes to insert before `root`, the last of which replaces the root's
+/// first output. `interior` lists the nodes the match consumes (for overlap checks).
+#[derive(Clone, Debug)]
+pub(crate) struct Fusion {
+    pub root: usize,
+    pub interior: Vec<usize>,
+    pub nodes: Vec<NewNode>,
+    /// The counter bumped in the pass statistics (`gelu_fused`).
+    pub counter: &'static str,
+}
+
+/// Applies non-overlapping fusions (earlier roots win), then removes the dead interior.
+pub(crate) fn apply_fusions(
+    g: &mut Graph,
+    mut fusions: Vec<Fusion>,
+    pass: &'static str,
+) -> Result<PassStats, PassError> {
+    let mut stats = PassStats::default();
+    if fusions.is_empty() {
+        return Ok(stats);
+    }
+    fusions.sort_by_key(|f| f.root);
+    let mut claimed: HashSet<usize> = HashSet::new();
+    let mut namer = Namer::new(g);
+    let mut subst = Subst::new(g);
+    let mut inserts: Vec<(usize, Node)> = vec![];
+    for f in fusions {
+        if f.interior.iter().any(|i| claimed.contains(i)) || f.nodes.is_empty() {
+            continue;
+        }
+        claimed.extend(f.interior.iter().copied());
+        let root_out = g.nodes[f.root].outputs[0];
+        let root_name = g.value(root_out).name.clone();
+        let mut made: Vec<ValueId> = vec![];
+        let last = f.nodes.len() - 1;
+        for (k, nn) in f.nodes.into_iter().enumerate() {
+            let mut ins = vec![];
+            let mut facts: Vec<Option<Fact>> = vec![];
+            for op in nn.inputs {
+                let v = match op {
+                    None => None,
+                    Some(Operand::Value(v)) => Some(v),
+                    Some(Operand::New(j)) => Some(*made.get(j).ok_or_else(|| {
+                        PassError::at(pass, format!("%{root_name}"), "fusion refers ahead")
+                    })?),
+                    Some(Operand::Const(t)) => {
+                        let name = namer.fresh(&format!("{root_name}_{}_c", nn.name));
+                        let ty = TensorType::new(t.dtype(), kiln_ir::Shape::fixed(t.shape()));
+                        let c = g.add_value(&name, ty);
+                        let attrs = Attrs::new().with("value", kiln_ir::Attr::Tensor(Arc::new(t)));
+                        inserts.push((f.root, node(OpKind::Constant, attrs, vec![], c)));
+                        stats.added += 1;
+                        Some(c)
+                    }
+                };
+                facts.push(v.map(|v| value_fact(g, v)));
+                ins.push(v);
+            }
+            let fact_refs: Vec<Option<&Fact>> = facts.iter().map(Option::as_ref).collect();
+            let inferred = kiln_ir::ops::infer(nn.op, &nn.attrs, &fact_refs)
+                .map_err(|m| PassError::at(pass, format!("%{root_name}"), m))?;
+            let mut ty = inferred
+                .into_iter()
+                .next()
+                .map(|f| f.ty)
+                .ok_or_else(|| PassError::at(pass, format!("%{root_name}"), "no output"))?;
+            if k == last {
+                ty = kiln_ir::infer::refine(g.ty(root_out), &ty)
+                    .map_err(|m| PassError::at(pass, format!("%{root_name}"), m))?;
+            }
+            let out = namer.add_value(g, &format!("{root_name}_{}", nn.name), ty);
+            inserts.push((f.root, node(nn.op, nn.attrs, ins, out)));
+            made.push(out);
+            stats.added += 1;
+        }
+        let Some(&new_root) = made.last() else {
+            continue;
+        };
+        subst.replace(root_out, new_root);
+        stats.changed += 1;
+        stats.bump(f.counter, 1);
+    }
+    rewrite::insert_nodes(g, inserts);
+    subst.apply(g);
+    stats.removed = rewrite::remove_dead(g);
+    Ok(stats)
+}
+
+fn node(op: OpKind, attrs: Attrs, inputs: Vec<Option<ValueId>>, out: ValueId) -> Node {
+    Node {
+        op,
+        attrs,
+        inputs,
+        outputs: vec![out],
+        name: String::new(),
+    }
+}
+
+/// A fact for a value from its declared type (and contents when a constant defines it).
+fn value_fact(g: &Graph, v: ValueId) -> Fact {
+    let mut f = Fact::of(g.ty(v).clone());
+    f.konst = g.constant_value(v);
+    f
+}
+
+/// Runs `find` over every node and applies what it found.
+pub(crate) fn run_matches(
+    g: &mut Graph,
+    pass: &'static str,
+    find: impl Fn(&Matcher, usize) -> Option<Fusion>,
+) -> Result<PassStats, PassError> {
+    let fusions = {
+        let m = Matcher::new(g, pass)?;
+        (0..g.nodes.len())
+            .filter_map(|i| find(&m, i))
+            .collect::<Vec<_>>()
+    };
+    apply_fusions(g, fusions, pass)
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
