@@ -79,6 +79,16 @@ pub(crate) fn convert_node(
     };
     let opset = m.ctx.opset;
     use OpKind::*;
+    // Before opset 18, a Split without sizes splits equally into as many outputs as the
+    // node names; the IR says so with `num_outputs`.
+    if op == Split
+        && opset < 18
+        && attrs.get("split").is_none()
+        && attrs.get("num_outputs").is_none()
+        && inputs.get(1).is_none_or(|i| i.is_none())
+    {
+        attrs.set("num_outputs", Attr::Int(outputs.len() as i64));
+    }
     match op {
         Squeeze | Unsqueeze if opset < 13 => m.ints_to_input(&mut attrs, &mut inputs, "axes", 1),
         ReduceSum if opset < 13 => m.ints_to_input(&mut attrs, &mut inputs, "axes", 1),
