@@ -143,7 +143,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn default_pipeline_preserves_random_graphs_bit_for_bit() {
         for seed in 1..=200 {
             let mut g = random_graph(seed);

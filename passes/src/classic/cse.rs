@@ -243,7 +243,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn cse_preserves_results_numerically() {
         let mut g = Graph::new("g");
         let x = g.add_input("x", f32_ty(&[3]));

@@ -84,7 +84,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn dce_preserves_results_numerically() {
         let mut g = Graph::new("g");
         let x = g.add_input("x", f32_ty(&[4]));

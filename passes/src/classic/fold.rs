@@ -273,7 +273,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn node_on_constants_becomes_a_constant_keeping_its_name() {
         let mut g = add_chain();
         let before = g.clone();
@@ -289,7 +288,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn large_results_are_not_materialised_but_single_use_weights_are_replaced() {
         // broadcast: small operands, big result -> not folded.
         let mut g = Graph::new("g");
@@ -317,7 +315,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn small_result_of_a_multi_output_node_is_materialised_alone() {
         // split(w, [2, 18]) where w is also used elsewhere: only the small half folds.
         let mut g = Graph::new("g");

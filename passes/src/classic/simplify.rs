@@ -394,7 +394,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs elementwise ops from main"]
     fn simplifications_preserve_results_numerically() {
         let mut g = Graph::new("g");
         let x = g.add_input("x", f32_ty(&[2, 3, 4]));
