@@ -44,6 +44,8 @@ pub fn facts(g: &Graph) -> Result<Vec<Fact>, InferError> {
             msg,
         };
         let mut out = ops::infer(node.op, &node.attrs, &ins).map_err(err)?;
+        // Trailing optional outputs the node does not name are dropped.
+        out.truncate(node.outputs.len());
         if out.len() != node.outputs.len() {
             return Err(err(format!(
                 "the shape rule gave {} outputs, the node has {}",

@@ -134,7 +134,9 @@ pub fn run(g: &Graph, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EvalError> {
                 }
             }
         }
-        let outs = ops::eval(node.op, &node.attrs, &ins).map_err(err)?;
+        let mut outs = ops::eval(node.op, &node.attrs, &ins).map_err(err)?;
+        // Trailing optional outputs the node does not name are dropped.
+        outs.truncate(node.outputs.len());
         if outs.len() != node.outputs.len() {
             return Err(err(format!(
                 "produced {} outputs, the node has {}",

@@ -11,6 +11,7 @@ use std::sync::Arc;
 pub mod control;
 pub mod elementwise;
 pub mod generate;
+mod kernels;
 pub mod index;
 pub mod layout;
 pub mod linalg;
