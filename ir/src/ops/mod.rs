@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 pub mod control;
 pub mod elementwise;
+pub mod fused;
 pub mod generate;
 mod kernels;
 pub mod index;
@@ -35,6 +36,7 @@ pub enum Family {
     Generate,
     Resize,
     Control,
+    Fused,
 }
 
 macro_rules! ops {
@@ -71,6 +73,8 @@ macro_rules! ops {
             /// The op for an ONNX op type, where they correspond one to one.
             pub fn from_onnx(s: &str) -> Option<OpKind> {
                 if s.is_empty() { return None; }
+                // kiln-only ops all have the empty ONNX name, rejected above.
+                #[allow(unreachable_patterns)]
                 match s { $($onnx => Some(OpKind::$variant),)* _ => None }
             }
         }
@@ -226,6 +230,11 @@ ops! {
     Resize = "resize", "Resize", Resize;
     // ---- control.rs: control flow with subgraphs
     If = "if", "If", Control;
+    // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
+    Silu = "silu", "", Fused;
+    Rotary = "rotary", "", Fused;
+    Attention = "attention", "", Fused;
+    Linear = "linear", "", Fused;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors
@@ -290,6 +299,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Generate => generate::infer(op, attrs, inputs),
         Family::Resize => resize::infer(op, attrs, inputs),
         Family::Control => control::infer(op, attrs, inputs),
+        Family::Fused => fused::infer(op, attrs, inputs),
     }
 }
 
@@ -307,6 +317,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Generate => generate::eval(op, attrs, inputs),
         Family::Resize => resize::eval(op, attrs, inputs),
         Family::Control => control::eval(op, attrs, inputs),
+        Family::Fused => fused::eval(op, attrs, inputs),
     }
 }
 

@@ -1,10 +1,148 @@
-//! The text form (kiln's DSL): a printer and a parser that round-trip.
+//! The text form (kiln's DSL): a printer and a parser that round-trip exactly, so that
+//! `parse(&print(&g)) == g` for every graph. It is what users write models in and what
+//! every dump, test and error message shows.
 //!
 //! ```text
-//! func @mlp(%x: f32[B, 16], %w: f32[16, 4]) -> f32[B, 4] {
+//! func @mlp(%x: f32[B, 16], %w: f32[16, 4]) -> (f32[B, 4]) {
 //!   %0 = matmul %x, %w : f32[B, 4]
-//!   %1 = relu %0 : f32[B, 4]
-//!   return %1
+//!   %1 = relu %0 : f32[B, 4] loc("/mlp/Relu")
+//!   %a, %b = split %1, %s {axis = 1} : f32[B, 2], f32[B, 2]
+//!   %c = slice %x, %st, _, %ax : f32[*]
+//!   %k = constant {value = dense<f32[2, 2]> [1.0, 2.0, 3.0, 4.0]} : f32[2, 2]
+//!   return %0, %a
 //! }
 //! ```
-//! TODO(text form helper): printer + parser with line:column diagnostics.
+//!
+//! - Value names are `%` and `[A-Za-z0-9_.:/-]+` (not ending in `:`), or quoted: `%"a b"`.
+//!   The graph name is `@name` or `@"..."`. A node's origin name is `loc("...")`.
+//! - `_` is an omitted optional input. Dims are integers, symbols (`B`, or quoted `"n+1"`)
+//!   or `?`; `[*]` is a shape of unknown rank.
+//! - The types after `:` are optional: when given they are taken verbatim, when omitted
+//!   they are inferred with the ops' shape rules. `parse` does not verify the graph.
+//! - Attributes: ints `-3`, floats `1.0 -0.0 1e-5 inf -inf nan nan(0x7fc00001)` (the last
+//!   is a NaN by its bits), strings `"s"`, lists `[1, 2]` `[1.5]` `["a"]`, empty lists
+//!   `ints[]` `floats[]` `strings[]`, tensors `dense<f32[2]> [1.0, 2.0]` or, past 16
+//!   elements, `dense<f32[768, 768]> 0x...` (little-endian bytes in hex), and graphs as a
+//!   nested `func`, which is a scope of its own (it sees none of the outer values).
+//!   `//` starts a comment. Statements need no separators.
+//!
+//! ```
+//! let src = "func @f(%x: f32[B, 4]) -> (f32[B, 4]) {\n  %y = relu %x : f32[B, 4]\n  return %y\n}\n";
+//! let g: kiln_ir::Graph = src.parse().unwrap();
+//! assert_eq!(kiln_ir::text::print(&g), src);
+//! ```
+
+mod elem;
+mod lexer;
+mod parser;
+mod printer;
+
+use crate::Graph;
+use std::fmt;
+use std::str::FromStr;
+
+pub use parser::MAX_NESTING;
+
+/// Prints a graph in the text form. [`parse`] reads it back to an equal graph.
+pub fn print(g: &Graph) -> String {
+    printer::print_graph(g)
+}
+
+/// Parses the text form into a graph. Types that the text omits are inferred; the graph
+/// is not verified (see [`crate::verify`]).
+pub fn parse(src: &str) -> Result<Graph, ParseError> {
+    parser::parse_graph(src)
+}
+
+impl fmt::Display for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&print(self))
+    }
+}
+
+impl FromStr for Graph {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Graph, ParseError> {
+        parse(s)
+    }
+}
+
+/// A syntax or naming error in the text form, with where it is. Its `Display` shows the
+/// line with a caret under the problem, rustc-style.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ParseError {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub column: usize,
+    /// What is wrong.
+    pub message: String,
+    /// The text of the line (an excerpt around the column when the line is very long).
+    pub source_line: String,
+    /// 1-based column of the problem within `source_line`.
+    pub snippet_column: usize,
+}
+
+/// Lines longer than this many characters are shown as an excerpt around the column.
+const SNIPPET_CHARS: usize = 120;
+
+impl ParseError {
+    /// An error at byte offset `pos` of `src`.
+    pub(crate) fn at(src: &str, pos: usize, message: String) -> ParseError {
+        let pos = floor_char_boundary(src, pos.min(src.len()));
+        let start = src[..pos].rfind('\n').map_or(0, |i| i + 1);
+        let end = src[pos..].find('\n').map_or(src.len(), |i| pos + i);
+        let line = src.as_bytes()[..start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        let text = src[start..end].trim_end_matches('\r');
+        let column = src[start..pos].chars().count() + 1;
+        let (source_line, snippet_column) = if text.chars().count() <= SNIPPET_CHARS {
+            (text.to_string(), column)
+        } else {
+            let first = column.saturating_sub(SNIPPET_CHARS / 2 + 1);
+            let mut s = String::from(if first > 0 { "..." } else { "" });
+            s.extend(text.chars().skip(first).take(SNIPPET_CHARS));
+            let snippet_column = column - first + if first > 0 { 3 } else { 0 };
+            if text.chars().count() > first + SNIPPET_CHARS {
+                s.push_str("...");
+            }
+            (s, snippet_column)
+        };
+        ParseError {
+            line,
+            column,
+            message,
+            source_line,
+            snippet_column,
+        }
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let num = self.line.to_string();
+        let pad = " ".repeat(num.len());
+        writeln!(f, "error: {}", self.message)?;
+        writeln!(f, "{pad}--> {}:{}", self.line, self.column)?;
+        writeln!(f, "{pad} |")?;
+        writeln!(f, "{num} | {}", self.source_line)?;
+        // Keep tabs as tabs so the caret lines up under the same characters.
+        let lead: String = self
+            .source_line
+            .chars()
+            .take(self.snippet_column.saturating_sub(1))
+            .map(|c| if c == '\t' { '\t' } else { ' ' })
+            .collect();
+        write!(f, "{pad} | {lead}^")
+    }
+}

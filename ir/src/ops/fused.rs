@@ -1,0 +1,817 @@
+//! The fused op family: kiln-only ops that canonicalisation recognises in exported graphs
+//! (ONNX exporters decompose them into primitives) so that backends can implement them as
+//! one fast kernel. Shape rules and reference semantics side by side.
+//!
+//! - `silu(x) = x · sigmoid(x)`.
+//! - `rotary(x, cos, sin) = x · cos + rotate_half(x) · sin`, numpy broadcasting of cos/sin.
+//! - `attention(q, k, v, mask?)`: scaled-dot-product attention with grouped-query heads.
+//! - `linear(x, w, bias?, row_scale?, residual?) = act(row_scale ⊙ (x·w) + bias) + residual`.
+//!
+//! Like the nn family, everything computes in f64 and rounds to the input's dtype once, so
+//! f16/bf16 inputs get better-than-f32 intermediate precision. Decomposed graphs round at
+//! every step; tests compare the two within named tolerances.
+
+use super::kernels::{bcast_offsets, fact, from_f64s, Bc};
+use super::movement::{checked_numel, unify};
+use super::{arg, not_in_family, opt_arg, Fact};
+use crate::shape::{broadcast, broadcast_concrete};
+use crate::{Attrs, DType, Dim, OpKind, Shape, Tensor, TensorData};
+
+/// Shape rule of the fused ops.
+pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>, String> {
+    let x = arg(inputs, 0)?;
+    let dtype = x.ty.dtype;
+    let shape = match op {
+        OpKind::Silu => x.ty.shape.clone(),
+        OpKind::Rotary => {
+            interleaved(attrs)?;
+            let (cos, sin) = (arg(inputs, 1)?, arg(inputs, 2)?);
+            if let Some(d) =
+                x.ty.shape
+                    .dims()
+                    .and_then(|d| d.last())
+                    .and_then(Dim::fixed)
+            {
+                if d % 2 != 0 {
+                    return Err(format!("rotary needs an even last dim, got {d}"));
+                }
+            }
+            broadcast(&broadcast(&x.ty.shape, &cos.ty.shape)?, &sin.ty.shape)?
+        }
+        OpKind::Attention => {
+            attention_attrs(attrs)?;
+            attention_shape(inputs)?
+        }
+        OpKind::Linear => {
+            activation(attrs)?;
+            linear_shape(inputs)?
+        }
+        _ => return Err(not_in_family(op)),
+    };
+    Ok(vec![fact(dtype, shape)])
+}
+
+/// Reference semantics of the fused ops.
+pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+    let x = arg(inputs, 0)?;
+    let dt = x.dtype();
+    if !dt.is_float() {
+        return Err(format!("`{}` needs a float input, got {dt}", op.name()));
+    }
+    let out = match op {
+        OpKind::Silu => {
+            let v: Vec<f64> = x.to_f64s().into_iter().map(silu).collect();
+            from_f64s(dt, x.shape().to_vec(), v)?
+        }
+        OpKind::Rotary => rotary(attrs, inputs)?,
+        OpKind::Attention => attention(attrs, inputs)?,
+        OpKind::Linear => linear(attrs, inputs)?,
+        _ => return Err(not_in_family(op)),
+    };
+    Ok(vec![out])
+}
+
+fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+fn gelu_erf(x: f64) -> f64 {
+    0.5 * x * (1.0 + super::elementwise::erf(x / std::f64::consts::SQRT_2))
+}
+
+fn gelu_tanh(x: f64) -> f64 {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// The epilogue activation named by `linear`'s `activation` attribute.
+fn activation(attrs: &Attrs) -> Result<fn(f64) -> f64, String> {
+    Ok(
+        match attrs.string_or("activation", "none".into())?.as_str() {
+            "none" => |x| x,
+            "relu" => |x: f64| if x.is_nan() || x > 0.0 { x } else { 0.0 },
+            "gelu" => gelu_erf,
+            "gelu_tanh" => gelu_tanh,
+            "silu" => silu,
+            other => return Err(format!("unknown linear activation `{other}`")),
+        },
+    )
+}
+
+/// `rotary`'s `interleaved` attribute: 0 rotates halves (GPT-NeoX/LLaMA layout), 1 rotates
+/// adjacent pairs (GPT-J layout).
+fn interleaved(attrs: &Attrs) -> Result<bool, String> {
+    match attrs.int_or("interleaved", 0)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(format!("rotary `interleaved` must be 0 or 1, got {other}")),
+    }
+}
+
+/// `attention`'s (scale, causal) attributes. `scale` defaults to 1/sqrt(D) when absent.
+fn attention_attrs(attrs: &Attrs) -> Result<(Option<f64>, bool), String> {
+    let scale = attrs.float("scale")?.map(f64::from);
+    let causal = match attrs.int_or("causal", 0)? {
+        0 => false,
+        1 => true,
+        other => return Err(format!("attention `causal` must be 0 or 1, got {other}")),
+    };
+    Ok((scale, causal))
+}
+
+fn float_input(t: &Tensor, what: &str, dt: DType) -> Result<Vec<f64>, String> {
+    if t.dtype() != dt {
+        return Err(format!("{what} is {}, expected {dt}", t.dtype()));
+    }
+    Ok(t.to_f64s())
+}
+
+/// Checks that `t` broadcasts to exactly `shape` (it may not enlarge it).
+fn fits(t: &Tensor, shape: &[usize], what: &str) -> Result<(), String> {
+    if broadcast_concrete(t.shape(), shape).as_deref() != Some(shape) {
+        return Err(format!(
+            "{what} {:?} does not broadcast to {shape:?}",
+            t.shape()
+        ));
+    }
+    Ok(())
+}
+
+fn rotary(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
+    let inter = interleaved(attrs)?;
+    let x = arg(inputs, 0)?;
+    let (cos, sin) = (arg(inputs, 1)?, arg(inputs, 2)?);
+    let dt = x.dtype();
+    if !cos.dtype().is_float() || !sin.dtype().is_float() {
+        return Err("rotary cos and sin must be float".into());
+    }
+    let (cv, sv) = (cos.to_f64s(), sin.to_f64s());
+    let xs = x.shape();
+    let d = *xs.last().ok_or("rotary needs x of rank >= 1")?;
+    if d % 2 != 0 {
+        return Err(format!("rotary needs an even last dim, got {d}"));
+    }
+    let out = super::kernels::broadcast_all(&[xs, cos.shape(), sin.shape()])?;
+    if out.last() != Some(&d) {
+        return Err(format!("cos/sin widen x's rotated axis {d} to {out:?}"));
+    }
+    checked_numel(&out)?;
+    let xv = x.to_f64s();
+    // rotate_half(x), or the pairwise rotation when interleaved, at x's own shape.
+    let h = d / 2;
+    let mut rot = vec![0.0; xv.len()];
+    for (r, row) in rot
+        .chunks_exact_mut(d.max(1))
+        .zip(xv.chunks_exact(d.max(1)))
+    {
+        for j in 0..h {
+            if inter {
+                r[2 * j] = -row[2 * j + 1];
+                r[2 * j + 1] = row[2 * j];
+            } else {
+                r[j] = -row[j + h];
+                r[j + h] = row[j];
+            }
+        }
+    }
+    let (bx, br) = (Bc::new(&xv, xs, &out), Bc::new(&rot, xs, &out));
+    let (bc, bs) = (
+        Bc::new(&cv, cos.shape(), &out),
+        Bc::new(&sv, sin.shape(), &out),
+    );
+    let n: usize = out.iter().product();
+    let y = (0..n)
+        .map(|i| bx.get(i) * bc.get(i) + br.get(i) * bs.get(i))
+        .collect();
+    from_f64s(dt, out, y)
+}
+
+fn dims4<'a>(f: &'a Fact, what: &str) -> Result<Option<&'a [Dim]>, String> {
+    match f.ty.shape.dims() {
+        None => Ok(None),
+        Some(d) if d.len() == 4 => Ok(Some(d)),
+        Some(d) => Err(format!(
+            "attention {what} must be 4-D, got rank {}",
+            d.len()
+        )),
+    }
+}
+
+fn attention_shape(inputs: &[Option<&Fact>]) -> Result<Shape, String> {
+    let (q, k, v) = (arg(inputs, 0)?, arg(inputs, 1)?, arg(inputs, 2)?);
+    let (qd, kd, vd) = (dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?);
+    let unknown = [Dim::Unknown, Dim::Unknown, Dim::Unknown, Dim::Unknown];
+    let (qd, kd, vd) = (
+        qd.unwrap_or(&unknown),
+        kd.unwrap_or(&unknown),
+        vd.unwrap_or(&unknown),
+    );
+    let b = unify(&unify(&qd[0], &kd[0])?, &vd[0])?;
+    let hkv = unify(&kd[1], &vd[1])?;
+    let t = unify(&kd[2], &vd[2])?;
+    unify(&qd[3], &kd[3])?;
+    if let (Some(hq), Some(hk)) = (qd[1].fixed(), hkv.fixed()) {
+        if hk == 0 || hq % hk != 0 {
+            return Err(format!(
+                "{hq} query heads are not a multiple of {hk} kv heads"
+            ));
+        }
+    }
+    let out = vec![b, qd[1].clone(), qd[2].clone(), vd[3].clone()];
+    if let Some(m) = opt_arg(inputs, 3) {
+        if !(m.ty.dtype.is_float() || m.ty.dtype == DType::Bool) {
+            return Err(format!(
+                "attention mask must be float or bool, got {}",
+                m.ty.dtype
+            ));
+        }
+        let scores = Shape::new(vec![out[0].clone(), out[1].clone(), out[2].clone(), t]);
+        broadcast(&m.ty.shape, &scores)?;
+    }
+    Ok(Shape::new(out))
+}
+
+/// Scaled-dot-product attention. Query head `h` reads kv head `h / (Hq / Hkv)`. With
+/// `causal`, query `i` sits at absolute position `T - S + i` (the cache holds the earlier
+/// keys) and sees keys `j <= T - S + i`. A bool mask keeps `true` entries; a float mask is
+/// added to the scaled scores. Masked-out scores are `-inf` before the softmax, and the
+/// softmax is the `softmax` op's (max-shifted): a row whose scores are all `-inf` gives
+/// `0/0 = NaN`, exactly as Softmax over a `Where(mask, s, -inf)` decomposition does. A
+/// float mask of large finite negatives (HF's `finfo.min`) keeps such rows finite, as in
+/// the decomposed graph.
+fn attention(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
+    let (scale, causal) = attention_attrs(attrs)?;
+    let (q, k, v) = (arg(inputs, 0)?, arg(inputs, 1)?, arg(inputs, 2)?);
+    let dt = q.dtype();
+    let (qv, kv, vv) = (
+        float_input(q, "q", dt)?,
+        float_input(k, "k", dt)?,
+        float_input(v, "v", dt)?,
+    );
+    let shape4 = |t: &Tensor, what: &str| -> Result<[usize; 4], String> {
+        <[usize; 4]>::try_from(t.shape())
+            .map_err(|_| format!("attention {what} must be 4-D, got {:?}", t.shape()))
+    };
+    let [b, hq, s, d] = shape4(q, "q")?;
+    let [bk, hkv, t, dk] = shape4(k, "k")?;
+    let [bv, hkv_v, tv, dv] = shape4(v, "v")?;
+    if (bk, dk) != (b, d) || (bv, hkv_v, tv) != (b, hkv, t) {
+        return Err(format!(
+            "attention shapes disagree: q {:?}, k {:?}, v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        ));
+    }
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(format!(
+            "{hq} query heads are not a multiple of {hkv} kv heads"
+        ));
+    }
+    let group = hq / hkv;
+    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let scores_shape = [b, hq, s, t];
+    checked_numel(&scores_shape)?;
+    let out_shape = vec![b, hq, s, dv];
+    let n_out = checked_numel(&out_shape)?;
+    // The mask, as an additive term per score (-inf where a bool mask says drop).
+    let mask: Option<(Vec<f64>, Vec<usize>)> = match opt_arg(inputs, 3) {
+        None => None,
+        Some(m) => {
+            fits(m, &scores_shape, "attention mask")?;
+            let vals = match m.data() {
+                TensorData::Bool(bs) => bs
+                    .iter()
+                    .map(|&keep| if keep { 0.0 } else { f64::NEG_INFINITY })
+                    .collect(),
+                _ if m.dtype().is_float() => m.to_f64s(),
+                _ => {
+                    return Err(format!(
+                        "attention mask must be float or bool, got {}",
+                        m.dtype()
+                    ))
+                }
+            };
+            Some((vals, bcast_offsets(&scores_shape, m.shape())))
+        }
+    };
+    let mut y = vec![0.0; n_out];
+    let mut row = vec![0.0; t];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            let kbase = (bi * hkv + kh) * t;
+            for i in 0..s {
+                let qrow = &qv[((bi * hq + h) * s + i) * d..][..d];
+                let srow = ((bi * hq + h) * s + i) * t;
+                // Query i's absolute position; negative when S > T (no key is visible).
+                let pos = t as i64 - s as i64 + i as i64;
+                for (j, r) in row.iter_mut().enumerate() {
+                    let krow = &kv[(kbase + j) * d..][..d];
+                    let mut acc: f64 = qrow.iter().zip(krow).map(|(a, b)| a * b).sum();
+                    acc *= scale;
+                    if let Some((mv, off)) = &mask {
+                        acc += mv[off[srow + j]];
+                    }
+                    if causal && j as i64 > pos {
+                        acc = f64::NEG_INFINITY;
+                    }
+                    *r = acc;
+                }
+                let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let shift = if mx.is_finite() { mx } else { 0.0 };
+                let mut sum = 0.0;
+                for r in row.iter_mut() {
+                    *r = (*r - shift).exp();
+                    sum += *r;
+                }
+                let out = &mut y[((bi * hq + h) * s + i) * dv..][..dv];
+                for (j, &p) in row.iter().enumerate() {
+                    let p = p / sum;
+                    let vrow = &vv[(kbase + j) * dv..][..dv];
+                    for (o, &x) in out.iter_mut().zip(vrow) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
+    }
+    from_f64s(dt, out_shape, y)
+}
+
+fn linear_shape(inputs: &[Option<&Fact>]) -> Result<Shape, String> {
+    let (x, w) = (arg(inputs, 0)?, arg(inputs, 1)?);
+    let n = match w.ty.shape.dims() {
+        None => Dim::Unknown,
+        Some([kw, n]) => {
+            if let Some(kx) = x.ty.shape.dims().and_then(|d| d.last()) {
+                unify(kx, kw).map_err(|e| format!("linear contraction: {e}"))?;
+            }
+            n.clone()
+        }
+        Some(d) => return Err(format!("linear weight must be 2-D, got rank {}", d.len())),
+    };
+    let out = match x.ty.shape.dims() {
+        None => Shape::unknown(),
+        Some([]) => return Err("linear input must have rank >= 1".into()),
+        Some(d) => {
+            let mut o = d[..d.len() - 1].to_vec();
+            o.push(n);
+            Shape::new(o)
+        }
+    };
+    for i in 2..5 {
+        if let Some(f) = opt_arg(inputs, i) {
+            broadcast(&f.ty.shape, &out)?;
+        }
+    }
+    Ok(out)
+}
+
+/// `act(row_scale ⊙ (x·w) + bias) + residual`. Bias, row_scale and residual must
+/// broadcast to the product's shape `[..., N]`; they do not enlarge it.
+fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
+    let act = activation(attrs)?;
+    let (x, w) = (arg(inputs, 0)?, arg(inputs, 1)?);
+    let dt = x.dtype();
+    let (xv, wv) = (float_input(x, "x", dt)?, float_input(w, "w", dt)?);
+    let xs = x.shape();
+    let (&k, lead) = xs.split_last().ok_or("linear input must have rank >= 1")?;
+    let [kw, n] = <[usize; 2]>::try_from(w.shape())
+        .map_err(|_| format!("linear weight must be 2-D, got {:?}", w.shape()))?;
+    if kw != k {
+        return Err(format!(
+            "linear contraction: x {xs:?} and w {:?}",
+            w.shape()
+        ));
+    }
+    let mut out = lead.to_vec();
+    out.push(n);
+    let total = checked_numel(&out)?;
+    let m: usize = lead.iter().product();
+    let mut y = vec![0.0; total];
+    super::kernels::matmul_acc(&xv, &wv, &mut y, m, k, n);
+    let operand = |i: usize, what: &str| -> Result<Option<(Vec<f64>, Vec<usize>)>, String> {
+        match opt_arg(inputs, i) {
+            None => Ok(None),
+            Some(t) => {
+                fits(t, &out, what)?;
+                Ok(Some((float_input(t, what, dt)?, t.shape().to_vec())))
+            }
+        }
+    };
+    let (bias, scale, resid) = (
+        operand(2, "bias")?,
+        operand(3, "row_scale")?,
+        operand(4, "residual")?,
+    );
+    fn bc<'a>(o: &'a Option<(Vec<f64>, Vec<usize>)>, out: &[usize]) -> Option<Bc<'a, f64>> {
+        o.as_ref().map(|(v, s)| Bc::new(v, s, out))
+    }
+    let (bias, scale, resid) = (bc(&bias, &out), bc(&scale, &out), bc(&resid, &out));
+    for (i, o) in y.iter_mut().enumerate() {
+        let mut a = *o;
+        if let Some(s) = &scale {
+            a *= s.get(i);
+        }
+        if let Some(b) = &bias {
+            a += b.get(i);
+        }
+        a = act(a);
+        if let Some(r) = &resid {
+            a += r.get(i);
+        }
+        *o = a;
+    }
+    from_f64s(dt, out, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ops, Attr};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    /// Fused f32 ops against f32 decompositions: f64 accumulation vs per-step rounding.
+    const F32_TOL: f64 = 1e-5;
+    /// f16/bf16 fused ops against the same op in f32: one rounding of the result.
+    const HALF_TOL: f64 = 2e-2;
+
+    fn run(op: OpKind, attrs: Attrs, xs: &[&Tensor]) -> Tensor {
+        let ins: Vec<Option<&Tensor>> = xs.iter().map(|&t| Some(t)).collect();
+        ops::eval(op, &attrs, &ins)
+            .unwrap_or_else(|e| panic!("{}: {e}", op.name()))
+            .remove(0)
+    }
+
+    fn rand_t(rng: &mut StdRng, shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+        Tensor::from_vec(shape.to_vec(), v)
+    }
+
+    fn c64(shape: &[usize], v: Vec<i64>) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v)
+    }
+
+    fn scalar(x: f32) -> Tensor {
+        Tensor::scalar(x)
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor, tol: f64) {
+        assert_eq!(a.shape(), b.shape());
+        for (i, (x, y)) in a.to_f64s().iter().zip(b.to_f64s()).enumerate() {
+            let ok = (x - y).abs() <= tol * (1.0 + y.abs()) || (x.is_nan() && y.is_nan());
+            assert!(ok, "element {i}: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn silu_matches_x_times_sigmoid() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let x = rand_t(&mut rng, &[3, 5]);
+        let got = run(OpKind::Silu, Attrs::new(), &[&x]);
+        let sig = run(OpKind::Sigmoid, Attrs::new(), &[&x]);
+        assert_close(&got, &run(OpKind::Mul, Attrs::new(), &[&x, &sig]), F32_TOL);
+    }
+
+    /// rotate_half written with the primitive ops: concat(-x[..., h:], x[..., :h]).
+    fn rotate_half(x: &Tensor) -> Tensor {
+        let d = *x.shape().last().unwrap() as i64;
+        let sl = |a: i64, b: i64| {
+            let args = [
+                x,
+                &c64(&[1], vec![a]),
+                &c64(&[1], vec![b]),
+                &c64(&[1], vec![-1]),
+            ];
+            run(OpKind::Slice, Attrs::new(), &args)
+        };
+        let (lo, hi) = (sl(0, d / 2), sl(d / 2, d));
+        let neg = run(OpKind::Neg, Attrs::new(), &[&hi]);
+        run(
+            OpKind::Concat,
+            Attrs::new().with("axis", Attr::Int(-1)),
+            &[&neg, &lo],
+        )
+    }
+
+    #[test]
+    fn rotary_matches_slice_neg_concat_decomposition_with_broadcast_cos_sin() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let x = rand_t(&mut rng, &[2, 3, 4, 8]);
+        let cos = rand_t(&mut rng, &[1, 1, 4, 8]);
+        let sin = rand_t(&mut rng, &[4, 8]);
+        let got = run(OpKind::Rotary, Attrs::new(), &[&x, &cos, &sin]);
+        let a = run(OpKind::Mul, Attrs::new(), &[&x, &cos]);
+        let b = run(OpKind::Mul, Attrs::new(), &[&rotate_half(&x), &sin]);
+        assert_close(&got, &run(OpKind::Add, Attrs::new(), &[&a, &b]), F32_TOL);
+    }
+
+    #[test]
+    fn rotary_interleaved_rotates_adjacent_pairs() {
+        let x = Tensor::from_vec(vec![4], vec![1.0f32, 2.0, 3.0, 4.0]);
+        let one = Tensor::from_vec(vec![4], vec![0.0f32; 4]);
+        let sin = Tensor::from_vec(vec![4], vec![1.0f32; 4]);
+        let attrs = Attrs::new().with("interleaved", Attr::Int(1));
+        let got = run(OpKind::Rotary, attrs, &[&x, &one, &sin]);
+        assert_eq!(got.as_slice::<f32>().unwrap(), &[-2.0, 1.0, -4.0, 3.0]);
+    }
+
+    #[test]
+    fn rotary_rejects_odd_width_and_widening_cos() {
+        let x = Tensor::from_vec(vec![3], vec![1.0f32; 3]);
+        let e = ops::eval(
+            OpKind::Rotary,
+            &Attrs::new(),
+            &[Some(&x), Some(&x), Some(&x)],
+        );
+        assert!(e.unwrap_err().contains("even"));
+        let x = Tensor::from_vec(vec![2, 1], vec![1.0f32; 2]);
+        let c = Tensor::from_vec(vec![2, 2], vec![1.0f32; 4]);
+        let e = ops::eval(
+            OpKind::Rotary,
+            &Attrs::new(),
+            &[Some(&x), Some(&c), Some(&c)],
+        );
+        assert!(e.is_err());
+    }
+
+    /// repeat_kv with the primitive ops: [B, Hkv, T, D] → [B, Hkv·g, T, D].
+    fn repeat_kv(k: &Tensor, g: usize) -> Tensor {
+        let [b, h, t, d] = <[usize; 4]>::try_from(k.shape()).unwrap();
+        let u = run(OpKind::Unsqueeze, Attrs::new(), &[k, &c64(&[1], vec![2])]);
+        let shape5 = c64(&[5], vec![b as i64, h as i64, g as i64, t as i64, d as i64]);
+        let e = run(OpKind::Expand, Attrs::new(), &[&u, &shape5]);
+        let shape4 = c64(&[4], vec![b as i64, (h * g) as i64, t as i64, d as i64]);
+        run(OpKind::Reshape, Attrs::new(), &[&e, &shape4])
+    }
+
+    /// MatMul → Mul(scale) → Add(mask) → Softmax → MatMul, with the primitive ops.
+    fn sdpa_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let g = q.shape()[1] / k.shape()[1];
+        let (k, v) = (repeat_kv(k, g), repeat_kv(v, g));
+        let perm = Attrs::new().with("perm", Attr::Ints(vec![0, 1, 3, 2]));
+        let kt = run(OpKind::Transpose, perm, &[&k]);
+        let s = run(OpKind::MatMul, Attrs::new(), &[q, &kt]);
+        let mut s = run(OpKind::Mul, Attrs::new(), &[&s, &scalar(scale)]);
+        if let Some(m) = mask {
+            s = run(OpKind::Add, Attrs::new(), &[&s, m]);
+        }
+        let p = run(
+            OpKind::Softmax,
+            Attrs::new().with("axis", Attr::Int(-1)),
+            &[&s],
+        );
+        run(OpKind::MatMul, Attrs::new(), &[&p, &v])
+    }
+
+    fn causal_additive(s: usize, t: usize) -> Tensor {
+        let mut m = vec![0.0f32; s * t];
+        for i in 0..s {
+            for j in 0..t {
+                if j + s > t + i {
+                    m[i * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(vec![s, t], m)
+    }
+
+    #[test]
+    fn attention_matches_decomposition_with_grouped_kv_heads() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (q, k, v) = (
+            rand_t(&mut rng, &[2, 4, 3, 8]),
+            rand_t(&mut rng, &[2, 2, 5, 8]),
+            rand_t(&mut rng, &[2, 2, 5, 6]),
+        );
+        let attrs = Attrs::new().with("scale", Attr::Float(0.3));
+        let got = run(OpKind::Attention, attrs, &[&q, &k, &v]);
+        assert_eq!(got.shape(), &[2, 4, 3, 6]);
+        assert_close(&got, &sdpa_reference(&q, &k, &v, 0.3, None), F32_TOL);
+    }
+
+    #[test]
+    fn attention_causal_with_kv_cache_offsets_query_positions() {
+        let mut rng = StdRng::seed_from_u64(4);
+        // S = 2 new queries against T = 5 keys (3 cached): query i sits at 3 + i.
+        let (q, k, v) = (
+            rand_t(&mut rng, &[1, 2, 2, 4]),
+            rand_t(&mut rng, &[1, 1, 5, 4]),
+            rand_t(&mut rng, &[1, 1, 5, 4]),
+        );
+        let attrs = Attrs::new()
+            .with("scale", Attr::Float(0.5))
+            .with("causal", Attr::Int(1));
+        let got = run(OpKind::Attention, attrs, &[&q, &k, &v]);
+        let want = sdpa_reference(&q, &k, &v, 0.5, Some(&causal_additive(2, 5)));
+        assert_close(&got, &want, F32_TOL);
+    }
+
+    #[test]
+    fn attention_additive_and_bool_padding_masks_agree_with_decomposition() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (q, k, v) = (
+            rand_t(&mut rng, &[2, 2, 3, 4]),
+            rand_t(&mut rng, &[2, 2, 3, 4]),
+            rand_t(&mut rng, &[2, 2, 3, 4]),
+        );
+        // Batch 0 keeps all keys, batch 1 drops the last: [B, 1, 1, T].
+        let keep = [true, true, true, true, true, false];
+        let bmask = Tensor::new(vec![2, 1, 1, 3], TensorData::Bool(keep.to_vec())).unwrap();
+        let add: Vec<f32> = keep.iter().map(|&k| if k { 0.0 } else { -1e9 }).collect();
+        let amask = Tensor::from_vec(vec![2, 1, 1, 3], add);
+        let attrs = Attrs::new().with("scale", Attr::Float(0.5));
+        let want = sdpa_reference(&q, &k, &v, 0.5, Some(&amask));
+        let got_b = run(OpKind::Attention, attrs.clone(), &[&q, &k, &v, &bmask]);
+        let got_a = run(OpKind::Attention, attrs, &[&q, &k, &v, &amask]);
+        assert_close(&got_b, &want, F32_TOL);
+        assert_close(&got_a, &want, F32_TOL);
+    }
+
+    #[test]
+    fn attention_fully_masked_row_is_nan_like_softmax_of_all_neg_inf() {
+        let q = Tensor::from_vec(vec![1, 1, 1, 2], vec![1.0f32, 2.0]);
+        let k = Tensor::from_vec(vec![1, 1, 2, 2], vec![1.0f32, 0.0, 0.0, 1.0]);
+        let mask = Tensor::new(vec![2], TensorData::Bool(vec![false, false])).unwrap();
+        let got = run(OpKind::Attention, Attrs::new(), &[&q, &k, &k, &mask]);
+        let neg = Tensor::from_vec(vec![2], vec![f32::NEG_INFINITY; 2]);
+        let want = sdpa_reference(&q, &k, &k, 1.0 / 2f32.sqrt(), Some(&neg));
+        assert!(got.to_f64s().iter().all(|x| x.is_nan()));
+        assert_close(&got, &want, F32_TOL);
+    }
+
+    #[test]
+    fn attention_rejects_heads_that_do_not_group() {
+        let q = Tensor::zeros(DType::F32, vec![1, 3, 1, 2]);
+        let k = Tensor::zeros(DType::F32, vec![1, 2, 1, 2]);
+        let e = ops::eval(
+            OpKind::Attention,
+            &Attrs::new(),
+            &[Some(&q), Some(&k), Some(&k)],
+        );
+        assert!(e.unwrap_err().contains("multiple"));
+    }
+
+    fn linear_reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        s: &Tensor,
+        r: &Tensor,
+        act: OpKind,
+    ) -> Tensor {
+        let y = run(OpKind::MatMul, Attrs::new(), &[x, w]);
+        let y = run(OpKind::Mul, Attrs::new(), &[&y, s]);
+        let y = run(OpKind::Add, Attrs::new(), &[&y, b]);
+        let y = match act {
+            OpKind::Identity => y,
+            OpKind::Silu => {
+                let sig = run(OpKind::Sigmoid, Attrs::new(), &[&y]);
+                run(OpKind::Mul, Attrs::new(), &[&y, &sig])
+            }
+            OpKind::Gelu => run(OpKind::Gelu, Attrs::new(), &[&y]),
+            other => run(other, Attrs::new(), &[&y]),
+        };
+        run(OpKind::Add, Attrs::new(), &[&y, r])
+    }
+
+    #[test]
+    fn linear_epilogue_matches_matmul_scale_bias_act_residual() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let x = rand_t(&mut rng, &[2, 3, 5]);
+        let w = rand_t(&mut rng, &[5, 4]);
+        let b = rand_t(&mut rng, &[4]);
+        let s = rand_t(&mut rng, &[2, 3, 1]);
+        let r = rand_t(&mut rng, &[2, 3, 4]);
+        for (name, act) in [
+            ("none", OpKind::Identity),
+            ("relu", OpKind::Relu),
+            ("gelu", OpKind::Gelu),
+            ("silu", OpKind::Silu),
+        ] {
+            let attrs = Attrs::new().with("activation", Attr::Str(name.into()));
+            let got = run(OpKind::Linear, attrs, &[&x, &w, &b, &s, &r]);
+            assert_close(&got, &linear_reference(&x, &w, &b, &s, &r, act), F32_TOL);
+        }
+        let attrs = Attrs::new().with("activation", Attr::Str("gelu_tanh".into()));
+        let got = run(OpKind::Linear, attrs, &[&x, &w, &b, &s, &r]);
+        let y = run(OpKind::MatMul, Attrs::new(), &[&x, &w]);
+        let y = run(OpKind::Mul, Attrs::new(), &[&y, &s]);
+        let y = run(OpKind::Add, Attrs::new(), &[&y, &b]);
+        let tanh = Attrs::new().with("approximate", Attr::Str("tanh".into()));
+        let y = run(OpKind::Gelu, tanh, &[&y]);
+        assert_close(&got, &run(OpKind::Add, Attrs::new(), &[&y, &r]), F32_TOL);
+    }
+
+    #[test]
+    fn linear_optional_operands_may_be_absent() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let x = rand_t(&mut rng, &[3, 5]);
+        let w = rand_t(&mut rng, &[5, 2]);
+        let r = rand_t(&mut rng, &[3, 2]);
+        let ins = [Some(&x), Some(&w), None, None, Some(&r)];
+        let got = ops::eval(OpKind::Linear, &Attrs::new(), &ins)
+            .unwrap()
+            .remove(0);
+        let mm = run(OpKind::MatMul, Attrs::new(), &[&x, &w]);
+        assert_close(&got, &run(OpKind::Add, Attrs::new(), &[&mm, &r]), F32_TOL);
+        let bad = Tensor::zeros(DType::F32, vec![4, 2]);
+        let e = ops::eval(
+            OpKind::Linear,
+            &Attrs::new(),
+            &[Some(&x), Some(&w), None, None, Some(&bad)],
+        );
+        assert!(e.is_err());
+        let attrs = Attrs::new().with("activation", Attr::Str("swish".into()));
+        assert!(ops::eval(OpKind::Linear, &attrs, &[Some(&x), Some(&w)]).is_err());
+    }
+
+    #[test]
+    fn half_precision_fused_ops_round_once_from_f32_results() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let q = rand_t(&mut rng, &[1, 2, 3, 4]);
+        let k = rand_t(&mut rng, &[1, 1, 3, 4]);
+        let cs = rand_t(&mut rng, &[3, 4]);
+        for dt in [DType::F16, DType::BF16, DType::F64] {
+            let (qh, kh, ch) = (q.cast(dt), k.cast(dt), cs.cast(dt));
+            let cases: [(OpKind, Attrs, Vec<&Tensor>, Vec<&Tensor>); 3] = [
+                (OpKind::Silu, Attrs::new(), vec![&qh], vec![&q]),
+                (
+                    OpKind::Rotary,
+                    Attrs::new(),
+                    vec![&qh, &ch, &ch],
+                    vec![&q, &cs, &cs],
+                ),
+                (
+                    OpKind::Attention,
+                    Attrs::new(),
+                    vec![&qh, &kh, &kh],
+                    vec![&q, &k, &k],
+                ),
+            ];
+            for (op, attrs, half, full) in cases {
+                let got = run(op, attrs.clone(), &half);
+                assert_eq!(got.dtype(), dt);
+                assert_close(&got, &run(op, attrs, &full), HALF_TOL);
+            }
+        }
+    }
+
+    #[test]
+    fn shape_rules_keep_symbols_and_check_heads() {
+        let f = |dt: DType, d: Vec<Dim>| Fact::of(crate::TensorType::new(dt, Shape::new(d)));
+        let sym = |s: &str| Dim::Sym(s.into());
+        let q = f(
+            DType::F32,
+            vec![sym("B"), Dim::Fixed(8), sym("S"), Dim::Fixed(16)],
+        );
+        let k = f(
+            DType::F32,
+            vec![sym("B"), Dim::Fixed(2), sym("T"), Dim::Fixed(16)],
+        );
+        let m = f(
+            DType::Bool,
+            vec![sym("B"), Dim::Fixed(1), Dim::Fixed(1), sym("T")],
+        );
+        let out = ops::infer(
+            OpKind::Attention,
+            &Attrs::new(),
+            &[Some(&q), Some(&k), Some(&k), Some(&m)],
+        )
+        .unwrap();
+        assert_eq!(out[0].ty.shape.to_string(), "[B, 8, S, 16]");
+        let k3 = f(
+            DType::F32,
+            vec![sym("B"), Dim::Fixed(3), sym("T"), Dim::Fixed(16)],
+        );
+        let e = ops::infer(
+            OpKind::Attention,
+            &Attrs::new(),
+            &[Some(&q), Some(&k3), Some(&k3)],
+        );
+        assert!(e.unwrap_err().contains("multiple"));
+        let x = f(DType::F32, vec![sym("B"), sym("S"), Dim::Fixed(5)]);
+        let w = f(DType::F32, vec![Dim::Fixed(5), Dim::Fixed(7)]);
+        let out = ops::infer(OpKind::Linear, &Attrs::new(), &[Some(&x), Some(&w)]).unwrap();
+        assert_eq!(out[0].ty.shape.to_string(), "[B, S, 7]");
+        let w6 = f(DType::F32, vec![Dim::Fixed(6), Dim::Fixed(7)]);
+        assert!(ops::infer(OpKind::Linear, &Attrs::new(), &[Some(&x), Some(&w6)]).is_err());
+        let cs = f(DType::F32, vec![sym("S"), Dim::Fixed(5)]);
+        let e = ops::infer(
+            OpKind::Rotary,
+            &Attrs::new(),
+            &[Some(&x), Some(&cs), Some(&cs)],
+        );
+        assert!(e.unwrap_err().contains("even"));
+        let out = ops::infer(OpKind::Silu, &Attrs::new(), &[Some(&x)]).unwrap();
+        assert_eq!(out[0].ty.shape.to_string(), "[B, S, 5]");
+    }
+}
