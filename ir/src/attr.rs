@@ -5,8 +5,9 @@ use crate::{Graph, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// One attribute value.
-#[derive(Clone, Debug, PartialEq)]
+/// One attribute value. Equality is bitwise for floats (NaN equals the same NaN), like
+/// [`Tensor`]'s, so that text round-trips compare equal.
+#[derive(Clone, Debug)]
 #[allow(missing_docs)]
 pub enum Attr {
     Int(i64),
@@ -17,6 +18,24 @@ pub enum Attr {
     Strs(Vec<String>),
     Tensor(Arc<Tensor>),
     Graph(Arc<Graph>),
+}
+
+impl PartialEq for Attr {
+    fn eq(&self, other: &Attr) -> bool {
+        match (self, other) {
+            (Attr::Int(a), Attr::Int(b)) => a == b,
+            (Attr::Float(a), Attr::Float(b)) => a.to_bits() == b.to_bits(),
+            (Attr::Str(a), Attr::Str(b)) => a == b,
+            (Attr::Ints(a), Attr::Ints(b)) => a == b,
+            (Attr::Floats(a), Attr::Floats(b)) => {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            }
+            (Attr::Strs(a), Attr::Strs(b)) => a == b,
+            (Attr::Tensor(a), Attr::Tensor(b)) => a == b,
+            (Attr::Graph(a), Attr::Graph(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Attr {
