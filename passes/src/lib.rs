@@ -20,10 +20,12 @@
 #![warn(missing_docs)]
 
 pub mod classic;
+pub mod egraph;
 pub mod manager;
 pub mod pass;
 pub mod pipeline;
 pub mod rewrite;
+pub mod target;
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -8,7 +8,7 @@
 
 use super::lang::{Helper, Kn};
 use egg::{DidMerge, EGraph, Id};
-use kiln_ir::{ops, Attrs, DType, Fact, OpKind, Shape, Tensor, TensorData, TensorType};
+use kiln_ir::{ops, Attrs, Fact, OpKind, Shape, Tensor, TensorData, TensorType};
 use std::sync::Arc;
 
 /// Results up to this many elements are constant-folded inside the e-graph.
@@ -79,9 +79,30 @@ impl egg::Analysis<Kn> for KilnAnalysis {
                 ..Data::default()
             },
             Kn::Hole => Data::default(),
+            Kn::Helper(Helper::LastAxis, _) => {
+                const_data(Arc::new(Tensor::from_vec(vec![1], vec![-1i64])))
+            }
+            Kn::Helper(Helper::EpsLike, args) => {
+                let eps = args
+                    .first()
+                    .and_then(|&a| eg[a].data.attrs.clone())
+                    .and_then(|a| a.float_or("epsilon", 1e-5).ok());
+                let dt = args.get(1).and_then(|&x| eg[x].data.ty().map(|t| t.dtype));
+                match (eps, dt) {
+                    (Some(e), Some(dt)) if dt.is_float() => {
+                        let d = TensorData::from_f64s(dt, std::iter::once(e as f64));
+                        match Tensor::new(vec![], d) {
+                            Ok(t) => const_data(Arc::new(t)),
+                            Err(_) => Data::default(),
+                        }
+                    }
+                    _ => Data::default(),
+                }
+            }
             Kn::Helper(h, args) => {
                 let ks: Option<Vec<Arc<Tensor>>> = args
                     .iter()
+                    .filter(|&&a| eg[a].data.attrs.is_none())
                     .map(|&a| eg[a].data.konst().cloned())
                     .collect();
                 let attrs = args.iter().find_map(|&a| eg[a].data.attrs.clone());
@@ -248,7 +269,7 @@ fn make_op(eg: &KEGraph, op: OpKind, out: usize, args: &[Id]) -> Data {
             Mul => (mf(0) && ins.get(1).is_some_and(|d| last_dim_one(d)))
                 || (mf(1) && ins.first().is_some_and(|d| last_dim_one(d))),
             MatMul => mf(1) && ins.get(1).and_then(|d| d.ty()).and_then(|t| t.shape.rank()).is_some_and(|r| r >= 2),
-            _ if op.name() == "linear" => {
+            Linear => {
                 let act = attrs.string_or("activation", "none".into()).unwrap_or_default();
                 act == "none" && mf(1) && (hole(2) || mf(2)) && (hole(4) || mf(4))
             }
@@ -375,11 +396,17 @@ pub fn eval_helper(h: Helper, ks: &[Arc<Tensor>], attrs: Option<&Attrs>) -> Resu
             }
             make(s.to_vec(), v)
         }
+        Helper::T => {
+            let [r, c] = <[usize; 2]>::try_from(a.shape()).map_err(|_| "t needs a matrix")?;
+            let v = (0..r * c).map(|i| av[(i % r) * c + i / r]).collect();
+            make(vec![c, r], v)
+        }
+        Helper::LastAxis | Helper::EpsLike => Err("folded in make".into()),
     }
 }
 
 /// An f32 fact helper for tests.
 #[cfg(test)]
 pub fn f32_fact(dims: &[usize]) -> Fact {
-    Fact::of(TensorType::new(DType::F32, Shape::fixed(dims)))
+    Fact::of(TensorType::new(kiln_ir::DType::F32, Shape::fixed(dims)))
 }

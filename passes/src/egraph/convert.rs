@@ -8,7 +8,7 @@
 use super::analysis::{KEGraph, KilnAnalysis};
 use super::extract::Extraction;
 use super::lang::{canonical_arity, takes_attrs, AttrKey, ConstKey, Kn};
-use egg::Id;
+use egg::{Id, Language};
 use kiln_ir::{ops, Attr, Attrs, Fact, Graph, OpKind, TensorType, ValueId};
 use std::collections::{HashMap, HashSet};
 

@@ -108,8 +108,8 @@ impl CostModel {
             Exp | Log | Tanh | Erf | Sigmoid | Gelu | Sin | Cos | Pow | Softplus | Mish => 10.0 * n_out,
             LayerNorm | RmsNorm | BatchNorm | InstanceNorm | GroupNorm => 8.0 * n_out,
             Softmax | LogSoftmax => 12.0 * n_out,
-            _ if op.name() == "linear" => 2.0 * n_out * k_of(0) + 4.0 * n_out,
-            _ if op.name() == "attention" => {
+            Linear => 2.0 * n_out * k_of(0) + 4.0 * n_out,
+            Attention => {
                 let q = ins.first().and_then(|d| self.dims(d)).unwrap_or_default();
                 let k = ins.get(1).and_then(|d| self.dims(d)).unwrap_or_default();
                 let sk = k.get(k.len().wrapping_sub(2)).copied().unwrap_or(self.sym_dim as f64);

@@ -7,7 +7,7 @@
 use super::analysis::KEGraph;
 use super::cost::CostModel;
 use super::lang::Kn;
-use egg::Id;
+use egg::{Id, Language};
 use std::collections::HashMap;
 
 /// Local-search moves tried at most (bounds extraction time on large e-graphs).

@@ -243,10 +243,19 @@ pub enum Helper {
     /// `scale_out w k`: w scaled along its output channels (axis 0 for conv weights
     /// `[Cout, ...]`, the last axis for matmul weights `[K, N]`, chosen by rank ≥ 3).
     ScaleOut,
+    /// `t w`: the transpose of a matrix.
+    T,
+    /// `last_axis`: the i64 tensor `[-1]` (an axes operand).
+    LastAxis,
+    /// `eps_like a x`: the scalar `epsilon` of attribute set `a`, in x's dtype.
+    EpsLike,
 }
 
 impl Helper {
-    const ALL: [(Helper, &'static str, usize); 8] = [
+    const ALL: [(Helper, &'static str, usize); 11] = [
+        (Helper::T, "t", 1),
+        (Helper::LastAxis, "last_axis", 0),
+        (Helper::EpsLike, "eps_like", 2),
         (Helper::ScaleRows, "scale_rows", 2),
         (Helper::RowTimes, "row_times", 2),
         (Helper::Centre, "centre", 1),
@@ -465,6 +474,7 @@ pub fn takes_attrs(op: OpKind) -> bool {
             | BitwiseXor
             | Where
             | MatMul
+            | Silu
             | Expand
             | Tile
             | NonZero
@@ -484,6 +494,7 @@ pub fn canonical_arity(op: OpKind) -> Option<usize> {
         Conv => 3,
         BatchNorm => 5,
         MatMul => 2,
+        Linear => 5,
         Add | Sub | Mul | Div => 2,
         _ => return None,
     })
