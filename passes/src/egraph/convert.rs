@@ -154,7 +154,7 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
             value_of.entry(find(c)).or_insert(v);
         }
     }
-    let mut fresh = |used: &mut HashSet<String>, base: &str| {
+    let fresh = |used: &mut HashSet<String>, base: &str| {
         let mut name = base.to_string();
         let mut k = 1;
         while used.contains(&name) {
