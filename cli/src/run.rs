@@ -64,7 +64,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     if let Some(extra) = given.keys().next() {
         bail!("the model has no input named `{extra}`");
     }
-    let named: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let named: Vec<(&str, Tensor)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
     let outs = model.run(&named)?;
     for (&o, t) in g.outputs.iter().zip(&outs) {
         let name = &g.value(o).name;
@@ -99,10 +102,18 @@ fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
         .collect();
     let outs = model.run(&named)?;
     if outs.len() != data.outputs.len() {
-        bail!("the model gives {} outputs but {} has {}", outs.len(), dir.display(), data.outputs.len());
+        bail!(
+            "the model gives {} outputs but {} has {}",
+            outs.len(),
+            dir.display(),
+            data.outputs.len()
+        );
     }
     let mut all_ok = true;
-    println!("{:<28} {:<18} {:>12} {:>12}  result", "output", "shape", "max abs err", "max rel err");
+    println!(
+        "{:<28} {:<18} {:>12} {:>12}  result",
+        "output", "shape", "max abs err", "max rel err"
+    );
     for ((&o, got), (_, want)) in g.outputs.iter().zip(&outs).zip(&data.outputs) {
         let e = compare(got, want, MODEL_TOLERANCE);
         all_ok &= e.ok;
@@ -112,10 +123,18 @@ fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
             format!("{:?}", got.shape()),
             e.max_abs,
             e.max_rel,
-            if e.ok { "ok".to_string() } else { format!("MISMATCH: {}", e.reason.unwrap_or_default()) }
+            if e.ok {
+                "ok".to_string()
+            } else {
+                format!("MISMATCH: {}", e.reason.unwrap_or_default())
+            }
         );
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 fn read_tensor(path: &Path) -> Result<Tensor> {
@@ -131,8 +150,14 @@ fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
     specs
         .iter()
         .map(|s| {
-            let (n, v) = s.split_once('=').with_context(|| format!("--dim `{s}` should be NAME=N"))?;
-            Ok((n.to_string(), v.parse().with_context(|| format!("--dim `{s}`: not a size"))?))
+            let (n, v) = s
+                .split_once('=')
+                .with_context(|| format!("--dim `{s}` should be NAME=N"))?;
+            Ok((
+                n.to_string(),
+                v.parse()
+                    .with_context(|| format!("--dim `{s}`: not a size"))?,
+            ))
         })
         .collect()
 }
@@ -142,7 +167,9 @@ fn random_tensor(
     dims: &HashMap<String, usize>,
     rng: &mut impl Rng,
 ) -> Result<Tensor> {
-    let Some(ds) = ty.shape.dims() else { bail!("its rank is unknown") };
+    let Some(ds) = ty.shape.dims() else {
+        bail!("its rank is unknown")
+    };
     let shape: Vec<usize> = ds
         .iter()
         .map(|d| match d {
@@ -163,5 +190,13 @@ fn random_tensor(
 }
 
 fn file_safe(name: &str) -> String {
-    name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

@@ -4,20 +4,36 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("running kiln")
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("running kiln")
 }
 
 fn repo(p: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(p).display().to_string()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(p)
+        .display()
+        .to_string()
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
 fn run_with_test_data_passes_on_the_bundled_example() {
-    let o = kiln(&["run", &repo("examples/mlp/model.onnx"), "--test-data", &repo("examples/mlp/test_data_set_0")]);
+    let o = kiln(&[
+        "run",
+        &repo("examples/mlp/model.onnx"),
+        "--test-data",
+        &repo("examples/mlp/test_data_set_0"),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("probs"), "{}", text(&o));
 }
@@ -25,12 +41,25 @@ fn run_with_test_data_passes_on_the_bundled_example() {
 #[test]
 fn wrong_reference_output_exits_2() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(repo("examples/mlp/test_data_set_0/input_0.pb"), dir.path().join("input_0.pb")).unwrap();
+    std::fs::copy(
+        repo("examples/mlp/test_data_set_0/input_0.pb"),
+        dir.path().join("input_0.pb"),
+    )
+    .unwrap();
     // Use the input as a (wrongly shaped) expected output.
-    let x = kiln_frontend::tensor_io::read_tensor_pb(std::path::Path::new(&repo("examples/mlp/test_data_set_0/output_0.pb"))).unwrap();
+    let x = kiln_frontend::tensor_io::read_tensor_pb(std::path::Path::new(&repo(
+        "examples/mlp/test_data_set_0/output_0.pb",
+    )))
+    .unwrap();
     let wrong = kiln_ir::Tensor::from_vec(x.1.shape().to_vec(), vec![0.5f32; x.1.len()]);
-    kiln_frontend::tensor_io::write_tensor_pb(&dir.path().join("output_0.pb"), "probs", &wrong).unwrap();
-    let o = kiln(&["run", &repo("examples/mlp/model.onnx"), "--test-data", dir.path().to_str().unwrap()]);
+    kiln_frontend::tensor_io::write_tensor_pb(&dir.path().join("output_0.pb"), "probs", &wrong)
+        .unwrap();
+    let o = kiln(&[
+        "run",
+        &repo("examples/mlp/model.onnx"),
+        "--test-data",
+        dir.path().to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("MISMATCH"), "{}", text(&o));
 }
@@ -39,11 +68,21 @@ fn wrong_reference_output_exits_2() {
 fn convert_then_run_the_text_form() {
     let dir = tempfile::tempdir().unwrap();
     let kir = dir.path().join("mlp.kir");
-    let o = kiln(&["convert", &repo("examples/mlp/model.onnx"), "-o", kir.to_str().unwrap()]);
+    let o = kiln(&[
+        "convert",
+        &repo("examples/mlp/model.onnx"),
+        "-o",
+        kir.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let src = std::fs::read_to_string(&kir).unwrap();
     assert!(src.contains("matmul") && src.contains("softmax"), "{src}");
-    let o = kiln(&["run", kir.to_str().unwrap(), "--test-data", &repo("examples/mlp/test_data_set_0")]);
+    let o = kiln(&[
+        "run",
+        kir.to_str().unwrap(),
+        "--test-data",
+        &repo("examples/mlp/test_data_set_0"),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
@@ -80,10 +119,18 @@ fn user_errors_exit_1_with_a_message() {
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.kir");
-    std::fs::write(&bad, "func @f(%x: f32[2]) -> (f32[2]) {\n  %y = nosuchop %x : f32[2]\n  return %y\n}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "func @f(%x: f32[2]) -> (f32[2]) {\n  %y = nosuchop %x : f32[2]\n  return %y\n}\n",
+    )
+    .unwrap();
     let o = kiln(&["run", bad.to_str().unwrap(), "--random-inputs"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("2:"), "a line:column position: {}", text(&o));
+    assert!(
+        text(&o).contains("2:"),
+        "a line:column position: {}",
+        text(&o)
+    );
 
     let garbage = dir.path().join("garbage.onnx");
     std::fs::write(&garbage, b"\x0a\xff\xff\xff\xff\x0f").unwrap();

@@ -23,10 +23,16 @@ pub enum Tolerance {
 }
 
 /// Model outputs against PyTorch references: max abs error within 1e-4 of the output's scale.
-pub const MODEL_TOLERANCE: Tolerance = Tolerance::ScaledByMax { rel: 1e-4, abs: 1e-6 };
+pub const MODEL_TOLERANCE: Tolerance = Tolerance::ScaledByMax {
+    rel: 1e-4,
+    abs: 1e-6,
+};
 
 /// The ONNX backend test suite's own default (`rtol=1e-3, atol=1e-7`).
-pub const ONNX_NODE_TOLERANCE: Tolerance = Tolerance::AllClose { rtol: 1e-3, atol: 1e-7 };
+pub const ONNX_NODE_TOLERANCE: Tolerance = Tolerance::AllClose {
+    rtol: 1e-3,
+    atol: 1e-7,
+};
 
 /// The result of comparing one output.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,13 +56,24 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputError {
         reason: Some(reason),
     };
     if got.shape() != want.shape() {
-        return fail(format!("shape {:?} but expected {:?}", got.shape(), want.shape()));
+        return fail(format!(
+            "shape {:?} but expected {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
     if got.dtype() != want.dtype() {
-        return fail(format!("dtype {} but expected {}", got.dtype(), want.dtype()));
+        return fail(format!(
+            "dtype {} but expected {}",
+            got.dtype(),
+            want.dtype()
+        ));
     }
     let (g, w) = (got.to_f64s(), want.to_f64s());
-    let scale = w.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, x| m.max(x.abs()));
+    let scale = w
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |m, x| m.max(x.abs()));
     let (mut max_abs, mut max_rel, mut ok) = (0.0f64, 0.0f64, true);
     let mut reason = None;
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
@@ -90,7 +107,12 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputError {
             reason.get_or_insert_with(|| format!("element {i} is {a} but expected {b}"));
         }
     }
-    OutputError { max_abs, max_rel, ok, reason }
+    OutputError {
+        max_abs,
+        max_rel,
+        ok,
+        reason,
+    }
 }
 
 #[cfg(test)]

@@ -47,9 +47,14 @@ impl Model {
         let path = path.as_ref();
         let shown = path.display().to_string();
         let graph = if path.extension().is_some_and(|e| e == "kir") {
-            let src = std::fs::read_to_string(path)
-                .map_err(|err| LoadError::Io { path: shown.clone(), err })?;
-            kiln_ir::text::parse(&src).map_err(|err| LoadError::Text { path: shown.clone(), err })?
+            let src = std::fs::read_to_string(path).map_err(|err| LoadError::Io {
+                path: shown.clone(),
+                err,
+            })?;
+            kiln_ir::text::parse(&src).map_err(|err| LoadError::Text {
+                path: shown.clone(),
+                err,
+            })?
         } else {
             kiln_frontend::onnx::load_model(path)?
         };

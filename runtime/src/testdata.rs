@@ -37,17 +37,28 @@ pub struct TestData {
 impl TestData {
     /// Reads `dir/input_*.pb` and `dir/output_*.pb`.
     pub fn load(dir: &Path) -> Result<TestData, TestDataError> {
-        Ok(TestData { inputs: read_series(dir, "input_")?, outputs: read_series(dir, "output_")? })
+        Ok(TestData {
+            inputs: read_series(dir, "input_")?,
+            outputs: read_series(dir, "output_")?,
+        })
     }
 }
 
 fn read_series(dir: &Path, prefix: &str) -> Result<Vec<(String, Tensor)>, TestDataError> {
-    let io = |err| TestDataError::Io { path: dir.display().to_string(), err };
+    let io = |err| TestDataError::Io {
+        path: dir.display().to_string(),
+        err,
+    };
     let mut files: Vec<(usize, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        if let Some(idx) = name.strip_prefix(prefix).and_then(|r| r.strip_suffix(".pb")) {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(idx) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(".pb"))
+        {
             if let Ok(i) = idx.parse::<usize>() {
                 files.push((i, path.clone()));
             }

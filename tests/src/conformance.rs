@@ -53,7 +53,11 @@ pub fn run_case(dir: &Path) -> Outcome {
         Ok(m) => m,
         Err(e) => {
             let msg = e.to_string();
-            return if is_unsupported(&e) { Outcome::Unsupported(msg) } else { Outcome::Failed(msg) };
+            return if is_unsupported(&e) {
+                Outcome::Unsupported(msg)
+            } else {
+                Outcome::Failed(msg)
+            };
         }
     };
     let g = model.graph();
@@ -61,7 +65,10 @@ pub fn run_case(dir: &Path) -> Outcome {
         Ok(rd) => rd
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_")))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
+            })
             .collect(),
         Err(e) => return Outcome::Failed(e.to_string()),
     };
@@ -92,7 +99,11 @@ pub fn run_case(dir: &Path) -> Outcome {
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         if outs.len() != data.outputs.len() {
-            return Outcome::Failed(format!("{} outputs, expected {}", outs.len(), data.outputs.len()));
+            return Outcome::Failed(format!(
+                "{} outputs, expected {}",
+                outs.len(),
+                data.outputs.len()
+            ));
         }
         for (k, (got, (_, want))) in outs.iter().zip(&data.outputs).enumerate() {
             let e = compare(got, want, ONNX_NODE_TOLERANCE);
@@ -123,8 +134,14 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Counts of each outcome.
 pub fn counts(results: &[CaseResult]) -> (usize, usize, usize) {
-    let passed = results.iter().filter(|r| r.outcome == Outcome::Passed).count();
-    let unsupported = results.iter().filter(|r| matches!(r.outcome, Outcome::Unsupported(_))).count();
+    let passed = results
+        .iter()
+        .filter(|r| r.outcome == Outcome::Passed)
+        .count();
+    let unsupported = results
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Unsupported(_)))
+        .count();
     (passed, results.len() - passed - unsupported, unsupported)
 }
 

@@ -23,7 +23,9 @@ pub fn onnx_node_tests() -> Option<PathBuf> {
     }
     let lib = repo_root().join(".venv/lib");
     for entry in std::fs::read_dir(lib).ok()?.flatten() {
-        let p = entry.path().join("site-packages/onnx/backend/test/data/node");
+        let p = entry
+            .path()
+            .join("site-packages/onnx/backend/test/data/node");
         if p.is_dir() {
             return Some(p);
         }

@@ -20,11 +20,19 @@ fn check_against_test_data(model: &Model, dir: &std::path::Path) {
         .zip(&data.inputs)
         .map(|(&i, (_, t))| (g.value(i).name.as_str(), t.clone()))
         .collect();
-    let outs = model.run(&named).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let outs = model
+        .run(&named)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     assert_eq!(outs.len(), data.outputs.len());
     for (k, (got, (_, want))) in outs.iter().zip(&data.outputs).enumerate() {
         let e = compare(got, want, MODEL_TOLERANCE);
-        assert!(e.ok, "{} output #{k}: max abs {:e}: {:?}", dir.display(), e.max_abs, e.reason);
+        assert!(
+            e.ok,
+            "{} output #{k}: max abs {:e}: {:?}",
+            dir.display(),
+            e.max_abs,
+            e.reason
+        );
     }
 }
 
@@ -71,20 +79,32 @@ fn wrong_input_dtype_and_shape_are_errors_naming_the_input() {
     let ids = Tensor::from_vec(vec![1, 16], vec![1i64; 16]);
     let bad_dtype = Tensor::from_vec(vec![1, 16], vec![1.0f32; 16]);
     let err = model
-        .run(&[("input_ids", bad_dtype), ("attention_mask", ids.clone()), ("token_type_ids", ids.clone())])
+        .run(&[
+            ("input_ids", bad_dtype),
+            ("attention_mask", ids.clone()),
+            ("token_type_ids", ids.clone()),
+        ])
         .unwrap_err()
         .to_string();
     assert!(err.contains("input_ids") && err.contains("i64"), "{err}");
     let bad_rank = Tensor::from_vec(vec![16], vec![1i64; 16]);
     let err = model
-        .run(&[("input_ids", ids.clone()), ("attention_mask", bad_rank), ("token_type_ids", ids.clone())])
+        .run(&[
+            ("input_ids", ids.clone()),
+            ("attention_mask", bad_rank),
+            ("token_type_ids", ids.clone()),
+        ])
         .unwrap_err()
         .to_string();
     assert!(err.contains("attention_mask"), "{err}");
     // `batch` bound to 1 by input_ids cannot be 2 in token_type_ids.
     let other_batch = Tensor::from_vec(vec![2, 16], vec![1i64; 32]);
     let err = model
-        .run(&[("input_ids", ids.clone()), ("attention_mask", ids), ("token_type_ids", other_batch)])
+        .run(&[
+            ("input_ids", ids.clone()),
+            ("attention_mask", ids),
+            ("token_type_ids", other_batch),
+        ])
         .unwrap_err()
         .to_string();
     assert!(err.contains("token_type_ids"), "{err}");

@@ -10,7 +10,9 @@ fn onnx_node_suite_allowlist_passes() {
         if std::env::var_os("CI").is_some() {
             panic!("the ONNX node tests are missing: .ci/run should have installed onnx==1.22.0 into .venv");
         }
-        eprintln!("SKIPPED: ONNX node tests not found (create .venv with onnx==1.22.0, see README)");
+        eprintln!(
+            "SKIPPED: ONNX node tests not found (create .venv with onnx==1.22.0, see README)"
+        );
         return;
     };
     let results = run_all(&dir).expect("reading the node test folder");
@@ -27,7 +29,8 @@ fn onnx_node_suite_allowlist_passes() {
 
     let allow_path = root.join("tests/conformance/allowlist.txt");
     if std::env::var_os("KILN_BLESS").is_some() {
-        let mut s = String::from("# ONNX node tests that must pass (regenerate with KILN_BLESS=1).\n");
+        let mut s =
+            String::from("# ONNX node tests that must pass (regenerate with KILN_BLESS=1).\n");
         for r in results.iter().filter(|r| r.outcome == Outcome::Passed) {
             s.push_str(&r.name);
             s.push('\n');
@@ -35,14 +38,23 @@ fn onnx_node_suite_allowlist_passes() {
         std::fs::write(&allow_path, s).expect("writing the allowlist");
         return;
     }
-    let allow = std::fs::read_to_string(&allow_path).expect("reading tests/conformance/allowlist.txt");
+    let allow =
+        std::fs::read_to_string(&allow_path).expect("reading tests/conformance/allowlist.txt");
     let mut regressions = Vec::new();
-    for name in allow.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for name in allow
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         match results.iter().find(|r| r.name == name) {
             Some(r) if r.outcome == Outcome::Passed => {}
             Some(r) => regressions.push(format!("{name}: {:?}", r.outcome)),
             None => regressions.push(format!("{name}: not found in {}", dir.display())),
         }
     }
-    assert!(regressions.is_empty(), "allowlisted node tests regressed:\n{}", regressions.join("\n"));
+    assert!(
+        regressions.is_empty(),
+        "allowlisted node tests regressed:\n{}",
+        regressions.join("\n")
+    );
 }

@@ -130,7 +130,9 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         IsInf => {
             let neg = attrs.int_or("detect_negative", 1)? != 0;
             let pos = attrs.int_or("detect_positive", 1)? != 0;
-            test_f64(x, |a| a.is_infinite() && ((a > 0.0 && pos) || (a < 0.0 && neg)))?
+            test_f64(x, |a| {
+                a.is_infinite() && ((a > 0.0 && pos) || (a < 0.0 && neg))
+            })?
         }
         Clip => clip(x, opt_arg(inputs, 1), opt_arg(inputs, 2))?,
         _ if is_unary(op) => {
@@ -235,7 +237,9 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Where => {
             let (a, b) = (arg(inputs, 1)?, arg(inputs, 2)?);
             same_dtype(a, b)?;
-            let c = x.as_slice::<bool>().ok_or("`where` condition must be bool")?;
+            let c = x
+                .as_slice::<bool>()
+                .ok_or("`where` condition must be bool")?;
             let out = kernels::broadcast_all(&[x.shape(), a.shape(), b.shape()])?;
             let n = kernels::checked_numel(&out)?;
             let bc = Bc::new(c, x.shape(), &out);
@@ -433,7 +437,13 @@ fn unary_fn(op: OpKind, attrs: &Attrs) -> Result<Box<dyn Fn(f64) -> f64>, String
         Floor => Box::new(f64::floor),
         Ceil => Box::new(f64::ceil),
         Round => Box::new(f64::round_ties_even),
-        Sign => Box::new(|x: f64| if x == 0.0 || x.is_nan() { x } else { x.signum() }),
+        Sign => Box::new(|x: f64| {
+            if x == 0.0 || x.is_nan() {
+                x
+            } else {
+                x.signum()
+            }
+        }),
         Sin => Box::new(f64::sin),
         Cos => Box::new(f64::cos),
         Tan => Box::new(f64::tan),
@@ -571,7 +581,10 @@ mod tests {
         let r = run(OpKind::Mod, Attrs::new(), &[&a, &b]).unwrap();
         assert_eq!(r.to_i64s(), vec![2, -2, 5]);
         let f = Attrs::new().with("fmod", Attr::Int(1));
-        assert_eq!(run(OpKind::Mod, f, &[&a, &b]).unwrap().to_i64s(), vec![-1, 1, 5]);
+        assert_eq!(
+            run(OpKind::Mod, f, &[&a, &b]).unwrap().to_i64s(),
+            vec![-1, 1, 5]
+        );
     }
 
     #[test]
@@ -596,7 +609,10 @@ mod tests {
         let s = run(OpKind::Sum, Attrs::new(), &[&a, &b, &c]).unwrap();
         assert_eq!(s.as_slice::<f32>().unwrap(), &[6.0, 8.0, 7.0]);
         let mean = run(OpKind::Mean, Attrs::new(), &[&a, &b, &c]).unwrap();
-        close(mean.as_slice::<f32>().unwrap(), &[2.0, 8.0 / 3.0, 7.0 / 3.0]);
+        close(
+            mean.as_slice::<f32>().unwrap(),
+            &[2.0, 8.0 / 3.0, 7.0 / 3.0],
+        );
     }
 
     #[test]

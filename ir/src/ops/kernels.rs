@@ -220,42 +220,76 @@ fn float_rem(a: f64, b: f64, fmod: bool) -> f64 {
 macro_rules! num_float {
     ($t:ty, $to:expr, $from:expr) => {
         impl Num for $t {
-            #[inline] fn add(self, o: Self) -> Self { $from($to(self) + $to(o)) }
-            #[inline] fn sub(self, o: Self) -> Self { $from($to(self) - $to(o)) }
-            #[inline] fn mul(self, o: Self) -> Self { $from($to(self) * $to(o)) }
-            #[inline] fn div(self, o: Self) -> Result<Self, String> { Ok($from($to(self) / $to(o))) }
+            #[inline]
+            fn add(self, o: Self) -> Self {
+                $from($to(self) + $to(o))
+            }
+            #[inline]
+            fn sub(self, o: Self) -> Self {
+                $from($to(self) - $to(o))
+            }
+            #[inline]
+            fn mul(self, o: Self) -> Self {
+                $from($to(self) * $to(o))
+            }
+            #[inline]
+            fn div(self, o: Self) -> Result<Self, String> {
+                Ok($from($to(self) / $to(o)))
+            }
             fn rem(self, o: Self, fmod: bool) -> Result<Self, String> {
                 Ok($from(float_rem($to(self) as f64, $to(o) as f64, fmod) as _))
             }
-            #[inline] fn max_(self, o: Self) -> Self {
-                if $to(self).is_nan() || $to(o).is_nan() { $from(f32::NAN as _) }
-                else if $to(o) > $to(self) { o } else { self }
+            #[inline]
+            fn max_(self, o: Self) -> Self {
+                if $to(self).is_nan() || $to(o).is_nan() {
+                    $from(f32::NAN as _)
+                } else if $to(o) > $to(self) {
+                    o
+                } else {
+                    self
+                }
             }
-            #[inline] fn min_(self, o: Self) -> Self {
-                if $to(self).is_nan() || $to(o).is_nan() { $from(f32::NAN as _) }
-                else if $to(o) < $to(self) { o } else { self }
+            #[inline]
+            fn min_(self, o: Self) -> Self {
+                if $to(self).is_nan() || $to(o).is_nan() {
+                    $from(f32::NAN as _)
+                } else if $to(o) < $to(self) {
+                    o
+                } else {
+                    self
+                }
             }
-            #[inline] fn neg(self) -> Self { $from(-$to(self)) }
-            #[inline] fn abs_(self) -> Self { $from($to(self).abs()) }
-            fn zero() -> Self { $from(0.0) }
-            fn one() -> Self { $from(1.0) }
-            fn lowest() -> Self { $from(f32::NEG_INFINITY as _) }
-            fn highest() -> Self { $from(f32::INFINITY as _) }
+            #[inline]
+            fn neg(self) -> Self {
+                $from(-$to(self))
+            }
+            #[inline]
+            fn abs_(self) -> Self {
+                $from($to(self).abs())
+            }
+            fn zero() -> Self {
+                $from(0.0)
+            }
+            fn one() -> Self {
+                $from(1.0)
+            }
+            fn lowest() -> Self {
+                $from(f32::NEG_INFINITY as _)
+            }
+            fn highest() -> Self {
+                $from(f32::INFINITY as _)
+            }
         }
     };
 }
 num_float!(f32, |x: f32| x, |x: f32| x);
 num_float!(f64, |x: f64| x, |x: f64| x);
-num_float!(
-    half::f16,
-    |x: half::f16| x.to_f32(),
-    |x: f32| half::f16::from_f32(x)
-);
-num_float!(
-    half::bf16,
-    |x: half::bf16| x.to_f32(),
-    |x: f32| half::bf16::from_f32(x)
-);
+num_float!(half::f16, |x: half::f16| x.to_f32(), |x: f32| {
+    half::f16::from_f32(x)
+});
+num_float!(half::bf16, |x: half::bf16| x.to_f32(), |x: f32| {
+    half::bf16::from_f32(x)
+});
 
 /// Bool never reaches arithmetic (the ops reject it first); these keep `dispatch!` total.
 impl Num for bool {
@@ -398,7 +432,12 @@ impl Window {
     }
 
     /// The output size along spatial axis `i` for an input of size `inp`.
-    pub(crate) fn resolve_axis(&mut self, i: usize, inp: usize, ceil: bool) -> Result<usize, String> {
+    pub(crate) fn resolve_axis(
+        &mut self,
+        i: usize,
+        inp: usize,
+        ceil: bool,
+    ) -> Result<usize, String> {
         let n = self.kernel.len();
         let (s, span) = (self.strides[i], self.span(i));
         Ok(match self.auto_pad.as_str() {

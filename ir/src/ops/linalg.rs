@@ -26,8 +26,16 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
             }
             let ta = attrs.int_or("transA", 0)? != 0;
             let tb = attrs.int_or("transB", 0)? != 0;
-            let (m, ka) = if ta { (&ad[1], &ad[0]) } else { (&ad[0], &ad[1]) };
-            let (kb, n) = if tb { (&bd[1], &bd[0]) } else { (&bd[0], &bd[1]) };
+            let (m, ka) = if ta {
+                (&ad[1], &ad[0])
+            } else {
+                (&ad[0], &ad[1])
+            };
+            let (kb, n) = if tb {
+                (&bd[1], &bd[0])
+            } else {
+                (&bd[0], &bd[1])
+            };
             check_same(ka, kb)?;
             Shape::new(vec![m.clone(), n.clone()])
         }
@@ -50,7 +58,8 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
                         for (t, labels) in e.inputs.iter().enumerate() {
                             for (ax, &ll) in labels.iter().enumerate() {
                                 if ll == l {
-                                    let s = shapes[t].map(|s| s[ax].clone()).unwrap_or(Dim::Unknown);
+                                    let s =
+                                        shapes[t].map(|s| s[ax].clone()).unwrap_or(Dim::Unknown);
                                     if d == Dim::Fixed(1) {
                                         d = s;
                                     }
@@ -71,9 +80,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
 
 fn check_same(a: &Dim, b: &Dim) -> Result<(), String> {
     match (a, b) {
-        (Dim::Fixed(x), Dim::Fixed(y)) if x != y => Err(format!(
-            "contraction sizes differ: {x} and {y}"
-        )),
+        (Dim::Fixed(x), Dim::Fixed(y)) if x != y => {
+            Err(format!("contraction sizes differ: {x} and {y}"))
+        }
         _ => Ok(()),
     }
 }
@@ -177,7 +186,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             let eq = attrs
                 .string("equation")?
                 .ok_or("missing attribute `equation`")?;
-            let ts: Vec<&Tensor> = inputs.iter().map(|t| t.ok_or("missing operand")).collect::<Result<_, _>>()?;
+            let ts: Vec<&Tensor> = inputs
+                .iter()
+                .map(|t| t.ok_or("missing operand"))
+                .collect::<Result<_, _>>()?;
             einsum(&eq, &ts)?
         }
         OpKind::Conv => conv(attrs, a, arg(inputs, 1)?, opt_arg(inputs, 2))?,
@@ -346,7 +358,9 @@ fn gemm(attrs: &Attrs, a: &Tensor, b: &Tensor, c: Option<&Tensor>) -> Result<Ten
     if let Some(c) = c {
         let cs = c.shape();
         if crate::shape::broadcast_concrete(cs, &[m, n]).as_deref() != Some(&[m, n][..]) {
-            return Err(format!("gemm C of shape {cs:?} does not broadcast to [{m}, {n}]"));
+            return Err(format!(
+                "gemm C of shape {cs:?} does not broadcast to [{m}, {n}]"
+            ));
         }
         let cv = c.to_f64s();
         for (v, o) in y.iter_mut().zip(bcast_offsets(&[m, n], cs)) {
@@ -633,7 +647,9 @@ fn conv(attrs: &Attrs, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<
         out
     }
     let dims = (m, mg, cg, ksize, p, in_sp);
-    let mut buf = with_bufs!(Buf::of(x)?, Buf::of(w)?, |xv, wv| run(&xv, &wv, &g, &src, dims));
+    let mut buf = with_bufs!(Buf::of(x)?, Buf::of(w)?, |xv, wv| run(
+        &xv, &wv, &g, &src, dims
+    ));
     if let Some(b) = bias {
         if b.len() != m {
             return Err(format!("conv bias has {} elements, expected {m}", b.len()));
@@ -691,13 +707,10 @@ fn transpose_axis(
 ) -> Result<(usize, i64), String> {
     let op = attrs.ints("output_padding")?.unwrap_or_default();
     let outpad = *op.get(i).unwrap_or(&0);
-    let oshape = attrs.ints("output_shape")?.map(|v| {
-        if v.len() == n + 2 {
-            v[2..].to_vec()
-        } else {
-            v
-        }
-    });
+    let oshape =
+        attrs
+            .ints("output_shape")?
+            .map(|v| if v.len() == n + 2 { v[2..].to_vec() } else { v });
     let (s, span) = (win.strides[i] as i64, win.span(i) as i64);
     let full = s * (inp as i64 - 1) + outpad + span;
     let same = matches!(win.auto_pad.as_str(), "SAME_UPPER" | "SAME_LOWER");
@@ -810,10 +823,15 @@ fn conv_transpose(
         out
     }
     let dims = (m, mg, cg, ksize, p, in_sp);
-    let mut buf = with_bufs!(Buf::of(x)?, Buf::of(w)?, |xv, wv| run(&xv, &wv, &g, &dst, dims));
+    let mut buf = with_bufs!(Buf::of(x)?, Buf::of(w)?, |xv, wv| run(
+        &xv, &wv, &g, &dst, dims
+    ));
     if let Some(b) = bias {
         if b.len() != m {
-            return Err(format!("conv_transpose bias has {} elements, expected {m}", b.len()));
+            return Err(format!(
+                "conv_transpose bias has {} elements, expected {m}",
+                b.len()
+            ));
         }
         add_channel_bias(&mut buf, b, m, p)?;
     }
@@ -916,7 +934,12 @@ mod tests {
         assert_eq!(t.as_slice::<f32>().unwrap()[1], 3.0);
         let x = iota(&[2, 2, 3]);
         let y = iota(&[2, 3, 2]);
-        let bm = run(OpKind::Einsum, eq("...ij,...jk->...ik"), &[Some(&x), Some(&y)]).unwrap();
+        let bm = run(
+            OpKind::Einsum,
+            eq("...ij,...jk->...ik"),
+            &[Some(&x), Some(&y)],
+        )
+        .unwrap();
         let mm = run(OpKind::MatMul, Attrs::new(), &[Some(&x), Some(&y)]).unwrap();
         assert_eq!(bm, mm);
         let imp = run(OpKind::Einsum, eq("ij,jk"), &[Some(&a), Some(&a)]).unwrap();
@@ -958,7 +981,12 @@ mod tests {
         // ONNX test_convtranspose_1d: x=[[[0,1,2]]], W ones 1x2x3 -> y shape 1x2x5
         let x = iota(&[1, 1, 3]);
         let w = t32(&[1, 2, 3], vec![1.0; 6]);
-        let r = run(OpKind::ConvTranspose, Attrs::new(), &[Some(&x), Some(&w), None]).unwrap();
+        let r = run(
+            OpKind::ConvTranspose,
+            Attrs::new(),
+            &[Some(&x), Some(&w), None],
+        )
+        .unwrap();
         assert_eq!(r.shape(), &[1, 2, 5]);
         assert_eq!(
             r.as_slice::<f32>().unwrap(),
@@ -979,7 +1007,12 @@ mod tests {
     fn conv_infer_computes_spatial_sizes() {
         let x = Fact::of(TensorType::new(
             DType::F32,
-            Shape::new(vec!["N".into(), Dim::Fixed(3), Dim::Fixed(224), Dim::Fixed(224)]),
+            Shape::new(vec![
+                "N".into(),
+                Dim::Fixed(3),
+                Dim::Fixed(224),
+                Dim::Fixed(224),
+            ]),
         ));
         let w = Fact::of(TensorType::new(DType::F32, Shape::fixed(&[64, 3, 7, 7])));
         let attrs = Attrs::new()
@@ -991,8 +1024,14 @@ mod tests {
 
     #[test]
     fn matmul_128x768x3072_is_fast_enough() {
-        let a = t32(&[128, 768], (0..128 * 768).map(|i| (i % 7) as f32).collect());
-        let b = t32(&[768, 3072], (0..768 * 3072).map(|i| (i % 5) as f32).collect());
+        let a = t32(
+            &[128, 768],
+            (0..128 * 768).map(|i| (i % 7) as f32).collect(),
+        );
+        let b = t32(
+            &[768, 3072],
+            (0..768 * 3072).map(|i| (i % 5) as f32).collect(),
+        );
         let start = std::time::Instant::now();
         let r = run(OpKind::MatMul, Attrs::new(), &[Some(&a), Some(&b)]).unwrap();
         assert_eq!(r.shape(), &[128, 3072]);

@@ -67,7 +67,8 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     let shape = x.shape().to_vec();
     let v = x.to_f64s();
     let eps = attrs.float_or("epsilon", 1e-5)? as f64;
-    let one = |v: Vec<f64>| -> Result<Vec<Tensor>, String> { Ok(vec![from_f64s(dt, shape.clone(), v)?]) };
+    let one =
+        |v: Vec<f64>| -> Result<Vec<Tensor>, String> { Ok(vec![from_f64s(dt, shape.clone(), v)?]) };
     match op {
         OpKind::Softmax | OpKind::LogSoftmax | OpKind::Hardmax => {
             let axis = norm_axis(attrs.int_or("axis", -1)?, shape.len())?;
@@ -237,7 +238,12 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
 }
 
 /// `y = y * scale + bias`, with scale and bias broadcast to the data's shape.
-fn affine(y: &mut [f64], shape: &[usize], scale: &Tensor, bias: Option<&Tensor>) -> Result<(), String> {
+fn affine(
+    y: &mut [f64],
+    shape: &[usize],
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(), String> {
     let check = |t: &Tensor| {
         if crate::shape::broadcast_concrete(t.shape(), shape).as_deref() != Some(shape) {
             return Err(format!("{:?} does not broadcast to {shape:?}", t.shape()));
@@ -379,12 +385,26 @@ mod tests {
         // scipy.special.softmax(x, axis=-1)
         close(
             &r[0],
-            &[0.090_030_57, 0.244_728_47, 0.665_240_96, 0.006_573_26, 0.017_867_98, 0.975_558_75],
+            &[
+                0.090_030_57,
+                0.244_728_47,
+                0.665_240_96,
+                0.006_573_26,
+                0.017_867_98,
+                0.975_558_75,
+            ],
         );
         let r = eval(OpKind::LogSoftmax, &Attrs::new(), &[Some(&x())]).unwrap();
         close(
             &r[0],
-            &[-2.407_606, -1.407_606, -0.407_606, -5.024_745, -4.024_745, -0.024_744_89],
+            &[
+                -2.407_606,
+                -1.407_606,
+                -0.407_606,
+                -5.024_745,
+                -4.024_745,
+                -0.024_744_89,
+            ],
         );
         let a0 = Attrs::new().with("axis", Attr::Int(0));
         let r = eval(OpKind::Hardmax, &a0, &[Some(&x())]).unwrap();
@@ -395,13 +415,24 @@ mod tests {
     fn layer_norm_gives_mean_and_inv_std() {
         let scale = t32(&[3], vec![1.0, 2.0, 0.5]);
         let bias = t32(&[3], vec![0.0, 1.0, 0.0]);
-        let r = eval(OpKind::LayerNorm, &Attrs::new(), &[Some(&x()), Some(&scale), Some(&bias)])
-            .unwrap();
+        let r = eval(
+            OpKind::LayerNorm,
+            &Attrs::new(),
+            &[Some(&x()), Some(&scale), Some(&bias)],
+        )
+        .unwrap();
         assert_eq!(r.len(), 3);
         // numpy: (x - m) / sqrt(v + 1e-5) * scale + bias
         close(
             &r[0],
-            &[-1.224_735_7, 1.0, 0.612_367_84, -0.925_819_1, 0.074_180_89, 0.694_364_33],
+            &[
+                -1.224_735_7,
+                1.0,
+                0.612_367_84,
+                -0.925_819_1,
+                0.074_180_89,
+                0.694_364_33,
+            ],
         );
         assert_eq!(r[1].shape(), &[2, 1]);
         close(&r[1], &[2.0, 1.0]);
@@ -415,7 +446,14 @@ mod tests {
         // x / sqrt(mean(x^2) + 1e-5) * scale
         close(
             &r[0],
-            &[0.462_909_55, 0.925_819_1, 2.777_457_3, -0.420_083_65, 0.0, 3.360_669_2],
+            &[
+                0.462_909_55,
+                0.925_819_1,
+                2.777_457_3,
+                -0.420_083_65,
+                0.0,
+                3.360_669_2,
+            ],
         );
     }
 
@@ -450,7 +488,12 @@ mod tests {
         let one = t32(&[1], vec![1.0]);
         let zero = t32(&[1], vec![0.5]);
         let a = Attrs::new().with("epsilon", Attr::Float(0.0));
-        let r = eval(OpKind::InstanceNorm, &a, &[Some(&x), Some(&one), Some(&zero)]).unwrap();
+        let r = eval(
+            OpKind::InstanceNorm,
+            &a,
+            &[Some(&x), Some(&one), Some(&zero)],
+        )
+        .unwrap();
         close(&r[0], &[-0.5, 1.5]);
     }
 

@@ -31,7 +31,10 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     let shape = match x.ty.shape.dims() {
         None => Shape::unknown(),
         Some(d) if d.len() < 3 => {
-            return Err(format!("pooling needs an (N, C, ...) input, got rank {}", d.len()))
+            return Err(format!(
+                "pooling needs an (N, C, ...) input, got rank {}",
+                d.len()
+            ))
         }
         Some(d) => {
             let n = d.len() - 2;
@@ -70,7 +73,10 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     let x = arg(inputs, 0)?;
     let shape = x.shape().to_vec();
     if shape.len() < 3 {
-        return Err(format!("pooling needs an (N, C, ...) input, got rank {}", shape.len()));
+        return Err(format!(
+            "pooling needs an (N, C, ...) input, got rank {}",
+            shape.len()
+        ));
     }
     if x.dtype() == DType::Bool {
         return Err("pooling does not take bool".into());
@@ -173,7 +179,11 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             } else if is_lp {
                 y.push(sum.powf(1.0 / p));
             } else {
-                y.push(if count == 0 { f64::NAN } else { sum / count as f64 });
+                y.push(if count == 0 {
+                    f64::NAN
+                } else {
+                    sum / count as f64
+                });
             }
         });
     }

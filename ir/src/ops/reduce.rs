@@ -124,7 +124,11 @@ fn reduce(op: OpKind, x: &Tensor, axes: &[usize], keep: bool) -> Result<Tensor, 
     let count: usize = axes.iter().map(|&a| shape[a]).product();
     // Offset of each input element's output slot.
     let slot = bcast_offsets(shape, &kept);
-    let native = !x.dtype().is_float() && matches!(op, ReduceSum | ReduceProd | ReduceSumSquare | ReduceL1 | ReduceMax | ReduceMin);
+    let native = !x.dtype().is_float()
+        && matches!(
+            op,
+            ReduceSum | ReduceProd | ReduceSumSquare | ReduceL1 | ReduceMax | ReduceMin
+        );
     if native {
         if x.dtype() == DType::Bool && !matches!(op, ReduceMax | ReduceMin) {
             return Err(format!("`{}` does not take bool", op.name()));
@@ -211,7 +215,13 @@ fn reduce(op: OpKind, x: &Tensor, axes: &[usize], keep: bool) -> Result<Tensor, 
     Tensor::new(out_shape, TensorData::from_f64s(x.dtype(), acc.into_iter()))
 }
 
-fn arg_reduce(x: &Tensor, axis: usize, keep: bool, max: bool, last: bool) -> Result<Tensor, String> {
+fn arg_reduce(
+    x: &Tensor,
+    axis: usize,
+    keep: bool,
+    max: bool,
+    last: bool,
+) -> Result<Tensor, String> {
     let (outer, len, inner) = split_axis(x.shape(), axis);
     if len == 0 {
         return Err("arg reduction over an empty axis".into());
@@ -288,7 +298,12 @@ mod tests {
 
     #[test]
     fn reduce_mean_over_last_axis_keeps_dims() {
-        let r = run(OpKind::ReduceMean, Attrs::new(), &[Some(&x()), Some(&axes(&[-1]))]).unwrap();
+        let r = run(
+            OpKind::ReduceMean,
+            Attrs::new(),
+            &[Some(&x()), Some(&axes(&[-1]))],
+        )
+        .unwrap();
         assert_eq!(r.shape(), &[2, 1]);
         assert_eq!(r.as_slice::<f32>().unwrap(), &[2.0 / 3.0, 1.0]);
     }
@@ -305,7 +320,10 @@ mod tests {
             (OpKind::ReduceSumSquare, &[17.0, 29.0, 45.0]),
             // np.sqrt([17, 29, 45]), np.log(np.exp(x).sum(0))
             (OpKind::ReduceL2, &[4.123_105_6, 5.385_164_8, 6.708_204]),
-            (OpKind::ReduceLogSumExp, &[4.048_587_4, 5.000_911_7, 3.000_123_4]),
+            (
+                OpKind::ReduceLogSumExp,
+                &[4.048_587_4, 5.000_911_7, 3.000_123_4],
+            ),
         ];
         for (op, want) in cases {
             let r = run(*op, no_keep(), &[Some(&x()), Some(&axes(&[0]))]).unwrap();
@@ -332,16 +350,31 @@ mod tests {
         let r = run(OpKind::ReduceSum, Attrs::new(), &[Some(&t), None]).unwrap();
         assert_eq!(r.as_slice::<i8>().unwrap(), &[i8::MIN]);
         let e = Tensor::from_vec(vec![2, 0], Vec::<f32>::new());
-        let r = run(OpKind::ReduceMax, Attrs::new(), &[Some(&e), Some(&axes(&[1]))]).unwrap();
+        let r = run(
+            OpKind::ReduceMax,
+            Attrs::new(),
+            &[Some(&e), Some(&axes(&[1]))],
+        )
+        .unwrap();
         assert_eq!(r.as_slice::<f32>().unwrap(), &[f32::NEG_INFINITY; 2]);
-        let r = run(OpKind::ReduceProd, Attrs::new(), &[Some(&e), Some(&axes(&[1]))]).unwrap();
+        let r = run(
+            OpKind::ReduceProd,
+            Attrs::new(),
+            &[Some(&e), Some(&axes(&[1]))],
+        )
+        .unwrap();
         assert_eq!(r.as_slice::<f32>().unwrap(), &[1.0; 2]);
     }
 
     #[test]
     fn argmax_select_last_index() {
         let t = Tensor::from_vec(vec![2, 3], vec![1i32, 3, 3, 2, 2, 0]);
-        let r = run(OpKind::ArgMax, Attrs::new().with("axis", Attr::Int(1)), &[Some(&t)]).unwrap();
+        let r = run(
+            OpKind::ArgMax,
+            Attrs::new().with("axis", Attr::Int(1)),
+            &[Some(&t)],
+        )
+        .unwrap();
         assert_eq!(r.shape(), &[2, 1]);
         assert_eq!(r.to_i64s(), vec![1, 0]);
         let last = Attrs::new()
@@ -378,7 +411,12 @@ mod tests {
         let r = infer(OpKind::ReduceMean, &Attrs::new(), &[Some(&f), Some(&a)]).unwrap();
         assert_eq!(r[0].ty.shape.to_string(), "[B, S, 1]");
         let unknown = Fact::of(TensorType::new(DType::I64, Shape::fixed(&[1])));
-        let r = infer(OpKind::ReduceMean, &Attrs::new(), &[Some(&f), Some(&unknown)]).unwrap();
+        let r = infer(
+            OpKind::ReduceMean,
+            &Attrs::new(),
+            &[Some(&f), Some(&unknown)],
+        )
+        .unwrap();
         assert_eq!(r[0].ty.shape.rank(), Some(3));
     }
 }

@@ -239,11 +239,11 @@ fn make_op(eg: &KEGraph, op: OpKind, out: usize, args: &[Id]) -> Data {
                 }
             })
             .collect();
-        let small = f
-            .ty
-            .shape
-            .concrete()
-            .is_some_and(|s| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some_and(|n| n <= FOLD_LIMIT_ELEMS));
+        let small = f.ty.shape.concrete().is_some_and(|s| {
+            s.iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .is_some_and(|n| n <= FOLD_LIMIT_ELEMS)
+        });
         if let (Some(ts), true) = (tensors, small && op != OpKind::If) {
             if let Ok(mut outs) = ops::eval(op, &attrs, &ts) {
                 if out < outs.len() && outs[out].dtype() == f.ty.dtype {
@@ -255,22 +255,40 @@ fn make_op(eg: &KEGraph, op: OpKind, out: usize, args: &[Id]) -> Data {
     }
     let last_dim_one = |d: &Data| {
         d.ty()
-            .and_then(|t| t.shape.dims().map(|ds| ds.last().and_then(|x| x.fixed()) == Some(1) || ds.is_empty()))
+            .and_then(|t| {
+                t.shape
+                    .dims()
+                    .map(|ds| ds.last().and_then(|x| x.fixed()) == Some(1) || ds.is_empty())
+            })
             .unwrap_or(false)
     };
     let mf = |i: usize| ins.get(i).is_some_and(|d| d.mean_free);
     let nn = |i: usize| ins.get(i).is_some_and(|d| d.nonneg);
-    let hole = |i: usize| args.get(i).is_some_and(|&a| eg[a].nodes.iter().any(|n| matches!(n, Kn::Hole)));
+    let hole = |i: usize| {
+        args.get(i)
+            .is_some_and(|&a| eg[a].nodes.iter().any(|n| matches!(n, Kn::Hole)))
+    };
     use OpKind::*;
     let mean_free = out == 0
         && match op {
             Add | Sub => mf(0) && mf(1),
             Neg | Identity => mf(0),
-            Mul => (mf(0) && ins.get(1).is_some_and(|d| last_dim_one(d)))
-                || (mf(1) && ins.first().is_some_and(|d| last_dim_one(d))),
-            MatMul => mf(1) && ins.get(1).and_then(|d| d.ty()).and_then(|t| t.shape.rank()).is_some_and(|r| r >= 2),
+            Mul => {
+                (mf(0) && ins.get(1).is_some_and(|d| last_dim_one(d)))
+                    || (mf(1) && ins.first().is_some_and(|d| last_dim_one(d)))
+            }
+            MatMul => {
+                mf(1)
+                    && ins
+                        .get(1)
+                        .and_then(|d| d.ty())
+                        .and_then(|t| t.shape.rank())
+                        .is_some_and(|r| r >= 2)
+            }
             Linear => {
-                let act = attrs.string_or("activation", "none".into()).unwrap_or_default();
+                let act = attrs
+                    .string_or("activation", "none".into())
+                    .unwrap_or_default();
                 act == "none" && mf(1) && (hole(2) || mf(2)) && (hole(4) || mf(4))
             }
             _ => false,
@@ -281,7 +299,9 @@ fn make_op(eg: &KEGraph, op: OpKind, out: usize, args: &[Id]) -> Data {
             ReduceL1 | ReduceL2 | ReduceSumSquare => true,
             Mul => (args.len() == 2 && eg.find(args[0]) == eg.find(args[1])) || (nn(0) && nn(1)),
             Add | Div | Max | Min => nn(0) && nn(1),
-            Reciprocal | Reshape | Transpose | Identity | ReduceMean | ReduceSum | ReduceMax => nn(0),
+            Reciprocal | Reshape | Transpose | Identity | ReduceMean | ReduceSum | ReduceMax => {
+                nn(0)
+            }
             _ => false,
         };
     Data {
@@ -299,9 +319,14 @@ pub fn eval_helper(h: Helper, ks: &[Arc<Tensor>], attrs: Option<&Attrs>) -> Resu
     if !dt.is_float() {
         return Err("helpers fold floats only".into());
     }
-    let make = |shape: Vec<usize>, v: Vec<f64>| Tensor::new(shape, TensorData::from_f64s(dt, v.into_iter()));
+    let make = |shape: Vec<usize>, v: Vec<f64>| {
+        Tensor::new(shape, TensorData::from_f64s(dt, v.into_iter()))
+    };
     let av = a.to_f64s();
-    let arg = |i: usize| ks.get(i).ok_or_else(|| format!("helper {} needs {} operands", h.name(), i + 1));
+    let arg = |i: usize| {
+        ks.get(i)
+            .ok_or_else(|| format!("helper {} needs {} operands", h.name(), i + 1))
+    };
     match h {
         Helper::OnesLike => make(a.shape().to_vec(), vec![1.0; av.len()]),
         Helper::ZerosLike => make(a.shape().to_vec(), vec![0.0; av.len()]),
@@ -361,7 +386,11 @@ pub fn eval_helper(h: Helper, ks: &[Arc<Tensor>], attrs: Option<&Attrs>) -> Resu
                 .map(|a| a.float_or("epsilon", 1e-5))
                 .transpose()?
                 .unwrap_or(1e-5) as f64;
-            let v = av.iter().zip(&var).map(|(s, v)| s / (v + eps).sqrt()).collect();
+            let v = av
+                .iter()
+                .zip(&var)
+                .map(|(s, v)| s / (v + eps).sqrt())
+                .collect();
             make(a.shape().to_vec(), v)
         }
         Helper::BnShift => {

@@ -73,7 +73,8 @@ pub fn to_egraph(g: &Graph) -> Result<(KEGraph, Origins), String> {
                 eg.analysis
                     .opaque
                     .insert((idx as u32, k as u8), g.ty(o).clone());
-                value_class[o.index()] = Some(eg.add(Kn::Opaque(idx as u32, k as u8, args.clone())));
+                value_class[o.index()] =
+                    Some(eg.add(Kn::Opaque(idx as u32, k as u8, args.clone())));
             }
             continue;
         }
@@ -197,17 +198,18 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
             continue;
         }
         done.insert(c);
-        let input_of = |ch: Id, value_of: &HashMap<Id, ValueId>| -> Result<Option<ValueId>, String> {
-            let ch = find(ch);
-            match ext.node(eg, ch) {
-                Some(Kn::Hole) => Ok(None),
-                _ => value_of
-                    .get(&ch)
-                    .copied()
-                    .map(Some)
-                    .ok_or_else(|| format!("class {ch} has no value")),
-            }
-        };
+        let input_of =
+            |ch: Id, value_of: &HashMap<Id, ValueId>| -> Result<Option<ValueId>, String> {
+                let ch = find(ch);
+                match ext.node(eg, ch) {
+                    Some(Kn::Hole) => Ok(None),
+                    _ => value_of
+                        .get(&ch)
+                        .copied()
+                        .map(Some)
+                        .ok_or_else(|| format!("class {ch} has no value")),
+                }
+            };
         let ty_of = |c: Id| -> Result<TensorType, String> {
             eg[c]
                 .data
@@ -219,7 +221,10 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
             Kn::Input(_) | Kn::Hole | Kn::Attrs(_) => {}
             Kn::Helper(h, _) => return Err(format!("helper `{}` was not folded", h.name())),
             Kn::Const(k) => {
-                let name = fresh(&mut used, class_name.get(&c).map_or("const", |s| s.as_str()));
+                let name = fresh(
+                    &mut used,
+                    class_name.get(&c).map_or("const", |s| s.as_str()),
+                );
                 let v = ng.add_constant(&name, k.tensor.as_ref().clone());
                 value_of.insert(c, v);
             }
@@ -259,7 +264,12 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
                         args.len()
                     };
                     let mut attrs = if n_in < args.len() {
-                        eg[args[n_in]].data.attrs.as_deref().cloned().unwrap_or_default()
+                        eg[args[n_in]]
+                            .data
+                            .attrs
+                            .as_deref()
+                            .cloned()
+                            .unwrap_or_default()
                     } else {
                         Attrs::new()
                     };
@@ -332,7 +342,13 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
         } else {
             let name = fresh(&mut used, want);
             let ty = og.ty(out).clone();
-            let nv = ng.add_node(OpKind::Identity, Attrs::new(), vec![Some(v)], vec![(name, ty)], "")[0];
+            let nv = ng.add_node(
+                OpKind::Identity,
+                Attrs::new(),
+                vec![Some(v)],
+                vec![(name, ty)],
+                "",
+            )[0];
             ng.outputs.push(nv);
         }
     }

@@ -70,7 +70,9 @@ impl CostModel {
             Kn::Input(_) | Kn::Const(_) | Kn::Attrs(_) | Kn::Hole => return 0.0,
             Kn::Helper(..) => return f64::INFINITY,
             Kn::Opaque(..) => {
-                return self.target.kernel_time(0.0, 2.0 * self.bytes(&eg[class].data))
+                return self
+                    .target
+                    .kernel_time(0.0, 2.0 * self.bytes(&eg[class].data))
             }
             Kn::Op { op, out, args } => (*op, *out, args),
         };
@@ -105,14 +107,19 @@ impl CostModel {
                     .unwrap_or(1.0);
                 2.0 * n_out * w / cout.max(1.0)
             }
-            Exp | Log | Tanh | Erf | Sigmoid | Gelu | Sin | Cos | Pow | Softplus | Mish => 10.0 * n_out,
+            Exp | Log | Tanh | Erf | Sigmoid | Gelu | Sin | Cos | Pow | Softplus | Mish => {
+                10.0 * n_out
+            }
             LayerNorm | RmsNorm | BatchNorm | InstanceNorm | GroupNorm => 8.0 * n_out,
             Softmax | LogSoftmax => 12.0 * n_out,
             Linear => 2.0 * n_out * k_of(0) + 4.0 * n_out,
             Attention => {
                 let q = ins.first().and_then(|d| self.dims(d)).unwrap_or_default();
                 let k = ins.get(1).and_then(|d| self.dims(d)).unwrap_or_default();
-                let sk = k.get(k.len().wrapping_sub(2)).copied().unwrap_or(self.sym_dim as f64);
+                let sk = k
+                    .get(k.len().wrapping_sub(2))
+                    .copied()
+                    .unwrap_or(self.sym_dim as f64);
                 4.0 * q.iter().product::<f64>() * sk
             }
             _ => 2.0 * n_out,

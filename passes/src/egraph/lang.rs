@@ -268,7 +268,10 @@ impl Helper {
 
     /// Its rule-syntax name.
     pub fn name(self) -> &'static str {
-        Helper::ALL.iter().find(|h| h.0 == self).map_or("?", |h| h.1)
+        Helper::ALL
+            .iter()
+            .find(|h| h.0 == self)
+            .map_or("?", |h| h.1)
     }
 
     fn parse(s: &str, arity: usize) -> Option<Helper> {
@@ -333,11 +336,18 @@ impl Language for Kn {
 
     fn matches(&self, other: &Kn) -> bool {
         match (self, other) {
-            (Kn::Op { op, out, args }, Kn::Op { op: o2, out: u2, args: a2 }) => {
-                op == o2 && out == u2 && args.len() == a2.len()
-            }
+            (
+                Kn::Op { op, out, args },
+                Kn::Op {
+                    op: o2,
+                    out: u2,
+                    args: a2,
+                },
+            ) => op == o2 && out == u2 && args.len() == a2.len(),
             (Kn::Helper(h, a), Kn::Helper(h2, a2)) => h == h2 && a.len() == a2.len(),
-            (Kn::Opaque(n, o, a), Kn::Opaque(n2, o2, a2)) => n == n2 && o == o2 && a.len() == a2.len(),
+            (Kn::Opaque(n, o, a), Kn::Opaque(n2, o2, a2)) => {
+                n == n2 && o == o2 && a.len() == a2.len()
+            }
             (a, b) => a == b,
         }
     }
@@ -380,7 +390,12 @@ impl egg::FromOp for Kn {
     type Error = ParseKnError;
 
     fn from_op(s: &str, children: Vec<Id>) -> Result<Kn, ParseKnError> {
-        let err = || ParseKnError(format!("unknown operator `{s}` with {} children", children.len()));
+        let err = || {
+            ParseKnError(format!(
+                "unknown operator `{s}` with {} children",
+                children.len()
+            ))
+        };
         if s == "none" && children.is_empty() {
             return Ok(Kn::Hole);
         }

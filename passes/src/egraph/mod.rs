@@ -150,7 +150,8 @@ pub fn saturate(
     }
     let eg: &KEGraph = &runner.egraph;
     let t1 = Instant::now();
-    let ext = extract::extract(eg, &origins.roots, cm, &HashMap::new()).map_err(EgraphError::Extract)?;
+    let ext =
+        extract::extract(eg, &origins.roots, cm, &HashMap::new()).map_err(EgraphError::Extract)?;
     let out = convert::from_egraph(eg, &ext, &origins).map_err(EgraphError::Extract)?;
     let report = EgraphReport {
         iterations: runner.iterations.len(),

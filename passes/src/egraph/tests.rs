@@ -60,7 +60,13 @@ impl B {
         self.n += 1;
         let name = format!("v{}", self.n);
         self.b
-            .node(op, attrs, ins, vec![(name.clone(), None)], &format!("n{}", self.n))
+            .node(
+                op,
+                attrs,
+                ins,
+                vec![(name.clone(), None)],
+                &format!("n{}", self.n),
+            )
             .expect("test graph infers")[0]
     }
     fn finish(self, out: ValueId) -> Graph {
@@ -248,7 +254,10 @@ fn constant_addends_meet_and_fold() {
 
 #[test]
 fn per_feature_scale_moves_into_weights() {
-    for (name, left) in [("scale-into-weight", false), ("scale-into-weight-left", true)] {
+    for (name, left) in [
+        ("scale-into-weight", false),
+        ("scale-into-weight-left", true),
+    ] {
         check(name, |b| {
             let k = b.dim(2, 6);
             let x = act_input(b, k);
@@ -263,7 +272,10 @@ fn per_feature_scale_moves_into_weights() {
 
 #[test]
 fn x_times_sigmoid_x_is_silu() {
-    for (name, left) in [("silu-from-sigmoid", false), ("silu-from-sigmoid-left", true)] {
+    for (name, left) in [
+        ("silu-from-sigmoid", false),
+        ("silu-from-sigmoid-left", true),
+    ] {
         check(name, |b| {
             let x = b.input(&[2, 5]);
             let s = b.op(OpKind::Sigmoid, none(), &[x]);
@@ -284,7 +296,11 @@ fn plain_gemm_is_matmul_plus_bias() {
         check(name, |b| {
             let (m, k, n) = (b.dim(1, 4), b.dim(1, 5), b.dim(1, 5));
             let a = b.input(&[m, k]);
-            let w = if tb == 1 { b.rand(&[n, k]) } else { b.rand(&[k, n]) };
+            let w = if tb == 1 {
+                b.rand(&[n, k])
+            } else {
+                b.rand(&[k, n])
+            };
             let attrs = Attrs::new().with("transB", Attr::Int(tb));
             let mut ins = vec![Some(a), Some(w)];
             if bias {
@@ -301,7 +317,11 @@ fn ln(b: &mut B, x: ValueId, k: usize, bias: bool) -> ValueId {
     if bias {
         ins.push(Some(b.rand(&[k])));
     }
-    b.opt(OpKind::LayerNorm, Attrs::new().with("axis", Attr::Int(-1)), ins)
+    b.opt(
+        OpKind::LayerNorm,
+        Attrs::new().with("axis", Attr::Int(-1)),
+        ins,
+    )
 }
 
 #[test]
@@ -392,7 +412,10 @@ fn centred(b: &mut B, k: usize, n: usize) -> ValueId {
 
 #[test]
 fn layer_norm_of_a_mean_free_input_is_rms_norm() {
-    for (name, bias) in [("ln-to-rms-mean-free", true), ("ln-nobias-to-rms-mean-free", false)] {
+    for (name, bias) in [
+        ("ln-to-rms-mean-free", true),
+        ("ln-nobias-to-rms-mean-free", false),
+    ] {
         check(name, |b| {
             let (k, n) = (b.dim(2, 5), b.dim(2, 6));
             let x = act_input(b, k);
@@ -467,7 +490,10 @@ fn matmul_bias_activation_and_residual_fuse_into_linear() {
         let (y, _) = linear_input(b);
         b.op(OpKind::Silu, none(), &[y])
     });
-    for (name, left) in [("residual-into-linear", false), ("residual-into-linear-left", true)] {
+    for (name, left) in [
+        ("residual-into-linear", false),
+        ("residual-into-linear-left", true),
+    ] {
         check_with(&["bias-into-linear", name], |b| {
             let (k, n) = (b.dim(1, 5), b.dim(1, 5));
             let m = b.dim(1, 4);
@@ -508,7 +534,8 @@ fn saturation_fuses_an_mlp_block_and_records_provenance() {
     let y = b.op(OpKind::Add, none(), &[y, c2]);
     let out = b.op(OpKind::Add, none(), &[y, x]);
     let g = b.finish(out);
-    let (ng, report) = saturate(&g, &rules::all(), &Limits::default(), &CostModel::default()).unwrap();
+    let (ng, report) =
+        saturate(&g, &rules::all(), &Limits::default(), &CostModel::default()).unwrap();
     kiln_ir::verify(&ng).unwrap();
     assert!(report.cost_after < report.cost_before, "{report}");
     assert!(report.hits["bias-into-linear"] > 0, "{report}");
@@ -541,9 +568,13 @@ fn shared_subgraph_is_counted_once_by_extraction() {
     let s = b.op(OpKind::Sin, none(), &[y]);
     let out = b.op(OpKind::Add, none(), &[a, s]);
     let g = b.finish(out);
-    let (ng, report) = saturate(&g, &rules::all(), &Limits::default(), &CostModel::default()).unwrap();
+    let (ng, report) =
+        saturate(&g, &rules::all(), &Limits::default(), &CostModel::default()).unwrap();
     let counts = ng.op_histogram();
-    let linear = counts.iter().find(|c| c.0 == OpKind::Linear).map_or(0, |c| c.1);
+    let linear = counts
+        .iter()
+        .find(|c| c.0 == OpKind::Linear)
+        .map_or(0, |c| c.1);
     assert_eq!(linear, 1, "{report}\n{counts:?}");
     assert!(!counts.iter().any(|c| c.0 == OpKind::MatMul));
 }

@@ -24,5 +24,8 @@ fn main() {
         print!("{}", kiln_tests::conformance::report(&results));
     }
     let (p, f, u) = kiln_tests::conformance::counts(&results);
-    println!("ONNX node conformance over {} tests: {p} passed, {f} failed, {u} unsupported", results.len());
+    println!(
+        "ONNX node conformance over {} tests: {p} passed, {f} failed, {u} unsupported",
+        results.len()
+    );
 }

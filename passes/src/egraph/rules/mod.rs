@@ -96,7 +96,11 @@ pub fn is_last_axis(a: &str, x: &str) -> impl Guard {
     let (a, x) = (var(a), var(x));
     move |eg: &mut KEGraph, _: Id, s: &Subst| {
         let rank = dims(&eg[s[x]].data).map(|d| d.len() as i64);
-        let axis = eg[s[a]].data.attrs.as_ref().and_then(|at| at.int_or("axis", -1).ok());
+        let axis = eg[s[a]]
+            .data
+            .attrs
+            .as_ref()
+            .and_then(|at| at.int_or("axis", -1).ok());
         matches!((rank, axis), (Some(r), Some(ax)) if ax == -1 || ax == r - 1)
     }
 }
