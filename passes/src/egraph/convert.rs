@@ -337,7 +337,8 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
         let c = find(c);
         let v = *value_of.get(&c).ok_or("output class has no value")?;
         let want = &og.value(out).name;
-        if &ng.value(v).name == want && !ng.outputs.contains(&v) {
+        // Same name means the same original value (a graph may return one value twice).
+        if &ng.value(v).name == want {
             ng.outputs.push(v);
         } else {
             let name = fresh(&mut used, want);
