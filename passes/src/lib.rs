@@ -21,10 +21,12 @@
 
 pub mod canon;
 pub mod classic;
+pub mod cost;
 pub mod manager;
 pub mod pass;
 pub mod pipeline;
 pub mod rewrite;
+pub mod target;
 
 #[cfg(test)]
 pub(crate) mod testutil;
