@@ -84,7 +84,10 @@ fn inspect_passes_spec_and_stop_after_limit_what_runs() {
     ]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
-    assert!(t.contains("skipped: ") && t.contains("fuse_attention"), "{t}");
+    assert!(
+        t.contains("skipped: ") && t.contains("fuse_attention"),
+        "{t}"
+    );
     assert!(!t.contains(" 6  "), "no sixth pass: {t}");
     assert!(!t.contains("attention %"), "{t}");
     let o = kiln(&["inspect", &tiny("llama_tiny"), "--passes=-no_such_pass"]);
@@ -111,7 +114,10 @@ fn inspect_html_is_one_file_with_two_svg_graphs_and_no_network() {
     let page = std::fs::read_to_string(&html).unwrap();
     assert_eq!(page.matches("<svg").count(), 2, "before and after");
     assert!(!page.contains("http://") || !page.contains("src=\"http"));
-    assert!(!page.contains("<script src") && !page.contains("<link"), "no network");
+    assert!(
+        !page.contains("<script src") && !page.contains("<link"),
+        "no network"
+    );
     assert!(page.contains("rms_norm") && page.contains("/mlp/act_fn/Sigmoid"));
     let dot = std::fs::read_to_string(&dot).unwrap();
     assert!(dot.starts_with("digraph") && dot.contains("->") && dot.contains("attention"));

@@ -81,6 +81,22 @@ pub fn svg(v: &View, id: &str) -> String {
     for b in 0..n {
         layer[b] = preds[b].iter().map(|&a| layer[a] + 1).max().unwrap_or(0);
     }
+    // Sources that are not graph inputs (ops on constants only) sit just above their
+    // first user rather than at the top, far from it.
+    let mut succ_min: Vec<Option<usize>> = vec![None; n];
+    for b in (0..n).rev() {
+        for &a in &preds[b] {
+            let l = layer[b];
+            succ_min[a] = Some(succ_min[a].map_or(l, |m| m.min(l)));
+        }
+    }
+    for i in 0..n {
+        if preds[i].is_empty() && v.nodes[i].kind != Kind::Input {
+            if let Some(m) = succ_min[i] {
+                layer[i] = m.saturating_sub(1);
+            }
+        }
+    }
     // Outputs sit on the last layer.
     let depth = layer.iter().copied().max().unwrap_or(0);
     for (i, node) in v.nodes.iter().enumerate() {

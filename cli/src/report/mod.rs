@@ -1,5 +1,5 @@
-//! The `kiln inspect --html` report: one self-contained HTML file (inline CSS and SVG, no
-//! scripts from the network) with a summary, the per-pass table, the e-graph statistics,
+//! The `kiln inspect --html` report: one self-contained HTML file (inline CSS, SVG and a
+//! two-line script that scrolls each panel to its first input; nothing from the network) with a summary, the per-pass table, the e-graph statistics,
 //! the fused-op provenance list, and the graph before and after optimisation side by side.
 
 pub mod layout;
@@ -40,7 +40,7 @@ table{border-collapse:collapse;font-size:12.5px;background:#fff}
 th,td{border:1px solid #dde3ea;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#eef2f7} td:nth-child(2),th:nth-child(2),td:last-child,th:last-child{text-align:left}
 td:last-child{white-space:normal;max-width:520px;font-family:ui-monospace,Menlo,monospace;font-size:11.5px}
-pre{background:#fff;border:1px solid #dde3ea;padding:8px;font-size:12px;overflow:auto;max-height:300px}
+pre{background:#fff;border:1px solid #dde3ea;padding:8px;font-size:12px;overflow:auto;max-height:300px;white-space:pre-wrap}
 details{margin:3px 0;font-size:13px} summary{cursor:pointer} summary code{background:#ffe3b8;padding:0 4px;border-radius:3px}
 details ol{margin:4px 0 6px;font-family:ui-monospace,Menlo,monospace;font-size:11.5px;columns:2}
 .graphs{display:flex;gap:12px;align-items:flex-start}
@@ -114,6 +114,10 @@ pub fn html(r: &Report) -> String {
             layout::svg(v, id)
         );
     }
-    s.push_str("</div>\n</body></html>\n");
+    // Start each panel scrolled to its first graph input (layouts are wider than a panel).
+    s.push_str(
+        "</div>\n<script>for(const d of document.querySelectorAll('.scroll')){const r=d.querySelector('g.node rect');\
+         if(r){const b=r.getBBox();d.scrollLeft=Math.max(0,b.x+b.width/2-d.clientWidth/3);}}</script>\n</body></html>\n",
+    );
     s
 }
