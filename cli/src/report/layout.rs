@@ -216,11 +216,11 @@ pub fn svg(v: &View, id: &str) -> String {
     let height = y_of(depth) + BOX_H + MARGIN;
 
     let mut s = String::new();
-    let _ = write!(
+    let _ = writeln!(
         s,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" id=\"{id}\" class=\"graph\" width=\"{width:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {width:.0} {height:.0}\">\
          <defs><marker id=\"{id}-arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" markerHeight=\"7\" orient=\"auto-start-reverse\">\
-         <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#6b7785\"/></marker></defs>\n"
+         <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#6b7785\"/></marker></defs>"
     );
     // Edges first, under the boxes.
     s.push_str("<g class=\"edges\">\n");
