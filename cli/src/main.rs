@@ -1,9 +1,12 @@
-//! The `kiln` command-line tool: inspect, convert and run models.
+//! The `kiln` command-line tool: show, convert, run, inspect and compare models.
 //!
 //! Exit codes: 0 ok, 1 user error (bad file, bad arguments, unsupported model),
 //! 2 output mismatch against reference data.
 
+mod compare;
 mod info;
+mod inspect;
+mod report;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,10 @@ enum Command {
     },
     /// Run a model on given inputs, or check it against an ONNX test-data folder.
     Run(run::RunArgs),
+    /// Optimise a model pass by pass and show what each pass did (tables, DOT, HTML).
+    Inspect(inspect::InspectArgs),
+    /// Run the unoptimised and optimised graphs on the same random inputs; print errors.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +50,8 @@ fn main() -> ExitCode {
         Command::Info { model } => info::info(&model).map(|()| ExitCode::SUCCESS),
         Command::Convert { model, output } => convert(&model, &output).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&args),
+        Command::Inspect(args) => inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
+        Command::Compare(args) => compare::compare_cmd(&args),
     };
     match result {
         Ok(code) => code,

@@ -28,10 +28,26 @@ pub struct RunArgs {
     /// Run on DIR/input_*.pb and compare with DIR/output_*.pb; exit 2 if over tolerance.
     #[arg(long, value_name = "DIR", conflicts_with = "inputs")]
     test_data: Option<PathBuf>,
+    /// Optimisation level: 0 runs the graph as imported, 1 runs it through the default
+    /// pass pipeline first.
+    #[arg(long, value_name = "LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    opt: u8,
+}
+
+/// The graph optimised by the default pipeline.
+pub(crate) fn optimise(g: &kiln_ir::Graph) -> Result<kiln_ir::Graph> {
+    let mut g = g.clone();
+    kiln_passes::default_pipeline()
+        .run(&mut g)
+        .context("optimising the graph (run with --opt 0 to skip)")?;
+    Ok(g)
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
-    let model = Model::load(&args.model)?;
+    let mut model = Model::load(&args.model)?;
+    if args.opt >= 1 {
+        model = Model::from_graph(optimise(model.graph())?);
+    }
     let g = model.graph();
     if let Some(dir) = &args.test_data {
         return run_test_data(&model, dir);

@@ -21,6 +21,7 @@
 
 pub mod canon;
 pub mod classic;
+pub mod cost;
 pub mod egraph;
 pub mod manager;
 pub mod pass;

@@ -220,6 +220,9 @@ pub(crate) fn apply_fusions(
     let mut namer = Namer::new(g);
     let mut subst = Subst::new(g);
     let mut inserts: Vec<(usize, Node)> = vec![];
+    // Per applied fusion: its root, the existing values its new nodes read, and the range
+    // of `inserts` it made (for the `fused_from` provenance attribute).
+    let mut applied: Vec<(usize, Vec<ValueId>, std::ops::Range<usize>)> = vec![];
     for f in fusions {
         if f.interior.iter().any(|i| claimed.contains(i)) || f.nodes.is_empty() {
             continue;
@@ -227,6 +230,16 @@ pub(crate) fn apply_fusions(
         claimed.extend(f.interior.iter().copied());
         let root_out = g.nodes[f.root].outputs[0];
         let root_name = g.value(root_out).name.clone();
+        let first_insert = inserts.len();
+        let reads: Vec<ValueId> = f
+            .nodes
+            .iter()
+            .flat_map(|n| n.inputs.iter())
+            .filter_map(|o| match o {
+                Some(Operand::Value(v)) => Some(*v),
+                _ => None,
+            })
+            .collect();
         let mut made: Vec<ValueId> = vec![];
         let last = f.nodes.len() - 1;
         for (k, nn) in f.nodes.into_iter().enumerate() {
@@ -273,13 +286,101 @@ pub(crate) fn apply_fusions(
             continue;
         };
         subst.replace(root_out, new_root);
+        applied.push((f.root, reads, first_insert..inserts.len()));
         stats.changed += 1;
         stats.bump(f.counter, 1);
     }
+    record_provenance(g, &applied, &mut inserts);
     rewrite::insert_nodes(g, inserts);
     subst.apply(g);
     stats.removed = rewrite::remove_dead(g);
     Ok(stats)
+}
+
+/// The attribute naming, on a fused op, the original (ONNX) nodes it absorbed:
+/// `Attr::Strs` of their `Node::name`s, in graph order, including names an absorbed fused
+/// node already carried. `kiln inspect` prints it; the e-graph uses the same name.
+pub const FUSED_FROM: &str = "fused_from";
+
+/// Ops a fusion creates that carry [`FUSED_FROM`] (helpers like transposes do not).
+fn is_fused_op(op: OpKind) -> bool {
+    use OpKind::*;
+    matches!(
+        op,
+        Attention | LayerNorm | RmsNorm | Gelu | Silu | Rotary | Linear
+    )
+}
+
+/// Sets [`FUSED_FROM`] on the fused nodes of each applied fusion: the names of the nodes
+/// that die because of it. Those are found before any surgery: a node dies if no graph
+/// output reaches it once each fusion root's first output is read from the fusion's
+/// inputs instead; a dead node belongs to every fusion whose root reaches it through dead
+/// nodes. Constants are left out (they are parameters, not computation).
+fn record_provenance(
+    g: &Graph,
+    applied: &[(usize, Vec<ValueId>, std::ops::Range<usize>)],
+    inserts: &mut [(usize, Node)],
+) {
+    let prod = rewrite::producers(g);
+    let producer = |v: ValueId| prod.get(v.index()).copied().flatten();
+    let mut cut: std::collections::HashMap<ValueId, &[ValueId]> = Default::default();
+    for (root, reads, _) in applied {
+        cut.insert(g.nodes[*root].outputs[0], reads);
+    }
+    // Liveness after the rewrite, computed on the graph before it.
+    let mut live = vec![false; g.nodes.len()];
+    let mut seen_vals: HashSet<ValueId> = HashSet::new();
+    let mut stack: Vec<ValueId> = g.outputs.clone();
+    while let Some(v) = stack.pop() {
+        if !seen_vals.insert(v) {
+            continue;
+        }
+        if let Some(reads) = cut.get(&v) {
+            stack.extend(reads.iter().copied());
+            continue;
+        }
+        if let Some(p) = producer(v) {
+            if !live[p] {
+                live[p] = true;
+                stack.extend(g.nodes[p].inputs.iter().flatten().copied());
+            }
+        }
+    }
+    for (root, _, range) in applied {
+        let mut names: Vec<(usize, String)> = vec![];
+        let mut seen = vec![false; g.nodes.len()];
+        let mut todo = vec![*root];
+        while let Some(i) = todo.pop() {
+            if i >= seen.len() || seen[i] || live[i] {
+                continue;
+            }
+            seen[i] = true;
+            let n = &g.nodes[i];
+            if n.op != OpKind::Constant {
+                if let Ok(Some(prev)) = n.attrs.strings(FUSED_FROM) {
+                    names.extend(prev.into_iter().map(|s| (i, s)));
+                } else if !n.name.is_empty() {
+                    names.push((i, n.name.clone()));
+                }
+            }
+            todo.extend(n.inputs.iter().flatten().filter_map(|&v| producer(v)));
+        }
+        names.sort_by_key(|(i, _)| *i);
+        let mut list: Vec<String> = vec![];
+        for (_, s) in names {
+            if !list.contains(&s) {
+                list.push(s);
+            }
+        }
+        let made = &mut inserts[range.clone()];
+        let any_fused = made.iter().any(|(_, n)| is_fused_op(n.op));
+        let last = made.len().saturating_sub(1);
+        for (k, (_, n)) in made.iter_mut().enumerate() {
+            if is_fused_op(n.op) || (!any_fused && k == last) {
+                n.attrs.set(FUSED_FROM, kiln_ir::Attr::Strs(list.clone()));
+            }
+        }
+    }
 }
 
 fn node(op: OpKind, attrs: Attrs, inputs: Vec<Option<ValueId>>, out: ValueId) -> Node {
@@ -316,3 +417,53 @@ pub(crate) fn run_matches(
 
 #[cfg(test)]
 pub(crate) mod testing;
+
+#[cfg(test)]
+mod tests {
+    use super::testing::B;
+    use super::*;
+    use crate::Pass;
+
+    fn fused_from(g: &Graph, op: OpKind) -> Vec<String> {
+        let n = g.nodes.iter().find(|n| n.op == op).expect("a fused node");
+        n.attrs.strings(FUSED_FROM).unwrap().unwrap_or_default()
+    }
+
+    #[test]
+    fn fused_ops_name_the_original_nodes_that_died_with_them() {
+        // gelu(x) * sigmoid(gelu(x)): the tanh gelu, then silu over its result.
+        let mut b = B::new();
+        let x = b.input("x", &[2, 8]);
+        let half = b.f(0.5);
+        let one = b.f(1.0);
+        let c = b.f(0.044715);
+        let k = b.f((2.0f64 / std::f64::consts::PI).sqrt() as f32);
+        let three = b.f(3.0);
+        let x3 = b.bin(OpKind::Pow, x, three);
+        let cx3 = b.bin(OpKind::Mul, c, x3);
+        let inner = b.bin(OpKind::Add, x, cx3);
+        let scaled = b.bin(OpKind::Mul, k, inner);
+        let t = b.un(OpKind::Tanh, scaled);
+        let t1 = b.bin(OpKind::Add, one, t);
+        let hx = b.bin(OpKind::Mul, half, x);
+        let gelu = b.bin(OpKind::Mul, hx, t1);
+        let s = b.un(OpKind::Sigmoid, gelu);
+        let y = b.bin(OpKind::Mul, gelu, s);
+        let mut g = b.finish(&[y]);
+        for (i, n) in g.nodes.iter_mut().enumerate() {
+            n.name = format!("/{:?}_{i}", n.op);
+        }
+        FuseGelu.run(&mut g).unwrap();
+        let gelu_from = fused_from(&g, OpKind::Gelu);
+        assert_eq!(
+            gelu_from,
+            vec![
+                "/Pow_5", "/Mul_6", "/Add_7", "/Mul_8", "/Tanh_9", "/Add_10", "/Mul_11", "/Mul_12"
+            ],
+            "constants are not listed"
+        );
+        // The sigmoid is not in silu's match but dies with it; the gelu it reads lives.
+        FuseSilu.run(&mut g).unwrap();
+        assert_eq!(fused_from(&g, OpKind::Silu), vec!["/Sigmoid_13", "/Mul_14"]);
+    }
+}

@@ -1,0 +1,397 @@
+//! `kiln inspect`: run the optimisation pipeline pass by pass and show what each pass did
+//! (node counts, op histogram changes, estimated FLOPs, bytes and time from
+//! `kiln_passes::cost`), the e-graph's statistics, and for every fused op which original
+//! ONNX nodes it absorbed. Optionally dumps each pass's graph, writes Graphviz DOT of the
+//! result, and writes a self-contained HTML report with both graphs drawn.
+
+use crate::report::{self, view};
+use anyhow::{bail, Context, Result};
+use kiln_ir::{Dim, Graph};
+use kiln_passes::cost::{Cost, CostModel};
+use kiln_passes::{Pass, PassStats};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// An ONNX file or a text-form `.kir` file.
+    model: PathBuf,
+    /// Write the graph before and after every pass as DIR/NN.<pass>.{before,after}.kir.
+    #[arg(long, value_name = "DIR")]
+    dump_dir: Option<PathBuf>,
+    /// Write a self-contained HTML report (graphs before and after, tables).
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Write Graphviz DOT of the optimised graph to FILE, or to stdout (instead of the
+    /// tables) when no FILE is given.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true)]
+    dot: Option<Option<PathBuf>>,
+    /// Turn passes on and off: `-name` off, `+name` on (comma-separated).
+    #[arg(
+        long,
+        value_name = "SPEC",
+        default_value = "",
+        allow_hyphen_values = true
+    )]
+    passes: String,
+    /// Run only the first N enabled passes.
+    #[arg(long, value_name = "N")]
+    stop_after: Option<usize>,
+    /// Size of a symbolic dim for the cost model: NAME=N. Defaults come from the model's
+    /// export.json `bench_inputs` when there is one, else 1.
+    #[arg(long = "dim", value_name = "NAME=N")]
+    dims: Vec<String>,
+}
+
+/// One row of the per-pass table.
+struct Row {
+    index: usize,
+    name: &'static str,
+    time: Duration,
+    nodes: (usize, usize),
+    cost: Cost,
+    changes: String,
+    stats: PassStats,
+}
+
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    let model = kiln_runtime::Model::load(&args.model)?;
+    let original = model.graph().clone();
+    let cm = cost_model(&args.model, &original, &args.dims)?;
+
+    // The pass manager decides which passes are on (by name, as `--passes` says); the
+    // passes then run here one at a time so every intermediate graph can be measured.
+    let mut pm = kiln_passes::default_pipeline();
+    pm.configure(&args.passes)?;
+    let enabled: HashSet<&str> = pm.enabled_names().into_iter().collect();
+    if let Some(dir) = &args.dump_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut g = original.clone();
+    let mut rows: Vec<Row> = vec![];
+    let mut skipped: Vec<&str> = vec![];
+    let mut egraph: Option<PassStats> = None;
+    for pass in kiln_passes::default_passes() {
+        let name = pass.name();
+        let index = rows.len() + 1;
+        if !enabled.contains(name) || args.stop_after.is_some_and(|n| index > n) {
+            skipped.push(name);
+            continue;
+        }
+        let before_hist = histogram(&g);
+        let nodes_before = g.nodes.len();
+        dump(&args.dump_dir, &g, index, name, "before")?;
+        let start = Instant::now();
+        let stats =
+            run_pass(pass.as_ref(), &mut g).with_context(|| format!("pass #{index} {name}"))?;
+        let time = start.elapsed();
+        dump(&args.dump_dir, &g, index, name, "after")?;
+        kiln_ir::verify(&g).map_err(|e| {
+            anyhow::anyhow!(
+                "the graph does not verify after pass #{index} {name} (a bug in {name}): {e}"
+            )
+        })?;
+        if name == EGRAPH_PASS {
+            egraph = Some(stats.clone());
+        }
+        rows.push(Row {
+            index,
+            name,
+            time,
+            nodes: (nodes_before, g.nodes.len()),
+            cost: cm.graph_cost(&g),
+            changes: diff(&before_hist, &histogram(&g)),
+            stats,
+        });
+    }
+
+    if let Some(Some(path)) = &args.dot {
+        std::fs::write(path, view::to_dot(&g))
+            .with_context(|| format!("writing {}", path.display()))?;
+    } else if args.dot.is_some() {
+        print!("{}", view::to_dot(&g));
+        return Ok(());
+    }
+
+    let table = table(&cm.graph_cost(&original), original.nodes.len(), &rows);
+    let cost_note = cost_note(&cm);
+    println!("model: {} (graph @{})", args.model.display(), original.name);
+    println!("{cost_note}");
+    print_table(&table);
+    if !skipped.is_empty() {
+        println!("(skipped: {})", skipped.join(", "));
+    }
+    let egraph_text = egraph_text(egraph.as_ref());
+    println!("\n{egraph_text}");
+    let fused = fused_ops(&g);
+    println!("\nfused ops: {}", fused.len());
+    for (op, out, from) in &fused {
+        println!("  {op} %{out} <- {} nodes: {}", from.len(), from.join(", "));
+    }
+
+    if let Some(path) = &args.html {
+        let page = report::html(&report::Report {
+            model: args.model.display().to_string(),
+            cost_note,
+            table,
+            egraph: egraph_text,
+            fused,
+            before: &original,
+            after: &g,
+        });
+        std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The e-graph pass's name in the pipeline.
+const EGRAPH_PASS: &str = "saturate_egraph";
+
+fn run_pass(pass: &dyn Pass, g: &mut Graph) -> Result<PassStats> {
+    Ok(pass.run(g)?)
+}
+
+/// The e-graph's statistics, from the counters `saturate_egraph` reports.
+// E-GRAPH HOOK: the `egraph` branch's `SaturateEgraph::last_report()` also gives the stop
+// reason and timings; once it is in main, keep the `SaturateEgraph` instance here instead
+// of boxing it, and print its `EgraphReport` (its Display is the block wanted).
+fn egraph_text(stats: Option<&PassStats>) -> String {
+    let Some(st) = stats else {
+        return format!(
+            "e-graph: the pipeline has no {EGRAPH_PASS} pass in this build (or it was turned \
+             off); its report (iterations, e-nodes, e-classes, stop reason, hits per rule) \
+             appears here when it runs"
+        );
+    };
+    let mut s = format!(
+        "e-graph: {} iterations, {} e-nodes, {} e-classes",
+        st.counter("egraph_iterations"),
+        st.counter("egraph_enodes"),
+        st.counter("egraph_eclasses")
+    );
+    if st.is_noop() {
+        s.push_str(" (no cheaper graph found: left unchanged)");
+    }
+    for (rule, n) in &st.counters {
+        if !rule.starts_with("egraph_") {
+            s.push_str(&format!("\n  {n:6}  {rule}"));
+        }
+    }
+    s
+}
+
+/// Every node with a `fused_from` attribute: (op, first output's name, absorbed names).
+fn fused_ops(g: &Graph) -> Vec<(String, String, Vec<String>)> {
+    g.nodes
+        .iter()
+        .filter_map(|n| {
+            let from = n.attrs.strings(view::FUSED_FROM).ok().flatten()?;
+            let out = n
+                .outputs
+                .first()
+                .map(|&o| g.value(o).name.clone())
+                .unwrap_or_default();
+            Some((n.op.name().to_string(), out, from))
+        })
+        .collect()
+}
+
+fn histogram(g: &Graph) -> BTreeMap<&'static str, i64> {
+    let mut h = BTreeMap::new();
+    for n in &g.nodes {
+        *h.entry(n.op.name()).or_insert(0) += 1;
+    }
+    h
+}
+
+/// `+2 gelu -16 mul ...`: the biggest changes first.
+fn diff(a: &BTreeMap<&'static str, i64>, b: &BTreeMap<&'static str, i64>) -> String {
+    let mut d: Vec<(&str, i64)> = a
+        .keys()
+        .chain(b.keys())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .map(|k| (*k, b.get(k).unwrap_or(&0) - a.get(k).unwrap_or(&0)))
+        .filter(|(_, n)| *n != 0)
+        .collect();
+    d.sort_by(|x, y| y.1.abs().cmp(&x.1.abs()).then(x.0.cmp(y.0)));
+    let shown: Vec<String> = d
+        .iter()
+        .take(8)
+        .map(|(k, n)| format!("{n:+} {k}"))
+        .collect();
+    let mut s = shown.join(" ");
+    if d.len() > 8 {
+        s.push_str(&format!(" (+{} more)", d.len() - 8));
+    }
+    s
+}
+
+fn fmt_cost(c: &Cost) -> [String; 3] {
+    [
+        format!("{:.2}", c.flops / 1e6),
+        format!("{:.2}", c.bytes / 1e6),
+        format!("{:.1}", c.time * 1e6),
+    ]
+}
+
+fn table(input: &Cost, input_nodes: usize, rows: &[Row]) -> Vec<Vec<String>> {
+    let mut t = vec![vec![
+        "#".to_string(),
+        "pass".into(),
+        "time ms".into(),
+        "nodes".into(),
+        "MFLOP".into(),
+        "MB".into(),
+        "est µs".into(),
+        "op changes".into(),
+    ]];
+    let [f, b, us] = fmt_cost(input);
+    t.push(vec![
+        "0".into(),
+        "(imported)".into(),
+        String::new(),
+        input_nodes.to_string(),
+        f,
+        b,
+        us,
+        String::new(),
+    ]);
+    for r in rows {
+        let [f, b, us] = fmt_cost(&r.cost);
+        let counters: Vec<String> = r
+            .stats
+            .counters
+            .iter()
+            .filter(|(k, _)| !k.starts_with("egraph_"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut changes = r.changes.clone();
+        if !counters.is_empty() && r.name != EGRAPH_PASS {
+            changes = format!("{changes} [{}]", counters.join(" "));
+        }
+        t.push(vec![
+            r.index.to_string(),
+            r.name.to_string(),
+            format!("{:.2}", r.time.as_secs_f64() * 1e3),
+            format!("{} -> {}", r.nodes.0, r.nodes.1),
+            f,
+            b,
+            us,
+            changes.trim().to_string(),
+        ]);
+    }
+    t
+}
+
+fn print_table(t: &[Vec<String>]) {
+    let cols = t.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| t.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in t {
+        let mut line = String::new();
+        for (c, cell) in row.iter().enumerate() {
+            let w = widths[c];
+            if c == 1 || c + 1 == cols {
+                line.push_str(&format!("{cell:<w$}  "));
+            } else {
+                line.push_str(&format!("{cell:>w$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+fn cost_note(cm: &CostModel) -> String {
+    let mut dims: Vec<String> = cm.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    dims.sort();
+    format!(
+        "cost model: {} ({:.0} GFLOP/s, {:.0} GB/s, {:.1} µs per kernel), dims {}",
+        cm.target.name,
+        cm.target.peak_flops / 1e9,
+        cm.target.mem_bandwidth / 1e9,
+        cm.target.kernel_overhead * 1e6,
+        if dims.is_empty() {
+            "all 1".to_string()
+        } else {
+            format!("{} (others 1)", dims.join(" "))
+        }
+    )
+}
+
+fn dump(dir: &Option<PathBuf>, g: &Graph, index: usize, pass: &str, when: &str) -> Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    let path = dir.join(format!("{index:02}.{pass}.{when}.kir"));
+    std::fs::write(&path, kiln_ir::text::print(g))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The cost model, its symbolic dims bound from `--dim`, else from the model's
+/// `export.json` `bench_inputs` (matched against the graph inputs' symbolic dims).
+fn cost_model(model: &Path, g: &Graph, specs: &[String]) -> Result<CostModel> {
+    let mut cm = CostModel::default();
+    if let Some(bench) = model
+        .parent()
+        .map(|d| d.join("export.json"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|s| bench_inputs(&s))
+    {
+        for &i in &g.inputs {
+            let (Some(sizes), Some(dims)) = (bench.get(&g.value(i).name), g.ty(i).shape.dims())
+            else {
+                continue;
+            };
+            for (d, &n) in dims.iter().zip(sizes) {
+                if let Dim::Sym(s) = d {
+                    cm.dims.insert(s.clone(), n);
+                }
+            }
+        }
+    }
+    for s in specs {
+        let Some((name, n)) = s.split_once('=') else {
+            bail!("--dim `{s}` should be NAME=N");
+        };
+        let n = n
+            .parse()
+            .with_context(|| format!("--dim `{s}`: not a size"))?;
+        cm.dims.insert(name.to_string(), n);
+    }
+    Ok(cm)
+}
+
+/// `"bench_inputs": {"input_ids": [1, 16], ...}` from an export.json, without a JSON
+/// library: the object's entries are `"name": [numbers]`.
+pub(crate) fn bench_inputs(json: &str) -> HashMap<String, Vec<u64>> {
+    let mut out = HashMap::new();
+    let Some(start) = json.find("\"bench_inputs\"") else {
+        return out;
+    };
+    let rest = &json[start + "\"bench_inputs\"".len()..];
+    let Some(open) = rest.find('{') else {
+        return out;
+    };
+    let Some(close) = rest.find('}') else {
+        return out;
+    };
+    if close < open {
+        return out;
+    }
+    for entry in rest[open + 1..close].split(']') {
+        let Some((key, list)) = entry.split_once('[') else {
+            continue;
+        };
+        let name: String = key
+            .trim_matches(|c: char| c == ',' || c == ':' || c.is_whitespace())
+            .trim_matches('"')
+            .to_string();
+        let sizes: Option<Vec<u64>> = list.split(',').map(|x| x.trim().parse().ok()).collect();
+        if let Some(sizes) = sizes {
+            out.insert(name, sizes);
+        }
+    }
+    out
+}

@@ -1,0 +1,162 @@
+//! End-to-end tests of `kiln inspect`, `kiln compare` and `kiln run --opt` on the tiny
+//! shared models.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("running kiln")
+}
+
+fn models() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/models"))
+}
+
+fn tiny(name: &str) -> String {
+    models()
+        .join("tiny")
+        .join(name)
+        .join("model.onnx")
+        .display()
+        .to_string()
+}
+
+fn tiny_models() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(models().join("tiny"))
+        .expect("the shared tiny models")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("model.onnx").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    assert!(v.len() >= 5, "{v:?}");
+    v
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn inspect_prints_the_pass_table_and_fused_ops_named_after_onnx_nodes() {
+    let o = kiln(&["inspect", &tiny("llama_tiny")]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    for col in ["pass", "nodes", "MFLOP", "est µs", "op changes"] {
+        assert!(t.contains(col), "column {col}: {t}");
+    }
+    // One row per pass, with the op-histogram change it made.
+    assert!(t.contains("fuse_norms"), "{t}");
+    assert!(t.contains("+5 rms_norm"), "{t}");
+    assert!(t.contains("fuse_attention"), "{t}");
+    // Provenance names the exporter's node names.
+    let line = t
+        .lines()
+        .find(|l| l.trim_start().starts_with("silu "))
+        .unwrap_or_else(|| panic!("a fused silu: {t}"));
+    assert!(
+        line.contains("/mlp/act_fn/Sigmoid") && line.contains("/mlp/act_fn/Mul"),
+        "{line}"
+    );
+    let attn = t
+        .lines()
+        .find(|l| l.trim_start().starts_with("attention "))
+        .unwrap_or_else(|| panic!("a fused attention: {t}"));
+    assert!(attn.contains("/self_attn/Softmax"), "{attn}");
+    assert!(t.contains("e-graph"), "{t}");
+}
+
+#[test]
+fn inspect_passes_spec_and_stop_after_limit_what_runs() {
+    let o = kiln(&[
+        "inspect",
+        &tiny("llama_tiny"),
+        "--passes=-fuse_attention",
+        "--stop-after",
+        "5",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("skipped: ") && t.contains("fuse_attention"),
+        "{t}"
+    );
+    assert!(!t.contains(" 6  "), "no sixth pass: {t}");
+    assert!(!t.contains("attention %"), "{t}");
+    let o = kiln(&["inspect", &tiny("llama_tiny"), "--passes=-no_such_pass"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no_such_pass"), "{}", text(&o));
+}
+
+#[test]
+fn inspect_html_is_one_file_with_two_svg_graphs_and_no_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    let dot = dir.path().join("g.dot");
+    let dumps = dir.path().join("dumps");
+    let o = kiln(&[
+        "inspect",
+        &tiny("llama_tiny"),
+        "--html",
+        html.to_str().unwrap(),
+        &format!("--dot={}", dot.display()),
+        "--dump-dir",
+        dumps.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(page.matches("<svg").count(), 2, "before and after");
+    assert!(!page.contains("http://") || !page.contains("src=\"http"));
+    assert!(
+        !page.contains("<script src") && !page.contains("<link"),
+        "no network"
+    );
+    assert!(page.contains("rms_norm") && page.contains("/mlp/act_fn/Sigmoid"));
+    let dot = std::fs::read_to_string(&dot).unwrap();
+    assert!(dot.starts_with("digraph") && dot.contains("->") && dot.contains("attention"));
+    assert!(dumps.join("04.fuse_norms.after.kir").exists());
+}
+
+#[test]
+fn run_opt_1_matches_the_test_data_of_every_tiny_model() {
+    for m in tiny_models() {
+        let dir = models().join("tiny").join(&m);
+        let o = kiln(&[
+            "run",
+            &tiny(&m),
+            "--opt",
+            "1",
+            "--test-data",
+            dir.join("test_data_set_0").to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{m}: {}", text(&o));
+    }
+}
+
+#[test]
+fn compare_prints_errors_below_tolerance() {
+    for m in ["llama_tiny", "gpt2_tiny", "bert_tiny"] {
+        let o = kiln(&["compare", &tiny(m), "--random-inputs-seed", "7"]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{m}: {t}");
+        assert!(t.contains("max abs err") && !t.contains("MISMATCH"), "{t}");
+        let row = t
+            .lines()
+            .find(|l| l.ends_with(" ok"))
+            .unwrap_or_else(|| panic!("{m}: {t}"));
+        let errs: Vec<f64> = row
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        // Relative error is per element (large where outputs are near zero); the
+        // absolute error against outputs of order 1 is what the tolerance bounds.
+        assert!(errs.len() == 2 && errs[0] < 1e-4, "{m}: {row}");
+    }
+}
