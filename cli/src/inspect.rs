@@ -8,6 +8,7 @@ use crate::report::{self, view};
 use anyhow::{bail, Context, Result};
 use kiln_ir::{Dim, Graph};
 use kiln_passes::cost::{Cost, CostModel};
+use kiln_passes::egraph::{EgraphReport, SaturateEgraph};
 use kiln_passes::{Pass, PassStats};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -71,7 +72,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     let mut g = original.clone();
     let mut rows: Vec<Row> = vec![];
     let mut skipped: Vec<&str> = vec![];
-    let mut egraph: Option<PassStats> = None;
+    let mut egraph: Option<(EgraphReport, bool)> = None;
     for pass in kiln_passes::default_passes() {
         let name = pass.name();
         let index = rows.len() + 1;
@@ -83,8 +84,14 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         let nodes_before = g.nodes.len();
         dump(&args.dump_dir, &g, index, name, "before")?;
         let start = Instant::now();
-        let stats =
-            run_pass(pass.as_ref(), &mut g).with_context(|| format!("pass #{index} {name}"))?;
+        // The e-graph pass runs from an instance kept here, to read its report afterwards.
+        let saturate = SaturateEgraph::default();
+        let pass: &dyn Pass = if name == EGRAPH_PASS {
+            &saturate
+        } else {
+            pass.as_ref()
+        };
+        let stats = run_pass(pass, &mut g).with_context(|| format!("pass #{index} {name}"))?;
         let time = start.elapsed();
         dump(&args.dump_dir, &g, index, name, "after")?;
         kiln_ir::verify(&g).map_err(|e| {
@@ -93,7 +100,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             )
         })?;
         if name == EGRAPH_PASS {
-            egraph = Some(stats.clone());
+            egraph = saturate.last_report().map(|r| (r, stats.is_noop()));
         }
         rows.push(Row {
             index,
@@ -154,32 +161,21 @@ fn run_pass(pass: &dyn Pass, g: &mut Graph) -> Result<PassStats> {
 }
 
 /// The e-graph's statistics, from the counters `saturate_egraph` reports.
-// E-GRAPH HOOK: the `egraph` branch's `SaturateEgraph::last_report()` also gives the stop
-// reason and timings; once it is in main, keep the `SaturateEgraph` instance here instead
-// of boxing it, and print its `EgraphReport` (its Display is the block wanted).
-fn egraph_text(stats: Option<&PassStats>) -> String {
-    let Some(st) = stats else {
-        return format!(
-            "e-graph: the pipeline has no {EGRAPH_PASS} pass in this build (or it was turned \
-             off); its report (iterations, e-nodes, e-classes, stop reason, hits per rule) \
-             appears here when it runs"
-        );
-    };
-    let mut s = format!(
-        "e-graph: {} iterations, {} e-nodes, {} e-classes",
-        st.counter("egraph_iterations"),
-        st.counter("egraph_enodes"),
-        st.counter("egraph_eclasses")
-    );
-    if st.is_noop() {
-        s.push_str(" (no cheaper graph found: left unchanged)");
-    }
-    for (rule, n) in &st.counters {
-        if !rule.starts_with("egraph_") {
-            s.push_str(&format!("\n  {n:6}  {rule}"));
+/// The e-graph block: its report (iterations, e-nodes, e-classes, stop reason, timings,
+/// hits per rule), or why there is none.
+fn egraph_text(report: Option<&(EgraphReport, bool)>) -> String {
+    match report {
+        None => format!(
+            "e-graph: the {EGRAPH_PASS} pass did not run (turned off, or stopped before it)"
+        ),
+        Some((r, unchanged)) => {
+            let mut s = r.to_string();
+            if *unchanged {
+                s.push_str("(no cheaper graph found: the graph was left unchanged)\n");
+            }
+            s
         }
     }
-    s
 }
 
 /// Every node with a `fused_from` attribute: (op, first output's name, absorbed names).
