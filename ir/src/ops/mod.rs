@@ -235,6 +235,7 @@ ops! {
     Rotary = "rotary", "", Fused;
     Attention = "attention", "", Fused;
     Linear = "linear", "", Fused;
+    OnnxAttention = "onnx_attention", "Attention", Fused;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors
