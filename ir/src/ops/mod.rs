@@ -16,6 +16,7 @@ pub mod index;
 mod kernels;
 pub mod layout;
 pub mod linalg;
+pub mod loss;
 mod movement;
 pub mod nn;
 pub mod pool;
@@ -37,6 +38,7 @@ pub enum Family {
     Resize,
     Control,
     Fused,
+    Loss,
 }
 
 macro_rules! ops {
@@ -230,6 +232,9 @@ ops! {
     Resize = "resize", "Resize", Resize;
     // ---- control.rs: control flow with subgraphs
     If = "if", "If", Control;
+    // ---- loss.rs: training losses
+    NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss;
+    SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused;
     Rotary = "rotary", "", Fused;
@@ -301,6 +306,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Resize => resize::infer(op, attrs, inputs),
         Family::Control => control::infer(op, attrs, inputs),
         Family::Fused => fused::infer(op, attrs, inputs),
+        Family::Loss => loss::infer(op, attrs, inputs),
     }
 }
 
@@ -319,6 +325,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Resize => resize::eval(op, attrs, inputs),
         Family::Control => control::eval(op, attrs, inputs),
         Family::Fused => fused::eval(op, attrs, inputs),
+        Family::Loss => loss::eval(op, attrs, inputs),
     }
 }
 
