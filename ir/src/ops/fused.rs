@@ -9,6 +9,8 @@
 //! - `onnx_attention` is ONNX `Attention` (opset 23/24) itself: 3-D or 4-D q/k/v, kv cache
 //!   (past in, present out), causal and padding masks, softcap and the optional
 //!   `qk_matmul_output`. It lives here beside `attention`, the kiln form it generalises.
+//! - `rotary_embedding` is ONNX `RotaryEmbedding` (opset 23): `rotary` with cos/sin caches
+//!   looked up by `position_ids`, a partial `rotary_embedding_dim`, and 3-D or 4-D input.
 //!
 //! Like the nn family, everything computes in f64 and rounds to the input's dtype once, so
 //! f16/bf16 inputs get better-than-f32 intermediate precision. Decomposed graphs round at
@@ -29,6 +31,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     let dtype = x.ty.dtype;
     let shape = match op {
         OpKind::Silu => x.ty.shape.clone(),
+        OpKind::RotaryEmbedding => x.ty.shape.clone(),
         OpKind::Rotary => {
             interleaved(attrs)?;
             let (cos, sin) = (arg(inputs, 1)?, arg(inputs, 2)?);
@@ -73,6 +76,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             from_f64s(dt, x.shape().to_vec(), v)?
         }
         OpKind::Rotary => rotary(attrs, inputs)?,
+        OpKind::RotaryEmbedding => rotary_embedding(attrs, inputs)?,
         OpKind::Attention => attention(attrs, inputs)?,
         OpKind::Linear => linear(attrs, inputs)?,
         _ => return Err(not_in_family(op)),
@@ -436,6 +440,106 @@ fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
         *o = a;
     }
     from_f64s(dt, out, y)
+}
+
+/// ONNX `RotaryEmbedding`. Each head row `x[.., 0..D]` of a `[B, H, S, D]` or
+/// `[B, S, H·D]` input rotates its first `R` (`rotary_embedding_dim`, default `D`)
+/// entries: pairs `(x1, x2)` are the two halves (or, `interleaved`, adjacent entries) and
+/// become `(cos·x1 − sin·x2, sin·x1 + cos·x2)`, with `cos`/`sin` of shape `[B, S, R/2]`
+/// given directly, or `[P, R/2]` caches read at `position_ids [B, S]`. The rest is copied.
+fn rotary_embedding(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
+    let inter = interleaved(attrs)?;
+    let x = arg(inputs, 0)?;
+    let (cos, sin) = (arg(inputs, 1)?, arg(inputs, 2)?);
+    if !cos.dtype().is_float() || !sin.dtype().is_float() || cos.shape() != sin.shape() {
+        return Err("RotaryEmbedding cos and sin caches must be float and of one shape".into());
+    }
+    let (b, h, s, d, heads_outer) = match *x.shape() {
+        [b, h, s, d] => (b, h, s, d, true),
+        [b, s, hid] => {
+            let h = attrs
+                .int("num_heads")?
+                .and_then(|h| usize::try_from(h).ok())
+                .filter(|&h| h > 0 && hid % h == 0)
+                .ok_or("3-D RotaryEmbedding input needs num_heads dividing its hidden size")?;
+            (b, h, s, hid / h, false)
+        }
+        _ => {
+            return Err(format!(
+                "RotaryEmbedding input must be 3-D or 4-D, got {:?}",
+                x.shape()
+            ))
+        }
+    };
+    let r = match attrs.int_or("rotary_embedding_dim", 0)? {
+        0 => d,
+        r => usize::try_from(r)
+            .ok()
+            .filter(|&r| r <= d && r % 2 == 0)
+            .ok_or_else(|| format!("rotary_embedding_dim {r} must be even and at most {d}"))?,
+    };
+    let half = r / 2;
+    let (cv, sv) = (cos.to_f64s(), sin.to_f64s());
+    // The offset of the cache row for (batch, position).
+    let row: Box<dyn Fn(usize, usize) -> Result<usize, String>> = match opt_arg(inputs, 3) {
+        Some(p) => {
+            let [pmax, hc] = <[usize; 2]>::try_from(cos.shape())
+                .map_err(|_| "with position_ids, the caches must be 2-D".to_string())?;
+            if hc != half || p.shape() != [b, s] || !p.dtype().is_int() {
+                return Err(format!(
+                    "RotaryEmbedding caches {:?} / position_ids {:?} do not fit [{b}, {s}] and R/2 = {half}",
+                    cos.shape(),
+                    p.shape()
+                ));
+            }
+            let pos = p.to_i64s();
+            Box::new(move |bi, si| {
+                let q = pos[bi * s + si];
+                usize::try_from(q)
+                    .ok()
+                    .filter(|&q| q < pmax)
+                    .map(|q| q * half)
+                    .ok_or_else(|| format!("position id {q} is out of range for {pmax} positions"))
+            })
+        }
+        None => {
+            let [cb, cs, hc] = <[usize; 3]>::try_from(cos.shape())
+                .map_err(|_| "without position_ids, the caches must be 3-D".to_string())?;
+            if hc != half || cs != s || (cb != b && cb != 1) {
+                return Err(format!(
+                    "RotaryEmbedding caches {:?} do not fit [{b}, {s}, {half}]",
+                    cos.shape()
+                ));
+            }
+            Box::new(move |bi, si| Ok(((if cb == 1 { 0 } else { bi }) * s + si) * half))
+        }
+    };
+    let mut y = x.to_f64s();
+    for bi in 0..b {
+        for si in 0..s {
+            let c0 = row(bi, si)?;
+            let (cr, sr) = (&cv[c0..][..half], &sv[c0..][..half]);
+            for hi in 0..h {
+                let base = if heads_outer {
+                    ((bi * h + hi) * s + si) * d
+                } else {
+                    ((bi * s + si) * h + hi) * d
+                };
+                let xr = &mut y[base..][..d];
+                for j in 0..half {
+                    let (i1, i2) = if inter {
+                        (2 * j, 2 * j + 1)
+                    } else {
+                        (j, j + half)
+                    };
+                    let (x1, x2) = (xr[i1], xr[i2]);
+                    xr[i1] = cr[j] * x1 - sr[j] * x2;
+                    xr[i2] = sr[j] * x1 + cr[j] * x2;
+                }
+            }
+        }
+    }
+    from_f64s(x.dtype(), x.shape().to_vec(), y)
 }
 
 /// `onnx_attention`'s attributes, checked.
@@ -1247,5 +1351,24 @@ mod tests {
             &[Some(&q3), Some(&q3), Some(&q3)],
         );
         assert!(e.unwrap_err().contains("q_num_heads"));
+    }
+
+    #[test]
+    fn rotary_embedding_rotates_pairs_at_their_positions() {
+        // One head, D = 4, R = 2: (x0, x1) rotates by the cache row at position 1; x2, x3 stay.
+        let x = Tensor::from_vec(vec![1, 1, 1, 4], vec![1.0f32, 2.0, 3.0, 4.0]);
+        let cos = Tensor::from_vec(vec![2, 1], vec![1.0f32, 0.0]);
+        let sin = Tensor::from_vec(vec![2, 1], vec![0.0f32, 1.0]);
+        let pos = c64(&[1, 1], vec![1]);
+        let attrs = Attrs::new().with("rotary_embedding_dim", Attr::Int(2));
+        let ins = [Some(&x), Some(&cos), Some(&sin), Some(&pos)];
+        let y = ops::eval(OpKind::RotaryEmbedding, &attrs, &ins)
+            .unwrap()
+            .remove(0);
+        // cos 0, sin 1: (x1, x2) -> (-x2, x1).
+        assert_eq!(y.to_f64s(), vec![-2.0, 1.0, 3.0, 4.0]);
+        let bad = c64(&[1, 1], vec![2]);
+        let ins = [Some(&x), Some(&cos), Some(&sin), Some(&bad)];
+        assert!(ops::eval(OpKind::RotaryEmbedding, &attrs, &ins).is_err());
     }
 }

@@ -169,6 +169,7 @@ ops! {
     ArgMax = "arg_max", "ArgMax", Reduce;
     ArgMin = "arg_min", "ArgMin", Reduce;
     CumSum = "cumsum", "CumSum", Reduce;
+    CumProd = "cumprod", "CumProd", Reduce;
     // ---- nn.rs: softmax and normalisations
     Softmax = "softmax", "Softmax", Nn;
     LogSoftmax = "log_softmax", "LogSoftmax", Nn;
@@ -241,6 +242,7 @@ ops! {
     Attention = "attention", "", Fused;
     Linear = "linear", "", Fused;
     OnnxAttention = "onnx_attention", "Attention", Fused;
+    RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors
