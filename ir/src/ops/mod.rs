@@ -20,6 +20,7 @@ pub mod loss;
 mod movement;
 pub mod nn;
 pub mod pool;
+pub mod quant;
 pub mod reduce;
 pub mod resize;
 
@@ -39,6 +40,7 @@ pub enum Family {
     Control,
     Fused,
     Loss,
+    Quant,
 }
 
 macro_rules! ops {
@@ -236,6 +238,9 @@ ops! {
     // ---- loss.rs: training losses
     NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss;
     SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss;
+    // ---- quant.rs: linear quantization
+    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant;
+    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused;
     Rotary = "rotary", "", Fused;
@@ -309,6 +314,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Control => control::infer(op, attrs, inputs),
         Family::Fused => fused::infer(op, attrs, inputs),
         Family::Loss => loss::infer(op, attrs, inputs),
+        Family::Quant => quant::infer(op, attrs, inputs),
     }
 }
 
@@ -328,6 +334,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Control => control::eval(op, attrs, inputs),
         Family::Fused => fused::eval(op, attrs, inputs),
         Family::Loss => loss::eval(op, attrs, inputs),
+        Family::Quant => quant::eval(op, attrs, inputs),
     }
 }
 
