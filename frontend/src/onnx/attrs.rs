@@ -22,6 +22,8 @@ pub(crate) fn is_dtype_attr(op: &str, attr: &str) -> bool {
             | ("RandomUniformLike", "dtype")
             | ("Multinomial", "dtype")
             | ("Bernoulli", "dtype")
+            | ("QuantizeLinear", "output_dtype")
+            | ("DequantizeLinear", "output_dtype")
     )
 }
 

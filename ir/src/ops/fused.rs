@@ -6,6 +6,11 @@
 //! - `rotary(x, cos, sin) = x · cos + rotate_half(x) · sin`, numpy broadcasting of cos/sin.
 //! - `attention(q, k, v, mask?)`: scaled-dot-product attention with grouped-query heads.
 //! - `linear(x, w, bias?, row_scale?, residual?) = act(row_scale ⊙ (x·w) + bias) + residual`.
+//! - `onnx_attention` is ONNX `Attention` (opset 23/24) itself: 3-D or 4-D q/k/v, kv cache
+//!   (past in, present out), causal and padding masks, softcap and the optional
+//!   `qk_matmul_output`. It lives here beside `attention`, the kiln form it generalises.
+//! - `rotary_embedding` is ONNX `RotaryEmbedding` (opset 23): `rotary` with cos/sin caches
+//!   looked up by `position_ids`, a partial `rotary_embedding_dim`, and 3-D or 4-D input.
 //!
 //! Like the nn family, everything computes in f64 and rounds to the input's dtype once, so
 //! f16/bf16 inputs get better-than-f32 intermediate precision. Decomposed graphs round at
@@ -19,10 +24,14 @@ use crate::{Attrs, DType, Dim, OpKind, Shape, Tensor, TensorData};
 
 /// Shape rule of the fused ops.
 pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>, String> {
+    if op == OpKind::OnnxAttention {
+        return onnx_attention_shape(attrs, inputs);
+    }
     let x = arg(inputs, 0)?;
     let dtype = x.ty.dtype;
     let shape = match op {
         OpKind::Silu => x.ty.shape.clone(),
+        OpKind::RotaryEmbedding => x.ty.shape.clone(),
         OpKind::Rotary => {
             interleaved(attrs)?;
             let (cos, sin) = (arg(inputs, 1)?, arg(inputs, 2)?);
@@ -53,6 +62,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
 
 /// Reference semantics of the fused ops.
 pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+    if op == OpKind::OnnxAttention {
+        return onnx_attention(attrs, inputs);
+    }
     let x = arg(inputs, 0)?;
     let dt = x.dtype();
     if !dt.is_float() {
@@ -64,6 +76,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             from_f64s(dt, x.shape().to_vec(), v)?
         }
         OpKind::Rotary => rotary(attrs, inputs)?,
+        OpKind::RotaryEmbedding => rotary_embedding(attrs, inputs)?,
         OpKind::Attention => attention(attrs, inputs)?,
         OpKind::Linear => linear(attrs, inputs)?,
         _ => return Err(not_in_family(op)),
@@ -427,6 +440,478 @@ fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
         *o = a;
     }
     from_f64s(dt, out, y)
+}
+
+/// ONNX `RotaryEmbedding`. Each head row `x[.., 0..D]` of a `[B, H, S, D]` or
+/// `[B, S, H·D]` input rotates its first `R` (`rotary_embedding_dim`, default `D`)
+/// entries: pairs `(x1, x2)` are the two halves (or, `interleaved`, adjacent entries) and
+/// become `(cos·x1 − sin·x2, sin·x1 + cos·x2)`, with `cos`/`sin` of shape `[B, S, R/2]`
+/// given directly, or `[P, R/2]` caches read at `position_ids [B, S]`. The rest is copied.
+fn rotary_embedding(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
+    let inter = interleaved(attrs)?;
+    let x = arg(inputs, 0)?;
+    let (cos, sin) = (arg(inputs, 1)?, arg(inputs, 2)?);
+    if !cos.dtype().is_float() || !sin.dtype().is_float() || cos.shape() != sin.shape() {
+        return Err("RotaryEmbedding cos and sin caches must be float and of one shape".into());
+    }
+    let (b, h, s, d, heads_outer) = match *x.shape() {
+        [b, h, s, d] => (b, h, s, d, true),
+        [b, s, hid] => {
+            let h = attrs
+                .int("num_heads")?
+                .and_then(|h| usize::try_from(h).ok())
+                .filter(|&h| h > 0 && hid % h == 0)
+                .ok_or("3-D RotaryEmbedding input needs num_heads dividing its hidden size")?;
+            (b, h, s, hid / h, false)
+        }
+        _ => {
+            return Err(format!(
+                "RotaryEmbedding input must be 3-D or 4-D, got {:?}",
+                x.shape()
+            ))
+        }
+    };
+    let r = match attrs.int_or("rotary_embedding_dim", 0)? {
+        0 => d,
+        r => usize::try_from(r)
+            .ok()
+            .filter(|&r| r <= d && r % 2 == 0)
+            .ok_or_else(|| format!("rotary_embedding_dim {r} must be even and at most {d}"))?,
+    };
+    let half = r / 2;
+    let (cv, sv) = (cos.to_f64s(), sin.to_f64s());
+    // The offset of the cache row for (batch, position).
+    let row: Box<dyn Fn(usize, usize) -> Result<usize, String>> = match opt_arg(inputs, 3) {
+        Some(p) => {
+            let [pmax, hc] = <[usize; 2]>::try_from(cos.shape())
+                .map_err(|_| "with position_ids, the caches must be 2-D".to_string())?;
+            if hc != half || p.shape() != [b, s] || !p.dtype().is_int() {
+                return Err(format!(
+                    "RotaryEmbedding caches {:?} / position_ids {:?} do not fit [{b}, {s}] and R/2 = {half}",
+                    cos.shape(),
+                    p.shape()
+                ));
+            }
+            let pos = p.to_i64s();
+            Box::new(move |bi, si| {
+                let q = pos[bi * s + si];
+                usize::try_from(q)
+                    .ok()
+                    .filter(|&q| q < pmax)
+                    .map(|q| q * half)
+                    .ok_or_else(|| format!("position id {q} is out of range for {pmax} positions"))
+            })
+        }
+        None => {
+            let [cb, cs, hc] = <[usize; 3]>::try_from(cos.shape())
+                .map_err(|_| "without position_ids, the caches must be 3-D".to_string())?;
+            if hc != half || cs != s || (cb != b && cb != 1) {
+                return Err(format!(
+                    "RotaryEmbedding caches {:?} do not fit [{b}, {s}, {half}]",
+                    cos.shape()
+                ));
+            }
+            Box::new(move |bi, si| Ok(((if cb == 1 { 0 } else { bi }) * s + si) * half))
+        }
+    };
+    let mut y = x.to_f64s();
+    for bi in 0..b {
+        for si in 0..s {
+            let c0 = row(bi, si)?;
+            let (cr, sr) = (&cv[c0..][..half], &sv[c0..][..half]);
+            for hi in 0..h {
+                let base = if heads_outer {
+                    ((bi * h + hi) * s + si) * d
+                } else {
+                    ((bi * s + si) * h + hi) * d
+                };
+                let xr = &mut y[base..][..d];
+                for j in 0..half {
+                    let (i1, i2) = if inter {
+                        (2 * j, 2 * j + 1)
+                    } else {
+                        (j, j + half)
+                    };
+                    let (x1, x2) = (xr[i1], xr[i2]);
+                    xr[i1] = cr[j] * x1 - sr[j] * x2;
+                    xr[i2] = sr[j] * x1 + cr[j] * x2;
+                }
+            }
+        }
+    }
+    from_f64s(x.dtype(), x.shape().to_vec(), y)
+}
+
+/// `onnx_attention`'s attributes, checked.
+struct OnnxAttnAttrs {
+    q_heads: Option<i64>,
+    kv_heads: Option<i64>,
+    scale: Option<f64>,
+    softcap: f64,
+    causal: bool,
+    /// 0 or 1: the (softcapped) scaled `q·k`; 2: plus the mask; 3: after the softmax.
+    qk_mode: i64,
+}
+
+fn onnx_attention_attrs(attrs: &Attrs) -> Result<OnnxAttnAttrs, String> {
+    let causal = match attrs.int_or("is_causal", 0)? {
+        0 => false,
+        1 => true,
+        other => return Err(format!("Attention `is_causal` must be 0 or 1, got {other}")),
+    };
+    let qk_mode = attrs.int_or("qk_matmul_output_mode", 0)?;
+    if !(0..=3).contains(&qk_mode) {
+        return Err(format!(
+            "Attention `qk_matmul_output_mode` must be 0..=3, got {qk_mode}"
+        ));
+    }
+    Ok(OnnxAttnAttrs {
+        q_heads: attrs.int("q_num_heads")?,
+        kv_heads: attrs.int("kv_num_heads")?,
+        scale: attrs.float("scale")?.map(f64::from),
+        softcap: f64::from(attrs.float_or("softcap", 0.0)?),
+        causal,
+        qk_mode,
+    })
+}
+
+/// The `[B, H, S, D]` view of a 3-D `[B, S, H·D]` or 4-D q/k/v type, as far as known.
+fn heads_view(f: &Fact, heads: Option<i64>) -> Result<Vec<Dim>, String> {
+    let h = heads.and_then(|h| u64::try_from(h).ok()).filter(|&h| h > 0);
+    Ok(match f.ty.shape.dims() {
+        Some([b, hh, s, d]) => vec![b.clone(), hh.clone(), s.clone(), d.clone()],
+        Some([b, s, hid]) => {
+            let h = h.ok_or("3-D Attention inputs need q_num_heads and kv_num_heads")?;
+            let d = match hid.fixed() {
+                Some(n) if n % h != 0 => {
+                    return Err(format!("hidden size {n} is not a multiple of {h} heads"))
+                }
+                Some(n) => Dim::Fixed(n / h),
+                None => Dim::Unknown,
+            };
+            vec![b.clone(), Dim::Fixed(h), s.clone(), d]
+        }
+        Some(d) => {
+            return Err(format!(
+                "Attention inputs must be 3-D or 4-D, got rank {}",
+                d.len()
+            ))
+        }
+        None => vec![Dim::Unknown; 4],
+    })
+}
+
+fn dim_add(a: &Dim, b: &Dim) -> Dim {
+    match (a, b) {
+        (Dim::Fixed(x), Dim::Fixed(y)) => x.checked_add(*y).map_or(Dim::Unknown, Dim::Fixed),
+        (x, Dim::Fixed(0)) | (Dim::Fixed(0), x) => x.clone(),
+        _ => Dim::Unknown,
+    }
+}
+
+fn dim_mul(a: &Dim, b: &Dim) -> Dim {
+    match (a, b) {
+        (Dim::Fixed(x), Dim::Fixed(y)) => x.checked_mul(*y).map_or(Dim::Unknown, Dim::Fixed),
+        (x, Dim::Fixed(1)) | (Dim::Fixed(1), x) => x.clone(),
+        _ => Dim::Unknown,
+    }
+}
+
+/// Shape rule of `onnx_attention`: `Y`, `present_key`, `present_value`, `qk_matmul_output`.
+fn onnx_attention_shape(attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>, String> {
+    let a = onnx_attention_attrs(attrs)?;
+    let (q, k, v) = (arg(inputs, 0)?, arg(inputs, 1)?, arg(inputs, 2)?);
+    let qd = heads_view(q, a.q_heads)?;
+    let kd = heads_view(k, a.kv_heads)?;
+    let vd = heads_view(v, a.kv_heads)?;
+    let b = unify(&unify(&qd[0], &kd[0])?, &vd[0])?;
+    let hkv = unify(&kd[1], &vd[1])?;
+    let l = unify(&kd[2], &vd[2])?;
+    let dk = unify(&qd[3], &kd[3])?;
+    let dv = vd[3].clone();
+    if let (Some(hq), Some(hk)) = (qd[1].fixed(), hkv.fixed()) {
+        if hk == 0 || hq % hk != 0 {
+            return Err(format!(
+                "{hq} query heads are not a multiple of {hk} kv heads"
+            ));
+        }
+    }
+    let total = match opt_arg(inputs, 4).and_then(|p| p.ty.shape.dims().map(|d| d.to_vec())) {
+        Some(p) if p.len() == 4 => dim_add(&p[2], &l),
+        Some(p) => {
+            return Err(format!(
+                "Attention past_key must be 4-D, got rank {}",
+                p.len()
+            ))
+        }
+        None if opt_arg(inputs, 4).is_some() => Dim::Unknown,
+        None => l,
+    };
+    let y = match q.ty.shape.rank() {
+        Some(4) => Shape::new(vec![b.clone(), qd[1].clone(), qd[2].clone(), dv.clone()]),
+        Some(_) => Shape::new(vec![b.clone(), qd[2].clone(), dim_mul(&qd[1], &dv)]),
+        None => Shape::unknown(),
+    };
+    let pk = Shape::new(vec![b.clone(), hkv.clone(), total.clone(), dk]);
+    let pv = Shape::new(vec![b.clone(), hkv, total.clone(), dv]);
+    let qk = Shape::new(vec![b, qd[1].clone(), qd[2].clone(), total]);
+    Ok(vec![
+        fact(q.ty.dtype, y),
+        fact(k.ty.dtype, pk),
+        fact(v.ty.dtype, pv),
+        fact(q.ty.dtype, qk),
+    ])
+}
+
+/// A q/k/v operand as `[B, H, S, D]` values: 4-D as is, 3-D `[B, S, H·D]` split into
+/// `heads` heads and transposed.
+fn to_heads(t: &Tensor, heads: Option<i64>, what: &str) -> Result<([usize; 4], Vec<f64>), String> {
+    let v = t.to_f64s();
+    match *t.shape() {
+        [b, h, s, d] => Ok(([b, h, s, d], v)),
+        [b, s, hid] => {
+            let h = heads
+                .and_then(|h| usize::try_from(h).ok())
+                .filter(|&h| h > 0)
+                .ok_or("3-D Attention inputs need positive q_num_heads and kv_num_heads")?;
+            if hid % h != 0 {
+                return Err(format!(
+                    "{what} hidden size {hid} is not a multiple of {h} heads"
+                ));
+            }
+            let d = hid / h;
+            let mut out = vec![0.0; v.len()];
+            for bi in 0..b {
+                for si in 0..s {
+                    for hi in 0..h {
+                        let src = &v[((bi * s + si) * h + hi) * d..][..d];
+                        out[((bi * h + hi) * s + si) * d..][..d].copy_from_slice(src);
+                    }
+                }
+            }
+            Ok(([b, h, s, d], out))
+        }
+        _ => Err(format!(
+            "Attention {what} must be 3-D or 4-D, got {:?}",
+            t.shape()
+        )),
+    }
+}
+
+/// `past ++ new` along the sequence axis of `[B, H, ·, D]` tensors.
+fn concat_seq(
+    past: Option<(&[usize], Vec<f64>)>,
+    new: &[f64],
+    [b, h, l, d]: [usize; 4],
+    what: &str,
+) -> Result<(usize, Vec<f64>), String> {
+    let Some((ps, pv)) = past else {
+        return Ok((l, new.to_vec()));
+    };
+    let [pb, ph, p, pd] = <[usize; 4]>::try_from(ps)
+        .map_err(|_| format!("Attention {what} must be 4-D, got {ps:?}"))?;
+    if (pb, ph, pd) != (b, h, d) {
+        return Err(format!(
+            "Attention {what} {ps:?} does not fit [{b}, {h}, _, {d}]"
+        ));
+    }
+    let t = p.checked_add(l).ok_or("sequence length overflows")?;
+    checked_numel(&[b, h, t, d])?;
+    let mut out = Vec::with_capacity(b * h * t * d);
+    for bh in 0..b * h {
+        out.extend_from_slice(&pv[bh * p * d..][..p * d]);
+        out.extend_from_slice(&new[bh * l * d..][..l * d]);
+    }
+    Ok((t, out))
+}
+
+/// ONNX `Attention`. Query head `h` reads kv head `h / (Hq / Hkv)`. The bias added to the
+/// scaled (and softcapped, when `softcap > 0`: `c·tanh(x/c)`) scores is the mask (a bool
+/// mask keeps `true`; a mask shorter than the total kv length is padded with `-inf`), plus
+/// `-inf` where `is_causal` hides key `j > P + i` (P = past length), plus `-inf` for keys
+/// at or past `nonpad_kv_seqlen[b]`. A fully masked row gives NaN, as in the reference.
+fn onnx_attention(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+    let a = onnx_attention_attrs(attrs)?;
+    let (q, k, v) = (arg(inputs, 0)?, arg(inputs, 1)?, arg(inputs, 2)?);
+    let dt = q.dtype();
+    if !dt.is_float() || !k.dtype().is_float() || !v.dtype().is_float() {
+        return Err("Attention q, k and v must be float".into());
+    }
+    if q.rank() != k.rank() || q.rank() != v.rank() {
+        return Err("Attention q, k and v must have the same rank".into());
+    }
+    let ([b, hq, s, d], qv) = to_heads(q, a.q_heads, "q")?;
+    let ([bk, hkv, l, dk], kv) = to_heads(k, a.kv_heads, "k")?;
+    let ([bv, hv, lv, dv], vv) = to_heads(v, a.kv_heads, "v")?;
+    if (bk, dk) != (b, d) || (bv, hv, lv) != (b, hkv, l) {
+        return Err(format!(
+            "Attention shapes disagree: q {:?}, k {:?}, v {:?}",
+            q.shape(),
+            k.shape(),
+            v.shape()
+        ));
+    }
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(format!(
+            "{hq} query heads are not a multiple of {hkv} kv heads"
+        ));
+    }
+    let group = hq / hkv;
+    let (pk, pv) = (opt_arg(inputs, 4), opt_arg(inputs, 5));
+    if pk.is_some() != pv.is_some() {
+        return Err("Attention needs both past_key and past_value, or neither".into());
+    }
+    let past = pk.map_or(0, |t| t.shape().get(2).copied().unwrap_or(0));
+    let (t, kall) = concat_seq(
+        pk.map(|t| (t.shape(), t.to_f64s())),
+        &kv,
+        [b, hkv, l, d],
+        "past_key",
+    )?;
+    let (tv, vall) = concat_seq(
+        pv.map(|t| (t.shape(), t.to_f64s())),
+        &vv,
+        [b, hkv, l, dv],
+        "past_value",
+    )?;
+    if tv != t {
+        return Err("Attention past_key and past_value lengths differ".into());
+    }
+    let scale = a.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    let scores_shape = [b, hq, s, t];
+    let n_scores = checked_numel(&scores_shape)?;
+    // The mask, padded to length T along its last axis, as an additive term.
+    let mask: Option<(Vec<f64>, Vec<usize>)> = match opt_arg(inputs, 3) {
+        None => None,
+        Some(m) => {
+            let ms = m.shape();
+            let (&mt, lead) = ms
+                .split_last()
+                .ok_or("Attention mask must have rank >= 1")?;
+            if ms.len() > 4 || mt > t {
+                return Err(format!(
+                    "Attention mask {ms:?} does not fit scores {scores_shape:?}"
+                ));
+            }
+            let vals: Vec<f64> = match m.data() {
+                TensorData::Bool(bs) => bs
+                    .iter()
+                    .map(|&keep| if keep { 0.0 } else { f64::NEG_INFINITY })
+                    .collect(),
+                _ if m.dtype().is_float() => m.to_f64s(),
+                _ => {
+                    return Err(format!(
+                        "Attention mask must be float or bool, got {}",
+                        m.dtype()
+                    ))
+                }
+            };
+            let mut padded_shape = lead.to_vec();
+            padded_shape.push(t);
+            checked_numel(&padded_shape)?;
+            let mut padded = Vec::with_capacity(padded_shape.iter().product());
+            for row in vals.chunks_exact(mt.max(1)).take(lead.iter().product()) {
+                padded.extend_from_slice(&row[..mt]);
+                padded.extend(std::iter::repeat_n(f64::NEG_INFINITY, t - mt));
+            }
+            if mt == 0 {
+                padded = vec![f64::NEG_INFINITY; padded_shape.iter().product()];
+            }
+            if broadcast_concrete(&padded_shape, &scores_shape).as_deref()
+                != Some(&scores_shape[..])
+            {
+                return Err(format!(
+                    "Attention mask {ms:?} does not broadcast to {scores_shape:?}"
+                ));
+            }
+            Some((padded, bcast_offsets(&scores_shape, &padded_shape)))
+        }
+    };
+    let nonpad: Option<Vec<i64>> = match opt_arg(inputs, 6) {
+        None => None,
+        Some(n) => {
+            if !n.dtype().is_int() || n.shape() != [b] {
+                return Err(format!(
+                    "Attention nonpad_kv_seqlen must be int [{b}], got {} {:?}",
+                    n.dtype(),
+                    n.shape()
+                ));
+            }
+            Some(n.to_i64s())
+        }
+    };
+    let mut y = vec![0.0; checked_numel(&[b, hq, s, dv])?];
+    let mut qk_out = vec![0.0; n_scores];
+    let mut row = vec![0.0; t];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kbase = (bi * hkv + h / group) * t;
+            for i in 0..s {
+                let qrow = &qv[((bi * hq + h) * s + i) * d..][..d];
+                let srow = ((bi * hq + h) * s + i) * t;
+                for (j, r) in row.iter_mut().enumerate() {
+                    let krow = &kall[(kbase + j) * d..][..d];
+                    let mut x = qrow.iter().zip(krow).map(|(p, q)| p * q).sum::<f64>() * scale;
+                    if a.softcap > 0.0 {
+                        x = a.softcap * (x / a.softcap).tanh();
+                    }
+                    if a.qk_mode <= 1 {
+                        qk_out[srow + j] = x;
+                    }
+                    if let Some((mv, off)) = &mask {
+                        x += mv[off[srow + j]];
+                    }
+                    if a.causal && j > past + i {
+                        x += f64::NEG_INFINITY;
+                    }
+                    if nonpad.as_ref().is_some_and(|n| j as i64 >= n[bi]) {
+                        x += f64::NEG_INFINITY;
+                    }
+                    if a.qk_mode == 2 {
+                        qk_out[srow + j] = x;
+                    }
+                    *r = x;
+                }
+                let mx = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for r in row.iter_mut() {
+                    *r = (*r - mx).exp();
+                    sum += *r;
+                }
+                let out = &mut y[((bi * hq + h) * s + i) * dv..][..dv];
+                for (j, r) in row.iter_mut().enumerate() {
+                    *r /= sum;
+                    if a.qk_mode == 3 {
+                        qk_out[srow + j] = *r;
+                    }
+                    let vrow = &vall[(kbase + j) * dv..][..dv];
+                    for (o, &x) in out.iter_mut().zip(vrow) {
+                        *o += *r * x;
+                    }
+                }
+            }
+        }
+    }
+    let y = if q.rank() == 3 {
+        let mut t3 = vec![0.0; y.len()];
+        for bi in 0..b {
+            for h in 0..hq {
+                for i in 0..s {
+                    let src = &y[((bi * hq + h) * s + i) * dv..][..dv];
+                    t3[((bi * s + i) * hq + h) * dv..][..dv].copy_from_slice(src);
+                }
+            }
+        }
+        from_f64s(dt, vec![b, s, hq * dv], t3)?
+    } else {
+        from_f64s(dt, vec![b, hq, s, dv], y)?
+    };
+    Ok(vec![
+        y,
+        from_f64s(k.dtype(), vec![b, hkv, t, d], kall)?,
+        from_f64s(v.dtype(), vec![b, hkv, t, dv], vall)?,
+        from_f64s(dt, scores_shape.to_vec(), qk_out)?,
+    ])
 }
 
 #[cfg(test)]
@@ -816,5 +1301,74 @@ mod tests {
         assert!(e.unwrap_err().contains("even"));
         let out = ops::infer(OpKind::Silu, &Attrs::new(), &[Some(&x)]).unwrap();
         assert_eq!(out[0].ty.shape.to_string(), "[B, S, 5]");
+    }
+
+    #[test]
+    fn onnx_attention_uses_the_kv_cache_and_masks_padding() {
+        let t4 = |v: Vec<f32>, s: usize| Tensor::from_vec(vec![1, 1, s, 1], v);
+        let q = t4(vec![1.0], 1);
+        let k_past = t4(vec![0.0], 1);
+        let k_new = t4(vec![3f32.ln()], 1);
+        let (v_past, v_new) = (t4(vec![4.0], 1), t4(vec![8.0], 1));
+        let attrs = Attrs::new()
+            .with("scale", Attr::Float(1.0))
+            .with("is_causal", Attr::Int(1));
+        let ins = [
+            Some(&q),
+            Some(&k_new),
+            Some(&v_new),
+            None,
+            Some(&k_past),
+            Some(&v_past),
+        ];
+        let out = ops::eval(OpKind::OnnxAttention, &attrs, &ins).unwrap();
+        // Weights softmax([0, ln 3]) = [1/4, 3/4]: y = 4/4 + 3·8/4 = 7.
+        assert_close(&out[0], &t4(vec![7.0], 1), 1e-6);
+        assert_eq!(out[1].shape(), &[1, 1, 2, 1]);
+        assert_close(
+            &out[3],
+            &Tensor::from_vec(vec![1, 1, 1, 2], vec![0.0f32, 3f32.ln()]),
+            1e-6,
+        );
+        // nonpad_kv_seqlen = 1 hides the new key.
+        let n = c64(&[1], vec![1]);
+        let ins = [
+            Some(&q),
+            Some(&k_new),
+            Some(&v_new),
+            None,
+            Some(&k_past),
+            Some(&v_past),
+            Some(&n),
+        ];
+        let out = ops::eval(OpKind::OnnxAttention, &attrs, &ins).unwrap();
+        assert_close(&out[0], &t4(vec![4.0], 1), 1e-6);
+        // 3-D inputs without head counts are an error, not a panic.
+        let q3 = Tensor::from_vec(vec![1, 1, 2], vec![1.0f32, 2.0]);
+        let e = ops::eval(
+            OpKind::OnnxAttention,
+            &Attrs::new(),
+            &[Some(&q3), Some(&q3), Some(&q3)],
+        );
+        assert!(e.unwrap_err().contains("q_num_heads"));
+    }
+
+    #[test]
+    fn rotary_embedding_rotates_pairs_at_their_positions() {
+        // One head, D = 4, R = 2: (x0, x1) rotates by the cache row at position 1; x2, x3 stay.
+        let x = Tensor::from_vec(vec![1, 1, 1, 4], vec![1.0f32, 2.0, 3.0, 4.0]);
+        let cos = Tensor::from_vec(vec![2, 1], vec![1.0f32, 0.0]);
+        let sin = Tensor::from_vec(vec![2, 1], vec![0.0f32, 1.0]);
+        let pos = c64(&[1, 1], vec![1]);
+        let attrs = Attrs::new().with("rotary_embedding_dim", Attr::Int(2));
+        let ins = [Some(&x), Some(&cos), Some(&sin), Some(&pos)];
+        let y = ops::eval(OpKind::RotaryEmbedding, &attrs, &ins)
+            .unwrap()
+            .remove(0);
+        // cos 0, sin 1: (x1, x2) -> (-x2, x1).
+        assert_eq!(y.to_f64s(), vec![-2.0, 1.0, 3.0, 4.0]);
+        let bad = c64(&[1, 1], vec![2]);
+        let ins = [Some(&x), Some(&cos), Some(&sin), Some(&bad)];
+        assert!(ops::eval(OpKind::RotaryEmbedding, &attrs, &ins).is_err());
     }
 }

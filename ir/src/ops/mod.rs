@@ -16,9 +16,11 @@ pub mod index;
 mod kernels;
 pub mod layout;
 pub mod linalg;
+pub mod loss;
 mod movement;
 pub mod nn;
 pub mod pool;
+pub mod quant;
 pub mod reduce;
 pub mod resize;
 
@@ -37,6 +39,8 @@ pub enum Family {
     Resize,
     Control,
     Fused,
+    Loss,
+    Quant,
 }
 
 macro_rules! ops {
@@ -167,6 +171,7 @@ ops! {
     ArgMax = "arg_max", "ArgMax", Reduce;
     ArgMin = "arg_min", "ArgMin", Reduce;
     CumSum = "cumsum", "CumSum", Reduce;
+    CumProd = "cumprod", "CumProd", Reduce;
     // ---- nn.rs: softmax and normalisations
     Softmax = "softmax", "Softmax", Nn;
     LogSoftmax = "log_softmax", "LogSoftmax", Nn;
@@ -230,11 +235,19 @@ ops! {
     Resize = "resize", "Resize", Resize;
     // ---- control.rs: control flow with subgraphs
     If = "if", "If", Control;
+    // ---- loss.rs: training losses
+    NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss;
+    SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss;
+    // ---- quant.rs: linear quantization
+    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant;
+    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused;
     Rotary = "rotary", "", Fused;
     Attention = "attention", "", Fused;
     Linear = "linear", "", Fused;
+    OnnxAttention = "onnx_attention", "Attention", Fused;
+    RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors
@@ -300,6 +313,8 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Resize => resize::infer(op, attrs, inputs),
         Family::Control => control::infer(op, attrs, inputs),
         Family::Fused => fused::infer(op, attrs, inputs),
+        Family::Loss => loss::infer(op, attrs, inputs),
+        Family::Quant => quant::infer(op, attrs, inputs),
     }
 }
 
@@ -318,6 +333,8 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Resize => resize::eval(op, attrs, inputs),
         Family::Control => control::eval(op, attrs, inputs),
         Family::Fused => fused::eval(op, attrs, inputs),
+        Family::Loss => loss::eval(op, attrs, inputs),
+        Family::Quant => quant::eval(op, attrs, inputs),
     }
 }
 

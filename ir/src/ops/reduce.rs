@@ -1,5 +1,5 @@
 //! The reduce op family: reductions along axes (axes are an input, `keepdims`,
-//! `noop_with_empty_axes`), arg-reductions and cumulative sums. Shape rules and reference
+//! `noop_with_empty_axes`), arg-reductions and cumulative sums and products. Shape rules and reference
 //! semantics side by side; every reduction streams the input once through one loop that
 //! maps each element to its output slot.
 // `dispatch!` instantiates the generic comparisons at `bool` too, where clippy would
@@ -15,7 +15,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     let x = arg(inputs, 0)?;
     let keep = attrs.int_or("keepdims", 1)? != 0;
     let out = match op {
-        OpKind::CumSum => fact(x.ty.dtype, x.ty.shape.clone()),
+        OpKind::CumSum | OpKind::CumProd => fact(x.ty.dtype, x.ty.shape.clone()),
         OpKind::ArgMax | OpKind::ArgMin => {
             let shape = match x.ty.shape.dims() {
                 None => Shape::unknown(),
@@ -83,13 +83,13 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     let x = arg(inputs, 0)?;
     let keep = attrs.int_or("keepdims", 1)? != 0;
     let out = match op {
-        OpKind::CumSum => {
+        OpKind::CumSum | OpKind::CumProd => {
             let axis = arg(inputs, 1)?;
-            let a = *axis.to_i64s().first().ok_or("cumsum axis is empty")?;
+            let a = *axis.to_i64s().first().ok_or("cumulative axis is empty")?;
             let axis = norm_axis(a, x.rank())?;
             let excl = attrs.int_or("exclusive", 0)? != 0;
             let rev = attrs.int_or("reverse", 0)? != 0;
-            cumsum(x, axis, excl, rev)?
+            cumulative(x, axis, excl, rev, op == OpKind::CumProd)?
         }
         OpKind::ArgMax | OpKind::ArgMin => {
             let axis = norm_axis(attrs.int_or("axis", 0)?, x.rank())?;
@@ -258,24 +258,33 @@ fn arg_reduce(
     Tensor::new(out_shape, TensorData::I64(out))
 }
 
-fn cumsum(x: &Tensor, axis: usize, excl: bool, rev: bool) -> Result<Tensor, String> {
+/// Running sum (or product, with `prod`) along `axis`; `excl` starts from the identity
+/// and leaves the current element out, `rev` runs from the end.
+fn cumulative(
+    x: &Tensor,
+    axis: usize,
+    excl: bool,
+    rev: bool,
+    prod: bool,
+) -> Result<Tensor, String> {
     if x.dtype() == DType::Bool {
-        return Err("cumsum does not take bool".into());
+        return Err("cumulative sums and products do not take bool".into());
     }
     let (outer, len, inner) = split_axis(x.shape(), axis);
     let data = crate::dispatch!(x.data(), v, T => {
         let mut out = vec![T::zero(); v.len()];
         for o in 0..outer {
             for i in 0..inner {
-                let mut acc = T::zero();
+                let mut acc = if prod { T::one() } else { T::zero() };
+                let step = |a: T, b: T| if prod { a.mul(b) } else { a.add(b) };
                 for jj in 0..len {
                     let j = if rev { len - 1 - jj } else { jj };
                     let p = (o * len + j) * inner + i;
                     if excl {
                         out[p] = acc;
-                        acc = acc.add(v[p]);
+                        acc = step(acc, v[p]);
                     } else {
-                        acc = acc.add(v[p]);
+                        acc = step(acc, v[p]);
                         out[p] = acc;
                     }
                 }
@@ -404,6 +413,19 @@ mod tests {
             .with("reverse", Attr::Int(1));
         let r = run(OpKind::CumSum, er, &[Some(&t), Some(&ax)]).unwrap();
         assert_eq!(r.as_slice::<f64>().unwrap(), &[9.0, 7.0, 4.0, 0.0]);
+    }
+
+    #[test]
+    fn cumprod_inclusive_exclusive_and_reverse() {
+        let t = Tensor::from_vec(vec![4], vec![1i32, 2, 3, 4]);
+        let ax = Tensor::scalar(-1i64);
+        let r = run(OpKind::CumProd, Attrs::new(), &[Some(&t), Some(&ax)]).unwrap();
+        assert_eq!(r.as_slice::<i32>().unwrap(), &[1, 2, 6, 24]);
+        let er = Attrs::new()
+            .with("exclusive", Attr::Int(1))
+            .with("reverse", Attr::Int(1));
+        let r = run(OpKind::CumProd, er, &[Some(&t), Some(&ax)]).unwrap();
+        assert_eq!(r.as_slice::<i32>().unwrap(), &[24, 12, 4, 1]);
     }
 
     #[test]
