@@ -1,6 +1,6 @@
 //! Every shared model (../shared/models/{tiny,bench}) imports, runs on the reference
-//! interpreter and matches its PyTorch reference outputs within `MODEL_TOLERANCE`; the
-//! text form round-trips each one.
+//! interpreter and matches its PyTorch reference outputs within `MODEL_TOLERANCE`, before and
+//! after the default optimisation pipeline; the text form round-trips each one.
 
 use kiln_ir::Tensor;
 use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
@@ -47,6 +47,12 @@ fn check_model(name: &str, run_reparsed: bool) {
     if run_reparsed {
         check_against_test_data(&Model::from_graph(reparsed), &dir);
     }
+    // The optimised graph (canonicalisation, e-graph fusion) still matches the reference.
+    let mut optimised = model.graph().clone();
+    kiln_passes::default_pipeline()
+        .run(&mut optimised)
+        .unwrap_or_else(|e| panic!("{name}: optimising: {e}"));
+    check_against_test_data(&Model::from_graph(optimised), &dir);
 }
 
 macro_rules! model_tests {
