@@ -594,3 +594,25 @@ fn runner_stops_at_the_node_limit_and_says_so() {
     let (_, report) = saturate(&g, &rules::all(), &limits, &CostModel::default()).unwrap();
     assert!(report.stop_reason.starts_with("node limit"), "{report}");
 }
+
+#[test]
+fn extraction_and_inspect_measure_a_graph_with_the_same_cost_model() {
+    // The unsaturated e-graph extracts to the graph itself: its DAG cost must be the
+    // cost `kiln inspect` gives the IR graph, since both come from one per-op table.
+    let mut b = B::new(5);
+    let x = b.input(&[4, 8]);
+    let l = ln(&mut b, x, 8, true);
+    let h = mk_mat(&mut b, l, 8, 16);
+    let h = b.op(OpKind::Relu, none(), &[h]);
+    let out = b.op(OpKind::Exp, none(), &[h]);
+    let g = b.finish(out);
+    let cm = CostModel::default();
+    let (eg, origins) = convert::to_egraph(&g).unwrap();
+    let ext = extract::extract(&eg, &origins.roots, &cm, &HashMap::new()).unwrap();
+    let ir = cm.graph_cost(&g).time;
+    assert!(
+        (ext.dag_cost - ir).abs() <= 1e-12 * ir,
+        "{} vs {ir}",
+        ext.dag_cost
+    );
+}
