@@ -188,6 +188,8 @@ impl CostModel {
             LayerNorm | RmsNorm | BatchNorm | InstanceNorm | GroupNorm => 8.0 * n_out,
             Softmax | LogSoftmax => 12.0 * n_out,
             Rotary => 4.0 * n_out,
+            // A row statistic reads every element (mean, centred squares) and writes one per row.
+            InvStd | InvRms => 4.0 * ins.first().map_or(n_out, Operand::numel),
             Attention => {
                 // q: [.., Sq, D], k: [.., Sk, D]: QK^T, softmax, PV.
                 let q = ins.first().and_then(|o| o.dims.clone()).unwrap_or_default();

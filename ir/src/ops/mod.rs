@@ -235,6 +235,8 @@ ops! {
     Rotary = "rotary", "", Fused;
     Attention = "attention", "", Fused;
     Linear = "linear", "", Fused;
+    InvStd = "inv_std", "", Fused;
+    InvRms = "inv_rms", "", Fused;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors

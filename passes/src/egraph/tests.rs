@@ -366,6 +366,87 @@ fn rms_norm_row_scale_moves_into_the_linear_epilogue() {
     });
 }
 
+#[test]
+fn layer_norm_row_scale_moves_into_the_linear_epilogue() {
+    check("ln-scale-into-epilogue", |b| {
+        let k = b.dim(2, 6);
+        let x = act_input(b, k);
+        let g = b.filled(&[k], 1.0);
+        let l = b.op(
+            OpKind::LayerNorm,
+            Attrs::new().with("axis", Attr::Int(-1)),
+            &[x, g],
+        );
+        let n = b.dim(1, 5);
+        mk_mat(b, l, k, n)
+    });
+    // With γ and β: the affine folds first, then 1/σ moves into the epilogue.
+    check_with(&["ln-affine-into-matmul", "ln-scale-into-epilogue"], |b| {
+        let k = b.dim(2, 6);
+        let x = act_input(b, k);
+        let l = ln(b, x, k, true);
+        let n = b.dim(1, 5);
+        mk_mat(b, l, k, n)
+    });
+}
+
+#[test]
+fn a_constant_bias_joins_a_row_scaled_linear() {
+    for (name, left) in [
+        ("bias-into-scaled-linear", false),
+        ("bias-into-scaled-linear-left", true),
+    ] {
+        check_with(&["rms-scale-into-epilogue", name], |b| {
+            let k = b.dim(2, 6);
+            let x = act_input(b, k);
+            let g = b.filled(&[k], 1.0);
+            let r = b.op(OpKind::RmsNorm, none(), &[x, g]);
+            let n = b.dim(1, 5);
+            let y = mk_mat(b, r, k, n);
+            let c = b.rand(&[n]);
+            let ins = if left { [c, y] } else { [y, c] };
+            b.op(OpKind::Add, none(), &ins)
+        });
+    }
+}
+
+#[test]
+fn saturation_moves_layer_norm_into_the_epilogue_where_cheaper() {
+    // LN(x; γ, β)·W + b on a [64, 256] activation: the inv_std + linear form skips
+    // writing and re-reading the normalised tensor, so the cost model takes it.
+    let mut b = B::new(11);
+    let x = b.input(&[64, 256]);
+    let l = ln(&mut b, x, 256, true);
+    let y = mk_mat(&mut b, l, 256, 128);
+    let c = b.rand(&[128]);
+    let out = b.op(OpKind::Add, none(), &[y, c]);
+    let g = b.finish(out);
+    let (ng, report) =
+        saturate(&g, &rules::all(), &Limits::default(), &CostModel::default()).unwrap();
+    kiln_ir::verify(&ng).unwrap();
+    let ops: Vec<OpKind> = ng
+        .nodes
+        .iter()
+        .map(|n| n.op)
+        .filter(|&o| o != OpKind::Constant)
+        .collect();
+    assert_eq!(ops, vec![OpKind::InvStd, OpKind::Linear], "{report}");
+    let lin = ng.nodes.iter().find(|n| n.op == OpKind::Linear).unwrap();
+    // βW + b rides in the bias or the residual slot (the same cost), 1/σ in the row scale.
+    assert!(lin.inputs[3].is_some(), "row scale");
+    assert!(
+        lin.inputs[2].is_some() || lin.inputs[4].is_some(),
+        "folded bias"
+    );
+    assert!(report.cost_after < report.cost_before, "{report}");
+    for seed in 1..=2 {
+        let ins = random_inputs(&g, seed);
+        let want = kiln_ir::run(&g, ins.clone()).unwrap();
+        let got = kiln_ir::run(&ng, ins).unwrap();
+        close(&got[0], &want[0]).unwrap();
+    }
+}
+
 fn bn(b: &mut B, y: ValueId, c: usize) -> ValueId {
     let s = b.rand(&[c]);
     let bb = b.rand(&[c]);
