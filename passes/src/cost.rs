@@ -157,7 +157,12 @@ impl CostModel {
     pub fn op_cost(&self, op: OpKind, ins: &[Operand], outs: &[Operand]) -> Cost {
         use OpKind::*;
         let n_out: f64 = outs.iter().map(Operand::numel).sum();
-        let bytes: f64 = ins.iter().chain(outs).map(Operand::bytes).sum();
+        let mut bytes: f64 = ins.iter().chain(outs).map(Operand::bytes).sum();
+        // A centred statistic is two passes over its input (the mean, then the centred
+        // squares): what makes an RMS norm cheaper than a layer norm.
+        if matches!(op, LayerNorm | InvStd) {
+            bytes += ins.first().map_or(0.0, Operand::bytes);
+        }
         let last_of = |i: usize| ins.get(i).and_then(Operand::last).unwrap_or(1.0);
         let oh = self.target.kernel_overhead;
         let flops = match op {

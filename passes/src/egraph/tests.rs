@@ -697,3 +697,82 @@ fn extraction_and_inspect_measure_a_graph_with_the_same_cost_model() {
         ext.dag_cost
     );
 }
+
+/// A hand-made Pre-LN block: h0 = x·Win + bin; h1 = h0 + MLP(LN1(h0)); out = LN_f(h1)·Wout.
+/// With `leak`, h1 is also a graph output: a reader that sees its mean.
+fn pre_ln_block(leak: bool) -> Graph {
+    let mut b = B::new(21);
+    let d = 16;
+    let x = b.input(&[4, 8]);
+    let h = mk_mat(&mut b, x, 8, d);
+    let c = b.rand(&[d]);
+    let h0 = b.op(OpKind::Add, none(), &[h, c]);
+    let l1 = ln(&mut b, h0, d, true);
+    let u = mk_mat(&mut b, l1, d, 32);
+    let c1 = b.rand(&[32]);
+    let u = b.op(OpKind::Add, none(), &[u, c1]);
+    let a = b.op(OpKind::Relu, none(), &[u]);
+    let y = mk_mat(&mut b, a, 32, d);
+    let c2 = b.rand(&[d]);
+    let y1 = b.op(OpKind::Add, none(), &[y, c2]);
+    let h1 = b.op(OpKind::Add, none(), &[h0, y1]);
+    let lf = ln(&mut b, h1, d, true);
+    let out = mk_mat(&mut b, lf, d, 10);
+    let outs = if leak { vec![out, h1] } else { vec![out] };
+    b.b.finish(outs)
+}
+
+fn count(g: &Graph, ops: &[OpKind]) -> usize {
+    g.nodes.iter().filter(|n| ops.contains(&n.op)).count()
+}
+
+/// Runs centring then saturation; returns the result and whether centring changed anything.
+fn centre_then_saturate(g: &Graph) -> (Graph, bool) {
+    use crate::Pass;
+    let mut ng = g.clone();
+    let stats = crate::classic::CentreMeanInvariant.run(&mut ng).unwrap();
+    SaturateEgraph::default().run(&mut ng).unwrap();
+    crate::classic::EliminateDeadCode.run(&mut ng).unwrap();
+    kiln_ir::verify(&ng).unwrap();
+    (ng, !stats.is_noop())
+}
+
+#[test]
+fn pre_ln_block_whose_every_reader_is_mean_invariant_becomes_pre_rms_norm() {
+    let g = pre_ln_block(false);
+    let si = crate::classic::centre::shift_invariant(&g);
+    // x·Win, h0, a·W2, y1, h1: every one read only by layer norms and such sums.
+    assert_eq!(si.iter().filter(|&&s| s).count(), 5);
+    let (ng, centred) = centre_then_saturate(&g);
+    assert!(centred);
+    let ln_like = [OpKind::LayerNorm, OpKind::InvStd];
+    let rms_like = [OpKind::RmsNorm, OpKind::InvRms];
+    assert_eq!(count(&ng, &ln_like), 0, "{}", kiln_ir::text::print(&ng));
+    assert_eq!(count(&ng, &rms_like), 2, "{}", kiln_ir::text::print(&ng));
+    for seed in 1..=3 {
+        let ins = random_inputs(&g, seed);
+        let want = kiln_ir::run(&g, ins.clone()).unwrap();
+        let got = kiln_ir::run(&ng, ins).unwrap();
+        close(&got[0], &want[0]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
+#[test]
+fn a_reader_that_sees_the_mean_keeps_the_layer_norms() {
+    let g = pre_ln_block(true);
+    let (ng, centred) = centre_then_saturate(&g);
+    assert!(!centred, "h1 is a graph output: nothing may be centred");
+    assert_eq!(
+        count(&ng, &[OpKind::RmsNorm, OpKind::InvRms]),
+        0,
+        "{}",
+        kiln_ir::text::print(&ng)
+    );
+    assert_eq!(count(&ng, &[OpKind::LayerNorm, OpKind::InvStd]), 2);
+    let ins = random_inputs(&g, 1);
+    let want = kiln_ir::run(&g, ins.clone()).unwrap();
+    let got = kiln_ir::run(&ng, ins).unwrap();
+    for (x, y) in got.iter().zip(&want) {
+        close(x, y).unwrap();
+    }
+}
