@@ -127,14 +127,20 @@ impl Pass for CentreMeanInvariant {
             }
             match n.op {
                 OpKind::MatMul => {
-                    if let Some(w) = konst(n.inputs[1]).filter(matrix).and_then(|w| centred(&w)) {
+                    if let Some(w) = konst(n.inputs.get(1).copied().flatten())
+                        .filter(matrix)
+                        .and_then(|w| centred(&w))
+                    {
                         edits.push((ni, 1, w));
                     }
                 }
                 OpKind::Add => {
                     // x·W + c or c + x·W, the product read only here.
                     for (m, c) in [(0, 1), (1, 0)] {
-                        let (Some(mv), Some(cv)) = (n.inputs[m], konst(n.inputs[c])) else {
+                        let (Some(mv), Some(cv)) = (
+                            n.inputs.get(m).copied().flatten(),
+                            konst(n.inputs.get(c).copied().flatten()),
+                        ) else {
                             continue;
                         };
                         let Some(&pi) = producers.get(&mv) else {
@@ -142,14 +148,15 @@ impl Pass for CentreMeanInvariant {
                         };
                         let p = &g.nodes[pi];
                         let w = konst(p.inputs.get(1).copied().flatten()).filter(matrix);
-                        if p.op != OpKind::MatMul
-                            || readers.get(&mv) != Some(&1)
-                            || cv.shape().len() != 1
-                        {
+                        let private = readers.get(&mv) == Some(&1) && !g.outputs.contains(&mv);
+                        if p.op != OpKind::MatMul || !private || cv.shape().len() != 1 {
                             continue;
                         }
                         if let (Some(w), Some(cc)) = (w.and_then(|w| centred(&w)), centred(&cv)) {
-                            edits.push((pi, 1, w));
+                            // A shift-invariant product has its W centred by its own arm.
+                            if !si[mv.index()] {
+                                edits.push((pi, 1, w));
+                            }
                             edits.push((ni, c, cc));
                             break;
                         }
