@@ -85,7 +85,12 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         dump(&args.dump_dir, &g, index, name, "before")?;
         let start = Instant::now();
         // The e-graph pass runs from an instance kept here, to read its report afterwards.
-        let saturate = SaturateEgraph::default();
+        // It extracts under the same cost model the table reports (same dims bound;
+        // unbound ones at the extraction default).
+        let saturate = SaturateEgraph::with_cost_model(
+            cm.clone()
+                .with_default_dim(kiln_passes::cost::EXTRACTION_DEFAULT_DIM),
+        );
         let pass: &dyn Pass = if name == EGRAPH_PASS {
             &saturate
         } else {

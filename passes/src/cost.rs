@@ -1,11 +1,14 @@
-//! A static cost estimate of an IR graph: per node, the FLOPs it does and the bytes it
-//! reads and writes, from the value types in the graph (symbolic dims bound to given
-//! sizes, else 1), turned into seconds on a [`Target`] (a roofline plus a per-kernel
-//! overhead). `kiln inspect` shows it after every pass; it is deliberately rough: its job
-//! is to rank graphs (fused vs decomposed), not to predict wall time.
+//! The one cost model of the optimiser: per op, the FLOPs it does and the bytes it reads
+//! and writes ([`CostModel::op_cost`], the only per-op table), turned into seconds on a
+//! [`Target`] (a roofline plus a per-kernel overhead). Its users only say what the
+//! operands look like: `kiln inspect` measures IR nodes ([`CostModel::node_cost`],
+//! [`CostModel::graph_cost`]) and the e-graph extraction measures e-nodes
+//! (`crate::egraph::cost`). Symbolic dims take bound sizes, else
+//! [`CostModel::default_dim`]. It is deliberately rough: its job is to rank graphs (fused
+//! vs decomposed), not to predict wall time.
 
 use crate::target::Target;
-use kiln_ir::{Dim, Graph, Node, OpKind, TensorType};
+use kiln_ir::{DType, Dim, Graph, Node, OpKind, TensorType};
 use std::collections::HashMap;
 use std::ops::AddAssign;
 
@@ -31,6 +34,34 @@ impl AddAssign for Cost {
     }
 }
 
+/// One operand or result as the cost model sees it: its dims as numbers (`None` when the
+/// rank is unknown) and its element size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Operand {
+    /// Sizes, symbolic dims already bound.
+    pub dims: Option<Vec<f64>>,
+    /// Bytes per element.
+    pub elem_bytes: f64,
+}
+
+impl Operand {
+    /// Elements ([`UNKNOWN_NUMEL`] when the rank is unknown).
+    pub fn numel(&self) -> f64 {
+        self.dims
+            .as_ref()
+            .map_or(UNKNOWN_NUMEL, |v| v.iter().product())
+    }
+
+    /// Bytes of the whole tensor.
+    pub fn bytes(&self) -> f64 {
+        self.numel() * self.elem_bytes
+    }
+
+    fn last(&self) -> Option<f64> {
+        self.dims.as_ref().and_then(|v| v.last().copied())
+    }
+}
+
 /// Estimates costs on a target with symbolic dims bound to sizes.
 #[derive(Clone, Debug)]
 pub struct CostModel {
@@ -50,7 +81,11 @@ impl Default for CostModel {
 }
 
 /// Elements assumed for a value whose rank is unknown.
-const UNKNOWN_NUMEL: f64 = 1024.0;
+pub const UNKNOWN_NUMEL: f64 = 4096.0;
+
+/// The size the e-graph pass assumes for an unbound symbolic dim: big enough that a
+/// per-row saving outweighs a per-kernel one on a sequence, as on real inputs.
+pub const EXTRACTION_DEFAULT_DIM: u64 = 16;
 
 impl CostModel {
     /// A cost model for `target`, every symbolic dim 1.
@@ -65,6 +100,12 @@ impl CostModel {
     /// Binds symbolic dim `name` to `size`.
     pub fn bind(mut self, name: &str, size: u64) -> CostModel {
         self.dims.insert(name.to_string(), size);
+        self
+    }
+
+    /// Sets the size of dims nothing binds.
+    pub fn with_default_dim(mut self, size: u64) -> CostModel {
+        self.default_dim = size;
         self
     }
 
@@ -83,29 +124,48 @@ impl CostModel {
         )
     }
 
-    fn numel(&self, ty: &TensorType) -> f64 {
-        self.sizes(ty).map_or(UNKNOWN_NUMEL, |v| v.iter().product())
+    /// A typed value as an operand.
+    pub fn operand(&self, ty: &TensorType) -> Operand {
+        Operand {
+            dims: self.sizes(ty),
+            elem_bytes: ty.dtype.size() as f64,
+        }
     }
 
-    fn bytes(&self, ty: &TensorType) -> f64 {
-        self.numel(ty) * ty.dtype.size() as f64
+    /// A value of unknown type: rank unknown, f32-sized elements.
+    pub fn unknown_operand(&self) -> Operand {
+        Operand {
+            dims: None,
+            elem_bytes: DType::F32.size() as f64,
+        }
     }
 
-    /// The cost of one node of `g`.
-    pub fn node_cost(&self, g: &Graph, n: &Node) -> Cost {
+    /// Seconds for a kernel the model knows nothing about except what it writes (an
+    /// opaque node): it is assumed to read as much as it writes and compute nothing.
+    pub fn opaque_cost(&self, outs: &[Operand]) -> Cost {
+        let bytes = 2.0 * outs.iter().map(Operand::bytes).sum::<f64>();
+        Cost {
+            flops: 0.0,
+            bytes,
+            time: self.target.kernel_time(0.0, bytes),
+            kernels: 1,
+        }
+    }
+
+    /// THE per-op estimate: the cost of one `op` reading `ins` (present inputs only)
+    /// and writing `outs`.
+    pub fn op_cost(&self, op: OpKind, ins: &[Operand], outs: &[Operand]) -> Cost {
         use OpKind::*;
-        let ins: Vec<&TensorType> = n.inputs.iter().flatten().map(|&v| g.ty(v)).collect();
-        let outs: Vec<&TensorType> = n.outputs.iter().map(|&v| g.ty(v)).collect();
-        let n_out: f64 = outs.iter().map(|t| self.numel(t)).sum();
-        let bytes: f64 = ins.iter().chain(&outs).map(|t| self.bytes(t)).sum();
-        let last_of = |i: usize| {
-            ins.get(i)
-                .and_then(|t| self.sizes(t))
-                .and_then(|v| v.last().copied())
-                .unwrap_or(1.0)
-        };
+        let n_out: f64 = outs.iter().map(Operand::numel).sum();
+        let mut bytes: f64 = ins.iter().chain(outs).map(Operand::bytes).sum();
+        // A centred statistic is two passes over its input (the mean, then the centred
+        // squares): what makes an RMS norm cheaper than a layer norm.
+        if matches!(op, LayerNorm | InvStd) {
+            bytes += ins.first().map_or(0.0, Operand::bytes);
+        }
+        let last_of = |i: usize| ins.get(i).and_then(Operand::last).unwrap_or(1.0);
         let oh = self.target.kernel_overhead;
-        let flops = match n.op {
+        let flops = match op {
             Constant => return Cost::default(),
             // Views and shape queries: no data moves.
             Reshape | Squeeze | Unsqueeze | Flatten | Identity | Shape | Size => {
@@ -116,12 +176,13 @@ impl CostModel {
                 }
             }
             MatMul | Gemm => 2.0 * n_out * last_of(0),
-            Linear => 2.0 * n_out * last_of(0) + 2.0 * n_out,
+            // The product, then row scale, bias, activation and residual per element.
+            Linear => 2.0 * n_out * last_of(0) + 4.0 * n_out,
             Conv | ConvTranspose => {
-                let w = ins.get(1).map_or(1.0, |t| self.numel(t));
+                let w = ins.get(1).map_or(1.0, Operand::numel);
                 let cout = ins
                     .get(1)
-                    .and_then(|t| self.sizes(t))
+                    .and_then(|o| o.dims.as_ref())
                     .and_then(|v| v.first().copied())
                     .unwrap_or(1.0);
                 2.0 * n_out * w / cout.max(1.0)
@@ -132,10 +193,12 @@ impl CostModel {
             LayerNorm | RmsNorm | BatchNorm | InstanceNorm | GroupNorm => 8.0 * n_out,
             Softmax | LogSoftmax => 12.0 * n_out,
             Rotary => 4.0 * n_out,
+            // A row statistic reads every element (mean, centred squares) and writes one per row.
+            InvStd | InvRms => 4.0 * ins.first().map_or(n_out, Operand::numel),
             Attention => {
                 // q: [.., Sq, D], k: [.., Sk, D]: QK^T, softmax, PV.
-                let q = ins.first().and_then(|t| self.sizes(t)).unwrap_or_default();
-                let k = ins.get(1).and_then(|t| self.sizes(t)).unwrap_or_default();
+                let q = ins.first().and_then(|o| o.dims.clone()).unwrap_or_default();
+                let k = ins.get(1).and_then(|o| o.dims.clone()).unwrap_or_default();
                 let sk = k.len().checked_sub(2).and_then(|i| k.get(i).copied());
                 let sq = q.len().checked_sub(2).and_then(|i| q.get(i).copied());
                 let qn: f64 = q.iter().product();
@@ -149,6 +212,18 @@ impl CostModel {
             time: self.target.kernel_time(flops, bytes),
             kernels: 1,
         }
+    }
+
+    /// The cost of one node of `g`.
+    pub fn node_cost(&self, g: &Graph, n: &Node) -> Cost {
+        let ins: Vec<Operand> = n
+            .inputs
+            .iter()
+            .flatten()
+            .map(|&v| self.operand(g.ty(v)))
+            .collect();
+        let outs: Vec<Operand> = n.outputs.iter().map(|&v| self.operand(g.ty(v))).collect();
+        self.op_cost(n.op, &ins, &outs)
     }
 
     /// The cost of the whole graph: the sum over its nodes (subgraphs not counted).

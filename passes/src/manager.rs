@@ -348,10 +348,10 @@ fn dump_path(dir: &Path, index: usize, pass: &str, when: &str) -> PathBuf {
     dir.join(format!("{index:02}.{pass}.{when}.kir"))
 }
 
-/// The graph in the form dumps use.
-// TODO: switch to `kiln_ir::text::print(g)` once the text form lands in main.
+/// The graph in the form dumps use: kiln's text form (what `.kir` files hold, so a dump
+/// parses back with `kiln_ir::text::parse`).
 fn dump_text(g: &Graph) -> String {
-    format!("{g:#?}")
+    kiln_ir::text::print(g)
 }
 
 #[cfg(test)]
@@ -534,7 +534,13 @@ mod tests {
         );
         let before = std::fs::read_to_string(dir.join(&files[1])).unwrap();
         let after = std::fs::read_to_string(dir.join(&files[0])).unwrap();
-        assert!(before.contains("\"dead\"") && !after.contains("\"dead\""));
+        assert!(
+            before.contains("%dead") && !after.contains("%dead"),
+            "{before}"
+        );
+        // Dumps are the text form: they parse back to the graph they show.
+        let back = kiln_ir::text::parse(&after).unwrap();
+        assert_eq!(back.nodes.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -33,6 +33,9 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
         Box::new(SimplifyOps),
         // Merge duplicate constants and computations (after folding made more of them equal).
         Box::new(EliminateCommonSubexpressions),
+        // Centre the weights of linears whose every reader ignores a per-row shift (layer
+        // norms, residual sums read only by layer norms): the stream becomes mean-free.
+        Box::new(crate::classic::CentreMeanInvariant),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::default()),
         // Remove whatever no longer reaches a graph output.
@@ -63,7 +66,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 12);
+        assert_eq!(report.passes.len(), 13);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

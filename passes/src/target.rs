@@ -1,6 +1,7 @@
 //! What the optimiser knows about the machine it optimises for: peak arithmetic rate,
-//! memory bandwidth and the fixed cost of launching one kernel. The e-graph cost model
-//! ([`crate::egraph::cost`]) turns an op's FLOPs and bytes into seconds with these.
+//! memory bandwidth and the fixed cost of launching one kernel. The cost model
+//! ([`crate::cost`], used by both e-graph extraction and `kiln inspect`) turns an op's
+//! FLOPs and bytes into seconds with these.
 
 /// A target machine, as the cost model sees it (a roofline plus a per-kernel overhead).
 #[derive(Clone, Debug, PartialEq)]

@@ -55,6 +55,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
             activation(attrs)?;
             linear_shape(inputs)?
         }
+        OpKind::InvStd | OpKind::InvRms => row_stat_shape(x, arg(inputs, 1)?)?,
         _ => return Err(not_in_family(op)),
     };
     Ok(vec![fact(dtype, shape)])
@@ -79,9 +80,62 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         OpKind::RotaryEmbedding => rotary_embedding(attrs, inputs)?,
         OpKind::Attention => attention(attrs, inputs)?,
         OpKind::Linear => linear(attrs, inputs)?,
+        OpKind::InvStd => row_stat(x, arg(inputs, 1)?, true)?,
+        OpKind::InvRms => row_stat(x, arg(inputs, 1)?, false)?,
         _ => return Err(not_in_family(op)),
     };
     Ok(vec![out])
+}
+
+/// `inv_std(x, eps)` / `inv_rms(x, eps)`: x `[.., K]` and a scalar epsilon give `[.., 1]`.
+fn row_stat_shape(x: &Fact, eps: &Fact) -> Result<Shape, String> {
+    if eps.ty.shape.rank().is_some_and(|r| r != 0) {
+        return Err(format!("epsilon must be a scalar, got {}", eps.ty.shape));
+    }
+    Ok(match x.ty.shape.dims() {
+        None => Shape::unknown(),
+        Some([]) => return Err("a row statistic needs rank >= 1".into()),
+        Some(d) => {
+            let mut d = d.to_vec();
+            if let Some(last) = d.last_mut() {
+                *last = Dim::Fixed(1);
+            }
+            Shape::new(d)
+        }
+    })
+}
+
+/// Per row along the last axis: `1/sqrt(mean((x − mean(x))²) + eps)` (`centred`, the
+/// layer_norm divisor) or `1/sqrt(mean(x²) + eps)` (the rms_norm divisor), kept as a
+/// trailing dim of 1.
+fn row_stat(x: &Tensor, eps: &Tensor, centred: bool) -> Result<Tensor, String> {
+    let dt = x.dtype();
+    if !eps.shape().is_empty() {
+        return Err(format!("epsilon must be a scalar, got {:?}", eps.shape()));
+    }
+    let e = float_input(eps, "epsilon", dt)?
+        .first()
+        .copied()
+        .unwrap_or(0.0);
+    let xs = x.shape();
+    let (&k, lead) = xs.split_last().ok_or("a row statistic needs rank >= 1")?;
+    let mut out = lead.to_vec();
+    out.push(1);
+    let rows = checked_numel(&out)?;
+    let v = float_input(x, "x", dt)?;
+    let mut r = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let row = v.get(i * k..(i + 1) * k).unwrap_or(&[]);
+        let n = k.max(1) as f64;
+        let m = if centred {
+            row.iter().sum::<f64>() / n
+        } else {
+            0.0
+        };
+        let var = row.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / n;
+        r.push(1.0 / (var + e).sqrt());
+    }
+    from_f64s(dt, out, r)
 }
 
 fn silu(x: f64) -> f64 {
@@ -1370,5 +1424,32 @@ mod tests {
         let bad = c64(&[1, 1], vec![2]);
         let ins = [Some(&x), Some(&cos), Some(&sin), Some(&bad)];
         assert!(ops::eval(OpKind::RotaryEmbedding, &attrs, &ins).is_err());
+    }
+
+    #[test]
+    fn inv_std_and_inv_rms_are_the_norms_row_divisors() {
+        let x = Tensor::from_vec(vec![2, 2], vec![1.0f32, 3.0, -2.0, 2.0]);
+        let eps = Tensor::scalar(0.0f32);
+        let s = run(OpKind::InvStd, Attrs::new(), &[&x, &eps]);
+        assert_eq!(s.shape(), &[2, 1]);
+        // rows: mean 2, var 1; mean 0, var 4
+        assert_close(&s, &Tensor::from_vec(vec![2, 1], vec![1.0f32, 0.5]), 1e-6);
+        let r = run(OpKind::InvRms, Attrs::new(), &[&x, &eps]);
+        // rows: mean square 5; 4
+        let want = vec![1.0 / 5f32.sqrt(), 0.5];
+        assert_close(&r, &Tensor::from_vec(vec![2, 1], want), 1e-6);
+        let facts = [Some(Fact::of(crate::TensorType::new(
+            DType::F32,
+            Shape::new(vec![Dim::Sym("S".into()), Dim::Fixed(8)]),
+        )))];
+        let e = Fact::of(crate::TensorType::new(DType::F32, Shape::fixed(&[])));
+        let ins = [facts[0].as_ref(), Some(&e)];
+        let f = ops::infer(OpKind::InvStd, &Attrs::new(), &ins).unwrap();
+        assert_eq!(
+            f[0].ty.shape,
+            Shape::new(vec![Dim::Sym("S".into()), Dim::Fixed(1)])
+        );
+        let bad = Tensor::from_vec(vec![1], vec![0.0f32]);
+        assert!(ops::eval(OpKind::InvStd, &Attrs::new(), &[Some(&x), Some(&bad)]).is_err());
     }
 }

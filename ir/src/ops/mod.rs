@@ -248,6 +248,8 @@ ops! {
     Linear = "linear", "", Fused;
     OnnxAttention = "onnx_attention", "Attention", Fused;
     RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused;
+    InvStd = "inv_std", "", Fused;
+    InvRms = "inv_rms", "", Fused;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors

@@ -49,7 +49,7 @@ pub fn extract(
             .enumerate()
             .map(|(i, n)| match forced.get(&class.id) {
                 Some(&f) if f != i => f64::INFINITY,
-                _ => cm.node_cost(eg, class.id, n),
+                _ => cm.enode_cost(eg, class.id, n),
             })
             .collect();
         local.insert(class.id, v);

@@ -490,6 +490,8 @@ pub fn takes_attrs(op: OpKind) -> bool {
             | Where
             | MatMul
             | Silu
+            | InvStd
+            | InvRms
             | Expand
             | Tile
             | NonZero

@@ -187,9 +187,15 @@ impl Default for SaturateEgraph {
 impl SaturateEgraph {
     /// The pass for a target, with default limits.
     pub fn new(target: Target) -> SaturateEgraph {
+        SaturateEgraph::with_cost_model(CostModel::for_extraction(target))
+    }
+
+    /// The pass minimising a given cost model (`kiln inspect` passes the one it reports
+    /// with, so its symbolic dims bind the same way), with default limits.
+    pub fn with_cost_model(cost: CostModel) -> SaturateEgraph {
         SaturateEgraph {
             limits: Limits::default(),
-            cost: CostModel::new(target),
+            cost,
             last: Mutex::new(None),
         }
     }

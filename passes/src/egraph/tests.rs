@@ -366,6 +366,87 @@ fn rms_norm_row_scale_moves_into_the_linear_epilogue() {
     });
 }
 
+#[test]
+fn layer_norm_row_scale_moves_into_the_linear_epilogue() {
+    check("ln-scale-into-epilogue", |b| {
+        let k = b.dim(2, 6);
+        let x = act_input(b, k);
+        let g = b.filled(&[k], 1.0);
+        let l = b.op(
+            OpKind::LayerNorm,
+            Attrs::new().with("axis", Attr::Int(-1)),
+            &[x, g],
+        );
+        let n = b.dim(1, 5);
+        mk_mat(b, l, k, n)
+    });
+    // With γ and β: the affine folds first, then 1/σ moves into the epilogue.
+    check_with(&["ln-affine-into-matmul", "ln-scale-into-epilogue"], |b| {
+        let k = b.dim(2, 6);
+        let x = act_input(b, k);
+        let l = ln(b, x, k, true);
+        let n = b.dim(1, 5);
+        mk_mat(b, l, k, n)
+    });
+}
+
+#[test]
+fn a_constant_bias_joins_a_row_scaled_linear() {
+    for (name, left) in [
+        ("bias-into-scaled-linear", false),
+        ("bias-into-scaled-linear-left", true),
+    ] {
+        check_with(&["rms-scale-into-epilogue", name], |b| {
+            let k = b.dim(2, 6);
+            let x = act_input(b, k);
+            let g = b.filled(&[k], 1.0);
+            let r = b.op(OpKind::RmsNorm, none(), &[x, g]);
+            let n = b.dim(1, 5);
+            let y = mk_mat(b, r, k, n);
+            let c = b.rand(&[n]);
+            let ins = if left { [c, y] } else { [y, c] };
+            b.op(OpKind::Add, none(), &ins)
+        });
+    }
+}
+
+#[test]
+fn saturation_moves_layer_norm_into_the_epilogue_where_cheaper() {
+    // LN(x; γ, β)·W + b on a [64, 256] activation: the inv_std + linear form skips
+    // writing and re-reading the normalised tensor, so the cost model takes it.
+    let mut b = B::new(11);
+    let x = b.input(&[64, 256]);
+    let l = ln(&mut b, x, 256, true);
+    let y = mk_mat(&mut b, l, 256, 128);
+    let c = b.rand(&[128]);
+    let out = b.op(OpKind::Add, none(), &[y, c]);
+    let g = b.finish(out);
+    let (ng, report) =
+        saturate(&g, &rules::all(), &Limits::default(), &CostModel::default()).unwrap();
+    kiln_ir::verify(&ng).unwrap();
+    let ops: Vec<OpKind> = ng
+        .nodes
+        .iter()
+        .map(|n| n.op)
+        .filter(|&o| o != OpKind::Constant)
+        .collect();
+    assert_eq!(ops, vec![OpKind::InvStd, OpKind::Linear], "{report}");
+    let lin = ng.nodes.iter().find(|n| n.op == OpKind::Linear).unwrap();
+    // βW + b rides in the bias or the residual slot (the same cost), 1/σ in the row scale.
+    assert!(lin.inputs[3].is_some(), "row scale");
+    assert!(
+        lin.inputs[2].is_some() || lin.inputs[4].is_some(),
+        "folded bias"
+    );
+    assert!(report.cost_after < report.cost_before, "{report}");
+    for seed in 1..=2 {
+        let ins = random_inputs(&g, seed);
+        let want = kiln_ir::run(&g, ins.clone()).unwrap();
+        let got = kiln_ir::run(&ng, ins).unwrap();
+        close(&got[0], &want[0]).unwrap();
+    }
+}
+
 fn bn(b: &mut B, y: ValueId, c: usize) -> ValueId {
     let s = b.rand(&[c]);
     let bb = b.rand(&[c]);
@@ -593,4 +674,105 @@ fn runner_stops_at_the_node_limit_and_says_so() {
     let g = b.finish(out);
     let (_, report) = saturate(&g, &rules::all(), &limits, &CostModel::default()).unwrap();
     assert!(report.stop_reason.starts_with("node limit"), "{report}");
+}
+
+#[test]
+fn extraction_and_inspect_measure_a_graph_with_the_same_cost_model() {
+    // The unsaturated e-graph extracts to the graph itself: its DAG cost must be the
+    // cost `kiln inspect` gives the IR graph, since both come from one per-op table.
+    let mut b = B::new(5);
+    let x = b.input(&[4, 8]);
+    let l = ln(&mut b, x, 8, true);
+    let h = mk_mat(&mut b, l, 8, 16);
+    let h = b.op(OpKind::Relu, none(), &[h]);
+    let out = b.op(OpKind::Exp, none(), &[h]);
+    let g = b.finish(out);
+    let cm = CostModel::default();
+    let (eg, origins) = convert::to_egraph(&g).unwrap();
+    let ext = extract::extract(&eg, &origins.roots, &cm, &HashMap::new()).unwrap();
+    let ir = cm.graph_cost(&g).time;
+    assert!(
+        (ext.dag_cost - ir).abs() <= 1e-12 * ir,
+        "{} vs {ir}",
+        ext.dag_cost
+    );
+}
+
+/// A hand-made Pre-LN block: h0 = x·Win + bin; h1 = h0 + MLP(LN1(h0)); out = LN_f(h1)·Wout.
+/// With `leak`, h1 is also a graph output: a reader that sees its mean.
+fn pre_ln_block(leak: bool) -> Graph {
+    let mut b = B::new(21);
+    let d = 16;
+    let x = b.input(&[4, 8]);
+    let h = mk_mat(&mut b, x, 8, d);
+    let c = b.rand(&[d]);
+    let h0 = b.op(OpKind::Add, none(), &[h, c]);
+    let l1 = ln(&mut b, h0, d, true);
+    let u = mk_mat(&mut b, l1, d, 32);
+    let c1 = b.rand(&[32]);
+    let u = b.op(OpKind::Add, none(), &[u, c1]);
+    let a = b.op(OpKind::Relu, none(), &[u]);
+    let y = mk_mat(&mut b, a, 32, d);
+    let c2 = b.rand(&[d]);
+    let y1 = b.op(OpKind::Add, none(), &[y, c2]);
+    let h1 = b.op(OpKind::Add, none(), &[h0, y1]);
+    let lf = ln(&mut b, h1, d, true);
+    let out = mk_mat(&mut b, lf, d, 10);
+    let outs = if leak { vec![out, h1] } else { vec![out] };
+    b.b.finish(outs)
+}
+
+fn count(g: &Graph, ops: &[OpKind]) -> usize {
+    g.nodes.iter().filter(|n| ops.contains(&n.op)).count()
+}
+
+/// Runs centring then saturation; returns the result and whether centring changed anything.
+fn centre_then_saturate(g: &Graph) -> (Graph, bool) {
+    use crate::Pass;
+    let mut ng = g.clone();
+    let stats = crate::classic::CentreMeanInvariant.run(&mut ng).unwrap();
+    SaturateEgraph::default().run(&mut ng).unwrap();
+    crate::classic::EliminateDeadCode.run(&mut ng).unwrap();
+    kiln_ir::verify(&ng).unwrap();
+    (ng, !stats.is_noop())
+}
+
+#[test]
+fn pre_ln_block_whose_every_reader_is_mean_invariant_becomes_pre_rms_norm() {
+    let g = pre_ln_block(false);
+    let si = crate::classic::centre::shift_invariant(&g);
+    // x·Win, h0, a·W2, y1, h1: every one read only by layer norms and such sums.
+    assert_eq!(si.iter().filter(|&&s| s).count(), 5);
+    let (ng, centred) = centre_then_saturate(&g);
+    assert!(centred);
+    let ln_like = [OpKind::LayerNorm, OpKind::InvStd];
+    let rms_like = [OpKind::RmsNorm, OpKind::InvRms];
+    assert_eq!(count(&ng, &ln_like), 0, "{}", kiln_ir::text::print(&ng));
+    assert_eq!(count(&ng, &rms_like), 2, "{}", kiln_ir::text::print(&ng));
+    for seed in 1..=3 {
+        let ins = random_inputs(&g, seed);
+        let want = kiln_ir::run(&g, ins.clone()).unwrap();
+        let got = kiln_ir::run(&ng, ins).unwrap();
+        close(&got[0], &want[0]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
+#[test]
+fn a_reader_that_sees_the_mean_keeps_the_layer_norms() {
+    let g = pre_ln_block(true);
+    let (ng, centred) = centre_then_saturate(&g);
+    assert!(!centred, "h1 is a graph output: nothing may be centred");
+    assert_eq!(
+        count(&ng, &[OpKind::RmsNorm, OpKind::InvRms]),
+        0,
+        "{}",
+        kiln_ir::text::print(&ng)
+    );
+    assert_eq!(count(&ng, &[OpKind::LayerNorm, OpKind::InvStd]), 2);
+    let ins = random_inputs(&g, 1);
+    let want = kiln_ir::run(&g, ins.clone()).unwrap();
+    let got = kiln_ir::run(&ng, ins).unwrap();
+    for (x, y) in got.iter().zip(&want) {
+        close(x, y).unwrap();
+    }
 }

@@ -12,6 +12,10 @@ pub fn rules() -> Vec<Rule> {
         rw!("bias-into-linear"; "(add (matmul ?x ?w) ?b)" => "(linear ?x ?w ?b none none {activation=none})" if rank_is("?w", 2) if fits_root("?b") if linear_is_root("?x", "?w")),
         // b + x·W = linear(x, W, b)
         rw!("bias-into-linear-left"; "(add ?b (matmul ?x ?w))" => "(linear ?x ?w ?b none none {activation=none})" if rank_is("?w", 2) if fits_root("?b") if linear_is_root("?x", "?w")),
+        // linear(x, W; row scale s) + b = linear(x, W, b; row scale s), b constant
+        rw!("bias-into-scaled-linear"; "(add (linear ?x ?w none ?s none {activation=none}) ?b)" => "(linear ?x ?w ?b ?s none {activation=none})" if is_const("?b") if fits_root("?b") if linear_is_root("?x", "?w")),
+        // b + linear(x, W; row scale s) = linear(x, W, b; row scale s), b constant
+        rw!("bias-into-scaled-linear-left"; "(add ?b (linear ?x ?w none ?s none {activation=none}))" => "(linear ?x ?w ?b ?s none {activation=none})" if is_const("?b") if fits_root("?b") if linear_is_root("?x", "?w")),
         // x·W = linear(x, W)
         rw!("matmul-as-linear"; "(matmul ?x ?w)" => "(linear ?x ?w none none none {activation=none})" if rank_is("?w", 2) if linear_is_root("?x", "?w")),
         // relu(linear(x, W, b)) = linear(x, W, b; relu)

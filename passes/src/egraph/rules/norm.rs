@@ -2,7 +2,8 @@
 //! batch_norm into the preceding conv or matmul; turn layer_norm into rms_norm where its
 //! input is mean-free; centre a linear's output weights under a mean-invariant consumer
 //! (with the previous rule, the Pre-LN ⇔ Pre-RMSNorm equivalence); move an rms_norm's
-//! per-row 1/rms past the matmul into the `linear` epilogue's row_scale.
+//! per-row 1/rms (1/σ for layer_norm, whose centring folds into W's columns) past the
+//! matmul into the `linear` epilogue's row_scale.
 //! New weights are helper expressions the analysis folds exactly.
 
 use super::*;
@@ -32,6 +33,8 @@ pub fn rules() -> Vec<Rule> {
         // LN(y·W + c) = LN(y·centre(W) + centre(c))
         rw!("centre-linear-under-ln"; "(layer_norm (add (matmul ?y ?w) ?c) ?g ?b ?a)" => "(layer_norm (add (matmul ?y (centre ?w)) (centre ?c)) ?g ?b ?a)" if is_const("?w") if rank_is("?w", 2) if is_const("?c") if rank_is("?c", 1) if not_mean_free("?w") if is_float("?w") if is_last_axis("?a", "?w")),
         // RMSNorm(x; 1)·W = diag(1/rms(x))·(x·W): the per-row scale moves into the linear's epilogue
-        rw!("rms-scale-into-epilogue"; "(matmul (rms_norm ?x ?g ?a) ?w)" => "(linear ?x ?w none (reciprocal (sqrt (add (reduce_mean (mul ?x ?x) last_axis {keepdims=1}) (eps_like ?a ?x)))) none {activation=none})" if is_ones("?g") if rank_is("?w", 2) if is_last_axis("?a", "?x")),
+        rw!("rms-scale-into-epilogue"; "(matmul (rms_norm ?x ?g ?a) ?w)" => "(linear ?x ?w none (inv_rms ?x (eps_like ?a ?x)) none {activation=none})" if is_ones("?g") if rank_is("?w", 2) if is_last_axis("?a", "?x")),
+        // LN(x; 1)·W = diag(1/σ(x))·(x·(P·W)), P = I − 11ᵀ/K: centring x's rows equals centring W's columns, so the per-row 1/σ moves into the linear's epilogue
+        rw!("ln-scale-into-epilogue"; "(matmul (layer_norm ?x ?g none ?a) ?w)" => "(linear ?x (t (centre (t ?w))) none (inv_std ?x (eps_like ?a ?x)) none {activation=none})" if is_ones("?g") if is_const("?w") if rank_is("?w", 2) if is_float("?w") if is_last_axis("?a", "?x")),
     ]
 }
