@@ -215,7 +215,7 @@ fn run_case(c: &Case, isa: Isa) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig { cases: 96, max_shrink_iters: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn native_kernel_matches_f64_reference(c in case(40, 70, 300)) {
