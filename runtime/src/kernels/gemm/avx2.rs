@@ -57,26 +57,27 @@ impl MicroKernel for Avx2 {
         // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile).
         unsafe {
             match rows {
-                6 => tile::<6>(kc, a, b, c, ldc, accumulate),
-                5 => tile::<5>(kc, a, b, c, ldc, accumulate),
-                4 => tile::<4>(kc, a, b, c, ldc, accumulate),
-                3 => tile::<3>(kc, a, b, c, ldc, accumulate),
-                2 => tile::<2>(kc, a, b, c, ldc, accumulate),
-                _ => tile::<1>(kc, a, b, c, ldc, accumulate),
+                6 => tile::<6, 1>(kc, a, b, c, ldc, accumulate),
+                5 => tile::<5, 1>(kc, a, b, c, ldc, accumulate),
+                4 => tile::<4, 1>(kc, a, b, c, ldc, accumulate),
+                3 => tile::<3, 2>(kc, a, b, c, ldc, accumulate),
+                2 => tile::<2, 2>(kc, a, b, c, ldc, accumulate),
+                _ => tile::<1, 4>(kc, a, b, c, ldc, accumulate),
             }
         }
     }
 }
 
 /// `C[R × 16] (+)= A[R × kc] · B[kc × 16]` from packed panels (A k-major with stride MR, B
-/// k-major with stride NR).
+/// k-major with stride NR). `U` copies of the accumulators take alternate k steps so that at
+/// least eight FMA chains are in flight (FMA latency 4 × 2 ports) even for one or two rows.
 ///
 /// # Safety
 /// AVX2+FMA available; `a` readable for `kc·MR`, `b` for `kc·NR` values; `c` writable for
 /// `R` rows of 16 with row stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn tile<const R: usize>(
+unsafe fn tile<const R: usize, const U: usize>(
     kc: usize,
     a: *const f32,
     b: *const f32,
@@ -88,28 +89,53 @@ unsafe fn tile<const R: usize>(
     // step `p < kc` reads a[p·MR + r] (r < R <= MR) and b[p·NR .. p·NR + 16]; the stores
     // touch c[r·ldc .. r·ldc + 16] for r < R.
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
         let (mut ap, mut bp) = (a, b);
-        for _ in 0..kc {
-            let b0 = _mm256_loadu_ps(bp);
-            let b1 = _mm256_loadu_ps(bp.add(8));
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*ap.add(r));
-                acc_r[0] = _mm256_fmadd_ps(av, b0, acc_r[0]);
-                acc_r[1] = _mm256_fmadd_ps(av, b1, acc_r[1]);
+        for _ in 0..kc / U {
+            for acc_u in acc.iter_mut() {
+                step::<R>(acc_u, ap, bp);
+                ap = ap.add(MR);
+                bp = bp.add(NR);
             }
+        }
+        for _ in 0..kc % U {
+            step::<R>(&mut acc[0], ap, bp);
             ap = ap.add(MR);
             bp = bp.add(NR);
         }
-        for (r, acc_r) in acc.iter().enumerate() {
+        for r in 0..R {
+            let (mut lo, mut hi) = (acc[0][r][0], acc[0][r][1]);
+            for acc_u in &acc[1..] {
+                lo = _mm256_add_ps(lo, acc_u[r][0]);
+                hi = _mm256_add_ps(hi, acc_u[r][1]);
+            }
             let cr = c.add(r * ldc);
-            let (mut lo, mut hi) = (acc_r[0], acc_r[1]);
             if accumulate {
                 lo = _mm256_add_ps(lo, _mm256_loadu_ps(cr));
                 hi = _mm256_add_ps(hi, _mm256_loadu_ps(cr.add(8)));
             }
             _mm256_storeu_ps(cr, lo);
             _mm256_storeu_ps(cr.add(8), hi);
+        }
+    }
+}
+
+/// One k step of an `R × 16` tile: two B vectors, `R` A broadcasts, `2R` FMAs. A function,
+/// not a closure, so that it inlines into the `avx2,fma` caller and inherits its features.
+///
+/// # Safety
+/// AVX2+FMA available; `ap` readable for `R` values, `bp` for 16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step<const R: usize>(acc: &mut [[__m256; 2]; R], ap: *const f32, bp: *const f32) {
+    // SAFETY: the reads stay inside the ranges the caller guarantees.
+    unsafe {
+        let b0 = _mm256_loadu_ps(bp);
+        let b1 = _mm256_loadu_ps(bp.add(8));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*ap.add(r));
+            acc_r[0] = _mm256_fmadd_ps(av, b0, acc_r[0]);
+            acc_r[1] = _mm256_fmadd_ps(av, b1, acc_r[1]);
         }
     }
 }

@@ -60,11 +60,18 @@ impl PackedB {
             for p in 0..npanels {
                 let base = k0 * padded_cols + p * kc * NR;
                 let panel = &mut dst[base..base + kc * NR];
+                let (j0, w) = (p * NR, NR.min(n - p * NR));
                 for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    for (jj, v) in row.iter_mut().enumerate() {
-                        let j = p * NR + jj;
-                        *v = if j < n { b.at(k0 + kk, j) } else { 0.0 };
+                    if b.cs == 1 {
+                        // Contiguous rows (the usual case): copy the panel's slice of the row.
+                        let start = (k0 + kk) * b.rs + j0;
+                        row[..w].copy_from_slice(&b.data[start..start + w]);
+                    } else {
+                        for (jj, v) in row[..w].iter_mut().enumerate() {
+                            *v = b.at(k0 + kk, j0 + jj);
+                        }
                     }
+                    row[w..].fill(0.0);
                 }
             }
             k0 += kc;
