@@ -172,8 +172,11 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let p = p * r + 1.0;
     let p = p * r + 1.0;
-    // n is in [-126, 127] after the clamp (NaN converts to 0 and `p` carries the NaN).
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // n is an integer in [-126, 127] after the clamp. Adding 127 + 2^23 puts n + 127 in the
+    // low mantissa bits; shifting them into the exponent field builds 2^n without a float to
+    // int conversion (which would not vectorise). A NaN input gives garbage here, but `p`
+    // carries the NaN.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     p * scale
 }
 
