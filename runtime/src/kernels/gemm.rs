@@ -1,0 +1,540 @@
+//! f32 GEMM with a fused epilogue: `C = act(row_scale ⊙ (A·B) + bias) + residual`, exactly the
+//! semantics of kiln's `linear` op (ir/src/ops/fused.rs), computed in f32.
+//!
+//! Structure (the classic Goto/BLIS loop nest):
+//! - B is packed into `NR`-column panels per `KC`-deep slab ([`PackedB`]); constant weights are
+//!   packed once and reused by every call.
+//! - A is packed per `MC × KC` block into `MR`-row panels (the block lives in L2).
+//! - The micro-kernel multiplies one `MR × kc` A panel by one `kc × NR` B panel into an
+//!   `MR × NR` tile of C held in registers: AVX2+FMA ([`avx2`]) when the CPU has it (checked at
+//!   run time), a portable loop ([`portable`]) everywhere else.
+//! - After the last `KC` slab the epilogue runs on the tile while it is still in L1.
+//! - Threads split the columns of C (or its rows when there are few columns); each owns a
+//!   disjoint rectangle of C.
+//!
+//! All shape and stride checks happen at the safe API boundary ([`MatRef::new`],
+//! [`MatMut::new`], [`gemm`]); the inner loops rely on them.
+
+mod avx2;
+mod epilogue;
+mod pack;
+mod portable;
+#[cfg(test)]
+mod tests;
+
+pub use epilogue::{Activation, Epilogue};
+pub use pack::PackedB;
+
+use pack::{pack_a, AlignedBuf};
+use std::sync::OnceLock;
+use thiserror::Error;
+
+/// Rows of the register tile.
+pub const MR: usize = 6;
+/// Columns of the register tile (two AVX2 vectors of 8 f32).
+pub const NR: usize = 16;
+/// Depth of a K slab: one `KC × NR` B panel (16 KiB) plus one `MR × KC` A panel (6 KiB) stay
+/// in Zen 3's 32 KiB L1d.
+pub const KC: usize = 256;
+/// Rows of a packed A block: `MC × KC` f32 = 144 KiB, well inside Zen 3's 512 KiB L2.
+pub const MC: usize = 144;
+/// Columns of C visited per outer block: a `KC × NC` slab of B is 3 MiB, inside the 32 MiB L3.
+pub const NC: usize = 3072;
+/// Below this many flops per thread, spawning a thread costs more than it saves.
+const MIN_FLOPS_PER_THREAD: usize = 4_000_000;
+
+/// What can go wrong at the API boundary. Every shape or stride problem is reported here;
+/// nothing past the boundary panics on caller input.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum GemmError {
+    /// Two operands disagree about a dimension.
+    #[error("{what}: expected {expected}, got {got}")]
+    Mismatch {
+        /// Which dimension or operand.
+        what: &'static str,
+        /// The size the other operands imply.
+        expected: usize,
+        /// The size given.
+        got: usize,
+    },
+    /// A matrix view reaches past the end of its slice.
+    #[error("{what}: the view needs {needed} elements but the slice has {len}")]
+    OutOfBounds {
+        /// Which operand.
+        what: &'static str,
+        /// One past the largest index the view touches.
+        needed: usize,
+        /// The slice length.
+        len: usize,
+    },
+    /// A size or index computation overflows `usize`.
+    #[error("{what}: size overflows usize")]
+    Overflow {
+        /// Which operand.
+        what: &'static str,
+    },
+    /// The output's rows overlap (row stride smaller than the number of columns).
+    #[error("output row stride {row_stride} is smaller than its {cols} columns")]
+    OverlappingRows {
+        /// The row stride given.
+        row_stride: usize,
+        /// The number of columns.
+        cols: usize,
+    },
+    /// `GemmConfig::threads` was zero.
+    #[error("thread count must be at least 1")]
+    ZeroThreads,
+}
+
+/// One past the largest index a `rows × cols` view with these strides touches (0 when empty).
+fn extent(
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Result<usize, GemmError> {
+    if rows == 0 || cols == 0 {
+        return Ok(0);
+    }
+    let of = || GemmError::Overflow { what };
+    let last_r = (rows - 1).checked_mul(rs).ok_or_else(of)?;
+    let last_c = (cols - 1).checked_mul(cs).ok_or_else(of)?;
+    last_r
+        .checked_add(last_c)
+        .and_then(|x| x.checked_add(1))
+        .ok_or_else(of)
+}
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+/// Construction checks that every element is inside `data`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A strided view; `Err` if it reaches past the end of `data`.
+    pub fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self, GemmError> {
+        let needed = extent("matrix", rows, cols, row_stride, col_stride)?;
+        if needed > data.len() {
+            return Err(GemmError::OutOfBounds {
+                what: "matrix",
+                needed,
+                len: data.len(),
+            });
+        }
+        Ok(MatRef {
+            data,
+            rows,
+            cols,
+            rs: row_stride,
+            cs: col_stride,
+        })
+    }
+
+    /// A dense row-major view (`row_stride = cols`, `col_stride = 1`).
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Result<Self, GemmError> {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Element `(i, j)`; the caller keeps `i < rows`, `j < cols` (checked indexing backs it up).
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
+}
+
+/// The output: a row-major view with a row stride (`col_stride = 1`) whose rows do not overlap.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A view with row stride `row_stride`; `Err` if rows overlap or it reaches past `data`.
+    pub fn new(
+        data: &'a mut [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> Result<Self, GemmError> {
+        if rows > 1 && row_stride < cols {
+            return Err(GemmError::OverlappingRows { row_stride, cols });
+        }
+        let needed = extent("output", rows, cols, row_stride, 1)?;
+        if needed > data.len() {
+            return Err(GemmError::OutOfBounds {
+                what: "output",
+                needed,
+                len: data.len(),
+            });
+        }
+        Ok(MatMut {
+            data,
+            rows,
+            cols,
+            rs: row_stride,
+        })
+    }
+
+    /// A dense row-major view.
+    pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Result<Self, GemmError> {
+        Self::new(data, rows, cols, cols)
+    }
+}
+
+/// The right-hand operand: a plain view (packed inside the call) or a pre-packed weight.
+#[derive(Debug, Clone, Copy)]
+pub enum Rhs<'a> {
+    /// Packed on every call.
+    Plain(MatRef<'a>),
+    /// Packed once with [`PackedB::pack`].
+    Packed(&'a PackedB),
+}
+
+/// Which micro-kernel to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isa {
+    /// AVX2+FMA when the running CPU has both, else portable.
+    #[default]
+    Auto,
+    /// The portable kernel, whatever the CPU (tests use it to cover the fallback).
+    Portable,
+}
+
+/// Run-time settings of a call.
+#[derive(Debug, Clone, Copy)]
+pub struct GemmConfig {
+    /// Upper bound on threads; small problems use fewer.
+    pub threads: usize,
+    /// Micro-kernel selection.
+    pub isa: Isa,
+}
+
+impl Default for GemmConfig {
+    fn default() -> Self {
+        GemmConfig {
+            threads: physical_cores(),
+            isa: Isa::Auto,
+        }
+    }
+}
+
+/// The number of physical cores (SMT siblings counted once), at least 1.
+pub fn physical_cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| {
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+        linux_physical_cores().unwrap_or(logical).clamp(1, logical)
+    })
+}
+
+/// Distinct `thread_siblings_list` entries under sysfs: one per physical core.
+fn linux_physical_cores() -> Option<usize> {
+    let mut sets = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir("/sys/devices/system/cpu").ok()? {
+        let path = entry.ok()?.path();
+        let name = path.file_name()?.to_str()?.to_owned();
+        if name
+            .strip_prefix("cpu")
+            .is_some_and(|d| d.parse::<u32>().is_ok())
+        {
+            if let Ok(s) = std::fs::read_to_string(path.join("topology/thread_siblings_list")) {
+                sets.insert(s.trim().to_owned());
+            }
+        }
+    }
+    (!sets.is_empty()).then_some(sets.len())
+}
+
+/// The micro-kernel family chosen for a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Avx2Fma,
+    Portable,
+}
+
+fn select_kernel(isa: Isa) -> Kernel {
+    match isa {
+        Isa::Auto if avx2::available() => Kernel::Avx2Fma,
+        _ => Kernel::Portable,
+    }
+}
+
+/// `c = epilogue(a · b)`. Checks every shape against every other and against the epilogue;
+/// returns `Err` on any mismatch and never panics on caller input.
+pub fn gemm(
+    a: MatRef<'_>,
+    b: Rhs<'_>,
+    c: MatMut<'_>,
+    epilogue: &Epilogue<'_>,
+    config: &GemmConfig,
+) -> Result<(), GemmError> {
+    if config.threads == 0 {
+        return Err(GemmError::ZeroThreads);
+    }
+    let packed_here;
+    let b = match b {
+        Rhs::Packed(p) => p,
+        Rhs::Plain(v) => {
+            packed_here = PackedB::pack(v)?;
+            &packed_here
+        }
+    };
+    let (m, k, n) = (a.rows, a.cols, b.cols());
+    let check = |what, expected, got| {
+        if expected == got {
+            Ok(())
+        } else {
+            Err(GemmError::Mismatch {
+                what,
+                expected,
+                got,
+            })
+        }
+    };
+    check("rows of B (the contraction)", k, b.rows())?;
+    check("rows of C", m, c.rows)?;
+    check("columns of C", n, c.cols)?;
+    epilogue.check(m, n)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let kernel = select_kernel(config.isa);
+    let out = OutPtr {
+        ptr: c.data.as_mut_ptr(),
+        rs: c.rs,
+    };
+    let ctx = Ctx {
+        a,
+        b,
+        out,
+        ep: epilogue,
+        n,
+        k,
+        kernel,
+    };
+    let npanels = n.div_ceil(NR);
+    let flops = m.saturating_mul(n).saturating_mul(k).saturating_mul(2);
+    let by_work = (flops / MIN_FLOPS_PER_THREAD).max(1);
+    let threads = config.threads.min(by_work);
+    // Split columns when there are enough panels to go round, else rows (in MR steps).
+    let split_cols = npanels >= 2 * threads || m.div_ceil(MR) < threads;
+    let units = if split_cols { npanels } else { m.div_ceil(MR) };
+    let threads = threads.min(units).max(1);
+    let range = |t: usize| (units * t / threads, units * (t + 1) / threads);
+    let job = |t: usize| {
+        let (lo, hi) = range(t);
+        if split_cols {
+            ctx.run(0, m, lo, hi);
+        } else {
+            ctx.run(lo * MR, (hi * MR).min(m), 0, npanels);
+        }
+    };
+    if threads == 1 {
+        job(0);
+    } else {
+        std::thread::scope(|s| {
+            for t in 1..threads {
+                s.spawn(move || job(t));
+            }
+            job(0);
+        });
+    }
+    Ok(())
+}
+
+/// The output as a raw pointer so that threads can each write their own rectangle.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    ptr: *mut f32,
+    rs: usize,
+}
+
+// SAFETY: the pointer comes from a `&mut [f32]` borrowed for the whole `gemm` call, and
+// threads write pairwise-disjoint rectangles of it (disjoint column or row ranges). `MatMut`
+// guarantees rows do not overlap (`rs >= cols` when `rows > 1`), so disjoint rectangles are
+// disjoint memory.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; shared references to `OutPtr` only hand out the pointer.
+unsafe impl Sync for OutPtr {}
+
+/// Everything a worker needs, validated.
+struct Ctx<'a> {
+    a: MatRef<'a>,
+    b: &'a PackedB,
+    out: OutPtr,
+    ep: &'a Epilogue<'a>,
+    n: usize,
+    k: usize,
+    kernel: Kernel,
+}
+
+impl Ctx<'_> {
+    /// Computes rows `i_lo..i_hi` and panels `p_lo..p_hi` (columns `p·NR ..`) of C.
+    fn run(&self, i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize) {
+        match self.kernel {
+            // SAFETY: `Avx2Fma` is only selected after `avx2::available()` confirmed AVX2 and
+            // FMA on this CPU.
+            Kernel::Avx2Fma => unsafe { avx2::run(self, i_lo, i_hi, p_lo, p_hi) },
+            Kernel::Portable => self.block_loop::<portable::Portable>(i_lo, i_hi, p_lo, p_hi),
+        }
+    }
+
+    /// The loop nest around the micro-kernel. Inlined into each kernel's entry point so the
+    /// epilogue is compiled with that kernel's target features.
+    #[inline(always)]
+    fn block_loop<K: MicroKernel>(&self, i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize) {
+        let (n, k) = (self.n, self.k);
+        if i_lo >= i_hi || p_lo >= p_hi {
+            return;
+        }
+        if k == 0 {
+            // No products: C = epilogue(0) over this worker's rectangle.
+            let (j0, j1) = (p_lo * NR, (p_hi * NR).min(n));
+            for i in i_lo..i_hi {
+                // SAFETY: row `i < m` and columns `j0..j1 <= n` are inside the output view
+                // and inside this worker's rectangle.
+                let row = unsafe { self.out_row(i, j0, j1 - j0) };
+                row.fill(0.0);
+            }
+            // SAFETY: the worker's rectangle, inside the output, written only by this worker.
+            unsafe { self.ep.apply(self.out, i_lo, i_hi - i_lo, j0, j1 - j0) };
+            return;
+        }
+        let mut apack = AlignedBuf::new(MC * KC);
+        let mut tile = [0.0f32; MR * NR];
+        let nc_panels = NC / NR;
+        let mut jc = p_lo;
+        while jc < p_hi {
+            let jc_end = (jc + nc_panels).min(p_hi);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let (first, last) = (k0 == 0, k0 + kc == k);
+                let mut ic = i_lo;
+                while ic < i_hi {
+                    let mc = MC.min(i_hi - ic);
+                    let ap = apack.as_mut_slice();
+                    pack_a(&self.a, ic, mc, k0, kc, ap);
+                    for jp in jc..jc_end {
+                        let bp = self.b.panel(k0, kc, jp);
+                        let j0 = jp * NR;
+                        let w = NR.min(n - j0);
+                        let mut ir = 0;
+                        while ir < mc {
+                            let rows = MR.min(mc - ir);
+                            let a_panel = &ap[ir * kc..(ir + MR) * kc];
+                            let i0 = ic + ir;
+                            if w == NR {
+                                // SAFETY: rows `i0..i0 + rows` and columns `j0..j0 + NR` lie
+                                // inside the output (checked at the API boundary) and inside
+                                // this worker's rectangle; the panels hold `kc·MR` and
+                                // `kc·NR` values.
+                                unsafe {
+                                    K::kernel(
+                                        kc,
+                                        a_panel,
+                                        bp,
+                                        self.out_ptr(i0, j0),
+                                        self.out.rs,
+                                        rows,
+                                        !first,
+                                    )
+                                };
+                            } else {
+                                // Edge panel: compute the full tile aside, copy `w` columns.
+                                // SAFETY: `tile` holds MR rows of NR with row stride NR.
+                                unsafe {
+                                    K::kernel(kc, a_panel, bp, tile.as_mut_ptr(), NR, rows, false)
+                                };
+                                for r in 0..rows {
+                                    // SAFETY: as for the full tile, restricted to `w` columns.
+                                    let row = unsafe { self.out_row(i0 + r, j0, w) };
+                                    let t = &tile[r * NR..r * NR + w];
+                                    if first {
+                                        row.copy_from_slice(t);
+                                    } else {
+                                        row.iter_mut().zip(t).for_each(|(c, t)| *c += t);
+                                    }
+                                }
+                            }
+                            if last {
+                                // SAFETY: the tile just written: inside the output and this
+                                // worker's rectangle, no reference to it live.
+                                unsafe { self.ep.apply(self.out, i0, rows, j0, w) };
+                            }
+                            ir += MR;
+                        }
+                    }
+                    ic += mc;
+                }
+                k0 += kc;
+            }
+            jc = jc_end;
+        }
+    }
+
+    /// Pointer to C(i, j).
+    ///
+    /// # Safety
+    /// `i < m` and `j < n`.
+    #[inline(always)]
+    unsafe fn out_ptr(&self, i: usize, j: usize) -> *mut f32 {
+        // SAFETY: in bounds of the output slice by the caller's contract and `MatMut::new`.
+        unsafe { self.out.ptr.add(i * self.out.rs + j) }
+    }
+
+    /// Columns `j..j + w` of row `i` of C as a slice.
+    ///
+    /// # Safety
+    /// `i < m`, `j + w <= n`, the range lies in the calling worker's rectangle, and no other
+    /// reference to it is live.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn out_row(&self, i: usize, j: usize, w: usize) -> &mut [f32] {
+        // SAFETY: in bounds and exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.out_ptr(i, j), w) }
+    }
+}
+
+/// A register-tile micro-kernel: `C[rows × NR] (+)= A_panel · B_panel`.
+trait MicroKernel {
+    /// # Safety
+    /// `c` points to `rows` rows of `NR` writable f32 with row stride `ldc`, not aliased by
+    /// any live reference; `a` holds at least `kc·MR` and `b` at least `kc·NR` values;
+    /// `1 <= rows <= MR`; the CPU supports the kernel's target features.
+    unsafe fn kernel(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        accumulate: bool,
+    );
+}

@@ -1,0 +1,141 @@
+//! The AVX2+FMA micro-kernel: an `MR × NR` = 6 × 16 tile in twelve ymm accumulators, two B
+//! vectors and one A broadcast per k step (15 of 16 registers).
+
+use super::{Ctx, MicroKernel, MR, NR};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Whether the running CPU has AVX2 and FMA.
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The loop nest compiled with AVX2+FMA enabled (the epilogue vectorises with it).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA ([`available`] returned true).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn run(ctx: &Ctx<'_>, i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize) {
+    ctx.block_loop::<Avx2>(i_lo, i_hi, p_lo, p_hi)
+}
+
+/// Never called: [`available`] is false off x86-64, so the portable kernel runs instead.
+///
+/// # Safety
+/// None needed; present for symmetry.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) unsafe fn run(ctx: &Ctx<'_>, i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize) {
+    ctx.block_loop::<super::portable::Portable>(i_lo, i_hi, p_lo, p_hi)
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl MicroKernel for Avx2 {
+    #[inline(always)]
+    unsafe fn kernel(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        accumulate: bool,
+    ) {
+        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR && (1..=MR).contains(&rows));
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile).
+        unsafe {
+            match rows {
+                6 => tile::<6, 1>(kc, a, b, c, ldc, accumulate),
+                5 => tile::<5, 1>(kc, a, b, c, ldc, accumulate),
+                4 => tile::<4, 1>(kc, a, b, c, ldc, accumulate),
+                3 => tile::<3, 2>(kc, a, b, c, ldc, accumulate),
+                2 => tile::<2, 2>(kc, a, b, c, ldc, accumulate),
+                _ => tile::<1, 4>(kc, a, b, c, ldc, accumulate),
+            }
+        }
+    }
+}
+
+/// `C[R × 16] (+)= A[R × kc] · B[kc × 16]` from packed panels (A k-major with stride MR, B
+/// k-major with stride NR). `U` copies of the accumulators take alternate k steps so that at
+/// least eight FMA chains are in flight (FMA latency 4 × 2 ports) even for one or two rows.
+///
+/// # Safety
+/// AVX2+FMA available; `a` readable for `kc·MR`, `b` for `kc·NR` values; `c` writable for
+/// `R` rows of 16 with row stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile<const R: usize, const U: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    // SAFETY: every pointer offset below stays inside the ranges the caller guarantees:
+    // step `p < kc` reads a[p·MR + r] (r < R <= MR) and b[p·NR .. p·NR + 16]; the stores
+    // touch c[r·ldc .. r·ldc + 16] for r < R.
+    unsafe {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc / U {
+            for acc_u in acc.iter_mut() {
+                step::<R>(acc_u, ap, bp);
+                ap = ap.add(MR);
+                bp = bp.add(NR);
+            }
+        }
+        for _ in 0..kc % U {
+            step::<R>(&mut acc[0], ap, bp);
+            ap = ap.add(MR);
+            bp = bp.add(NR);
+        }
+        for r in 0..R {
+            let (mut lo, mut hi) = (acc[0][r][0], acc[0][r][1]);
+            for acc_u in &acc[1..] {
+                lo = _mm256_add_ps(lo, acc_u[r][0]);
+                hi = _mm256_add_ps(hi, acc_u[r][1]);
+            }
+            let cr = c.add(r * ldc);
+            if accumulate {
+                lo = _mm256_add_ps(lo, _mm256_loadu_ps(cr));
+                hi = _mm256_add_ps(hi, _mm256_loadu_ps(cr.add(8)));
+            }
+            _mm256_storeu_ps(cr, lo);
+            _mm256_storeu_ps(cr.add(8), hi);
+        }
+    }
+}
+
+/// One k step of an `R × 16` tile: two B vectors, `R` A broadcasts, `2R` FMAs. A function,
+/// not a closure, so that it inlines into the `avx2,fma` caller and inherits its features.
+///
+/// # Safety
+/// AVX2+FMA available; `ap` readable for `R` values, `bp` for 16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step<const R: usize>(acc: &mut [[__m256; 2]; R], ap: *const f32, bp: *const f32) {
+    // SAFETY: the reads stay inside the ranges the caller guarantees.
+    unsafe {
+        let b0 = _mm256_loadu_ps(bp);
+        let b1 = _mm256_loadu_ps(bp.add(8));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*ap.add(r));
+            acc_r[0] = _mm256_fmadd_ps(av, b0, acc_r[0]);
+            acc_r[1] = _mm256_fmadd_ps(av, b1, acc_r[1]);
+        }
+    }
+}

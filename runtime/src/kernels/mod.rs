@@ -1,0 +1,4 @@
+//! Hand-written CPU kernels shared by kiln's CPU backends: contractions (GEMM with fused
+//! epilogues) today; the JIT calls into these for the ops it does not generate itself.
+
+pub mod gemm;
