@@ -3,6 +3,7 @@
 //! will plug in behind [`Model::run`].
 
 pub mod compare;
+pub mod kernel;
 pub mod model;
 pub mod testdata;
 
