@@ -24,7 +24,7 @@ fn y_dims(x: &[Dim], mode: u8) -> Vec<Dim> {
             *d.last_mut().unwrap() = Dim::Fixed(1);
             d
         }
-        2 => vec![*x.last().unwrap()].into_iter().cloned().collect(),
+        2 => vec![x.last().unwrap().clone()],
         _ => vec![],
     }
 }
