@@ -58,7 +58,11 @@ pub fn new_module() -> Result<JITModule, String> {
 pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<FuncId, String> {
     let ptr = module.target_config().pointer_type();
     let mut ctx: Context = module.make_context();
-    ctx.func.signature.params = vec![AbiParam::new(ptr), AbiParam::new(ptr), AbiParam::new(types::I64)];
+    ctx.func.signature.params = vec![
+        AbiParam::new(ptr),
+        AbiParam::new(ptr),
+        AbiParam::new(types::I64),
+    ];
     let id = module
         .declare_function(name, Linkage::Local, &ctx.func.signature)
         .map_err(|e| e.to_string())?;
@@ -77,7 +81,10 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
         let mut helpers = HashMap::new();
         for (op, hid) in &helper_ids {
-            if k.exprs.iter().any(|e| matches!(e, Expr::Un(o, _) if o == op)) {
+            if k.exprs
+                .iter()
+                .any(|e| matches!(e, Expr::Un(o, _) if o == op))
+            {
                 helpers.insert(*op, module.declare_func_in_func(*hid, b.func));
             }
         }
@@ -167,12 +174,19 @@ fn emit_loop(
         b.append_block_param(header, acc_ty);
         b.append_block_param(exit, acc_ty);
     }
-    let args: Vec<_> = std::iter::once(lo).chain(init.iter().copied()).map(Into::into).collect();
+    let args: Vec<_> = std::iter::once(lo)
+        .chain(init.iter().copied())
+        .map(Into::into)
+        .collect();
     b.ins().jump(header, &args);
     b.switch_to_block(header);
     let hp = b.block_params(header).to_vec();
     let (j, accs) = (hp[0], &hp[1..]);
-    let more = b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::SignedLessThan, j, hi);
+    let more = b.ins().icmp(
+        cranelift_codegen::ir::condcodes::IntCC::SignedLessThan,
+        j,
+        hi,
+    );
     let exit_args: Vec<_> = accs.iter().copied().map(Into::into).collect();
     b.ins().brif(more, body_blk, &[], exit, &exit_args);
     b.switch_to_block(body_blk);
@@ -187,9 +201,11 @@ fn emit_loop(
 /// `mask ? x : y` for a float comparison result, scalar or F32X4.
 fn select(b: &mut FunctionBuilder, mask: Value, x: Value, y: Value, ty: Type) -> Value {
     if ty.is_vector() {
-        let m = b
-            .ins()
-            .bitcast(ty, MemFlagsData::new().with_endianness(Endianness::Little), mask);
+        let m = b.ins().bitcast(
+            ty,
+            MemFlagsData::new().with_endianness(Endianness::Little),
+            mask,
+        );
         b.ins().bitselect(m, x, y)
     } else {
         b.ins().select(mask, x, y)

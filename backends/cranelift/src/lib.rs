@@ -117,7 +117,12 @@ impl JitExecutable {
 }
 
 impl LoopRunner for JitExecutable {
-    fn run_loop(&self, index: usize, k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    fn run_loop(
+        &self,
+        index: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, String> {
         let Some(f) = self.fns.get(index).copied().flatten() else {
             return kiln_runtime::kernel::eval::run_loop(k, inputs);
         };

@@ -117,10 +117,14 @@ fn build(kind: u8, xd: &[Dim], mode: u8) -> Graph {
 /// Deterministic pseudo-random f32s in [-3, 3), with NaN/±Inf sprinkled in when asked.
 fn data(shape: &[usize], seed: u64, specials: bool) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let u = (s >> 40) as f32 / (1u64 << 24) as f32;
             if specials && (s >> 20) % 11 == 0 {
                 [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][((s >> 8) % 3) as usize]

@@ -5,7 +5,10 @@ use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
 use std::path::PathBuf;
 
 fn models_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/models/tiny"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/models/tiny"
+    ))
 }
 
 #[test]
@@ -25,7 +28,11 @@ fn tiny_models_match_reference_data_and_the_interpreter() {
             .run(&mut g)
             .expect("pipeline");
         let exe = kiln_cranelift::compile(&g).expect("compiles");
-        assert!(exe.jit_kernel_count() > 0, "{}: no JIT kernels", m.display());
+        assert!(
+            exe.jit_kernel_count() > 0,
+            "{}: no JIT kernels",
+            m.display()
+        );
         let data = TestData::load(&m.join("test_data_set_0")).expect("test data");
         let ins: Vec<(&str, kiln_ir::Tensor)> = data
             .inputs
@@ -47,5 +54,26 @@ fn tiny_models_match_reference_data_and_the_interpreter() {
             exe.plan().kernels.len(),
             exe.jit_kernel_count()
         );
+    }
+}
+
+#[test]
+#[ignore = "diagnostic: prints which ops fall back, and their types"]
+fn print_fallback_ops() {
+    use kiln_runtime::kernel::Kernel;
+    for m in ["bert_tiny", "llama_tiny"] {
+        let model = Model::load(models_dir().join(m).join("model.onnx")).unwrap();
+        let mut g = model.graph().clone();
+        kiln_passes::pipeline::default_pipeline()
+            .run(&mut g)
+            .unwrap();
+        let exe = kiln_cranelift::compile(&g).unwrap();
+        for k in &exe.plan().kernels {
+            if let Kernel::Fallback(n) = k {
+                let node = &g.nodes[*n];
+                let tys: Vec<String> = node.outputs.iter().map(|&o| g.ty(o).to_string()).collect();
+                eprintln!("{m}: {} -> {}", node.op.name(), tys.join(", "));
+            }
+        }
     }
 }

@@ -11,8 +11,12 @@ use std::collections::HashMap;
 /// [`Plan::kernels`], so a runner can keep per-kernel compiled code.
 pub trait LoopRunner: Send + Sync {
     /// Runs loop kernel `index` on its inputs, returning its outputs in order.
-    fn run_loop(&self, index: usize, k: &LoopKernel, inputs: &[&Tensor])
-        -> Result<Vec<Tensor>, String>;
+    fn run_loop(
+        &self,
+        index: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, String>;
 }
 
 /// Runs loop kernels with the portable evaluator in [`super::eval`].
@@ -20,7 +24,12 @@ pub trait LoopRunner: Send + Sync {
 pub struct ReferenceRunner;
 
 impl LoopRunner for ReferenceRunner {
-    fn run_loop(&self, _: usize, k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    fn run_loop(
+        &self,
+        _: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, String> {
         super::eval::run_loop(k, inputs)
     }
 }
@@ -41,7 +50,13 @@ impl Plan {
             Some(Kernel::Contraction(n)) | Some(Kernel::Fallback(n)) => {
                 let node = &g.nodes[*n];
                 if node.name.is_empty() {
-                    format!("%{}", node.outputs.first().map(|&o| g.value(o).name.as_str()).unwrap_or(""))
+                    format!(
+                        "%{}",
+                        node.outputs
+                            .first()
+                            .map(|&o| g.value(o).name.as_str())
+                            .unwrap_or("")
+                    )
                 } else {
                     node.name.clone()
                 }
@@ -73,20 +88,23 @@ impl Plan {
         }
         for &i in &g.inputs {
             let v = g.value(i);
-            let t = inputs
-                .iter()
-                .find(|(n, _)| *n == v.name)
-                .ok_or_else(|| EvalError::MissingInput {
+            let t = inputs.iter().find(|(n, _)| *n == v.name).ok_or_else(|| {
+                EvalError::MissingInput {
                     name: v.name.clone(),
                     expected: v.ty.to_string(),
-                })?;
+                }
+            })?;
             ordered.push(t.1.clone());
         }
         self.run(ordered, runner)
     }
 
     /// Runs the plan on inputs in graph order; outputs come back in graph order.
-    pub fn run(&self, inputs: Vec<Tensor>, runner: &dyn LoopRunner) -> Result<Vec<Tensor>, EvalError> {
+    pub fn run(
+        &self,
+        inputs: Vec<Tensor>,
+        runner: &dyn LoopRunner,
+    ) -> Result<Vec<Tensor>, EvalError> {
         let g = &self.graph;
         if inputs.len() != g.inputs.len() {
             return Err(EvalError::UnknownInput {
@@ -150,14 +168,19 @@ impl Plan {
                 node: self.label(ki),
                 op: match k {
                     Kernel::Loop(_) => "loop".to_string(),
-                    Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].op.name().to_string(),
+                    Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                        g.nodes[*n].op.name().to_string()
+                    }
                 },
                 inputs: describe(&ins),
                 msg,
             };
             for (j, i) in ins_ids.iter().enumerate() {
                 if let (Some(v), None) = (i, ins[j]) {
-                    return Err(err(format!("input #{j} `{}` has no value", g.value(*v).name)));
+                    return Err(err(format!(
+                        "input #{j} `{}` has no value",
+                        g.value(*v).name
+                    )));
                 }
             }
             let (outs, out_ids): (Vec<Tensor>, Vec<ValueId>) = match k {

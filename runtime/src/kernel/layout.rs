@@ -32,7 +32,10 @@ impl LoopShape {
         let mut shape: Vec<usize> = vec![1; rank];
         if inputs.is_empty() {
             for (s, d) in shape.iter_mut().zip(&k.shape) {
-                *s = d.fixed().ok_or("a loop kernel without inputs needs fixed dims")? as usize;
+                *s = d
+                    .fixed()
+                    .ok_or("a loop kernel without inputs needs fixed dims")?
+                    as usize;
             }
         }
         for t in inputs {
@@ -48,7 +51,10 @@ impl LoopShape {
                 if *s == 1 {
                     *s = d;
                 } else if d != 1 && d != *s {
-                    return Err(format!("input {:?} does not broadcast to {shape:?}", t.shape()));
+                    return Err(format!(
+                        "input {:?} does not broadcast to {shape:?}",
+                        t.shape()
+                    ));
                 }
             }
         }
@@ -70,7 +76,11 @@ impl LoopShape {
         let mut strides = vec![];
         for (t, spec) in inputs.iter().zip(&k.inputs) {
             let off = rank - t.rank();
-            let last = if t.rank() == 0 { 1 } else { t.shape()[t.rank() - 1] };
+            let last = if t.rank() == 0 {
+                1
+            } else {
+                t.shape()[t.rank() - 1]
+            };
             let ok = match spec.inner {
                 InnerAccess::Contiguous => t.rank() > 0 && last == n,
                 InnerAccess::Broadcast => last == 1,

@@ -44,24 +44,30 @@ pub fn is_contraction(op: OpKind) -> bool {
     )
 }
 
-/// The static dims of a value when all are known (fixed or symbolic).
+/// The static dims of a value when its rank and last dim are known. Unknown outer dims
+/// are bound at run time by broadcasting the kernel's inputs.
 fn known_dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
     let d = g.ty(v).shape.dims()?;
-    if d.iter().any(|d| matches!(d, Dim::Unknown)) {
+    if matches!(d.last(), Some(Dim::Unknown)) {
         return None;
     }
     Some(d.to_vec())
 }
 
 /// How an input of static shape `dims` is read in a loop over `domain`, or `None` when
-/// it does not statically broadcast to it.
+/// it does not statically broadcast to it. Unknown outer dims are checked at run time.
 pub fn inner_access(dims: &[Dim], domain: &[Dim]) -> Option<InnerAccess> {
-    if dims.len() > domain.len() || dims.iter().any(|d| matches!(d, Dim::Unknown)) {
+    if dims.len() > domain.len() || matches!(dims.last(), Some(Dim::Unknown)) {
         return None;
     }
     let off = domain.len() - dims.len();
     for (i, d) in dims.iter().enumerate() {
-        if *d != domain[off + i] && *d != Dim::Fixed(1) {
+        let dd = &domain[off + i];
+        let unknown = matches!(d, Dim::Unknown) || matches!(dd, Dim::Unknown);
+        if i + 1 < dims.len() && unknown {
+            continue;
+        }
+        if d != dd && *d != Dim::Fixed(1) {
             return None;
         }
     }
@@ -86,7 +92,9 @@ fn lowerable(node: &Node, rank: usize) -> bool {
         Gelu => {
             n_in == 1
                 && matches!(
-                    node.attrs.string_or("approximate", "none".into()).as_deref(),
+                    node.attrs
+                        .string_or("approximate", "none".into())
+                        .as_deref(),
                     Ok("none") | Ok("tanh")
                 )
         }
@@ -149,6 +157,17 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
             if merge.contains(&gid) || groups[gid].1 != dom {
                 continue;
             }
+            // With unknown dims an inner value may be smaller than the domain (it is
+            // broadcast), so only the last node's result may leave the group.
+            let partly_unknown = dom.iter().any(|d| matches!(d, Dim::Unknown));
+            if partly_unknown
+                && groups[gid]
+                    .0
+                    .iter()
+                    .any(|&m| g.nodes[m].outputs.iter().any(|o| g.outputs.contains(o)))
+            {
+                continue;
+            }
             // Every value the group lets out must be read only by this node (graph
             // outputs aside), so no outside node sits between the group and this node.
             let sealed = groups[gid].0.iter().all(|&m| {
@@ -191,12 +210,7 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
             let (members, dom) = &groups[gid];
             if members.last() == Some(&i) {
                 kernels.push(Kernel::Loop(build_loop(
-                    g,
-                    members,
-                    dom,
-                    &consumers,
-                    &group_of,
-                    &outputs,
+                    g, members, dom, &consumers, &group_of, &outputs,
                 )?));
             }
         } else if node.op == OpKind::Constant {
