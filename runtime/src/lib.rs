@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod kernels;
+pub mod kernel;
 pub mod model;
 pub mod testdata;
 

@@ -1,0 +1,339 @@
+//! Cranelift code generation for loop kernels: one native function per kernel that
+//! processes one row, `fn(ins: *const *const f32, outs: *const *mut f32, n: i64)`. Each
+//! pass over the row (one per reduction, then the store pass) is an F32X4 loop over
+//! `n & !3` elements followed by a scalar tail. Transcendentals call Rust helpers.
+
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{
+    types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Type, Value,
+};
+use cranelift_codegen::Context;
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module};
+use kiln_runtime::kernel::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
+use std::collections::HashMap;
+
+/// A compiled row function.
+pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
+
+const LANES: i64 = 4;
+
+macro_rules! helpers {
+    ($($op:ident => $name:ident),* $(,)?) => {
+        $(
+            extern "C" fn $name(x: f32) -> f32 {
+                UnOp::$op.apply(x)
+            }
+        )*
+        /// The Rust helper for each transcendental op: symbol name and address.
+        fn helper_symbols() -> Vec<(UnOp, &'static str, *const u8)> {
+            vec![$((UnOp::$op, stringify!($name), $name as *const u8),)*]
+        }
+    };
+}
+
+helpers! {
+    Exp => kiln_jit_exp,
+    Log => kiln_jit_log,
+    Tanh => kiln_jit_tanh,
+    Erf => kiln_jit_erf,
+    Sigmoid => kiln_jit_sigmoid,
+}
+
+/// A JIT module with the helpers registered.
+pub fn new_module() -> Result<JITModule, String> {
+    let mut b = JITBuilder::with_flags(
+        &[("opt_level", "speed")],
+        cranelift_module::default_libcall_names(),
+    )
+    .map_err(|e| e.to_string())?;
+    for (_, name, ptr) in helper_symbols() {
+        b.symbol(name, ptr);
+    }
+    Ok(JITModule::new(b))
+}
+
+/// Declares and defines the row function of `k` in `module` (finalize separately).
+pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<FuncId, String> {
+    let ptr = module.target_config().pointer_type();
+    let mut ctx: Context = module.make_context();
+    ctx.func.signature.params = vec![
+        AbiParam::new(ptr),
+        AbiParam::new(ptr),
+        AbiParam::new(types::I64),
+    ];
+    let id = module
+        .declare_function(name, Linkage::Local, &ctx.func.signature)
+        .map_err(|e| e.to_string())?;
+    let mut helper_ids = HashMap::new();
+    for (op, hname, _) in helper_symbols() {
+        let mut sig = module.make_signature();
+        sig.params.push(AbiParam::new(types::F32));
+        sig.returns.push(AbiParam::new(types::F32));
+        let hid = module
+            .declare_function(hname, Linkage::Import, &sig)
+            .map_err(|e| e.to_string())?;
+        helper_ids.insert(op, hid);
+    }
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        let mut helpers = HashMap::new();
+        for (op, hid) in &helper_ids {
+            if k.exprs
+                .iter()
+                .any(|e| matches!(e, Expr::Un(o, _) if o == op))
+            {
+                helpers.insert(*op, module.declare_func_in_func(*hid, b.func));
+            }
+        }
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let params = b.block_params(entry).to_vec();
+        let (ins, outs, n) = (params[0], params[1], params[2]);
+        let flags = MemFlagsData::new().with_notrap();
+        let in_ptrs: Vec<Value> = (0..k.inputs.len())
+            .map(|i| b.ins().load(ptr, flags, ins, (i * 8) as i32))
+            .collect();
+        let out_ptrs: Vec<Value> = (0..k.outputs.len())
+            .map(|i| b.ins().load(ptr, flags, outs, (i * 8) as i32))
+            .collect();
+        let n4 = b.ins().band_imm_s(n, !(LANES - 1));
+        let zero = b.ins().iconst(types::I64, 0);
+        let mut g = Gen {
+            k,
+            in_ptrs,
+            n,
+            red: vec![],
+            helpers,
+        };
+        for r in 0..k.reductions.len() {
+            let rd = &k.reductions[r];
+            let id = match rd.op {
+                RedOp::Sum => 0.0f32,
+                RedOp::Max => f32::NEG_INFINITY,
+            };
+            let idv = b.ins().f32const(id);
+            let init = b.ins().splat(types::F32X4, idv);
+            let acc = emit_loop(&mut b, zero, n4, LANES, &[init], types::F32X4, |b, j, a| {
+                let x = g.expr(b, rd.arg, types::F32X4, j, &mut HashMap::new());
+                vec![combine(b, rd.op, a[0], x, types::F32X4)]
+            });
+            let mut h = b.ins().extractlane(acc[0], 0u8);
+            for l in 1..LANES as u8 {
+                let x = b.ins().extractlane(acc[0], l);
+                h = combine(&mut b, rd.op, h, x, types::F32);
+            }
+            let acc = emit_loop(&mut b, n4, n, 1, &[h], types::F32, |b, j, a| {
+                let x = g.expr(b, rd.arg, types::F32, j, &mut HashMap::new());
+                vec![combine(b, rd.op, a[0], x, types::F32)]
+            });
+            g.red.push(acc[0]);
+        }
+        for (step, ty, lo, hi) in [(LANES, types::F32X4, zero, n4), (1, types::F32, n4, n)] {
+            emit_loop(&mut b, lo, hi, step, &[], ty, |b, j, _| {
+                let mut memo = HashMap::new();
+                let off = b.ins().ishl_imm_s(j, 2);
+                for (o, &(_, e)) in k.outputs.iter().enumerate() {
+                    let v = g.expr(b, e, ty, j, &mut memo);
+                    let at = b.ins().iadd(out_ptrs[o], off);
+                    b.ins().store(flags, v, at, 0);
+                }
+                vec![]
+            });
+        }
+        b.ins().return_(&[]);
+        b.seal_all_blocks();
+        b.finalize(module.target_config());
+    }
+    module
+        .define_function(id, &mut ctx)
+        .map_err(|e| format!("{e:?}"))?;
+    module.clear_context(&mut ctx);
+    Ok(id)
+}
+
+/// Emits `for j in (lo..hi).step_by(step)` carrying accumulators of type `acc_ty`; returns
+/// their final values. The builder is left in the exit block.
+fn emit_loop(
+    b: &mut FunctionBuilder,
+    lo: Value,
+    hi: Value,
+    step: i64,
+    init: &[Value],
+    acc_ty: Type,
+    mut body: impl FnMut(&mut FunctionBuilder, Value, &[Value]) -> Vec<Value>,
+) -> Vec<Value> {
+    let header = b.create_block();
+    let body_blk = b.create_block();
+    let exit = b.create_block();
+    b.append_block_param(header, types::I64);
+    for _ in init {
+        b.append_block_param(header, acc_ty);
+        b.append_block_param(exit, acc_ty);
+    }
+    let args: Vec<_> = std::iter::once(lo)
+        .chain(init.iter().copied())
+        .map(Into::into)
+        .collect();
+    b.ins().jump(header, &args);
+    b.switch_to_block(header);
+    let hp = b.block_params(header).to_vec();
+    let (j, accs) = (hp[0], &hp[1..]);
+    let more = b.ins().icmp(
+        cranelift_codegen::ir::condcodes::IntCC::SignedLessThan,
+        j,
+        hi,
+    );
+    let exit_args: Vec<_> = accs.iter().copied().map(Into::into).collect();
+    b.ins().brif(more, body_blk, &[], exit, &exit_args);
+    b.switch_to_block(body_blk);
+    let next = body(b, j, accs);
+    let j2 = b.ins().iadd_imm_s(j, step);
+    let args: Vec<_> = std::iter::once(j2).chain(next).map(Into::into).collect();
+    b.ins().jump(header, &args);
+    b.switch_to_block(exit);
+    b.block_params(exit).to_vec()
+}
+
+/// `mask ? x : y` for a float comparison result, scalar or F32X4.
+fn select(b: &mut FunctionBuilder, mask: Value, x: Value, y: Value, ty: Type) -> Value {
+    if ty.is_vector() {
+        let m = b.ins().bitcast(
+            ty,
+            MemFlagsData::new().with_endianness(Endianness::Little),
+            mask,
+        );
+        b.ins().bitselect(m, x, y)
+    } else {
+        b.ins().select(mask, x, y)
+    }
+}
+
+/// One reduction step.
+fn combine(b: &mut FunctionBuilder, op: RedOp, acc: Value, x: Value, ty: Type) -> Value {
+    match op {
+        RedOp::Sum => b.ins().fadd(acc, x),
+        RedOp::Max => {
+            let gt = b.ins().fcmp(FloatCC::GreaterThan, x, acc);
+            select(b, gt, x, acc, ty)
+        }
+    }
+}
+
+struct Gen<'a> {
+    k: &'a LoopKernel,
+    in_ptrs: Vec<Value>,
+    n: Value,
+    red: Vec<Value>,
+    helpers: HashMap<UnOp, FuncRef>,
+}
+
+impl Gen<'_> {
+    fn fconst(&self, b: &mut FunctionBuilder, c: f32, ty: Type) -> Value {
+        let s = b.ins().f32const(c);
+        if ty.is_vector() {
+            b.ins().splat(ty, s)
+        } else {
+            s
+        }
+    }
+
+    fn expr(
+        &self,
+        b: &mut FunctionBuilder,
+        id: ExprId,
+        ty: Type,
+        j: Value,
+        memo: &mut HashMap<ExprId, Value>,
+    ) -> Value {
+        if let Some(&v) = memo.get(&id) {
+            return v;
+        }
+        let flags = MemFlagsData::new().with_notrap();
+        let splat = |b: &mut FunctionBuilder, s: Value| {
+            if ty.is_vector() {
+                b.ins().splat(ty, s)
+            } else {
+                s
+            }
+        };
+        let v = match self.k.exprs[id] {
+            Expr::Load(i) => match self.k.inputs[i].inner {
+                InnerAccess::Contiguous => {
+                    let off = b.ins().ishl_imm_s(j, 2);
+                    let at = b.ins().iadd(self.in_ptrs[i], off);
+                    b.ins().load(ty, flags, at, 0)
+                }
+                InnerAccess::Broadcast => {
+                    let s = b.ins().load(types::F32, flags, self.in_ptrs[i], 0);
+                    splat(b, s)
+                }
+            },
+            Expr::Const(c) => self.fconst(b, c, ty),
+            Expr::RowLen => {
+                let s = b.ins().fcvt_from_sint(types::F32, self.n);
+                splat(b, s)
+            }
+            Expr::Reduced(r) => {
+                let s = self.red[r];
+                splat(b, s)
+            }
+            Expr::Bin(op, x, y) => {
+                let x = self.expr(b, x, ty, j, memo);
+                let y = self.expr(b, y, ty, j, memo);
+                match op {
+                    BinOp::Add => b.ins().fadd(x, y),
+                    BinOp::Sub => b.ins().fsub(x, y),
+                    BinOp::Mul => b.ins().fmul(x, y),
+                    BinOp::Div => b.ins().fdiv(x, y),
+                    BinOp::Max => b.ins().fmax(x, y),
+                    BinOp::Min => b.ins().fmin(x, y),
+                }
+            }
+            Expr::Un(op, x) => {
+                let x = self.expr(b, x, ty, j, memo);
+                match op {
+                    UnOp::Neg => b.ins().fneg(x),
+                    UnOp::Abs => b.ins().fabs(x),
+                    UnOp::Sqrt => b.ins().sqrt(x),
+                    UnOp::Recip => {
+                        let one = self.fconst(b, 1.0, ty);
+                        b.ins().fdiv(one, x)
+                    }
+                    UnOp::Relu => {
+                        let z = self.fconst(b, 0.0, ty);
+                        let gt = b.ins().fcmp(FloatCC::GreaterThan, x, z);
+                        select(b, gt, x, z, ty)
+                    }
+                    UnOp::FiniteOrZero => {
+                        let z = self.fconst(b, 0.0, ty);
+                        let d = b.ins().fsub(x, x);
+                        let fin = b.ins().fcmp(FloatCC::Equal, d, z);
+                        select(b, fin, x, z, ty)
+                    }
+                    _ => {
+                        let f = self.helpers[&op];
+                        if ty.is_vector() {
+                            let mut v = x;
+                            for l in 0..LANES as u8 {
+                                let e = b.ins().extractlane(x, l);
+                                let call = b.ins().call(f, &[e]);
+                                let r = b.inst_results(call)[0];
+                                v = b.ins().insertlane(v, r, l);
+                            }
+                            v
+                        } else {
+                            let call = b.ins().call(f, &[x]);
+                            b.inst_results(call)[0]
+                        }
+                    }
+                }
+            }
+        };
+        memo.insert(id, v);
+        v
+    }
+}

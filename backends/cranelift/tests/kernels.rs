@@ -1,0 +1,245 @@
+//! Every JIT loop-kernel kind against the reference interpreter (and the portable kernel
+//! evaluator) on random shapes: sizes that are not multiples of the vector width, a
+//! symbolic leading dim bound to 1 or more, broadcast operands, and NaN/Inf inputs.
+
+use kiln_ir::{Attr, Attrs, DType, Dim, Graph, GraphBuilder, OpKind, Shape, Tensor, TensorType};
+use kiln_runtime::kernel::{Kernel, ReferenceRunner};
+use kiln_runtime::{compare, Tolerance};
+use proptest::prelude::*;
+
+const TOL: Tolerance = Tolerance::AllClose {
+    rtol: 1e-4,
+    atol: 1e-5,
+};
+
+/// Number of graph kinds `build` knows.
+const KINDS: u8 = 11;
+
+/// How the second operand broadcasts against x `[B, ..., n]`.
+fn y_dims(x: &[Dim], mode: u8) -> Vec<Dim> {
+    match mode % 4 {
+        0 => x.to_vec(),
+        1 => {
+            let mut d = x.to_vec();
+            *d.last_mut().unwrap() = Dim::Fixed(1);
+            d
+        }
+        2 => vec![x.last().unwrap().clone()],
+        _ => vec![],
+    }
+}
+
+fn f32_ty(d: Vec<Dim>) -> TensorType {
+    TensorType::new(DType::F32, Shape::new(d))
+}
+
+/// A graph of kind `kind` over x `[B, dims...]` and a broadcast operand y.
+fn build(kind: u8, xd: &[Dim], mode: u8) -> Graph {
+    let mut b = GraphBuilder::new("k");
+    let x = b.input("x", f32_ty(xd.to_vec()));
+    let y = b.input("y", f32_ty(y_dims(xd, mode)));
+    let last = vec![xd.last().unwrap().clone()];
+    let s = b.input("s", f32_ty(last.clone()));
+    let bias = b.input("bias", f32_ty(last));
+    let mut i = 0;
+    let mut op = |b: &mut GraphBuilder, op: OpKind, attrs: Attrs, ins: Vec<kiln_ir::ValueId>| {
+        i += 1;
+        b.node(
+            op,
+            attrs,
+            ins.into_iter().map(Some).collect(),
+            vec![(format!("v{i}"), None)],
+            "",
+        )
+        .unwrap()[0]
+    };
+    let no = Attrs::new;
+    let out = match kind {
+        0 => {
+            let a = op(&mut b, OpKind::Add, no(), vec![x, y]);
+            let r = op(&mut b, OpKind::Relu, no(), vec![a]);
+            op(&mut b, OpKind::Mul, no(), vec![r, y])
+        }
+        1 => {
+            let a = op(&mut b, OpKind::Mul, no(), vec![x, y]);
+            op(&mut b, OpKind::Gelu, no(), vec![a])
+        }
+        2 => {
+            let t = Attrs::new().with("approximate", Attr::Str("tanh".into()));
+            let a = op(&mut b, OpKind::Sub, no(), vec![x, y]);
+            op(&mut b, OpKind::Gelu, t, vec![a])
+        }
+        3 => {
+            let a = op(&mut b, OpKind::Silu, no(), vec![x]);
+            op(&mut b, OpKind::Mul, no(), vec![a, y])
+        }
+        4 => {
+            let a = op(&mut b, OpKind::Add, no(), vec![x, y]);
+            op(&mut b, OpKind::Softmax, no(), vec![a])
+        }
+        5 => op(&mut b, OpKind::LayerNorm, no(), vec![x, s, bias]),
+        6 => {
+            let a = op(&mut b, OpKind::Mul, no(), vec![x, y]);
+            op(&mut b, OpKind::RmsNorm, no(), vec![a, s])
+        }
+        7 => {
+            let a = op(&mut b, OpKind::Abs, no(), vec![x]);
+            let e = op(&mut b, OpKind::Exp, no(), vec![a]);
+            let l = op(&mut b, OpKind::Log, no(), vec![e]);
+            let t = op(&mut b, OpKind::Tanh, no(), vec![y]);
+            op(&mut b, OpKind::Sub, no(), vec![l, t])
+        }
+        8 => {
+            let sg = op(&mut b, OpKind::Sigmoid, no(), vec![x]);
+            let mx = op(&mut b, OpKind::Max, no(), vec![sg, y]);
+            let mn = op(&mut b, OpKind::Min, no(), vec![x, y]);
+            let ng = op(&mut b, OpKind::Neg, no(), vec![mn]);
+            let ab = op(&mut b, OpKind::Abs, no(), vec![ng]);
+            let sq = op(&mut b, OpKind::Sqrt, no(), vec![ab]);
+            let rc = op(&mut b, OpKind::Reciprocal, no(), vec![mx]);
+            op(&mut b, OpKind::Div, no(), vec![sq, rc])
+        }
+        9 => {
+            // prologue (residual add), row op, epilogue (gelu), plus a second output
+            let a = op(&mut b, OpKind::Add, no(), vec![x, y]);
+            let ln = op(&mut b, OpKind::LayerNorm, no(), vec![a, s, bias]);
+            let g = op(&mut b, OpKind::Gelu, no(), vec![ln]);
+            return b.finish(vec![g, a]);
+        }
+        _ => {
+            let e = op(&mut b, OpKind::Erf, no(), vec![x]);
+            op(&mut b, OpKind::Add, no(), vec![e, y])
+        }
+    };
+    b.finish(vec![out])
+}
+
+/// Deterministic pseudo-random f32s in [-3, 3), with NaN/±Inf sprinkled in when asked.
+fn data(shape: &[usize], seed: u64, specials: bool) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            if specials && (s >> 20) % 11 == 0 {
+                [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][((s >> 8) % 3) as usize]
+            } else {
+                u * 6.0 - 3.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(shape.to_vec(), v)
+}
+
+fn concrete(d: &[Dim], b: usize) -> Vec<usize> {
+    d.iter()
+        .map(|d| match d {
+            Dim::Fixed(f) => *f as usize,
+            _ => b,
+        })
+        .collect()
+}
+
+fn check(kind: u8, dims: &[usize], batch: usize, mode: u8, seed: u64, specials: bool) {
+    let mut xd = vec![Dim::Sym("B".into())];
+    xd.extend(dims.iter().map(|&d| Dim::Fixed(d as u64)));
+    let g = build(kind, &xd, mode);
+    let exe = kiln_cranelift::compile(&g).expect("compiles");
+    assert!(
+        exe.plan()
+            .kernels
+            .iter()
+            .all(|k| matches!(k, Kernel::Loop(_))),
+        "kind {kind}: every node fuses into loop kernels: {:?}",
+        exe.plan().kernels
+    );
+    assert!(exe.jit_kernel_count() >= 1);
+    let names = ["x", "y", "s", "bias"];
+    let inputs: Vec<(&str, Tensor)> = g
+        .inputs
+        .iter()
+        .zip(names)
+        .enumerate()
+        .map(|(i, (&v, n))| {
+            let sh = concrete(g.ty(v).shape.dims().unwrap(), batch);
+            (n, data(&sh, seed + i as u64, specials))
+        })
+        .collect();
+    let want = kiln_ir::run_named(&g, &inputs).expect("interpreter");
+    let got = exe.run_named(&inputs).expect("jit");
+    let portable = exe
+        .plan()
+        .run_named(&inputs, &ReferenceRunner)
+        .expect("portable");
+    for (o, w) in want.iter().enumerate() {
+        for (what, t) in [("jit", &got[o]), ("portable", &portable[o])] {
+            let r = compare(t, w, TOL);
+            assert!(
+                r.ok,
+                "kind {kind} {what} output {o} dims {dims:?} B={batch} mode {mode}: {r:?}\n got {:?}\nwant {:?}",
+                t.to_f64s(),
+                w.to_f64s()
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn jit_kernels_match_the_interpreter_on_random_shapes(
+        kind in 0..KINDS,
+        dims in proptest::collection::vec(1usize..13, 1..3),
+        batch in 1usize..4,
+        mode in 0u8..4,
+        seed in 0u64..1000,
+    ) {
+        check(kind, &dims, batch, mode, seed, false);
+    }
+
+    #[test]
+    fn jit_kernels_propagate_nan_and_inf_like_the_interpreter(
+        kind in 0..KINDS,
+        dims in proptest::collection::vec(1usize..10, 1..3),
+        mode in 0u8..4,
+        seed in 0u64..1000,
+    ) {
+        check(kind, &dims, 2, mode, seed, true);
+    }
+}
+
+#[test]
+fn symbolic_dim_bound_to_one_and_odd_row_lengths_run() {
+    for kind in 0..KINDS {
+        for n in [1, 3, 4, 5, 7, 8, 9, 17] {
+            check(kind, &[n], 1, 0, 7, false);
+            check(kind, &[2, n], 1, 1, 9, false);
+        }
+    }
+}
+
+#[test]
+fn unknown_input_shapes_at_run_time_are_errors_not_panics() {
+    let xd = vec![Dim::Sym("B".into()), Dim::Fixed(5)];
+    let g = build(0, &xd, 0);
+    let exe = kiln_cranelift::compile(&g).unwrap();
+    let ins = [
+        ("x", data(&[2, 5], 1, false)),
+        ("y", data(&[3, 5], 2, false)),
+        ("s", data(&[5], 3, false)),
+        ("bias", data(&[5], 4, false)),
+    ];
+    assert!(exe.run_named(&ins).is_err());
+}
+
+#[test]
+fn executable_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<kiln_cranelift::JitExecutable>();
+}

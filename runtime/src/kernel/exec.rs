@@ -1,0 +1,250 @@
+//! Running a [`Plan`]: graph inputs checked against their declared types, kernels in
+//! order, each value freed after its last use. Loop kernels go to a [`LoopRunner`] (the
+//! reference evaluator or a JIT); contractions and fallbacks to the interpreter's ops.
+
+use super::ir::LoopKernel;
+use super::partition::{Kernel, Plan};
+use kiln_ir::{Dim, EvalError, Tensor, ValueId};
+use std::collections::HashMap;
+
+/// Something that runs loop kernels. `index` is the kernel's position in
+/// [`Plan::kernels`], so a runner can keep per-kernel compiled code.
+pub trait LoopRunner: Send + Sync {
+    /// Runs loop kernel `index` on its inputs, returning its outputs in order.
+    fn run_loop(
+        &self,
+        index: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, String>;
+}
+
+/// Runs loop kernels with the portable evaluator in [`super::eval`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReferenceRunner;
+
+impl LoopRunner for ReferenceRunner {
+    fn run_loop(
+        &self,
+        _: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+    ) -> Result<Vec<Tensor>, String> {
+        super::eval::run_loop(k, inputs)
+    }
+}
+
+impl Plan {
+    /// A short label for kernel `i` (for errors and dumps).
+    pub fn label(&self, i: usize) -> String {
+        let g = &self.graph;
+        match self.kernels.get(i) {
+            Some(Kernel::Loop(k)) => format!(
+                "loop[{}]",
+                k.outputs
+                    .iter()
+                    .map(|(v, _)| g.value(*v).name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(Kernel::Contraction(n)) | Some(Kernel::Fallback(n)) => {
+                let node = &g.nodes[*n];
+                if node.name.is_empty() {
+                    format!(
+                        "%{}",
+                        node.outputs
+                            .first()
+                            .map(|&o| g.value(o).name.as_str())
+                            .unwrap_or("")
+                    )
+                } else {
+                    node.name.clone()
+                }
+            }
+            None => format!("#{i}"),
+        }
+    }
+
+    /// Runs the plan on inputs given by name; outputs come back in graph order.
+    pub fn run_named(
+        &self,
+        inputs: &[(&str, Tensor)],
+        runner: &dyn LoopRunner,
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let g = &self.graph;
+        let mut ordered = vec![];
+        for (n, _) in inputs {
+            if !g.inputs.iter().any(|&i| g.value(i).name == *n) {
+                return Err(EvalError::UnknownInput {
+                    name: n.to_string(),
+                    known: g
+                        .inputs
+                        .iter()
+                        .map(|&i| g.value(i).name.clone())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        for &i in &g.inputs {
+            let v = g.value(i);
+            let t = inputs.iter().find(|(n, _)| *n == v.name).ok_or_else(|| {
+                EvalError::MissingInput {
+                    name: v.name.clone(),
+                    expected: v.ty.to_string(),
+                }
+            })?;
+            ordered.push(t.1.clone());
+        }
+        self.run(ordered, runner)
+    }
+
+    /// Runs the plan on inputs in graph order; outputs come back in graph order.
+    pub fn run(
+        &self,
+        inputs: Vec<Tensor>,
+        runner: &dyn LoopRunner,
+    ) -> Result<Vec<Tensor>, EvalError> {
+        let g = &self.graph;
+        if inputs.len() != g.inputs.len() {
+            return Err(EvalError::UnknownInput {
+                name: format!("#{}", inputs.len()),
+                known: format!("{} inputs", g.inputs.len()),
+            });
+        }
+        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        let mut bindings: HashMap<&str, usize> = HashMap::new();
+        for (&id, t) in g.inputs.iter().zip(inputs) {
+            let v = g.value(id);
+            let mismatch = || EvalError::InputMismatch {
+                name: v.name.clone(),
+                expected: v.ty.to_string(),
+                got: format!("{}{:?}", t.dtype(), t.shape()),
+            };
+            if t.dtype() != v.ty.dtype || !v.ty.shape.admits(t.shape()) {
+                return Err(mismatch());
+            }
+            if let Some(dims) = v.ty.shape.dims() {
+                for (d, &n) in dims.iter().zip(t.shape()) {
+                    if let Dim::Sym(s) = d {
+                        if *bindings.entry(s.as_str()).or_insert(n) != n {
+                            return Err(mismatch());
+                        }
+                    }
+                }
+            }
+            env[id.index()] = Some(t);
+        }
+        for (v, t) in &self.constants {
+            env[v.index()] = Some(t.clone());
+        }
+        let uses = |k: &Kernel| -> Vec<ValueId> {
+            match k {
+                Kernel::Loop(l) => l.inputs.iter().map(|i| i.value).collect(),
+                Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                    g.nodes[*n].inputs.iter().flatten().copied().collect()
+                }
+            }
+        };
+        let mut last_use = vec![usize::MAX; g.values.len()];
+        for (ki, k) in self.kernels.iter().enumerate() {
+            for v in uses(k) {
+                last_use[v.index()] = ki;
+            }
+        }
+        for &o in &g.outputs {
+            last_use[o.index()] = usize::MAX;
+        }
+        for (ki, k) in self.kernels.iter().enumerate() {
+            let ins_ids: Vec<Option<ValueId>> = match k {
+                Kernel::Loop(l) => l.inputs.iter().map(|i| Some(i.value)).collect(),
+                Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].inputs.clone(),
+            };
+            let ins: Vec<Option<&Tensor>> = ins_ids
+                .iter()
+                .map(|i| i.and_then(|i| env[i.index()].as_ref()))
+                .collect();
+            let err = |msg: String| EvalError::Node {
+                node: self.label(ki),
+                op: match k {
+                    Kernel::Loop(_) => "loop".to_string(),
+                    Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                        g.nodes[*n].op.name().to_string()
+                    }
+                },
+                inputs: describe(&ins),
+                msg,
+            };
+            for (j, i) in ins_ids.iter().enumerate() {
+                if let (Some(v), None) = (i, ins[j]) {
+                    return Err(err(format!(
+                        "input #{j} `{}` has no value",
+                        g.value(*v).name
+                    )));
+                }
+            }
+            let (outs, out_ids): (Vec<Tensor>, Vec<ValueId>) = match k {
+                Kernel::Loop(l) => {
+                    let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
+                    let outs = runner.run_loop(ki, l, &flat).map_err(err)?;
+                    (outs, l.outputs.iter().map(|o| o.0).collect())
+                }
+                Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                    let node = &g.nodes[*n];
+                    let mut outs = kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?;
+                    outs.truncate(node.outputs.len());
+                    (outs, node.outputs.clone())
+                }
+            };
+            if outs.len() != out_ids.len() {
+                return Err(err(format!(
+                    "produced {} outputs, expected {}",
+                    outs.len(),
+                    out_ids.len()
+                )));
+            }
+            for (t, &o) in outs.iter().zip(&out_ids) {
+                let ty = g.ty(o);
+                if t.dtype() != ty.dtype || !ty.shape.admits(t.shape()) {
+                    return Err(err(format!(
+                        "output `{}` is {}{:?} but its type is {ty}",
+                        g.value(o).name,
+                        t.dtype(),
+                        t.shape()
+                    )));
+                }
+            }
+            drop(ins);
+            for (t, o) in outs.into_iter().zip(out_ids) {
+                env[o.index()] = Some(t);
+            }
+            for v in uses(k) {
+                if last_use[v.index()] == ki {
+                    env[v.index()] = None;
+                }
+            }
+        }
+        g.outputs
+            .iter()
+            .map(|&o| {
+                env[o.index()].clone().ok_or_else(|| EvalError::Node {
+                    node: format!("%{}", g.value(o).name),
+                    op: "return".into(),
+                    inputs: String::new(),
+                    msg: "graph output was never computed".into(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn describe(ins: &[Option<&Tensor>]) -> String {
+    let parts: Vec<String> = ins
+        .iter()
+        .map(|t| {
+            t.map(|t| format!("{}{:?}", t.dtype(), t.shape()))
+                .unwrap_or_else(|| "none".into())
+        })
+        .collect();
+    format!("({})", parts.join(", "))
+}

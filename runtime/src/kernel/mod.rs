@@ -1,0 +1,14 @@
+//! The backend-neutral kernel layer: an optimised graph partitioned into kernels (fused
+//! loop nests, contractions, interpreter fallbacks), the loop-kernel IR, its run-time
+//! binding, a portable evaluator, and the plan executor backends plug into.
+
+pub mod eval;
+pub mod exec;
+pub mod ir;
+pub mod layout;
+pub mod partition;
+
+pub use exec::{LoopRunner, ReferenceRunner};
+pub use ir::{BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction, UnOp};
+pub use layout::LoopShape;
+pub use partition::{is_contraction, partition, Kernel, Plan};

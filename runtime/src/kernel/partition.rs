@@ -1,0 +1,375 @@
+//! The partitioner: splits an (optimised) graph into kernels. Single-consumer chains of f32
+//! elementwise ops and last-axis row ops (softmax, layer_norm, rms_norm) with one domain
+//! shape are fused greedily into loop kernels; contractions and everything else run one
+//! node at a time.
+
+use super::ir::{BinOp, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
+use kiln_ir::{DType, Dim, Graph, Node, OpKind, Tensor, ValueId};
+use std::collections::{HashMap, HashSet};
+
+/// One unit of execution.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    /// A fused elementwise/broadcast/row-reduction loop nest.
+    Loop(LoopKernel),
+    /// A contraction (matmul, gemm, linear, conv, attention, einsum): node index. It runs
+    /// through the runtime's contraction routine (today the interpreter's).
+    Contraction(usize),
+    /// Anything else: node index, run by the interpreter's `ops::eval`.
+    Fallback(usize),
+}
+
+/// A partitioned graph ready to run: kernels in execution order and the constants.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The graph the kernels index into.
+    pub graph: Graph,
+    /// Kernels in a valid execution order.
+    pub kernels: Vec<Kernel>,
+    /// Values defined by `constant` nodes, evaluated once.
+    pub constants: Vec<(ValueId, Tensor)>,
+}
+
+/// Whether an op is a contraction (a GEMM-backed kernel).
+pub fn is_contraction(op: OpKind) -> bool {
+    matches!(
+        op,
+        OpKind::MatMul
+            | OpKind::Gemm
+            | OpKind::Linear
+            | OpKind::Conv
+            | OpKind::ConvTranspose
+            | OpKind::Attention
+            | OpKind::Einsum
+    )
+}
+
+/// The static dims of a value when its rank and last dim are known. Unknown outer dims
+/// are bound at run time by broadcasting the kernel's inputs.
+fn known_dims(g: &Graph, v: ValueId) -> Option<Vec<Dim>> {
+    let d = g.ty(v).shape.dims()?;
+    if matches!(d.last(), Some(Dim::Unknown)) {
+        return None;
+    }
+    Some(d.to_vec())
+}
+
+/// How an input of static shape `dims` is read in a loop over `domain`, or `None` when
+/// it does not statically broadcast to it. Unknown outer dims are checked at run time.
+pub fn inner_access(dims: &[Dim], domain: &[Dim]) -> Option<InnerAccess> {
+    if dims.len() > domain.len() || matches!(dims.last(), Some(Dim::Unknown)) {
+        return None;
+    }
+    let off = domain.len() - dims.len();
+    for (i, d) in dims.iter().enumerate() {
+        let dd = &domain[off + i];
+        let unknown = matches!(d, Dim::Unknown) || matches!(dd, Dim::Unknown);
+        if i + 1 < dims.len() && unknown {
+            continue;
+        }
+        if d != dd && *d != Dim::Fixed(1) {
+            return None;
+        }
+    }
+    match dims.last() {
+        None => Some(InnerAccess::Broadcast),
+        Some(Dim::Fixed(1)) => Some(InnerAccess::Broadcast),
+        Some(_) => Some(InnerAccess::Contiguous),
+    }
+}
+
+/// Whether the op (with these attributes) has a loop-kernel lowering.
+fn lowerable(node: &Node, rank: usize) -> bool {
+    use OpKind::*;
+    let last_axis = |default: i64| {
+        let a = node.attrs.int_or("axis", default).unwrap_or(i64::MIN);
+        rank >= 1 && (a == rank as i64 - 1 || a == -1)
+    };
+    let n_in = node.inputs.len();
+    match node.op {
+        Identity | Neg | Abs | Sqrt | Reciprocal | Relu | Exp | Log | Tanh | Erf | Sigmoid
+        | Silu => n_in == 1,
+        Gelu => {
+            n_in == 1
+                && matches!(
+                    node.attrs
+                        .string_or("approximate", "none".into())
+                        .as_deref(),
+                    Ok("none") | Ok("tanh")
+                )
+        }
+        Add | Sub | Mul | Div | Max | Min => n_in == 2,
+        Softmax => n_in == 1 && last_axis(-1),
+        LayerNorm => (2..=3).contains(&n_in) && node.outputs.len() == 1 && last_axis(-1),
+        RmsNorm => (2..=3).contains(&n_in) && last_axis(-1),
+        _ => false,
+    }
+}
+
+/// The domain of a fusable node (its output dims), or `None` when it cannot be fused.
+fn fusable(g: &Graph, node: &Node) -> Option<Vec<Dim>> {
+    if node.outputs.len() != 1 || g.ty(node.outputs[0]).dtype != DType::F32 {
+        return None;
+    }
+    let dom = known_dims(g, node.outputs[0])?;
+    if !lowerable(node, dom.len()) {
+        return None;
+    }
+    for (k, i) in node.inputs.iter().enumerate() {
+        match i {
+            Some(v) => {
+                if g.ty(*v).dtype != DType::F32 {
+                    return None;
+                }
+                inner_access(&known_dims(g, *v)?, &dom)?;
+            }
+            // Only layer_norm's bias (and rms_norm's ignored one) may be omitted.
+            None if k == 2 => {}
+            None => return None,
+        }
+    }
+    Some(dom)
+}
+
+/// Partitions `g` into kernels. Constant nodes are evaluated here.
+pub fn partition(g: &Graph) -> Result<Plan, String> {
+    let n = g.nodes.len();
+    let mut consumers: Vec<Vec<usize>> = vec![vec![]; g.values.len()];
+    for (i, node) in g.nodes.iter().enumerate() {
+        for v in node.inputs.iter().flatten() {
+            if !consumers[v.index()].contains(&i) {
+                consumers[v.index()].push(i);
+            }
+        }
+    }
+    let producers = g.producers();
+    let mut group_of: Vec<Option<usize>> = vec![None; n];
+    let mut groups: Vec<(Vec<usize>, Vec<Dim>)> = vec![];
+    for (i, node) in g.nodes.iter().enumerate() {
+        let Some(dom) = fusable(g, node) else {
+            continue;
+        };
+        let mut merge: Vec<usize> = vec![];
+        for v in node.inputs.iter().flatten() {
+            let Some(gid) = producers.get(v).and_then(|&p| group_of[p]) else {
+                continue;
+            };
+            if merge.contains(&gid) || groups[gid].1 != dom {
+                continue;
+            }
+            // With unknown dims an inner value may be smaller than the domain (it is
+            // broadcast), so only the last node's result may leave the group.
+            let partly_unknown = dom.iter().any(|d| matches!(d, Dim::Unknown));
+            if partly_unknown
+                && groups[gid]
+                    .0
+                    .iter()
+                    .any(|&m| g.nodes[m].outputs.iter().any(|o| g.outputs.contains(o)))
+            {
+                continue;
+            }
+            // Every value the group lets out must be read only by this node (graph
+            // outputs aside), so no outside node sits between the group and this node.
+            let sealed = groups[gid].0.iter().all(|&m| {
+                g.nodes[m].outputs.iter().all(|o| {
+                    consumers[o.index()]
+                        .iter()
+                        .all(|&c| c == i || group_of[c] == Some(gid))
+                })
+            });
+            if sealed {
+                merge.push(gid);
+            }
+        }
+        let gid = match merge.first() {
+            Some(&first) => {
+                for &other in &merge[1..] {
+                    let nodes = std::mem::take(&mut groups[other].0);
+                    for &m in &nodes {
+                        group_of[m] = Some(first);
+                    }
+                    groups[first].0.extend(nodes);
+                }
+                groups[first].0.push(i);
+                groups[first].0.sort_unstable();
+                first
+            }
+            None => {
+                groups.push((vec![i], dom));
+                groups.len() - 1
+            }
+        };
+        group_of[i] = Some(gid);
+    }
+
+    let outputs: HashSet<ValueId> = g.outputs.iter().copied().collect();
+    let mut kernels = vec![];
+    let mut constants = vec![];
+    for (i, node) in g.nodes.iter().enumerate() {
+        if let Some(gid) = group_of[i] {
+            let (members, dom) = &groups[gid];
+            if members.last() == Some(&i) {
+                kernels.push(Kernel::Loop(build_loop(
+                    g, members, dom, &consumers, &group_of, &outputs,
+                )?));
+            }
+        } else if node.op == OpKind::Constant {
+            let mut outs = kiln_ir::ops::eval(node.op, &node.attrs, &[])?;
+            outs.truncate(node.outputs.len());
+            constants.extend(node.outputs.iter().copied().zip(outs));
+        } else if is_contraction(node.op) {
+            kernels.push(Kernel::Contraction(i));
+        } else {
+            kernels.push(Kernel::Fallback(i));
+        }
+    }
+    Ok(Plan {
+        graph: g.clone(),
+        kernels,
+        constants,
+    })
+}
+
+/// Lowers one group of nodes into a loop kernel.
+fn build_loop(
+    g: &Graph,
+    members: &[usize],
+    dom: &[Dim],
+    consumers: &[Vec<usize>],
+    group_of: &[Option<usize>],
+    outputs: &HashSet<ValueId>,
+) -> Result<LoopKernel, String> {
+    let mut k = LoopKernel::new(dom.to_vec());
+    let mut env: HashMap<ValueId, ExprId> = HashMap::new();
+    let gid = members.first().and_then(|&m| group_of[m]);
+    for &m in members {
+        let node = &g.nodes[m];
+        let mut ins: Vec<Option<ExprId>> = vec![];
+        for i in &node.inputs {
+            ins.push(match i {
+                None => None,
+                Some(v) => Some(match env.get(v) {
+                    Some(&e) => e,
+                    None => {
+                        let dims = known_dims(g, *v).ok_or("input shape is not known")?;
+                        let acc = inner_access(&dims, dom).ok_or("input does not broadcast")?;
+                        k.load(*v, acc)
+                    }
+                }),
+            });
+        }
+        let y = lower(&mut k, node, &ins)?;
+        let out = node.outputs[0];
+        env.insert(out, y);
+        let escapes = outputs.contains(&out)
+            || consumers[out.index()]
+                .iter()
+                .any(|&c| group_of[c] != gid || gid.is_none());
+        if escapes {
+            k.outputs.push((out, y));
+        }
+    }
+    Ok(k)
+}
+
+/// Lowers one node's arithmetic given its operand expressions.
+fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<ExprId, String> {
+    use OpKind::*;
+    let arg = |i: usize| -> Result<ExprId, String> {
+        ins.get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("missing input #{i}"))
+    };
+    let x = arg(0)?;
+    let un = |op| -> Result<Option<UnOp>, String> { Ok(Some(op)) };
+    let unary = match node.op {
+        Neg => un(UnOp::Neg)?,
+        Abs => un(UnOp::Abs)?,
+        Sqrt => un(UnOp::Sqrt)?,
+        Reciprocal => un(UnOp::Recip)?,
+        Relu => un(UnOp::Relu)?,
+        Exp => un(UnOp::Exp)?,
+        Log => un(UnOp::Log)?,
+        Tanh => un(UnOp::Tanh)?,
+        Erf => un(UnOp::Erf)?,
+        Sigmoid => un(UnOp::Sigmoid)?,
+        _ => None,
+    };
+    if let Some(op) = unary {
+        return Ok(k.un(op, x));
+    }
+    let binary = match node.op {
+        Add => Some(BinOp::Add),
+        Sub => Some(BinOp::Sub),
+        Mul => Some(BinOp::Mul),
+        Div => Some(BinOp::Div),
+        Max => Some(BinOp::Max),
+        Min => Some(BinOp::Min),
+        _ => None,
+    };
+    if let Some(op) = binary {
+        let b = arg(1)?;
+        return Ok(k.bin(op, x, b));
+    }
+    Ok(match node.op {
+        Identity => x,
+        Silu => {
+            let s = k.un(UnOp::Sigmoid, x);
+            k.bin(BinOp::Mul, x, s)
+        }
+        Gelu => {
+            let half = k.konst(0.5);
+            let one = k.konst(1.0);
+            let hx = k.bin(BinOp::Mul, half, x);
+            let t = if node.attrs.string_or("approximate", "none".into())? == "tanh" {
+                let c = k.konst((2.0 / std::f64::consts::PI).sqrt() as f32);
+                let a = k.konst(0.044715);
+                let x2 = k.bin(BinOp::Mul, x, x);
+                let x3 = k.bin(BinOp::Mul, x2, x);
+                let ax3 = k.bin(BinOp::Mul, a, x3);
+                let inner = k.bin(BinOp::Add, x, ax3);
+                let z = k.bin(BinOp::Mul, c, inner);
+                k.un(UnOp::Tanh, z)
+            } else {
+                let r2 = k.konst(std::f32::consts::SQRT_2);
+                let z = k.bin(BinOp::Div, x, r2);
+                k.un(UnOp::Erf, z)
+            };
+            let t1 = k.bin(BinOp::Add, one, t);
+            k.bin(BinOp::Mul, hx, t1)
+        }
+        Softmax => {
+            let m = k.reduce(RedOp::Max, x);
+            let shift = k.un(UnOp::FiniteOrZero, m);
+            let d = k.bin(BinOp::Sub, x, shift);
+            let e = k.un(UnOp::Exp, d);
+            let s = k.reduce(RedOp::Sum, e);
+            k.bin(BinOp::Div, e, s)
+        }
+        LayerNorm | RmsNorm => {
+            let eps = k.konst(node.attrs.float_or("epsilon", 1e-5)?);
+            let n = k.push(super::ir::Expr::RowLen);
+            let d = if node.op == LayerNorm {
+                let s = k.reduce(RedOp::Sum, x);
+                let mean = k.bin(BinOp::Div, s, n);
+                k.bin(BinOp::Sub, x, mean)
+            } else {
+                x
+            };
+            let d2 = k.bin(BinOp::Mul, d, d);
+            let ss = k.reduce(RedOp::Sum, d2);
+            let var = k.bin(BinOp::Div, ss, n);
+            let ve = k.bin(BinOp::Add, var, eps);
+            let sd = k.un(UnOp::Sqrt, ve);
+            let inv = k.un(UnOp::Recip, sd);
+            let y = k.bin(BinOp::Mul, d, inv);
+            let y = k.bin(BinOp::Mul, y, arg(1)?);
+            match (node.op, ins.get(2).copied().flatten()) {
+                (LayerNorm, Some(b)) => k.bin(BinOp::Add, y, b),
+                _ => y,
+            }
+        }
+        op => return Err(format!("no loop lowering for `{}`", op.name())),
+    })
+}
