@@ -3,8 +3,8 @@
 //! will plug in behind [`Model::run`].
 
 pub mod compare;
-pub mod kernels;
 pub mod kernel;
+pub mod kernels;
 pub mod model;
 pub mod testdata;
 
