@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use kiln_ir::{DType, Dim, Graph, Tensor, TensorData};
-use kiln_runtime::{compare, Model, MODEL_TOLERANCE};
+use kiln_runtime::Model;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,32 +53,10 @@ pub fn compare_cmd(args: &CompareArgs) -> Result<ExitCode> {
         opt.nodes.len(),
         args.random_inputs_seed
     );
-    println!(
-        "{:<28} {:<18} {:>12} {:>12}  result",
-        "output", "shape", "max abs err", "max rel err"
-    );
-    let mut all_ok = true;
-    for ((&o, got), want) in g.outputs.iter().zip(&got).zip(&want) {
-        let e = compare(got, want, MODEL_TOLERANCE);
-        all_ok &= e.ok;
-        println!(
-            "{:<28} {:<18} {:>12.3e} {:>12.3e}  {}",
-            g.value(o).name,
-            format!("{:?}", got.shape()),
-            e.max_abs,
-            e.max_rel,
-            if e.ok {
-                "ok".to_string()
-            } else {
-                format!("MISMATCH: {}", e.reason.unwrap_or_default())
-            }
-        );
-    }
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    let rows = g.outputs.iter().zip(&got).zip(&want);
+    Ok(crate::run::print_errors(rows.map(|((&o, got), want)| {
+        (g.value(o).name.as_str(), got, want)
+    })))
 }
 
 /// Seeded random values for every graph input. Floats are uniform in [-1, 1); integer

@@ -125,17 +125,26 @@ fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
             data.outputs.len()
         );
     }
+    let rows = g.outputs.iter().zip(&outs).zip(&data.outputs);
+    Ok(print_errors(rows.map(|((&o, got), (_, want))| {
+        (g.value(o).name.as_str(), got, want)
+    })))
+}
+
+/// Prints max abs/rel error per output against its reference under `MODEL_TOLERANCE`;
+/// exit code 2 if any is over.
+pub fn print_errors<'a>(rows: impl Iterator<Item = (&'a str, &'a Tensor, &'a Tensor)>) -> ExitCode {
     let mut all_ok = true;
     println!(
         "{:<28} {:<18} {:>12} {:>12}  result",
         "output", "shape", "max abs err", "max rel err"
     );
-    for ((&o, got), (_, want)) in g.outputs.iter().zip(&outs).zip(&data.outputs) {
+    for (name, got, want) in rows {
         let e = compare(got, want, MODEL_TOLERANCE);
         all_ok &= e.ok;
         println!(
             "{:<28} {:<18} {:>12.3e} {:>12.3e}  {}",
-            g.value(o).name,
+            name,
             format!("{:?}", got.shape()),
             e.max_abs,
             e.max_rel,
@@ -146,11 +155,11 @@ fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
             }
         );
     }
-    Ok(if all_ok {
+    if all_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
-    })
+    }
 }
 
 fn read_tensor(path: &Path) -> Result<Tensor> {
