@@ -51,6 +51,12 @@ pub enum EvalError {
 
 /// Runs `g` on inputs given by name, returning the outputs in graph order.
 pub fn run_named(g: &Graph, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, EvalError> {
+    run(g, order_inputs(g, inputs)?)
+}
+
+/// Puts inputs given by name into graph order; an unknown or missing name is an error.
+/// Every executor (interpreter, JIT) resolves named inputs through this.
+pub fn order_inputs(g: &Graph, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, EvalError> {
     let mut by_name: HashMap<&str, &Tensor> = HashMap::new();
     for (n, t) in inputs {
         if !g.inputs.iter().any(|&i| g.value(i).name == *n) {
@@ -77,7 +83,7 @@ pub fn run_named(g: &Graph, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Ev
             })?;
         ordered.push((*t).clone());
     }
-    run(g, ordered)
+    Ok(ordered)
 }
 
 /// Runs `g` on inputs given in graph order, returning the outputs in graph order.
@@ -178,7 +184,7 @@ pub fn run(g: &Graph, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EvalError> {
 }
 
 /// Checks a run-time input against its declared type, binding symbolic dims consistently.
-fn check_input(
+pub fn check_input(
     name: &str,
     ty: &TensorType,
     t: &Tensor,
@@ -204,7 +210,8 @@ fn check_input(
     Ok(())
 }
 
-fn describe(ins: &[Option<&Tensor>]) -> String {
+/// Input dtypes and shapes, for error messages: `(f32[2, 3], none)`.
+pub fn describe(ins: &[Option<&Tensor>]) -> String {
     let parts: Vec<String> = ins
         .iter()
         .map(|t| {

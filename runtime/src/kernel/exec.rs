@@ -4,7 +4,7 @@
 
 use super::ir::LoopKernel;
 use super::partition::{Kernel, Plan};
-use kiln_ir::{Dim, EvalError, Tensor, ValueId};
+use kiln_ir::{EvalError, Tensor, ValueId};
 use std::collections::HashMap;
 
 /// Something that runs loop kernels. `index` is the kernel's position in
@@ -71,32 +71,7 @@ impl Plan {
         inputs: &[(&str, Tensor)],
         runner: &dyn LoopRunner,
     ) -> Result<Vec<Tensor>, EvalError> {
-        let g = &self.graph;
-        let mut ordered = vec![];
-        for (n, _) in inputs {
-            if !g.inputs.iter().any(|&i| g.value(i).name == *n) {
-                return Err(EvalError::UnknownInput {
-                    name: n.to_string(),
-                    known: g
-                        .inputs
-                        .iter()
-                        .map(|&i| g.value(i).name.clone())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                });
-            }
-        }
-        for &i in &g.inputs {
-            let v = g.value(i);
-            let t = inputs.iter().find(|(n, _)| *n == v.name).ok_or_else(|| {
-                EvalError::MissingInput {
-                    name: v.name.clone(),
-                    expected: v.ty.to_string(),
-                }
-            })?;
-            ordered.push(t.1.clone());
-        }
-        self.run(ordered, runner)
+        self.run(kiln_ir::interp::order_inputs(&self.graph, inputs)?, runner)
     }
 
     /// Runs the plan on inputs in graph order; outputs come back in graph order.
@@ -113,26 +88,10 @@ impl Plan {
             });
         }
         let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        let mut bindings: HashMap<&str, usize> = HashMap::new();
+        let mut bindings = HashMap::new();
         for (&id, t) in g.inputs.iter().zip(inputs) {
             let v = g.value(id);
-            let mismatch = || EvalError::InputMismatch {
-                name: v.name.clone(),
-                expected: v.ty.to_string(),
-                got: format!("{}{:?}", t.dtype(), t.shape()),
-            };
-            if t.dtype() != v.ty.dtype || !v.ty.shape.admits(t.shape()) {
-                return Err(mismatch());
-            }
-            if let Some(dims) = v.ty.shape.dims() {
-                for (d, &n) in dims.iter().zip(t.shape()) {
-                    if let Dim::Sym(s) = d {
-                        if *bindings.entry(s.as_str()).or_insert(n) != n {
-                            return Err(mismatch());
-                        }
-                    }
-                }
-            }
+            kiln_ir::interp::check_input(&v.name, &v.ty, &t, &mut bindings)?;
             env[id.index()] = Some(t);
         }
         for (v, t) in &self.constants {
@@ -172,7 +131,7 @@ impl Plan {
                         g.nodes[*n].op.name().to_string()
                     }
                 },
-                inputs: describe(&ins),
+                inputs: kiln_ir::interp::describe(&ins),
                 msg,
             };
             for (j, i) in ins_ids.iter().enumerate() {
@@ -236,15 +195,4 @@ impl Plan {
             })
             .collect()
     }
-}
-
-fn describe(ins: &[Option<&Tensor>]) -> String {
-    let parts: Vec<String> = ins
-        .iter()
-        .map(|t| {
-            t.map(|t| format!("{}{:?}", t.dtype(), t.shape()))
-                .unwrap_or_else(|| "none".into())
-        })
-        .collect();
-    format!("({})", parts.join(", "))
 }
