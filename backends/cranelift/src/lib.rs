@@ -8,7 +8,14 @@ mod codegen;
 pub use codegen::RowFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{EvalError, Graph, Tensor};
-use kiln_runtime::kernel::{partition, Kernel, LoopKernel, LoopRunner, LoopShape, Plan};
+use kiln_runtime::kernel::{partition, Kernel, LoopKernel, LoopRunner, LoopShape, Plan, RunReport};
+
+/// How to compile and run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JitOptions {
+    /// Threads used inside kernels; 0 means one per physical core.
+    pub threads: usize,
+}
 
 /// Why a graph could not be compiled.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +44,7 @@ unsafe impl Sync for CodeHolder {}
 /// A graph compiled for the CPU: JIT row functions for loop kernels, the runtime for the rest.
 pub struct JitExecutable {
     plan: Plan,
+    threads: usize,
     fns: Vec<Option<RowFn>>,
     _code: CodeHolder,
 }
@@ -50,8 +58,18 @@ impl std::fmt::Debug for JitExecutable {
     }
 }
 
-/// Compiles `g` (typically after the default pass pipeline).
+/// Compiles `g` (typically after the default pass pipeline) with default options.
 pub fn compile(g: &Graph) -> Result<JitExecutable, CompileError> {
+    compile_with(g, &JitOptions::default())
+}
+
+/// Compiles `g` (typically after the default pass pipeline).
+pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, CompileError> {
+    let threads = if opts.threads == 0 {
+        kiln_runtime::kernels::gemm::physical_cores()
+    } else {
+        opts.threads
+    };
     let plan = partition(g).map_err(CompileError::Partition)?;
     let mut module = codegen::new_module().map_err(|msg| CompileError::Codegen {
         kernel: "module".into(),
@@ -89,6 +107,7 @@ pub fn compile(g: &Graph) -> Result<JitExecutable, CompileError> {
         .collect();
     Ok(JitExecutable {
         plan,
+        threads,
         fns,
         _code: CodeHolder(module),
     })
@@ -98,6 +117,18 @@ impl JitExecutable {
     /// The partitioned plan.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The number of threads kernels use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs on inputs in graph order, timing every kernel and planning memory.
+    pub fn run_profiled(&self, inputs: Vec<Tensor>) -> Result<(Vec<Tensor>, RunReport), EvalError> {
+        let mut report = RunReport::default();
+        let outs = self.plan.run_with(inputs, self, Some(&mut report))?;
+        Ok((outs, report))
     }
 
     /// How many kernels run as JIT code.

@@ -6,6 +6,29 @@ use super::ir::LoopKernel;
 use super::partition::{Kernel, Plan};
 use kiln_ir::{EvalError, Tensor, ValueId};
 use std::collections::HashMap;
+use std::time::Instant;
+
+/// How long one kernel took in a profiled run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// The kernel's label ([`Plan::label`]).
+    pub label: String,
+    /// `loop`, `contraction` or `fallback`.
+    pub kind: &'static str,
+    /// The op (for loop kernels, `loop`).
+    pub op: String,
+    /// Wall time in nanoseconds.
+    pub nanos: u64,
+}
+
+/// What a profiled run measured besides the outputs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunReport {
+    /// Per-kernel wall time, in execution order.
+    pub kernels: Vec<KernelTime>,
+    /// The memory plan for this run's shapes.
+    pub memory: super::memory::MemoryPlan,
+}
 
 /// Something that runs loop kernels. `index` is the kernel's position in
 /// [`Plan::kernels`], so a runner can keep per-kernel compiled code.
@@ -80,6 +103,17 @@ impl Plan {
         inputs: Vec<Tensor>,
         runner: &dyn LoopRunner,
     ) -> Result<Vec<Tensor>, EvalError> {
+        self.run_with(inputs, runner, None)
+    }
+
+    /// Runs like [`Plan::run`], also filling `report` (per-kernel times, memory plan)
+    /// when given.
+    pub fn run_with(
+        &self,
+        inputs: Vec<Tensor>,
+        runner: &dyn LoopRunner,
+        mut report: Option<&mut RunReport>,
+    ) -> Result<Vec<Tensor>, EvalError> {
         let g = &self.graph;
         if inputs.len() != g.inputs.len() {
             return Err(EvalError::UnknownInput {
@@ -142,6 +176,7 @@ impl Plan {
                     )));
                 }
             }
+            let started = report.as_ref().map(|_| Instant::now());
             let (outs, out_ids): (Vec<Tensor>, Vec<ValueId>) = match k {
                 Kernel::Loop(l) => {
                     let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
@@ -174,6 +209,19 @@ impl Plan {
                 }
             }
             drop(ins);
+            if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
+                let (kind, op) = match k {
+                    Kernel::Loop(_) => ("loop", "loop".to_string()),
+                    Kernel::Contraction(n) => ("contraction", g.nodes[*n].op.name().to_string()),
+                    Kernel::Fallback(n) => ("fallback", g.nodes[*n].op.name().to_string()),
+                };
+                r.kernels.push(KernelTime {
+                    label: self.label(ki),
+                    kind,
+                    op,
+                    nanos: t0.elapsed().as_nanos() as u64,
+                });
+            }
             for (t, o) in outs.into_iter().zip(out_ids) {
                 env[o.index()] = Some(t);
             }

@@ -6,9 +6,11 @@ pub mod eval;
 pub mod exec;
 pub mod ir;
 pub mod layout;
+pub mod memory;
 pub mod partition;
 
-pub use exec::{LoopRunner, ReferenceRunner};
+pub use exec::{KernelTime, LoopRunner, ReferenceRunner, RunReport};
 pub use ir::{BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction, UnOp};
 pub use layout::LoopShape;
+pub use memory::MemoryPlan;
 pub use partition::{is_contraction, partition, Kernel, Plan};
