@@ -1,12 +1,10 @@
 //! Cranelift code generation for loop kernels: one native function per kernel that
 //! processes one row, `fn(ins: *const *const f32, outs: *const *mut f32, n: i64)`. Each
 //! pass over the row (one per reduction, then the store pass) is an F32X4 loop over
-//! `n & !3` elements followed by a scalar tail. Transcendentals call Rust helpers.
+//! `n & !3` elements followed by a scalar tail. Transcendentals are inlined ([`crate::vmath`]).
 
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::{
-    types, AbiParam, Endianness, FuncRef, InstBuilder, MemFlagsData, Type, Value,
-};
+use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
@@ -19,38 +17,13 @@ pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
 
 const LANES: i64 = 4;
 
-macro_rules! helpers {
-    ($($op:ident => $name:ident),* $(,)?) => {
-        $(
-            extern "C" fn $name(x: f32) -> f32 {
-                UnOp::$op.apply(x)
-            }
-        )*
-        /// The Rust helper for each transcendental op: symbol name and address.
-        fn helper_symbols() -> Vec<(UnOp, &'static str, *const u8)> {
-            vec![$((UnOp::$op, stringify!($name), $name as *const u8),)*]
-        }
-    };
-}
-
-helpers! {
-    Exp => kiln_jit_exp,
-    Log => kiln_jit_log,
-    Tanh => kiln_jit_tanh,
-    Erf => kiln_jit_erf,
-    Sigmoid => kiln_jit_sigmoid,
-}
-
-/// A JIT module with the helpers registered.
+/// A JIT module for the host.
 pub fn new_module() -> Result<JITModule, String> {
-    let mut b = JITBuilder::with_flags(
+    let b = JITBuilder::with_flags(
         &[("opt_level", "speed")],
         cranelift_module::default_libcall_names(),
     )
     .map_err(|e| e.to_string())?;
-    for (_, name, ptr) in helper_symbols() {
-        b.symbol(name, ptr);
-    }
     Ok(JITModule::new(b))
 }
 
@@ -66,28 +39,9 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
     let id = module
         .declare_function(name, Linkage::Local, &ctx.func.signature)
         .map_err(|e| e.to_string())?;
-    let mut helper_ids = HashMap::new();
-    for (op, hname, _) in helper_symbols() {
-        let mut sig = module.make_signature();
-        sig.params.push(AbiParam::new(types::F32));
-        sig.returns.push(AbiParam::new(types::F32));
-        let hid = module
-            .declare_function(hname, Linkage::Import, &sig)
-            .map_err(|e| e.to_string())?;
-        helper_ids.insert(op, hid);
-    }
     let mut fctx = FunctionBuilderContext::new();
     {
         let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        let mut helpers = HashMap::new();
-        for (op, hid) in &helper_ids {
-            if k.exprs
-                .iter()
-                .any(|e| matches!(e, Expr::Un(o, _) if o == op))
-            {
-                helpers.insert(*op, module.declare_func_in_func(*hid, b.func));
-            }
-        }
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
@@ -107,7 +61,6 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
             in_ptrs,
             n,
             red: vec![],
-            helpers,
         };
         for r in 0..k.reductions.len() {
             let rd = &k.reductions[r];
@@ -228,7 +181,6 @@ struct Gen<'a> {
     in_ptrs: Vec<Value>,
     n: Value,
     red: Vec<Value>,
-    helpers: HashMap<UnOp, FuncRef>,
 }
 
 impl Gen<'_> {
@@ -314,22 +266,7 @@ impl Gen<'_> {
                         let fin = b.ins().fcmp(FloatCC::Equal, d, z);
                         select(b, fin, x, z, ty)
                     }
-                    _ => {
-                        let f = self.helpers[&op];
-                        if ty.is_vector() {
-                            let mut v = x;
-                            for l in 0..LANES as u8 {
-                                let e = b.ins().extractlane(x, l);
-                                let call = b.ins().call(f, &[e]);
-                                let r = b.inst_results(call)[0];
-                                v = b.ins().insertlane(v, r, l);
-                            }
-                            v
-                        } else {
-                            let call = b.ins().call(f, &[x]);
-                            b.inst_results(call)[0]
-                        }
-                    }
+                    _ => crate::vmath::unary(b, op, x, ty),
                 }
             }
         };

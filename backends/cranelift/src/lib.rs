@@ -4,11 +4,26 @@
 //! other ops) through the runtime's routines.
 
 mod codegen;
+mod vmath;
 
 pub use codegen::RowFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{EvalError, Graph, Tensor};
-use kiln_runtime::kernel::{partition, Kernel, LoopKernel, LoopRunner, LoopShape, Plan, RunReport};
+use kiln_runtime::kernel::{
+    default_parallel, partition, Kernel, LoopKernel, LoopRunner, LoopShape, ParallelFor, Plan,
+    RunReport, Serial,
+};
+use std::sync::Arc;
+
+/// Estimated work (domain elements × expression evaluations per element) below which a
+/// loop kernel runs on the calling thread: splitting costs a thread hand-off (tens of
+/// microseconds with scoped threads), worth it only from roughly 0.2 ms of work.
+pub const PAR_MIN_WORK: usize = 1 << 19;
+/// Tasks per worker when a kernel is split, so uneven rows still balance.
+const TASKS_PER_THREAD: usize = 4;
+/// Weight of a transcendental relative to a plain arithmetic expression in the work
+/// estimate (an inlined exp is about 25 vector instructions).
+const TRANSCENDENTAL_WEIGHT: usize = 16;
 
 /// How to compile and run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,6 +60,7 @@ unsafe impl Sync for CodeHolder {}
 pub struct JitExecutable {
     plan: Plan,
     threads: usize,
+    par: Arc<dyn ParallelFor>,
     fns: Vec<Option<RowFn>>,
     _code: CodeHolder,
 }
@@ -108,6 +124,7 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
     Ok(JitExecutable {
         plan,
         threads,
+        par: default_parallel(threads),
         fns,
         _code: CodeHolder(module),
     })
@@ -122,6 +139,13 @@ impl JitExecutable {
     /// The number of threads kernels use.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Replaces the parallel-for loop kernels split their rows through (by default
+    /// [`kiln_runtime::kernel::default_parallel`] of [`JitExecutable::threads`]).
+    pub fn set_parallel(&mut self, par: Arc<dyn ParallelFor>) {
+        self.threads = par.threads();
+        self.par = par;
     }
 
     /// Runs on inputs in graph order, timing every kernel and planning memory.
@@ -157,34 +181,146 @@ impl LoopRunner for JitExecutable {
         let Some(f) = self.fns.get(index).copied().flatten() else {
             return kiln_runtime::kernel::eval::run_loop(k, inputs);
         };
-        run_row_fn(f, k, inputs)
+        run_row_fn_par(f, k, inputs, &*self.par)
     }
 }
 
-/// Runs a compiled row function over every row of the bound domain.
+/// One loop kernel compiled on its own (for tests and tools).
+pub struct LoopFn {
+    f: RowFn,
+    kernel: LoopKernel,
+    _code: CodeHolder,
+}
+
+impl std::fmt::Debug for LoopFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopFn")
+            .field("kernel", &self.kernel)
+            .finish()
+    }
+}
+
+/// JIT-compiles one loop kernel.
+pub fn compile_loop(k: &LoopKernel) -> Result<LoopFn, CompileError> {
+    let err = |msg: String| CompileError::Codegen {
+        kernel: "loop".into(),
+        msg,
+    };
+    let mut module = codegen::new_module().map_err(err)?;
+    let id = codegen::define(&mut module, k, "loop").map_err(err)?;
+    module
+        .finalize_definitions()
+        .map_err(|e| err(e.to_string()))?;
+    let p = module.get_finalized_function(id);
+    // SAFETY: `define` gave this function the `RowFn` signature.
+    let f = unsafe { std::mem::transmute::<*const u8, RowFn>(p) };
+    Ok(LoopFn {
+        f,
+        kernel: k.clone(),
+        _code: CodeHolder(module),
+    })
+}
+
+impl LoopFn {
+    /// Runs the kernel on its inputs (one per kernel input), on the calling thread.
+    pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        run_row_fn(self.f, &self.kernel, inputs)
+    }
+
+    /// Runs the kernel, splitting rows through `par` whenever there are at least two.
+    pub fn run_split(
+        &self,
+        inputs: &[&Tensor],
+        par: &dyn ParallelFor,
+    ) -> Result<Vec<Tensor>, String> {
+        run_rows(self.f, &self.kernel, inputs, par, 0)
+    }
+}
+
+/// Runs a compiled row function over every row of the bound domain, on the calling thread.
 pub fn run_row_fn(f: RowFn, k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+    run_rows(f, k, inputs, &Serial, usize::MAX)
+}
+
+/// Runs a compiled row function, splitting the rows through `par` when the kernel's
+/// estimated work reaches [`PAR_MIN_WORK`]. Every row is computed by the same code
+/// whichever thread runs it, so results are bit-identical for any thread count.
+pub fn run_row_fn_par(
+    f: RowFn,
+    k: &LoopKernel,
+    inputs: &[&Tensor],
+    par: &dyn ParallelFor,
+) -> Result<Vec<Tensor>, String> {
+    run_rows(f, k, inputs, par, PAR_MIN_WORK)
+}
+
+/// The work estimate of one domain element of `k` (see [`PAR_MIN_WORK`]).
+fn work_per_element(k: &LoopKernel) -> usize {
+    let per_pass: usize = k
+        .exprs
+        .iter()
+        .map(|e| match e {
+            kiln_runtime::kernel::Expr::Un(op, _) if op.is_transcendental() => {
+                TRANSCENDENTAL_WEIGHT
+            }
+            _ => 1,
+        })
+        .sum();
+    per_pass * (1 + k.reductions.len())
+}
+
+/// A pointer that may cross threads: every task writes a disjoint range of rows.
+#[derive(Clone, Copy)]
+struct RowPtr(*mut f32);
+// SAFETY: tasks only write the rows they own (see `run_rows`).
+unsafe impl Send for RowPtr {}
+unsafe impl Sync for RowPtr {}
+
+fn run_rows(
+    f: RowFn,
+    k: &LoopKernel,
+    inputs: &[&Tensor],
+    par: &dyn ParallelFor,
+    min_work: usize,
+) -> Result<Vec<Tensor>, String> {
     let ls = LoopShape::bind(k, inputs)?;
     let data: Vec<&[f32]> = inputs
         .iter()
         .map(|t| t.as_slice::<f32>().ok_or("loop kernel input is not f32"))
         .collect::<Result<_, _>>()?;
     let n = ls.n;
-    let mut outs: Vec<Vec<f32>> = vec![vec![0.0; ls.numel()]; k.outputs.len()];
-    let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
-    let mut out_ptrs: Vec<*mut f32> = vec![std::ptr::null_mut(); outs.len()];
+    let mut outs: Vec<Vec<f32>> = (0..k.outputs.len())
+        .map(|_| vec![0.0; ls.numel()])
+        .collect();
     let n_i64 = i64::try_from(n).map_err(|_| "row too long")?;
-    ls.for_each_row(|row, offs| {
-        for ((p, d), &o) in in_ptrs.iter_mut().zip(&data).zip(offs) {
-            // `bind` checked that every row read (o..o+n, or o alone when broadcast)
-            // lies inside the input.
-            *p = d[o..].as_ptr();
-        }
-        for (p, o) in out_ptrs.iter_mut().zip(outs.iter_mut()) {
-            *p = o[row * n..].as_mut_ptr();
-        }
-        // SAFETY: pointers cover `n` elements (or one, for broadcast inputs) per `bind`.
-        unsafe { f(in_ptrs.as_ptr(), out_ptrs.as_ptr(), n_i64) };
-    });
+    let bases: Vec<RowPtr> = outs.iter_mut().map(|o| RowPtr(o.as_mut_ptr())).collect();
+    let run_range = |lo: usize, hi: usize| {
+        let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
+        let mut out_ptrs: Vec<*mut f32> = vec![std::ptr::null_mut(); bases.len()];
+        ls.for_rows(lo, hi, |row, offs| {
+            for ((p, d), &o) in in_ptrs.iter_mut().zip(&data).zip(offs) {
+                // `bind` checked that every row read (o..o+n, or o alone when broadcast)
+                // lies inside the input.
+                *p = d[o..].as_ptr();
+            }
+            for (p, b) in out_ptrs.iter_mut().zip(&bases) {
+                // SAFETY: row < rows, so row * n + n <= numel, the buffer's length.
+                *p = unsafe { b.0.add(row * n) };
+            }
+            // SAFETY: pointers cover `n` elements (or one, for broadcast inputs) per `bind`.
+            unsafe { f(in_ptrs.as_ptr(), out_ptrs.as_ptr(), n_i64) };
+        });
+    };
+    let work = ls.numel().saturating_mul(work_per_element(k));
+    let threads = par.threads();
+    if threads <= 1 || ls.rows < 2 || work < min_work {
+        run_range(0, ls.rows);
+    } else {
+        let tasks = (threads * TASKS_PER_THREAD).min(ls.rows);
+        let chunk = ls.rows.div_ceil(tasks);
+        par.run(tasks, &|t| run_range(t * chunk, (t + 1) * chunk));
+    }
+    drop(bases);
     Ok(outs
         .into_iter()
         .map(|v| Tensor::from_vec(ls.shape.clone(), v))

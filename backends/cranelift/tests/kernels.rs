@@ -246,3 +246,50 @@ fn executable_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<kiln_cranelift::JitExecutable>();
 }
+
+#[test]
+fn row_split_results_are_bit_identical_for_any_thread_count() {
+    use kiln_ir::ValueId;
+    use kiln_runtime::kernel::{
+        BinOp, InnerAccess, LoopKernel, RedOp, ScopedThreads, Serial, UnOp,
+    };
+    // softmax(x + y) * sigmoid(x) over 37 rows of 13 (odd row count and row length).
+    let mut k = LoopKernel::new(vec![Dim::Fixed(37), Dim::Fixed(13)]);
+    let x = k.load(ValueId(0), InnerAccess::Contiguous);
+    let y = k.load(ValueId(1), InnerAccess::Broadcast);
+    let a = k.bin(BinOp::Add, x, y);
+    let m = k.reduce(RedOp::Max, a);
+    let d = k.bin(BinOp::Sub, a, m);
+    let e = k.un(UnOp::Exp, d);
+    let s = k.reduce(RedOp::Sum, e);
+    let p = k.bin(BinOp::Div, e, s);
+    let g = k.un(UnOp::Sigmoid, x);
+    let o = k.bin(BinOp::Mul, p, g);
+    k.outputs.push((ValueId(2), o));
+    let f = kiln_cranelift::compile_loop(&k).unwrap();
+    let xt = data(&[37, 13], 5, true);
+    let yt = data(&[37, 1], 6, false);
+    let serial = f.run_split(&[&xt, &yt], &Serial).unwrap();
+    for threads in [2, 3, 5] {
+        let par = f.run_split(&[&xt, &yt], &ScopedThreads(threads)).unwrap();
+        assert_eq!(
+            serial[0]
+                .as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            par[0]
+                .as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            "{threads} threads"
+        );
+    }
+    // And the split run matches the portable evaluator.
+    let want = kiln_runtime::kernel::eval::run_loop(&k, &[&xt, &yt]).unwrap();
+    let r = compare(&serial[0], &want[0], TOL);
+    assert!(r.ok, "{r:?}");
+}

@@ -118,14 +118,31 @@ impl LoopShape {
 
     /// Calls `f(row, offsets)` for every row in order, where `offsets[i]` is input `i`'s
     /// element offset of that row's start (the output row starts at `row * n`).
-    pub fn for_each_row(&self, mut f: impl FnMut(usize, &[usize])) {
-        if self.n == 0 {
+    pub fn for_each_row(&self, f: impl FnMut(usize, &[usize])) {
+        self.for_rows(0, self.rows, f)
+    }
+
+    /// Like [`LoopShape::for_each_row`] for the rows `lo..hi` only (clamped to the domain),
+    /// so disjoint row ranges can run on different threads.
+    pub fn for_rows(&self, lo: usize, hi: usize, mut f: impl FnMut(usize, &[usize])) {
+        let hi = hi.min(self.rows);
+        if self.n == 0 || lo >= hi {
             return;
         }
         let outer = &self.shape[..self.shape.len().saturating_sub(1)];
+        // The odometer position of row `lo`.
         let mut idx = vec![0usize; outer.len()];
-        let mut offs = vec![0usize; self.strides.len()];
-        for r in 0..self.rows {
+        let mut rest = lo;
+        for d in (0..outer.len()).rev() {
+            idx[d] = rest % outer[d];
+            rest /= outer[d];
+        }
+        let mut offs: Vec<usize> = self
+            .strides
+            .iter()
+            .map(|st| idx.iter().zip(st).map(|(i, s)| i * s).sum())
+            .collect();
+        for r in lo..hi {
             f(r, &offs);
             // Odometer step over the outer dims.
             for d in (0..outer.len()).rev() {

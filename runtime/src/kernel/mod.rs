@@ -7,10 +7,14 @@ pub mod exec;
 pub mod ir;
 pub mod layout;
 pub mod memory;
+pub mod par;
 pub mod partition;
 
 pub use exec::{KernelTime, LoopRunner, ReferenceRunner, RunReport};
-pub use ir::{BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction, UnOp};
+pub use ir::{
+    erf_f64, BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction, UnOp,
+};
 pub use layout::LoopShape;
 pub use memory::MemoryPlan;
+pub use par::{default_parallel, ParallelFor, ScopedThreads, Serial};
 pub use partition::{is_contraction, partition, Kernel, Plan};
