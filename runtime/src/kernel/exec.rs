@@ -148,6 +148,8 @@ impl Plan {
         for &o in &g.outputs {
             last_use[o.index()] = usize::MAX;
         }
+        // Lifetimes of the values kernels produce, for the memory plan of a reported run.
+        let mut intervals = report.as_ref().map(|_| Vec::new());
         for (ki, k) in self.kernels.iter().enumerate() {
             let ins_ids: Vec<Option<ValueId>> = match k {
                 Kernel::Loop(l) => l.inputs.iter().map(|i| Some(i.value)).collect(),
@@ -182,6 +184,14 @@ impl Plan {
                     let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
                     let outs = runner.run_loop(ki, l, &flat).map_err(err)?;
                     (outs, l.outputs.iter().map(|o| o.0).collect())
+                }
+                Kernel::Fallback(n) if super::glue::has_fast_path(g.nodes[*n].op) => {
+                    let node = &g.nodes[*n];
+                    let outs = match super::glue::run_fast(node, &ins) {
+                        Some(outs) => outs,
+                        None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                    };
+                    (outs, node.outputs.clone())
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];
@@ -222,6 +232,23 @@ impl Plan {
                     nanos: t0.elapsed().as_nanos() as u64,
                 });
             }
+            if let Some(iv) = intervals.as_mut() {
+                for (t, &o) in outs.iter().zip(&out_ids) {
+                    let end = if g.outputs.contains(&o) {
+                        self.kernels.len()
+                    } else if last_use[o.index()] == usize::MAX {
+                        ki
+                    } else {
+                        last_use[o.index()]
+                    };
+                    iv.push(super::memory::Interval {
+                        value: o,
+                        bytes: t.len() * t.dtype().size(),
+                        start: ki,
+                        end,
+                    });
+                }
+            }
             for (t, o) in outs.into_iter().zip(out_ids) {
                 env[o.index()] = Some(t);
             }
@@ -230,6 +257,9 @@ impl Plan {
                     env[v.index()] = None;
                 }
             }
+        }
+        if let (Some(r), Some(iv)) = (report, intervals) {
+            r.memory = super::memory::plan(&iv);
         }
         g.outputs
             .iter()

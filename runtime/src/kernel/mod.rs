@@ -4,6 +4,7 @@
 
 pub mod eval;
 pub mod exec;
+pub mod glue;
 pub mod ir;
 pub mod layout;
 pub mod memory;
