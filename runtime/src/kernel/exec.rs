@@ -5,6 +5,7 @@
 use super::ir::LoopKernel;
 use super::partition::{Kernel, Plan};
 use kiln_ir::{EvalError, Tensor, ValueId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -121,29 +122,27 @@ impl Plan {
                 known: format!("{} inputs", g.inputs.len()),
             });
         }
-        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        // Constants (the weights) are borrowed from the plan, never copied per run.
+        let mut env: Vec<Option<Cow<'_, Tensor>>> = vec![None; g.values.len()];
         let mut bindings = HashMap::new();
         for (&id, t) in g.inputs.iter().zip(inputs) {
             let v = g.value(id);
             kiln_ir::interp::check_input(&v.name, &v.ty, &t, &mut bindings)?;
-            env[id.index()] = Some(t);
+            env[id.index()] = Some(Cow::Owned(t));
         }
         for (v, t) in &self.constants {
-            env[v.index()] = Some(t.clone());
+            env[v.index()] = Some(Cow::Borrowed(t));
         }
-        let uses = |k: &Kernel| -> Vec<ValueId> {
-            match k {
-                Kernel::Loop(l) => l.inputs.iter().map(|i| i.value).collect(),
-                Kernel::Contraction(n) | Kernel::Fallback(n) => {
-                    g.nodes[*n].inputs.iter().flatten().copied().collect()
-                }
+        // The values a kernel reads, without allocating (this runs twice per kernel).
+        let each_use = |k: &Kernel, f: &mut dyn FnMut(ValueId)| match k {
+            Kernel::Loop(l) => l.inputs.iter().for_each(|i| f(i.value)),
+            Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                g.nodes[*n].inputs.iter().flatten().for_each(|&v| f(v))
             }
         };
         let mut last_use = vec![usize::MAX; g.values.len()];
         for (ki, k) in self.kernels.iter().enumerate() {
-            for v in uses(k) {
-                last_use[v.index()] = ki;
-            }
+            each_use(k, &mut |v| last_use[v.index()] = ki);
         }
         for &o in &g.outputs {
             last_use[o.index()] = usize::MAX;
@@ -157,7 +156,7 @@ impl Plan {
             };
             let ins: Vec<Option<&Tensor>> = ins_ids
                 .iter()
-                .map(|i| i.and_then(|i| env[i.index()].as_ref()))
+                .map(|i| i.and_then(|i| env[i.index()].as_deref()))
                 .collect();
             let err = |msg: String| EvalError::Node {
                 node: self.label(ki),
@@ -250,13 +249,13 @@ impl Plan {
                 }
             }
             for (t, o) in outs.into_iter().zip(out_ids) {
-                env[o.index()] = Some(t);
+                env[o.index()] = Some(Cow::Owned(t));
             }
-            for v in uses(k) {
+            each_use(k, &mut |v| {
                 if last_use[v.index()] == ki {
                     env[v.index()] = None;
                 }
-            }
+            });
         }
         if let (Some(r), Some(iv)) = (report, intervals) {
             r.memory = super::memory::plan(&iv);
@@ -264,12 +263,15 @@ impl Plan {
         g.outputs
             .iter()
             .map(|&o| {
-                env[o.index()].clone().ok_or_else(|| EvalError::Node {
-                    node: format!("%{}", g.value(o).name),
-                    op: "return".into(),
-                    inputs: String::new(),
-                    msg: "graph output was never computed".into(),
-                })
+                env[o.index()]
+                    .as_deref()
+                    .cloned()
+                    .ok_or_else(|| EvalError::Node {
+                        node: format!("%{}", g.value(o).name),
+                        op: "return".into(),
+                        inputs: String::new(),
+                        msg: "graph output was never computed".into(),
+                    })
             })
             .collect()
     }
