@@ -108,11 +108,11 @@ fn main() {
                 e.1 += 1;
             }
             let mut by: Vec<_> = by.into_iter().collect();
-            by.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+            by.sort_by_key(|e| std::cmp::Reverse(e.1 .0));
             for ((op, kind), (ns, c)) in by {
                 println!("  {kind:12} {op:16} x{c:3} {:9.3} ms", ns as f64 / 1e6);
             }
-            best.sort_by(|a, b| b.3.cmp(&a.3));
+            best.sort_by_key(|e| std::cmp::Reverse(e.3));
             for (label, kind, op, ns) in best.iter().take(TOP) {
                 println!("    {:9.3} ms {kind:12} {op:14} {label}", *ns as f64 / 1e6);
             }

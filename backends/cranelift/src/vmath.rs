@@ -83,11 +83,11 @@ impl Math {
         )
     }
 
-    fn to_int_bits(&self, b: &mut FunctionBuilder, v: Value) -> Value {
+    fn bits_of(&self, b: &mut FunctionBuilder, v: Value) -> Value {
         self.cast(b, self.ity(), v)
     }
 
-    fn from_int_bits(&self, b: &mut FunctionBuilder, v: Value) -> Value {
+    fn float_of_bits(&self, b: &mut FunctionBuilder, v: Value) -> Value {
         self.cast(b, self.ty, v)
     }
 
@@ -127,7 +127,7 @@ impl Math {
         let e = b.ins().iadd(n, bias);
         let sh = b.ins().iconst(types::I32, 23);
         let bits = b.ins().ishl(e, sh);
-        self.from_int_bits(b, bits)
+        self.float_of_bits(b, bits)
     }
 
     /// `e^x`: `x = n ln2 + r`, |r| <= ln2/2, `e^r` by Cephes' degree-7 polynomial, then
@@ -143,7 +143,7 @@ impl Math {
         let magic = self.f(b, ROUND_MAGIC);
         let k = b.ins().fadd(t, magic);
         let nf = b.ins().fsub(k, magic);
-        let kb = self.to_int_bits(b, k);
+        let kb = self.bits_of(b, k);
         let mb = self.i(b, ROUND_MAGIC_BITS);
         let n = b.ins().isub(kb, mb);
         let c1 = self.f(b, LN2_HI);
@@ -188,7 +188,7 @@ impl Math {
         let k23 = self.f(b, 23.0);
         let zero = self.f(b, 0.0);
         let eadj = self.sel(b, FloatCC::LessThan, x0, minn, k23, zero);
-        let bits = self.to_int_bits(b, x);
+        let bits = self.bits_of(b, x);
         let sh = b.ins().iconst(types::I32, 23);
         let eb = b.ins().ushr(bits, sh);
         let c126 = self.i(b, 126);
@@ -199,7 +199,7 @@ impl Math {
         let half = self.i(b, 0x3F00_0000);
         let mb = b.ins().band(bits, mant);
         let mb = b.ins().bor(mb, half);
-        let m = self.from_int_bits(b, mb);
+        let m = self.float_of_bits(b, mb);
         let sqrthf = self.f(b, std::f32::consts::FRAC_1_SQRT_2);
         let one = self.f(b, 1.0);
         let e1 = b.ins().fsub(e, one);
