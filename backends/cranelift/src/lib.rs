@@ -45,6 +45,7 @@ unsafe impl Sync for CodeHolder {}
 pub struct JitExecutable {
     plan: Plan,
     threads: usize,
+    pool: kiln_runtime::pool::Pool,
     fns: Vec<Option<RowFn>>,
     _code: CodeHolder,
 }
@@ -105,9 +106,14 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
             })
         })
         .collect();
+    let pool = kiln_runtime::pool::Pool::new(threads).map_err(|e| CompileError::Codegen {
+        kernel: "thread pool".into(),
+        msg: e.to_string(),
+    })?;
     Ok(JitExecutable {
         plan,
         threads,
+        pool,
         fns,
         _code: CodeHolder(module),
     })
@@ -158,6 +164,10 @@ impl LoopRunner for JitExecutable {
             return kiln_runtime::kernel::eval::run_loop(k, inputs);
         };
         run_row_fn(f, k, inputs)
+    }
+
+    fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {
+        Some(&self.pool)
     }
 }
 

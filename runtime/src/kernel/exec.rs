@@ -1,10 +1,13 @@
 //! Running a [`Plan`]: graph inputs checked against their declared types, kernels in
 //! order, each value freed after its last use. Loop kernels go to a [`LoopRunner`] (the
-//! reference evaluator or a JIT); contractions and fallbacks to the interpreter's ops.
+//! reference evaluator or a JIT); contractions to their prepared CPU routines
+//! ([`super::contraction`], on the runner's thread pool) or, where none applies, and
+//! fallbacks to the interpreter's ops.
 
 use super::ir::LoopKernel;
 use super::partition::{Kernel, Plan};
 use kiln_ir::{EvalError, Tensor, ValueId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -40,6 +43,11 @@ pub trait LoopRunner: Send + Sync {
         k: &LoopKernel,
         inputs: &[&Tensor],
     ) -> Result<Vec<Tensor>, String>;
+
+    /// The thread pool contraction kernels run on (`None`: one thread, inline).
+    fn pool(&self) -> Option<&crate::pool::Pool> {
+        None
+    }
 }
 
 /// Runs loop kernels with the portable evaluator in [`super::eval`].
@@ -121,15 +129,16 @@ impl Plan {
                 known: format!("{} inputs", g.inputs.len()),
             });
         }
-        let mut env: Vec<Option<Tensor>> = vec![None; g.values.len()];
+        // Constants are borrowed from the plan, not copied every run (weights are large).
+        let mut env: Vec<Option<Cow<'_, Tensor>>> = vec![None; g.values.len()];
         let mut bindings = HashMap::new();
         for (&id, t) in g.inputs.iter().zip(inputs) {
             let v = g.value(id);
             kiln_ir::interp::check_input(&v.name, &v.ty, &t, &mut bindings)?;
-            env[id.index()] = Some(t);
+            env[id.index()] = Some(Cow::Owned(t));
         }
         for (v, t) in &self.constants {
-            env[v.index()] = Some(t.clone());
+            env[v.index()] = Some(Cow::Borrowed(t));
         }
         let uses = |k: &Kernel| -> Vec<ValueId> {
             match k {
@@ -155,7 +164,7 @@ impl Plan {
             };
             let ins: Vec<Option<&Tensor>> = ins_ids
                 .iter()
-                .map(|i| i.and_then(|i| env[i.index()].as_ref()))
+                .map(|i| i.and_then(|i| env[i.index()].as_deref()))
                 .collect();
             let err = |msg: String| EvalError::Node {
                 node: self.label(ki),
@@ -185,7 +194,15 @@ impl Plan {
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];
-                    let mut outs = kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?;
+                    let prepared = self.contractions.get(ki).and_then(|p| p.as_deref());
+                    let fast = prepared.and_then(|p| match runner.pool() {
+                        Some(pool) => p.run(&ins, pool),
+                        None => p.run(&ins, &crate::pool::Pool::single()),
+                    });
+                    let mut outs = match fast {
+                        Some(r) => r.map_err(err)?,
+                        None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                    };
                     outs.truncate(node.outputs.len());
                     (outs, node.outputs.clone())
                 }
@@ -223,7 +240,7 @@ impl Plan {
                 });
             }
             for (t, o) in outs.into_iter().zip(out_ids) {
-                env[o.index()] = Some(t);
+                env[o.index()] = Some(Cow::Owned(t));
             }
             for v in uses(k) {
                 if last_use[v.index()] == ki {
@@ -234,12 +251,15 @@ impl Plan {
         g.outputs
             .iter()
             .map(|&o| {
-                env[o.index()].clone().ok_or_else(|| EvalError::Node {
-                    node: format!("%{}", g.value(o).name),
-                    op: "return".into(),
-                    inputs: String::new(),
-                    msg: "graph output was never computed".into(),
-                })
+                env[o.index()]
+                    .as_deref()
+                    .cloned()
+                    .ok_or_else(|| EvalError::Node {
+                        node: format!("%{}", g.value(o).name),
+                        op: "return".into(),
+                        inputs: String::new(),
+                        msg: "graph output was never computed".into(),
+                    })
             })
             .collect()
     }

@@ -49,6 +49,9 @@ impl Activation {
     /// Applies the activation to a slice (one loop per activation, so each vectorises).
     #[inline(always)]
     fn apply_slice(self, xs: &mut [f32]) {
+        // inline(always): a non-inlined helper would be compiled without the caller's
+        // AVX2+FMA target features (SSE2 only, with `floor` as a slow libm call).
+        #[inline(always)]
         fn each(xs: &mut [f32], f: impl Fn(f32) -> f32) {
             xs.iter_mut().for_each(|x| *x = f(*x));
         }
@@ -158,7 +161,7 @@ fn relu(x: f32) -> f32 {
 /// `|r| <= ln2/2` (error below 1e-8 relative), and `2^n` built from exponent bits. Inputs are
 /// clamped to the normal range; NaN stays NaN.
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.0, 88.0);
