@@ -162,25 +162,37 @@ unsafe fn unit_avx2(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usi
     unit::<Plain>(p, bi, h, i0, rows, o)
 }
 
-/// Dot product with 8 independent lanes (vectorises without reassociating a single sum).
+/// `o[..DV] += Σ_j e[j]·v[j, ..]` with the accumulator in a fixed-size local array (kept in
+/// registers), same order of operations as the generic loop.
 #[inline(always)]
-fn dot<F: Fma>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] = F::fma(x[l], y[l], acc[l]);
+fn pv_fixed<F: Fma, const DV: usize>(e: &[f32], v: &[f32], o: &mut [f32]) {
+    let o: &mut [f32; DV] = o.try_into().expect("DV wide");
+    let mut acc = *o;
+    for (&ej, vrow) in e.iter().zip(v.chunks_exact(DV)) {
+        let vrow: &[f32; DV] = vrow.try_into().expect("DV wide");
+        for x in 0..DV {
+            acc[x] = F::fma(ej, vrow[x], acc[x]);
         }
     }
-    let mut tail = 0.0;
-    for (x, y) in ar.iter().zip(br) {
-        tail = F::fma(*x, *y, tail);
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    *o = acc;
 }
 
-/// One work unit: query rows `i0..i0 + rows` of head `h` in batch `bi` into `o`.
+/// Lane-wise maximum that ignores NaN (as the reference's `f64::max` fold does).
+#[inline(always)]
+fn max_ignoring_nan(xs: &[f32; KB]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    for c in xs.chunks_exact(8) {
+        for l in 0..8 {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    m.iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// One work unit: query rows `i0..i0 + rows` of head `h` in batch `bi` into `o`. Per key
+/// block the keys are transposed into `kt[D × KB]` (zero-padded), so that one query row's
+/// `KB` scores are `Σ_d q[d]·kt[d, ..]`: axpys over a fixed-width row that vectorise.
 #[inline(always)]
 fn unit<F: Fma>(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usize, o: &mut [f32]) {
     let [_, hq, hkv, s, t, d, dv] = p.dims;
@@ -189,40 +201,58 @@ fn unit<F: Fma>(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usize, 
     let kbase = (bi * hkv + kh) * t;
     let mut m = [f32::NEG_INFINITY; QB];
     let mut l = [0.0f32; QB];
-    let mut sc = [0.0f32; KB];
+    let mut kt = vec![0.0f32; d * KB];
     o.fill(0.0);
     let mut j0 = 0;
     while j0 < t {
         let kn = KB.min(t - j0);
+        for jj in 0..KB {
+            if jj < kn {
+                let krow = &p.k[(kbase + j0 + jj) * d..][..d];
+                for (dd, &x) in krow.iter().enumerate() {
+                    kt[dd * KB + jj] = x;
+                }
+            } else {
+                for dd in 0..d {
+                    kt[dd * KB + jj] = 0.0;
+                }
+            }
+        }
         for r in 0..rows {
             let i = i0 + r;
+            let qrow = &p.q[qbase + r * d..][..d];
+            let mut sc = [0.0f32; KB];
+            for (dd, &qv) in qrow.iter().enumerate() {
+                let krow: &[f32; KB] = kt[dd * KB..][..KB].try_into().expect("KB wide");
+                for j in 0..KB {
+                    sc[j] = F::fma(qv, krow[j], sc[j]);
+                }
+            }
+            for x in sc.iter_mut() {
+                *x *= p.scale;
+            }
+            if let Some(mk) = &p.mask {
+                let [sb, sh, si, sj] = mk.strides;
+                let base = bi * sb + h * sh + i * si + j0 * sj;
+                for (jj, x) in sc[..kn].iter_mut().enumerate() {
+                    *x += mk.data[base + jj * sj];
+                }
+            }
             // Query i's absolute position; negative when S > T (no key visible).
             let pos = t as i64 - s as i64 + i as i64;
-            let qrow = &p.q[qbase + r * d..][..d];
-            let mut bmax = f32::NEG_INFINITY;
-            for (jj, scv) in sc[..kn].iter_mut().enumerate() {
-                let j = j0 + jj;
-                let krow = &p.k[(kbase + j) * d..][..d];
-                let mut x = dot::<F>(qrow, krow) * p.scale;
-                if let Some(mk) = &p.mask {
-                    let [sb, sh, si, sj] = mk.strides;
-                    x += mk.data[bi * sb + h * sh + i * si + j * sj];
-                }
-                if p.causal && j as i64 > pos {
-                    x = f32::NEG_INFINITY;
-                }
-                *scv = x;
-                // f32::max ignores NaN, as the reference's fold does.
-                bmax = bmax.max(x);
-            }
+            // Keys past the block's end are padding: −inf like hidden keys.
+            let visible = if p.causal {
+                (pos + 1 - j0 as i64).clamp(0, kn as i64) as usize
+            } else {
+                kn
+            };
+            sc[visible..].fill(f32::NEG_INFINITY);
             let m_old = m[r];
-            let m_new = m_old.max(bmax);
+            let m_new = m_old.max(max_ignoring_nan(&sc));
             // The reference shifts by the row max when it is finite, else by 0.
             let shift = if m_new.is_finite() { m_new } else { 0.0 };
             let orow = &mut o[r * dv..][..dv];
             if m_new != m_old {
-                // Rescale what was accumulated under the old shift. With no finite score
-                // seen yet everything so far is exp(−inf) = 0 (or NaN, kept by 0·NaN).
                 // With no finite score seen yet everything so far is exp(−inf) = 0 (or NaN,
                 // kept by 0·NaN); against a +inf score the old terms vanish.
                 let corr = if m_old == f32::NEG_INFINITY || m_new == f32::INFINITY {
@@ -234,24 +264,37 @@ fn unit<F: Fma>(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usize, 
                 orow.iter_mut().for_each(|x| *x *= corr);
             }
             m[r] = m_new;
-            let mut sum = 0.0f32;
-            for (jj, &x) in sc[..kn].iter().enumerate() {
-                // fast_exp clamps its argument; the infinities keep the reference's meaning.
-                let e = if x == f32::NEG_INFINITY {
+            // fast_exp clamps its argument; the infinities keep the reference's meaning.
+            for x in sc.iter_mut() {
+                let e = fast_exp(*x - shift);
+                *x = if *x == f32::NEG_INFINITY {
                     0.0
-                } else if x == f32::INFINITY {
+                } else if *x == f32::INFINITY {
                     f32::INFINITY
                 } else {
-                    fast_exp(x - shift)
+                    e
                 };
-                sum += e;
-                // No skip for e == 0: 0·NaN in v must give NaN, as in the reference.
-                let vrow = &p.v[(kbase + j0 + jj) * dv..][..dv];
-                for (ov, &vv) in orow.iter_mut().zip(vrow) {
-                    *ov = F::fma(e, vv, *ov);
+            }
+            let mut lanes = [0.0f32; 8];
+            for c in sc.chunks_exact(8) {
+                for q in 0..8 {
+                    lanes[q] += c[q];
                 }
             }
-            l[r] += sum;
+            l[r] += ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            // No skip for e == 0: 0·NaN in v must give NaN, as in the reference.
+            let vblock = &p.v[(kbase + j0) * dv..][..kn * dv];
+            if dv == 64 {
+                // The common head size: the output row lives in registers across the keys.
+                pv_fixed::<F, 64>(&sc[..kn], vblock, orow);
+            } else {
+                for (&e, vrow) in sc[..kn].iter().zip(vblock.chunks_exact(dv)) {
+                    for (ov, &vv) in orow.iter_mut().zip(vrow) {
+                        *ov = F::fma(e, vv, *ov);
+                    }
+                }
+            }
         }
         j0 += kn;
     }
