@@ -93,6 +93,18 @@ fn check_set(set: &str, with_interpreter: bool) {
             "{}: no JIT kernels",
             m.display()
         );
+        // Every contraction of these models has a CPU routine (none left to the interpreter).
+        let plan = exe.plan();
+        for (i, k) in plan.kernels.iter().enumerate() {
+            if let kiln_runtime::kernel::Kernel::Contraction(n) = k {
+                assert!(
+                    plan.contractions[i].is_some(),
+                    "{}: {} has no CPU routine",
+                    m.display(),
+                    g.nodes[*n].op.name()
+                );
+            }
+        }
         let data = TestData::load(&m.join("test_data_set_0")).expect("test data");
         let ins: Vec<(&str, kiln_ir::Tensor)> = data
             .inputs

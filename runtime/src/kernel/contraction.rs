@@ -453,8 +453,10 @@ fn linear(
         Some(t) => Some(row_vector(t, &out)?),
         None => None,
     };
-    let resid = match arg(4) {
-        Some(t) => Some(expand(t, &out)?),
+    // A residual of the output's own shape is read in place; others are broadcast first.
+    let resid: Option<std::borrow::Cow<'_, [f32]>> = match arg(4) {
+        Some(t) if t.shape() == out.as_slice() => Some(f32s(t)?.into()),
+        Some(t) => Some(expand(t, &out)?.into()),
         None => None,
     };
     let (m, n): (usize, usize) = (out[..out.len() - 1].iter().product(), out[out.len() - 1]);
