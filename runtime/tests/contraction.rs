@@ -370,3 +370,44 @@ fn results_are_bit_identical_across_runs_on_a_shared_pool() {
         }
     });
 }
+
+/// The epilogue's f32 activations against the interpreter's f64 formulas, elementwise:
+/// 1e-6 relative. The absolute slack covers the far negative tails (|y| < 1e-6), where an
+/// exponent argument near 28 carries f32 rounding of ~1e-6 absolute (so ~2e-6 relative on a
+/// value of 1e-9), and where the reference's own `1 + erf(·)` / `1 + tanh(·)` cancels in f64.
+const ACTIVATION_TOLERANCE: Tolerance = Tolerance::AllClose {
+    rtol: 1e-6,
+    atol: 1e-12,
+};
+
+/// `gelu_tanh` for x < -3: `x / (1 + e^{-2u})` with `2u = 2·√(2/π)·(x + 0.044715·x³)`
+/// up to ~30, whose f32 rounding (constants included) is ~1e-6 absolute, so ~3e-6 relative.
+const GELU_TANH_TOLERANCE: Tolerance = Tolerance::AllClose {
+    rtol: 4e-6,
+    atol: 1e-12,
+};
+
+#[test]
+fn epilogue_activations_match_the_f64_reference_to_1e_6() {
+    // x·1 is exact, so the output is act(x) in f32 against act(x) in f64.
+    let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.006).collect();
+    let n = xs.len();
+    let x = Tensor::from_vec(vec![n, 1], xs);
+    let w = Tensor::from_vec(vec![1, 1], vec![1.0f32]);
+    for (act, tol) in [
+        ("relu", ACTIVATION_TOLERANCE),
+        ("gelu", ACTIVATION_TOLERANCE),
+        ("silu", ACTIVATION_TOLERANCE),
+        ("gelu_tanh", GELU_TANH_TOLERANCE),
+    ] {
+        let attrs = Attrs::new().with("activation", Attr::Str(act.into()));
+        let want = kiln_ir::ops::eval(OpKind::Linear, &attrs, &[Some(&x), Some(&w)]).unwrap();
+        let p = prepare_op(OpKind::Linear, &attrs, |i| (i == 1).then_some(&w)).unwrap();
+        let got = p
+            .run(&[Some(&x), Some(&w)], &Pool::single())
+            .unwrap()
+            .unwrap();
+        let r = compare(&got[0], &want[0], tol);
+        assert!(r.ok, "{act}: {r:?}");
+    }
+}

@@ -210,7 +210,16 @@ fn gelu_erf(x: f32) -> f32 {
                         + t * (0.278_868_07
                             + t * (-1.135_204
                                 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
-    let erfc_z = t * exp(-z * z + poly);
+    // exp(-z² + poly) with z² = x²/2 split exactly (x² = hi + lo by FMA): rounding z or z²
+    // would be amplified by |d(z²)/dz| = 2z in the tail (2e-6 relative at x = -6).
+    let hi = x * x;
+    // For x = ±inf, hi is inf and lo NaN: drop lo so that gelu(inf) = inf, gelu(-inf) = 0·…
+    let lo = if hi.is_finite() {
+        x.mul_add(x, -hi)
+    } else {
+        0.0
+    };
+    let erfc_z = t * exp(-0.5 * hi) * exp(poly - 0.5 * lo);
     let g = if x >= 0.0 { 2.0 - erfc_z } else { erfc_z };
     0.5 * x * g
 }
