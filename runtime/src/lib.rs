@@ -6,6 +6,7 @@ pub mod compare;
 pub mod kernel;
 pub mod kernels;
 pub mod model;
+pub mod pool;
 pub mod testdata;
 
 pub use compare::{compare, OutputError, Tolerance, MODEL_TOLERANCE, ONNX_NODE_TOLERANCE};

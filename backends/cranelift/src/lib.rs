@@ -10,8 +10,7 @@ pub use codegen::RowFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{EvalError, Graph, Tensor};
 use kiln_runtime::kernel::{
-    default_parallel, partition, Kernel, LoopKernel, LoopRunner, LoopShape, ParallelFor, Plan,
-    RunReport, Serial,
+    partition, Kernel, LoopKernel, LoopRunner, LoopShape, ParallelFor, Plan, RunReport, Serial,
 };
 use std::sync::Arc;
 
@@ -61,6 +60,7 @@ unsafe impl Sync for CodeHolder {}
 pub struct JitExecutable {
     plan: Plan,
     threads: usize,
+    pool: kiln_runtime::pool::Pool,
     par: Arc<dyn ParallelFor>,
     fns: Vec<Option<RowFn>>,
     _code: CodeHolder,
@@ -122,10 +122,15 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
             })
         })
         .collect();
+    let pool = kiln_runtime::pool::Pool::new(threads).map_err(|e| CompileError::Codegen {
+        kernel: "thread pool".into(),
+        msg: e.to_string(),
+    })?;
     Ok(JitExecutable {
         plan,
         threads,
-        par: default_parallel(threads),
+        par: Arc::new(pool.clone()),
+        pool,
         fns,
         _code: CodeHolder(module),
     })
@@ -183,6 +188,10 @@ impl LoopRunner for JitExecutable {
             return kiln_runtime::kernel::eval::run_loop(k, inputs);
         };
         run_row_fn_par(f, k, inputs, &*self.par)
+    }
+
+    fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {
+        Some(&self.pool)
     }
 }
 

@@ -1,19 +1,79 @@
-//! Every tiny shared model, optimised by the default pipeline and run through the JIT
-//! executable, matches its test_data_set_0 reference and the interpreter.
+//! Every shared model (tiny and bench), optimised by the default pipeline and run through
+//! the JIT executable, matches its test_data_set_0 reference (and, for the tiny ones, the
+//! interpreter); one executable shared by 8 threads gives bit-identical outputs.
 
 use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
 use std::path::PathBuf;
 
 fn models_dir() -> PathBuf {
+    set_dir("tiny")
+}
+
+fn set_dir(set: &str) -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/models/tiny"
+        "/../../../shared/models"
     ))
+    .join(set)
 }
 
 #[test]
 fn tiny_models_match_reference_data_and_the_interpreter() {
-    let dir = models_dir();
+    check_set("tiny", true);
+}
+
+/// The bench models, against their reference data only (the interpreter takes minutes on
+/// them in debug builds). Run in release: `cargo test --release -p kiln-cranelift --test
+/// models`.
+#[test]
+fn bench_models_match_reference_data() {
+    check_set("bench", false);
+}
+
+#[test]
+fn one_executable_on_8_threads_gives_identical_bits() {
+    let dir = set_dir("tiny").join("bert_tiny");
+    let Ok(model) = Model::load(dir.join("model.onnx")) else {
+        eprintln!("no model at {}: skipped", dir.display());
+        return;
+    };
+    let mut g = model.graph().clone();
+    kiln_passes::pipeline::default_pipeline()
+        .run(&mut g)
+        .expect("pipeline");
+    let exe = kiln_cranelift::compile_with(&g, &kiln_cranelift::JitOptions { threads: 2 })
+        .expect("compiles");
+    let data = TestData::load(&dir.join("test_data_set_0")).expect("test data");
+    let ins: Vec<(&str, kiln_ir::Tensor)> = data
+        .inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
+    let bits = |outs: Vec<kiln_ir::Tensor>| -> Vec<Vec<u32>> {
+        outs.iter()
+            .map(|t| {
+                t.as_slice::<f32>()
+                    .expect("f32 output")
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect()
+    };
+    let want = bits(exe.run_named(&ins).expect("run"));
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    assert_eq!(bits(exe.run_named(&ins).expect("run")), want);
+                }
+            });
+        }
+    });
+}
+
+fn check_set(set: &str, with_interpreter: bool) {
+    let dir = set_dir(set);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         eprintln!("no models at {}: skipped", dir.display());
         return;
@@ -33,6 +93,18 @@ fn tiny_models_match_reference_data_and_the_interpreter() {
             "{}: no JIT kernels",
             m.display()
         );
+        // Every contraction of these models has a CPU routine (none left to the interpreter).
+        let plan = exe.plan();
+        for (i, k) in plan.kernels.iter().enumerate() {
+            if let kiln_runtime::kernel::Kernel::Contraction(n) = k {
+                assert!(
+                    plan.contractions[i].is_some(),
+                    "{}: {} has no CPU routine",
+                    m.display(),
+                    g.nodes[*n].op.name()
+                );
+            }
+        }
         let data = TestData::load(&m.join("test_data_set_0")).expect("test data");
         let ins: Vec<(&str, kiln_ir::Tensor)> = data
             .inputs
@@ -40,13 +112,17 @@ fn tiny_models_match_reference_data_and_the_interpreter() {
             .map(|(n, t)| (n.as_str(), t.clone()))
             .collect();
         let got = exe.run_named(&ins).expect("jit run");
-        let interp = kiln_ir::run_named(&g, &ins).expect("interpreter run");
         assert_eq!(got.len(), data.outputs.len());
         for (i, (_, want)) in data.outputs.iter().enumerate() {
             let r = compare(&got[i], want, MODEL_TOLERANCE);
             assert!(r.ok, "{} output {i} vs reference: {r:?}", m.display());
-            let r = compare(&got[i], &interp[i], MODEL_TOLERANCE);
-            assert!(r.ok, "{} output {i} vs interpreter: {r:?}", m.display());
+        }
+        if with_interpreter {
+            let interp = kiln_ir::run_named(&g, &ins).expect("interpreter run");
+            for (i, g) in got.iter().enumerate() {
+                let r = compare(g, &interp[i], MODEL_TOLERANCE);
+                assert!(r.ok, "{} output {i} vs interpreter: {r:?}", m.display());
+            }
         }
         eprintln!(
             "{}: {} kernels, {} JIT",

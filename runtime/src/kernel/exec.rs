@@ -1,6 +1,8 @@
 //! Running a [`Plan`]: graph inputs checked against their declared types, kernels in
 //! order, each value freed after its last use. Loop kernels go to a [`LoopRunner`] (the
-//! reference evaluator or a JIT); contractions and fallbacks to the interpreter's ops.
+//! reference evaluator or a JIT); contractions to their prepared CPU routines
+//! ([`super::contraction`], on the runner's thread pool) or, where none applies, and
+//! fallbacks to the interpreter's ops.
 
 use super::ir::LoopKernel;
 use super::partition::{Kernel, Plan};
@@ -41,6 +43,11 @@ pub trait LoopRunner: Send + Sync {
         k: &LoopKernel,
         inputs: &[&Tensor],
     ) -> Result<Vec<Tensor>, String>;
+
+    /// The thread pool contraction kernels run on (`None`: one thread, inline).
+    fn pool(&self) -> Option<&crate::pool::Pool> {
+        None
+    }
 }
 
 /// Runs loop kernels with the portable evaluator in [`super::eval`].
@@ -194,7 +201,15 @@ impl Plan {
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];
-                    let mut outs = kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?;
+                    let prepared = self.contractions.get(ki).and_then(|p| p.as_deref());
+                    let fast = prepared.and_then(|p| match runner.pool() {
+                        Some(pool) => p.run(&ins, pool),
+                        None => p.run(&ins, &crate::pool::Pool::single()),
+                    });
+                    let mut outs = match fast {
+                        Some(r) => r.map_err(err)?,
+                        None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                    };
                     outs.truncate(node.outputs.len());
                     (outs, node.outputs.clone())
                 }

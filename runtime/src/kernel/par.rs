@@ -2,10 +2,11 @@
 //! task `0..n`, possibly concurrently, and returns when all are done. Backends take a
 //! `&dyn ParallelFor`, so the thread pool behind it can change without touching them.
 //!
-//! [`default_parallel`] is THE place the runtime's thread pool plugs in: today it returns
-//! [`ScopedThreads`] (fresh `std::thread::scope` threads per call, a stop-gap); once the
-//! pool exists it should return an adapter over it.
+//! [`default_parallel`] gives the runtime's persistent [`Pool`] behind this boundary;
+//! [`ScopedThreads`] (fresh `std::thread::scope` threads per call) remains only as the
+//! fallback when a pool cannot be created.
 
+use crate::pool::Pool;
 use std::sync::Arc;
 
 /// A parallel-for over task indices.
@@ -54,13 +55,24 @@ impl ParallelFor for ScopedThreads {
     }
 }
 
-/// The parallel-for kernels use for `threads` workers (1 or fewer: serial). Plug the
-/// runtime's thread pool in here.
+impl ParallelFor for Pool {
+    fn threads(&self) -> usize {
+        Pool::threads(self)
+    }
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.parallel_for(n, f)
+    }
+}
+
+/// The parallel-for kernels use for `threads` workers (1 or fewer: serial): a persistent
+/// [`Pool`], or scoped threads should the pool fail to start.
 pub fn default_parallel(threads: usize) -> Arc<dyn ParallelFor> {
     if threads <= 1 {
-        Arc::new(Serial)
-    } else {
-        Arc::new(ScopedThreads(threads))
+        return Arc::new(Serial);
+    }
+    match Pool::new(threads) {
+        Ok(p) => Arc::new(p),
+        Err(_) => Arc::new(ScopedThreads(threads)),
     }
 }
 

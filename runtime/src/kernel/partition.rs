@@ -13,7 +13,8 @@ pub enum Kernel {
     /// A fused elementwise/broadcast/row-reduction loop nest.
     Loop(LoopKernel),
     /// A contraction (matmul, gemm, linear, conv, attention, einsum): node index. It runs
-    /// through the runtime's contraction routine (today the interpreter's).
+    /// through its prepared CPU routine ([`Plan::contractions`]) where one applies, else
+    /// the interpreter's op.
     Contraction(usize),
     /// Anything else: node index, run by the interpreter's `ops::eval`.
     Fallback(usize),
@@ -28,6 +29,9 @@ pub struct Plan {
     pub kernels: Vec<Kernel>,
     /// Values defined by `constant` nodes, evaluated once.
     pub constants: Vec<(ValueId, Tensor)>,
+    /// Per kernel: the CPU routine of a `Contraction` (constant weights packed once), or
+    /// `None` where the interpreter's op runs.
+    pub contractions: Vec<Option<std::sync::Arc<super::contraction::Prepared>>>,
 }
 
 /// Whether an op is a contraction (a GEMM-backed kernel).
@@ -223,10 +227,21 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
             kernels.push(Kernel::Fallback(i));
         }
     }
+    let known: HashMap<ValueId, &Tensor> = constants.iter().map(|(v, t)| (*v, t)).collect();
+    let contractions = kernels
+        .iter()
+        .map(|k| match k {
+            Kernel::Contraction(n) => {
+                super::contraction::prepare(g, *n, &known).map(std::sync::Arc::new)
+            }
+            _ => None,
+        })
+        .collect();
     Ok(Plan {
         graph: g.clone(),
         kernels,
         constants,
+        contractions,
     })
 }
 

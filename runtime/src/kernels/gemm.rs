@@ -15,16 +15,18 @@
 //! All shape and stride checks happen at the safe API boundary ([`MatRef::new`],
 //! [`MatMut::new`], [`gemm`]); the inner loops rely on them.
 
-mod avx2;
+pub(crate) mod avx2;
 mod epilogue;
 mod pack;
 mod portable;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use epilogue::exp as fast_exp;
 pub use epilogue::{Activation, Epilogue};
 pub use pack::PackedB;
 
+use crate::pool::Pool;
 use pack::{pack_a, AlignedBuf};
 use std::sync::OnceLock;
 use thiserror::Error;
@@ -40,7 +42,7 @@ pub const KC: usize = 256;
 pub const MC: usize = 144;
 /// Columns of C visited per outer block: a `KC × NC` slab of B is 3 MiB, inside the 32 MiB L3.
 pub const NC: usize = 3072;
-/// Below this many flops per thread, spawning a thread costs more than it saves.
+/// Below this many flops per thread, handing work to another thread costs more than it saves.
 const MIN_FLOPS_PER_THREAD: usize = 4_000_000;
 
 /// What can go wrong at the API boundary. Every shape or stride problem is reported here;
@@ -285,9 +287,32 @@ fn select_kernel(isa: Isa) -> Kernel {
     }
 }
 
-/// `c = epilogue(a · b)`. Checks every shape against every other and against the epilogue;
-/// returns `Err` on any mismatch and never panics on caller input.
+/// `c = epilogue(a · b)` on the process-wide shared pool of `config.threads` threads. Checks
+/// every shape against every other and against the epilogue; returns `Err` on any mismatch
+/// and never panics on caller input.
 pub fn gemm(
+    a: MatRef<'_>,
+    b: Rhs<'_>,
+    c: MatMut<'_>,
+    epilogue: &Epilogue<'_>,
+    config: &GemmConfig,
+) -> Result<(), GemmError> {
+    if config.threads == 0 {
+        return Err(GemmError::ZeroThreads);
+    }
+    let pool = if config.threads == 1 {
+        Pool::single()
+    } else {
+        Pool::shared(config.threads).map_err(|_| GemmError::ZeroThreads)?
+    };
+    gemm_in(&pool, a, b, c, epilogue, config)
+}
+
+/// `c = epilogue(a · b)` using at most `min(config.threads, pool.threads())` threads of
+/// `pool`. Each thread owns a fixed rectangle of C (the split depends only on the shape and
+/// the thread count), so results do not depend on scheduling.
+pub fn gemm_in(
+    pool: &Pool,
     a: MatRef<'_>,
     b: Rhs<'_>,
     c: MatMut<'_>,
@@ -341,7 +366,7 @@ pub fn gemm(
     let npanels = n.div_ceil(NR);
     let flops = m.saturating_mul(n).saturating_mul(k).saturating_mul(2);
     let by_work = (flops / MIN_FLOPS_PER_THREAD).max(1);
-    let threads = config.threads.min(by_work);
+    let threads = config.threads.min(pool.threads()).min(by_work);
     // Split columns when there are enough panels to go round, else rows (in MR steps).
     let split_cols = npanels >= 2 * threads || m.div_ceil(MR) < threads;
     let units = if split_cols { npanels } else { m.div_ceil(MR) };
@@ -358,12 +383,7 @@ pub fn gemm(
     if threads == 1 {
         job(0);
     } else {
-        std::thread::scope(|s| {
-            for t in 1..threads {
-                s.spawn(move || job(t));
-            }
-            job(0);
-        });
+        pool.parallel_for(threads, job);
     }
     Ok(())
 }

@@ -1,4 +1,6 @@
 //! Hand-written CPU kernels shared by kiln's CPU backends: contractions (GEMM with fused
 //! epilogues) today; the JIT calls into these for the ops it does not generate itself.
 
+pub mod attention;
+pub mod conv;
 pub mod gemm;

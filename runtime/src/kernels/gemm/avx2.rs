@@ -7,7 +7,7 @@ use super::{Ctx, MicroKernel, MR, NR};
 use std::arch::x86_64::*;
 
 /// Whether the running CPU has AVX2 and FMA.
-pub(super) fn available() -> bool {
+pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")

@@ -1,0 +1,56 @@
+//! Fused attention benchmark on the bench models' shapes (head dim 64), 1 and 2 threads;
+//! prints the best of N runs and GFLOP/s (4·B·Hq·S·T·D flops). Run with
+//! `cargo run --release -p kiln-runtime --example attention_bench`.
+
+use kiln_runtime::kernels::attention::{attention, Attention};
+use kiln_runtime::pool::Pool;
+use std::time::{Duration, Instant};
+
+fn main() {
+    // (name, B, Hq, Hkv, S, T, causal)
+    let shapes = [
+        ("vit_s16 layer", 1, 6, 6, 197, 197, false),
+        ("bert_base layer S=128", 1, 12, 12, 128, 128, false),
+        ("llama GQA S=128", 1, 8, 4, 128, 128, true),
+        ("llama kv decode T=129", 1, 8, 4, 1, 129, false),
+    ];
+    for (name, b, hq, hkv, s, t, causal) in shapes {
+        let d = 64;
+        let gen = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 31 + seed) % 97) as f32 - 48.0) / 97.0)
+                .collect()
+        };
+        let (q, k, v) = (
+            gen(b * hq * s * d, 1),
+            gen(b * hkv * t * d, 2),
+            gen(b * hkv * t * d, 3),
+        );
+        let p = Attention {
+            q: &q,
+            k: &k,
+            v: &v,
+            dims: [b, hq, hkv, s, t, d, d],
+            scale: 0.125,
+            causal,
+            mask: None,
+        };
+        let mut out = vec![0.0f32; b * hq * s * d];
+        let mut line = format!("{name:<24}");
+        for threads in [1, 2] {
+            let pool = Pool::new(threads).expect("pool");
+            let mut best = Duration::MAX;
+            for _ in 0..50 {
+                let t0 = Instant::now();
+                attention(&pool, &p, &mut out).expect("attention");
+                best = best.min(t0.elapsed());
+            }
+            let gf = 4.0 * (b * hq * s * t * d) as f64 / best.as_secs_f64() / 1e9;
+            line += &format!(
+                "  {threads} thr: {:>8.1} µs {gf:>6.1} GFLOP/s",
+                best.as_secs_f64() * 1e6
+            );
+        }
+        println!("{line}");
+    }
+}

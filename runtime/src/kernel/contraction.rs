@@ -1,0 +1,631 @@
+//! Contraction kernels: a `Kernel::Contraction` node compiled into a [`Prepared`] routine
+//! (constant weights packed once, attributes parsed once) and run on the CPU kernels in
+//! [`crate::kernels`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
+//! flash attention for `attention`, im2col + GEMM for patch convolutions. Anything these do
+//! not cover (other dtypes, layouts, attributes) returns `None` from [`Prepared::run`] and the
+//! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
+
+use crate::kernels::attention::{self, Attention, Mask};
+use crate::kernels::conv::{patch_conv, PatchConv};
+use crate::kernels::gemm::{
+    gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
+};
+use crate::pool::Pool;
+use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
+use std::collections::HashMap;
+
+/// A contraction node compiled for the CPU.
+#[derive(Debug)]
+pub enum Prepared {
+    /// `matmul(a, b)`; `b` packed when it is a constant 2-D f32 matrix.
+    MatMul {
+        /// The packed constant right operand.
+        packed: Option<PackedB>,
+    },
+    /// `linear(x, w, bias?, row_scale?, residual?)`.
+    Linear {
+        /// The epilogue activation.
+        act: Activation,
+        /// The packed constant weight.
+        packed: Option<PackedB>,
+    },
+    /// ONNX `Gemm`: `alpha·op(A)·op(B) + beta·C`.
+    Gemm {
+        /// Factor on the product.
+        alpha: f32,
+        /// Factor on C.
+        beta: f32,
+        /// Transpose A.
+        trans_a: bool,
+        /// Transpose B.
+        trans_b: bool,
+        /// `op(B)` packed when B is a constant.
+        packed: Option<PackedB>,
+    },
+    /// kiln `attention`.
+    Attention {
+        /// `scale` attribute (default 1/√D, resolved at run time).
+        scale: Option<f32>,
+        /// `causal` attribute.
+        causal: bool,
+    },
+    /// A conv whose kernel equals its stride, no padding, dilation 1, one group.
+    PatchConv {
+        /// The strides (the weight's kernel must equal them).
+        stride: [usize; 2],
+    },
+}
+
+/// Compiles contraction node `n` of `g`; `None` when no CPU routine applies (the
+/// interpreter runs it). `constants` holds the values known at compile time.
+pub fn prepare(g: &Graph, n: usize, constants: &HashMap<ValueId, &Tensor>) -> Option<Prepared> {
+    let node = g.nodes.get(n)?;
+    let input = |i: usize| node.inputs.get(i).copied().flatten();
+    prepare_op(node.op, &node.attrs, |i| {
+        input(i).and_then(|v| constants.get(&v).copied())
+    })
+}
+
+/// Compiles one contraction op; `constant(i)` is input `i`'s value when known at compile
+/// time (weights to pack once).
+pub fn prepare_op<'t>(
+    op: OpKind,
+    attrs: &Attrs,
+    constant: impl Fn(usize) -> Option<&'t Tensor>,
+) -> Option<Prepared> {
+    // A constant 2-D f32 matrix, packed (transposed first when `trans`).
+    let pack = |i: usize, trans: bool| -> Option<PackedB> {
+        let t = constant(i)?;
+        let [r, c] = <[usize; 2]>::try_from(t.shape()).ok()?;
+        let data = t.as_slice::<f32>()?;
+        let view = if trans {
+            MatRef::new(data, c, r, 1, c).ok()?
+        } else {
+            MatRef::row_major(data, r, c).ok()?
+        };
+        PackedB::pack(view).ok()
+    };
+    Some(match op {
+        OpKind::MatMul => Prepared::MatMul {
+            packed: pack(1, false),
+        },
+        OpKind::Linear => Prepared::Linear {
+            act: Activation::from_name(&attrs.string_or("activation", "none".into()).ok()?)?,
+            packed: pack(1, false),
+        },
+        OpKind::Gemm => {
+            let trans_b = attrs.int_or("transB", 0).ok()? != 0;
+            Prepared::Gemm {
+                alpha: attrs.float_or("alpha", 1.0).ok()?,
+                beta: attrs.float_or("beta", 1.0).ok()?,
+                trans_a: attrs.int_or("transA", 0).ok()? != 0,
+                trans_b,
+                packed: pack(1, trans_b),
+            }
+        }
+        OpKind::Attention => Prepared::Attention {
+            scale: attrs.float("scale").ok()?,
+            causal: match attrs.int_or("causal", 0).ok()? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+        },
+        OpKind::Conv => Prepared::PatchConv {
+            stride: patch_stride(attrs)?,
+        },
+        _ => return None,
+    })
+}
+
+/// The strides of a conv whose attributes make it a patch convolution (the weight's kernel
+/// is checked against them at run time).
+fn patch_stride(attrs: &Attrs) -> Option<[usize; 2]> {
+    let known = [
+        "kernel_shape",
+        "strides",
+        "pads",
+        "dilations",
+        "group",
+        "auto_pad",
+        "fused_from",
+    ];
+    if attrs.0.keys().any(|k| !known.contains(&k.as_str())) {
+        return None;
+    }
+    let ints = |name| attrs.ints(name).ok();
+    let (Some(strides), Some(pads), Some(dil)) = (
+        ints("strides").flatten(),
+        ints("pads").map(|p| p.unwrap_or_else(|| vec![0; 4])),
+        ints("dilations").map(|d| d.unwrap_or_else(|| vec![1; 2])),
+    ) else {
+        return None;
+    };
+    let pad_ok = matches!(
+        attrs.string_or("auto_pad", "NOTSET".into()).as_deref(),
+        Ok("NOTSET") | Ok("VALID")
+    );
+    let kernel_ok = match ints("kernel_shape") {
+        Some(Some(k)) => k == strides,
+        Some(None) => true,
+        None => false,
+    };
+    let ok = strides.len() == 2
+        && strides.iter().all(|&s| s > 0)
+        && pads.iter().all(|&p| p == 0)
+        && dil.iter().all(|&d| d == 1)
+        && attrs.int_or("group", 1) == Ok(1)
+        && pad_ok
+        && kernel_ok;
+    ok.then(|| [strides[0] as usize, strides[1] as usize])
+}
+
+/// Output buffer pointer shared by workers that each write a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used for pairwise-disjoint writes into a buffer that outlives the parallel
+// region (see `batched_matmul`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn f32s(t: &Tensor) -> Option<&[f32]> {
+    t.as_slice::<f32>()
+}
+
+fn gemm_cfg(threads: usize) -> GemmConfig {
+    GemmConfig {
+        threads,
+        isa: Isa::Auto,
+    }
+}
+
+/// `t` broadcast (numpy rules, never enlarging `shape`) to a dense `shape`; `None` when it
+/// does not fit.
+fn expand(t: &Tensor, shape: &[usize]) -> Option<Vec<f32>> {
+    let data = f32s(t)?;
+    let ts = t.shape();
+    if ts.len() > shape.len() {
+        return None;
+    }
+    let off = shape.len() - ts.len();
+    let mut strides = vec![0usize; shape.len()];
+    let mut acc = 1usize;
+    for (i, &d) in ts.iter().enumerate().rev() {
+        let want = shape[off + i];
+        if d != want && d != 1 {
+            return None;
+        }
+        strides[off + i] = if d == 1 { 0 } else { acc };
+        acc *= d;
+    }
+    let total: usize = shape.iter().product();
+    if ts.len() == shape.len() && ts == shape {
+        return Some(data.to_vec());
+    }
+    let mut out = Vec::with_capacity(total);
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..total {
+        out.push(data[idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()]);
+        for ax in (0..shape.len()).rev() {
+            idx[ax] += 1;
+            if idx[ax] < shape[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    Some(out)
+}
+
+/// A per-column vector `[N]` from an operand that broadcasts to `out` and varies only
+/// along the last axis (`None` otherwise).
+fn column_vector(t: &Tensor, out: &[usize]) -> Option<Vec<f32>> {
+    let ts = t.shape();
+    if ts.len() > out.len() || ts.iter().rev().skip(1).any(|&d| d != 1) {
+        return None;
+    }
+    let n = *out.last()?;
+    let last = Tensor::new(ts.last().map_or(vec![], |&d| vec![d]), t.data().clone()).ok()?;
+    expand(&last, &[n])
+}
+
+/// A per-row vector `[M]` (M = product of `out`'s leading dims) from an operand whose last
+/// dim is 1 that broadcasts to `out` (`None` otherwise).
+fn row_vector(t: &Tensor, out: &[usize]) -> Option<Vec<f32>> {
+    let ts = t.shape();
+    if ts.len() > out.len() || ts.last().is_some_and(|&d| d != 1) {
+        return None;
+    }
+    let (_, lead) = out.split_last()?;
+    let lead_t = if ts.is_empty() {
+        &[][..]
+    } else {
+        &ts[..ts.len() - 1]
+    };
+    if lead_t.len() > lead.len() {
+        return None;
+    }
+    let inner = Tensor::new(lead_t.to_vec(), t.data().clone()).ok()?;
+    expand(&inner, lead)
+}
+
+impl Prepared {
+    /// Runs the node on `ins` (the node's inputs, in order), or `None` when this routine
+    /// does not cover the inputs it got (the caller then runs the interpreter's op).
+    pub fn run(&self, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Result<Vec<Tensor>, String>> {
+        let arg = |i: usize| ins.get(i).copied().flatten();
+        if ins
+            .iter()
+            .flatten()
+            .any(|t| t.dtype() != DType::F32 && t.dtype() != DType::Bool)
+        {
+            return None;
+        }
+        match self {
+            Prepared::MatMul { packed } => matmul(arg(0)?, arg(1)?, packed.as_ref(), pool),
+            Prepared::Linear { act, packed } => linear(ins, *act, packed.as_ref(), pool),
+            Prepared::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+                packed,
+            } => gemm_op(
+                ins,
+                *alpha,
+                *beta,
+                *trans_a,
+                *trans_b,
+                packed.as_ref(),
+                pool,
+            ),
+            Prepared::Attention { scale, causal } => attention_op(ins, *scale, *causal, pool),
+            Prepared::PatchConv { stride } => conv_op(ins, *stride, pool),
+        }
+        .map(|r| r.map(|t| vec![t]))
+    }
+}
+
+/// `x[.., K] · w[K, N]` as one `(rows·) × K` GEMM with the epilogue; `x` of rank >= 1.
+fn flat_gemm(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&PackedB>,
+    ep: &Epilogue<'_>,
+    out_shape: Vec<usize>,
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    let xd = f32s(x)?;
+    let [k, n] = <[usize; 2]>::try_from(w.shape()).ok()?;
+    let m: usize = x.shape()[..x.rank() - 1].iter().product();
+    if *x.shape().last()? != k {
+        return None;
+    }
+    let packed = packed.filter(|p| p.rows() == k && p.cols() == n);
+    let wd = match packed {
+        Some(_) => &[][..],
+        None => f32s(w)?,
+    };
+    let mut y = vec![0.0f32; m * n];
+    let r = (|| {
+        let a = MatRef::row_major(xd, m, k)?;
+        let c = MatMut::row_major(&mut y, m, n)?;
+        let rhs = match packed {
+            Some(p) => Rhs::Packed(p),
+            None => Rhs::Plain(MatRef::row_major(wd, k, n)?),
+        };
+        gemm_in(pool, a, rhs, c, ep, &gemm_cfg(pool.threads()))
+    })();
+    Some(
+        r.map(|()| Tensor::from_vec(out_shape, y))
+            .map_err(|e| e.to_string()),
+    )
+}
+
+fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    packed: Option<&PackedB>,
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    if a.rank() == 0 || b.rank() < 2 {
+        return None;
+    }
+    if b.rank() == 2 {
+        let mut out = a.shape().to_vec();
+        *out.last_mut()? = b.shape()[1];
+        return flat_gemm(a, b, packed, &Epilogue::default(), out, pool);
+    }
+    if a.rank() < 2 {
+        return None;
+    }
+    batched_matmul(a, b, pool)
+}
+
+/// `[.., M, K] × [.., K, N]` with broadcast batch dims: one single-threaded GEMM per batch
+/// entry, batch entries spread over the pool (each writes its own output block).
+fn batched_matmul(a: &Tensor, b: &Tensor, pool: &Pool) -> Option<Result<Tensor, String>> {
+    let (ad, bd) = (f32s(a)?, f32s(b)?);
+    let (ash, bsh) = (a.shape(), b.shape());
+    let (m, k) = (ash[ash.len() - 2], ash[ash.len() - 1]);
+    let (k2, n) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
+    if k != k2 {
+        return None;
+    }
+    let (ab, bb) = (&ash[..ash.len() - 2], &bsh[..bsh.len() - 2]);
+    let rank = ab.len().max(bb.len());
+    let pad = |s: &[usize]| -> Vec<usize> {
+        let mut v = vec![1; rank - s.len()];
+        v.extend_from_slice(s);
+        v
+    };
+    let (ap, bp) = (pad(ab), pad(bb));
+    let mut batch = vec![];
+    for (&x, &y) in ap.iter().zip(&bp) {
+        batch.push(match (x, y) {
+            _ if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        });
+    }
+    // Offset (in matrices) of each operand's block for a flat batch index.
+    let offsets = |s: &[usize]| -> Vec<usize> {
+        let total: usize = batch.iter().product();
+        let mut st = vec![0usize; rank];
+        let mut acc = 1;
+        for ax in (0..rank).rev() {
+            st[ax] = if s[ax] == 1 { 0 } else { acc };
+            acc *= s[ax];
+        }
+        (0..total)
+            .map(|mut f| {
+                let mut o = 0;
+                for ax in (0..rank).rev() {
+                    o += (f % batch[ax]) * st[ax];
+                    f /= batch[ax];
+                }
+                o
+            })
+            .collect()
+    };
+    let (ia, ib) = (offsets(&ap), offsets(&bp));
+    let total = ia.len();
+    let mut y = vec![0.0f32; total * m * n];
+    let out = SharedOut(y.as_mut_ptr());
+    let single = Pool::single();
+    let failed = std::sync::Mutex::new(None);
+    pool.parallel_for(total, |t| {
+        // SAFETY: batch entry `t` writes only its own `m·n` block of `y`, which lives until
+        // `parallel_for` returns.
+        let c = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * m * n), m * n) };
+        let r = (|| {
+            let av = MatRef::row_major(&ad[ia[t] * m * k..][..m * k], m, k)?;
+            let bv = MatRef::row_major(&bd[ib[t] * k * n..][..k * n], k, n)?;
+            let cv = MatMut::row_major(c, m, n)?;
+            gemm_in(
+                &single,
+                av,
+                Rhs::Plain(bv),
+                cv,
+                &Epilogue::default(),
+                &gemm_cfg(1),
+            )
+        })();
+        if let Err(e) = r {
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Some(Err(e));
+    }
+    let mut shape = batch;
+    shape.extend([m, n]);
+    Some(Ok(Tensor::from_vec(shape, y)))
+}
+
+fn linear(
+    ins: &[Option<&Tensor>],
+    act: Activation,
+    packed: Option<&PackedB>,
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (x, w) = (arg(0)?, arg(1)?);
+    if x.rank() == 0 || w.rank() != 2 {
+        return None;
+    }
+    let mut out = x.shape().to_vec();
+    *out.last_mut()? = w.shape()[1];
+    let bias = match arg(2) {
+        Some(t) => Some(column_vector(t, &out)?),
+        None => None,
+    };
+    let scale = match arg(3) {
+        Some(t) => Some(row_vector(t, &out)?),
+        None => None,
+    };
+    // A residual of the output's own shape is read in place; others are broadcast first.
+    let resid: Option<std::borrow::Cow<'_, [f32]>> = match arg(4) {
+        Some(t) if t.shape() == out.as_slice() => Some(f32s(t)?.into()),
+        Some(t) => Some(expand(t, &out)?.into()),
+        None => None,
+    };
+    let (m, n): (usize, usize) = (out[..out.len() - 1].iter().product(), out[out.len() - 1]);
+    let residual = match &resid {
+        Some(r) => Some(MatRef::row_major(r, m, n).ok()?),
+        None => None,
+    };
+    let ep = Epilogue {
+        row_scale: scale.as_deref(),
+        bias: bias.as_deref(),
+        activation: act,
+        residual,
+    };
+    flat_gemm(x, w, packed, &ep, out, pool)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_op(
+    ins: &[Option<&Tensor>],
+    alpha: f32,
+    beta: f32,
+    trans_a: bool,
+    trans_b: bool,
+    packed: Option<&PackedB>,
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (a, b) = (arg(0)?, arg(1)?);
+    let [ar, ac] = <[usize; 2]>::try_from(a.shape()).ok()?;
+    let [br, bc] = <[usize; 2]>::try_from(b.shape()).ok()?;
+    let (m, k) = if trans_a { (ac, ar) } else { (ar, ac) };
+    let (k2, n) = if trans_b { (bc, br) } else { (br, bc) };
+    if k != k2 {
+        return None;
+    }
+    let ad = f32s(a)?;
+    let av = if trans_a {
+        MatRef::new(ad, m, k, 1, ac).ok()?
+    } else {
+        MatRef::row_major(ad, m, k).ok()?
+    };
+    let bv = if trans_b {
+        MatRef::new(f32s(b)?, k, n, 1, bc).ok()?
+    } else {
+        MatRef::row_major(f32s(b)?, k, n).ok()?
+    };
+    let rhs = match packed {
+        Some(p) if p.rows() == k && p.cols() == n => Rhs::Packed(p),
+        _ => Rhs::Plain(bv),
+    };
+    let scale = (alpha != 1.0).then(|| vec![alpha; m]);
+    let (mut bias, mut resid) = (None, None);
+    if let Some(c) = arg(2) {
+        if let Some(v) = column_vector(c, &[m, n]) {
+            bias = Some(v.into_iter().map(|x| beta * x).collect::<Vec<_>>());
+        } else {
+            resid = Some(
+                expand(c, &[m, n])?
+                    .into_iter()
+                    .map(|x| beta * x)
+                    .collect::<Vec<_>>(),
+            );
+        }
+    }
+    let residual = match &resid {
+        Some(r) => Some(MatRef::row_major(r, m, n).ok()?),
+        None => None,
+    };
+    let ep = Epilogue {
+        row_scale: scale.as_deref(),
+        bias: bias.as_deref(),
+        activation: Activation::None,
+        residual,
+    };
+    let mut y = vec![0.0f32; m * n];
+    let r = MatMut::row_major(&mut y, m, n)
+        .and_then(|c| gemm_in(pool, av, rhs, c, &ep, &gemm_cfg(pool.threads())));
+    Some(
+        r.map(|()| Tensor::from_vec(vec![m, n], y))
+            .map_err(|e| e.to_string()),
+    )
+}
+
+fn attention_op(
+    ins: &[Option<&Tensor>],
+    scale: Option<f32>,
+    causal: bool,
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (q, k, v) = (arg(0)?, arg(1)?, arg(2)?);
+    let [b, hq, s, d] = <[usize; 4]>::try_from(q.shape()).ok()?;
+    let [bk, hkv, t, dk] = <[usize; 4]>::try_from(k.shape()).ok()?;
+    let [bv, hv, tv, dv] = <[usize; 4]>::try_from(v.shape()).ok()?;
+    if (bk, dk) != (b, d) || (bv, hv, tv) != (b, hkv, t) || hkv == 0 || hq % hkv != 0 {
+        return None;
+    }
+    let scores = [b, hq, s, t];
+    let mask_vals;
+    let mask = match arg(3) {
+        None => None,
+        Some(m) => {
+            let ms = m.shape();
+            if ms.len() > 4 {
+                return None;
+            }
+            let off = 4 - ms.len();
+            let mut strides = [0usize; 4];
+            let mut acc = 1;
+            for (i, &dm) in ms.iter().enumerate().rev() {
+                if dm != scores[off + i] && dm != 1 {
+                    return None;
+                }
+                strides[off + i] = if dm == 1 { 0 } else { acc };
+                acc *= dm;
+            }
+            mask_vals = match m.data() {
+                TensorData::Bool(bs) => bs
+                    .iter()
+                    .map(|&keep| if keep { 0.0 } else { f32::NEG_INFINITY })
+                    .collect(),
+                _ => f32s(m)?.to_vec(),
+            };
+            Some(Mask {
+                data: &mask_vals,
+                strides,
+            })
+        }
+    };
+    let p = Attention {
+        q: f32s(q)?,
+        k: f32s(k)?,
+        v: f32s(v)?,
+        dims: [b, hq, hkv, s, t, d, dv],
+        // The reference computes 1/√D in f64 and rounds the scaled score once; f32 here.
+        scale: scale.unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32),
+        causal,
+        mask,
+    };
+    let mut y = vec![0.0f32; b * hq * s * dv];
+    Some(attention::attention(pool, &p, &mut y).map(|()| Tensor::from_vec(vec![b, hq, s, dv], y)))
+}
+
+fn conv_op(
+    ins: &[Option<&Tensor>],
+    stride: [usize; 2],
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (x, w) = (arg(0)?, arg(1)?);
+    let xs = <[usize; 4]>::try_from(x.shape()).ok()?;
+    let [oc, c, kh, kw] = <[usize; 4]>::try_from(w.shape()).ok()?;
+    if c != xs[1] || [kh, kw] != stride || xs[2] < kh || xs[3] < kw {
+        return None;
+    }
+    let bias = match arg(2) {
+        Some(b) if b.shape() == [oc] => Some(f32s(b)?),
+        Some(_) => return None,
+        None => None,
+    };
+    let p = PatchConv {
+        x: xs,
+        oc,
+        k: [kh, kw],
+    };
+    let shape = p.out_shape();
+    let mut y = vec![0.0f32; shape.iter().product()];
+    Some(
+        patch_conv(pool, &p, f32s(x)?, f32s(w)?, bias, &mut y)
+            .map(|()| Tensor::from_vec(shape.to_vec(), y)),
+    )
+}
