@@ -12,20 +12,13 @@ OUT=bench/results.md
 scripts/setup-venv.sh
 cargo build --release --quiet --bin kiln
 KILN=target/release/kiln
-header() {
-  "$KILN" bench "$1" --runs 1 --warmup 0 --format md | head -2
-}
-
 table() {
   local dir="$1"
-  local first=1
+  local format=md # the first model's rows come with the table header
   for m in "$dir"/*/model.onnx; do
-    if [ "$first" = 1 ]; then
-      header "$m" >> "$OUT.tmp"
-      first=0
-    fi
     echo "  $(basename "$(dirname "$m")")" >&2
-    "$KILN" bench "$m" --threads 1,2 --runs "$RUNS" --warmup 3 --compare-ort --format md-rows >> "$OUT.tmp"
+    "$KILN" bench "$m" --threads 1,2 --runs "$RUNS" --warmup 3 --compare-ort --format "$format" >> "$OUT.tmp"
+    format=md-rows
   done
 }
 

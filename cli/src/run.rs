@@ -66,7 +66,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     for v in exe.inputs() {
         let t = match given.remove(&v.name) {
             Some(t) => t,
-            None if args.random_inputs => random_tensor(&v.ty, &dims, &mut rng)
+            None if args.random_inputs => random_tensor(&v.ty, &dims, 10, &mut rng)
                 .with_context(|| format!("making a random value for input `{}`", v.name))?,
             None => bail!(
                 "missing input `{}` ({}); pass --input {}=FILE or --random-inputs",
@@ -198,6 +198,7 @@ pub(crate) fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
 pub(crate) fn random_tensor(
     ty: &kiln_ir::TensorType,
     dims: &HashMap<String, usize>,
+    int_end: i64,
     rng: &mut impl Rng,
 ) -> Result<Tensor> {
     let Some(ds) = ty.shape.dims() else {
@@ -217,7 +218,7 @@ pub(crate) fn random_tensor(
     } else if ty.dtype == DType::Bool {
         TensorData::from_i64s(ty.dtype, (0..n).map(|_| 1))
     } else {
-        TensorData::from_i64s(ty.dtype, (0..n).map(|_| rng.gen_range(0..10)))
+        TensorData::from_i64s(ty.dtype, (0..n).map(|_| rng.gen_range(0..int_end)))
     };
     Ok(Tensor::new(shape, data).map_err(anyhow::Error::msg)?)
 }
