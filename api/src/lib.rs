@@ -204,7 +204,7 @@ impl Model {
         }
         let optimise_time = start.elapsed();
         let inner = match opts.backend {
-            Backend::Jit => Inner::Jit(
+            Backend::Jit => Inner::Jit(Box::new(
                 kiln_cranelift::compile_with(
                     &graph,
                     &JitOptions {
@@ -215,7 +215,7 @@ impl Model {
                     backend: Backend::Jit,
                     msg: e.to_string(),
                 })?,
-            ),
+            )),
             Backend::Interp => Inner::Interp,
         };
         Ok(Executable {
@@ -231,7 +231,7 @@ impl Model {
 }
 
 enum Inner {
-    Jit(JitExecutable),
+    Jit(Box<JitExecutable>),
     Interp,
 }
 

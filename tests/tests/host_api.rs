@@ -49,20 +49,9 @@ host_model_tests! {
     jit_vit_tiny_matches_reference_and_interpreter: "tiny/vit_tiny";
 }
 
-// The bench models take seconds each on the interpreter in a debug build (CI: 2 cores,
-// `cargo test --workspace`); they run in release: `cargo test --release -p kiln-tests
-// --test host_api`.
-macro_rules! host_bench_model_tests {
-    ($($test:ident: $path:literal;)*) => {$(
-        #[test]
-        #[cfg_attr(debug_assertions, ignore = "bench model: run in release")]
-        fn $test() {
-            check_model($path);
-        }
-    )*};
-}
-
-host_bench_model_tests! {
+// The five bench models together took 18 s in a debug build on 2 shared cores (mostly the
+// interpreter), 8 s in release: CI's debug `cargo test --workspace` can afford them.
+host_model_tests! {
     jit_bert_base_1l_matches_reference_and_interpreter: "bench/bert_base_1l";
     jit_opt_1l_matches_reference_and_interpreter: "bench/opt_1l";
     jit_llama_2l_512_matches_reference_and_interpreter: "bench/llama_2l_512";
