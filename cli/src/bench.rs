@@ -113,7 +113,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     };
     let show = std::io::stderr().is_terminal();
     let mut rows = Vec::new();
-    let mut profile: Option<(Vec<kiln::KernelTime>, usize)> = None;
+    let mut profile: Option<Profile> = None;
     for &threads in &args.threads {
         let bar = progress(show, 0, format!("{name}: compiling ({threads} threads)"));
         let exe = model.compile(&Options {
@@ -148,6 +148,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             None => None,
         };
         let (median_ms, min_ms) = median_min(&mut times);
+        if let Some(p) = &mut profile {
+            p.median_ms = median_ms;
+        }
         rows.push(Row {
             threads: exe.threads(),
             compile_ms: exe.compile_time().as_secs_f64() * 1e3,
@@ -167,8 +170,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Format::Json => json(&name, args, &source, &rows),
     };
     print!("{text}");
-    if let Some((kernels, runs)) = profile {
-        print!("{}", profile_table(&kernels, runs));
+    if let Some(p) = profile {
+        print!("{}", profile_table(&p));
     }
     if let Some(path) = &args.out {
         let body = match args.format {
@@ -240,21 +243,37 @@ fn bench_inputs(args: &BenchArgs, model: &Model) -> Result<(Vec<(String, Tensor)
     Ok((inputs, "random (seed 0)".into()))
 }
 
-/// Sums per-kernel times over `runs` profiled runs (the first is `first`).
+/// Per-kernel times summed over profiled runs, and the unprofiled median run for scale.
+struct Profile {
+    kernels: Vec<kiln::KernelTime>,
+    runs: usize,
+    threads: usize,
+    median_ms: f64,
+}
+
+/// Sums per-kernel times over `runs` profiled runs after `first`.
 fn profile_runs(
     exe: &Executable,
     named: &[(&str, Tensor)],
     runs: usize,
     first: RunReport,
-) -> Result<(Vec<kiln::KernelTime>, usize)> {
-    let mut acc = first.kernels;
-    for _ in 1..runs {
+) -> Result<Profile> {
+    let mut kernels = first.kernels;
+    for k in &mut kernels {
+        k.nanos = 0;
+    }
+    for _ in 0..runs {
         let (_, r) = exe.run_profiled(named)?;
-        for (a, k) in acc.iter_mut().zip(r.kernels) {
+        for (a, k) in kernels.iter_mut().zip(r.kernels) {
             a.nanos += k.nanos;
         }
     }
-    Ok((acc, runs))
+    Ok(Profile {
+        kernels,
+        runs,
+        threads: exe.threads(),
+        median_ms: 0.0,
+    })
 }
 
 fn median_min(times: &mut [Duration]) -> (f64, f64) {
@@ -445,7 +464,8 @@ fn json(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> String {
 }
 
 /// Time per kernel label and per op, largest first, with its share of the total.
-fn profile_table(kernels: &[kiln::KernelTime], runs: usize) -> String {
+fn profile_table(p: &Profile) -> String {
+    let (kernels, runs) = (&p.kernels, p.runs);
     let total: u64 = kernels.iter().map(|k| k.nanos).sum();
     let mut by_label: HashMap<&str, (u64, &str)> = HashMap::new();
     let mut by_op: HashMap<String, (u64, usize)> = HashMap::new();
@@ -460,9 +480,12 @@ fn profile_table(kernels: &[kiln::KernelTime], runs: usize) -> String {
     let pct = |n: u64| 100.0 * n as f64 / total.max(1) as f64;
     let per_run_ms = |n: u64| n as f64 / runs.max(1) as f64 / 1e6;
     let mut s = format!(
-        "\nprofile: {} kernels, {:.3} ms per run (mean of {runs} profiled runs)\n",
+        "\nprofile ({} threads): {} kernels, {:.3} ms per run in kernels (mean of {runs} \
+         profiled runs; the unprofiled median run is {:.3} ms)\n",
+        p.threads,
         kernels.len(),
-        per_run_ms(total)
+        per_run_ms(total),
+        p.median_ms
     );
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
