@@ -220,7 +220,7 @@ fn bench_reports_latency_per_thread_count_as_text_md_and_json() {
         "{out}"
     );
     assert!(
-        out.contains("profile:") && out.contains("contraction"),
+        out.contains("profile (2 threads)") && out.contains("contraction"),
         "{out}"
     );
 
