@@ -1,8 +1,9 @@
-//! The `kiln` command-line tool: show, convert, run, inspect and compare models.
+//! The `kiln` command-line tool: show, convert, run, benchmark, inspect and compare models.
 //!
 //! Exit codes: 0 ok, 1 user error (bad file, bad arguments, unsupported model),
 //! 2 output mismatch against reference data.
 
+mod bench;
 mod compare;
 mod info;
 mod inspect;
@@ -38,6 +39,8 @@ enum Command {
     },
     /// Run a model on given inputs, or check it against an ONNX test-data folder.
     Run(run::RunArgs),
+    /// Measure latency per thread count, compile time and memory; optionally beside ONNX Runtime.
+    Bench(bench::BenchArgs),
     /// Optimise a model pass by pass and show what each pass did (tables, DOT, HTML).
     Inspect(inspect::InspectArgs),
     /// Run the unoptimised and optimised graphs on the same random inputs; print errors.
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Info { model } => info::info(&model).map(|()| ExitCode::SUCCESS),
         Command::Convert { model, output } => convert(&model, &output).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::bench(&args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
         Command::Compare(args) => compare::compare_cmd(&args),
     };

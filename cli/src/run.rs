@@ -2,8 +2,9 @@
 //! check them against an ONNX test-data folder.
 
 use anyhow::{bail, Context, Result};
+use kiln::{Backend, Executable, Model, Options};
 use kiln_ir::{DType, Dim, Tensor, TensorData};
-use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
+use kiln_runtime::{compare, TestData, MODEL_TOLERANCE};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,25 +33,25 @@ pub struct RunArgs {
     /// pass pipeline first.
     #[arg(long, value_name = "LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     opt: u8,
-}
-
-/// The graph optimised by the default pipeline.
-pub(crate) fn optimise(g: &kiln_ir::Graph) -> Result<kiln_ir::Graph> {
-    let mut g = g.clone();
-    kiln_passes::default_pipeline()
-        .run(&mut g)
-        .context("optimising the graph (run with --opt 0 to skip)")?;
-    Ok(g)
+    /// Which executor runs the model: `jit` (Cranelift JIT with the runtime's kernels) or
+    /// `interp` (the reference interpreter).
+    #[arg(long, value_name = "BACKEND", default_value = "jit")]
+    backend: Backend,
+    /// Threads inside kernels (0: one per physical core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
-    let mut model = Model::load(&args.model)?;
-    if args.opt >= 1 {
-        model = Model::from_graph(optimise(model.graph())?);
-    }
-    let g = model.graph();
+    let model = Model::load(&args.model)?;
+    let exe = model.compile(&Options {
+        threads: args.threads,
+        opt_level: args.opt,
+        backend: args.backend,
+        ..Options::default()
+    })?;
     if let Some(dir) = &args.test_data {
-        return run_test_data(&model, dir);
+        return run_test_data(&exe, dir);
     }
     let mut given: HashMap<String, Tensor> = HashMap::new();
     for spec in &args.inputs {
@@ -62,11 +63,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let dims = parse_dims(&args.dims)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut inputs = Vec::new();
-    for &i in &g.inputs {
-        let v = g.value(i);
+    for v in exe.inputs() {
         let t = match given.remove(&v.name) {
             Some(t) => t,
-            None if args.random_inputs => random_tensor(&v.ty, &dims, &mut rng)
+            None if args.random_inputs => random_tensor(&v.ty, &dims, 10, &mut rng)
                 .with_context(|| format!("making a random value for input `{}`", v.name))?,
             None => bail!(
                 "missing input `{}` ({}); pass --input {}=FILE or --random-inputs",
@@ -84,9 +84,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         .iter()
         .map(|(n, t)| (n.as_str(), t.clone()))
         .collect();
-    let outs = model.run(&named)?;
-    for (&o, t) in g.outputs.iter().zip(&outs) {
-        let name = &g.value(o).name;
+    let outs = exe.run(&named)?;
+    for (o, t) in exe.outputs().iter().zip(&outs) {
+        let name = &o.name;
         println!("{name}: {}{:?}", t.dtype(), t.shape());
         if let Some(dir) = &args.output_dir {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -98,25 +98,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
-    let g = model.graph();
+fn run_test_data(exe: &Executable, dir: &Path) -> Result<ExitCode> {
     let data = TestData::load(dir)?;
-    if data.inputs.len() != g.inputs.len() {
-        bail!(
-            "{} has {} inputs but the model takes {}",
-            dir.display(),
-            data.inputs.len(),
-            g.inputs.len()
-        );
-    }
-    // Test files are matched to graph inputs by position, as ONNX's runner does.
-    let named: Vec<(&str, Tensor)> = g
-        .inputs
-        .iter()
-        .zip(&data.inputs)
-        .map(|(&i, (_, t))| (g.value(i).name.as_str(), t.clone()))
-        .collect();
-    let outs = model.run(&named)?;
+    let named = test_data_inputs(exe, &data, dir)?;
+    let outs = exe.run(&named)?;
     if outs.len() != data.outputs.len() {
         bail!(
             "the model gives {} outputs but {} has {}",
@@ -125,10 +110,33 @@ fn run_test_data(model: &Model, dir: &Path) -> Result<ExitCode> {
             data.outputs.len()
         );
     }
-    let rows = g.outputs.iter().zip(&outs).zip(&data.outputs);
-    Ok(print_errors(rows.map(|((&o, got), (_, want))| {
-        (g.value(o).name.as_str(), got, want)
-    })))
+    let rows = exe.outputs().iter().zip(&outs).zip(&data.outputs);
+    Ok(print_errors(
+        rows.map(|((o, got), (_, want))| (o.name.as_str(), got, want)),
+    ))
+}
+
+/// The test-data inputs under the model's input names. Test files are matched to inputs by
+/// position, as ONNX's runner does.
+pub(crate) fn test_data_inputs<'a>(
+    exe: &'a Executable,
+    data: &TestData,
+    dir: &Path,
+) -> Result<Vec<(&'a str, Tensor)>> {
+    if data.inputs.len() != exe.inputs().len() {
+        bail!(
+            "{} has {} inputs but the model takes {}",
+            dir.display(),
+            data.inputs.len(),
+            exe.inputs().len()
+        );
+    }
+    Ok(exe
+        .inputs()
+        .iter()
+        .zip(&data.inputs)
+        .map(|(io, (_, t))| (io.name.as_str(), t.clone()))
+        .collect())
 }
 
 /// Prints max abs/rel error per output against its reference under `MODEL_TOLERANCE`;
@@ -171,7 +179,7 @@ fn read_tensor(path: &Path) -> Result<Tensor> {
     Ok(t)
 }
 
-fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
+pub(crate) fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
     specs
         .iter()
         .map(|s| {
@@ -187,9 +195,10 @@ fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
         .collect()
 }
 
-fn random_tensor(
+pub(crate) fn random_tensor(
     ty: &kiln_ir::TensorType,
     dims: &HashMap<String, usize>,
+    int_end: i64,
     rng: &mut impl Rng,
 ) -> Result<Tensor> {
     let Some(ds) = ty.shape.dims() else {
@@ -209,9 +218,9 @@ fn random_tensor(
     } else if ty.dtype == DType::Bool {
         TensorData::from_i64s(ty.dtype, (0..n).map(|_| 1))
     } else {
-        TensorData::from_i64s(ty.dtype, (0..n).map(|_| rng.gen_range(0..10)))
+        TensorData::from_i64s(ty.dtype, (0..n).map(|_| rng.gen_range(0..int_end)))
     };
-    Ok(Tensor::new(shape, data).map_err(anyhow::Error::msg)?)
+    Tensor::new(shape, data).map_err(anyhow::Error::msg)
 }
 
 fn file_safe(name: &str) -> String {

@@ -147,3 +147,138 @@ fn info_lists_inputs_ops_and_parameters() {
     assert!(t.contains("parameters: 672"), "{t}");
     assert!(t.contains("matmul"), "{t}");
 }
+
+#[test]
+fn run_matches_test_data_on_both_backends() {
+    for backend in ["jit", "interp"] {
+        let o = kiln(&[
+            "run",
+            &repo("examples/mlp/model.onnx"),
+            "--test-data",
+            &repo("examples/mlp/test_data_set_0"),
+            "--backend",
+            backend,
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{backend}: {}", text(&o));
+        assert!(text(&o).contains("probs"), "{backend}: {}", text(&o));
+    }
+    let o = kiln(&["run", &repo("examples/mlp/model.onnx"), "--backend", "gpu"]);
+    assert_eq!(o.status.code(), Some(2), "clap's usage error: {}", text(&o));
+    assert!(text(&o).contains("unknown backend `gpu`"), "{}", text(&o));
+}
+
+#[test]
+fn run_names_a_wrongly_shaped_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.npy");
+    let t = kiln_ir::Tensor::from_vec(vec![2, 15], vec![0.5f32; 30]);
+    kiln_frontend::tensor_io::write_npy(&x, &t).unwrap();
+    let o = kiln(&[
+        "run",
+        &repo("examples/mlp/model.onnx"),
+        "--input",
+        &format!("x={}", x.display()),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("input `x`: expected f32[batch, 16], got f32[2, 15]"),
+        "{}",
+        text(&o)
+    );
+}
+
+fn tiny_model(name: &str) -> Option<String> {
+    let p = PathBuf::from(repo("../shared/models/tiny"))
+        .join(name)
+        .join("model.onnx");
+    if p.is_file() {
+        Some(p.display().to_string())
+    } else {
+        eprintln!("skipping: {} is missing", p.display());
+        None
+    }
+}
+
+#[test]
+fn bench_reports_latency_per_thread_count_as_text_md_and_json() {
+    let Some(model) = tiny_model("bert_tiny") else {
+        return;
+    };
+    let o = kiln(&[
+        "bench",
+        &model,
+        "--runs",
+        "2",
+        "--threads",
+        "1,2",
+        "--profile",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("median ms") && out.contains("test_data_set_0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("profile (2 threads)") && out.contains("contraction"),
+        "{out}"
+    );
+
+    let o = kiln(&["bench", &model, "--runs", "2", "--format", "md"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 3, "header, rule, one row: {out}");
+    assert!(rows[2].starts_with("| bert_tiny | 1 | "), "{out}");
+
+    let o = kiln(&[
+        "bench",
+        &model,
+        "--runs",
+        "2",
+        "--format",
+        "json",
+        "--backend",
+        "interp",
+        "--dim",
+        "batch=2",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["backend"], "interp");
+    assert_eq!(v["inputs"], "random (seed 0)");
+    assert!(v["results"][0]["median_ms"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn bench_compares_with_onnx_runtime_when_the_venv_has_it() {
+    let Some(model) = tiny_model("gpt2_tiny") else {
+        return;
+    };
+    let python = PathBuf::from(repo(".venv/bin/python"));
+    let has_ort = Command::new(&python)
+        .args(["-c", "import onnxruntime"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_ort {
+        eprintln!(
+            "skipping: no onnxruntime in {} (scripts/setup-venv.sh)",
+            python.display()
+        );
+        return;
+    }
+    let o = kiln(&[
+        "bench",
+        &model,
+        "--runs",
+        "2",
+        "--compare-ort",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let ort = &v["results"][0]["ort"];
+    assert!(ort["median_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(ort["ratio"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -5,8 +5,7 @@
 //!
 //! `KILN_CANON_DUMP=1` prints each optimised graph in the text form.
 
-use kiln_ir::{Graph, OpKind, Tensor};
-use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
+use kiln_ir::{Graph, OpKind};
 
 /// How many of each recognised op a model should have after the pipeline.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,25 +41,7 @@ fn check(name: &str, want: Counts) {
         println!("{report}\n{}", kiln_ir::text::print(&g));
     }
     assert_eq!(counts(&g), want, "{name}:\n{report}");
-    let data = TestData::load(&dir.join("test_data_set_0")).expect("test data");
-    let named: Vec<(String, Tensor)> = g
-        .inputs
-        .iter()
-        .zip(&data.inputs)
-        .map(|(&i, (_, t))| (g.value(i).name.clone(), t.clone()))
-        .collect();
-    let model = Model::from_graph(g);
-    let named: Vec<(&str, Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-    let outs = model.run(&named).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(outs.len(), data.outputs.len());
-    for (k, (got, (_, want))) in outs.iter().zip(&data.outputs).enumerate() {
-        let e = compare(got, want, MODEL_TOLERANCE);
-        assert!(
-            e.ok,
-            "{name} output #{k}: max abs {:e}: {:?}",
-            e.max_abs, e.reason
-        );
-    }
+    kiln_tests::check_graph_on_test_data(&g, &dir);
 }
 
 macro_rules! canon_tests {

@@ -2,33 +2,11 @@
 //! the model's PyTorch reference outputs (test_data_set_0) within `MODEL_TOLERANCE`, and
 //! the e-graph on the largest bench model stays within its limits and time.
 
-use kiln_ir::{Graph, Tensor};
+use kiln_ir::Graph;
 use kiln_passes::egraph::SaturateEgraph;
 use kiln_passes::Pass;
-use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
-use std::path::Path;
-
-fn check_outputs(g: &Graph, dir: &Path) {
-    let data = TestData::load(&dir.join("test_data_set_0")).expect("test data");
-    let named: Vec<(&str, Tensor)> = g
-        .inputs
-        .iter()
-        .zip(&data.inputs)
-        .map(|(&i, (_, t))| (g.value(i).name.as_str(), t.clone()))
-        .collect();
-    let outs = kiln_ir::run_named(g, &named).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    assert_eq!(outs.len(), data.outputs.len());
-    for (k, (got, (_, want))) in outs.iter().zip(&data.outputs).enumerate() {
-        let e = compare(got, want, MODEL_TOLERANCE);
-        assert!(
-            e.ok,
-            "{} output #{k}: max abs {:e}: {:?}",
-            dir.display(),
-            e.max_abs,
-            e.reason
-        );
-    }
-}
+use kiln_runtime::Model;
+use kiln_tests::check_graph_on_test_data as check_outputs;
 
 /// The default pipeline without the e-graph pass.
 fn classic_passes(g: &mut Graph) {

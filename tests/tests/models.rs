@@ -3,37 +3,13 @@
 //! after the default optimisation pipeline; the text form round-trips each one.
 
 use kiln_ir::Tensor;
-use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
-use std::path::PathBuf;
-
-fn model_dir(name: &str) -> PathBuf {
-    kiln_tests::shared_models().join(name)
-}
+use kiln_runtime::Model;
+use kiln_tests::{check_graph_on_test_data, model_dir};
+use std::path::Path;
 
 /// Runs `model` on its `test_data_set_0` and asserts every output is within tolerance.
-fn check_against_test_data(model: &Model, dir: &std::path::Path) {
-    let data = TestData::load(&dir.join("test_data_set_0")).expect("test data");
-    let g = model.graph();
-    let named: Vec<(&str, Tensor)> = g
-        .inputs
-        .iter()
-        .zip(&data.inputs)
-        .map(|(&i, (_, t))| (g.value(i).name.as_str(), t.clone()))
-        .collect();
-    let outs = model
-        .run(&named)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    assert_eq!(outs.len(), data.outputs.len());
-    for (k, (got, (_, want))) in outs.iter().zip(&data.outputs).enumerate() {
-        let e = compare(got, want, MODEL_TOLERANCE);
-        assert!(
-            e.ok,
-            "{} output #{k}: max abs {:e}: {:?}",
-            dir.display(),
-            e.max_abs,
-            e.reason
-        );
-    }
+fn check_against_test_data(model: &Model, dir: &Path) {
+    check_graph_on_test_data(model.graph(), dir);
 }
 
 fn check_model(name: &str, run_reparsed: bool) {

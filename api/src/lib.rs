@@ -1,0 +1,458 @@
+//! kiln's host API: load a model, compile it once for a backend, run it from many threads.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), kiln::Error> {
+//! let model = kiln::Model::load("examples/mlp/model.onnx")?;
+//! let exe = model.compile(&kiln::Options::default())?;
+//! let x = kiln::Tensor::from_vec(vec![2, 16], vec![0.5f32; 32]);
+//! let outs = exe.run(&[("x", x)])?;
+//! println!("{:?}", outs[0].shape());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! This crate and the CLI are the only ones that depend on a backend; the IR, the optimiser
+//! and the runtime know nothing of Cranelift.
+
+use kiln_cranelift::{JitExecutable, JitOptions};
+use kiln_ir::interp::EvalError;
+use kiln_ir::{Dim, Graph};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use kiln_ir::{DType, Shape, Tensor, TensorType};
+pub use kiln_runtime::kernel::{KernelTime, MemoryPlan, RunReport};
+
+/// Which executor runs the compiled model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The Cranelift JIT with the runtime's GEMM and kernels (the fast path).
+    #[default]
+    Jit,
+    /// The reference interpreter: slow, defines what every op means.
+    Interp,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "jit" => Ok(Backend::Jit),
+            "interp" => Ok(Backend::Interp),
+            _ => Err(format!("unknown backend `{s}` (expected jit or interp)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Jit => "jit",
+            Backend::Interp => "interp",
+        })
+    }
+}
+
+/// How to compile a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Threads inside kernels; 0 means one per physical core. The interpreter ignores it.
+    pub threads: usize,
+    /// 0 compiles the graph as imported; 1 (the default) runs the default pass pipeline.
+    pub opt_level: u8,
+    /// Pass toggles applied to the default pipeline, as `kiln inspect --passes` takes them:
+    /// `"-saturate_egraph,-fuse_attention"`. Empty keeps every pass.
+    pub passes: String,
+    /// Which executor runs the model.
+    pub backend: Backend,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            threads: 0,
+            opt_level: 1,
+            passes: String::new(),
+            backend: Backend::Jit,
+        }
+    }
+}
+
+/// Everything that can go wrong between a model file and its outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read, imported or verified.
+    #[error(transparent)]
+    Load(#[from] kiln_runtime::LoadError),
+    /// The optimiser failed or a pass toggle named no pass.
+    #[error("optimising the graph (opt_level 0 skips it): {0}")]
+    Optimise(#[from] kiln_passes::ManagerError),
+    /// The backend could not compile the graph.
+    #[error("compiling for the {backend} backend: {msg}")]
+    Compile {
+        /// The backend.
+        backend: Backend,
+        /// The backend's message.
+        msg: String,
+    },
+    /// An input the model takes was not given.
+    #[error("missing input `{name}`: the model expects {expected}")]
+    MissingInput {
+        /// The input's name.
+        name: String,
+        /// Its declared type, e.g. `i64[batch, seq]`.
+        expected: String,
+    },
+    /// An input was given under a name the model does not have.
+    #[error("unknown input `{name}`: the model's inputs are {known}")]
+    UnknownInput {
+        /// The given name.
+        name: String,
+        /// The model's inputs with their types.
+        known: String,
+    },
+    /// An input was given twice.
+    #[error("input `{name}` is given twice")]
+    DuplicateInput {
+        /// The input's name.
+        name: String,
+    },
+    /// An input has the wrong dtype or shape.
+    #[error("input `{name}`: expected {expected}, got {got}: {why}")]
+    BadInput {
+        /// The input's name.
+        name: String,
+        /// Its declared type.
+        expected: String,
+        /// The dtype and shape passed.
+        got: String,
+        /// What does not fit.
+        why: String,
+    },
+    /// Running failed inside the model.
+    #[error(transparent)]
+    Run(#[from] EvalError),
+}
+
+/// A model input or output: its name and declared (possibly symbolic) type.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Io {
+    /// The name inputs are passed under and outputs are reported by.
+    pub name: String,
+    /// Dtype and shape; symbolic dims are named (`batch`), equal names are equal sizes.
+    pub ty: TensorType,
+}
+
+impl std::fmt::Display for Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.ty)
+    }
+}
+
+fn ios(g: &Graph, ids: &[kiln_ir::ValueId]) -> Vec<Io> {
+    ids.iter()
+        .map(|&i| Io {
+            name: g.value(i).name.clone(),
+            ty: g.value(i).ty.clone(),
+        })
+        .collect()
+}
+
+/// A loaded, verified model, not yet compiled.
+#[derive(Clone, Debug)]
+pub struct Model {
+    graph: Graph,
+}
+
+impl Model {
+    /// Loads an ONNX file, or kiln's text form when the extension is `.kir`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model, Error> {
+        Ok(Model::from_graph(
+            kiln_runtime::Model::load(path)?.graph().clone(),
+        ))
+    }
+
+    /// Wraps a graph built in memory (it should verify).
+    pub fn from_graph(graph: Graph) -> Model {
+        Model { graph }
+    }
+
+    /// The graph as loaded.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The model's inputs in graph order.
+    pub fn inputs(&self) -> Vec<Io> {
+        ios(&self.graph, &self.graph.inputs)
+    }
+
+    /// The model's outputs in graph order.
+    pub fn outputs(&self) -> Vec<Io> {
+        ios(&self.graph, &self.graph.outputs)
+    }
+
+    /// Optimises (unless `opt_level` is 0) and compiles for `opts.backend`.
+    pub fn compile(&self, opts: &Options) -> Result<Executable, Error> {
+        let start = Instant::now();
+        let mut graph = self.graph.clone();
+        if opts.opt_level >= 1 {
+            let mut pm = kiln_passes::default_pipeline();
+            pm.configure(&opts.passes)?;
+            pm.run(&mut graph)?;
+        }
+        let optimise_time = start.elapsed();
+        let inner = match opts.backend {
+            Backend::Jit => Inner::Jit(Box::new(
+                kiln_cranelift::compile_with(
+                    &graph,
+                    &JitOptions {
+                        threads: opts.threads,
+                    },
+                )
+                .map_err(|e| Error::Compile {
+                    backend: Backend::Jit,
+                    msg: e.to_string(),
+                })?,
+            )),
+            Backend::Interp => Inner::Interp,
+        };
+        Ok(Executable {
+            inputs: ios(&graph, &graph.inputs),
+            outputs: ios(&graph, &graph.outputs),
+            graph,
+            inner,
+            backend: opts.backend,
+            optimise_time,
+            compile_time: start.elapsed(),
+        })
+    }
+}
+
+enum Inner {
+    Jit(Box<JitExecutable>),
+    Interp,
+}
+
+/// A compiled model. It is `Send + Sync`: compile once, then call [`Executable::run`] from
+/// any number of threads at once.
+pub struct Executable {
+    graph: Graph,
+    inner: Inner,
+    inputs: Vec<Io>,
+    outputs: Vec<Io>,
+    backend: Backend,
+    optimise_time: Duration,
+    compile_time: Duration,
+}
+
+// Hosts share one executable between threads; keep that true as backends change.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Executable>();
+    assert_send_sync::<Model>();
+};
+
+impl std::fmt::Debug for Executable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executable")
+            .field("backend", &self.backend)
+            .field("threads", &self.threads())
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+impl Executable {
+    /// Runs on inputs given by name (any order); outputs come back in [`Executable::outputs`]
+    /// order. Every input is checked against its declared dtype and shape first.
+    pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Error> {
+        let ordered = self.order(inputs)?;
+        self.run_ordered(ordered)
+    }
+
+    /// Runs on inputs in [`Executable::inputs`] order.
+    pub fn run_ordered(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, Error> {
+        self.check(&inputs)?;
+        Ok(match &self.inner {
+            Inner::Jit(j) => j.run(inputs)?,
+            Inner::Interp => kiln_ir::run(&self.graph, inputs)?,
+        })
+    }
+
+    /// Runs like [`Executable::run`] and also reports per-kernel wall times and the memory
+    /// plan. The interpreter reports one `interpreter` entry for the whole run and no plan.
+    pub fn run_profiled(
+        &self,
+        inputs: &[(&str, Tensor)],
+    ) -> Result<(Vec<Tensor>, RunReport), Error> {
+        let ordered = self.order(inputs)?;
+        self.check(&ordered)?;
+        Ok(match &self.inner {
+            Inner::Jit(j) => j.run_profiled(ordered)?,
+            Inner::Interp => {
+                let start = Instant::now();
+                let outs = kiln_ir::run(&self.graph, ordered)?;
+                let report = RunReport {
+                    kernels: vec![KernelTime {
+                        label: "interpreter".into(),
+                        kind: "fallback",
+                        op: "interpreter".into(),
+                        nanos: start.elapsed().as_nanos() as u64,
+                    }],
+                    memory: MemoryPlan::default(),
+                };
+                (outs, report)
+            }
+        })
+    }
+
+    /// The inputs, in the order [`Executable::run_ordered`] takes them.
+    pub fn inputs(&self) -> &[Io] {
+        &self.inputs
+    }
+
+    /// The outputs, in the order runs return them.
+    pub fn outputs(&self) -> &[Io] {
+        &self.outputs
+    }
+
+    /// The backend that runs this executable.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Threads used inside kernels (1 for the interpreter).
+    pub fn threads(&self) -> usize {
+        match &self.inner {
+            Inner::Jit(j) => j.threads(),
+            Inner::Interp => 1,
+        }
+    }
+
+    /// Wall time of [`Model::compile`]: optimisation plus code generation.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// The optimiser's share of [`Executable::compile_time`].
+    pub fn optimise_time(&self) -> Duration {
+        self.optimise_time
+    }
+
+    /// The graph that runs (after the optimiser).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// How many kernels the JIT compiled to native code and how many it has in all
+    /// (`None` for the interpreter).
+    pub fn kernel_counts(&self) -> Option<(usize, usize)> {
+        match &self.inner {
+            Inner::Jit(j) => Some((j.jit_kernel_count(), j.plan().kernels.len())),
+            Inner::Interp => None,
+        }
+    }
+
+    /// Puts named inputs into graph order: unknown, duplicate or missing names are errors.
+    fn order(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Error> {
+        let mut slots: Vec<Option<&Tensor>> = vec![None; self.inputs.len()];
+        for (name, t) in inputs {
+            let Some(k) = self.inputs.iter().position(|io| io.name == *name) else {
+                return Err(Error::UnknownInput {
+                    name: name.to_string(),
+                    known: self.describe_inputs(),
+                });
+            };
+            if slots[k].replace(t).is_some() {
+                return Err(Error::DuplicateInput {
+                    name: name.to_string(),
+                });
+            }
+        }
+        slots
+            .into_iter()
+            .zip(&self.inputs)
+            .map(|(t, io)| {
+                t.cloned().ok_or_else(|| Error::MissingInput {
+                    name: io.name.clone(),
+                    expected: io.ty.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn describe_inputs(&self) -> String {
+        self.inputs
+            .iter()
+            .map(|io| format!("`{}` ({})", io.name, io.ty))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks inputs in graph order against their declared types, saying what differs; a
+    /// symbolic dim must have one size across all inputs.
+    fn check(&self, inputs: &[Tensor]) -> Result<(), Error> {
+        if inputs.len() > self.inputs.len() {
+            return Err(Error::UnknownInput {
+                name: format!("#{}", self.inputs.len()),
+                known: self.describe_inputs(),
+            });
+        }
+        if let Some(io) = self.inputs.get(inputs.len()) {
+            return Err(Error::MissingInput {
+                name: io.name.clone(),
+                expected: io.ty.to_string(),
+            });
+        }
+        // Symbolic dim name -> (size, the input that bound it).
+        let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
+        for (io, t) in self.inputs.iter().zip(inputs) {
+            let bad = |why: String| Error::BadInput {
+                name: io.name.clone(),
+                expected: io.ty.to_string(),
+                got: format!("{}{:?}", t.dtype(), t.shape()),
+                why,
+            };
+            if t.dtype() != io.ty.dtype {
+                return Err(bad(format!(
+                    "dtype is {}, the model takes {}",
+                    t.dtype(),
+                    io.ty.dtype
+                )));
+            }
+            let Some(dims) = io.ty.shape.dims() else {
+                continue;
+            };
+            if dims.len() != t.shape().len() {
+                return Err(bad(format!(
+                    "rank is {}, the model takes rank {}",
+                    t.shape().len(),
+                    dims.len()
+                )));
+            }
+            for (axis, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
+                match d {
+                    Dim::Fixed(want) if *want as usize != n => {
+                        return Err(bad(format!("dim {axis} is {n}, the model takes {want}")))
+                    }
+                    Dim::Sym(s) => match bound.get(s.as_str()) {
+                        Some(&(size, by)) if size != n => {
+                            return Err(bad(format!(
+                                "dim {axis} (`{s}`) is {n}, but input `{by}` set `{s}` = {size}"
+                            )))
+                        }
+                        Some(_) => {}
+                        None => {
+                            bound.insert(s, (n, &io.name));
+                        }
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
