@@ -1,8 +1,9 @@
-//! The `kiln` command-line tool: show, convert, run, inspect and compare models.
+//! The `kiln` command-line tool: show, convert, run, inspect, compare and build models.
 //!
 //! Exit codes: 0 ok, 1 user error (bad file, bad arguments, unsupported model),
 //! 2 output mismatch against reference data.
 
+mod build;
 mod compare;
 mod info;
 mod inspect;
@@ -42,6 +43,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Run the unoptimised and optimised graphs on the same random inputs; print errors.
     Compare(compare::CompareArgs),
+    /// Compile a model ahead of time into a shared library with a C ABI (LLVM).
+    Build(build::BuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&args),
         Command::Inspect(args) => inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
         Command::Compare(args) => compare::compare_cmd(&args),
+        Command::Build(args) => build::build(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
