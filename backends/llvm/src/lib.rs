@@ -9,7 +9,7 @@ pub mod header;
 mod library;
 mod loader;
 
-pub use library::{build_library, find_runtime, BuildOptions, BuildReport, WeightsMode};
+pub use library::{build_library, find_runtime, BuildOptions, BuildReport, WeightsMode, EXPORTS};
 pub use loader::{AotLibrary, LoadError};
 
 /// Why a library could not be built.
