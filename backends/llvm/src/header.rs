@@ -177,6 +177,12 @@ int kiln_result_dims(const kiln_ctx *ctx, size_t i, int64_t *dims);
 const void *kiln_result_data(const kiln_ctx *ctx, size_t i);
 size_t kiln_result_bytes(const kiln_ctx *ctx, size_t i);
 
+/* Per-kernel timing: turn it on, run, then read kind (0 loop, 1 contraction,
+ * 2 fallback) and nanoseconds of each kernel of the last run. */
+int kiln_set_profiling(kiln_ctx *ctx, int on);
+size_t kiln_profile_count(const kiln_ctx *ctx);
+int kiln_profile_kernel(const kiln_ctx *ctx, size_t i, int *kind, uint64_t *nanos);
+
 #ifdef __cplusplus
 }}
 #endif

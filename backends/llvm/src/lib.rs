@@ -10,7 +10,7 @@ mod library;
 mod loader;
 
 pub use library::{build_library, find_runtime, BuildOptions, BuildReport, WeightsMode, EXPORTS};
-pub use loader::{AotLibrary, LoadError};
+pub use loader::{AotLibrary, IoDesc, KernelTime, LoadError};
 
 /// Why a library could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -163,6 +163,9 @@ pub const EXPORTS: &[&str] = &[
     "kiln_result_dims",
     "kiln_result_data",
     "kiln_result_bytes",
+    "kiln_set_profiling",
+    "kiln_profile_count",
+    "kiln_profile_kernel",
 ];
 
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> BuildError + '_ {

@@ -49,6 +49,17 @@ type RunFn = unsafe extern "C" fn(
 type DimsFn = unsafe extern "C" fn(*const c_void, usize, *mut i64) -> i32;
 type DataFn = unsafe extern "C" fn(*const c_void, usize) -> *const c_void;
 type BytesFn = unsafe extern "C" fn(*const c_void, usize) -> usize;
+type ProfOnFn = unsafe extern "C" fn(*mut c_void, i32) -> i32;
+type ProfKernelFn = unsafe extern "C" fn(*const c_void, usize, *mut i32, *mut u64) -> i32;
+
+/// One kernel's time in a profiled run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelTime {
+    /// `loop`, `contraction` or `fallback`.
+    pub kind: &'static str,
+    /// Wall time in nanoseconds.
+    pub nanos: u64,
+}
 
 /// An input or output of a loaded model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +83,9 @@ pub struct AotLibrary {
     result_dims: DimsFn,
     result_data: DataFn,
     result_bytes: BytesFn,
+    set_profiling: ProfOnFn,
+    profile_count: CountFn,
+    profile_kernel: ProfKernelFn,
     inputs: Vec<IoDesc>,
     outputs: Vec<IoDesc>,
     // Dropped last: the function pointers above point into it.
@@ -146,6 +160,9 @@ impl AotLibrary {
             result_dims: sym!("kiln_result_dims", DimsFn),
             result_data: sym!("kiln_result_data", DataFn),
             result_bytes: sym!("kiln_result_bytes", BytesFn),
+            set_profiling: sym!("kiln_set_profiling", ProfOnFn),
+            profile_count: sym!("kiln_profile_count", CountFn),
+            profile_kernel: sym!("kiln_profile_kernel", ProfKernelFn),
             inputs: vec![],
             outputs: vec![],
             _lib: lib,
@@ -220,6 +237,40 @@ impl AotLibrary {
             return Err(self.call_err("kiln_set_threads", st));
         }
         Ok(())
+    }
+
+    /// Runs like [`AotLibrary::run`], also timing every kernel.
+    pub fn run_profiled(
+        &mut self,
+        inputs: &[Tensor],
+    ) -> Result<(Vec<Tensor>, Vec<KernelTime>), LoadError> {
+        // SAFETY: live context.
+        let st = unsafe { (self.set_profiling)(self.ctx, 1) };
+        if st != 0 {
+            return Err(self.call_err("kiln_set_profiling", st));
+        }
+        let outs = self.run(inputs);
+        // SAFETY: live context; indices below the count; valid out pointers.
+        let times = unsafe {
+            let times = (0..(self.profile_count)(self.ctx))
+                .map(|i| {
+                    let (mut kind, mut nanos) = (0i32, 0u64);
+                    let st = (self.profile_kernel)(self.ctx, i, &mut kind, &mut nanos);
+                    if st != 0 {
+                        return Err(self.call_err("kiln_profile_kernel", st));
+                    }
+                    let kind = match kind {
+                        0 => "loop",
+                        1 => "contraction",
+                        _ => "fallback",
+                    };
+                    Ok(KernelTime { kind, nanos })
+                })
+                .collect::<Result<Vec<_>, _>>();
+            (self.set_profiling)(self.ctx, 0);
+            times
+        };
+        Ok((outs?, times?))
     }
 
     /// Runs on inputs in graph order; outputs come back in graph order.

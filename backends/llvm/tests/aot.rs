@@ -245,6 +245,16 @@ fn aot_matches_jit(name: &str) {
         let want: Vec<(String, Tensor)> = want.into_iter().map(|t| (String::new(), t)).collect();
         check_outputs(name, &got, &want);
     }
+    // Profiled runs time every kernel of the same plan.
+    let (outs, times) = aot.run_profiled(&random_inputs(&g, 7, 4)).unwrap();
+    assert_eq!(outs.len(), g.outputs.len());
+    assert_eq!(
+        times.len(),
+        jit.plan().kernels.len(),
+        "{name}: profiled kernels"
+    );
+    let loops = jit.jit_kernel_count();
+    assert_eq!(times.iter().filter(|k| k.kind == "loop").count(), loops);
 }
 
 #[test]

@@ -73,6 +73,11 @@ pub struct Context {
     /// Shapes of the last run's outputs.
     last: Vec<Vec<usize>>,
     last_bytes: Vec<Vec<u8>>,
+    /// Whether runs time every kernel.
+    profile: bool,
+    /// Per-kernel (kind, nanoseconds) of the last profiled run; kind 0 loop,
+    /// 1 contraction, 2 fallback.
+    times: Vec<(i32, u64)>,
 }
 
 thread_local! {
@@ -202,6 +207,8 @@ unsafe fn create(
         outputs,
         last: vec![],
         last_bytes: vec![],
+        profile: false,
+        times: vec![],
     })
 }
 
@@ -463,10 +470,24 @@ pub unsafe extern "C" fn kiln_run(
             let data = TensorData::from_le_bytes(info.dtype, bytes).map_err(bad)?;
             tensors.push(Tensor::new(shape, data).map_err(bad)?);
         }
+        c.times.clear();
+        let mut report = kiln_runtime::kernel::RunReport::default();
         let outs = c
             .plan
-            .run(tensors, &c.runner)
+            .run_with(tensors, &c.runner, c.profile.then_some(&mut report))
             .map_err(|e| (Status::Run, e.to_string()))?;
+        c.times = report
+            .kernels
+            .iter()
+            .map(|k| {
+                let kind = match k.kind {
+                    "loop" => 0,
+                    "contraction" => 1,
+                    _ => 2,
+                };
+                (kind, k.nanos)
+            })
+            .collect();
         c.last_bytes = outs.iter().map(|t| t.data().to_le_bytes()).collect();
         c.last = outs.iter().map(|t| t.shape().to_vec()).collect();
         if outputs.is_null() {
@@ -550,6 +571,60 @@ pub unsafe extern "C" fn kiln_result_bytes(ctx: *const Context, i: usize) -> usi
     unsafe { ctx_ref(ctx) }
         .and_then(|c| c.last_bytes.get(i))
         .map_or(0, |b| b.len())
+}
+
+/// Turns per-kernel timing of later runs on (nonzero) or off.
+///
+/// # Safety
+/// `ctx` must be a live context or null.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_set_profiling(ctx: *mut Context, on: i32) -> i32 {
+    guard(|| {
+        // SAFETY: per the contract.
+        let c = unsafe { ctx.as_mut() }.ok_or((
+            Status::InvalidArgument,
+            "kiln_set_profiling: null context".into(),
+        ))?;
+        c.profile = on != 0;
+        Ok(())
+    })
+}
+
+/// Number of kernels timed in the last profiled run (0 when profiling is off).
+///
+/// # Safety
+/// `ctx` must be a live context or null.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_profile_count(ctx: *const Context) -> usize {
+    unsafe { ctx_ref(ctx) }.map_or(0, |c| c.times.len())
+}
+
+/// Kernel `i` of the last profiled run: its kind (0 loop, 1 contraction, 2 fallback) and
+/// wall time in nanoseconds.
+///
+/// # Safety
+/// `ctx` must be a live context or null; `kind` and `nanos` valid pointers.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_profile_kernel(
+    ctx: *const Context,
+    i: usize,
+    kind: *mut i32,
+    nanos: *mut u64,
+) -> i32 {
+    guard(|| {
+        let &(k, n) = unsafe { ctx_ref(ctx) }
+            .and_then(|c| c.times.get(i))
+            .ok_or((Status::InvalidArgument, format!("no profiled kernel #{i}")))?;
+        if kind.is_null() || nanos.is_null() {
+            return Err((Status::InvalidArgument, "null output pointer".into()));
+        }
+        // SAFETY: non-null per the check, valid per the contract.
+        unsafe {
+            *kind = k;
+            *nanos = n;
+        }
+        Ok(())
+    })
 }
 
 macro_rules! helpers {
