@@ -78,6 +78,84 @@ pub struct BuildReport {
     pub link_s: f64,
 }
 
+/// x86-64 CPU names LLVM 19 accepts for 64-bit code (`llc -mcpu=help`, 32-bit-only CPUs
+/// left out). LLVM aborts the process on a CPU it cannot compile 64-bit code for, so the
+/// name is checked here first.
+const X86_64_CPUS: &[&str] = &[
+    "alderlake",
+    "amdfam10",
+    "arrowlake",
+    "arrowlake-s",
+    "athlon-fx",
+    "athlon64",
+    "athlon64-sse3",
+    "atom",
+    "barcelona",
+    "bdver1",
+    "bdver2",
+    "bdver3",
+    "bdver4",
+    "bonnell",
+    "broadwell",
+    "btver1",
+    "btver2",
+    "cannonlake",
+    "cascadelake",
+    "clearwaterforest",
+    "cooperlake",
+    "core-avx-i",
+    "core-avx2",
+    "core2",
+    "corei7",
+    "corei7-avx",
+    "emeraldrapids",
+    "generic",
+    "goldmont",
+    "goldmont-plus",
+    "gracemont",
+    "grandridge",
+    "graniterapids",
+    "graniterapids-d",
+    "haswell",
+    "icelake-client",
+    "icelake-server",
+    "ivybridge",
+    "k8",
+    "k8-sse3",
+    "knl",
+    "knm",
+    "lunarlake",
+    "meteorlake",
+    "nehalem",
+    "nocona",
+    "opteron",
+    "opteron-sse3",
+    "pantherlake",
+    "penryn",
+    "raptorlake",
+    "rocketlake",
+    "sandybridge",
+    "sapphirerapids",
+    "sierraforest",
+    "silvermont",
+    "skx",
+    "skylake",
+    "skylake-avx512",
+    "slm",
+    "tigerlake",
+    "tremont",
+    "westmere",
+    "x86-64",
+    "x86-64-v2",
+    "x86-64-v3",
+    "x86-64-v4",
+    "znver1",
+    "znver2",
+    "znver3",
+    "znver4",
+    "znver5",
+];
+
 /// The runtime static library's file name.
 const RUNTIME_NAME: &str = "libkiln_aot_rt.a";
 
@@ -218,6 +296,14 @@ pub fn build_library(
             TargetMachine::get_host_cpu_features().to_string(),
         )
     } else {
+        let x86_64 = triple.as_str().to_string_lossy().starts_with("x86_64");
+        if x86_64 && !X86_64_CPUS.contains(&opts.target_cpu.as_str()) {
+            return Err(BuildError::Llvm(format!(
+                "unknown target CPU `{}`; use native or one of: {}",
+                opts.target_cpu,
+                X86_64_CPUS.join(", ")
+            )));
+        }
         (opts.target_cpu.clone(), String::new())
     };
     let tm = target

@@ -337,3 +337,27 @@ fn c_host_is_clean_under_valgrind() {
         .collect();
     check_outputs("bert_tiny under valgrind", &outs, &data.outputs);
 }
+
+#[test]
+fn target_cpu_is_checked_and_portable_levels_build() {
+    let (g, dir) = optimised("tiny/vit_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("libmodel.so");
+    let opts = |cpu: &str| BuildOptions {
+        target_cpu: cpu.into(),
+        ..BuildOptions::default()
+    };
+    let e = build_library(&g, &lib, &opts("bogus"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown target CPU `bogus`"), "{e}");
+    build_library(&g, &lib, &opts("x86-64-v3")).unwrap();
+    let data = TestData::load(&dir.join("test_data_set_0")).expect("test data");
+    let inputs: Vec<Tensor> = data.inputs.iter().map(|(_, t)| t.clone()).collect();
+    let mut aot = AotLibrary::load(&lib, None).unwrap();
+    check_outputs(
+        "vit_tiny x86-64-v3",
+        &aot.run(&inputs).unwrap(),
+        &data.outputs,
+    );
+}
