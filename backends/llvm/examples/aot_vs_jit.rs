@@ -67,6 +67,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             res.push((ms, lp));
         }
+        if std::env::var_os("AOT_VS_JIT_KINDS").is_some() {
+            let (_, rep) = jit.run_profiled(inputs.clone())?;
+            let (_, times) = aot.run_profiled(&inputs)?;
+            for kind in ["loop", "contraction", "fallback"] {
+                let j: u64 = rep
+                    .kernels
+                    .iter()
+                    .filter(|k| k.kind == kind)
+                    .map(|k| k.nanos)
+                    .sum();
+                let a: u64 = times
+                    .iter()
+                    .filter(|k| k.kind == kind)
+                    .map(|k| k.nanos)
+                    .sum();
+                println!(
+                    "  {kind:<12} jit {:>9.3} ms  aot {:>9.3} ms",
+                    j as f64 / 1e6,
+                    a as f64 / 1e6
+                );
+            }
+        }
         println!(
             "{name:<18} {build_s:>8.2} {jit_ms:>10.2} {:>10.2} {:>10.2} {jit_loop:>11.3} {:>11.3} {:>11.3}",
             res[0].0, res[1].0, res[0].1, res[1].1

@@ -94,7 +94,7 @@ pub fn generate(g: &Graph, guard: &str, weights: WeightsMode) -> String {
  * Usage:
  *   kiln_ctx *ctx;
  *   if (kiln_create(NULL, &ctx) != KILN_OK) fprintf(stderr, "%s\n", kiln_last_error());
- *   kiln_run(ctx, inputs, NULL, outputs, output_bytes);   // buffers from the caller
+ *   kiln_run(ctx, inputs, input_dims, outputs, output_bytes); (caller-owned buffers)
  *   kiln_destroy(ctx);
  *
  * Tensors are dense, row-major, little-endian, of the declared dtype (ONNX dtype codes

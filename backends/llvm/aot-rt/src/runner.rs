@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// A compiled row function: `fn(in_ptrs, out_ptrs, n)`.
 pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
 
-/// Below this many domain elements a loop kernel runs on the calling thread only: a
-/// thread start costs more than the work.
-const PAR_MIN_ELEMS: usize = 1 << 15;
+/// Below this many domain elements a loop kernel runs on the calling thread only: starting
+/// threads (tens of microseconds, far more on a loaded machine) costs more than the work;
+/// bert_base_1l's [1, 128, 768] kernels (98K elements) ran 20x slower split over 2 threads.
+const PAR_MIN_ELEMS: usize = 1 << 18;
 
 /// Runs loop kernel `i` with `fns[i]`, falling back to the portable evaluator where a
 /// kernel has no compiled code.
