@@ -226,3 +226,43 @@ pub fn kernel_fingerprint(k: &LoopKernel) -> u64 {
     }
     h
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = "func @f(%x: f32[2, 80]) -> (f32[2, 80]) {\n  %w = constant {value = dense<f32[1]> [0.0]} : f32[80]\n  %y = add %x, %w : f32[2, 80]\n  return %y\n}\n";
+
+    fn graph() -> Graph {
+        let mut g: Graph = SRC.parse().unwrap();
+        let w: Vec<f32> = (0..80).map(|i| i as f32 * 0.5 - 3.0).collect();
+        g.nodes[0].attrs.set(
+            "value",
+            Attr::Tensor(Arc::new(Tensor::from_vec(vec![80], w))),
+        );
+        g
+    }
+
+    #[test]
+    fn split_encode_decode_restore_round_trips() {
+        let g = graph();
+        let (meta, blob) = split(&g, 42);
+        assert_eq!(meta.weights.len(), 1, "the 320-byte constant is cut out");
+        assert!(!meta.text.contains("-3.0"), "payload left in the text");
+        let back = Meta::decode(&meta.encode()).unwrap();
+        assert_eq!(back, meta);
+        let g2 = restore(&back, &blob).unwrap();
+        assert!(g2 == g, "restored graph differs");
+    }
+
+    #[test]
+    fn mismatched_or_truncated_data_is_an_error() {
+        let (meta, blob) = split(&graph(), 42);
+        let (_, other) = split(&graph(), 43);
+        assert!(restore(&meta, &other).unwrap_err().contains("not the ones"));
+        assert!(restore(&meta, &blob[..blob.len() - 1]).is_err());
+        let enc = meta.encode();
+        assert!(Meta::decode(&enc[..enc.len() - 3]).is_err());
+        assert!(Meta::decode(b"KILNAOT0").is_err());
+    }
+}
