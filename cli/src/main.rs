@@ -1,9 +1,10 @@
-//! The `kiln` command-line tool: show, convert, run, benchmark, inspect and compare models.
+//! The `kiln` command-line tool: show, convert, run, benchmark, inspect, compare and build models.
 //!
 //! Exit codes: 0 ok, 1 user error (bad file, bad arguments, unsupported model),
 //! 2 output mismatch against reference data.
 
 mod bench;
+mod build;
 mod compare;
 mod info;
 mod inspect;
@@ -45,6 +46,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Run the unoptimised and optimised graphs on the same random inputs; print errors.
     Compare(compare::CompareArgs),
+    /// Compile a model ahead of time into a shared library with a C ABI (LLVM).
+    Build(build::BuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
         Command::Compare(args) => compare::compare_cmd(&args),
+        Command::Build(args) => build::build(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -281,4 +281,39 @@ fn bench_compares_with_onnx_runtime_when_the_venv_has_it() {
     let ort = &v["results"][0]["ort"];
     assert!(ort["median_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(ort["ratio"].as_f64().unwrap() > 0.0, "{v}");
+fn build_writes_a_library_header_and_side_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libmlp.so");
+    let header = dir.path().join("mlp.h");
+    let o = kiln(&[
+        "build",
+        &repo("examples/mlp/model.onnx"),
+        "-o",
+        lib.to_str().unwrap(),
+        "--header",
+        header.to_str().unwrap(),
+        "--weights",
+        "file",
+        "--target-cpu",
+        "x86-64-v3",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(lib.is_file() && header.is_file(), "{}", text(&o));
+    assert!(dir.path().join("libmlp.weights").is_file(), "{}", text(&o));
+    let h = std::fs::read_to_string(&header).unwrap();
+    assert!(
+        h.contains("int kiln_run(") && h.contains("KILN_MODEL_NUM_INPUTS"),
+        "{h}"
+    );
+    // A bad CPU name is a user error with a message, not an LLVM abort.
+    let o = kiln(&[
+        "build",
+        &repo("examples/mlp/model.onnx"),
+        "-o",
+        lib.to_str().unwrap(),
+        "--target-cpu",
+        "pentium-mmx",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("unknown target CPU"), "{}", text(&o));
 }
