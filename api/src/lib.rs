@@ -193,15 +193,22 @@ impl Model {
         ios(&self.graph, &self.graph.outputs)
     }
 
-    /// Optimises (unless `opt_level` is 0) and compiles for `opts.backend`.
-    pub fn compile(&self, opts: &Options) -> Result<Executable, Error> {
-        let start = Instant::now();
+    /// The graph after the pass pipeline `opts` selects (as imported when `opt_level` is 0):
+    /// what [`Model::compile`] and the AOT builder compile.
+    pub fn optimised(&self, opts: &Options) -> Result<Graph, Error> {
         let mut graph = self.graph.clone();
         if opts.opt_level >= 1 {
             let mut pm = kiln_passes::default_pipeline();
             pm.configure(&opts.passes)?;
             pm.run(&mut graph)?;
         }
+        Ok(graph)
+    }
+
+    /// Optimises (unless `opt_level` is 0) and compiles for `opts.backend`.
+    pub fn compile(&self, opts: &Options) -> Result<Executable, Error> {
+        let start = Instant::now();
+        let graph = self.optimised(opts)?;
         let optimise_time = start.elapsed();
         let inner = match opts.backend {
             Backend::Jit => Inner::Jit(Box::new(

@@ -40,12 +40,13 @@ pub struct BuildArgs {
 
 pub fn build(args: &BuildArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let model = kiln_runtime::Model::load(&args.model)?;
-    let g = if args.opt >= 1 {
-        crate::run::optimise(model.graph())?
-    } else {
-        model.graph().clone()
-    };
+    let model = kiln::Model::load(&args.model)?;
+    let g = model
+        .optimised(&kiln::Options {
+            opt_level: args.opt,
+            ..Default::default()
+        })
+        .context("optimising the graph (run with --opt 0 to skip)")?;
     let opts = kiln_llvm::BuildOptions {
         target_cpu: args.target_cpu.clone(),
         weights: match args.weights {

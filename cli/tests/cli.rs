@@ -281,6 +281,9 @@ fn bench_compares_with_onnx_runtime_when_the_venv_has_it() {
     let ort = &v["results"][0]["ort"];
     assert!(ort["median_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(ort["ratio"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
 fn build_writes_a_library_header_and_side_file() {
     let dir = tempfile::tempdir().unwrap();
     let lib = dir.path().join("libmlp.so");
