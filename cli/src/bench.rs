@@ -1,6 +1,7 @@
 //! `kiln bench`: latency of a compiled model per thread count (median and min of N runs),
 //! compile time and planned memory, optionally beside ONNX Runtime on the same inputs
-//! (`bench/ort_bench.py`) and with a per-kernel profile.
+//! (`bench/ort_bench.py`) and with a per-kernel profile. `--backend jit,aot` measures the
+//! JIT and an ahead-of-time library (`kiln build`, loaded with dlopen) side by side.
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,9 +49,10 @@ pub struct BenchArgs {
     /// the model has test data.
     #[arg(long = "dim", value_name = "NAME=N")]
     dims: Vec<String>,
-    /// Which executor runs the model.
-    #[arg(long, default_value = "jit")]
-    backend: Backend,
+    /// Which executors run the model, comma-separated: jit, interp, aot (a library built
+    /// with `kiln build` into a temporary folder and loaded with dlopen).
+    #[arg(long, value_delimiter = ',', default_value = "jit")]
+    backend: Vec<BenchBackend>,
     /// Optimisation level (0: as imported, 1: default pipeline).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     opt: u8,
@@ -68,8 +70,167 @@ pub struct BenchArgs {
     python: Option<PathBuf>,
 }
 
-/// One thread count's figures.
+/// An executor `kiln bench` can measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchBackend {
+    /// Through the host API (`jit` or `interp`).
+    Kiln(Backend),
+    /// A shared library from `kiln build`.
+    Aot,
+}
+
+impl std::str::FromStr for BenchBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<BenchBackend, String> {
+        match s {
+            "aot" => Ok(BenchBackend::Aot),
+            _ => s
+                .parse::<Backend>()
+                .map(BenchBackend::Kiln)
+                .map_err(|_| format!("unknown backend `{s}` (expected jit, interp or aot)")),
+        }
+    }
+}
+
+impl std::fmt::Display for BenchBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchBackend::Kiln(b) => b.fmt(f),
+            BenchBackend::Aot => f.write_str("aot"),
+        }
+    }
+}
+
+/// A compiled model under measurement.
+enum Compiled {
+    Kiln(Executable),
+    Aot {
+        lib: kiln_llvm::AotLibrary,
+        /// For each library input, its index in the bench inputs.
+        order: Vec<usize>,
+        threads: usize,
+        compile: Duration,
+        /// Kernel labels of the plan the library was built from (for `--profile`).
+        labels: Vec<String>,
+        /// Holds the library file until the run ends.
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Compiled {
+    fn compile(
+        model: &Model,
+        backend: BenchBackend,
+        threads: usize,
+        opt: u8,
+        inputs: &[(String, Tensor)],
+    ) -> Result<Compiled> {
+        let opts = Options {
+            threads,
+            opt_level: opt,
+            backend: match backend {
+                BenchBackend::Kiln(b) => b,
+                BenchBackend::Aot => Backend::Jit,
+            },
+            ..Options::default()
+        };
+        if let BenchBackend::Kiln(_) = backend {
+            return Ok(Compiled::Kiln(model.compile(&opts)?));
+        }
+        let start = Instant::now();
+        let g = model.optimised(&opts)?;
+        let dir = tempfile::tempdir().context("creating a folder for the AOT library")?;
+        let path = dir.path().join("libmodel.so");
+        kiln_llvm::build_library(&g, &path, &kiln_llvm::BuildOptions::default())
+            .context("building the AOT library")?;
+        let mut lib = kiln_llvm::AotLibrary::load(&path, None)?;
+        let threads = if threads == 0 {
+            kiln_runtime::kernels::gemm::physical_cores()
+        } else {
+            threads
+        };
+        lib.set_threads(threads)?;
+        let order = lib
+            .inputs()
+            .iter()
+            .map(|d| {
+                inputs
+                    .iter()
+                    .position(|(n, _)| *n == d.name)
+                    .with_context(|| format!("the library's input `{}` has no value", d.name))
+            })
+            .collect::<Result<_>>()?;
+        let compile = start.elapsed();
+        // The library re-partitions the same graph the same way, so kernel i is plan kernel i.
+        let labels = match kiln_runtime::kernel::partition(&g) {
+            Ok(plan) => (0..plan.kernels.len()).map(|i| plan.label(i)).collect(),
+            Err(_) => vec![],
+        };
+        Ok(Compiled::Aot {
+            lib,
+            order,
+            threads,
+            compile,
+            labels,
+            _dir: dir,
+        })
+    }
+
+    fn threads(&self) -> usize {
+        match self {
+            Compiled::Kiln(e) => e.threads(),
+            Compiled::Aot { threads, .. } => *threads,
+        }
+    }
+
+    fn compile_time(&self) -> Duration {
+        match self {
+            Compiled::Kiln(e) => e.compile_time(),
+            Compiled::Aot { compile, .. } => *compile,
+        }
+    }
+
+    /// One run; with `profile`, the per-kernel times and memory plan too.
+    fn run(
+        &mut self,
+        named: &[(&str, Tensor)],
+        inputs: &[(String, Tensor)],
+        profile: bool,
+    ) -> Result<Option<RunReport>> {
+        match self {
+            Compiled::Kiln(e) if profile => Ok(Some(e.run_profiled(named)?.1)),
+            Compiled::Kiln(e) => e.run(named).map(|_| None).map_err(Into::into),
+            Compiled::Aot {
+                lib, order, labels, ..
+            } => {
+                let ordered: Vec<Tensor> = order.iter().map(|&i| inputs[i].1.clone()).collect();
+                if !profile {
+                    lib.run(&ordered)?;
+                    return Ok(None);
+                }
+                let (_, times) = lib.run_profiled(&ordered)?;
+                let kernels = times
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| kiln::KernelTime {
+                        label: labels.get(i).cloned().unwrap_or_else(|| format!("#{i}")),
+                        kind: t.kind,
+                        op: t.kind.to_string(),
+                        nanos: t.nanos,
+                    })
+                    .collect();
+                Ok(Some(RunReport {
+                    kernels,
+                    ..RunReport::default()
+                }))
+            }
+        }
+    }
+}
+
+/// One (backend, thread count)'s figures.
 struct Row {
+    backend: BenchBackend,
     threads: usize,
     compile_ms: f64,
     median_ms: f64,
@@ -78,6 +239,7 @@ struct Row {
     ort: Option<OrtResult>,
 }
 
+#[derive(Clone)]
 struct OrtResult {
     median_ms: f64,
     min_ms: f64,
@@ -114,51 +276,67 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let show = std::io::stderr().is_terminal();
     let mut rows = Vec::new();
     let mut profile: Option<Profile> = None;
-    for &threads in &args.threads {
-        let bar = progress(show, 0, format!("{name}: compiling ({threads} threads)"));
-        let exe = model.compile(&Options {
-            threads,
-            opt_level: args.opt,
-            backend: args.backend,
-            ..Options::default()
-        })?;
-        bar.finish_and_clear();
-        let bar = progress(
-            show,
-            (args.warmup + args.runs) as u64,
-            format!("{name}: {} threads", exe.threads()),
-        );
-        let mut times = Vec::with_capacity(args.runs);
-        for k in 0..args.warmup + args.runs {
-            let start = Instant::now();
-            exe.run(&named)
-                .with_context(|| format!("running {}", args.model.display()))?;
-            if k >= args.warmup {
-                times.push(start.elapsed());
+    let mut ort_by_threads: HashMap<usize, OrtResult> = HashMap::new();
+    for &backend in &args.backend {
+        for &threads in &args.threads {
+            let bar = progress(
+                show,
+                0,
+                format!("{name}: {backend}, compiling ({threads} threads)"),
+            );
+            let mut exe = Compiled::compile(&model, backend, threads, args.opt, &inputs)?;
+            bar.finish_and_clear();
+            let bar = progress(
+                show,
+                (args.warmup + args.runs) as u64,
+                format!("{name}: {backend}, {} threads", exe.threads()),
+            );
+            let mut times = Vec::with_capacity(args.runs);
+            for k in 0..args.warmup + args.runs {
+                let start = Instant::now();
+                exe.run(&named, &inputs, false)
+                    .with_context(|| format!("running {}", args.model.display()))?;
+                if k >= args.warmup {
+                    times.push(start.elapsed());
+                }
+                bar.inc(1);
             }
-            bar.inc(1);
+            bar.finish_and_clear();
+            let report = exe.run(&named, &inputs, true)?.unwrap_or_default();
+            if args.profile {
+                profile = Some(profile_runs(
+                    &mut exe,
+                    &named,
+                    &inputs,
+                    args.runs,
+                    report.clone(),
+                )?);
+            }
+            let ort = match &ort_dir {
+                Some(dir) => {
+                    let t = exe.threads();
+                    if !ort_by_threads.contains_key(&t) {
+                        ort_by_threads.insert(t, run_ort(args, t, dir, &inputs)?);
+                    }
+                    ort_by_threads.get(&t).cloned()
+                }
+                None => None,
+            };
+            let (median_ms, min_ms) = median_min(&mut times);
+            if let Some(p) = &mut profile {
+                p.median_ms = median_ms;
+                p.backend = backend;
+            }
+            rows.push(Row {
+                backend,
+                threads: exe.threads(),
+                compile_ms: exe.compile_time().as_secs_f64() * 1e3,
+                median_ms,
+                min_ms,
+                memory: report.memory,
+                ort,
+            });
         }
-        bar.finish_and_clear();
-        let (_, report) = exe.run_profiled(&named)?;
-        if args.profile {
-            profile = Some(profile_runs(&exe, &named, args.runs, report.clone())?);
-        }
-        let ort = match &ort_dir {
-            Some(dir) => Some(run_ort(args, exe.threads(), dir, &inputs)?),
-            None => None,
-        };
-        let (median_ms, min_ms) = median_min(&mut times);
-        if let Some(p) = &mut profile {
-            p.median_ms = median_ms;
-        }
-        rows.push(Row {
-            threads: exe.threads(),
-            compile_ms: exe.compile_time().as_secs_f64() * 1e3,
-            median_ms,
-            min_ms,
-            memory: report.memory,
-            ort,
-        });
     }
     if let Some(dir) = ort_dir {
         let _ = std::fs::remove_dir_all(dir);
@@ -245,6 +423,7 @@ fn bench_inputs(args: &BenchArgs, model: &Model) -> Result<(Vec<(String, Tensor)
 
 /// Per-kernel times summed over profiled runs, and the unprofiled median run for scale.
 struct Profile {
+    backend: BenchBackend,
     kernels: Vec<kiln::KernelTime>,
     runs: usize,
     threads: usize,
@@ -253,8 +432,9 @@ struct Profile {
 
 /// Sums per-kernel times over `runs` profiled runs after `first`.
 fn profile_runs(
-    exe: &Executable,
+    exe: &mut Compiled,
     named: &[(&str, Tensor)],
+    inputs: &[(String, Tensor)],
     runs: usize,
     first: RunReport,
 ) -> Result<Profile> {
@@ -263,12 +443,13 @@ fn profile_runs(
         k.nanos = 0;
     }
     for _ in 0..runs {
-        let (_, r) = exe.run_profiled(named)?;
+        let r = exe.run(named, inputs, true)?.unwrap_or_default();
         for (a, k) in kernels.iter_mut().zip(r.kernels) {
             a.nanos += k.nanos;
         }
     }
     Ok(Profile {
+        backend: BenchBackend::Aot,
         kernels,
         runs,
         threads: exe.threads(),
@@ -360,14 +541,15 @@ fn mib(bytes: usize) -> f64 {
 
 fn text_table(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> String {
     let mut s = format!(
-        "{name}: backend {}, {} runs after {} warm-up, inputs {source}\n",
-        args.backend, args.runs, args.warmup
+        "{name}: {} runs after {} warm-up, inputs {source}\n",
+        args.runs, args.warmup
     );
     if let Some(o) = rows.iter().find_map(|r| r.ort.as_ref()) {
         s += &format!("ONNX Runtime {}\n", o.version);
     }
     s += &format!(
-        "{:>7} {:>11} {:>12} {:>10} {:>11} {:>9} {:>9} {:>10} {:>10}\n",
+        "{:>7} {:>7} {:>11} {:>12} {:>10} {:>11} {:>9} {:>9} {:>10} {:>10}\n",
+        "backend",
         "threads",
         "compile ms",
         "median ms",
@@ -381,7 +563,8 @@ fn text_table(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> Strin
     for r in rows {
         let (om, on, ratio) = ort_cells(r);
         s += &format!(
-            "{:>7} {:>11.1} {:>12.3} {:>10.3} {:>11} {:>9} {:>9} {:>10.2} {:>10.2}\n",
+            "{:>7} {:>7} {:>11.1} {:>12.3} {:>10.3} {:>11} {:>9} {:>9} {:>10.2} {:>10.2}\n",
+            r.backend.to_string(),
             r.threads,
             r.compile_ms,
             r.median_ms,
@@ -409,7 +592,7 @@ fn ort_cells(r: &Row) -> (String, String, String) {
 }
 
 /// The markdown header `bench/run.sh` writes once per table.
-const MD_HEADER: &str = "| model | threads | kiln median ms | kiln min ms | ORT median ms | ORT min ms | kiln/ORT | compile ms | peak MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+const MD_HEADER: &str = "| model | backend | threads | kiln median ms | kiln min ms | ORT median ms | ORT min ms | kiln/ORT | compile ms | peak MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
 
 fn md_rows(name: &str, rows: &[Row], header: bool) -> String {
     let mut s = if header {
@@ -420,7 +603,8 @@ fn md_rows(name: &str, rows: &[Row], header: bool) -> String {
     for r in rows {
         let (om, on, ratio) = ort_cells(r);
         s += &format!(
-            "| {name} | {} | {:.3} | {:.3} | {om} | {on} | {ratio} | {:.1} | {:.2} |\n",
+            "| {name} | {} | {} | {:.3} | {:.3} | {om} | {on} | {ratio} | {:.1} | {:.2} |\n",
+            r.backend,
             r.threads,
             r.median_ms,
             r.min_ms,
@@ -436,6 +620,7 @@ fn json(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> String {
         .iter()
         .map(|r| {
             serde_json::json!({
+                "backend": r.backend.to_string(),
                 "threads": r.threads,
                 "compile_ms": r.compile_ms,
                 "median_ms": r.median_ms,
@@ -454,7 +639,7 @@ fn json(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> String {
     let v = serde_json::json!({
         "model": name,
         "path": args.model.display().to_string(),
-        "backend": args.backend.to_string(),
+        "backend": args.backend.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
         "runs": args.runs,
         "warmup": args.warmup,
         "inputs": source,
@@ -480,8 +665,9 @@ fn profile_table(p: &Profile) -> String {
     let pct = |n: u64| 100.0 * n as f64 / total.max(1) as f64;
     let per_run_ms = |n: u64| n as f64 / runs.max(1) as f64 / 1e6;
     let mut s = format!(
-        "\nprofile ({} threads): {} kernels, {:.3} ms per run in kernels (mean of {runs} \
+        "\nprofile ({}, {} threads): {} kernels, {:.3} ms per run in kernels (mean of {runs} \
          profiled runs; the unprofiled median run is {:.3} ms)\n",
+        p.backend,
         p.threads,
         kernels.len(),
         per_run_ms(total),

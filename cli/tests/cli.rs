@@ -220,7 +220,7 @@ fn bench_reports_latency_per_thread_count_as_text_md_and_json() {
         "{out}"
     );
     assert!(
-        out.contains("profile (2 threads)") && out.contains("contraction"),
+        out.contains("profile (jit, 2 threads)") && out.contains("contraction"),
         "{out}"
     );
 
@@ -229,7 +229,7 @@ fn bench_reports_latency_per_thread_count_as_text_md_and_json() {
     let out = String::from_utf8_lossy(&o.stdout);
     let rows: Vec<&str> = out.lines().collect();
     assert_eq!(rows.len(), 3, "header, rule, one row: {out}");
-    assert!(rows[2].starts_with("| bert_tiny | 1 | "), "{out}");
+    assert!(rows[2].starts_with("| bert_tiny | jit | 1 | "), "{out}");
 
     let o = kiln(&[
         "bench",
@@ -281,6 +281,40 @@ fn bench_compares_with_onnx_runtime_when_the_venv_has_it() {
     let ort = &v["results"][0]["ort"];
     assert!(ort["median_ms"].as_f64().unwrap() > 0.0, "{v}");
     assert!(ort["ratio"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn bench_puts_the_aot_library_beside_the_jit() {
+    let o = kiln(&[
+        "bench",
+        &repo("examples/mlp/model.onnx"),
+        "--backend",
+        "jit,aot",
+        "--runs",
+        "2",
+        "--dim",
+        "batch=3",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let backends: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(backends, ["jit", "aot"], "{v}");
+    assert!(v["results"][1]["median_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let o = kiln(&[
+        "bench",
+        &repo("examples/mlp/model.onnx"),
+        "--backend",
+        "tpu",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("unknown backend `tpu`"), "{}", text(&o));
 }
 
 #[test]
