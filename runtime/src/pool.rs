@@ -4,6 +4,7 @@
 //! not depend on which thread ran it or when, so outputs are bit-identical for any schedule.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use thiserror::Error;
 
 /// Why a pool could not be made.
@@ -26,7 +27,28 @@ pub enum PoolError {
 #[derive(Clone)]
 pub struct Pool {
     threads: usize,
-    inner: Option<Arc<rayon::ThreadPool>>,
+    inner: Option<Arc<Workers>>,
+}
+
+/// The rayon pool and its worker threads, which are joined when the last [`Pool`] clone
+/// drops: a library (an AOT `.so`) must not leave threads running after its context is
+/// destroyed (valgrind reports their stacks, and an unloaded library's code would vanish
+/// under them).
+struct Workers {
+    pool: Option<rayon::ThreadPool>,
+    handles: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        // Dropping the rayon pool tells its workers to exit once idle; then wait for them.
+        drop(self.pool.take());
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
+        for h in handles {
+            // A worker that panicked has nothing left to clean up.
+            let _ = h.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -46,9 +68,23 @@ impl Pool {
         if threads == 1 {
             return Ok(Self::single());
         }
-        let inner = rayon::ThreadPoolBuilder::new()
+        let handles: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let spawned = handles.clone();
+        let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("kiln-worker-{i}"))
+            .spawn_handler(move |thread| {
+                let mut b = std::thread::Builder::new();
+                if let Some(name) = thread.name() {
+                    b = b.name(name.to_owned());
+                }
+                if let Some(size) = thread.stack_size() {
+                    b = b.stack_size(size);
+                }
+                let h = b.spawn(|| thread.run())?;
+                spawned.lock().unwrap_or_else(|e| e.into_inner()).push(h);
+                Ok(())
+            })
             .build()
             .map_err(|e| PoolError::Spawn {
                 threads,
@@ -56,7 +92,10 @@ impl Pool {
             })?;
         Ok(Pool {
             threads,
-            inner: Some(Arc::new(inner)),
+            inner: Some(Arc::new(Workers {
+                pool: Some(pool),
+                handles,
+            })),
         })
     }
 
@@ -93,7 +132,7 @@ impl Pool {
     /// result to be schedule-independent. Runs inline when `n <= 1` or the pool has one
     /// thread.
     pub fn parallel_for<F: Fn(usize) + Sync + Send>(&self, n: usize, f: F) {
-        match &self.inner {
+        match self.inner.as_ref().and_then(|w| w.pool.as_ref()) {
             Some(p) if n > 1 => {
                 use rayon::prelude::*;
                 p.install(|| (0..n).into_par_iter().with_max_len(1).for_each(&f));

@@ -12,8 +12,7 @@ use cranelift_module::{FuncId, Linkage, Module};
 use kiln_runtime::kernel::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use std::collections::HashMap;
 
-/// A compiled row function.
-pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
+pub use kiln_runtime::kernel::rows::RowFn;
 
 const LANES: i64 = 4;
 

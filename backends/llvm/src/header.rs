@@ -161,7 +161,7 @@ int64_t kiln_output_rank(const kiln_ctx *ctx, size_t i);
 int64_t kiln_input_dim(const kiln_ctx *ctx, size_t i, size_t axis);
 int64_t kiln_output_dim(const kiln_ctx *ctx, size_t i, size_t axis);
 
-/* Threads used by large loop kernels (0 = one per available CPU). */
+/* Threads used inside kernels (0 = one per physical core); not while this context runs. */
 int kiln_set_threads(kiln_ctx *ctx, size_t threads);
 
 /* Runs the model. inputs[i]: input i's data. input_dims: NULL when every input shape is

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod memory;
 pub mod par;
 pub mod partition;
+pub mod rows;
 
 pub use exec::{KernelTime, LoopRunner, ReferenceRunner, RunReport};
 pub use ir::{

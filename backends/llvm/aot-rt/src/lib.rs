@@ -15,7 +15,6 @@ use runner::{AotRunner, RowFn};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Status codes of the C ABI (mirrored in the generated header).
 #[repr(i32)]
@@ -196,12 +195,10 @@ unsafe fn create(
     }
     let inputs = io_info(&plan, &plan.graph.inputs);
     let outputs = io_info(&plan, &plan.graph.outputs);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runner = AotRunner::new(fns, 0)
+        .map_err(|e| (Status::Internal, format!("starting the thread pool: {e}")))?;
     Ok(Context {
-        runner: AotRunner {
-            fns,
-            threads: AtomicUsize::new(threads),
-        },
+        runner,
         plan,
         inputs,
         outputs,
@@ -380,24 +377,22 @@ pub unsafe extern "C" fn kiln_output_dim(ctx: *const Context, i: usize, axis: us
         .unwrap_or(-1)
 }
 
-/// Sets how many threads loop kernels use (0 = one per available CPU).
+/// Sets how many threads kernels use (0 = one per physical core). Not to be called while
+/// the same context is running.
 ///
 /// # Safety
 /// `ctx` must be a live context or null.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_set_threads(ctx: *mut Context, threads: usize) -> i32 {
     guard(|| {
-        let c = unsafe { ctx_ref(ctx) }.ok_or((
+        // SAFETY: per the contract.
+        let c = unsafe { ctx.as_mut() }.ok_or((
             Status::InvalidArgument,
             "kiln_set_threads: null context".into(),
         ))?;
-        let n = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
-        c.runner.threads.store(n, Ordering::Relaxed);
-        Ok(())
+        c.runner
+            .set_threads(threads)
+            .map_err(|e| (Status::Internal, format!("kiln_set_threads: {e}")))
     })
 }
 
