@@ -28,6 +28,8 @@ pub struct Plan {
     pub kernels: Vec<Kernel>,
     /// Values defined by `constant` nodes, evaluated once.
     pub constants: Vec<(ValueId, Tensor)>,
+    /// Memoised shape arithmetic (see [`super::memo`]), filled by runs.
+    pub(crate) memo: super::memo::ShapeMemo,
 }
 
 /// Whether an op is a contraction (a GEMM-backed kernel).
@@ -227,6 +229,7 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
         graph: g.clone(),
         kernels,
         constants,
+        memo: Default::default(),
     })
 }
 
