@@ -216,6 +216,79 @@ impl Plan {
                     }
                 }
             }
+            // A reshape-like op on a tensor this kernel reads last takes the buffer over:
+            // no copy at all. (Static kernels are left to the normal path, which records
+            // their values in the memo.)
+            if let (Kernel::Fallback(n), None) = (k, slot) {
+                let node = &g.nodes[*n];
+                if let (true, Some(&Some(x)), [o]) = (
+                    super::glue::is_view(node.op),
+                    node.inputs.first(),
+                    node.outputs.as_slice(),
+                ) {
+                    let owned_here =
+                        last_use[x.index()] == ki && matches!(env[x.index()], Some(Cow::Owned(_)));
+                    let shape = owned_here
+                        .then(|| {
+                            let ins: Vec<Option<&Tensor>> = node
+                                .inputs
+                                .iter()
+                                .map(|i| i.and_then(|i| env[i.index()].as_deref()))
+                                .collect();
+                            super::glue::movement_shape(node, &ins)
+                        })
+                        .flatten();
+                    let ty = g.ty(*o);
+                    let fits = |t: &Tensor, s: &[usize]| {
+                        t.dtype() == ty.dtype
+                            && ty.shape.admits(s)
+                            && s.iter().product::<usize>() == t.len()
+                    };
+                    if let (Some(shape), Some(Cow::Owned(t))) = (shape, env[x.index()].as_ref()) {
+                        if fits(t, &shape) {
+                            let started = report.as_ref().map(|_| Instant::now());
+                            let Some(Cow::Owned(t)) = env[x.index()].take() else {
+                                unreachable!("checked to be owned above")
+                            };
+                            let t = t.reshaped(shape).map_err(|msg| EvalError::Node {
+                                node: self.label(ki),
+                                op: node.op.name().to_string(),
+                                inputs: String::new(),
+                                msg,
+                            })?;
+                            if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
+                                r.kernels.push(KernelTime {
+                                    label: self.label(ki),
+                                    kind: "fallback",
+                                    op: node.op.name().to_string(),
+                                    nanos: t0.elapsed().as_nanos() as u64,
+                                });
+                            }
+                            if let Some(iv) = intervals.as_mut() {
+                                iv.push(super::memory::Interval {
+                                    value: *o,
+                                    bytes: t.len() * t.dtype().size(),
+                                    start: ki,
+                                    end: if g.outputs.contains(o) {
+                                        self.kernels.len()
+                                    } else if last_use[o.index()] == usize::MAX {
+                                        ki
+                                    } else {
+                                        last_use[o.index()]
+                                    },
+                                });
+                            }
+                            env[o.index()] = Some(Cow::Owned(t));
+                            each_use(k, &mut |v| {
+                                if last_use[v.index()] == ki {
+                                    env[v.index()] = None;
+                                }
+                            });
+                            continue;
+                        }
+                    }
+                }
+            }
             let ins_ids: Vec<Option<ValueId>> = match k {
                 Kernel::Loop(l) => l.inputs.iter().map(|i| Some(i.value)).collect(),
                 Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].inputs.clone(),

@@ -33,6 +33,15 @@ pub fn has_fast_path(op: OpKind) -> bool {
     )
 }
 
+/// Whether the op only renames its first input's elements under a new shape (see
+/// [`movement_shape`]), so the executor may hand the buffer over when it is the last use.
+pub fn is_view(op: OpKind) -> bool {
+    matches!(
+        op,
+        OpKind::Reshape | OpKind::Squeeze | OpKind::Unsqueeze | OpKind::Flatten | OpKind::Identity
+    )
+}
+
 /// The outputs of `node` computed natively, or `None` when it has no fast path here.
 pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
     let out = match node.op {
@@ -145,7 +154,7 @@ fn norm_axes(axes: &[i64], rank: usize) -> Option<Vec<usize>> {
 
 /// The output shape of the copy-only movement ops, following the interpreter's rules
 /// (`ir/src/ops/layout.rs`).
-fn movement_shape(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<usize>> {
+pub(crate) fn movement_shape(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<usize>> {
     let x = (*ins.first()?)?;
     let shape = x.shape();
     let rank = shape.len();
