@@ -40,6 +40,9 @@ fn tiny_models_match_reference_data_and_the_interpreter() {
             .map(|(n, t)| (n.as_str(), t.clone()))
             .collect();
         let got = exe.run_named(&ins).expect("jit run");
+        // The second run borrows memoised shape arithmetic; it must change nothing.
+        let again = exe.run_named(&ins).expect("second jit run");
+        assert_eq!(again, got, "{}: second run differs", m.display());
         let interp = kiln_ir::run_named(&g, &ins).expect("interpreter run");
         assert_eq!(got.len(), data.outputs.len());
         for (i, (_, want)) in data.outputs.iter().enumerate() {
