@@ -30,6 +30,11 @@ pub fn has_fast_path(op: OpKind) -> bool {
             | OpKind::InvStd
             | OpKind::InvRms
             | OpKind::Rotary
+            | OpKind::Where
+            | OpKind::And
+            | OpKind::Or
+            | OpKind::Xor
+            | OpKind::Pow
     )
 }
 
@@ -62,6 +67,11 @@ pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
         OpKind::InvStd => row_stat(ins, true)?,
         OpKind::InvRms => row_stat(ins, false)?,
         OpKind::Rotary => rotary(node, ins)?,
+        OpKind::Where => where_(ins)?,
+        OpKind::And => logical(ins, |a, b| a & b)?,
+        OpKind::Or => logical(ins, |a, b| a | b)?,
+        OpKind::Xor => logical(ins, |a, b| a ^ b)?,
+        OpKind::Pow => pow(ins)?,
         _ => return None,
     };
     Some(vec![out])
@@ -371,6 +381,90 @@ fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
     go::<f32>(x, &out, &st)
         .or_else(|| go::<i64>(x, &out, &st))
         .or_else(|| go::<bool>(x, &out, &st))
+}
+
+/// `where(c, a, b)` with a bool condition and numpy broadcasting of all three.
+fn where_(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let (c, a, b) = ((*ins.first()?)?, (*ins.get(1)?)?, (*ins.get(2)?)?);
+    let cv = c.as_slice::<bool>()?;
+    let out = kiln_ir::shape::broadcast_concrete(c.shape(), a.shape())?;
+    let out = kiln_ir::shape::broadcast_concrete(&out, b.shape())?;
+    let st = [
+        bcast_strides(c.shape(), &out)?,
+        bcast_strides(a.shape(), &out)?,
+        bcast_strides(b.shape(), &out)?,
+    ];
+    fn go<T: Elem>(
+        cv: &[bool],
+        a: &Tensor,
+        b: &Tensor,
+        out: &[usize],
+        st: &[Vec<usize>; 3],
+    ) -> Option<Tensor> {
+        let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
+        let n = out.iter().try_fold(1usize, |x, &y| x.checked_mul(y))?;
+        let inner = out.last().copied().unwrap_or(1);
+        let s: [usize; 3] = std::array::from_fn(|i| st[i].last().copied().unwrap_or(0));
+        let mut v = Vec::with_capacity(n);
+        for_each_row(out, &[&st[0], &st[1], &st[2]], |off| {
+            v.extend((0..inner).map(|j| {
+                if cv[off[0] + j * s[0]] {
+                    av[off[1] + j * s[1]]
+                } else {
+                    bv[off[2] + j * s[2]]
+                }
+            }));
+        });
+        Some(Tensor::from_vec(out.to_vec(), v))
+    }
+    go::<f32>(cv, a, b, &out, &st)
+        .or_else(|| go::<i64>(cv, a, b, &out, &st))
+        .or_else(|| go::<bool>(cv, a, b, &out, &st))
+}
+
+/// A bool binary op with numpy broadcasting.
+fn logical(ins: &[Option<&Tensor>], f: fn(bool, bool) -> bool) -> Option<Tensor> {
+    let (a, b) = ((*ins.first()?)?, (*ins.get(1)?)?);
+    let (av, bv) = (a.as_slice::<bool>()?, b.as_slice::<bool>()?);
+    let out = kiln_ir::shape::broadcast_concrete(a.shape(), b.shape())?;
+    let (sa, sb) = (
+        bcast_strides(a.shape(), &out)?,
+        bcast_strides(b.shape(), &out)?,
+    );
+    let n = out.iter().try_fold(1usize, |x, &y| x.checked_mul(y))?;
+    let inner = out.last().copied().unwrap_or(1);
+    let (ia, ib) = (
+        sa.last().copied().unwrap_or(0),
+        sb.last().copied().unwrap_or(0),
+    );
+    let mut v = Vec::with_capacity(n);
+    for_each_row(&out, &[&sa, &sb], |off| {
+        v.extend((0..inner).map(|j| f(av[off[0] + j * ia], bv[off[1] + j * ib])));
+    });
+    Some(Tensor::from_vec(out, v))
+}
+
+/// `pow(x, e)` for f32 x and a single-element f32 exponent of 2 (`x·x`) or 0.5
+/// (`sqrt`); both round exactly as the f64 reference does (a product and a square root
+/// are correctly rounded, and f64 leaves room for no double-rounding error).
+fn pow(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let (x, e) = ((*ins.first()?)?, (*ins.get(1)?)?);
+    let xv = x.as_slice::<f32>()?;
+    let [ev] = e.as_slice::<f32>()? else {
+        return None;
+    };
+    // The exponent must not widen x's shape.
+    if e.rank() > x.rank() {
+        return None;
+    }
+    let v: Vec<f32> = if *ev == 2.0 {
+        xv.iter().map(|&a| a * a).collect()
+    } else if *ev == 0.5 {
+        xv.iter().map(|&a| a.sqrt()).collect()
+    } else {
+        return None;
+    };
+    Some(Tensor::from_vec(x.shape().to_vec(), v))
 }
 
 /// Sum of `f(x)` over `row` in f32 lanes per [`STAT_BLOCK`], blocks accumulated in f64.
@@ -739,6 +833,94 @@ mod tests {
             let ins = [Some(&x), Some(&t)];
             let got = run_fast(&n, &ins).expect("fast path").remove(0);
             assert_eq!(got, reference(&n, &ins), "{xs:?} -> {target:?}");
+        }
+    }
+
+    /// A random shape that broadcasts to `out` (a suffix, some dims bound to 1).
+    fn rand_bcast(rng: &mut StdRng, out: &[usize]) -> Vec<usize> {
+        let keep = rng.gen_range(0..=out.len());
+        out[out.len() - keep..]
+            .iter()
+            .map(|&d| if rng.gen_bool(0.4) { 1 } else { d })
+            .collect()
+    }
+
+    fn rand_bool(rng: &mut StdRng, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(shape.to_vec(), (0..n).map(|_| rng.gen_bool(0.5)).collect())
+    }
+
+    #[test]
+    fn where_logical_and_pow_match_the_interpreter() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for case in 0..CASES {
+            let out = rand_shape(&mut rng);
+            let (cs, as_, bs) = (
+                rand_bcast(&mut rng, &out),
+                rand_bcast(&mut rng, &out),
+                rand_bcast(&mut rng, &out),
+            );
+            let c = rand_bool(&mut rng, &cs);
+            let mut a = rand_f32(&mut rng, &as_);
+            if case % 4 == 0 {
+                let mut v = a.as_slice::<f32>().unwrap().to_vec();
+                v[0] = f32::NAN;
+                a = Tensor::from_vec(as_.clone(), v);
+            }
+            let b = rand_f32(&mut rng, &bs);
+            let n = node(OpKind::Where, Attrs::new(), 3);
+            let ins = [Some(&c), Some(&a), Some(&b)];
+            let got = run_fast(&n, &ins).expect("fast path").remove(0);
+            assert_close(
+                &got,
+                &reference(&n, &ins),
+                |_| 0.0,
+                &format!("where {cs:?} {as_:?} {bs:?}"),
+            );
+            let (ai, bi) = (
+                Tensor::from_vec(as_.clone(), (0..a.len() as i64).collect::<Vec<_>>()),
+                Tensor::from_vec(
+                    bs.clone(),
+                    (0..b.len() as i64).map(|i| -i).collect::<Vec<_>>(),
+                ),
+            );
+            let ins = [Some(&c), Some(&ai), Some(&bi)];
+            assert_eq!(
+                run_fast(&n, &ins).expect("fast path")[0],
+                reference(&n, &ins)
+            );
+            let (p, q) = (rand_bool(&mut rng, &as_), rand_bool(&mut rng, &bs));
+            for op in [OpKind::And, OpKind::Or, OpKind::Xor] {
+                let n = node(op, Attrs::new(), 2);
+                let ins = [Some(&p), Some(&q)];
+                assert_eq!(
+                    run_fast(&n, &ins).expect("fast path")[0],
+                    reference(&n, &ins),
+                    "{op:?}"
+                );
+            }
+            let x = rand_f32(&mut rng, &out);
+            let x = Tensor::from_vec(
+                out.clone(),
+                x.as_slice::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v * 1e3)
+                    .collect(),
+            );
+            for (e, fast) in [(2.0f32, true), (0.5, true), (3.0, false)] {
+                let et = Tensor::scalar(e);
+                let n = node(OpKind::Pow, Attrs::new(), 2);
+                let ins = [Some(&x), Some(&et)];
+                match run_fast(&n, &ins) {
+                    Some(got) => {
+                        assert!(fast, "pow {e} should fall back");
+                        // Exact: NaN (sqrt of a negative) matches only NaN.
+                        assert_close(&got[0], &reference(&n, &ins), |_| 0.0, &format!("pow {e}"));
+                    }
+                    None => assert!(!fast, "pow {e} should be native"),
+                }
+            }
         }
     }
 
