@@ -371,7 +371,7 @@ fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
         for_each_row(out, &[st], |off| {
             let o = off[0];
             if step == 0 {
-                v.extend(std::iter::repeat(src[o]).take(inner));
+                v.extend(std::iter::repeat_n(src[o], inner));
             } else {
                 v.extend_from_slice(&src[o..o + inner]);
             }

@@ -76,12 +76,15 @@ pub(crate) struct Entry {
     pub seen: Vec<Vec<usize>>,
 }
 
+/// Memo entries with their keys (the graph inputs' shapes).
+type Entries = Vec<(Vec<Vec<usize>>, Arc<Entry>)>;
+
 /// A plan's memo of static values, keyed by the graph inputs' shapes. Cloning a plan
 /// gives the clone an empty memo.
 #[derive(Default)]
 pub struct ShapeMemo {
     statics: OnceLock<Statics>,
-    entries: Mutex<Vec<(Vec<Vec<usize>>, Arc<Entry>)>>,
+    entries: Mutex<Entries>,
 }
 
 impl Clone for ShapeMemo {
