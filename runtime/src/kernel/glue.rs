@@ -35,6 +35,7 @@ pub fn has_fast_path(op: OpKind) -> bool {
             | OpKind::Or
             | OpKind::Xor
             | OpKind::Pow
+            | OpKind::Split
     )
 }
 
@@ -51,6 +52,7 @@ pub fn is_view(op: OpKind) -> bool {
 pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
     let out = match node.op {
         OpKind::Transpose => return transpose(node, ins),
+        OpKind::Split => return split(node, ins),
         OpKind::Gather => gather(node, ins)?,
         OpKind::Expand => expand(ins)?,
         OpKind::Reshape
@@ -381,6 +383,63 @@ fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
     go::<f32>(x, &out, &st)
         .or_else(|| go::<i64>(x, &out, &st))
         .or_else(|| go::<bool>(x, &out, &st))
+}
+
+/// `split` along an axis into sizes from the `split` input, or `num_outputs` chunks of
+/// `ceil(n / k)` with the last one smaller: contiguous blocks copied per outer index.
+fn split(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
+    let x = (*ins.first()?)?;
+    let shape = x.shape();
+    let a = norm_axis(node.attrs.int_or("axis", 0).ok()?, shape.len())?;
+    let n = shape[a];
+    let sizes: Vec<usize> = match ins.get(1).copied().flatten() {
+        Some(s) => int_values(s)?
+            .into_iter()
+            .map(|v| usize::try_from(v).ok())
+            .collect::<Option<_>>()?,
+        None => {
+            let k = usize::try_from(node.attrs.int("num_outputs").ok()??).ok()?;
+            if k == 0 {
+                return None;
+            }
+            let c = n.div_ceil(k);
+            let rest = n.checked_sub(c * (k - 1))?;
+            let mut v = vec![c; k - 1];
+            v.push(rest);
+            v
+        }
+    };
+    if sizes.iter().try_fold(0usize, |s, &b| s.checked_add(b)) != Some(n) {
+        return None;
+    }
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product();
+    fn go<T: Elem>(
+        x: &Tensor,
+        sizes: &[usize],
+        a: usize,
+        (outer, n, inner): (usize, usize, usize),
+    ) -> Option<Vec<Tensor>> {
+        let src = x.as_slice::<T>()?;
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(sizes.len());
+        for &len in sizes {
+            let mut v = Vec::with_capacity(outer * len * inner);
+            for o in 0..outer {
+                let base = (o * n + start) * inner;
+                v.extend_from_slice(&src[base..base + len * inner]);
+            }
+            let mut sh = x.shape().to_vec();
+            sh[a] = len;
+            outs.push(Tensor::from_vec(sh, v));
+            start += len;
+        }
+        Some(outs)
+    }
+    let dims = (outer, n, inner);
+    go::<f32>(x, &sizes, a, dims)
+        .or_else(|| go::<i64>(x, &sizes, a, dims))
+        .or_else(|| go::<bool>(x, &sizes, a, dims))
 }
 
 /// `where(c, a, b)` with a bool condition and numpy broadcasting of all three.
@@ -922,6 +981,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn split_matches_the_interpreter() {
+        let mut rng = StdRng::seed_from_u64(17);
+        for case in 0..CASES {
+            let shape = rand_shape(&mut rng);
+            let x = rand_f32(&mut rng, &shape);
+            let axis = rng.gen_range(0..shape.len());
+            let n = shape[axis];
+            let (attrs, sizes) = if case % 2 == 0 {
+                let k = rng.gen_range(1..=n);
+                (
+                    Attrs::new()
+                        .with("axis", Attr::Int(axis as i64))
+                        .with("num_outputs", Attr::Int(k as i64)),
+                    None,
+                )
+            } else {
+                let cut = rng.gen_range(0..=n);
+                (
+                    Attrs::new().with("axis", Attr::Int(axis as i64 - shape.len() as i64)),
+                    Some(Tensor::from_vec(
+                        vec![2],
+                        vec![cut as i64, (n - cut) as i64],
+                    )),
+                )
+            };
+            let nd = node(
+                OpKind::Split,
+                attrs.clone(),
+                if sizes.is_some() { 2 } else { 1 },
+            );
+            let ins = [Some(&x), sizes.as_ref()];
+            let ins = &ins[..nd.inputs.len()];
+            let want = kiln_ir::ops::eval(OpKind::Split, &attrs, ins);
+            match (run_fast(&nd, ins), want) {
+                (Some(got), Ok(want)) => assert_eq!(got, want, "{shape:?} {attrs:?}"),
+                // ceil-sized chunks may not fit (e.g. 4 into 3): both decline.
+                (None, Err(_)) => {}
+                (got, want) => panic!("{shape:?} {attrs:?}: fast {got:?} vs {want:?}"),
+            }
+        }
+        let x = Tensor::from_vec(vec![4], vec![0f32; 4]);
+        let bad = Tensor::from_vec(vec![2], vec![1i64, 2]);
+        let nd = node(OpKind::Split, Attrs::new(), 2);
+        assert!(run_fast(&nd, &[Some(&x), Some(&bad)]).is_none());
     }
 
     #[test]
