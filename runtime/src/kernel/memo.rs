@@ -17,6 +17,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Entries kept per plan (distinct input-shape sets), oldest dropped first.
 const MEMO_ENTRIES: usize = 8;
 
+/// An entry whose static values exceed this many bytes is not kept (shape arithmetic is
+/// tiny; a huge `constant_of_shape` should not be pinned in memory per input shape).
+const MEMO_MAX_BYTES: usize = 64 << 20;
+
 /// Deterministic ops that may be static. Nothing random, nothing with a subgraph.
 const STATIC_OPS: &[OpKind] = &[
     OpKind::Gather,
@@ -119,6 +123,15 @@ impl ShapeMemo {
 
     /// Records an entry for these graph-input shapes, replacing any with the same key.
     pub(crate) fn store(&self, key: Vec<Vec<usize>>, entry: Entry) {
+        let bytes: usize = entry
+            .outs
+            .iter()
+            .flatten()
+            .map(|t| t.len() * t.dtype().size())
+            .sum();
+        if bytes > MEMO_MAX_BYTES {
+            return;
+        }
         if let Ok(mut e) = self.entries.lock() {
             e.retain(|(k, _)| *k != key);
             if e.len() >= MEMO_ENTRIES {
