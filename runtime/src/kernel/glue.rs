@@ -36,6 +36,8 @@ pub fn has_fast_path(op: OpKind) -> bool {
             | OpKind::Xor
             | OpKind::Pow
             | OpKind::Split
+            | OpKind::Sin
+            | OpKind::Cos
     )
 }
 
@@ -74,6 +76,8 @@ pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
         OpKind::Or => logical(ins, |a, b| a | b)?,
         OpKind::Xor => logical(ins, |a, b| a ^ b)?,
         OpKind::Pow => pow(ins)?,
+        OpKind::Sin => unary_f64(ins, f64::sin)?,
+        OpKind::Cos => unary_f64(ins, f64::cos)?,
         _ => return None,
     };
     Some(vec![out])
@@ -440,6 +444,18 @@ fn split(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
     go::<f32>(x, &sizes, a, dims)
         .or_else(|| go::<i64>(x, &sizes, a, dims))
         .or_else(|| go::<bool>(x, &sizes, a, dims))
+}
+
+/// An f32 unary op evaluated in f64 and rounded once, exactly as the reference does, but
+/// in one pass without the f64 copies.
+fn unary_f64(ins: &[Option<&Tensor>], f: fn(f64) -> f64) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let v: Vec<f32> = x
+        .as_slice::<f32>()?
+        .iter()
+        .map(|&a| f(f64::from(a)) as f32)
+        .collect();
+    Some(Tensor::from_vec(x.shape().to_vec(), v))
 }
 
 /// `where(c, a, b)` with a bool condition and numpy broadcasting of all three.
@@ -980,6 +996,29 @@ mod tests {
                     None => assert!(!fast, "pow {e} should be native"),
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sin_and_cos_match_the_interpreter_exactly() {
+        let mut rng = StdRng::seed_from_u64(19);
+        let shape = [3, 7, 5];
+        let mut x = rand_f32(&mut rng, &shape);
+        let mut v: Vec<f32> = x
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|a| a * 400.0)
+            .collect();
+        v[0] = f32::NAN;
+        v[1] = f32::INFINITY;
+        v[2] = -0.0;
+        x = Tensor::from_vec(shape.to_vec(), v);
+        for op in [OpKind::Sin, OpKind::Cos] {
+            let n = node(op, Attrs::new(), 1);
+            let ins = [Some(&x)];
+            let got = run_fast(&n, &ins).expect("fast path").remove(0);
+            assert_close(&got, &reference(&n, &ins), |_| 0.0, &format!("{op:?}"));
         }
     }
 
