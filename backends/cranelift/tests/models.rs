@@ -112,6 +112,9 @@ fn check_set(set: &str, with_interpreter: bool) {
             .map(|(n, t)| (n.as_str(), t.clone()))
             .collect();
         let got = exe.run_named(&ins).expect("jit run");
+        // The second run borrows memoised shape arithmetic; it must change nothing.
+        let again = exe.run_named(&ins).expect("second jit run");
+        assert_eq!(again, got, "{}: second run differs", m.display());
         assert_eq!(got.len(), data.outputs.len());
         for (i, (_, want)) in data.outputs.iter().enumerate() {
             let r = compare(&got[i], want, MODEL_TOLERANCE);

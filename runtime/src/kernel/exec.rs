@@ -129,6 +129,25 @@ impl Plan {
                 known: format!("{} inputs", g.inputs.len()),
             });
         }
+        // Static shape arithmetic comes from the memo when an entry for these input shapes
+        // exists (validated kernel by kernel); otherwise this run records one.
+        let statics = self.memo.statics(self);
+        let memo_key: Vec<Vec<usize>> = if statics.count > 0 {
+            inputs.iter().map(|t| t.shape().to_vec()).collect()
+        } else {
+            Vec::new()
+        };
+        let memo_entry = if statics.count > 0 {
+            self.memo.lookup(&memo_key)
+        } else {
+            None
+        };
+        let mut memo_live = memo_entry.is_some();
+        let mut memo_rec: Option<super::memo::Entry> = (statics.count > 0 && memo_entry.is_none())
+            .then(|| super::memo::Entry {
+                outs: vec![Vec::new(); statics.count],
+                seen: vec![Vec::new(); statics.count],
+            });
         // Constants (the weights) are borrowed from the plan, never copied per run.
         let mut env: Vec<Option<Cow<'_, Tensor>>> = vec![None; g.values.len()];
         let mut bindings = HashMap::new();
@@ -157,6 +176,126 @@ impl Plan {
         // Lifetimes of the values kernels produce, for the memory plan of a reported run.
         let mut intervals = report.as_ref().map(|_| Vec::new());
         for (ki, k) in self.kernels.iter().enumerate() {
+            let slot = statics.slot[ki];
+            if let (Some(s), Kernel::Fallback(n)) = (slot, k) {
+                let node = &g.nodes[*n];
+                let seen = |env: &[Option<Cow<'_, Tensor>>]| {
+                    node.inputs
+                        .first()
+                        .copied()
+                        .flatten()
+                        .and_then(|v| env[v.index()].as_deref())
+                        .map(|t| t.shape().to_vec())
+                        .unwrap_or_default()
+                };
+                if let (true, Some(e)) = (memo_live, memo_entry.as_deref()) {
+                    if !super::memo::reads_shape_only(node.op) || seen(&env) == e.seen[s] {
+                        let started = report.as_ref().map(|_| Instant::now());
+                        for (t, &o) in e.outs[s].iter().zip(&node.outputs) {
+                            env[o.index()] = Some(Cow::Borrowed(t));
+                        }
+                        if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
+                            r.kernels.push(KernelTime {
+                                label: self.label(ki),
+                                kind: "memo",
+                                op: node.op.name().to_string(),
+                                nanos: t0.elapsed().as_nanos() as u64,
+                            });
+                        }
+                        each_use(k, &mut |v| {
+                            if last_use[v.index()] == ki {
+                                env[v.index()] = None;
+                            }
+                        });
+                        continue;
+                    }
+                    // A shape differs: compute the rest, recording a fresh entry that keeps
+                    // the (validated) values before this kernel.
+                    memo_live = false;
+                    memo_rec = Some(super::memo::Entry {
+                        outs: e.outs.clone(),
+                        seen: e.seen.clone(),
+                    });
+                }
+                if let Some(rec) = memo_rec.as_mut() {
+                    if super::memo::reads_shape_only(node.op) {
+                        rec.seen[s] = seen(&env);
+                    }
+                }
+            }
+            // A reshape-like op on a tensor this kernel reads last takes the buffer over:
+            // no copy at all. (Static kernels are left to the normal path, which records
+            // their values in the memo.)
+            if let (Kernel::Fallback(n), None) = (k, slot) {
+                let node = &g.nodes[*n];
+                if let (true, Some(&Some(x)), [o]) = (
+                    super::glue::is_view(node.op),
+                    node.inputs.first(),
+                    node.outputs.as_slice(),
+                ) {
+                    let owned_here =
+                        last_use[x.index()] == ki && matches!(env[x.index()], Some(Cow::Owned(_)));
+                    let shape = owned_here
+                        .then(|| {
+                            let ins: Vec<Option<&Tensor>> = node
+                                .inputs
+                                .iter()
+                                .map(|i| i.and_then(|i| env[i.index()].as_deref()))
+                                .collect();
+                            super::glue::movement_shape(node, &ins)
+                        })
+                        .flatten();
+                    let ty = g.ty(*o);
+                    let fits = |t: &Tensor, s: &[usize]| {
+                        t.dtype() == ty.dtype
+                            && ty.shape.admits(s)
+                            && s.iter().product::<usize>() == t.len()
+                    };
+                    if let (Some(shape), Some(Cow::Owned(t))) = (shape, env[x.index()].as_ref()) {
+                        if fits(t, &shape) {
+                            let started = report.as_ref().map(|_| Instant::now());
+                            let Some(Cow::Owned(t)) = env[x.index()].take() else {
+                                unreachable!("checked to be owned above")
+                            };
+                            let t = t.reshaped(shape).map_err(|msg| EvalError::Node {
+                                node: self.label(ki),
+                                op: node.op.name().to_string(),
+                                inputs: String::new(),
+                                msg,
+                            })?;
+                            if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
+                                r.kernels.push(KernelTime {
+                                    label: self.label(ki),
+                                    kind: "fallback",
+                                    op: node.op.name().to_string(),
+                                    nanos: t0.elapsed().as_nanos() as u64,
+                                });
+                            }
+                            if let Some(iv) = intervals.as_mut() {
+                                iv.push(super::memory::Interval {
+                                    value: *o,
+                                    bytes: t.len() * t.dtype().size(),
+                                    start: ki,
+                                    end: if g.outputs.contains(o) {
+                                        self.kernels.len()
+                                    } else if last_use[o.index()] == usize::MAX {
+                                        ki
+                                    } else {
+                                        last_use[o.index()]
+                                    },
+                                });
+                            }
+                            env[o.index()] = Some(Cow::Owned(t));
+                            each_use(k, &mut |v| {
+                                if last_use[v.index()] == ki {
+                                    env[v.index()] = None;
+                                }
+                            });
+                            continue;
+                        }
+                    }
+                }
+            }
             let ins_ids: Vec<Option<ValueId>> = match k {
                 Kernel::Loop(l) => l.inputs.iter().map(|i| Some(i.value)).collect(),
                 Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].inputs.clone(),
@@ -263,6 +402,9 @@ impl Plan {
                     });
                 }
             }
+            if let (Some(s), Some(rec)) = (slot, memo_rec.as_mut()) {
+                rec.outs[s] = outs.clone();
+            }
             for (t, o) in outs.into_iter().zip(out_ids) {
                 env[o.index()] = Some(Cow::Owned(t));
             }
@@ -271,6 +413,9 @@ impl Plan {
                     env[v.index()] = None;
                 }
             });
+        }
+        if let Some(rec) = memo_rec {
+            self.memo.store(memo_key, rec);
         }
         if let (Some(r), Some(iv)) = (report, intervals) {
             r.memory = super::memory::plan(&iv);

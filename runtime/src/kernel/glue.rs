@@ -1,21 +1,86 @@
-//! Native fast paths for data-movement ops the partitioner leaves as fallbacks (today:
-//! f32 `transpose`), so glue between kernels costs a copy, not the interpreter's per-element
-//! index map. Anything unusual (other dtypes, bad attributes) returns `None` and runs
-//! through the interpreter, which also reports the errors.
+//! Native fast paths for ops the partitioner leaves as fallbacks: data movement (f32
+//! `transpose`, `gather`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
+//! `flatten`/`identity`/`shape`) and the fused row ops `inv_std`/`inv_rms`/`rotary` in f32,
+//! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
+//! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
+//! indices) returns `None` and runs through the interpreter, which defines the semantics
+//! and reports the errors (naming the node, through the executor).
 
-use kiln_ir::{Node, OpKind, Tensor};
+use kiln_ir::{Elem, Node, OpKind, Tensor};
+
+/// Elements per block of the row statistics: summed in f32 lanes, blocks added in f64, so
+/// the rounding error stays near the f64 reference's for rows of any length.
+const STAT_BLOCK: usize = 64;
+/// f32 lanes of the row statistics' block sums (a vector register's worth).
+const STAT_LANES: usize = 8;
 
 /// Whether ops of this kind may have a fast path (see [`run_fast`]).
 pub fn has_fast_path(op: OpKind) -> bool {
-    matches!(op, OpKind::Transpose)
+    matches!(
+        op,
+        OpKind::Transpose
+            | OpKind::Gather
+            | OpKind::Expand
+            | OpKind::Reshape
+            | OpKind::Squeeze
+            | OpKind::Unsqueeze
+            | OpKind::Flatten
+            | OpKind::Identity
+            | OpKind::Shape
+            | OpKind::InvStd
+            | OpKind::InvRms
+            | OpKind::Rotary
+            | OpKind::Where
+            | OpKind::And
+            | OpKind::Or
+            | OpKind::Xor
+            | OpKind::Pow
+            | OpKind::Split
+            | OpKind::Sin
+            | OpKind::Cos
+    )
+}
+
+/// Whether the op only renames its first input's elements under a new shape (see
+/// [`movement_shape`]), so the executor may hand the buffer over when it is the last use.
+pub fn is_view(op: OpKind) -> bool {
+    matches!(
+        op,
+        OpKind::Reshape | OpKind::Squeeze | OpKind::Unsqueeze | OpKind::Flatten | OpKind::Identity
+    )
 }
 
 /// The outputs of `node` computed natively, or `None` when it has no fast path here.
 pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
-    match node.op {
-        OpKind::Transpose => transpose(node, ins),
-        _ => None,
-    }
+    let out = match node.op {
+        OpKind::Transpose => return transpose(node, ins),
+        OpKind::Split => return split(node, ins),
+        OpKind::Gather => gather(node, ins)?,
+        OpKind::Expand => expand(ins)?,
+        OpKind::Reshape
+        | OpKind::Squeeze
+        | OpKind::Unsqueeze
+        | OpKind::Flatten
+        | OpKind::Identity => {
+            let x = (*ins.first()?)?;
+            let shape = movement_shape(node, ins)?;
+            // The same elements under a new shape: one memcpy, no index map.
+            x.clone().reshaped(shape).ok()?
+        }
+        OpKind::Shape => shape_of(node, ins)?,
+        OpKind::InvStd => row_stat(ins, true)?,
+        OpKind::InvRms => row_stat(ins, false)?,
+        OpKind::Rotary => rotary(node, ins)?,
+        OpKind::Where => where_(ins)?,
+        OpKind::And => logical(ins, |a, b| a & b)?,
+        OpKind::Or => logical(ins, |a, b| a | b)?,
+        OpKind::Xor => logical(ins, |a, b| a ^ b)?,
+        OpKind::Pow => pow(ins)?,
+        OpKind::Sin => unary_f64(ins, f64::sin)?,
+        OpKind::Cos => unary_f64(ins, f64::cos)?,
+        _ => return None,
+    };
+    Some(vec![out])
 }
 
 fn transpose(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
@@ -72,6 +137,508 @@ fn transpose(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
         }
     }
     Some(vec![Tensor::from_vec(out_shape, out)])
+}
+
+/// An integer tensor's values (i64 or i32), as the shape-like inputs carry them.
+fn int_values(t: &Tensor) -> Option<Vec<i64>> {
+    if let Some(v) = t.as_slice::<i64>() {
+        return Some(v.to_vec());
+    }
+    t.as_slice::<i32>()
+        .map(|v| v.iter().map(|&x| i64::from(x)).collect())
+}
+
+/// `a` normalised against `rank` (negative counts from the end), if in range.
+fn norm_axis(a: i64, rank: usize) -> Option<usize> {
+    let r = i64::try_from(rank).ok()?;
+    let n = if a < 0 { a + r } else { a };
+    (0..r).contains(&n).then_some(n as usize)
+}
+
+/// Distinct normalised axes, or `None` (the interpreter reports the error).
+fn norm_axes(axes: &[i64], rank: usize) -> Option<Vec<usize>> {
+    let mut out = Vec::with_capacity(axes.len());
+    for &a in axes {
+        let n = norm_axis(a, rank)?;
+        if out.contains(&n) {
+            return None;
+        }
+        out.push(n);
+    }
+    Some(out)
+}
+
+/// The output shape of the copy-only movement ops, following the interpreter's rules
+/// (`ir/src/ops/layout.rs`).
+pub(crate) fn movement_shape(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<usize>> {
+    let x = (*ins.first()?)?;
+    let shape = x.shape();
+    let rank = shape.len();
+    match node.op {
+        OpKind::Identity => Some(shape.to_vec()),
+        OpKind::Reshape => {
+            let target = int_values((*ins.get(1)?)?)?;
+            let allowzero = node.attrs.int_or("allowzero", 0).ok()? != 0;
+            let mut out = Vec::with_capacity(target.len());
+            let mut infer_at = None;
+            for (i, &t) in target.iter().enumerate() {
+                out.push(match t {
+                    -1 => {
+                        if infer_at.replace(i).is_some() {
+                            return None;
+                        }
+                        1
+                    }
+                    0 if !allowzero => *shape.get(i)?,
+                    t => usize::try_from(t).ok()?,
+                });
+            }
+            if allowzero && infer_at.is_some() && target.contains(&0) {
+                return None;
+            }
+            let total = x.len();
+            let known = out.iter().try_fold(1usize, |a, &b| a.checked_mul(b))?;
+            if let Some(i) = infer_at {
+                if known == 0 || total % known != 0 {
+                    return None;
+                }
+                out[i] = total / known;
+            } else if known != total {
+                return None;
+            }
+            Some(out)
+        }
+        OpKind::Flatten => {
+            let a = node.attrs.int_or("axis", 1).ok()?;
+            let r = i64::try_from(rank).ok()?;
+            let a = if a < 0 { a + r } else { a };
+            if !(0..=r).contains(&a) {
+                return None;
+            }
+            let a = a as usize;
+            Some(vec![
+                shape[..a].iter().product(),
+                shape[a..].iter().product(),
+            ])
+        }
+        OpKind::Squeeze => match ins.get(1).copied().flatten() {
+            None => Some(shape.iter().copied().filter(|&d| d != 1).collect()),
+            Some(a) => {
+                let axes = norm_axes(&int_values(a)?, rank)?;
+                if axes.iter().any(|&a| shape[a] != 1) {
+                    return None;
+                }
+                Some(
+                    (0..rank)
+                        .filter(|i| !axes.contains(i))
+                        .map(|i| shape[i])
+                        .collect(),
+                )
+            }
+        },
+        OpKind::Unsqueeze => {
+            let axes = int_values((*ins.get(1)?)?)?;
+            let out_rank = rank + axes.len();
+            let axes = norm_axes(&axes, out_rank)?;
+            let mut src = shape.iter();
+            (0..out_rank)
+                .map(|i| {
+                    if axes.contains(&i) {
+                        Some(1)
+                    } else {
+                        src.next().copied()
+                    }
+                })
+                .collect()
+        }
+        _ => None,
+    }
+}
+
+/// `shape(x)` with the optional `start`/`end` attributes (clamped, as ONNX says).
+fn shape_of(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let r = i64::try_from(x.rank()).ok()?;
+    let clamp = |v: i64| (if v < 0 { v.saturating_add(r) } else { v }).clamp(0, r) as usize;
+    let s = clamp(node.attrs.int_or("start", 0).ok()?);
+    let e = clamp(node.attrs.int_or("end", r).ok()?).max(s);
+    let v: Vec<i64> = x.shape()[s..e].iter().map(|&d| d as i64).collect();
+    Some(Tensor::from_vec(vec![v.len()], v))
+}
+
+/// `gather` along any axis for f32/i64/i32/bool data: whole inner blocks copied per index
+/// (the embedding lookup is one row memcpy per token). Indices are normalised per ONNX
+/// (negative counts from the end); an out-of-range one returns `None`, so the interpreter
+/// reports it against the node.
+fn gather(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let ind = (*ins.get(1)?)?;
+    let shape = x.shape();
+    let a = norm_axis(node.attrs.int_or("axis", 0).ok()?, shape.len())?;
+    let n = shape[a];
+    let ni = i64::try_from(n).ok()?;
+    let idx: Vec<usize> = int_values(ind)?
+        .into_iter()
+        .map(|i| {
+            let j = if i < 0 { i + ni } else { i };
+            (0..ni).contains(&j).then_some(j as usize)
+        })
+        .collect::<Option<_>>()?;
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product();
+    let mut out = shape[..a].to_vec();
+    out.extend_from_slice(ind.shape());
+    out.extend_from_slice(&shape[a + 1..]);
+    fn go<T: Elem>(
+        x: &Tensor,
+        idx: &[usize],
+        (outer, n, inner): (usize, usize, usize),
+        out: &[usize],
+    ) -> Option<Tensor> {
+        let src = x.as_slice::<T>()?;
+        let mut v = Vec::with_capacity(outer.checked_mul(idx.len())?.checked_mul(inner)?);
+        for o in 0..outer {
+            for &i in idx {
+                let base = (o * n + i) * inner;
+                v.extend_from_slice(&src[base..base + inner]);
+            }
+        }
+        Some(Tensor::from_vec(out.to_vec(), v))
+    }
+    let dims = (outer, n, inner);
+    go::<f32>(x, &idx, dims, &out)
+        .or_else(|| go::<i64>(x, &idx, dims, &out))
+        .or_else(|| go::<i32>(x, &idx, dims, &out))
+        .or_else(|| go::<bool>(x, &idx, dims, &out))
+}
+
+/// Strides of `shape` read at the broadcast shape `out` (right-aligned; 0 on a broadcast
+/// axis), or `None` when `shape` does not broadcast to `out`.
+fn bcast_strides(shape: &[usize], out: &[usize]) -> Option<Vec<usize>> {
+    let lead = out.len().checked_sub(shape.len())?;
+    let st = kiln_ir::tensor::strides(shape);
+    let mut s = vec![0; out.len()];
+    for (i, (&d, &o)) in shape.iter().zip(&out[lead..]).enumerate() {
+        if d == o {
+            s[lead + i] = if d == 1 { 0 } else { st[i] };
+        } else if d != 1 {
+            return None;
+        }
+    }
+    Some(s)
+}
+
+/// Visits every row (last axis) of `out` in order, passing each input's offset of the row's
+/// first element. `strides` are the inputs' [`bcast_strides`].
+fn for_each_row(out: &[usize], strides: &[&[usize]], mut f: impl FnMut(&[usize])) {
+    let Some((_, lead)) = out.split_last() else {
+        f(&vec![0; strides.len()]);
+        return;
+    };
+    if out.contains(&0) {
+        return;
+    }
+    let rows: usize = lead.iter().product();
+    let mut idx = vec![0usize; lead.len()];
+    let mut off = vec![0usize; strides.len()];
+    for _ in 0..rows {
+        f(&off);
+        for d in (0..lead.len()).rev() {
+            idx[d] += 1;
+            for (o, s) in off.iter_mut().zip(strides) {
+                *o += s[d];
+            }
+            if idx[d] < lead[d] {
+                break;
+            }
+            for (o, s) in off.iter_mut().zip(strides) {
+                *o -= s[d] * lead[d];
+            }
+            idx[d] = 0;
+        }
+    }
+}
+
+/// `expand(x, shape)`: numpy broadcasting of x against the target, rows copied or filled.
+fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let target: Vec<usize> = int_values((*ins.get(1)?)?)?
+        .into_iter()
+        .map(|d| usize::try_from(d).ok())
+        .collect::<Option<_>>()?;
+    let out = kiln_ir::shape::broadcast_concrete(x.shape(), &target)?;
+    let st = bcast_strides(x.shape(), &out)?;
+    fn go<T: Elem>(x: &Tensor, out: &[usize], st: &[usize]) -> Option<Tensor> {
+        let src = x.as_slice::<T>()?;
+        let n = out.iter().try_fold(1usize, |a, &b| a.checked_mul(b))?;
+        let inner = out.last().copied().unwrap_or(1);
+        let step = st.last().copied().unwrap_or(0);
+        let mut v = Vec::with_capacity(n);
+        for_each_row(out, &[st], |off| {
+            let o = off[0];
+            if step == 0 {
+                v.extend(std::iter::repeat_n(src[o], inner));
+            } else {
+                v.extend_from_slice(&src[o..o + inner]);
+            }
+        });
+        Some(Tensor::from_vec(out.to_vec(), v))
+    }
+    go::<f32>(x, &out, &st)
+        .or_else(|| go::<i64>(x, &out, &st))
+        .or_else(|| go::<bool>(x, &out, &st))
+}
+
+/// `split` along an axis into sizes from the `split` input, or `num_outputs` chunks of
+/// `ceil(n / k)` with the last one smaller: contiguous blocks copied per outer index.
+fn split(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
+    let x = (*ins.first()?)?;
+    let shape = x.shape();
+    let a = norm_axis(node.attrs.int_or("axis", 0).ok()?, shape.len())?;
+    let n = shape[a];
+    let sizes: Vec<usize> = match ins.get(1).copied().flatten() {
+        Some(s) => int_values(s)?
+            .into_iter()
+            .map(|v| usize::try_from(v).ok())
+            .collect::<Option<_>>()?,
+        None => {
+            let k = usize::try_from(node.attrs.int("num_outputs").ok()??).ok()?;
+            if k == 0 {
+                return None;
+            }
+            let c = n.div_ceil(k);
+            let rest = n.checked_sub(c * (k - 1))?;
+            let mut v = vec![c; k - 1];
+            v.push(rest);
+            v
+        }
+    };
+    if sizes.iter().try_fold(0usize, |s, &b| s.checked_add(b)) != Some(n) {
+        return None;
+    }
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product();
+    fn go<T: Elem>(
+        x: &Tensor,
+        sizes: &[usize],
+        a: usize,
+        (outer, n, inner): (usize, usize, usize),
+    ) -> Option<Vec<Tensor>> {
+        let src = x.as_slice::<T>()?;
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(sizes.len());
+        for &len in sizes {
+            let mut v = Vec::with_capacity(outer * len * inner);
+            for o in 0..outer {
+                let base = (o * n + start) * inner;
+                v.extend_from_slice(&src[base..base + len * inner]);
+            }
+            let mut sh = x.shape().to_vec();
+            sh[a] = len;
+            outs.push(Tensor::from_vec(sh, v));
+            start += len;
+        }
+        Some(outs)
+    }
+    let dims = (outer, n, inner);
+    go::<f32>(x, &sizes, a, dims)
+        .or_else(|| go::<i64>(x, &sizes, a, dims))
+        .or_else(|| go::<bool>(x, &sizes, a, dims))
+}
+
+/// An f32 unary op evaluated in f64 and rounded once, exactly as the reference does, but
+/// in one pass without the f64 copies.
+fn unary_f64(ins: &[Option<&Tensor>], f: fn(f64) -> f64) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let v: Vec<f32> = x
+        .as_slice::<f32>()?
+        .iter()
+        .map(|&a| f(f64::from(a)) as f32)
+        .collect();
+    Some(Tensor::from_vec(x.shape().to_vec(), v))
+}
+
+/// `where(c, a, b)` with a bool condition and numpy broadcasting of all three.
+fn where_(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let (c, a, b) = ((*ins.first()?)?, (*ins.get(1)?)?, (*ins.get(2)?)?);
+    let cv = c.as_slice::<bool>()?;
+    let out = kiln_ir::shape::broadcast_concrete(c.shape(), a.shape())?;
+    let out = kiln_ir::shape::broadcast_concrete(&out, b.shape())?;
+    let st = [
+        bcast_strides(c.shape(), &out)?,
+        bcast_strides(a.shape(), &out)?,
+        bcast_strides(b.shape(), &out)?,
+    ];
+    fn go<T: Elem>(
+        cv: &[bool],
+        a: &Tensor,
+        b: &Tensor,
+        out: &[usize],
+        st: &[Vec<usize>; 3],
+    ) -> Option<Tensor> {
+        let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
+        let n = out.iter().try_fold(1usize, |x, &y| x.checked_mul(y))?;
+        let inner = out.last().copied().unwrap_or(1);
+        let s: [usize; 3] = std::array::from_fn(|i| st[i].last().copied().unwrap_or(0));
+        let mut v = Vec::with_capacity(n);
+        for_each_row(out, &[&st[0], &st[1], &st[2]], |off| {
+            v.extend((0..inner).map(|j| {
+                if cv[off[0] + j * s[0]] {
+                    av[off[1] + j * s[1]]
+                } else {
+                    bv[off[2] + j * s[2]]
+                }
+            }));
+        });
+        Some(Tensor::from_vec(out.to_vec(), v))
+    }
+    go::<f32>(cv, a, b, &out, &st)
+        .or_else(|| go::<i64>(cv, a, b, &out, &st))
+        .or_else(|| go::<bool>(cv, a, b, &out, &st))
+}
+
+/// A bool binary op with numpy broadcasting.
+fn logical(ins: &[Option<&Tensor>], f: fn(bool, bool) -> bool) -> Option<Tensor> {
+    let (a, b) = ((*ins.first()?)?, (*ins.get(1)?)?);
+    let (av, bv) = (a.as_slice::<bool>()?, b.as_slice::<bool>()?);
+    let out = kiln_ir::shape::broadcast_concrete(a.shape(), b.shape())?;
+    let (sa, sb) = (
+        bcast_strides(a.shape(), &out)?,
+        bcast_strides(b.shape(), &out)?,
+    );
+    let n = out.iter().try_fold(1usize, |x, &y| x.checked_mul(y))?;
+    let inner = out.last().copied().unwrap_or(1);
+    let (ia, ib) = (
+        sa.last().copied().unwrap_or(0),
+        sb.last().copied().unwrap_or(0),
+    );
+    let mut v = Vec::with_capacity(n);
+    for_each_row(&out, &[&sa, &sb], |off| {
+        v.extend((0..inner).map(|j| f(av[off[0] + j * ia], bv[off[1] + j * ib])));
+    });
+    Some(Tensor::from_vec(out, v))
+}
+
+/// `pow(x, e)` for f32 x and a single-element f32 exponent of 2 (`x·x`) or 0.5
+/// (`sqrt`); both round exactly as the f64 reference does (a product and a square root
+/// are correctly rounded, and f64 leaves room for no double-rounding error).
+fn pow(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let (x, e) = ((*ins.first()?)?, (*ins.get(1)?)?);
+    let xv = x.as_slice::<f32>()?;
+    let [ev] = e.as_slice::<f32>()? else {
+        return None;
+    };
+    // The exponent must not widen x's shape.
+    if e.rank() > x.rank() {
+        return None;
+    }
+    let v: Vec<f32> = if *ev == 2.0 {
+        xv.iter().map(|&a| a * a).collect()
+    } else if *ev == 0.5 {
+        xv.iter().map(|&a| a.sqrt()).collect()
+    } else {
+        return None;
+    };
+    Some(Tensor::from_vec(x.shape().to_vec(), v))
+}
+
+/// Sum of `f(x)` over `row` in f32 lanes per [`STAT_BLOCK`], blocks accumulated in f64.
+#[inline]
+fn block_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for block in row.chunks(STAT_BLOCK) {
+        let mut acc = [0f32; STAT_LANES];
+        let mut lanes = block.chunks_exact(STAT_LANES);
+        for c in &mut lanes {
+            for l in 0..STAT_LANES {
+                acc[l] += f(c[l]);
+            }
+        }
+        let mut s: f32 = lanes.remainder().iter().map(|&x| f(x)).sum();
+        s += acc.iter().sum::<f32>();
+        total += f64::from(s);
+    }
+    total
+}
+
+/// `inv_std` (`centred`) / `inv_rms` of f32 rows: `1/sqrt(mean((x − m)²) + eps)` per row of
+/// the last axis, output `[.., 1]`.
+fn row_stat(ins: &[Option<&Tensor>], centred: bool) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let eps = (*ins.get(1)?)?;
+    if !eps.shape().is_empty() {
+        return None;
+    }
+    let e = f64::from(*eps.as_slice::<f32>()?.first()?);
+    let v = x.as_slice::<f32>()?;
+    let (&k, lead) = x.shape().split_last()?;
+    let mut out = lead.to_vec();
+    out.push(1);
+    let rows: usize = lead.iter().product();
+    let n = k.max(1) as f64;
+    let mut r = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let row = &v[i * k..(i + 1) * k];
+        let m = if centred {
+            (block_sum(row, |a| a) / n) as f32
+        } else {
+            0.0
+        };
+        let var = block_sum(row, |a| (a - m) * (a - m)) / n;
+        r.push((1.0 / (var + e).sqrt()) as f32);
+    }
+    Some(Tensor::from_vec(out, r))
+}
+
+/// `rotary(x, cos, sin) = x·cos + rotate_half(x)·sin` in f32, for x of the output's shape
+/// and cos/sin broadcasting to it with full rows (the last axis not broadcast).
+fn rotary(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let inter = match node.attrs.int_or("interleaved", 0).ok()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let (x, cos, sin) = ((*ins.first()?)?, (*ins.get(1)?)?, (*ins.get(2)?)?);
+    let (xv, cv, sv) = (
+        x.as_slice::<f32>()?,
+        cos.as_slice::<f32>()?,
+        sin.as_slice::<f32>()?,
+    );
+    let shape = x.shape();
+    let d = *shape.last()?;
+    if d % 2 != 0 || cos.shape().last() != Some(&d) || sin.shape().last() != Some(&d) {
+        return None;
+    }
+    let (cst, sst) = (
+        bcast_strides(cos.shape(), shape)?,
+        bcast_strides(sin.shape(), shape)?,
+    );
+    let xst = kiln_ir::tensor::strides(shape);
+    let h = d / 2;
+    let mut y = vec![0f32; xv.len()];
+    for_each_row(shape, &[&xst, &cst, &sst], |off| {
+        let (xr, c, s) = (
+            &xv[off[0]..off[0] + d],
+            &cv[off[1]..off[1] + d],
+            &sv[off[2]..off[2] + d],
+        );
+        let yr = &mut y[off[0]..off[0] + d];
+        if inter {
+            for j in 0..h {
+                let (a, b) = (xr[2 * j], xr[2 * j + 1]);
+                yr[2 * j] = a * c[2 * j] - b * s[2 * j];
+                yr[2 * j + 1] = b * c[2 * j + 1] + a * s[2 * j + 1];
+            }
+        } else {
+            let (x0, x1) = xr.split_at(h);
+            let (y0, y1) = yr.split_at_mut(h);
+            for j in 0..h {
+                y0[j] = x0[j] * c[j] - x1[j] * s[j];
+                y1[j] = x1[j] * c[h + j] + x0[j] * s[h + j];
+            }
+        }
+    });
+    Some(Tensor::from_vec(shape.to_vec(), y))
 }
 
 #[cfg(test)]
@@ -136,6 +703,433 @@ mod tests {
                 name: String::new(),
             };
             assert!(run_fast(&node, &[Some(t)]).is_none(), "{perm:?}");
+        }
+    }
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// f32 row statistics against the f64 reference: relative.
+    const STAT_RTOL: f64 = 1e-5;
+    /// f32 rotary against the f64 reference (inputs in [-2, 2]): absolute.
+    const ROTARY_ATOL: f64 = 1e-5;
+    /// Random cases per property.
+    const CASES: usize = 60;
+
+    fn node(op: OpKind, attrs: Attrs, n_in: u32) -> Node {
+        Node {
+            op,
+            attrs,
+            inputs: (0..n_in).map(|i| Some(ValueId(i))).collect(),
+            outputs: vec![ValueId(n_in)],
+            name: "n".into(),
+        }
+    }
+
+    fn rand_f32(rng: &mut StdRng, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(
+            shape.to_vec(),
+            (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect(),
+        )
+    }
+
+    /// A random shape of rank 1..=4, dims 1..=9 (so lengths not multiple of 4, and 1s).
+    fn rand_shape(rng: &mut StdRng) -> Vec<usize> {
+        let r = rng.gen_range(1..=4);
+        (0..r).map(|_| rng.gen_range(1..=9)).collect()
+    }
+
+    /// Element-wise closeness with NaN matching only NaN and infinities matching exactly.
+    fn assert_close(got: &Tensor, want: &Tensor, tol: impl Fn(f64) -> f64, what: &str) {
+        assert_eq!(got.shape(), want.shape(), "{what}");
+        assert_eq!(got.dtype(), want.dtype(), "{what}");
+        for (i, (a, b)) in got.to_f64s().iter().zip(want.to_f64s()).enumerate() {
+            let ok = if b.is_nan() {
+                a.is_nan()
+            } else if b.is_infinite() {
+                *a == b
+            } else {
+                (a - b).abs() <= tol(b)
+            };
+            assert!(ok, "{what}: element {i}: got {a}, want {b}");
+        }
+    }
+
+    fn reference(n: &Node, ins: &[Option<&Tensor>]) -> Tensor {
+        kiln_ir::ops::eval(n.op, &n.attrs, ins).unwrap().remove(0)
+    }
+
+    #[test]
+    fn row_statistics_match_the_interpreter_with_nan_and_inf() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for case in 0..CASES {
+            let mut shape = rand_shape(&mut rng);
+            // Long rows too, across several STAT_BLOCKs.
+            if case % 3 == 0 {
+                *shape.last_mut().unwrap() = rng.gen_range(60..300);
+            }
+            let mut x = rand_f32(&mut rng, &shape);
+            if case % 5 == 1 {
+                let mut v = x.as_slice::<f32>().unwrap().to_vec();
+                let i = rng.gen_range(0..v.len());
+                v[i] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][case % 3];
+                x = Tensor::from_vec(shape.clone(), v);
+            }
+            let eps = Tensor::scalar(1e-5f32);
+            for op in [OpKind::InvStd, OpKind::InvRms] {
+                let n = node(op, Attrs::new(), 2);
+                let ins = [Some(&x), Some(&eps)];
+                let got = run_fast(&n, &ins).expect("fast path").remove(0);
+                let want = reference(&n, &ins);
+                assert_close(
+                    &got,
+                    &want,
+                    |b| STAT_RTOL * b.abs(),
+                    &format!("{op:?} {shape:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rotary_matches_the_interpreter_with_broadcast_caches() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for case in 0..CASES {
+            let mut shape = rand_shape(&mut rng);
+            let d = 2 * rng.gen_range(1..=9);
+            *shape.last_mut().unwrap() = d;
+            // cos/sin: a suffix of x's shape with some axes bound to 1.
+            let keep = rng.gen_range(1..=shape.len());
+            let mut cs: Vec<usize> = shape[shape.len() - keep..].to_vec();
+            for dim in cs.iter_mut().rev().skip(1) {
+                if rng.gen_bool(0.5) {
+                    *dim = 1;
+                }
+            }
+            let x = rand_f32(&mut rng, &shape);
+            let mut cos = rand_f32(&mut rng, &cs);
+            let sin = rand_f32(&mut rng, &cs);
+            if case % 7 == 3 {
+                let mut v = cos.as_slice::<f32>().unwrap().to_vec();
+                v[0] = f32::NAN;
+                cos = Tensor::from_vec(cs.clone(), v);
+            }
+            let inter = (case % 2) as i64;
+            let n = node(
+                OpKind::Rotary,
+                Attrs::new().with("interleaved", Attr::Int(inter)),
+                3,
+            );
+            let ins = [Some(&x), Some(&cos), Some(&sin)];
+            let got = run_fast(&n, &ins).expect("fast path").remove(0);
+            let want = reference(&n, &ins);
+            assert_close(&got, &want, |_| ROTARY_ATOL, &format!("{shape:?} {cs:?}"));
+        }
+        // A cache wider than x on a leading axis, or an odd width: the interpreter's job.
+        let x = Tensor::from_vec(vec![1, 4], vec![0f32; 4]);
+        let wide = Tensor::from_vec(vec![2, 4], vec![0f32; 8]);
+        let n = node(OpKind::Rotary, Attrs::new(), 3);
+        assert!(run_fast(&n, &[Some(&x), Some(&wide), Some(&wide)]).is_none());
+        let odd = Tensor::from_vec(vec![3], vec![0f32; 3]);
+        assert!(run_fast(&n, &[Some(&odd), Some(&odd), Some(&odd)]).is_none());
+    }
+
+    #[test]
+    fn gather_matches_the_interpreter_and_leaves_bad_indices_to_it() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for case in 0..CASES {
+            let shape = rand_shape(&mut rng);
+            let x = rand_f32(&mut rng, &shape);
+            let xi = Tensor::from_vec(
+                shape.clone(),
+                (0..x.len() as i64).map(|i| i * 3 - 5).collect::<Vec<i64>>(),
+            );
+            let axis =
+                rng.gen_range(0..shape.len()) as i64 - (case % 2) as i64 * shape.len() as i64;
+            let n_ax = shape[axis.rem_euclid(shape.len() as i64) as usize] as i64;
+            let ishape: Vec<usize> = (0..rng.gen_range(0..3))
+                .map(|_| rng.gen_range(1..5))
+                .collect();
+            let ni: usize = ishape.iter().product();
+            let ind = Tensor::from_vec(
+                ishape.clone(),
+                (0..ni)
+                    .map(|_| rng.gen_range(-n_ax..n_ax))
+                    .collect::<Vec<i64>>(),
+            );
+            let n = node(
+                OpKind::Gather,
+                Attrs::new().with("axis", Attr::Int(axis)),
+                2,
+            );
+            for data in [&x, &xi] {
+                let ins = [Some(data), Some(&ind)];
+                let got = run_fast(&n, &ins).expect("fast path").remove(0);
+                assert_eq!(got, reference(&n, &ins), "{shape:?} axis {axis} {ishape:?}");
+            }
+        }
+        let x = Tensor::from_vec(vec![3, 2], vec![0f32; 6]);
+        let n = node(OpKind::Gather, Attrs::new(), 2);
+        for bad in [3i64, -4] {
+            let ind = Tensor::from_vec(vec![1], vec![bad]);
+            let ins = [Some(&x), Some(&ind)];
+            assert!(run_fast(&n, &ins).is_none(), "{bad}");
+            assert!(kiln_ir::ops::eval(OpKind::Gather, &n.attrs, &ins).is_err());
+        }
+    }
+
+    #[test]
+    fn expand_matches_the_interpreter() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..CASES {
+            let out = rand_shape(&mut rng);
+            let keep = rng.gen_range(0..=out.len());
+            let xs: Vec<usize> = out[out.len() - keep..]
+                .iter()
+                .map(|&d| if rng.gen_bool(0.4) { 1 } else { d })
+                .collect();
+            let x = rand_f32(&mut rng, &xs);
+            // The target may itself carry 1s where x is wider (bidirectional broadcast).
+            let target: Vec<i64> = out
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    let j = i as isize - (out.len() - keep) as isize;
+                    if j >= 0 && xs[j as usize] == d && rng.gen_bool(0.3) {
+                        1
+                    } else {
+                        d as i64
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(vec![target.len()], target.clone());
+            let n = node(OpKind::Expand, Attrs::new(), 2);
+            let ins = [Some(&x), Some(&t)];
+            let got = run_fast(&n, &ins).expect("fast path").remove(0);
+            assert_eq!(got, reference(&n, &ins), "{xs:?} -> {target:?}");
+        }
+    }
+
+    /// A random shape that broadcasts to `out` (a suffix, some dims bound to 1).
+    fn rand_bcast(rng: &mut StdRng, out: &[usize]) -> Vec<usize> {
+        let keep = rng.gen_range(0..=out.len());
+        out[out.len() - keep..]
+            .iter()
+            .map(|&d| if rng.gen_bool(0.4) { 1 } else { d })
+            .collect()
+    }
+
+    fn rand_bool(rng: &mut StdRng, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_vec(shape.to_vec(), (0..n).map(|_| rng.gen_bool(0.5)).collect())
+    }
+
+    #[test]
+    fn where_logical_and_pow_match_the_interpreter() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for case in 0..CASES {
+            let out = rand_shape(&mut rng);
+            let (cs, as_, bs) = (
+                rand_bcast(&mut rng, &out),
+                rand_bcast(&mut rng, &out),
+                rand_bcast(&mut rng, &out),
+            );
+            let c = rand_bool(&mut rng, &cs);
+            let mut a = rand_f32(&mut rng, &as_);
+            if case % 4 == 0 {
+                let mut v = a.as_slice::<f32>().unwrap().to_vec();
+                v[0] = f32::NAN;
+                a = Tensor::from_vec(as_.clone(), v);
+            }
+            let b = rand_f32(&mut rng, &bs);
+            let n = node(OpKind::Where, Attrs::new(), 3);
+            let ins = [Some(&c), Some(&a), Some(&b)];
+            let got = run_fast(&n, &ins).expect("fast path").remove(0);
+            assert_close(
+                &got,
+                &reference(&n, &ins),
+                |_| 0.0,
+                &format!("where {cs:?} {as_:?} {bs:?}"),
+            );
+            let (ai, bi) = (
+                Tensor::from_vec(as_.clone(), (0..a.len() as i64).collect::<Vec<_>>()),
+                Tensor::from_vec(
+                    bs.clone(),
+                    (0..b.len() as i64).map(|i| -i).collect::<Vec<_>>(),
+                ),
+            );
+            let ins = [Some(&c), Some(&ai), Some(&bi)];
+            assert_eq!(
+                run_fast(&n, &ins).expect("fast path")[0],
+                reference(&n, &ins)
+            );
+            let (p, q) = (rand_bool(&mut rng, &as_), rand_bool(&mut rng, &bs));
+            for op in [OpKind::And, OpKind::Or, OpKind::Xor] {
+                let n = node(op, Attrs::new(), 2);
+                let ins = [Some(&p), Some(&q)];
+                assert_eq!(
+                    run_fast(&n, &ins).expect("fast path")[0],
+                    reference(&n, &ins),
+                    "{op:?}"
+                );
+            }
+            let x = rand_f32(&mut rng, &out);
+            let x = Tensor::from_vec(
+                out.clone(),
+                x.as_slice::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v * 1e3)
+                    .collect(),
+            );
+            for (e, fast) in [(2.0f32, true), (0.5, true), (3.0, false)] {
+                let et = Tensor::scalar(e);
+                let n = node(OpKind::Pow, Attrs::new(), 2);
+                let ins = [Some(&x), Some(&et)];
+                match run_fast(&n, &ins) {
+                    Some(got) => {
+                        assert!(fast, "pow {e} should fall back");
+                        // Exact: NaN (sqrt of a negative) matches only NaN.
+                        assert_close(&got[0], &reference(&n, &ins), |_| 0.0, &format!("pow {e}"));
+                    }
+                    None => assert!(!fast, "pow {e} should be native"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sin_and_cos_match_the_interpreter_exactly() {
+        let mut rng = StdRng::seed_from_u64(19);
+        let shape = [3, 7, 5];
+        let mut x = rand_f32(&mut rng, &shape);
+        let mut v: Vec<f32> = x
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|a| a * 400.0)
+            .collect();
+        v[0] = f32::NAN;
+        v[1] = f32::INFINITY;
+        v[2] = -0.0;
+        x = Tensor::from_vec(shape.to_vec(), v);
+        for op in [OpKind::Sin, OpKind::Cos] {
+            let n = node(op, Attrs::new(), 1);
+            let ins = [Some(&x)];
+            let got = run_fast(&n, &ins).expect("fast path").remove(0);
+            assert_close(&got, &reference(&n, &ins), |_| 0.0, &format!("{op:?}"));
+        }
+    }
+
+    #[test]
+    fn split_matches_the_interpreter() {
+        let mut rng = StdRng::seed_from_u64(17);
+        for case in 0..CASES {
+            let shape = rand_shape(&mut rng);
+            let x = rand_f32(&mut rng, &shape);
+            let axis = rng.gen_range(0..shape.len());
+            let n = shape[axis];
+            let (attrs, sizes) = if case % 2 == 0 {
+                let k = rng.gen_range(1..=n);
+                (
+                    Attrs::new()
+                        .with("axis", Attr::Int(axis as i64))
+                        .with("num_outputs", Attr::Int(k as i64)),
+                    None,
+                )
+            } else {
+                let cut = rng.gen_range(0..=n);
+                (
+                    Attrs::new().with("axis", Attr::Int(axis as i64 - shape.len() as i64)),
+                    Some(Tensor::from_vec(
+                        vec![2],
+                        vec![cut as i64, (n - cut) as i64],
+                    )),
+                )
+            };
+            let nd = node(
+                OpKind::Split,
+                attrs.clone(),
+                if sizes.is_some() { 2 } else { 1 },
+            );
+            let ins = [Some(&x), sizes.as_ref()];
+            let ins = &ins[..nd.inputs.len()];
+            let want = kiln_ir::ops::eval(OpKind::Split, &attrs, ins);
+            match (run_fast(&nd, ins), want) {
+                (Some(got), Ok(want)) => assert_eq!(got, want, "{shape:?} {attrs:?}"),
+                // ceil-sized chunks may not fit (e.g. 4 into 3): both decline.
+                (None, Err(_)) => {}
+                (got, want) => panic!("{shape:?} {attrs:?}: fast {got:?} vs {want:?}"),
+            }
+        }
+        let x = Tensor::from_vec(vec![4], vec![0f32; 4]);
+        let bad = Tensor::from_vec(vec![2], vec![1i64, 2]);
+        let nd = node(OpKind::Split, Attrs::new(), 2);
+        assert!(run_fast(&nd, &[Some(&x), Some(&bad)]).is_none());
+    }
+
+    #[test]
+    fn movement_and_shape_ops_match_the_interpreter() {
+        let x = Tensor::from_vec(vec![2, 1, 3, 1], (0..6).map(|i| i as f32).collect());
+        let xi = Tensor::from_vec(vec![2, 1, 3, 1], (0..6i64).collect::<Vec<_>>());
+        let ints = |v: Vec<i64>| Tensor::from_vec(vec![v.len()], v);
+        let cases: Vec<(OpKind, Attrs, Option<Tensor>)> = vec![
+            (OpKind::Reshape, Attrs::new(), Some(ints(vec![0, -1]))),
+            (OpKind::Reshape, Attrs::new(), Some(ints(vec![3, 2, 1]))),
+            (OpKind::Reshape, Attrs::new(), Some(ints(vec![-1]))),
+            (OpKind::Squeeze, Attrs::new(), None),
+            (OpKind::Squeeze, Attrs::new(), Some(ints(vec![-1, 1]))),
+            (OpKind::Unsqueeze, Attrs::new(), Some(ints(vec![0, -1]))),
+            (OpKind::Unsqueeze, Attrs::new(), Some(ints(vec![2]))),
+            (OpKind::Flatten, Attrs::new(), None),
+            (
+                OpKind::Flatten,
+                Attrs::new().with("axis", Attr::Int(-1)),
+                None,
+            ),
+            (
+                OpKind::Flatten,
+                Attrs::new().with("axis", Attr::Int(0)),
+                None,
+            ),
+            (OpKind::Identity, Attrs::new(), None),
+            (OpKind::Shape, Attrs::new(), None),
+            (
+                OpKind::Shape,
+                Attrs::new().with("start", Attr::Int(1)),
+                None,
+            ),
+            (
+                OpKind::Shape,
+                Attrs::new()
+                    .with("start", Attr::Int(-3))
+                    .with("end", Attr::Int(-1)),
+                None,
+            ),
+        ];
+        for (op, attrs, second) in cases {
+            for data in [&x, &xi] {
+                let n = node(op, attrs.clone(), if second.is_some() { 2 } else { 1 });
+                let ins = [Some(data), second.as_ref()];
+                let ins = &ins[..n.inputs.len()];
+                let got = run_fast(&n, ins).expect("fast path");
+                assert_eq!(got[0], reference(&n, ins), "{op:?} {attrs:?} {second:?}");
+            }
+        }
+        // Errors stay with the interpreter.
+        let bad: Vec<(OpKind, Tensor)> = vec![
+            (OpKind::Reshape, ints(vec![4, -1])),
+            (OpKind::Reshape, ints(vec![-1, -1])),
+            (OpKind::Squeeze, ints(vec![0])),
+            (OpKind::Unsqueeze, ints(vec![1, 1])),
+            (OpKind::Unsqueeze, ints(vec![9])),
+        ];
+        for (op, second) in bad {
+            let n = node(op, Attrs::new(), 2);
+            let ins = [Some(&x), Some(&second)];
+            assert!(run_fast(&n, &ins).is_none(), "{op:?} {second:?}");
+            assert!(kiln_ir::ops::eval(op, &n.attrs, &ins).is_err(), "{op:?}");
         }
     }
 }

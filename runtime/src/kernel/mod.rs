@@ -8,6 +8,7 @@ pub mod exec;
 pub mod glue;
 pub mod ir;
 pub mod layout;
+pub mod memo;
 pub mod memory;
 pub mod par;
 pub mod partition;

@@ -32,6 +32,8 @@ pub struct Plan {
     /// Per kernel: the CPU routine of a `Contraction` (constant weights packed once), or
     /// `None` where the interpreter's op runs.
     pub contractions: Vec<Option<std::sync::Arc<super::contraction::Prepared>>>,
+    /// Memoised shape arithmetic (see [`super::memo`]), filled by runs.
+    pub(crate) memo: super::memo::ShapeMemo,
 }
 
 /// Whether an op is a contraction (a GEMM-backed kernel).
@@ -242,6 +244,7 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
         kernels,
         constants,
         contractions,
+        memo: Default::default(),
     })
 }
 
