@@ -98,7 +98,7 @@ fn inputs() -> Vec<f32> {
         20.0,
     ]);
     // Keep a tail: the last `len % 8` elements run in the 1-lane loop.
-    if v.len() % 8 == 0 {
+    if v.len().is_multiple_of(8) {
         v.push(0.3);
     }
     v
