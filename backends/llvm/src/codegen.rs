@@ -5,8 +5,10 @@
 //! the order of every reduction is fixed by the code (8 lane accumulators, then lanes
 //! combined in order) rather than by the optimiser. fmul/fadd/fsub carry only the
 //! `contract` flag (FMA fusion); no flag that changes results otherwise is set.
-//! Transcendentals call the runtime's scalar helpers (`kiln_aot_exp`, ...).
+//! Transcendentals are inline branch-free polynomials ([`crate::vmath`]), emitted from one
+//! instruction sequence for both widths, so vector lanes and the tail agree bitwise.
 
+use crate::vmath;
 use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
@@ -24,18 +26,6 @@ use std::collections::HashMap;
 /// Lanes of the main loop. On AVX targets this is one ymm register; on SSE-only targets
 /// LLVM splits it into two xmm halves (same results: the lane order is part of the IR).
 pub const LANES: u32 = 8;
-
-/// The runtime helper symbol of a transcendental op.
-fn helper_name(op: UnOp) -> Option<&'static str> {
-    Some(match op {
-        UnOp::Exp => "kiln_aot_exp",
-        UnOp::Log => "kiln_aot_log",
-        UnOp::Tanh => "kiln_aot_tanh",
-        UnOp::Erf => "kiln_aot_erf",
-        UnOp::Sigmoid => "kiln_aot_sigmoid",
-        _ => return None,
-    })
-}
 
 type R<T> = Result<T, String>;
 
@@ -212,28 +202,11 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                             .map_err(e)?;
                         self.select(fin, x, self.fconst(0.0, lanes))?
                     }
-                    _ => {
-                        let name =
-                            helper_name(op).ok_or_else(|| format!("no lowering of {op:?}"))?;
-                        let helper = self.module.get_function(name).unwrap_or_else(|| {
-                            let ty = f32t.fn_type(&[f32t.into()], false);
-                            self.module.add_function(name, ty, Some(Linkage::External))
-                        });
-                        let i32t = self.cx.i32_type();
-                        let mut v = self.vty(lanes).get_undef();
-                        for l in 0..lanes {
-                            let idx = i32t.const_int(l as u64, false);
-                            let s = b.build_extract_element(x, idx, "").map_err(e)?;
-                            let r = b
-                                .build_call(helper, &[s.into()], "")
-                                .map_err(e)?
-                                .try_as_basic_value()
-                                .basic()
-                                .ok_or("helper returned nothing")?;
-                            v = b.build_insert_element(v, r, idx, "").map_err(e)?;
-                        }
-                        v
+                    // exp, log, tanh, sigmoid, erf: inline, the same sequence at every width.
+                    _ if vmath::is_transcendental(op) => {
+                        vmath::unary(self.cx, self.module, b, op, x)?
                     }
+                    _ => return Err(format!("no lowering of {op:?}")),
                 }
             }
         };

@@ -8,6 +8,7 @@ pub mod codegen;
 pub mod header;
 mod library;
 mod loader;
+pub mod vmath;
 
 pub use library::{build_library, find_runtime, BuildOptions, BuildReport, WeightsMode, EXPORTS};
 pub use loader::{AotLibrary, IoDesc, KernelTime, LoadError};
