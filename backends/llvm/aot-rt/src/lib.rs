@@ -621,22 +621,3 @@ pub unsafe extern "C" fn kiln_profile_kernel(
         Ok(())
     })
 }
-
-macro_rules! helpers {
-    ($($op:ident => $name:ident),* $(,)?) => {$(
-        /// Scalar transcendental called from compiled loop kernels (the kernel IR's
-        /// definition: computed in f64 and rounded).
-        #[no_mangle]
-        pub extern "C" fn $name(x: f32) -> f32 {
-            kiln_runtime::kernel::UnOp::$op.apply(x)
-        }
-    )*};
-}
-
-helpers! {
-    Exp => kiln_aot_exp,
-    Log => kiln_aot_log,
-    Tanh => kiln_aot_tanh,
-    Erf => kiln_aot_erf,
-    Sigmoid => kiln_aot_sigmoid,
-}
