@@ -283,11 +283,17 @@ fn nan_and_inf_inputs_propagate_on_every_isa() {
         poke(&|c| c.v[60 * d + 2] = f32::INFINITY, causal, "inf in v");
         // Causal hides the last keys from early queries, but 0·NaN is still NaN: the kernel
         // must not skip those key blocks.
-        poke(&|c| c.v[149 * d] = f32::NAN, causal, "NaN in the last v row");
+        poke(
+            &|c| c.v[149 * d] = f32::NAN,
+            causal,
+            "NaN in the last v row",
+        );
         poke(
             &|c| {
                 c.mask = Some((
-                    (0..t).map(|j| if j == 77 { f32::NAN } else { 0.5 }).collect(),
+                    (0..t)
+                        .map(|j| if j == 77 { f32::NAN } else { 0.5 })
+                        .collect(),
                     [1, 1, 1, t],
                     false,
                 ))

@@ -157,7 +157,9 @@ impl SharedPtr {
 
 /// K and V repacked per (batch, kv head) `g`.
 struct Packed {
-    /// `kt[g][dd][j]`, `tp` keys wide (zero past `T`).
+    /// `kt[g][j / KB][dd][j % KB]`: per key block a `D × KB` transposed tile, contiguous so
+    /// that a score tile streams through it (a `[D][T]` layout strides rows by whole pages
+    /// and thrashes L1 sets). Zero past `T`.
     kt: Vec<f32>,
     /// `vp[g][j][x]`, `tp` rows of `dvp` (zero past `T` and `Dv`).
     vp: Vec<f32>,
@@ -194,7 +196,7 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
         let ksrc = &p.k[g * t * d..][..t * d];
         for (j, krow) in ksrc.chunks_exact(d.max(1)).enumerate().take(t) {
             for (dd, &x) in krow.iter().enumerate() {
-                kg[dd * tp + j] = x;
+                kg[(j / KB * d + dd) * KB + j % KB] = x;
             }
         }
         let vsrc = &p.v[g * t * dv..][..t * dv];
@@ -326,6 +328,7 @@ impl Unit<'_> {
         let mut j0 = 0;
         while j0 < t {
             let kn = KB.min(t - j0);
+            let kn_v = kn.div_ceil(w) * w;
             if p.causal && j0 as i64 > pos_last && pk.v_bad_end[g] <= j0 {
                 break;
             }
@@ -335,37 +338,19 @@ impl Unit<'_> {
             } else {
                 kn
             };
-            // Scores: sc[r][jj] = scale · q[r]·k[j0 + jj].
+            // Scores: sc[r][jj] = scale · q[r]·k[j0 + jj], in whole vectors up to `kq`.
             let kw = NK * w;
+            let kq_v = kq.div_ceil(w) * w;
+            let ktb = &kt[j0 * d..][..d * KB];
             for r0 in (0..rows_p).step_by(R) {
-                for jg in (0..kq).step_by(kw) {
-                    let mut acc = [[S::splat(0.0); NK]; R];
-                    // SAFETY: kt has `tp` ≥ j0 + KB ≥ j0 + jg + kw columns per row.
-                    let kp = unsafe { kt.as_ptr().add(j0 + jg) };
-                    let qp = qbuf[r0 * d..].as_ptr();
-                    for dd in 0..d {
-                        // SAFETY: in bounds as above; `dd < d`.
-                        let kv: [S::V; NK] =
-                            std::array::from_fn(|v| unsafe { S::load(kp.add(dd * tp + v * w)) });
-                        for (r, accr) in acc.iter_mut().enumerate() {
-                            // SAFETY: row `r0 + r < QB` of `qbuf`.
-                            let qb = S::splat(unsafe { *qp.add(r * d + dd) });
-                            for v in 0..NK {
-                                accr[v] = S::fma(qb, kv[v], accr[v]);
-                            }
-                        }
-                    }
-                    for (r, accr) in acc.iter().enumerate() {
-                        for (v, &a) in accr.iter().enumerate() {
-                            // SAFETY: `(r0 + r)·KB + jg + v·w + w ≤ QB·KB`.
-                            unsafe {
-                                S::store(
-                                    sc.as_mut_ptr().add((r0 + r) * KB + jg + v * w),
-                                    S::mul(a, scale),
-                                )
-                            };
-                        }
-                    }
+                let mut jg = 0;
+                while jg + kw <= kq_v {
+                    qk_tile::<S, R, NK>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    jg += kw;
+                }
+                while jg < kq_v {
+                    qk_tile::<S, R, 1>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    jg += w;
                 }
             }
             // Online softmax per row; the scores become the weights P.
@@ -392,9 +377,15 @@ impl Unit<'_> {
                         }
                     }
                 }
-                // Hidden keys and the block's padding: −inf (overriding any score there).
-                row[vis..].fill(f32::NEG_INFINITY);
-                self.softmax_row::<S>(row, &mut m[r], &mut l[r], &mut oacc[r * dvp..][..dvp]);
+                // Hidden keys and the block's padding up to whole vectors: −inf (overriding
+                // any score there). Lanes past `kn_v` are neither written nor read.
+                row[vis..kn_v].fill(f32::NEG_INFINITY);
+                self.softmax_row::<S>(
+                    &mut row[..kn_v],
+                    &mut m[r],
+                    &mut l[r],
+                    &mut oacc[r * dvp..][..dvp],
+                );
             }
             // Padding rows weigh nothing.
             sc[rows * KB..rows_p * KB].fill(0.0);
@@ -471,6 +462,50 @@ impl Unit<'_> {
     }
 }
 
+/// `sc[r0..r0 + R][jg..jg + N·W] = scale · qbuf[r0..r0 + R] · ktb[..][jg..jg + N·W]`, the
+/// `R × N` accumulators in registers across `d`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn qk_tile<S: Simd, const R: usize, const N: usize>(
+    qbuf: &[f32],
+    ktb: &[f32],
+    sc: &mut [f32],
+    r0: usize,
+    jg: usize,
+    d: usize,
+    scale: S::V,
+) {
+    let w = S::W;
+    assert!((r0 + R) * d <= qbuf.len() && (r0 + R) * KB <= sc.len() && jg + N * w <= KB);
+    assert!(d * KB <= ktb.len());
+    let mut acc = [[S::splat(0.0); N]; R];
+    let kp = ktb.as_ptr();
+    let qp = qbuf.as_ptr();
+    for dd in 0..d {
+        // SAFETY: `dd·KB + jg + N·w ≤ d·KB ≤ ktb.len()` (asserted above).
+        let kv: [S::V; N] =
+            std::array::from_fn(|v| unsafe { S::load(kp.add(dd * KB + jg + v * w)) });
+        for (r, accr) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r0 + r` of `qbuf` exists (asserted above).
+            let qb = S::splat(unsafe { *qp.add((r0 + r) * d + dd) });
+            for v in 0..N {
+                accr[v] = S::fma(qb, kv[v], accr[v]);
+            }
+        }
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        for (v, &a) in accr.iter().enumerate() {
+            // SAFETY: `(r0 + r)·KB + jg + v·w + w ≤ sc.len()` (asserted above).
+            unsafe {
+                S::store(
+                    sc.as_mut_ptr().add((r0 + r) * KB + jg + v * w),
+                    S::mul(a, scale),
+                )
+            };
+        }
+    }
+}
+
 /// `oacc[r0..r0 + R][x0..x0 + N·W] += P[r0..r0 + R][..kn] · vblk[..kn][x0..x0 + N·W]`, the
 /// accumulators in registers across the keys. No skip for a zero weight: `0·NaN` in V must
 /// give NaN, as in the reference.
@@ -486,8 +521,8 @@ fn pv_tile<S: Simd, const R: usize, const N: usize>(
     dvp: usize,
 ) {
     let w = S::W;
-    debug_assert!((r0 + R) * KB <= sc.len() && (r0 + R) * dvp <= oacc.len());
-    debug_assert!(kn * dvp <= vblk.len() && x0 + N * w <= dvp);
+    assert!((r0 + R) * KB <= sc.len() && (r0 + R) * dvp <= oacc.len());
+    assert!(kn * dvp <= vblk.len() && x0 + N * w <= dvp);
     let op = oacc.as_mut_ptr();
     // SAFETY (loads/stores below): rows `r0..r0 + R` exist in `sc` and `oacc`, columns
     // `x0..x0 + N·w` lie inside `dvp`, and keys `..kn` inside `vblk` (asserted above and
