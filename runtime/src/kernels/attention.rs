@@ -173,14 +173,26 @@ struct Packed {
     dvp: usize,
 }
 
-/// Packs K transposed and V padded, in parallel over (batch, kv head).
+/// Packing buffers kept per calling thread between calls below this many floats each, so
+/// that a model's attention layers do not fault fresh zeroed pages in on every call.
+const KEEP_PACK_FLOATS: usize = 16 << 20;
+
+thread_local! {
+    /// The calling thread's K and V packing buffers from its last call.
+    static PACK_BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Packs K transposed and V padded, in parallel over (batch, kv head), into buffers reused
+/// from this thread's last call (every element, padding included, is written here).
 fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
     let [b, _, hkv, _, t, d, dv] = p.dims;
     let tp = t.div_ceil(KB) * KB;
     let dvp = dv.div_ceil(DV_ALIGN) * DV_ALIGN;
     let groups = b * hkv;
-    let mut kt = vec![0.0f32; groups * d * tp];
-    let mut vp = vec![0.0f32; groups * tp * dvp];
+    let (mut kt, mut vp) = PACK_BUFS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    kt.resize(groups * d * tp, 0.0);
+    vp.resize(groups * tp * dvp, 0.0);
     let mut v_bad_end = vec![0usize; groups];
     let (ktp, vpp) = (SharedPtr(kt.as_mut_ptr()), SharedPtr(vp.as_mut_ptr()));
     let badp = v_bad_end.as_mut_ptr() as usize;
@@ -194,17 +206,34 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
             )
         };
         let ksrc = &p.k[g * t * d..][..t * d];
-        for (j, krow) in ksrc.chunks_exact(d.max(1)).enumerate().take(t) {
-            for (dd, &x) in krow.iter().enumerate() {
-                kg[(j / KB * d + dd) * KB + j % KB] = x;
+        for jb in 0..tp / KB {
+            let tile = &mut kg[jb * d * KB..][..d * KB];
+            let kn = KB.min(t - jb * KB);
+            for jj in 0..kn {
+                let krow = &ksrc[(jb * KB + jj) * d..][..d];
+                for (x, &k) in tile[jj..].iter_mut().step_by(KB).zip(krow) {
+                    *x = k;
+                }
+            }
+            if kn < KB {
+                for row in tile.chunks_exact_mut(KB) {
+                    row[kn..].fill(0.0);
+                }
             }
         }
         let vsrc = &p.v[g * t * dv..][..t * dv];
-        for j in 0..t {
-            let row = &vsrc[j * dv..][..dv];
-            vg[j * dvp..][..dv].copy_from_slice(row);
-            if !row.iter().all(|x| x.is_finite()) {
-                *bad = j + 1;
+        for (j, dst) in vg.chunks_exact_mut(dvp).enumerate() {
+            if j < t {
+                let row = &vsrc[j * dv..][..dv];
+                dst[..dv].copy_from_slice(row);
+                dst[dv..].fill(0.0);
+                // Exponent bits all ones (NaN or ±inf), as a branch-free fold that vectorises.
+                const EXP: u32 = 0x7f80_0000;
+                if row.iter().fold(0, |a: u32, x| a.max(x.to_bits() & EXP)) == EXP {
+                    *bad = j + 1;
+                }
+            } else {
+                dst.fill(0.0);
             }
         }
     });
@@ -214,6 +243,17 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
         v_bad_end,
         tp,
         dvp,
+    }
+}
+
+impl Drop for Packed {
+    /// Hands the buffers back to this thread for its next call (unless they are huge).
+    fn drop(&mut self) {
+        if self.kt.capacity() <= KEEP_PACK_FLOATS && self.vp.capacity() <= KEEP_PACK_FLOATS {
+            let bufs = (std::mem::take(&mut self.kt), std::mem::take(&mut self.vp));
+            // Ignore a thread being torn down (the buffers are then simply freed).
+            let _ = PACK_BUFS.try_with(|c| *c.borrow_mut() = bufs);
+        }
     }
 }
 
@@ -313,8 +353,9 @@ impl Unit<'_> {
         let g = bi * hkv + h / (hq / hkv);
         let kt = &pk.kt[g * d * tp..][..d * tp];
         let vp = &pk.vp[g * tp * dvp..][..tp * dvp];
-        let rows_p = rows.div_ceil(R) * R;
-        debug_assert!(rows_p <= QB && KB % (NK * w) == 0 && dvp % w == 0);
+        // Whole R-row tiles, then single rows.
+        let rows_r = rows / R * R;
+        debug_assert!(KB % (NK * w) == 0 && dvp % w == 0);
         // Queries, zero rows up to the tile height.
         let mut qbuf = vec![0.0f32; QB * d];
         qbuf[..rows * d].copy_from_slice(&p.q[((bi * hq + h) * s + i0) * d..][..rows * d]);
@@ -342,7 +383,7 @@ impl Unit<'_> {
             let kw = NK * w;
             let kq_v = kq.div_ceil(w) * w;
             let ktb = &kt[j0 * d..][..d * KB];
-            for r0 in (0..rows_p).step_by(R) {
+            for r0 in (0..rows_r).step_by(R) {
                 let mut jg = 0;
                 while jg + kw <= kq_v {
                     qk_tile::<S, R, NK>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
@@ -350,6 +391,17 @@ impl Unit<'_> {
                 }
                 while jg < kq_v {
                     qk_tile::<S, R, 1>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    jg += w;
+                }
+            }
+            for r0 in rows_r..rows {
+                let mut jg = 0;
+                while jg + kw <= kq_v {
+                    qk_tile::<S, 1, NK>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    jg += kw;
+                }
+                while jg < kq_v {
+                    qk_tile::<S, 1, 1>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
                     jg += w;
                 }
             }
@@ -387,11 +439,9 @@ impl Unit<'_> {
                     &mut oacc[r * dvp..][..dvp],
                 );
             }
-            // Padding rows weigh nothing.
-            sc[rows * KB..rows_p * KB].fill(0.0);
             // oacc[r] += P[r] · V[j0..j0 + kn].
             let vblk = &vp[j0 * dvp..][..kn * dvp];
-            for r0 in (0..rows_p).step_by(R) {
+            for r0 in (0..rows_r).step_by(R) {
                 let mut x0 = 0;
                 while x0 + NO * w <= dvp {
                     pv_tile::<S, R, NO>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
@@ -399,6 +449,17 @@ impl Unit<'_> {
                 }
                 while x0 < dvp {
                     pv_tile::<S, R, 1>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
+                    x0 += w;
+                }
+            }
+            for r0 in rows_r..rows {
+                let mut x0 = 0;
+                while x0 + NO * w <= dvp {
+                    pv_tile::<S, 1, NO>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
+                    x0 += NO * w;
+                }
+                while x0 < dvp {
+                    pv_tile::<S, 1, 1>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
                     x0 += w;
                 }
             }
