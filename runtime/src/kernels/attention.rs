@@ -178,6 +178,9 @@ struct Packed {
 const KEEP_PACK_FLOATS: usize = 16 << 20;
 
 thread_local! {
+    /// A work unit's scores and output accumulator, reused by the thread's next unit.
+    static UNIT_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     /// The calling thread's K and V packing buffers from its last call.
     static PACK_BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
@@ -346,21 +349,44 @@ impl Unit<'_> {
     #[inline(always)]
     fn run<S: Simd, const R: usize, const NK: usize, const NO: usize>(&self, o: &mut [f32]) {
         let p = self.p;
+        let [_, hq, _, s, _, d, _] = p.dims;
+        let (bi, h, i0, rows, dvp) = (self.bi, self.h, self.i0, self.rows, self.pk.dvp);
+        // The unit's query rows, read in place.
+        let qbuf = &p.q[((bi * hq + h) * s + i0) * d..][..rows * d];
+        // Taken out and put back rather than used inside `with`'s closure: a closure does not
+        // inherit the caller's target features, so the kernel would lose its intrinsics.
+        let (mut sc, mut oacc) = UNIT_SCRATCH
+            .try_with(|c| std::mem::take(&mut *c.borrow_mut()))
+            .unwrap_or_default();
+        sc.resize(QB * KB, 0.0);
+        oacc.clear();
+        oacc.resize(rows * dvp, 0.0);
+        self.blocks::<S, R, NK, NO>(qbuf, &mut sc, &mut oacc, o);
+        // A thread being torn down just frees them.
+        let _ = UNIT_SCRATCH.try_with(|c| *c.borrow_mut() = (sc, oacc));
+    }
+
+    /// [`Unit::run`]'s body with its scratch: scores `sc` (`QB × KB`, any contents) and the
+    /// zeroed accumulator `oacc` (`rows × dvp`).
+    #[inline(always)]
+    fn blocks<S: Simd, const R: usize, const NK: usize, const NO: usize>(
+        &self,
+        qbuf: &[f32],
+        sc: &mut [f32],
+        oacc: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let p = self.p;
         let pk = self.pk;
         let [_, hq, hkv, s, t, d, dv] = p.dims;
         let (tp, dvp, w) = (pk.tp, pk.dvp, S::W);
         let (bi, h, i0, rows) = (self.bi, self.h, self.i0, self.rows);
         let g = bi * hkv + h / (hq / hkv);
-        let kt = &pk.kt[g * d * tp..][..d * tp];
         let vp = &pk.vp[g * tp * dvp..][..tp * dvp];
+        let kt = &pk.kt[g * d * tp..][..d * tp];
         // Whole R-row tiles, then single rows.
         let rows_r = rows / R * R;
         debug_assert!(KB % (NK * w) == 0 && dvp % w == 0);
-        // Queries, zero rows up to the tile height.
-        let mut qbuf = vec![0.0f32; QB * d];
-        qbuf[..rows * d].copy_from_slice(&p.q[((bi * hq + h) * s + i0) * d..][..rows * d]);
-        let mut sc = vec![0.0f32; QB * KB];
-        let mut oacc = vec![0.0f32; QB * dvp];
         let mut m = [f32::NEG_INFINITY; QB];
         let mut l = [0.0f32; QB];
         // Position of the unit's last query; keys past it are hidden from all its rows.
@@ -386,22 +412,22 @@ impl Unit<'_> {
             for r0 in (0..rows_r).step_by(R) {
                 let mut jg = 0;
                 while jg + kw <= kq_v {
-                    qk_tile::<S, R, NK>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    qk_tile::<S, R, NK>(qbuf, ktb, sc, r0, jg, d, scale);
                     jg += kw;
                 }
                 while jg < kq_v {
-                    qk_tile::<S, R, 1>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    qk_tile::<S, R, 1>(qbuf, ktb, sc, r0, jg, d, scale);
                     jg += w;
                 }
             }
             for r0 in rows_r..rows {
                 let mut jg = 0;
                 while jg + kw <= kq_v {
-                    qk_tile::<S, 1, NK>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    qk_tile::<S, 1, NK>(qbuf, ktb, sc, r0, jg, d, scale);
                     jg += kw;
                 }
                 while jg < kq_v {
-                    qk_tile::<S, 1, 1>(&qbuf, ktb, &mut sc, r0, jg, d, scale);
+                    qk_tile::<S, 1, 1>(qbuf, ktb, sc, r0, jg, d, scale);
                     jg += w;
                 }
             }
@@ -444,22 +470,22 @@ impl Unit<'_> {
             for r0 in (0..rows_r).step_by(R) {
                 let mut x0 = 0;
                 while x0 + NO * w <= dvp {
-                    pv_tile::<S, R, NO>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
+                    pv_tile::<S, R, NO>(sc, vblk, oacc, r0, x0, kn, dvp);
                     x0 += NO * w;
                 }
                 while x0 < dvp {
-                    pv_tile::<S, R, 1>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
+                    pv_tile::<S, R, 1>(sc, vblk, oacc, r0, x0, kn, dvp);
                     x0 += w;
                 }
             }
             for r0 in rows_r..rows {
                 let mut x0 = 0;
                 while x0 + NO * w <= dvp {
-                    pv_tile::<S, 1, NO>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
+                    pv_tile::<S, 1, NO>(sc, vblk, oacc, r0, x0, kn, dvp);
                     x0 += NO * w;
                 }
                 while x0 < dvp {
-                    pv_tile::<S, 1, 1>(&sc, vblk, &mut oacc, r0, x0, kn, dvp);
+                    pv_tile::<S, 1, 1>(sc, vblk, oacc, r0, x0, kn, dvp);
                     x0 += w;
                 }
             }
