@@ -198,18 +198,20 @@ mod x86 {
         }
         #[inline(always)]
         fn hsum(a: __m256) -> f32 {
-            let mut l = [0.0f32; 8];
-            // SAFETY: `l` holds 8 values.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
-            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+            // ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), in registers.
+            unsafe {
+                let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+            }
         }
         #[inline(always)]
         fn hmax(a: __m256) -> f32 {
-            let mut l = [0.0f32; 8];
-            // SAFETY: `l` holds 8 values.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
-            l.iter()
-                .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+            unsafe {
+                let h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+                let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)))
+            }
         }
     }
 
@@ -271,19 +273,12 @@ mod x86 {
         }
         #[inline(always)]
         fn hsum(a: __m512) -> f32 {
-            let mut l = [0.0f32; 16];
-            // SAFETY: `l` holds 16 values.
-            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), a) };
-            let h: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
-            ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
+            // A fixed tree of adds (deterministic), in registers.
+            unsafe { _mm512_reduce_add_ps(a) }
         }
         #[inline(always)]
         fn hmax(a: __m512) -> f32 {
-            let mut l = [0.0f32; 16];
-            // SAFETY: `l` holds 16 values.
-            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), a) };
-            l.iter()
-                .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+            unsafe { _mm512_reduce_max_ps(a) }
         }
     }
 }
