@@ -147,7 +147,7 @@ fn random_case(rng: &mut StdRng, case: usize) -> Case {
     let hq = hkv * [1, 2, 4][case % 3];
     let s = dim(rng, 45);
     // T > S: a kv cache (spanning several 64-key blocks); T < S: causal rows that see nothing.
-    let t = if case % 4 == 0 {
+    let t = if case.is_multiple_of(4) {
         dim(rng, 20)
     } else {
         s + dim(rng, 150) - 1
@@ -171,7 +171,7 @@ fn random_case(rng: &mut StdRng, case: usize) -> Case {
         k: rand_v(rng, b * hkv * t * d),
         v: rand_v(rng, b * hkv * t * dv),
         causal: case % 2 == 1,
-        scale: (case % 7 == 0).then_some(0.3),
+        scale: case.is_multiple_of(7).then_some(0.3),
         mask,
     }
 }

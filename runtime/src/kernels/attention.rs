@@ -386,7 +386,7 @@ impl Unit<'_> {
         let kt = &pk.kt[g * d * tp..][..d * tp];
         // Whole R-row tiles, then single rows.
         let rows_r = rows / R * R;
-        debug_assert!(KB % (NK * w) == 0 && dvp % w == 0);
+        debug_assert!(KB.is_multiple_of(NK * w) && dvp.is_multiple_of(w));
         let mut m = [f32::NEG_INFINITY; QB];
         let mut l = [0.0f32; QB];
         // Position of the unit's last query; keys past it are hidden from all its rows.
