@@ -326,3 +326,34 @@ fn a_forced_isa_the_cpu_lacks_is_an_error_not_a_crash() {
         }
     }
 }
+
+#[test]
+fn empty_head_dims_do_not_panic() {
+    let mut rng = StdRng::seed_from_u64(25);
+    // Dv = 0: an empty output; D = 0 with an explicit scale: every score 0, a plain mean of V.
+    for (d, dv) in [(8, 0), (0, 5)] {
+        let (s, t) = (3, 70);
+        let (q, k, v) = (
+            rand_v(&mut rng, s * d),
+            rand_v(&mut rng, t * d),
+            rand_v(&mut rng, t * dv),
+        );
+        let p = Attention {
+            q: &q,
+            k: &k,
+            v: &v,
+            dims: [1, 1, 1, s, t, d, dv],
+            scale: 0.5,
+            causal: false,
+            mask: None,
+        };
+        for isa in isas() {
+            let mut out = vec![0.0f32; s * dv];
+            attention_with(&Pool::single(), &p, &mut out, isa).expect("attention");
+            for (x, col) in out.iter().zip((0..dv).cycle()) {
+                let mean = (0..t).map(|j| v[j * dv + col] as f64).sum::<f64>() / t as f64;
+                assert!((*x as f64 - mean).abs() < 1e-5, "{isa:?}: {x} vs {mean}");
+            }
+        }
+    }
+}

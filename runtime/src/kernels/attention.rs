@@ -214,7 +214,8 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
             let kn = KB.min(t - jb * KB);
             for jj in 0..kn {
                 let krow = &ksrc[(jb * KB + jj) * d..][..d];
-                for (x, &k) in tile[jj..].iter_mut().step_by(KB).zip(krow) {
+                // (`skip`, not `tile[jj..]`: with D = 0 the tile is empty.)
+                for (x, &k) in tile.iter_mut().skip(jj).step_by(KB).zip(krow) {
                     *x = k;
                 }
             }
@@ -225,7 +226,8 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
             }
         }
         let vsrc = &p.v[g * t * dv..][..t * dv];
-        for (j, dst) in vg.chunks_exact_mut(dvp).enumerate() {
+        // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
+        for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
             if j < t {
                 let row = &vsrc[j * dv..][..dv];
                 dst[..dv].copy_from_slice(row);
