@@ -1,8 +1,9 @@
-//! Fused attention benchmark on the bench models' shapes (head dim 64), 1 and 2 threads;
-//! prints the best of N runs and GFLOP/s (4·B·Hq·S·T·D flops). Run with
-//! `cargo run --release -p kiln-runtime --example attention_bench`.
+//! Fused attention benchmark on the bench models' shapes (head dim 64), on every ISA the CPU
+//! has (1 thread) and the widest on 2 threads; prints the best of N runs and GFLOP/s
+//! (4·B·Hq·S·T·D flops, causal counted in full). Run with
+//! `cargo run --release -p kiln-runtime --example attention_bench [name filter]`.
 
-use kiln_runtime::kernels::attention::{attention, Attention};
+use kiln_runtime::kernels::attention::{attention_with, Attention, Isa};
 use kiln_runtime::pool::Pool;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,11 @@ fn main() {
         ("llama GQA S=128", 1, 8, 4, 128, 128, true),
         ("llama kv decode T=129", 1, 8, 4, 1, 129, false),
     ];
+    let filter = std::env::args().nth(1).unwrap_or_default();
     for (name, b, hq, hkv, s, t, causal) in shapes {
+        if !name.contains(&filter) {
+            continue;
+        }
         let d = 64;
         let gen = |n: usize, seed: usize| -> Vec<f32> {
             (0..n)
@@ -36,21 +41,26 @@ fn main() {
             mask: None,
         };
         let mut out = vec![0.0f32; b * hq * s * d];
-        let mut line = format!("{name:<24}");
-        for threads in [1, 2] {
+        let runs = [
+            (Isa::Avx512, 1),
+            (Isa::Avx2, 1),
+            (Isa::Portable, 1),
+            (Isa::Auto, 2),
+        ];
+        for (isa, threads) in runs.into_iter().filter(|(i, _)| i.available()) {
             let pool = Pool::new(threads).expect("pool");
             let mut best = Duration::MAX;
             for _ in 0..50 {
                 let t0 = Instant::now();
-                attention(&pool, &p, &mut out).expect("attention");
+                attention_with(&pool, &p, &mut out, isa).expect("attention");
                 best = best.min(t0.elapsed());
             }
             let gf = 4.0 * (b * hq * s * t * d) as f64 / best.as_secs_f64() / 1e9;
-            line += &format!(
-                "  {threads} thr: {:>8.1} µs {gf:>6.1} GFLOP/s",
+            println!(
+                "{name:<24} {:<9} {threads} thr: {:>8.1} µs {gf:>6.1} GFLOP/s",
+                format!("{isa:?}"),
                 best.as_secs_f64() * 1e6
             );
         }
-        println!("{line}");
     }
 }

@@ -5,16 +5,69 @@
 //! `T − S + i`), additive masks (bool masks arrive as 0 / −inf), and the reference's NaN for a
 //! row whose scores are all −inf.
 //!
-//! Work units are (batch, head, query block) and each writes only its own output rows, so
-//! the result is the same for any thread schedule.
+//! K is first packed once per (batch, kv head) transposed (`[D][T]`, so one vector covers
+//! 8 or 16 keys) and V with its rows padded to 16 lanes; then each work unit computes its
+//! `rows × keys` score tile with register-blocked FMAs, a vectorised online softmax, and the
+//! `P·V` product into a `rows × Dv` accumulator. AVX-512F, AVX2+FMA and portable versions of
+//! the same code are chosen at run time ([`Isa`]).
+//!
+//! Work units are (batch, head, query block) and each writes only its own output rows, in a
+//! fixed order, so the result is bit-identical for any thread count.
 
-use super::gemm::{avx2, fast_exp};
+#[path = "attention_simd.rs"]
+mod simd;
+
+use super::gemm::fast_exp;
 use crate::pool::Pool;
+use simd::{exp, Portable, Simd};
 
-/// Query rows per work unit (their accumulators stay in L1 next to one key block).
+/// Query rows per work unit (their scores and accumulators stay in L1 next to one key
+/// block).
 const QB: usize = 16;
-/// Keys per block.
+/// Keys per block (a multiple of every tile's key width).
 const KB: usize = 64;
+/// V rows and the output accumulator are padded to a multiple of this (every ISA's lanes).
+const DV_ALIGN: usize = 16;
+
+/// Which instruction set the kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The widest the CPU has.
+    Auto,
+    /// AVX-512F (x86-64).
+    Avx512,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+    /// Plain Rust, any target.
+    Portable,
+}
+
+impl Isa {
+    /// Whether this CPU can run `self` (`Auto` and `Portable` always can).
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Auto | Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// `Auto` resolved to a concrete ISA.
+    fn resolve(self) -> Isa {
+        match self {
+            Isa::Auto if Isa::Avx512.available() => Isa::Avx512,
+            Isa::Auto if Isa::Avx2.available() => Isa::Avx2,
+            Isa::Auto => Isa::Portable,
+            other => other,
+        }
+    }
+}
 
 /// An additive mask broadcast to the `[B, Hq, S, T]` scores: element `(b, h, i, j)` is
 /// `data[b·sb + h·sh + i·si + j·sj]` (stride 0 where the mask broadcasts).
@@ -87,29 +140,156 @@ impl Attention<'_> {
     }
 }
 
-/// Output pointer shared by work units, each writing its own rows.
+/// A raw pointer shared by work units, each writing its own disjoint part.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: units write pairwise-disjoint rows of the output slice, which outlives the call.
-unsafe impl Send for OutPtr {}
+struct SharedPtr(*mut f32);
+// SAFETY: units write pairwise-disjoint ranges of a buffer that outlives the call.
+unsafe impl Send for SharedPtr {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl Sync for SharedPtr {}
 
-impl OutPtr {
+impl SharedPtr {
     /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
     fn ptr(self) -> *mut f32 {
         self.0
     }
 }
 
-/// Computes attention into `out` (`[B, Hq, S, Dv]`) on `pool`.
+/// K and V repacked per (batch, kv head) `g`.
+struct Packed {
+    /// `kt[g][j / KB][dd][j % KB]`: per key block a `D × KB` transposed tile, contiguous so
+    /// that a score tile streams through it (a `[D][T]` layout strides rows by whole pages
+    /// and thrashes L1 sets). Zero past `T`.
+    kt: Vec<f32>,
+    /// `vp[g][j][x]`, `tp` rows of `dvp` (zero past `T` and `Dv`).
+    vp: Vec<f32>,
+    /// Per `g`: one past the last V row holding a NaN or an infinity (0 when none). Key
+    /// blocks past it that causal hides from every query of a unit can be skipped: they add
+    /// exactly `0·v = 0`.
+    v_bad_end: Vec<usize>,
+    /// Keys padded to a multiple of [`KB`].
+    tp: usize,
+    /// `Dv` padded to a multiple of [`DV_ALIGN`].
+    dvp: usize,
+}
+
+/// Packing buffers kept per calling thread between calls below this many floats each, so
+/// that a model's attention layers do not fault fresh zeroed pages in on every call.
+const KEEP_PACK_FLOATS: usize = 16 << 20;
+
+thread_local! {
+    /// A work unit's scores and output accumulator, reused by the thread's next unit.
+    static UNIT_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The calling thread's K and V packing buffers from its last call.
+    static PACK_BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Packs K transposed and V padded, in parallel over (batch, kv head), into buffers reused
+/// from this thread's last call (every element, padding included, is written here).
+fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
+    let [b, _, hkv, _, t, d, dv] = p.dims;
+    let tp = t.div_ceil(KB) * KB;
+    let dvp = dv.div_ceil(DV_ALIGN) * DV_ALIGN;
+    let groups = b * hkv;
+    let (mut kt, mut vp) = PACK_BUFS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    kt.resize(groups * d * tp, 0.0);
+    vp.resize(groups * tp * dvp, 0.0);
+    let mut v_bad_end = vec![0usize; groups];
+    let (ktp, vpp) = (SharedPtr(kt.as_mut_ptr()), SharedPtr(vp.as_mut_ptr()));
+    let badp = v_bad_end.as_mut_ptr() as usize;
+    pool.parallel_for(groups, |g| {
+        // SAFETY: group `g` owns its own `d·tp`, `tp·dvp` and single-element ranges.
+        let (kg, vg, bad) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(ktp.ptr().add(g * d * tp), d * tp),
+                std::slice::from_raw_parts_mut(vpp.ptr().add(g * tp * dvp), tp * dvp),
+                &mut *(badp as *mut usize).add(g),
+            )
+        };
+        let ksrc = &p.k[g * t * d..][..t * d];
+        for jb in 0..tp / KB {
+            let tile = &mut kg[jb * d * KB..][..d * KB];
+            let kn = KB.min(t - jb * KB);
+            for jj in 0..kn {
+                let krow = &ksrc[(jb * KB + jj) * d..][..d];
+                // (`skip`, not `tile[jj..]`: with D = 0 the tile is empty.)
+                for (x, &k) in tile.iter_mut().skip(jj).step_by(KB).zip(krow) {
+                    *x = k;
+                }
+            }
+            if kn < KB {
+                for row in tile.chunks_exact_mut(KB) {
+                    row[kn..].fill(0.0);
+                }
+            }
+        }
+        let vsrc = &p.v[g * t * dv..][..t * dv];
+        // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
+        for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
+            if j < t {
+                let row = &vsrc[j * dv..][..dv];
+                dst[..dv].copy_from_slice(row);
+                dst[dv..].fill(0.0);
+                // Exponent bits all ones (NaN or ±inf), as a branch-free fold that vectorises.
+                const EXP: u32 = 0x7f80_0000;
+                if row.iter().fold(0, |a: u32, x| a.max(x.to_bits() & EXP)) == EXP {
+                    *bad = j + 1;
+                }
+            } else {
+                dst.fill(0.0);
+            }
+        }
+    });
+    Packed {
+        kt,
+        vp,
+        v_bad_end,
+        tp,
+        dvp,
+    }
+}
+
+impl Drop for Packed {
+    /// Hands the buffers back to this thread for its next call (unless they are huge).
+    fn drop(&mut self) {
+        if self.kt.capacity() <= KEEP_PACK_FLOATS && self.vp.capacity() <= KEEP_PACK_FLOATS {
+            let bufs = (std::mem::take(&mut self.kt), std::mem::take(&mut self.vp));
+            // Ignore a thread being torn down (the buffers are then simply freed).
+            let _ = PACK_BUFS.try_with(|c| *c.borrow_mut() = bufs);
+        }
+    }
+}
+
+/// Computes attention into `out` (`[B, Hq, S, Dv]`) on `pool`, with the widest ISA.
 pub fn attention(pool: &Pool, p: &Attention<'_>, out: &mut [f32]) -> Result<(), String> {
+    attention_with(pool, p, out, Isa::Auto)
+}
+
+/// [`attention`] with the instruction set chosen by the caller (tests force each one);
+/// `Err` when this CPU lacks it.
+pub fn attention_with(
+    pool: &Pool,
+    p: &Attention<'_>,
+    out: &mut [f32],
+    isa: Isa,
+) -> Result<(), String> {
     p.check(out)?;
-    let [b, hq, _, s, _, _, dv] = p.dims;
+    if !isa.available() {
+        return Err(format!("attention: this CPU cannot run {isa:?}"));
+    }
+    let isa = isa.resolve();
+    let [b, hq, _, s, t, _, dv] = p.dims;
+    if t == 0 {
+        // No keys: the reference's sum over nothing.
+        out.fill(0.0);
+        return Ok(());
+    }
+    let packed = pack(pool, p);
     let qblocks = s.div_ceil(QB);
     let units = b * hq * qblocks;
-    let optr = OutPtr(out.as_mut_ptr());
-    let use_avx2 = avx2::available();
+    let optr = SharedPtr(out.as_mut_ptr());
     pool.parallel_for(units, |u| {
         let (bh, qb) = (u / qblocks, u % qblocks);
         let i0 = qb * QB;
@@ -118,189 +298,342 @@ pub fn attention(pool: &Pool, p: &Attention<'_>, out: &mut [f32]) -> Result<(), 
         // SAFETY: unit `u` owns rows `i0..i0 + rows` of head `bh`, disjoint from every other
         // unit's, inside `out` (checked above); `out` is borrowed for the whole call.
         let o = unsafe { std::slice::from_raw_parts_mut(optr.ptr().add(base), rows * dv) };
-        if use_avx2 {
-            // SAFETY: AVX2 and FMA are present.
-            unsafe { unit_avx2(p, bh / hq, bh % hq, i0, rows, o) }
-        } else {
-            unit::<Plain>(p, bh / hq, bh % hq, i0, rows, o)
+        let job = Unit {
+            p,
+            pk: &packed,
+            bi: bh / hq,
+            h: bh % hq,
+            i0,
+            rows,
+        };
+        match isa {
+            // SAFETY: `available` checked the features.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { unit_avx512(&job, o) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { unit_avx2(&job, o) },
+            _ => job.run::<Portable, 4, 2, 2>(o),
         }
     });
     Ok(())
 }
 
-/// `a·b + c`, fused where the target has FMA.
-trait Fma {
-    fn fma(a: f32, b: f32, c: f32) -> f32;
-}
-struct Plain;
-impl Fma for Plain {
-    #[inline(always)]
-    fn fma(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-struct Fused;
-impl Fma for Fused {
-    #[inline(always)]
-    fn fma(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn unit_avx512(job: &Unit<'_>, o: &mut [f32]) {
+    job.run::<simd::Avx512, 4, 4, 4>(o)
 }
 
 /// # Safety
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn unit_avx2(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usize, o: &mut [f32]) {
-    unit::<Fused>(p, bi, h, i0, rows, o)
+unsafe fn unit_avx2(job: &Unit<'_>, o: &mut [f32]) {
+    job.run::<simd::Avx2, 4, 2, 2>(o)
 }
 
-/// # Safety
-/// None (never called off x86-64).
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn unit_avx2(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usize, o: &mut [f32]) {
-    unit::<Plain>(p, bi, h, i0, rows, o)
+/// One work unit: query rows `i0..i0 + rows` of head `h` in batch `bi`.
+struct Unit<'a> {
+    p: &'a Attention<'a>,
+    pk: &'a Packed,
+    bi: usize,
+    h: usize,
+    i0: usize,
+    rows: usize,
 }
 
-/// `o[..DV] += Σ_j e[j]·v[j, ..]` with the accumulator in a fixed-size local array (kept in
-/// registers), same order of operations as the generic loop.
-#[inline(always)]
-fn pv_fixed<F: Fma, const DV: usize>(e: &[f32], v: &[f32], o: &mut [f32]) {
-    let o: &mut [f32; DV] = o.try_into().expect("DV wide");
-    let mut acc = *o;
-    for (&ej, vrow) in e.iter().zip(v.chunks_exact(DV)) {
-        let vrow: &[f32; DV] = vrow.try_into().expect("DV wide");
-        for x in 0..DV {
-            acc[x] = F::fma(ej, vrow[x], acc[x]);
-        }
+impl Unit<'_> {
+    /// Runs the unit into `o` (`rows × Dv`) with `R`-row tiles, `NK` vectors of keys per
+    /// score tile and `NO` vectors of `Dv` per `P·V` tile.
+    #[inline(always)]
+    fn run<S: Simd, const R: usize, const NK: usize, const NO: usize>(&self, o: &mut [f32]) {
+        let p = self.p;
+        let [_, hq, _, s, _, d, _] = p.dims;
+        let (bi, h, i0, rows, dvp) = (self.bi, self.h, self.i0, self.rows, self.pk.dvp);
+        // The unit's query rows, read in place.
+        let qbuf = &p.q[((bi * hq + h) * s + i0) * d..][..rows * d];
+        // Taken out and put back rather than used inside `with`'s closure: a closure does not
+        // inherit the caller's target features, so the kernel would lose its intrinsics.
+        let (mut sc, mut oacc) = UNIT_SCRATCH
+            .try_with(|c| std::mem::take(&mut *c.borrow_mut()))
+            .unwrap_or_default();
+        sc.resize(QB * KB, 0.0);
+        oacc.clear();
+        oacc.resize(rows * dvp, 0.0);
+        self.blocks::<S, R, NK, NO>(qbuf, &mut sc, &mut oacc, o);
+        // A thread being torn down just frees them.
+        let _ = UNIT_SCRATCH.try_with(|c| *c.borrow_mut() = (sc, oacc));
     }
-    *o = acc;
-}
 
-/// Lane-wise maximum that ignores NaN (as the reference's `f64::max` fold does).
-#[inline(always)]
-fn max_ignoring_nan(xs: &[f32; KB]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    for c in xs.chunks_exact(8) {
-        for l in 0..8 {
-            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
-        }
-    }
-    m.iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-/// One work unit: query rows `i0..i0 + rows` of head `h` in batch `bi` into `o`. Per key
-/// block the keys are transposed into `kt[D × KB]` (zero-padded), so that one query row's
-/// `KB` scores are `Σ_d q[d]·kt[d, ..]`: axpys over a fixed-width row that vectorise.
-#[inline(always)]
-fn unit<F: Fma>(p: &Attention<'_>, bi: usize, h: usize, i0: usize, rows: usize, o: &mut [f32]) {
-    let [_, hq, hkv, s, t, d, dv] = p.dims;
-    let kh = h / (hq / hkv);
-    let qbase = ((bi * hq + h) * s + i0) * d;
-    let kbase = (bi * hkv + kh) * t;
-    let mut m = [f32::NEG_INFINITY; QB];
-    let mut l = [0.0f32; QB];
-    let mut kt = vec![0.0f32; d * KB];
-    o.fill(0.0);
-    let mut j0 = 0;
-    while j0 < t {
-        let kn = KB.min(t - j0);
-        for jj in 0..KB {
-            if jj < kn {
-                let krow = &p.k[(kbase + j0 + jj) * d..][..d];
-                for (dd, &x) in krow.iter().enumerate() {
-                    kt[dd * KB + jj] = x;
-                }
-            } else {
-                for dd in 0..d {
-                    kt[dd * KB + jj] = 0.0;
-                }
+    /// [`Unit::run`]'s body with its scratch: scores `sc` (`QB × KB`, any contents) and the
+    /// zeroed accumulator `oacc` (`rows × dvp`).
+    #[inline(always)]
+    fn blocks<S: Simd, const R: usize, const NK: usize, const NO: usize>(
+        &self,
+        qbuf: &[f32],
+        sc: &mut [f32],
+        oacc: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let p = self.p;
+        let pk = self.pk;
+        let [_, hq, hkv, s, t, d, dv] = p.dims;
+        let (tp, dvp, w) = (pk.tp, pk.dvp, S::W);
+        let (bi, h, i0, rows) = (self.bi, self.h, self.i0, self.rows);
+        let g = bi * hkv + h / (hq / hkv);
+        let vp = &pk.vp[g * tp * dvp..][..tp * dvp];
+        let kt = &pk.kt[g * d * tp..][..d * tp];
+        // Whole R-row tiles, then single rows.
+        let rows_r = rows / R * R;
+        debug_assert!(KB.is_multiple_of(NK * w) && dvp.is_multiple_of(w));
+        let mut m = [f32::NEG_INFINITY; QB];
+        let mut l = [0.0f32; QB];
+        // Position of the unit's last query; keys past it are hidden from all its rows.
+        let pos_last = t as i64 - s as i64 + (i0 + rows) as i64 - 1;
+        let scale = S::splat(p.scale);
+        let mut j0 = 0;
+        while j0 < t {
+            let kn = KB.min(t - j0);
+            let kn_v = kn.div_ceil(w) * w;
+            if p.causal && j0 as i64 > pos_last && pk.v_bad_end[g] <= j0 {
+                break;
             }
-        }
-        for r in 0..rows {
-            let i = i0 + r;
-            let qrow = &p.q[qbase + r * d..][..d];
-            let mut sc = [0.0f32; KB];
-            for (dd, &qv) in qrow.iter().enumerate() {
-                let krow: &[f32; KB] = kt[dd * KB..][..KB].try_into().expect("KB wide");
-                for j in 0..KB {
-                    sc[j] = F::fma(qv, krow[j], sc[j]);
-                }
-            }
-            for x in sc.iter_mut() {
-                *x *= p.scale;
-            }
-            if let Some(mk) = &p.mask {
-                let [sb, sh, si, sj] = mk.strides;
-                let base = bi * sb + h * sh + i * si + j0 * sj;
-                for (jj, x) in sc[..kn].iter_mut().enumerate() {
-                    *x += mk.data[base + jj * sj];
-                }
-            }
-            // Query i's absolute position; negative when S > T (no key visible).
-            let pos = t as i64 - s as i64 + i as i64;
-            // Keys past the block's end are padding: −inf like hidden keys.
-            let visible = if p.causal {
-                (pos + 1 - j0 as i64).clamp(0, kn as i64) as usize
+            // Keys any row of the unit can see; the score tile stops there.
+            let kq = if p.causal {
+                (pos_last + 1 - j0 as i64).clamp(0, kn as i64) as usize
             } else {
                 kn
             };
-            sc[visible..].fill(f32::NEG_INFINITY);
-            let m_old = m[r];
-            let m_new = m_old.max(max_ignoring_nan(&sc));
-            // The reference shifts by the row max when it is finite, else by 0.
-            let shift = if m_new.is_finite() { m_new } else { 0.0 };
-            let orow = &mut o[r * dv..][..dv];
-            if m_new != m_old {
-                // With no finite score seen yet everything so far is exp(−inf) = 0 (or NaN,
-                // kept by 0·NaN); against a +inf score the old terms vanish.
-                let corr = if m_old == f32::NEG_INFINITY || m_new == f32::INFINITY {
-                    0.0
-                } else {
-                    fast_exp(m_old - m_new)
-                };
-                l[r] *= corr;
-                orow.iter_mut().for_each(|x| *x *= corr);
-            }
-            m[r] = m_new;
-            // fast_exp clamps its argument; the infinities keep the reference's meaning.
-            for x in sc.iter_mut() {
-                let e = fast_exp(*x - shift);
-                *x = if *x == f32::NEG_INFINITY {
-                    0.0
-                } else if *x == f32::INFINITY {
-                    f32::INFINITY
-                } else {
-                    e
-                };
-            }
-            let mut lanes = [0.0f32; 8];
-            for c in sc.chunks_exact(8) {
-                for q in 0..8 {
-                    lanes[q] += c[q];
+            // Scores: sc[r][jj] = scale · q[r]·k[j0 + jj], in whole vectors up to `kq`.
+            let kw = NK * w;
+            let kq_v = kq.div_ceil(w) * w;
+            let ktb = &kt[j0 * d..][..d * KB];
+            for r0 in (0..rows_r).step_by(R) {
+                let mut jg = 0;
+                while jg + kw <= kq_v {
+                    qk_tile::<S, R, NK>(qbuf, ktb, sc, r0, jg, d, scale);
+                    jg += kw;
+                }
+                while jg < kq_v {
+                    qk_tile::<S, R, 1>(qbuf, ktb, sc, r0, jg, d, scale);
+                    jg += w;
                 }
             }
-            l[r] += ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-            // No skip for e == 0: 0·NaN in v must give NaN, as in the reference.
-            let vblock = &p.v[(kbase + j0) * dv..][..kn * dv];
-            if dv == 64 {
-                // The common head size: the output row lives in registers across the keys.
-                pv_fixed::<F, 64>(&sc[..kn], vblock, orow);
-            } else {
-                for (&e, vrow) in sc[..kn].iter().zip(vblock.chunks_exact(dv)) {
-                    for (ov, &vv) in orow.iter_mut().zip(vrow) {
-                        *ov = F::fma(e, vv, *ov);
+            for r0 in rows_r..rows {
+                let mut jg = 0;
+                while jg + kw <= kq_v {
+                    qk_tile::<S, 1, NK>(qbuf, ktb, sc, r0, jg, d, scale);
+                    jg += kw;
+                }
+                while jg < kq_v {
+                    qk_tile::<S, 1, 1>(qbuf, ktb, sc, r0, jg, d, scale);
+                    jg += w;
+                }
+            }
+            // Online softmax per row; the scores become the weights P.
+            for r in 0..rows {
+                let i = i0 + r;
+                let row = &mut sc[r * KB..][..KB];
+                // Query i's absolute position; negative when S > T (no key visible).
+                let pos = t as i64 - s as i64 + i as i64;
+                let vis = if p.causal {
+                    (pos + 1 - j0 as i64).clamp(0, kn as i64) as usize
+                } else {
+                    kn
+                };
+                if let Some(mk) = &p.mask {
+                    let [sb, sh, si, sj] = mk.strides;
+                    let base = bi * sb + h * sh + i * si + j0 * sj;
+                    if sj == 1 {
+                        for (x, &mv) in row[..vis].iter_mut().zip(&mk.data[base..][..vis]) {
+                            *x += mv;
+                        }
+                    } else {
+                        for (jj, x) in row[..vis].iter_mut().enumerate() {
+                            *x += mk.data[base + jj * sj];
+                        }
                     }
                 }
+                // Hidden keys and the block's padding up to whole vectors: −inf (overriding
+                // any score there). Lanes past `kn_v` are neither written nor read.
+                row[vis..kn_v].fill(f32::NEG_INFINITY);
+                self.softmax_row::<S>(
+                    &mut row[..kn_v],
+                    &mut m[r],
+                    &mut l[r],
+                    &mut oacc[r * dvp..][..dvp],
+                );
+            }
+            // oacc[r] += P[r] · V[j0..j0 + kn].
+            let vblk = &vp[j0 * dvp..][..kn * dvp];
+            for r0 in (0..rows_r).step_by(R) {
+                let mut x0 = 0;
+                while x0 + NO * w <= dvp {
+                    pv_tile::<S, R, NO>(sc, vblk, oacc, r0, x0, kn, dvp);
+                    x0 += NO * w;
+                }
+                while x0 < dvp {
+                    pv_tile::<S, R, 1>(sc, vblk, oacc, r0, x0, kn, dvp);
+                    x0 += w;
+                }
+            }
+            for r0 in rows_r..rows {
+                let mut x0 = 0;
+                while x0 + NO * w <= dvp {
+                    pv_tile::<S, 1, NO>(sc, vblk, oacc, r0, x0, kn, dvp);
+                    x0 += NO * w;
+                }
+                while x0 < dvp {
+                    pv_tile::<S, 1, 1>(sc, vblk, oacc, r0, x0, kn, dvp);
+                    x0 += w;
+                }
+            }
+            j0 += kn;
+        }
+        for r in 0..rows {
+            let inv = l[r];
+            // 0/0 = NaN for a row with every score −inf, as in the reference.
+            for (y, &a) in o[r * dv..][..dv].iter_mut().zip(&oacc[r * dvp..][..dv]) {
+                *y = a / inv;
             }
         }
-        j0 += kn;
     }
-    for r in 0..rows {
-        let inv = l[r];
-        // 0/0 = NaN for a row with every score −inf, as in the reference.
-        o[r * dv..][..dv].iter_mut().for_each(|x| *x /= inv);
+
+    /// One row's online-softmax step over a key block: updates the running max `m` and sum
+    /// `l`, rescales the row's accumulator `orow`, and turns `row` into `exp(score − shift)`.
+    #[inline(always)]
+    fn softmax_row<S: Simd>(&self, row: &mut [f32], m: &mut f32, l: &mut f32, orow: &mut [f32]) {
+        let w = S::W;
+        let m_old = *m;
+        // `max(x, acc)` keeps `acc` for a NaN score, like the reference's `f64::max` fold.
+        let mut mx = S::splat(m_old);
+        for c in row.chunks_exact(w) {
+            // SAFETY: `c` holds `w` values.
+            mx = S::max(unsafe { S::load(c.as_ptr()) }, mx);
+        }
+        let m_new = S::hmax(mx);
+        // The reference shifts by the row max when it is finite, else by 0.
+        let shift = if m_new.is_finite() { m_new } else { 0.0 };
+        let mut corr = 1.0;
+        if m_new != m_old {
+            // With no finite score seen yet everything so far is exp(−inf) = 0 (or NaN,
+            // kept by 0·NaN); against a +inf score the old terms vanish.
+            corr = if m_old == f32::NEG_INFINITY || m_new == f32::INFINITY {
+                0.0
+            } else {
+                fast_exp(m_old - m_new)
+            };
+            let cv = S::splat(corr);
+            for c in orow.chunks_exact_mut(w) {
+                // SAFETY: `c` holds `w` values.
+                unsafe { S::store(c.as_mut_ptr(), S::mul(S::load(c.as_ptr()), cv)) };
+            }
+        }
+        *m = m_new;
+        // exp clamps its argument; the infinities keep the reference's meaning.
+        let (sh, zero) = (S::splat(shift), S::splat(0.0));
+        let (ninf, pinf) = (S::splat(f32::NEG_INFINITY), S::splat(f32::INFINITY));
+        let mut sum = zero;
+        for c in row.chunks_exact_mut(w) {
+            // SAFETY: `c` holds `w` values.
+            let x = unsafe { S::load(c.as_ptr()) };
+            let e = exp::<S>(S::sub(x, sh));
+            let e = S::select_eq(x, ninf, zero, e);
+            let e = S::select_eq(x, pinf, pinf, e);
+            // SAFETY: as above.
+            unsafe { S::store(c.as_mut_ptr(), e) };
+            sum = S::add(sum, e);
+        }
+        *l = *l * corr + S::hsum(sum);
+    }
+}
+
+/// `sc[r0..r0 + R][jg..jg + N·W] = scale · qbuf[r0..r0 + R] · ktb[..][jg..jg + N·W]`, the
+/// `R × N` accumulators in registers across `d`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn qk_tile<S: Simd, const R: usize, const N: usize>(
+    qbuf: &[f32],
+    ktb: &[f32],
+    sc: &mut [f32],
+    r0: usize,
+    jg: usize,
+    d: usize,
+    scale: S::V,
+) {
+    let w = S::W;
+    assert!((r0 + R) * d <= qbuf.len() && (r0 + R) * KB <= sc.len() && jg + N * w <= KB);
+    assert!(d * KB <= ktb.len());
+    let mut acc = [[S::splat(0.0); N]; R];
+    let kp = ktb.as_ptr();
+    let qp = qbuf.as_ptr();
+    for dd in 0..d {
+        // SAFETY: `dd·KB + jg + N·w ≤ d·KB ≤ ktb.len()` (asserted above).
+        let kv: [S::V; N] =
+            std::array::from_fn(|v| unsafe { S::load(kp.add(dd * KB + jg + v * w)) });
+        for (r, accr) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r0 + r` of `qbuf` exists (asserted above).
+            let qb = S::splat(unsafe { *qp.add((r0 + r) * d + dd) });
+            for v in 0..N {
+                accr[v] = S::fma(qb, kv[v], accr[v]);
+            }
+        }
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        for (v, &a) in accr.iter().enumerate() {
+            // SAFETY: `(r0 + r)·KB + jg + v·w + w ≤ sc.len()` (asserted above).
+            unsafe {
+                S::store(
+                    sc.as_mut_ptr().add((r0 + r) * KB + jg + v * w),
+                    S::mul(a, scale),
+                )
+            };
+        }
+    }
+}
+
+/// `oacc[r0..r0 + R][x0..x0 + N·W] += P[r0..r0 + R][..kn] · vblk[..kn][x0..x0 + N·W]`, the
+/// accumulators in registers across the keys. No skip for a zero weight: `0·NaN` in V must
+/// give NaN, as in the reference.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pv_tile<S: Simd, const R: usize, const N: usize>(
+    sc: &[f32],
+    vblk: &[f32],
+    oacc: &mut [f32],
+    r0: usize,
+    x0: usize,
+    kn: usize,
+    dvp: usize,
+) {
+    let w = S::W;
+    assert!((r0 + R) * KB <= sc.len() && (r0 + R) * dvp <= oacc.len());
+    assert!(kn * dvp <= vblk.len() && x0 + N * w <= dvp);
+    let op = oacc.as_mut_ptr();
+    // SAFETY (loads/stores below): rows `r0..r0 + R` exist in `sc` and `oacc`, columns
+    // `x0..x0 + N·w` lie inside `dvp`, and keys `..kn` inside `vblk` (asserted above and
+    // guaranteed by the caller's loop bounds).
+    let mut acc: [[S::V; N]; R] = std::array::from_fn(|r| {
+        std::array::from_fn(|v| unsafe { S::load(op.add((r0 + r) * dvp + x0 + v * w)) })
+    });
+    let sp = sc.as_ptr();
+    let vpp = vblk.as_ptr();
+    for j in 0..kn {
+        let vv: [S::V; N] =
+            std::array::from_fn(|v| unsafe { S::load(vpp.add(j * dvp + x0 + v * w)) });
+        for (r, accr) in acc.iter_mut().enumerate() {
+            let pr = S::splat(unsafe { *sp.add((r0 + r) * KB + j) });
+            for v in 0..N {
+                accr[v] = S::fma(pr, vv[v], accr[v]);
+            }
+        }
+    }
+    for (r, accr) in acc.iter().enumerate() {
+        for (v, &a) in accr.iter().enumerate() {
+            unsafe { S::store(op.add((r0 + r) * dvp + x0 + v * w), a) };
+        }
     }
 }
