@@ -40,8 +40,9 @@ use thiserror::Error;
 
 /// Columns of C visited per outer block: a `KC × NC` slab of B is 3 MiB, inside the 32 MiB L3.
 pub const NC: usize = 3072;
-/// The widest register tile of any kernel (`MR · NR`), for edge-tile buffers.
-const MAX_TILE: usize = 16 * 32;
+/// The register tile of the kernels that use an edge-tile buffer ([`EdgeTile`]: AVX2 and
+/// portable, 6 × 16; AVX-512 stores partial tiles with masks instead).
+const MAX_TILE: usize = avx2::MR * avx2::NR;
 /// Below this many flops per thread, handing work to another thread costs more than it saves.
 const MIN_FLOPS_PER_THREAD: usize = 4_000_000;
 
@@ -699,36 +700,64 @@ trait MicroKernel {
     }
 }
 
-/// Runs `full(c, ldc, accumulate)`, a kernel that always writes `rows × NR`, on a tile of
-/// `rows × cols`: directly when `cols == NR`, else into a buffer whose first `cols` columns
-/// are then stored (or added) into C.
-///
-/// # Safety
-/// `c` points to `rows` rows of `cols` writable f32 at stride `ldc`, not aliased; `rows · NR
-/// <= MAX_TILE`; `full` is safe to call on `rows` rows of `NR` at any stride.
-#[inline(always)]
-unsafe fn via_tile_buffer<const NR: usize>(
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-    full: impl FnOnce(*mut f32, usize, bool),
-) {
-    if cols == NR {
-        full(c, ldc, accumulate);
-        return;
+/// An edge-tile buffer for kernels that always write `rows × NR`: [`EdgeTile::target`] gives
+/// where the full-width kernel should write (C itself when `cols == NR`, else the buffer), and
+/// [`EdgeTile::finish`] stores (or adds) the buffer's first `cols` columns into C. Plain
+/// functions, not a closure, so that the kernel call inlines into the caller's target features.
+pub(super) struct EdgeTile {
+    tile: [f32; MAX_TILE],
+}
+
+impl EdgeTile {
+    #[inline(always)]
+    pub(super) fn new() -> Self {
+        EdgeTile {
+            tile: [0.0; MAX_TILE],
+        }
     }
-    let mut tile = [0.0f32; MAX_TILE];
-    full(tile.as_mut_ptr(), NR, false);
-    for r in 0..rows {
-        // SAFETY: row `r < rows` of C, `cols` values, by the caller's contract.
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), cols) };
-        let t = &tile[r * NR..r * NR + cols];
-        if accumulate {
-            row.iter_mut().zip(t).for_each(|(c, t)| *c += t);
+
+    /// `(pointer, row stride, accumulate)` for the full-width kernel.
+    #[inline(always)]
+    pub(super) fn target<const NR: usize>(
+        &mut self,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> (*mut f32, usize, bool) {
+        if cols == NR {
+            (c, ldc, accumulate)
         } else {
-            row.copy_from_slice(t);
+            (self.tile.as_mut_ptr(), NR, false)
+        }
+    }
+
+    /// Copies the buffered tile into C when the kernel wrote to the buffer.
+    ///
+    /// # Safety
+    /// `c` points to `rows` rows of `cols` writable f32 at stride `ldc`, not aliased;
+    /// `rows · NR <= MAX_TILE`.
+    #[inline(always)]
+    pub(super) unsafe fn finish<const NR: usize>(
+        &self,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        if cols == NR {
+            return;
+        }
+        for r in 0..rows {
+            // SAFETY: row `r < rows` of C, `cols` values, by the caller's contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), cols) };
+            let t = &self.tile[r * NR..r * NR + cols];
+            if accumulate {
+                row.iter_mut().zip(t).for_each(|(c, t)| *c += t);
+            } else {
+                row.copy_from_slice(t);
+            }
         }
     }
 }

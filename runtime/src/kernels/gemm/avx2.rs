@@ -74,16 +74,17 @@ impl MicroKernel for Avx2 {
         // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile);
         // a partial-width tile goes through a full-width buffer.
         unsafe {
-            super::via_tile_buffer::<NR>(c, ldc, rows, cols, accumulate, |c, ldc, accumulate| {
-                match rows {
-                    6 => tile::<6, 1>(kc, a, a_step, b, c, ldc, accumulate),
-                    5 => tile::<5, 1>(kc, a, a_step, b, c, ldc, accumulate),
-                    4 => tile::<4, 1>(kc, a, a_step, b, c, ldc, accumulate),
-                    3 => tile::<3, 2>(kc, a, a_step, b, c, ldc, accumulate),
-                    2 => tile::<2, 2>(kc, a, a_step, b, c, ldc, accumulate),
-                    _ => tile::<1, 4>(kc, a, a_step, b, c, ldc, accumulate),
-                }
-            })
+            let mut edge = super::EdgeTile::new();
+            let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
+            match rows {
+                6 => tile::<6, 1>(kc, a, a_step, b, t, ldt, acc),
+                5 => tile::<5, 1>(kc, a, a_step, b, t, ldt, acc),
+                4 => tile::<4, 1>(kc, a, a_step, b, t, ldt, acc),
+                3 => tile::<3, 2>(kc, a, a_step, b, t, ldt, acc),
+                2 => tile::<2, 2>(kc, a, a_step, b, t, ldt, acc),
+                _ => tile::<1, 4>(kc, a, a_step, b, t, ldt, acc),
+            }
+            edge.finish::<NR>(c, ldc, rows, cols, accumulate);
         }
     }
 

@@ -27,9 +27,10 @@ impl MicroKernel for Portable {
     ) {
         // SAFETY: the trait contract.
         unsafe {
-            super::via_tile_buffer::<NR>(c, ldc, rows, cols, accumulate, |c, ldc, accumulate| {
-                portable_tile(kc, a, a_step, b, c, ldc, rows, accumulate)
-            })
+            let mut edge = super::EdgeTile::new();
+            let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
+            portable_tile(kc, a, a_step, b, t, ldt, rows, acc);
+            edge.finish::<NR>(c, ldc, rows, cols, accumulate);
         }
     }
 }
@@ -52,9 +53,12 @@ unsafe fn portable_tile(
 ) {
     {
         let mut acc = [[0.0f32; NR]; MR];
+        // A packed panel has all MR rows (zero-padded): a fixed-size row loop vectorises.
+        let live = if a_step == MR { MR } else { rows };
         for (p, bk) in b.chunks_exact(NR).take(kc).enumerate() {
-            for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
-                // SAFETY: the contract: `a` readable at `p·a_step + r` for `r < rows`.
+            for (r, acc_r) in acc.iter_mut().enumerate().take(live) {
+                // SAFETY: the contract: `a` readable at `p·a_step + r` for `r < rows`, and a
+                // packed panel (`a_step == MR`) for every `r < MR`.
                 let av = unsafe { *a.add(p * a_step + r) };
                 for (x, &bv) in acc_r.iter_mut().zip(bk) {
                     *x += av * bv;
