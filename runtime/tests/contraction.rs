@@ -1,10 +1,14 @@
 //! Every CPU contraction routine (`kernel::contraction`) against the interpreter's op on
 //! random shapes: sizes off the 6/16/8 tile grid, dims of 1, batch broadcasting, transposes,
 //! every epilogue combination, attention with causal / masks / grouped heads / kv cache,
-//! patch convs; NaN propagation; bit-identical results across thread counts and runs.
+//! patch convs; NaN propagation; bit-identical results across thread counts and runs; and the
+//! `linear` GEMM on every micro-kernel this CPU has (avx512 / avx2 / portable, forced).
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
 use kiln_runtime::kernel::contraction::{prepare_op, Prepared};
+use kiln_runtime::kernels::gemm::{
+    gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
+};
 use kiln_runtime::pool::Pool;
 use kiln_runtime::{compare, Tolerance};
 use rand::rngs::StdRng;
@@ -409,5 +413,109 @@ fn epilogue_activations_match_the_f64_reference_to_1e_6() {
             .unwrap();
         let r = compare(&got[0], &want[0], tol);
         assert!(r.ok, "{act}: {r:?}");
+    }
+}
+
+/// Runs `linear` (x [m,k] · w [k,n] + bias, activation, + residual) through the public GEMM
+/// with the micro-kernel forced to `isa`.
+fn linear_on(
+    isa: Isa,
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    resid: &Tensor,
+    act: Activation,
+    threads: usize,
+) -> Tensor {
+    let (m, k) = (x.shape()[0], x.shape()[1]);
+    let n = w.shape()[1];
+    let packed = PackedB::pack_for(
+        MatRef::row_major(w.as_slice::<f32>().unwrap(), k, n).unwrap(),
+        isa,
+    )
+    .unwrap();
+    let mut out = vec![0.0f32; m * n];
+    let ep = Epilogue {
+        row_scale: None,
+        bias: Some(bias.as_slice::<f32>().unwrap()),
+        activation: act,
+        residual: Some(MatRef::row_major(resid.as_slice::<f32>().unwrap(), m, n).unwrap()),
+    };
+    gemm(
+        MatRef::row_major(x.as_slice::<f32>().unwrap(), m, k).unwrap(),
+        Rhs::Packed(&packed),
+        MatMut::row_major(&mut out, m, n).unwrap(),
+        &ep,
+        &GemmConfig { threads, isa },
+    )
+    .unwrap();
+    Tensor::from_vec(vec![m, n], out)
+}
+
+#[test]
+fn every_available_gemm_kernel_matches_the_interpreters_linear() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let acts = [
+        ("none", Activation::None),
+        ("relu", Activation::Relu),
+        ("gelu", Activation::GeluErf),
+        ("gelu_tanh", Activation::GeluTanh),
+        ("silu", Activation::Silu),
+    ];
+    // Off every tile grid (6×16, 12×32), with M = 1, K = 1 and N = 1 among them.
+    let shapes = [
+        (1, 1, 1),
+        (1, 300, 77),
+        (13, 1, 33),
+        (25, 47, 1),
+        (29, 65, 513),
+        (130, 33, 70),
+    ];
+    for isa in Isa::available() {
+        for &(m, k, n) in &shapes {
+            for (name, act) in acts {
+                let x = rand_t(&mut rng, &[m, k]);
+                let w = rand_t(&mut rng, &[k, n]);
+                let bias = rand_t(&mut rng, &[n]);
+                let resid = rand_t(&mut rng, &[m, n]);
+                let attrs = Attrs::new().with("activation", Attr::Str(name.into()));
+                let ins = [Some(&x), Some(&w), Some(&bias), None, Some(&resid)];
+                let want = kiln_ir::ops::eval(OpKind::Linear, &attrs, &ins).unwrap();
+                let one = linear_on(isa, &x, &w, &bias, &resid, act, 1);
+                let r = compare(&one, &want[0], CONTRACTION_TOLERANCE);
+                assert!(r.ok, "{isa:?} {m}x{k}x{n} {name}: {r:?}");
+                let two = linear_on(isa, &x, &w, &bias, &resid, act, 2);
+                assert_eq!(
+                    bits(&one),
+                    bits(&two),
+                    "{isa:?} {m}x{k}x{n} {name}: threads"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_available_gemm_kernel_meets_the_activation_tolerances() {
+    // x·1 + 0 is exact, so the output is act(x) in f32 against act(x) in f64.
+    let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.006).collect();
+    let n = xs.len();
+    let x = Tensor::from_vec(vec![n, 1], xs);
+    let w = Tensor::from_vec(vec![1, 1], vec![1.0f32]);
+    let zero_b = Tensor::from_vec(vec![1], vec![0.0f32]);
+    let zero_r = Tensor::from_vec(vec![n, 1], vec![0.0f32; n]);
+    for isa in Isa::available() {
+        for (name, act, tol) in [
+            ("relu", Activation::Relu, ACTIVATION_TOLERANCE),
+            ("gelu", Activation::GeluErf, ACTIVATION_TOLERANCE),
+            ("silu", Activation::Silu, ACTIVATION_TOLERANCE),
+            ("gelu_tanh", Activation::GeluTanh, GELU_TANH_TOLERANCE),
+        ] {
+            let attrs = Attrs::new().with("activation", Attr::Str(name.into()));
+            let want = kiln_ir::ops::eval(OpKind::Linear, &attrs, &[Some(&x), Some(&w)]).unwrap();
+            let got = linear_on(isa, &x, &w, &zero_b, &zero_r, act, 1);
+            let r = compare(&got, &want[0], tol);
+            assert!(r.ok, "{isa:?} {name}: {r:?}");
+        }
     }
 }

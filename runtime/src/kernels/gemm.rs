@@ -6,9 +6,14 @@
 //!   packed once and reused by every call.
 //! - A is packed per `MC × KC` block into `MR`-row panels (the block lives in L2).
 //! - The micro-kernel multiplies one `MR × kc` A panel by one `kc × NR` B panel into an
-//!   `MR × NR` tile of C held in registers: AVX2+FMA ([`avx2`]) when the CPU has it (checked at
-//!   run time), a portable loop ([`portable`]) everywhere else.
-//! - After the last `KC` slab the epilogue runs on the tile while it is still in L1.
+//!   `MR × NR` tile of C held in registers. Three families, chosen at run time: AVX-512F
+//!   12 × 32 ([`avx512`]), AVX2+FMA 6 × 16 ([`avx2`]), and a portable loop ([`portable`],
+//!   same layout as AVX2). Each family has its own `MR`, `NR`, `KC`, `MC`; a [`PackedB`]
+//!   records the family it was packed for and only runs with a kernel of that layout.
+//! - After the last `KC` slab the epilogue runs on the tile while it is still in L1, in the
+//!   kernel's SIMD width ([`simd`]).
+//! - A one-row block (`M = 1`, decode) with contiguous A skips packing A: the kernel reads the
+//!   row in place.
 //! - Threads split the columns of C (or its rows when there are few columns); each owns a
 //!   disjoint rectangle of C.
 //!
@@ -16,9 +21,11 @@
 //! [`MatMut::new`], [`gemm`]); the inner loops rely on them.
 
 pub(crate) mod avx2;
+pub(crate) mod avx512;
 mod epilogue;
 mod pack;
 mod portable;
+mod simd;
 #[cfg(test)]
 mod tests;
 
@@ -31,17 +38,11 @@ use pack::{pack_a, AlignedBuf};
 use std::sync::OnceLock;
 use thiserror::Error;
 
-/// Rows of the register tile.
-pub const MR: usize = 6;
-/// Columns of the register tile (two AVX2 vectors of 8 f32).
-pub const NR: usize = 16;
-/// Depth of a K slab: one `KC × NR` B panel (16 KiB) plus one `MR × KC` A panel (6 KiB) stay
-/// in Zen 3's 32 KiB L1d.
-pub const KC: usize = 256;
-/// Rows of a packed A block: `MC × KC` f32 = 144 KiB, well inside Zen 3's 512 KiB L2.
-pub const MC: usize = 144;
 /// Columns of C visited per outer block: a `KC × NC` slab of B is 3 MiB, inside the 32 MiB L3.
 pub const NC: usize = 3072;
+/// The register tile of the kernels that use an edge-tile buffer ([`EdgeTile`]: AVX2 and
+/// portable, 6 × 16; AVX-512 stores partial tiles with masks instead).
+const MAX_TILE: usize = avx2::MR * avx2::NR;
 /// Below this many flops per thread, handing work to another thread costs more than it saves.
 const MIN_FLOPS_PER_THREAD: usize = 4_000_000;
 
@@ -86,6 +87,20 @@ pub enum GemmError {
     /// `GemmConfig::threads` was zero.
     #[error("thread count must be at least 1")]
     ZeroThreads,
+    /// The requested micro-kernel needs CPU features this machine lacks.
+    #[error("the {isa} GEMM kernel is not available on this CPU")]
+    IsaUnavailable {
+        /// The kernel asked for.
+        isa: &'static str,
+    },
+    /// A packed B was packed for a kernel whose layout differs from the requested one.
+    #[error("B was packed for the {packed} kernel and cannot run with the {kernel} kernel")]
+    PackedForOtherKernel {
+        /// The kernel B was packed for.
+        packed: &'static str,
+        /// The kernel asked for.
+        kernel: &'static str,
+    },
 }
 
 /// One past the largest index a `rows × cols` view with these strides touches (0 when empty).
@@ -221,11 +236,41 @@ pub enum Rhs<'a> {
 /// Which micro-kernel to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Isa {
-    /// AVX2+FMA when the running CPU has both, else portable.
+    /// The best kernel the running CPU has (AVX-512F, else AVX2+FMA, else portable); with a
+    /// pre-packed B, the best one whose layout matches the packing.
     #[default]
     Auto,
+    /// The AVX-512F kernel (an error where the CPU lacks it).
+    Avx512,
+    /// The AVX2+FMA kernel (an error where the CPU lacks it).
+    Avx2,
     /// The portable kernel, whatever the CPU (tests use it to cover the fallback).
     Portable,
+}
+
+impl Isa {
+    /// Every forced kernel this CPU can run (tests and benchmarks iterate over it).
+    pub fn available() -> Vec<Isa> {
+        let mut v = Vec::new();
+        if avx512::available() {
+            v.push(Isa::Avx512);
+        }
+        if avx2::available() {
+            v.push(Isa::Avx2);
+        }
+        v.push(Isa::Portable);
+        v
+    }
+
+    /// A short name (`avx512`, `avx2`, `portable`, `auto`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Auto => "auto",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
 }
 
 /// Run-time settings of a call.
@@ -276,15 +321,81 @@ fn linux_physical_cores() -> Option<usize> {
 /// The micro-kernel family chosen for a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
+    Avx512,
     Avx2Fma,
     Portable,
 }
 
-fn select_kernel(isa: Isa) -> Kernel {
-    match isa {
-        Isa::Auto if avx2::available() => Kernel::Avx2Fma,
-        _ => Kernel::Portable,
+impl Kernel {
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2Fma => "avx2",
+            Kernel::Portable => "portable",
+        }
     }
+
+    /// `(NR, KC)`: what a packed B's layout depends on.
+    fn layout(self) -> (usize, usize) {
+        match self {
+            Kernel::Avx512 => (avx512::NR, avx512::KC),
+            Kernel::Avx2Fma | Kernel::Portable => (avx2::NR, avx2::KC),
+        }
+    }
+
+    fn mr(self) -> usize {
+        match self {
+            Kernel::Avx512 => avx512::MR,
+            Kernel::Avx2Fma | Kernel::Portable => avx2::MR,
+        }
+    }
+
+    /// The best kernel of this CPU, detected once per process.
+    fn best() -> Kernel {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            if avx512::available() {
+                Kernel::Avx512
+            } else if avx2::available() {
+                Kernel::Avx2Fma
+            } else {
+                Kernel::Portable
+            }
+        })
+    }
+}
+
+/// The kernel for `isa`, given the kernel a pre-packed B was packed for (if any).
+fn select_kernel(isa: Isa, packed: Option<Kernel>) -> Result<Kernel, GemmError> {
+    let kernel = match isa {
+        Isa::Auto => match packed {
+            None => Kernel::best(),
+            // B's layout decides; AVX2-layout panels run on AVX2 only where the CPU has it.
+            Some(Kernel::Avx2Fma | Kernel::Portable) if avx2::available() => Kernel::Avx2Fma,
+            Some(Kernel::Avx2Fma | Kernel::Portable) => Kernel::Portable,
+            Some(Kernel::Avx512) => Kernel::Avx512,
+        },
+        Isa::Avx512 => Kernel::Avx512,
+        Isa::Avx2 => Kernel::Avx2Fma,
+        Isa::Portable => Kernel::Portable,
+    };
+    let present = match kernel {
+        Kernel::Avx512 => avx512::available(),
+        Kernel::Avx2Fma => avx2::available(),
+        Kernel::Portable => true,
+    };
+    if !present {
+        return Err(GemmError::IsaUnavailable { isa: kernel.name() });
+    }
+    if let Some(p) = packed {
+        if p.layout() != kernel.layout() {
+            return Err(GemmError::PackedForOtherKernel {
+                packed: p.name(),
+                kernel: kernel.name(),
+            });
+        }
+    }
+    Ok(kernel)
 }
 
 /// `c = epilogue(a · b)` on the process-wide shared pool of `config.threads` threads. Checks
@@ -323,11 +434,12 @@ pub fn gemm_in(
         return Err(GemmError::ZeroThreads);
     }
     let packed_here;
-    let b = match b {
-        Rhs::Packed(p) => p,
+    let (b, kernel) = match b {
+        Rhs::Packed(p) => (p, select_kernel(config.isa, Some(p.kernel()))?),
         Rhs::Plain(v) => {
-            packed_here = PackedB::pack(v)?;
-            &packed_here
+            let kernel = select_kernel(config.isa, None)?;
+            packed_here = PackedB::pack_kernel(v, kernel)?;
+            (&packed_here, kernel)
         }
     };
     let (m, k, n) = (a.rows, a.cols, b.cols());
@@ -349,7 +461,6 @@ pub fn gemm_in(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let kernel = select_kernel(config.isa);
     let out = OutPtr {
         ptr: c.data.as_mut_ptr(),
         rs: c.rs,
@@ -363,13 +474,15 @@ pub fn gemm_in(
         k,
         kernel,
     };
-    let npanels = n.div_ceil(NR);
+    let (nr, _) = kernel.layout();
+    let mr = kernel.mr();
+    let npanels = n.div_ceil(nr);
     let flops = m.saturating_mul(n).saturating_mul(k).saturating_mul(2);
     let by_work = (flops / MIN_FLOPS_PER_THREAD).max(1);
     let threads = config.threads.min(pool.threads()).min(by_work);
     // Split columns when there are enough panels to go round, else rows (in MR steps).
-    let split_cols = npanels >= 2 * threads || m.div_ceil(MR) < threads;
-    let units = if split_cols { npanels } else { m.div_ceil(MR) };
+    let split_cols = npanels >= 2 * threads || m.div_ceil(mr) < threads;
+    let units = if split_cols { npanels } else { m.div_ceil(mr) };
     let threads = threads.min(units).max(1);
     let range = |t: usize| (units * t / threads, units * (t + 1) / threads);
     let job = |t: usize| {
@@ -377,7 +490,7 @@ pub fn gemm_in(
         if split_cols {
             ctx.run(0, m, lo, hi);
         } else {
-            ctx.run(lo * MR, (hi * MR).min(m), 0, npanels);
+            ctx.run(lo * mr, (hi * mr).min(m), 0, npanels);
         }
     };
     if threads == 1 {
@@ -418,6 +531,9 @@ impl Ctx<'_> {
     /// Computes rows `i_lo..i_hi` and panels `p_lo..p_hi` (columns `p·NR ..`) of C.
     fn run(&self, i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize) {
         match self.kernel {
+            // SAFETY: `Avx512` is only selected after `avx512::available()` confirmed
+            // AVX-512F on this CPU (AVX2 and FMA come with every AVX-512F CPU).
+            Kernel::Avx512 => unsafe { avx512::run(self, i_lo, i_hi, p_lo, p_hi) },
             // SAFETY: `Avx2Fma` is only selected after `avx2::available()` confirmed AVX2 and
             // FMA on this CPU.
             Kernel::Avx2Fma => unsafe { avx2::run(self, i_lo, i_hi, p_lo, p_hi) },
@@ -430,85 +546,80 @@ impl Ctx<'_> {
     #[inline(always)]
     fn block_loop<K: MicroKernel>(&self, i_lo: usize, i_hi: usize, p_lo: usize, p_hi: usize) {
         let (n, k) = (self.n, self.k);
+        let (mr, nr) = (K::MR, K::NR);
+        debug_assert_eq!(self.b.layout(), (K::NR, K::KC));
         if i_lo >= i_hi || p_lo >= p_hi {
             return;
         }
         if k == 0 {
             // No products: C = epilogue(0) over this worker's rectangle.
-            let (j0, j1) = (p_lo * NR, (p_hi * NR).min(n));
+            let (j0, j1) = (p_lo * nr, (p_hi * nr).min(n));
             for i in i_lo..i_hi {
                 // SAFETY: row `i < m` and columns `j0..j1 <= n` are inside the output view
                 // and inside this worker's rectangle.
                 let row = unsafe { self.out_row(i, j0, j1 - j0) };
                 row.fill(0.0);
             }
-            // SAFETY: the worker's rectangle, inside the output, written only by this worker.
-            unsafe { self.ep.apply(self.out, i_lo, i_hi - i_lo, j0, j1 - j0) };
+            // SAFETY: the worker's rectangle, inside the output, written only by this worker;
+            // the kernel's target features are enabled in its entry point.
+            unsafe { K::epilogue(self.ep, self.out, i_lo, i_hi - i_lo, j0, j1 - j0) };
             return;
         }
-        let mut apack = AlignedBuf::new(MC * KC);
-        let mut tile = [0.0f32; MR * NR];
-        let nc_panels = NC / NR;
+        // One row with contiguous A: the kernel reads it in place (no packing for GEMV).
+        let direct_row = i_hi - i_lo == 1 && (self.a.cs == 1 || k == 1);
+        let mut apack = AlignedBuf::new(if direct_row { 0 } else { K::MC * K::KC });
+        let nc_panels = (NC / nr).max(1);
         let mut jc = p_lo;
         while jc < p_hi {
             let jc_end = (jc + nc_panels).min(p_hi);
             let mut k0 = 0;
             while k0 < k {
-                let kc = KC.min(k - k0);
+                let kc = K::KC.min(k - k0);
                 let (first, last) = (k0 == 0, k0 + kc == k);
                 let mut ic = i_lo;
                 while ic < i_hi {
-                    let mc = MC.min(i_hi - ic);
+                    let mc = K::MC.min(i_hi - ic);
                     let ap = apack.as_mut_slice();
-                    pack_a(&self.a, ic, mc, k0, kc, ap);
+                    let (a_base, a_step) = if direct_row {
+                        let row = &self.a.data[ic * self.a.rs + k0..];
+                        debug_assert!(row.len() >= kc);
+                        (row.as_ptr(), 1)
+                    } else {
+                        pack_a(&self.a, ic, mc, k0, kc, mr, ap);
+                        (ap.as_ptr(), mr)
+                    };
                     for jp in jc..jc_end {
                         let bp = self.b.panel(k0, kc, jp);
-                        let j0 = jp * NR;
-                        let w = NR.min(n - j0);
+                        let j0 = jp * nr;
+                        let w = nr.min(n - j0);
                         let mut ir = 0;
                         while ir < mc {
-                            let rows = MR.min(mc - ir);
-                            let a_panel = &ap[ir * kc..(ir + MR) * kc];
+                            let rows = mr.min(mc - ir);
                             let i0 = ic + ir;
-                            if w == NR {
-                                // SAFETY: rows `i0..i0 + rows` and columns `j0..j0 + NR` lie
-                                // inside the output (checked at the API boundary) and inside
-                                // this worker's rectangle; the panels hold `kc·MR` and
-                                // `kc·NR` values.
-                                unsafe {
-                                    K::kernel(
-                                        kc,
-                                        a_panel,
-                                        bp,
-                                        self.out_ptr(i0, j0),
-                                        self.out.rs,
-                                        rows,
-                                        !first,
-                                    )
-                                };
-                            } else {
-                                // Edge panel: compute the full tile aside, copy `w` columns.
-                                // SAFETY: `tile` holds MR rows of NR with row stride NR.
-                                unsafe {
-                                    K::kernel(kc, a_panel, bp, tile.as_mut_ptr(), NR, rows, false)
-                                };
-                                for r in 0..rows {
-                                    // SAFETY: as for the full tile, restricted to `w` columns.
-                                    let row = unsafe { self.out_row(i0 + r, j0, w) };
-                                    let t = &tile[r * NR..r * NR + w];
-                                    if first {
-                                        row.copy_from_slice(t);
-                                    } else {
-                                        row.iter_mut().zip(t).for_each(|(c, t)| *c += t);
-                                    }
-                                }
-                            }
+                            // SAFETY: rows `i0..i0 + rows` and columns `j0..j0 + w` lie inside
+                            // the output (checked at the API boundary) and inside this
+                            // worker's rectangle; the A panel holds `kc·mr` values from
+                            // `ir·kc` (or, for a direct row, `kc` values at step 1), the B
+                            // panel `kc·nr`.
+                            unsafe {
+                                K::kernel(
+                                    kc,
+                                    a_base.add(ir * kc),
+                                    a_step,
+                                    bp,
+                                    self.out_ptr(i0, j0),
+                                    self.out.rs,
+                                    rows,
+                                    w,
+                                    !first,
+                                )
+                            };
                             if last {
                                 // SAFETY: the tile just written: inside the output and this
                                 // worker's rectangle, no reference to it live.
-                                unsafe { self.ep.apply(self.out, i0, rows, j0, w) };
+                                unsafe { K::epilogue(self.ep, self.out, i0, rows, j0, w) };
                             }
-                            ir += MR;
+                            ir += mr;
                         }
                     }
                     ic += mc;
@@ -542,19 +653,111 @@ impl Ctx<'_> {
     }
 }
 
-/// A register-tile micro-kernel: `C[rows × NR] (+)= A_panel · B_panel`.
+/// A register-tile micro-kernel: `C[rows × cols] (+)= A_panel · B_panel`, with its blocking.
 trait MicroKernel {
+    /// Rows of the register tile.
+    const MR: usize;
+    /// Columns of the register tile (and of a packed B panel).
+    const NR: usize;
+    /// Depth of a K slab.
+    const KC: usize;
+    /// Rows of a packed A block (a multiple of `MR`).
+    const MC: usize;
+
     /// # Safety
-    /// `c` points to `rows` rows of `NR` writable f32 with row stride `ldc`, not aliased by
-    /// any live reference; `a` holds at least `kc·MR` and `b` at least `kc·NR` values;
-    /// `1 <= rows <= MR`; the CPU supports the kernel's target features.
+    /// `c` points to `rows` rows of `cols` writable f32 with row stride `ldc`, not aliased by
+    /// any live reference; `a` is readable at `p·a_step + r` for `p < kc`, `r < rows`; `b`
+    /// holds at least `kc·NR` values; `1 <= rows <= MR`, `1 <= cols <= NR`; the CPU supports
+    /// the kernel's target features.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
         kc: usize,
-        a: &[f32],
+        a: *const f32,
+        a_step: usize,
         b: &[f32],
         c: *mut f32,
         ldc: usize,
         rows: usize,
+        cols: usize,
         accumulate: bool,
     );
+
+    /// The epilogue on a tile just finished (scalar unless the kernel has a SIMD one).
+    ///
+    /// # Safety
+    /// As [`Epilogue::apply`], plus the kernel's target features.
+    #[inline(always)]
+    unsafe fn epilogue(
+        ep: &Epilogue<'_>,
+        out: OutPtr,
+        i0: usize,
+        rows: usize,
+        j0: usize,
+        w: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe { ep.apply(out, i0, rows, j0, w) }
+    }
+}
+
+/// An edge-tile buffer for kernels that always write `rows × NR`: [`EdgeTile::target`] gives
+/// where the full-width kernel should write (C itself when `cols == NR`, else the buffer), and
+/// [`EdgeTile::finish`] stores (or adds) the buffer's first `cols` columns into C. Plain
+/// functions, not a closure, so that the kernel call inlines into the caller's target features.
+pub(super) struct EdgeTile {
+    tile: [f32; MAX_TILE],
+}
+
+impl EdgeTile {
+    #[inline(always)]
+    pub(super) fn new() -> Self {
+        EdgeTile {
+            tile: [0.0; MAX_TILE],
+        }
+    }
+
+    /// `(pointer, row stride, accumulate)` for the full-width kernel.
+    #[inline(always)]
+    pub(super) fn target<const NR: usize>(
+        &mut self,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> (*mut f32, usize, bool) {
+        if cols == NR {
+            (c, ldc, accumulate)
+        } else {
+            (self.tile.as_mut_ptr(), NR, false)
+        }
+    }
+
+    /// Copies the buffered tile into C when the kernel wrote to the buffer.
+    ///
+    /// # Safety
+    /// `c` points to `rows` rows of `cols` writable f32 at stride `ldc`, not aliased;
+    /// `rows · NR <= MAX_TILE`.
+    #[inline(always)]
+    pub(super) unsafe fn finish<const NR: usize>(
+        &self,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        if cols == NR {
+            return;
+        }
+        for r in 0..rows {
+            // SAFETY: row `r < rows` of C, `cols` values, by the caller's contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), cols) };
+            let t = &self.tile[r * NR..r * NR + cols];
+            if accumulate {
+                row.iter_mut().zip(t).for_each(|(c, t)| *c += t);
+            } else {
+                row.copy_from_slice(t);
+            }
+        }
+    }
 }

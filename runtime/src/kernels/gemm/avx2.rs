@@ -1,7 +1,17 @@
 //! The AVX2+FMA micro-kernel: an `MR × NR` = 6 × 16 tile in twelve ymm accumulators, two B
 //! vectors and one A broadcast per k step (15 of 16 registers).
 
-use super::{Ctx, MicroKernel, MR, NR};
+use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr};
+
+/// Rows of the register tile.
+pub(super) const MR: usize = 6;
+/// Columns of the register tile (two AVX2 vectors of 8 f32).
+pub(super) const NR: usize = 16;
+/// Depth of a K slab: one `KC × NR` B panel (16 KiB) plus one `MR × KC` A panel (6 KiB) stay
+/// in a 32 KiB L1d (Zen 3; more room on larger L1s).
+pub(super) const KC: usize = 256;
+/// Rows of a packed A block: `MC × KC` f32 = 144 KiB, well inside a 512 KiB L2.
+pub(super) const MC: usize = 144;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -42,34 +52,58 @@ struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl MicroKernel for Avx2 {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    const KC: usize = KC;
+    const MC: usize = MC;
+
     #[inline(always)]
     unsafe fn kernel(
         kc: usize,
-        a: &[f32],
+        a: *const f32,
+        a_step: usize,
         b: &[f32],
         c: *mut f32,
         ldc: usize,
         rows: usize,
+        cols: usize,
         accumulate: bool,
     ) {
-        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR && (1..=MR).contains(&rows));
-        let (a, b) = (a.as_ptr(), b.as_ptr());
-        // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile).
+        debug_assert!(b.len() >= kc * NR && (1..=MR).contains(&rows));
+        let b = b.as_ptr();
+        // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile);
+        // a partial-width tile goes through a full-width buffer.
         unsafe {
+            let mut edge = super::EdgeTile::new();
+            let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
             match rows {
-                6 => tile::<6, 1>(kc, a, b, c, ldc, accumulate),
-                5 => tile::<5, 1>(kc, a, b, c, ldc, accumulate),
-                4 => tile::<4, 1>(kc, a, b, c, ldc, accumulate),
-                3 => tile::<3, 2>(kc, a, b, c, ldc, accumulate),
-                2 => tile::<2, 2>(kc, a, b, c, ldc, accumulate),
-                _ => tile::<1, 4>(kc, a, b, c, ldc, accumulate),
+                6 => tile::<6, 1>(kc, a, a_step, b, t, ldt, acc),
+                5 => tile::<5, 1>(kc, a, a_step, b, t, ldt, acc),
+                4 => tile::<4, 1>(kc, a, a_step, b, t, ldt, acc),
+                3 => tile::<3, 2>(kc, a, a_step, b, t, ldt, acc),
+                2 => tile::<2, 2>(kc, a, a_step, b, t, ldt, acc),
+                _ => tile::<1, 4>(kc, a, a_step, b, t, ldt, acc),
             }
+            edge.finish::<NR>(c, ldc, rows, cols, accumulate);
         }
+    }
+
+    #[inline(always)]
+    unsafe fn epilogue(
+        ep: &Epilogue<'_>,
+        out: OutPtr,
+        i0: usize,
+        rows: usize,
+        j0: usize,
+        w: usize,
+    ) {
+        // SAFETY: forwarded; AVX2+FMA are enabled in the caller (`run`).
+        unsafe { simd::apply::<simd::Avx2>(ep, out, i0, rows, j0, w) }
     }
 }
 
 /// `C[R × 16] (+)= A[R × kc] · B[kc × 16]` from packed panels (A k-major with stride MR, B
-/// k-major with stride NR). `U` copies of the accumulators take alternate k steps so that at
+/// k-major with stride NR; `a_step` is MR for a packed panel). `U` copies of the accumulators take alternate k steps so that at
 /// least eight FMA chains are in flight (FMA latency 4 × 2 ports) even for one or two rows.
 ///
 /// # Safety
@@ -80,6 +114,7 @@ impl MicroKernel for Avx2 {
 unsafe fn tile<const R: usize, const U: usize>(
     kc: usize,
     a: *const f32,
+    a_step: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -94,13 +129,13 @@ unsafe fn tile<const R: usize, const U: usize>(
         for _ in 0..kc / U {
             for acc_u in acc.iter_mut() {
                 step::<R>(acc_u, ap, bp);
-                ap = ap.add(MR);
+                ap = ap.add(a_step);
                 bp = bp.add(NR);
             }
         }
         for _ in 0..kc % U {
             step::<R>(&mut acc[0], ap, bp);
-            ap = ap.add(MR);
+            ap = ap.add(a_step);
             bp = bp.add(NR);
         }
         for r in 0..R {

@@ -105,6 +105,15 @@ impl Epilogue<'_> {
         Ok(())
     }
 
+    /// Whether the epilogue is the identity.
+    #[inline(always)]
+    pub(super) fn is_plain(&self) -> bool {
+        self.row_scale.is_none()
+            && self.bias.is_none()
+            && self.activation == Activation::None
+            && self.residual.is_none()
+    }
+
     /// Applies the epilogue to rows `i0..i0 + rows`, columns `j0..j0 + w` of the output.
     ///
     /// # Safety
@@ -112,11 +121,7 @@ impl Epilogue<'_> {
     /// output's shape, and no other reference to the rectangle is live.
     #[inline(always)]
     pub(super) unsafe fn apply(&self, out: OutPtr, i0: usize, rows: usize, j0: usize, w: usize) {
-        let plain = self.row_scale.is_none()
-            && self.bias.is_none()
-            && self.activation == Activation::None
-            && self.residual.is_none();
-        if plain {
+        if self.is_plain() {
             return;
         }
         for i in i0..i0 + rows {

@@ -1,7 +1,8 @@
-//! Packing: B into `NR`-column panels per `KC` slab ([`PackedB`], done once for constant
-//! weights), A into `MR`-row panels per `MC × KC` block, and 64-byte-aligned buffers for both.
+//! Packing: B into `nr`-column panels per `kc` slab ([`PackedB`], done once for constant
+//! weights, in the layout of the micro-kernel family chosen at pack time), A into `mr`-row
+//! panels per `MC × KC` block, and 64-byte-aligned buffers for both.
 
-use super::{GemmError, MatRef, KC, MR, NR};
+use super::{GemmError, Kernel, MatRef};
 
 /// A buffer of f32 whose usable part starts on a 64-byte (cache line) boundary.
 #[derive(Debug, Clone)]
@@ -29,39 +30,56 @@ impl AlignedBuf {
     }
 }
 
-/// A right-hand matrix `B[K, N]` packed for the micro-kernel; pack constant weights once and
-/// pass them as [`super::Rhs::Packed`] to every call.
+/// A right-hand matrix `B[K, N]` packed for one micro-kernel family; pack constant weights
+/// once and pass them as [`super::Rhs::Packed`] to every call.
 ///
-/// Layout: for each K slab `k0 = 0, KC, 2·KC, ..` (depth `kc = min(KC, K - k0)`), for each
-/// panel `p` of `NR` columns, `kc` rows of `NR` values (zero-padded past column `N`). Panel
-/// `(k0, p)` starts at `k0·Np + p·kc·NR` where `Np` is `N` rounded up to `NR`.
+/// Layout (`nr`, `kc_max` are the family's panel width and slab depth): for each K slab
+/// `k0 = 0, kc_max, ..` (depth `kc = min(kc_max, K - k0)`), for each panel `p` of `nr`
+/// columns, `kc` rows of `nr` values (zero-padded past column `N`). Panel `(k0, p)` starts at
+/// `k0·Np + p·kc·nr` where `Np` is `N` rounded up to `nr`. The layout is recorded, and a call
+/// only runs a kernel whose layout matches it.
 #[derive(Debug, Clone)]
 pub struct PackedB {
     buf: AlignedBuf,
     rows: usize,
     cols: usize,
     padded_cols: usize,
+    nr: usize,
+    kc_max: usize,
+    kernel: Kernel,
 }
 
 impl PackedB {
-    /// Packs `b` (any strides).
+    /// Packs `b` (any strides) for the best micro-kernel of this CPU (chosen once per
+    /// process).
     pub fn pack(b: MatRef<'_>) -> Result<Self, GemmError> {
+        Self::pack_for(b, super::Isa::Auto)
+    }
+
+    /// Packs `b` for the micro-kernel `isa` names; `Err` if this CPU lacks it.
+    pub fn pack_for(b: MatRef<'_>, isa: super::Isa) -> Result<Self, GemmError> {
+        let kernel = super::select_kernel(isa, None)?;
+        Self::pack_kernel(b, kernel)
+    }
+
+    pub(super) fn pack_kernel(b: MatRef<'_>, kernel: Kernel) -> Result<Self, GemmError> {
+        let (nr, kc_max) = kernel.layout();
         let (k, n) = (b.rows(), b.cols());
         let of = || GemmError::Overflow { what: "packed B" };
-        let padded_cols = n.div_ceil(NR).checked_mul(NR).ok_or_else(of)?;
+        let padded_cols = n.div_ceil(nr).checked_mul(nr).ok_or_else(of)?;
         let len = k.checked_mul(padded_cols).ok_or_else(of)?;
         len.checked_add(16).ok_or_else(of)?;
         let mut buf = AlignedBuf::new(len);
         let dst = buf.as_mut_slice();
-        let npanels = padded_cols / NR;
+        let npanels = padded_cols / nr;
         let mut k0 = 0;
         while k0 < k {
-            let kc = KC.min(k - k0);
+            let kc = kc_max.min(k - k0);
             for p in 0..npanels {
-                let base = k0 * padded_cols + p * kc * NR;
-                let panel = &mut dst[base..base + kc * NR];
-                let (j0, w) = (p * NR, NR.min(n - p * NR));
-                for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                let base = k0 * padded_cols + p * kc * nr;
+                let panel = &mut dst[base..base + kc * nr];
+                let (j0, w) = (p * nr, nr.min(n - p * nr));
+                for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
                     if b.cs == 1 {
                         // Contiguous rows (the usual case): copy the panel's slice of the row.
                         let start = (k0 + kk) * b.rs + j0;
@@ -81,6 +99,9 @@ impl PackedB {
             rows: k,
             cols: n,
             padded_cols,
+            nr,
+            kc_max,
+            kernel,
         })
     }
 
@@ -99,24 +120,52 @@ impl PackedB {
         self.cols
     }
 
-    /// The `kc × NR` panel `p` of the slab starting at `k0`.
+    /// The micro-kernel family this was packed for.
+    pub(super) fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    /// `(panel width, slab depth)` of the layout.
+    pub(super) fn layout(&self) -> (usize, usize) {
+        (self.nr, self.kc_max)
+    }
+
+    /// The `kc × nr` panel `p` of the slab starting at `k0`.
     #[inline(always)]
     pub(super) fn panel(&self, k0: usize, kc: usize, p: usize) -> &[f32] {
-        let base = k0 * self.padded_cols + p * kc * NR;
-        &self.buf.as_slice()[base..base + kc * NR]
+        let base = k0 * self.padded_cols + p * kc * self.nr;
+        &self.buf.as_slice()[base..base + kc * self.nr]
     }
 }
 
-/// Packs rows `i0..i0 + mc`, columns `k0..k0 + kc` of `a` into `dst` as `ceil(mc / MR)` panels
-/// of `kc × MR` values (k-major), zero-padding the last panel's missing rows.
-pub(super) fn pack_a(a: &MatRef<'_>, i0: usize, mc: usize, k0: usize, kc: usize, dst: &mut [f32]) {
-    for (p, panel) in dst[..mc.div_ceil(MR) * MR * kc]
-        .chunks_exact_mut(MR * kc)
+/// Packs rows `i0..i0 + mc`, columns `k0..k0 + kc` of `a` into `dst` as `ceil(mc / mr)` panels
+/// of `kc × mr` values (k-major), zero-padding the last panel's missing rows.
+pub(super) fn pack_a(
+    a: &MatRef<'_>,
+    i0: usize,
+    mc: usize,
+    k0: usize,
+    kc: usize,
+    mr: usize,
+    dst: &mut [f32],
+) {
+    for (p, panel) in dst[..mc.div_ceil(mr) * mr * kc]
+        .chunks_exact_mut(mr * kc)
         .enumerate()
     {
-        let r0 = p * MR;
-        let rows = MR.min(mc - r0);
-        for (kk, col) in panel.chunks_exact_mut(MR).enumerate() {
+        let r0 = p * mr;
+        let rows = mr.min(mc - r0);
+        if a.cs == 1 && rows == mr {
+            // Row-major A (the usual case): read each row contiguously, write strided.
+            for r in 0..rows {
+                let start = (i0 + r0 + r) * a.rs + k0;
+                for (kk, &v) in a.data[start..start + kc].iter().enumerate() {
+                    panel[kk * mr + r] = v;
+                }
+            }
+            continue;
+        }
+        for (kk, col) in panel.chunks_exact_mut(mr).enumerate() {
             for (r, v) in col.iter_mut().enumerate() {
                 *v = if r < rows {
                     a.at(i0 + r0 + r, k0 + kk)

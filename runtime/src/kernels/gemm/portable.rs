@@ -1,24 +1,65 @@
 //! The portable micro-kernel: plain Rust over an `MR × NR` array, correct on any CPU (the
 //! compiler vectorises it for the baseline target).
 
-use super::{MicroKernel, MR, NR};
+use super::avx2::{KC, MC, MR, NR};
+use super::MicroKernel;
 
+/// Same tile and layout as the AVX2 kernel, so a B packed for either runs with both.
 pub(super) struct Portable;
 
 impl MicroKernel for Portable {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    const KC: usize = KC;
+    const MC: usize = MC;
+
     #[inline(always)]
     unsafe fn kernel(
         kc: usize,
-        a: &[f32],
+        a: *const f32,
+        a_step: usize,
         b: &[f32],
         c: *mut f32,
         ldc: usize,
         rows: usize,
+        cols: usize,
         accumulate: bool,
     ) {
+        // SAFETY: the trait contract.
+        unsafe {
+            let mut edge = super::EdgeTile::new();
+            let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
+            portable_tile(kc, a, a_step, b, t, ldt, rows, acc);
+            edge.finish::<NR>(c, ldc, rows, cols, accumulate);
+        }
+    }
+}
+
+/// The full-width tile.
+///
+/// # Safety
+/// As [`MicroKernel::kernel`] with `cols == NR`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_tile(
+    kc: usize,
+    a: *const f32,
+    a_step: usize,
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    accumulate: bool,
+) {
+    {
         let mut acc = [[0.0f32; NR]; MR];
-        for (ak, bk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(kc) {
-            for (acc_r, &av) in acc.iter_mut().zip(ak) {
+        // A packed panel has all MR rows (zero-padded): a fixed-size row loop vectorises.
+        let live = if a_step == MR { MR } else { rows };
+        for (p, bk) in b.chunks_exact(NR).take(kc).enumerate() {
+            for (r, acc_r) in acc.iter_mut().enumerate().take(live) {
+                // SAFETY: the contract: `a` readable at `p·a_step + r` for `r < rows`, and a
+                // packed panel (`a_step == MR`) for every `r < MR`.
+                let av = unsafe { *a.add(p * a_step + r) };
                 for (x, &bv) in acc_r.iter_mut().zip(bk) {
                     *x += av * bv;
                 }

@@ -1,0 +1,413 @@
+//! The fused epilogue in explicit SIMD (AVX-512F with 16 lanes, AVX2+FMA with 8): the same
+//! algorithms as the scalar activations in `epilogue.rs` (exp by Cody-Waite reduction and a
+//! degree-7 polynomial; gelu by Numerical Recipes' erfc fit with an exactly split `x²`), written
+//! once over the [`Simd`] trait. Every element, the ragged right edge included, goes through
+//! the same vector code (the edge via a lane buffer), so a value never depends on its column
+//! position or on the thread split.
+
+use super::epilogue::{Activation, Epilogue};
+use super::OutPtr;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// One vector ISA's f32 operations. All functions are `unsafe` because they require the ISA's
+/// target features; they are only called from functions compiled with them.
+pub(super) trait Simd {
+    /// Lanes per vector.
+    const LANES: usize;
+    /// The vector.
+    type V: Copy;
+    unsafe fn splat(x: f32) -> Self::V;
+    /// # Safety: `p` readable for `LANES` values.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// # Safety: `p` writable for `LANES` values.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+    /// `a·b + c`, one rounding.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `max(lo, x)` that returns `x` when `x` is NaN.
+    unsafe fn max_keep_nan(lo: Self::V, x: Self::V) -> Self::V;
+    /// `min(hi, x)` that returns `x` when `x` is NaN.
+    unsafe fn min_keep_nan(hi: Self::V, x: Self::V) -> Self::V;
+    unsafe fn abs(x: Self::V) -> Self::V;
+    unsafe fn floor(x: Self::V) -> Self::V;
+    /// `x >= 0 ? t : f` (false for NaN).
+    unsafe fn select_ge0(x: Self::V, t: Self::V, f: Self::V) -> Self::V;
+    /// `x <= 0 ? 0 : x` (NaN kept).
+    unsafe fn zero_le0(x: Self::V) -> Self::V;
+    /// `x` with NaN lanes replaced by 0.
+    unsafe fn nan_to_zero(x: Self::V) -> Self::V;
+    /// `2^n` for integral `n` in [-126, 127] (garbage, never a trap, for NaN).
+    unsafe fn pow2(n: Self::V) -> Self::V;
+}
+
+/// `e^x` (see `epilogue::exp`; clamped to the normal range, NaN stays NaN).
+#[inline(always)]
+unsafe fn exp<S: Simd>(x: S::V) -> S::V {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // SAFETY: the caller has S's target features.
+    unsafe {
+        let x = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), x));
+        let n = S::floor(S::fma(x, S::splat(std::f32::consts::LOG2_E), S::splat(0.5)));
+        let r = S::fma(n, S::splat(-LN2_HI), x);
+        let r = S::fma(n, S::splat(-LN2_LO), r);
+        let mut p = S::splat(1.0 / 5040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = S::fma(p, r, S::splat(c));
+        }
+        S::mul(p, S::pow2(n))
+    }
+}
+
+#[inline(always)]
+unsafe fn silu<S: Simd>(x: S::V) -> S::V {
+    // SAFETY: the caller has S's target features.
+    unsafe {
+        let e = exp::<S>(S::sub(S::splat(0.0), x));
+        S::div(x, S::add(S::splat(1.0), e))
+    }
+}
+
+#[inline(always)]
+unsafe fn gelu_tanh<S: Simd>(x: S::V) -> S::V {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+                                // SAFETY: the caller has S's target features.
+    unsafe {
+        let x3 = S::mul(S::mul(x, x), x);
+        let u = S::mul(S::splat(C), S::fma(S::splat(0.044_715), x3, x));
+        let e = exp::<S>(S::mul(S::splat(-2.0), u));
+        S::div(x, S::add(S::splat(1.0), e))
+    }
+}
+
+/// `0.5·x·erfc(-x/√2)` as in `epilogue::gelu_erf`.
+#[inline(always)]
+unsafe fn gelu_erf<S: Simd>(x: S::V) -> S::V {
+    const P: [f32; 10] = [
+        0.170_872_77,
+        -0.822_152_2,
+        1.488_515_9,
+        -1.135_204,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+        -1.265_512_2,
+    ];
+    // SAFETY: the caller has S's target features.
+    unsafe {
+        let z = S::abs(S::mul(x, S::splat(std::f32::consts::FRAC_1_SQRT_2)));
+        let t = S::div(S::splat(1.0), S::fma(S::splat(0.5), z, S::splat(1.0)));
+        let mut poly = S::splat(P[0]);
+        for &c in &P[1..] {
+            poly = S::fma(poly, t, S::splat(c));
+        }
+        let hi = S::mul(x, x);
+        // x² = hi + lo exactly; lo is NaN for infinite x, where it must not matter.
+        let lo = S::nan_to_zero(S::fma(x, x, S::sub(S::splat(0.0), hi)));
+        let half = S::splat(-0.5);
+        let e1 = exp::<S>(S::mul(half, hi));
+        let e2 = exp::<S>(S::fma(half, lo, poly));
+        let erfc_z = S::mul(S::mul(t, e1), e2);
+        let g = S::select_ge0(x, S::sub(S::splat(2.0), erfc_z), erfc_z);
+        S::mul(S::mul(S::splat(0.5), x), g)
+    }
+}
+
+/// Applies `ep` to one vector `v` of row `i`, columns `j..j + LANES`; `bias`/`residual`
+/// values for those columns are passed in (already loaded).
+#[inline(always)]
+unsafe fn lane_op<S: Simd>(
+    v: S::V,
+    scale: Option<S::V>,
+    bias: Option<S::V>,
+    act: Activation,
+    residual: Option<S::V>,
+) -> S::V {
+    // SAFETY: the caller has S's target features.
+    unsafe {
+        let mut v = v;
+        if let Some(s) = scale {
+            v = S::mul(v, s);
+        }
+        if let Some(b) = bias {
+            v = S::add(v, b);
+        }
+        v = match act {
+            Activation::None => v,
+            Activation::Relu => S::zero_le0(v),
+            Activation::GeluErf => gelu_erf::<S>(v),
+            Activation::GeluTanh => gelu_tanh::<S>(v),
+            Activation::Silu => silu::<S>(v),
+        };
+        if let Some(r) = residual {
+            v = S::add(v, r);
+        }
+        v
+    }
+}
+
+/// The epilogue over rows `i0..i0 + rows`, columns `j0..j0 + w` of the output, in `S`'s
+/// vectors.
+///
+/// # Safety
+/// The CPU has `S`'s target features; the rectangle lies inside the output `out` points into,
+/// `ep.check` passed for that output's shape, and no other reference to it is live.
+#[inline(always)]
+pub(super) unsafe fn apply<S: Simd>(
+    ep: &Epilogue<'_>,
+    out: OutPtr,
+    i0: usize,
+    rows: usize,
+    j0: usize,
+    w: usize,
+) {
+    if ep.is_plain() {
+        return;
+    }
+    let l = S::LANES;
+    let mut buf = [0.0f32; 16];
+    let mut rbuf = [0.0f32; 16];
+    let mut bbuf = [0.0f32; 16];
+    // SAFETY: target features by the caller's contract; every pointer below addresses the
+    // caller's rectangle (in bounds, exclusive) or a slice checked by `ep.check`, or a lane
+    // buffer of 16 >= LANES values.
+    unsafe {
+        for i in i0..i0 + rows {
+            let row = out.ptr.add(i * out.rs + j0);
+            let scale = ep.row_scale.map(|s| S::splat(s[i]));
+            let mut j = 0;
+            while j < w {
+                let full = j + l <= w;
+                let cnt = l.min(w - j);
+                let bias = ep.bias.map(|b| {
+                    let b = &b[j0 + j..j0 + j + cnt];
+                    if full {
+                        S::load(b.as_ptr())
+                    } else {
+                        bbuf[..cnt].copy_from_slice(b);
+                        S::load(bbuf.as_ptr())
+                    }
+                });
+                let residual = ep.residual.as_ref().map(|r| {
+                    if r.cs == 1 && full {
+                        let start = i * r.rs + j0 + j;
+                        S::load(r.data[start..start + l].as_ptr())
+                    } else {
+                        for (jj, x) in rbuf[..cnt].iter_mut().enumerate() {
+                            *x = r.at(i, j0 + j + jj);
+                        }
+                        S::load(rbuf.as_ptr())
+                    }
+                });
+                if full {
+                    let v = S::load(row.add(j));
+                    S::store(
+                        row.add(j),
+                        lane_op::<S>(v, scale, bias, ep.activation, residual),
+                    );
+                } else {
+                    std::ptr::copy_nonoverlapping(row.add(j), buf.as_mut_ptr(), cnt);
+                    let v = S::load(buf.as_ptr());
+                    let y = lane_op::<S>(v, scale, bias, ep.activation, residual);
+                    S::store(buf.as_mut_ptr(), y);
+                    std::ptr::copy_nonoverlapping(buf.as_ptr(), row.add(j), cnt);
+                }
+                j += l;
+            }
+        }
+    }
+}
+
+/// AVX-512F, 16 lanes.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    const LANES: usize = 16;
+    type V = __m512;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m512, b: __m512) -> __m512 {
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn max_keep_nan(lo: __m512, x: __m512) -> __m512 {
+        // maxps returns its second operand when either is NaN.
+        unsafe { _mm512_max_ps(lo, x) }
+    }
+    #[inline(always)]
+    unsafe fn min_keep_nan(hi: __m512, x: __m512) -> __m512 {
+        unsafe { _mm512_min_ps(hi, x) }
+    }
+    #[inline(always)]
+    unsafe fn abs(x: __m512) -> __m512 {
+        unsafe { _mm512_abs_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn floor(x: __m512) -> __m512 {
+        unsafe { _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(x) }
+    }
+    #[inline(always)]
+    unsafe fn select_ge0(x: __m512, t: __m512, f: __m512) -> __m512 {
+        unsafe {
+            let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_setzero_ps());
+            _mm512_mask_blend_ps(m, f, t)
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero_le0(x: __m512) -> __m512 {
+        unsafe {
+            let m = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_setzero_ps());
+            _mm512_mask_blend_ps(m, x, _mm512_setzero_ps())
+        }
+    }
+    #[inline(always)]
+    unsafe fn nan_to_zero(x: __m512) -> __m512 {
+        unsafe {
+            let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+            _mm512_maskz_mov_ps(ord, x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn pow2(n: __m512) -> __m512 {
+        unsafe {
+            let i = _mm512_cvtps_epi32(n);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                i,
+                _mm512_set1_epi32(127),
+            )))
+        }
+    }
+}
+
+/// AVX2+FMA, 8 lanes.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    const LANES: usize = 8;
+    type V = __m256;
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m256, b: __m256) -> __m256 {
+        unsafe { _mm256_div_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn max_keep_nan(lo: __m256, x: __m256) -> __m256 {
+        unsafe { _mm256_max_ps(lo, x) }
+    }
+    #[inline(always)]
+    unsafe fn min_keep_nan(hi: __m256, x: __m256) -> __m256 {
+        unsafe { _mm256_min_ps(hi, x) }
+    }
+    #[inline(always)]
+    unsafe fn abs(x: __m256) -> __m256 {
+        unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), x) }
+    }
+    #[inline(always)]
+    unsafe fn floor(x: __m256) -> __m256 {
+        unsafe { _mm256_floor_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn select_ge0(x: __m256, t: __m256, f: __m256) -> __m256 {
+        unsafe {
+            let m = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps());
+            _mm256_blendv_ps(f, t, m)
+        }
+    }
+    #[inline(always)]
+    unsafe fn zero_le0(x: __m256) -> __m256 {
+        unsafe {
+            let m = _mm256_cmp_ps::<_CMP_LE_OQ>(x, _mm256_setzero_ps());
+            _mm256_andnot_ps(m, x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn nan_to_zero(x: __m256) -> __m256 {
+        unsafe {
+            let ord = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
+            _mm256_and_ps(ord, x)
+        }
+    }
+    #[inline(always)]
+    unsafe fn pow2(n: __m256) -> __m256 {
+        unsafe {
+            let i = _mm256_cvtps_epi32(n);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                i,
+                _mm256_set1_epi32(127),
+            )))
+        }
+    }
+}
