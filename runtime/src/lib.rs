@@ -1,6 +1,7 @@
-//! kiln-runtime: loads models (ONNX or the text form), runs them, and compares results with
-//! reference data. Today graphs run on the reference interpreter; the JIT and AOT backends
-//! will plug in behind [`Model::run`].
+//! kiln-runtime: loads models (ONNX or the text form), runs them on the interpreter, and
+//! compares results with reference data; owns the backend-neutral kernel layer ([`kernel`]:
+//! partitioning, the plan executor both backends plug into), the hand-written CPU kernels
+//! ([`kernels`]: GEMM, attention, conv) and the thread pool ([`pool`]).
 
 pub mod compare;
 pub mod kernel;
