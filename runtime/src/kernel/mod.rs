@@ -13,6 +13,7 @@ pub mod memory;
 pub mod par;
 pub mod partition;
 pub mod rows;
+pub mod vmath;
 
 pub use exec::{KernelTime, LoopRunner, ReferenceRunner, RunReport};
 pub use ir::{
