@@ -35,6 +35,7 @@ pub use pack::PackedB;
 
 use crate::pool::Pool;
 use pack::{pack_a, AlignedBuf};
+use std::cell::Cell;
 use std::sync::OnceLock;
 use thiserror::Error;
 
@@ -501,6 +502,11 @@ pub fn gemm_in(
     Ok(())
 }
 
+thread_local! {
+    /// Each thread's packed-A block buffer, grown on demand and kept for later calls.
+    static APACK: Cell<Option<AlignedBuf>> = const { Cell::new(None) };
+}
+
 /// The output as a raw pointer so that threads can each write their own rectangle.
 #[derive(Clone, Copy)]
 struct OutPtr {
@@ -567,7 +573,20 @@ impl Ctx<'_> {
         }
         // One row with contiguous A: the kernel reads it in place (no packing for GEMV).
         let direct_row = i_hi - i_lo == 1 && (self.a.cs == 1 || k == 1);
-        let mut apack = AlignedBuf::new(if direct_row { 0 } else { K::MC * K::KC });
+        // The A block buffer is per thread and reused across calls: a fresh zeroed 384 KiB
+        // allocation per call costs page faults or a memset comparable to packing itself on
+        // the small (128 × 768) projections. Sized to this call's largest block.
+        let a_len = if direct_row {
+            0
+        } else {
+            K::MC.min(i_hi - i_lo).div_ceil(mr) * mr * K::KC.min(k)
+        };
+        // Taken out of the cell rather than borrowed in a closure, so that the loop below
+        // stays in this function (and its caller's target features).
+        let mut apack = APACK
+            .with(Cell::take)
+            .filter(|b| b.len() >= a_len)
+            .unwrap_or_else(|| AlignedBuf::new(a_len));
         let nc_panels = (NC / nr).max(1);
         let mut jc = p_lo;
         while jc < p_hi {
@@ -628,6 +647,7 @@ impl Ctx<'_> {
             }
             jc = jc_end;
         }
+        APACK.with(|c| c.set(Some(apack)));
     }
 
     /// Pointer to C(i, j).
