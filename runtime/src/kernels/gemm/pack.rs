@@ -21,6 +21,11 @@ impl AlignedBuf {
         AlignedBuf { raw, start, len }
     }
 
+    /// Usable length.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
     pub(super) fn as_slice(&self) -> &[f32] {
         &self.raw[self.start..self.start + self.len]
     }
