@@ -14,7 +14,6 @@
 //! Work units are (batch, head, query block) and each writes only its own output rows, in a
 //! fixed order, so the result is bit-identical for any thread count.
 
-#[path = "attention_simd.rs"]
 mod simd;
 
 use super::gemm::fast_exp;
