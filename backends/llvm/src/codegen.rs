@@ -11,13 +11,11 @@
 use crate::vmath;
 use inkwell::builder::Builder;
 use inkwell::context::Context;
-use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::types::VectorType;
 use inkwell::values::FastMathFlags;
 use inkwell::values::{
-    BasicMetadataValueEnum, FloatValue, FunctionValue, InstructionValue, IntValue, PointerValue,
-    VectorValue,
+    FloatValue, FunctionValue, InstructionValue, IntValue, PointerValue, VectorValue,
 };
 use inkwell::FloatPredicate;
 use kiln_runtime::kernel::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
@@ -29,9 +27,7 @@ pub const LANES: u32 = 8;
 
 type R<T> = Result<T, String>;
 
-fn e<E: std::fmt::Display>(x: E) -> String {
-    x.to_string()
-}
+use vmath::e;
 
 /// Marks a float instruction as contractable (FMA fusion allowed, nothing else).
 fn contract(v: VectorValue) -> VectorValue {
@@ -88,19 +84,7 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
     }
 
     fn intrinsic(&self, name: &str, args: &[VectorValue<'ctx>]) -> R<VectorValue<'ctx>> {
-        let i = Intrinsic::find(name).ok_or_else(|| format!("no intrinsic {name}"))?;
-        let ty = args[0].get_type();
-        let f = i
-            .get_declaration(self.module, &[ty.into()])
-            .ok_or_else(|| format!("cannot declare {name}"))?;
-        let a: Vec<BasicMetadataValueEnum> = args.iter().map(|&x| x.into()).collect();
-        self.b
-            .build_call(f, &a, "")
-            .map_err(e)?
-            .try_as_basic_value()
-            .basic()
-            .map(|v| v.into_vector_value())
-            .ok_or_else(|| format!("{name} returned nothing"))
+        vmath::call_intrinsic(self.module, self.b, name, args)
     }
 
     fn select(

@@ -21,8 +21,34 @@ use kiln_runtime::kernel::vmath::*;
 type R<T> = Result<T, String>;
 type V<'ctx> = VectorValue<'ctx>;
 
-fn e<E: std::fmt::Display>(x: E) -> String {
+/// An inkwell error as this crate's error string.
+pub(crate) fn e<E: std::fmt::Display>(x: E) -> String {
     x.to_string()
+}
+
+/// Calls the LLVM intrinsic `name` overloaded on the type of `args[0]` (every intrinsic used
+/// here takes and returns one vector type).
+pub(crate) fn call_intrinsic<'ctx>(
+    module: &Module<'ctx>,
+    b: &Builder<'ctx>,
+    name: &str,
+    args: &[V<'ctx>],
+) -> R<V<'ctx>> {
+    let i = Intrinsic::find(name).ok_or_else(|| format!("no intrinsic {name}"))?;
+    let ty = args
+        .first()
+        .ok_or_else(|| format!("{name} called without arguments"))?
+        .get_type();
+    let f = i
+        .get_declaration(module, &[ty.into()])
+        .ok_or_else(|| format!("cannot declare {name}"))?;
+    let a: Vec<BasicMetadataValueEnum> = args.iter().map(|&x| x.into()).collect();
+    b.build_call(f, &a, "")
+        .map_err(e)?
+        .try_as_basic_value()
+        .basic()
+        .map(|v| v.into_vector_value())
+        .ok_or_else(|| format!("{name} returned nothing"))
 }
 
 /// True for the ops [`unary`] lowers.
@@ -116,18 +142,7 @@ impl<'ctx> Math<'_, 'ctx> {
     }
 
     fn intrinsic(&self, name: &str, args: &[V<'ctx>]) -> R<V<'ctx>> {
-        let i = Intrinsic::find(name).ok_or_else(|| format!("no intrinsic {name}"))?;
-        let f = i
-            .get_declaration(self.module, &[self.fty().into()])
-            .ok_or_else(|| format!("cannot declare {name}"))?;
-        let a: Vec<BasicMetadataValueEnum> = args.iter().map(|&x| x.into()).collect();
-        self.b
-            .build_call(f, &a, "")
-            .map_err(e)?
-            .try_as_basic_value()
-            .basic()
-            .map(|v| v.into_vector_value())
-            .ok_or_else(|| format!("{name} returned nothing"))
+        call_intrinsic(self.module, self.b, name, args)
     }
 
     /// `cond(x, y) ? t : f` for floats.
