@@ -14,7 +14,6 @@ pub use kiln_runtime::kernel::rows::{run_row_fn, run_row_fn_par, PAR_MIN_WORK};
 use kiln_runtime::kernel::{
     partition, Kernel, LoopKernel, LoopRunner, ParallelFor, Plan, RunReport,
 };
-use std::sync::Arc;
 
 /// How to compile and run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -50,9 +49,8 @@ unsafe impl Sync for CodeHolder {}
 /// A graph compiled for the CPU: JIT row functions for loop kernels, the runtime for the rest.
 pub struct JitExecutable {
     plan: Plan,
-    threads: usize,
+    /// Runs contractions and splits large loop kernels.
     pool: kiln_runtime::pool::Pool,
-    par: Arc<dyn ParallelFor>,
     fns: Vec<Option<RowFn>>,
     _code: CodeHolder,
 }
@@ -119,8 +117,6 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
     })?;
     Ok(JitExecutable {
         plan,
-        threads,
-        par: Arc::new(pool.clone()),
         pool,
         fns,
         _code: CodeHolder(module),
@@ -135,14 +131,7 @@ impl JitExecutable {
 
     /// The number of threads kernels use.
     pub fn threads(&self) -> usize {
-        self.threads
-    }
-
-    /// Replaces the parallel-for loop kernels split their rows through (by default
-    /// [`kiln_runtime::kernel::default_parallel`] of [`JitExecutable::threads`]).
-    pub fn set_parallel(&mut self, par: Arc<dyn ParallelFor>) {
-        self.threads = par.threads();
-        self.par = par;
+        self.pool.threads()
     }
 
     /// Runs on inputs in graph order, timing every kernel and planning memory.
@@ -178,7 +167,7 @@ impl LoopRunner for JitExecutable {
         let Some(f) = self.fns.get(index).copied().flatten() else {
             return kiln_runtime::kernel::eval::run_loop(k, inputs);
         };
-        run_row_fn_par(f, k, inputs, &*self.par)
+        run_row_fn_par(f, k, inputs, &self.pool)
     }
 
     fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {

@@ -250,9 +250,7 @@ fn executable_is_send_and_sync() {
 #[test]
 fn row_split_results_are_bit_identical_for_any_thread_count() {
     use kiln_ir::ValueId;
-    use kiln_runtime::kernel::{
-        BinOp, InnerAccess, LoopKernel, RedOp, ScopedThreads, Serial, UnOp,
-    };
+    use kiln_runtime::kernel::{BinOp, InnerAccess, LoopKernel, RedOp, Serial, UnOp};
     // softmax(x + y) * sigmoid(x) over 37 rows of 13 (odd row count and row length).
     let mut k = LoopKernel::new(vec![Dim::Fixed(37), Dim::Fixed(13)]);
     let x = k.load(ValueId(0), InnerAccess::Contiguous);
@@ -271,7 +269,8 @@ fn row_split_results_are_bit_identical_for_any_thread_count() {
     let yt = data(&[37, 1], 6, false);
     let serial = f.run_split(&[&xt, &yt], &Serial).unwrap();
     for threads in [2, 3, 5] {
-        let par = f.run_split(&[&xt, &yt], &ScopedThreads(threads)).unwrap();
+        let pool = kiln_runtime::pool::Pool::new(threads).unwrap();
+        let par = f.run_split(&[&xt, &yt], &pool).unwrap();
         assert_eq!(
             serial[0]
                 .as_slice::<f32>()

@@ -21,5 +21,5 @@ pub use ir::{
 };
 pub use layout::LoopShape;
 pub use memory::MemoryPlan;
-pub use par::{default_parallel, ParallelFor, ScopedThreads, Serial};
+pub use par::{ParallelFor, Serial};
 pub use partition::{is_contraction, partition, Kernel, Plan};
