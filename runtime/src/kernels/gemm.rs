@@ -47,6 +47,9 @@ pub const NC: usize = 3072;
 const MAX_TILE: usize = avx2::MR * avx2::NR;
 /// Below this many flops per thread, handing work to another thread costs more than it saves.
 const MIN_FLOPS_PER_THREAD: usize = 4_000_000;
+/// A few-row product (decode's GEMVs) is bound by reading B, not by flops: below this many
+/// bytes of B per thread, another thread costs more than it saves.
+const MIN_B_BYTES_PER_THREAD: usize = 256 * 1024;
 
 /// What can go wrong at the API boundary. Every shape or stride problem is reported here;
 /// nothing past the boundary panics on caller input.
@@ -480,7 +483,10 @@ pub fn gemm_in(
     let mr = kernel.mr();
     let npanels = n.div_ceil(nr);
     let flops = m.saturating_mul(n).saturating_mul(k).saturating_mul(2);
-    let by_work = (flops / MIN_FLOPS_PER_THREAD).max(1);
+    let b_bytes = k.saturating_mul(n).saturating_mul(4);
+    let by_work = (flops / MIN_FLOPS_PER_THREAD)
+        .max(b_bytes / MIN_B_BYTES_PER_THREAD)
+        .max(1);
     let threads = config.threads.min(pool.threads()).min(by_work);
     // Split rows unless there are too few row tiles to go round, then columns. Measured on
     // bert_base_1l at 2 threads (128-row activations): splitting rows beats splitting columns
@@ -488,19 +494,18 @@ pub fn gemm_in(
     // thread then packs only its own rows of A and reads the rows its core last wrote,
     // instead of both packing all of A.
     let split_cols = m.div_ceil(mr) < 2 * threads;
-    let units = if split_cols { npanels } else { m.div_ceil(mr) };
+    let units = if split_cols { npanels } else { m };
     let threads = threads.min(units).max(1);
     let range = |t: usize| (units * t / threads, units * (t + 1) / threads);
-    // Rows are cut on MR tiles, so every tile (and so every element's FMA sequence) is the
-    // one-thread tiling's. Cutting 128 rows 64/64 on 4-row steps (legal for the AVX-512
-    // kernel) measured slower than 72/56: the 4-row tail tiles cost more than the balance
-    // gains.
+    // Rows are split evenly (64/64 for 128 rows, not 72/56 on whole 12-row tiles) and each
+    // part tiles itself into near-equal tiles of at least four rows ([`tile_rows`]), which sum
+    // every element exactly as the one-thread tiling does.
     let job = |t: usize| {
         let (lo, hi) = range(t);
         if split_cols {
             ctx.run(0, m, lo, hi);
         } else {
-            ctx.run(lo * mr, (hi * mr).min(m), 0, npanels);
+            ctx.run(lo, hi, 0, npanels);
         }
     };
     if threads == 1 {
@@ -514,6 +519,53 @@ pub fn gemm_in(
 thread_local! {
     /// Each thread's packed-A block buffer, grown on demand and kept for later calls.
     static APACK: Cell<Option<AlignedBuf>> = const { Cell::new(None) };
+}
+
+/// Cache lines (16 f32) of the next B panel that a micro-kernel call prefetches into L2, at most
+/// two per k step: the block's tiles share the next panel between them, so the reads into
+/// L2 are spread over the whole panel's compute instead of stalling the first tile's loads.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Prefetch {
+    /// The first line (only a hint: never dereferenced, may be null when `lines` is 0).
+    pub(super) ptr: *const f32,
+    /// How many consecutive lines.
+    pub(super) lines: usize,
+}
+
+impl Prefetch {
+    /// Issues the prefetches of k step `p`: lines `2p` and `2p + 1`, where they are in range.
+    #[inline(always)]
+    pub(super) fn step(&self, p: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            let l = 2 * p;
+            // SAFETY: a prefetch is a hint that never faults, whatever the address (hence
+            // wrapping_add; SSE is baseline on x86-64).
+            unsafe {
+                if l < self.lines {
+                    _mm_prefetch::<_MM_HINT_T1>(self.ptr.wrapping_add(l * 16).cast());
+                }
+                if l + 1 < self.lines {
+                    _mm_prefetch::<_MM_HINT_T1>(self.ptr.wrapping_add(l * 16 + 16).cast());
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+}
+
+/// Tile `t` of the `nt = ceil(mc / MR)` register tiles that cover an `mc`-row block, as
+/// `(first row, rows)`: heights differ by at most one (128 rows are 7 × 12 + 4 × 11, not
+/// 10 × 12 + 8), so no thread gets a slow short tile. A tile of four or more rows sums each
+/// element over k in the same order whatever its height (only 1–3-row tiles interleave
+/// accumulators), and every block of four or more rows tiles into such tiles, so outputs do
+/// not depend on how rows are split between threads.
+#[inline(always)]
+fn tile_rows(mc: usize, nt: usize, t: usize) -> (usize, usize) {
+    let (lo, hi) = (mc * t / nt, mc * (t + 1) / nt);
+    (lo, hi - lo)
 }
 
 /// The output as a raw pointer so that threads can each write their own rectangle.
@@ -607,6 +659,7 @@ impl Ctx<'_> {
                 let mut ic = i_lo;
                 while ic < i_hi {
                     let mc = K::MC.min(i_hi - ic);
+                    let nt = mc.div_ceil(mr);
                     let ap = apack.as_mut_slice();
                     let (a_base, a_step) = if direct_row {
                         let row = &self.a.data[ic * self.a.rs + k0..];
@@ -618,21 +671,35 @@ impl Ctx<'_> {
                     };
                     for jp in jc..jc_end {
                         let bp = self.b.panel(k0, kc, jp);
+                        // The next panel this worker reads, prefetched a share per tile
+                        // (null when there is none).
+                        let next = if jp + 1 < jc_end {
+                            self.b.panel(k0, kc, jp + 1).as_ptr()
+                        } else if ic + mc < i_hi {
+                            self.b.panel(k0, kc, jc).as_ptr()
+                        } else if !last {
+                            self.b.panel(k0 + kc, K::KC.min(k - k0 - kc), jc).as_ptr()
+                        } else if jc_end < p_hi {
+                            self.b.panel(0, K::KC.min(k), jc_end).as_ptr()
+                        } else {
+                            std::ptr::null()
+                        };
                         let j0 = jp * nr;
                         let w = nr.min(n - j0);
-                        let mut ir = 0;
-                        while ir < mc {
-                            let rows = mr.min(mc - ir);
-                            let i0 = ic + ir;
+                        let panel_lines = if next.is_null() { 0 } else { kc * nr / 16 };
+                        let share = panel_lines.div_ceil(nt);
+                        for t in 0..nt {
+                            let (r0, rows) = tile_rows(mc, nt, t);
+                            let i0 = ic + r0;
                             // SAFETY: rows `i0..i0 + rows` and columns `j0..j0 + w` lie inside
                             // the output (checked at the API boundary) and inside this
-                            // worker's rectangle; the A panel holds `kc·mr` values from
-                            // `ir·kc` (or, for a direct row, `kc` values at step 1), the B
-                            // panel `kc·nr`.
+                            // worker's rectangle; the A panel `t` holds `kc·mr` values from
+                            // `t·mr·kc` (or, for a direct row, `kc` values at step 1), the B
+                            // panel `kc·nr`; `next` is only a prefetch hint.
                             unsafe {
                                 K::kernel(
                                     kc,
-                                    a_base.add(ir * kc),
+                                    a_base.add(t * mr * kc),
                                     a_step,
                                     bp,
                                     self.out_ptr(i0, j0),
@@ -640,6 +707,10 @@ impl Ctx<'_> {
                                     rows,
                                     w,
                                     !first,
+                                    Prefetch {
+                                        ptr: next.wrapping_add(t * share * 16),
+                                        lines: share.min(panel_lines.saturating_sub(t * share)),
+                                    },
                                 )
                             };
                             if last {
@@ -647,7 +718,6 @@ impl Ctx<'_> {
                                 // worker's rectangle, no reference to it live.
                                 unsafe { K::epilogue(self.ep, self.out, i0, rows, j0, w) };
                             }
-                            ir += mr;
                         }
                     }
                     ic += mc;
@@ -697,7 +767,7 @@ trait MicroKernel {
     /// `c` points to `rows` rows of `cols` writable f32 with row stride `ldc`, not aliased by
     /// any live reference; `a` is readable at `p·a_step + r` for `p < kc`, `r < rows`; `b`
     /// holds at least `kc·NR` values; `1 <= rows <= MR`, `1 <= cols <= NR`; the CPU supports
-    /// the kernel's target features.
+    /// the kernel's target features. `pf` names lines to prefetch (hints, never dereferenced).
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
         kc: usize,
@@ -709,6 +779,7 @@ trait MicroKernel {
         rows: usize,
         cols: usize,
         accumulate: bool,
+        pf: Prefetch,
     );
 
     /// The epilogue on a tile just finished (scalar unless the kernel has a SIMD one).

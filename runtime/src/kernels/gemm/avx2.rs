@@ -1,7 +1,7 @@
 //! The AVX2+FMA micro-kernel: an `MR × NR` = 6 × 16 tile in twelve ymm accumulators, two B
 //! vectors and one A broadcast per k step (15 of 16 registers).
 
-use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr};
+use super::{Prefetch, simd, Ctx, Epilogue, MicroKernel, OutPtr};
 
 /// Rows of the register tile.
 pub(super) const MR: usize = 6;
@@ -68,6 +68,7 @@ impl MicroKernel for Avx2 {
         rows: usize,
         cols: usize,
         accumulate: bool,
+        pf: Prefetch,
     ) {
         debug_assert!(b.len() >= kc * NR && (1..=MR).contains(&rows));
         let b = b.as_ptr();
@@ -77,12 +78,12 @@ impl MicroKernel for Avx2 {
             let mut edge = super::EdgeTile::new();
             let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
             match rows {
-                6 => tile::<6, 1>(kc, a, a_step, b, t, ldt, acc),
-                5 => tile::<5, 1>(kc, a, a_step, b, t, ldt, acc),
-                4 => tile::<4, 1>(kc, a, a_step, b, t, ldt, acc),
-                3 => tile::<3, 2>(kc, a, a_step, b, t, ldt, acc),
-                2 => tile::<2, 2>(kc, a, a_step, b, t, ldt, acc),
-                _ => tile::<1, 4>(kc, a, a_step, b, t, ldt, acc),
+                6 => tile::<6, 1>(kc, a, a_step, b, t, ldt, acc, pf),
+                5 => tile::<5, 1>(kc, a, a_step, b, t, ldt, acc, pf),
+                4 => tile::<4, 1>(kc, a, a_step, b, t, ldt, acc, pf),
+                3 => tile::<3, 2>(kc, a, a_step, b, t, ldt, acc, pf),
+                2 => tile::<2, 2>(kc, a, a_step, b, t, ldt, acc, pf),
+                _ => tile::<1, 4>(kc, a, a_step, b, t, ldt, acc, pf),
             }
             edge.finish::<NR>(c, ldc, rows, cols, accumulate);
         }
@@ -105,6 +106,8 @@ impl MicroKernel for Avx2 {
 /// `C[R × 16] (+)= A[R × kc] · B[kc × 16]` from packed panels (A k-major with stride MR, B
 /// k-major with stride NR; `a_step` is MR for a packed panel). `U` copies of the accumulators take alternate k steps so that at
 /// least eight FMA chains are in flight (FMA latency 4 × 2 ports) even for one or two rows.
+/// The k steps also prefetch `pf`'s lines of the next B panel into L2, as the AVX-512 kernel
+/// does.
 ///
 /// # Safety
 /// AVX2+FMA available; `a` readable for `kc·MR`, `b` for `kc·NR` values; `c` writable for
@@ -119,6 +122,7 @@ unsafe fn tile<const R: usize, const U: usize>(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     // SAFETY: every pointer offset below stays inside the ranges the caller guarantees:
     // step `p < kc` reads a[p·MR + r] (r < R <= MR) and b[p·NR .. p·NR + 16]; the stores
@@ -126,9 +130,10 @@ unsafe fn tile<const R: usize, const U: usize>(
     unsafe {
         let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
         let (mut ap, mut bp) = (a, b);
-        for _ in 0..kc / U {
-            for acc_u in acc.iter_mut() {
+        for q in 0..kc / U {
+            for (u, acc_u) in acc.iter_mut().enumerate() {
                 step::<R>(acc_u, ap, bp);
+                pf.step(q * U + u);
                 ap = ap.add(a_step);
                 bp = bp.add(NR);
             }

@@ -3,7 +3,7 @@
 //! registers). Partial right-edge panels are stored with `__mmask16` masks, so no tile buffer
 //! is needed; the epilogue runs in AVX-512 on the tile while it is in L1.
 
-use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr};
+use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -75,6 +75,7 @@ impl MicroKernel for Avx512 {
         rows: usize,
         cols: usize,
         accumulate: bool,
+        pf: Prefetch,
     ) {
         debug_assert!(b.len() >= kc * NR && (1..=MR).contains(&rows) && (1..=NR).contains(&cols));
         let b = b.as_ptr();
@@ -94,19 +95,36 @@ impl MicroKernel for Avx512 {
         let m = (m0, m1);
         // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile).
         unsafe {
-            match rows {
-                12 => tile::<12, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                11 => tile::<11, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                10 => tile::<10, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                9 => tile::<9, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                8 => tile::<8, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                7 => tile::<7, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                6 => tile::<6, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                5 => tile::<5, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                4 => tile::<4, 1>(kc, a, a_step, b, c, ldc, m, accumulate),
-                3 => tile::<3, 2>(kc, a, a_step, b, c, ldc, m, accumulate),
-                2 => tile::<2, 2>(kc, a, a_step, b, c, ldc, m, accumulate),
-                _ => tile::<1, 4>(kc, a, a_step, b, c, ldc, m, accumulate),
+            if pf.lines == 0 {
+                match rows {
+                    12 => tile::<12, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    11 => tile::<11, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    10 => tile::<10, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    9 => tile::<9, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    8 => tile::<8, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    7 => tile::<7, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    6 => tile::<6, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    5 => tile::<5, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    4 => tile::<4, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    3 => tile::<3, 2, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    2 => tile::<2, 2, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    _ => tile::<1, 4, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                }
+            } else {
+                match rows {
+                    12 => tile::<12, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    11 => tile::<11, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    10 => tile::<10, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    9 => tile::<9, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    8 => tile::<8, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    7 => tile::<7, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    6 => tile::<6, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    5 => tile::<5, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    4 => tile::<4, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    3 => tile::<3, 2, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    2 => tile::<2, 2, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                    _ => tile::<1, 4, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
+                }
             }
         }
     }
@@ -127,7 +145,9 @@ impl MicroKernel for Avx512 {
 
 /// `C[R × cols] (+)= A[R × kc] · B[kc × 32]` from packed panels (A k-major with stride
 /// `a_step`, B k-major with stride NR). `U` copies of the accumulators take alternate k steps
-/// so that at least eight FMA chains are in flight for one to three rows.
+/// so that at least eight FMA chains are in flight for one to three rows. With `PF`, the k steps
+/// also prefetch `pf`'s lines of the next B panel into L2: weights are read from L3 (they do
+/// not stay in L2 between calls), and the hardware prefetchers stop at each 4 KiB page.
 ///
 /// # Safety
 /// AVX-512F available; `a` readable at `p·a_step + r` for `p < kc`, `r < R`; `b` for `kc·NR`
@@ -135,7 +155,7 @@ impl MicroKernel for Avx512 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize, const U: usize>(
+unsafe fn tile<const R: usize, const U: usize, const PF: bool>(
     kc: usize,
     a: *const f32,
     a_step: usize,
@@ -144,6 +164,7 @@ unsafe fn tile<const R: usize, const U: usize>(
     ldc: usize,
     (m0, m1): (__mmask16, __mmask16),
     accumulate: bool,
+    pf: Prefetch,
 ) {
     // SAFETY: every read stays inside the ranges the caller guarantees; masked loads and
     // stores touch only the lanes inside C (pointers past it are formed with wrapping_add and
@@ -151,9 +172,12 @@ unsafe fn tile<const R: usize, const U: usize>(
     unsafe {
         let mut acc = [[[_mm512_setzero_ps(); 2]; R]; U];
         let (mut ap, mut bp) = (a, b);
-        for _ in 0..kc / U {
-            for acc_u in acc.iter_mut() {
+        for q in 0..kc / U {
+            for (u, acc_u) in acc.iter_mut().enumerate() {
                 step::<R>(acc_u, ap, bp);
+                if PF {
+                    pf.step(q * U + u);
+                }
                 ap = ap.add(a_step);
                 bp = bp.add(NR);
             }

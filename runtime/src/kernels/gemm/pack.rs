@@ -144,7 +144,8 @@ impl PackedB {
 }
 
 /// Packs rows `i0..i0 + mc`, columns `k0..k0 + kc` of `a` into `dst` as `ceil(mc / mr)` panels
-/// of `kc × mr` values (k-major), zero-padding the last panel's missing rows.
+/// of `kc × mr` values (k-major), one per register tile of [`super::tile_rows`] (tiles of
+/// near-equal height), zero-padding each panel's rows past its tile.
 pub(super) fn pack_a(
     a: &MatRef<'_>,
     i0: usize,
@@ -154,14 +155,14 @@ pub(super) fn pack_a(
     mr: usize,
     dst: &mut [f32],
 ) {
-    for (p, panel) in dst[..mc.div_ceil(mr) * mr * kc]
-        .chunks_exact_mut(mr * kc)
-        .enumerate()
-    {
-        let r0 = p * mr;
-        let rows = mr.min(mc - r0);
-        if a.cs == 1 && rows == mr {
+    let nt = mc.div_ceil(mr);
+    for (t, panel) in dst[..nt * mr * kc].chunks_exact_mut(mr * kc).enumerate() {
+        let (r0, rows) = super::tile_rows(mc, nt, t);
+        if a.cs == 1 {
             // Row-major A (the usual case): read each row contiguously, write strided.
+            if rows < mr {
+                panel.fill(0.0);
+            }
             for r in 0..rows {
                 let start = (i0 + r0 + r) * a.rs + k0;
                 for (kk, &v) in a.data[start..start + kc].iter().enumerate() {

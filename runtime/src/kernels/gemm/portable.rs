@@ -24,6 +24,7 @@ impl MicroKernel for Portable {
         rows: usize,
         cols: usize,
         accumulate: bool,
+        _pf: super::Prefetch,
     ) {
         // SAFETY: the trait contract.
         unsafe {
