@@ -6,7 +6,7 @@
 //! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
 
 use crate::kernels::attention::{self, Attention, Mask};
-use crate::kernels::conv::{patch_conv, PatchConv};
+use crate::kernels::conv::{pack_weight, patch_conv, PatchConv};
 use crate::kernels::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -53,6 +53,8 @@ pub enum Prepared {
     PatchConv {
         /// The strides (the weight's kernel must equal them).
         stride: [usize; 2],
+        /// The constant weight, packed as `Wᵀ[C·kh·kw, OC]`.
+        packed: Option<PackedB>,
     },
 }
 
@@ -113,6 +115,10 @@ pub fn prepare_op<'t>(
         },
         OpKind::Conv => Prepared::PatchConv {
             stride: patch_stride(attrs)?,
+            packed: constant(1).and_then(|t| {
+                let [oc, c, kh, kw] = <[usize; 4]>::try_from(t.shape()).ok()?;
+                pack_weight(t.as_slice::<f32>()?, oc, c * kh * kw).ok()
+            }),
         },
         _ => return None,
     })
@@ -288,7 +294,7 @@ impl Prepared {
                 pool,
             ),
             Prepared::Attention { scale, causal } => attention_op(ins, *scale, *causal, pool),
-            Prepared::PatchConv { stride } => conv_op(ins, *stride, pool),
+            Prepared::PatchConv { stride, packed } => conv_op(ins, *stride, packed.as_ref(), pool),
         }
         .map(|r| r.map(|t| vec![t]))
     }
@@ -603,6 +609,7 @@ fn attention_op(
 fn conv_op(
     ins: &[Option<&Tensor>],
     stride: [usize; 2],
+    packed: Option<&PackedB>,
     pool: &Pool,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
@@ -625,7 +632,7 @@ fn conv_op(
     let shape = p.out_shape();
     let mut y = vec![0.0f32; shape.iter().product()];
     Some(
-        patch_conv(pool, &p, f32s(x)?, f32s(w)?, bias, &mut y)
+        patch_conv(pool, &p, f32s(x)?, f32s(w)?, packed, bias, &mut y)
             .map(|()| Tensor::from_vec(shape.to_vec(), y)),
     )
 }

@@ -15,7 +15,7 @@ pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
 /// about 4.5M units and runs in ~0.17 ms serially; handing tasks to the persistent pool
 /// costs a few microseconds (tens with scoped threads), so kernels of roughly 0.1 ms and
 /// more split.
-pub const PAR_MIN_WORK: usize = 1 << 21;
+pub const PAR_MIN_WORK: usize = 1 << 18;
 /// Tasks per worker when a kernel is split, so uneven rows still balance.
 const TASKS_PER_THREAD: usize = 4;
 /// Weight of a transcendental relative to a plain arithmetic expression in the work

@@ -1,10 +1,10 @@
 //! 2-D convolution whose kernel equals its stride with no padding, dilation 1 and one group
 //! (a ViT patch embedding): each output pixel reads a disjoint patch, so im2col is a plain
-//! rearrangement, and per image `Y[OC, P] = W[OC, C·kh·kw] · cols[C·kh·kw, P] + bias` is one
-//! GEMM whose epilogue adds the bias (as a residual broadcast along the rows). Other convs
+//! rearrangement, and per image `Yᵀ[P, OC] = cols[P, C·kh·kw] · Wᵀ + bias` is one GEMM with
+//! the constant weight packed once and the bias in its epilogue ([`patch_conv`]). Other convs
 //! stay with the interpreter.
 
-use super::gemm::{gemm_in, Epilogue, GemmConfig, Isa, MatMut, MatRef, Rhs};
+use super::gemm::{gemm_in, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs};
 use crate::pool::Pool;
 
 /// Shapes of a patch convolution: x `[N, C, H, W]`, weight `[OC, C, kh, kw]`, stride
@@ -27,12 +27,21 @@ impl PatchConv {
     }
 }
 
-/// Runs the convolution into `out` (dense `[N, OC, OH, OW]`).
+/// Runs the convolution into `out` (dense `[N, OC, OH, OW]`). `packed` is the weight packed
+/// once by [`pack_weight`] (else it is packed on this call).
+///
+/// Per image the GEMM is `Yᵀ[P, OC] = cols[P, C·kh·kw] · Wᵀ[C·kh·kw, OC] + bias`: the weight
+/// is the constant right-hand side (packed once, like a `linear`'s), each patch's row of
+/// `cols` is copied from `kw`-long runs of the image, the bias is the epilogue's per-column
+/// bias, and only the `P × OC` result is transposed into `[OC, P]`. (With the weight on the
+/// left instead, B was the image, packed on every call, and the bias a strided residual:
+/// 1.4 ms against 0.9 ms for ONNX Runtime on ViT-S/16's patch embedding.)
 pub fn patch_conv(
     pool: &Pool,
     p: &PatchConv,
     x: &[f32],
     w: &[f32],
+    packed: Option<&PackedB>,
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<(), String> {
@@ -54,40 +63,55 @@ pub fn patch_conv(
     if bias.is_some_and(|b| b.len() != oc) {
         return Err(format!("conv bias must have {oc} values"));
     }
-    let a = MatRef::row_major(w, oc, ckk).map_err(|e| e.to_string())?;
-    let residual = match bias {
-        // Row stride 1, column stride 0: element (o, p) is bias[o].
-        Some(b) => Some(MatRef::new(b, oc, pix, 1, 0).map_err(|e| e.to_string())?),
-        None => None,
+    if packed.is_some_and(|b| b.rows() != ckk || b.cols() != oc) {
+        return Err(format!(
+            "conv: the packed weight is not [{ckk}, {oc}] (C·kh·kw × OC)"
+        ));
+    }
+    let packed_here;
+    let b = match packed {
+        Some(b) => b,
+        None => {
+            packed_here = pack_weight(w, oc, ckk)?;
+            &packed_here
+        }
     };
     let ep = Epilogue {
-        residual,
+        bias,
         ..Epilogue::default()
     };
     let cfg = GemmConfig {
         threads: pool.threads(),
         isa: Isa::Auto,
     };
-    let mut cols = vec![0.0f32; ckk * pix];
+    let mut cols = vec![0.0f32; pix * ckk];
+    let mut yt = vec![0.0f32; pix * oc];
     for (ni, y) in out.chunks_exact_mut(oc * pix).enumerate() {
         let img = &x[ni * c * h * wd..][..c * h * wd];
-        // cols[(ci, r, s), (py, px)] = x[ci, py·kh + r, px·kw + s].
-        // A copy of the input, serial: small next to the GEMM.
-        for crow in 0..c * kh {
-            let (ci, r) = (crow / kh, crow % kh);
-            for py in 0..oh {
-                let src = &img[(ci * h + py * kh + r) * wd..][..ow * kw];
-                for s in 0..kw {
-                    let row = (crow * kw + s) * pix + py * ow;
-                    for (px, d) in cols[row..row + ow].iter_mut().enumerate() {
-                        *d = src[px * kw + s];
-                    }
-                }
+        // cols[(py, px), (ci, r, s)] = x[ci, py·kh + r, px·kw + s]: runs of kw values.
+        for (pi, row) in cols.chunks_exact_mut(ckk).enumerate() {
+            let (py, px) = (pi / ow, pi % ow);
+            for (run, dst) in row.chunks_exact_mut(kw).enumerate() {
+                let (ci, r) = (run / kh, run % kh);
+                let start = (ci * h + py * kh + r) * wd + px * kw;
+                dst.copy_from_slice(&img[start..start + kw]);
             }
         }
-        let b = MatRef::row_major(&cols, ckk, pix).map_err(|e| e.to_string())?;
-        let c = MatMut::row_major(y, oc, pix).map_err(|e| e.to_string())?;
-        gemm_in(pool, a, Rhs::Plain(b), c, &ep, &cfg).map_err(|e| e.to_string())?;
+        let a = MatRef::row_major(&cols, pix, ckk).map_err(|e| e.to_string())?;
+        let c = MatMut::row_major(&mut yt, pix, oc).map_err(|e| e.to_string())?;
+        gemm_in(pool, a, Rhs::Packed(b), c, &ep, &cfg).map_err(|e| e.to_string())?;
+        for (o, yrow) in y.chunks_exact_mut(pix).enumerate() {
+            for (pi, v) in yrow.iter_mut().enumerate() {
+                *v = yt[pi * oc + o];
+            }
+        }
     }
     Ok(())
+}
+
+/// The weight `[OC, C, kh, kw]` (`oc × ckk` row-major) packed as the GEMM's right-hand side
+/// `Wᵀ[C·kh·kw, OC]`.
+pub fn pack_weight(w: &[f32], oc: usize, ckk: usize) -> Result<PackedB, String> {
+    let wt = MatRef::new(w, ckk, oc, 1, ckk).map_err(|e| e.to_string())?;
+    PackedB::pack(wt).map_err(|e| e.to_string())
 }
