@@ -293,67 +293,86 @@ unsafe fn apply_act<S: Simd, A: Act<S>>(
     let mut buf = [0.0f32; 16];
     let mut rbuf = [0.0f32; 16];
     let mut bbuf = [0.0f32; 16];
+    // No closures in here: a closure does not inherit the caller's target features, so the
+    // intrinsics inside it stayed calls (a bias + residual epilogue cost as much as gelu).
     // SAFETY: target features by the caller's contract; every pointer below addresses the
-    // caller's rectangle (in bounds, exclusive) or a slice checked by `ep.check`, or a lane
-    // buffer of 16 >= LANES values.
+    // caller's rectangle (in bounds, exclusive), a range of a slice checked by `ep.check` and
+    // sliced here, or a lane buffer of 16 >= LANES values.
     unsafe {
+        let bias = match ep.bias {
+            Some(b) => Some(b[j0..j0 + w].as_ptr()),
+            None => None,
+        };
+        let strided_residual = matches!(&ep.residual, Some(r) if r.cs != 1);
         for i in i0..i0 + rows {
             let row = out.ptr.add(i * out.rs + j0);
-            let scale = ep.row_scale.map(|s| S::splat(s[i]));
+            let scale = match ep.row_scale {
+                Some(s) => Some(S::splat(s[i])),
+                None => None,
+            };
+            let res = match &ep.residual {
+                Some(r) if r.cs == 1 => {
+                    let start = i * r.rs + j0;
+                    Some(r.data[start..start + w].as_ptr())
+                }
+                _ => None,
+            };
             let mut j = 0;
-            // Two vectors at a time where the row allows (a full 32-wide AVX-512 tile row):
-            // two independent activation chains in one basic block keep both vector ports
-            // busy, where one chain at a time left them waiting on its latency.
-            if ep.residual.is_none() {
+            if !strided_residual {
+                // Two vectors at a time (a full 32-wide AVX-512 tile row): two independent
+                // activation chains in one basic block keep both vector ports busy.
                 while j + 2 * l <= w {
-                    let (b0, b1) = match ep.bias {
-                        Some(b) => {
-                            let b = &b[j0 + j..j0 + j + 2 * l];
-                            (Some(S::load(b.as_ptr())), Some(S::load(b[l..].as_ptr())))
-                        }
+                    let (b0, b1) = match bias {
+                        Some(p) => (Some(S::load(p.add(j))), Some(S::load(p.add(j + l)))),
                         None => (None, None),
                     };
-                    let v0 = S::load(row.add(j));
-                    let v1 = S::load(row.add(j + l));
-                    let y0 = op::<S, A>(v0, scale, b0, None);
-                    let y1 = op::<S, A>(v1, scale, b1, None);
+                    let (r0, r1) = match res {
+                        Some(p) => (Some(S::load(p.add(j))), Some(S::load(p.add(j + l)))),
+                        None => (None, None),
+                    };
+                    let y0 = op::<S, A>(S::load(row.add(j)), scale, b0, r0);
+                    let y1 = op::<S, A>(S::load(row.add(j + l)), scale, b1, r1);
                     S::store(row.add(j), y0);
                     S::store(row.add(j + l), y1);
                     j += 2 * l;
                 }
+                while j + l <= w {
+                    let b0 = match bias {
+                        Some(p) => Some(S::load(p.add(j))),
+                        None => None,
+                    };
+                    let r0 = match res {
+                        Some(p) => Some(S::load(p.add(j))),
+                        None => None,
+                    };
+                    S::store(row.add(j), op::<S, A>(S::load(row.add(j)), scale, b0, r0));
+                    j += l;
+                }
             }
+            // The ragged edge (and every vector of a strided residual) through lane buffers,
+            // by the same vector code.
             while j < w {
-                let full = j + l <= w;
                 let cnt = l.min(w - j);
-                let bias = ep.bias.map(|b| {
-                    let b = &b[j0 + j..j0 + j + cnt];
-                    if full {
-                        S::load(b.as_ptr())
-                    } else {
-                        bbuf[..cnt].copy_from_slice(b);
-                        S::load(bbuf.as_ptr())
+                let b0 = match bias {
+                    Some(p) => {
+                        std::ptr::copy_nonoverlapping(p.add(j), bbuf.as_mut_ptr(), cnt);
+                        Some(S::load(bbuf.as_ptr()))
                     }
-                });
-                let residual = ep.residual.as_ref().map(|r| {
-                    if r.cs == 1 && full {
-                        let start = i * r.rs + j0 + j;
-                        S::load(r.data[start..start + l].as_ptr())
-                    } else {
+                    None => None,
+                };
+                let r0 = match &ep.residual {
+                    Some(r) => {
                         for (jj, x) in rbuf[..cnt].iter_mut().enumerate() {
                             *x = r.at(i, j0 + j + jj);
                         }
-                        S::load(rbuf.as_ptr())
+                        Some(S::load(rbuf.as_ptr()))
                     }
-                });
-                if full {
-                    let v = S::load(row.add(j));
-                    S::store(row.add(j), op::<S, A>(v, scale, bias, residual));
-                } else {
-                    std::ptr::copy_nonoverlapping(row.add(j), buf.as_mut_ptr(), cnt);
-                    let y = op::<S, A>(S::load(buf.as_ptr()), scale, bias, residual);
-                    S::store(buf.as_mut_ptr(), y);
-                    std::ptr::copy_nonoverlapping(buf.as_ptr(), row.add(j), cnt);
-                }
+                    None => None,
+                };
+                std::ptr::copy_nonoverlapping(row.add(j), buf.as_mut_ptr(), cnt);
+                let y = op::<S, A>(S::load(buf.as_ptr()), scale, b0, r0);
+                S::store(buf.as_mut_ptr(), y);
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), row.add(j), cnt);
                 j += l;
             }
         }
