@@ -340,7 +340,7 @@ pub fn attention_with(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn unit_avx512(job: &Unit<'_>, o: &mut [f32]) {
-    job.run::<simd::Avx512, 4, 4, 4>(o)
+    job.run::<simd::Avx512, 8, 2, 2>(o)
 }
 
 /// # Safety
@@ -402,8 +402,9 @@ impl Unit<'_> {
         let g = bi * hkv + h / (hq / hkv);
         let vp = &pk.vp[g * tp * dvp..][..tp * dvp];
         let kt = &pk.kt[g * d * tp..][..d * tp];
-        // Whole R-row tiles, then single rows.
+        // Whole R-row tiles, then 4-row tiles, then single rows.
         let rows_r = rows / R * R;
+        let rows_4 = rows_r + (rows - rows_r) / 4 * 4;
         debug_assert!(KB.is_multiple_of(NK * w) && dvp.is_multiple_of(w));
         let mut m = [f32::NEG_INFINITY; QB];
         let mut l = [0.0f32; QB];
@@ -438,7 +439,20 @@ impl Unit<'_> {
                     jg += w;
                 }
             }
-            for r0 in rows_r..rows {
+            // Leftover rows: four at a time with four key vectors (16 accumulators), then
+            // one at a time.
+            for r0 in (rows_r..rows_4).step_by(4) {
+                let mut jg = 0;
+                while jg + 4 * w <= kq_v {
+                    qk_tile::<S, 4, 4>(qbuf, ktb, sc, r0, jg, d, scale);
+                    jg += 4 * w;
+                }
+                while jg < kq_v {
+                    qk_tile::<S, 4, 1>(qbuf, ktb, sc, r0, jg, d, scale);
+                    jg += w;
+                }
+            }
+            for r0 in rows_4..rows {
                 let mut jg = 0;
                 while jg + kw <= kq_v {
                     qk_tile::<S, 1, NK>(qbuf, ktb, sc, r0, jg, d, scale);
@@ -496,7 +510,18 @@ impl Unit<'_> {
                     x0 += w;
                 }
             }
-            for r0 in rows_r..rows {
+            for r0 in (rows_r..rows_4).step_by(4) {
+                let mut x0 = 0;
+                while x0 + 4 * w <= dvp {
+                    pv_tile::<S, 4, 4>(sc, vblk, oacc, r0, x0, kn, dvp);
+                    x0 += 4 * w;
+                }
+                while x0 < dvp {
+                    pv_tile::<S, 4, 1>(sc, vblk, oacc, r0, x0, kn, dvp);
+                    x0 += w;
+                }
+            }
+            for r0 in rows_4..rows {
                 let mut x0 = 0;
                 while x0 + NO * w <= dvp {
                     pv_tile::<S, 1, NO>(sc, vblk, oacc, r0, x0, kn, dvp);
