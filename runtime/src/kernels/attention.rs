@@ -22,7 +22,7 @@ use simd::{exp, Portable, Simd};
 
 /// Query rows per work unit (their scores and accumulators stay in L1 next to one key
 /// block).
-const QB: usize = 16;
+const QB: usize = 32;
 /// Keys per block (a multiple of every tile's key width).
 const KB: usize = 64;
 /// V rows and the output accumulator are padded to a multiple of this (every ISA's lanes).
@@ -160,7 +160,9 @@ struct Packed {
     /// that a score tile streams through it (a `[D][T]` layout strides rows by whole pages
     /// and thrashes L1 sets). Zero past `T`.
     kt: Vec<f32>,
-    /// `vp[g][j][x]`, `tp` rows of `dvp` (zero past `T` and `Dv`).
+    /// `vp[g][j][x]`, `tp` rows of `dvp` (zero past `T` and `Dv`); empty when `Dv` is
+    /// already a multiple of [`DV_ALIGN`] and V is read in place (`T` rows of `Dv`: the
+    /// `P·V` tiles read only the keys that exist).
     vp: Vec<f32>,
     /// Per `g`: one past the last V row holding a NaN or an infinity (0 when none). Key
     /// blocks past it that causal hides from every query of a unit can be skipped: they add
@@ -194,16 +196,16 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
     let groups = b * hkv;
     let (mut kt, mut vp) = PACK_BUFS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     kt.resize(groups * d * tp, 0.0);
-    vp.resize(groups * tp * dvp, 0.0);
+    let v_in_place = dv == dvp;
+    vp.resize(if v_in_place { 0 } else { groups * tp * dvp }, 0.0);
     let mut v_bad_end = vec![0usize; groups];
     let (ktp, vpp) = (SharedPtr(kt.as_mut_ptr()), SharedPtr(vp.as_mut_ptr()));
     let badp = v_bad_end.as_mut_ptr() as usize;
     pool.parallel_for(groups, |g| {
         // SAFETY: group `g` owns its own `d·tp`, `tp·dvp` and single-element ranges.
-        let (kg, vg, bad) = unsafe {
+        let (kg, bad) = unsafe {
             (
                 std::slice::from_raw_parts_mut(ktp.ptr().add(g * d * tp), d * tp),
-                std::slice::from_raw_parts_mut(vpp.ptr().add(g * tp * dvp), tp * dvp),
                 &mut *(badp as *mut usize).add(g),
             )
         };
@@ -225,17 +227,26 @@ fn pack(pool: &Pool, p: &Attention<'_>) -> Packed {
             }
         }
         let vsrc = &p.v[g * t * dv..][..t * dv];
-        // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
-        for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
-            if j < t {
-                let row = &vsrc[j * dv..][..dv];
-                dst[..dv].copy_from_slice(row);
-                dst[dv..].fill(0.0);
+        if p.causal {
+            // Only causal block skipping needs to know where V stops being finite.
+            for (j, row) in vsrc.chunks_exact(dv.max(1)).enumerate() {
                 // Exponent bits all ones (NaN or ±inf), as a branch-free fold that vectorises.
                 const EXP: u32 = 0x7f80_0000;
                 if row.iter().fold(0, |a: u32, x| a.max(x.to_bits() & EXP)) == EXP {
                     *bad = j + 1;
                 }
+            }
+        }
+        if v_in_place {
+            return;
+        }
+        // SAFETY: group `g` owns its own `tp·dvp` range of `vp`.
+        let vg = unsafe { std::slice::from_raw_parts_mut(vpp.ptr().add(g * tp * dvp), tp * dvp) };
+        // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
+        for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
+            if j < t {
+                dst[..dv].copy_from_slice(&vsrc[j * dv..][..dv]);
+                dst[dv..].fill(0.0);
             } else {
                 dst.fill(0.0);
             }
@@ -400,7 +411,11 @@ impl Unit<'_> {
         let (tp, dvp, w) = (pk.tp, pk.dvp, S::W);
         let (bi, h, i0, rows) = (self.bi, self.h, self.i0, self.rows);
         let g = bi * hkv + h / (hq / hkv);
-        let vp = &pk.vp[g * tp * dvp..][..tp * dvp];
+        let vp = if pk.vp.is_empty() {
+            &p.v[g * t * dv..][..t * dv]
+        } else {
+            &pk.vp[g * tp * dvp..][..tp * dvp]
+        };
         let kt = &pk.kt[g * d * tp..][..d * tp];
         // Whole R-row tiles, then 4-row tiles, then single rows.
         let rows_r = rows / R * R;
