@@ -1,6 +1,6 @@
 //! `kiln bench`: latency of a compiled model per thread count (median and min of N runs),
 //! compile time and planned memory, optionally beside ONNX Runtime on the same inputs
-//! (`bench/ort_bench.py`) and with a per-kernel profile. `--backend jit,aot` measures the
+//! (`bench/ort_bench.py`, in rounds alternating with kiln's) and with a per-kernel profile. `--backend jit,aot` measures the
 //! JIT and an ahead-of-time library (`kiln build`, loaded with dlopen) side by side.
 
 use anyhow::{bail, Context, Result};
@@ -276,7 +276,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let show = std::io::stderr().is_terminal();
     let mut rows = Vec::new();
     let mut profile: Option<Profile> = None;
-    let mut ort_by_threads: HashMap<usize, OrtResult> = HashMap::new();
     for &backend in &args.backend {
         for &threads in &args.threads {
             let bar = progress(
@@ -291,17 +290,43 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 (args.warmup + args.runs) as u64,
                 format!("{name}: {backend}, {} threads", exe.threads()),
             );
+            // ORT, when compared, runs in rounds between kiln's (see `ROUNDS`).
+            let mut ort_server = match &ort_dir {
+                Some(dir) => Some(OrtServer::start(args, exe.threads(), dir, &inputs)?),
+                None => None,
+            };
             let mut times = Vec::with_capacity(args.runs);
-            for k in 0..args.warmup + args.runs {
-                let start = Instant::now();
+            let mut ort_times = Vec::with_capacity(args.runs);
+            for _ in 0..args.warmup {
                 exe.run(&named, &inputs, false)
                     .with_context(|| format!("running {}", args.model.display()))?;
-                if k >= args.warmup {
-                    times.push(start.elapsed());
-                }
                 bar.inc(1);
             }
+            let rounds = ROUNDS.min(args.runs).max(1);
+            for r in 0..rounds {
+                let n = args.runs * (r + 1) / rounds - args.runs * r / rounds;
+                if ort_server.is_some() {
+                    // Let ORT's spinning threads go to sleep, then warm the caches back up.
+                    std::thread::sleep(ROUND_PAUSE);
+                    exe.run(&named, &inputs, false)?;
+                }
+                for _ in 0..n {
+                    let start = Instant::now();
+                    exe.run(&named, &inputs, false)
+                        .with_context(|| format!("running {}", args.model.display()))?;
+                    times.push(start.elapsed());
+                    bar.inc(1);
+                }
+                if let Some(o) = &mut ort_server {
+                    std::thread::sleep(ROUND_PAUSE);
+                    ort_times.extend(o.run(n)?);
+                }
+            }
             bar.finish_and_clear();
+            let ort = match ort_server {
+                Some(o) => Some(o.finish(&mut ort_times)?),
+                None => None,
+            };
             let report = exe.run(&named, &inputs, true)?.unwrap_or_default();
             if args.profile {
                 profile = Some(profile_runs(
@@ -312,16 +337,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                     report.clone(),
                 )?);
             }
-            let ort = match &ort_dir {
-                Some(dir) => {
-                    let t = exe.threads();
-                    if !ort_by_threads.contains_key(&t) {
-                        ort_by_threads.insert(t, run_ort(args, t, dir, &inputs)?);
-                    }
-                    ort_by_threads.get(&t).cloned()
-                }
-                None => None,
-            };
             let (median_ms, min_ms) = median_min(&mut times);
             if let Some(p) = &mut profile {
                 p.median_ms = median_ms;
@@ -481,58 +496,124 @@ fn write_npy_inputs(inputs: &[(String, Tensor)]) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn run_ort(
-    args: &BenchArgs,
-    threads: usize,
-    dir: &Path,
-    inputs: &[(String, Tensor)],
-) -> Result<OrtResult> {
-    let python = args
-        .python
-        .clone()
-        .unwrap_or_else(|| checkout().join(".venv/bin/python"));
-    let script = checkout().join("bench/ort_bench.py");
-    let mut cmd = std::process::Command::new(&python);
-    cmd.arg(&script)
-        .arg(&args.model)
-        .args(["--threads", &threads.to_string()])
-        .args(["--runs", &args.runs.to_string()])
-        .args(["--warmup", &args.warmup.to_string()]);
-    for (k, (name, _)) in inputs.iter().enumerate() {
-        cmd.arg("--input").arg(format!(
-            "{name}={}",
-            dir.join(format!("input_{k}.npy")).display()
-        ));
+/// Rounds the timed runs are cut into when ORT is compared: kiln runs a round, then ORT the
+/// same number, and so on, so that both medians come from the same minutes of a machine whose
+/// speed drifts (other tenants, turbo). One block of kiln runs followed by one of ORT runs
+/// moved kiln/ORT by up to ±8% between repeats of the same build.
+const ROUNDS: usize = 5;
+/// Pause before each round, and one untimed run on each side: the other side's idle threads
+/// spin for a while after it stops (kiln's for 0.3 ms, ORT's longer) and would otherwise share
+/// the cores with the first timed runs.
+const ROUND_PAUSE: Duration = Duration::from_millis(20);
+
+/// ONNX Runtime in a child process (`bench/ort_bench.py --serve`): one warm session that
+/// times `run N` requests.
+struct OrtServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    version: String,
+    script: PathBuf,
+}
+
+impl OrtServer {
+    fn start(
+        args: &BenchArgs,
+        threads: usize,
+        dir: &Path,
+        inputs: &[(String, Tensor)],
+    ) -> Result<OrtServer> {
+        let python = args
+            .python
+            .clone()
+            .unwrap_or_else(|| checkout().join(".venv/bin/python"));
+        let script = checkout().join("bench/ort_bench.py");
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg(&script)
+            .arg(&args.model)
+            .args(["--threads", &threads.to_string()])
+            .args(["--warmup", &args.warmup.to_string()])
+            .arg("--serve")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (k, (name, _)) in inputs.iter().enumerate() {
+            cmd.arg("--input").arg(format!(
+                "{name}={}",
+                dir.join(format!("input_{k}.npy")).display()
+            ));
+        }
+        let mut child = cmd.spawn().with_context(|| {
+            format!(
+                "running {} (create it with scripts/setup-venv.sh, or pass --python)",
+                python.display()
+            )
+        })?;
+        let stdin = child.stdin.take().context("ORT's stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("ORT's stdout")?);
+        let mut server = OrtServer {
+            child,
+            stdin,
+            stdout,
+            version: String::new(),
+            script,
+        };
+        let hello = server.read_json()?;
+        server.version = hello["version"].as_str().unwrap_or("?").to_string();
+        Ok(server)
     }
-    let out = cmd.output().with_context(|| {
-        format!(
-            "running {} (create it with scripts/setup-venv.sh, or pass --python)",
-            python.display()
-        )
-    })?;
-    if !out.status.success() {
-        bail!(
-            "ONNX Runtime failed on {}:\n{}",
-            args.model.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+
+    /// One JSON line from the script; its stderr in the error when it has stopped.
+    fn read_json(&mut self) -> Result<serde_json::Value> {
+        use std::io::{BufRead, Read};
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            let mut err = String::new();
+            if let Some(e) = self.child.stderr.as_mut() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let _ = self.child.wait();
+            bail!("ONNX Runtime stopped ({}):\n{err}", self.script.display());
+        }
+        serde_json::from_str(&line).with_context(|| {
+            format!("{} printed no JSON: {line}", self.script.display())
+        })
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "{} printed no JSON: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
-    let num = |k: &str| {
-        v[k].as_f64()
-            .with_context(|| format!("{} gave no `{k}`", script.display()))
-    };
-    Ok(OrtResult {
-        median_ms: num("median_ms")?,
-        min_ms: num("min_ms")?,
-        version: v["version"].as_str().unwrap_or("?").to_string(),
-    })
+
+    /// Times `n` runs.
+    fn run(&mut self, n: usize) -> Result<Vec<f64>> {
+        writeln!(self.stdin, "run {n} 1")?;
+        self.stdin.flush()?;
+        let v = self.read_json()?;
+        let times = v["times_ms"]
+            .as_array()
+            .context("ORT gave no `times_ms`")?
+            .iter()
+            .filter_map(|x| x.as_f64())
+            .collect::<Vec<_>>();
+        if times.len() != n {
+            bail!("ORT timed {} runs, not {n}", times.len());
+        }
+        Ok(times)
+    }
+
+    /// Stops the child and summarises `times`.
+    fn finish(mut self, times: &mut [f64]) -> Result<OrtResult> {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+        let mut d: Vec<Duration> = times
+            .iter()
+            .map(|&ms| Duration::from_secs_f64(ms / 1e3))
+            .collect();
+        let (median_ms, min_ms) = median_min(&mut d);
+        Ok(OrtResult {
+            median_ms,
+            min_ms,
+            version: self.version,
+        })
+    }
 }
 
 fn mib(bytes: usize) -> f64 {
