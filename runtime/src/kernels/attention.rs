@@ -272,10 +272,11 @@ impl Drop for Packed {
     }
 }
 
-/// Below this many flops (`2·B·Hq·S·T·(D+Dv)`) an attention call does not use the pool:
-/// on this 2-core Xeon, handing units to sleeping workers cost ~15–40 µs per call, which
-/// made llama_2l_512_kv's decode step 0.3 ms slower on 2 threads than on 1.
-const MIN_PARALLEL_FLOPS: usize = 4_000_000;
+/// Below this many flops (`2·B·Hq·S·T·(D+Dv)`) an attention call does not use the pool. The
+/// pool's workers spin between a run's kernels, so a hand-off costs a microsecond or two: a
+/// llama decode step (8 heads × 129 keys, 0.26 MFLOP, ~25 µs) is worth splitting. (When the
+/// workers slept, a hand-off cost 15–40 µs and the bound was 4 MFLOP.)
+const MIN_PARALLEL_FLOPS: usize = 200_000;
 
 /// Computes attention into `out` (`[B, Hq, S, Dv]`) on `pool`, with the widest ISA.
 pub fn attention(pool: &Pool, p: &Attention<'_>, out: &mut [f32]) -> Result<(), String> {
