@@ -1,8 +1,8 @@
 //! Cranelift code generation for loop kernels: one native function per kernel that
 //! processes one row, `fn(ins: *const *const f32, outs: *const *mut f32, n: i64)`. Each
 //! pass over the row (one per reduction, then the store pass) is an F32X4 loop over
-//! `n & !3` elements followed by a scalar tail; a reduction pass first runs four F32X4
-//! accumulators side by side over `n & !15`. Transcendentals are inlined ([`crate::vmath`]).
+//! `n & !3` elements followed by a scalar tail; every pass first runs four F32X4 chains side
+//! by side over `n & !15` (four accumulators in a reduction). Transcendentals are inlined ([`crate::vmath`]).
 
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Type, Value};
@@ -111,7 +111,34 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
             });
             g.red.push(acc[0]);
         }
-        for (step, ty, lo, hi) in [(LANES, types::F32X4, zero, n4), (1, types::F32, n4, n)] {
+        // The store pass: UNROLL independent F32X4 chains per iteration (one basic block, so
+        // the CPU overlaps them: an inlined exp is a long dependent chain), then single
+        // vectors, then scalars.
+        emit_loop(
+            &mut b,
+            zero,
+            n_unrolled,
+            UNROLL * LANES,
+            &[],
+            types::F32X4,
+            |b, j, _| {
+                for u in 0..UNROLL {
+                    let ju = b.ins().iadd_imm_s(j, u * LANES);
+                    let mut memo = HashMap::new();
+                    let off = b.ins().ishl_imm_s(ju, 2);
+                    for (o, &(_, e)) in k.outputs.iter().enumerate() {
+                        let v = g.expr(b, e, types::F32X4, ju, &mut memo);
+                        let at = b.ins().iadd(out_ptrs[o], off);
+                        b.ins().store(flags, v, at, 0);
+                    }
+                }
+                vec![]
+            },
+        );
+        for (step, ty, lo, hi) in [
+            (LANES, types::F32X4, n_unrolled, n4),
+            (1, types::F32, n4, n),
+        ] {
             emit_loop(&mut b, lo, hi, step, &[], ty, |b, j, _| {
                 let mut memo = HashMap::new();
                 let off = b.ins().ishl_imm_s(j, 2);

@@ -66,7 +66,10 @@ pub fn to_egraph(g: &Graph) -> Result<(KEGraph, Origins), String> {
                 ),
             }
         }
-        let opaque = (!takes_attrs(node.op) && !node.attrs.is_empty())
+        // `fused_from` is provenance only (an earlier pass's fusion, e.g. `fuse_silu`): it
+        // must not make an attribute-less op opaque, or no rule could match it (silu(matmul)
+        // never became linear{silu}).
+        let opaque = (!takes_attrs(node.op) && node.attrs.0.keys().any(|k| k != FUSED_FROM))
             || canonical_arity(node.op).is_some_and(|n| args.len() > n);
         if opaque {
             for (k, &o) in node.outputs.iter().enumerate() {

@@ -571,6 +571,16 @@ fn matmul_bias_activation_and_residual_fuse_into_linear() {
         let (y, _) = linear_input(b);
         b.op(OpKind::Silu, none(), &[y])
     });
+    // A silu made by `fuse_silu` carries `fused_from`; that provenance must not hide it from
+    // the rules (it made the node opaque, and llama's SwiGLU gate stayed a separate kernel).
+    check_with(&["matmul-as-linear", "silu-into-linear"], |b| {
+        let (y, _) = linear_input(b);
+        let provenance = Attrs::new().with(
+            convert::FUSED_FROM,
+            Attr::Strs(vec!["Sigmoid".into(), "Mul".into()]),
+        );
+        b.op(OpKind::Silu, provenance, &[y])
+    });
     for (name, left) in [
         ("residual-into-linear", false),
         ("residual-into-linear-left", true),
