@@ -581,9 +581,8 @@ impl OrtServer {
             let _ = self.child.wait();
             bail!("ONNX Runtime stopped ({}):\n{err}", self.script.display());
         }
-        serde_json::from_str(&line).with_context(|| {
-            format!("{} printed no JSON: {line}", self.script.display())
-        })
+        serde_json::from_str(&line)
+            .with_context(|| format!("{} printed no JSON: {line}", self.script.display()))
     }
 
     /// Times `n` runs.

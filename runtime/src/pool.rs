@@ -40,6 +40,28 @@ pub enum PoolError {
     },
 }
 
+/// A raw pointer handed to a [`Pool::parallel_for`] job whose calls each write their own
+/// disjoint part of the buffer behind it (which outlives the job).
+#[derive(Clone, Copy)]
+pub struct SharedMut(*mut f32);
+
+// SAFETY: the calls write pairwise-disjoint ranges (the constructor's contract).
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Wraps `p`; the caller keeps the buffer alive for the job and the writes disjoint.
+    pub fn new(p: *mut f32) -> Self {
+        SharedMut(p)
+    }
+
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// A fixed-size pool. With one thread everything runs inline on the caller.
 #[derive(Clone)]
 pub struct Pool {
@@ -344,7 +366,10 @@ mod tests {
             pool.parallel_for(n, |i| {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
-            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "round {round}");
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "round {round}"
+            );
         }
         // A job that calls the pool again runs the inner job inline.
         let inner = AtomicUsize::new(0);

@@ -96,10 +96,18 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
             let lo = combine(&mut b, rd.op, accs[0], accs[1], types::F32X4);
             let hi = combine(&mut b, rd.op, accs[2], accs[3], types::F32X4);
             let init = combine(&mut b, rd.op, lo, hi, types::F32X4);
-            let acc = emit_loop(&mut b, n_unrolled, n4, LANES, &[init], types::F32X4, |b, j, a| {
-                let x = g.expr(b, rd.arg, types::F32X4, j, &mut HashMap::new());
-                vec![combine(b, rd.op, a[0], x, types::F32X4)]
-            });
+            let acc = emit_loop(
+                &mut b,
+                n_unrolled,
+                n4,
+                LANES,
+                &[init],
+                types::F32X4,
+                |b, j, a| {
+                    let x = g.expr(b, rd.arg, types::F32X4, j, &mut HashMap::new());
+                    vec![combine(b, rd.op, a[0], x, types::F32X4)]
+                },
+            );
             let mut h = b.ins().extractlane(acc[0], 0u8);
             for l in 1..LANES as u8 {
                 let x = b.ins().extractlane(acc[0], l);

@@ -17,7 +17,7 @@
 mod simd;
 
 use super::gemm::fast_exp;
-use crate::pool::Pool;
+use crate::pool::{Pool, SharedMut};
 use simd::{exp, Portable, Simd};
 
 /// Query rows per work unit (their scores and accumulators stay in L1 next to one key
@@ -142,21 +142,6 @@ impl Attention<'_> {
     }
 }
 
-/// A raw pointer shared by work units, each writing its own disjoint part.
-#[derive(Clone, Copy)]
-struct SharedPtr(*mut f32);
-// SAFETY: units write pairwise-disjoint ranges of a buffer that outlives the call.
-unsafe impl Send for SharedPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SharedPtr {}
-
-impl SharedPtr {
-    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// K and V repacked per (batch, kv head) `g`.
 struct Packed {
     /// `kt[g][j / kb][dd][j % kb]`: per key block a `D × kb` transposed tile, contiguous so
@@ -204,13 +189,16 @@ fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
     let v_in_place = dv == dvp;
     vp.resize(if v_in_place { 0 } else { groups * tp * dvp }, 0.0);
     let mut v_bad_end = vec![0usize; groups];
-    let (ktp, vpp) = (SharedPtr(kt.as_mut_ptr()), SharedPtr(vp.as_mut_ptr()));
+    let (ktp, vpp) = (
+        SharedMut::new(kt.as_mut_ptr()),
+        SharedMut::new(vp.as_mut_ptr()),
+    );
     let badp = v_bad_end.as_mut_ptr() as usize;
     pool.parallel_for(groups, |g| {
         // SAFETY: group `g` owns its own `d·tp`, `tp·dvp` and single-element ranges.
         let (kg, bad) = unsafe {
             (
-                std::slice::from_raw_parts_mut(ktp.ptr().add(g * d * tp), d * tp),
+                std::slice::from_raw_parts_mut(ktp.get().add(g * d * tp), d * tp),
                 &mut *(badp as *mut usize).add(g),
             )
         };
@@ -246,7 +234,7 @@ fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
             return;
         }
         // SAFETY: group `g` owns its own `tp·dvp` range of `vp`.
-        let vg = unsafe { std::slice::from_raw_parts_mut(vpp.ptr().add(g * tp * dvp), tp * dvp) };
+        let vg = unsafe { std::slice::from_raw_parts_mut(vpp.get().add(g * tp * dvp), tp * dvp) };
         // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
         for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
             if j < t {
@@ -323,7 +311,7 @@ pub fn attention_with(
     let packed = pack(pool, p, if p.causal { KB_CAUSAL } else { KB });
     let qblocks = s.div_ceil(QB);
     let units = b * hq * qblocks;
-    let optr = SharedPtr(out.as_mut_ptr());
+    let optr = SharedMut::new(out.as_mut_ptr());
     pool.parallel_for(units, |u| {
         let (bh, qb) = (u / qblocks, u % qblocks);
         let i0 = qb * QB;
@@ -331,7 +319,7 @@ pub fn attention_with(
         let base = (bh * s + i0) * dv;
         // SAFETY: unit `u` owns rows `i0..i0 + rows` of head `bh`, disjoint from every other
         // unit's, inside `out` (checked above); `out` is borrowed for the whole call.
-        let o = unsafe { std::slice::from_raw_parts_mut(optr.ptr().add(base), rows * dv) };
+        let o = unsafe { std::slice::from_raw_parts_mut(optr.get().add(base), rows * dv) };
         let job = Unit {
             p,
             pk: &packed,

@@ -5,7 +5,7 @@
 //! stay with the interpreter.
 
 use super::gemm::{gemm_in, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs};
-use crate::pool::Pool;
+use crate::pool::{Pool, SharedMut};
 
 /// Shapes of a patch convolution: x `[N, C, H, W]`, weight `[OC, C, kh, kw]`, stride
 /// `(kh, kw)`; output `[N, OC, H / kh, W / kw]` (floored).
@@ -88,23 +88,42 @@ pub fn patch_conv(
     let mut yt = vec![0.0f32; pix * oc];
     for (ni, y) in out.chunks_exact_mut(oc * pix).enumerate() {
         let img = &x[ni * c * h * wd..][..c * h * wd];
-        // cols[(py, px), (ci, r, s)] = x[ci, py·kh + r, px·kw + s]: runs of kw values.
-        for (pi, row) in cols.chunks_exact_mut(ckk).enumerate() {
-            let (py, px) = (pi / ow, pi % ow);
-            for (run, dst) in row.chunks_exact_mut(kw).enumerate() {
-                let (ci, r) = (run / kh, run % kh);
-                let start = (ci * h + py * kh + r) * wd + px * kw;
-                dst.copy_from_slice(&img[start..start + kw]);
+        // cols[(py, px), (ci, r, s)] = x[ci, py·kh + r, px·kw + s]: runs of kw values, patch
+        // rows split over the pool.
+        let cols_ptr = SharedMut::new(cols.as_mut_ptr());
+        pool.parallel_ranges(pix, |range| {
+            for pi in range {
+                // SAFETY: each patch row `pi` (ckk values) is written by one call only, and
+                // `cols` holds `pix · ckk` values.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(cols_ptr.get().add(pi * ckk), ckk) };
+                let (py, px) = (pi / ow, pi % ow);
+                let mut runs = row.chunks_exact_mut(kw);
+                for ci in 0..c {
+                    for r in 0..kh {
+                        let start = (ci * h + py * kh + r) * wd + px * kw;
+                        if let Some(dst) = runs.next() {
+                            dst.copy_from_slice(&img[start..start + kw]);
+                        }
+                    }
+                }
             }
-        }
+        });
         let a = MatRef::row_major(&cols, pix, ckk).map_err(|e| e.to_string())?;
         let c = MatMut::row_major(&mut yt, pix, oc).map_err(|e| e.to_string())?;
         gemm_in(pool, a, Rhs::Packed(b), c, &ep, &cfg).map_err(|e| e.to_string())?;
-        for (o, yrow) in y.chunks_exact_mut(pix).enumerate() {
-            for (pi, v) in yrow.iter_mut().enumerate() {
-                *v = yt[pi * oc + o];
+        // y[o, p] = yt[p, o], output channels split over the pool.
+        let y_ptr = SharedMut::new(y.as_mut_ptr());
+        let yt = &yt;
+        pool.parallel_ranges(oc, |range| {
+            for o in range {
+                // SAFETY: each output channel's row (pix values) is written by one call only.
+                let yrow = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(o * pix), pix) };
+                for (pi, v) in yrow.iter_mut().enumerate() {
+                    *v = yt[pi * oc + o];
+                }
             }
-        }
+        });
     }
     Ok(())
 }

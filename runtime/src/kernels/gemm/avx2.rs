@@ -1,7 +1,7 @@
 //! The AVX2+FMA micro-kernel: an `MR × NR` = 6 × 16 tile in twelve ymm accumulators, two B
 //! vectors and one A broadcast per k step (15 of 16 registers).
 
-use super::{Prefetch, simd, Ctx, Epilogue, MicroKernel, OutPtr};
+use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
 
 /// Rows of the register tile.
 pub(super) const MR: usize = 6;

@@ -26,7 +26,10 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// `len` zeros, aligned.
     pub(super) fn new(len: usize) -> Self {
-        let bytes = len.max(1).checked_mul(4).expect("buffer size overflows usize");
+        let bytes = len
+            .max(1)
+            .checked_mul(4)
+            .expect("buffer size overflows usize");
         let huge = bytes >= HUGE_MIN_BYTES;
         let (size, align) = if huge {
             (bytes.next_multiple_of(HUGE_PAGE), HUGE_PAGE)
@@ -84,7 +87,9 @@ impl Clone for AlignedBuf {
 
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .finish()
     }
 }
 

@@ -111,7 +111,11 @@ unsafe fn exp_sum<S: Simd>(a: S::V, b: S::V) -> S::V {
     unsafe {
         let s = S::add(a, b);
         let sc = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), s));
-        let n = S::floor(S::fma(sc, S::splat(std::f32::consts::LOG2_E), S::splat(0.5)));
+        let n = S::floor(S::fma(
+            sc,
+            S::splat(std::f32::consts::LOG2_E),
+            S::splat(0.5),
+        ));
         let r = S::fma(n, S::splat(-LN2_HI), a);
         let r = S::add(S::fma(n, S::splat(-LN2_LO), r), b);
         let mut p = S::splat(1.0 / 5040.0);
@@ -126,7 +130,11 @@ unsafe fn exp_sum<S: Simd>(a: S::V, b: S::V) -> S::V {
         ] {
             p = S::fma(p, r, S::splat(c));
         }
-        S::select_ge0(S::add(s, S::splat(87.0)), S::mul(p, S::pow2(n)), S::splat(0.0))
+        S::select_ge0(
+            S::add(s, S::splat(87.0)),
+            S::mul(p, S::pow2(n)),
+            S::splat(0.0),
+        )
     }
 }
 
