@@ -521,6 +521,25 @@ thread_local! {
     static APACK: Cell<Option<AlignedBuf>> = const { Cell::new(None) };
 }
 
+/// Up to this many B panels per worker, a kernel that can ([`MicroKernel::DIRECT_A`]) reads
+/// a row-major A in place instead of packing it: packing costs as much as the strided reads
+/// save only when many panels reuse the packed block. Measured on AVX-512, one thread, weights
+/// from DRAM: 197 × 384 × 384 (12 panels) 388 → 366 µs and 197 × 384 × 1536 1612 → 1538 µs in
+/// place; 197 × 1536 × 384 (48 panels) 1477 → 1575 µs and 128 × 3072 × 768 3971 → 4254 µs,
+/// so those stay packed.
+const DIRECT_A_MAX_PANELS: usize = 12;
+
+/// Where a micro-kernel reads its A rows: element `(r, p)` (row `r` of the tile, step `p` of
+/// the K slab) at `ptr + p·k_step + r·row_step`. A packed panel has `row_step = 1`,
+/// `k_step = MR`; A read in place (row-major, the kernel's [`MicroKernel::DIRECT_A`]) has
+/// `row_step` = A's row stride and `k_step = 1`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct APanel {
+    pub(super) ptr: *const f32,
+    pub(super) k_step: usize,
+    pub(super) row_step: usize,
+}
+
 /// Cache lines (16 f32) of the next B panel that a micro-kernel call prefetches into L2, at most
 /// two per k step: the block's tiles share the next panel between them, so the reads into
 /// L2 are spread over the whole panel's compute instead of stalling the first tile's loads.
@@ -632,12 +651,15 @@ impl Ctx<'_> {
             unsafe { K::epilogue(self.ep, self.out, i_lo, i_hi - i_lo, j0, j1 - j0) };
             return;
         }
-        // One row with contiguous A: the kernel reads it in place (no packing for GEMV).
-        let direct_row = i_hi - i_lo == 1 && (self.a.cs == 1 || k == 1);
+        // A read in place, not packed: one row with contiguous A (GEMV), or a row-major A
+        // for a kernel that reads strided rows ([`MicroKernel::DIRECT_A`]) when few panels
+        // share each packed block (see [`DIRECT_A_MAX_PANELS`]).
+        let direct_a = (self.a.cs == 1 || k == 1)
+            && (i_hi - i_lo == 1 || (K::DIRECT_A && p_hi - p_lo <= DIRECT_A_MAX_PANELS));
         // The A block buffer is per thread and reused across calls: a fresh zeroed 384 KiB
         // allocation per call costs page faults or a memset comparable to packing itself on
         // the small (128 × 768) projections. Sized to this call's largest block.
-        let a_len = if direct_row {
+        let a_len = if direct_a {
             0
         } else {
             K::MC.min(i_hi - i_lo).div_ceil(mr) * mr * K::KC.min(k)
@@ -661,13 +683,12 @@ impl Ctx<'_> {
                     let mc = K::MC.min(i_hi - ic);
                     let nt = mc.div_ceil(mr);
                     let ap = apack.as_mut_slice();
-                    let (a_base, a_step) = if direct_row {
-                        let row = &self.a.data[ic * self.a.rs + k0..];
-                        debug_assert!(row.len() >= kc);
-                        (row.as_ptr(), 1)
+                    let a_base = if direct_a {
+                        // Element (ic, k0) of A: in bounds (ic < m, k0 < k, the view checked).
+                        self.a.data[ic * self.a.rs + k0 * self.a.cs..].as_ptr()
                     } else {
                         pack_a(&self.a, ic, mc, k0, kc, mr, ap);
-                        (ap.as_ptr(), mr)
+                        ap.as_ptr()
                     };
                     for jp in jc..jc_end {
                         let bp = self.b.panel(k0, kc, jp);
@@ -691,16 +712,29 @@ impl Ctx<'_> {
                         for t in 0..nt {
                             let (r0, rows) = tile_rows(mc, nt, t);
                             let i0 = ic + r0;
+                            let a = if direct_a {
+                                APanel {
+                                    ptr: a_base.wrapping_add(r0 * self.a.rs),
+                                    k_step: 1,
+                                    row_step: self.a.rs,
+                                }
+                            } else {
+                                APanel {
+                                    ptr: a_base.wrapping_add(t * mr * kc),
+                                    k_step: mr,
+                                    row_step: 1,
+                                }
+                            };
                             // SAFETY: rows `i0..i0 + rows` and columns `j0..j0 + w` lie inside
                             // the output (checked at the API boundary) and inside this
-                            // worker's rectangle; the A panel `t` holds `kc·mr` values from
-                            // `t·mr·kc` (or, for a direct row, `kc` values at step 1), the B
-                            // panel `kc·nr`; `next` is only a prefetch hint.
+                            // worker's rectangle; `a` addresses rows `i0..i0 + rows`, columns
+                            // `k0..k0 + kc` of A in place (inside the checked view; with
+                            // k = 1 only column 0 is read) or the packed panel `t` (`kc·mr`
+                            // values); the B panel holds `kc·nr`; `next` is only a hint.
                             unsafe {
                                 K::kernel(
                                     kc,
-                                    a_base.add(t * mr * kc),
-                                    a_step,
+                                    a,
                                     bp,
                                     self.out_ptr(i0, j0),
                                     self.out.rs,
@@ -762,17 +796,19 @@ trait MicroKernel {
     const KC: usize;
     /// Rows of a packed A block (a multiple of `MR`).
     const MC: usize;
+    /// Whether the kernel reads a row-major A in place (strided rows) instead of packed.
+    const DIRECT_A: bool = false;
 
     /// # Safety
     /// `c` points to `rows` rows of `cols` writable f32 with row stride `ldc`, not aliased by
-    /// any live reference; `a` is readable at `p·a_step + r` for `p < kc`, `r < rows`; `b`
+    /// any live reference; `a` is readable at `p·k_step + r·row_step` for `p < kc`,
+    /// `r < rows` (and, packed, for every `r < MR`, zero-padded); `b`
     /// holds at least `kc·NR` values; `1 <= rows <= MR`, `1 <= cols <= NR`; the CPU supports
     /// the kernel's target features. `pf` names lines to prefetch (hints, never dereferenced).
     #[allow(clippy::too_many_arguments)]
     unsafe fn kernel(
         kc: usize,
-        a: *const f32,
-        a_step: usize,
+        a: APanel,
         b: &[f32],
         c: *mut f32,
         ldc: usize,

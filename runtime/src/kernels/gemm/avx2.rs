@@ -1,7 +1,7 @@
 //! The AVX2+FMA micro-kernel: an `MR × NR` = 6 × 16 tile in twelve ymm accumulators, two B
 //! vectors and one A broadcast per k step (15 of 16 registers).
 
-use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
+use super::{simd, APanel, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
 
 /// Rows of the register tile.
 pub(super) const MR: usize = 6;
@@ -60,8 +60,7 @@ impl MicroKernel for Avx2 {
     #[inline(always)]
     unsafe fn kernel(
         kc: usize,
-        a: *const f32,
-        a_step: usize,
+        a: APanel,
         b: &[f32],
         c: *mut f32,
         ldc: usize,
@@ -78,12 +77,12 @@ impl MicroKernel for Avx2 {
             let mut edge = super::EdgeTile::new();
             let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
             match rows {
-                6 => tile::<6, 1>(kc, a, a_step, b, t, ldt, acc, pf),
-                5 => tile::<5, 1>(kc, a, a_step, b, t, ldt, acc, pf),
-                4 => tile::<4, 1>(kc, a, a_step, b, t, ldt, acc, pf),
-                3 => tile::<3, 2>(kc, a, a_step, b, t, ldt, acc, pf),
-                2 => tile::<2, 2>(kc, a, a_step, b, t, ldt, acc, pf),
-                _ => tile::<1, 4>(kc, a, a_step, b, t, ldt, acc, pf),
+                6 => tile::<6, 1>(kc, a, b, t, ldt, acc, pf),
+                5 => tile::<5, 1>(kc, a, b, t, ldt, acc, pf),
+                4 => tile::<4, 1>(kc, a, b, t, ldt, acc, pf),
+                3 => tile::<3, 2>(kc, a, b, t, ldt, acc, pf),
+                2 => tile::<2, 2>(kc, a, b, t, ldt, acc, pf),
+                _ => tile::<1, 4>(kc, a, b, t, ldt, acc, pf),
             }
             edge.finish::<NR>(c, ldc, rows, cols, accumulate);
         }
@@ -116,8 +115,7 @@ impl MicroKernel for Avx2 {
 #[inline(always)]
 unsafe fn tile<const R: usize, const U: usize>(
     kc: usize,
-    a: *const f32,
-    a_step: usize,
+    a: APanel,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -129,18 +127,18 @@ unsafe fn tile<const R: usize, const U: usize>(
     // touch c[r·ldc .. r·ldc + 16] for r < R.
     unsafe {
         let mut acc = [[[_mm256_setzero_ps(); 2]; R]; U];
-        let (mut ap, mut bp) = (a, b);
+        let (mut ap, mut bp, rs) = (a.ptr, b, a.row_step);
         for q in 0..kc / U {
             for (u, acc_u) in acc.iter_mut().enumerate() {
-                step::<R>(acc_u, ap, bp);
+                step::<R>(acc_u, ap, rs, bp);
                 pf.step(q * U + u);
-                ap = ap.add(a_step);
+                ap = ap.add(a.k_step);
                 bp = bp.add(NR);
             }
         }
         for _ in 0..kc % U {
-            step::<R>(&mut acc[0], ap, bp);
-            ap = ap.add(a_step);
+            step::<R>(&mut acc[0], ap, rs, bp);
+            ap = ap.add(a.k_step);
             bp = bp.add(NR);
         }
         for r in 0..R {
@@ -167,13 +165,18 @@ unsafe fn tile<const R: usize, const U: usize>(
 /// AVX2+FMA available; `ap` readable for `R` values, `bp` for 16.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn step<const R: usize>(acc: &mut [[__m256; 2]; R], ap: *const f32, bp: *const f32) {
+unsafe fn step<const R: usize>(
+    acc: &mut [[__m256; 2]; R],
+    ap: *const f32,
+    rs: usize,
+    bp: *const f32,
+) {
     // SAFETY: the reads stay inside the ranges the caller guarantees.
     unsafe {
         let b0 = _mm256_loadu_ps(bp);
         let b1 = _mm256_loadu_ps(bp.add(8));
         for (r, acc_r) in acc.iter_mut().enumerate() {
-            let av = _mm256_broadcast_ss(&*ap.add(r));
+            let av = _mm256_broadcast_ss(&*ap.add(r * rs));
             acc_r[0] = _mm256_fmadd_ps(av, b0, acc_r[0]);
             acc_r[1] = _mm256_fmadd_ps(av, b1, acc_r[1]);
         }

@@ -3,7 +3,7 @@
 //! registers). Partial right-edge panels are stored with `__mmask16` masks, so no tile buffer
 //! is needed; the epilogue runs in AVX-512 on the tile while it is in L1.
 
-use super::{simd, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
+use super::{simd, APanel, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -63,12 +63,12 @@ impl MicroKernel for Avx512 {
     const NR: usize = NR;
     const KC: usize = KC;
     const MC: usize = MC;
+    const DIRECT_A: bool = true;
 
     #[inline(always)]
     unsafe fn kernel(
         kc: usize,
-        a: *const f32,
-        a_step: usize,
+        a: APanel,
         b: &[f32],
         c: *mut f32,
         ldc: usize,
@@ -95,36 +95,63 @@ impl MicroKernel for Avx512 {
         let m = (m0, m1);
         // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile).
         unsafe {
-            if pf.lines == 0 {
-                match rows {
-                    12 => tile::<12, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    11 => tile::<11, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    10 => tile::<10, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    9 => tile::<9, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    8 => tile::<8, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    7 => tile::<7, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    6 => tile::<6, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    5 => tile::<5, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    4 => tile::<4, 1, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    3 => tile::<3, 2, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    2 => tile::<2, 2, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    _ => tile::<1, 4, false>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                }
-            } else {
-                match rows {
-                    12 => tile::<12, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    11 => tile::<11, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    10 => tile::<10, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    9 => tile::<9, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    8 => tile::<8, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    7 => tile::<7, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    6 => tile::<6, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    5 => tile::<5, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    4 => tile::<4, 1, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    3 => tile::<3, 2, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    2 => tile::<2, 2, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                    _ => tile::<1, 4, true>(kc, a, a_step, b, c, ldc, m, accumulate, pf),
-                }
+            match (pf.lines == 0, a.row_step == 1) {
+                (true, true) => match rows {
+                    12 => tile::<12, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    11 => tile::<11, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    10 => tile::<10, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    9 => tile::<9, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    8 => tile::<8, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    7 => tile::<7, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    6 => tile::<6, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    5 => tile::<5, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    4 => tile::<4, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    3 => tile::<3, 2, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    2 => tile::<2, 2, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    _ => tile::<1, 4, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                },
+                (true, false) => match rows {
+                    12 => tile::<12, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    11 => tile::<11, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    10 => tile::<10, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    9 => tile::<9, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    8 => tile::<8, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    7 => tile::<7, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    6 => tile::<6, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    5 => tile::<5, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    4 => tile::<4, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    3 => tile::<3, 2, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    2 => tile::<2, 2, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    _ => tile::<1, 4, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                },
+                (false, true) => match rows {
+                    12 => tile::<12, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    11 => tile::<11, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    10 => tile::<10, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    9 => tile::<9, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    8 => tile::<8, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    7 => tile::<7, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    6 => tile::<6, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    5 => tile::<5, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    4 => tile::<4, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    3 => tile::<3, 2, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    2 => tile::<2, 2, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                    _ => tile::<1, 4, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
+                },
+                (false, false) => match rows {
+                    12 => tile::<12, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    11 => tile::<11, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    10 => tile::<10, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    9 => tile::<9, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    8 => tile::<8, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    7 => tile::<7, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    6 => tile::<6, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    5 => tile::<5, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    4 => tile::<4, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    3 => tile::<3, 2, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    2 => tile::<2, 2, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                    _ => tile::<1, 4, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
+                },
             }
         }
     }
@@ -143,8 +170,9 @@ impl MicroKernel for Avx512 {
     }
 }
 
-/// `C[R × cols] (+)= A[R × kc] · B[kc × 32]` from packed panels (A k-major with stride
-/// `a_step`, B k-major with stride NR). `U` copies of the accumulators take alternate k steps
+/// `C[R × cols] (+)= A[R × kc] · B[kc × 32]`: A from a packed panel (k-major, rows adjacent)
+/// or, with `DIRECT`, in place (row `r` at `r·row_step`), B from its packed panel (k-major
+/// with stride NR). `U` copies of the accumulators take alternate k steps
 /// so that at least eight FMA chains are in flight for one to three rows. With `PF`, the k steps
 /// also prefetch `pf`'s lines of the next B panel into L2: weights are read from L3 (they do
 /// not stay in L2 between calls), and the hardware prefetchers stop at each 4 KiB page.
@@ -155,10 +183,9 @@ impl MicroKernel for Avx512 {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const R: usize, const U: usize, const PF: bool>(
+unsafe fn tile<const R: usize, const U: usize, const PF: bool, const DIRECT: bool>(
     kc: usize,
-    a: *const f32,
-    a_step: usize,
+    a: APanel,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -171,20 +198,23 @@ unsafe fn tile<const R: usize, const U: usize, const PF: bool>(
     // only dereferenced under a mask that excludes them).
     unsafe {
         let mut acc = [[[_mm512_setzero_ps(); 2]; R]; U];
-        let (mut ap, mut bp) = (a, b);
+        let (mut ap, mut bp) = (a.ptr, b);
+        // Row `r` of A at `r·rs`: 1 in a packed panel (a constant the addressing folds), A's
+        // row stride when read in place.
+        let rs = if DIRECT { a.row_step } else { 1 };
         for q in 0..kc / U {
             for (u, acc_u) in acc.iter_mut().enumerate() {
-                step::<R>(acc_u, ap, bp);
+                step::<R>(acc_u, ap, rs, bp);
                 if PF {
                     pf.step(q * U + u);
                 }
-                ap = ap.add(a_step);
+                ap = ap.add(a.k_step);
                 bp = bp.add(NR);
             }
         }
         for _ in 0..kc % U {
-            step::<R>(&mut acc[0], ap, bp);
-            ap = ap.add(a_step);
+            step::<R>(&mut acc[0], ap, rs, bp);
+            ap = ap.add(a.k_step);
             bp = bp.add(NR);
         }
         for r in 0..R {
@@ -211,13 +241,18 @@ unsafe fn tile<const R: usize, const U: usize, const PF: bool>(
 /// AVX-512F available; `ap` readable for `R` values, `bp` for 32.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn step<const R: usize>(acc: &mut [[__m512; 2]; R], ap: *const f32, bp: *const f32) {
+unsafe fn step<const R: usize>(
+    acc: &mut [[__m512; 2]; R],
+    ap: *const f32,
+    rs: usize,
+    bp: *const f32,
+) {
     // SAFETY: the reads stay inside the ranges the caller guarantees.
     unsafe {
         let b0 = _mm512_loadu_ps(bp);
         let b1 = _mm512_loadu_ps(bp.add(16));
         for (r, acc_r) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*ap.add(r));
+            let av = _mm512_set1_ps(*ap.add(r * rs));
             acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
             acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
         }

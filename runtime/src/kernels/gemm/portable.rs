@@ -16,8 +16,7 @@ impl MicroKernel for Portable {
     #[inline(always)]
     unsafe fn kernel(
         kc: usize,
-        a: *const f32,
-        a_step: usize,
+        a: super::APanel,
         b: &[f32],
         c: *mut f32,
         ldc: usize,
@@ -30,7 +29,7 @@ impl MicroKernel for Portable {
         unsafe {
             let mut edge = super::EdgeTile::new();
             let (t, ldt, acc) = edge.target::<NR>(c, ldc, cols, accumulate);
-            portable_tile(kc, a, a_step, b, t, ldt, rows, acc);
+            portable_tile(kc, a, b, t, ldt, rows, acc);
             edge.finish::<NR>(c, ldc, rows, cols, accumulate);
         }
     }
@@ -44,8 +43,7 @@ impl MicroKernel for Portable {
 #[allow(clippy::too_many_arguments)]
 unsafe fn portable_tile(
     kc: usize,
-    a: *const f32,
-    a_step: usize,
+    a: super::APanel,
     b: &[f32],
     c: *mut f32,
     ldc: usize,
@@ -55,12 +53,13 @@ unsafe fn portable_tile(
     {
         let mut acc = [[0.0f32; NR]; MR];
         // A packed panel has all MR rows (zero-padded): a fixed-size row loop vectorises.
-        let live = if a_step == MR { MR } else { rows };
+        let packed = a.k_step == MR && a.row_step == 1;
+        let live = if packed { MR } else { rows };
         for (p, bk) in b.chunks_exact(NR).take(kc).enumerate() {
             for (r, acc_r) in acc.iter_mut().enumerate().take(live) {
-                // SAFETY: the contract: `a` readable at `p·a_step + r` for `r < rows`, and a
-                // packed panel (`a_step == MR`) for every `r < MR`.
-                let av = unsafe { *a.add(p * a_step + r) };
+                // SAFETY: the contract: `a` readable at `p·k_step + r·row_step` for
+                // `r < rows`, and a packed panel for every `r < MR`.
+                let av = unsafe { *a.ptr.add(p * a.k_step + r * a.row_step) };
                 for (x, &bv) in acc_r.iter_mut().zip(bk) {
                     *x += av * bv;
                 }
