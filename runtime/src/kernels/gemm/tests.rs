@@ -435,8 +435,8 @@ fn physical_cores_is_positive() {
 
 #[test]
 fn edge_sizes_match_reference_on_every_kernel() {
-    // Not multiples of any tile; K = 1; N = 1; M = 1 (the direct-row GEMV path), one and
-    // two threads.
+    // Not multiples of any tile; K = 1; N = 1; M = 1 (the direct-row GEMV path); A in place
+    // and packed; one and two threads.
     for isa in Isa::available() {
         for threads in [1, 2] {
             for (m, n, k) in [
@@ -448,6 +448,9 @@ fn edge_sizes_match_reference_on_every_kernel() {
                 (12, 32, 256),
                 (11, 31, 257),
                 (29, 65, 513),
+                // More panels than DIRECT_A_MAX_PANELS: A packed even where the kernel could
+                // read it in place.
+                (29, (DIRECT_A_MAX_PANELS + 1) * avx512::NR + 5, 300),
             ] {
                 for act in 0..ACTS.len() {
                     let mut c = fixed(m, n, k, threads);
