@@ -320,10 +320,11 @@ fn flat_gemm(
         Some(_) => &[][..],
         None => f32s(w)?,
     };
-    let mut y = vec![0.0f32; m * n];
+    // Uninitialised: the GEMM writes every element (zeroing first cost 4% of a run).
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let r = (|| {
         let a = MatRef::row_major(xd, m, k)?;
-        let c = MatMut::row_major(&mut y, m, n)?;
+        let c = MatMut::uninit(&mut y.spare_capacity_mut()[..m * n], m, n)?;
         let rhs = match packed {
             Some(p) => Rhs::Packed(p),
             None => Rhs::Plain(MatRef::row_major(wd, k, n)?),
@@ -331,8 +332,12 @@ fn flat_gemm(
         gemm_in(pool, a, rhs, c, ep, &gemm_cfg(pool.threads()))
     })();
     Some(
-        r.map(|()| Tensor::from_vec(out_shape, y))
-            .map_err(|e| e.to_string()),
+        r.map(|()| {
+            // SAFETY: `gemm_in` returned Ok, so it wrote all `m·n` values.
+            unsafe { y.set_len(m * n) };
+            Tensor::from_vec(out_shape, y)
+        })
+        .map_err(|e| e.to_string()),
     )
 }
 
@@ -537,12 +542,17 @@ fn gemm_op(
         activation: Activation::None,
         residual,
     };
-    let mut y = vec![0.0f32; m * n];
-    let r = MatMut::row_major(&mut y, m, n)
+    // Uninitialised: the GEMM writes every element.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    let r = MatMut::uninit(&mut y.spare_capacity_mut()[..m * n], m, n)
         .and_then(|c| gemm_in(pool, av, rhs, c, &ep, &gemm_cfg(pool.threads())));
     Some(
-        r.map(|()| Tensor::from_vec(vec![m, n], y))
-            .map_err(|e| e.to_string()),
+        r.map(|()| {
+            // SAFETY: `gemm_in` returned Ok, so it wrote all `m·n` values.
+            unsafe { y.set_len(m * n) };
+            Tensor::from_vec(vec![m, n], y)
+        })
+        .map_err(|e| e.to_string()),
     )
 }
 

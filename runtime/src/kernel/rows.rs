@@ -86,11 +86,16 @@ pub fn run_rows(
         .map(|t| t.as_slice::<f32>().ok_or("loop kernel input is not f32"))
         .collect::<Result<_, _>>()?;
     let n = ls.n;
+    // Uninitialised: the row function writes all `n` values of every row (zeroing first
+    // cost as much as a simple elementwise kernel itself).
     let mut outs: Vec<Vec<f32>> = (0..k.outputs.len())
-        .map(|_| vec![0.0; ls.numel()])
+        .map(|_| Vec::with_capacity(ls.numel()))
         .collect();
     let n_i64 = i64::try_from(n).map_err(|_| "row too long")?;
-    let bases: Vec<RowPtr> = outs.iter_mut().map(|o| RowPtr(o.as_mut_ptr())).collect();
+    let bases: Vec<RowPtr> = outs
+        .iter_mut()
+        .map(|o| RowPtr(o.spare_capacity_mut().as_mut_ptr().cast()))
+        .collect();
     let run_range = |lo: usize, hi: usize| {
         let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
         let mut out_ptrs: Vec<*mut f32> = vec![std::ptr::null_mut(); bases.len()];
@@ -120,6 +125,11 @@ pub fn run_rows(
     drop(bases);
     Ok(outs
         .into_iter()
-        .map(|v| Tensor::from_vec(ls.shape.clone(), v))
+        .map(|mut v| {
+            // SAFETY: every row `0..rows` was run above, each writing its `n` values, and
+            // `rows · n = numel` (the capacity reserved).
+            unsafe { v.set_len(ls.numel()) };
+            Tensor::from_vec(ls.shape.clone(), v)
+        })
         .collect())
 }

@@ -68,11 +68,12 @@ unsafe fn portable_tile(
         for (r, acc_r) in acc.iter().enumerate().take(rows) {
             // SAFETY: the trait contract: `c` has `rows` writable rows of NR at stride `ldc`,
             // not aliased by any live reference.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), NR) };
             if accumulate {
+                let row = unsafe { std::slice::from_raw_parts_mut(c.add(r * ldc), NR) };
                 row.iter_mut().zip(acc_r).for_each(|(c, a)| *c += a);
             } else {
-                row.copy_from_slice(acc_r);
+                // Raw: C may still be uninitialised.
+                unsafe { std::ptr::copy_nonoverlapping(acc_r.as_ptr(), c.add(r * ldc), NR) };
             }
         }
     }
