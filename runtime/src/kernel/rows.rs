@@ -12,9 +12,9 @@ pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
 
 /// Estimated work (domain elements × expression evaluations per element, all passes)
 /// below which a loop kernel runs on the calling thread. A layer_norm over 128×768 is
-/// about 4.5M units and runs in ~0.17 ms serially; handing tasks to the persistent pool
-/// costs a few microseconds (tens with scoped threads), so kernels of roughly 0.1 ms and
-/// more split.
+/// about 4.5M units and runs in ~0.07 ms serially; the pool's workers spin between a run's
+/// kernels, so handing them tasks costs a microsecond or two and kernels from a few
+/// microseconds up split.
 pub const PAR_MIN_WORK: usize = 1 << 18;
 /// Tasks per worker when a kernel is split, so uneven rows still balance.
 const TASKS_PER_THREAD: usize = 4;
