@@ -2,8 +2,9 @@
 //! `void f(const float **ins, float **outs, int64_t n)` (the Cranelift backend's ABI).
 //! Each pass over the row (one per reduction, then the store pass) is an explicit
 //! `<8 x float>` loop over `n & !7` elements followed by a `<1 x float>` tail loop, so
-//! the order of every reduction is fixed by the code (8 lane accumulators, then lanes
-//! combined in order) rather than by the optimiser. fmul/fadd/fsub carry only the
+//! the order of every reduction is fixed by the code (four `<8 x float>` accumulators over
+//! `n & !31`, combined pairwise, then one over the rest of `n & !7`, then its lanes combined
+//! in order) rather than by the optimiser. fmul/fadd/fsub carry only the
 //! `contract` flag (FMA fusion); no flag that changes results otherwise is set.
 //! Transcendentals are inline branch-free polynomials ([`crate::vmath`]), emitted from one
 //! instruction sequence for both widths, so vector lanes and the tail agree bitwise.
@@ -24,6 +25,8 @@ use std::collections::HashMap;
 /// Lanes of the main loop. On AVX targets this is one ymm register; on SSE-only targets
 /// LLVM splits it into two xmm halves (same results: the lane order is part of the IR).
 pub const LANES: u32 = 8;
+/// Independent accumulators of a row reduction (the add latency over its throughput).
+const UNROLL: u32 = 4;
 
 type R<T> = Result<T, String>;
 
@@ -343,6 +346,13 @@ pub fn define<'ctx>(
     let nv = b
         .build_and(n, i64t.const_int(!(LANES as u64 - 1), true), "nv")
         .map_err(e)?;
+    let nu = b
+        .build_and(
+            n,
+            i64t.const_int(!((UNROLL * LANES) as u64 - 1), true),
+            "nu",
+        )
+        .map_err(e)?;
     let zero = i64t.const_zero();
     let mut g = Gen {
         cx,
@@ -361,7 +371,24 @@ pub fn define<'ctx>(
             RedOp::Max => f32::NEG_INFINITY,
         };
         let init = g.fconst(id, LANES);
-        let acc = g.emit_loop(zero, nv, LANES, &[init], |j, a| {
+        // UNROLL independent accumulators over UNROLL·8 elements per iteration (one chain
+        // waited on every add), combined pairwise, then single vectors up to `nv`.
+        let inits = [init; UNROLL as usize];
+        let accs = g.emit_loop(zero, nu, UNROLL * LANES, &inits, |j, a| {
+            (0..UNROLL)
+                .map(|u| {
+                    let ju = b
+                        .build_int_add(j, i64t.const_int((u * LANES) as u64, false), "")
+                        .map_err(e)?;
+                    let x = g.expr(rd.arg, LANES, ju, &mut HashMap::new())?;
+                    g.combine(rd.op, a[u as usize], x)
+                })
+                .collect()
+        })?;
+        let lo = g.combine(rd.op, accs[0], accs[1])?;
+        let hi = g.combine(rd.op, accs[2], accs[3])?;
+        let init = g.combine(rd.op, lo, hi)?;
+        let acc = g.emit_loop(nu, nv, LANES, &[init], |j, a| {
             let x = g.expr(rd.arg, LANES, j, &mut HashMap::new())?;
             Ok(vec![g.combine(rd.op, a[0], x)?])
         })?[0];

@@ -383,6 +383,10 @@ fn absorbed(
         if !n.name.is_empty() {
             names.push(n.name.clone());
         }
+        // A node an earlier pass fused (e.g. `fuse_silu`) passes on the nodes it absorbed.
+        if let Ok(Some(earlier)) = n.attrs.strings(FUSED_FROM) {
+            names.extend(earlier.iter().cloned());
+        }
         for v in n.inputs.iter().flatten() {
             let Some(vc) = o.value_class[v.index()] else {
                 continue;
