@@ -468,7 +468,7 @@ pub fn gemm_in(
         Rhs::Packed(p) => (p, select_kernel(config.isa, Some(p.kernel()))?),
         Rhs::Plain(v) => {
             let kernel = select_kernel(config.isa, None)?;
-            packed_here = PackedB::pack_kernel(v, kernel)?;
+            packed_here = PackedB::pack_kernel(v, kernel, false)?;
             (&packed_here, kernel)
         }
     };

@@ -4,18 +4,27 @@
 
 use super::{GemmError, Kernel, MatRef};
 
-/// From this many bytes a buffer is placed on 2 MiB boundaries and marked for transparent huge
-/// pages (Linux `madvise`): a model's packed weights (tens of MiB, read once per run) then
-/// take one TLB entry per 2 MiB instead of one per 4 KiB.
+/// From this many bytes a long-lived buffer ([`AlignedBuf::huge`]: packed weights) is placed
+/// on 2 MiB boundaries and marked for transparent huge pages (Linux `madvise`): a model's
+/// packed weights (tens of MiB, read once per run) then take one TLB entry per 2 MiB instead
+/// of one per 4 KiB.
 const HUGE_MIN_BYTES: usize = 1 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 
-/// A zeroed buffer of f32 that starts on a 64-byte (cache line) boundary, or on a huge-page
-/// boundary when large ([`HUGE_MIN_BYTES`]).
+/// A zeroed buffer of f32 whose usable part starts on a 64-byte (cache line) boundary, or on
+/// a huge-page boundary ([`AlignedBuf::huge`]).
 pub(super) struct AlignedBuf {
     ptr: std::ptr::NonNull<f32>,
     len: usize,
-    layout: std::alloc::Layout,
+    storage: Storage,
+}
+
+enum Storage {
+    /// A zeroed `Vec` (calloc: fresh pages cost nothing until touched) with 16 spare values
+    /// to slide the start onto a cache line.
+    Vec(#[allow(dead_code)] Vec<f32>),
+    /// A 2 MiB-aligned allocation of this layout.
+    Raw(std::alloc::Layout),
 }
 
 // SAFETY: an owned allocation, like a `Vec<f32>`.
@@ -24,33 +33,51 @@ unsafe impl Send for AlignedBuf {}
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
-    /// `len` zeros, aligned.
+    /// `len` zeros on a cache-line boundary (scratch and per-call buffers).
     pub(super) fn new(len: usize) -> Self {
+        let mut raw = vec![0.0f32; len + 16];
+        // align_offset may refuse (usize::MAX); then fall back to no alignment.
+        let start = raw.as_ptr().align_offset(64).min(16);
+        // SAFETY: `start <= 16`, inside the `len + 16` values; the Vec is kept (never
+        // reallocated) for as long as the pointer is used.
+        let ptr = unsafe { std::ptr::NonNull::new_unchecked(raw.as_mut_ptr().add(start)) };
+        AlignedBuf {
+            ptr,
+            len,
+            storage: Storage::Vec(raw),
+        }
+    }
+
+    /// `len` zeros for a long-lived buffer: on huge pages from [`HUGE_MIN_BYTES`].
+    pub(super) fn huge(len: usize) -> Self {
         let bytes = len
             .max(1)
             .checked_mul(4)
             .expect("buffer size overflows usize");
-        let huge = bytes >= HUGE_MIN_BYTES;
-        let (size, align) = if huge {
-            (bytes.next_multiple_of(HUGE_PAGE), HUGE_PAGE)
-        } else {
-            (bytes, 64)
-        };
-        let layout = std::alloc::Layout::from_size_align(size, align).expect("buffer layout");
+        if bytes < HUGE_MIN_BYTES {
+            return Self::new(len);
+        }
+        let size = bytes.next_multiple_of(HUGE_PAGE);
+        let layout = std::alloc::Layout::from_size_align(size, HUGE_PAGE).expect("buffer layout");
         // SAFETY: `layout` has a non-zero size; the pointer is checked before use, and the
-        // whole allocation is zeroed before it is read.
+        // whole allocation is zeroed (after the advice, so the pages fault in huge) before it
+        // is read.
         unsafe {
             let p = std::alloc::alloc(layout);
             let Some(ptr) = std::ptr::NonNull::new(p.cast::<f32>()) else {
                 std::alloc::handle_alloc_error(layout)
             };
             #[cfg(target_os = "linux")]
-            if huge {
+            {
                 // Advice only: where THP is off this fails harmlessly.
                 libc::madvise(p.cast(), size, libc::MADV_HUGEPAGE);
             }
             std::ptr::write_bytes(p, 0, size);
-            AlignedBuf { ptr, len, layout }
+            AlignedBuf {
+                ptr,
+                len,
+                storage: Storage::Raw(layout),
+            }
         }
     }
 
@@ -72,14 +99,19 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout) }
+        if let Storage::Raw(layout) = self.storage {
+            // SAFETY: allocated in `huge` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) }
+        }
     }
 }
 
 impl Clone for AlignedBuf {
     fn clone(&self) -> Self {
-        let mut b = AlignedBuf::new(self.len);
+        let mut b = match self.storage {
+            Storage::Vec(_) => AlignedBuf::new(self.len),
+            Storage::Raw(_) => AlignedBuf::huge(self.len),
+        };
         b.as_mut_slice().copy_from_slice(self.as_slice());
         b
     }
@@ -122,17 +154,26 @@ impl PackedB {
     /// Packs `b` for the micro-kernel `isa` names; `Err` if this CPU lacks it.
     pub fn pack_for(b: MatRef<'_>, isa: super::Isa) -> Result<Self, GemmError> {
         let kernel = super::select_kernel(isa, None)?;
-        Self::pack_kernel(b, kernel)
+        Self::pack_kernel(b, kernel, true)
     }
 
-    pub(super) fn pack_kernel(b: MatRef<'_>, kernel: Kernel) -> Result<Self, GemmError> {
+    /// `long_lived`: a constant weight (on huge pages when large) rather than one call's B.
+    pub(super) fn pack_kernel(
+        b: MatRef<'_>,
+        kernel: Kernel,
+        long_lived: bool,
+    ) -> Result<Self, GemmError> {
         let (nr, kc_max) = kernel.layout();
         let (k, n) = (b.rows(), b.cols());
         let of = || GemmError::Overflow { what: "packed B" };
         let padded_cols = n.div_ceil(nr).checked_mul(nr).ok_or_else(of)?;
         let len = k.checked_mul(padded_cols).ok_or_else(of)?;
         len.checked_add(16).ok_or_else(of)?;
-        let mut buf = AlignedBuf::new(len);
+        let mut buf = if long_lived {
+            AlignedBuf::huge(len)
+        } else {
+            AlignedBuf::new(len)
+        };
         let dst = buf.as_mut_slice();
         let npanels = padded_cols / nr;
         let mut k0 = 0;
