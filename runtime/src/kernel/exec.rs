@@ -332,7 +332,9 @@ impl Plan {
                 }
                 Kernel::Fallback(n) if super::glue::has_fast_path(g.nodes[*n].op) => {
                     let node = &g.nodes[*n];
-                    let outs = match super::glue::run_fast(node, &ins) {
+                    let single = crate::pool::Pool::single();
+                    let pool = runner.pool().unwrap_or(&single);
+                    let outs = match super::glue::run_fast_on(node, &ins, pool) {
                         Some(outs) => outs,
                         None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
                     };

@@ -6,6 +6,7 @@
 //! indices) returns `None` and runs through the interpreter, which defines the semantics
 //! and reports the errors (naming the node, through the executor).
 
+use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Elem, Node, OpKind, Tensor};
 
 /// Elements per block of the row statistics: summed in f32 lanes, blocks added in f64, so
@@ -52,8 +53,15 @@ pub fn is_view(op: OpKind) -> bool {
 
 /// The outputs of `node` computed natively, or `None` when it has no fast path here.
 pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
+    run_fast_on(node, ins, &Pool::single())
+}
+
+/// [`run_fast`] with the large data movements (`transpose`) split over `pool`: at two
+/// threads a GEMM leaves half its output in each core's cache, and one thread moving all of
+/// it took longer than at one thread.
+pub fn run_fast_on(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
     let out = match node.op {
-        OpKind::Transpose => return transpose(node, ins),
+        OpKind::Transpose => return transpose(node, ins, pool),
         OpKind::Split => return split(node, ins),
         OpKind::Gather => gather(node, ins)?,
         OpKind::Expand => expand(ins)?,
@@ -83,7 +91,7 @@ pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
     Some(vec![out])
 }
 
-fn transpose(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
+fn transpose(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
     let x = (*ins.first()?)?;
     let src = x.as_slice::<f32>()?;
     let shape = x.shape();
@@ -108,36 +116,59 @@ fn transpose(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let in_st: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
     let total = src.len();
-    let mut out = Vec::with_capacity(total);
-    if total > 0 {
-        if rank == 0 {
-            out.extend_from_slice(src);
-        } else {
-            let inner = out_shape[rank - 1];
-            let ist = in_st[rank - 1];
-            let outer = &out_shape[..rank - 1];
-            let mut idx = vec![0usize; rank - 1];
-            let mut off = 0usize;
-            for _ in 0..total / inner {
-                if ist == 1 {
-                    out.extend_from_slice(&src[off..off + inner]);
-                } else {
-                    out.extend((0..inner).map(|j| src[off + j * ist]));
-                }
-                for d in (0..outer.len()).rev() {
-                    idx[d] += 1;
-                    off += in_st[d];
-                    if idx[d] < outer[d] {
-                        break;
-                    }
-                    off -= in_st[d] * outer[d];
-                    idx[d] = 0;
+    if total == 0 || rank == 0 {
+        return Some(vec![Tensor::from_vec(out_shape, src.to_vec())]);
+    }
+    let inner = out_shape[rank - 1];
+    let ist = in_st[rank - 1];
+    let outer = &out_shape[..rank - 1];
+    let rows = total / inner;
+    // Uninitialised: every output row is written below (by exactly one range).
+    let mut out: Vec<f32> = Vec::with_capacity(total);
+    let dst = SharedMut::new(out.spare_capacity_mut().as_mut_ptr().cast());
+    // Output rows `lo..hi`: the odometer over the outer dims starts at row `lo`.
+    let run = |lo: usize, hi: usize| {
+        let mut idx = vec![0usize; rank - 1];
+        let mut rest = lo;
+        for d in (0..outer.len()).rev() {
+            idx[d] = rest % outer[d];
+            rest /= outer[d];
+        }
+        let mut off: usize = idx.iter().zip(&in_st).map(|(i, s)| i * s).sum();
+        for r in lo..hi {
+            // SAFETY: row `r < rows` of the `rows · inner = total` reserved values, written
+            // by this range only.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * inner), inner) };
+            if ist == 1 {
+                row.copy_from_slice(&src[off..off + inner]);
+            } else {
+                for (j, y) in row.iter_mut().enumerate() {
+                    *y = src[off + j * ist];
                 }
             }
+            for d in (0..outer.len()).rev() {
+                idx[d] += 1;
+                off += in_st[d];
+                if idx[d] < outer[d] {
+                    break;
+                }
+                off -= in_st[d] * outer[d];
+                idx[d] = 0;
+            }
         }
+    };
+    if total >= PAR_MIN_MOVE && pool.threads() > 1 && rows > 1 {
+        pool.parallel_ranges(rows, |r| run(r.start, r.end));
+    } else {
+        run(0, rows);
     }
+    // SAFETY: the ranges above cover rows `0..rows` and each wrote its `inner` values.
+    unsafe { out.set_len(total) };
     Some(vec![Tensor::from_vec(out_shape, out)])
 }
+
+/// Elements from which a transpose is split over the pool.
+const PAR_MIN_MOVE: usize = 1 << 15;
 
 /// An integer tensor's values (i64 or i32), as the shape-like inputs carry them.
 fn int_values(t: &Tensor) -> Option<Vec<i64>> {
@@ -682,6 +713,31 @@ mod tests {
                 let want = kiln_ir::ops::eval(OpKind::Transpose, &attrs, &[Some(&x)]).unwrap();
                 assert_eq!(got[0], want[0], "shape {shape:?} perm {perm:?}");
             }
+        }
+    }
+
+    #[test]
+    fn large_transposes_split_over_a_pool_match_the_interpreter() {
+        // Past PAR_MIN_MOVE, with row counts that do not divide evenly between threads.
+        let pool = Pool::new(3).unwrap();
+        for (shape, perm) in [
+            (vec![2usize, 71, 6, 64], vec![0i64, 2, 1, 3]),
+            (vec![3, 97, 131], vec![2, 0, 1]),
+        ] {
+            let n: usize = shape.iter().product();
+            assert!(n >= PAR_MIN_MOVE);
+            let x = Tensor::from_vec(shape.clone(), (0..n).map(|i| i as f32 * 0.25).collect());
+            let attrs = Attrs::new().with("perm", Attr::Ints(perm.clone()));
+            let node = Node {
+                op: OpKind::Transpose,
+                attrs: attrs.clone(),
+                inputs: vec![Some(ValueId(0))],
+                outputs: vec![ValueId(1)],
+                name: String::new(),
+            };
+            let got = run_fast_on(&node, &[Some(&x)], &pool).expect("fast path");
+            let want = kiln_ir::ops::eval(OpKind::Transpose, &attrs, &[Some(&x)]).unwrap();
+            assert_eq!(got[0], want[0], "shape {shape:?} perm {perm:?}");
         }
     }
 
