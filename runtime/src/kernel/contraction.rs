@@ -10,7 +10,7 @@ use crate::kernels::conv::{pack_weight, patch_conv, PatchConv};
 use crate::kernels::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
-use crate::pool::Pool;
+use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
 use std::collections::HashMap;
 
@@ -164,22 +164,6 @@ fn patch_stride(attrs: &Attrs) -> Option<[usize; 2]> {
         && pad_ok
         && kernel_ok;
     ok.then(|| [strides[0] as usize, strides[1] as usize])
-}
-
-/// Output buffer pointer shared by workers that each write a disjoint part.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: only used for pairwise-disjoint writes into a buffer that outlives the parallel
-// region (see `batched_matmul`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 fn f32s(t: &Tensor) -> Option<&[f32]> {
@@ -411,13 +395,13 @@ fn batched_matmul(a: &Tensor, b: &Tensor, pool: &Pool) -> Option<Result<Tensor, 
     let (ia, ib) = (offsets(&ap), offsets(&bp));
     let total = ia.len();
     let mut y = vec![0.0f32; total * m * n];
-    let out = SharedOut(y.as_mut_ptr());
+    let out = SharedMut::new(y.as_mut_ptr());
     let single = Pool::single();
     let failed = std::sync::Mutex::new(None);
     pool.parallel_for(total, |t| {
         // SAFETY: batch entry `t` writes only its own `m·n` block of `y`, which lives until
         // `parallel_for` returns.
-        let c = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(t * m * n), m * n) };
+        let c = unsafe { std::slice::from_raw_parts_mut(out.get().add(t * m * n), m * n) };
         let r = (|| {
             let av = MatRef::row_major(&ad[ia[t] * m * k..][..m * k], m, k)?;
             let bv = MatRef::row_major(&bd[ib[t] * k * n..][..k * n], k, n)?;

@@ -5,6 +5,7 @@
 use super::ir::{Expr, LoopKernel, UnOp};
 use super::layout::LoopShape;
 use super::par::{ParallelFor, Serial};
+use crate::pool::SharedMut;
 use kiln_ir::Tensor;
 
 /// A compiled row function: `fn(in_ptrs, out_ptrs, n)`.
@@ -64,13 +65,6 @@ fn un_weight(op: UnOp) -> usize {
     }
 }
 
-/// A pointer that may cross threads: every task writes a disjoint range of rows.
-#[derive(Clone, Copy)]
-struct RowPtr(*mut f32);
-// SAFETY: tasks only write the rows they own (see `run_rows`).
-unsafe impl Send for RowPtr {}
-unsafe impl Sync for RowPtr {}
-
 /// Runs `f` over every row, splitting through `par` when the estimated work reaches
 /// `min_work`.
 pub fn run_rows(
@@ -92,9 +86,9 @@ pub fn run_rows(
         .map(|_| Vec::with_capacity(ls.numel()))
         .collect();
     let n_i64 = i64::try_from(n).map_err(|_| "row too long")?;
-    let bases: Vec<RowPtr> = outs
+    let bases: Vec<SharedMut> = outs
         .iter_mut()
-        .map(|o| RowPtr(o.spare_capacity_mut().as_mut_ptr().cast()))
+        .map(|o| SharedMut::new(o.spare_capacity_mut().as_mut_ptr().cast()))
         .collect();
     let run_range = |lo: usize, hi: usize| {
         let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
@@ -107,7 +101,7 @@ pub fn run_rows(
             }
             for (p, b) in out_ptrs.iter_mut().zip(&bases) {
                 // SAFETY: row < rows, so row * n + n <= numel, the buffer's length.
-                *p = unsafe { b.0.add(row * n) };
+                *p = unsafe { b.get().add(row * n) };
             }
             // SAFETY: pointers cover `n` elements (or one, for broadcast inputs) per `bind`.
             unsafe { f(in_ptrs.as_ptr(), out_ptrs.as_ptr(), n_i64) };

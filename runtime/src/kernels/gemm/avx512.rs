@@ -95,63 +95,30 @@ impl MicroKernel for Avx512 {
         let m = (m0, m1);
         // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, `c` tile).
         unsafe {
-            match (pf.lines == 0, a.row_step == 1) {
-                (true, true) => match rows {
-                    12 => tile::<12, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    11 => tile::<11, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    10 => tile::<10, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    9 => tile::<9, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    8 => tile::<8, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    7 => tile::<7, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    6 => tile::<6, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    5 => tile::<5, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    4 => tile::<4, 1, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    3 => tile::<3, 2, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    2 => tile::<2, 2, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    _ => tile::<1, 4, false, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                },
-                (true, false) => match rows {
-                    12 => tile::<12, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    11 => tile::<11, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    10 => tile::<10, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    9 => tile::<9, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    8 => tile::<8, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    7 => tile::<7, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    6 => tile::<6, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    5 => tile::<5, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    4 => tile::<4, 1, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    3 => tile::<3, 2, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    2 => tile::<2, 2, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    _ => tile::<1, 4, false, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                },
-                (false, true) => match rows {
-                    12 => tile::<12, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    11 => tile::<11, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    10 => tile::<10, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    9 => tile::<9, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    8 => tile::<8, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    7 => tile::<7, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    6 => tile::<6, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    5 => tile::<5, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    4 => tile::<4, 1, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    3 => tile::<3, 2, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    2 => tile::<2, 2, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                    _ => tile::<1, 4, true, false>(kc, a, b, c, ldc, m, accumulate, pf),
-                },
-                (false, false) => match rows {
-                    12 => tile::<12, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    11 => tile::<11, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    10 => tile::<10, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    9 => tile::<9, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    8 => tile::<8, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    7 => tile::<7, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    6 => tile::<6, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    5 => tile::<5, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    4 => tile::<4, 1, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    3 => tile::<3, 2, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    2 => tile::<2, 2, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                    _ => tile::<1, 4, true, true>(kc, a, b, c, ldc, m, accumulate, pf),
-                },
+            // One monomorphised tile per (rows, prefetch?, A in place?).
+            macro_rules! by_rows {
+                ($pf:literal, $direct:literal) => {
+                    match rows {
+                        12 => tile::<12, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        11 => tile::<11, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        10 => tile::<10, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        9 => tile::<9, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        8 => tile::<8, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        7 => tile::<7, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        6 => tile::<6, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        5 => tile::<5, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        4 => tile::<4, 1, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        3 => tile::<3, 2, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        2 => tile::<2, 2, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                        _ => tile::<1, 4, $pf, $direct>(kc, a, b, c, ldc, m, accumulate, pf),
+                    }
+                };
+            }
+            match (pf.lines > 0, a.row_step != 1) {
+                (false, false) => by_rows!(false, false),
+                (false, true) => by_rows!(false, true),
+                (true, false) => by_rows!(true, false),
+                (true, true) => by_rows!(true, true),
             }
         }
     }

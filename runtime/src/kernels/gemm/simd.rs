@@ -51,30 +51,20 @@ pub(super) trait Simd {
     }
 }
 
+/// ln 2 split for Cody-Waite reduction: `LN2_HI` has few enough bits that `n·LN2_HI` is exact.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
 /// `e^x` (see `epilogue::exp`; clamped to the normal range, NaN stays NaN).
 #[inline(always)]
 unsafe fn exp<S: Simd>(x: S::V) -> S::V {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // SAFETY: the caller has S's target features.
     unsafe {
         let x = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), x));
         let n = S::floor(S::fma(x, S::splat(std::f32::consts::LOG2_E), S::splat(0.5)));
         let r = S::fma(n, S::splat(-LN2_HI), x);
         let r = S::fma(n, S::splat(-LN2_LO), r);
-        let mut p = S::splat(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = S::fma(p, r, S::splat(c));
-        }
-        S::mul(p, S::pow2(n))
+        exp_reduced::<S>(n, r)
     }
 }
 
@@ -99,25 +89,12 @@ unsafe fn gelu_tanh<S: Simd>(x: S::V) -> S::V {
     }
 }
 
-/// `e^(a + b)` for `a + b <= 88` with `|b|` small, reducing `a` exactly first (Cody-Waite):
-/// the sum is never rounded before the reduction, so a large `a` known exactly (gelu's
-/// `-x²/2`) keeps its precision. 0 where `a + b < -87` (f32 underflow); NaN stays NaN only
-/// through `a` or `b` reaching the result's callers (the select returns 0 for NaN).
+/// `2^n · e^r` for the reduced argument `|r| <= ln2/2`: the degree-7 polynomial both `exp`
+/// and `exp_sum` end with.
 #[inline(always)]
-unsafe fn exp_sum<S: Simd>(a: S::V, b: S::V) -> S::V {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
+unsafe fn exp_reduced<S: Simd>(n: S::V, r: S::V) -> S::V {
     // SAFETY: the caller has S's target features.
     unsafe {
-        let s = S::add(a, b);
-        let sc = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), s));
-        let n = S::floor(S::fma(
-            sc,
-            S::splat(std::f32::consts::LOG2_E),
-            S::splat(0.5),
-        ));
-        let r = S::fma(n, S::splat(-LN2_HI), a);
-        let r = S::add(S::fma(n, S::splat(-LN2_LO), r), b);
         let mut p = S::splat(1.0 / 5040.0);
         for c in [
             1.0 / 720.0,
@@ -130,9 +107,30 @@ unsafe fn exp_sum<S: Simd>(a: S::V, b: S::V) -> S::V {
         ] {
             p = S::fma(p, r, S::splat(c));
         }
+        S::mul(p, S::pow2(n))
+    }
+}
+
+/// `e^(a + b)` for `a + b <= 88` with `|b|` small, reducing `a` exactly first (Cody-Waite):
+/// the sum is never rounded before the reduction, so a large `a` known exactly (gelu's
+/// `-x²/2`) keeps its precision. 0 where `a + b < -87` (f32 underflow); NaN stays NaN only
+/// through `a` or `b` reaching the result's callers (the select returns 0 for NaN).
+#[inline(always)]
+unsafe fn exp_sum<S: Simd>(a: S::V, b: S::V) -> S::V {
+    // SAFETY: the caller has S's target features.
+    unsafe {
+        let s = S::add(a, b);
+        let sc = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), s));
+        let n = S::floor(S::fma(
+            sc,
+            S::splat(std::f32::consts::LOG2_E),
+            S::splat(0.5),
+        ));
+        let r = S::fma(n, S::splat(-LN2_HI), a);
+        let r = S::add(S::fma(n, S::splat(-LN2_LO), r), b);
         S::select_ge0(
             S::add(s, S::splat(87.0)),
-            S::mul(p, S::pow2(n)),
+            exp_reduced::<S>(n, r),
             S::splat(0.0),
         )
     }
