@@ -546,13 +546,7 @@ thread_local! {
     static APACK: Cell<Option<AlignedBuf>> = const { Cell::new(None) };
 }
 
-/// Up to this many B panels per worker, a kernel that can ([`MicroKernel::DIRECT_A`]) reads
-/// a row-major A in place instead of packing it: packing costs as much as the strided reads
-/// save only when many panels reuse the packed block. Measured on AVX-512, one thread, weights
-/// from DRAM: 197 × 384 × 384 (12 panels) 388 → 366 µs and 197 × 384 × 1536 1612 → 1538 µs in
-/// place; 197 × 1536 × 384 (48 panels) 1477 → 1575 µs and 128 × 3072 × 768 3971 → 4254 µs,
-/// so those stay packed.
-const DIRECT_A_MAX_PANELS: usize = 12;
+
 
 /// Where a micro-kernel reads its A rows: element `(r, p)` (row `r` of the tile, step `p` of
 /// the K slab) at `ptr + p·k_step + r·row_step`. A packed panel has `row_step = 1`,
@@ -676,10 +670,12 @@ impl Ctx<'_> {
             return;
         }
         // A read in place, not packed: one row with contiguous A (GEMV), or a row-major A
-        // for a kernel that reads strided rows ([`MicroKernel::DIRECT_A`]) when few panels
-        // share each packed block (see [`DIRECT_A_MAX_PANELS`]).
-        let direct_a = (self.a.cs == 1 || k == 1)
-            && (i_hi - i_lo == 1 || (K::DIRECT_A && p_hi - p_lo <= DIRECT_A_MAX_PANELS));
+        // for a kernel that reads strided rows ([`MicroKernel::DIRECT_A`]). With AVX-512's
+        // assembly k loop, in place was as fast or faster than packed for every shape measured
+        // (one thread, weights from L3: 128 × 768 × 768 160 → 175 GFLOP/s, 128 × 512 × 512
+        // 164 → 182, 128 × 3072 × 768 and 128 × 1024 × 1024 level; row strides of 2–8 KiB
+        // included), so it no longer depends on how many panels reuse a packed block.
+        let direct_a = (self.a.cs == 1 || k == 1) && (i_hi - i_lo == 1 || K::DIRECT_A);
         // The A block buffer is per thread and reused across calls: a fresh zeroed 384 KiB
         // allocation per call costs page faults or a memset comparable to packing itself on
         // the small (128 × 768) projections. Sized to this call's largest block.

@@ -11,6 +11,8 @@ pub(super) trait Simd {
     type V: Copy;
     /// Lanes per register.
     const W: usize;
+    /// Whether the 8 × 32 score and `P·V` tiles run in assembly (`asm.rs`): AVX-512F only.
+    const ASM_8X32: bool = false;
     /// # Safety
     /// `p..p + W` is readable.
     unsafe fn load(p: *const f32) -> Self::V;
@@ -223,6 +225,7 @@ mod x86 {
     impl Simd for Avx512 {
         type V = __m512;
         const W: usize = 16;
+        const ASM_8X32: bool = true;
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m512 {
             unsafe { _mm512_loadu_ps(p) }

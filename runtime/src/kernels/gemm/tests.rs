@@ -448,9 +448,11 @@ fn edge_sizes_match_reference_on_every_kernel() {
                 (12, 32, 256),
                 (11, 31, 257),
                 (29, 65, 513),
-                // More panels than DIRECT_A_MAX_PANELS: A packed even where the kernel could
-                // read it in place.
-                (29, (DIRECT_A_MAX_PANELS + 1) * avx512::NR + 5, 300),
+                // Many panels (AVX-512 reads A in place across all of them), and tiles of
+                // 8 to 12 rows (the assembly k loop) next to shorter ones.
+                (29, 13 * avx512::NR + 5, 300),
+                (8, 40, 70),
+                (100, 70, 33),
             ] {
                 for act in 0..ACTS.len() {
                     let mut c = fixed(m, n, k, threads);
