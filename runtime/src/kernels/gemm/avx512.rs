@@ -244,8 +244,10 @@ const ASM_MIN_ROWS: usize = 8;
 /// and ran at 134–160 GFLOP/s where this loop runs at 185 (384 × 32 × 256, B in L1, one
 /// thread). Row `r` of A is addressed as `base[r / 3] + (r % 3)·row_step` with four base
 /// registers (rows 0, 3, 6, 9) and the row stride in bytes, the same code for a packed panel
-/// (stride 4 bytes) and A in place. The first `ceil(lines / 2)` k steps also prefetch two
-/// lines each of the next B panel into L2.
+/// (stride 4 bytes) and A in place. The loop also prefetches `pf`'s lines of the next B panel
+/// into L2, two lines every `kc / ceil(lines / 2)` k steps: issued two per k step at the start
+/// of the tile, the prefetches of weights coming from DRAM outnumbered the line fill buffers
+/// (128 × 3072 × 768 with weights from DRAM, one thread: 142 → 157–161 GFLOP/s spread out).
 ///
 /// # Safety
 /// AVX-512F available; as [`MicroKernel::kernel`]: A readable at `p·k_step + r·row_step`
@@ -258,8 +260,12 @@ unsafe fn kloop(rows: usize, kc: usize, a: APanel, b: *const f32, pf: Prefetch) 
     let mut v = [_mm512_setzero_ps(); 2 * MR];
     let rs = a.row_step * 4;
     let ks = a.k_step * 4;
-    let pf_steps = if pf.lines == 0 { 0 } else { pf.lines.div_ceil(2).min(kc) };
-    let rest = kc - pf_steps;
+    // Prefetch points: two lines each, spread evenly over the k steps (one pair every `every`
+    // steps) rather than bunched at the start.
+    let pairs = pf.lines.div_ceil(2);
+    let every = if pairs == 0 { 1 } else { (kc / pairs).max(1) };
+    let npf = pairs.min(kc / every);
+    let rest = kc - npf * every;
     let base = |r: usize| a.ptr.wrapping_add(r * a.row_step);
     // One k step: two B vectors, then per row a broadcast of A and two FMAs.
     macro_rules! kloop_asm {
@@ -272,22 +278,26 @@ unsafe fn kloop(rows: usize, kc: usize, a: APanel, b: *const f32, pf: Prefetch) 
                       concat!("vxorps ", $hi, ", ", $hi, ", ", $hi),)*
                     "test {npf}, {npf}",
                     "jz 3f",
+                    "6:",
+                    "prefetcht1 byte ptr [{pf}]",
+                    "prefetcht1 byte ptr [{pf} + 64]",
+                    "add {pf}, 128",
+                    "mov {c}, {every}",
                     "2:",
                     "vmovups zmm30, zmmword ptr [{b}]",
                     "vmovups zmm31, zmmword ptr [{b} + 64]",
                     $(concat!("vbroadcastss zmm28, dword ptr ", $addr),
                       concat!("vfmadd231ps ", $lo, ", zmm28, zmm30"),
                       concat!("vfmadd231ps ", $hi, ", zmm28, zmm31"),)*
-                    "prefetcht1 byte ptr [{pf}]",
-                    "prefetcht1 byte ptr [{pf} + 64]",
-                    "add {pf}, 128",
                     "add {b}, 128",
                     "add {a0}, {ks}",
                     "add {a3}, {ks}",
                     "add {a6}, {ks}",
                     "add {a9}, {ks}",
-                    "dec {npf}",
+                    "dec {c}",
                     "jnz 2b",
+                    "dec {npf}",
+                    "jnz 6b",
                     "3:",
                     "test {n}, {n}",
                     "jz 5f",
@@ -313,7 +323,9 @@ unsafe fn kloop(rows: usize, kc: usize, a: APanel, b: *const f32, pf: Prefetch) 
                     ks = in(reg) ks,
                     b = inout(reg) b => _,
                     pf = inout(reg) pf.ptr => _,
-                    npf = inout(reg) pf_steps => _,
+                    npf = inout(reg) npf => _,
+                    every = in(reg) every,
+                    c = out(reg) _,
                     n = inout(reg) rest => _,
                     $(out($lo) v[2 * $row], out($hi) v[2 * $row + 1],)*
                     out("zmm28") _, out("zmm30") _, out("zmm31") _,

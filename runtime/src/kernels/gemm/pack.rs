@@ -178,7 +178,7 @@ impl PackedB {
         let npanels = padded_cols / nr;
         let mut k0 = 0;
         while k0 < k {
-            let kc = kc_max.min(k - k0);
+            let kc = super::slab_depth(kc_max, k, k0);
             for p in 0..npanels {
                 let base = k0 * padded_cols + p * kc * nr;
                 let panel = &mut dst[base..base + kc * nr];
