@@ -646,7 +646,14 @@ fn qk_tile<S: Simd, const R: usize, const N: usize>(
         // ranges are the ones asserted above.
         unsafe {
             let sp = sc.as_mut_ptr().add(r0 * kb + jg);
-            asm::qk_8x32(qbuf.as_ptr().add(r0 * d), d, ktb.as_ptr().add(jg), kb, sp, scale);
+            asm::qk_8x32(
+                qbuf.as_ptr().add(r0 * d),
+                d,
+                ktb.as_ptr().add(jg),
+                kb,
+                sp,
+                scale,
+            );
         }
         return;
     }
@@ -703,7 +710,14 @@ fn pv_tile<S: Simd, const R: usize, const N: usize>(
         // ranges are the ones asserted above.
         unsafe {
             let o = op.add(r0 * dvp + x0);
-            asm::pv_8x32(sc.as_ptr().add(r0 * kb), kb, vblk.as_ptr().add(x0), dvp, kn, o);
+            asm::pv_8x32(
+                sc.as_ptr().add(r0 * kb),
+                kb,
+                vblk.as_ptr().add(x0),
+                dvp,
+                kn,
+                o,
+            );
         }
         return;
     }

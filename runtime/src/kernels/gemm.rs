@@ -546,8 +546,6 @@ thread_local! {
     static APACK: Cell<Option<AlignedBuf>> = const { Cell::new(None) };
 }
 
-
-
 /// Where a micro-kernel reads its A rows: element `(r, p)` (row `r` of the tile, step `p` of
 /// the K slab) at `ptr + p·k_step + r·row_step`. A packed panel has `row_step = 1`,
 /// `k_step = MR`; A read in place (row-major, the kernel's [`MicroKernel::DIRECT_A`]) has
@@ -733,7 +731,9 @@ impl Ctx<'_> {
                         } else if ic + mc < i_hi {
                             self.b.panel(k0, kc, jc).as_ptr()
                         } else if !last {
-                            self.b.panel(k0 + kc, slab_depth(K::KC, k, k0 + kc), jc).as_ptr()
+                            self.b
+                                .panel(k0 + kc, slab_depth(K::KC, k, k0 + kc), jc)
+                                .as_ptr()
                         } else if jc_end < p_hi {
                             self.b.panel(0, slab_depth(K::KC, k, 0), jc_end).as_ptr()
                         } else {

@@ -255,7 +255,13 @@ const ASM_MIN_ROWS: usize = 8;
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn kloop(rows: usize, kc: usize, a: APanel, b: *const f32, pf: Prefetch) -> [__m512; 2 * MR] {
+unsafe fn kloop(
+    rows: usize,
+    kc: usize,
+    a: APanel,
+    b: *const f32,
+    pf: Prefetch,
+) -> [__m512; 2 * MR] {
     debug_assert!((ASM_MIN_ROWS..=MR).contains(&rows));
     let mut v = [_mm512_setzero_ps(); 2 * MR];
     let rs = a.row_step * 4;
@@ -263,7 +269,7 @@ unsafe fn kloop(rows: usize, kc: usize, a: APanel, b: *const f32, pf: Prefetch) 
     // Prefetch points: two lines each, spread evenly over the k steps (one pair every `every`
     // steps) rather than bunched at the start.
     let pairs = pf.lines.div_ceil(2);
-    let every = if pairs == 0 { 1 } else { (kc / pairs).max(1) };
+    let every = kc.checked_div(pairs).unwrap_or(1).max(1);
     let npf = pairs.min(kc / every);
     let rest = kc - npf * every;
     let base = |r: usize| a.ptr.wrapping_add(r * a.row_step);
@@ -335,24 +341,34 @@ unsafe fn kloop(rows: usize, kc: usize, a: APanel, b: *const f32, pf: Prefetch) 
         };
     }
     match rows {
-        12 => kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
+        12 => {
+            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
             3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
             6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17",
-            9 "[{a9}]" "zmm18" "zmm19", 10 "[{a9} + {rs}]" "zmm20" "zmm21", 11 "[{a9} + 2*{rs}]" "zmm22" "zmm23"),
-        11 => kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
+            9 "[{a9}]" "zmm18" "zmm19", 10 "[{a9} + {rs}]" "zmm20" "zmm21", 11 "[{a9} + 2*{rs}]" "zmm22" "zmm23")
+        }
+        11 => {
+            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
             3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
             6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17",
-            9 "[{a9}]" "zmm18" "zmm19", 10 "[{a9} + {rs}]" "zmm20" "zmm21"),
-        10 => kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
+            9 "[{a9}]" "zmm18" "zmm19", 10 "[{a9} + {rs}]" "zmm20" "zmm21")
+        }
+        10 => {
+            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
             3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
             6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17",
-            9 "[{a9}]" "zmm18" "zmm19"),
-        9 => kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
+            9 "[{a9}]" "zmm18" "zmm19")
+        }
+        9 => {
+            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
             3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17"),
-        _ => kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
+            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17")
+        }
+        _ => {
+            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
             3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15"),
+            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15")
+        }
     }
     v
 }
