@@ -3,7 +3,7 @@
 
 use crate::canon::{FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu};
 use crate::classic::{
-    EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, SimplifyOps,
+    EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, HoistShapeReads, SimplifyOps,
 };
 use crate::{Pass, PassManager};
 
@@ -38,6 +38,9 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
         Box::new(crate::classic::CentreMeanInvariant),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::default()),
+        // `shape(layer_norm(x))` reads `x`'s shape instead, so a norm that the e-graph folded
+        // into a matmul is not kept running for an exporter's reshape target.
+        Box::new(HoistShapeReads),
         // Remove whatever no longer reaches a graph output.
         Box::new(EliminateDeadCode),
     ]
@@ -66,7 +69,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 13);
+        assert_eq!(report.passes.len(), 14);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

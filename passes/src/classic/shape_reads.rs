@@ -1,0 +1,121 @@
+//! `hoist_shape_reads`: `shape(f(x, ..))` → `shape(x)` when `x` and `f`'s result have the
+//! same fully known shape (fixed sizes, or the same symbols, which are equal by
+//! definition), repeated up the chain of producers. Exporters take the shape of a
+//! layer norm's output to build reshape targets: with the norm folded into the next matmul,
+//! that `shape` was the norm's only reader and kept a whole layer norm running per layer.
+//! Runs after the e-graph: earlier, the extra reader of `x` would hide from
+//! `centre_mean_invariant` that every other reader of the residual stream is a layer norm.
+//! The result is exact (a `shape` reads no values); dead producers go in the next
+//! `eliminate_dead_code`.
+
+use crate::rewrite;
+use crate::{Pass, PassError, PassStats};
+use kiln_ir::{Dim, Graph, OpKind, ValueId};
+
+/// Moves each `shape` to the earliest value of its input's shape.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HoistShapeReads;
+
+impl Pass for HoistShapeReads {
+    fn name(&self) -> &'static str {
+        "hoist_shape_reads"
+    }
+
+    fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
+        rewrite::check_ids(g).map_err(|m| PassError::graph(self.name(), m))?;
+        let producers = rewrite::producers(g);
+        let mut stats = PassStats::default();
+        for i in 0..g.nodes.len() {
+            if g.nodes[i].op != OpKind::Shape {
+                continue;
+            }
+            let Some(x) = g.nodes[i].inputs.first().copied().flatten() else {
+                continue;
+            };
+            let src = shape_source(g, &producers, x);
+            if src != x {
+                g.nodes[i].inputs[0] = Some(src);
+                stats.changed += 1;
+                stats.bump("shape_reads_hoisted", 1);
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// The earliest value up `x`'s chain of producers with `x`'s shape: at each producer, its
+/// first operand whose fully known shape equals the current value's.
+fn shape_source(g: &Graph, producers: &[Option<usize>], x: ValueId) -> ValueId {
+    let known = |v: ValueId| {
+        g.ty(v)
+            .shape
+            .dims()
+            .is_some_and(|d| d.iter().all(|d| !matches!(d, Dim::Unknown)))
+    };
+    let mut cur = x;
+    // Each step moves to an operand of an earlier node, so the walk ends.
+    while known(cur) {
+        let Some(j) = producers.get(cur.index()).copied().flatten() else {
+            break;
+        };
+        let same = g.nodes[j]
+            .inputs
+            .iter()
+            .flatten()
+            .copied()
+            .find(|&v| g.ty(v).shape == g.ty(cur).shape);
+        match same {
+            Some(v) => cur = v,
+            None => break,
+        }
+    }
+    cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classic::EliminateDeadCode;
+    use crate::testutil::*;
+    use kiln_ir::{Attr, Attrs, DType, Shape, Tensor, TensorType};
+
+    fn i64_ty(n: usize) -> TensorType {
+        TensorType::new(DType::I64, Shape::fixed(&[n]))
+    }
+
+    #[test]
+    fn shape_reads_through_shape_preserving_ops_and_the_dead_norm_goes() {
+        let mut g = Graph::new("g");
+        let ty = TensorType::new(
+            DType::F32,
+            Shape::new(vec![Dim::Sym("B".into()), Dim::Fixed(4)]),
+        );
+        let x = g.add_input("x", ty.clone());
+        let w = g.add_constant("w", Tensor::from_vec(vec![4], vec![1.0f32; 4]));
+        let ln = node(&mut g, OpKind::LayerNorm, &[x, w], "ln", ty.clone());
+        let r = node(&mut g, OpKind::Relu, &[ln], "r", ty);
+        let sh = node(&mut g, OpKind::Shape, &[r], "sh", i64_ty(2));
+        g.outputs = vec![sh];
+        let stats = HoistShapeReads.run(&mut g).unwrap();
+        assert_eq!(stats.counter("shape_reads_hoisted"), 1);
+        EliminateDeadCode.run(&mut g).unwrap();
+        assert_eq!(ops(&g), vec![OpKind::Shape]);
+        assert_eq!(g.nodes[0].inputs[0], Some(x));
+    }
+
+    #[test]
+    fn shape_stays_where_the_shape_changes_or_is_unknown() {
+        let mut g = Graph::new("g");
+        let x = g.add_input("x", f32_ty(&[2, 3]));
+        let perm = Attrs::new().with("perm", Attr::Ints(vec![1, 0]));
+        let t = node_with(&mut g, OpKind::Transpose, perm, &[x], "t", f32_ty(&[3, 2]));
+        let unknown = TensorType::new(DType::F32, Shape::new(vec![Dim::Unknown, Dim::Fixed(2)]));
+        let u = node(&mut g, OpKind::Relu, &[t], "u", unknown);
+        let s1 = node(&mut g, OpKind::Shape, &[t], "s1", i64_ty(2));
+        let s2 = node(&mut g, OpKind::Shape, &[u], "s2", i64_ty(2));
+        g.outputs = vec![s1, s2];
+        let before = g.clone();
+        assert!(HoistShapeReads.run(&mut g).unwrap().is_noop());
+        assert_eq!(g, before);
+    }
+}
