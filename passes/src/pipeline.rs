@@ -3,7 +3,8 @@
 
 use crate::canon::{FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu};
 use crate::classic::{
-    EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, HoistShapeReads, SimplifyOps,
+    AbsorbHeadTransposes, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants,
+    HoistShapeReads, SimplifyOps,
 };
 use crate::{Pass, PassManager};
 
@@ -38,6 +39,8 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
         Box::new(crate::classic::CentreMeanInvariant),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::default()),
+        // Attention reads and writes `[B, S, H, D]` instead of transposing heads around it.
+        Box::new(AbsorbHeadTransposes),
         // `shape(layer_norm(x))` reads `x`'s shape instead, so a norm that the e-graph folded
         // into a matmul is not kept running for an exporter's reshape target.
         Box::new(HoistShapeReads),
@@ -69,7 +72,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 14);
+        assert_eq!(report.passes.len(), 15);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

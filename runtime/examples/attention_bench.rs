@@ -39,6 +39,7 @@ fn main() {
             scale: 0.125,
             causal,
             mask: None,
+            seq_major: false,
         };
         let mut out = vec![0.0f32; b * hq * s * d];
         let runs = [

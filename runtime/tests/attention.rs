@@ -2,7 +2,8 @@
 //! (AVX-512, AVX2, portable, forced one at a time) against the interpreter: causal with a kv
 //! cache, bool and float masks, grouped heads, all-masked rows, NaN/Inf in q, k and v (also
 //! where causal hides them), sizes off every tile (S, T, D, Dv not multiples of 4/8/16, 1),
-//! and bit-identical output for 1, 2 and 5 threads.
+//! head-major and sequence-major (`layout = "bshd"`) tensors, and bit-identical output for
+//! 1, 2 and 5 threads.
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
 use kiln_runtime::kernels::attention::{attention_with, Attention, Isa, Mask};
@@ -40,15 +41,17 @@ struct Case {
     scale: Option<f32>,
     /// (values, mask shape, bool?)
     mask: Option<(Vec<f32>, [usize; 4], bool)>,
+    /// q, k, v and the output sequence-major (`[B, S, H, D]`).
+    seq_major: bool,
 }
 
 impl Case {
     /// The interpreter's output.
     fn reference(&self) -> Tensor {
         let [b, hq, hkv, s, t, d, dv] = self.dims;
-        let q = Tensor::from_vec(vec![b, hq, s, d], self.q.clone());
-        let k = Tensor::from_vec(vec![b, hkv, t, d], self.k.clone());
-        let v = Tensor::from_vec(vec![b, hkv, t, dv], self.v.clone());
+        let q = Tensor::from_vec(self.shape(b, hq, s, d), self.q.clone());
+        let k = Tensor::from_vec(self.shape(b, hkv, t, d), self.k.clone());
+        let v = Tensor::from_vec(self.shape(b, hkv, t, dv), self.v.clone());
         let mask = self.mask.as_ref().map(|(vals, shape, is_bool)| {
             if *is_bool {
                 Tensor::from_vec(
@@ -63,6 +66,9 @@ impl Case {
         if let Some(sc) = self.scale {
             attrs.set("scale", Attr::Float(sc));
         }
+        if self.seq_major {
+            attrs.set("layout", Attr::Str("bshd".into()));
+        }
         kiln_ir::ops::eval(
             OpKind::Attention,
             &attrs,
@@ -70,6 +76,15 @@ impl Case {
         )
         .expect("interpreter")[0]
             .clone()
+    }
+
+    /// A `[B, H, L, W]` tensor's shape in the case's layout.
+    fn shape(&self, b: usize, h: usize, l: usize, w: usize) -> Vec<usize> {
+        if self.seq_major {
+            vec![b, l, h, w]
+        } else {
+            vec![b, h, l, w]
+        }
     }
 
     /// The kernel's output with `isa` on `threads` threads.
@@ -102,6 +117,7 @@ impl Case {
             scale: self.scale.unwrap_or(1.0 / (d as f32).sqrt()),
             causal: self.causal,
             mask,
+            seq_major: self.seq_major,
         };
         let mut out = vec![0.0f32; b * hq * s * dv];
         attention_with(&Pool::new(threads).unwrap(), &p, &mut out, isa).expect("attention");
@@ -115,7 +131,7 @@ impl Case {
         let [b, hq, _, s, _, _, dv] = self.dims;
         for isa in isas() {
             let first = self.run(isa, 1);
-            let got = Tensor::from_vec(vec![b, hq, s, dv], first.clone());
+            let got = Tensor::from_vec(self.shape(b, hq, s, dv), first.clone());
             let r = compare(&got, &want, ATTENTION_TOLERANCE);
             assert!(r.ok, "{what} {isa:?}: {r:?}");
             for threads in [2, 5] {
@@ -173,6 +189,7 @@ fn random_case(rng: &mut StdRng, case: usize) -> Case {
         causal: case % 2 == 1,
         scale: case.is_multiple_of(7).then_some(0.3),
         mask,
+        seq_major: (case / 2) % 3 == 1,
     }
 }
 
@@ -190,12 +207,15 @@ fn every_isa_matches_the_interpreter_on_random_shapes() {
 fn model_sized_heads_match_the_interpreter() {
     let mut rng = StdRng::seed_from_u64(22);
     // vit-like, bert-like, llama GQA causal, decode with a cache.
-    for (s, t, hq, hkv, causal) in [
-        (197, 197, 2, 2, false),
-        (128, 128, 2, 2, false),
-        (128, 128, 4, 2, true),
-        (1, 129, 4, 2, true),
-        (5, 200, 2, 1, true),
+    for (s, t, hq, hkv, causal, seq_major) in [
+        (197, 197, 2, 2, false, false),
+        (197, 197, 3, 3, false, true),
+        (128, 128, 2, 2, false, false),
+        (128, 128, 2, 2, false, true),
+        (128, 128, 4, 2, true, false),
+        (128, 128, 4, 2, true, true),
+        (1, 129, 4, 2, true, false),
+        (5, 200, 2, 1, true, false),
     ] {
         let d = 64;
         let c = Case {
@@ -206,8 +226,11 @@ fn model_sized_heads_match_the_interpreter() {
             causal,
             scale: None,
             mask: None,
+            seq_major,
         };
-        c.check(&format!("S={s} T={t} causal={causal}"));
+        c.check(&format!(
+            "S={s} T={t} causal={causal} seq_major={seq_major}"
+        ));
     }
 }
 
@@ -227,6 +250,7 @@ fn all_masked_rows_are_nan_on_every_isa() {
         causal: false,
         scale: None,
         mask: Some((keep, [1, 1, s, t], true)),
+        seq_major: false,
     };
     let want = c.check("masked rows");
     let y = want.as_slice::<f32>().unwrap();
@@ -241,6 +265,7 @@ fn all_masked_rows_are_nan_on_every_isa() {
         causal: true,
         scale: None,
         mask: None,
+        seq_major: false,
     };
     let want = c.check("causal S > T");
     let y = want.as_slice::<f32>().unwrap();
@@ -260,6 +285,7 @@ fn nan_and_inf_inputs_propagate_on_every_isa() {
         causal: false,
         scale: None,
         mask: None,
+        seq_major: false,
     };
     let poke = |f: &dyn Fn(&mut Case), causal: bool, what: &str| {
         let mut c = Case {
@@ -315,6 +341,7 @@ fn a_forced_isa_the_cpu_lacks_is_an_error_not_a_crash() {
         scale: 0.5,
         causal: false,
         mask: None,
+        seq_major: false,
     };
     for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable, Isa::Auto] {
         let mut out = vec![0.0f32; 4];
@@ -346,6 +373,7 @@ fn empty_head_dims_do_not_panic() {
             scale: 0.5,
             causal: false,
             mask: None,
+            seq_major: false,
         };
         for isa in isas() {
             let mut out = vec![0.0f32; s * dv];

@@ -4,7 +4,9 @@
 //!
 //! - `silu(x) = x · sigmoid(x)`.
 //! - `rotary(x, cos, sin) = x · cos + rotate_half(x) · sin`, numpy broadcasting of cos/sin.
-//! - `attention(q, k, v, mask?)`: scaled-dot-product attention with grouped-query heads.
+//! - `attention(q, k, v, mask?)`: scaled-dot-product attention with grouped-query heads;
+//!   `layout = "bshd"` takes and gives sequence-major tensors (`[B, S, H, D]`) instead of
+//!   head-major ones (`[B, H, S, D]`, the default `"bhsd"`).
 //! - `linear(x, w, bias?, row_scale?, residual?) = act(row_scale ⊙ (x·w) + bias) + residual`.
 //! - `onnx_attention` is ONNX `Attention` (opset 23/24) itself: 3-D or 4-D q/k/v, kv cache
 //!   (past in, present out), causal and padding masks, softcap and the optional
@@ -49,7 +51,19 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         }
         OpKind::Attention => {
             attention_attrs(attrs)?;
-            attention_shape(inputs)?
+            if attention_seq_major(attrs)? {
+                // The head-major rule on swapped facts, its result swapped back.
+                let swapped: Vec<Option<Fact>> = inputs.iter().map(|f| f.map(swap_facts)).collect();
+                let refs: Vec<Option<&Fact>> = swapped.iter().map(Option::as_ref).collect();
+                // The mask indexes the scores `[B, H, S, T]` in either layout.
+                let mut refs = refs;
+                if let Some(m) = refs.get_mut(3) {
+                    *m = opt_arg(inputs, 3);
+                }
+                swap_middle(attention_shape(&refs)?)
+            } else {
+                attention_shape(inputs)?
+            }
         }
         OpKind::Linear => {
             activation(attrs)?;
@@ -173,6 +187,47 @@ fn interleaved(attrs: &Attrs) -> Result<bool, String> {
         1 => Ok(true),
         other => Err(format!("rotary `interleaved` must be 0 or 1, got {other}")),
     }
+}
+
+/// Whether an `attention`'s `layout` is sequence-major (`"bshd"`) rather than head-major
+/// (`"bhsd"`, the default).
+pub fn attention_seq_major(attrs: &Attrs) -> Result<bool, String> {
+    match attrs.string("layout")?.as_deref() {
+        None | Some("bhsd") => Ok(false),
+        Some("bshd") => Ok(true),
+        Some(other) => Err(format!(
+            "attention `layout` must be \"bhsd\" or \"bshd\", got {other:?}"
+        )),
+    }
+}
+
+/// A rank-4 shape with its axes 1 and 2 swapped (any other shape as it is).
+fn swap_middle(s: Shape) -> Shape {
+    match s.dims() {
+        Some([a, b, c, d]) => Shape::new(vec![a.clone(), c.clone(), b.clone(), d.clone()]),
+        _ => s,
+    }
+}
+
+/// A fact with its shape's axes 1 and 2 swapped (contents dropped: only the shape rule reads it).
+fn swap_facts(f: &Fact) -> Fact {
+    let mut f = Fact::of(f.ty.clone());
+    f.ty.shape = swap_middle(f.ty.shape);
+    f
+}
+
+/// A dense rank-4 f64 tensor of `shape` with its axes 1 and 2 swapped: `[a, b, c, d]` in,
+/// `[a, c, b, d]` out.
+fn swap_middle_values(v: &[f64], [a, b, c, d]: [usize; 4]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(v.len());
+    for ia in 0..a {
+        for ic in 0..c {
+            for ib in 0..b {
+                out.extend_from_slice(&v[((ia * b + ib) * c + ic) * d..][..d]);
+            }
+        }
+    }
+    out
 }
 
 /// `attention`'s (scale, causal) attributes. `scale` defaults to 1/sqrt(D) when absent.
@@ -308,17 +363,27 @@ fn attention_shape(inputs: &[Option<&Fact>]) -> Result<Shape, String> {
 /// the decomposed graph.
 fn attention(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
     let (scale, causal) = attention_attrs(attrs)?;
+    let seq_major = attention_seq_major(attrs)?;
     let (q, k, v) = (arg(inputs, 0)?, arg(inputs, 1)?, arg(inputs, 2)?);
     let dt = q.dtype();
-    let (qv, kv, vv) = (
-        float_input(q, "q", dt)?,
-        float_input(k, "k", dt)?,
-        float_input(v, "v", dt)?,
-    );
     let shape4 = |t: &Tensor, what: &str| -> Result<[usize; 4], String> {
-        <[usize; 4]>::try_from(t.shape())
-            .map_err(|_| format!("attention {what} must be 4-D, got {:?}", t.shape()))
+        let [a, b, c, d] = <[usize; 4]>::try_from(t.shape())
+            .map_err(|_| format!("attention {what} must be 4-D, got {:?}", t.shape()))?;
+        Ok(if seq_major {
+            [a, c, b, d]
+        } else {
+            [a, b, c, d]
+        })
     };
+    // Head-major values: a sequence-major input is swapped once here.
+    let values = |t: &Tensor, what: &str| -> Result<Vec<f64>, String> {
+        let v = float_input(t, what, dt)?;
+        Ok(match <[usize; 4]>::try_from(t.shape()) {
+            Ok(sh) if seq_major => swap_middle_values(&v, sh),
+            _ => v,
+        })
+    };
+    let (qv, kv, vv) = (values(q, "q")?, values(k, "k")?, values(v, "v")?);
     let [b, hq, s, d] = shape4(q, "q")?;
     let [bk, hkv, t, dk] = shape4(k, "k")?;
     let [bv, hkv_v, tv, dv] = shape4(v, "v")?;
@@ -402,6 +467,13 @@ fn attention(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String
                 }
             }
         }
+    }
+    if seq_major {
+        return from_f64s(
+            dt,
+            vec![b, s, hq, dv],
+            swap_middle_values(&y, [b, hq, s, dv]),
+        );
     }
     from_f64s(dt, out_shape, y)
 }
@@ -1138,6 +1210,43 @@ mod tests {
         let got = run(OpKind::Attention, attrs, &[&q, &k, &v]);
         assert_eq!(got.shape(), &[2, 4, 3, 6]);
         assert_close(&got, &sdpa_reference(&q, &k, &v, 0.3, None), F32_TOL);
+    }
+
+    #[test]
+    fn sequence_major_attention_is_the_transposed_head_major_one() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (q, k, v) = (
+            rand_t(&mut rng, &[2, 4, 3, 8]),
+            rand_t(&mut rng, &[2, 2, 5, 8]),
+            rand_t(&mut rng, &[2, 2, 5, 6]),
+        );
+        let swap = |t: &Tensor| {
+            let perm = Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3]));
+            crate::ops::eval(OpKind::Transpose, &perm, &[Some(t)]).unwrap()[0].clone()
+        };
+        let mask = Tensor::from_vec(
+            vec![1, 1, 3, 5],
+            (0..15).map(|i| i % 4 != 1).collect::<Vec<_>>(),
+        );
+        for causal in [0, 1] {
+            let attrs = Attrs::new().with("causal", Attr::Int(causal));
+            let want = run(OpKind::Attention, attrs.clone(), &[&q, &k, &v, &mask]);
+            let seq = attrs.with("layout", Attr::Str("bshd".into()));
+            let (qs, ks, vs) = (swap(&q), swap(&k), swap(&v));
+            let got = run(OpKind::Attention, seq.clone(), &[&qs, &ks, &vs, &mask]);
+            assert_eq!(got.shape(), &[2, 3, 4, 6]);
+            assert_eq!(got, swap(&want));
+            let facts: Vec<Fact> = [&qs, &ks, &vs, &mask]
+                .iter()
+                .map(|t| Fact::of(crate::TensorType::new(t.dtype(), Shape::fixed(t.shape()))))
+                .collect();
+            let refs: Vec<Option<&Fact>> = facts.iter().map(Some).collect();
+            let inferred = infer(OpKind::Attention, &seq, &refs).unwrap();
+            assert_eq!(inferred[0].ty.shape, Shape::fixed(&[2, 3, 4, 6]));
+        }
+        let bad = Attrs::new().with("layout", Attr::Str("sbhd".into()));
+        let err = crate::ops::eval(OpKind::Attention, &bad, &[Some(&q), Some(&k), Some(&v)]);
+        assert!(err.unwrap_err().contains("layout"));
     }
 
     #[test]

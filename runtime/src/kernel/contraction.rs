@@ -48,6 +48,8 @@ pub enum Prepared {
         scale: Option<f32>,
         /// `causal` attribute.
         causal: bool,
+        /// `layout = "bshd"`: sequence-major q, k, v and output.
+        seq_major: bool,
     },
     /// A conv whose kernel equals its stride, no padding, dilation 1, one group.
     PatchConv {
@@ -112,6 +114,7 @@ pub fn prepare_op<'t>(
                 1 => true,
                 _ => return None,
             },
+            seq_major: kiln_ir::ops::fused::attention_seq_major(attrs).ok()?,
         },
         OpKind::Conv => Prepared::PatchConv {
             stride: patch_stride(attrs)?,
@@ -277,7 +280,11 @@ impl Prepared {
                 packed.as_ref(),
                 pool,
             ),
-            Prepared::Attention { scale, causal } => attention_op(ins, *scale, *causal, pool),
+            Prepared::Attention {
+                scale,
+                causal,
+                seq_major,
+            } => attention_op(ins, *scale, *causal, *seq_major, pool),
             Prepared::PatchConv { stride, packed } => conv_op(ins, *stride, packed.as_ref(), pool),
         }
         .map(|r| r.map(|t| vec![t]))
@@ -544,13 +551,23 @@ fn attention_op(
     ins: &[Option<&Tensor>],
     scale: Option<f32>,
     causal: bool,
+    seq_major: bool,
     pool: &Pool,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
     let (q, k, v) = (arg(0)?, arg(1)?, arg(2)?);
-    let [b, hq, s, d] = <[usize; 4]>::try_from(q.shape()).ok()?;
-    let [bk, hkv, t, dk] = <[usize; 4]>::try_from(k.shape()).ok()?;
-    let [bv, hv, tv, dv] = <[usize; 4]>::try_from(v.shape()).ok()?;
+    // `[B, H, S, D]` whatever the layout (sequence-major tensors hold `[B, S, H, D]`).
+    let dims4 = |t: &Tensor| {
+        let [a, b, c, d] = <[usize; 4]>::try_from(t.shape()).ok()?;
+        Some(if seq_major {
+            [a, c, b, d]
+        } else {
+            [a, b, c, d]
+        })
+    };
+    let [b, hq, s, d] = dims4(q)?;
+    let [bk, hkv, t, dk] = dims4(k)?;
+    let [bv, hv, tv, dv] = dims4(v)?;
     if (bk, dk) != (b, d) || (bv, hv, tv) != (b, hkv, t) || hkv == 0 || hq % hkv != 0 {
         return None;
     }
@@ -595,9 +612,15 @@ fn attention_op(
         scale: scale.unwrap_or_else(|| (1.0 / (d as f64).sqrt()) as f32),
         causal,
         mask,
+        seq_major,
     };
     let mut y = vec![0.0f32; b * hq * s * dv];
-    Some(attention::attention(pool, &p, &mut y).map(|()| Tensor::from_vec(vec![b, hq, s, dv], y)))
+    let shape = if seq_major {
+        vec![b, s, hq, dv]
+    } else {
+        vec![b, hq, s, dv]
+    };
+    Some(attention::attention(pool, &p, &mut y).map(|()| Tensor::from_vec(shape, y)))
 }
 
 fn conv_op(

@@ -13,6 +13,10 @@
 //!
 //! Work units are (batch, head, query block) and each writes only its own output rows, in a
 //! fixed order, so the result is bit-identical for any thread count.
+//!
+//! Tensors are head-major (`[B, H, S, D]`), or sequence-major (`[B, S, H, D]`, the op's
+//! `layout = "bshd"`: as the projections produce them and the output projection reads them,
+//! so no transposes run around the kernel); only the row strides differ.
 
 #[cfg(target_arch = "x86_64")]
 mod asm;
@@ -83,7 +87,9 @@ pub struct Mask<'a> {
     pub strides: [usize; 4],
 }
 
-/// The problem: q `[B, Hq, S, D]`, k `[B, Hkv, T, D]`, v `[B, Hkv, T, Dv]`, all dense.
+/// The problem: q `[B, Hq, S, D]`, k `[B, Hkv, T, D]`, v `[B, Hkv, T, Dv]` and the output
+/// `[B, Hq, S, Dv]`, all dense; with `seq_major` the middle two axes of each are swapped
+/// (`[B, S, Hq, D]`, ...).
 #[derive(Debug, Clone, Copy)]
 pub struct Attention<'a> {
     /// Queries.
@@ -100,6 +106,27 @@ pub struct Attention<'a> {
     pub causal: bool,
     /// Optional additive mask.
     pub mask: Option<Mask<'a>>,
+    /// Sequence-major tensors (`[B, S, H, D]`) instead of head-major.
+    pub seq_major: bool,
+}
+
+impl Attention<'_> {
+    /// Where the rows of head `h` of batch `b` start in a tensor of `heads` heads × `len`
+    /// rows × `width`, and the stride between consecutive rows.
+    fn rows_of(
+        &self,
+        b: usize,
+        h: usize,
+        heads: usize,
+        len: usize,
+        width: usize,
+    ) -> (usize, usize) {
+        if self.seq_major {
+            ((b * len * heads + h) * width, heads * width)
+        } else {
+            ((b * heads + h) * len * width, width)
+        }
+    }
 }
 
 impl Attention<'_> {
@@ -204,22 +231,24 @@ fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
                 &mut *(badp as *mut usize).add(g),
             )
         };
-        let ksrc = &p.k[g * t * d..][..t * d];
+        let (k0, ks) = p.rows_of(g / hkv, g % hkv, hkv, t, d);
         for jb in 0..tp / kb {
             let tile = &mut kg[jb * d * kb..][..d * kb];
             let kn = kb.min(t - jb * kb);
-            let kblk = &ksrc[jb * kb * d..][..kn * d];
-            transpose_keys(kblk, kn, d, tile, kb);
+            let kblk = &p.k[k0 + jb * kb * ks..][..(kn - 1) * ks + d];
+            transpose_keys(kblk, kn, d, ks, tile, kb);
             if kn < kb {
                 for row in tile.chunks_exact_mut(kb) {
                     row[kn..].fill(0.0);
                 }
             }
         }
-        let vsrc = &p.v[g * t * dv..][..t * dv];
+        let (v0, vs) = p.rows_of(g / hkv, g % hkv, hkv, t, dv);
+        let vrow = |j: usize| &p.v[v0 + j * vs..][..dv];
         if p.causal {
             // Only causal block skipping needs to know where V stops being finite.
-            for (j, row) in vsrc.chunks_exact(dv.max(1)).enumerate() {
+            for j in 0..t {
+                let row = vrow(j);
                 // Exponent bits all ones (NaN or ±inf), as a branch-free fold that vectorises.
                 const EXP: u32 = 0x7f80_0000;
                 if row.iter().fold(0, |a: u32, x| a.max(x.to_bits() & EXP)) == EXP {
@@ -235,7 +264,7 @@ fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
         // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
         for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
             if j < t {
-                dst[..dv].copy_from_slice(&vsrc[j * dv..][..dv]);
+                dst[..dv].copy_from_slice(vrow(j));
                 dst[dv..].fill(0.0);
             } else {
                 dst.fill(0.0);
@@ -252,14 +281,16 @@ fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
     }
 }
 
-/// `tile[dd·kb + j] = keys[j·d + dd]` for `j < kn`, `dd < d`: a key block transposed, eight
-/// keys at a time so that each write is a run of eight and the eight key rows stay in L1.
-/// (Scattering each key row down a column at stride `kb` took 48 µs per ViT layer, this 19.)
-fn transpose_keys(keys: &[f32], kn: usize, d: usize, tile: &mut [f32], kb: usize) {
-    assert!(keys.len() >= kn * d && tile.len() >= d * kb && kn <= kb);
+/// `tile[dd·kb + j] = keys[j·ks + dd]` for `j < kn`, `dd < d` (key rows at stride `ks`): a
+/// key block transposed, eight keys at a time so that each write is a run of eight and the
+/// eight key rows stay in L1. (Scattering each key row down a column at stride `kb` took
+/// 48 µs per ViT layer, this 19.)
+fn transpose_keys(keys: &[f32], kn: usize, d: usize, ks: usize, tile: &mut [f32], kb: usize) {
+    assert!(kn <= kb && tile.len() >= d * kb);
+    assert!(kn == 0 || keys.len() >= (kn - 1) * ks + d);
     let mut j0 = 0;
     while j0 + 8 <= kn {
-        let rows: [&[f32]; 8] = std::array::from_fn(|j| &keys[(j0 + j) * d..][..d]);
+        let rows: [&[f32]; 8] = std::array::from_fn(|j| &keys[(j0 + j) * ks..][..d]);
         for dd in 0..d {
             let out = &mut tile[dd * kb + j0..][..8];
             for (x, row) in out.iter_mut().zip(&rows) {
@@ -270,7 +301,7 @@ fn transpose_keys(keys: &[f32], kn: usize, d: usize, tile: &mut [f32], kb: usize
     }
     for j in j0..kn {
         for dd in 0..d {
-            tile[dd * kb + j] = keys[j * d + dd];
+            tile[dd * kb + j] = keys[j * ks + dd];
         }
     }
 }
@@ -336,26 +367,27 @@ pub fn attention_with(
         let (bh, qb) = (u / qblocks, u % qblocks);
         let i0 = qb * QB;
         let rows = QB.min(s - i0);
-        let base = (bh * s + i0) * dv;
-        // SAFETY: unit `u` owns rows `i0..i0 + rows` of head `bh`, disjoint from every other
-        // unit's, inside `out` (checked above); `out` is borrowed for the whole call.
-        let o = unsafe { std::slice::from_raw_parts_mut(optr.get().add(base), rows * dv) };
+        let (bi, h) = (bh / hq, bh % hq);
+        let (o0, os) = p.rows_of(bi, h, hq, s, dv);
         let job = Unit {
             p,
             pk: &packed,
-            bi: bh / hq,
-            h: bh % hq,
+            bi,
+            h,
             i0,
             rows,
+            // Row `i0` of the unit's head: in bounds (`out` checked above, `i0 < s`).
+            out: optr.get().wrapping_add(o0 + i0 * os),
+            os,
         };
         match isa {
             // SAFETY: `available` checked the features.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { unit_avx512(&job, o) },
+            Isa::Avx512 => unsafe { unit_avx512(&job) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { unit_avx2(&job, o) },
-            _ => job.run::<Portable, 4, 2, 2>(o),
+            Isa::Avx2 => unsafe { unit_avx2(&job) },
+            _ => job.run::<Portable, 4, 2, 2>(),
         }
     });
     Ok(())
@@ -365,16 +397,16 @@ pub fn attention_with(
 /// The CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn unit_avx512(job: &Unit<'_>, o: &mut [f32]) {
-    job.run::<simd::Avx512, 8, 2, 2>(o)
+unsafe fn unit_avx512(job: &Unit<'_>) {
+    job.run::<simd::Avx512, 8, 2, 2>()
 }
 
 /// # Safety
 /// The CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn unit_avx2(job: &Unit<'_>, o: &mut [f32]) {
-    job.run::<simd::Avx2, 4, 2, 2>(o)
+unsafe fn unit_avx2(job: &Unit<'_>) {
+    job.run::<simd::Avx2, 4, 2, 2>()
 }
 
 /// One work unit: query rows `i0..i0 + rows` of head `h` in batch `bi`.
@@ -385,18 +417,24 @@ struct Unit<'a> {
     h: usize,
     i0: usize,
     rows: usize,
+    /// Output row `i0` of the unit's head; rows at stride `os`. The unit's rows are
+    /// disjoint from every other unit's (they may interleave with them in memory when
+    /// sequence-major, hence a pointer rather than a slice).
+    out: *mut f32,
+    os: usize,
 }
 
 impl Unit<'_> {
-    /// Runs the unit into `o` (`rows × Dv`) with `R`-row tiles, `NK` vectors of keys per
+    /// Runs the unit into its output rows with `R`-row tiles, `NK` vectors of keys per
     /// score tile and `NO` vectors of `Dv` per `P·V` tile.
     #[inline(always)]
-    fn run<S: Simd, const R: usize, const NK: usize, const NO: usize>(&self, o: &mut [f32]) {
+    fn run<S: Simd, const R: usize, const NK: usize, const NO: usize>(&self) {
         let p = self.p;
         let [_, hq, _, s, _, d, _] = p.dims;
         let (bi, h, i0, rows, dvp) = (self.bi, self.h, self.i0, self.rows, self.pk.dvp);
-        // The unit's query rows, read in place.
-        let qbuf = &p.q[((bi * hq + h) * s + i0) * d..][..rows * d];
+        // The unit's query rows, read in place (row `r` at `r·qs`).
+        let (q0, qs) = p.rows_of(bi, h, hq, s, d);
+        let qbuf = &p.q[q0 + i0 * qs..][..(rows - 1) * qs + d];
         // Taken out and put back rather than used inside `with`'s closure: a closure does not
         // inherit the caller's target features, so the kernel would lose its intrinsics.
         let (mut sc, mut oacc) = UNIT_SCRATCH
@@ -405,20 +443,20 @@ impl Unit<'_> {
         sc.resize(QB * self.pk.kb, 0.0);
         oacc.clear();
         oacc.resize(rows * dvp, 0.0);
-        self.blocks::<S, R, NK, NO>(qbuf, &mut sc, &mut oacc, o);
+        self.blocks::<S, R, NK, NO>(qbuf, qs, &mut sc, &mut oacc);
         // A thread being torn down just frees them.
         let _ = UNIT_SCRATCH.try_with(|c| *c.borrow_mut() = (sc, oacc));
     }
 
-    /// [`Unit::run`]'s body with its scratch: scores `sc` (`QB × kb`, any contents) and the
-    /// zeroed accumulator `oacc` (`rows × dvp`).
+    /// [`Unit::run`]'s body with its query rows (`qbuf`, row stride `qs`) and scratch:
+    /// scores `sc` (`QB × kb`, any contents) and the zeroed accumulator `oacc` (`rows × dvp`).
     #[inline(always)]
     fn blocks<S: Simd, const R: usize, const NK: usize, const NO: usize>(
         &self,
         qbuf: &[f32],
+        qs: usize,
         sc: &mut [f32],
         oacc: &mut [f32],
-        o: &mut [f32],
     ) {
         let p = self.p;
         let pk = self.pk;
@@ -426,10 +464,12 @@ impl Unit<'_> {
         let (tp, dvp, w) = (pk.tp, pk.dvp, S::W);
         let (bi, h, i0, rows) = (self.bi, self.h, self.i0, self.rows);
         let g = bi * hkv + h / (hq / hkv);
-        let vp = if pk.vp.is_empty() {
-            &p.v[g * t * dv..][..t * dv]
+        // V rows at stride `vs`: in place (`Dv` a multiple of the lanes) or padded.
+        let (vp, vs) = if pk.vp.is_empty() {
+            let (v0, vs) = p.rows_of(bi, g % hkv, hkv, t, dv);
+            (&p.v[v0..][..(t - 1) * vs + dv], vs)
         } else {
-            &pk.vp[g * tp * dvp..][..tp * dvp]
+            (&pk.vp[g * tp * dvp..][..tp * dvp], dvp)
         };
         let kt = &pk.kt[g * d * tp..][..d * tp];
         // Whole R-row tiles, then 4-row tiles, then single rows.
@@ -462,11 +502,11 @@ impl Unit<'_> {
             for r0 in (0..rows_r).step_by(R) {
                 let mut jg = 0;
                 while jg + kw <= kq_v {
-                    qk_tile::<S, R, NK>(qbuf, ktb, sc, r0, jg, d, kb, scale);
+                    qk_tile::<S, R, NK>(qbuf, qs, ktb, sc, r0, jg, d, kb, scale);
                     jg += kw;
                 }
                 while jg < kq_v {
-                    qk_tile::<S, R, 1>(qbuf, ktb, sc, r0, jg, d, kb, scale);
+                    qk_tile::<S, R, 1>(qbuf, qs, ktb, sc, r0, jg, d, kb, scale);
                     jg += w;
                 }
             }
@@ -475,22 +515,22 @@ impl Unit<'_> {
             for r0 in (rows_r..rows_4).step_by(4) {
                 let mut jg = 0;
                 while jg + 4 * w <= kq_v {
-                    qk_tile::<S, 4, 4>(qbuf, ktb, sc, r0, jg, d, kb, scale);
+                    qk_tile::<S, 4, 4>(qbuf, qs, ktb, sc, r0, jg, d, kb, scale);
                     jg += 4 * w;
                 }
                 while jg < kq_v {
-                    qk_tile::<S, 4, 1>(qbuf, ktb, sc, r0, jg, d, kb, scale);
+                    qk_tile::<S, 4, 1>(qbuf, qs, ktb, sc, r0, jg, d, kb, scale);
                     jg += w;
                 }
             }
             for r0 in rows_4..rows {
                 let mut jg = 0;
                 while jg + kw <= kq_v {
-                    qk_tile::<S, 1, NK>(qbuf, ktb, sc, r0, jg, d, kb, scale);
+                    qk_tile::<S, 1, NK>(qbuf, qs, ktb, sc, r0, jg, d, kb, scale);
                     jg += kw;
                 }
                 while jg < kq_v {
-                    qk_tile::<S, 1, 1>(qbuf, ktb, sc, r0, jg, d, kb, scale);
+                    qk_tile::<S, 1, 1>(qbuf, qs, ktb, sc, r0, jg, d, kb, scale);
                     jg += w;
                 }
             }
@@ -529,37 +569,37 @@ impl Unit<'_> {
                 );
             }
             // oacc[r] += P[r] · V[j0..j0 + kn].
-            let vblk = &vp[j0 * dvp..][..kn * dvp];
+            let vblk = &vp[j0 * vs..][..(kn - 1) * vs + dvp];
             for r0 in (0..rows_r).step_by(R) {
                 let mut x0 = 0;
                 while x0 + NO * w <= dvp {
-                    pv_tile::<S, R, NO>(sc, vblk, oacc, r0, x0, kn, dvp, kb);
+                    pv_tile::<S, R, NO>(sc, vblk, vs, oacc, r0, x0, kn, dvp, kb);
                     x0 += NO * w;
                 }
                 while x0 < dvp {
-                    pv_tile::<S, R, 1>(sc, vblk, oacc, r0, x0, kn, dvp, kb);
+                    pv_tile::<S, R, 1>(sc, vblk, vs, oacc, r0, x0, kn, dvp, kb);
                     x0 += w;
                 }
             }
             for r0 in (rows_r..rows_4).step_by(4) {
                 let mut x0 = 0;
                 while x0 + 4 * w <= dvp {
-                    pv_tile::<S, 4, 4>(sc, vblk, oacc, r0, x0, kn, dvp, kb);
+                    pv_tile::<S, 4, 4>(sc, vblk, vs, oacc, r0, x0, kn, dvp, kb);
                     x0 += 4 * w;
                 }
                 while x0 < dvp {
-                    pv_tile::<S, 4, 1>(sc, vblk, oacc, r0, x0, kn, dvp, kb);
+                    pv_tile::<S, 4, 1>(sc, vblk, vs, oacc, r0, x0, kn, dvp, kb);
                     x0 += w;
                 }
             }
             for r0 in rows_4..rows {
                 let mut x0 = 0;
                 while x0 + NO * w <= dvp {
-                    pv_tile::<S, 1, NO>(sc, vblk, oacc, r0, x0, kn, dvp, kb);
+                    pv_tile::<S, 1, NO>(sc, vblk, vs, oacc, r0, x0, kn, dvp, kb);
                     x0 += NO * w;
                 }
                 while x0 < dvp {
-                    pv_tile::<S, 1, 1>(sc, vblk, oacc, r0, x0, kn, dvp, kb);
+                    pv_tile::<S, 1, 1>(sc, vblk, vs, oacc, r0, x0, kn, dvp, kb);
                     x0 += w;
                 }
             }
@@ -567,8 +607,11 @@ impl Unit<'_> {
         }
         for r in 0..rows {
             let inv = l[r];
+            // SAFETY: output row `i0 + r` of the unit's head, `dv` values inside the output
+            // (checked by `attention_with`), written by this unit only.
+            let y = unsafe { std::slice::from_raw_parts_mut(self.out.add(r * self.os), dv) };
             // 0/0 = NaN for a row with every score −inf, as in the reference.
-            for (y, &a) in o[r * dv..][..dv].iter_mut().zip(&oacc[r * dvp..][..dv]) {
+            for (y, &a) in y.iter_mut().zip(&oacc[r * dvp..][..dv]) {
                 *y = a / inv;
             }
         }
@@ -623,12 +666,13 @@ impl Unit<'_> {
     }
 }
 
-/// `sc[r0..r0 + R][jg..jg + N·W] = scale · qbuf[r0..r0 + R] · ktb[..][jg..jg + N·W]`, the
-/// `R × N` accumulators in registers across `d`.
+/// `sc[r0..r0 + R][jg..jg + N·W] = scale · qbuf[r0..r0 + R] · ktb[..][jg..jg + N·W]` (query
+/// rows at stride `qs`), the `R × N` accumulators in registers across `d`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn qk_tile<S: Simd, const R: usize, const N: usize>(
     qbuf: &[f32],
+    qs: usize,
     ktb: &[f32],
     sc: &mut [f32],
     r0: usize,
@@ -638,8 +682,8 @@ fn qk_tile<S: Simd, const R: usize, const N: usize>(
     scale: f32,
 ) {
     let w = S::W;
-    assert!((r0 + R) * d <= qbuf.len() && (r0 + R) * kb <= sc.len() && jg + N * w <= kb);
-    assert!(d * kb <= ktb.len());
+    assert!((r0 + R - 1) * qs + d <= qbuf.len() && (r0 + R) * kb <= sc.len());
+    assert!(jg + N * w <= kb && d * kb <= ktb.len());
     #[cfg(target_arch = "x86_64")]
     if S::ASM_8X32 && R == 8 && N == 2 {
         // SAFETY: `S::ASM_8X32` means AVX-512F is enabled (only `simd::Avx512` sets it); the
@@ -647,7 +691,8 @@ fn qk_tile<S: Simd, const R: usize, const N: usize>(
         unsafe {
             let sp = sc.as_mut_ptr().add(r0 * kb + jg);
             asm::qk_8x32(
-                qbuf.as_ptr().add(r0 * d),
+                qbuf.as_ptr().add(r0 * qs),
+                qs,
                 d,
                 ktb.as_ptr().add(jg),
                 kb,
@@ -666,7 +711,7 @@ fn qk_tile<S: Simd, const R: usize, const N: usize>(
             std::array::from_fn(|v| unsafe { S::load(kp.add(dd * kb + jg + v * w)) });
         for (r, accr) in acc.iter_mut().enumerate() {
             // SAFETY: row `r0 + r` of `qbuf` exists (asserted above).
-            let qb = S::splat(unsafe { *qp.add((r0 + r) * d + dd) });
+            let qb = S::splat(unsafe { *qp.add((r0 + r) * qs + dd) });
             for v in 0..N {
                 accr[v] = S::fma(qb, kv[v], accr[v]);
             }
@@ -685,14 +730,15 @@ fn qk_tile<S: Simd, const R: usize, const N: usize>(
     }
 }
 
-/// `oacc[r0..r0 + R][x0..x0 + N·W] += P[r0..r0 + R][..kn] · vblk[..kn][x0..x0 + N·W]`, the
-/// accumulators in registers across the keys. No skip for a zero weight: `0·NaN` in V must
+/// `oacc[r0..r0 + R][x0..x0 + N·W] += P[r0..r0 + R][..kn] · vblk[..kn][x0..x0 + N·W]` (V
+/// rows at stride `vs`), the accumulators in registers across the keys. No skip for a zero weight: `0·NaN` in V must
 /// give NaN, as in the reference.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn pv_tile<S: Simd, const R: usize, const N: usize>(
     sc: &[f32],
     vblk: &[f32],
+    vs: usize,
     oacc: &mut [f32],
     r0: usize,
     x0: usize,
@@ -702,7 +748,7 @@ fn pv_tile<S: Simd, const R: usize, const N: usize>(
 ) {
     let w = S::W;
     assert!((r0 + R) * kb <= sc.len() && (r0 + R) * dvp <= oacc.len());
-    assert!(kn * dvp <= vblk.len() && x0 + N * w <= dvp);
+    assert!(kn >= 1 && (kn - 1) * vs + dvp <= vblk.len() && x0 + N * w <= dvp);
     let op = oacc.as_mut_ptr();
     #[cfg(target_arch = "x86_64")]
     if S::ASM_8X32 && R == 8 && N == 2 {
@@ -714,9 +760,10 @@ fn pv_tile<S: Simd, const R: usize, const N: usize>(
                 sc.as_ptr().add(r0 * kb),
                 kb,
                 vblk.as_ptr().add(x0),
-                dvp,
+                vs,
                 kn,
                 o,
+                dvp,
             );
         }
         return;
@@ -731,7 +778,7 @@ fn pv_tile<S: Simd, const R: usize, const N: usize>(
     let vpp = vblk.as_ptr();
     for j in 0..kn {
         let vv: [S::V; N] =
-            std::array::from_fn(|v| unsafe { S::load(vpp.add(j * dvp + x0 + v * w)) });
+            std::array::from_fn(|v| unsafe { S::load(vpp.add(j * vs + x0 + v * w)) });
         for (r, accr) in acc.iter_mut().enumerate() {
             let pr = S::splat(unsafe { *sp.add((r0 + r) * kb + j) });
             for v in 0..N {

@@ -83,15 +83,16 @@ unsafe fn fma_8x32(
     }
 }
 
-/// Scores of 8 query rows × 32 keys: `sc[r·kb + c] = scale · Σ_dd q[r·d + dd] · kt[dd·kb + c]`.
+/// Scores of 8 query rows × 32 keys: `sc[r·kb + c] = scale · Σ_dd q[r·qs + dd] · kt[dd·kb + c]`.
 ///
 /// # Safety
-/// AVX-512F available; `q` readable for 8 rows of `d` at stride `d`; `kt` at `dd·kb + c` for
-/// `dd < d`, `c < 32`; `sc` writable at `r·kb + c` for `r < 8`, `c < 32`.
+/// AVX-512F available; `q` readable for 8 rows of `d` at stride `qs`; `kt` at `dd·kb + c`
+/// for `dd < d`, `c < 32`; `sc` writable at `r·kb + c` for `r < 8`, `c < 32`.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn qk_8x32(
     q: *const f32,
+    qs: usize,
     d: usize,
     kt: *const f32,
     kb: usize,
@@ -101,7 +102,7 @@ pub(super) unsafe fn qk_8x32(
     let mut acc = [_mm512_setzero_ps(); 16];
     // SAFETY: forwarded from the caller's contract.
     unsafe {
-        fma_8x32(&mut acc, q, d, kt, kb, d);
+        fma_8x32(&mut acc, q, qs, kt, kb, d);
         let s = _mm512_set1_ps(scale);
         for (i, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(sc.add((i / 2) * kb + (i % 2) * 16), _mm512_mul_ps(*a, s));
@@ -109,10 +110,10 @@ pub(super) unsafe fn qk_8x32(
     }
 }
 
-/// `o[r·dvp + c] += Σ_{j < kn} p[r·kb + j] · v[j·dvp + c]` for 8 rows × 32 columns.
+/// `o[r·dvp + c] += Σ_{j < kn} p[r·kb + j] · v[j·vs + c]` for 8 rows × 32 columns.
 ///
 /// # Safety
-/// AVX-512F available; `p` readable at `r·kb + j`, `v` at `j·dvp + c`, and `o` readable and
+/// AVX-512F available; `p` readable at `r·kb + j`, `v` at `j·vs + c`, and `o` readable and
 /// writable at `r·dvp + c`, for `r < 8`, `j < kn`, `c < 32`.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -120,9 +121,10 @@ pub(super) unsafe fn pv_8x32(
     p: *const f32,
     kb: usize,
     v: *const f32,
-    dvp: usize,
+    vs: usize,
     kn: usize,
     o: *mut f32,
+    dvp: usize,
 ) {
     // SAFETY: forwarded from the caller's contract.
     unsafe {
@@ -131,7 +133,7 @@ pub(super) unsafe fn pv_8x32(
         for (i, a) in acc.iter_mut().enumerate() {
             *a = _mm512_loadu_ps(o.add((i / 2) * dvp + (i % 2) * 16));
         }
-        fma_8x32(&mut acc, p, kb, v, dvp, kn);
+        fma_8x32(&mut acc, p, kb, v, vs, kn);
         for (i, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(o.add((i / 2) * dvp + (i % 2) * 16), *a);
         }
