@@ -127,9 +127,7 @@ impl Attention<'_> {
             ((b * heads + h) * len * width, width)
         }
     }
-}
 
-impl Attention<'_> {
     /// Checks every slice length against the dims (the caller has already checked that the
     /// shapes agree); `Err` names what is short.
     fn check(&self, out: &[f32]) -> Result<(), String> {

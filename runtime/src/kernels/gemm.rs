@@ -4,16 +4,16 @@
 //! Structure (the classic Goto/BLIS loop nest):
 //! - B is packed into `NR`-column panels per `KC`-deep slab ([`PackedB`]); constant weights are
 //!   packed once and reused by every call.
-//! - A is packed per `MC × KC` block into `MR`-row panels (the block lives in L2).
+//! - A is packed per `MC × KC` block into `MR`-row panels (the block lives in L2), except
+//!   where the kernel reads a row-major A in place (AVX-512 always, every kernel for `M = 1`).
 //! - The micro-kernel multiplies one `MR × kc` A panel by one `kc × NR` B panel into an
 //!   `MR × NR` tile of C held in registers. Three families, chosen at run time: AVX-512F
-//!   12 × 32 ([`avx512`]), AVX2+FMA 6 × 16 ([`avx2`]), and a portable loop ([`portable`],
+//!   12 × 32 ([`avx512`], its k loop in inline assembly), AVX2+FMA 6 × 16 ([`avx2`]), and a
+//!   portable loop ([`portable`],
 //!   same layout as AVX2). Each family has its own `MR`, `NR`, `KC`, `MC`; a [`PackedB`]
 //!   records the family it was packed for and only runs with a kernel of that layout.
 //! - After the last `KC` slab the epilogue runs on the tile while it is still in L1, in the
 //!   kernel's SIMD width ([`simd`]).
-//! - A one-row block (`M = 1`, decode) with contiguous A skips packing A: the kernel reads the
-//!   row in place.
 //! - Threads split the rows of C (or its columns when there are few row tiles); each owns a
 //!   disjoint rectangle of C, cut on whole tiles so that every element is computed as on one
 //!   thread.

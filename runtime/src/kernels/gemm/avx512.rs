@@ -1,7 +1,9 @@
 //! The AVX-512F micro-kernel: an `MR × NR` = 12 × 32 tile in 24 zmm accumulators, two B
-//! vectors per k step and the A value broadcast from memory into each FMA (26 of 32
-//! registers). Partial right-edge panels are stored with `__mmask16` masks, so no tile buffer
-//! is needed; the epilogue runs in AVX-512 on the tile while it is in L1.
+//! vectors per k step and the A value broadcast from memory into each FMA (27 of 32
+//! registers). Tiles of 8 to 12 rows run the k loop in inline assembly ([`kloop`]), shorter
+//! ones (a block's ragged bottom) a Rust loop. Partial right-edge panels are stored with
+//! `__mmask16` masks, so no tile buffer is needed; the epilogue runs in AVX-512 on the tile
+//! while it is in L1.
 
 use super::{simd, APanel, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
 
