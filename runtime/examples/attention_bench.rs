@@ -1,7 +1,9 @@
 //! Fused attention benchmark on the bench models' shapes (head dim 64), on every ISA the CPU
 //! has (1 thread) and the widest on 2 threads; prints the best of N runs and GFLOP/s
 //! (4·B·Hq·S·T·D flops, causal counted in full). Run with
-//! `cargo run --release -p kiln-runtime --example attention_bench [name filter]`.
+//! `cargo run --release -p kiln-runtime --example attention_bench [name filter]`; with
+//! `SEQ_MAJOR=1` in the environment, q, k, v and the output are sequence-major (`[B, S, H, D]`,
+//! the `layout = "bshd"` the optimiser gives ViT and BERT) instead of head-major.
 
 use kiln_runtime::kernels::attention::{attention_with, Attention, Isa};
 use kiln_runtime::pool::Pool;
@@ -31,6 +33,7 @@ fn main() {
             gen(b * hkv * t * d, 2),
             gen(b * hkv * t * d, 3),
         );
+        let seq_major = std::env::var_os("SEQ_MAJOR").is_some();
         let p = Attention {
             q: &q,
             k: &k,
@@ -39,7 +42,7 @@ fn main() {
             scale: 0.125,
             causal,
             mask: None,
-            seq_major: false,
+            seq_major,
         };
         let mut out = vec![0.0f32; b * hq * s * d];
         let runs = [
