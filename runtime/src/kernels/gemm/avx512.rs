@@ -275,9 +275,27 @@ unsafe fn kloop(
     let npf = pairs.min(kc / every);
     let rest = kc - npf * every;
     let base = |r: usize| a.ptr.wrapping_add(r * a.row_step);
-    // One k step: two B vectors, then per row a broadcast of A and two FMAs.
+    // The loop for one tile height: per row, its A address and its two accumulators.
     macro_rules! kloop_asm {
-        ($($row:tt $addr:tt $lo:tt $hi:tt),*) => {
+        ($($row:tt $addr:tt $lo:tt $hi:tt),*) => {{
+            // One k step as one template string: two B vectors, per row a broadcast of A
+            // and two FMAs, then the pointers advanced.
+            macro_rules! kstep {
+                () => {
+                    concat!(
+                        "vmovups zmm30, zmmword ptr [{b}]\n",
+                        "vmovups zmm31, zmmword ptr [{b} + 64]\n",
+                        $("vbroadcastss zmm28, dword ptr ", $addr, "\n",
+                          "vfmadd231ps ", $lo, ", zmm28, zmm30\n",
+                          "vfmadd231ps ", $hi, ", zmm28, zmm31\n",)*
+                        "add {b}, 128\n",
+                        "add {a0}, {ks}\n",
+                        "add {a3}, {ks}\n",
+                        "add {a6}, {ks}\n",
+                        "add {a9}, {ks}",
+                    )
+                };
+            }
             // SAFETY: reads A and B inside the ranges the caller guarantees; prefetches are
             // hints that never fault; every register written is an operand or clobbered.
             unsafe {
@@ -292,16 +310,7 @@ unsafe fn kloop(
                     "add {pf}, 128",
                     "mov {c}, {every}",
                     "2:",
-                    "vmovups zmm30, zmmword ptr [{b}]",
-                    "vmovups zmm31, zmmword ptr [{b} + 64]",
-                    $(concat!("vbroadcastss zmm28, dword ptr ", $addr),
-                      concat!("vfmadd231ps ", $lo, ", zmm28, zmm30"),
-                      concat!("vfmadd231ps ", $hi, ", zmm28, zmm31"),)*
-                    "add {b}, 128",
-                    "add {a0}, {ks}",
-                    "add {a3}, {ks}",
-                    "add {a6}, {ks}",
-                    "add {a9}, {ks}",
+                    kstep!(),
                     "dec {c}",
                     "jnz 2b",
                     "dec {npf}",
@@ -310,16 +319,7 @@ unsafe fn kloop(
                     "test {n}, {n}",
                     "jz 5f",
                     "4:",
-                    "vmovups zmm30, zmmword ptr [{b}]",
-                    "vmovups zmm31, zmmword ptr [{b} + 64]",
-                    $(concat!("vbroadcastss zmm28, dword ptr ", $addr),
-                      concat!("vfmadd231ps ", $lo, ", zmm28, zmm30"),
-                      concat!("vfmadd231ps ", $hi, ", zmm28, zmm31"),)*
-                    "add {b}, 128",
-                    "add {a0}, {ks}",
-                    "add {a3}, {ks}",
-                    "add {a6}, {ks}",
-                    "add {a9}, {ks}",
+                    kstep!(),
                     "dec {n}",
                     "jnz 4b",
                     "5:",
@@ -340,7 +340,7 @@ unsafe fn kloop(
                     options(nostack, readonly),
                 );
             }
-        };
+        }};
     }
     match rows {
         12 => {
