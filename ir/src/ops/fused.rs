@@ -52,14 +52,14 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         OpKind::Attention => {
             attention_attrs(attrs)?;
             if attention_seq_major(attrs)? {
-                // The head-major rule on swapped facts, its result swapped back.
-                let swapped: Vec<Option<Fact>> = inputs.iter().map(|f| f.map(swap_facts)).collect();
-                let refs: Vec<Option<&Fact>> = swapped.iter().map(Option::as_ref).collect();
-                // The mask indexes the scores `[B, H, S, T]` in either layout.
-                let mut refs = refs;
-                if let Some(m) = refs.get_mut(3) {
-                    *m = opt_arg(inputs, 3);
-                }
+                // The head-major rule on swapped q, k, v (the mask indexes the scores
+                // `[B, H, S, T]` in either layout), its result swapped back.
+                let facts: Vec<Option<Fact>> = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| f.map(|f| if i < 3 { swap_facts(f) } else { f.clone() }))
+                    .collect();
+                let refs: Vec<Option<&Fact>> = facts.iter().map(Option::as_ref).collect();
                 swap_middle(attention_shape(&refs)?)
             } else {
                 attention_shape(inputs)?
