@@ -18,11 +18,14 @@ use std::arch::x86_64::*;
 pub(super) const MR: usize = 12;
 /// Columns of the register tile (two zmm vectors of 16 f32).
 pub(super) const NR: usize = 32;
-/// Depth of a K slab: the `KC × NR` B panel (32 KiB) that the `ir` loop reuses stays in the
-/// 48 KiB L1d next to the streamed `MR × KC` A panel (12 KiB).
-pub(super) const KC: usize = 256;
-/// Rows of a packed A block: `MC × KC` f32 = 384 KiB, a fifth of the 2 MiB L2, so the block
-/// and the B panels streaming through L2 do not evict each other.
+/// Depth of a K slab: the `KC × NR` B panel (96 KiB) that the `ir` loop reuses is read from
+/// L2. A K of up to 1152 is then one slab, so C is written once instead of accumulated per
+/// slab (measured with `gq`-style runs, weights from L3, one thread, GFLOP/s on 128 × 3072 ×
+/// 768 / 128 × 768 × 3072: KC 256 (a 32 KiB panel in L1d) 163 / 167, 128 158 / 160, 512
+/// 173 / 169, 768 174 / 171, 1024 173 / 171).
+pub(super) const KC: usize = 768;
+/// Rows of C per block (of a packed A block when A is not read in place). 192 was level
+/// (faster on 512 × 768 × 768, slower on ViT's 197 rows, which 384 keeps in one block).
 pub(super) const MC: usize = 384;
 
 /// Whether the running CPU has AVX-512F.
@@ -237,6 +240,12 @@ unsafe fn store(
 /// Tiles of at least this many rows run the k loop in inline assembly ([`kloop`]).
 const ASM_MIN_ROWS: usize = 8;
 
+/// k steps per iteration of the assembly loop: their A and B offsets are folded into the
+/// addressing, so the five pointer updates come once per four steps and take fewer issue
+/// slots beside the FMAs (one thread, weights from L3: 128 × 768 × 768 164 → 172 GFLOP/s,
+/// 128 × 3072 × 768 155 → 161, 197 × 1536 × 384 161 → 172).
+const UNROLL: usize = 4;
+
 /// The k loop of an `R × 32` tile (`8 <= R <= 12`) in inline assembly, returning the
 /// accumulators (row `r` in elements `2r`, `2r + 1`; the rest zero).
 ///
@@ -246,9 +255,10 @@ const ASM_MIN_ROWS: usize = 8;
 /// and ran at 134–160 GFLOP/s where this loop runs at 185 (384 × 32 × 256, B in L1, one
 /// thread). Row `r` of A is addressed as `base[r / 3] + (r % 3)·row_step` with four base
 /// registers (rows 0, 3, 6, 9) and the row stride in bytes, the same code for a packed panel
-/// (stride 4 bytes) and A in place. The loop also prefetches `pf`'s lines of the next B panel
-/// into L2, two lines every `kc / ceil(lines / 2)` k steps: issued two per k step at the start
-/// of the tile, the prefetches of weights coming from DRAM outnumbered the line fill buffers
+/// (stride 4 bytes) and A in place, four k steps per iteration ([`UNROLL`]). The loop also
+/// prefetches `pf`'s lines of the next B panel into L2, two lines every `kc / ceil(lines / 2)`
+/// k steps (rounded to whole iterations): issued two per k step at the start of the tile, the
+/// prefetches of weights coming from DRAM outnumbered the line fill buffers
 /// (128 × 3072 × 768 with weights from DRAM, one thread: 142 → 157–161 GFLOP/s spread out).
 ///
 /// # Safety
@@ -268,31 +278,48 @@ unsafe fn kloop(
     let mut v = [_mm512_setzero_ps(); 2 * MR];
     let rs = a.row_step * 4;
     let ks = a.k_step * 4;
-    // Prefetch points: two lines each, spread evenly over the k steps (one pair every `every`
-    // steps) rather than bunched at the start.
+    // The loop body is four k steps with the A and B offsets folded into the addressing, so
+    // the pointers advance once per four steps; the last `kc % 4` steps run one at a time.
+    let groups = kc / UNROLL;
+    let tail = kc % UNROLL;
+    // Prefetch points: two lines each, spread evenly over the groups (one pair every `every`
+    // groups) rather than bunched at the start.
     let pairs = pf.lines.div_ceil(2);
-    let every = kc.checked_div(pairs).unwrap_or(1).max(1);
-    let npf = pairs.min(kc / every);
-    let rest = kc - npf * every;
+    let every = groups.checked_div(pairs).unwrap_or(1).max(1);
+    let npf = pairs.min(groups / every);
+    let rest = groups - npf * every;
     let base = |r: usize| a.ptr.wrapping_add(r * a.row_step);
-    // The loop for one tile height: per row, its A address and its two accumulators.
+    // The loop for one tile height and A layout: the byte offsets of A in k steps 1–3 of a
+    // group (`ks` times 1, 2, 3 as literals), then per row its A address and its two
+    // accumulators.
     macro_rules! kloop_asm {
-        ($($row:tt $addr:tt $lo:tt $hi:tt),*) => {{
-            // One k step as one template string: two B vectors, per row a broadcast of A
-            // and two FMAs, then the pointers advanced.
+        ($d1:literal $d2:literal $d3:literal; $($row:tt $addr:tt $lo:tt $hi:tt),*) => {{
+            // One k step as one template string: two B vectors at byte offset `$db`, per row
+            // a broadcast of A at byte offset `$da` and two FMAs.
             macro_rules! kstep {
-                () => {
+                ($da:literal, $db:literal) => {
                     concat!(
-                        "vmovups zmm30, zmmword ptr [{b}]\n",
-                        "vmovups zmm31, zmmword ptr [{b} + 64]\n",
-                        $("vbroadcastss zmm28, dword ptr ", $addr, "\n",
+                        "vmovups zmm30, zmmword ptr [{b} + ", $db, "]\n",
+                        "vmovups zmm31, zmmword ptr [{b} + ", $db, " + 64]\n",
+                        $("vbroadcastss zmm28, dword ptr [", $addr, " + ", $da, "]\n",
                           "vfmadd231ps ", $lo, ", zmm28, zmm30\n",
                           "vfmadd231ps ", $hi, ", zmm28, zmm31\n",)*
-                        "add {b}, 128\n",
-                        "add {a0}, {ks}\n",
-                        "add {a3}, {ks}\n",
-                        "add {a6}, {ks}\n",
-                        "add {a9}, {ks}",
+                    )
+                };
+            }
+            // Four k steps, then the pointers advanced by four.
+            macro_rules! kgroup {
+                () => {
+                    concat!(
+                        kstep!("0", "0"),
+                        kstep!($d1, "128"),
+                        kstep!($d2, "256"),
+                        kstep!($d3, "384"),
+                        "add {b}, 512\n",
+                        "add {a0}, {ks4}\n",
+                        "add {a3}, {ks4}\n",
+                        "add {a6}, {ks4}\n",
+                        "add {a9}, {ks4}",
                     )
                 };
             }
@@ -310,7 +337,7 @@ unsafe fn kloop(
                     "add {pf}, 128",
                     "mov {c}, {every}",
                     "2:",
-                    kstep!(),
+                    kgroup!(),
                     "dec {c}",
                     "jnz 2b",
                     "dec {npf}",
@@ -319,22 +346,36 @@ unsafe fn kloop(
                     "test {n}, {n}",
                     "jz 5f",
                     "4:",
-                    kstep!(),
+                    kgroup!(),
                     "dec {n}",
                     "jnz 4b",
                     "5:",
+                    "test {t}, {t}",
+                    "jz 8f",
+                    "7:",
+                    kstep!("0", "0"),
+                    "add {b}, 128",
+                    "add {a0}, {ks}",
+                    "add {a3}, {ks}",
+                    "add {a6}, {ks}",
+                    "add {a9}, {ks}",
+                    "dec {t}",
+                    "jnz 7b",
+                    "8:",
                     a0 = inout(reg) base(0) => _,
                     a3 = inout(reg) base(3) => _,
                     a6 = inout(reg) base(6) => _,
                     a9 = inout(reg) base(9) => _,
                     rs = in(reg) rs,
                     ks = in(reg) ks,
+                    ks4 = in(reg) UNROLL * ks,
                     b = inout(reg) b => _,
                     pf = inout(reg) pf.ptr => _,
                     npf = inout(reg) npf => _,
                     every = in(reg) every,
                     c = out(reg) _,
                     n = inout(reg) rest => _,
+                    t = inout(reg) tail => _,
                     $(out($lo) v[2 * $row], out($hi) v[2 * $row + 1],)*
                     out("zmm28") _, out("zmm30") _, out("zmm31") _,
                     options(nostack, readonly),
@@ -342,35 +383,42 @@ unsafe fn kloop(
             }
         }};
     }
-    match rows {
-        12 => {
-            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
-            3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17",
-            9 "[{a9}]" "zmm18" "zmm19", 10 "[{a9} + {rs}]" "zmm20" "zmm21", 11 "[{a9} + 2*{rs}]" "zmm22" "zmm23")
-        }
-        11 => {
-            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
-            3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17",
-            9 "[{a9}]" "zmm18" "zmm19", 10 "[{a9} + {rs}]" "zmm20" "zmm21")
-        }
-        10 => {
-            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
-            3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17",
-            9 "[{a9}]" "zmm18" "zmm19")
-        }
-        9 => {
-            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
-            3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15", 8 "[{a6} + 2*{rs}]" "zmm16" "zmm17")
-        }
-        _ => {
-            kloop_asm!(0 "[{a0}]" "zmm0" "zmm1", 1 "[{a0} + {rs}]" "zmm2" "zmm3", 2 "[{a0} + 2*{rs}]" "zmm4" "zmm5",
-            3 "[{a3}]" "zmm6" "zmm7", 4 "[{a3} + {rs}]" "zmm8" "zmm9", 5 "[{a3} + 2*{rs}]" "zmm10" "zmm11",
-            6 "[{a6}]" "zmm12" "zmm13", 7 "[{a6} + {rs}]" "zmm14" "zmm15")
-        }
+    // Per tile height, the rows as `base[r / 3] + (r % 3)·rs`; per A layout, the offsets of
+    // k steps 1–3: 4, 8, 12 bytes in place (k_step 1), 48, 96, 144 in a packed panel (k_step
+    // MR = 12).
+    macro_rules! by_height {
+        ($d1:literal $d2:literal $d3:literal) => {
+            match rows {
+                12 => kloop_asm!($d1 $d2 $d3;
+                    0 "{a0}" "zmm0" "zmm1", 1 "{a0} + {rs}" "zmm2" "zmm3", 2 "{a0} + 2*{rs}" "zmm4" "zmm5",
+                    3 "{a3}" "zmm6" "zmm7", 4 "{a3} + {rs}" "zmm8" "zmm9", 5 "{a3} + 2*{rs}" "zmm10" "zmm11",
+                    6 "{a6}" "zmm12" "zmm13", 7 "{a6} + {rs}" "zmm14" "zmm15", 8 "{a6} + 2*{rs}" "zmm16" "zmm17",
+                    9 "{a9}" "zmm18" "zmm19", 10 "{a9} + {rs}" "zmm20" "zmm21", 11 "{a9} + 2*{rs}" "zmm22" "zmm23"),
+                11 => kloop_asm!($d1 $d2 $d3;
+                    0 "{a0}" "zmm0" "zmm1", 1 "{a0} + {rs}" "zmm2" "zmm3", 2 "{a0} + 2*{rs}" "zmm4" "zmm5",
+                    3 "{a3}" "zmm6" "zmm7", 4 "{a3} + {rs}" "zmm8" "zmm9", 5 "{a3} + 2*{rs}" "zmm10" "zmm11",
+                    6 "{a6}" "zmm12" "zmm13", 7 "{a6} + {rs}" "zmm14" "zmm15", 8 "{a6} + 2*{rs}" "zmm16" "zmm17",
+                    9 "{a9}" "zmm18" "zmm19", 10 "{a9} + {rs}" "zmm20" "zmm21"),
+                10 => kloop_asm!($d1 $d2 $d3;
+                    0 "{a0}" "zmm0" "zmm1", 1 "{a0} + {rs}" "zmm2" "zmm3", 2 "{a0} + 2*{rs}" "zmm4" "zmm5",
+                    3 "{a3}" "zmm6" "zmm7", 4 "{a3} + {rs}" "zmm8" "zmm9", 5 "{a3} + 2*{rs}" "zmm10" "zmm11",
+                    6 "{a6}" "zmm12" "zmm13", 7 "{a6} + {rs}" "zmm14" "zmm15", 8 "{a6} + 2*{rs}" "zmm16" "zmm17",
+                    9 "{a9}" "zmm18" "zmm19"),
+                9 => kloop_asm!($d1 $d2 $d3;
+                    0 "{a0}" "zmm0" "zmm1", 1 "{a0} + {rs}" "zmm2" "zmm3", 2 "{a0} + 2*{rs}" "zmm4" "zmm5",
+                    3 "{a3}" "zmm6" "zmm7", 4 "{a3} + {rs}" "zmm8" "zmm9", 5 "{a3} + 2*{rs}" "zmm10" "zmm11",
+                    6 "{a6}" "zmm12" "zmm13", 7 "{a6} + {rs}" "zmm14" "zmm15", 8 "{a6} + 2*{rs}" "zmm16" "zmm17"),
+                _ => kloop_asm!($d1 $d2 $d3;
+                    0 "{a0}" "zmm0" "zmm1", 1 "{a0} + {rs}" "zmm2" "zmm3", 2 "{a0} + 2*{rs}" "zmm4" "zmm5",
+                    3 "{a3}" "zmm6" "zmm7", 4 "{a3} + {rs}" "zmm8" "zmm9", 5 "{a3} + 2*{rs}" "zmm10" "zmm11",
+                    6 "{a6}" "zmm12" "zmm13", 7 "{a6} + {rs}" "zmm14" "zmm15"),
+            }
+        };
+    }
+    match a.k_step {
+        1 => by_height!("4" "8" "12"),
+        MR => by_height!("48" "96" "144"),
+        _ => unreachable!("A panels step by 1 (in place) or MR (packed)"),
     }
     v
 }
