@@ -5,7 +5,7 @@
 //! `cargo run --release -p kiln-runtime --example gemm_bench [-- --quick]`.
 
 use kiln_runtime::kernels::gemm::{
-    gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
+    fma_peak_gflops, gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
 use std::time::{Duration, Instant};
 
@@ -134,8 +134,12 @@ fn main() {
             );
             let (t_packed, t_plain, t_fused, t_crate) = (t[0], t[1], t[2], t[3]);
             let g = |t| gflops(m, n, k, t);
+            // The FMA peak of `threads` cores, measured right after this row's trials.
+            let of_peak = fma_peak_gflops(isa).map_or("–".to_owned(), |p| {
+                format!("{:.0}%", 100.0 * g(t_packed) / (p * threads as f64))
+            });
             let row = format!(
-                "| {m}×{n}×{k} | {threads} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {m}×{n}×{k} | {threads} | {} | {:.1} | {of_peak} | {:.1} | {:.1} | {:.1} | {:.2} |",
                 isa.name(),
                 g(t_packed),
                 g(t_plain),
@@ -177,14 +181,16 @@ fn main() {
     ));
     md.push_str(
         "- **kiln packed**: B pre-packed once (`PackedB`), as for constant weights.\n\
+         - **% of peak**: kiln packed against the FMA peak of as many cores \
+         (`fma_peak_gflops`: FMAs only, in registers), measured right after the row's trials.\n\
          - **kiln plain**: B packed inside every call.\n\
          - **kiln +bias+gelu**: packed B with the fused `bias` + erf-`gelu` epilogue (a fused op: \
          counted with the same GEMM flops).\n\
          - **gemm crate**: `gemm::gemm` with read_dst=false, alpha=0, beta=1 (Parallelism::None \
          or Rayon(2)).\n\n",
     );
-    md.push_str("| M×N×K | threads | kernel | kiln packed | kiln plain | kiln +bias+gelu | gemm crate | packed / crate |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| M×N×K | threads | kernel | kiln packed | % of peak | kiln plain | kiln +bias+gelu | gemm crate | packed / crate |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for r in &rows {
         md.push_str(r);
         md.push('\n');

@@ -25,6 +25,7 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 mod epilogue;
 mod pack;
+mod peak;
 mod portable;
 mod simd;
 #[cfg(test)]
@@ -33,6 +34,7 @@ mod tests;
 pub(crate) use epilogue::exp as fast_exp;
 pub use epilogue::{Activation, Epilogue};
 pub use pack::PackedB;
+pub use peak::fma_peak_gflops;
 
 use crate::pool::Pool;
 use pack::{pack_a, AlignedBuf};
