@@ -764,32 +764,47 @@ impl Ctx<'_> {
                                     row_step: 1,
                                 }
                             };
+                            let pf = Prefetch {
+                                ptr: next.wrapping_add(t * share * 16),
+                                lines: share.min(panel_lines.saturating_sub(t * share)),
+                            };
                             // SAFETY: rows `i0..i0 + rows` and columns `j0..j0 + w` lie inside
                             // the output (checked at the API boundary) and inside this
                             // worker's rectangle; `a` addresses rows `i0..i0 + rows`, columns
                             // `k0..k0 + kc` of A in place (inside the checked view; with
                             // k = 1 only column 0 is read) or the packed panel `t` (`kc·mr`
                             // values); the B panel holds `kc·nr`; `next` is only a hint.
-                            unsafe {
-                                K::kernel(
-                                    kc,
-                                    a,
-                                    bp,
-                                    self.out_ptr(i0, j0),
-                                    self.out.rs,
-                                    rows,
-                                    w,
-                                    !first,
-                                    Prefetch {
-                                        ptr: next.wrapping_add(t * share * 16),
-                                        lines: share.min(panel_lines.saturating_sub(t * share)),
-                                    },
-                                )
-                            };
+                            // The epilogue's rectangle is that same tile.
                             if last {
-                                // SAFETY: the tile just written: inside the output and this
-                                // worker's rectangle, no reference to it live.
-                                unsafe { K::epilogue(self.ep, self.out, i0, rows, j0, w) };
+                                // SAFETY: as above.
+                                unsafe {
+                                    K::kernel_last(
+                                        kc,
+                                        a,
+                                        bp,
+                                        (self.out, i0, j0),
+                                        rows,
+                                        w,
+                                        !first,
+                                        pf,
+                                        self.ep,
+                                    )
+                                };
+                            } else {
+                                // SAFETY: as above.
+                                unsafe {
+                                    K::kernel(
+                                        kc,
+                                        a,
+                                        bp,
+                                        self.out_ptr(i0, j0),
+                                        self.out.rs,
+                                        rows,
+                                        w,
+                                        !first,
+                                        pf,
+                                    )
+                                };
                             }
                         }
                     }
@@ -844,6 +859,33 @@ trait MicroKernel {
         accumulate: bool,
         pf: Prefetch,
     );
+
+    /// The last K slab of a tile: [`Self::kernel`], then [`Self::epilogue`] on the finished
+    /// tile `(i0, j0)` of `out`. A kernel that applies the epilogue in registers before its
+    /// store overrides this.
+    ///
+    /// # Safety
+    /// As [`Self::kernel`] and [`Self::epilogue`] for the same tile (`c` is C(i0, j0)).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn kernel_last(
+        kc: usize,
+        a: APanel,
+        b: &[f32],
+        (out, i0, j0): (OutPtr, usize, usize),
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+        pf: Prefetch,
+        ep: &Epilogue<'_>,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            let c = out.ptr.add(i0 * out.rs + j0);
+            Self::kernel(kc, a, b, c, out.rs, rows, cols, accumulate, pf);
+            Self::epilogue(ep, out, i0, rows, j0, cols);
+        }
+    }
 
     /// The epilogue on a tile just finished (scalar unless the kernel has a SIMD one).
     ///

@@ -129,6 +129,44 @@ impl MicroKernel for Avx512 {
         }
     }
 
+    /// Full-width tiles of the assembly loop take the epilogue in registers before their one
+    /// store ([`simd::apply_regs`]); the rest store, then run it on the tile in memory.
+    #[inline(always)]
+    unsafe fn kernel_last(
+        kc: usize,
+        a: APanel,
+        b: &[f32],
+        (out, i0, j0): (OutPtr, usize, usize),
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+        pf: Prefetch,
+        ep: &Epilogue<'_>,
+    ) {
+        // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, the tile
+        // inside the output, `ep` checked against it).
+        unsafe {
+            let c = out.ptr.add(i0 * out.rs + j0);
+            let unit_residual = ep.residual.as_ref().is_none_or(|r| r.cs == 1);
+            if ep.is_plain() || cols != NR || rows < ASM_MIN_ROWS || !unit_residual {
+                Self::kernel(kc, a, b, c, out.rs, rows, cols, accumulate, pf);
+                Self::epilogue(ep, out, i0, rows, j0, cols);
+                return;
+            }
+            debug_assert!(b.len() >= kc * NR);
+            let mut acc = kloop(rows, kc, a, b.as_ptr(), pf);
+            if accumulate {
+                for r in 0..rows {
+                    let row = c.add(r * out.rs);
+                    acc[2 * r] = _mm512_add_ps(acc[2 * r], _mm512_loadu_ps(row));
+                    acc[2 * r + 1] = _mm512_add_ps(acc[2 * r + 1], _mm512_loadu_ps(row.add(16)));
+                }
+            }
+            simd::apply_regs::<simd::Avx512>(ep, &mut acc, rows, i0, j0);
+            store(&acc, rows, c, out.rs, (0xffff, 0xffff), false);
+        }
+    }
+
     #[inline(always)]
     unsafe fn epilogue(
         ep: &Epilogue<'_>,
