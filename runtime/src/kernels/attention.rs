@@ -630,20 +630,23 @@ impl Unit<'_> {
         let m_new = S::hmax(mx);
         // The reference shifts by the row max when it is finite, else by 0.
         let shift = if m_new.is_finite() { m_new } else { 0.0 };
-        let mut corr = 1.0;
-        if m_new != m_old {
-            // With no finite score seen yet everything so far is exp(−inf) = 0 (or NaN,
-            // kept by 0·NaN); against a +inf score the old terms vanish.
-            corr = if m_old == f32::NEG_INFINITY || m_new == f32::INFINITY {
-                0.0
-            } else {
-                fast_exp(m_old - m_new)
-            };
-            let cv = S::splat(corr);
-            for c in orow.chunks_exact_mut(w) {
-                // SAFETY: `c` holds `w` values.
-                unsafe { S::store(c.as_mut_ptr(), S::mul(S::load(c.as_ptr()), cv)) };
-            }
+        // With no finite score seen yet everything so far is exp(−inf) = 0 (or NaN, kept by
+        // 0·NaN); against a +inf score the old terms vanish. Computed and applied whether or
+        // not the max moved (then the factor is exactly 1): a branch on the new max was
+        // mispredicted on about every other key block.
+        let moved = fast_exp(m_old - m_new);
+        let vanish = m_old == f32::NEG_INFINITY || m_new == f32::INFINITY;
+        let corr = if m_new == m_old {
+            1.0
+        } else if vanish {
+            0.0
+        } else {
+            moved
+        };
+        let cv = S::splat(corr);
+        for c in orow.chunks_exact_mut(w) {
+            // SAFETY: `c` holds `w` values.
+            unsafe { S::store(c.as_mut_ptr(), S::mul(S::load(c.as_ptr()), cv)) };
         }
         *m = m_new;
         // exp clamps its argument; the infinities keep the reference's meaning.
