@@ -9,7 +9,10 @@ use kiln_runtime::kernels::gemm::{fma_peak_gflops, Isa};
 fn main() {
     for isa in [Isa::Avx512, Isa::Avx2] {
         match fma_peak_gflops(isa) {
-            Some(g) => println!("{:<7} {g:.1} GFLOP/s on one core", format!("{}:", isa.name())),
+            Some(g) => println!(
+                "{:<7} {g:.1} GFLOP/s on one core",
+                format!("{}:", isa.name())
+            ),
             None => println!("{:<7} not on this CPU", format!("{}:", isa.name())),
         }
     }

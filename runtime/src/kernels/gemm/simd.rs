@@ -452,14 +452,20 @@ unsafe fn apply_act<S: Simd, A: Act<S> + Act<Wide<S, 4>>>(
                     None => (None, None, None, None),
                 };
                 // The four vectors as one `Wide` vector: interleaved chains.
-                let pair = |a: Option<S::V>, b: Option<S::V>, c: Option<S::V>, d: Option<S::V>| {
-                    match (a, b, c, d) {
+                let pair =
+                    |a: Option<S::V>, b: Option<S::V>, c: Option<S::V>, d: Option<S::V>| match (
+                        a, b, c, d,
+                    ) {
                         (Some(a), Some(b), Some(c), Some(d)) => Some([a, b, c, d]),
                         _ => None,
-                    }
-                };
+                    };
                 let y = op::<Wide<S, 4>, A>(
-                    [S::load(ra), S::load(ra.add(l)), S::load(rb), S::load(rb.add(l))],
+                    [
+                        S::load(ra),
+                        S::load(ra.add(l)),
+                        S::load(rb),
+                        S::load(rb.add(l)),
+                    ],
                     pair(sa, sa, sb, sb),
                     pair(b0, b1, b0, b1),
                     pair(r0, r1, r2, r3),
