@@ -295,7 +295,7 @@ impl AotLibrary {
                     t.shape()
                 )));
             }
-            bytes.push(t.data().to_le_bytes());
+            bytes.push(t.data().le_bytes());
             dims.push(t.shape().iter().map(|&x| x as i64).collect::<Vec<i64>>());
         }
         let in_ptrs: Vec<*const c_void> = bytes.iter().map(|b| b.as_ptr() as _).collect();

@@ -12,6 +12,7 @@ use format::Meta;
 use kiln_ir::{DType, Dim, Tensor, TensorData};
 use kiln_runtime::kernel::{partition, Kernel, Plan};
 use runner::{AotRunner, RowFn};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -69,14 +70,27 @@ pub struct Context {
     runner: AotRunner,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
-    /// Shapes of the last run's outputs.
-    last: Vec<Vec<usize>>,
-    last_bytes: Vec<Vec<u8>>,
+    /// The last run's outputs.
+    last: Vec<Tensor>,
+    /// Their little-endian encodings where that is not their own memory (big-endian targets
+    /// only; on little-endian ones the outputs are handed out and copied without one).
+    last_encoded: Vec<Vec<u8>>,
     /// Whether runs time every kernel.
     profile: bool,
     /// Per-kernel (kind, nanoseconds) of the last profiled run; kind 0 loop,
     /// 1 contraction, 2 fallback.
     times: Vec<(i32, u64)>,
+}
+
+impl Context {
+    /// The little-endian bytes of the last run's output `i`.
+    fn result_bytes(&self, i: usize) -> Option<&[u8]> {
+        let t = self.last.get(i)?;
+        match t.data().le_bytes() {
+            Cow::Borrowed(b) => Some(b),
+            Cow::Owned(_) => self.last_encoded.get(i).map(Vec::as_slice),
+        }
+    }
 }
 
 thread_local! {
@@ -203,7 +217,7 @@ unsafe fn create(
         inputs,
         outputs,
         last: vec![],
-        last_bytes: vec![],
+        last_encoded: vec![],
         profile: false,
         times: vec![],
     })
@@ -417,7 +431,7 @@ pub unsafe extern "C" fn kiln_run(
         // SAFETY: per the contract.
         let c = unsafe { ctx.as_mut() }.ok_or_else(|| bad("kiln_run: null context".into()))?;
         c.last.clear();
-        c.last_bytes.clear();
+        c.last_encoded.clear();
         if inputs.is_null() && !c.inputs.is_empty() {
             return Err(bad("kiln_run: null inputs".into()));
         }
@@ -483,15 +497,18 @@ pub unsafe extern "C" fn kiln_run(
                 (kind, k.nanos)
             })
             .collect();
-        c.last_bytes = outs.iter().map(|t| t.data().to_le_bytes()).collect();
-        c.last = outs.iter().map(|t| t.shape().to_vec()).collect();
+        c.last = outs;
+        if cfg!(target_endian = "big") {
+            c.last_encoded = c.last.iter().map(|t| t.data().to_le_bytes()).collect();
+        }
         if outputs.is_null() {
             return Ok(());
         }
         if output_bytes.is_null() {
             return Err(bad("kiln_run: outputs given without output_bytes".into()));
         }
-        for (i, b) in c.last_bytes.iter().enumerate() {
+        for i in 0..c.last.len() {
+            let b = c.result_bytes(i).unwrap_or_default();
             // SAFETY: one pointer and one capacity per output.
             let (p, cap) = unsafe { (*outputs.add(i), *output_bytes.add(i)) };
             if b.len() > cap || (p.is_null() && !b.is_empty()) {
@@ -501,7 +518,7 @@ pub unsafe extern "C" fn kiln_run(
                         "output `{}` needs {} bytes (shape {:?}); the buffer has {cap}",
                         c.outputs[i].name.to_string_lossy(),
                         b.len(),
-                        c.last[i]
+                        c.last[i].shape()
                     ),
                 ));
             }
@@ -522,7 +539,7 @@ pub unsafe extern "C" fn kiln_run(
 pub unsafe extern "C" fn kiln_result_rank(ctx: *const Context, i: usize) -> i64 {
     unsafe { ctx_ref(ctx) }
         .and_then(|c| c.last.get(i))
-        .map_or(-1, |t| t.len() as i64)
+        .map_or(-1, |t| t.shape().len() as i64)
 }
 
 /// Writes the last run's shape of output `i` into `dims` (room for its rank).
@@ -538,7 +555,7 @@ pub unsafe extern "C" fn kiln_result_dims(ctx: *const Context, i: usize, dims: *
         if dims.is_null() {
             return Err((Status::InvalidArgument, "null dims".into()));
         }
-        for (a, &d) in t.iter().enumerate() {
+        for (a, &d) in t.shape().iter().enumerate() {
             // SAFETY: room for the rank per the contract.
             unsafe { *dims.add(a) = d as i64 };
         }
@@ -553,7 +570,7 @@ pub unsafe extern "C" fn kiln_result_dims(ctx: *const Context, i: usize, dims: *
 #[no_mangle]
 pub unsafe extern "C" fn kiln_result_data(ctx: *const Context, i: usize) -> *const c_void {
     unsafe { ctx_ref(ctx) }
-        .and_then(|c| c.last_bytes.get(i))
+        .and_then(|c| c.result_bytes(i))
         .map_or(std::ptr::null(), |b| b.as_ptr() as *const c_void)
 }
 
@@ -564,7 +581,7 @@ pub unsafe extern "C" fn kiln_result_data(ctx: *const Context, i: usize) -> *con
 #[no_mangle]
 pub unsafe extern "C" fn kiln_result_bytes(ctx: *const Context, i: usize) -> usize {
     unsafe { ctx_ref(ctx) }
-        .and_then(|c| c.last_bytes.get(i))
+        .and_then(|c| c.result_bytes(i))
         .map_or(0, |b| b.len())
 }
 
