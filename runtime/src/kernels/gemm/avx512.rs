@@ -20,9 +20,9 @@ pub(super) const MR: usize = 12;
 pub(super) const NR: usize = 32;
 /// Depth of a K slab: the `KC × NR` B panel (96 KiB) that the `ir` loop reuses is read from
 /// L2. A K of up to 1152 is then one slab, so C is written once instead of accumulated per
-/// slab (measured with `gq`-style runs, weights from L3, one thread, GFLOP/s on 128 × 3072 ×
-/// 768 / 128 × 768 × 3072: KC 256 (a 32 KiB panel in L1d) 163 / 167, 128 158 / 160, 512
-/// 173 / 169, 768 174 / 171, 1024 173 / 171).
+/// slab (one thread, calls rotating over six weight matrices so that B comes from L3,
+/// GFLOP/s on 128 × 3072 × 768 / 128 × 768 × 3072: KC 256 (a 32 KiB panel in L1d) 163 / 167,
+/// 128 158 / 160, 512 173 / 169, 768 174 / 171, 1024 173 / 171).
 pub(super) const KC: usize = 768;
 /// Rows of C per block (of a packed A block when A is not read in place). 192 was level
 /// (faster on 512 × 768 × 768, slower on ViT's 197 rows, which 384 keeps in one block).
