@@ -618,4 +618,17 @@ mod tests {
         }
         assert!(TensorData::from_le_bytes(DType::F32, &[0; 5]).is_err());
     }
+
+    #[test]
+    fn le_bytes_are_the_little_endian_encoding() {
+        let d = TensorData::F32(vec![1.0, -2.5]);
+        assert_eq!(d.le_bytes().as_ref(), &[0, 0, 0x80, 0x3f, 0, 0, 0x20, 0xc0]);
+        #[cfg(target_endian = "little")]
+        assert!(matches!(d.le_bytes(), std::borrow::Cow::Borrowed(_)));
+        let back = TensorData::from_le_bytes(DType::I16, &[0x01, 0x02, 0xff, 0xff]).unwrap();
+        assert_eq!(back.to_i64s(), vec![0x0201, -1]);
+        // Bool bytes other than 0 and 1 are read as true, never reinterpreted.
+        let b = TensorData::from_le_bytes(DType::Bool, &[0, 1, 7]).unwrap();
+        assert_eq!(b.to_i64s(), vec![0, 1, 1]);
+    }
 }

@@ -264,6 +264,24 @@ fn fixed(m: usize, n: usize, k: usize, threads: usize) -> Case {
 }
 
 #[test]
+fn epilogue_after_several_slabs_matches_reference_for_every_activation() {
+    // AVX-512's full-width tiles of the assembly loop take the epilogue in registers, after
+    // adding what the earlier K slabs left in C (K over 1.5·KC: slabs of KC, KC and 5); the
+    // 16-column edge panel stores first and runs it in memory. Every activation, A in place
+    // and packed (a column-major A, with a strided residual that falls back too).
+    for isa in Isa::available() {
+        for act in 0..ACTS.len() {
+            for a_col_major in [false, true] {
+                let mut c = fixed(29, 2 * avx512::NR + 16, 2 * avx512::KC + 5, 1 + act % 2);
+                c.act = act;
+                c.a_col_major = a_col_major;
+                run_case(&c, isa).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
 fn blocks_larger_than_mc_kc_and_nc_match_reference() {
     // Crosses the MC (rows), KC (depth) and NC (columns) block edges, one thread and two.
     for isa in Isa::available() {
