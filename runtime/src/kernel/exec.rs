@@ -177,28 +177,31 @@ impl Plan {
         let mut intervals = report.as_ref().map(|_| Vec::new());
         for (ki, k) in self.kernels.iter().enumerate() {
             let slot = statics.slot[ki];
-            if let (Some(s), Kernel::Fallback(n)) = (slot, k) {
-                let node = &g.nodes[*n];
+            if let Some(s) = slot {
+                // A static kernel: a fallback node, or a loop over static values.
+                let (node, out_ids): (Option<&kiln_ir::Node>, Vec<ValueId>) = match k {
+                    Kernel::Fallback(n) => (Some(&g.nodes[*n]), g.nodes[*n].outputs.clone()),
+                    Kernel::Loop(l) => (None, l.outputs.iter().map(|o| o.0).collect()),
+                    Kernel::Contraction(n) => (Some(&g.nodes[*n]), g.nodes[*n].outputs.clone()),
+                };
+                let shape_only = node.is_some_and(|n| super::memo::reads_shape_only(n.op));
                 let seen = |env: &[Option<Cow<'_, Tensor>>]| {
-                    node.inputs
-                        .first()
-                        .copied()
-                        .flatten()
+                    node.and_then(|n| n.inputs.first().copied().flatten())
                         .and_then(|v| env[v.index()].as_deref())
                         .map(|t| t.shape().to_vec())
                         .unwrap_or_default()
                 };
                 if let (true, Some(e)) = (memo_live, memo_entry.as_deref()) {
-                    if !super::memo::reads_shape_only(node.op) || seen(&env) == e.seen[s] {
+                    if !shape_only || seen(&env) == e.seen[s] {
                         let started = report.as_ref().map(|_| Instant::now());
-                        for (t, &o) in e.outs[s].iter().zip(&node.outputs) {
+                        for (t, &o) in e.outs[s].iter().zip(&out_ids) {
                             env[o.index()] = Some(Cow::Borrowed(t));
                         }
                         if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
                             r.kernels.push(KernelTime {
                                 label: self.label(ki),
                                 kind: "memo",
-                                op: node.op.name().to_string(),
+                                op: node.map_or("loop", |n| n.op.name()).to_string(),
                                 nanos: t0.elapsed().as_nanos() as u64,
                             });
                         }
@@ -218,7 +221,7 @@ impl Plan {
                     });
                 }
                 if let Some(rec) = memo_rec.as_mut() {
-                    if super::memo::reads_shape_only(node.op) {
+                    if shape_only {
                         rec.seen[s] = seen(&env);
                     }
                 }
