@@ -1,11 +1,12 @@
-//! Memoised shape arithmetic: fallback kernels whose values depend only on constants and on
-//! tensor *shapes* (`shape`/`size` and the gather/concat/unsqueeze/… chains, masks built from
-//! `range`, that follow them) are computed once per set of shapes and then borrowed by
-//! later runs instead of re-run as dozens of tiny interpreter calls.
+//! Memoised shape arithmetic: kernels whose values depend only on constants and on tensor
+//! *shapes* (`shape`/`size` and the gather/concat/unsqueeze/… chains, masks built from
+//! `range`, rotary tables, that follow them) are computed once per set of shapes and then
+//! borrowed by later runs instead of re-run as dozens of tiny interpreter calls.
 //!
 //! A kernel is *static* when its op is deterministic and on [`STATIC_OPS`] and every input
-//! is a constant or a static kernel's output, or when it is `shape`/`size` (which read only
-//! their input's shape). A memo entry holds every static output plus the input shape each
+//! is a constant or a static kernel's output, when it is a fused loop whose inputs are all
+//! constants or static outputs, or when it is `shape`/`size` (which read only their input's
+//! shape). A memo entry holds every static output plus the input shape each
 //! `shape`/`size` kernel saw; a run validates those shapes as it reaches them (shapes may
 //! depend on data, so the graph inputs' shapes are only the lookup key), and on the first
 //! mismatch computes the remaining static kernels itself and records a fresh entry.
@@ -63,7 +64,8 @@ const STATIC_OPS: &[OpKind] = &[
     OpKind::ReduceMin,
     OpKind::CumSum,
     // Rotary position tables (`cos`/`sin` of positions from `range` times constant
-    // frequencies): recomputed per run they cost 0.1 ms of a llama prefill.
+    // frequencies, as a product or a `matmul`): recomputed per run they cost 0.1 ms of a
+    // llama prefill.
     OpKind::MatMul,
     OpKind::Cos,
     OpKind::Sin,
@@ -158,7 +160,7 @@ fn analyse(plan: &Plan) -> Statics {
     let mut count = 0;
     for (ki, k) in plan.kernels.iter().enumerate() {
         let (ok, outputs): (bool, Vec<_>) = match k {
-            Kernel::Fallback(n) => {
+            Kernel::Fallback(n) | Kernel::Contraction(n) => {
                 let node = &g.nodes[*n];
                 let ok = if reads_shape_only(node.op) {
                     node.inputs.first().is_some_and(|i| i.is_some())
@@ -175,7 +177,6 @@ fn analyse(plan: &Plan) -> Statics {
                 !l.inputs.is_empty() && l.inputs.iter().all(|i| is_static[i.value.index()]),
                 l.outputs.iter().map(|o| o.0).collect(),
             ),
-            Kernel::Contraction(_) => (false, vec![]),
         };
         if ok {
             slot[ki] = Some(count);
