@@ -528,8 +528,9 @@ fn where_(ins: &[Option<&Tensor>]) -> Option<Tensor> {
         .or_else(|| go::<bool>(cv, a, b, &out, &st))
 }
 
-/// A bool binary op with numpy broadcasting.
-fn logical(ins: &[Option<&Tensor>], f: fn(bool, bool) -> bool) -> Option<Tensor> {
+/// A bool binary op with numpy broadcasting (generic rather than a `fn` pointer, so that the
+/// op inlines into the loop: a call per element took 2 ns, 36 µs of llama's causal mask).
+fn logical(ins: &[Option<&Tensor>], f: impl Fn(bool, bool) -> bool) -> Option<Tensor> {
     let (a, b) = ((*ins.first()?)?, (*ins.get(1)?)?);
     let (av, bv) = (a.as_slice::<bool>()?, b.as_slice::<bool>()?);
     let out = kiln_ir::shape::broadcast_concrete(a.shape(), b.shape())?;
@@ -661,11 +662,16 @@ fn rotary(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
                 yr[2 * j + 1] = b * c[2 * j + 1] + a * s[2 * j + 1];
             }
         } else {
+            // Zipped slices of equal length: no bounds checks, so the loops vectorise.
             let (x0, x1) = xr.split_at(h);
             let (y0, y1) = yr.split_at_mut(h);
-            for j in 0..h {
-                y0[j] = x0[j] * c[j] - x1[j] * s[j];
-                y1[j] = x1[j] * c[h + j] + x0[j] * s[h + j];
+            let (c0, c1) = c.split_at(h);
+            let (s0, s1) = s.split_at(h);
+            for ((((y, &a), &b), &cj), &sj) in y0.iter_mut().zip(x0).zip(x1).zip(c0).zip(s0) {
+                *y = a * cj - b * sj;
+            }
+            for ((((y, &b), &a), &cj), &sj) in y1.iter_mut().zip(x1).zip(x0).zip(c1).zip(s1) {
+                *y = b * cj + a * sj;
             }
         }
     });
