@@ -76,8 +76,8 @@ pub fn run_fast_on(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<
             x.clone().reshaped(shape).ok()?
         }
         OpKind::Shape => shape_of(node, ins)?,
-        OpKind::InvStd => row_stat(ins, true)?,
-        OpKind::InvRms => row_stat(ins, false)?,
+        OpKind::InvStd => row_stat(ins, true, pool)?,
+        OpKind::InvRms => row_stat(ins, false, pool)?,
         OpKind::Rotary => rotary(node, ins)?,
         OpKind::Where => where_(ins)?,
         OpKind::And => logical(ins, |a, b| a & b)?,
@@ -167,7 +167,7 @@ fn transpose(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Te
     Some(vec![Tensor::from_vec(out_shape, out)])
 }
 
-/// Elements from which a transpose is split over the pool.
+/// Elements from which a transpose or a row statistic is split over the pool.
 const PAR_MIN_MOVE: usize = 1 << 15;
 
 /// An integer tensor's values (i64 or i32), as the shape-like inputs carry them.
@@ -594,8 +594,9 @@ fn block_sum(row: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// `inv_std` (`centred`) / `inv_rms` of f32 rows: `1/sqrt(mean((x − m)²) + eps)` per row of
-/// the last axis, output `[.., 1]`.
-fn row_stat(ins: &[Option<&Tensor>], centred: bool) -> Option<Tensor> {
+/// the last axis, output `[.., 1]`. Rows are split over `pool` from [`PAR_MIN_MOVE`] elements
+/// (each row's value is computed by one thread, the same way whatever the split).
+fn row_stat(ins: &[Option<&Tensor>], centred: bool, pool: &Pool) -> Option<Tensor> {
     let x = (*ins.first()?)?;
     let eps = (*ins.get(1)?)?;
     if !eps.shape().is_empty() {
@@ -608,8 +609,7 @@ fn row_stat(ins: &[Option<&Tensor>], centred: bool) -> Option<Tensor> {
     out.push(1);
     let rows: usize = lead.iter().product();
     let n = k.max(1) as f64;
-    let mut r = Vec::with_capacity(rows);
-    for i in 0..rows {
+    let stat = |i: usize| {
         let row = &v[i * k..(i + 1) * k];
         let m = if centred {
             (block_sum(row, |a| a) / n) as f32
@@ -617,8 +617,23 @@ fn row_stat(ins: &[Option<&Tensor>], centred: bool) -> Option<Tensor> {
             0.0
         };
         let var = block_sum(row, |a| (a - m) * (a - m)) / n;
-        r.push((1.0 / (var + e).sqrt()) as f32);
+        (1.0 / (var + e).sqrt()) as f32
+    };
+    let mut r: Vec<f32> = Vec::with_capacity(rows);
+    let dst = SharedMut::new(r.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let run = |lo: usize, hi: usize| {
+        for i in lo..hi {
+            // SAFETY: slot `i < rows` of the reserved `rows` values, written by this range only.
+            unsafe { dst.get().add(i).write(stat(i)) };
+        }
+    };
+    if v.len() >= PAR_MIN_MOVE && pool.threads() > 1 && rows > 1 {
+        pool.parallel_ranges(rows, |rg| run(rg.start, rg.end));
+    } else {
+        run(0, rows);
     }
+    // SAFETY: the ranges above cover slots `0..rows`, each written once.
+    unsafe { r.set_len(rows) };
     Some(Tensor::from_vec(out, r))
 }
 
