@@ -216,6 +216,10 @@ fn model_sized_heads_match_the_interpreter() {
         (128, 128, 4, 2, true, true),
         (1, 129, 4, 2, true, false),
         (5, 200, 2, 1, true, false),
+        // Four or more groups: at two threads each thread takes whole groups.
+        (197, 197, 4, 4, false, true),
+        (128, 128, 8, 4, true, false),
+        (1, 129, 8, 4, true, false),
     ] {
         let d = 64;
         let c = Case {
@@ -277,56 +281,64 @@ fn all_masked_rows_are_nan_on_every_isa() {
 fn nan_and_inf_inputs_propagate_on_every_isa() {
     let mut rng = StdRng::seed_from_u64(24);
     let (s, t, d) = (140, 150, 24);
-    let base = Case {
-        dims: [1, 2, 1, s, t, d, d],
-        q: rand_v(&mut rng, 2 * s * d),
-        k: rand_v(&mut rng, t * d),
-        v: rand_v(&mut rng, t * d),
-        causal: false,
-        scale: None,
-        mask: None,
-        seq_major: false,
-    };
-    let poke = |f: &dyn Fn(&mut Case), causal: bool, what: &str| {
-        let mut c = Case {
-            q: base.q.clone(),
-            k: base.k.clone(),
-            v: base.v.clone(),
-            causal,
+    // One kv group, and four (at two threads, whole groups per thread, each packing its own).
+    for hkv in [1, 4] {
+        let base = Case {
+            dims: [1, 2 * hkv, hkv, s, t, d, d],
+            q: rand_v(&mut rng, 2 * hkv * s * d),
+            k: rand_v(&mut rng, hkv * t * d),
+            v: rand_v(&mut rng, hkv * t * d),
+            causal: false,
+            scale: None,
             mask: None,
-            ..base
+            seq_major: false,
         };
-        f(&mut c);
-        c.check(what);
-    };
-    for causal in [false, true] {
-        poke(&|c| c.q[5] = f32::NAN, causal, "NaN in q");
-        poke(&|c| c.q[40] = f32::INFINITY, causal, "+inf in q");
-        poke(&|c| c.q[70] = f32::NEG_INFINITY, causal, "-inf in q");
-        poke(&|c| c.k[100 * d + 3] = f32::NAN, causal, "NaN in k");
-        poke(&|c| c.k[130 * d] = f32::INFINITY, causal, "+inf in k");
-        poke(&|c| c.v[20 * d + 1] = f32::NAN, causal, "NaN in v");
-        poke(&|c| c.v[60 * d + 2] = f32::INFINITY, causal, "inf in v");
-        // Causal hides the last keys from early queries, but 0·NaN is still NaN: the kernel
-        // must not skip those key blocks.
-        poke(
-            &|c| c.v[149 * d] = f32::NAN,
-            causal,
-            "NaN in the last v row",
-        );
-        poke(
-            &|c| {
-                c.mask = Some((
-                    (0..t)
-                        .map(|j| if j == 77 { f32::NAN } else { 0.5 })
-                        .collect(),
-                    [1, 1, 1, t],
-                    false,
-                ))
-            },
-            causal,
-            "NaN in a float mask",
-        );
+        let poke = |f: &dyn Fn(&mut Case), causal: bool, what: &str| {
+            let mut c = Case {
+                q: base.q.clone(),
+                k: base.k.clone(),
+                v: base.v.clone(),
+                causal,
+                mask: None,
+                ..base
+            };
+            f(&mut c);
+            c.check(what);
+        };
+        for causal in [false, true] {
+            poke(&|c| c.q[5] = f32::NAN, causal, "NaN in q");
+            poke(&|c| c.q[40] = f32::INFINITY, causal, "+inf in q");
+            poke(&|c| c.q[70] = f32::NEG_INFINITY, causal, "-inf in q");
+            poke(&|c| c.k[100 * d + 3] = f32::NAN, causal, "NaN in k");
+            poke(&|c| c.k[130 * d] = f32::INFINITY, causal, "+inf in k");
+            poke(&|c| c.v[20 * d + 1] = f32::NAN, causal, "NaN in v");
+            poke(&|c| c.v[60 * d + 2] = f32::INFINITY, causal, "inf in v");
+            // Causal hides the last keys from early queries, but 0·NaN is still NaN: the kernel
+            // must not skip those key blocks.
+            poke(
+                &|c| c.v[149 * d] = f32::NAN,
+                causal,
+                "NaN in the last v row",
+            );
+            poke(
+                &|c| c.v[((hkv - 1) * t + 149) * d] = f32::NAN,
+                causal,
+                "NaN in the last group's last v row",
+            );
+            poke(
+                &|c| {
+                    c.mask = Some((
+                        (0..t)
+                            .map(|j| if j == 77 { f32::NAN } else { 0.5 })
+                            .collect(),
+                        [1, 1, 1, t],
+                        false,
+                    ))
+                },
+                causal,
+                "NaN in a float mask",
+            );
+        }
     }
 }
 

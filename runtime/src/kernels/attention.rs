@@ -171,18 +171,20 @@ impl Attention<'_> {
 
 /// K and V repacked per (batch, kv head) `g`.
 struct Packed {
-    /// `kt[g][j / kb][dd][j % kb]`: per key block a `D × kb` transposed tile, contiguous so
+    /// `kt[g − g0][j / kb][dd][j % kb]`: per key block a `D × kb` transposed tile, contiguous so
     /// that a score tile streams through it (a `[D][T]` layout strides rows by whole pages
     /// and thrashes L1 sets). Zero past `T`.
     kt: Vec<f32>,
-    /// `vp[g][j][x]`, `tp` rows of `dvp` (zero past `T` and `Dv`); empty when `Dv` is
+    /// `vp[g − g0][j][x]`, `tp` rows of `dvp` (zero past `T` and `Dv`); empty when `Dv` is
     /// already a multiple of [`DV_ALIGN`] and V is read in place (`T` rows of `Dv`: the
     /// `P·V` tiles read only the keys that exist).
     vp: Vec<f32>,
-    /// Per `g`: one past the last V row holding a NaN or an infinity (0 when none). Key
+    /// Per group: one past the last V row holding a NaN or an infinity (0 when none). Key
     /// blocks past it that causal hides from every query of a unit can be skipped: they add
     /// exactly `0·v = 0`.
     v_bad_end: Vec<usize>,
+    /// The first group (batch, kv head) held: group `g` is at `g − g0` in the buffers.
+    g0: usize,
     /// Keys padded to a multiple of `kb`.
     tp: usize,
     /// Keys per block ([`KB`] or [`KB_CAUSAL`]): the layout of `kt` and the score tile width.
@@ -204,61 +206,86 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Packs K transposed and V padded, in parallel over (batch, kv head), into buffers reused
-/// from this thread's last call (every element, padding included, is written here).
-fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
-    let [b, _, hkv, _, t, d, dv] = p.dims;
+/// Packs K transposed and V padded for groups (batch, kv head) `g0..g0 + ng`, in parallel
+/// over them on `pool`, into buffers reused from this thread's last call (every element,
+/// padding included, is written here).
+fn pack(pool: &Pool, p: &Attention<'_>, kb: usize, g0: usize, ng: usize) -> Packed {
+    let [_, _, _, _, t, d, dv] = p.dims;
     let tp = t.div_ceil(kb) * kb;
     let dvp = dv.div_ceil(DV_ALIGN) * DV_ALIGN;
-    let groups = b * hkv;
     let (mut kt, mut vp) = PACK_BUFS.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    kt.resize(groups * d * tp, 0.0);
+    kt.resize(ng * d * tp, 0.0);
     let v_in_place = dv == dvp;
-    vp.resize(if v_in_place { 0 } else { groups * tp * dvp }, 0.0);
-    let mut v_bad_end = vec![0usize; groups];
+    vp.resize(if v_in_place { 0 } else { ng * tp * dvp }, 0.0);
+    let mut v_bad_end = vec![0usize; ng];
     let (ktp, vpp) = (
         SharedMut::new(kt.as_mut_ptr()),
         SharedMut::new(vp.as_mut_ptr()),
     );
     let badp = v_bad_end.as_mut_ptr() as usize;
-    pool.parallel_for(groups, |g| {
-        // SAFETY: group `g` owns its own `d·tp`, `tp·dvp` and single-element ranges.
-        let (kg, bad) = unsafe {
+    pool.parallel_for(ng, |i| {
+        // SAFETY: local group `i` owns its own `d·tp`, `tp·dvp` and single-element ranges.
+        let (kg, vg, bad) = unsafe {
             (
-                std::slice::from_raw_parts_mut(ktp.get().add(g * d * tp), d * tp),
-                &mut *(badp as *mut usize).add(g),
+                std::slice::from_raw_parts_mut(ktp.get().add(i * d * tp), d * tp),
+                (!v_in_place)
+                    .then(|| std::slice::from_raw_parts_mut(vpp.get().add(i * tp * dvp), tp * dvp)),
+                &mut *(badp as *mut usize).add(i),
             )
         };
-        let (k0, ks) = p.rows_of(g / hkv, g % hkv, hkv, t, d);
-        for jb in 0..tp / kb {
-            let tile = &mut kg[jb * d * kb..][..d * kb];
-            let kn = kb.min(t - jb * kb);
-            let kblk = &p.k[k0 + jb * kb * ks..][..(kn - 1) * ks + d];
-            transpose_keys(kblk, kn, d, ks, tile, kb);
-            if kn < kb {
-                for row in tile.chunks_exact_mut(kb) {
-                    row[kn..].fill(0.0);
-                }
+        *bad = pack_group(p, g0 + i, kb, tp, dvp, kg, vg);
+    });
+    Packed {
+        kt,
+        vp,
+        v_bad_end,
+        g0,
+        tp,
+        kb,
+        dvp,
+    }
+}
+
+/// Packs group `g`'s keys transposed into `kg` (`d·tp`) and, when given, its values padded
+/// into `vg` (`tp·dvp`); returns one past its last V row holding a NaN or an infinity
+/// (computed only under `causal`, else 0).
+fn pack_group(
+    p: &Attention<'_>,
+    g: usize,
+    kb: usize,
+    tp: usize,
+    dvp: usize,
+    kg: &mut [f32],
+    vg: Option<&mut [f32]>,
+) -> usize {
+    let [_, _, hkv, _, t, d, dv] = p.dims;
+    let (k0, ks) = p.rows_of(g / hkv, g % hkv, hkv, t, d);
+    for jb in 0..tp / kb {
+        let tile = &mut kg[jb * d * kb..][..d * kb];
+        let kn = kb.min(t - jb * kb);
+        let kblk = &p.k[k0 + jb * kb * ks..][..(kn - 1) * ks + d];
+        transpose_keys(kblk, kn, d, ks, tile, kb);
+        if kn < kb {
+            for row in tile.chunks_exact_mut(kb) {
+                row[kn..].fill(0.0);
             }
         }
-        let (v0, vs) = p.rows_of(g / hkv, g % hkv, hkv, t, dv);
-        let vrow = |j: usize| &p.v[v0 + j * vs..][..dv];
-        if p.causal {
-            // Only causal block skipping needs to know where V stops being finite.
-            for j in 0..t {
-                let row = vrow(j);
-                // Exponent bits all ones (NaN or ±inf), as a branch-free fold that vectorises.
-                const EXP: u32 = 0x7f80_0000;
-                if row.iter().fold(0, |a: u32, x| a.max(x.to_bits() & EXP)) == EXP {
-                    *bad = j + 1;
-                }
+    }
+    let (v0, vs) = p.rows_of(g / hkv, g % hkv, hkv, t, dv);
+    let vrow = |j: usize| &p.v[v0 + j * vs..][..dv];
+    let mut bad = 0;
+    if p.causal {
+        // Only causal block skipping needs to know where V stops being finite.
+        for j in 0..t {
+            let row = vrow(j);
+            // Exponent bits all ones (NaN or ±inf), as a branch-free fold that vectorises.
+            const EXP: u32 = 0x7f80_0000;
+            if row.iter().fold(0, |a: u32, x| a.max(x.to_bits() & EXP)) == EXP {
+                bad = j + 1;
             }
         }
-        if v_in_place {
-            return;
-        }
-        // SAFETY: group `g` owns its own `tp·dvp` range of `vp`.
-        let vg = unsafe { std::slice::from_raw_parts_mut(vpp.get().add(g * tp * dvp), tp * dvp) };
+    }
+    if let Some(vg) = vg {
         // (`max(1)`: with Dv = 0 the buffer is empty and there is nothing to copy.)
         for (j, dst) in vg.chunks_exact_mut(dvp.max(1)).enumerate() {
             if j < t {
@@ -268,15 +295,8 @@ fn pack(pool: &Pool, p: &Attention<'_>, kb: usize) -> Packed {
                 dst.fill(0.0);
             }
         }
-    });
-    Packed {
-        kt,
-        vp,
-        v_bad_end,
-        tp,
-        kb,
-        dvp,
     }
+    bad
 }
 
 /// `tile[dd·kb + j] = keys[j·ks + dd]` for `j < kn`, `dd < d` (key rows at stride `ks`): a
@@ -321,6 +341,10 @@ impl Drop for Packed {
 /// workers slept, a hand-off cost 15–40 µs and the bound was 4 MFLOP.)
 const MIN_PARALLEL_FLOPS: usize = 200_000;
 
+/// Groups (batch, kv head) per thread from which threads take whole groups, packing each
+/// themselves, instead of packing all groups first and then sharing out query blocks.
+const PER_GROUP_MIN: usize = 2;
+
 /// Computes attention into `out` (`[B, Hq, S, Dv]`) on `pool`, with the widest ISA.
 pub fn attention(pool: &Pool, p: &Attention<'_>, out: &mut [f32]) -> Result<(), String> {
     attention_with(pool, p, out, Isa::Auto)
@@ -357,19 +381,19 @@ pub fn attention_with(
         out.fill(0.0);
         return Ok(());
     }
-    let packed = pack(pool, p, if p.causal { KB_CAUSAL } else { KB });
+    let kb = if p.causal { KB_CAUSAL } else { KB };
+    let [_, _, hkv, ..] = p.dims;
+    let (groups, qpg) = (b * hkv, hq / hkv);
     let qblocks = s.div_ceil(QB);
-    let units = b * hq * qblocks;
     let optr = SharedMut::new(out.as_mut_ptr());
-    pool.parallel_for(units, |u| {
-        let (bh, qb) = (u / qblocks, u % qblocks);
+    // Query rows `qb·QB ..` of head `h` in batch `bi`, with `packed` holding its group.
+    let unit = |packed: &Packed, bi: usize, h: usize, qb: usize| {
         let i0 = qb * QB;
         let rows = QB.min(s - i0);
-        let (bi, h) = (bh / hq, bh % hq);
         let (o0, os) = p.rows_of(bi, h, hq, s, dv);
         let job = Unit {
             p,
-            pk: &packed,
+            pk: packed,
             bi,
             h,
             i0,
@@ -387,7 +411,27 @@ pub fn attention_with(
             Isa::Avx2 => unsafe { unit_avx2(&job) },
             _ => job.run::<Portable, 4, 2, 2>(),
         }
-    });
+    };
+    if pool.threads() > 1 && groups >= PER_GROUP_MIN * pool.threads() {
+        // Enough (batch, kv head) groups to share out whole: each thread packs the groups it
+        // takes and runs all their query blocks, so K is transposed by the core that reads
+        // it and the separate packing pass (and its hand-off) goes.
+        pool.parallel_for(groups, |g| {
+            let packed = pack(&Pool::single(), p, kb, g, 1);
+            let (bi, first) = (g / hkv, (g % hkv) * qpg);
+            for h in first..first + qpg {
+                for qb in 0..qblocks {
+                    unit(&packed, bi, h, qb);
+                }
+            }
+        });
+    } else {
+        let packed = pack(pool, p, kb, 0, groups);
+        pool.parallel_for(b * hq * qblocks, |u| {
+            let (bh, qb) = (u / qblocks, u % qblocks);
+            unit(&packed, bh / hq, bh % hq, qb);
+        });
+    }
     Ok(())
 }
 
@@ -467,9 +511,9 @@ impl Unit<'_> {
             let (v0, vs) = p.rows_of(bi, g % hkv, hkv, t, dv);
             (&p.v[v0..][..(t - 1) * vs + dv], vs)
         } else {
-            (&pk.vp[g * tp * dvp..][..tp * dvp], dvp)
+            (&pk.vp[(g - pk.g0) * tp * dvp..][..tp * dvp], dvp)
         };
-        let kt = &pk.kt[g * d * tp..][..d * tp];
+        let kt = &pk.kt[(g - pk.g0) * d * tp..][..d * tp];
         // Whole R-row tiles, then 4-row tiles, then single rows.
         let rows_r = rows / R * R;
         let rows_4 = rows_r + (rows - rows_r) / 4 * 4;
@@ -484,7 +528,7 @@ impl Unit<'_> {
         while j0 < t {
             let kn = kb.min(t - j0);
             let kn_v = kn.div_ceil(w) * w;
-            if p.causal && j0 as i64 > pos_last && pk.v_bad_end[g] <= j0 {
+            if p.causal && j0 as i64 > pos_last && pk.v_bad_end[g - pk.g0] <= j0 {
                 break;
             }
             // Keys any row of the unit can see; the score tile stops there.
