@@ -21,6 +21,46 @@
 //! All shape and stride checks happen at the safe API boundary ([`MatRef::new`],
 //! [`MatMut::new`], [`gemm`]); the inner loops rely on them.
 
+/// The control flow that the AVX-512 and AVX2 assembly k loops share, as one template
+/// string: `{npf}` prefetch points (two lines at `{pf}`, then `{every}` unrolled groups
+/// each), then `{n}` more groups, then `{t}` single k steps ([`Spread`] counts them).
+/// `[$group]` is one unrolled group and `[$step]` one k step, each with its pointer
+/// updates; `{c}` is a scratch counter.
+macro_rules! spread_kloop {
+    ([$($group:tt)*], [$($step:tt)*]) => {
+        concat!(
+            "test {npf}, {npf}\n",
+            "jz 3f\n",
+            "6:\n",
+            "prefetcht1 byte ptr [{pf}]\n",
+            "prefetcht1 byte ptr [{pf} + 64]\n",
+            "add {pf}, 128\n",
+            "mov {c}, {every}\n",
+            "2:\n",
+            $($group)*, "\n",
+            "dec {c}\n",
+            "jnz 2b\n",
+            "dec {npf}\n",
+            "jnz 6b\n",
+            "3:\n",
+            "test {n}, {n}\n",
+            "jz 5f\n",
+            "4:\n",
+            $($group)*, "\n",
+            "dec {n}\n",
+            "jnz 4b\n",
+            "5:\n",
+            "test {t}, {t}\n",
+            "jz 8f\n",
+            "7:\n",
+            $($step)*, "\n",
+            "dec {t}\n",
+            "jnz 7b\n",
+            "8:",
+        )
+    };
+}
+
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 mod epilogue;
@@ -575,7 +615,35 @@ pub(super) struct Prefetch {
     pub(super) lines: usize,
 }
 
+/// How an assembly k loop of `unroll` steps per iteration runs a `kc`-step slab: prefetch
+/// points of two lines each, spread evenly over the iterations (one pair every `every`)
+/// rather than bunched at the start ([`Prefetch::spread`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Spread {
+    /// Prefetch points, each followed by `every` iterations.
+    pub(super) npf: usize,
+    pub(super) every: usize,
+    /// Iterations after the last prefetch point.
+    pub(super) rest: usize,
+    /// Single k steps after the iterations (`kc % unroll`).
+    pub(super) tail: usize,
+}
+
 impl Prefetch {
+    /// This prefetch's points over a `kc`-step slab in iterations of `unroll` steps.
+    pub(super) fn spread(&self, kc: usize, unroll: usize) -> Spread {
+        let groups = kc / unroll;
+        let pairs = self.lines.div_ceil(2);
+        let every = groups.checked_div(pairs).unwrap_or(1).max(1);
+        let npf = pairs.min(groups / every);
+        Spread {
+            npf,
+            every,
+            rest: groups - npf * every,
+            tail: kc % unroll,
+        }
+    }
+
     /// Issues the prefetches of k step `p`: lines `2p` and `2p + 1`, where they are in range.
     #[inline(always)]
     pub(super) fn step(&self, p: usize) {
@@ -881,9 +949,7 @@ trait MicroKernel {
     ) {
         // SAFETY: forwarded.
         unsafe {
-            let c = out.ptr.add(i0 * out.rs + j0);
-            Self::kernel(kc, a, b, c, out.rs, rows, cols, accumulate, pf);
-            Self::epilogue(ep, out, i0, rows, j0, cols);
+            kernel_then_epilogue::<Self>(kc, a, b, (out, i0, j0), rows, cols, accumulate, pf, ep)
         }
     }
 
@@ -902,6 +968,32 @@ trait MicroKernel {
     ) {
         // SAFETY: forwarded.
         unsafe { ep.apply(out, i0, rows, j0, w) }
+    }
+}
+
+/// [`MicroKernel::kernel_last`] without registers: the kernel stores the tile, then the
+/// epilogue runs on it in memory (the default, and a register kernel's fallback).
+///
+/// # Safety
+/// As [`MicroKernel::kernel_last`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn kernel_then_epilogue<K: MicroKernel + ?Sized>(
+    kc: usize,
+    a: APanel,
+    b: &[f32],
+    (out, i0, j0): (OutPtr, usize, usize),
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+    pf: Prefetch,
+    ep: &Epilogue<'_>,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        let c = out.ptr.add(i0 * out.rs + j0);
+        K::kernel(kc, a, b, c, out.rs, rows, cols, accumulate, pf);
+        K::epilogue(ep, out, i0, rows, j0, cols);
     }
 }
 

@@ -229,12 +229,7 @@ unsafe fn kloop(
 ) -> [__m256; 2 * MR] {
     debug_assert!((ASM_MIN_ROWS..=MR).contains(&rows) && a.k_step == MR && a.row_step == 1);
     let mut v = [_mm256_setzero_ps(); 2 * MR];
-    let groups = kc / UNROLL;
-    let tail = kc % UNROLL;
-    let pairs = pf.lines.div_ceil(2);
-    let every = groups.checked_div(pairs).unwrap_or(1).max(1);
-    let npf = pairs.min(groups / every);
-    let rest = groups - npf * every;
+    let sp = pf.spread(kc, UNROLL);
     // Per row: its byte offset in a k step of the panel and its two accumulators.
     macro_rules! kloop_asm {
         ($($row:tt $off:literal $lo:tt $hi:tt),*) => {{
@@ -263,50 +258,27 @@ unsafe fn kloop(
                     )
                 };
             }
+            // One k step, then the pointers advanced by one.
+            macro_rules! kstep1 {
+                () => {
+                    concat!(kstep!("0", "0"), "add {b}, 64\n", "add {a}, 24")
+                };
+            }
             // SAFETY: reads A and B inside the ranges the caller guarantees; prefetches are
             // hints that never fault; every register written is an operand or clobbered.
             unsafe {
                 std::arch::asm!(
                     $(concat!("vxorps ", $lo, ", ", $lo, ", ", $lo),
                       concat!("vxorps ", $hi, ", ", $hi, ", ", $hi),)*
-                    "test {npf}, {npf}",
-                    "jz 3f",
-                    "6:",
-                    "prefetcht1 byte ptr [{pf}]",
-                    "prefetcht1 byte ptr [{pf} + 64]",
-                    "add {pf}, 128",
-                    "mov {c}, {every}",
-                    "2:",
-                    kgroup!(),
-                    "dec {c}",
-                    "jnz 2b",
-                    "dec {npf}",
-                    "jnz 6b",
-                    "3:",
-                    "test {n}, {n}",
-                    "jz 5f",
-                    "4:",
-                    kgroup!(),
-                    "dec {n}",
-                    "jnz 4b",
-                    "5:",
-                    "test {t}, {t}",
-                    "jz 8f",
-                    "7:",
-                    kstep!("0", "0"),
-                    "add {b}, 64",
-                    "add {a}, 24",
-                    "dec {t}",
-                    "jnz 7b",
-                    "8:",
+                    spread_kloop!([kgroup!()], [kstep1!()]),
                     a = inout(reg) a.ptr => _,
                     b = inout(reg) b => _,
                     pf = inout(reg) pf.ptr => _,
-                    npf = inout(reg) npf => _,
-                    every = in(reg) every,
+                    npf = inout(reg) sp.npf => _,
+                    every = in(reg) sp.every,
                     c = out(reg) _,
-                    n = inout(reg) rest => _,
-                    t = inout(reg) tail => _,
+                    n = inout(reg) sp.rest => _,
+                    t = inout(reg) sp.tail => _,
                     $(out($lo) v[2 * $row], out($hi) v[2 * $row + 1],)*
                     out("ymm13") _, out("ymm14") _, out("ymm15") _,
                     options(nostack, readonly),

@@ -5,7 +5,7 @@
 //! `__mmask16` masks, so no tile buffer is needed; the epilogue runs in AVX-512 on the tile
 //! while it is in L1.
 
-use super::{simd, APanel, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
+use super::{kernel_then_epilogue, simd, APanel, Ctx, Epilogue, MicroKernel, OutPtr, Prefetch};
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -146,13 +146,14 @@ impl MicroKernel for Avx512 {
         // SAFETY: forwarded from the trait contract (CPU features, buffer sizes, the tile
         // inside the output, `ep` checked against it).
         unsafe {
-            let c = out.ptr.add(i0 * out.rs + j0);
             let unit_residual = ep.residual.as_ref().is_none_or(|r| r.cs == 1);
             if ep.is_plain() || cols != NR || rows < ASM_MIN_ROWS || !unit_residual {
-                Self::kernel(kc, a, b, c, out.rs, rows, cols, accumulate, pf);
-                Self::epilogue(ep, out, i0, rows, j0, cols);
-                return;
+                let tile = (out, i0, j0);
+                return kernel_then_epilogue::<Self>(
+                    kc, a, b, tile, rows, cols, accumulate, pf, ep,
+                );
             }
+            let c = out.ptr.add(i0 * out.rs + j0);
             debug_assert!(b.len() >= kc * NR);
             let mut acc = kloop(rows, kc, a, b.as_ptr(), pf);
             if accumulate {
@@ -318,14 +319,7 @@ unsafe fn kloop(
     let ks = a.k_step * 4;
     // The loop body is four k steps with the A and B offsets folded into the addressing, so
     // the pointers advance once per four steps; the last `kc % 4` steps run one at a time.
-    let groups = kc / UNROLL;
-    let tail = kc % UNROLL;
-    // Prefetch points: two lines each, spread evenly over the groups (one pair every `every`
-    // groups) rather than bunched at the start.
-    let pairs = pf.lines.div_ceil(2);
-    let every = groups.checked_div(pairs).unwrap_or(1).max(1);
-    let npf = pairs.min(groups / every);
-    let rest = groups - npf * every;
+    let sp = pf.spread(kc, UNROLL);
     let base = |r: usize| a.ptr.wrapping_add(r * a.row_step);
     // The loop for one tile height and A layout: the byte offsets of A in k steps 1–3 of a
     // group (`ks` times 1, 2, 3 as literals), then per row its A address and its two
@@ -361,45 +355,26 @@ unsafe fn kloop(
                     )
                 };
             }
+            // One k step, then the pointers advanced by one.
+            macro_rules! kstep1 {
+                () => {
+                    concat!(
+                        kstep!("0", "0"),
+                        "add {b}, 128\n",
+                        "add {a0}, {ks}\n",
+                        "add {a3}, {ks}\n",
+                        "add {a6}, {ks}\n",
+                        "add {a9}, {ks}",
+                    )
+                };
+            }
             // SAFETY: reads A and B inside the ranges the caller guarantees; prefetches are
             // hints that never fault; every register written is an operand or clobbered.
             unsafe {
                 std::arch::asm!(
                     $(concat!("vxorps ", $lo, ", ", $lo, ", ", $lo),
                       concat!("vxorps ", $hi, ", ", $hi, ", ", $hi),)*
-                    "test {npf}, {npf}",
-                    "jz 3f",
-                    "6:",
-                    "prefetcht1 byte ptr [{pf}]",
-                    "prefetcht1 byte ptr [{pf} + 64]",
-                    "add {pf}, 128",
-                    "mov {c}, {every}",
-                    "2:",
-                    kgroup!(),
-                    "dec {c}",
-                    "jnz 2b",
-                    "dec {npf}",
-                    "jnz 6b",
-                    "3:",
-                    "test {n}, {n}",
-                    "jz 5f",
-                    "4:",
-                    kgroup!(),
-                    "dec {n}",
-                    "jnz 4b",
-                    "5:",
-                    "test {t}, {t}",
-                    "jz 8f",
-                    "7:",
-                    kstep!("0", "0"),
-                    "add {b}, 128",
-                    "add {a0}, {ks}",
-                    "add {a3}, {ks}",
-                    "add {a6}, {ks}",
-                    "add {a9}, {ks}",
-                    "dec {t}",
-                    "jnz 7b",
-                    "8:",
+                    spread_kloop!([kgroup!()], [kstep1!()]),
                     a0 = inout(reg) base(0) => _,
                     a3 = inout(reg) base(3) => _,
                     a6 = inout(reg) base(6) => _,
@@ -409,11 +384,11 @@ unsafe fn kloop(
                     ks4 = in(reg) UNROLL * ks,
                     b = inout(reg) b => _,
                     pf = inout(reg) pf.ptr => _,
-                    npf = inout(reg) npf => _,
-                    every = in(reg) every,
+                    npf = inout(reg) sp.npf => _,
+                    every = in(reg) sp.every,
                     c = out(reg) _,
-                    n = inout(reg) rest => _,
-                    t = inout(reg) tail => _,
+                    n = inout(reg) sp.rest => _,
+                    t = inout(reg) sp.tail => _,
                     $(out($lo) v[2 * $row], out($hi) v[2 * $row + 1],)*
                     out("zmm28") _, out("zmm30") _, out("zmm31") _,
                     options(nostack, readonly),
