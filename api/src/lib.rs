@@ -310,6 +310,7 @@ impl Executable {
                         nanos: start.elapsed().as_nanos() as u64,
                     }],
                     memory: MemoryPlan::default(),
+                    ..RunReport::default()
                 };
                 (outs, report)
             }

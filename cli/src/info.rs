@@ -22,14 +22,22 @@ pub fn info(path: &Path) -> anyhow::Result<()> {
     for &o in &g.outputs {
         println!("  %{}: {}", g.value(o).name, g.ty(o));
     }
-    let (mut params, mut bytes) = (0usize, 0usize);
+    let (mut params, mut bytes, mut mapped) = (0usize, 0usize, 0usize);
     for n in g.nodes.iter().filter(|n| n.op == OpKind::Constant) {
         if let Ok(Some(t)) = n.attrs.tensor("value") {
             params += t.len();
             bytes += t.len() * t.dtype().size();
+            if t.data().storage() == kiln_ir::Storage::Mapped {
+                mapped += t.len() * t.dtype().size();
+            }
         }
     }
     println!("parameters: {params} ({:.2} MB)", bytes as f64 / 1e6);
+    println!(
+        "  in the mapped file, no copy: {:.2} MB; copied once (unaligned in the file): {:.2} MB",
+        mapped as f64 / 1e6,
+        (bytes - mapped) as f64 / 1e6
+    );
     println!("nodes: {}", g.nodes.len());
     println!("ops:");
     for (op, count) in g.op_histogram() {

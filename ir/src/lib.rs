@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod attr;
+pub mod buf;
 pub mod builder;
 pub mod dtype;
 pub mod graph;
@@ -23,7 +24,7 @@ pub use infer::{infer_types, InferError};
 pub use interp::{run, run_named, EvalError};
 pub use ops::{Fact, OpKind};
 pub use shape::{Dim, Shape};
-pub use tensor::{Elem, Tensor, TensorData};
+pub use tensor::{Buf, Elem, Storage, Tensor, TensorData};
 pub use verify::{verify, VerifyError};
 
 #[doc(hidden)]

@@ -2,26 +2,28 @@
 //! interpreter computes on and what constants in the graph hold.
 
 use crate::DType;
+pub use crate::buf::{Buf, Storage};
 use half::{bf16, f16};
 use std::fmt;
 
-/// A typed element buffer, one variant per [`DType`].
+/// A typed element buffer, one variant per [`DType`]; the elements live in a [`Buf`]
+/// (owned, memory-mapped or an arena region).
 #[derive(Clone, Debug)]
 #[allow(missing_docs)]
 pub enum TensorData {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
-    I8(Vec<i8>),
-    I16(Vec<i16>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
-    U8(Vec<u8>),
-    U16(Vec<u16>),
-    U32(Vec<u32>),
-    U64(Vec<u64>),
-    Bool(Vec<bool>),
+    F32(Buf<f32>),
+    F64(Buf<f64>),
+    F16(Buf<f16>),
+    BF16(Buf<bf16>),
+    I8(Buf<i8>),
+    I16(Buf<i16>),
+    I32(Buf<i32>),
+    I64(Buf<i64>),
+    U8(Buf<u8>),
+    U16(Buf<u16>),
+    U32(Buf<u32>),
+    U64(Buf<u64>),
+    Bool(Buf<bool>),
 }
 
 /// Runs `$body` with `$v` bound to the typed `Vec` inside a [`TensorData`], so that one
@@ -29,7 +31,7 @@ pub enum TensorData {
 ///
 /// ```
 /// use kiln_ir::{dispatch, TensorData};
-/// let d = TensorData::I32(vec![1, 2, 3]);
+/// let d = TensorData::I32(vec![1, 2, 3].into());
 /// let n = dispatch!(&d, v, T => v.len());
 /// assert_eq!(n, 3);
 /// ```
@@ -115,11 +117,15 @@ pub trait Elem:
     /// The dtype of this element type.
     const DTYPE: DType;
     /// Wraps a vector in the matching [`TensorData`] variant.
-    fn wrap(v: Vec<Self>) -> TensorData;
+    fn wrap(v: Vec<Self>) -> TensorData {
+        Self::wrap_buf(v.into())
+    }
+    /// Wraps a buffer in the matching [`TensorData`] variant.
+    fn wrap_buf(v: Buf<Self>) -> TensorData;
     /// Borrows the vector if `d` holds this element type.
-    fn unwrap(d: &TensorData) -> Option<&Vec<Self>>;
+    fn unwrap(d: &TensorData) -> Option<&Buf<Self>>;
     /// Borrows the vector mutably if `d` holds this element type.
-    fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>>;
+    fn unwrap_mut(d: &mut TensorData) -> Option<&mut Buf<Self>>;
     /// Converts to f64 (bool is 0 or 1).
     fn to_f64(self) -> f64;
     /// Converts from f64 with Rust `as` semantics (saturating for ints, NaN to 0).
@@ -138,16 +144,16 @@ macro_rules! impl_elem_num {
     ($t:ty, $variant:ident, $dt:ident, float = $is_float:expr) => {
         impl Elem for $t {
             const DTYPE: DType = DType::$dt;
-            fn wrap(v: Vec<Self>) -> TensorData {
+            fn wrap_buf(v: Buf<Self>) -> TensorData {
                 TensorData::$variant(v)
             }
-            fn unwrap(d: &TensorData) -> Option<&Vec<Self>> {
+            fn unwrap(d: &TensorData) -> Option<&Buf<Self>> {
                 match d {
                     TensorData::$variant(v) => Some(v),
                     _ => None,
                 }
             }
-            fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>> {
+            fn unwrap_mut(d: &mut TensorData) -> Option<&mut Buf<Self>> {
                 match d {
                     TensorData::$variant(v) => Some(v),
                     _ => None,
@@ -189,16 +195,16 @@ macro_rules! impl_elem_half {
     ($t:ty, $variant:ident) => {
         impl Elem for $t {
             const DTYPE: DType = DType::$variant;
-            fn wrap(v: Vec<Self>) -> TensorData {
+            fn wrap_buf(v: Buf<Self>) -> TensorData {
                 TensorData::$variant(v)
             }
-            fn unwrap(d: &TensorData) -> Option<&Vec<Self>> {
+            fn unwrap(d: &TensorData) -> Option<&Buf<Self>> {
                 match d {
                     TensorData::$variant(v) => Some(v),
                     _ => None,
                 }
             }
-            fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>> {
+            fn unwrap_mut(d: &mut TensorData) -> Option<&mut Buf<Self>> {
                 match d {
                     TensorData::$variant(v) => Some(v),
                     _ => None,
@@ -230,16 +236,16 @@ impl_elem_half!(bf16, BF16);
 
 impl Elem for bool {
     const DTYPE: DType = DType::Bool;
-    fn wrap(v: Vec<Self>) -> TensorData {
+    fn wrap_buf(v: Buf<Self>) -> TensorData {
         TensorData::Bool(v)
     }
-    fn unwrap(d: &TensorData) -> Option<&Vec<Self>> {
+    fn unwrap(d: &TensorData) -> Option<&Buf<Self>> {
         match d {
             TensorData::Bool(v) => Some(v),
             _ => None,
         }
     }
-    fn unwrap_mut(d: &mut TensorData) -> Option<&mut Vec<Self>> {
+    fn unwrap_mut(d: &mut TensorData) -> Option<&mut Buf<Self>> {
         match d {
             TensorData::Bool(v) => Some(v),
             _ => None,
@@ -403,6 +409,64 @@ impl TensorData {
         })
     }
 
+    /// The elements encoded little-endian in `bytes`, used in place where the target is
+    /// little-endian, the dtype is not bool and `bytes` is aligned for it (a weight in a
+    /// memory-mapped model file: no copy, and its pages are shared with the page cache).
+    /// `None` where the layout does not allow it; [`TensorData::from_le_bytes`] copies.
+    pub fn from_le_shared(dtype: DType, bytes: &bytes::Bytes) -> Option<TensorData> {
+        fn mk<T: Elem>(bytes: &bytes::Bytes) -> Option<TensorData> {
+            let size = size_of::<T>();
+            let ptr = bytes.as_ptr();
+            if T::DTYPE == DType::Bool
+                || cfg!(not(target_endian = "little"))
+                || bytes.len() % size != 0
+                || !(ptr as usize).is_multiple_of(align_of::<T>())
+            {
+                return None;
+            }
+            let owner: crate::buf::Owner = std::sync::Arc::new(bytes.clone());
+            // SAFETY: `Bytes` never moves or changes its memory while a handle to it lives,
+            // and the clone in `owner` is one; the pointer is aligned (checked), the length
+            // is whole elements (checked), every bit pattern is a valid non-bool element
+            // (machine numbers, `half`'s repr(transparent) u16 wrappers), and on a
+            // little-endian target the encoding is the memory.
+            let buf = unsafe { Buf::mapped(owner, ptr.cast::<T>(), bytes.len() / size) };
+            Some(T::wrap_buf(buf))
+        }
+        match dtype {
+            DType::F32 => mk::<f32>(bytes),
+            DType::F64 => mk::<f64>(bytes),
+            DType::F16 => mk::<f16>(bytes),
+            DType::BF16 => mk::<bf16>(bytes),
+            DType::I8 => mk::<i8>(bytes),
+            DType::I16 => mk::<i16>(bytes),
+            DType::I32 => mk::<i32>(bytes),
+            DType::I64 => mk::<i64>(bytes),
+            DType::U8 => mk::<u8>(bytes),
+            DType::U16 => mk::<u16>(bytes),
+            DType::U32 => mk::<u32>(bytes),
+            DType::U64 => mk::<u64>(bytes),
+            DType::Bool => None,
+        }
+    }
+
+    /// The same elements, made read-only and shared by every clone (an owned `Vec` moves
+    /// into an `Arc`, no copy): for weights, which a graph, its plan and its constants all
+    /// hold. Shared and mapped elements stay as they are; a region is copied.
+    pub fn into_shared(self) -> TensorData {
+        dispatch!(self, v, T => match v.storage() {
+            Storage::Mapped | Storage::Shared => <T as Elem>::wrap_buf(v),
+            Storage::Owned | Storage::Region => {
+                <T as Elem>::wrap_buf(Buf::shared(std::sync::Arc::new(v.into_vec())))
+            }
+        })
+    }
+
+    /// Where the elements live (see [`Storage`]).
+    pub fn storage(&self) -> Storage {
+        dispatch!(self, v, T => v.storage())
+    }
+
     /// Little-endian bytes of all elements: the buffer's own memory on a little-endian
     /// target (no copy), an encoded copy elsewhere.
     pub fn le_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
@@ -482,6 +546,16 @@ impl Tensor {
         Tensor {
             shape,
             data: T::wrap(v),
+        }
+    }
+
+    /// Makes a tensor from a typed buffer; panics if the element count is wrong, so use
+    /// it only where the count is computed from the shape.
+    pub fn from_buf<T: Elem>(shape: Vec<usize>, b: Buf<T>) -> Tensor {
+        assert_eq!(numel(&shape), b.len(), "Tensor::from_buf: element count");
+        Tensor {
+            shape,
+            data: T::wrap_buf(b),
         }
     }
 
@@ -621,7 +695,7 @@ mod tests {
 
     #[test]
     fn le_bytes_are_the_little_endian_encoding() {
-        let d = TensorData::F32(vec![1.0, -2.5]);
+        let d = TensorData::F32(vec![1.0, -2.5].into());
         assert_eq!(d.le_bytes().as_ref(), &[0, 0, 0x80, 0x3f, 0, 0, 0x20, 0xc0]);
         #[cfg(target_endian = "little")]
         assert!(matches!(d.le_bytes(), std::borrow::Cow::Borrowed(_)));

@@ -5,6 +5,7 @@
 //! `linear` GEMM on every micro-kernel this CPU has (avx512 / avx2 / portable, forced).
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
+use kiln_runtime::kernel::arena::Outputs;
 use kiln_runtime::kernel::contraction::{prepare_op, Prepared};
 use kiln_runtime::kernels::gemm::{
     gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
@@ -41,7 +42,7 @@ fn check(op: OpKind, attrs: &Attrs, ins: &[Option<&Tensor>], const_w: bool, what
     for threads in [1, 3] {
         let pool = Pool::new(threads).unwrap();
         let got = prepared
-            .run(ins, &pool)
+            .run(ins, &pool, &mut Outputs::none())
             .unwrap_or_else(|| panic!("{what}: routine declined"))
             .unwrap_or_else(|e| panic!("{what}: {e}"))
             .remove(0);
@@ -346,7 +347,7 @@ fn unsupported_dtypes_are_declined_not_miscomputed() {
     let a = Tensor::from_vec(vec![2, 3], vec![1.0f64; 6]);
     let b = Tensor::from_vec(vec![3, 2], vec![1.0f64; 6]);
     let p = prepare_op(OpKind::MatMul, &Attrs::new(), |_| None).unwrap();
-    assert!(p.run(&[Some(&a), Some(&b)], &Pool::single()).is_none());
+    assert!(p.run(&[Some(&a), Some(&b)], &Pool::single(), &mut Outputs::none()).is_none());
 }
 
 #[test]
@@ -358,7 +359,7 @@ fn results_are_bit_identical_across_runs_on_a_shared_pool() {
     let q = rand_t(&mut rng, &[1, 4, 70, 64]);
     let attn = prepare_op(OpKind::Attention, &Attrs::new(), |_| None).unwrap();
     let pool = Pool::new(4).unwrap();
-    let run = |p: &Prepared, ins: &[Option<&Tensor>]| bits(&p.run(ins, &pool).unwrap().unwrap()[0]);
+    let run = |p: &Prepared, ins: &[Option<&Tensor>]| bits(&p.run(ins, &pool, &mut Outputs::none()).unwrap().unwrap()[0]);
     let (l0, a0) = (
         run(&lin, &[Some(&x), Some(&w)]),
         run(&attn, &[Some(&q), Some(&q), Some(&q)]),
@@ -408,7 +409,7 @@ fn epilogue_activations_match_the_f64_reference_to_1e_6() {
         let want = kiln_ir::ops::eval(OpKind::Linear, &attrs, &[Some(&x), Some(&w)]).unwrap();
         let p = prepare_op(OpKind::Linear, &attrs, |i| (i == 1).then_some(&w)).unwrap();
         let got = p
-            .run(&[Some(&x), Some(&w)], &Pool::single())
+            .run(&[Some(&x), Some(&w)], &Pool::single(), &mut Outputs::none())
             .unwrap()
             .unwrap();
         let r = compare(&got[0], &want[0], tol);

@@ -163,11 +163,12 @@ impl LoopRunner for JitExecutable {
         index: usize,
         k: &LoopKernel,
         inputs: &[&Tensor],
+        out: &mut kiln_runtime::kernel::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         let Some(f) = self.fns.get(index).copied().flatten() else {
             return kiln_runtime::kernel::eval::run_loop(k, inputs);
         };
-        run_row_fn_par(f, k, inputs, &self.pool)
+        run_row_fn_par(f, k, inputs, &self.pool, out)
     }
 
     fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {
@@ -223,6 +224,13 @@ impl LoopFn {
         inputs: &[&Tensor],
         par: &dyn ParallelFor,
     ) -> Result<Vec<Tensor>, String> {
-        run_rows(self.f, &self.kernel, inputs, par, 0)
+        run_rows(
+            self.f,
+            &self.kernel,
+            inputs,
+            par,
+            0,
+            &mut kiln_runtime::kernel::arena::Outputs::none(),
+        )
     }
 }

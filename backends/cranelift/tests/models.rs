@@ -112,9 +112,31 @@ fn check_set(set: &str, with_interpreter: bool) {
             .map(|(n, t)| (n.as_str(), t.clone()))
             .collect();
         let got = exe.run_named(&ins).expect("jit run");
-        // The second run borrows memoised shape arithmetic; it must change nothing.
+        // The second run borrows memoised shape arithmetic and puts its intermediate values
+        // in the arena the first run laid out; the third reuses the block. Neither may
+        // change a bit.
         let again = exe.run_named(&ins).expect("second jit run");
         assert_eq!(again, got, "{}: second run differs", m.display());
+        let ordered = kiln_ir::interp::order_inputs(&g, &ins).expect("inputs in order");
+        let (third, rep) = exe.run_profiled(ordered).expect("third jit run");
+        assert_eq!(third, got, "{}: third run differs", m.display());
+        // Most intermediate values (the outputs go to the caller) are in the arena.
+        let out_bytes: usize = third.iter().map(|t| t.len() * t.dtype().size()).sum();
+        let inter = rep.produced_bytes - out_bytes;
+        assert!(
+            rep.arena_bytes > 0 && rep.in_arena_bytes * 10 >= inter * 8,
+            "{}: {} of {inter} intermediate bytes in an arena of {}",
+            m.display(),
+            rep.in_arena_bytes,
+            rep.arena_bytes
+        );
+        eprintln!(
+            "{}: {} of {inter} intermediate bytes in the arena ({} bytes; live peak {})",
+            m.display(),
+            rep.in_arena_bytes,
+            rep.arena_bytes,
+            rep.memory.live_peak_bytes
+        );
         assert_eq!(got.len(), data.outputs.len());
         for (i, (_, want)) in data.outputs.iter().enumerate() {
             let r = compare(&got[i], want, MODEL_TOLERANCE);

@@ -282,6 +282,7 @@ pub fn build_library(
         t ^ ((std::process::id() as u64) << 32) ^ 0x6b69_6c6e
     };
     let (meta, blob) = format::split(g, weights_id);
+    let blob = bytes::Bytes::from(blob);
     // Partition the graph exactly as `kiln_create` will see it (text round trip), so the
     // kernel table matches the runtime's plan.
     let graph = format::restore(&meta, &blob).map_err(BuildError::Model)?;

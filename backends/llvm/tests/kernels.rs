@@ -58,7 +58,7 @@ fn loop_kernels_match_the_interpreter_on_edge_values() {
     );
     let t = |shape: Vec<usize>, seed| {
         let n = shape.iter().product();
-        Tensor::new(shape, TensorData::F32(edge_values(n, seed))).unwrap()
+        Tensor::new(shape, TensorData::F32(edge_values(n, seed).into())).unwrap()
     };
     let inputs = vec![
         t(vec![3, 37], 1),

@@ -232,7 +232,8 @@ pub(crate) fn map_file(path: &Path) -> Result<Bytes, OnnxError> {
         return Ok(Bytes::new());
     }
     // SAFETY: the mapping is read-only; as with every mmap-based loader, the file must not
-    // be truncated or modified by another process while the model is being loaded.
+    // be truncated or modified by another process while it is mapped: while the model is
+    // loaded, and after that while weights used in place from it are alive.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
     Ok(Bytes::from_owner(map))
 }

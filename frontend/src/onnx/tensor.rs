@@ -68,13 +68,17 @@ pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Ten
     } else {
         from_typed(t, dtype, n)?
     };
-    Tensor::new(shape, data).map_err(|m| err(t, m))
+    // A copied weight is shared from here on: the graph, its plan and their clones hold
+    // one copy, not one each.
+    Tensor::new(shape, data.into_shared()).map_err(|m| err(t, m))
 }
 
+/// The elements in `bytes`: used in place (in the memory-mapped file) where the layout
+/// allows ([`TensorData::from_le_shared`]: aligned, little-endian, not bool), else copied.
 fn from_bytes(
     t: &TensorProto,
     dtype: DType,
-    bytes: &[u8],
+    bytes: &bytes::Bytes,
     nbytes: usize,
 ) -> Result<TensorData, OnnxError> {
     if bytes.len() != nbytes {
@@ -87,7 +91,10 @@ fn from_bytes(
             ),
         ));
     }
-    TensorData::from_le_bytes(dtype, bytes).map_err(|m| err(t, m))
+    match TensorData::from_le_shared(dtype, bytes) {
+        Some(data) => Ok(data),
+        None => TensorData::from_le_bytes(dtype, bytes).map_err(|m| err(t, m)),
+    }
 }
 
 fn typed_len(t: &TensorProto) -> usize {
@@ -119,12 +126,12 @@ fn from_typed(t: &TensorProto, dtype: DType, n: usize) -> Result<TensorData, Onn
     }
     let i32s = || t.int32_data.iter();
     Ok(match dtype {
-        DType::F32 => TensorData::F32(t.float_data.clone()),
-        DType::F64 => TensorData::F64(t.double_data.clone()),
-        DType::I64 => TensorData::I64(t.int64_data.clone()),
-        DType::U64 => TensorData::U64(t.uint64_data.clone()),
+        DType::F32 => TensorData::F32(t.float_data.clone().into()),
+        DType::F64 => TensorData::F64(t.double_data.clone().into()),
+        DType::I64 => TensorData::I64(t.int64_data.clone().into()),
+        DType::U64 => TensorData::U64(t.uint64_data.clone().into()),
         DType::U32 => TensorData::U32(t.uint64_data.iter().map(|&x| x as u32).collect()),
-        DType::I32 => TensorData::I32(t.int32_data.clone()),
+        DType::I32 => TensorData::I32(t.int32_data.clone().into()),
         DType::I16 => TensorData::I16(i32s().map(|&x| x as i16).collect()),
         DType::I8 => TensorData::I8(i32s().map(|&x| x as i8).collect()),
         DType::U16 => TensorData::U16(i32s().map(|&x| x as u16).collect()),

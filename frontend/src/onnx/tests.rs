@@ -5,7 +5,7 @@
 use super::lower::{lower_model, LGraph};
 use super::proto::*;
 use super::{load_model, load_model_bytes, OnnxError};
-use kiln_ir::{Attr, DType, Dim, OpKind, Tensor};
+use kiln_ir::{Attr, DType, Dim, OpKind, Storage, Tensor};
 use prost::Message;
 
 fn tensor_vi(name: &str, dtype: DType, dims: &[&str]) -> ValueInfoProto {
@@ -489,12 +489,50 @@ fn external_data_is_read_at_offset_relative_to_the_model() {
     let g = load_model(&path).unwrap();
     let w = g.constant_value(g.outputs[0]).unwrap();
     assert_eq!(w.as_slice::<f32>().unwrap(), &[1.0, -2.0, 3.5]);
+    // Aligned in the mapped file: used in place, no copy.
+    assert_eq!(w.data().storage(), Storage::Mapped);
     // Past the end of the file: an error, not a panic.
     let mut t2 = t;
     t2.external_data[1] = kv("offset", "16");
     std::fs::write(&path, with_init(t2).encode_to_vec()).unwrap();
     let e = load_model(&path).unwrap_err().to_string();
     assert!(e.contains("outside the file"), "{e}");
+}
+
+#[test]
+fn unaligned_weights_are_copied_once_and_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = vec![0u8; 3];
+    for x in [1.0f32, f32::NAN, -0.0] {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(dir.path().join("w.bin"), &bytes).unwrap();
+    let kv = |k: &str, v: &str| StringStringEntryProto {
+        key: k.into(),
+        value: v.into(),
+    };
+    let t = TensorProto {
+        dims: vec![3],
+        data_type: 1,
+        name: "w".into(),
+        data_location: DATA_LOCATION_EXTERNAL,
+        external_data: vec![kv("location", "w.bin"), kv("offset", "3")],
+        ..Default::default()
+    };
+    let path = dir.path().join("m.onnx");
+    std::fs::write(&path, with_init(t).encode_to_vec()).unwrap();
+    let g = load_model(&path).unwrap();
+    let w = g.constant_value(g.outputs[0]).unwrap();
+    let got: Vec<u32> = w.as_slice::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+    let want: Vec<u32> = [1.0f32, f32::NAN, -0.0].iter().map(|x| x.to_bits()).collect();
+    assert_eq!(got, want);
+    // Offset 3 is not aligned for f32: one copy, which clones then share.
+    assert_eq!(w.data().storage(), Storage::Shared);
+    let c = w.clone();
+    assert_eq!(
+        c.as_slice::<f32>().unwrap().as_ptr(),
+        w.as_slice::<f32>().unwrap().as_ptr()
+    );
 }
 
 #[test]

@@ -1276,7 +1276,7 @@ mod tests {
         );
         // Batch 0 keeps all keys, batch 1 drops the last: [B, 1, 1, T].
         let keep = [true, true, true, true, true, false];
-        let bmask = Tensor::new(vec![2, 1, 1, 3], TensorData::Bool(keep.to_vec())).unwrap();
+        let bmask = Tensor::new(vec![2, 1, 1, 3], TensorData::Bool(keep.to_vec().into())).unwrap();
         let add: Vec<f32> = keep.iter().map(|&k| if k { 0.0 } else { -1e9 }).collect();
         let amask = Tensor::from_vec(vec![2, 1, 1, 3], add);
         let attrs = Attrs::new().with("scale", Attr::Float(0.5));
@@ -1291,7 +1291,7 @@ mod tests {
     fn attention_fully_masked_row_is_nan_like_softmax_of_all_neg_inf() {
         let q = Tensor::from_vec(vec![1, 1, 1, 2], vec![1.0f32, 2.0]);
         let k = Tensor::from_vec(vec![1, 1, 2, 2], vec![1.0f32, 0.0, 0.0, 1.0]);
-        let mask = Tensor::new(vec![2], TensorData::Bool(vec![false, false])).unwrap();
+        let mask = Tensor::new(vec![2], TensorData::Bool(vec![false, false].into())).unwrap();
         let got = run(OpKind::Attention, Attrs::new(), &[&q, &k, &k, &mask]);
         let neg = Tensor::from_vec(vec![2], vec![f32::NEG_INFINITY; 2]);
         let want = sdpa_reference(&q, &k, &k, 1.0 / 2f32.sqrt(), Some(&neg));

@@ -599,7 +599,7 @@ fn scatter(
             };
             out[d] = combine(r, a, b);
         }
-        <T as Elem>::wrap(out)
+        <T as Elem>::wrap_buf(out)
     });
     Tensor::new(x.shape().to_vec(), data)
 }

@@ -143,7 +143,7 @@ pub(crate) fn test_f64(t: &Tensor, f: impl Fn(f64) -> bool) -> Result<Tensor, St
     let v: Vec<bool> = crate::dispatch!(t.data(), v, T => {
         v.iter().map(|&x| f(Elem::to_f64(x))).collect()
     });
-    Tensor::new(t.shape().to_vec(), TensorData::Bool(v))
+    Tensor::new(t.shape().to_vec(), TensorData::Bool(v.into()))
 }
 
 /// Per-dtype scalar arithmetic with ONNX semantics: integers wrap, integer division by

@@ -210,8 +210,8 @@ enum Buf {
 impl Buf {
     fn of(t: &Tensor) -> Result<Buf, String> {
         Ok(match t.data() {
-            TensorData::F32(v) => Buf::F32(v.clone()),
-            TensorData::F64(v) => Buf::F64(v.clone()),
+            TensorData::F32(v) => Buf::F32(v.to_vec()),
+            TensorData::F64(v) => Buf::F64(v.to_vec()),
             TensorData::F16(_) | TensorData::BF16(_) => {
                 Buf::F32(t.to_f64s().into_iter().map(|x| x as f32).collect())
             }
@@ -221,7 +221,7 @@ impl Buf {
     }
     fn into_tensor(self, dtype: DType, shape: Vec<usize>) -> Result<Tensor, String> {
         let data = match self {
-            Buf::F32(v) if dtype == DType::F32 => TensorData::F32(v),
+            Buf::F32(v) if dtype == DType::F32 => TensorData::F32(v.into()),
             Buf::F32(v) => TensorData::from_f64s(dtype, v.into_iter().map(|x| x as f64)),
             Buf::F64(v) => TensorData::from_f64s(dtype, v.into_iter()),
             Buf::I64(v) => TensorData::from_i64s(dtype, v.into_iter().map(|x| x.0)),

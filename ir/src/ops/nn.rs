@@ -231,7 +231,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             if training && ratio != 0.0 {
                 return Err("training-mode dropout is random; the reference runs inference".into());
             }
-            let mask = Tensor::new(shape.clone(), TensorData::Bool(vec![true; x.len()]))?;
+            let mask = Tensor::new(shape.clone(), TensorData::Bool(vec![true; x.len()].into()))?;
             Ok(vec![x.clone(), mask])
         }
         _ => Err(not_in_family(op)),

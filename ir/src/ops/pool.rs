@@ -197,7 +197,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         TensorData::from_f64s(x.dtype(), y.into_iter()),
     )?];
     if op == OpKind::MaxPool {
-        outs.push(Tensor::new(out_shape, TensorData::I64(idx_out))?);
+        outs.push(Tensor::new(out_shape, TensorData::I64(idx_out.into()))?);
     }
     Ok(outs)
 }

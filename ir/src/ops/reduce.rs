@@ -255,7 +255,7 @@ fn arg_reduce(
             }
         }
     });
-    Tensor::new(out_shape, TensorData::I64(out))
+    Tensor::new(out_shape, TensorData::I64(out.into()))
 }
 
 /// Running sum (or product, with `prod`) along `axis`; `excl` starts from the identity

@@ -10,6 +10,7 @@ use crate::kernels::conv::{pack_weight, patch_conv, PatchConv};
 use crate::kernels::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
+use super::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
 use std::collections::HashMap;
@@ -253,7 +254,13 @@ fn row_vector(t: &Tensor, out: &[usize]) -> Option<Vec<f32>> {
 impl Prepared {
     /// Runs the node on `ins` (the node's inputs, in order), or `None` when this routine
     /// does not cover the inputs it got (the caller then runs the interpreter's op).
-    pub fn run(&self, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Result<Vec<Tensor>, String>> {
+    /// Its output goes to its planned region in `out` where it has one.
+    pub fn run(
+        &self,
+        ins: &[Option<&Tensor>],
+        pool: &Pool,
+        out: &mut Outputs,
+    ) -> Option<Result<Vec<Tensor>, String>> {
         let arg = |i: usize| ins.get(i).copied().flatten();
         if ins
             .iter()
@@ -263,8 +270,8 @@ impl Prepared {
             return None;
         }
         match self {
-            Prepared::MatMul { packed } => matmul(arg(0)?, arg(1)?, packed.as_ref(), pool),
-            Prepared::Linear { act, packed } => linear(ins, *act, packed.as_ref(), pool),
+            Prepared::MatMul { packed } => matmul(arg(0)?, arg(1)?, packed.as_ref(), pool, out),
+            Prepared::Linear { act, packed } => linear(ins, *act, packed.as_ref(), pool, out),
             Prepared::Gemm {
                 alpha,
                 beta,
@@ -279,13 +286,16 @@ impl Prepared {
                 *trans_b,
                 packed.as_ref(),
                 pool,
+                out,
             ),
             Prepared::Attention {
                 scale,
                 causal,
                 seq_major,
-            } => attention_op(ins, *scale, *causal, *seq_major, pool),
-            Prepared::PatchConv { stride, packed } => conv_op(ins, *stride, packed.as_ref(), pool),
+            } => attention_op(ins, *scale, *causal, *seq_major, pool, out),
+            Prepared::PatchConv { stride, packed } => {
+                conv_op(ins, *stride, packed.as_ref(), pool, out)
+            }
         }
         .map(|r| r.map(|t| vec![t]))
     }
@@ -299,6 +309,7 @@ fn flat_gemm(
     ep: &Epilogue<'_>,
     out_shape: Vec<usize>,
     pool: &Pool,
+    out: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     let xd = f32s(x)?;
     let [k, n] = <[usize; 2]>::try_from(w.shape()).ok()?;
@@ -311,24 +322,22 @@ fn flat_gemm(
         Some(_) => &[][..],
         None => f32s(w)?,
     };
-    // Uninitialised: the GEMM writes every element (zeroing first cost 4% of a run).
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let r = (|| {
+    // Uninitialised where fresh: the GEMM writes every element (zeroing first cost 4% of a
+    // run).
+    let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
         let a = MatRef::row_major(xd, m, k)?;
-        let c = MatMut::uninit(&mut y.spare_capacity_mut()[..m * n], m, n)?;
+        let c = MatMut::uninit(y, m, n)?;
         let rhs = match packed {
             Some(p) => Rhs::Packed(p),
             None => Rhs::Plain(MatRef::row_major(wd, k, n)?),
         };
         gemm_in(pool, a, rhs, c, ep, &gemm_cfg(pool.threads()))
-    })();
+    };
+    // SAFETY: `gemm_in` returns Ok only when it wrote all `m·n` values.
+    let y = unsafe { out.write_f32(0, m * n, fill) };
     Some(
-        r.map(|()| {
-            // SAFETY: `gemm_in` returned Ok, so it wrote all `m·n` values.
-            unsafe { y.set_len(m * n) };
-            Tensor::from_vec(out_shape, y)
-        })
-        .map_err(|e| e.to_string()),
+        y.map(|y| Tensor::from_buf(out_shape, y))
+            .map_err(|e| e.to_string()),
     )
 }
 
@@ -337,6 +346,7 @@ fn matmul(
     b: &Tensor,
     packed: Option<&PackedB>,
     pool: &Pool,
+    y: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     if a.rank() == 0 || b.rank() < 2 {
         return None;
@@ -344,17 +354,22 @@ fn matmul(
     if b.rank() == 2 {
         let mut out = a.shape().to_vec();
         *out.last_mut()? = b.shape()[1];
-        return flat_gemm(a, b, packed, &Epilogue::default(), out, pool);
+        return flat_gemm(a, b, packed, &Epilogue::default(), out, pool, y);
     }
     if a.rank() < 2 {
         return None;
     }
-    batched_matmul(a, b, pool)
+    batched_matmul(a, b, pool, y)
 }
 
 /// `[.., M, K] × [.., K, N]` with broadcast batch dims: one single-threaded GEMM per batch
 /// entry, batch entries spread over the pool (each writes its own output block).
-fn batched_matmul(a: &Tensor, b: &Tensor, pool: &Pool) -> Option<Result<Tensor, String>> {
+fn batched_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Result<Tensor, String>> {
     let (ad, bd) = (f32s(a)?, f32s(b)?);
     let (ash, bsh) = (a.shape(), b.shape());
     let (m, k) = (ash[ash.len() - 2], ash[ash.len() - 1]);
@@ -401,7 +416,8 @@ fn batched_matmul(a: &Tensor, b: &Tensor, pool: &Pool) -> Option<Result<Tensor, 
     };
     let (ia, ib) = (offsets(&ap), offsets(&bp));
     let total = ia.len();
-    let mut y = vec![0.0f32; total * m * n];
+    // Every batch entry's GEMM writes its whole block.
+    let mut y = out.f32s(0, total * m * n);
     let out = SharedMut::new(y.as_mut_ptr());
     let single = Pool::single();
     let failed = std::sync::Mutex::new(None);
@@ -431,7 +447,7 @@ fn batched_matmul(a: &Tensor, b: &Tensor, pool: &Pool) -> Option<Result<Tensor, 
     }
     let mut shape = batch;
     shape.extend([m, n]);
-    Some(Ok(Tensor::from_vec(shape, y)))
+    Some(Ok(Tensor::from_buf(shape, y)))
 }
 
 fn linear(
@@ -439,6 +455,7 @@ fn linear(
     act: Activation,
     packed: Option<&PackedB>,
     pool: &Pool,
+    y: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
     let (x, w) = (arg(0)?, arg(1)?);
@@ -472,7 +489,7 @@ fn linear(
         activation: act,
         residual,
     };
-    flat_gemm(x, w, packed, &ep, out, pool)
+    flat_gemm(x, w, packed, &ep, out, pool, y)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -484,6 +501,7 @@ fn gemm_op(
     trans_b: bool,
     packed: Option<&PackedB>,
     pool: &Pool,
+    out: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
     let (a, b) = (arg(0)?, arg(1)?);
@@ -533,17 +551,16 @@ fn gemm_op(
         activation: Activation::None,
         residual,
     };
-    // Uninitialised: the GEMM writes every element.
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
-    let r = MatMut::uninit(&mut y.spare_capacity_mut()[..m * n], m, n)
-        .and_then(|c| gemm_in(pool, av, rhs, c, &ep, &gemm_cfg(pool.threads())));
+    // Uninitialised where fresh: the GEMM writes every element.
+    let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
+        let c = MatMut::uninit(y, m, n)?;
+        gemm_in(pool, av, rhs, c, &ep, &gemm_cfg(pool.threads()))
+    };
+    // SAFETY: `gemm_in` returns Ok only when it wrote all `m·n` values.
+    let y = unsafe { out.write_f32(0, m * n, fill) };
     Some(
-        r.map(|()| {
-            // SAFETY: `gemm_in` returned Ok, so it wrote all `m·n` values.
-            unsafe { y.set_len(m * n) };
-            Tensor::from_vec(vec![m, n], y)
-        })
-        .map_err(|e| e.to_string()),
+        y.map(|y| Tensor::from_buf(vec![m, n], y))
+            .map_err(|e| e.to_string()),
     )
 }
 
@@ -553,6 +570,7 @@ fn attention_op(
     causal: bool,
     seq_major: bool,
     pool: &Pool,
+    out: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
     let (q, k, v) = (arg(0)?, arg(1)?, arg(2)?);
@@ -614,13 +632,14 @@ fn attention_op(
         mask,
         seq_major,
     };
-    let mut y = vec![0.0f32; b * hq * s * dv];
+    // Every output row is written (normalised at the end of its key loop).
+    let mut y = out.f32s(0, b * hq * s * dv);
     let shape = if seq_major {
         vec![b, s, hq, dv]
     } else {
         vec![b, hq, s, dv]
     };
-    Some(attention::attention(pool, &p, &mut y).map(|()| Tensor::from_vec(shape, y)))
+    Some(attention::attention(pool, &p, &mut y).map(|()| Tensor::from_buf(shape, y)))
 }
 
 fn conv_op(
@@ -628,6 +647,7 @@ fn conv_op(
     stride: [usize; 2],
     packed: Option<&PackedB>,
     pool: &Pool,
+    out: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
     let (x, w) = (arg(0)?, arg(1)?);
@@ -647,9 +667,10 @@ fn conv_op(
         k: [kh, kw],
     };
     let shape = p.out_shape();
-    let mut y = vec![0.0f32; shape.iter().product()];
+    // The patch GEMM writes every element.
+    let mut y = out.f32s(0, shape.iter().product());
     Some(
         patch_conv(pool, &p, f32s(x)?, f32s(w)?, packed, bias, &mut y)
-            .map(|()| Tensor::from_vec(shape.to_vec(), y)),
+            .map(|()| Tensor::from_buf(shape.to_vec(), y)),
     )
 }

@@ -4,6 +4,7 @@
 //! ([`super::contraction`], on the runner's thread pool) or, where none applies, and
 //! fallbacks to the interpreter's ops.
 
+use super::arena::Outputs;
 use super::ir::LoopKernel;
 use super::partition::{Kernel, Plan};
 use kiln_ir::{EvalError, Tensor, ValueId};
@@ -29,19 +30,28 @@ pub struct KernelTime {
 pub struct RunReport {
     /// Per-kernel wall time, in execution order.
     pub kernels: Vec<KernelTime>,
-    /// The memory plan for this run's shapes.
+    /// The memory plan for this run's shapes (every intermediate value and the outputs).
     pub memory: super::memory::MemoryPlan,
+    /// The size of the arena block this run used (0 on the first run with these input
+    /// shapes, which records the layout).
+    pub arena_bytes: usize,
+    /// Bytes of the values this run wrote into their arena regions.
+    pub in_arena_bytes: usize,
+    /// Bytes of all values this run's kernels produced (outputs included).
+    pub produced_bytes: usize,
 }
 
 /// Something that runs loop kernels. `index` is the kernel's position in
 /// [`Plan::kernels`], so a runner can keep per-kernel compiled code.
 pub trait LoopRunner: Send + Sync {
-    /// Runs loop kernel `index` on its inputs, returning its outputs in order.
+    /// Runs loop kernel `index` on its inputs, returning its outputs in order; `out` has
+    /// their planned arena regions (a runner may ignore them and allocate).
     fn run_loop(
         &self,
         index: usize,
         k: &LoopKernel,
         inputs: &[&Tensor],
+        out: &mut Outputs,
     ) -> Result<Vec<Tensor>, String>;
 
     /// The thread pool contraction kernels run on (`None`: one thread, inline).
@@ -60,6 +70,7 @@ impl LoopRunner for ReferenceRunner {
         _: usize,
         k: &LoopKernel,
         inputs: &[&Tensor],
+        _: &mut Outputs,
     ) -> Result<Vec<Tensor>, String> {
         super::eval::run_loop(k, inputs)
     }
@@ -132,16 +143,18 @@ impl Plan {
         // Static shape arithmetic comes from the memo when an entry for these input shapes
         // exists (validated kernel by kernel); otherwise this run records one.
         let statics = self.memo.statics(self);
-        let memo_key: Vec<Vec<usize>> = if statics.count > 0 {
-            inputs.iter().map(|t| t.shape().to_vec()).collect()
-        } else {
-            Vec::new()
-        };
+        let shapes_key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let memo_entry = if statics.count > 0 {
-            self.memo.lookup(&memo_key)
+            self.memo.lookup(&shapes_key)
         } else {
             None
         };
+        // Intermediate values live in one arena block laid out by the plan the first run
+        // with these input shapes recorded; that first run allocates and records.
+        let layout = self.arenas.layout(&shapes_key);
+        let block = layout
+            .as_ref()
+            .and_then(|l| self.arenas.take(l.plan.arena_bytes));
         let mut memo_live = memo_entry.is_some();
         let mut memo_rec: Option<super::memo::Entry> = (statics.count > 0 && memo_entry.is_none())
             .then(|| super::memo::Entry {
@@ -173,8 +186,25 @@ impl Plan {
         for &o in &g.outputs {
             last_use[o.index()] = usize::MAX;
         }
-        // Lifetimes of the values kernels produce, for the memory plan of a reported run.
-        let mut intervals = report.as_ref().map(|_| Vec::new());
+        // Lifetimes of the values kernels produce: the arena layout of a first run, the
+        // memory plan of a reported one. `interval_of` finds a value's interval (a value that
+        // took over its input's buffer shares that buffer's), `takeovers` lists those values,
+        // and `arena_ok` marks the intervals of kernels that write into regions.
+        let mut intervals: Option<Vec<super::memory::Interval>> =
+            (report.is_some() || layout.is_none()).then(Vec::new);
+        let mut interval_of: Vec<Option<usize>> = vec![None; g.values.len()];
+        let mut arena_ok: Vec<bool> = Vec::new();
+        let mut takeovers = std::collections::HashSet::new();
+        let (mut in_arena_bytes, mut produced_bytes) = (0usize, 0usize);
+        let end_of = |o: ValueId, ki: usize| {
+            if g.outputs.contains(&o) {
+                self.kernels.len()
+            } else if last_use[o.index()] == usize::MAX {
+                ki
+            } else {
+                last_use[o.index()]
+            }
+        };
         for (ki, k) in self.kernels.iter().enumerate() {
             let slot = statics.slot[ki];
             if let Some(s) = slot {
@@ -236,8 +266,14 @@ impl Plan {
                     node.inputs.first(),
                     node.outputs.as_slice(),
                 ) {
-                    let owned_here =
-                        last_use[x.index()] == ki && matches!(env[x.index()], Some(Cow::Owned(_)));
+                    // A buffer in the arena moves on only where the recorded layout has it
+                    // move (its interval then covers the new value).
+                    let movable = |t: &Tensor| {
+                        t.data().storage() != kiln_ir::Storage::Region
+                            || layout.as_ref().is_some_and(|l| l.is_takeover(*o))
+                    };
+                    let owned_here = last_use[x.index()] == ki
+                        && matches!(&env[x.index()], Some(Cow::Owned(t)) if movable(t));
                     let shape = owned_here
                         .then(|| {
                             let ins: Vec<Option<&Tensor>> = node
@@ -275,18 +311,24 @@ impl Plan {
                                 });
                             }
                             if let Some(iv) = intervals.as_mut() {
-                                iv.push(super::memory::Interval {
-                                    value: *o,
-                                    bytes: t.len() * t.dtype().size(),
-                                    start: ki,
-                                    end: if g.outputs.contains(o) {
-                                        self.kernels.len()
-                                    } else if last_use[o.index()] == usize::MAX {
-                                        ki
-                                    } else {
-                                        last_use[o.index()]
-                                    },
-                                });
+                                match interval_of[x.index()] {
+                                    // The buffer's interval now runs to the new value's end.
+                                    Some(i) => {
+                                        iv[i].end = iv[i].end.max(end_of(*o, ki));
+                                        interval_of[o.index()] = Some(i);
+                                        takeovers.insert(*o);
+                                    }
+                                    None => {
+                                        interval_of[o.index()] = Some(iv.len());
+                                        arena_ok.push(false);
+                                        iv.push(super::memory::Interval {
+                                            value: *o,
+                                            bytes: t.len() * t.dtype().size(),
+                                            start: ki,
+                                            end: end_of(*o, ki),
+                                        });
+                                    }
+                                }
                             }
                             env[o.index()] = Some(Cow::Owned(t));
                             each_use(k, &mut |v| {
@@ -326,38 +368,53 @@ impl Plan {
                     )));
                 }
             }
+            let out_ids: Vec<ValueId> = match k {
+                Kernel::Loop(l) => l.outputs.iter().map(|o| o.0).collect(),
+                Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].outputs.clone(),
+            };
+            // The outputs' arena regions. Not for static kernels (the memo keeps their
+            // values), nor for graph outputs (returned to the caller), which the layout
+            // leaves out.
+            let mut regions = match (&block, &layout, slot) {
+                // SAFETY: `layout` was recorded for these input shapes, and every value is
+                // dropped from `env` at its last use, which is where its interval ends.
+                (Some(b), Some(l), None) => unsafe {
+                    super::arena::Outputs::planned(b, l, &out_ids)
+                },
+                _ => super::arena::Outputs::none(),
+            };
             let started = report.as_ref().map(|_| Instant::now());
-            let (outs, out_ids): (Vec<Tensor>, Vec<ValueId>) = match k {
+            let outs: Vec<Tensor> = match k {
                 Kernel::Loop(l) => {
                     let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
-                    let outs = runner.run_loop(ki, l, &flat).map_err(err)?;
-                    (outs, l.outputs.iter().map(|o| o.0).collect())
+                    runner.run_loop(ki, l, &flat, &mut regions).map_err(err)?
                 }
                 Kernel::Fallback(n) if super::glue::has_fast_path(g.nodes[*n].op) => {
                     let node = &g.nodes[*n];
                     let single = crate::pool::Pool::single();
                     let pool = runner.pool().unwrap_or(&single);
-                    let outs = match super::glue::run_fast_on(node, &ins, pool) {
+                    let outs = match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
                         Some(outs) => outs,
                         None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
                     };
-                    (outs, node.outputs.clone())
+                    outs
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];
                     let prepared = self.contractions.get(ki).and_then(|p| p.as_deref());
                     let fast = prepared.and_then(|p| match runner.pool() {
-                        Some(pool) => p.run(&ins, pool),
-                        None => p.run(&ins, &crate::pool::Pool::single()),
+                        Some(pool) => p.run(&ins, pool, &mut regions),
+                        None => p.run(&ins, &crate::pool::Pool::single(), &mut regions),
                     });
                     let mut outs = match fast {
                         Some(r) => r.map_err(err)?,
                         None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
                     };
                     outs.truncate(node.outputs.len());
-                    (outs, node.outputs.clone())
+                    outs
                 }
             };
+            drop(regions);
             if outs.len() != out_ids.len() {
                 return Err(err(format!(
                     "produced {} outputs, expected {}",
@@ -390,20 +447,23 @@ impl Plan {
                     nanos: t0.elapsed().as_nanos() as u64,
                 });
             }
+            for t in &outs {
+                let bytes = t.len() * t.dtype().size();
+                produced_bytes += bytes;
+                if t.data().storage() == kiln_ir::Storage::Region {
+                    in_arena_bytes += bytes;
+                }
+            }
             if let Some(iv) = intervals.as_mut() {
+                let writes_regions = slot.is_none() && takes_regions(k, g);
                 for (t, &o) in outs.iter().zip(&out_ids) {
-                    let end = if g.outputs.contains(&o) {
-                        self.kernels.len()
-                    } else if last_use[o.index()] == usize::MAX {
-                        ki
-                    } else {
-                        last_use[o.index()]
-                    };
+                    interval_of[o.index()] = Some(iv.len());
+                    arena_ok.push(writes_regions && !g.outputs.contains(&o));
                     iv.push(super::memory::Interval {
                         value: o,
                         bytes: t.len() * t.dtype().size(),
                         start: ki,
-                        end,
+                        end: end_of(o, ki),
                     });
                 }
             }
@@ -411,7 +471,11 @@ impl Plan {
                 rec.outs[s] = outs.clone();
             }
             for (t, o) in outs.into_iter().zip(out_ids) {
-                env[o.index()] = Some(Cow::Owned(t));
+                // A value nothing reads is dropped now, where its interval ends (its region
+                // may be another value's from the next kernel on).
+                if last_use[o.index()] != usize::MAX || g.outputs.contains(&o) {
+                    env[o.index()] = Some(Cow::Owned(t));
+                }
             }
             each_use(k, &mut |v| {
                 if last_use[v.index()] == ki {
@@ -420,24 +484,82 @@ impl Plan {
             });
         }
         if let Some(rec) = memo_rec {
-            self.memo.store(memo_key, rec);
+            self.memo.store(shapes_key.clone(), rec);
+        }
+        if let Some(iv) = &intervals {
+            if layout.is_none() {
+                // The arena holds the values of kernels that write into regions; a graph
+                // output's buffer goes to the caller.
+                let placed: Vec<_> = iv
+                    .iter()
+                    .zip(&arena_ok)
+                    .filter(|(_, &ok)| ok)
+                    .map(|(i, _)| *i)
+                    .collect();
+                let l = super::arena::ArenaLayout::new(super::memory::plan(&placed), takeovers);
+                self.arenas.store(shapes_key, l);
+            }
         }
         if let (Some(r), Some(iv)) = (report, intervals) {
             r.memory = super::memory::plan(&iv);
+            r.arena_bytes = block.as_ref().map_or(0, |b| b.bytes());
+            r.in_arena_bytes = in_arena_bytes;
+            r.produced_bytes = produced_bytes;
         }
-        g.outputs
+        // Outputs move to the caller, except arena regions (copied, so the block can be
+        // reused) and a value returned twice (the earlier copies are clones).
+        let outs = g
+            .outputs
             .iter()
-            .map(|&o| {
-                env[o.index()]
-                    .as_deref()
-                    .cloned()
-                    .ok_or_else(|| EvalError::Node {
-                        node: format!("%{}", g.value(o).name),
-                        op: "return".into(),
-                        inputs: String::new(),
-                        msg: "graph output was never computed".into(),
-                    })
+            .enumerate()
+            .map(|(i, &o)| {
+                let missing = || EvalError::Node {
+                    node: format!("%{}", g.value(o).name),
+                    op: "return".into(),
+                    inputs: String::new(),
+                    msg: "graph output was never computed".into(),
+                };
+                let last = !g.outputs[i + 1..].contains(&o);
+                match env[o.index()].take() {
+                    Some(Cow::Owned(t)) if t.data().storage() != kiln_ir::Storage::Region => {
+                        if !last {
+                            env[o.index()] = Some(Cow::Owned(t.clone()));
+                        }
+                        Ok(t)
+                    }
+                    Some(t) => {
+                        let out = t.as_ref().clone();
+                        env[o.index()] = Some(t);
+                        Ok(out)
+                    }
+                    None => Err(missing()),
+                }
             })
-            .collect()
+            .collect();
+        drop(env);
+        if let Some(b) = block {
+            self.arenas.give_back(b);
+        }
+        outs
+    }
+}
+
+/// Whether kernel `k` writes its outputs into arena regions when it has them (the loop
+/// runners, the contractions, and the glue transposes, concats, gathers and copies); other
+/// fallbacks allocate.
+fn takes_regions(k: &Kernel, g: &kiln_ir::Graph) -> bool {
+    match k {
+        Kernel::Loop(_) | Kernel::Contraction(_) => true,
+        Kernel::Fallback(n) => matches!(
+            g.nodes[*n].op,
+            kiln_ir::OpKind::Transpose
+                | kiln_ir::OpKind::Concat
+                | kiln_ir::OpKind::Gather
+                | kiln_ir::OpKind::Reshape
+                | kiln_ir::OpKind::Squeeze
+                | kiln_ir::OpKind::Unsqueeze
+                | kiln_ir::OpKind::Flatten
+                | kiln_ir::OpKind::Identity
+        ),
     }
 }

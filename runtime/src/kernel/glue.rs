@@ -1,11 +1,12 @@
 //! Native fast paths for ops the partitioner leaves as fallbacks: data movement (f32
-//! `transpose`, `gather`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
+//! `transpose`, `gather`, `concat`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
 //! `flatten`/`identity`/`shape`) and the fused row ops `inv_std`/`inv_rms`/`rotary` in f32,
 //! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
 //! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
 //! indices) returns `None` and runs through the interpreter, which defines the semantics
 //! and reports the errors (naming the node, through the executor).
 
+use super::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Elem, Node, OpKind, Tensor};
 
@@ -20,6 +21,7 @@ pub fn has_fast_path(op: OpKind) -> bool {
     matches!(
         op,
         OpKind::Transpose
+            | OpKind::Concat
             | OpKind::Gather
             | OpKind::Expand
             | OpKind::Reshape
@@ -53,17 +55,24 @@ pub fn is_view(op: OpKind) -> bool {
 
 /// The outputs of `node` computed natively, or `None` when it has no fast path here.
 pub fn run_fast(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
-    run_fast_on(node, ins, &Pool::single())
+    run_fast_on(node, ins, &Pool::single(), &mut Outputs::none())
 }
 
 /// [`run_fast`] with the large data movements (`transpose`) split over `pool`: at two
 /// threads a GEMM leaves half its output in each core's cache, and one thread moving all of
-/// it took longer than at one thread.
-pub fn run_fast_on(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
-    let out = match node.op {
-        OpKind::Transpose => return transpose(node, ins, pool),
+/// it took longer than at one thread. The transposes and copies write into their planned
+/// regions of `out` where they have one.
+pub fn run_fast_on(
+    node: &Node,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Vec<Tensor>> {
+    let y = match node.op {
+        OpKind::Transpose => return transpose(node, ins, pool, out),
         OpKind::Split => return split(node, ins),
-        OpKind::Gather => gather(node, ins)?,
+        OpKind::Gather => gather(node, ins, out)?,
+        OpKind::Concat => concat(node, ins, out)?,
         OpKind::Expand => expand(ins)?,
         OpKind::Reshape
         | OpKind::Squeeze
@@ -73,7 +82,13 @@ pub fn run_fast_on(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<
             let x = (*ins.first()?)?;
             let shape = movement_shape(node, ins)?;
             // The same elements under a new shape: one memcpy, no index map.
-            x.clone().reshaped(shape).ok()?
+            match (x.as_slice::<f32>(), out.region::<f32>(0, x.len())) {
+                (Some(src), Some(mut r)) if shape.iter().product::<usize>() == x.len() => {
+                    r.copy_from_slice(src);
+                    Tensor::from_buf(shape, r)
+                }
+                _ => x.clone().reshaped(shape).ok()?,
+            }
         }
         OpKind::Shape => shape_of(node, ins)?,
         OpKind::InvStd => row_stat(ins, true, pool)?,
@@ -88,10 +103,15 @@ pub fn run_fast_on(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<
         OpKind::Cos => unary_f64(ins, f64::cos)?,
         _ => return None,
     };
-    Some(vec![out])
+    Some(vec![y])
 }
 
-fn transpose(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
+fn transpose(
+    node: &Node,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    y: &mut Outputs,
+) -> Option<Vec<Tensor>> {
     let x = (*ins.first()?)?;
     let src = x.as_slice::<f32>()?;
     let shape = x.shape();
@@ -123,9 +143,14 @@ fn transpose(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Te
     let ist = in_st[rank - 1];
     let outer = &out_shape[..rank - 1];
     let rows = total / inner;
-    // Uninitialised: every output row is written below (by exactly one range).
-    let mut out: Vec<f32> = Vec::with_capacity(total);
-    let dst = SharedMut::new(out.spare_capacity_mut().as_mut_ptr().cast());
+    // The planned region, or fresh memory left uninitialised: every output row is written
+    // below (by exactly one range).
+    let mut region = y.region::<f32>(0, total);
+    let mut out: Vec<f32> = Vec::with_capacity(if region.is_some() { 0 } else { total });
+    let dst = match region.as_mut() {
+        Some(r) => SharedMut::new(r.as_mut_ptr()),
+        None => SharedMut::new(out.spare_capacity_mut().as_mut_ptr().cast()),
+    };
     // Output rows `lo..hi`: the odometer over the outer dims starts at row `lo`.
     let run = |lo: usize, hi: usize| {
         let mut idx = vec![0usize; rank - 1];
@@ -161,6 +186,9 @@ fn transpose(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Te
         pool.parallel_ranges(rows, |r| run(r.start, r.end));
     } else {
         run(0, rows);
+    }
+    if let Some(r) = region {
+        return Some(vec![Tensor::from_buf(out_shape, r)]);
     }
     // SAFETY: the ranges above cover rows `0..rows` and each wrote its `inner` values.
     unsafe { out.set_len(total) };
@@ -301,7 +329,7 @@ fn shape_of(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
 /// (the embedding lookup is one row memcpy per token). Indices are normalised per ONNX
 /// (negative counts from the end); an out-of-range one returns `None`, so the interpreter
 /// reports it against the node.
-fn gather(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+fn gather(node: &Node, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
     let x = (*ins.first()?)?;
     let ind = (*ins.get(1)?)?;
     let shape = x.shape();
@@ -325,22 +353,96 @@ fn gather(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
         idx: &[usize],
         (outer, n, inner): (usize, usize, usize),
         out: &[usize],
+        y: &mut Outputs,
     ) -> Option<Tensor> {
         let src = x.as_slice::<T>()?;
-        let mut v = Vec::with_capacity(outer.checked_mul(idx.len())?.checked_mul(inner)?);
-        for o in 0..outer {
-            for &i in idx {
-                let base = (o * n + i) * inner;
-                v.extend_from_slice(&src[base..base + inner]);
+        let total = outer.checked_mul(idx.len())?.checked_mul(inner)?;
+        Some(copy_blocks(y, out.to_vec(), total, |push| {
+            for o in 0..outer {
+                for &i in idx {
+                    let base = (o * n + i) * inner;
+                    push(&src[base..base + inner]);
+                }
             }
-        }
-        Some(Tensor::from_vec(out.to_vec(), v))
+        }))
     }
     let dims = (outer, n, inner);
-    go::<f32>(x, &idx, dims, &out)
-        .or_else(|| go::<i64>(x, &idx, dims, &out))
-        .or_else(|| go::<i32>(x, &idx, dims, &out))
-        .or_else(|| go::<bool>(x, &idx, dims, &out))
+    go::<f32>(x, &idx, dims, &out, y)
+        .or_else(|| go::<i64>(x, &idx, dims, &out, y))
+        .or_else(|| go::<i32>(x, &idx, dims, &out, y))
+        .or_else(|| go::<bool>(x, &idx, dims, &out, y))
+}
+
+/// `concat` along `axis`: for each index of the axes before it, every input's block in
+/// turn. Inputs that do not concat go to the interpreter (which reports why).
+fn concat(node: &Node, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
+    let xs: Vec<&Tensor> = ins.iter().copied().collect::<Option<_>>()?;
+    let first = *xs.first()?;
+    let rank = first.rank();
+    let a = norm_axis(node.attrs.int("axis").ok()??, rank)?;
+    let fits = |x: &Tensor| {
+        x.dtype() == first.dtype()
+            && x.rank() == rank
+            && (0..rank).all(|d| d == a || x.shape()[d] == first.shape()[d])
+    };
+    if !xs.iter().all(|x| fits(x)) {
+        return None;
+    }
+    let mut shape = first.shape().to_vec();
+    shape[a] = xs.iter().map(|x| x.shape()[a]).sum();
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product();
+    fn go<T: Elem>(
+        xs: &[&Tensor],
+        a: usize,
+        (outer, inner): (usize, usize),
+        shape: &[usize],
+        y: &mut Outputs,
+    ) -> Option<Tensor> {
+        let srcs: Vec<(&[T], usize)> = xs
+            .iter()
+            .map(|x| Some((x.as_slice::<T>()?, x.shape()[a] * inner)))
+            .collect::<Option<_>>()?;
+        let total = shape.iter().product();
+        Some(copy_blocks(y, shape.to_vec(), total, |push| {
+            for o in 0..outer {
+                for &(src, len) in &srcs {
+                    push(&src[o * len..(o + 1) * len]);
+                }
+            }
+        }))
+    }
+    let dims = (outer, inner);
+    go::<f32>(&xs, a, dims, &shape, y)
+        .or_else(|| go::<i64>(&xs, a, dims, &shape, y))
+        .or_else(|| go::<i32>(&xs, a, dims, &shape, y))
+        .or_else(|| go::<bool>(&xs, a, dims, &shape, y))
+}
+
+/// A tensor of `shape` made of the blocks `blocks` pushes, in order (`total` elements in
+/// all): written into output 0's region of `y` where it has one, else into a new vector.
+fn copy_blocks<T: Elem>(
+    y: &mut Outputs,
+    shape: Vec<usize>,
+    total: usize,
+    blocks: impl FnOnce(&mut dyn FnMut(&[T])),
+) -> Tensor {
+    match y.region::<T>(0, total) {
+        Some(mut r) => {
+            let mut at = 0;
+            blocks(&mut |b: &[T]| {
+                r[at..at + b.len()].copy_from_slice(b);
+                at += b.len();
+            });
+            debug_assert_eq!(at, total, "the blocks fill the output");
+            Tensor::from_buf(shape, r)
+        }
+        None => {
+            let mut v = Vec::with_capacity(total);
+            blocks(&mut |b: &[T]| v.extend_from_slice(b));
+            Tensor::from_vec(shape, v)
+        }
+    }
 }
 
 /// Strides of `shape` read at the broadcast shape `out` (right-aligned; 0 on a broadcast
@@ -756,7 +858,7 @@ mod tests {
                 outputs: vec![ValueId(1)],
                 name: String::new(),
             };
-            let got = run_fast_on(&node, &[Some(&x)], &pool).expect("fast path");
+            let got = run_fast_on(&node, &[Some(&x)], &pool, &mut Outputs::none()).expect("fast path");
             let want = kiln_ir::ops::eval(OpKind::Transpose, &attrs, &[Some(&x)]).unwrap();
             assert_eq!(got[0], want[0], "shape {shape:?} perm {perm:?}");
         }
@@ -1097,6 +1199,47 @@ mod tests {
             let got = run_fast(&n, &ins).expect("fast path").remove(0);
             assert_close(&got, &reference(&n, &ins), |_| 0.0, &format!("{op:?}"));
         }
+    }
+
+    #[test]
+    fn concat_matches_the_interpreter() {
+        let mut rng = StdRng::seed_from_u64(23);
+        for case in 0..CASES {
+            let shape = rand_shape(&mut rng);
+            let axis = rng.gen_range(0..shape.len());
+            let k = rng.gen_range(1..=4);
+            let xs: Vec<Tensor> = (0..k)
+                .map(|_| {
+                    let mut s = shape.clone();
+                    s[axis] = rng.gen_range(0..=5);
+                    let t = rand_f32(&mut rng, &s);
+                    // Every dtype with a fast path, not only f32.
+                    match case % 3 {
+                        0 => t,
+                        1 => t.cast(kiln_ir::DType::I64),
+                        _ => t.cast(kiln_ir::DType::Bool),
+                    }
+                })
+                .collect();
+            let ax = if case % 2 == 0 {
+                axis as i64
+            } else {
+                axis as i64 - shape.len() as i64
+            };
+            let attrs = Attrs::new().with("axis", Attr::Int(ax));
+            let nd = node(OpKind::Concat, attrs.clone(), k as u32);
+            let ins: Vec<Option<&Tensor>> = xs.iter().map(Some).collect();
+            let want = kiln_ir::ops::eval(OpKind::Concat, &attrs, &ins).expect("concats");
+            let got = run_fast(&nd, &ins).expect("fast path");
+            assert_eq!(got, want, "{shape:?} axis {ax}");
+        }
+        // Shapes that differ off the axis, and mixed dtypes: left to the interpreter.
+        let a = Tensor::from_vec(vec![2, 3], vec![0f32; 6]);
+        let b = Tensor::from_vec(vec![3, 3], vec![0f32; 9]);
+        let c = Tensor::from_vec(vec![2, 3], vec![0i64; 6]);
+        let nd = node(OpKind::Concat, Attrs::new().with("axis", Attr::Int(1)), 2);
+        assert!(run_fast(&nd, &[Some(&a), Some(&b)]).is_none());
+        assert!(run_fast(&nd, &[Some(&a), Some(&c)]).is_none());
     }
 
     #[test]

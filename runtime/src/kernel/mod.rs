@@ -2,6 +2,7 @@
 //! loop nests, contractions, interpreter fallbacks), the loop-kernel IR, its run-time
 //! binding, a portable evaluator, and the plan executor backends plug into.
 
+pub mod arena;
 pub mod contraction;
 pub mod eval;
 pub mod exec;

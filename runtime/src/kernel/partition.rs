@@ -34,6 +34,9 @@ pub struct Plan {
     pub contractions: Vec<Option<std::sync::Arc<super::contraction::Prepared>>>,
     /// Memoised shape arithmetic (see [`super::memo`]), filled by runs.
     pub(crate) memo: super::memo::ShapeMemo,
+    /// Arena layouts per input-shape set and reusable blocks (see [`super::arena`]),
+    /// filled by runs.
+    pub(crate) arenas: super::arena::Arenas,
 }
 
 /// Whether an op is a contraction (a GEMM-backed kernel).
@@ -245,6 +248,7 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
         constants,
         contractions,
         memo: Default::default(),
+        arenas: Default::default(),
     })
 }
 

@@ -6,7 +6,8 @@ use super::ir::{Expr, LoopKernel, UnOp};
 use super::layout::LoopShape;
 use super::par::{ParallelFor, Serial};
 use crate::pool::SharedMut;
-use kiln_ir::Tensor;
+use super::arena::Outputs;
+use kiln_ir::{Buf, Tensor};
 
 /// A compiled row function: `fn(in_ptrs, out_ptrs, n)`.
 pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
@@ -25,19 +26,21 @@ const TRANSCENDENTAL_WEIGHT: usize = 16;
 
 /// Runs a compiled row function over every row of the bound domain, on the calling thread.
 pub fn run_row_fn(f: RowFn, k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
-    run_rows(f, k, inputs, &Serial, usize::MAX)
+    run_rows(f, k, inputs, &Serial, usize::MAX, &mut Outputs::none())
 }
 
 /// Runs a compiled row function, splitting the rows through `par` when the kernel's
-/// estimated work reaches [`PAR_MIN_WORK`]. Every row is computed by the same code
-/// whichever thread runs it, so results are bit-identical for any thread count.
+/// estimated work reaches [`PAR_MIN_WORK`], its outputs in their planned regions of `out`
+/// where they have one. Every row is computed by the same code whichever thread runs it, so
+/// results are bit-identical for any thread count.
 pub fn run_row_fn_par(
     f: RowFn,
     k: &LoopKernel,
     inputs: &[&Tensor],
     par: &dyn ParallelFor,
+    out: &mut Outputs,
 ) -> Result<Vec<Tensor>, String> {
-    run_rows(f, k, inputs, par, PAR_MIN_WORK)
+    run_rows(f, k, inputs, par, PAR_MIN_WORK, out)
 }
 
 /// The work estimate of one domain element of `k` (see [`PAR_MIN_WORK`]).
@@ -66,29 +69,39 @@ fn un_weight(op: UnOp) -> usize {
 }
 
 /// Runs `f` over every row, splitting through `par` when the estimated work reaches
-/// `min_work`.
+/// `min_work`; outputs go to their regions in `out` where they have one.
 pub fn run_rows(
     f: RowFn,
     k: &LoopKernel,
     inputs: &[&Tensor],
     par: &dyn ParallelFor,
     min_work: usize,
+    out: &mut Outputs,
 ) -> Result<Vec<Tensor>, String> {
     let ls = LoopShape::bind(k, inputs)?;
     let data: Vec<&[f32]> = inputs
         .iter()
         .map(|t| t.as_slice::<f32>().ok_or("loop kernel input is not f32"))
         .collect::<Result<_, _>>()?;
-    let n = ls.n;
-    // Uninitialised: the row function writes all `n` values of every row (zeroing first
-    // cost as much as a simple elementwise kernel itself).
-    let mut outs: Vec<Vec<f32>> = (0..k.outputs.len())
-        .map(|_| Vec::with_capacity(ls.numel()))
+    let (n, numel) = (ls.n, ls.numel());
+    // An output's planned region, else fresh memory left uninitialised: the row function
+    // writes all `n` values of every row (zeroing first cost as much as a simple
+    // elementwise kernel itself).
+    let mut regions: Vec<Option<Buf<f32>>> = (0..k.outputs.len())
+        .map(|i| out.region::<f32>(i, numel))
+        .collect();
+    let mut outs: Vec<Vec<f32>> = regions
+        .iter()
+        .map(|r| Vec::with_capacity(if r.is_some() { 0 } else { numel }))
         .collect();
     let n_i64 = i64::try_from(n).map_err(|_| "row too long")?;
-    let bases: Vec<SharedMut> = outs
+    let bases: Vec<SharedMut> = regions
         .iter_mut()
-        .map(|o| SharedMut::new(o.spare_capacity_mut().as_mut_ptr().cast()))
+        .zip(outs.iter_mut())
+        .map(|(r, o)| match r {
+            Some(b) => SharedMut::new(b.as_mut_ptr()),
+            None => SharedMut::new(o.spare_capacity_mut().as_mut_ptr().cast()),
+        })
         .collect();
     let run_range = |lo: usize, hi: usize| {
         let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
@@ -119,11 +132,15 @@ pub fn run_rows(
     drop(bases);
     Ok(outs
         .into_iter()
-        .map(|mut v| {
-            // SAFETY: every row `0..rows` was run above, each writing its `n` values, and
-            // `rows · n = numel` (the capacity reserved).
-            unsafe { v.set_len(ls.numel()) };
-            Tensor::from_vec(ls.shape.clone(), v)
+        .zip(regions)
+        .map(|(mut v, r)| match r {
+            Some(b) => Tensor::from_buf(ls.shape.clone(), b),
+            None => {
+                // SAFETY: every row `0..rows` was run above, each writing its `n` values,
+                // and `rows · n = numel` (the capacity reserved).
+                unsafe { v.set_len(numel) };
+                Tensor::from_vec(ls.shape.clone(), v)
+            }
         })
         .collect())
 }

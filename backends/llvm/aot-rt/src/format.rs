@@ -87,8 +87,10 @@ pub fn split(g: &Graph, weights_id: u64) -> (Meta, Vec<u8>) {
     (meta, blob)
 }
 
-/// Parses the meta's text and puts the weights back from `blob`.
-pub fn restore(meta: &Meta, blob: &[u8]) -> Result<Graph, String> {
+/// Parses the meta's text and puts the weights back from `blob`: used in place where
+/// aligned (every entry starts on [`WEIGHTS_ALIGN`] in the blob), so the graph's weights
+/// are the library's `.rodata` or the mapped side file, not a copy.
+pub fn restore(meta: &Meta, blob: &bytes::Bytes) -> Result<Graph, String> {
     if blob.len() != meta.weights_len
         || blob.len() < 16
         || &blob[..8] != WEIGHTS_MAGIC
@@ -109,12 +111,16 @@ pub fn restore(meta: &Meta, blob: &[u8]) -> Result<Graph, String> {
             .get_mut(w.node)
             .filter(|n| n.op == OpKind::Constant)
             .ok_or_else(|| format!("weight entry names node #{}, not a constant", w.node))?;
-        let bytes = w
+        let end = w
             .offset
             .checked_add(w.nbytes)
-            .and_then(|end| blob.get(w.offset..end))
+            .filter(|&end| end <= blob.len())
             .ok_or_else(|| format!("weight of node #{} lies outside the blob", w.node))?;
-        let data = TensorData::from_le_bytes(w.dtype, bytes)?;
+        let bytes = blob.slice(w.offset..end);
+        let data = match TensorData::from_le_shared(w.dtype, &bytes) {
+            Some(d) => d,
+            None => TensorData::from_le_bytes(w.dtype, &bytes)?.into_shared(),
+        };
         let t = Tensor::new(w.shape.clone(), data)?;
         node.attrs.set("value", Attr::Tensor(Arc::new(t)));
     }
@@ -251,16 +257,27 @@ mod tests {
         assert!(!meta.text.contains("-3.0"), "payload left in the text");
         let back = Meta::decode(&meta.encode()).unwrap();
         assert_eq!(back, meta);
+        let blob = bytes::Bytes::from(blob);
         let g2 = restore(&back, &blob).unwrap();
         assert!(g2 == g, "restored graph differs");
+        // The weight is used in place: the blob's bytes, not a copy.
+        let w = g2
+            .nodes
+            .iter()
+            .find_map(|n| n.attrs.tensor("value").ok().flatten().filter(|t| t.len() > 8))
+            .expect("the restored weight");
+        assert_eq!(w.data().storage(), kiln_ir::Storage::Mapped);
+        let at = w.data().le_bytes().as_ptr() as usize - blob.as_ptr() as usize;
+        assert_eq!(at, meta.weights[0].offset);
     }
 
     #[test]
     fn mismatched_or_truncated_data_is_an_error() {
         let (meta, blob) = split(&graph(), 42);
         let (_, other) = split(&graph(), 43);
+        let (blob, other) = (bytes::Bytes::from(blob), bytes::Bytes::from(other));
         assert!(restore(&meta, &other).unwrap_err().contains("not the ones"));
-        assert!(restore(&meta, &blob[..blob.len() - 1]).is_err());
+        assert!(restore(&meta, &blob.slice(..blob.len() - 1)).is_err());
         let enc = meta.encode();
         assert!(Meta::decode(&enc[..enc.len() - 3]).is_err());
         assert!(Meta::decode(b"KILNAOT0").is_err());

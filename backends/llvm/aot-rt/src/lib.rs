@@ -163,18 +163,20 @@ unsafe fn create(
         (Some(p), _) => {
             let f = std::fs::File::open(p)
                 .map_err(|e| (Status::Io, format!("opening weights `{p}`: {e}")))?;
-            // SAFETY: the file is mapped read-only and only read while `restore` copies
-            // the payloads out; a concurrent writer could change what is read, not memory
-            // safety of the copy (the length was fixed at map time).
+            // SAFETY: the file is mapped read-only and the weights are used in place for
+            // the context's life: as with every mmap-based loader, the side file must not be
+            // truncated or modified while a context made from it exists.
             let map = unsafe { memmap2::Mmap::map(&f) }
                 .map_err(|e| (Status::Io, format!("mapping weights `{p}`: {e}")))?;
-            format::restore(&meta, &map).map_err(model)?
+            format::restore(&meta, &bytes::Bytes::from_owner(map)).map_err(model)?
         }
         (None, false) => {
-            // SAFETY: per this function's contract.
-            let blob =
+            // SAFETY: per this function's contract, `desc.weights` is the library's own
+            // `.rodata`, which stays mapped while the library is loaded, and so while any
+            // context runs its code: the weights are used in place.
+            let blob: &'static [u8] =
                 unsafe { std::slice::from_raw_parts(desc.weights, desc.weights_len as usize) };
-            format::restore(&meta, blob).map_err(model)?
+            format::restore(&meta, &bytes::Bytes::from_static(blob)).map_err(model)?
         }
         (None, true) => {
             return Err((

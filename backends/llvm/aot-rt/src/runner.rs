@@ -55,9 +55,10 @@ impl LoopRunner for AotRunner {
         index: usize,
         k: &LoopKernel,
         inputs: &[&Tensor],
+        out: &mut kiln_runtime::kernel::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         match self.fns.get(index).copied().flatten() {
-            Some(f) => run_row_fn_par(f, k, inputs, &self.pool),
+            Some(f) => run_row_fn_par(f, k, inputs, &self.pool, out),
             None => kiln_runtime::kernel::eval::run_loop(k, inputs),
         }
     }
