@@ -445,6 +445,10 @@ struct Profile {
     runs: usize,
     threads: usize,
     median_ms: f64,
+    /// The arena of the last profiled run: its block's bytes, the bytes of values written
+    /// into their regions, and the bytes of all values produced (outputs included); zeros
+    /// where the backend does not report them.
+    arena: (usize, usize, usize),
 }
 
 /// Sums per-kernel times over `runs` profiled runs after `first`.
@@ -459,8 +463,10 @@ fn profile_runs(
     for k in &mut kernels {
         k.nanos = 0;
     }
+    let mut arena = (0, 0, 0);
     for _ in 0..runs {
         let r = exe.run(named, inputs, true)?.unwrap_or_default();
+        arena = (r.arena_bytes, r.in_arena_bytes, r.produced_bytes);
         for (a, k) in kernels.iter_mut().zip(r.kernels) {
             a.nanos += k.nanos;
         }
@@ -471,6 +477,7 @@ fn profile_runs(
         runs,
         threads: exe.threads(),
         median_ms: 0.0,
+        arena,
     })
 }
 
@@ -758,6 +765,17 @@ fn profile_table(p: &Profile) -> String {
         per_run_ms(total),
         p.median_ms
     );
+    let (block, in_arena, produced) = p.arena;
+    if produced > 0 {
+        s += &format!(
+            "arena: a {:.2} MiB block; {:.2} of the {:.2} MiB of values produced per run \
+             ({:.0}%, outputs included) written in place\n",
+            mib(block),
+            mib(in_arena),
+            mib(produced),
+            100.0 * in_arena as f64 / produced as f64
+        );
+    }
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
     s += &format!(

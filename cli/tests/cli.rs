@@ -223,6 +223,11 @@ fn bench_reports_latency_per_thread_count_as_text_md_and_json() {
         out.contains("profile (jit, 2 threads)") && out.contains("contraction"),
         "{out}"
     );
+    // Profiled runs after the first put their values in the arena, and say so.
+    assert!(
+        out.contains("arena: a ") && out.contains("written in place"),
+        "{out}"
+    );
 
     let o = kiln(&["bench", &model, "--runs", "2", "--format", "md"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
