@@ -305,7 +305,10 @@ mod tests {
     fn shared_clones_share_until_written() {
         let a = Buf::shared(Arc::new(vec![1u8, 2, 3]));
         let mut b = a.clone();
-        assert_eq!((a.storage(), b.storage()), (Storage::Shared, Storage::Shared));
+        assert_eq!(
+            (a.storage(), b.storage()),
+            (Storage::Shared, Storage::Shared)
+        );
         assert_eq!(a.as_ptr(), b.as_ptr());
         b[2] = 0;
         assert_eq!(b.storage(), Storage::Owned);

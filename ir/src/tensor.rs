@@ -1,8 +1,8 @@
 //! Concrete tensors: a shape and a typed, row-major element buffer. This is what the
 //! interpreter computes on and what constants in the graph hold.
 
-use crate::DType;
 pub use crate::buf::{Buf, Storage};
+use crate::DType;
 use half::{bf16, f16};
 use std::fmt;
 
@@ -419,7 +419,7 @@ impl TensorData {
             let ptr = bytes.as_ptr();
             if T::DTYPE == DType::Bool
                 || cfg!(not(target_endian = "little"))
-                || bytes.len() % size != 0
+                || !bytes.len().is_multiple_of(size)
                 || !(ptr as usize).is_multiple_of(align_of::<T>())
             {
                 return None;

@@ -347,7 +347,9 @@ fn unsupported_dtypes_are_declined_not_miscomputed() {
     let a = Tensor::from_vec(vec![2, 3], vec![1.0f64; 6]);
     let b = Tensor::from_vec(vec![3, 2], vec![1.0f64; 6]);
     let p = prepare_op(OpKind::MatMul, &Attrs::new(), |_| None).unwrap();
-    assert!(p.run(&[Some(&a), Some(&b)], &Pool::single(), &mut Outputs::none()).is_none());
+    assert!(p
+        .run(&[Some(&a), Some(&b)], &Pool::single(), &mut Outputs::none())
+        .is_none());
 }
 
 #[test]
@@ -359,7 +361,9 @@ fn results_are_bit_identical_across_runs_on_a_shared_pool() {
     let q = rand_t(&mut rng, &[1, 4, 70, 64]);
     let attn = prepare_op(OpKind::Attention, &Attrs::new(), |_| None).unwrap();
     let pool = Pool::new(4).unwrap();
-    let run = |p: &Prepared, ins: &[Option<&Tensor>]| bits(&p.run(ins, &pool, &mut Outputs::none()).unwrap().unwrap()[0]);
+    let run = |p: &Prepared, ins: &[Option<&Tensor>]| {
+        bits(&p.run(ins, &pool, &mut Outputs::none()).unwrap().unwrap()[0])
+    };
     let (l0, a0) = (
         run(&lin, &[Some(&x), Some(&w)]),
         run(&attn, &[Some(&q), Some(&q), Some(&q)]),

@@ -41,6 +41,12 @@ impl Block {
     }
 }
 
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Block({} bytes)", self.bytes())
+    }
+}
+
 impl Drop for Block {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
@@ -83,10 +89,13 @@ impl ArenaLayout {
     }
 }
 
+/// A set of input shapes, in graph input order: what a layout is recorded for.
+type ShapesKey = Vec<Vec<usize>>;
+
 /// A plan's arena layouts (per input-shape set) and its free blocks.
 #[derive(Debug, Default)]
 pub struct Arenas {
-    layouts: Mutex<Vec<(Vec<Vec<usize>>, Arc<ArenaLayout>)>>,
+    layouts: Mutex<Vec<(ShapesKey, Arc<ArenaLayout>)>>,
     free: Mutex<Vec<Block>>,
 }
 
@@ -101,12 +110,6 @@ impl Clone for Arenas {
     }
 }
 
-impl std::fmt::Debug for Block {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Block({} bytes)", self.bytes())
-    }
-}
-
 impl Arenas {
     /// The layout recorded for these input shapes, if any.
     pub fn layout(&self, key: &[Vec<usize>]) -> Option<Arc<ArenaLayout>> {
@@ -115,7 +118,7 @@ impl Arenas {
     }
 
     /// Keeps `layout` for these input shapes (the oldest goes past [`MAX_LAYOUTS`]).
-    pub fn store(&self, key: Vec<Vec<usize>>, layout: ArenaLayout) {
+    pub fn store(&self, key: ShapesKey, layout: ArenaLayout) {
         let mut l = self.layouts.lock().unwrap_or_else(|e| e.into_inner());
         if l.iter().any(|(k, _)| *k == key) {
             return;

@@ -5,12 +5,12 @@
 //! not cover (other dtypes, layouts, attributes) returns `None` from [`Prepared::run`] and the
 //! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
 
+use super::arena::Outputs;
 use crate::kernels::attention::{self, Attention, Mask};
 use crate::kernels::conv::{pack_weight, patch_conv, PatchConv};
 use crate::kernels::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
-use super::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
 use std::collections::HashMap;

@@ -1,5 +1,7 @@
 //! Running a [`Plan`]: graph inputs checked against their declared types, kernels in
-//! order, each value freed after its last use. Loop kernels go to a [`LoopRunner`] (the
+//! order, each value freed after its last use and, from the second run with the same input
+//! shapes on, written into its region of an arena block ([`super::arena`]; the first run
+//! records the layout). Loop kernels go to a [`LoopRunner`] (the
 //! reference evaluator or a JIT); contractions to their prepared CPU routines
 //! ([`super::contraction`], on the runner's thread pool) or, where none applies, and
 //! fallbacks to the interpreter's ops.
@@ -393,11 +395,10 @@ impl Plan {
                     let node = &g.nodes[*n];
                     let single = crate::pool::Pool::single();
                     let pool = runner.pool().unwrap_or(&single);
-                    let outs = match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
+                    match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
                         Some(outs) => outs,
                         None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
-                    };
-                    outs
+                    }
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];

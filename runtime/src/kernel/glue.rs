@@ -858,7 +858,8 @@ mod tests {
                 outputs: vec![ValueId(1)],
                 name: String::new(),
             };
-            let got = run_fast_on(&node, &[Some(&x)], &pool, &mut Outputs::none()).expect("fast path");
+            let got =
+                run_fast_on(&node, &[Some(&x)], &pool, &mut Outputs::none()).expect("fast path");
             let want = kiln_ir::ops::eval(OpKind::Transpose, &attrs, &[Some(&x)]).unwrap();
             assert_eq!(got[0], want[0], "shape {shape:?} perm {perm:?}");
         }

@@ -2,11 +2,11 @@
 //! kernel's domain: the ABI both the Cranelift JIT and LLVM AOT backends emit) over every
 //! row, split across a [`ParallelFor`] when the kernel is big enough to pay for it.
 
+use super::arena::Outputs;
 use super::ir::{Expr, LoopKernel, UnOp};
 use super::layout::LoopShape;
 use super::par::{ParallelFor, Serial};
 use crate::pool::SharedMut;
-use super::arena::Outputs;
 use kiln_ir::{Buf, Tensor};
 
 /// A compiled row function: `fn(in_ptrs, out_ptrs, n)`.
