@@ -523,8 +523,16 @@ fn unaligned_weights_are_copied_once_and_shared() {
     std::fs::write(&path, with_init(t).encode_to_vec()).unwrap();
     let g = load_model(&path).unwrap();
     let w = g.constant_value(g.outputs[0]).unwrap();
-    let got: Vec<u32> = w.as_slice::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
-    let want: Vec<u32> = [1.0f32, f32::NAN, -0.0].iter().map(|x| x.to_bits()).collect();
+    let got: Vec<u32> = w
+        .as_slice::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    let want: Vec<u32> = [1.0f32, f32::NAN, -0.0]
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
     assert_eq!(got, want);
     // Offset 3 is not aligned for f32: one copy, which clones then share.
     assert_eq!(w.data().storage(), Storage::Shared);

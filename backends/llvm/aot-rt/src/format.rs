@@ -264,7 +264,13 @@ mod tests {
         let w = g2
             .nodes
             .iter()
-            .find_map(|n| n.attrs.tensor("value").ok().flatten().filter(|t| t.len() > 8))
+            .find_map(|n| {
+                n.attrs
+                    .tensor("value")
+                    .ok()
+                    .flatten()
+                    .filter(|t| t.len() > 8)
+            })
             .expect("the restored weight");
         assert_eq!(w.data().storage(), kiln_ir::Storage::Mapped);
         let at = w.data().le_bytes().as_ptr() as usize - blob.as_ptr() as usize;
