@@ -74,38 +74,44 @@ mod x86 {
         };
     }
 
-    mix!(
-        fma_only,
-        row2!(0, 1, 28),
-        row2!(2, 3, 28),
-        row2!(4, 5, 28),
-        row2!(6, 7, 28),
-        row2!(8, 9, 28),
-        row2!(10, 11, 28),
-        row2!(12, 13, 28),
-        row2!(14, 15, 28),
-        row2!(16, 17, 28),
-        row2!(18, 19, 28),
-        row2!(20, 21, 28),
-        row2!(22, 23, 28),
-    );
+    /// The 24 FMAs of a 12 × 32 tile, every row against the same zmm28.
+    macro_rules! fmas24 {
+        () => {
+            concat!(
+                row2!(0, 1, 28),
+                "\n",
+                row2!(2, 3, 28),
+                "\n",
+                row2!(4, 5, 28),
+                "\n",
+                row2!(6, 7, 28),
+                "\n",
+                row2!(8, 9, 28),
+                "\n",
+                row2!(10, 11, 28),
+                "\n",
+                row2!(12, 13, 28),
+                "\n",
+                row2!(14, 15, 28),
+                "\n",
+                row2!(16, 17, 28),
+                "\n",
+                row2!(18, 19, 28),
+                "\n",
+                row2!(20, 21, 28),
+                "\n",
+                row2!(22, 23, 28),
+            )
+        };
+    }
+
+    mix!(fma_only, fmas24!());
 
     mix!(
         b_loads_only,
         "vmovups zmm30, [{p}]",
         "vmovups zmm31, [{p} + 64]",
-        row2!(0, 1, 28),
-        row2!(2, 3, 28),
-        row2!(4, 5, 28),
-        row2!(6, 7, 28),
-        row2!(8, 9, 28),
-        row2!(10, 11, 28),
-        row2!(12, 13, 28),
-        row2!(14, 15, 28),
-        row2!(16, 17, 28),
-        row2!(18, 19, 28),
-        row2!(20, 21, 28),
-        row2!(22, 23, 28),
+        fmas24!(),
     );
 
     /// One row of the 12 × 32 tile: a broadcast of A at byte offset `$off`, two FMAs.

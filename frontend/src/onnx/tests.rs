@@ -459,31 +459,52 @@ fn external_data_escaping_the_folder_is_rejected() {
     }
 }
 
+fn kv(k: &str, v: &str) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: k.into(),
+        value: v.into(),
+    }
+}
+
+/// Writes `pad` zero bytes and then `xs` to `dir/file`, and returns an f32 tensor proto `w`
+/// of `xs.len()` elements that points there with `external` entries.
+fn external_f32(
+    dir: &std::path::Path,
+    file: &str,
+    pad: usize,
+    xs: &[f32],
+    external: Vec<StringStringEntryProto>,
+) -> TensorProto {
+    let mut bytes = vec![0u8; pad];
+    for x in xs {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(dir.join(file), &bytes).unwrap();
+    TensorProto {
+        dims: vec![xs.len() as i64],
+        data_type: 1,
+        name: "w".into(),
+        data_location: DATA_LOCATION_EXTERNAL,
+        external_data: external,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn external_data_is_read_at_offset_relative_to_the_model() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("data")).unwrap();
-    let mut bytes = vec![0u8; 8];
-    for x in [1.0f32, -2.0, 3.5] {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(dir.path().join("data/w.bin"), &bytes).unwrap();
-    let kv = |k: &str, v: &str| StringStringEntryProto {
-        key: k.into(),
-        value: v.into(),
-    };
-    let t = TensorProto {
-        dims: vec![3],
-        data_type: 1,
-        name: "w".into(),
-        data_location: DATA_LOCATION_EXTERNAL,
-        external_data: vec![
+    let t = external_f32(
+        dir.path(),
+        "data/w.bin",
+        8,
+        &[1.0, -2.0, 3.5],
+        vec![
             kv("location", "data/w.bin"),
             kv("offset", "8"),
             kv("length", "12"),
         ],
-        ..Default::default()
-    };
+    );
     let path = dir.path().join("m.onnx");
     std::fs::write(&path, with_init(t.clone()).encode_to_vec()).unwrap();
     let g = load_model(&path).unwrap();
@@ -502,23 +523,13 @@ fn external_data_is_read_at_offset_relative_to_the_model() {
 #[test]
 fn unaligned_weights_are_copied_once_and_shared() {
     let dir = tempfile::tempdir().unwrap();
-    let mut bytes = vec![0u8; 3];
-    for x in [1.0f32, f32::NAN, -0.0] {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(dir.path().join("w.bin"), &bytes).unwrap();
-    let kv = |k: &str, v: &str| StringStringEntryProto {
-        key: k.into(),
-        value: v.into(),
-    };
-    let t = TensorProto {
-        dims: vec![3],
-        data_type: 1,
-        name: "w".into(),
-        data_location: DATA_LOCATION_EXTERNAL,
-        external_data: vec![kv("location", "w.bin"), kv("offset", "3")],
-        ..Default::default()
-    };
+    let t = external_f32(
+        dir.path(),
+        "w.bin",
+        3,
+        &[1.0, f32::NAN, -0.0],
+        vec![kv("location", "w.bin"), kv("offset", "3")],
+    );
     let path = dir.path().join("m.onnx");
     std::fs::write(&path, with_init(t).encode_to_vec()).unwrap();
     let g = load_model(&path).unwrap();
