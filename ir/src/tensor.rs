@@ -409,11 +409,21 @@ impl TensorData {
         })
     }
 
-    /// The elements encoded little-endian in `bytes`, used in place where the target is
-    /// little-endian, the dtype is not bool and `bytes` is aligned for it (a weight in a
-    /// memory-mapped model file: no copy, and its pages are shared with the page cache).
-    /// `None` where the layout does not allow it; [`TensorData::from_le_bytes`] copies.
-    pub fn from_le_shared(dtype: DType, bytes: &bytes::Bytes) -> Option<TensorData> {
+    /// The elements encoded little-endian in `bytes`, for weights: used in place where the
+    /// target is little-endian, the dtype is not bool and `bytes` is aligned for it (a
+    /// memory-mapped model file: no copy, its pages shared with the page cache), else
+    /// decoded once into a buffer that clones share ([`TensorData::into_shared`]). Errors
+    /// as [`TensorData::from_le_bytes`].
+    pub fn from_le_shared(dtype: DType, bytes: &bytes::Bytes) -> Result<TensorData, String> {
+        match Self::mapped_le(dtype, bytes) {
+            Some(d) => Ok(d),
+            None => Ok(Self::from_le_bytes(dtype, bytes)?.into_shared()),
+        }
+    }
+
+    /// [`TensorData::from_le_shared`]'s in-place case; `None` where the layout does not
+    /// allow it.
+    fn mapped_le(dtype: DType, bytes: &bytes::Bytes) -> Option<TensorData> {
         fn mk<T: Elem>(bytes: &bytes::Bytes) -> Option<TensorData> {
             let size = size_of::<T>();
             let ptr = bytes.as_ptr();

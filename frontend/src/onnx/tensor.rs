@@ -74,7 +74,8 @@ pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Ten
 }
 
 /// The elements in `bytes`: used in place (in the memory-mapped file) where the layout
-/// allows ([`TensorData::from_le_shared`]: aligned, little-endian, not bool), else copied.
+/// allows ([`TensorData::from_le_shared`]: aligned, little-endian, not bool), else copied
+/// once into a buffer its clones share.
 fn from_bytes(
     t: &TensorProto,
     dtype: DType,
@@ -91,10 +92,7 @@ fn from_bytes(
             ),
         ));
     }
-    match TensorData::from_le_shared(dtype, bytes) {
-        Some(data) => Ok(data),
-        None => TensorData::from_le_bytes(dtype, bytes).map_err(|m| err(t, m)),
-    }
+    TensorData::from_le_shared(dtype, bytes).map_err(|m| err(t, m))
 }
 
 fn typed_len(t: &TensorProto) -> usize {

@@ -143,56 +143,52 @@ fn transpose(
     let ist = in_st[rank - 1];
     let outer = &out_shape[..rank - 1];
     let rows = total / inner;
-    // The planned region, or fresh memory left uninitialised: every output row is written
-    // below (by exactly one range).
-    let mut region = y.region::<f32>(0, total);
-    let mut out: Vec<f32> = Vec::with_capacity(if region.is_some() { 0 } else { total });
-    let dst = match region.as_mut() {
-        Some(r) => SharedMut::new(r.as_mut_ptr()),
-        None => SharedMut::new(out.spare_capacity_mut().as_mut_ptr().cast()),
-    };
-    // Output rows `lo..hi`: the odometer over the outer dims starts at row `lo`.
-    let run = |lo: usize, hi: usize| {
-        let mut idx = vec![0usize; rank - 1];
-        let mut rest = lo;
-        for d in (0..outer.len()).rev() {
-            idx[d] = rest % outer[d];
-            rest /= outer[d];
-        }
-        let mut off: usize = idx.iter().zip(&in_st).map(|(i, s)| i * s).sum();
-        for r in lo..hi {
-            // SAFETY: row `r < rows` of the `rows · inner = total` reserved values, written
-            // by this range only.
-            let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * inner), inner) };
-            if ist == 1 {
-                row.copy_from_slice(&src[off..off + inner]);
-            } else {
-                for (j, y) in row.iter_mut().enumerate() {
-                    *y = src[off + j * ist];
-                }
-            }
+    // Into the planned region, or fresh memory left uninitialised: every output row is
+    // written below (by exactly one range).
+    let fill = |out: &mut [std::mem::MaybeUninit<f32>]| -> Result<(), std::convert::Infallible> {
+        let dst = SharedMut::new(out.as_mut_ptr().cast());
+        // Output rows `lo..hi`: the odometer over the outer dims starts at row `lo`.
+        let run = |lo: usize, hi: usize| {
+            let mut idx = vec![0usize; rank - 1];
+            let mut rest = lo;
             for d in (0..outer.len()).rev() {
-                idx[d] += 1;
-                off += in_st[d];
-                if idx[d] < outer[d] {
-                    break;
-                }
-                off -= in_st[d] * outer[d];
-                idx[d] = 0;
+                idx[d] = rest % outer[d];
+                rest /= outer[d];
             }
+            let mut off: usize = idx.iter().zip(&in_st).map(|(i, s)| i * s).sum();
+            for r in lo..hi {
+                // SAFETY: row `r < rows` of the `rows · inner = total` reserved values, written
+                // by this range only.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * inner), inner) };
+                if ist == 1 {
+                    row.copy_from_slice(&src[off..off + inner]);
+                } else {
+                    for (j, y) in row.iter_mut().enumerate() {
+                        *y = src[off + j * ist];
+                    }
+                }
+                for d in (0..outer.len()).rev() {
+                    idx[d] += 1;
+                    off += in_st[d];
+                    if idx[d] < outer[d] {
+                        break;
+                    }
+                    off -= in_st[d] * outer[d];
+                    idx[d] = 0;
+                }
+            }
+        };
+        if total >= PAR_MIN_MOVE && pool.threads() > 1 && rows > 1 {
+            pool.parallel_ranges(rows, |r| run(r.start, r.end));
+        } else {
+            run(0, rows);
         }
+        Ok(())
     };
-    if total >= PAR_MIN_MOVE && pool.threads() > 1 && rows > 1 {
-        pool.parallel_ranges(rows, |r| run(r.start, r.end));
-    } else {
-        run(0, rows);
-    }
-    if let Some(r) = region {
-        return Some(vec![Tensor::from_buf(out_shape, r)]);
-    }
-    // SAFETY: the ranges above cover rows `0..rows` and each wrote its `inner` values.
-    unsafe { out.set_len(total) };
-    Some(vec![Tensor::from_vec(out_shape, out)])
+    // SAFETY: the ranges above cover rows `0..rows`, each writing its `inner` values.
+    let Ok(out) = unsafe { y.write_f32(0, total, fill) };
+    Some(vec![Tensor::from_buf(out_shape, out)])
 }
 
 /// Elements from which a transpose or a row statistic is split over the pool.

@@ -117,10 +117,7 @@ pub fn restore(meta: &Meta, blob: &bytes::Bytes) -> Result<Graph, String> {
             .filter(|&end| end <= blob.len())
             .ok_or_else(|| format!("weight of node #{} lies outside the blob", w.node))?;
         let bytes = blob.slice(w.offset..end);
-        let data = match TensorData::from_le_shared(w.dtype, &bytes) {
-            Some(d) => d,
-            None => TensorData::from_le_bytes(w.dtype, &bytes)?.into_shared(),
-        };
+        let data = TensorData::from_le_shared(w.dtype, &bytes)?;
         let t = Tensor::new(w.shape.clone(), data)?;
         node.attrs.set("value", Attr::Tensor(Arc::new(t)));
     }
