@@ -11,8 +11,9 @@
 //! # }
 //! ```
 //!
-//! This crate and the CLI are the only ones that depend on a backend; the IR, the optimiser
-//! and the runtime know nothing of Cranelift.
+//! [`Model`] is kiln's one model type: every CLI command goes through it. This crate and the
+//! CLI are the only ones that depend on a backend; the IR, the optimiser, the plan and the
+//! CPU runtime know nothing of Cranelift or LLVM.
 
 use kiln_cranelift::{JitExecutable, JitOptions};
 use kiln_ir::interp::EvalError;
@@ -22,26 +23,37 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use kiln_ir::{DType, Shape, Tensor, TensorType};
-pub use kiln_runtime::kernel::{KernelTime, MemoryPlan, RunReport};
+pub use kiln_plan::MemoryPlan;
+pub use kiln_runtime::kernel::{KernelTime, RunReport};
+
+mod aot;
 
 /// Which executor runs the compiled model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
-    /// The Cranelift JIT with the runtime's GEMM and kernels (the fast path).
+    /// The Cranelift JIT with the CPU runtime's GEMM and kernels (the fast path).
     #[default]
     Jit,
+    /// An ahead-of-time shared library built by LLVM (as `kiln build` makes it), loaded
+    /// with dlopen. Runs of one executable take turns (the library's context is not
+    /// shared between threads). Needs the `aot` feature (on by default).
+    Aot,
     /// The reference interpreter: slow, defines what every op means.
     Interp,
+}
+
+impl Backend {
+    /// Every backend, in the order the CLI lists them.
+    pub const ALL: [Backend; 3] = [Backend::Jit, Backend::Aot, Backend::Interp];
 }
 
 impl std::str::FromStr for Backend {
     type Err = String;
     fn from_str(s: &str) -> Result<Backend, String> {
-        match s {
-            "jit" => Ok(Backend::Jit),
-            "interp" => Ok(Backend::Interp),
-            _ => Err(format!("unknown backend `{s}` (expected jit or interp)")),
-        }
+        Backend::ALL
+            .into_iter()
+            .find(|b| b.to_string() == s)
+            .ok_or_else(|| format!("unknown backend `{s}` (expected jit, aot or interp)"))
     }
 }
 
@@ -49,6 +61,7 @@ impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Backend::Jit => "jit",
+            Backend::Aot => "aot",
             Backend::Interp => "interp",
         })
     }
@@ -84,7 +97,7 @@ impl Default for Options {
 pub enum Error {
     /// The file could not be read, imported or verified.
     #[error(transparent)]
-    Load(#[from] kiln_runtime::LoadError),
+    Load(#[from] kiln_frontend::LoadError),
     /// The optimiser failed or a pass toggle named no pass.
     #[error("optimising the graph (opt_level 0 skips it): {0}")]
     Optimise(#[from] kiln_passes::ManagerError),
@@ -168,9 +181,7 @@ pub struct Model {
 impl Model {
     /// Loads an ONNX file, or kiln's text form when the extension is `.kir`.
     pub fn load(path: impl AsRef<Path>) -> Result<Model, Error> {
-        Ok(Model::from_graph(
-            kiln_runtime::Model::load(path)?.graph().clone(),
-        ))
+        Ok(Model::from_graph(kiln_frontend::load(path)?))
     }
 
     /// Wraps a graph built in memory (it should verify).
@@ -223,6 +234,7 @@ impl Model {
                     msg: e.to_string(),
                 })?,
             )),
+            Backend::Aot => Inner::Aot(aot::Aot::build(&graph, opts.threads)?),
             Backend::Interp => Inner::Interp,
         };
         Ok(Executable {
@@ -239,6 +251,7 @@ impl Model {
 
 enum Inner {
     Jit(Box<JitExecutable>),
+    Aot(aot::Aot),
     Interp,
 }
 
@@ -285,6 +298,7 @@ impl Executable {
         self.check(&inputs)?;
         Ok(match &self.inner {
             Inner::Jit(j) => j.run(inputs)?,
+            Inner::Aot(a) => a.run(&inputs)?,
             Inner::Interp => kiln_ir::run(&self.graph, inputs)?,
         })
     }
@@ -299,6 +313,14 @@ impl Executable {
         self.check(&ordered)?;
         Ok(match &self.inner {
             Inner::Jit(j) => j.run_profiled(ordered)?,
+            Inner::Aot(a) => {
+                let (outs, kernels) = a.run_profiled(&ordered)?;
+                let report = RunReport {
+                    kernels,
+                    ..RunReport::default()
+                };
+                (outs, report)
+            }
             Inner::Interp => {
                 let start = Instant::now();
                 let outs = kiln_ir::run(&self.graph, ordered)?;
@@ -336,6 +358,7 @@ impl Executable {
     pub fn threads(&self) -> usize {
         match &self.inner {
             Inner::Jit(j) => j.threads(),
+            Inner::Aot(a) => a.threads(),
             Inner::Interp => 1,
         }
     }
@@ -355,11 +378,12 @@ impl Executable {
         &self.graph
     }
 
-    /// How many kernels the JIT compiled to native code and how many it has in all
-    /// (`None` for the interpreter).
+    /// How many kernels the backend compiled to native code and how many the plan has in
+    /// all (`None` for the interpreter).
     pub fn kernel_counts(&self) -> Option<(usize, usize)> {
         match &self.inner {
             Inner::Jit(j) => Some((j.jit_kernel_count(), j.plan().kernels.len())),
+            Inner::Aot(a) => Some(a.kernel_counts()),
             Inner::Interp => None,
         }
     }

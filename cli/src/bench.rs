@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::{Backend, Executable, Model, Options, RunReport, Tensor};
-use kiln_runtime::TestData;
+use kiln_reference::TestData;
 use rand::SeedableRng;
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -52,7 +52,7 @@ pub struct BenchArgs {
     /// Which executors run the model, comma-separated: jit, interp, aot (a library built
     /// with `kiln build` into a temporary folder and loaded with dlopen).
     #[arg(long, value_delimiter = ',', default_value = "jit")]
-    backend: Vec<BenchBackend>,
+    backend: Vec<Backend>,
     /// Optimisation level (0: as imported, 1: default pipeline).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     opt: u8,
@@ -70,167 +70,22 @@ pub struct BenchArgs {
     python: Option<PathBuf>,
 }
 
-/// An executor `kiln bench` can measure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BenchBackend {
-    /// Through the host API (`jit` or `interp`).
-    Kiln(Backend),
-    /// A shared library from `kiln build`.
-    Aot,
-}
-
-impl std::str::FromStr for BenchBackend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<BenchBackend, String> {
-        match s {
-            "aot" => Ok(BenchBackend::Aot),
-            _ => s
-                .parse::<Backend>()
-                .map(BenchBackend::Kiln)
-                .map_err(|_| format!("unknown backend `{s}` (expected jit, interp or aot)")),
-        }
+/// One run; with `profile`, the per-kernel times and memory plan too.
+fn run_once(
+    exe: &Executable,
+    named: &[(&str, Tensor)],
+    profile: bool,
+) -> Result<Option<RunReport>> {
+    if profile {
+        return Ok(Some(exe.run_profiled(named)?.1));
     }
-}
-
-impl std::fmt::Display for BenchBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BenchBackend::Kiln(b) => b.fmt(f),
-            BenchBackend::Aot => f.write_str("aot"),
-        }
-    }
-}
-
-/// A compiled model under measurement.
-enum Compiled {
-    Kiln(Executable),
-    Aot {
-        lib: kiln_llvm::AotLibrary,
-        /// For each library input, its index in the bench inputs.
-        order: Vec<usize>,
-        threads: usize,
-        compile: Duration,
-        /// Kernel labels of the plan the library was built from (for `--profile`).
-        labels: Vec<String>,
-        /// Holds the library file until the run ends.
-        _dir: tempfile::TempDir,
-    },
-}
-
-impl Compiled {
-    fn compile(
-        model: &Model,
-        backend: BenchBackend,
-        threads: usize,
-        opt: u8,
-        inputs: &[(String, Tensor)],
-    ) -> Result<Compiled> {
-        let opts = Options {
-            threads,
-            opt_level: opt,
-            backend: match backend {
-                BenchBackend::Kiln(b) => b,
-                BenchBackend::Aot => Backend::Jit,
-            },
-            ..Options::default()
-        };
-        if let BenchBackend::Kiln(_) = backend {
-            return Ok(Compiled::Kiln(model.compile(&opts)?));
-        }
-        let start = Instant::now();
-        let g = model.optimised(&opts)?;
-        let dir = tempfile::tempdir().context("creating a folder for the AOT library")?;
-        let path = dir.path().join("libmodel.so");
-        kiln_llvm::build_library(&g, &path, &kiln_llvm::BuildOptions::default())
-            .context("building the AOT library")?;
-        let mut lib = kiln_llvm::AotLibrary::load(&path, None)?;
-        let threads = if threads == 0 {
-            kiln_runtime::kernels::gemm::physical_cores()
-        } else {
-            threads
-        };
-        lib.set_threads(threads)?;
-        let order = lib
-            .inputs()
-            .iter()
-            .map(|d| {
-                inputs
-                    .iter()
-                    .position(|(n, _)| *n == d.name)
-                    .with_context(|| format!("the library's input `{}` has no value", d.name))
-            })
-            .collect::<Result<_>>()?;
-        let compile = start.elapsed();
-        // The library re-partitions the same graph the same way, so kernel i is plan kernel i.
-        let labels = match kiln_runtime::kernel::partition(&g) {
-            Ok(plan) => (0..plan.kernels.len()).map(|i| plan.label(i)).collect(),
-            Err(_) => vec![],
-        };
-        Ok(Compiled::Aot {
-            lib,
-            order,
-            threads,
-            compile,
-            labels,
-            _dir: dir,
-        })
-    }
-
-    fn threads(&self) -> usize {
-        match self {
-            Compiled::Kiln(e) => e.threads(),
-            Compiled::Aot { threads, .. } => *threads,
-        }
-    }
-
-    fn compile_time(&self) -> Duration {
-        match self {
-            Compiled::Kiln(e) => e.compile_time(),
-            Compiled::Aot { compile, .. } => *compile,
-        }
-    }
-
-    /// One run; with `profile`, the per-kernel times and memory plan too.
-    fn run(
-        &mut self,
-        named: &[(&str, Tensor)],
-        inputs: &[(String, Tensor)],
-        profile: bool,
-    ) -> Result<Option<RunReport>> {
-        match self {
-            Compiled::Kiln(e) if profile => Ok(Some(e.run_profiled(named)?.1)),
-            Compiled::Kiln(e) => e.run(named).map(|_| None).map_err(Into::into),
-            Compiled::Aot {
-                lib, order, labels, ..
-            } => {
-                let ordered: Vec<Tensor> = order.iter().map(|&i| inputs[i].1.clone()).collect();
-                if !profile {
-                    lib.run(&ordered)?;
-                    return Ok(None);
-                }
-                let (_, times) = lib.run_profiled(&ordered)?;
-                let kernels = times
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, t)| kiln::KernelTime {
-                        label: labels.get(i).cloned().unwrap_or_else(|| format!("#{i}")),
-                        kind: t.kind,
-                        op: t.kind.to_string(),
-                        nanos: t.nanos,
-                    })
-                    .collect();
-                Ok(Some(RunReport {
-                    kernels,
-                    ..RunReport::default()
-                }))
-            }
-        }
-    }
+    exe.run(named)?;
+    Ok(None)
 }
 
 /// One (backend, thread count)'s figures.
 struct Row {
-    backend: BenchBackend,
+    backend: Backend,
     threads: usize,
     compile_ms: f64,
     median_ms: f64,
@@ -283,7 +138,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 0,
                 format!("{name}: {backend}, compiling ({threads} threads)"),
             );
-            let mut exe = Compiled::compile(&model, backend, threads, args.opt, &inputs)?;
+            let exe = model.compile(&Options {
+                threads,
+                opt_level: args.opt,
+                backend,
+                ..Options::default()
+            })?;
             bar.finish_and_clear();
             let bar = progress(
                 show,
@@ -298,7 +158,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let mut times = Vec::with_capacity(args.runs);
             let mut ort_times = Vec::with_capacity(args.runs);
             for _ in 0..args.warmup {
-                exe.run(&named, &inputs, false)
+                run_once(&exe, &named, false)
                     .with_context(|| format!("running {}", args.model.display()))?;
                 bar.inc(1);
             }
@@ -309,12 +169,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                     // Let ORT's spinning threads go to sleep, then warm the caches back up.
                     std::thread::sleep(ROUND_PAUSE);
                     for _ in 0..ROUND_WARMUP {
-                        exe.run(&named, &inputs, false)?;
+                        run_once(&exe, &named, false)?;
                     }
                 }
                 for _ in 0..n {
                     let start = Instant::now();
-                    exe.run(&named, &inputs, false)
+                    run_once(&exe, &named, false)
                         .with_context(|| format!("running {}", args.model.display()))?;
                     times.push(start.elapsed());
                     bar.inc(1);
@@ -329,15 +189,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 Some(o) => Some(o.finish(&mut ort_times)?),
                 None => None,
             };
-            let report = exe.run(&named, &inputs, true)?.unwrap_or_default();
+            let report = run_once(&exe, &named, true)?.unwrap_or_default();
             if args.profile {
-                profile = Some(profile_runs(
-                    &mut exe,
-                    &named,
-                    &inputs,
-                    args.runs,
-                    report.clone(),
-                )?);
+                profile = Some(profile_runs(&exe, &named, args.runs, report.clone())?);
             }
             let (median_ms, min_ms) = median_min(&mut times);
             if let Some(p) = &mut profile {
@@ -440,7 +294,7 @@ fn bench_inputs(args: &BenchArgs, model: &Model) -> Result<(Vec<(String, Tensor)
 
 /// Per-kernel times summed over profiled runs, and the unprofiled median run for scale.
 struct Profile {
-    backend: BenchBackend,
+    backend: Backend,
     kernels: Vec<kiln::KernelTime>,
     runs: usize,
     threads: usize,
@@ -453,9 +307,8 @@ struct Profile {
 
 /// Sums per-kernel times over `runs` profiled runs after `first`.
 fn profile_runs(
-    exe: &mut Compiled,
+    exe: &Executable,
     named: &[(&str, Tensor)],
-    inputs: &[(String, Tensor)],
     runs: usize,
     first: RunReport,
 ) -> Result<Profile> {
@@ -465,14 +318,14 @@ fn profile_runs(
     }
     let mut arena = (0, 0, 0);
     for _ in 0..runs {
-        let r = exe.run(named, inputs, true)?.unwrap_or_default();
+        let r = run_once(exe, named, true)?.unwrap_or_default();
         arena = (r.arena_bytes, r.in_arena_bytes, r.produced_bytes);
         for (a, k) in kernels.iter_mut().zip(r.kernels) {
             a.nanos += k.nanos;
         }
     }
     Ok(Profile {
-        backend: BenchBackend::Aot,
+        backend: Backend::Aot,
         kernels,
         runs,
         threads: exe.threads(),

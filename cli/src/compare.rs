@@ -3,8 +3,8 @@
 //! output. Exit 2 when an output differs by more than the model tolerance.
 
 use anyhow::{bail, Context, Result};
+use kiln::{Backend, Model, Options};
 use kiln_ir::{DType, Dim, Graph, Tensor, TensorData};
-use kiln_runtime::Model;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,17 +34,23 @@ pub struct CompareArgs {
 pub fn compare_cmd(args: &CompareArgs) -> Result<ExitCode> {
     let model = Model::load(&args.model)?;
     let g = model.graph();
-    let mut opt = g.clone();
-    let mut pm = kiln_passes::default_pipeline();
-    pm.configure(&args.passes)?;
-    pm.run(&mut opt).context("optimising the graph")?;
+    // Both graphs run on the reference interpreter: the difference is the optimiser's.
+    let interp = |opt_level| Options {
+        opt_level,
+        passes: args.passes.clone(),
+        backend: Backend::Interp,
+        ..Options::default()
+    };
+    let unopt = model.compile(&interp(0))?;
+    let optimised = model.compile(&interp(1)).context("optimising the graph")?;
+    let opt = optimised.graph();
     let inputs = random_inputs(&args.model, g, &args.dims, args.random_inputs_seed)?;
     let named: Vec<(&str, Tensor)> = inputs
         .iter()
         .map(|(n, t)| (n.as_str(), t.clone()))
         .collect();
-    let want = model.run(&named).context("running the unoptimised graph")?;
-    let got = Model::from_graph(opt.clone())
+    let want = unopt.run(&named).context("running the unoptimised graph")?;
+    let got = optimised
         .run(&named)
         .context("running the optimised graph")?;
     println!(

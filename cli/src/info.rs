@@ -4,7 +4,7 @@ use kiln_ir::OpKind;
 use std::path::Path;
 
 pub fn info(path: &Path) -> anyhow::Result<()> {
-    let model = kiln_runtime::Model::load(path)?;
+    let model = kiln::Model::load(path)?;
     let g = model.graph();
     println!("model: {} (graph @{})", path.display(), g.name);
     if let Some(opsets) = kiln_frontend::onnx::opsets_of(path) {

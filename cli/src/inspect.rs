@@ -57,7 +57,7 @@ struct Row {
 }
 
 pub fn inspect(args: &InspectArgs) -> Result<()> {
-    let model = kiln_runtime::Model::load(&args.model)?;
+    let model = kiln::Model::load(&args.model)?;
     let original = model.graph().clone();
     let cm = cost_model(&args.model, &original, &args.dims)?;
 

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
 
 fn convert(model: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
-    let m = kiln_runtime::Model::load(model)?;
+    let m = kiln::Model::load(model)?;
     let text = kiln_ir::text::print(m.graph());
     std::fs::write(output, text).with_context(|| format!("writing {}", output.display()))?;
     println!(

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use kiln::{Backend, Executable, Model, Options};
 use kiln_ir::{DType, Dim, Tensor, TensorData};
-use kiln_runtime::{compare, TestData, MODEL_TOLERANCE};
+use kiln_reference::{compare, TestData, MODEL_TOLERANCE};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

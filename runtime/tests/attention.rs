@@ -6,9 +6,9 @@
 //! 1, 2 and 5 threads.
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
+use kiln_reference::{compare, Tolerance};
 use kiln_runtime::kernels::attention::{attention_with, Attention, Isa, Mask};
 use kiln_runtime::pool::Pool;
-use kiln_runtime::{compare, Tolerance};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -5,13 +5,13 @@
 //! `linear` GEMM on every micro-kernel this CPU has (avx512 / avx2 / portable, forced).
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
+use kiln_reference::{compare, Tolerance};
 use kiln_runtime::kernel::arena::Outputs;
 use kiln_runtime::kernel::contraction::{prepare_op, Prepared};
 use kiln_runtime::kernels::gemm::{
     gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
 use kiln_runtime::pool::Pool;
-use kiln_runtime::{compare, Tolerance};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

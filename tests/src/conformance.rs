@@ -2,7 +2,7 @@
 //! `backend/test/data/node` through the importer and the reference interpreter, and sorts
 //! each into passed, failed or unsupported.
 
-use kiln_runtime::{compare, Model, TestData, ONNX_NODE_TOLERANCE};
+use kiln_reference::{compare, TestData, ONNX_NODE_TOLERANCE};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -61,7 +61,7 @@ pub fn run_all(dir: &Path) -> std::io::Result<Vec<CaseResult>> {
 
 /// Runs one test folder (`model.onnx` + `test_data_set_*`).
 pub fn run_case(dir: &Path) -> Outcome {
-    let model = match Model::load(dir.join("model.onnx")) {
+    let g = match kiln_frontend::load(dir.join("model.onnx")) {
         Ok(m) => m,
         Err(e) => {
             let msg = e.to_string();
@@ -72,7 +72,7 @@ pub fn run_case(dir: &Path) -> Outcome {
             };
         }
     };
-    let g = model.graph();
+    let g = &g;
     let mut sets: Vec<_> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .flatten()
@@ -106,7 +106,7 @@ pub fn run_case(dir: &Path) -> Outcome {
             .zip(&data.inputs)
             .map(|(&i, (_, t))| (g.value(i).name.as_str(), t.clone()))
             .collect();
-        let outs = match model.run(&named) {
+        let outs = match kiln_ir::run_named(g, &named) {
             Ok(o) => o,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
@@ -127,13 +127,13 @@ pub fn run_case(dir: &Path) -> Outcome {
     Outcome::Passed
 }
 
-fn is_unsupported(e: &kiln_runtime::LoadError) -> bool {
+fn is_unsupported(e: &kiln_frontend::LoadError) -> bool {
     use kiln_frontend::onnx::OnnxError;
     matches!(
         e,
-        kiln_runtime::LoadError::Onnx(OnnxError::UnsupportedOps { .. })
-            | kiln_runtime::LoadError::Onnx(OnnxError::UnsupportedDtype { .. })
-            | kiln_runtime::LoadError::Onnx(OnnxError::UnsupportedType { .. })
+        kiln_frontend::LoadError::Onnx(OnnxError::UnsupportedOps { .. })
+            | kiln_frontend::LoadError::Onnx(OnnxError::UnsupportedDtype { .. })
+            | kiln_frontend::LoadError::Onnx(OnnxError::UnsupportedType { .. })
     )
 }
 

@@ -4,7 +4,7 @@
 pub mod conformance;
 
 use kiln_ir::{Graph, Tensor};
-use kiln_runtime::{compare, TestData, MODEL_TOLERANCE};
+use kiln_reference::{compare, TestData, MODEL_TOLERANCE};
 use std::path::{Path, PathBuf};
 
 /// The repository root.

@@ -5,7 +5,6 @@
 use kiln_ir::Graph;
 use kiln_passes::egraph::SaturateEgraph;
 use kiln_passes::Pass;
-use kiln_runtime::Model;
 use kiln_tests::check_graph_on_test_data as check_outputs;
 
 /// The default pipeline without the e-graph pass.
@@ -19,8 +18,8 @@ fn classic_passes(g: &mut Graph) {
 /// Classic passes, then saturation; returns the optimised graph and the report.
 fn optimise(name: &str) -> (Graph, Graph, String) {
     let dir = kiln_tests::shared_models().join(name);
-    let model = Model::load(dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let mut g = model.graph().clone();
+    let mut g =
+        kiln_frontend::load(dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e}"));
     classic_passes(&mut g);
     let before = g.clone();
     let pass = SaturateEgraph::default();
@@ -62,8 +61,7 @@ egraph_model_tests! {
 fn largest_bench_models_saturate_within_two_seconds() {
     for name in ["bench/llama_2l_512", "bench/vit_s16_6l"] {
         let dir = kiln_tests::shared_models().join(name);
-        let model = Model::load(dir.join("model.onnx")).unwrap();
-        let mut g = model.graph().clone();
+        let mut g = kiln_frontend::load(dir.join("model.onnx")).unwrap();
         classic_passes(&mut g);
         let pass = SaturateEgraph::default();
         pass.run(&mut g).unwrap();

@@ -2,8 +2,8 @@
 //! interpreter and matches its PyTorch reference outputs within `MODEL_TOLERANCE`, before and
 //! after the default optimisation pipeline; the text form round-trips each one.
 
+use kiln::{Backend, Model, Options};
 use kiln_ir::Tensor;
-use kiln_runtime::Model;
 use kiln_tests::{check_graph_on_test_data, model_dir};
 use std::path::Path;
 
@@ -57,7 +57,14 @@ model_tests! {
 
 #[test]
 fn wrong_input_dtype_and_shape_are_errors_naming_the_input() {
-    let model = Model::load(model_dir("tiny/bert_tiny").join("model.onnx")).unwrap();
+    let model = Model::load(model_dir("tiny/bert_tiny").join("model.onnx"))
+        .unwrap()
+        .compile(&Options {
+            backend: Backend::Interp,
+            opt_level: 0,
+            ..Options::default()
+        })
+        .unwrap();
     let ids = Tensor::from_vec(vec![1, 16], vec![1i64; 16]);
     let bad_dtype = Tensor::from_vec(vec![1, 16], vec![1.0f32; 16]);
     let err = model

@@ -10,7 +10,7 @@ use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module};
-use kiln_runtime::kernel::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
+use kiln_plan::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use std::collections::HashMap;
 
 pub use kiln_runtime::kernel::rows::RowFn;

@@ -1,7 +1,7 @@
-//! kiln-cranelift: the JIT CPU backend. [`compile`] partitions an optimised graph with the
-//! runtime's kernel layer, JIT-compiles every loop kernel (fused elementwise, broadcast and
-//! last-axis reductions) to native code with Cranelift, and runs the rest (contractions,
-//! other ops) through the runtime's routines.
+//! kiln-cranelift: the JIT CPU backend. [`compile`] partitions an optimised graph
+//! ([`kiln_plan::partition`]), JIT-compiles every loop kernel (fused elementwise, broadcast
+//! and last-axis reductions) to native code with Cranelift, and runs the plan on the CPU
+//! runtime ([`CpuPlan`]), which runs the rest (contractions, other ops) itself.
 
 mod codegen;
 mod vmath;
@@ -9,11 +9,10 @@ mod vmath;
 pub use codegen::RowFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{EvalError, Graph, Tensor};
+use kiln_plan::{partition, Kernel, LoopKernel, Plan};
 use kiln_runtime::kernel::rows::run_rows;
 pub use kiln_runtime::kernel::rows::{run_row_fn, run_row_fn_par, PAR_MIN_WORK};
-use kiln_runtime::kernel::{
-    partition, Kernel, LoopKernel, LoopRunner, ParallelFor, Plan, RunReport,
-};
+use kiln_runtime::kernel::{CpuPlan, LoopRunner, ParallelFor, RunReport};
 
 /// How to compile and run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,7 +47,7 @@ unsafe impl Sync for CodeHolder {}
 
 /// A graph compiled for the CPU: JIT row functions for loop kernels, the runtime for the rest.
 pub struct JitExecutable {
-    plan: Plan,
+    plan: CpuPlan,
     /// Runs contractions and splits large loop kernels.
     pool: kiln_runtime::pool::Pool,
     fns: Vec<Option<RowFn>>,
@@ -58,7 +57,7 @@ pub struct JitExecutable {
 impl std::fmt::Debug for JitExecutable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JitExecutable")
-            .field("kernels", &self.plan.kernels.len())
+            .field("kernels", &self.plan().kernels.len())
             .field("jit_kernels", &self.jit_kernel_count())
             .finish()
     }
@@ -71,12 +70,17 @@ pub fn compile(g: &Graph) -> Result<JitExecutable, CompileError> {
 
 /// Compiles `g` (typically after the default pass pipeline).
 pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, CompileError> {
+    compile_plan(partition(g).map_err(CompileError::Partition)?, opts)
+}
+
+/// Compiles a partitioned plan: each loop kernel to native code, the rest prepared by the
+/// CPU runtime (contraction weights packed).
+pub fn compile_plan(plan: Plan, opts: &JitOptions) -> Result<JitExecutable, CompileError> {
     let threads = if opts.threads == 0 {
         kiln_runtime::kernels::gemm::physical_cores()
     } else {
         opts.threads
     };
-    let plan = partition(g).map_err(CompileError::Partition)?;
     let mut module = codegen::new_module().map_err(|msg| CompileError::Codegen {
         kernel: "module".into(),
         msg,
@@ -116,7 +120,7 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
         msg: e.to_string(),
     })?;
     Ok(JitExecutable {
-        plan,
+        plan: CpuPlan::new(plan),
         pool,
         fns,
         _code: CodeHolder(module),
@@ -126,6 +130,11 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
 impl JitExecutable {
     /// The partitioned plan.
     pub fn plan(&self) -> &Plan {
+        &self.plan.plan
+    }
+
+    /// The plan as the CPU runtime prepared it (packed contractions, run state).
+    pub fn cpu_plan(&self) -> &CpuPlan {
         &self.plan
     }
 
@@ -166,7 +175,7 @@ impl LoopRunner for JitExecutable {
         out: &mut kiln_runtime::kernel::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         let Some(f) = self.fns.get(index).copied().flatten() else {
-            return kiln_runtime::kernel::eval::run_loop(k, inputs);
+            return kiln_plan::eval::run_loop(k, inputs);
         };
         run_row_fn_par(f, k, inputs, &self.pool, out)
     }

@@ -8,7 +8,7 @@
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Type, Value};
 use cranelift_frontend::FunctionBuilder;
-use kiln_runtime::kernel::UnOp;
+use kiln_plan::UnOp;
 
 use kiln_runtime::kernel::vmath::*;
 

@@ -3,8 +3,9 @@
 //! symbolic leading dim bound to 1 or more, broadcast operands, and NaN/Inf inputs.
 
 use kiln_ir::{Attr, Attrs, DType, Dim, Graph, GraphBuilder, OpKind, Shape, Tensor, TensorType};
-use kiln_runtime::kernel::{Kernel, ReferenceRunner};
-use kiln_runtime::{compare, Tolerance};
+use kiln_plan::Kernel;
+use kiln_reference::{compare, Tolerance};
+use kiln_runtime::kernel::ReferenceRunner;
 use proptest::prelude::*;
 
 /// f32 kernels against the interpreter, which accumulates in f64: norms and softmax cancel,
@@ -176,7 +177,7 @@ fn check(kind: u8, dims: &[usize], batch: usize, mode: u8, seed: u64, specials: 
     let want = kiln_ir::run_named(&g, &inputs).expect("interpreter");
     let got = exe.run_named(&inputs).expect("jit");
     let portable = exe
-        .plan()
+        .cpu_plan()
         .run_named(&inputs, &ReferenceRunner)
         .expect("portable");
     for (o, w) in want.iter().enumerate() {
@@ -250,7 +251,8 @@ fn executable_is_send_and_sync() {
 #[test]
 fn row_split_results_are_bit_identical_for_any_thread_count() {
     use kiln_ir::ValueId;
-    use kiln_runtime::kernel::{BinOp, InnerAccess, LoopKernel, RedOp, Serial, UnOp};
+    use kiln_plan::{BinOp, InnerAccess, LoopKernel, RedOp, UnOp};
+    use kiln_runtime::kernel::Serial;
     // softmax(x + y) * sigmoid(x) over 37 rows of 13 (odd row count and row length).
     let mut k = LoopKernel::new(vec![Dim::Fixed(37), Dim::Fixed(13)]);
     let x = k.load(ValueId(0), InnerAccess::Contiguous);
@@ -288,7 +290,7 @@ fn row_split_results_are_bit_identical_for_any_thread_count() {
         );
     }
     // And the split run matches the portable evaluator.
-    let want = kiln_runtime::kernel::eval::run_loop(&k, &[&xt, &yt]).unwrap();
+    let want = kiln_plan::eval::run_loop(&k, &[&xt, &yt]).unwrap();
     let r = compare(&serial[0], &want[0], TOL);
     assert!(r.ok, "{r:?}");
 }

@@ -2,7 +2,7 @@
 //! the JIT executable, matches its test_data_set_0 reference (and, for the tiny ones, the
 //! interpreter); one executable shared by 8 threads gives bit-identical outputs.
 
-use kiln_runtime::{compare, Model, TestData, MODEL_TOLERANCE};
+use kiln_reference::{compare, TestData, MODEL_TOLERANCE};
 use std::path::PathBuf;
 
 fn models_dir() -> PathBuf {
@@ -33,11 +33,10 @@ fn bench_models_match_reference_data() {
 #[test]
 fn one_executable_on_8_threads_gives_identical_bits() {
     let dir = set_dir("tiny").join("bert_tiny");
-    let Ok(model) = Model::load(dir.join("model.onnx")) else {
+    let Ok(mut g) = kiln_frontend::load(dir.join("model.onnx")) else {
         eprintln!("no model at {}: skipped", dir.display());
         return;
     };
-    let mut g = model.graph().clone();
     kiln_passes::pipeline::default_pipeline()
         .run(&mut g)
         .expect("pipeline");
@@ -82,8 +81,7 @@ fn check_set(set: &str, with_interpreter: bool) {
     names.sort();
     assert!(!names.is_empty());
     for m in names {
-        let model = Model::load(m.join("model.onnx")).expect("loads");
-        let mut g = model.graph().clone();
+        let mut g = kiln_frontend::load(m.join("model.onnx")).expect("loads");
         kiln_passes::pipeline::default_pipeline()
             .run(&mut g)
             .expect("pipeline");
@@ -94,9 +92,9 @@ fn check_set(set: &str, with_interpreter: bool) {
             m.display()
         );
         // Every contraction of these models has a CPU routine (none left to the interpreter).
-        let plan = exe.plan();
-        for (i, k) in plan.kernels.iter().enumerate() {
-            if let kiln_runtime::kernel::Kernel::Contraction(n) = k {
+        let plan = exe.cpu_plan();
+        for (i, k) in plan.plan.kernels.iter().enumerate() {
+            if let kiln_plan::Kernel::Contraction(n) = k {
                 assert!(
                     plan.contractions[i].is_some(),
                     "{}: {} has no CPU routine",
@@ -161,10 +159,9 @@ fn check_set(set: &str, with_interpreter: bool) {
 #[test]
 #[ignore = "diagnostic: prints which ops fall back, and their types"]
 fn print_fallback_ops() {
-    use kiln_runtime::kernel::Kernel;
+    use kiln_plan::Kernel;
     for m in ["bert_tiny", "llama_tiny"] {
-        let model = Model::load(models_dir().join(m).join("model.onnx")).unwrap();
-        let mut g = model.graph().clone();
+        let mut g = kiln_frontend::load(models_dir().join(m).join("model.onnx")).unwrap();
         kiln_passes::pipeline::default_pipeline()
             .run(&mut g)
             .unwrap();

@@ -4,8 +4,8 @@
 //! alike.
 
 use kiln_ir::{Dim, Tensor, ValueId};
+use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
 use kiln_runtime::kernel::vmath::accuracy::{self, sweep_inputs, Worst, OPS};
-use kiln_runtime::kernel::{Expr, InnerAccess, LoopKernel, UnOp};
 
 fn jit(op: UnOp, xs: &[f32]) -> Vec<f32> {
     let mut k = LoopKernel::new(vec![Dim::Fixed(xs.len() as u64)]);

@@ -19,7 +19,7 @@ use inkwell::values::{
     FloatValue, FunctionValue, InstructionValue, IntValue, PointerValue, VectorValue,
 };
 use inkwell::FloatPredicate;
-use kiln_runtime::kernel::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
+use kiln_plan::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use std::collections::HashMap;
 
 /// Lanes of the main loop. On AVX targets this is one ymm register; on SSE-only targets

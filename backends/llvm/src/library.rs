@@ -1,5 +1,5 @@
-//! Building the shared library: serialize the model, partition exactly as the runtime
-//! will, lower the loop kernels to one LLVM module (plus the kernel table, the model
+//! Building the shared library: serialize the model, partition it once (the plan travels
+//! in the library, so loading partitions nothing), lower the loop kernels to one LLVM module (plus the kernel table, the model
 //! descriptor and `kiln_create`), run `default<O3>`, emit the object, put the model data
 //! in .rodata with an assembler `.incbin`, and link everything with `kiln-aot-rt`.
 
@@ -14,7 +14,7 @@ use inkwell::values::BasicValueEnum;
 use inkwell::OptimizationLevel;
 use kiln_aot_rt::format;
 use kiln_ir::Graph;
-use kiln_runtime::kernel::{partition, Kernel};
+use kiln_plan::{partition, Kernel};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -244,6 +244,7 @@ pub const EXPORTS: &[&str] = &[
     "kiln_set_profiling",
     "kiln_profile_count",
     "kiln_profile_kernel",
+    "kiln_profile_label",
 ];
 
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> BuildError + '_ {
@@ -281,12 +282,13 @@ pub fn build_library(
             .map_or(0, |d| d.as_nanos() as u64);
         t ^ ((std::process::id() as u64) << 32) ^ 0x6b69_6c6e
     };
-    let (meta, blob) = format::split(g, weights_id);
+    let (mut meta, blob) = format::split(g, weights_id);
     let blob = bytes::Bytes::from(blob);
-    // Partition the graph exactly as `kiln_create` will see it (text round trip), so the
-    // kernel table matches the runtime's plan.
+    // Partition the graph as `kiln_create` will see it (after the text round trip) and
+    // record the plan in the library: the kernel table below is compiled from it.
     let graph = format::restore(&meta, &blob).map_err(BuildError::Model)?;
     let plan = partition(&graph).map_err(|e| BuildError::Model(format!("partitioning: {e}")))?;
+    meta.set_plan(&plan);
 
     Target::initialize_native(&InitializationConfig::default()).map_err(BuildError::Llvm)?;
     let triple = TargetMachine::get_default_triple();

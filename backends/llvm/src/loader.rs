@@ -51,10 +51,13 @@ type DataFn = unsafe extern "C" fn(*const c_void, usize) -> *const c_void;
 type BytesFn = unsafe extern "C" fn(*const c_void, usize) -> usize;
 type ProfOnFn = unsafe extern "C" fn(*mut c_void, i32) -> i32;
 type ProfKernelFn = unsafe extern "C" fn(*const c_void, usize, *mut i32, *mut u64) -> i32;
+type ProfLabelFn = unsafe extern "C" fn(*const c_void, usize) -> *const c_char;
 
 /// One kernel's time in a profiled run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelTime {
+    /// The kernel's label, as the plan names it (`kiln_profile_label`).
+    pub label: String,
     /// `loop`, `contraction` or `fallback`.
     pub kind: &'static str,
     /// Wall time in nanoseconds.
@@ -86,6 +89,7 @@ pub struct AotLibrary {
     set_profiling: ProfOnFn,
     profile_count: CountFn,
     profile_kernel: ProfKernelFn,
+    profile_label: ProfLabelFn,
     inputs: Vec<IoDesc>,
     outputs: Vec<IoDesc>,
     // Dropped last: the function pointers above point into it.
@@ -163,6 +167,7 @@ impl AotLibrary {
             set_profiling: sym!("kiln_set_profiling", ProfOnFn),
             profile_count: sym!("kiln_profile_count", CountFn),
             profile_kernel: sym!("kiln_profile_kernel", ProfKernelFn),
+            profile_label: sym!("kiln_profile_label", ProfLabelFn),
             inputs: vec![],
             outputs: vec![],
             _lib: lib,
@@ -264,7 +269,13 @@ impl AotLibrary {
                         1 => "contraction",
                         _ => "fallback",
                     };
-                    Ok(KernelTime { kind, nanos })
+                    let p = (self.profile_label)(self.ctx, i);
+                    let label = if p.is_null() {
+                        format!("#{i}")
+                    } else {
+                        CStr::from_ptr(p).to_string_lossy().into_owned()
+                    };
+                    Ok(KernelTime { label, kind, nanos })
                 })
                 .collect::<Result<Vec<_>, _>>();
             (self.set_profiling)(self.ctx, 0);

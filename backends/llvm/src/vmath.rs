@@ -14,7 +14,7 @@ use inkwell::module::Module;
 use inkwell::types::VectorType;
 use inkwell::values::{BasicMetadataValueEnum, VectorValue};
 use inkwell::FloatPredicate;
-use kiln_runtime::kernel::UnOp;
+use kiln_plan::UnOp;
 
 use kiln_runtime::kernel::vmath::*;
 

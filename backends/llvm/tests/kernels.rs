@@ -4,7 +4,7 @@
 
 use kiln_ir::{Tensor, TensorData};
 use kiln_llvm::{build_library, AotLibrary, BuildOptions};
-use kiln_runtime::{compare, ONNX_NODE_TOLERANCE};
+use kiln_reference::{compare, ONNX_NODE_TOLERANCE};
 
 const SRC: &str = r#"func @edge(%x: f32[3, 37], %y: f32[3, 37], %b: f32[37], %s: f32[3, 1]) -> (f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37], f32[3, 37]) {
   %relu = relu %x

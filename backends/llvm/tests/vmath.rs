@@ -8,10 +8,10 @@
 
 use kiln_ir::{Dim, Tensor, ValueId};
 use kiln_llvm::{build_library, AotLibrary, BuildOptions};
+use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
 use kiln_runtime::kernel::vmath::accuracy::{
     self, sweep_inputs, Worst, ERF_MAX_ULP, EXP_MAX_ULP, LOG_MAX_ULP, SIGMOID_MAX_ULP, TANH_MAX_ULP,
 };
-use kiln_runtime::kernel::{Expr, InnerAccess, LoopKernel, UnOp};
 
 /// The ops in the order of the test graph's outputs, with their text-form names and bounds.
 const OPS: [(UnOp, &str, f64); 5] = [

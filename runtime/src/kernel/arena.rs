@@ -1,10 +1,10 @@
 //! The arena a run's intermediate values live in: one block per run, laid out by the
-//! [`super::memory`] plan recorded on the first run with the same input shapes, blocks
+//! [`kiln_plan::memory`] plan recorded on the first run with the same input shapes, blocks
 //! reused from run to run, and [`Outputs`], through which a kernel takes its outputs'
 //! planned regions (or fresh memory where a value has none).
 
-use super::memory::{MemoryPlan, ALIGN};
 use kiln_ir::{Buf, DType, Elem, ValueId};
+use kiln_plan::memory::{MemoryPlan, ALIGN};
 use std::alloc::Layout;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -257,7 +257,7 @@ impl Outputs {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernel::{partition, ReferenceRunner, RunReport};
+    use crate::kernel::{CpuPlan, ReferenceRunner, RunReport};
     use kiln_ir::{Storage, Tensor};
 
     /// Contractions and transposes (which write into regions) with a symbolic batch, some
@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn runs_on_a_recorded_layout_match_the_interpreter_for_each_shape() {
         let g = kiln_ir::text::parse(SRC).expect("parses");
-        let plan = partition(&g).expect("partitions");
+        let plan = CpuPlan::partition(&g).expect("partitions");
         let w = input(8, 7);
         // Shapes come back: each set records its layout once, then runs in its arena.
         let mut recorded = std::collections::HashMap::new();
@@ -301,7 +301,7 @@ mod tests {
                 .expect("plan runs");
             let want = kiln_ir::interp::run(&g, ins).expect("interpreter runs");
             for (a, b) in got.iter().zip(&want) {
-                let r = crate::compare(a, b, crate::MODEL_TOLERANCE);
+                let r = kiln_reference::compare(a, b, kiln_reference::MODEL_TOLERANCE);
                 assert!(r.ok, "run {i}, {rows} rows: {r:?}");
             }
             // In the arena or not, the same bits.
@@ -324,7 +324,7 @@ mod tests {
     #[test]
     fn concurrent_runs_take_separate_blocks() {
         let g = kiln_ir::text::parse(SRC).expect("parses");
-        let plan = partition(&g).expect("partitions");
+        let plan = CpuPlan::partition(&g).expect("partitions");
         let w = input(8, 7);
         let ins = vec![input(9, 1), w];
         let want = plan.run(ins.clone(), &ReferenceRunner).expect("records");

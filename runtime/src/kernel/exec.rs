@@ -1,15 +1,18 @@
-//! Running a [`Plan`]: graph inputs checked against their declared types, kernels in
-//! order, each value freed after its last use and, from the second run with the same input
-//! shapes on, written into its region of an arena block ([`super::arena`]; the first run
-//! records the layout). Loop kernels go to a [`LoopRunner`] (the
-//! reference evaluator or a JIT); contractions to their prepared CPU routines
-//! ([`super::contraction`], on the runner's thread pool) or, where none applies, and
-//! fallbacks to the interpreter's ops.
+//! Running a plan on the CPU: [`CpuPlan`] is a [`Plan`] with its contractions prepared
+//! (weights packed once) and the per-run state (memoised shape arithmetic, arena blocks).
+//! A run checks graph inputs against their declared types, runs kernels in order, frees
+//! each value after its last use and, from the second run with the same input shapes on,
+//! writes values into their regions of an arena block ([`super::arena`]; the first run
+//! records the layout). Loop kernels go to a [`LoopRunner`] (the reference evaluator or a
+//! JIT's compiled code); contractions to their prepared routines ([`super::contraction`],
+//! on the runner's thread pool) or, where none applies, and fallbacks to the native
+//! routines ([`super::glue`]) or the interpreter's ops.
 
 use super::arena::Outputs;
-use super::ir::LoopKernel;
-use super::partition::{Kernel, Plan};
 use kiln_ir::{EvalError, Tensor, ValueId};
+use kiln_plan::memo::{self as memo, ShapeMemo};
+use kiln_plan::memory::{self, Interval, MemoryPlan};
+use kiln_plan::{Kernel, LoopKernel, Plan};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -33,7 +36,7 @@ pub struct RunReport {
     /// Per-kernel wall time, in execution order.
     pub kernels: Vec<KernelTime>,
     /// The memory plan for this run's shapes (every intermediate value and the outputs).
-    pub memory: super::memory::MemoryPlan,
+    pub memory: MemoryPlan,
     /// The size of the arena block this run used (0 on the first run with these input
     /// shapes, which records the layout).
     pub arena_bytes: usize,
@@ -43,8 +46,9 @@ pub struct RunReport {
     pub produced_bytes: usize,
 }
 
-/// Something that runs loop kernels. `index` is the kernel's position in
-/// [`Plan::kernels`], so a runner can keep per-kernel compiled code.
+/// Something that runs loop kernels: the one trait through which a code generator (the
+/// Cranelift JIT, an AOT library's compiled code) plugs into the CPU runtime. `index` is the
+/// kernel's position in [`Plan::kernels`], so a runner can keep per-kernel compiled code.
 pub trait LoopRunner: Send + Sync {
     /// Runs loop kernel `index` on its inputs, returning its outputs in order; `out` has
     /// their planned arena regions (a runner may ignore them and allocate).
@@ -74,39 +78,62 @@ impl LoopRunner for ReferenceRunner {
         inputs: &[&Tensor],
         _: &mut Outputs,
     ) -> Result<Vec<Tensor>, String> {
-        super::eval::run_loop(k, inputs)
+        kiln_plan::eval::run_loop(k, inputs)
     }
 }
 
-impl Plan {
-    /// A short label for kernel `i` (for errors and dumps).
-    pub fn label(&self, i: usize) -> String {
-        let g = &self.graph;
-        match self.kernels.get(i) {
-            Some(Kernel::Loop(k)) => format!(
-                "loop[{}]",
-                k.outputs
-                    .iter()
-                    .map(|(v, _)| g.value(*v).name.clone())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Some(Kernel::Contraction(n)) | Some(Kernel::Fallback(n)) => {
-                let node = &g.nodes[*n];
-                if node.name.is_empty() {
-                    format!(
-                        "%{}",
-                        node.outputs
-                            .first()
-                            .map(|&o| g.value(o).name.as_str())
-                            .unwrap_or("")
-                    )
-                } else {
-                    node.name.clone()
-                }
-            }
-            None => format!("#{i}"),
+/// A plan prepared for the CPU: contraction weights packed once, and the state runs
+/// share (memoised shape arithmetic, arena layouts and blocks). `Send + Sync`: any number
+/// of threads may run it at once.
+#[derive(Debug)]
+pub struct CpuPlan {
+    /// The backend-neutral plan.
+    pub plan: Plan,
+    /// Per kernel: the prepared routine of a `Contraction` (constant weights packed
+    /// once), or `None` where the interpreter's op runs.
+    pub contractions: Vec<Option<std::sync::Arc<super::contraction::Prepared>>>,
+    /// Memoised shape arithmetic, filled by runs.
+    memo: ShapeMemo,
+    /// Arena layouts per input-shape set and reusable blocks, filled by runs.
+    arenas: super::arena::Arenas,
+}
+
+impl CpuPlan {
+    /// Prepares `plan` for the CPU: each contraction whose weights are constants gets its
+    /// routine, weights packed.
+    pub fn new(plan: Plan) -> CpuPlan {
+        let known: HashMap<ValueId, &Tensor> =
+            plan.constants.iter().map(|(v, t)| (*v, t)).collect();
+        let contractions =
+            plan.kernels
+                .iter()
+                .map(|k| match k {
+                    Kernel::Contraction(n) => super::contraction::prepare(&plan.graph, *n, &known)
+                        .map(std::sync::Arc::new),
+                    _ => None,
+                })
+                .collect();
+        CpuPlan {
+            plan,
+            contractions,
+            memo: ShapeMemo::default(),
+            arenas: Default::default(),
         }
+    }
+
+    /// Partitions `g` ([`kiln_plan::partition`]) and prepares the plan.
+    pub fn partition(g: &kiln_ir::Graph) -> Result<CpuPlan, String> {
+        Ok(CpuPlan::new(kiln_plan::partition(g)?))
+    }
+
+    /// A short label for kernel `i` ([`Plan::label`]).
+    pub fn label(&self, i: usize) -> String {
+        self.plan.label(i)
+    }
+
+    /// How many static (memoised) kernels the plan has.
+    pub fn static_kernels(&self) -> usize {
+        self.memo.statics(&self.plan).count
     }
 
     /// Runs the plan on inputs given by name; outputs come back in graph order.
@@ -115,7 +142,10 @@ impl Plan {
         inputs: &[(&str, Tensor)],
         runner: &dyn LoopRunner,
     ) -> Result<Vec<Tensor>, EvalError> {
-        self.run(kiln_ir::interp::order_inputs(&self.graph, inputs)?, runner)
+        self.run(
+            kiln_ir::interp::order_inputs(&self.plan.graph, inputs)?,
+            runner,
+        )
     }
 
     /// Runs the plan on inputs in graph order; outputs come back in graph order.
@@ -135,7 +165,7 @@ impl Plan {
         runner: &dyn LoopRunner,
         mut report: Option<&mut RunReport>,
     ) -> Result<Vec<Tensor>, EvalError> {
-        let g = &self.graph;
+        let g = &self.plan.graph;
         if inputs.len() != g.inputs.len() {
             return Err(EvalError::UnknownInput {
                 name: format!("#{}", inputs.len()),
@@ -144,7 +174,7 @@ impl Plan {
         }
         // Static shape arithmetic comes from the memo when an entry for these input shapes
         // exists (validated kernel by kernel); otherwise this run records one.
-        let statics = self.memo.statics(self);
+        let statics = self.memo.statics(&self.plan);
         let shapes_key: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
         let memo_entry = if statics.count > 0 {
             self.memo.lookup(&shapes_key)
@@ -158,8 +188,8 @@ impl Plan {
             .as_ref()
             .and_then(|l| self.arenas.take(l.plan.arena_bytes));
         let mut memo_live = memo_entry.is_some();
-        let mut memo_rec: Option<super::memo::Entry> = (statics.count > 0 && memo_entry.is_none())
-            .then(|| super::memo::Entry {
+        let mut memo_rec: Option<memo::Entry> =
+            (statics.count > 0 && memo_entry.is_none()).then(|| memo::Entry {
                 outs: vec![Vec::new(); statics.count],
                 seen: vec![Vec::new(); statics.count],
             });
@@ -171,7 +201,7 @@ impl Plan {
             kiln_ir::interp::check_input(&v.name, &v.ty, &t, &mut bindings)?;
             env[id.index()] = Some(Cow::Owned(t));
         }
-        for (v, t) in &self.constants {
+        for (v, t) in &self.plan.constants {
             env[v.index()] = Some(Cow::Borrowed(t));
         }
         // The values a kernel reads, without allocating (this runs twice per kernel).
@@ -182,7 +212,7 @@ impl Plan {
             }
         };
         let mut last_use = vec![usize::MAX; g.values.len()];
-        for (ki, k) in self.kernels.iter().enumerate() {
+        for (ki, k) in self.plan.kernels.iter().enumerate() {
             each_use(k, &mut |v| last_use[v.index()] = ki);
         }
         for &o in &g.outputs {
@@ -192,7 +222,7 @@ impl Plan {
         // memory plan of a reported one. `interval_of` finds a value's interval (a value that
         // took over its input's buffer shares that buffer's), `takeovers` lists those values,
         // and `arena_ok` marks the intervals of kernels that write into regions.
-        let mut intervals: Option<Vec<super::memory::Interval>> =
+        let mut intervals: Option<Vec<Interval>> =
             (report.is_some() || layout.is_none()).then(Vec::new);
         let mut interval_of: Vec<Option<usize>> = vec![None; g.values.len()];
         let mut arena_ok: Vec<bool> = Vec::new();
@@ -200,14 +230,14 @@ impl Plan {
         let (mut in_arena_bytes, mut produced_bytes) = (0usize, 0usize);
         let end_of = |o: ValueId, ki: usize| {
             if g.outputs.contains(&o) {
-                self.kernels.len()
+                self.plan.kernels.len()
             } else if last_use[o.index()] == usize::MAX {
                 ki
             } else {
                 last_use[o.index()]
             }
         };
-        for (ki, k) in self.kernels.iter().enumerate() {
+        for (ki, k) in self.plan.kernels.iter().enumerate() {
             let slot = statics.slot[ki];
             if let Some(s) = slot {
                 // A static kernel: a fallback node, or a loop over static values.
@@ -216,7 +246,7 @@ impl Plan {
                     Kernel::Loop(l) => (None, l.outputs.iter().map(|o| o.0).collect()),
                     Kernel::Contraction(n) => (Some(&g.nodes[*n]), g.nodes[*n].outputs.clone()),
                 };
-                let shape_only = node.is_some_and(|n| super::memo::reads_shape_only(n.op));
+                let shape_only = node.is_some_and(|n| memo::reads_shape_only(n.op));
                 let seen = |env: &[Option<Cow<'_, Tensor>>]| {
                     node.and_then(|n| n.inputs.first().copied().flatten())
                         .and_then(|v| env[v.index()].as_deref())
@@ -247,7 +277,7 @@ impl Plan {
                     // A shape differs: compute the rest, recording a fresh entry that keeps
                     // the (validated) values before this kernel.
                     memo_live = false;
-                    memo_rec = Some(super::memo::Entry {
+                    memo_rec = Some(memo::Entry {
                         outs: e.outs.clone(),
                         seen: e.seen.clone(),
                     });
@@ -323,7 +353,7 @@ impl Plan {
                                     None => {
                                         interval_of[o.index()] = Some(iv.len());
                                         arena_ok.push(false);
-                                        iv.push(super::memory::Interval {
+                                        iv.push(Interval {
                                             value: *o,
                                             bytes: t.len() * t.dtype().size(),
                                             start: ki,
@@ -460,7 +490,7 @@ impl Plan {
                 for (t, &o) in outs.iter().zip(&out_ids) {
                     interval_of[o.index()] = Some(iv.len());
                     arena_ok.push(writes_regions && !g.outputs.contains(&o));
-                    iv.push(super::memory::Interval {
+                    iv.push(Interval {
                         value: o,
                         bytes: t.len() * t.dtype().size(),
                         start: ki,
@@ -497,12 +527,12 @@ impl Plan {
                     .filter(|(_, &ok)| ok)
                     .map(|(i, _)| *i)
                     .collect();
-                let l = super::arena::ArenaLayout::new(super::memory::plan(&placed), takeovers);
+                let l = super::arena::ArenaLayout::new(memory::plan(&placed), takeovers);
                 self.arenas.store(shapes_key, l);
             }
         }
         if let (Some(r), Some(iv)) = (report, intervals) {
-            r.memory = super::memory::plan(&iv);
+            r.memory = memory::plan(&iv);
             r.arena_bytes = block.as_ref().map_or(0, |b| b.bytes());
             r.in_arena_bytes = in_arena_bytes;
             r.produced_bytes = produced_bytes;

@@ -1,26 +1,16 @@
-//! The backend-neutral kernel layer: an optimised graph partitioned into kernels (fused
-//! loop nests, contractions, interpreter fallbacks), the loop-kernel IR, its run-time
-//! binding, a portable evaluator, and the plan executor backends plug into.
+//! The CPU executor and the routines it runs besides generated code: [`exec`] runs a
+//! [`kiln_plan::Plan`] prepared for the CPU ([`CpuPlan`]), [`contraction`] prepares and runs
+//! contractions on the hand-written kernels, [`glue`] holds the native data-movement and
+//! small-op routines, [`arena`] the memory values are placed in, [`rows`] the row runner
+//! both code generators' loop kernels run through, [`par`] the parallel-for over rows.
 
 pub mod arena;
 pub mod contraction;
-pub mod eval;
 pub mod exec;
 pub mod glue;
-pub mod ir;
-pub mod layout;
-pub mod memo;
-pub mod memory;
 pub mod par;
-pub mod partition;
 pub mod rows;
 pub mod vmath;
 
-pub use exec::{KernelTime, LoopRunner, ReferenceRunner, RunReport};
-pub use ir::{
-    erf_f64, BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction, UnOp,
-};
-pub use layout::LoopShape;
-pub use memory::MemoryPlan;
+pub use exec::{CpuPlan, KernelTime, LoopRunner, ReferenceRunner, RunReport};
 pub use par::{ParallelFor, Serial};
-pub use partition::{is_contraction, partition, Kernel, Plan};

@@ -3,11 +3,11 @@
 //! row, split across a [`ParallelFor`] when the kernel is big enough to pay for it.
 
 use super::arena::Outputs;
-use super::ir::{Expr, LoopKernel, UnOp};
-use super::layout::LoopShape;
 use super::par::{ParallelFor, Serial};
 use crate::pool::SharedMut;
 use kiln_ir::{Buf, Tensor};
+use kiln_plan::layout::LoopShape;
+use kiln_plan::loop_ir::{Expr, LoopKernel, UnOp};
 
 /// A compiled row function: `fn(in_ptrs, out_ptrs, n)`.
 pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);

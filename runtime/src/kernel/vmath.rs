@@ -76,7 +76,7 @@ pub const ERF_Q: [f32; 5] = [
 /// the exact (f64) result, subnormal results in units of the smallest subnormal; special
 /// values (NaN, ±inf, overflow, underflow) must match exactly.
 pub mod accuracy {
-    use super::super::ir::{erf_f64, UnOp};
+    use kiln_plan::loop_ir::{erf_f64, UnOp};
 
     /// Stride through the f32 bit patterns (prime, so every exponent and many mantissas are hit).
     pub const SWEEP_STEP: usize = 997;

@@ -1,14 +1,16 @@
 //! The serialized model inside an AOT library: the optimised graph in kiln's text form with
-//! large constant payloads cut out ("meta"), and those payloads in a separate, aligned
-//! weights blob (embedded in .rodata or in a side file). Shared by the builder (kiln-llvm)
+//! large constant payloads cut out, and its partitioned plan's kernel list
+//! ([`kiln_plan::serial`], written once at build time so loading partitions nothing): the
+//! "meta"; and those payloads in a separate, aligned weights blob (embedded in .rodata or
+//! in a side file). Shared by the builder (kiln-llvm)
 //! and the run-time half (this crate), so both sides read and write one format.
 
 use kiln_ir::{Attr, DType, Graph, OpKind, Tensor, TensorData};
-use kiln_runtime::kernel::LoopKernel;
+use kiln_plan::{LoopKernel, Plan};
 use std::sync::Arc;
 
 /// First bytes of the meta section.
-pub const META_MAGIC: &[u8; 8] = b"KILNAOT1";
+pub const META_MAGIC: &[u8; 8] = b"KILNAOT2";
 /// First bytes of a weights blob (embedded or side file).
 pub const WEIGHTS_MAGIC: &[u8; 8] = b"KILNWTS1";
 /// Every weight payload starts at a multiple of this (and the blob header is this long).
@@ -38,6 +40,9 @@ pub struct Meta {
     pub text: String,
     /// The cut-out constants.
     pub weights: Vec<WeightEntry>,
+    /// The plan's kernel list ([`kiln_plan::serial::encode`]); empty until
+    /// [`Meta::set_plan`].
+    pub plan: Vec<u8>,
     /// Identifies the weights blob this meta was built with (also in the blob's header).
     pub weights_id: u64,
     /// Total length of the weights blob, header included.
@@ -81,6 +86,7 @@ pub fn split(g: &Graph, weights_id: u64) -> (Meta, Vec<u8>) {
     let meta = Meta {
         text: kiln_ir::text::print(&stripped),
         weights,
+        plan: vec![],
         weights_id,
         weights_len: blob.len(),
     };
@@ -124,12 +130,25 @@ pub fn restore(meta: &Meta, blob: &bytes::Bytes) -> Result<Graph, String> {
     Ok(g)
 }
 
+/// Restores the graph ([`restore`]) and the plan built with it: the serialised kernels,
+/// checked against the graph ([`Plan::from_kernels`]), not a new partitioning.
+pub fn restore_plan(meta: &Meta, blob: &bytes::Bytes) -> Result<Plan, String> {
+    let graph = restore(meta, blob)?;
+    let kernels = kiln_plan::serial::decode(&meta.plan).map_err(|e| format!("model plan: {e}"))?;
+    Plan::from_kernels(graph, kernels).map_err(|e| format!("model plan: {e}"))
+}
+
 /// Little-endian writer helpers.
 fn put_u64(out: &mut Vec<u8>, x: u64) {
     out.extend_from_slice(&x.to_le_bytes());
 }
 
 impl Meta {
+    /// Records the plan `kiln_create` will run (partitioned from the restored graph).
+    pub fn set_plan(&mut self, plan: &Plan) {
+        self.plan = kiln_plan::serial::encode(plan);
+    }
+
     /// Encodes the meta section.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = META_MAGIC.to_vec();
@@ -148,6 +167,8 @@ impl Meta {
             put_u64(&mut out, w.offset as u64);
             put_u64(&mut out, w.nbytes as u64);
         }
+        put_u64(&mut out, self.plan.len() as u64);
+        out.extend_from_slice(&self.plan);
         out
     }
 
@@ -184,9 +205,12 @@ impl Meta {
                 nbytes,
             });
         }
+        let plan_len = r.usize()?;
+        let plan = r.take(plan_len)?.to_vec();
         Ok(Meta {
             text,
             weights,
+            plan,
             weights_id,
             weights_len,
         })
@@ -249,7 +273,8 @@ mod tests {
     #[test]
     fn split_encode_decode_restore_round_trips() {
         let g = graph();
-        let (meta, blob) = split(&g, 42);
+        let (mut meta, blob) = split(&g, 42);
+        meta.set_plan(&kiln_plan::partition(&g).unwrap());
         assert_eq!(meta.weights.len(), 1, "the 320-byte constant is cut out");
         assert!(!meta.text.contains("-3.0"), "payload left in the text");
         let back = Meta::decode(&meta.encode()).unwrap();
@@ -272,6 +297,8 @@ mod tests {
         assert_eq!(w.data().storage(), kiln_ir::Storage::Mapped);
         let at = w.data().le_bytes().as_ptr() as usize - blob.as_ptr() as usize;
         assert_eq!(at, meta.weights[0].offset);
+        let plan = restore_plan(&back, &blob).unwrap();
+        assert_eq!(plan.kernels, kiln_plan::partition(&g).unwrap().kernels);
     }
 
     #[test]
@@ -284,5 +311,9 @@ mod tests {
         let enc = meta.encode();
         assert!(Meta::decode(&enc[..enc.len() - 3]).is_err());
         assert!(Meta::decode(b"KILNAOT0").is_err());
+        assert!(
+            Meta::decode(b"KILNAOT1").is_err(),
+            "a library of the older format"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! kiln-aot-rt: the run-time half of a kiln AOT library, linked into it as a static
 //! library. It implements the library's C ABI (`kiln_*`, documented in the generated
-//! header): a context parses the embedded graph, re-partitions it, checks the kernel table
-//! the LLVM object carries against the plan, binds the weights (embedded or a side file,
+//! header): a context parses the embedded graph and the plan serialised at build time (it
+//! partitions nothing), checks the kernel table the LLVM object carries against the plan, binds the weights (embedded or a side file,
 //! memory-mapped) and runs the plan with the compiled loop kernels. No panic crosses the
 //! C boundary: every entry point catches unwinding and reports it as an error code.
 
@@ -10,7 +10,8 @@ pub mod runner;
 
 use format::Meta;
 use kiln_ir::{DType, Dim, Tensor, TensorData};
-use kiln_runtime::kernel::{partition, Kernel, Plan};
+use kiln_plan::{Kernel, Plan};
+use kiln_runtime::kernel::CpuPlan;
 use runner::{AotRunner, RowFn};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -66,7 +67,7 @@ struct IoInfo {
 
 /// A model instance: the plan, its compiled kernels and the last run's outputs.
 pub struct Context {
-    plan: Plan,
+    plan: CpuPlan,
     runner: AotRunner,
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
@@ -77,9 +78,9 @@ pub struct Context {
     last_encoded: Vec<Vec<u8>>,
     /// Whether runs time every kernel.
     profile: bool,
-    /// Per-kernel (kind, nanoseconds) of the last profiled run; kind 0 loop,
+    /// Per-kernel (kind, nanoseconds, label) of the last profiled run; kind 0 loop,
     /// 1 contraction, 2 fallback.
-    times: Vec<(i32, u64)>,
+    times: Vec<(i32, u64, CString)>,
 }
 
 impl Context {
@@ -159,7 +160,7 @@ unsafe fn create(
     // SAFETY: per this function's contract.
     let meta_bytes = unsafe { std::slice::from_raw_parts(desc.meta, desc.meta_len as usize) };
     let meta = Meta::decode(meta_bytes).map_err(model)?;
-    let graph = match (weights_path, desc.weights.is_null()) {
+    let plan = match (weights_path, desc.weights.is_null()) {
         (Some(p), _) => {
             let f = std::fs::File::open(p)
                 .map_err(|e| (Status::Io, format!("opening weights `{p}`: {e}")))?;
@@ -168,7 +169,7 @@ unsafe fn create(
             // truncated or modified while a context made from it exists.
             let map = unsafe { memmap2::Mmap::map(&f) }
                 .map_err(|e| (Status::Io, format!("mapping weights `{p}`: {e}")))?;
-            format::restore(&meta, &bytes::Bytes::from_owner(map)).map_err(model)?
+            format::restore_plan(&meta, &bytes::Bytes::from_owner(map)).map_err(model)?
         }
         (None, false) => {
             // SAFETY: per this function's contract, `desc.weights` is the library's own
@@ -176,7 +177,7 @@ unsafe fn create(
             // context runs its code: the weights are used in place.
             let blob: &'static [u8] =
                 unsafe { std::slice::from_raw_parts(desc.weights, desc.weights_len as usize) };
-            format::restore(&meta, &bytes::Bytes::from_static(blob)).map_err(model)?
+            format::restore_plan(&meta, &bytes::Bytes::from_static(blob)).map_err(model)?
         }
         (None, true) => {
             return Err((
@@ -186,7 +187,6 @@ unsafe fn create(
             ))
         }
     };
-    let plan = partition(&graph).map_err(|e| model(format!("partitioning: {e}")))?;
     let count = desc.kernel_count as usize;
     if plan.kernels.len() != count {
         return Err(model(format!(
@@ -211,6 +211,7 @@ unsafe fn create(
     }
     let inputs = io_info(&plan, &plan.graph.inputs);
     let outputs = io_info(&plan, &plan.graph.outputs);
+    let plan = CpuPlan::new(plan);
     let runner = AotRunner::new(fns, 0)
         .map_err(|e| (Status::Internal, format!("starting the thread pool: {e}")))?;
     Ok(Context {
@@ -496,7 +497,8 @@ pub unsafe extern "C" fn kiln_run(
                     "contraction" => 1,
                     _ => 2,
                 };
-                (kind, k.nanos)
+                let label = CString::new(k.label.replace('\0', " ")).unwrap_or_default();
+                (kind, k.nanos, label)
             })
             .collect();
         c.last = outs;
@@ -626,7 +628,7 @@ pub unsafe extern "C" fn kiln_profile_kernel(
     nanos: *mut u64,
 ) -> i32 {
     guard(|| {
-        let &(k, n) = unsafe { ctx_ref(ctx) }
+        let &(k, n, _) = unsafe { ctx_ref(ctx) }
             .and_then(|c| c.times.get(i))
             .ok_or((Status::InvalidArgument, format!("no profiled kernel #{i}")))?;
         if kind.is_null() || nanos.is_null() {
@@ -639,4 +641,16 @@ pub unsafe extern "C" fn kiln_profile_kernel(
         }
         Ok(())
     })
+}
+
+/// The label of kernel `i` of the last profiled run (the ONNX node name, or the values a
+/// fused loop writes), or null when there is none. Valid until the next run.
+///
+/// # Safety
+/// `ctx` must be a live context or null.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_profile_label(ctx: *const Context, i: usize) -> *const c_char {
+    unsafe { ctx_ref(ctx) }
+        .and_then(|c| c.times.get(i))
+        .map_or(std::ptr::null(), |(_, _, l)| l.as_ptr())
 }

@@ -3,8 +3,9 @@
 //! contractions and large loop kernels split over the context's thread pool.
 
 use kiln_ir::Tensor;
+use kiln_plan::LoopKernel;
 use kiln_runtime::kernel::rows::run_row_fn_par;
-use kiln_runtime::kernel::{LoopKernel, LoopRunner};
+use kiln_runtime::kernel::LoopRunner;
 use kiln_runtime::pool::{Pool, PoolError};
 
 pub use kiln_runtime::kernel::rows::RowFn;
@@ -59,7 +60,7 @@ impl LoopRunner for AotRunner {
     ) -> Result<Vec<Tensor>, String> {
         match self.fns.get(index).copied().flatten() {
             Some(f) => run_row_fn_par(f, k, inputs, &self.pool, out),
-            None => kiln_runtime::kernel::eval::run_loop(k, inputs),
+            None => kiln_plan::eval::run_loop(k, inputs),
         }
     }
 

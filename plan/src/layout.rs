@@ -1,7 +1,7 @@
 //! Binding a loop kernel to run-time tensors: the concrete domain (symbolic dims bound
 //! from the inputs), the row length, and each input's element offset for every row.
 
-use super::ir::{InnerAccess, LoopKernel};
+use crate::loop_ir::{InnerAccess, LoopKernel};
 use kiln_ir::{DType, Dim, Tensor};
 
 /// A loop kernel's concrete iteration space for one call.

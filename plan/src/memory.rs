@@ -1,6 +1,6 @@
 //! The memory planner: value liveness over a plan's kernels → offsets in one arena, and
 //! the planned peak bytes. Sizes are those of one run (symbolic dims bound), so
-//! [`super::Plan::run_with`] plans from the tensors it actually produced.
+//! the CPU executor plans from the tensors a run actually produced.
 
 use kiln_ir::ValueId;
 

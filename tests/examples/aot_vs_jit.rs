@@ -1,10 +1,10 @@
 //! Measures AOT (LLVM) libraries against the Cranelift JIT on models' test data: library
 //! build time, end-to-end latency (min of N) and the loop kernels' share (min over runs
 //! of the summed per-kernel loop times). Usage:
-//! `cargo run --release -p kiln-llvm --example aot_vs_jit -- MODEL_DIR... [--runs N]`
+//! `cargo run --release -p kiln-tests --example aot_vs_jit -- MODEL_DIR... [--runs N]`
 
 use kiln_llvm::{build_library, AotLibrary, BuildOptions};
-use kiln_runtime::{Model, TestData};
+use kiln_reference::TestData;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,8 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or_default()
             .to_string_lossy()
             .to_string();
-        let model = Model::load(dir.join("model.onnx"))?;
-        let mut g = model.graph().clone();
+        let mut g = kiln_frontend::load(dir.join("model.onnx"))?;
         kiln_passes::default_pipeline().run(&mut g)?;
         let data = TestData::load(&dir.join("test_data_set_0"))?;
         let inputs: Vec<_> = data.inputs.iter().map(|(_, t)| t.clone()).collect();

@@ -3,7 +3,7 @@
 //! shape are fused greedily into loop kernels; contractions and everything else run one
 //! node at a time.
 
-use super::ir::{BinOp, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
+use crate::loop_ir::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use kiln_ir::{DType, Dim, Graph, Node, OpKind, Tensor, ValueId};
 use std::collections::{HashMap, HashSet};
 
@@ -12,15 +12,17 @@ use std::collections::{HashMap, HashSet};
 pub enum Kernel {
     /// A fused elementwise/broadcast/row-reduction loop nest.
     Loop(LoopKernel),
-    /// A contraction (matmul, gemm, linear, conv, attention, einsum): node index. It runs
-    /// through its prepared CPU routine ([`Plan::contractions`]) where one applies, else
-    /// the interpreter's op.
+    /// A contraction (matmul, gemm, linear, conv, attention, einsum): node index. A backend
+    /// runs it through a routine of its own where one applies, else the interpreter's op.
     Contraction(usize),
     /// Anything else: node index, run by the interpreter's `ops::eval`.
     Fallback(usize),
 }
 
-/// A partitioned graph ready to run: kernels in execution order and the constants.
+/// A partitioned graph: kernels in execution order and the evaluated constants. Pure data,
+/// the same for every backend: a backend prepares it for its target (the CPU runtime packs
+/// contraction weights, a GPU backend uploads them) and AOT libraries carry it serialised
+/// ([`crate::serial`]) instead of partitioning again at load.
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// The graph the kernels index into.
@@ -29,14 +31,113 @@ pub struct Plan {
     pub kernels: Vec<Kernel>,
     /// Values defined by `constant` nodes, evaluated once.
     pub constants: Vec<(ValueId, Tensor)>,
-    /// Per kernel: the CPU routine of a `Contraction` (constant weights packed once), or
-    /// `None` where the interpreter's op runs.
-    pub contractions: Vec<Option<std::sync::Arc<super::contraction::Prepared>>>,
-    /// Memoised shape arithmetic (see [`super::memo`]), filled by runs.
-    pub(crate) memo: super::memo::ShapeMemo,
-    /// Arena layouts per input-shape set and reusable blocks (see [`super::arena`]),
-    /// filled by runs.
-    pub(crate) arenas: super::arena::Arenas,
+}
+
+impl Plan {
+    /// A plan from a graph and kernels made earlier (by [`partition`], here or at build
+    /// time): evaluates the constants and checks that every node runs exactly once, in an
+    /// order where each value is defined before it is read.
+    pub fn from_kernels(graph: Graph, kernels: Vec<Kernel>) -> Result<Plan, String> {
+        let constants = constants(&graph)?;
+        let mut defined = vec![false; graph.values.len()];
+        for &v in &graph.inputs {
+            defined[v.index()] = true;
+        }
+        for (v, _) in &constants {
+            defined[v.index()] = true;
+        }
+        let mut node_seen = vec![false; graph.nodes.len()];
+        for (ki, k) in kernels.iter().enumerate() {
+            let (reads, writes): (Vec<ValueId>, Vec<ValueId>) = match k {
+                Kernel::Loop(l) => (
+                    l.inputs.iter().map(|i| i.value).collect(),
+                    l.outputs.iter().map(|o| o.0).collect(),
+                ),
+                Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                    let node = graph
+                        .nodes
+                        .get(*n)
+                        .ok_or_else(|| format!("kernel #{ki} names node #{n}, out of range"))?;
+                    if std::mem::replace(&mut node_seen[*n], true) {
+                        return Err(format!("kernel #{ki}: node #{n} runs twice"));
+                    }
+                    (
+                        node.inputs.iter().flatten().copied().collect(),
+                        node.outputs.clone(),
+                    )
+                }
+            };
+            for v in reads.iter().chain(&writes) {
+                if v.index() >= graph.values.len() {
+                    return Err(format!(
+                        "kernel #{ki} names value #{}, out of range",
+                        v.index()
+                    ));
+                }
+            }
+            if let Some(v) = reads.iter().find(|v| !defined[v.index()]) {
+                return Err(format!(
+                    "kernel #{ki} reads `{}` before it is defined",
+                    graph.value(*v).name
+                ));
+            }
+            for v in writes {
+                defined[v.index()] = true;
+            }
+        }
+        if let Some(v) = graph.outputs.iter().find(|v| !defined[v.index()]) {
+            return Err(format!(
+                "graph output `{}` is never computed",
+                graph.value(*v).name
+            ));
+        }
+        Ok(Plan {
+            graph,
+            kernels,
+            constants,
+        })
+    }
+
+    /// A short label for kernel `i` (for errors, profiles and dumps).
+    pub fn label(&self, i: usize) -> String {
+        let g = &self.graph;
+        match self.kernels.get(i) {
+            Some(Kernel::Loop(k)) => format!(
+                "loop[{}]",
+                k.outputs
+                    .iter()
+                    .map(|(v, _)| g.value(*v).name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(Kernel::Contraction(n)) | Some(Kernel::Fallback(n)) => {
+                let node = &g.nodes[*n];
+                if node.name.is_empty() {
+                    format!(
+                        "%{}",
+                        node.outputs
+                            .first()
+                            .map(|&o| g.value(o).name.as_str())
+                            .unwrap_or("")
+                    )
+                } else {
+                    node.name.clone()
+                }
+            }
+            None => format!("#{i}"),
+        }
+    }
+}
+
+/// The values of the graph's `constant` nodes, evaluated.
+fn constants(g: &Graph) -> Result<Vec<(ValueId, Tensor)>, String> {
+    let mut constants = vec![];
+    for node in g.nodes.iter().filter(|n| n.op == OpKind::Constant) {
+        let mut outs = kiln_ir::ops::eval(node.op, &node.attrs, &[])?;
+        outs.truncate(node.outputs.len());
+        constants.extend(node.outputs.iter().copied().zip(outs));
+    }
+    Ok(constants)
 }
 
 /// Whether an op is a contraction (a GEMM-backed kernel).
@@ -213,7 +314,6 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
 
     let outputs: HashSet<ValueId> = g.outputs.iter().copied().collect();
     let mut kernels = vec![];
-    let mut constants = vec![];
     for (i, node) in g.nodes.iter().enumerate() {
         if let Some(gid) = group_of[i] {
             let (members, dom) = &groups[gid];
@@ -223,32 +323,17 @@ pub fn partition(g: &Graph) -> Result<Plan, String> {
                 )?));
             }
         } else if node.op == OpKind::Constant {
-            let mut outs = kiln_ir::ops::eval(node.op, &node.attrs, &[])?;
-            outs.truncate(node.outputs.len());
-            constants.extend(node.outputs.iter().copied().zip(outs));
+            // Evaluated once into `Plan::constants`.
         } else if is_contraction(node.op) {
             kernels.push(Kernel::Contraction(i));
         } else {
             kernels.push(Kernel::Fallback(i));
         }
     }
-    let known: HashMap<ValueId, &Tensor> = constants.iter().map(|(v, t)| (*v, t)).collect();
-    let contractions = kernels
-        .iter()
-        .map(|k| match k {
-            Kernel::Contraction(n) => {
-                super::contraction::prepare(g, *n, &known).map(std::sync::Arc::new)
-            }
-            _ => None,
-        })
-        .collect();
     Ok(Plan {
         graph: g.clone(),
         kernels,
-        constants,
-        contractions,
-        memo: Default::default(),
-        arenas: Default::default(),
+        constants: constants(g)?,
     })
 }
 
@@ -371,7 +456,7 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
         }
         LayerNorm | RmsNorm => {
             let eps = k.konst(node.attrs.float_or("epsilon", 1e-5)?);
-            let n = k.push(super::ir::Expr::RowLen);
+            let n = k.push(Expr::RowLen);
             let d = if node.op == LayerNorm {
                 let s = k.reduce(RedOp::Sum, x);
                 let mean = k.bin(BinOp::Div, s, n);

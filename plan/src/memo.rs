@@ -11,7 +11,7 @@
 //! depend on data, so the graph inputs' shapes are only the lookup key), and on the first
 //! mismatch computes the remaining static kernels itself and records a fresh entry.
 
-use super::partition::{Kernel, Plan};
+use crate::partition::{Kernel, Plan};
 use kiln_ir::{OpKind, Tensor};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -74,14 +74,16 @@ const STATIC_OPS: &[OpKind] = &[
 
 /// Which kernels of a plan are static: `slot[k]` is kernel k's index among them.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Statics {
+pub struct Statics {
+    /// Per kernel: its index among the static kernels, if it is one.
     pub slot: Vec<Option<usize>>,
+    /// How many kernels are static.
     pub count: usize,
 }
 
 /// One memoised set of static values.
 #[derive(Debug)]
-pub(crate) struct Entry {
+pub struct Entry {
     /// Per static slot: the kernel's outputs.
     pub outs: Vec<Vec<Tensor>>,
     /// Per static slot: the input shape a `shape`/`size` kernel saw (else empty, unused).
@@ -113,24 +115,24 @@ impl std::fmt::Debug for ShapeMemo {
 }
 
 /// Whether a node reads only its input's shape.
-pub(crate) fn reads_shape_only(op: OpKind) -> bool {
+pub fn reads_shape_only(op: OpKind) -> bool {
     matches!(op, OpKind::Shape | OpKind::Size)
 }
 
 impl ShapeMemo {
     /// The plan's static kernels (computed on first use).
-    pub(crate) fn statics(&self, plan: &Plan) -> &Statics {
+    pub fn statics(&self, plan: &Plan) -> &Statics {
         self.statics.get_or_init(|| analyse(plan))
     }
 
     /// The entry recorded for these graph-input shapes, if any.
-    pub(crate) fn lookup(&self, key: &[Vec<usize>]) -> Option<Arc<Entry>> {
+    pub fn lookup(&self, key: &[Vec<usize>]) -> Option<Arc<Entry>> {
         let e = self.entries.lock().ok()?;
         e.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
     }
 
     /// Records an entry for these graph-input shapes, replacing any with the same key.
-    pub(crate) fn store(&self, key: Vec<Vec<usize>>, entry: Entry) {
+    pub fn store(&self, key: Vec<Vec<usize>>, entry: Entry) {
         let bytes: usize = entry
             .outs
             .iter()
@@ -187,125 +189,4 @@ fn analyse(plan: &Plan) -> Statics {
         }
     }
     Statics { slot, count }
-}
-
-#[cfg(test)]
-mod tests {
-    use crate::kernel::{partition, ReferenceRunner, RunReport};
-    use kiln_ir::Tensor;
-
-    /// `%y` is reshaped by shape arithmetic on `%x`; `%z`'s shape depends on the data in
-    /// `%n`, so a memo entry keyed by input shapes must still be validated by `shape %z`.
-    const SRC: &str = "func @f(%x: f32[B, 4], %n: i64[2]) -> (f32[?, ?], i64[2], f32[?, ?]) {
-  %s = shape %x
-  %k0 = constant {value = dense<i64[1]> [0]} : i64[1]
-  %b = gather %s, %k0 {axis = 0}
-  %m1 = constant {value = dense<i64[1]> [-1]} : i64[1]
-  %t = concat %m1, %b {axis = 0}
-  %y = reshape %x, %t : f32[?, ?]
-  %z = reshape %x, %n : f32[?, ?]
-  %sz = shape %z
-  %w = reshape %z, %sz : f32[?, ?]
-  return %y, %sz, %w
-}
-";
-
-    fn run_both(
-        plan: &crate::kernel::Plan,
-        g: &kiln_ir::Graph,
-        x: &Tensor,
-        n: &Tensor,
-    ) -> RunReport {
-        let ins = vec![x.clone(), n.clone()];
-        let mut rep = RunReport::default();
-        let got = plan
-            .run_with(ins.clone(), &ReferenceRunner, Some(&mut rep))
-            .expect("plan runs");
-        let want = kiln_ir::interp::run(g, ins).expect("interpreter runs");
-        assert_eq!(got, want, "x {:?} n {:?}", x.shape(), n.to_i64s());
-        rep
-    }
-
-    fn memo_hits(rep: &RunReport) -> usize {
-        rep.kernels.iter().filter(|k| k.kind == "memo").count()
-    }
-
-    #[test]
-    fn memoised_shape_arithmetic_matches_the_interpreter_and_revalidates() {
-        let g = kiln_ir::text::parse(SRC).expect("parses");
-        let plan = partition(&g).expect("partitions");
-        let x = |b: usize| Tensor::from_vec(vec![b, 4], (0..b * 4).map(|i| i as f32).collect());
-        let n = |a: i64, b: i64| Tensor::from_vec(vec![2], vec![a, b]);
-        // First run records; the second, same shapes and data, borrows every static value.
-        let first = run_both(&plan, &g, &x(2), &n(4, 2));
-        assert_eq!(memo_hits(&first), 0);
-        let second = run_both(&plan, &g, &x(2), &n(4, 2));
-        let statics = plan.memo.statics(&plan).count;
-        assert_eq!(statics, 4, "shape, gather, concat, shape");
-        assert_eq!(memo_hits(&second), statics);
-        // Same input shapes, different data in %n: `shape %z` must not come from the memo.
-        let third = run_both(&plan, &g, &x(2), &n(2, 4));
-        assert!(memo_hits(&third) < statics);
-        // A new batch size is a new key; the old entries stay usable.
-        run_both(&plan, &g, &x(3), &n(6, 2));
-        run_both(&plan, &g, &x(3), &n(6, 2));
-        run_both(&plan, &g, &x(2), &n(2, 4));
-        // A failing run (bad reshape) reports the error and stores nothing wrong.
-        assert!(plan.run(vec![x(2), n(3, 3)], &ReferenceRunner).is_err());
-        run_both(&plan, &g, &x(2), &n(8, 1));
-    }
-
-    /// A rotary-style table: positions from `range` over a shape, scaled by a constant in a
-    /// fused loop, then `cos`; only the last product reads data.
-    const TABLE: &str = "func @f(%x: f32[S, 4]) -> (f32[S, 4]) {
-  %s = shape %x
-  %z = constant {value = dense<i64[]> [0]} : i64[]
-  %one = constant {value = dense<i64[]> [1]} : i64[]
-  %n = gather %s, %z {axis = 0}
-  %r = range %z, %n, %one
-  %rf = cast %r {to = \"f32\"}
-  %k = constant {value = dense<f32[]> [0.25]} : f32[]
-  %a = mul %rf, %k
-  %c = cos %a
-  %ax = constant {value = dense<i64[1]> [1]} : i64[1]
-  %c2 = unsqueeze %c, %ax
-  %y = mul %x, %c2
-  return %y
-}
-";
-
-    #[test]
-    fn loops_and_cos_over_static_values_are_memoised() {
-        let g = kiln_ir::text::parse(TABLE).expect("parses");
-        let plan = partition(&g).expect("partitions");
-        let x = |s: usize| Tensor::from_vec(vec![s, 4], (0..s * 4).map(|i| i as f32).collect());
-        let run = |s: usize| {
-            let ins = vec![x(s)];
-            let mut rep = RunReport::default();
-            let got = plan
-                .run_with(ins.clone(), &ReferenceRunner, Some(&mut rep))
-                .expect("plan runs");
-            assert_eq!(
-                got,
-                kiln_ir::interp::run(&g, ins).expect("interpreter runs")
-            );
-            rep
-        };
-        let memo_ops = |rep: &RunReport| -> Vec<String> {
-            rep.kernels
-                .iter()
-                .filter(|k| k.kind == "memo")
-                .map(|k| k.op.clone())
-                .collect()
-        };
-        assert!(memo_ops(&run(3)).is_empty());
-        let second = memo_ops(&run(3));
-        assert!(second.iter().any(|o| o == "cos"), "{second:?}");
-        assert!(second.iter().any(|o| o == "loop"), "{second:?}");
-        // The data product is never memoised; a new length computes a fresh table.
-        assert!(!second.iter().any(|o| o == "mul"), "{second:?}");
-        assert!(memo_ops(&run(5)).is_empty());
-        run(5);
-        run(3);
-    }
 }

@@ -1,8 +1,8 @@
 //! The portable reference evaluator of loop kernels: plain Rust, one element at a time,
 //! in the same order of operations as the JIT's scalar path.
 
-use super::ir::{Expr, InnerAccess, LoopKernel, RedOp};
-use super::layout::LoopShape;
+use crate::layout::LoopShape;
+use crate::loop_ir::{Expr, InnerAccess, LoopKernel, RedOp};
 use kiln_ir::Tensor;
 
 /// Runs `k` on `inputs` (one per kernel input), returning its outputs in order.
