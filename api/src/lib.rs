@@ -234,7 +234,7 @@ impl Model {
                     msg: e.to_string(),
                 })?,
             )),
-            Backend::Aot => Inner::Aot(aot::Aot::build(&graph, opts.threads)?),
+            Backend::Aot => Inner::Aot(Box::new(aot::Aot::build(&graph, opts.threads)?)),
             Backend::Interp => Inner::Interp,
         };
         Ok(Executable {
@@ -251,7 +251,7 @@ impl Model {
 
 enum Inner {
     Jit(Box<JitExecutable>),
-    Aot(aot::Aot),
+    Aot(Box<aot::Aot>),
     Interp,
 }
 
