@@ -10,6 +10,11 @@ use std::collections::{BTreeSet, HashMap};
 /// Integer inputs that index no table are drawn from `[0, DEFAULT_INT_END)`.
 pub const DEFAULT_INT_END: i64 = 10;
 
+/// Inputs that reach a gather's indices only through arithmetic are drawn from
+/// `[0, COMPUTED_INDEX_END)`: 0/1 values, whose sums and running sums stay within the
+/// length of the axis they run along.
+pub const COMPUTED_INDEX_END: i64 = 2;
+
 /// Parses `--dim NAME=N` specs and checks every name is a symbolic dim of one of `inputs`.
 /// A name given twice is an error too.
 pub fn bind_dims<'a>(
@@ -51,6 +56,36 @@ pub fn bind_dims<'a>(
     Ok(dims)
 }
 
+/// Sizes for the model's symbolic dims from the `bench_inputs` of an `export.json` beside
+/// it (the shared models have one), for when no `--dim` is given: dims that the model
+/// relates but does not say how (a KV model's `total_seq` is `past_seq + 1`) then agree.
+pub fn dims_from_export_json<'a>(
+    model: &std::path::Path,
+    inputs: impl IntoIterator<Item = (&'a str, &'a TensorType)>,
+) -> HashMap<String, usize> {
+    let bench = model
+        .parent()
+        .map(|d| d.join("export.json"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|s| crate::inspect::bench_inputs(&s))
+        .unwrap_or_default();
+    let mut dims = HashMap::new();
+    for (name, ty) in inputs {
+        let (Some(sizes), Some(ds)) = (bench.get(name), ty.shape.dims()) else {
+            continue;
+        };
+        if sizes.len() != ds.len() {
+            continue;
+        }
+        for (d, &n) in ds.iter().zip(sizes) {
+            if let (Dim::Sym(s), Ok(n)) = (d, usize::try_from(n)) {
+                dims.entry(s.clone()).or_insert(n);
+            }
+        }
+    }
+    dims
+}
+
 /// The concrete shape of an input under `dims` (unbound dims are 1), checked for overflow
 /// and against the memory limit so that `--dim batch=1099511627776` is an error, not an
 /// abort in the allocator.
@@ -79,8 +114,10 @@ pub fn input_shape(ty: &TensorType, dims: &HashMap<String, usize>) -> Result<Vec
 
 /// For each integer graph input that (through casts, reshapes and the like) is the index
 /// operand of a `gather`, the exclusive upper bound of valid indices: the smallest
-/// number of rows along the gathered axis of any table it indexes. Inputs that index no
-/// table with a known size are absent.
+/// number of rows along the gathered axis of any table it indexes. An input that reaches
+/// an index only through arithmetic (an attention mask's cumulative sum plus an offset
+/// becomes OPT's positions) is bounded by [`COMPUTED_INDEX_END`] instead. Inputs that
+/// index no table with a known size are absent.
 pub fn index_bounds(g: &Graph) -> HashMap<String, i64> {
     let mut users: HashMap<ValueId, Vec<(usize, usize)>> = HashMap::new();
     for (ni, n) in g.nodes.iter().enumerate() {
@@ -96,19 +133,36 @@ pub fn index_bounds(g: &Graph) -> HashMap<String, i64> {
             continue;
         }
         let mut bound: Option<i64> = None;
-        let mut stack = vec![i];
+        // (value, reached through arithmetic)
+        let mut stack = vec![(i, false)];
         let mut seen = BTreeSet::new();
-        while let Some(v) = stack.pop() {
-            if !seen.insert(v) {
+        while let Some((v, computed)) = stack.pop() {
+            if !seen.insert((v, computed)) {
                 continue;
             }
             for &(ni, k) in users.get(&v).map(Vec::as_slice).unwrap_or(&[]) {
                 let n = &g.nodes[ni];
                 match n.op {
                     OpKind::Gather if k == 1 => {
-                        if let Some(rows) = gathered_rows(g, n) {
-                            bound = Some(bound.map_or(rows, |b| b.min(rows)));
+                        let end = if computed {
+                            Some(COMPUTED_INDEX_END)
+                        } else {
+                            gathered_rows(g, n)
+                        };
+                        if let Some(end) = end {
+                            bound = Some(bound.map_or(end, |b| b.min(end)));
                         }
+                    }
+                    // Arithmetic: the index is computed from the value.
+                    OpKind::CumSum
+                    | OpKind::Add
+                    | OpKind::Sub
+                    | OpKind::Mul
+                    | OpKind::Neg
+                    | OpKind::Min
+                    | OpKind::Max
+                    | OpKind::Where => {
+                        stack.extend(n.outputs.iter().map(|&o| (o, true)));
                     }
                     // The value's elements reach the output unchanged (or only moved).
                     OpKind::Cast
@@ -124,7 +178,7 @@ pub fn index_bounds(g: &Graph) -> HashMap<String, i64> {
                     | OpKind::Slice
                         if k == 0 || n.op == OpKind::Concat =>
                     {
-                        stack.extend(n.outputs.iter().copied());
+                        stack.extend(n.outputs.iter().map(|&o| (o, computed)));
                     }
                     _ => {}
                 }

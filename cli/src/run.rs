@@ -21,7 +21,8 @@ pub struct RunArgs {
     /// table within its rows, other integers in [0, 10)).
     #[arg(long)]
     random_inputs: bool,
-    /// Size of a symbolic dim for random inputs: NAME=N (default 1).
+    /// Size of a symbolic dim for random inputs: NAME=N. Without any, sizes come from the
+    /// `bench_inputs` of an export.json beside the model, else every symbolic dim is 1.
     #[arg(long = "dim", value_name = "NAME=N")]
     dims: Vec<String>,
     /// Write each output as DIR/<output name>.npy.
@@ -64,7 +65,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         }
         given.insert(name.to_string(), read_tensor(Path::new(file))?);
     }
-    let dims = crate::random::bind_dims(&args.dims, exe.inputs().iter().map(|v| &v.ty))?;
+    let mut dims = crate::random::bind_dims(&args.dims, exe.inputs().iter().map(|v| &v.ty))?;
+    if args.dims.is_empty() {
+        let ios = exe.inputs().iter().map(|v| (v.name.as_str(), &v.ty));
+        dims = crate::random::dims_from_export_json(&args.model, ios);
+    }
     let bounds = crate::random::index_bounds(model.graph());
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut inputs = Vec::new();

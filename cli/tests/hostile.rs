@@ -522,3 +522,37 @@ fn write_fuzz_seeds() {
     }
     write(&dir, "relu", &relu_model().encode_to_vec());
 }
+
+/// `kiln run MODEL --random-inputs` works on every shared model: integer inputs that index
+/// a table stay within its rows (bert's token types in 2 rows, OPT's positions computed
+/// from the mask), and related symbolic dims (a KV model's `total_seq = past_seq + 1`) take
+/// the sizes of the export.json beside the model.
+#[test]
+fn random_inputs_run_every_shared_model() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models");
+    let mut ran = 0;
+    for set in ["tiny", "bench"] {
+        let Ok(entries) = std::fs::read_dir(root.join(set)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let model = e.path().join("model.onnx");
+            if !model.is_file() {
+                continue;
+            }
+            let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["run", &model.display().to_string(), "--random-inputs"])
+                .output()
+                .unwrap();
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "{}: {}",
+                model.display(),
+                text(&o)
+            );
+            ran += 1;
+        }
+    }
+    eprintln!("ran {ran} shared models with random inputs");
+}
