@@ -279,7 +279,7 @@ fn bench_inputs(args: &BenchArgs, model: &Model) -> Result<(Vec<(String, Tensor)
             return Ok((inputs, format!("{}", dir.display())));
         }
     }
-    let dims = crate::run::parse_dims(&args.dims)?;
+    let dims = crate::random::bind_dims(&args.dims, ios.iter().map(|io| &io.ty))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let inputs = ios
         .iter()

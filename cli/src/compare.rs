@@ -6,7 +6,6 @@ use anyhow::{bail, Context, Result};
 use kiln::{Backend, Model, Options};
 use kiln_ir::{DType, Dim, Graph, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -80,17 +79,7 @@ fn random_inputs(
         .and_then(|p| std::fs::read_to_string(p).ok())
         .map(|s| crate::inspect::bench_inputs(&s))
         .unwrap_or_default();
-    let mut dims: HashMap<String, usize> = HashMap::new();
-    for s in dim_specs {
-        let Some((n, v)) = s.split_once('=') else {
-            bail!("--dim `{s}` should be NAME=N");
-        };
-        dims.insert(
-            n.to_string(),
-            v.parse()
-                .with_context(|| format!("--dim `{s}`: not a size"))?,
-        );
-    }
+    let dims = crate::random::bind_dims(dim_specs, g.inputs.iter().map(|&i| g.ty(i)))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = vec![];
     for &i in &g.inputs {
@@ -115,6 +104,8 @@ fn random_inputs(
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .with_context(|| format!("input `{}` is too large", v.name))?;
+        kiln_ir::limits::check(n, v.ty.dtype.size().max(8), &shape)
+            .map_err(|m| anyhow::anyhow!("input `{}` ({}): {m}", v.name, v.ty))?;
         let lname = v.name.to_lowercase();
         let dt = v.ty.dtype;
         let data = if dt.is_float() {

@@ -8,6 +8,8 @@ mod build;
 mod compare;
 mod info;
 mod inspect;
+mod limits;
+mod random;
 mod report;
 mod run;
 
@@ -19,6 +21,10 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "kiln", version, about)]
 struct Cli {
+    /// The most memory one tensor sized by the model's data or your `--dim`s may take,
+    /// e.g. 512M or 8G (default: half of the RAM or of `ulimit -v`, whichever is smaller).
+    #[arg(long, global = true, value_name = "SIZE")]
+    max_memory: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,7 +57,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limits::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
+    if let Err(e) = limits::set_max_memory(cli.max_memory.as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(1);
+    }
     let result = match cli.command {
         Command::Info { model } => info::info(&model).map(|()| ExitCode::SUCCESS),
         Command::Convert { model, output } => convert(&model, &output).map(|()| ExitCode::SUCCESS),
@@ -64,10 +75,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line, as `{:#}` prints them, but leaving out a cause
+/// whose text its parent already shows (`cannot read x: No such device` once, not twice).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.is_empty() {
+            text = c;
+        } else if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+    }
+    text
 }
 
 fn convert(model: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use kiln::{Backend, Executable, Model, Options};
-use kiln_ir::{DType, Dim, Tensor, TensorData};
+use kiln_ir::{DType, Tensor, TensorData};
 use kiln_reference::{compare, TestData, MODEL_TOLERANCE};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -17,10 +17,12 @@ pub struct RunArgs {
     /// An input tensor: NAME=FILE, where FILE is `.npy` or an ONNX TensorProto `.pb`.
     #[arg(long = "input", value_name = "NAME=FILE")]
     inputs: Vec<String>,
-    /// Fill inputs that were not given with seeded random values (ids in [0, 10)).
+    /// Fill inputs that were not given with seeded random values (integers that index a
+    /// table within its rows, other integers in [0, 10)).
     #[arg(long)]
     random_inputs: bool,
-    /// Size of a symbolic dim for random inputs: NAME=N (default 1).
+    /// Size of a symbolic dim for random inputs: NAME=N. Without any, sizes come from the
+    /// `bench_inputs` of an export.json beside the model, else every symbolic dim is 1.
     #[arg(long = "dim", value_name = "NAME=N")]
     dims: Vec<String>,
     /// Write each output as DIR/<output name>.npy.
@@ -58,16 +60,31 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         let (name, file) = spec
             .split_once('=')
             .with_context(|| format!("--input `{spec}` should be NAME=FILE"))?;
+        if given.contains_key(name) {
+            bail!("--input `{name}` is given twice");
+        }
         given.insert(name.to_string(), read_tensor(Path::new(file))?);
     }
-    let dims = parse_dims(&args.dims)?;
+    let mut dims = crate::random::bind_dims(&args.dims, exe.inputs().iter().map(|v| &v.ty))?;
+    if args.dims.is_empty() {
+        let ios = exe.inputs().iter().map(|v| (v.name.as_str(), &v.ty));
+        dims = crate::random::dims_from_export_json(&args.model, ios);
+    }
+    let bounds = crate::random::index_bounds(model.graph());
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut inputs = Vec::new();
     for v in exe.inputs() {
         let t = match given.remove(&v.name) {
             Some(t) => t,
-            None if args.random_inputs => random_tensor(&v.ty, &dims, 10, &mut rng)
-                .with_context(|| format!("making a random value for input `{}`", v.name))?,
+            None if args.random_inputs => {
+                let int_end = bounds
+                    .get(&v.name)
+                    .copied()
+                    .unwrap_or(crate::random::DEFAULT_INT_END);
+                random_tensor(&v.ty, &dims, int_end, &mut rng).with_context(|| {
+                    format!("making a random value for input `{}` ({})", v.name, v.ty)
+                })?
+            }
             None => bail!(
                 "missing input `{}` ({}); pass --input {}=FILE or --random-inputs",
                 v.name,
@@ -179,39 +196,13 @@ fn read_tensor(path: &Path) -> Result<Tensor> {
     Ok(t)
 }
 
-pub(crate) fn parse_dims(specs: &[String]) -> Result<HashMap<String, usize>> {
-    specs
-        .iter()
-        .map(|s| {
-            let (n, v) = s
-                .split_once('=')
-                .with_context(|| format!("--dim `{s}` should be NAME=N"))?;
-            Ok((
-                n.to_string(),
-                v.parse()
-                    .with_context(|| format!("--dim `{s}`: not a size"))?,
-            ))
-        })
-        .collect()
-}
-
 pub(crate) fn random_tensor(
     ty: &kiln_ir::TensorType,
     dims: &HashMap<String, usize>,
     int_end: i64,
     rng: &mut impl Rng,
 ) -> Result<Tensor> {
-    let Some(ds) = ty.shape.dims() else {
-        bail!("its rank is unknown")
-    };
-    let shape: Vec<usize> = ds
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n as usize,
-            Dim::Sym(s) => dims.get(s).copied().unwrap_or(1),
-            Dim::Unknown => 1,
-        })
-        .collect();
+    let shape = crate::random::input_shape(ty, dims)?;
     let n: usize = shape.iter().product();
     let data = if ty.dtype.is_float() {
         TensorData::from_f64s(ty.dtype, (0..n).map(|_| rng.gen_range(-1.0..1.0)))

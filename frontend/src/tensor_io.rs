@@ -52,9 +52,9 @@ pub fn read_tensor_pb_bytes(
     bytes: &[u8],
     base_dir: Option<&Path>,
 ) -> Result<(String, Tensor), TensorIoError> {
-    let t = TensorProto::decode(bytes).map_err(|source| OnnxError::Decode {
+    let t = TensorProto::decode(bytes).map_err(|err| OnnxError::Decode {
         what: "TensorProto",
-        source,
+        err,
     })?;
     let tensor = tensor_from_proto(&t, base_dir)?;
     Ok((t.name, tensor))

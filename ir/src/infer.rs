@@ -10,6 +10,12 @@ use std::sync::Arc;
 /// shape tensors (`[B, S, 12, 64]`) are known exactly.
 pub const FOLD_LIMIT_ELEMS: usize = 1 << 16;
 
+/// The memory budget ([`crate::limits::with_budget`]) a fold evaluates under: enough for
+/// [`FOLD_LIMIT_ELEMS`] gathered elements (an 8-byte index and an 8-byte element each).
+/// A constant_of_shape, expand, tile or range that would make more fails fast and stays
+/// a node, evaluated (under the run-time memory limit) only when the graph runs.
+pub const FOLD_BUDGET_BYTES: usize = FOLD_LIMIT_ELEMS * 16;
+
 /// Shape inference failed at a node: the types are inconsistent.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("shape inference failed at node `{node}` ({op}) with inputs {inputs}: {msg}")]
@@ -91,6 +97,17 @@ pub(crate) fn fold_small_constants(
     if op == OpKind::If {
         return;
     }
+    // An output the shape rule already knows to be large is not worth evaluating.
+    let large = |f: &Fact| {
+        f.ty.shape.concrete().is_some_and(|d| {
+            d.iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b))
+                .is_none_or(|n| n > FOLD_LIMIT_ELEMS)
+        })
+    };
+    if out.iter().any(large) {
+        return;
+    }
     let mut tensors = Vec::with_capacity(ins.len());
     for i in ins {
         match i {
@@ -101,7 +118,8 @@ pub(crate) fn fold_small_constants(
             },
         }
     }
-    if let Ok(results) = ops::eval(op, attrs, &tensors) {
+    let results = crate::limits::with_budget(FOLD_BUDGET_BYTES, || ops::eval(op, attrs, &tensors));
+    if let Ok(results) = results {
         for (f, t) in out.iter_mut().zip(results) {
             if t.len() <= FOLD_LIMIT_ELEMS && t.dtype() == f.ty.dtype {
                 f.ty.shape = Shape::fixed(t.shape());

@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod graph;
 pub mod infer;
 pub mod interp;
+pub mod limits;
 pub mod ops;
 pub mod shape;
 pub mod tensor;

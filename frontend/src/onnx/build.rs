@@ -11,6 +11,10 @@ use std::sync::Arc;
 
 /// Builds the top-level graph.
 pub(crate) fn build_model(lg: &LGraph) -> Result<Graph, OnnxError> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(o) = lg.outputs.iter().find(|o| !seen.insert(o.as_str())) {
+        return Err(OnnxError::DuplicateOutput(o.clone()));
+    }
     build_graph(lg, &lg.inputs)
 }
 

@@ -110,11 +110,26 @@ fn walk_graphs<'a>(g: &'a GraphProto, f: &mut dyn FnMut(&'a GraphProto)) {
     }
 }
 
+/// Like [`walk_nodes`], with each node's index in its own graph's node list.
+fn walk_indexed<'a>(g: &'a GraphProto, f: &mut dyn FnMut(usize, &'a NodeProto)) {
+    for (i, n) in g.node.iter().enumerate() {
+        f(i, n);
+        for a in &n.attribute {
+            if let Some(sg) = &a.g {
+                walk_indexed(sg, f);
+            }
+            for sg in &a.graphs {
+                walk_indexed(sg, f);
+            }
+        }
+    }
+}
+
 /// Every op type kiln cannot import, with counts and first users, most used first.
 pub(crate) fn unsupported_ops(g: &GraphProto) -> Vec<UnsupportedOp> {
     let mut found: Vec<UnsupportedOp> = vec![];
     let mut index: HashMap<String, usize> = HashMap::new();
-    walk_nodes(g, &mut |n| {
+    walk_indexed(g, &mut |at, n| {
         if is_default_domain(&n.domain) && OpKind::from_onnx(&n.op_type).is_some() {
             return;
         }
@@ -127,6 +142,8 @@ pub(crate) fn unsupported_ops(g: &GraphProto) -> Vec<UnsupportedOp> {
                     op: key,
                     count: 1,
                     first_node: n.name.clone(),
+                    first_index: at,
+                    first_output: n.output.first().cloned().unwrap_or_default(),
                 });
             }
         }
@@ -149,6 +166,12 @@ pub(crate) fn lower_model(m: &ModelProto, base_dir: Option<&Path>) -> Result<LGr
         .map(|o| o.version)
         .max();
     let opset = match opset {
+        Some(v) if !(1..=super::NEWEST_OPSET).contains(&v) => {
+            return Err(OnnxError::UnsupportedOpset {
+                version: v,
+                newest: super::NEWEST_OPSET,
+            })
+        }
         Some(v) => v,
         None if g.node.is_empty() => i64::MAX,
         None => return Err(OnnxError::NoOpset),

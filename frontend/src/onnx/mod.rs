@@ -24,6 +24,10 @@ use prost::Message;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The newest `ai.onnx` opset kiln imports: that of the ONNX release (1.22.0) whose node
+/// tests the conformance runner passes.
+pub const NEWEST_OPSET: i64 = 27;
+
 /// An op kiln cannot import, with how often the model uses it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnsupportedOp {
@@ -33,16 +37,50 @@ pub struct UnsupportedOp {
     pub count: usize,
     /// The name of the first node that uses it (may be empty).
     pub first_node: String,
+    /// Where that node is: its index in its graph's node list (subgraphs count their own),
+    /// and its first output's name, for nodes without a name.
+    pub first_index: usize,
+    /// The first node's first output (may be empty).
+    pub first_output: String,
 }
 
 impl fmt::Display for UnsupportedOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} ×{} (first: `{}`)",
-            self.op, self.count, self.first_node
-        )
+        write!(f, "{} ×{} (first: ", self.op, self.count)?;
+        if !self.first_node.is_empty() {
+            write!(f, "node `{}`)", self.first_node)
+        } else if !self.first_output.is_empty() {
+            write!(
+                f,
+                "node #{}, unnamed, output `{}`)",
+                self.first_index, self.first_output
+            )
+        } else {
+            write!(f, "node #{}, unnamed)", self.first_index)
+        }
     }
+}
+
+/// Frames of prost's field path kept at each end of a long decode error.
+const DECODE_PATH_KEPT: usize = 2;
+
+/// prost's decode error in one line: a path nested a hundred messages deep (the recursion
+/// limit) keeps its first and last frames and the count of those left out.
+fn short_decode_error(e: &prost::DecodeError) -> String {
+    let full = e.to_string();
+    let parts: Vec<&str> = full.split(": ").collect();
+    // [prefix, frame..., description]
+    if parts.len() <= 2 * DECODE_PATH_KEPT + 2 {
+        return full;
+    }
+    let (head, rest) = parts.split_at(1 + DECODE_PATH_KEPT);
+    let (skipped, tail) = rest.split_at(rest.len() - DECODE_PATH_KEPT - 1);
+    format!(
+        "{}: … {} more nested fields …: {}",
+        head.join(": "),
+        skipped.len(),
+        tail.join(": ")
+    )
 }
 
 fn list_ops(ops: &[UnsupportedOp]) -> String {
@@ -64,16 +102,29 @@ pub enum OnnxError {
         source: std::io::Error,
     },
     /// The bytes are not a valid protobuf message.
-    #[error("malformed ONNX protobuf ({what}): {source}")]
+    #[error("malformed ONNX protobuf ({what}): {}", short_decode_error(.err))]
     Decode {
         /// The message that failed to decode.
         what: &'static str,
-        /// prost's description.
-        source: prost::DecodeError,
+        /// prost's description (shown shortened: not a `source`, so that it is not
+        /// printed a second time in full by error reporters that walk the chain).
+        err: prost::DecodeError,
     },
     /// The model has no graph.
     #[error("the model has no graph")]
     NoGraph,
+    /// The model imports an `ai.onnx` opset that does not exist, or one newer than kiln
+    /// knows.
+    #[error("the model imports ai.onnx opset {version}, which {}; kiln supports opsets 1 to {newest}", if *.version > *.newest { "is newer than kiln knows" } else { "does not exist" })]
+    UnsupportedOpset {
+        /// The version the model imports.
+        version: i64,
+        /// The newest `ai.onnx` opset kiln imports ([`NEWEST_OPSET`]).
+        newest: i64,
+    },
+    /// A graph output is listed twice.
+    #[error("graph output `{0}` is listed twice")]
+    DuplicateOutput(String),
     /// The model does not import the default (`ai.onnx`) opset.
     #[error("the model imports no `ai.onnx` opset but uses its ops")]
     NoOpset,
@@ -187,9 +238,9 @@ pub fn load_model_bytes(bytes: Bytes, base_dir: Option<&Path>) -> Result<Graph, 
 
 /// Decodes the protobuf only.
 pub fn decode_model(bytes: Bytes) -> Result<proto::ModelProto, OnnxError> {
-    proto::ModelProto::decode(bytes).map_err(|source| OnnxError::Decode {
+    proto::ModelProto::decode(bytes).map_err(|err| OnnxError::Decode {
         what: "ModelProto",
-        source,
+        err,
     })
 }
 
@@ -227,6 +278,12 @@ pub(crate) fn map_file(path: &Path) -> Result<Bytes, OnnxError> {
         path: path.to_path_buf(),
         source,
     };
+    if path.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is a directory, not a model file",
+        )));
+    }
     let file = std::fs::File::open(path).map_err(io)?;
     if file.metadata().map_err(io)?.len() == 0 {
         return Ok(Bytes::new());

@@ -815,3 +815,87 @@ fn constant_node_value_forms_become_tensors() {
     let e = load(&model(g, 17)).unwrap_err().to_string();
     assert!(e.contains("sparse constants are not supported"), "{e}");
 }
+
+#[test]
+fn opsets_that_do_not_exist_or_are_too_new_are_errors() {
+    for v in [0, -1, super::NEWEST_OPSET + 1, 30] {
+        let e = load(&x_to_y("Relu", vec![], v)).unwrap_err();
+        assert!(matches!(e, OnnxError::UnsupportedOpset { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("opset {v}"))
+                && msg.contains(&format!("1 to {}", super::NEWEST_OPSET)),
+            "{msg}"
+        );
+    }
+    load(&x_to_y("Relu", vec![], super::NEWEST_OPSET)).unwrap();
+}
+
+#[test]
+fn a_graph_output_listed_twice_is_an_error() {
+    let mut m = x_to_y("Relu", vec![], 17);
+    let g = m.graph.as_mut().unwrap();
+    g.output.push(g.output[0].clone());
+    let e = load(&m).unwrap_err();
+    assert_eq!(e.to_string(), "graph output `y` is listed twice");
+}
+
+#[test]
+fn an_unsupported_op_in_an_unnamed_node_is_named_by_index_and_output() {
+    let mut n = node("NoSuchOp", &["r"], &["y"], vec![]);
+    n.name.clear();
+    let g = graph(
+        vec![node("Relu", &["x"], &["r"], vec![]), n],
+        vec![tensor_vi("x", DType::F32, &["1"])],
+        vec![tensor_vi("y", DType::F32, &[])],
+        vec![],
+    );
+    let msg = load(&model(g, 17)).unwrap_err().to_string();
+    assert!(
+        msg.ends_with("NoSuchOp ×1 (first: node #1, unnamed, output `y`)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn protobuf_nested_past_the_recursion_limit_gives_a_short_error() {
+    // If inside If inside If ...: prost stops at 100 nested messages.
+    let mut g = graph(
+        vec![node("Relu", &["x"], &["y"], vec![])],
+        vec![],
+        vec![tensor_vi("y", DType::F32, &[])],
+        vec![],
+    );
+    for _ in 0..120 {
+        let branch = AttributeProto {
+            name: "then_branch".into(),
+            r#type: attr_type::GRAPH,
+            g: Some(Box::new(g)),
+            ..Default::default()
+        };
+        g = graph(
+            vec![node("If", &["c"], &["y"], vec![branch])],
+            vec![],
+            vec![tensor_vi("y", DType::F32, &[])],
+            vec![],
+        );
+    }
+    let e = load(&model(g, 17)).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, OnnxError::Decode { .. }), "{msg}");
+    assert!(msg.contains("recursion limit"), "{msg}");
+    assert!(
+        msg.len() < 300 && !msg.contains('\n'),
+        "{} bytes: {msg}",
+        msg.len()
+    );
+    assert!(std::error::Error::source(&e).is_none());
+}
+
+#[test]
+fn a_directory_given_as_the_model_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = load_model(dir.path()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("is a directory"), "{msg}");
+}

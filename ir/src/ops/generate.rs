@@ -2,7 +2,8 @@
 //! from attributes or shapes. Shape rules and reference semantics side by side.
 //!
 //! Sizes here come from data (a shape tensor, a range's bounds), so they are checked
-//! against [`MAX_ELEMS`](super::movement::MAX_ELEMS) before anything is allocated.
+//! against [`MAX_ELEMS`](super::movement::MAX_ELEMS) and the memory limit
+//! ([`crate::limits`]) before anything is allocated.
 
 use super::movement::{checked_numel, dims_or_len, fact, ints, take, to_size, MAX_ELEMS};
 use super::{arg, not_in_family, Fact};
@@ -110,9 +111,12 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                 }
                 let n = ((l - s) / d).ceil().max(0.0);
                 if n > MAX_ELEMS as f64 {
-                    return Err(format!("range({s}, {l}, {d}) has too many elements"));
+                    return Err(format!(
+                        "range({s}, {l}, {d}) has {n} elements, more than the limit of {MAX_ELEMS}"
+                    ));
                 }
                 let n = n as usize;
+                crate::limits::check(n, dt.size(), &[n])?;
                 TensorData::from_f64s(dt, (0..n).map(|i| s + i as f64 * d))
             } else {
                 return Err(format!("range does not take {dt}"));
@@ -189,8 +193,11 @@ fn range_int(
         0
     };
     if n > MAX_ELEMS as i128 {
-        return Err(format!("range({s}, {l}, {d}) has {n} elements, too many"));
+        return Err(format!(
+            "range({s}, {l}, {d}) has {n} elements, more than the limit of {MAX_ELEMS}"
+        ));
     }
+    crate::limits::check(n as usize, dt.size(), &[n as usize])?;
     Ok(TensorData::from_i64s(
         dt,
         (0..n).map(|i| (s + i * d) as i64),

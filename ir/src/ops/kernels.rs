@@ -512,10 +512,13 @@ pub(crate) fn for_each_index(shape: &[usize], mut f: impl FnMut(&[usize])) {
 
 /// The element count of a shape, or an error if it overflows.
 pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize, String> {
-    shape
+    let n = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| format!("shape {shape:?} has too many elements"))
+        .ok_or_else(|| format!("shape {shape:?} has too many elements"))?;
+    // The loops here accumulate in f64: 8 bytes an element.
+    crate::limits::check(n, std::mem::size_of::<f64>(), shape)?;
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -36,8 +36,13 @@ pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize, String> {
             "shape {shape:?} has {n} elements, more than the limit of {MAX_ELEMS}"
         ));
     }
+    crate::limits::check(n, GATHERED_ELEM_BYTES, shape)?;
     Ok(n)
 }
+
+/// What one element of a data-movement op's output costs while it is made: its index in
+/// the gather map (8 bytes) and the element itself (at most 8).
+const GATHERED_ELEM_BYTES: usize = 16;
 
 /// Converts a size read from data to usize, rejecting negatives.
 pub(crate) fn to_size(x: i64, what: &str) -> Result<usize, String> {

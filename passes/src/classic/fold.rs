@@ -38,6 +38,9 @@ impl Default for FoldConstants {
 
 const NAME: &str = "fold_constants";
 
+/// Bytes of evaluation budget per operand element: a gathered element's index and value.
+const FOLD_BYTES_PER_ELEM: usize = 16;
+
 impl Pass for FoldConstants {
     fn name(&self) -> &'static str {
         NAME
@@ -81,7 +84,16 @@ impl Pass for FoldConstants {
                 if node.outputs.iter().any(|o| known[o.index()].is_none()) {
                     let refs: Vec<Option<&Tensor>> =
                         operands.iter().map(|t| t.as_deref()).collect();
-                    match ops::eval(node.op, &node.attrs, &refs) {
+                    // Evaluated under a budget: what the operands hold (a transposed
+                    // weight), or the fold limit when they are small, so that a tiny
+                    // constant_of_shape/expand/tile/range asking for gigabytes stays a node.
+                    let operand_elems: usize = refs.iter().flatten().map(|t| t.len()).sum();
+                    let budget = kiln_ir::infer::FOLD_BUDGET_BYTES
+                        .max(operand_elems.saturating_mul(FOLD_BYTES_PER_ELEM));
+                    let evaluated = kiln_ir::limits::with_budget(budget, || {
+                        ops::eval(node.op, &node.attrs, &refs)
+                    });
+                    match evaluated {
                         Ok(outs) if outs.len() == node.outputs.len() => {
                             for (t, &o) in outs.into_iter().zip(&node.outputs) {
                                 if known[o.index()].is_none() && fits(g.ty(o), &t) {

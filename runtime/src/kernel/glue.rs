@@ -500,6 +500,10 @@ fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
     fn go<T: Elem>(x: &Tensor, out: &[usize], st: &[usize]) -> Option<Tensor> {
         let src = x.as_slice::<T>()?;
         let n = out.iter().try_fold(1usize, |a, &b| a.checked_mul(b))?;
+        // Over the memory limit: the interpreter's expand reports it.
+        if !kiln_ir::limits::fits(n.checked_mul(std::mem::size_of::<T>())?) {
+            return None;
+        }
         let inner = out.last().copied().unwrap_or(1);
         let step = st.last().copied().unwrap_or(0);
         let mut v = Vec::with_capacity(n);
