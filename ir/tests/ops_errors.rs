@@ -35,7 +35,7 @@ fn data_derived_sizes_are_limited() {
         Tensor::scalar(1i64),
     );
     let e = eval_err(OpKind::Range, Attrs::new(), &[Some(&s), Some(&l), Some(&d)]);
-    assert!(e.contains("too many"), "{e}");
+    assert!(e.contains("limit"), "{e}");
     let z = Tensor::scalar(0i64);
     assert!(eval_err(OpKind::Range, Attrs::new(), &[Some(&s), Some(&l), Some(&z)]).contains("0"));
     let x = Tensor::from_vec(vec![2], vec![1f32, 2.]);
