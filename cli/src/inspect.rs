@@ -58,7 +58,9 @@ struct Row {
 
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     let model = kiln::Model::load(&args.model)?;
-    let original = model.graph().clone();
+    let mut original = model.graph().clone();
+    // As the pass manager does: every value carries the freshest inferred type.
+    let _ = kiln_ir::infer_types(&mut original);
     let cm = cost_model(&args.model, &original, &args.dims)?;
 
     // The pass manager decides which passes are on (by name, as `--passes` says); the
@@ -104,6 +106,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
                 "the graph does not verify after pass #{index} {name} (a bug in {name}): {e}"
             )
         })?;
+        let _ = kiln_ir::infer_types(&mut g);
         if name == EGRAPH_PASS {
             egraph = saturate.last_report().map(|r| (r, stats.is_noop()));
         }
@@ -310,11 +313,8 @@ fn cost_note(cm: &CostModel) -> String {
     let mut dims: Vec<String> = cm.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
     dims.sort();
     format!(
-        "cost model: {} ({:.0} GFLOP/s, {:.0} GB/s, {:.1} µs per kernel), dims {}",
-        cm.target.name,
-        cm.target.peak_flops / 1e9,
-        cm.target.mem_bandwidth / 1e9,
-        cm.target.kernel_overhead * 1e6,
+        "target: {}\ncost model dims: {}",
+        cm.target.describe(),
         if dims.is_empty() {
             "all 1".to_string()
         } else {

@@ -71,6 +71,28 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
                 return bad(label, format!("`%{}` is defined twice", g.value(o).name));
             }
         }
+        let arity = node.op.arity();
+        if node.inputs.len() > arity.max {
+            return bad(
+                label,
+                format!(
+                    "{} takes at most {} inputs, got {}",
+                    node.op.name(),
+                    arity.max,
+                    node.inputs.len()
+                ),
+            );
+        }
+        if let Some(k) = (0..arity.min).find(|&k| node.inputs.get(k).is_none_or(Option::is_none)) {
+            return bad(
+                label,
+                format!(
+                    "{} needs at least {} inputs; input #{k} is missing",
+                    node.op.name(),
+                    arity.min
+                ),
+            );
+        }
         if node.op == OpKind::Constant && node.attrs.tensor("value").ok().flatten().is_none() {
             return bad(label, "constant without a tensor `value` attribute".into());
         }

@@ -1,13 +1,15 @@
 //! The one cost model of the optimiser: per op, the FLOPs it does and the bytes it reads
-//! and writes ([`CostModel::op_cost`], the only per-op table), turned into seconds on a
-//! [`Target`] (a roofline plus a per-kernel overhead). Its users only say what the
-//! operands look like: `kiln inspect` measures IR nodes ([`CostModel::node_cost`],
+//! and writes ([`CostModel::op_cost`], from the op table's cost class and, for
+//! contractions, their operand shapes), turned into seconds on a [`Target`] (a roofline
+//! plus a per-kernel overhead). Its users only say what the operands look like: `kiln
+//! inspect` measures IR nodes ([`CostModel::node_cost`],
 //! [`CostModel::graph_cost`]) and the e-graph extraction measures e-nodes
 //! (`crate::egraph::cost`). Symbolic dims take bound sizes, else
 //! [`CostModel::default_dim`]. It is deliberately rough: its job is to rank graphs (fused
 //! vs decomposed), not to predict wall time.
 
 use crate::target::Target;
+use kiln_ir::ops::CostClass;
 use kiln_ir::{DType, Dim, Graph, Node, OpKind, TensorType};
 use std::collections::HashMap;
 use std::ops::AddAssign;
@@ -165,46 +167,50 @@ impl CostModel {
         }
         let last_of = |i: usize| ins.get(i).and_then(Operand::last).unwrap_or(1.0);
         let oh = self.target.kernel_overhead;
-        let flops = match op {
-            Constant => return Cost::default(),
+        // The op table's cost class says how to count; contractions count from shapes.
+        let flops = match op.cost_class() {
+            CostClass::Free => return Cost::default(),
             // Views and shape queries: no data moves.
-            Reshape | Squeeze | Unsqueeze | Flatten | Identity | Shape | Size => {
+            CostClass::View => {
                 return Cost {
                     time: 0.1 * oh,
                     kernels: 1,
                     ..Cost::default()
                 }
             }
-            MatMul | Gemm => 2.0 * n_out * last_of(0),
-            // The product, then row scale, bias, activation and residual per element.
-            Linear => 2.0 * n_out * last_of(0) + 4.0 * n_out,
-            Conv | ConvTranspose => {
-                let w = ins.get(1).map_or(1.0, Operand::numel);
-                let cout = ins
-                    .get(1)
-                    .and_then(|o| o.dims.as_ref())
-                    .and_then(|v| v.first().copied())
-                    .unwrap_or(1.0);
-                2.0 * n_out * w / cout.max(1.0)
-            }
-            Exp | Log | Tanh | Erf | Sigmoid | Gelu | Silu | Sin | Cos | Pow | Softplus | Mish => {
-                10.0 * n_out
-            }
-            LayerNorm | RmsNorm | BatchNorm | InstanceNorm | GroupNorm => 8.0 * n_out,
-            Softmax | LogSoftmax => 12.0 * n_out,
-            Rotary => 4.0 * n_out,
+            CostClass::Elem(per) => per * n_out,
             // A row statistic reads every element (mean, centred squares) and writes one per row.
-            InvStd | InvRms => 4.0 * ins.first().map_or(n_out, Operand::numel),
-            Attention => {
-                // q: [.., Sq, D], k: [.., Sk, D]: QK^T, softmax, PV.
-                let q = ins.first().and_then(|o| o.dims.clone()).unwrap_or_default();
-                let k = ins.get(1).and_then(|o| o.dims.clone()).unwrap_or_default();
-                let sk = k.len().checked_sub(2).and_then(|i| k.get(i).copied());
-                let sq = q.len().checked_sub(2).and_then(|i| q.get(i).copied());
-                let qn: f64 = q.iter().product();
-                4.0 * qn * sk.unwrap_or(1.0) + 12.0 * sq.unwrap_or(1.0) * sk.unwrap_or(1.0)
-            }
-            _ => n_out,
+            CostClass::RowStat => 4.0 * ins.first().map_or(n_out, Operand::numel),
+            CostClass::Contraction => match op {
+                MatMul | Gemm => 2.0 * n_out * last_of(0),
+                // The product, then one FLOP per element for each epilogue operand present
+                // (bias, row scale, residual); the activation runs on values in registers
+                // and is not counted, so folding an op into the epilogue never adds FLOPs.
+                Linear => {
+                    2.0 * n_out * last_of(0) + ins.len().saturating_sub(2) as f64 * n_out
+                }
+                Conv | ConvTranspose => {
+                    let w = ins.get(1).map_or(1.0, Operand::numel);
+                    let cout = ins
+                        .get(1)
+                        .and_then(|o| o.dims.as_ref())
+                        .and_then(|v| v.first().copied())
+                        .unwrap_or(1.0);
+                    2.0 * n_out * w / cout.max(1.0)
+                }
+                Attention => {
+                    // q: [.., Sq, D], k: [.., Sk, D]: QK^T, softmax, PV.
+                    let q = ins.first().and_then(|o| o.dims.clone()).unwrap_or_default();
+                    let k = ins.get(1).and_then(|o| o.dims.clone()).unwrap_or_default();
+                    let sk = k.len().checked_sub(2).and_then(|i| k.get(i).copied());
+                    let sq = q.len().checked_sub(2).and_then(|i| q.get(i).copied());
+                    let qn: f64 = q.iter().product();
+                    4.0 * qn * sk.unwrap_or(1.0) + 12.0 * sq.unwrap_or(1.0) * sk.unwrap_or(1.0)
+                }
+                // Einsum: at least one FLOP per output element (its contraction size is in
+                // its equation).
+                _ => n_out,
+            },
         };
         Cost {
             flops,

@@ -34,4 +34,4 @@ pub(crate) mod testutil;
 
 pub use manager::{ManagerError, PassManager, PassReport, PipelineReport};
 pub use pass::{Pass, PassError, PassStats};
-pub use pipeline::{default_passes, default_pipeline};
+pub use pipeline::{default_passes, default_passes_for, default_pipeline, pipeline_for};

@@ -271,6 +271,7 @@ impl PassManager {
     pub fn run(&self, g: &mut Graph) -> Result<PipelineReport, ManagerError> {
         if self.verify {
             kiln_ir::verify(g).map_err(ManagerError::InvalidInput)?;
+            let _ = kiln_ir::infer_types(g);
         }
         if let Some(dir) = &self.dump_dir {
             std::fs::create_dir_all(dir).map_err(|e| ManagerError::Dump {
@@ -304,6 +305,12 @@ impl PassManager {
             } else {
                 Ok(())
             };
+            // Types only ever refine: what a pass made known (folded shape arithmetic,
+            // merged shape reads) reaches every value, so later passes and the cost model
+            // see it.
+            if verified.is_ok() {
+                let _ = kiln_ir::infer_types(g);
+            }
             // A broken graph's dump starts with what the verifier found.
             let note = verified.as_ref().err().map(|e| format!("; {e}\n"));
             self.dump(g, index, name, "after", note.as_deref())?;

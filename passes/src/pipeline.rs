@@ -1,15 +1,22 @@
 //! The default optimisation pipeline, as one list read top to bottom. Each line is one
 //! pass and why it sits there. Names are what `--passes=-name` and dump files use.
 
-use crate::canon::{FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu};
+use crate::canon::{FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu, UnflattenGemm};
 use crate::classic::{
     AbsorbHeadTransposes, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants,
     HoistShapeReads, SimplifyOps,
 };
 use crate::{Pass, PassManager};
 
-/// The passes of the default pipeline, in order.
+/// The passes of the default pipeline, in order, costed for the host
+/// ([`crate::target::Target::host`]).
 pub fn default_passes() -> Vec<Box<dyn Pass>> {
+    default_passes_for(crate::target::Target::host())
+}
+
+/// The passes of the default pipeline, in order, with the cost model of `target` (a
+/// backend compiling for another machine hands in its own).
+pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
     vec![
         // Drop identities, same-dtype casts, identity transposes and same-shape reshapes
         // that importers leave behind, so later passes see through them.
@@ -19,6 +26,9 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
         Box::new(FoldConstants::default()),
         // Folding turns reshape targets into constants: reshapes may now compose or vanish.
         Box::new(SimplifyOps),
+        // A gemm over rows an exporter flattened (GPT-2's Conv1D) becomes a matmul on the
+        // unflattened input, so norms and epilogues meet it as they meet every matmul.
+        Box::new(UnflattenGemm),
         // Canonicalisation: recognise what exporters decomposed as first-class ops.
         // Layer norms and LLaMA's RMS norms (ReduceMean/Pow/Sqrt/Div chains).
         Box::new(FuseNorms),
@@ -34,11 +44,14 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
         Box::new(SimplifyOps),
         // Merge duplicate constants and computations (after folding made more of them equal).
         Box::new(EliminateCommonSubexpressions),
+        // Flattened gemms whose input's dims only became known through the fusions above
+        // (an attention output reshaped back to [B, S, H·D]).
+        Box::new(UnflattenGemm),
         // Centre the weights of linears whose every reader ignores a per-row shift (layer
         // norms, residual sums read only by layer norms): the stream becomes mean-free.
         Box::new(crate::classic::CentreMeanInvariant),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
-        Box::new(crate::egraph::SaturateEgraph::default()),
+        Box::new(crate::egraph::SaturateEgraph::new(target)),
         // Attention reads and writes `[B, S, H, D]` instead of transposing heads around it.
         Box::new(AbsorbHeadTransposes),
         // `shape(layer_norm(x))` reads `x`'s shape instead, so a norm that the e-graph folded
@@ -52,6 +65,11 @@ pub fn default_passes() -> Vec<Box<dyn Pass>> {
 /// A [`PassManager`] running [`default_passes`].
 pub fn default_pipeline() -> PassManager {
     PassManager::new(default_passes())
+}
+
+/// A [`PassManager`] running [`default_passes_for`] `target`.
+pub fn pipeline_for(target: crate::target::Target) -> PassManager {
+    PassManager::new(default_passes_for(target))
 }
 
 #[cfg(test)]
@@ -72,7 +90,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 15);
+        assert_eq!(report.passes.len(), 17);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

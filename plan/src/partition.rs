@@ -4,6 +4,7 @@
 //! node at a time.
 
 use crate::loop_ir::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
+use kiln_ir::ops::Lowering;
 use kiln_ir::{DType, Dim, Graph, Node, OpKind, Tensor, ValueId};
 use std::collections::{HashMap, HashSet};
 
@@ -142,16 +143,7 @@ fn constants(g: &Graph) -> Result<Vec<(ValueId, Tensor)>, String> {
 
 /// Whether an op is a contraction (a GEMM-backed kernel).
 pub fn is_contraction(op: OpKind) -> bool {
-    matches!(
-        op,
-        OpKind::MatMul
-            | OpKind::Gemm
-            | OpKind::Linear
-            | OpKind::Conv
-            | OpKind::ConvTranspose
-            | OpKind::Attention
-            | OpKind::Einsum
-    )
+    op.lowering() == Lowering::Contraction
 }
 
 /// The static dims of a value when its rank and last dim are known. Unknown outer dims
@@ -195,25 +187,23 @@ fn lowerable(node: &Node, rank: usize) -> bool {
         let a = node.attrs.int_or("axis", default).unwrap_or(i64::MIN);
         rank >= 1 && (a == rank as i64 - 1 || a == -1)
     };
-    let n_in = node.inputs.len();
-    match node.op {
-        Identity | Neg | Abs | Sqrt | Reciprocal | Relu | Exp | Log | Tanh | Erf | Sigmoid
-        | Silu => n_in == 1,
-        Gelu => {
-            n_in == 1
-                && matches!(
-                    node.attrs
-                        .string_or("approximate", "none".into())
-                        .as_deref(),
-                    Ok("none") | Ok("tanh")
-                )
+    // The op table says which ops lower to loop kernels; these guards are the attribute
+    // values the lowering below handles.
+    node.op.lowering() == Lowering::Loop
+        && match node.op {
+            Gelu => matches!(
+                node.attrs
+                    .string_or("approximate", "none".into())
+                    .as_deref(),
+                Ok("none") | Ok("tanh")
+            ),
+            Softmax => last_axis(-1),
+            LayerNorm => node.outputs.len() == 1 && last_axis(-1),
+            RmsNorm => last_axis(-1),
+            // Variadic in ONNX; the lowering is binary.
+            Max | Min => node.inputs.len() == 2,
+            _ => true,
         }
-        Add | Sub | Mul | Div | Max | Min => n_in == 2,
-        Softmax => n_in == 1 && last_axis(-1),
-        LayerNorm => (2..=3).contains(&n_in) && node.outputs.len() == 1 && last_axis(-1),
-        RmsNorm => (2..=3).contains(&n_in) && last_axis(-1),
-        _ => false,
-    }
 }
 
 /// The domain of a fusable node (its output dims), or `None` when it cannot be fused.

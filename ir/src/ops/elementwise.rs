@@ -83,55 +83,7 @@ fn dims_arith(op: OpKind, inputs: &[Option<&Fact>]) -> Option<Vec<Dim>> {
 
 /// The one-input ops (casts, clip and the math/activation functions).
 fn is_unary(op: OpKind) -> bool {
-    use OpKind::*;
-    matches!(
-        op,
-        Identity
-            | Abs
-            | Neg
-            | Sqrt
-            | Exp
-            | Log
-            | Reciprocal
-            | Floor
-            | Ceil
-            | Round
-            | Sign
-            | Sin
-            | Cos
-            | Tan
-            | Asin
-            | Acos
-            | Atan
-            | Sinh
-            | Cosh
-            | Asinh
-            | Acosh
-            | Atanh
-            | Erf
-            | Tanh
-            | Sigmoid
-            | Relu
-            | LeakyRelu
-            | Elu
-            | Selu
-            | Celu
-            | Gelu
-            | Mish
-            | Softplus
-            | Softsign
-            | HardSigmoid
-            | HardSwish
-            | ThresholdedRelu
-            | Shrink
-            | IsNaN
-            | IsInf
-            | Not
-            | BitwiseNot
-            | Cast
-            | CastLike
-            | Clip
-    )
+    op.keeps_shape()
 }
 
 fn cast_target(attrs: &Attrs) -> Result<DType, String> {

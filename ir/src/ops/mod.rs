@@ -43,8 +43,82 @@ pub enum Family {
     Quant,
 }
 
-macro_rules! ops {
-    ($( $variant:ident = $text:literal, $onnx:literal, $family:ident; )*) => {
+/// How many inputs an op takes: `min..=max` (trailing optional inputs may be omitted;
+/// `max` is `usize::MAX` for variadic ops).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arity {
+    /// Inputs that must be present.
+    pub min: usize,
+    /// The most inputs it takes.
+    pub max: usize,
+}
+
+impl Arity {
+    /// Whether `n` inputs are allowed.
+    pub fn allows(self, n: usize) -> bool {
+        (self.min..=self.max).contains(&n)
+    }
+
+    /// The most inputs, where that is a fixed number.
+    pub fn bounded_max(self) -> Option<usize> {
+        (self.max != usize::MAX).then_some(self.max)
+    }
+}
+
+/// How the backend-neutral plan runs an op (`plan/src/partition.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lowering {
+    /// Fused into loop kernels (elementwise, broadcast, row softmax/norms); an instance that
+    /// cannot fuse runs as a fallback.
+    Loop,
+    /// A GEMM-backed kernel (matmul, gemm, linear, conv, attention, einsum).
+    Contraction,
+    /// A native routine of the runtime (data movement, gathers, row statistics).
+    Native,
+    /// The reference interpreter.
+    Interp,
+}
+
+/// How the cost model counts an op's arithmetic (`passes/src/cost.rs`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CostClass {
+    /// Costs nothing (constants).
+    Free,
+    /// Moves no data: views and shape queries.
+    View,
+    /// This many FLOPs per output element.
+    Elem(f64),
+    /// A row statistic: a few FLOPs per element of its first input.
+    RowStat,
+    /// A contraction: FLOPs from its operand shapes.
+    Contraction,
+}
+
+/// The op table's macro: each row is `Variant = "text", "OnnxName", Family, min..=max,
+/// attrs|plain, same|rule, Lowering, CostClass;`. A row without every column does not
+/// compile, so an op cannot be added without its properties:
+///
+/// ```compile_fail
+/// // Arity, attributes, shape class, lowering and cost class are missing.
+/// kiln_ir::op_table! { Abs = "abs", "Abs", Elementwise; }
+/// ```
+///
+/// ```
+/// // The same row with every column.
+/// kiln_ir::op_table! { Abs = "abs", "Abs", Elementwise, 1..=1, plain, same, Loop, Elem(1.0); }
+/// assert_eq!(OpKind::Abs.arity().max, 1);
+/// assert!(!OpKind::Abs.takes_attrs());
+/// ```
+///
+/// Columns: the text-form name; the ONNX op type (empty for kiln-only ops); the family
+/// file; how many inputs (`N` for variadic); whether it takes attributes (`attrs`) or
+/// none (`plain`); whether its output has its first input's shape and dtype rule
+/// (`same`: unary math, casts, clip) or its family's shape rule (`rule`); its
+/// [`Lowering`]; its [`CostClass`].
+#[macro_export]
+macro_rules! op_table {
+    ($( $variant:ident = $text:literal, $onnx:literal, $family:ident, $lo:literal ..= $hi:tt,
+        $attrs:ident, $shape:ident, $lower:ident, $cost:ident $(($cn:literal))?; )*) => {
         /// Every op kiln knows. The text name is what the text form prints.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[allow(missing_docs)]
@@ -65,8 +139,39 @@ macro_rules! ops {
             }
 
             /// The family file that implements it.
-            pub fn family(self) -> Family {
-                match self { $(OpKind::$variant => Family::$family,)* }
+            pub fn family(self) -> $crate::ops::Family {
+                match self { $(OpKind::$variant => $crate::ops::Family::$family,)* }
+            }
+
+            /// How many inputs it takes.
+            pub fn arity(self) -> $crate::ops::Arity {
+                match self {
+                    $(OpKind::$variant => $crate::ops::Arity {
+                        min: $lo,
+                        max: $crate::op_table!(@max $hi),
+                    },)*
+                }
+            }
+
+            /// Whether it takes attributes at all (ops that take none are matched without an
+            /// attribute leaf by the e-graph).
+            pub fn takes_attrs(self) -> bool {
+                match self { $(OpKind::$variant => $crate::op_table!(@attrs $attrs),)* }
+            }
+
+            /// Whether its output takes the first input's shape (unary math, casts, clip).
+            pub fn keeps_shape(self) -> bool {
+                match self { $(OpKind::$variant => $crate::op_table!(@shape $shape),)* }
+            }
+
+            /// How the plan runs it.
+            pub fn lowering(self) -> $crate::ops::Lowering {
+                match self { $(OpKind::$variant => $crate::ops::Lowering::$lower,)* }
+            }
+
+            /// How the cost model counts its arithmetic.
+            pub fn cost_class(self) -> $crate::ops::CostClass {
+                match self { $(OpKind::$variant => $crate::ops::CostClass::$cost $(($cn))?,)* }
             }
 
             /// The op with this text name.
@@ -83,173 +188,179 @@ macro_rules! ops {
             }
         }
     };
+    (@max N) => { usize::MAX };
+    (@max $n:literal) => { $n };
+    (@attrs attrs) => { true };
+    (@attrs plain) => { false };
+    (@shape same) => { true };
+    (@shape rule) => { false };
 }
 
-ops! {
+op_table! {
     // ---- elementwise.rs: unary math and activations
-    Identity = "identity", "Identity", Elementwise;
-    Abs = "abs", "Abs", Elementwise;
-    Neg = "neg", "Neg", Elementwise;
-    Sqrt = "sqrt", "Sqrt", Elementwise;
-    Exp = "exp", "Exp", Elementwise;
-    Log = "log", "Log", Elementwise;
-    Reciprocal = "reciprocal", "Reciprocal", Elementwise;
-    Floor = "floor", "Floor", Elementwise;
-    Ceil = "ceil", "Ceil", Elementwise;
-    Round = "round", "Round", Elementwise;
-    Sign = "sign", "Sign", Elementwise;
-    Sin = "sin", "Sin", Elementwise;
-    Cos = "cos", "Cos", Elementwise;
-    Tan = "tan", "Tan", Elementwise;
-    Asin = "asin", "Asin", Elementwise;
-    Acos = "acos", "Acos", Elementwise;
-    Atan = "atan", "Atan", Elementwise;
-    Sinh = "sinh", "Sinh", Elementwise;
-    Cosh = "cosh", "Cosh", Elementwise;
-    Asinh = "asinh", "Asinh", Elementwise;
-    Acosh = "acosh", "Acosh", Elementwise;
-    Atanh = "atanh", "Atanh", Elementwise;
-    Erf = "erf", "Erf", Elementwise;
-    Tanh = "tanh", "Tanh", Elementwise;
-    Sigmoid = "sigmoid", "Sigmoid", Elementwise;
-    Relu = "relu", "Relu", Elementwise;
-    LeakyRelu = "leaky_relu", "LeakyRelu", Elementwise;
-    Elu = "elu", "Elu", Elementwise;
-    Selu = "selu", "Selu", Elementwise;
-    Celu = "celu", "Celu", Elementwise;
-    Gelu = "gelu", "Gelu", Elementwise;
-    Mish = "mish", "Mish", Elementwise;
-    Softplus = "softplus", "Softplus", Elementwise;
-    Softsign = "softsign", "Softsign", Elementwise;
-    HardSigmoid = "hard_sigmoid", "HardSigmoid", Elementwise;
-    HardSwish = "hard_swish", "HardSwish", Elementwise;
-    ThresholdedRelu = "thresholded_relu", "ThresholdedRelu", Elementwise;
-    Shrink = "shrink", "Shrink", Elementwise;
-    IsNaN = "is_nan", "IsNaN", Elementwise;
-    IsInf = "is_inf", "IsInf", Elementwise;
-    Not = "not", "Not", Elementwise;
-    BitwiseNot = "bitwise_not", "BitwiseNot", Elementwise;
-    Cast = "cast", "Cast", Elementwise;
-    CastLike = "cast_like", "CastLike", Elementwise;
-    Clip = "clip", "Clip", Elementwise;
+    Identity = "identity", "Identity", Elementwise, 1..=1, plain, same, Loop, View;
+    Abs = "abs", "Abs", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
+    Neg = "neg", "Neg", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
+    Sqrt = "sqrt", "Sqrt", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
+    Exp = "exp", "Exp", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
+    Log = "log", "Log", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
+    Reciprocal = "reciprocal", "Reciprocal", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
+    Floor = "floor", "Floor", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Ceil = "ceil", "Ceil", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Round = "round", "Round", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Sign = "sign", "Sign", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Sin = "sin", "Sin", Elementwise, 1..=1, plain, same, Native, Elem(10.0);
+    Cos = "cos", "Cos", Elementwise, 1..=1, plain, same, Native, Elem(10.0);
+    Tan = "tan", "Tan", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Asin = "asin", "Asin", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Acos = "acos", "Acos", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Atan = "atan", "Atan", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Sinh = "sinh", "Sinh", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Cosh = "cosh", "Cosh", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Asinh = "asinh", "Asinh", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Acosh = "acosh", "Acosh", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Atanh = "atanh", "Atanh", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Erf = "erf", "Erf", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
+    Tanh = "tanh", "Tanh", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
+    Sigmoid = "sigmoid", "Sigmoid", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
+    Relu = "relu", "Relu", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
+    LeakyRelu = "leaky_relu", "LeakyRelu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Elu = "elu", "Elu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Selu = "selu", "Selu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Celu = "celu", "Celu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Gelu = "gelu", "Gelu", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
+    Mish = "mish", "Mish", Elementwise, 1..=1, attrs, same, Interp, Elem(10.0);
+    Softplus = "softplus", "Softplus", Elementwise, 1..=1, attrs, same, Interp, Elem(10.0);
+    Softsign = "softsign", "Softsign", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    HardSigmoid = "hard_sigmoid", "HardSigmoid", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    HardSwish = "hard_swish", "HardSwish", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    ThresholdedRelu = "thresholded_relu", "ThresholdedRelu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Shrink = "shrink", "Shrink", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    IsNaN = "is_nan", "IsNaN", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    IsInf = "is_inf", "IsInf", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Not = "not", "Not", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    BitwiseNot = "bitwise_not", "BitwiseNot", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    CastLike = "cast_like", "CastLike", Elementwise, 2..=2, attrs, same, Interp, Elem(1.0);
+    Clip = "clip", "Clip", Elementwise, 1..=3, plain, same, Interp, Elem(1.0);
     // ---- elementwise.rs: binary and variadic with broadcasting
-    Add = "add", "Add", Elementwise;
-    Sub = "sub", "Sub", Elementwise;
-    Mul = "mul", "Mul", Elementwise;
-    Div = "div", "Div", Elementwise;
-    Pow = "pow", "Pow", Elementwise;
-    Mod = "mod", "Mod", Elementwise;
-    Max = "max", "Max", Elementwise;
-    Min = "min", "Min", Elementwise;
-    Sum = "sum", "Sum", Elementwise;
-    Mean = "mean", "Mean", Elementwise;
-    PRelu = "prelu", "PRelu", Elementwise;
-    Equal = "equal", "Equal", Elementwise;
-    Less = "less", "Less", Elementwise;
-    LessOrEqual = "less_equal", "LessOrEqual", Elementwise;
-    Greater = "greater", "Greater", Elementwise;
-    GreaterOrEqual = "greater_equal", "GreaterOrEqual", Elementwise;
-    And = "and", "And", Elementwise;
-    Or = "or", "Or", Elementwise;
-    Xor = "xor", "Xor", Elementwise;
-    BitwiseAnd = "bitwise_and", "BitwiseAnd", Elementwise;
-    BitwiseOr = "bitwise_or", "BitwiseOr", Elementwise;
-    BitwiseXor = "bitwise_xor", "BitwiseXor", Elementwise;
-    BitShift = "bit_shift", "BitShift", Elementwise;
-    Where = "where", "Where", Elementwise;
+    Add = "add", "Add", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
+    Sub = "sub", "Sub", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
+    Mul = "mul", "Mul", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
+    Div = "div", "Div", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
+    Pow = "pow", "Pow", Elementwise, 2..=2, plain, rule, Native, Elem(10.0);
+    Mod = "mod", "Mod", Elementwise, 2..=2, attrs, rule, Interp, Elem(1.0);
+    Max = "max", "Max", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
+    Min = "min", "Min", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
+    Sum = "sum", "Sum", Elementwise, 1..=N, plain, rule, Interp, Elem(1.0);
+    Mean = "mean", "Mean", Elementwise, 1..=N, plain, rule, Interp, Elem(1.0);
+    PRelu = "prelu", "PRelu", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    Equal = "equal", "Equal", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    Less = "less", "Less", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    LessOrEqual = "less_equal", "LessOrEqual", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    Greater = "greater", "Greater", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    GreaterOrEqual = "greater_equal", "GreaterOrEqual", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    And = "and", "And", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    Or = "or", "Or", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    Xor = "xor", "Xor", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    BitwiseAnd = "bitwise_and", "BitwiseAnd", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    BitwiseOr = "bitwise_or", "BitwiseOr", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    BitwiseXor = "bitwise_xor", "BitwiseXor", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    BitShift = "bit_shift", "BitShift", Elementwise, 2..=2, attrs, rule, Interp, Elem(1.0);
+    Where = "where", "Where", Elementwise, 3..=3, plain, rule, Native, Elem(1.0);
     // ---- reduce.rs: reductions along axes, arg-reductions, scans
-    ReduceSum = "reduce_sum", "ReduceSum", Reduce;
-    ReduceMean = "reduce_mean", "ReduceMean", Reduce;
-    ReduceMax = "reduce_max", "ReduceMax", Reduce;
-    ReduceMin = "reduce_min", "ReduceMin", Reduce;
-    ReduceProd = "reduce_prod", "ReduceProd", Reduce;
-    ReduceL1 = "reduce_l1", "ReduceL1", Reduce;
-    ReduceL2 = "reduce_l2", "ReduceL2", Reduce;
-    ReduceLogSum = "reduce_log_sum", "ReduceLogSum", Reduce;
-    ReduceLogSumExp = "reduce_log_sum_exp", "ReduceLogSumExp", Reduce;
-    ReduceSumSquare = "reduce_sum_square", "ReduceSumSquare", Reduce;
-    ArgMax = "arg_max", "ArgMax", Reduce;
-    ArgMin = "arg_min", "ArgMin", Reduce;
-    CumSum = "cumsum", "CumSum", Reduce;
-    CumProd = "cumprod", "CumProd", Reduce;
+    ReduceSum = "reduce_sum", "ReduceSum", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceMean = "reduce_mean", "ReduceMean", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceMax = "reduce_max", "ReduceMax", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceMin = "reduce_min", "ReduceMin", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceProd = "reduce_prod", "ReduceProd", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceL1 = "reduce_l1", "ReduceL1", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceL2 = "reduce_l2", "ReduceL2", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceLogSum = "reduce_log_sum", "ReduceLogSum", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceLogSumExp = "reduce_log_sum_exp", "ReduceLogSumExp", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceSumSquare = "reduce_sum_square", "ReduceSumSquare", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ArgMax = "arg_max", "ArgMax", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
+    ArgMin = "arg_min", "ArgMin", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
+    CumSum = "cumsum", "CumSum", Reduce, 2..=2, attrs, rule, Interp, Elem(1.0);
+    CumProd = "cumprod", "CumProd", Reduce, 2..=2, attrs, rule, Interp, Elem(1.0);
     // ---- nn.rs: softmax and normalisations
-    Softmax = "softmax", "Softmax", Nn;
-    LogSoftmax = "log_softmax", "LogSoftmax", Nn;
-    Hardmax = "hardmax", "Hardmax", Nn;
-    LayerNorm = "layer_norm", "LayerNormalization", Nn;
-    RmsNorm = "rms_norm", "RMSNormalization", Nn;
-    BatchNorm = "batch_norm", "BatchNormalization", Nn;
-    InstanceNorm = "instance_norm", "InstanceNormalization", Nn;
-    GroupNorm = "group_norm", "GroupNormalization", Nn;
-    LpNorm = "lp_norm", "LpNormalization", Nn;
-    MeanVarianceNorm = "mean_variance_norm", "MeanVarianceNormalization", Nn;
-    Lrn = "lrn", "LRN", Nn;
-    Dropout = "dropout", "Dropout", Nn;
+    Softmax = "softmax", "Softmax", Nn, 1..=1, attrs, rule, Loop, Elem(12.0);
+    LogSoftmax = "log_softmax", "LogSoftmax", Nn, 1..=1, attrs, rule, Interp, Elem(12.0);
+    Hardmax = "hardmax", "Hardmax", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
+    LayerNorm = "layer_norm", "LayerNormalization", Nn, 2..=3, attrs, rule, Loop, Elem(8.0);
+    RmsNorm = "rms_norm", "RMSNormalization", Nn, 2..=2, attrs, rule, Loop, Elem(8.0);
+    BatchNorm = "batch_norm", "BatchNormalization", Nn, 5..=5, attrs, rule, Interp, Elem(8.0);
+    InstanceNorm = "instance_norm", "InstanceNormalization", Nn, 3..=3, attrs, rule, Interp, Elem(8.0);
+    GroupNorm = "group_norm", "GroupNormalization", Nn, 3..=3, attrs, rule, Interp, Elem(8.0);
+    LpNorm = "lp_norm", "LpNormalization", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
+    MeanVarianceNorm = "mean_variance_norm", "MeanVarianceNormalization", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
+    Lrn = "lrn", "LRN", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
+    Dropout = "dropout", "Dropout", Nn, 1..=3, attrs, rule, Interp, Elem(1.0);
     // ---- linalg.rs: contractions
-    MatMul = "matmul", "MatMul", Linalg;
-    Gemm = "gemm", "Gemm", Linalg;
-    Einsum = "einsum", "Einsum", Linalg;
-    Conv = "conv", "Conv", Linalg;
-    ConvTranspose = "conv_transpose", "ConvTranspose", Linalg;
+    MatMul = "matmul", "MatMul", Linalg, 2..=2, plain, rule, Contraction, Contraction;
+    Gemm = "gemm", "Gemm", Linalg, 2..=3, attrs, rule, Contraction, Contraction;
+    Einsum = "einsum", "Einsum", Linalg, 1..=N, attrs, rule, Contraction, Contraction;
+    Conv = "conv", "Conv", Linalg, 2..=3, attrs, rule, Contraction, Contraction;
+    ConvTranspose = "conv_transpose", "ConvTranspose", Linalg, 2..=3, attrs, rule, Contraction, Contraction;
     // ---- pool.rs: pooling windows
-    MaxPool = "max_pool", "MaxPool", Pool;
-    AveragePool = "average_pool", "AveragePool", Pool;
-    LpPool = "lp_pool", "LpPool", Pool;
-    GlobalMaxPool = "global_max_pool", "GlobalMaxPool", Pool;
-    GlobalAveragePool = "global_average_pool", "GlobalAveragePool", Pool;
-    GlobalLpPool = "global_lp_pool", "GlobalLpPool", Pool;
+    MaxPool = "max_pool", "MaxPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    AveragePool = "average_pool", "AveragePool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    LpPool = "lp_pool", "LpPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    GlobalMaxPool = "global_max_pool", "GlobalMaxPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    GlobalAveragePool = "global_average_pool", "GlobalAveragePool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    GlobalLpPool = "global_lp_pool", "GlobalLpPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
     // ---- layout.rs: shape and data movement
-    Shape = "shape", "Shape", Layout;
-    Size = "size", "Size", Layout;
-    Reshape = "reshape", "Reshape", Layout;
-    Flatten = "flatten", "Flatten", Layout;
-    Squeeze = "squeeze", "Squeeze", Layout;
-    Unsqueeze = "unsqueeze", "Unsqueeze", Layout;
-    Transpose = "transpose", "Transpose", Layout;
-    Concat = "concat", "Concat", Layout;
-    Split = "split", "Split", Layout;
-    Slice = "slice", "Slice", Layout;
-    Expand = "expand", "Expand", Layout;
-    Tile = "tile", "Tile", Layout;
-    Pad = "pad", "Pad", Layout;
-    DepthToSpace = "depth_to_space", "DepthToSpace", Layout;
-    SpaceToDepth = "space_to_depth", "SpaceToDepth", Layout;
-    ReverseSequence = "reverse_sequence", "ReverseSequence", Layout;
+    Shape = "shape", "Shape", Layout, 1..=1, attrs, rule, Native, View;
+    Size = "size", "Size", Layout, 1..=1, plain, rule, Interp, View;
+    Reshape = "reshape", "Reshape", Layout, 2..=2, attrs, rule, Native, View;
+    Flatten = "flatten", "Flatten", Layout, 1..=1, attrs, rule, Native, View;
+    Squeeze = "squeeze", "Squeeze", Layout, 1..=2, attrs, rule, Native, View;
+    Unsqueeze = "unsqueeze", "Unsqueeze", Layout, 2..=2, attrs, rule, Native, View;
+    Transpose = "transpose", "Transpose", Layout, 1..=1, attrs, rule, Native, Elem(1.0);
+    Concat = "concat", "Concat", Layout, 1..=N, attrs, rule, Native, Elem(1.0);
+    Split = "split", "Split", Layout, 1..=2, attrs, rule, Native, Elem(1.0);
+    Slice = "slice", "Slice", Layout, 3..=5, attrs, rule, Interp, Elem(1.0);
+    Expand = "expand", "Expand", Layout, 2..=2, plain, rule, Native, Elem(1.0);
+    Tile = "tile", "Tile", Layout, 2..=2, plain, rule, Interp, Elem(1.0);
+    Pad = "pad", "Pad", Layout, 2..=4, attrs, rule, Interp, Elem(1.0);
+    DepthToSpace = "depth_to_space", "DepthToSpace", Layout, 1..=1, attrs, rule, Interp, Elem(1.0);
+    SpaceToDepth = "space_to_depth", "SpaceToDepth", Layout, 1..=1, attrs, rule, Interp, Elem(1.0);
+    ReverseSequence = "reverse_sequence", "ReverseSequence", Layout, 2..=2, attrs, rule, Interp, Elem(1.0);
     // ---- index.rs: gathers, scatters and data-dependent selection
-    Gather = "gather", "Gather", Index;
-    GatherElements = "gather_elements", "GatherElements", Index;
-    GatherND = "gather_nd", "GatherND", Index;
-    ScatterElements = "scatter_elements", "ScatterElements", Index;
-    ScatterND = "scatter_nd", "ScatterND", Index;
-    OneHot = "one_hot", "OneHot", Index;
-    NonZero = "non_zero", "NonZero", Index;
-    Compress = "compress", "Compress", Index;
-    TopK = "top_k", "TopK", Index;
-    Trilu = "trilu", "Trilu", Index;
+    Gather = "gather", "Gather", Index, 2..=2, attrs, rule, Native, Elem(1.0);
+    GatherElements = "gather_elements", "GatherElements", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
+    GatherND = "gather_nd", "GatherND", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
+    ScatterElements = "scatter_elements", "ScatterElements", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
+    ScatterND = "scatter_nd", "ScatterND", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
+    OneHot = "one_hot", "OneHot", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
+    NonZero = "non_zero", "NonZero", Index, 1..=1, plain, rule, Interp, Elem(1.0);
+    Compress = "compress", "Compress", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
+    TopK = "top_k", "TopK", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
+    Trilu = "trilu", "Trilu", Index, 1..=2, attrs, rule, Interp, Elem(1.0);
     // ---- generate.rs: tensors made from attributes or shapes
-    Constant = "constant", "Constant", Generate;
-    ConstantOfShape = "constant_of_shape", "ConstantOfShape", Generate;
-    Range = "range", "Range", Generate;
-    EyeLike = "eye_like", "EyeLike", Generate;
+    Constant = "constant", "Constant", Generate, 0..=0, attrs, rule, Interp, Free;
+    ConstantOfShape = "constant_of_shape", "ConstantOfShape", Generate, 1..=1, attrs, rule, Interp, Elem(1.0);
+    Range = "range", "Range", Generate, 3..=3, attrs, rule, Interp, Elem(1.0);
+    EyeLike = "eye_like", "EyeLike", Generate, 1..=1, attrs, rule, Interp, Elem(1.0);
     // ---- resize.rs: resampling
-    Resize = "resize", "Resize", Resize;
+    Resize = "resize", "Resize", Resize, 1..=4, attrs, rule, Interp, Elem(1.0);
     // ---- control.rs: control flow with subgraphs
-    If = "if", "If", Control;
+    If = "if", "If", Control, 1..=1, attrs, rule, Interp, Elem(1.0);
     // ---- loss.rs: training losses
-    NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss;
-    SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss;
+    NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
+    SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     // ---- quant.rs: linear quantization
-    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant;
-    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant;
+    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
+    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
-    Silu = "silu", "", Fused;
-    Rotary = "rotary", "", Fused;
-    Attention = "attention", "", Fused;
-    Linear = "linear", "", Fused;
-    OnnxAttention = "onnx_attention", "Attention", Fused;
-    RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused;
-    InvStd = "inv_std", "", Fused;
-    InvRms = "inv_rms", "", Fused;
+    Silu = "silu", "", Fused, 1..=1, plain, rule, Loop, Elem(10.0);
+    Rotary = "rotary", "", Fused, 3..=3, attrs, rule, Native, Elem(4.0);
+    Attention = "attention", "", Fused, 3..=4, attrs, rule, Contraction, Contraction;
+    Linear = "linear", "", Fused, 2..=5, attrs, rule, Contraction, Contraction;
+    OnnxAttention = "onnx_attention", "Attention", Fused, 3..=7, attrs, rule, Interp, Elem(1.0);
+    RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused, 3..=4, attrs, rule, Interp, Elem(1.0);
+    InvStd = "inv_std", "", Fused, 2..=2, plain, rule, Native, RowStat;
+    InvRms = "inv_rms", "", Fused, 2..=2, plain, rule, Native, RowStat;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors

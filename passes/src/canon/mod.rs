@@ -17,12 +17,14 @@
 pub mod activations;
 pub mod attention;
 pub mod gelu;
+pub mod gemm;
 pub mod norms;
 pub mod rotary;
 
 pub use activations::FuseSilu;
 pub use attention::FuseAttention;
 pub use gelu::FuseGelu;
+pub use gemm::UnflattenGemm;
 pub use norms::FuseNorms;
 pub use rotary::FuseRotary;
 

@@ -432,87 +432,12 @@ impl egg::FromOp for Kn {
 /// Ops whose e-nodes carry no attribute leaf: they have no attributes in kiln's IR.
 /// A node of one of these ops that nevertheless has attributes is kept opaque.
 pub fn takes_attrs(op: OpKind) -> bool {
-    use OpKind::*;
-    !matches!(
-        op,
-        Identity
-            | Abs
-            | Neg
-            | Sqrt
-            | Exp
-            | Log
-            | Reciprocal
-            | Floor
-            | Ceil
-            | Round
-            | Sign
-            | Sin
-            | Cos
-            | Tan
-            | Asin
-            | Acos
-            | Atan
-            | Sinh
-            | Cosh
-            | Asinh
-            | Acosh
-            | Atanh
-            | Erf
-            | Tanh
-            | Sigmoid
-            | Relu
-            | Softsign
-            | IsNaN
-            | Not
-            | BitwiseNot
-            | Clip
-            | Add
-            | Sub
-            | Mul
-            | Div
-            | Pow
-            | Max
-            | Min
-            | Sum
-            | Mean
-            | PRelu
-            | Equal
-            | Less
-            | LessOrEqual
-            | Greater
-            | GreaterOrEqual
-            | And
-            | Or
-            | Xor
-            | BitwiseAnd
-            | BitwiseOr
-            | BitwiseXor
-            | Where
-            | MatMul
-            | Silu
-            | InvStd
-            | InvRms
-            | Expand
-            | Tile
-            | NonZero
-            | Size
-    )
+    op.takes_attrs()
 }
 
 /// The number of inputs an op's e-node always has (trailing omitted optional inputs
 /// padded with holes), for ops with optional inputs that rules match on; `None` where the
 /// node's own input count is kept (variadic and other ops).
 pub fn canonical_arity(op: OpKind) -> Option<usize> {
-    use OpKind::*;
-    Some(match op {
-        LayerNorm => 3,
-        RmsNorm => 2,
-        Gemm => 3,
-        Conv => 3,
-        BatchNorm => 5,
-        MatMul => 2,
-        Linear => 5,
-        Add | Sub | Mul | Div => 2,
-        _ => return None,
-    })
+    op.arity().bounded_max()
 }

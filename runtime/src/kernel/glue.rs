@@ -8,6 +8,7 @@
 
 use super::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
+use kiln_ir::ops::Lowering;
 use kiln_ir::{Elem, Node, OpKind, Tensor};
 
 /// Elements per block of the row statistics: summed in f32 lanes, blocks added in f64, so
@@ -18,30 +19,7 @@ const STAT_LANES: usize = 8;
 
 /// Whether ops of this kind may have a fast path (see [`run_fast`]).
 pub fn has_fast_path(op: OpKind) -> bool {
-    matches!(
-        op,
-        OpKind::Transpose
-            | OpKind::Concat
-            | OpKind::Gather
-            | OpKind::Expand
-            | OpKind::Reshape
-            | OpKind::Squeeze
-            | OpKind::Unsqueeze
-            | OpKind::Flatten
-            | OpKind::Identity
-            | OpKind::Shape
-            | OpKind::InvStd
-            | OpKind::InvRms
-            | OpKind::Rotary
-            | OpKind::Where
-            | OpKind::And
-            | OpKind::Or
-            | OpKind::Xor
-            | OpKind::Pow
-            | OpKind::Split
-            | OpKind::Sin
-            | OpKind::Cos
-    )
+    matches!(op.lowering(), Lowering::Native | Lowering::Loop)
 }
 
 /// Whether the op only renames its first input's elements under a new shape (see
