@@ -186,9 +186,7 @@ impl CostModel {
                 // The product, then one FLOP per element for each epilogue operand present
                 // (bias, row scale, residual); the activation runs on values in registers
                 // and is not counted, so folding an op into the epilogue never adds FLOPs.
-                Linear => {
-                    2.0 * n_out * last_of(0) + ins.len().saturating_sub(2) as f64 * n_out
-                }
+                Linear => 2.0 * n_out * last_of(0) + ins.len().saturating_sub(2) as f64 * n_out,
                 Conv | ConvTranspose => {
                     let w = ins.get(1).map_or(1.0, Operand::numel);
                     let cout = ins

@@ -50,6 +50,9 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // Centre the weights of linears whose every reader ignores a per-row shift (layer
         // norms, residual sums read only by layer norms): the stream becomes mean-free.
         Box::new(crate::classic::CentreMeanInvariant),
+        // Shape reads move to the earliest value of the same shape, so the e-graph never
+        // keeps a norm or product alive only for its shape.
+        Box::new(HoistShapeReads),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::new(target)),
         // Attention reads and writes `[B, S, H, D]` instead of transposing heads around it.
@@ -90,7 +93,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 17);
+        assert_eq!(report.passes.len(), 18);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

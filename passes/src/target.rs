@@ -154,8 +154,7 @@ fn host_isa() -> (&'static str, u32) {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return ("avx512", 16);
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             return ("avx2", 8);
         }

@@ -99,9 +99,16 @@ fn estimated_cost_never_rises_across_saturation() {
             .with_default_dim(kiln_passes::cost::EXTRACTION_DEFAULT_DIM);
         let before = cm.graph_cost(&g);
         SaturateEgraph::new(Target::zen3_2c()).run(&mut g).unwrap();
+        // Extraction may read a shape from a value nothing else needs; the pipeline's
+        // next passes re-point such reads and drop the value.
+        kiln_passes::classic::HoistShapeReads.run(&mut g).unwrap();
+        kiln_passes::classic::EliminateDeadCode.run(&mut g).unwrap();
         let after = cm.graph_cost(&g);
         println!("{name}: {before:?} -> {after:?}");
-        assert!(after.time <= before.time * (1.0 + 1e-9), "{name}: {before:?} -> {after:?}");
+        assert!(
+            after.time <= before.time * (1.0 + 1e-9),
+            "{name}: {before:?} -> {after:?}"
+        );
         assert!(
             after.flops <= before.flops * (1.0 + FLOP_SLACK),
             "{name}: {before:?} -> {after:?}"
@@ -120,6 +127,10 @@ fn gpt2_layer_norms_fold_into_linear_projections() {
     let count = |op| g.nodes.iter().filter(|n| n.op == op).count();
     assert_eq!(count(OpKind::Gemm), 0);
     assert_eq!(count(OpKind::LayerNorm), 0, "every LN folded into a linear");
-    assert!(count(OpKind::Linear) >= 8, "{} linear", count(OpKind::Linear));
+    assert!(
+        count(OpKind::Linear) >= 8,
+        "{} linear",
+        count(OpKind::Linear)
+    );
     check_outputs(&g, &dir);
 }

@@ -61,7 +61,10 @@ fn find(m: &Matcher, i: usize) -> Option<Fusion> {
     // The outer reshape gives back exactly x's leading dims, then N: known from the
     // dims, or from its target being built out of x's own shape.
     let (lead, last) = yd.split_at(yd.len() - 1);
-    let by_dims = lead.iter().zip(&xd[..xd.len() - 1]).all(|(p, q)| same_dim(p, q))
+    let by_dims = lead
+        .iter()
+        .zip(&xd[..xd.len() - 1])
+        .all(|(p, q)| same_dim(p, q))
         && same_dim(&last[0], n);
     let by_target = || {
         let target = Matcher::input(outer, 1)?;
@@ -214,9 +217,15 @@ mod tests {
         let flat = b.i64s(&[-1, 6]);
         let a = b.bin(OpKind::Reshape, x, flat);
         let w = if trans_b {
-            b.konst(Tensor::from_vec(vec![5, 6], (0..30).map(|v| v as f32 * 0.1).collect()))
+            b.konst(Tensor::from_vec(
+                vec![5, 6],
+                (0..30).map(|v| v as f32 * 0.1).collect(),
+            ))
         } else {
-            b.konst(Tensor::from_vec(vec![6, 5], (0..30).map(|v| v as f32 * 0.1).collect()))
+            b.konst(Tensor::from_vec(
+                vec![6, 5],
+                (0..30).map(|v| v as f32 * 0.1).collect(),
+            ))
         };
         let mut ins = vec![a, w];
         if let Some(bd) = bias {
@@ -253,7 +262,11 @@ mod tests {
             let (_, y) = flattened(&mut b, trans_b, bias, true);
             let g = b.finish(&[y]);
             let after = rewrite_and_compare(&UnflattenGemm, &g);
-            assert_eq!(count(&after, OpKind::Gemm), 0, "transB={trans_b} bias={bias:?}");
+            assert_eq!(
+                count(&after, OpKind::Gemm),
+                0,
+                "transB={trans_b} bias={bias:?}"
+            );
             assert_eq!(count(&after, OpKind::MatMul), 1);
             assert_eq!(count(&after, OpKind::Add), bias.is_some() as usize);
         }

@@ -3,14 +3,18 @@
 //! definition), repeated up the chain of producers. Exporters take the shape of a
 //! layer norm's output to build reshape targets: with the norm folded into the next matmul,
 //! that `shape` was the norm's only reader and kept a whole layer norm running per layer.
-//! Runs after the e-graph: earlier, the extra reader of `x` would hide from
-//! `centre_mean_invariant` that every other reader of the residual stream is a layer norm.
-//! The result is exact (a `shape` reads no values); dead producers go in the next
+//! Where the chain ends at a value that only shape reads need, the read moves to the
+//! earliest value of the same fully known shape that is computed anyway (extraction may
+//! pick `shape(matmul)` beside a `linear` that absorbed that matmul).
+//! Runs after `centre_mean_invariant` (an extra reader of `x` would hide from it that
+//! every other reader of the residual stream is a layer norm), before and after the
+//! e-graph. The result is exact (a `shape` reads no values); dead producers go in the next
 //! `eliminate_dead_code`.
 
 use crate::rewrite;
 use crate::{Pass, PassError, PassStats};
-use kiln_ir::{Dim, Graph, OpKind, ValueId};
+use kiln_ir::{Dim, Graph, OpKind, Shape, ValueId};
+use std::collections::HashMap;
 
 /// Moves each `shape` to the earliest value of its input's shape.
 #[derive(Clone, Copy, Debug, Default)]
@@ -24,6 +28,8 @@ impl Pass for HoistShapeReads {
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
         rewrite::check_ids(g).map_err(|m| PassError::graph(self.name(), m))?;
         let producers = rewrite::producers(g);
+        let needed = needed_for_values(g);
+        let computed = computed_by_shape(g, &needed);
         let mut stats = PassStats::default();
         for i in 0..g.nodes.len() {
             if g.nodes[i].op != OpKind::Shape {
@@ -32,7 +38,14 @@ impl Pass for HoistShapeReads {
             let Some(x) = g.nodes[i].inputs.first().copied().flatten() else {
                 continue;
             };
-            let src = shape_source(g, &producers, x);
+            let mut src = shape_source(g, &producers, x);
+            if !needed[src.index()] {
+                let earlier = computed
+                    .get(&g.ty(src).shape)
+                    .filter(|&&(_, at)| at < i)
+                    .map(|&(v, _)| v);
+                src = earlier.unwrap_or(src);
+            }
             if src != x {
                 g.nodes[i].inputs[0] = Some(src);
                 stats.changed += 1;
@@ -41,6 +54,47 @@ impl Pass for HoistShapeReads {
         }
         Ok(stats)
     }
+}
+
+/// For each fully known shape, the earliest value of that shape that something other
+/// than shape reads needs, with the index of the node defining it (0 for graph inputs).
+fn computed_by_shape(g: &Graph, needed: &[bool]) -> HashMap<Shape, (ValueId, usize)> {
+    let known = |v: ValueId| {
+        g.ty(v)
+            .shape
+            .dims()
+            .is_some_and(|d| d.iter().all(|d| !matches!(d, Dim::Unknown)))
+    };
+    let mut map = HashMap::new();
+    let defs = g.inputs.iter().map(|&v| (v, 0)).chain(
+        g.nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.outputs.iter().map(move |&v| (v, i))),
+    );
+    for (v, at) in defs {
+        if known(v) && needed[v.index()] {
+            map.entry(g.ty(v).shape.clone()).or_insert((v, at));
+        }
+    }
+    map
+}
+
+/// Per value: whether something other than a `shape` or `size` reads it, or it is a
+/// graph output.
+fn needed_for_values(g: &Graph) -> Vec<bool> {
+    let mut needed = vec![false; g.values.len()];
+    for &o in &g.outputs {
+        needed[o.index()] = true;
+    }
+    for n in &g.nodes {
+        if !matches!(n.op, OpKind::Shape | OpKind::Size) {
+            for v in n.inputs.iter().flatten() {
+                needed[v.index()] = true;
+            }
+        }
+    }
+    needed
 }
 
 /// The earliest value up `x`'s chain of producers with `x`'s shape: at each producer, its
@@ -101,6 +155,34 @@ mod tests {
         EliminateDeadCode.run(&mut g).unwrap();
         assert_eq!(ops(&g), vec![OpKind::Shape]);
         assert_eq!(g.nodes[0].inputs[0], Some(x));
+    }
+
+    #[test]
+    fn a_value_only_shapes_need_gives_way_to_a_computed_one_of_the_same_shape() {
+        let mut g = Graph::new("g");
+        let b = |n| {
+            TensorType::new(
+                DType::F32,
+                Shape::new(vec![Dim::Sym("B".into()), Dim::Fixed(n)]),
+            )
+        };
+        let x = g.add_input("x", b(8));
+        let w = g.add_constant("w", Tensor::from_vec(vec![8, 4], vec![1.0f32; 32]));
+        let w2 = g.add_constant("w2", Tensor::from_vec(vec![8, 4], vec![2.0f32; 32]));
+        let kept = node(&mut g, OpKind::MatMul, &[x, w2], "kept", b(4));
+        let only_shape = node(&mut g, OpKind::MatMul, &[x, w], "only_shape", b(4));
+        let sh = node(&mut g, OpKind::Shape, &[only_shape], "sh", i64_ty(2));
+        g.outputs = vec![kept, sh];
+        let stats = HoistShapeReads.run(&mut g).unwrap();
+        assert_eq!(stats.counter("shape_reads_hoisted"), 1);
+        EliminateDeadCode.run(&mut g).unwrap();
+        let live: Vec<OpKind> = ops(&g)
+            .into_iter()
+            .filter(|&o| o != OpKind::Constant)
+            .collect();
+        assert_eq!(live, vec![OpKind::MatMul, OpKind::Shape]);
+        let shape = g.nodes.iter().find(|n| n.op == OpKind::Shape).unwrap();
+        assert_eq!(shape.inputs[0], Some(kept));
     }
 
     #[test]
