@@ -205,6 +205,17 @@ impl CostModel {
                     let qn: f64 = q.iter().product();
                     4.0 * qn * sk.unwrap_or(1.0) + 12.0 * sq.unwrap_or(1.0) * sk.unwrap_or(1.0)
                 }
+                // Recurrent cells: per time step and batch entry, x·Wᵀ and h·Rᵀ of every
+                // direction. Y is `[S, D, B, H]` (either layout) and R `[D, G·H, H]`; with Y
+                // omitted, outs[0] is Y_h and this counts one step (a lower bound).
+                Lstm | Gru | Rnn => {
+                    let r = ins.get(2).and_then(|o| o.dims.clone()).unwrap_or_default();
+                    let dh = r.first().copied().unwrap_or(1.0) * r.last().copied().unwrap_or(1.0);
+                    let steps = outs.first().map_or(0.0, Operand::numel) / dh.max(1.0);
+                    let weights = ins.get(1).map_or(0.0, Operand::numel)
+                        + ins.get(2).map_or(0.0, Operand::numel);
+                    2.0 * steps * weights
+                }
                 // Einsum: at least one FLOP per output element (its contraction size is in
                 // its equation).
                 _ => n_out,

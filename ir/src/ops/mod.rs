@@ -21,6 +21,7 @@ mod movement;
 pub mod nn;
 pub mod pool;
 pub mod quant;
+pub mod recurrent;
 pub mod reduce;
 pub mod resize;
 
@@ -41,6 +42,7 @@ pub enum Family {
     Fused,
     Loss,
     Quant,
+    Recurrent,
 }
 
 /// How many inputs an op takes: `min..=max` (trailing optional inputs may be omitted;
@@ -352,6 +354,10 @@ op_table! {
     // ---- quant.rs: linear quantization
     QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
     DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
+    // ---- recurrent.rs: recurrent cells over a sequence (runtime/src/kernel/recurrent.rs)
+    Lstm = "lstm", "LSTM", Recurrent, 3..=8, attrs, rule, Native, Contraction;
+    Gru = "gru", "GRU", Recurrent, 3..=6, attrs, rule, Native, Contraction;
+    Rnn = "rnn", "RNN", Recurrent, 3..=6, attrs, rule, Native, Contraction;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused, 1..=1, plain, rule, Loop, Elem(10.0);
     Rotary = "rotary", "", Fused, 3..=3, attrs, rule, Native, Elem(4.0);
@@ -428,6 +434,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Fused => fused::infer(op, attrs, inputs),
         Family::Loss => loss::infer(op, attrs, inputs),
         Family::Quant => quant::infer(op, attrs, inputs),
+        Family::Recurrent => recurrent::infer(op, attrs, inputs),
     }
 }
 
@@ -448,6 +455,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Fused => fused::eval(op, attrs, inputs),
         Family::Loss => loss::eval(op, attrs, inputs),
         Family::Quant => quant::eval(op, attrs, inputs),
+        Family::Recurrent => recurrent::eval(op, attrs, inputs),
     }
 }
 
