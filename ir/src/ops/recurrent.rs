@@ -488,15 +488,12 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     if !dtype.is_float() {
         return Err(format!("`{}` needs a float X, got {dtype}", op.name()));
     }
-    for (name, f) in [("W", Some(w)), ("R", Some(r))]
-        .into_iter()
-        .chain([
-            ("B", opt_arg(inputs, input::B)),
-            ("initial_h", opt_arg(inputs, input::INITIAL_H)),
-            ("initial_c", opt_arg(inputs, input::INITIAL_C)),
-            ("P", opt_arg(inputs, input::P)),
-        ])
-    {
+    for (name, f) in [("W", Some(w)), ("R", Some(r))].into_iter().chain([
+        ("B", opt_arg(inputs, input::B)),
+        ("initial_h", opt_arg(inputs, input::INITIAL_H)),
+        ("initial_c", opt_arg(inputs, input::INITIAL_C)),
+        ("P", opt_arg(inputs, input::P)),
+    ]) {
         if let Some(f) = f {
             if f.ty.dtype != dtype {
                 return Err(format!(
@@ -646,7 +643,14 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     if !dt.is_float() {
         return Err(format!("`{}` needs a float X, got {dt}", op.name()));
     }
-    for i in [input::W, input::R, input::B, input::INITIAL_H, input::INITIAL_C, input::P] {
+    for i in [
+        input::W,
+        input::R,
+        input::B,
+        input::INITIAL_H,
+        input::INITIAL_C,
+        input::P,
+    ] {
         if let Some(t) = opt_arg(inputs, i) {
             if t.dtype() != dt {
                 return Err(format!(
@@ -755,9 +759,8 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
                     }
                     Cell::Gru => {
                         let (f, g) = (acts[0], acts[1]);
-                        let z: Vec<f64> = (0..h_n)
-                            .map(|j| f.apply(clip(xw(j) + hr(&h, j))))
-                            .collect();
+                        let z: Vec<f64> =
+                            (0..h_n).map(|j| f.apply(clip(xw(j) + hr(&h, j)))).collect();
                         let rg: Vec<f64> = (0..h_n)
                             .map(|j| f.apply(clip(xw(h_n + j) + hr(&h, h_n + j))))
                             .collect();
@@ -830,10 +833,7 @@ mod tests {
             &[Some(&x), Some(&w), Some(&r), None, Some(&lens), Some(&h0)],
         );
         assert_eq!(out[0].shape(), &[3, 1, 2, 1]);
-        assert_eq!(
-            out[0].to_f64s(),
-            vec![101.0, 10.5, 103.0, 30.5, 106.0, 0.0]
-        );
+        assert_eq!(out[0].to_f64s(), vec![101.0, 10.5, 103.0, 30.5, 106.0, 0.0]);
         assert_eq!(out[1].to_f64s(), vec![106.0, 30.5]);
         // Reverse: batch 1 starts at its own last step (t = 1).
         let rev = attrs.clone().with("direction", Attr::Str("reverse".into()));
@@ -842,10 +842,7 @@ mod tests {
             &rev,
             &[Some(&x), Some(&w), Some(&r), None, Some(&lens), Some(&h0)],
         );
-        assert_eq!(
-            out[0].to_f64s(),
-            vec![106.0, 30.5, 105.0, 20.5, 103.0, 0.0]
-        );
+        assert_eq!(out[0].to_f64s(), vec![106.0, 30.5, 105.0, 20.5, 103.0, 0.0]);
         assert_eq!(out[1].to_f64s(), vec![106.0, 30.5]);
     }
 
@@ -921,12 +918,16 @@ mod tests {
         let x = t(&[2, 1, 3], vec![0.0; 6]);
         let w = t(&[1, 8, 3], vec![0.0; 24]);
         let r3 = t(&[1, 8, 3], vec![0.0; 24]);
-        let e = super::eval(OpKind::Lstm, &Attrs::new(), &[Some(&x), Some(&w), Some(&r3)])
-            .unwrap_err();
+        let e = super::eval(
+            OpKind::Lstm,
+            &Attrs::new(),
+            &[Some(&x), Some(&w), Some(&r3)],
+        )
+        .unwrap_err();
         assert!(e.contains("W must be [1, 12, 3]"), "{e}");
         let r = t(&[1, 8, 2], vec![0.0; 16]);
-        let e = super::eval(OpKind::Gru, &Attrs::new(), &[Some(&x), Some(&w), Some(&r)])
-            .unwrap_err();
+        let e =
+            super::eval(OpKind::Gru, &Attrs::new(), &[Some(&x), Some(&w), Some(&r)]).unwrap_err();
         assert!(e.contains("W must be [1, 6, 3]"), "{e}");
         let bad = Attrs::new().with("direction", Attr::Str("sideways".into()));
         let e = Spec::new(OpKind::Rnn, &bad).unwrap_err();

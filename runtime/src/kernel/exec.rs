@@ -425,10 +425,14 @@ impl CpuPlan {
                     let node = &g.nodes[*n];
                     let single = crate::pool::Pool::single();
                     let pool = runner.pool().unwrap_or(&single);
-                    match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
+                    let mut outs = match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
                         Some(outs) => outs,
                         None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
-                    }
+                    };
+                    // Trailing optional outputs the node does not name (a recurrent op's
+                    // `Y_c`, say) are dropped, as on the other paths.
+                    outs.truncate(node.outputs.len());
+                    outs
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];

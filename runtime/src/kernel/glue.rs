@@ -4,7 +4,8 @@
 //! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
 //! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
 //! indices) returns `None` and runs through the interpreter, which defines the semantics
-//! and reports the errors (naming the node, through the executor).
+//! and reports the errors (naming the node, through the executor). `lstm`/`gru`/`rnn`
+//! dispatch from here to their own routine in `recurrent.rs`, under the same contract.
 
 use super::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
@@ -49,6 +50,7 @@ pub fn run_fast_on(
     let y = match node.op {
         OpKind::Transpose => return transpose(node, ins, pool, out),
         OpKind::Split => return split(node, ins),
+        OpKind::Lstm | OpKind::Gru | OpKind::Rnn => return super::recurrent::run(node, ins, pool),
         OpKind::Gather => gather(node, ins, out)?,
         OpKind::Concat => concat(node, ins, out)?,
         OpKind::Expand => expand(ins)?,
