@@ -257,6 +257,20 @@ fn lower_graph(
     }
     // Graph inputs that also have an initializer are constants (a default value).
     let mut inputs = vec![];
+    // Named dims of the inputs: the fresh names given to unknown dims must differ.
+    let input_params: HashSet<&str> = g
+        .input
+        .iter()
+        .filter_map(|vi| match &vi.r#type.as_ref()?.value {
+            Some(type_proto::Value::TensorType(t)) => t.shape.as_ref(),
+            _ => None,
+        })
+        .flat_map(|s| &s.dim)
+        .filter_map(|d| match &d.value {
+            Some(DimValue::DimParam(p)) => Some(p.as_str()),
+            _ => None,
+        })
+        .collect();
     for vi in &g.input {
         if matches!(defs.get(&vi.name), Some(Def::Init)) {
             continue;
@@ -270,7 +284,7 @@ fn lower_graph(
         if defs.insert(vi.name.clone(), Def::Input).is_some() {
             return Err(dup(&vi.name, "a second graph input".into()));
         }
-        let ty = value_type(vi)?.ok_or_else(|| OnnxError::Type {
+        let ty = value_type_as_input(vi, &input_params)?.ok_or_else(|| OnnxError::Type {
             value: vi.name.clone(),
             msg: "graph input has no tensor type".into(),
         })?;
@@ -483,11 +497,35 @@ fn topo_order(g: &GraphProto, deps: &[Vec<usize>]) -> Result<Vec<usize>, OnnxErr
 }
 
 /// The tensor type a value info declares: `None` when it declares no usable tensor type
-/// (no type, element type 0); an error for non-tensor kinds or negative sizes.
+/// (no type, element type 0); an error for non-tensor kinds. A negative size (`-1`, as
+/// Paddle and other exporters write "unknown") is an unknown dim, which the shape rules then
+/// fill in.
 pub(crate) fn value_type(vi: &ValueInfoProto) -> Result<Option<TensorType>, OnnxError> {
-    let err = |msg: String| OnnxError::Type {
-        value: vi.name.clone(),
-        msg,
+    declared_type(vi, None)
+}
+
+/// [`value_type`] for a graph input: a negative size or `0` (which some exporters write for
+/// "unknown") becomes a fresh symbolic dim `unk_<input>_<axis>`, so that
+/// it binds at run time and the shape rules can relate it to other dims. Names in `taken`
+/// (the inputs' own dim params) are avoided by appending `_`.
+fn value_type_as_input(
+    vi: &ValueInfoProto,
+    taken: &HashSet<&str>,
+) -> Result<Option<TensorType>, OnnxError> {
+    declared_type(vi, Some(taken))
+}
+
+fn declared_type(
+    vi: &ValueInfoProto,
+    input: Option<&HashSet<&str>>,
+) -> Result<Option<TensorType>, OnnxError> {
+    let fresh = |axis: usize| {
+        let taken = input?;
+        let mut name = format!("unk_{}_{axis}", vi.name);
+        while taken.contains(name.as_str()) {
+            name.push('_');
+        }
+        Some(Dim::Sym(name))
     };
     let Some(tp) = &vi.r#type else {
         return Ok(None);
@@ -516,13 +554,13 @@ pub(crate) fn value_type(vi: &ValueInfoProto) -> Result<Option<TensorType>, Onnx
         None => Shape::unknown(),
         Some(s) => {
             let mut dims = Vec::with_capacity(s.dim.len());
-            for d in &s.dim {
+            for (axis, d) in s.dim.iter().enumerate() {
                 dims.push(match &d.value {
-                    Some(DimValue::DimValue(v)) => Dim::Fixed(
-                        u64::try_from(*v)
-                            .map_err(|_| err(format!("negative dimension {v} in its type")))?,
-                    ),
+                    Some(DimValue::DimValue(v)) if *v > 0 || (*v == 0 && input.is_none()) => {
+                        Dim::Fixed(*v as u64)
+                    }
                     Some(DimValue::DimParam(p)) if !p.is_empty() => Dim::Sym(p.clone()),
+                    Some(DimValue::DimValue(_)) => fresh(axis).unwrap_or(Dim::Unknown),
                     _ => Dim::Unknown,
                 });
             }

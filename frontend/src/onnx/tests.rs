@@ -209,15 +209,35 @@ fn graph_input_types_keep_symbols_and_unknowns() {
 }
 
 #[test]
-fn negative_declared_dim_is_an_error_naming_the_value() {
+fn negative_and_zero_input_dims_are_fresh_symbols_and_elsewhere_unknown() {
+    // As Paddle exports: -1 (and 0) for "unknown" on graph inputs; a user dim param that
+    // happens to be the fresh name pushes it aside.
     let g = graph(
-        vec![],
-        vec![tensor_vi("x", DType::F32, &["-2"])],
-        vec![tensor_vi("x", DType::F32, &[])],
+        vec![node("Relu", &["x"], &["y"], vec![])],
+        vec![
+            tensor_vi("x", DType::F32, &["-1", "0", "unk_x_0", "4"]),
+            tensor_vi("z", DType::F32, &["-7"]),
+        ],
+        vec![tensor_vi("y", DType::F32, &["-1", "-1", "-1", "4"])],
         vec![],
     );
-    let e = load(&model(g, 17)).unwrap_err().to_string();
-    assert!(e.contains("`x`") && e.contains("negative"), "{e}");
+    let ir = load(&model(g, 17)).unwrap();
+    let sym = |s: &str| Dim::Sym(s.into());
+    assert_eq!(
+        ir.ty(ir.inputs[0]).shape.dims().unwrap(),
+        &[
+            sym("unk_x_0_"),
+            sym("unk_x_1"),
+            sym("unk_x_0"),
+            Dim::Fixed(4)
+        ]
+    );
+    assert_eq!(ir.ty(ir.inputs[1]).shape.dims().unwrap(), &[sym("unk_z_0")]);
+    // The output's -1s are unknown, so the input's symbols flow through.
+    assert_eq!(
+        ir.ty(ir.outputs[0]).shape.dims().unwrap(),
+        ir.ty(ir.inputs[0]).shape.dims().unwrap()
+    );
 }
 
 fn with_init(t: TensorProto) -> ModelProto {
