@@ -90,7 +90,11 @@ fn jit_matches_interp_on_other_sizes(name: &str) {
         let named = as_named(&inputs);
         let want = interp.run(&named).expect("interp runs");
         let got = jit.run(&named).expect("jit runs");
-        assert_outputs_match(&format!("{name} jit vs interp, S={seq} B={batch}"), &got, &want);
+        assert_outputs_match(
+            &format!("{name} jit vs interp, S={seq} B={batch}"),
+            &got,
+            &want,
+        );
     }
 }
 
@@ -120,7 +124,37 @@ fn lstm_bidir_matches_pytorch_through_the_aot_library() {
 fn inputs_declaring_minus_one_and_zero_dims_take_any_size() {
     let model = Model::load(dir("unknown_dims").join("model.onnx")).unwrap();
     let shape = model.graph().ty(model.graph().inputs[0]).shape.to_string();
-    assert!(shape.contains("unk_x_0") && shape.contains("unk_x_1"), "{shape}");
+    assert!(
+        shape.contains("unk_x_0") && shape.contains("unk_x_1"),
+        "{shape}"
+    );
     matches_reference("unknown_dims", Backend::Jit);
     matches_reference("unknown_dims", Backend::Interp);
+}
+
+#[test]
+fn recurrent_models_round_trip_through_the_text_form() {
+    for name in ["lstm_bidir", "gru_bidir", "unknown_dims"] {
+        let model = Model::load(dir(name).join("model.onnx")).unwrap();
+        let text = kiln_ir::text::print(model.graph());
+        let reparsed = kiln_ir::text::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(reparsed == *model.graph(), "{name}: parse(print(g)) != g");
+        let exe = compile(&Model::from_graph(reparsed), Backend::Interp);
+        let (inputs, want) = test_data(exe.graph(), &dir(name));
+        let got = exe.run(&as_named(&inputs)).unwrap();
+        assert_outputs_match(&format!("{name} reparsed"), &got, &want);
+    }
+    // Omitted optional operands in the middle (no B, no sequence_lens), string and list
+    // attributes, and a node naming only Y_h.
+    let src = r#"
+func @f(%x: f32[s, b, 3], %w: f32[2, 8, 3], %r: f32[2, 8, 2], %h: f32[2, b, 2]) -> (f32[2, b, 2]) {
+  %y, %yh = lstm %x, %w, %r, _, _, %h {activations = ["Sigmoid", "Tanh", "Tanh"], clip = 3.0, direction = "bidirectional"}
+  return %yh
+}
+"#;
+    let g = kiln_ir::text::parse(src).unwrap();
+    assert_eq!(kiln_ir::text::parse(&kiln_ir::text::print(&g)).unwrap(), g);
+    let lstm = g.nodes.iter().find(|n| n.op == OpKind::Lstm).unwrap();
+    assert_eq!(lstm.inputs.len(), 6);
+    assert!(lstm.inputs[3].is_none() && lstm.inputs[4].is_none());
 }
