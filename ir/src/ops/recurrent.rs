@@ -89,9 +89,7 @@ impl Act {
                 }
             }
             Act::ThresholdedRelu(a) => {
-                if x > f64::from(a) {
-                    x
-                } else if x.is_nan() {
+                if x > f64::from(a) || x.is_nan() {
                     x
                 } else {
                     0.0
