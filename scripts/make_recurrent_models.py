@@ -3,7 +3,12 @@
 GRU with initial states, random weights from fixed seeds, exported by PyTorch into the ONNX
 test layout (model.onnx, test_data_set_0/input_*.pb, output_*.pb) with PyTorch's outputs as
 the reference. Also a small model whose graph inputs declare dims as -1 and 0 (as Paddle
-exports do), with onnxruntime's outputs as its reference.
+exports do), with numpy's outputs as its reference (onnxruntime 1.32 itself refuses an
+input of size 5 where 0 is declared; kiln takes 0 on a graph input as unknown, as issue 14
+asks).
+
+`--bench DIR` instead writes two larger models for `kiln bench` (not committed): a
+bidirectional LSTM and GRU with S=64, B=4, I=128, H=256.
 
 Needs torch, onnx and numpy in a venv outside the repository, e.g.
     python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch numpy onnx==1.22.0
@@ -34,7 +39,7 @@ def write_case(folder, inputs, outputs):
             f.write(t.SerializeToString())
 
 
-def recurrent_models():
+def recurrent_models(bench_dir=None):
     import torch
 
     class Lstm(torch.nn.Module):
@@ -64,13 +69,27 @@ def recurrent_models():
          [(3, 5, 4), (2, 3, 6)],
          {"x": {0: "batch", 1: "seq"}, "h0": {1: "batch"}}),
     ]
+    if bench_dir is not None:
+        class Big(torch.nn.Module):
+            def __init__(self, kind):
+                super().__init__()
+                self.rnn = kind(input_size=128, hidden_size=256, bidirectional=True)
+
+            def forward(self, x):
+                return self.rnn(x)[0]
+
+        cases = [
+            (name, (lambda k=kind: Big(k)), ["x"], ["y"], [(64, 4, 128)], {"x": {0: "seq", 1: "batch"}})
+            for name, kind in [("lstm_big", torch.nn.LSTM), ("gru_big", torch.nn.GRU)]
+        ]
+    root = bench_dir or ROOT
     for seed, (name, cls, in_names, out_names, shapes, dyn) in enumerate(cases):
         torch.manual_seed(1400 + seed)
         model = cls().eval()
         args = tuple(torch.randn(*s) for s in shapes)
         with torch.no_grad():
             outs = model(*args)
-        folder = os.path.join(ROOT, name)
+        folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "model.onnx")
         torch.onnx.export(
@@ -114,6 +133,9 @@ def unknown_dims_model():
 
 
 if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        recurrent_models(sys.argv[sys.argv.index("--bench") + 1])
+        sys.exit(0)
     unknown_dims_model()
     if "--no-torch" not in sys.argv:
         recurrent_models()
