@@ -347,7 +347,7 @@ op_table! {
     // ---- resize.rs: resampling
     Resize = "resize", "Resize", Resize, 1..=4, attrs, rule, Interp, Elem(1.0);
     // ---- control.rs: control flow with subgraphs
-    If = "if", "If", Control, 1..=1, attrs, rule, Interp, Elem(1.0);
+    If = "if", "If", Control, 1..=N, attrs, rule, Interp, Elem(1.0);
     // ---- loss.rs: training losses
     NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
