@@ -281,4 +281,19 @@ mod tests {
         );
         assert!(many.time > one.time && one.time >= Target::default().kernel_overhead);
     }
+
+    #[test]
+    fn recurrent_flops_are_both_projections_of_every_step() {
+        // A bidirectional LSTM, S = 5, B = 3, I = 4, H = 6: W [2, 24, 4], R [2, 24, 6].
+        let f = |d: &[usize]| {
+            CostModel::default().operand(&TensorType::new(DType::F32, Shape::fixed(d)))
+        };
+        let ins = [f(&[5, 3, 4]), f(&[2, 24, 4]), f(&[2, 24, 6])];
+        let outs = [f(&[5, 2, 3, 6]), f(&[2, 3, 6]), f(&[2, 3, 6])];
+        let c = CostModel::default().op_cost(OpKind::Lstm, &ins, &outs);
+        assert_eq!(
+            c.flops,
+            2.0 * 5.0 * 3.0 * (2.0 * 24.0 * 4.0 + 2.0 * 24.0 * 6.0)
+        );
+    }
 }
