@@ -89,6 +89,8 @@ def recurrent_models(bench_dir=None):
         args = tuple(torch.randn(*s) for s in shapes)
         with torch.no_grad():
             outs = model(*args)
+        if isinstance(outs, torch.Tensor):
+            outs = (outs,)
         folder = os.path.join(root, name)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "model.onnx")

@@ -2,9 +2,10 @@
 //! model does not run its time loop on the interpreter's f64 path.
 //!
 //! Per direction: the input projection `X·Wᵀ + Wb + Rb` of every time step is ONE GEMM
-//! (`[S·B, I] × [I, G·H]` on the pool, biases in its epilogue), `Rᵀ` is packed once, and
-//! the per-step loop does the recurrent `h·Rᵀ` as one `[B, H] × [H, G·H]` GEMM (a GEMV at
-//! batch 1) followed by the gate math on each active batch entry's row. `gru` without
+//! (`[S·B, I] × [I, G·H]` on the pool, biases in its epilogue); the per-step loop does the
+//! recurrent `h·Rᵀ` for every batch entry at once, as row dot products over `R` as stored
+//! for batches up to [`SMALL_BATCH`], else as one `[B, H] × [H, G·H]` GEMM on `Rᵀ` packed
+//! once per run, followed by the gate math on each active batch entry's row. `gru` without
 //! `linear_before_reset` needs `(r ⊙ h)·Rhᵀ`, so it splits `Rᵀ` into the z/r part and the h
 //! part and does two GEMMs per step. Attribute parsing and shape checks are the reference's
 //! ([`kiln_ir::ops::recurrent`]); anything unusual (other dtypes, shapes the checks refuse)
@@ -42,6 +43,99 @@ fn act(a: Act, x: f32) -> f32 {
             }
         }
         other => other.apply(f64::from(x)) as f32,
+    }
+}
+
+/// Batches up to this size do the per-step `h·Rᵀ` as row dot products over `R` as it is
+/// stored (each row read once per step for every batch entry); larger ones as a GEMM on a
+/// packed `Rᵀ`. The GEMM's micro-kernel computes 6 or 12 rows at a time, so at batch 1–4 it
+/// does mostly padding (measured in `bench/recurrent.md`).
+const SMALL_BATCH: usize = 4;
+
+/// One direction's recurrent weights (a block of `R`'s rows) in the form the step uses.
+enum Recur<'a> {
+    /// `R`'s rows `[n, H]` as stored, for row dot products.
+    Rows(&'a [f32], usize),
+    /// `Rᵀ` packed for the GEMM.
+    Packed(PackedB),
+}
+
+impl Recur<'_> {
+    /// The number of output columns (rows of `R`).
+    fn cols(&self) -> usize {
+        match self {
+            Recur::Rows(_, n) => *n,
+            Recur::Packed(p) => p.cols(),
+        }
+    }
+
+    /// `out[b, k] = Σ_j h[b, j]·R[k, j]` for every batch entry; `out` is `[B, cols]`.
+    fn apply(&self, h: &[f32], b_n: usize, h_n: usize, out: &mut [f32]) -> Option<()> {
+        let n = self.cols();
+        match self {
+            Recur::Rows(r, _) => {
+                rows_dot(h, b_n, h_n, r, n, out);
+                Some(())
+            }
+            Recur::Packed(p) => gemm_in(
+                &Pool::single(),
+                MatRef::new(h, b_n, h_n, h_n, 1).ok()?,
+                Rhs::Packed(p),
+                MatMut::new(&mut out[..b_n * n], b_n, n, n).ok()?,
+                &Epilogue::default(),
+                &GemmConfig {
+                    threads: 1,
+                    ..GemmConfig::default()
+                },
+            )
+            .ok(),
+        }
+    }
+}
+
+/// [`Recur::Rows`]'s product, with AVX2+FMA where the CPU has it.
+fn rows_dot(h: &[f32], b_n: usize, h_n: usize, r: &[f32], n: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::gemm::avx2::available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { rows_dot_avx2(h, b_n, h_n, r, n, out) };
+        return;
+    }
+    rows_dot_body(h, b_n, h_n, r, n, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_dot_avx2(h: &[f32], b_n: usize, h_n: usize, r: &[f32], n: usize, out: &mut [f32]) {
+    rows_dot_body(h, b_n, h_n, r, n, out);
+}
+
+/// Lanes of the dot products' partial sums: independent accumulators the compiler keeps in
+/// vector registers (two AVX2 registers' worth).
+const DOT_LANES: usize = 16;
+
+#[inline(always)]
+fn rows_dot_body(h: &[f32], b_n: usize, h_n: usize, r: &[f32], n: usize, out: &mut [f32]) {
+    let split = h_n / DOT_LANES * DOT_LANES;
+    for k in 0..n {
+        let rk = &r[k * h_n..(k + 1) * h_n];
+        for b in 0..b_n {
+            let hb = &h[b * h_n..(b + 1) * h_n];
+            let mut acc = [0f32; DOT_LANES];
+            for (x, y) in hb[..split]
+                .chunks_exact(DOT_LANES)
+                .zip(rk[..split].chunks_exact(DOT_LANES))
+            {
+                for l in 0..DOT_LANES {
+                    acc[l] = x[l].mul_add(y[l], acc[l]);
+                }
+            }
+            let mut sum: f32 = acc.iter().sum();
+            for (x, y) in hb[split..].iter().zip(&rk[split..]) {
+                sum += x * y;
+            }
+            out[b * n + k] = sum;
+        }
     }
 }
 
@@ -94,13 +188,8 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
         Some(c) => v.clamp(-c, c),
         None => v,
     };
-    let one = Pool::single();
     let big = GemmConfig {
         threads: pool.threads(),
-        ..GemmConfig::default()
-    };
-    let small = GemmConfig {
-        threads: 1,
         ..GemmConfig::default()
     };
     let split_gru = spec.cell == Cell::Gru && !spec.linear_before_reset;
@@ -141,9 +230,15 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
             )
             .ok()?;
         }
-        // Rᵀ packed once: `[H, G·H]`, or for split gru `[H, 2H]` (z, r) and `[H, H]` (h).
+        // R's rows `lo..hi` as the step uses them: as stored for small batches, else `Rᵀ`
+        // packed once (`[H, G·H]`, or for split gru `[H, 2H]` (z, r) and `[H, H]` (h)).
         let pack = |lo: usize, hi: usize| {
-            PackedB::pack(MatRef::new(&rd[lo * h_n..hi * h_n], h_n, hi - lo, 1, h_n).ok()?).ok()
+            let rows = &rd[lo * h_n..hi * h_n];
+            if b_n <= SMALL_BATCH {
+                return Some(Recur::Rows(rows, hi - lo));
+            }
+            let t = MatRef::new(rows, h_n, hi - lo, 1, h_n).ok()?;
+            PackedB::pack(t).ok().map(Recur::Packed)
         };
         let (r_main, r_h) = if split_gru {
             (pack(0, 2 * h_n)?, Some(pack(2 * h_n, gh)?))
@@ -167,15 +262,7 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
         }
         for s in 0..max_len {
             if h_n > 0 {
-                gemm_in(
-                    &one,
-                    MatRef::new(&h, b_n, h_n, h_n, 1).ok()?,
-                    Rhs::Packed(&r_main),
-                    MatMut::new(&mut hr[..b_n * main_cols], b_n, main_cols, main_cols).ok()?,
-                    &Epilogue::default(),
-                    &small,
-                )
-                .ok()?;
+                r_main.apply(&h, b_n, h_n, &mut hr)?;
             }
             let active = |b: usize| lens[b] > s;
             let t_of = |b: usize| {
@@ -242,15 +329,7 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
                     }
                     if let Some(rhp) = &r_h {
                         // (r ⊙ h)·Rhᵀ for every entry (inactive rows are computed and unused).
-                        gemm_in(
-                            &one,
-                            MatRef::new(&rh, b_n, h_n, h_n, 1).ok()?,
-                            Rhs::Packed(rhp),
-                            MatMut::new(&mut hr_h, b_n, h_n, h_n).ok()?,
-                            &Epilogue::default(),
-                            &small,
-                        )
-                        .ok()?;
+                        rhp.apply(&rh, b_n, h_n, &mut hr_h)?;
                     }
                     for b in (0..b_n).filter(|&b| active(b)) {
                         let t = t_of(b);
@@ -324,7 +403,8 @@ mod tests {
         let spec = Spec::new(op, &attrs).unwrap();
         let (s, b, i, h) = (
             rng.gen_range(1..6usize),
-            rng.gen_range(1..4usize),
+            // Batches on both sides of SMALL_BATCH: row dots and the packed GEMM.
+            rng.gen_range(1..2 * SMALL_BATCH + 1),
             rng.gen_range(1..7usize),
             rng.gen_range(1..9usize),
         );
