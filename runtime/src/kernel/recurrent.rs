@@ -3,8 +3,8 @@
 //!
 //! Per direction: the input projection `X·Wᵀ + Wb + Rb` of every time step is ONE GEMM
 //! (`[S·B, I] × [I, G·H]` on the pool, biases in its epilogue); the per-step loop does the
-//! recurrent `h·Rᵀ` for every batch entry at once, as row dot products over `R` as stored
-//! for batches up to [`SMALL_BATCH`], else as one `[B, H] × [H, G·H]` GEMM on `Rᵀ` packed
+//! recurrent `h·Rᵀ` for every batch entry at once, on a small register-blocked kernel over
+//! `Rᵀ` for batches up to [`SMALL_BATCH`], else as one `[B, H] × [H, G·H]` GEMM on `Rᵀ` packed
 //! once per run, followed by the gate math on each active batch entry's row. `gru` without
 //! `linear_before_reset` needs `(r ⊙ h)·Rhᵀ`, so it splits `Rᵀ` into the z/r part and the h
 //! part and does two GEMMs per step. Attribute parsing and shape checks are the reference's
@@ -29,42 +29,71 @@ fn tanh(x: f32) -> f32 {
     ((1.0 - e) / (1.0 + e)).copysign(x)
 }
 
-/// An activation in f32: sigmoid and tanh natively, the rest through the reference's f64.
+/// An activation on a slice in f32: sigmoid and tanh natively (one loop each, so each
+/// vectorises), the rest through the reference's f64.
 #[inline(always)]
-fn act(a: Act, x: f32) -> f32 {
+fn act_slice(a: Act, xs: &mut [f32]) {
     match a {
-        Act::Sigmoid => sigmoid(x),
-        Act::Tanh => tanh(x),
-        Act::Relu => {
-            if x.is_nan() || x > 0.0 {
-                x
-            } else {
-                0.0
+        Act::Sigmoid => xs.iter_mut().for_each(|x| *x = sigmoid(*x)),
+        Act::Tanh => xs.iter_mut().for_each(|x| *x = tanh(*x)),
+        Act::Relu => xs.iter_mut().for_each(|x| {
+            if !(x.is_nan() || *x > 0.0) {
+                *x = 0.0
             }
-        }
-        other => other.apply(f64::from(x)) as f32,
+        }),
+        other => xs
+            .iter_mut()
+            .for_each(|x| *x = other.apply(f64::from(*x)) as f32),
     }
 }
 
-/// Batches up to this size do the per-step `h·Rᵀ` as row dot products over `R` as it is
-/// stored (each row read once per step for every batch entry); larger ones as a GEMM on a
-/// packed `Rᵀ`. The GEMM's micro-kernel computes 6 or 12 rows at a time, so at batch 1–4 it
-/// does mostly padding (measured in `bench/recurrent.md`).
+/// `clip`: every value bounded to `[-c, c]` (NaN stays NaN).
+#[inline(always)]
+fn clip_slice(clip: Option<f32>, xs: &mut [f32]) {
+    if let Some(c) = clip {
+        xs.iter_mut().for_each(|x| *x = x.clamp(-c, c));
+    }
+}
+
+/// `z = p + q`, elementwise.
+#[inline(always)]
+fn add_into(z: &mut [f32], p: &[f32], q: &[f32]) {
+    for ((zk, &pk), &qk) in z.iter_mut().zip(p).zip(q) {
+        *zk = pk + qk;
+    }
+}
+
+/// `z += a ⊙ b`, elementwise.
+#[inline(always)]
+fn add_product(z: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((zk, &ak), &bk) in z.iter_mut().zip(a).zip(b) {
+        *zk += ak * bk;
+    }
+}
+
+/// Batches up to this size do the per-step `h·Rᵀ` on a small register-blocked kernel over
+/// `Rᵀ` (materialised once per run): each `Rᵀ` row is read once per step for up to four
+/// batch entries, with no packing and no padding; larger batches use the GEMM on a packed
+/// `Rᵀ`, whose micro-kernel computes 6 or 12 rows at a time.
 const SMALL_BATCH: usize = 4;
 
+/// Output columns per block of the small-batch kernel: `4 × 16` accumulators fill eight
+/// AVX2 registers.
+const NC: usize = 16;
+
 /// One direction's recurrent weights (a block of `R`'s rows) in the form the step uses.
-enum Recur<'a> {
-    /// `R`'s rows `[n, H]` as stored, for row dot products.
-    Rows(&'a [f32], usize),
+enum Recur {
+    /// `Rᵀ` as `[H, n]`, row-major, for the small-batch kernel.
+    Cols(Vec<f32>, usize),
     /// `Rᵀ` packed for the GEMM.
     Packed(PackedB),
 }
 
-impl Recur<'_> {
+impl Recur {
     /// The number of output columns (rows of `R`).
     fn cols(&self) -> usize {
         match self {
-            Recur::Rows(_, n) => *n,
+            Recur::Cols(_, n) => *n,
             Recur::Packed(p) => p.cols(),
         }
     }
@@ -73,8 +102,8 @@ impl Recur<'_> {
     fn apply(&self, h: &[f32], b_n: usize, h_n: usize, out: &mut [f32]) -> Option<()> {
         let n = self.cols();
         match self {
-            Recur::Rows(r, _) => {
-                rows_dot(h, b_n, h_n, r, n, out);
+            Recur::Cols(rt, _) => {
+                small_batch(h, b_n, h_n, rt, n, out);
                 Some(())
             }
             Recur::Packed(p) => gemm_in(
@@ -93,54 +122,108 @@ impl Recur<'_> {
     }
 }
 
-/// [`Recur::Rows`]'s product, with AVX2+FMA where the CPU has it.
-fn rows_dot(h: &[f32], b_n: usize, h_n: usize, r: &[f32], n: usize, out: &mut [f32]) {
+/// [`Recur::Cols`]'s product, with AVX2+FMA where the CPU has it.
+fn small_batch(h: &[f32], b_n: usize, h_n: usize, rt: &[f32], n: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::gemm::avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { rows_dot_avx2(h, b_n, h_n, r, n, out) };
+        unsafe { small_batch_avx2(h, b_n, h_n, rt, n, out) };
         return;
     }
-    rows_dot_body(h, b_n, h_n, r, n, out);
+    small_batch_body(h, b_n, h_n, rt, n, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows_dot_avx2(h: &[f32], b_n: usize, h_n: usize, r: &[f32], n: usize, out: &mut [f32]) {
-    rows_dot_body(h, b_n, h_n, r, n, out);
+unsafe fn small_batch_avx2(
+    h: &[f32],
+    b_n: usize,
+    h_n: usize,
+    rt: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    small_batch_body(h, b_n, h_n, rt, n, out);
 }
 
-/// Lanes of the dot products' partial sums: independent accumulators the compiler keeps in
-/// vector registers (two AVX2 registers' worth).
-const DOT_LANES: usize = 16;
-
 #[inline(always)]
-fn rows_dot_body(h: &[f32], b_n: usize, h_n: usize, r: &[f32], n: usize, out: &mut [f32]) {
-    let split = h_n / DOT_LANES * DOT_LANES;
-    for k in 0..n {
-        let rk = &r[k * h_n..(k + 1) * h_n];
-        for b in 0..b_n {
-            let hb = &h[b * h_n..(b + 1) * h_n];
-            let mut acc = [0f32; DOT_LANES];
-            for (x, y) in hb[..split]
-                .chunks_exact(DOT_LANES)
-                .zip(rk[..split].chunks_exact(DOT_LANES))
-            {
-                for l in 0..DOT_LANES {
-                    acc[l] = x[l].mul_add(y[l], acc[l]);
-                }
+fn small_batch_body(h: &[f32], b_n: usize, h_n: usize, rt: &[f32], n: usize, out: &mut [f32]) {
+    let full = n / NC * NC;
+    let mut b0 = 0;
+    while b0 < b_n {
+        let bb = (b_n - b0).min(SMALL_BATCH);
+        for kc in (0..full).step_by(NC) {
+            match bb {
+                1 => block::<1>(h, h_n, rt, n, kc, out, b0),
+                2 => block::<2>(h, h_n, rt, n, kc, out, b0),
+                3 => block::<3>(h, h_n, rt, n, kc, out, b0),
+                _ => block::<4>(h, h_n, rt, n, kc, out, b0),
             }
-            let mut sum: f32 = acc.iter().sum();
-            for (x, y) in hb[split..].iter().zip(&rk[split..]) {
-                sum += x * y;
-            }
-            out[b * n + k] = sum;
         }
+        // The last `n % NC` columns, one at a time.
+        for b in b0..b0 + bb {
+            for k in full..n {
+                let mut sum = 0f32;
+                for j in 0..h_n {
+                    sum = h[b * h_n + j].mul_add(rt[j * n + k], sum);
+                }
+                out[b * n + k] = sum;
+            }
+        }
+        b0 += bb;
+    }
+}
+
+/// Columns `kc..kc + NC` of `BB` batch entries from `b0`: the accumulators stay in
+/// registers over the whole contraction.
+#[inline(always)]
+fn block<const BB: usize>(
+    h: &[f32],
+    h_n: usize,
+    rt: &[f32],
+    n: usize,
+    kc: usize,
+    out: &mut [f32],
+    b0: usize,
+) {
+    let mut acc = [[0f32; NC]; BB];
+    let hs = &h[b0 * h_n..(b0 + BB) * h_n];
+    for j in 0..h_n {
+        let Ok(row) = <&[f32; NC]>::try_from(&rt[j * n + kc..j * n + kc + NC]) else {
+            return;
+        };
+        for (b, a) in acc.iter_mut().enumerate() {
+            let x = hs[b * h_n + j];
+            for l in 0..NC {
+                a[l] = x.mul_add(row[l], a[l]);
+            }
+        }
+    }
+    for (b, a) in acc.iter().enumerate() {
+        out[(b0 + b) * n + kc..(b0 + b) * n + kc + NC].copy_from_slice(a);
     }
 }
 
 /// The outputs of a recurrent node, or `None` to leave it to the interpreter.
 pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::gemm::avx2::available() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { run_avx2(node, ins, pool) };
+    }
+    run_body(node, ins, pool)
+}
+
+/// [`run`] compiled with AVX2+FMA, so the gate math vectorises and the inline `exp` rounds
+/// with `vroundps` instead of calling `floorf`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
+    run_body(node, ins, pool)
+}
+
+#[inline(always)]
+fn run_body(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
     let spec = Spec::new(node.op, &node.attrs).ok()?;
     let get = |i: usize| ins.get(i).copied().flatten();
     // Every float operand in f32 (`None`: omitted); any other dtype goes to the interpreter.
@@ -183,10 +266,6 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
         } else {
             ((t * dirs + dir) * b_n + b) * h_n
         }
-    };
-    let clip = |v: f32| match spec.clip {
-        Some(c) => v.clamp(-c, c),
-        None => v,
     };
     let big = GemmConfig {
         threads: pool.threads(),
@@ -234,8 +313,15 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
         // packed once (`[H, G·H]`, or for split gru `[H, 2H]` (z, r) and `[H, H]` (h)).
         let pack = |lo: usize, hi: usize| {
             let rows = &rd[lo * h_n..hi * h_n];
+            let n = hi - lo;
             if b_n <= SMALL_BATCH {
-                return Some(Recur::Rows(rows, hi - lo));
+                let mut rt = vec![0f32; h_n * n];
+                for (k, row) in rows.chunks_exact(h_n.max(1)).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        rt[j * n + k] = v;
+                    }
+                }
+                return Some(Recur::Cols(rt, n));
             }
             let t = MatRef::new(rows, h_n, hi - lo, 1, h_n).ok()?;
             PackedB::pack(t).ok().map(Recur::Packed)
@@ -251,6 +337,8 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
         // The states of every batch entry, `[B, H]`.
         let mut h = vec![0f32; b_n * h_n];
         let mut c = vec![0f32; b_n * h_n];
+        // One batch entry's gate pre-activations.
+        let mut z = vec![0f32; gh];
         for b in 0..b_n {
             let at = state_at(dir, b);
             if let Some(v) = h0 {
@@ -272,6 +360,7 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
                     s
                 }
             };
+            let clip = spec.clip;
             match spec.cell {
                 Cell::Lstm => {
                     let (fa, ga, ha) = (acts[0], acts[1], acts[2]);
@@ -281,24 +370,39 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
                         let q = &hr[b * gh..(b + 1) * gh];
                         let hb = &mut h[b * h_n..(b + 1) * h_n];
                         let cb = &mut c[b * h_n..(b + 1) * h_n];
-                        for j in 0..h_n {
-                            let pre = |gate: usize| p[gate * h_n + j] + q[gate * h_n + j];
-                            let (pi, po, pf) = match peep_d {
-                                Some(pp) => (pp[j], pp[h_n + j], pp[2 * h_n + j]),
-                                None => (0.0, 0.0, 0.0),
-                            };
-                            let cj = cb[j];
-                            let i = act(fa, clip(pre(0) + pi * cj));
-                            let f = if spec.input_forget {
-                                1.0 - i
-                            } else {
-                                act(fa, clip(pre(2) + pf * cj))
-                            };
-                            let cand = act(ga, clip(pre(3)));
-                            let nc = f * cj + i * cand;
-                            let o = act(fa, clip(pre(1) + po * nc));
-                            cb[j] = nc;
-                            hb[j] = o * act(ha, nc);
+                        // Gate pre-activations in ONNX's order i, o, f, c.
+                        add_into(&mut z, p, q);
+                        let (zi, rest) = z.split_at_mut(h_n);
+                        let (zo, rest) = rest.split_at_mut(h_n);
+                        let (zf, zc) = rest.split_at_mut(h_n);
+                        let (pi, po, pf) = match peep_d {
+                            Some(pp) => (&pp[..h_n], &pp[h_n..2 * h_n], &pp[2 * h_n..]),
+                            None => (&[][..], &[][..], &[][..]),
+                        };
+                        add_product(zi, pi, cb);
+                        clip_slice(clip, zi);
+                        act_slice(fa, zi);
+                        if spec.input_forget {
+                            for (f, &i) in zf.iter_mut().zip(zi.iter()) {
+                                *f = 1.0 - i;
+                            }
+                        } else {
+                            add_product(zf, pf, cb);
+                            clip_slice(clip, zf);
+                            act_slice(fa, zf);
+                        }
+                        clip_slice(clip, zc);
+                        act_slice(ga, zc);
+                        for (((cj, &f), &i), &g) in cb.iter_mut().zip(&*zf).zip(&*zi).zip(&*zc) {
+                            *cj = f * *cj + i * g;
+                        }
+                        add_product(zo, po, cb);
+                        clip_slice(clip, zo);
+                        act_slice(fa, zo);
+                        zc.copy_from_slice(cb);
+                        act_slice(ha, zc);
+                        for ((hj, &o), &g) in hb.iter_mut().zip(&*zo).zip(&*zc) {
+                            *hj = o * g;
                         }
                     }
                 }
@@ -307,9 +411,10 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
                         let t = t_of(b);
                         let p = &proj[row(t, b) * gh..(row(t, b) + 1) * gh];
                         let q = &hr[b * gh..(b + 1) * gh];
-                        for (j, hj) in h[b * h_n..(b + 1) * h_n].iter_mut().enumerate() {
-                            *hj = act(acts[0], clip(p[j] + q[j]));
-                        }
+                        let hb = &mut h[b * h_n..(b + 1) * h_n];
+                        add_into(hb, p, q);
+                        clip_slice(clip, hb);
+                        act_slice(acts[0], hb);
                     }
                 }
                 Cell::Gru => {
@@ -319,12 +424,17 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
                     for b in (0..b_n).filter(|&b| active(b)) {
                         let t = t_of(b);
                         let p = &proj[row(t, b) * gh..(row(t, b) + 1) * gh];
-                        let q = &mut hr[b * main_cols..(b + 1) * main_cols];
-                        for k in 0..2 * h_n {
-                            q[k] = act(fa, clip(p[k] + q[k]));
-                        }
-                        for j in 0..h_n {
-                            rh[b * h_n + j] = q[h_n + j] * h[b * h_n + j];
+                        let q = &mut hr[b * main_cols..b * main_cols + 2 * h_n];
+                        add_into(&mut z[..2 * h_n], &p[..2 * h_n], q);
+                        q.copy_from_slice(&z[..2 * h_n]);
+                        clip_slice(clip, q);
+                        act_slice(fa, q);
+                        for ((rj, &g), &hj) in rh[b * h_n..(b + 1) * h_n]
+                            .iter_mut()
+                            .zip(&q[h_n..])
+                            .zip(&h[b * h_n..(b + 1) * h_n])
+                        {
+                            *rj = g * hj;
                         }
                     }
                     if let Some(rhp) = &r_h {
@@ -333,18 +443,25 @@ pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<V
                     }
                     for b in (0..b_n).filter(|&b| active(b)) {
                         let t = t_of(b);
-                        let p = &proj[row(t, b) * gh..(row(t, b) + 1) * gh];
+                        let p = &proj[row(t, b) * gh + 2 * h_n..(row(t, b) + 1) * gh];
                         let q = &hr[b * main_cols..(b + 1) * main_cols];
-                        for j in 0..h_n {
-                            let (z, rg) = (q[j], q[h_n + j]);
-                            let pre = if split_gru {
-                                p[2 * h_n + j] + hr_h[b * h_n + j]
-                            } else {
-                                p[2 * h_n + j] + rg * (q[2 * h_n + j] + rbias[2 * h_n + j])
-                            };
-                            let cand = act(ga, clip(pre));
-                            let hj = &mut h[b * h_n + j];
-                            *hj = (1.0 - z) * cand + z * *hj;
+                        let zc = &mut z[..h_n];
+                        if split_gru {
+                            add_into(zc, p, &hr_h[b * h_n..(b + 1) * h_n]);
+                        } else {
+                            // linear_before_reset: Wbh is in `p`, r ⊙ (h·Rhᵀ + Rbh) added here.
+                            for (j, zj) in zc.iter_mut().enumerate() {
+                                *zj = p[j] + q[h_n + j] * (q[2 * h_n + j] + rbias[2 * h_n + j]);
+                            }
+                        }
+                        clip_slice(clip, zc);
+                        act_slice(ga, zc);
+                        for ((hj, &zg), &cand) in h[b * h_n..(b + 1) * h_n]
+                            .iter_mut()
+                            .zip(&q[..h_n])
+                            .zip(&*zc)
+                        {
+                            *hj = (1.0 - zg) * cand + zg * *hj;
                         }
                     }
                 }
