@@ -33,17 +33,31 @@ fn tanh(x: f32) -> f32 {
 /// vectorises), the rest through the reference's f64.
 #[inline(always)]
 fn act_slice(a: Act, xs: &mut [f32]) {
+    // Plain loops, not `for_each`: a closure passed to an iterator method may be left out of
+    // line, compiled without the caller's AVX2+FMA (and `floor` then is a libm call).
     match a {
-        Act::Sigmoid => xs.iter_mut().for_each(|x| *x = sigmoid(*x)),
-        Act::Tanh => xs.iter_mut().for_each(|x| *x = tanh(*x)),
-        Act::Relu => xs.iter_mut().for_each(|x| {
-            if !(x.is_nan() || *x > 0.0) {
-                *x = 0.0
+        Act::Sigmoid => {
+            for x in xs.iter_mut() {
+                *x = sigmoid(*x);
             }
-        }),
-        other => xs
-            .iter_mut()
-            .for_each(|x| *x = other.apply(f64::from(*x)) as f32),
+        }
+        Act::Tanh => {
+            for x in xs.iter_mut() {
+                *x = tanh(*x);
+            }
+        }
+        Act::Relu => {
+            for x in xs.iter_mut() {
+                if !(x.is_nan() || *x > 0.0) {
+                    *x = 0.0;
+                }
+            }
+        }
+        other => {
+            for x in xs.iter_mut() {
+                *x = other.apply(f64::from(*x)) as f32;
+            }
+        }
     }
 }
 
@@ -51,7 +65,9 @@ fn act_slice(a: Act, xs: &mut [f32]) {
 #[inline(always)]
 fn clip_slice(clip: Option<f32>, xs: &mut [f32]) {
     if let Some(c) = clip {
-        xs.iter_mut().for_each(|x| *x = x.clamp(-c, c));
+        for x in xs.iter_mut() {
+            *x = x.clamp(-c, c);
+        }
     }
 }
 
@@ -315,10 +331,16 @@ fn run_body(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Ten
             let rows = &rd[lo * h_n..hi * h_n];
             let n = hi - lo;
             if b_n <= SMALL_BATCH {
+                // Transposed in 16 × 16 tiles, so neither side strides through memory.
                 let mut rt = vec![0f32; h_n * n];
-                for (k, row) in rows.chunks_exact(h_n.max(1)).enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        rt[j * n + k] = v;
+                for k0 in (0..n).step_by(16) {
+                    for j0 in (0..h_n).step_by(16) {
+                        for j in j0..(j0 + 16).min(h_n) {
+                            let dst = &mut rt[j * n + k0..j * n + (k0 + 16).min(n)];
+                            for (kk, v) in dst.iter_mut().enumerate() {
+                                *v = rows[(k0 + kk) * h_n + j];
+                            }
+                        }
                     }
                 }
                 return Some(Recur::Cols(rt, n));
