@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Optimisation level (0: as imported, 1: default pipeline).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     opt: u8,
+    /// Turn passes of the default pipeline off and on, as `kiln inspect` takes them:
+    /// `--passes=-linearise_attention` (comma-separated `-name`/`+name`).
+    #[arg(long, default_value = "")]
+    passes: String,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
@@ -141,6 +145,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let exe = model.compile(&Options {
                 threads,
                 opt_level: args.opt,
+                passes: args.passes.clone(),
                 backend,
                 ..Options::default()
             })?;

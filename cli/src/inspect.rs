@@ -144,6 +144,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     for (op, out, from) in &fused {
         println!("  {op} %{out} <- {} nodes: {}", from.len(), from.join(", "));
     }
+    for line in linear_attention_forms(&cm, &g) {
+        println!("{line}");
+    }
 
     if let Some(path) = &args.html {
         let page = report::html(&report::Report {
@@ -159,6 +162,61 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         println!("\nwrote {}", path.display());
     }
     Ok(())
+}
+
+/// For each `linear_attention` node: the form `linearise_attention` chose (its chunk) and
+/// the estimated cost of it and of the alternatives at the cost model's dims (the quadratic
+/// graph as exported, one parallel block, the chunked form, the token-by-token recurrence).
+fn linear_attention_forms(cm: &CostModel, g: &Graph) -> Vec<String> {
+    use kiln_passes::canon::linear_attention::form_costs;
+    let mut lines = vec![];
+    for n in g
+        .nodes
+        .iter()
+        .filter(|n| n.op == kiln_ir::OpKind::LinearAttention)
+    {
+        let size = |k: usize| {
+            n.inputs
+                .get(k)
+                .copied()
+                .flatten()
+                .and_then(|v| cm.sizes(g.ty(v)))
+        };
+        let (Some(q), Some(v)) = (size(0), size(2)) else {
+            continue;
+        };
+        if q.len() != 4 || v.len() != 4 {
+            continue;
+        }
+        let causal = n.attrs.int_or("causal", 1).unwrap_or(1) == 1;
+        let chunk = n.attrs.int_or("chunk", 0).unwrap_or(0).max(0) as usize;
+        let seq = q[2];
+        let chosen = if !causal {
+            "state (k^T v first)".to_string()
+        } else if chunk == 0 || chunk as f64 >= seq {
+            "parallel (one block)".to_string()
+        } else {
+            format!("chunked C={chunk}")
+        };
+        if lines.is_empty() {
+            lines.push("\nlinear attention (linearise_attention): chosen form, estimated cost at the dims above".into());
+        }
+        lines.push(format!(
+            "  %{} [{} x {} heads, seq {}, d {}, dv {}]: {chosen} (chunk attribute {chunk}; a sequence no longer than a chunk runs as one block)",
+            g.value(n.outputs[0]).name, q[0], q[1], q[2], q[3], v[3]
+        ));
+        for f in form_costs(&cm.target, q[0] * q[1], seq, q[3], v[3], causal, chunk) {
+            let mark = if f.form == chosen { "*" } else { " " };
+            lines.push(format!(
+                "    {mark} {:<24} {:>10.3} GFLOP {:>10.2} MB {:>12.1} µs",
+                f.form,
+                f.flops / 1e9,
+                f.bytes / 1e6,
+                f.time * 1e6
+            ));
+        }
+    }
+    lines
 }
 
 /// The e-graph pass's name in the pipeline.

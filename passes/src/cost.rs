@@ -216,6 +216,15 @@ impl CostModel {
                         + ins.get(2).map_or(0.0, Operand::numel);
                     2.0 * steps * weights
                 }
+                LinearAttention => {
+                    // q: [B, H, S, D], v: [.., Dv]: the chunked form at a typical chunk of
+                    // 64 (intra-chunk half block, state read and update per row).
+                    let q = ins.first().and_then(|o| o.dims.clone()).unwrap_or_default();
+                    let rows: f64 = q.iter().rev().skip(1).product();
+                    let d = q.last().copied().unwrap_or(1.0);
+                    let dv = last_of(2);
+                    2.0 * rows * (65.0 * (d + dv) / 2.0 + 2.0 * d * dv)
+                }
                 // Einsum: at least one FLOP per output element (its contraction size is in
                 // its equation).
                 _ => n_out,

@@ -1,7 +1,9 @@
 //! The default optimisation pipeline, as one list read top to bottom. Each line is one
 //! pass and why it sits there. Names are what `--passes=-name` and dump files use.
 
-use crate::canon::{FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu, UnflattenGemm};
+use crate::canon::{
+    FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu, LineariseAttention, UnflattenGemm,
+};
 use crate::classic::{
     AbsorbHeadTransposes, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants,
     HoistShapeReads, SimplifyOps,
@@ -40,6 +42,10 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         Box::new(FuseRotary),
         // softmax(q k^T * c + mask) v, grouped-query heads, KV caches.
         Box::new(FuseAttention),
+        // Linear attention and retention in their quadratic form ((q kᵀ ⊙ causal mask or
+        // decay) v, row-sum normaliser): one op run in the chunked recurrent form, exact
+        // up to reassociation.
+        Box::new(LineariseAttention::default()),
         // Compose the transposes fuse_attention inserts with the exporter's head transposes.
         Box::new(SimplifyOps),
         // Merge duplicate constants and computations (after folding made more of them equal).
@@ -93,7 +99,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 18);
+        assert_eq!(report.passes.len(), 19);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

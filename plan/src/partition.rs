@@ -411,6 +411,19 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
     }
     Ok(match node.op {
         Identity => x,
+        // elu(x) = max(x, 0) + alpha·(exp(min(x, 0)) − 1): NaN and ±Inf as in the
+        // interpreter's `x < 0 ? alpha·expm1(x) : x` (the feature map of linear attention).
+        Elu => {
+            let alpha = k.konst(node.attrs.float_or("alpha", 1.0)?);
+            let zero = k.konst(0.0);
+            let one = k.konst(1.0);
+            let pos = k.bin(BinOp::Max, x, zero);
+            let neg = k.bin(BinOp::Min, x, zero);
+            let e = k.un(UnOp::Exp, neg);
+            let em1 = k.bin(BinOp::Sub, e, one);
+            let t = k.bin(BinOp::Mul, alpha, em1);
+            k.bin(BinOp::Add, pos, t)
+        }
         Silu => {
             let s = k.un(UnOp::Sigmoid, x);
             k.bin(BinOp::Mul, x, s)

@@ -111,8 +111,11 @@ fn build(kind: u8, xd: &[Dim], mode: u8) -> Graph {
             return b.finish(vec![g, a]);
         }
         _ => {
+            // erf, and elu (linear attention's feature map) with a non-default alpha.
             let e = op(&mut b, OpKind::Erf, no(), vec![x]);
-            op(&mut b, OpKind::Add, no(), vec![e, y])
+            let alpha = Attrs::new().with("alpha", Attr::Float(0.7));
+            let el = op(&mut b, OpKind::Elu, alpha, vec![y]);
+            op(&mut b, OpKind::Add, no(), vec![e, el])
         }
     };
     b.finish(vec![out])

@@ -16,6 +16,7 @@ pub mod index;
 mod kernels;
 pub mod layout;
 pub mod linalg;
+pub mod linear_attention;
 pub mod loss;
 mod movement;
 pub mod nn;
@@ -40,6 +41,7 @@ pub enum Family {
     Resize,
     Control,
     Fused,
+    LinearAttention,
     Loss,
     Quant,
     Recurrent,
@@ -227,7 +229,7 @@ op_table! {
     Sigmoid = "sigmoid", "Sigmoid", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
     Relu = "relu", "Relu", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
     LeakyRelu = "leaky_relu", "LeakyRelu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
-    Elu = "elu", "Elu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Elu = "elu", "Elu", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
     Selu = "selu", "Selu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
     Celu = "celu", "Celu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
     Gelu = "gelu", "Gelu", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
@@ -367,6 +369,8 @@ op_table! {
     RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused, 3..=4, attrs, rule, Interp, Elem(1.0);
     InvStd = "inv_std", "", Fused, 2..=2, plain, rule, Native, RowStat;
     InvRms = "inv_rms", "", Fused, 2..=2, plain, rule, Native, RowStat;
+    // ---- linear_attention.rs: linear attention and retention (kiln-only, recognised)
+    LinearAttention = "linear_attention", "", LinearAttention, 3..=4, attrs, rule, Native, Contraction;
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors
@@ -432,6 +436,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Resize => resize::infer(op, attrs, inputs),
         Family::Control => control::infer(op, attrs, inputs),
         Family::Fused => fused::infer(op, attrs, inputs),
+        Family::LinearAttention => linear_attention::infer(op, attrs, inputs),
         Family::Loss => loss::infer(op, attrs, inputs),
         Family::Quant => quant::infer(op, attrs, inputs),
         Family::Recurrent => recurrent::infer(op, attrs, inputs),
@@ -453,6 +458,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Resize => resize::eval(op, attrs, inputs),
         Family::Control => control::eval(op, attrs, inputs),
         Family::Fused => fused::eval(op, attrs, inputs),
+        Family::LinearAttention => linear_attention::eval(op, attrs, inputs),
         Family::Loss => loss::eval(op, attrs, inputs),
         Family::Quant => quant::eval(op, attrs, inputs),
         Family::Recurrent => recurrent::eval(op, attrs, inputs),

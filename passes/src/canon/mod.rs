@@ -18,6 +18,7 @@ pub mod activations;
 pub mod attention;
 pub mod gelu;
 pub mod gemm;
+pub mod linear_attention;
 pub mod norms;
 pub mod rotary;
 
@@ -25,6 +26,7 @@ pub use activations::FuseSilu;
 pub use attention::FuseAttention;
 pub use gelu::FuseGelu;
 pub use gemm::UnflattenGemm;
+pub use linear_attention::LineariseAttention;
 pub use norms::FuseNorms;
 pub use rotary::FuseRotary;
 
@@ -309,7 +311,7 @@ fn is_fused_op(op: OpKind) -> bool {
     use OpKind::*;
     matches!(
         op,
-        Attention | LayerNorm | RmsNorm | Gelu | Silu | Rotary | Linear
+        Attention | LayerNorm | RmsNorm | Gelu | Silu | Rotary | Linear | LinearAttention
     )
 }
 
