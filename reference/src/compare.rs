@@ -1,5 +1,6 @@
 //! Comparing outputs with reference data under a named tolerance. A NaN never passes
-//! unless the reference has a NaN in the same place.
+//! unless the reference has a NaN in the same place. Integer and bool outputs are exact
+//! arithmetic: they must equal their reference whatever the tolerance.
 
 use kiln_ir::Tensor;
 
@@ -70,6 +71,7 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputError {
         ));
     }
     let (g, w) = (got.to_f64s(), want.to_f64s());
+    let exact = !want.dtype().is_float();
     let scale = w
         .iter()
         .filter(|x| x.is_finite())
@@ -99,6 +101,7 @@ pub fn compare(got: &Tensor, want: &Tensor, tol: Tolerance) -> OutputError {
             max_rel = max_rel.max(d / b.abs());
         }
         let within = match tol {
+            _ if exact => d == 0.0,
             Tolerance::ScaledByMax { rel, abs } => d <= rel * scale + abs,
             Tolerance::AllClose { rtol, atol } => d <= atol + rtol * b.abs(),
         };
@@ -131,5 +134,14 @@ mod tests {
         assert!(!compare(&far, &want, MODEL_TOLERANCE).ok);
         let other = Tensor::from_vec(vec![1, 2], vec![1.0f32, 2.0]);
         assert!(!compare(&other, &want, MODEL_TOLERANCE).ok);
+    }
+
+    #[test]
+    fn integers_must_be_exact_whatever_the_tolerance() {
+        let want = Tensor::from_vec(vec![2], vec![100_000i32, 7]);
+        let off = Tensor::from_vec(vec![2], vec![100_001i32, 7]);
+        assert!(!compare(&off, &want, MODEL_TOLERANCE).ok);
+        assert!(!compare(&off, &want, ONNX_NODE_TOLERANCE).ok);
+        assert!(compare(&want, &want, ONNX_NODE_TOLERANCE).ok);
     }
 }

@@ -21,6 +21,7 @@ mod movement;
 pub mod nn;
 pub mod pool;
 pub mod quant;
+pub mod quant_linalg;
 pub mod reduce;
 pub mod resize;
 
@@ -41,6 +42,7 @@ pub enum Family {
     Fused,
     Loss,
     Quant,
+    QuantLinalg,
 }
 
 /// How many inputs an op takes: `min..=max` (trailing optional inputs may be omitted;
@@ -352,6 +354,12 @@ op_table! {
     // ---- quant.rs: linear quantization
     QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
     DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
+    DynamicQuantizeLinear = "dynamic_quantize_linear", "DynamicQuantizeLinear", Quant, 1..=1, plain, rule, Interp, Elem(4.0);
+    // ---- quant_linalg.rs: integer contractions
+    MatMulInteger = "matmul_integer", "MatMulInteger", QuantLinalg, 2..=4, plain, rule, Interp, Contraction;
+    ConvInteger = "conv_integer", "ConvInteger", QuantLinalg, 2..=4, attrs, rule, Interp, Contraction;
+    QLinearMatMul = "qlinear_matmul", "QLinearMatMul", QuantLinalg, 8..=8, plain, rule, Interp, Contraction;
+    QLinearConv = "qlinear_conv", "QLinearConv", QuantLinalg, 8..=9, attrs, rule, Interp, Contraction;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused, 1..=1, plain, rule, Loop, Elem(10.0);
     Rotary = "rotary", "", Fused, 3..=3, attrs, rule, Native, Elem(4.0);
@@ -428,6 +436,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Fused => fused::infer(op, attrs, inputs),
         Family::Loss => loss::infer(op, attrs, inputs),
         Family::Quant => quant::infer(op, attrs, inputs),
+        Family::QuantLinalg => quant_linalg::infer(op, attrs, inputs),
     }
 }
 
@@ -448,6 +457,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Fused => fused::eval(op, attrs, inputs),
         Family::Loss => loss::eval(op, attrs, inputs),
         Family::Quant => quant::eval(op, attrs, inputs),
+        Family::QuantLinalg => quant_linalg::eval(op, attrs, inputs),
     }
 }
 
