@@ -242,7 +242,7 @@ op_table! {
     IsInf = "is_inf", "IsInf", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
     Not = "not", "Not", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
     BitwiseNot = "bitwise_not", "BitwiseNot", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
-    Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
     CastLike = "cast_like", "CastLike", Elementwise, 2..=2, attrs, same, Interp, Elem(1.0);
     Clip = "clip", "Clip", Elementwise, 1..=3, plain, same, Interp, Elem(1.0);
     // ---- elementwise.rs: binary and variadic with broadcasting
@@ -356,7 +356,7 @@ op_table! {
     DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
     DynamicQuantizeLinear = "dynamic_quantize_linear", "DynamicQuantizeLinear", Quant, 1..=1, plain, rule, Interp, Elem(4.0);
     // ---- quant_linalg.rs: integer contractions
-    MatMulInteger = "matmul_integer", "MatMulInteger", QuantLinalg, 2..=4, plain, rule, Interp, Contraction;
+    MatMulInteger = "matmul_integer", "MatMulInteger", QuantLinalg, 2..=4, plain, rule, Contraction, Contraction;
     ConvInteger = "conv_integer", "ConvInteger", QuantLinalg, 2..=4, attrs, rule, Interp, Contraction;
     QLinearMatMul = "qlinear_matmul", "QLinearMatMul", QuantLinalg, 8..=8, plain, rule, Interp, Contraction;
     QLinearConv = "qlinear_conv", "QLinearConv", QuantLinalg, 8..=9, attrs, rule, Interp, Contraction;
