@@ -427,7 +427,14 @@ impl CpuPlan {
                     let pool = runner.pool().unwrap_or(&single);
                     match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
                         Some(outs) => outs,
-                        None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                        None => {
+                            // The op may compute optional outputs the node does not name
+                            // (layer_norm's mean and inverse deviation).
+                            let mut outs =
+                                kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?;
+                            outs.truncate(node.outputs.len());
+                            outs
+                        }
                     }
                 }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
