@@ -182,6 +182,7 @@ impl PackedB8 {
 /// `c = (a - za)·(b - zb)` for a row-major `m × k` A; `za` has 1 or `m` values, `zb` 1 or
 /// `n` (in A's and B's own value ranges); `c` is row-major `m × n`. Row blocks run in
 /// parallel on `pool`.
+#[allow(clippy::too_many_arguments)] // operands, zero points, output, pool, ISA: each is needed
 pub fn matmul_integer(
     a: Bytes<'_>,
     m: usize,
