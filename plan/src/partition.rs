@@ -13,7 +13,8 @@ use std::collections::{HashMap, HashSet};
 pub enum Kernel {
     /// A fused elementwise/broadcast/row-reduction loop nest.
     Loop(LoopKernel),
-    /// A contraction (matmul, gemm, linear, conv, attention, einsum): node index. A backend
+    /// A contraction (matmul, gemm, linear, conv, attention, einsum, matmul_integer): node
+    /// index. A backend
     /// runs it through a routine of its own where one applies, else the interpreter's op.
     Contraction(usize),
     /// Anything else: node index, run by the interpreter's `ops::eval`.

@@ -6,5 +6,7 @@
 pub mod compare;
 pub mod testdata;
 
-pub use compare::{compare, OutputError, Tolerance, MODEL_TOLERANCE, ONNX_NODE_TOLERANCE};
+pub use compare::{
+    compare, OutputError, Tolerance, MODEL_TOLERANCE, ONNX_NODE_TOLERANCE, QUANT_MODEL_TOLERANCE,
+};
 pub use testdata::{TestData, TestDataError};

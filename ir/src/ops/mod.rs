@@ -23,6 +23,7 @@ pub mod nn;
 pub mod pool;
 pub mod quant;
 pub mod recurrent;
+pub mod quant_linalg;
 pub mod reduce;
 pub mod resize;
 
@@ -45,6 +46,7 @@ pub enum Family {
     Loss,
     Quant,
     Recurrent,
+    QuantLinalg,
 }
 
 /// How many inputs an op takes: `min..=max` (trailing optional inputs may be omitted;
@@ -244,7 +246,7 @@ op_table! {
     IsInf = "is_inf", "IsInf", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
     Not = "not", "Not", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
     BitwiseNot = "bitwise_not", "BitwiseNot", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
-    Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
     CastLike = "cast_like", "CastLike", Elementwise, 2..=2, attrs, same, Interp, Elem(1.0);
     Clip = "clip", "Clip", Elementwise, 1..=3, plain, same, Interp, Elem(1.0);
     // ---- elementwise.rs: binary and variadic with broadcasting
@@ -360,6 +362,12 @@ op_table! {
     Lstm = "lstm", "LSTM", Recurrent, 3..=8, attrs, rule, Native, Contraction;
     Gru = "gru", "GRU", Recurrent, 3..=6, attrs, rule, Native, Contraction;
     Rnn = "rnn", "RNN", Recurrent, 3..=6, attrs, rule, Native, Contraction;
+    DynamicQuantizeLinear = "dynamic_quantize_linear", "DynamicQuantizeLinear", Quant, 1..=1, plain, rule, Interp, Elem(4.0);
+    // ---- quant_linalg.rs: integer contractions
+    MatMulInteger = "matmul_integer", "MatMulInteger", QuantLinalg, 2..=4, plain, rule, Contraction, Contraction;
+    ConvInteger = "conv_integer", "ConvInteger", QuantLinalg, 2..=4, attrs, rule, Interp, Contraction;
+    QLinearMatMul = "qlinear_matmul", "QLinearMatMul", QuantLinalg, 8..=8, plain, rule, Interp, Contraction;
+    QLinearConv = "qlinear_conv", "QLinearConv", QuantLinalg, 8..=9, attrs, rule, Interp, Contraction;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused, 1..=1, plain, rule, Loop, Elem(10.0);
     Rotary = "rotary", "", Fused, 3..=3, attrs, rule, Native, Elem(4.0);
@@ -440,6 +448,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Loss => loss::infer(op, attrs, inputs),
         Family::Quant => quant::infer(op, attrs, inputs),
         Family::Recurrent => recurrent::infer(op, attrs, inputs),
+        Family::QuantLinalg => quant_linalg::infer(op, attrs, inputs),
     }
 }
 
@@ -462,6 +471,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Loss => loss::eval(op, attrs, inputs),
         Family::Quant => quant::eval(op, attrs, inputs),
         Family::Recurrent => recurrent::eval(op, attrs, inputs),
+        Family::QuantLinalg => quant_linalg::eval(op, attrs, inputs),
     }
 }
 

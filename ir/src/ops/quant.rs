@@ -1,11 +1,17 @@
 //! The quantization op family: ONNX `QuantizeLinear` and `DequantizeLinear` over the
-//! integer types kiln has (i8, u8, i16, u16, i32). Shape rules and reference semantics
-//! side by side.
+//! integer types kiln has (i8, u8, i16, u16, i32), and `DynamicQuantizeLinear`. Shape rules
+//! and reference semantics side by side. (The integer contractions are in `quant_linalg.rs`.)
 //!
 //! - `quantize_linear(x, scale, zero_point?) = clamp(round_half_even(x / scale) + zp)` into
 //!   the zero point's dtype, else `output_dtype`, else u8.
 //! - `dequantize_linear(x, scale, zero_point?) = (x - zp) · scale` in `output_dtype`, else
 //!   the scale's dtype.
+//!
+//! - `dynamic_quantize_linear(x) = (y, scale, zp)`: u8 quantization of f32 `x` over
+//!   `[min(0, min x), max(0, max x)]`, `scale = (hi - lo) / 255` (1/255 when `hi = lo`),
+//!   `zp = round_half_even(clamp(-lo / scale, 0, 255))`, `y = clamp(round_half_even(x /
+//!   scale) + zp, 0, 255)`, all in f32 as ONNX computes it. A NaN or infinite `x` has no
+//!   quantization: an error.
 //!
 //! The scale and zero point are per tensor (one element), per axis (1-D, one per index of
 //! `axis`), or blocked (`block_size > 0`: x's shape with `axis` divided by the block size,
@@ -14,11 +20,24 @@
 use super::kernels::{fact, from_f64s};
 use super::movement::checked_numel;
 use super::{arg, norm_axis, not_in_family, opt_arg, Fact};
-use crate::{Attrs, DType, OpKind, Tensor};
+use crate::{Attrs, DType, OpKind, Shape, Tensor};
 
 /// Shape rule of the quantization ops: x's shape in the output dtype.
 pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>, String> {
     let x = arg(inputs, 0)?;
+    if op == OpKind::DynamicQuantizeLinear {
+        if x.ty.dtype != DType::F32 {
+            return Err(format!(
+                "DynamicQuantizeLinear needs f32 x, got {}",
+                x.ty.dtype
+            ));
+        }
+        return Ok(vec![
+            fact(DType::U8, x.ty.shape.clone()),
+            fact(DType::F32, Shape::new(vec![])),
+            fact(DType::U8, Shape::new(vec![])),
+        ]);
+    }
     let scale = arg(inputs, 1)?;
     let zp = opt_arg(inputs, 2).map(|f| f.ty.dtype);
     let dt = match op {
@@ -31,6 +50,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
 
 /// Reference semantics of the quantization ops.
 pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+    if op == OpKind::DynamicQuantizeLinear {
+        return dynamic_quantize(arg(inputs, 0)?);
+    }
     let (x, scale) = (arg(inputs, 0)?, arg(inputs, 1)?);
     let zp = opt_arg(inputs, 2);
     if !scale.dtype().is_float() {
@@ -96,6 +118,43 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         _ => return Err(not_in_family(op)),
     };
     Ok(vec![out])
+}
+
+/// DynamicQuantizeLinear: u8 values, their scale and zero point (see the module doc).
+fn dynamic_quantize(x: &Tensor) -> Result<Vec<Tensor>, String> {
+    let xv = x
+        .as_slice::<f32>()
+        .ok_or_else(|| format!("DynamicQuantizeLinear needs f32 x, got {}", x.dtype()))?;
+    let (scale, zp) = dynamic_params(xv)?;
+    let y: Vec<u8> = xv
+        .iter()
+        .map(|&v| ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8)
+        .collect();
+    Ok(vec![
+        Tensor::from_vec(x.shape().to_vec(), y),
+        Tensor::scalar(scale),
+        Tensor::scalar(zp as u8),
+    ])
+}
+
+/// DynamicQuantizeLinear's scale and (integral) zero point for the values `xv`, computed in
+/// f32 step by step as the ONNX reference does. Shared with the runtime's fast path.
+pub fn dynamic_params(xv: &[f32]) -> Result<(f32, f32), String> {
+    let (mut lo, mut hi) = (0.0f32, 0.0f32);
+    for &v in xv {
+        if !v.is_finite() {
+            return Err(format!(
+                "DynamicQuantizeLinear input holds {v}, which has no u8 quantization"
+            ));
+        }
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    // ONNX's reference takes a range of 1 for an all-zero input (its scale is then 1/255).
+    let range = if hi == lo { 1.0f32 } else { hi - lo };
+    let scale = range / 255.0f32;
+    let zp = (0.0f32 - lo / scale).clamp(0.0, 255.0).round_ties_even();
+    Ok((scale, zp))
 }
 
 /// QuantizeLinear's output dtype: the zero point's, else `output_dtype`, else u8.
@@ -229,5 +288,38 @@ mod tests {
         assert_eq!(y.to_f64s(), vec![1.0, 2.0, 6.0, 12.0, 15.0, 24.0]);
         let bad = Tensor::from_vec(vec![3], vec![1.0f32; 3]);
         assert!(ops::eval(OpKind::DequantizeLinear, &a0, &[Some(&x), Some(&bad)]).is_err());
+    }
+
+    #[test]
+    fn dynamic_quantize_covers_zero_and_rounds_in_f32() {
+        let x = Tensor::from_vec(vec![2, 3], vec![0.0f32, 2.0, -3.0, 1000.0, -2.5, 0.1]);
+        let mut out = ops::eval(OpKind::DynamicQuantizeLinear, &Attrs::new(), &[Some(&x)]).unwrap();
+        let (y, s, z) = (out.remove(0), out.remove(0), out.remove(0));
+        let scale = 1003.0f32 / 255.0;
+        assert_eq!(s.as_slice::<f32>().unwrap(), &[scale]);
+        let zp = (3.0f32 / scale).round_ties_even();
+        assert_eq!(z.as_slice::<u8>().unwrap(), &[zp as u8]);
+        let want: Vec<u8> = x
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8)
+            .collect();
+        assert_eq!(y.as_slice::<u8>().unwrap(), &want[..]);
+        // The range always holds 0, so 0 quantizes exactly to the zero point.
+        assert_eq!(y.as_slice::<u8>().unwrap()[0], zp as u8);
+        // All positive: zero point 0, the maximum maps to 255.
+        let x = Tensor::from_vec(vec![3], vec![1.0f32, 5.0, 255.0]);
+        let out = ops::eval(OpKind::DynamicQuantizeLinear, &Attrs::new(), &[Some(&x)]).unwrap();
+        assert_eq!(out[0].as_slice::<u8>().unwrap(), &[1, 5, 255]);
+        assert_eq!(out[2].as_slice::<u8>().unwrap(), &[0]);
+        // All zero: ONNX's scale 1/255.
+        let x = Tensor::from_vec(vec![2], vec![0.0f32; 2]);
+        let out = ops::eval(OpKind::DynamicQuantizeLinear, &Attrs::new(), &[Some(&x)]).unwrap();
+        assert_eq!(out[1].as_slice::<f32>().unwrap(), &[1.0f32 / 255.0]);
+        // NaN has no quantization.
+        let x = Tensor::from_vec(vec![2], vec![1.0f32, f32::NAN]);
+        let e = ops::eval(OpKind::DynamicQuantizeLinear, &Attrs::new(), &[Some(&x)]).unwrap_err();
+        assert!(e.contains("NaN"), "{e}");
     }
 }

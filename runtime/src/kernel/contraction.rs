@@ -1,7 +1,8 @@
 //! Contraction kernels: a `Kernel::Contraction` node compiled into a [`Prepared`] routine
 //! (constant weights packed once, attributes parsed once) and run on the CPU kernels in
 //! [`crate::kernels`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
-//! flash attention for `attention`, im2col + GEMM for patch convolutions. Anything these do
+//! flash attention for `attention`, im2col + GEMM for patch convolutions, the exact 8-bit
+//! GEMM ([`crate::kernels::gemm_i8`]) for `matmul_integer`. Anything these do
 //! not cover (other dtypes, layouts, attributes) returns `None` from [`Prepared::run`] and the
 //! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
 
@@ -11,6 +12,7 @@ use crate::kernels::conv::{pack_weight, patch_conv, PatchConv};
 use crate::kernels::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
+use crate::kernels::gemm_i8::{self, Bytes, IsaI8, PackedB8};
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
 use std::collections::HashMap;
@@ -51,6 +53,11 @@ pub enum Prepared {
         causal: bool,
         /// `layout = "bshd"`: sequence-major q, k, v and output.
         seq_major: bool,
+    },
+    /// `matmul_integer(a, b, a_zp?, b_zp?)` with a 2-D u8/i8 `b`: the exact integer GEMM.
+    MatMulInteger {
+        /// The packed constant right operand.
+        packed: Option<PackedB8>,
     },
     /// A conv whose kernel equals its stride, no padding, dilation 1, one group.
     PatchConv {
@@ -116,6 +123,12 @@ pub fn prepare_op<'t>(
                 _ => return None,
             },
             seq_major: kiln_ir::ops::fused::attention_seq_major(attrs).ok()?,
+        },
+        OpKind::MatMulInteger => Prepared::MatMulInteger {
+            packed: constant(1).and_then(|t| {
+                let [k, n] = <[usize; 2]>::try_from(t.shape()).ok()?;
+                PackedB8::pack(bytes(t)?, k, n).ok()
+            }),
         },
         OpKind::Conv => Prepared::PatchConv {
             stride: patch_stride(attrs)?,
@@ -262,6 +275,9 @@ impl Prepared {
         out: &mut Outputs,
     ) -> Option<Result<Vec<Tensor>, String>> {
         let arg = |i: usize| ins.get(i).copied().flatten();
+        if let Prepared::MatMulInteger { packed } = self {
+            return matmul_integer(ins, packed.as_ref(), pool, out).map(|r| r.map(|t| vec![t]));
+        }
         if ins
             .iter()
             .flatten()
@@ -296,9 +312,85 @@ impl Prepared {
             Prepared::PatchConv { stride, packed } => {
                 conv_op(ins, *stride, packed.as_ref(), pool, out)
             }
+            Prepared::MatMulInteger { .. } => None,
         }
         .map(|r| r.map(|t| vec![t]))
     }
+}
+
+/// An 8-bit tensor's elements.
+fn bytes(t: &Tensor) -> Option<Bytes<'_>> {
+    match t.data() {
+        TensorData::U8(_) => t.as_slice::<u8>().map(Bytes::U8),
+        TensorData::I8(_) => t.as_slice::<i8>().map(Bytes::I8),
+        _ => None,
+    }
+}
+
+/// A zero point's values as i32 when it has `operand`'s dtype and one of the forms the
+/// integer GEMM takes: one value, or one per entry of `len` (`shape` lists the shapes that
+/// mean per row / per column). `None` (the interpreter runs) otherwise.
+fn zero_point(
+    zp: Option<&Tensor>,
+    operand: &Tensor,
+    len: usize,
+    shapes: &[&[usize]],
+) -> Option<Vec<i32>> {
+    let Some(z) = zp else {
+        return Some(vec![0]);
+    };
+    if z.dtype() != operand.dtype() {
+        return None;
+    }
+    if z.len() != 1 && !(z.len() == len && shapes.contains(&z.shape())) {
+        return None;
+    }
+    Some(z.to_i64s().into_iter().map(|v| v as i32).collect())
+}
+
+/// `matmul_integer(a[.., M, K], b[K, N], a_zp?, b_zp?)` as one `(rows·) × K × N` integer
+/// GEMM, A's zero point per tensor or per row, B's per tensor or per column.
+fn matmul_integer(
+    ins: &[Option<&Tensor>],
+    packed: Option<&PackedB8>,
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (a, b) = (arg(0)?, arg(1)?);
+    let [k, n] = <[usize; 2]>::try_from(b.shape()).ok()?;
+    if a.rank() == 0 || *a.shape().last()? != k {
+        return None;
+    }
+    let lead = &a.shape()[..a.rank() - 1];
+    let m: usize = lead.iter().product();
+    // Per row: [M] for a 2-D A, or A's shape with the last dim 1.
+    let mut row_shape = lead.to_vec();
+    row_shape.push(1);
+    let za = if a.rank() == 2 {
+        zero_point(arg(2), a, m, &[&[m], &row_shape])?
+    } else {
+        zero_point(arg(2), a, m, &[&row_shape])?
+    };
+    let zb = zero_point(arg(3), b, n, &[&[n], &[1, n]])?;
+    let fresh;
+    let packed = match packed.filter(|p| p.rows() == k && p.cols() == n) {
+        Some(p) => p,
+        None => {
+            fresh = PackedB8::pack(bytes(b)?, k, n).ok()?;
+            &fresh
+        }
+    };
+    let mut y = out
+        .region::<i32>(0, m * n)
+        .unwrap_or_else(|| vec![0i32; m * n].into());
+    let r = gemm_i8::matmul_integer(bytes(a)?, m, &za, packed, &zb, &mut y, pool, IsaI8::Auto);
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    Some(
+        r.map(|()| Tensor::from_buf(shape, y))
+            .map_err(|e| e.to_string()),
+    )
 }
 
 /// `x[.., K] · w[K, N]` as one `(rows·) × K` GEMM with the epilogue; `x` of rank >= 1.
@@ -673,4 +765,79 @@ fn conv_op(
         patch_conv(pool, &p, f32s(x)?, f32s(w)?, packed, bias, &mut y)
             .map(|()| Tensor::from_buf(shape.to_vec(), y)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn t8(rng: &mut rand::rngs::StdRng, shape: &[usize], signed: bool) -> Tensor {
+        let n: usize = shape.iter().product();
+        let pick = |rng: &mut rand::rngs::StdRng| match rng.gen_range(0..5) {
+            0 => 0i64,
+            1 => 255,
+            2 => -128,
+            3 => 127,
+            _ => rng.gen_range(-128..=255),
+        };
+        let v: Vec<i64> = (0..n).map(|_| pick(rng)).collect();
+        if signed {
+            Tensor::from_vec(shape.to_vec(), v.iter().map(|&x| x as i8).collect())
+        } else {
+            Tensor::from_vec(shape.to_vec(), v.iter().map(|&x| x as u8).collect())
+        }
+    }
+
+    #[test]
+    fn matmul_integer_matches_the_interpreter_exactly() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let pool = Pool::new(2).unwrap();
+        for &(lead, k, n) in &[
+            (&[3usize][..], 5usize, 7usize),
+            (&[2, 5][..], 64, 33),
+            (&[1][..], 1, 1),
+            (&[4, 3][..], 130, 16),
+        ] {
+            for (sa, sb) in [(false, true), (true, false), (false, false), (true, true)] {
+                let mut ash = lead.to_vec();
+                ash.push(k);
+                let m: usize = lead.iter().product();
+                let a = t8(&mut rng, &ash, sa);
+                let b = t8(&mut rng, &[k, n], sb);
+                let mut row = lead.to_vec();
+                row.push(1);
+                let za_shape = if rng.gen_bool(0.5) {
+                    vec![]
+                } else if lead.len() == 1 {
+                    vec![m]
+                } else {
+                    row
+                };
+                let za = t8(&mut rng, &za_shape, sa);
+                let zb_shape = if rng.gen_bool(0.5) { vec![] } else { vec![n] };
+                let zb = t8(&mut rng, &zb_shape, sb);
+                let ins = [Some(&a), Some(&b), Some(&za), Some(&zb)];
+                let want = kiln_ir::ops::eval(OpKind::MatMulInteger, &Attrs::new(), &ins).unwrap();
+                for constant in [false, true] {
+                    let p = prepare_op(OpKind::MatMulInteger, &Attrs::new(), |i| {
+                        (constant && i == 1).then_some(&b)
+                    })
+                    .unwrap();
+                    let got = p
+                        .run(&ins, &pool, &mut Outputs::none())
+                        .expect("the integer GEMM covers it")
+                        .unwrap();
+                    assert_eq!(got, want, "{ash:?}x[{k}, {n}] signed {sa}/{sb}");
+                }
+            }
+        }
+        // A zero point of another form is left to the interpreter.
+        let a = t8(&mut rng, &[2, 3], false);
+        let b = t8(&mut rng, &[3, 2], true);
+        let odd = t8(&mut rng, &[1, 2], false);
+        let p = prepare_op(OpKind::MatMulInteger, &Attrs::new(), |_| None).unwrap();
+        let ins = [Some(&a), Some(&b), Some(&odd)];
+        assert!(p.run(&ins, &pool, &mut Outputs::none()).is_none());
+    }
 }

@@ -590,6 +590,7 @@ fn takes_regions(k: &Kernel, g: &kiln_ir::Graph) -> bool {
             kiln_ir::OpKind::Transpose
                 | kiln_ir::OpKind::Concat
                 | kiln_ir::OpKind::Gather
+                | kiln_ir::OpKind::Cast
                 | kiln_ir::OpKind::Reshape
                 | kiln_ir::OpKind::Squeeze
                 | kiln_ir::OpKind::Unsqueeze

@@ -86,6 +86,7 @@ pub fn run_fast_on(
         OpKind::LinearAttention => {
             crate::kernels::linear_attention::run(&node.attrs, ins, pool, out)?
         }
+        OpKind::Cast => cast_to_f32(node, ins, out)?,
         _ => return None,
     };
     Some(vec![y])
@@ -566,6 +567,37 @@ fn split(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
 
 /// An f32 unary op evaluated in f64 and rounded once, exactly as the reference does, but
 /// in one pass without the f64 copies.
+/// `cast` of i32, i8 or u8 to f32 (the integer GEMM's output on its way to its scale):
+/// each value rounds once to the nearest f32, as the interpreter's exact f64 step then
+/// f32 does.
+fn cast_to_f32(node: &Node, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let to = match node.attrs.get("to")? {
+        kiln_ir::Attr::Int(code) => kiln_ir::DType::from_onnx_code(*code as i32)?,
+        kiln_ir::Attr::Str(s) => s.parse().ok()?,
+        _ => return None,
+    };
+    if to != kiln_ir::DType::F32 {
+        return None;
+    }
+    fn go<T: Elem>(x: &Tensor, y: &mut Outputs, f: impl Fn(T) -> f32) -> Option<Tensor> {
+        let src = x.as_slice::<T>()?;
+        let mut r = y
+            .region::<f32>(0, src.len())
+            .unwrap_or_else(|| vec![0.0f32; src.len()].into());
+        for (d, &v) in r.iter_mut().zip(src) {
+            *d = f(v);
+        }
+        Some(Tensor::from_buf(x.shape().to_vec(), r))
+    }
+    match x.dtype() {
+        kiln_ir::DType::I32 => go::<i32>(x, y, |v| v as f32),
+        kiln_ir::DType::I8 => go::<i8>(x, y, f32::from),
+        kiln_ir::DType::U8 => go::<u8>(x, y, f32::from),
+        _ => None,
+    }
+}
+
 fn unary_f64(ins: &[Option<&Tensor>], f: fn(f64) -> f64) -> Option<Tensor> {
     let x = (*ins.first()?)?;
     let v: Vec<f32> = x
@@ -847,6 +879,25 @@ mod tests {
                 run_fast_on(&node, &[Some(&x)], &pool, &mut Outputs::none()).expect("fast path");
             let want = kiln_ir::ops::eval(OpKind::Transpose, &attrs, &[Some(&x)]).unwrap();
             assert_eq!(got[0], want[0], "shape {shape:?} perm {perm:?}");
+        }
+    }
+
+    #[test]
+    fn integer_casts_to_f32_match_the_interpreter() {
+        let big = Tensor::from_vec(vec![5], vec![i32::MIN, -1, 0, 16_777_217, i32::MAX]);
+        let bytes = Tensor::from_vec(vec![2], vec![-128i8, 127]);
+        let ubytes = Tensor::from_vec(vec![2], vec![0u8, 255]);
+        for code in [1i64, 6] {
+            let attrs = Attrs::new().with("to", Attr::Int(code));
+            let n = node(OpKind::Cast, attrs.clone(), 1);
+            for x in [&big, &bytes, &ubytes] {
+                let want = kiln_ir::ops::eval(OpKind::Cast, &attrs, &[Some(x)]).unwrap();
+                match run_fast(&n, &[Some(x)]) {
+                    Some(got) => assert_eq!(got[0], want[0]),
+                    // Only casts to f32 (ONNX code 1) have the fast path.
+                    None => assert_ne!(code, 1),
+                }
+            }
         }
     }
 

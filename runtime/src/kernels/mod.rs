@@ -1,7 +1,9 @@
 //! Hand-written CPU kernels shared by kiln's CPU backends: contractions (GEMM with fused
-//! epilogues) today; the JIT calls into these for the ops it does not generate itself.
+//! epilogues, the exact 8-bit integer GEMM) today; the JIT calls into these for the ops it
+//! does not generate itself.
 
 pub mod attention;
 pub mod conv;
 pub mod gemm;
 pub mod linear_attention;
+pub mod gemm_i8;
