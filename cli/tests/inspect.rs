@@ -122,7 +122,16 @@ fn inspect_html_is_one_file_with_two_svg_graphs_and_no_network() {
     assert!(page.contains("rms_norm") && page.contains("/mlp/act_fn/Sigmoid"));
     let dot = std::fs::read_to_string(&dot).unwrap();
     assert!(dot.starts_with("digraph") && dot.contains("->") && dot.contains("attention"));
-    assert!(dumps.join("04.fuse_norms.after.kir").exists());
+    // Dumps are numbered by pass position; the position moves as passes are
+    // added, so look the fuse_norms dump up by name.
+    let names: Vec<String> = std::fs::read_dir(&dumps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with(".fuse_norms.after.kir")),
+        "{names:?}"
+    );
 }
 
 #[test]
