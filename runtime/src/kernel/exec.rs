@@ -596,6 +596,10 @@ fn takes_regions(k: &Kernel, g: &kiln_ir::Graph) -> bool {
                 | kiln_ir::OpKind::Unsqueeze
                 | kiln_ir::OpKind::Flatten
                 | kiln_ir::OpKind::Identity
+                | kiln_ir::OpKind::Split
+                | kiln_ir::OpKind::Expand
+                | kiln_ir::OpKind::Where
+                | kiln_ir::OpKind::LinearAttention
         ),
     }
 }

@@ -50,11 +50,11 @@ pub fn run_fast_on(
 ) -> Option<Vec<Tensor>> {
     let y = match node.op {
         OpKind::Transpose => return transpose(node, ins, pool, out),
-        OpKind::Split => return split(node, ins),
+        OpKind::Split => return split(node, ins, out),
         OpKind::Lstm | OpKind::Gru | OpKind::Rnn => return super::recurrent::run(node, ins, pool),
         OpKind::Gather => gather(node, ins, out)?,
         OpKind::Concat => concat(node, ins, out)?,
-        OpKind::Expand => expand(ins)?,
+        OpKind::Expand => expand(ins, out)?,
         OpKind::Reshape
         | OpKind::Squeeze
         | OpKind::Unsqueeze
@@ -75,7 +75,7 @@ pub fn run_fast_on(
         OpKind::InvStd => row_stat(ins, true, pool)?,
         OpKind::InvRms => row_stat(ins, false, pool)?,
         OpKind::Rotary => rotary(node, ins)?,
-        OpKind::Where => where_(ins)?,
+        OpKind::Where => where_(ins, out)?,
         OpKind::And => logical(ins, |a, b| a & b)?,
         OpKind::Or => logical(ins, |a, b| a | b)?,
         OpKind::Xor => logical(ins, |a, b| a ^ b)?,
@@ -475,7 +475,19 @@ fn for_each_row(out: &[usize], strides: &[&[usize]], mut f: impl FnMut(&[usize])
 }
 
 /// `expand(x, shape)`: numpy broadcasting of x against the target, rows copied or filled.
-fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+/// `v` as output 0 of the node: copied into its planned arena region where it has one (so
+/// the run's footprint stays what the planner laid out), else the vector itself.
+fn into_region<T: Elem>(out: &mut Outputs, shape: Vec<usize>, v: Vec<T>) -> Tensor {
+    match out.region::<T>(0, v.len()) {
+        Some(mut r) if !v.is_empty() => {
+            r.copy_from_slice(&v);
+            Tensor::from_buf(shape, r)
+        }
+        _ => Tensor::from_vec(shape, v),
+    }
+}
+
+fn expand(ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
     let x = (*ins.first()?)?;
     let target: Vec<usize> = int_values((*ins.get(1)?)?)?
         .into_iter()
@@ -483,7 +495,7 @@ fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
         .collect::<Option<_>>()?;
     let out = kiln_ir::shape::broadcast_concrete(x.shape(), &target)?;
     let st = bcast_strides(x.shape(), &out)?;
-    fn go<T: Elem>(x: &Tensor, out: &[usize], st: &[usize]) -> Option<Tensor> {
+    fn go<T: Elem>(x: &Tensor, out: &[usize], st: &[usize], y: &mut Outputs) -> Option<Tensor> {
         let src = x.as_slice::<T>()?;
         let n = out.iter().try_fold(1usize, |a, &b| a.checked_mul(b))?;
         // Over the memory limit: the interpreter's expand reports it.
@@ -501,16 +513,16 @@ fn expand(ins: &[Option<&Tensor>]) -> Option<Tensor> {
                 v.extend_from_slice(&src[o..o + inner]);
             }
         });
-        Some(Tensor::from_vec(out.to_vec(), v))
+        Some(into_region(y, out.to_vec(), v))
     }
-    go::<f32>(x, &out, &st)
-        .or_else(|| go::<i64>(x, &out, &st))
-        .or_else(|| go::<bool>(x, &out, &st))
+    go::<f32>(x, &out, &st, y)
+        .or_else(|| go::<i64>(x, &out, &st, y))
+        .or_else(|| go::<bool>(x, &out, &st, y))
 }
 
 /// `split` along an axis into sizes from the `split` input, or `num_outputs` chunks of
 /// `ceil(n / k)` with the last one smaller: contiguous blocks copied per outer index.
-fn split(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
+fn split(node: &Node, ins: &[Option<&Tensor>], out: &mut Outputs) -> Option<Vec<Tensor>> {
     let x = (*ins.first()?)?;
     let shape = x.shape();
     let a = norm_axis(node.attrs.int_or("axis", 0).ok()?, shape.len())?;
@@ -537,32 +549,53 @@ fn split(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
     }
     let outer: usize = shape[..a].iter().product();
     let inner: usize = shape[a + 1..].iter().product();
+    // Each part goes into its planned arena region where it has one (else a new buffer).
     fn go<T: Elem>(
         x: &Tensor,
         sizes: &[usize],
         a: usize,
         (outer, n, inner): (usize, usize, usize),
+        out: &mut Outputs,
     ) -> Option<Vec<Tensor>> {
         let src = x.as_slice::<T>()?;
         let mut start = 0;
         let mut outs = Vec::with_capacity(sizes.len());
-        for &len in sizes {
-            let mut v = Vec::with_capacity(outer * len * inner);
-            for o in 0..outer {
-                let base = (o * n + start) * inner;
-                v.extend_from_slice(&src[base..base + len * inner]);
-            }
+        for (k, &len) in sizes.iter().enumerate() {
             let mut sh = x.shape().to_vec();
             sh[a] = len;
-            outs.push(Tensor::from_vec(sh, v));
+            let rows = (0..outer).map(|o| {
+                let base = (o * n + start) * inner;
+                &src[base..base + len * inner]
+            });
+            let region = match len * inner {
+                0 => None,
+                part => out.region::<T>(k, outer * part).map(|r| (r, part)),
+            };
+            match region {
+                Some((mut r, part)) => {
+                    for (dst, row) in r.chunks_exact_mut(part).zip(rows) {
+                        dst.copy_from_slice(row);
+                    }
+                    outs.push(Tensor::from_buf(sh, r));
+                }
+                None => {
+                    let mut v = Vec::with_capacity(outer * len * inner);
+                    rows.for_each(|row| v.extend_from_slice(row));
+                    outs.push(Tensor::from_vec(sh, v));
+                }
+            }
             start += len;
         }
         Some(outs)
     }
     let dims = (outer, n, inner);
-    go::<f32>(x, &sizes, a, dims)
-        .or_else(|| go::<i64>(x, &sizes, a, dims))
-        .or_else(|| go::<bool>(x, &sizes, a, dims))
+    if x.as_slice::<f32>().is_some() {
+        go::<f32>(x, &sizes, a, dims, out)
+    } else if x.as_slice::<i64>().is_some() {
+        go::<i64>(x, &sizes, a, dims, out)
+    } else {
+        go::<bool>(x, &sizes, a, dims, out)
+    }
 }
 
 /// An f32 unary op evaluated in f64 and rounded once, exactly as the reference does, but
@@ -609,7 +642,7 @@ fn unary_f64(ins: &[Option<&Tensor>], f: fn(f64) -> f64) -> Option<Tensor> {
 }
 
 /// `where(c, a, b)` with a bool condition and numpy broadcasting of all three.
-fn where_(ins: &[Option<&Tensor>]) -> Option<Tensor> {
+fn where_(ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
     let (c, a, b) = ((*ins.first()?)?, (*ins.get(1)?)?, (*ins.get(2)?)?);
     let cv = c.as_slice::<bool>()?;
     let out = kiln_ir::shape::broadcast_concrete(c.shape(), a.shape())?;
@@ -625,6 +658,7 @@ fn where_(ins: &[Option<&Tensor>]) -> Option<Tensor> {
         b: &Tensor,
         out: &[usize],
         st: &[Vec<usize>; 3],
+        y: &mut Outputs,
     ) -> Option<Tensor> {
         let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
         let n = out.iter().try_fold(1usize, |x, &y| x.checked_mul(y))?;
@@ -640,11 +674,11 @@ fn where_(ins: &[Option<&Tensor>]) -> Option<Tensor> {
                 }
             }));
         });
-        Some(Tensor::from_vec(out.to_vec(), v))
+        Some(into_region(y, out.to_vec(), v))
     }
-    go::<f32>(cv, a, b, &out, &st)
-        .or_else(|| go::<i64>(cv, a, b, &out, &st))
-        .or_else(|| go::<bool>(cv, a, b, &out, &st))
+    go::<f32>(cv, a, b, &out, &st, y)
+        .or_else(|| go::<i64>(cv, a, b, &out, &st, y))
+        .or_else(|| go::<bool>(cv, a, b, &out, &st, y))
 }
 
 /// A bool binary op with numpy broadcasting (generic rather than a `fn` pointer, so that the
