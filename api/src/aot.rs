@@ -29,7 +29,7 @@ impl Aot {
             .map_err(|e| err(e.to_string()))?;
         let mut lib = kiln_llvm::AotLibrary::load(&path, None).map_err(|e| err(e.to_string()))?;
         let threads = if threads == 0 {
-            kiln_runtime::kernels::gemm::physical_cores()
+            kiln_runtime::native::gemm::physical_cores()
         } else {
             threads
         };

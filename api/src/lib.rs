@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 pub use kiln_ir::{DType, Shape, Tensor, TensorType};
 pub use kiln_plan::MemoryPlan;
-pub use kiln_runtime::kernel::{KernelTime, RunReport};
+pub use kiln_runtime::executor::{KernelTime, RunReport};
 
 mod aot;
 

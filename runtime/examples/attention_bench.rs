@@ -5,7 +5,7 @@
 //! `SEQ_MAJOR=1` in the environment, q, k, v and the output are sequence-major (`[B, S, H, D]`,
 //! the `layout = "bshd"` the optimiser gives ViT and BERT) instead of head-major.
 
-use kiln_runtime::kernels::attention::{attention_with, Attention, Isa};
+use kiln_runtime::native::attention::{attention_with, Attention, Isa};
 use kiln_runtime::pool::Pool;
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! markdown table to `bench/gemm.md`. Run with
 //! `cargo run --release -p kiln-runtime --example gemm_bench [-- --quick]`.
 
-use kiln_runtime::kernels::gemm::{
+use kiln_runtime::native::gemm::{
     fma_peak_gflops, gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
 use std::time::{Duration, Instant};

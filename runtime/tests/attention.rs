@@ -1,4 +1,4 @@
-//! The fused attention kernel (`kernels::attention`) on every instruction set this CPU has
+//! The fused attention kernel (`native::attention`) on every instruction set this CPU has
 //! (AVX-512, AVX2, portable, forced one at a time) against the interpreter: causal with a kv
 //! cache, bool and float masks, grouped heads, all-masked rows, NaN/Inf in q, k and v (also
 //! where causal hides them), sizes off every tile (S, T, D, Dv not multiples of 4/8/16, 1),
@@ -7,7 +7,7 @@
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
 use kiln_reference::{compare, Tolerance};
-use kiln_runtime::kernels::attention::{attention_with, Attention, Isa, Mask};
+use kiln_runtime::native::attention::{attention_with, Attention, Isa, Mask};
 use kiln_runtime::pool::Pool;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

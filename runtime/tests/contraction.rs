@@ -1,4 +1,4 @@
-//! Every CPU contraction routine (`kernel::contraction`) against the interpreter's op on
+//! Every CPU contraction routine (`executor::contraction`) against the interpreter's op on
 //! random shapes: sizes off the 6/16/8 tile grid, dims of 1, batch broadcasting, transposes,
 //! every epilogue combination, attention with causal / masks / grouped heads / kv cache,
 //! patch convs; NaN propagation; bit-identical results across thread counts and runs; and the
@@ -6,9 +6,9 @@
 
 use kiln_ir::{Attr, Attrs, OpKind, Tensor};
 use kiln_reference::{compare, Tolerance};
-use kiln_runtime::kernel::arena::Outputs;
-use kiln_runtime::kernel::contraction::{prepare_op, Prepared};
-use kiln_runtime::kernels::gemm::{
+use kiln_runtime::executor::arena::Outputs;
+use kiln_runtime::executor::contraction::{prepare_op, Prepared};
+use kiln_runtime::native::gemm::{
     gemm, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
 use kiln_runtime::pool::Pool;

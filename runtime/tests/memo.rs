@@ -3,7 +3,7 @@
 //! always match the interpreter.
 
 use kiln_ir::Tensor;
-use kiln_runtime::kernel::{CpuPlan, ReferenceRunner, RunReport};
+use kiln_runtime::executor::{CpuPlan, ReferenceRunner, RunReport};
 
 /// `%y` is reshaped by shape arithmetic on `%x`; `%z`'s shape depends on the data in
 /// `%n`, so a memo entry keyed by input shapes must still be validated by `shape %z`.

@@ -48,7 +48,7 @@ fn runs_natively(exe: &Executable, name: &str, op: OpKind) {
         .find(|k| k.op == op.name() || k.label.ends_with(op.onnx_name()))
         .unwrap_or_else(|| panic!("{name}: no `{}` kernel in {:?}", op.name(), report.kernels));
     assert_eq!(k.kind, "fallback");
-    assert!(kiln_runtime::kernel::glue::has_fast_path(op));
+    assert!(kiln_runtime::executor::routines::has_fast_path(op));
 }
 
 /// The JIT against the interpreter on other sequence lengths and batch sizes than the test

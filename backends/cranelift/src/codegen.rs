@@ -13,7 +13,7 @@ use cranelift_module::{FuncId, Linkage, Module};
 use kiln_plan::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use std::collections::HashMap;
 
-pub use kiln_runtime::kernel::rows::RowFn;
+pub use kiln_runtime::executor::rows::RowFn;
 
 const LANES: i64 = 4;
 /// Independent F32X4 accumulators of a row reduction (4: the add latency over its throughput).

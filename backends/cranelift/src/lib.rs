@@ -10,9 +10,9 @@ pub use codegen::RowFn;
 use cranelift_jit::JITModule;
 use kiln_ir::{EvalError, Graph, Tensor};
 use kiln_plan::{partition, Kernel, LoopKernel, Plan};
-use kiln_runtime::kernel::rows::run_rows;
-pub use kiln_runtime::kernel::rows::{run_row_fn, run_row_fn_par, PAR_MIN_WORK};
-use kiln_runtime::kernel::{CpuPlan, LoopRunner, ParallelFor, RunReport};
+use kiln_runtime::executor::rows::run_rows;
+pub use kiln_runtime::executor::rows::{run_row_fn, run_row_fn_par, PAR_MIN_WORK};
+use kiln_runtime::executor::{CpuPlan, LoopRunner, ParallelFor, RunReport};
 
 /// How to compile and run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub fn compile_with(g: &Graph, opts: &JitOptions) -> Result<JitExecutable, Compi
 /// CPU runtime (contraction weights packed).
 pub fn compile_plan(plan: Plan, opts: &JitOptions) -> Result<JitExecutable, CompileError> {
     let threads = if opts.threads == 0 {
-        kiln_runtime::kernels::gemm::physical_cores()
+        kiln_runtime::native::gemm::physical_cores()
     } else {
         opts.threads
     };
@@ -172,7 +172,7 @@ impl LoopRunner for JitExecutable {
         index: usize,
         k: &LoopKernel,
         inputs: &[&Tensor],
-        out: &mut kiln_runtime::kernel::arena::Outputs,
+        out: &mut kiln_runtime::executor::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         let Some(f) = self.fns.get(index).copied().flatten() else {
             return kiln_plan::eval::run_loop(k, inputs);
@@ -239,7 +239,7 @@ impl LoopFn {
             inputs,
             par,
             0,
-            &mut kiln_runtime::kernel::arena::Outputs::none(),
+            &mut kiln_runtime::executor::arena::Outputs::none(),
         )
     }
 }

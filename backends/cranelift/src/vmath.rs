@@ -10,7 +10,7 @@ use cranelift_codegen::ir::{types, Endianness, InstBuilder, MemFlagsData, Type, 
 use cranelift_frontend::FunctionBuilder;
 use kiln_plan::UnOp;
 
-use kiln_runtime::kernel::vmath::*;
+use kiln_runtime::executor::vmath::*;
 
 /// Emits op `op` applied to `x` (of type `ty`, `F32` or `F32X4`). Only transcendentals.
 pub fn unary(b: &mut FunctionBuilder, op: UnOp, x: Value, ty: Type) -> Value {

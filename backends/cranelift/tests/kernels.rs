@@ -5,7 +5,7 @@
 use kiln_ir::{Attr, Attrs, DType, Dim, Graph, GraphBuilder, OpKind, Shape, Tensor, TensorType};
 use kiln_plan::Kernel;
 use kiln_reference::{compare, Tolerance};
-use kiln_runtime::kernel::ReferenceRunner;
+use kiln_runtime::executor::ReferenceRunner;
 use proptest::prelude::*;
 
 /// f32 kernels against the interpreter, which accumulates in f64: norms and softmax cancel,
@@ -255,7 +255,7 @@ fn executable_is_send_and_sync() {
 fn row_split_results_are_bit_identical_for_any_thread_count() {
     use kiln_ir::ValueId;
     use kiln_plan::{BinOp, InnerAccess, LoopKernel, RedOp, UnOp};
-    use kiln_runtime::kernel::Serial;
+    use kiln_runtime::executor::Serial;
     // softmax(x + y) * sigmoid(x) over 37 rows of 13 (odd row count and row length).
     let mut k = LoopKernel::new(vec![Dim::Fixed(37), Dim::Fixed(13)]);
     let x = k.load(ValueId(0), InnerAccess::Contiguous);

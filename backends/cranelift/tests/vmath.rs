@@ -1,11 +1,11 @@
 //! Accuracy of the JIT's inline transcendentals against their f64 definitions (the contract
-//! in `kiln_runtime::kernel::vmath::accuracy`: ulp bounds over a dense sweep of f32 bit
+//! in `kiln_runtime::executor::vmath::accuracy`: ulp bounds over a dense sweep of f32 bit
 //! patterns plus edge cases, special values exact), in the vector body and the scalar tail
 //! alike.
 
 use kiln_ir::{Dim, Tensor, ValueId};
 use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
-use kiln_runtime::kernel::vmath::accuracy::{self, sweep_inputs, Worst, OPS};
+use kiln_runtime::executor::vmath::accuracy::{self, sweep_inputs, Worst, OPS};
 
 fn jit(op: UnOp, xs: &[f32]) -> Vec<f32> {
     let mut k = LoopKernel::new(vec![Dim::Fixed(xs.len() as u64)]);

@@ -16,7 +16,7 @@ use inkwell::values::{BasicMetadataValueEnum, VectorValue};
 use inkwell::FloatPredicate;
 use kiln_plan::UnOp;
 
-use kiln_runtime::kernel::vmath::*;
+use kiln_runtime::executor::vmath::*;
 
 type R<T> = Result<T, String>;
 type V<'ctx> = VectorValue<'ctx>;

@@ -9,7 +9,7 @@
 use kiln_ir::{DType, Tensor, TensorData};
 use kiln_llvm::{build_library, AotLibrary, BuildOptions, WeightsMode};
 use kiln_reference::{compare, TestData, MODEL_TOLERANCE};
-use kiln_runtime::kernel::{CpuPlan, ReferenceRunner};
+use kiln_runtime::executor::{CpuPlan, ReferenceRunner};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

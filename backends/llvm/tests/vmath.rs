@@ -9,7 +9,7 @@
 use kiln_ir::{Dim, Tensor, ValueId};
 use kiln_llvm::{build_library, AotLibrary, BuildOptions};
 use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
-use kiln_runtime::kernel::vmath::accuracy::{
+use kiln_runtime::executor::vmath::accuracy::{
     self, sweep_inputs, Worst, ERF_MAX_ULP, EXP_MAX_ULP, LOG_MAX_ULP, SIGMOID_MAX_ULP, TANH_MAX_ULP,
 };
 

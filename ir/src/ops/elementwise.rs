@@ -1,11 +1,11 @@
 //! The elementwise op family: unary math and activations, casts, clip, and the binary and
 //! variadic ops with numpy broadcasting. Shape rules and reference semantics side by side;
-//! every binary op runs through the one broadcasting loop in `kernels::zip2`.
+//! every binary op runs through the one broadcasting loop in `shared::zip2`.
 // `dispatch!` instantiates the generic comparisons at `bool` too, where clippy would
 // rewrite `a < b` as bit logic; the generic form is the point.
 #![allow(clippy::bool_comparison)]
 
-use super::kernels::{self, fact, map_f64, test_f64, zip2, Bc, Num};
+use super::shared::{self, fact, map_f64, test_f64, zip2, Bc, Num};
 use super::{arg, not_in_family, opt_arg, Fact};
 use crate::{Attrs, DType, Dim, Elem, OpKind, Tensor, TensorData};
 
@@ -242,8 +242,8 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             let c = x
                 .as_slice::<bool>()
                 .ok_or("`where` condition must be bool")?;
-            let out = kernels::broadcast_all(&[x.shape(), a.shape(), b.shape()])?;
-            let n = kernels::checked_numel(&out)?;
+            let out = shared::broadcast_all(&[x.shape(), a.shape(), b.shape()])?;
+            let n = shared::checked_numel(&out)?;
             let bc = Bc::new(c, x.shape(), &out);
             crate::dispatch!(a.data(), av, T => {
                 let bv = <T as Elem>::unwrap(b.data()).ok_or("dtype mismatch")?;
@@ -352,7 +352,7 @@ fn pow(x: &Tensor, y: &Tensor) -> Result<Tensor, String> {
     let (sh, v) = zip2(&x.to_f64s(), x.shape(), &y.to_f64s(), y.shape(), |a, b| {
         Ok(a.powf(b))
     })?;
-    kernels::from_f64s(x.dtype(), sh, v)
+    shared::from_f64s(x.dtype(), sh, v)
 }
 
 /// `clip` with optional scalar `min` and `max` inputs, comparing in the input's dtype.

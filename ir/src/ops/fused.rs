@@ -18,8 +18,8 @@
 //! f16/bf16 inputs get better-than-f32 intermediate precision. Decomposed graphs round at
 //! every step; tests compare the two within named tolerances.
 
-use super::kernels::{bcast_offsets, fact, from_f64s, Bc};
 use super::movement::{checked_numel, unify};
+use super::shared::{bcast_offsets, fact, from_f64s, Bc};
 use super::{arg, not_in_family, opt_arg, Fact};
 use crate::shape::{broadcast, broadcast_concrete};
 use crate::{Attrs, DType, Dim, OpKind, Shape, Tensor, TensorData};
@@ -273,7 +273,7 @@ fn rotary(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
     if d % 2 != 0 {
         return Err(format!("rotary needs an even last dim, got {d}"));
     }
-    let out = super::kernels::broadcast_all(&[xs, cos.shape(), sin.shape()])?;
+    let out = super::shared::broadcast_all(&[xs, cos.shape(), sin.shape()])?;
     if out.last() != Some(&d) {
         return Err(format!("cos/sin widen x's rotated axis {d} to {out:?}"));
     }
@@ -532,7 +532,7 @@ fn linear(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
     let total = checked_numel(&out)?;
     let m: usize = lead.iter().product();
     let mut y = vec![0.0; total];
-    super::kernels::matmul_acc(&xv, &wv, &mut y, m, k, n);
+    super::shared::matmul_acc(&xv, &wv, &mut y, m, k, n);
     let operand = |i: usize, what: &str| -> Result<Option<Operand>, String> {
         match opt_arg(inputs, i) {
             None => Ok(None),

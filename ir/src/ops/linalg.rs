@@ -1,8 +1,8 @@
 //! The linalg op family: contractions (matmul, gemm, einsum) and convolutions (conv,
 //! conv_transpose). Shape rules and reference semantics side by side. All dense products
-//! run through `kernels::matmul_acc` (conv via im2col, conv_transpose via col2im).
+//! run through `shared::matmul_acc` (conv via im2col, conv_transpose via col2im).
 
-use super::kernels::{bcast_offsets, checked_numel, fact, for_each_index, matmul_acc, Window};
+use super::shared::{bcast_offsets, checked_numel, fact, for_each_index, matmul_acc, Window};
 use super::{arg, not_in_family, opt_arg, Fact};
 use crate::shape::broadcast;
 use crate::tensor::strides;

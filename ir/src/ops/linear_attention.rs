@@ -1,7 +1,7 @@
 //! The linear-attention family: `linear_attention(q, k, v, log_decay?)`, the op that
 //! `linearise_attention` (kiln-passes) recognises in linear attention and retention written
 //! in their quadratic parallel form. Its shape rule and reference semantics live here; the
-//! CPU runtime computes it in the recurrent, chunked form (`kernels/linear_attention.rs`).
+//! CPU runtime computes it in the recurrent, chunked form (`native/linear_attention.rs`).
 //!
 //! With `q, k: [B, H, S, D]`, `v: [B, H, S, Dv]` (already feature-mapped: the `elu + 1` of
 //! linear attention stays an ordinary op before this one) and weights
@@ -24,8 +24,8 @@
 //! recurrent form the CPU kernel runs (0: one block, the parallel form). The optimiser's
 //! cost model picks it.
 
-use super::kernels::{fact, from_f64s};
 use super::movement::unify;
+use super::shared::{fact, from_f64s};
 use super::{arg, not_in_family, opt_arg, Fact};
 use crate::{Attrs, Dim, OpKind, Shape, Tensor};
 

@@ -11,8 +11,8 @@
 //! `weight`; ignored elements weigh 0), so a mean over nothing but ignored elements is
 //! `0/0 = NaN`. Everything computes in f64 and rounds to the input's dtype once.
 
-use super::kernels::{fact, from_f64s};
 use super::movement::checked_numel;
+use super::shared::{fact, from_f64s};
 use super::{arg, not_in_family, opt_arg, Fact};
 use crate::{Attrs, Dim, OpKind, Shape, Tensor};
 

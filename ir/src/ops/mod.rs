@@ -13,7 +13,6 @@ pub mod elementwise;
 pub mod fused;
 pub mod generate;
 pub mod index;
-mod kernels;
 pub mod layout;
 pub mod linalg;
 pub mod linear_attention;
@@ -26,6 +25,7 @@ pub mod quant_linalg;
 pub mod recurrent;
 pub mod reduce;
 pub mod resize;
+mod shared;
 
 /// The file an op's shape rule and reference semantics live in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -358,7 +358,7 @@ op_table! {
     // ---- quant.rs: linear quantization
     QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
     DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
-    // ---- recurrent.rs: recurrent cells over a sequence (runtime/src/kernel/recurrent.rs)
+    // ---- recurrent.rs: recurrent cells over a sequence (runtime/src/executor/recurrent.rs)
     Lstm = "lstm", "LSTM", Recurrent, 3..=8, attrs, rule, Native, Contraction;
     Gru = "gru", "GRU", Recurrent, 3..=6, attrs, rule, Native, Contraction;
     Rnn = "rnn", "RNN", Recurrent, 3..=6, attrs, rule, Native, Contraction;

@@ -3,7 +3,7 @@
 //! reference semantics side by side. Everything computes in f64 and rounds back to the
 //! input's dtype once, so f16/bf16 inputs get f32-or-better intermediate precision.
 
-use super::kernels::{fact, from_f64s, split_axis, Bc};
+use super::shared::{fact, from_f64s, split_axis, Bc};
 use super::{arg, norm_axis, not_in_family, opt_arg, Fact};
 use crate::{Attr, Attrs, DType, Dim, OpKind, Shape, Tensor, TensorData};
 
@@ -173,7 +173,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             let kept: Vec<usize> = (0..shape.len())
                 .map(|i| if axes.contains(&i) { 1 } else { shape[i] })
                 .collect();
-            let slot = super::kernels::bcast_offsets(&shape, &kept);
+            let slot = super::shared::bcast_offsets(&shape, &kept);
             let m: usize = kept.iter().product();
             let count: usize = axes.iter().map(|&a| shape[a]).product();
             let (mut s1, mut s2) = (vec![0.0; m], vec![0.0; m]);

@@ -2,7 +2,7 @@
 //! (N, C, ...) tensor, with pads, strides, dilations, ceil_mode and auto_pad, and the
 //! global variants. Shape rules and reference semantics side by side.
 
-use super::kernels::{checked_numel, fact, for_each_index, Window};
+use super::shared::{checked_numel, fact, for_each_index, Window};
 use super::{arg, not_in_family, Fact};
 use crate::tensor::strides;
 use crate::{Attrs, DType, Dim, OpKind, Shape, Tensor, TensorData};

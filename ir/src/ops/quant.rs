@@ -17,8 +17,8 @@
 //! `axis`), or blocked (`block_size > 0`: x's shape with `axis` divided by the block size,
 //! rounded up). The one index map here serves both ops.
 
-use super::kernels::{fact, from_f64s};
 use super::movement::checked_numel;
+use super::shared::{fact, from_f64s};
 use super::{arg, norm_axis, not_in_family, opt_arg, Fact};
 use crate::{Attrs, DType, OpKind, Shape, Tensor};
 
@@ -208,7 +208,7 @@ fn param_index(attrs: &Attrs, xs: &[usize], ps: &[usize]) -> Result<Vec<usize>, 
         return Ok(vec![0; n]);
     }
     let axis = norm_axis(attrs.int_or("axis", 1)?, xs.len())?;
-    let (outer, len, inner) = super::kernels::split_axis(xs, axis);
+    let (outer, len, inner) = super::shared::split_axis(xs, axis);
     let mut map = Vec::with_capacity(n);
     if block == 0 {
         if ps != [len] {

@@ -16,7 +16,7 @@
 //! The integer products run through the linalg family's matmul and conv on centred i32
 //! operands, so there is one dense kernel; accumulation wraps in 32 bits, as ONNX allows.
 
-use super::kernels::{fact, zip2, Bc};
+use super::shared::{fact, zip2, Bc};
 use super::{arg, linalg, not_in_family, opt_arg, Fact};
 use crate::{Attrs, DType, OpKind, Tensor, TensorData};
 

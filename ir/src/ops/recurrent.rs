@@ -28,8 +28,8 @@
 //!
 //! Like the nn family, the reference computes in f64 and rounds to the input's dtype once.
 
-use super::kernels::{fact, from_f64s};
 use super::movement::{checked_numel, unify};
+use super::shared::{fact, from_f64s};
 use super::{arg, not_in_family, opt_arg, Fact};
 use crate::{Attrs, Dim, OpKind, Shape, Tensor};
 

@@ -6,7 +6,7 @@
 // rewrite `a < b` as bit logic; the generic form is the point.
 #![allow(clippy::bool_comparison)]
 
-use super::kernels::{bcast_offsets, fact, split_axis, Num};
+use super::shared::{bcast_offsets, fact, split_axis, Num};
 use super::{arg, norm_axis, not_in_family, opt_arg, Fact};
 use crate::{Attrs, DType, Dim, Elem, OpKind, Shape, Tensor, TensorData};
 

@@ -11,7 +11,7 @@ pub mod runner;
 use format::Meta;
 use kiln_ir::{DType, Dim, Tensor, TensorData};
 use kiln_plan::{Kernel, Plan};
-use kiln_runtime::kernel::CpuPlan;
+use kiln_runtime::executor::CpuPlan;
 use runner::{AotRunner, RowFn};
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -483,7 +483,7 @@ pub unsafe extern "C" fn kiln_run(
             tensors.push(Tensor::new(shape, data).map_err(bad)?);
         }
         c.times.clear();
-        let mut report = kiln_runtime::kernel::RunReport::default();
+        let mut report = kiln_runtime::executor::RunReport::default();
         let outs = c
             .plan
             .run_with(tensors, &c.runner, c.profile.then_some(&mut report))

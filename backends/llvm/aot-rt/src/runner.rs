@@ -4,11 +4,11 @@
 
 use kiln_ir::Tensor;
 use kiln_plan::LoopKernel;
-use kiln_runtime::kernel::rows::run_row_fn_par;
-use kiln_runtime::kernel::LoopRunner;
+use kiln_runtime::executor::rows::run_row_fn_par;
+use kiln_runtime::executor::LoopRunner;
 use kiln_runtime::pool::{Pool, PoolError};
 
-pub use kiln_runtime::kernel::rows::RowFn;
+pub use kiln_runtime::executor::rows::RowFn;
 
 /// Runs loop kernel `i` with `fns[i]`, falling back to the portable evaluator where a
 /// kernel has no compiled code; owns the context's thread pool.
@@ -44,7 +44,7 @@ impl AotRunner {
 
 fn resolve(threads: usize) -> usize {
     if threads == 0 {
-        kiln_runtime::kernels::gemm::physical_cores()
+        kiln_runtime::native::gemm::physical_cores()
     } else {
         threads
     }
@@ -56,7 +56,7 @@ impl LoopRunner for AotRunner {
         index: usize,
         k: &LoopKernel,
         inputs: &[&Tensor],
-        out: &mut kiln_runtime::kernel::arena::Outputs,
+        out: &mut kiln_runtime::executor::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         match self.fns.get(index).copied().flatten() {
             Some(f) => run_row_fn_par(f, k, inputs, &self.pool, out),

@@ -1,7 +1,7 @@
 //! Native fast paths for ops the partitioner leaves as fallbacks: data movement (f32
 //! `transpose`, `gather`, `concat`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
 //! `flatten`/`identity`/`shape`), the fused row ops `inv_std`/`inv_rms`/`rotary` in f32 and
-//! `linear_attention` (its chunked kernel in `kernels/linear_attention.rs`),
+//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`),
 //! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
 //! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
 //! indices) returns `None` and runs through the interpreter, which defines the semantics
@@ -82,9 +82,9 @@ pub fn run_fast_on(
         OpKind::Pow => pow(ins)?,
         OpKind::Sin => unary_f64(ins, f64::sin)?,
         OpKind::Cos => unary_f64(ins, f64::cos)?,
-        // Linear attention and retention, chunked (`kernels/linear_attention.rs`).
+        // Linear attention and retention, chunked (`native/linear_attention.rs`).
         OpKind::LinearAttention => {
-            crate::kernels::linear_attention::run(&node.attrs, ins, pool, out)?
+            crate::native::linear_attention::run(&node.attrs, ins, pool, out)?
         }
         OpKind::Cast => cast_to_f32(node, ins, out)?,
         _ => return None,

@@ -1,5 +1,5 @@
 //! Shared loops for the op families (elementwise, reduce, nn, linalg, pool): broadcasting
-//! index maps, per-dtype scalar arithmetic, the dense matmul kernel, and attribute helpers.
+//! index maps, per-dtype scalar arithmetic, the dense matmul loop, and attribute helpers.
 //! Written once here so each op in the family files is a line or a short function.
 
 use super::Fact;

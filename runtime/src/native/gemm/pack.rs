@@ -2,7 +2,7 @@
 //! weights, in the layout of the micro-kernel family chosen at pack time), A into `mr`-row
 //! panels per `MC × KC` block, and 64-byte-aligned buffers for both.
 
-use super::{GemmError, Kernel, MatRef};
+use super::{GemmError, KernelIsa, MatRef};
 
 /// From this many bytes a long-lived buffer ([`AlignedBuf::huge`]: packed weights) is placed
 /// on 2 MiB boundaries and marked for transparent huge pages (Linux `madvise`): a model's
@@ -141,7 +141,7 @@ pub struct PackedB {
     padded_cols: usize,
     nr: usize,
     kc_max: usize,
-    kernel: Kernel,
+    kernel: KernelIsa,
 }
 
 impl PackedB {
@@ -160,7 +160,7 @@ impl PackedB {
     /// `long_lived`: a constant weight (on huge pages when large) rather than one call's B.
     pub(super) fn pack_kernel(
         b: MatRef<'_>,
-        kernel: Kernel,
+        kernel: KernelIsa,
         long_lived: bool,
     ) -> Result<Self, GemmError> {
         let (nr, kc_max) = kernel.layout();
@@ -225,7 +225,7 @@ impl PackedB {
     }
 
     /// The micro-kernel family this was packed for.
-    pub(super) fn kernel(&self) -> Kernel {
+    pub(super) fn kernel(&self) -> KernelIsa {
         self.kernel
     }
 

@@ -1,18 +1,18 @@
 //! Contraction kernels: a `Kernel::Contraction` node compiled into a [`Prepared`] routine
 //! (constant weights packed once, attributes parsed once) and run on the CPU kernels in
-//! [`crate::kernels`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
+//! [`crate::native`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
 //! flash attention for `attention`, im2col + GEMM for patch convolutions, the exact 8-bit
-//! GEMM ([`crate::kernels::gemm_i8`]) for `matmul_integer`. Anything these do
+//! GEMM ([`crate::native::gemm_i8`]) for `matmul_integer`. Anything these do
 //! not cover (other dtypes, layouts, attributes) returns `None` from [`Prepared::run`] and the
 //! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
 
 use super::arena::Outputs;
-use crate::kernels::attention::{self, Attention, Mask};
-use crate::kernels::conv::{pack_weight, patch_conv, PatchConv};
-use crate::kernels::gemm::{
+use crate::native::attention::{self, Attention, Mask};
+use crate::native::conv::{pack_weight, patch_conv, PatchConv};
+use crate::native::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
-use crate::kernels::gemm_i8::{self, Bytes, IsaI8, PackedB8};
+use crate::native::gemm_i8::{self, Bytes, IsaI8, PackedB8};
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
 use std::collections::HashMap;

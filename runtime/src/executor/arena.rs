@@ -257,7 +257,7 @@ impl Outputs {
 
 #[cfg(test)]
 mod tests {
-    use crate::kernel::{CpuPlan, ReferenceRunner, RunReport};
+    use crate::executor::{CpuPlan, ReferenceRunner, RunReport};
     use kiln_ir::{Storage, Tensor};
 
     /// Contractions and transposes (which write into regions) with a symbolic batch, some

@@ -1,6 +1,6 @@
 //! The CPU executor and the routines it runs besides generated code: [`exec`] runs a
 //! [`kiln_plan::Plan`] prepared for the CPU ([`CpuPlan`]), [`contraction`] prepares and runs
-//! contractions on the hand-written kernels, [`glue`] holds the native data-movement and
+//! contractions on the hand-written kernels, [`routines`] holds the native data-movement and
 //! small-op routines (and dispatches to `recurrent`, the LSTM/GRU/RNN routine), [`arena`]
 //! the memory values are placed in, [`rows`] the row runner both code generators' loop
 //! kernels run through, [`par`] the parallel-for over rows.
@@ -8,9 +8,9 @@
 pub mod arena;
 pub mod contraction;
 pub mod exec;
-pub mod glue;
 pub mod par;
 mod recurrent;
+pub mod routines;
 pub mod rows;
 pub mod vmath;
 

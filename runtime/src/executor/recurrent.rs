@@ -11,7 +11,7 @@
 //! ([`kiln_ir::ops::recurrent`]); anything unusual (other dtypes, shapes the checks refuse)
 //! returns `None` and runs on the interpreter, which reports the error.
 
-use crate::kernels::gemm::{fast_exp, gemm_in, Epilogue, GemmConfig, MatMut, MatRef, PackedB, Rhs};
+use crate::native::gemm::{fast_exp, gemm_in, Epilogue, GemmConfig, MatMut, MatRef, PackedB, Rhs};
 use crate::pool::Pool;
 use kiln_ir::ops::recurrent::{input, seq_lens, Act, Cell, Dims, Spec};
 use kiln_ir::{Node, Tensor};
@@ -141,7 +141,7 @@ impl Recur {
 /// [`Recur::Cols`]'s product, with AVX2+FMA where the CPU has it.
 fn small_batch(h: &[f32], b_n: usize, h_n: usize, rt: &[f32], n: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::gemm::avx2::available() {
+    if crate::native::gemm::avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         unsafe { small_batch_avx2(h, b_n, h_n, rt, n, out) };
         return;
@@ -223,7 +223,7 @@ fn block<const BB: usize>(
 /// The outputs of a recurrent node, or `None` to leave it to the interpreter.
 pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::gemm::avx2::available() {
+    if crate::native::gemm::avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         return unsafe { run_avx2(node, ins, pool) };
     }

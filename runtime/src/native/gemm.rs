@@ -395,69 +395,71 @@ fn linux_physical_cores() -> Option<usize> {
 
 /// The micro-kernel family chosen for a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+enum KernelIsa {
     Avx512,
     Avx2Fma,
     Portable,
 }
 
-impl Kernel {
+impl KernelIsa {
     fn name(self) -> &'static str {
         match self {
-            Kernel::Avx512 => "avx512",
-            Kernel::Avx2Fma => "avx2",
-            Kernel::Portable => "portable",
+            KernelIsa::Avx512 => "avx512",
+            KernelIsa::Avx2Fma => "avx2",
+            KernelIsa::Portable => "portable",
         }
     }
 
     /// `(NR, KC)`: what a packed B's layout depends on.
     fn layout(self) -> (usize, usize) {
         match self {
-            Kernel::Avx512 => (avx512::NR, avx512::KC),
-            Kernel::Avx2Fma | Kernel::Portable => (avx2::NR, avx2::KC),
+            KernelIsa::Avx512 => (avx512::NR, avx512::KC),
+            KernelIsa::Avx2Fma | KernelIsa::Portable => (avx2::NR, avx2::KC),
         }
     }
 
     fn mr(self) -> usize {
         match self {
-            Kernel::Avx512 => avx512::MR,
-            Kernel::Avx2Fma | Kernel::Portable => avx2::MR,
+            KernelIsa::Avx512 => avx512::MR,
+            KernelIsa::Avx2Fma | KernelIsa::Portable => avx2::MR,
         }
     }
 
     /// The best kernel of this CPU, detected once per process.
-    fn best() -> Kernel {
-        static BEST: OnceLock<Kernel> = OnceLock::new();
+    fn best() -> KernelIsa {
+        static BEST: OnceLock<KernelIsa> = OnceLock::new();
         *BEST.get_or_init(|| {
             if avx512::available() {
-                Kernel::Avx512
+                KernelIsa::Avx512
             } else if avx2::available() {
-                Kernel::Avx2Fma
+                KernelIsa::Avx2Fma
             } else {
-                Kernel::Portable
+                KernelIsa::Portable
             }
         })
     }
 }
 
 /// The kernel for `isa`, given the kernel a pre-packed B was packed for (if any).
-fn select_kernel(isa: Isa, packed: Option<Kernel>) -> Result<Kernel, GemmError> {
+fn select_kernel(isa: Isa, packed: Option<KernelIsa>) -> Result<KernelIsa, GemmError> {
     let kernel = match isa {
         Isa::Auto => match packed {
-            None => Kernel::best(),
+            None => KernelIsa::best(),
             // B's layout decides; AVX2-layout panels run on AVX2 only where the CPU has it.
-            Some(Kernel::Avx2Fma | Kernel::Portable) if avx2::available() => Kernel::Avx2Fma,
-            Some(Kernel::Avx2Fma | Kernel::Portable) => Kernel::Portable,
-            Some(Kernel::Avx512) => Kernel::Avx512,
+            Some(KernelIsa::Avx2Fma | KernelIsa::Portable) if avx2::available() => {
+                KernelIsa::Avx2Fma
+            }
+            Some(KernelIsa::Avx2Fma | KernelIsa::Portable) => KernelIsa::Portable,
+            Some(KernelIsa::Avx512) => KernelIsa::Avx512,
         },
-        Isa::Avx512 => Kernel::Avx512,
-        Isa::Avx2 => Kernel::Avx2Fma,
-        Isa::Portable => Kernel::Portable,
+        Isa::Avx512 => KernelIsa::Avx512,
+        Isa::Avx2 => KernelIsa::Avx2Fma,
+        Isa::Portable => KernelIsa::Portable,
     };
     let present = match kernel {
-        Kernel::Avx512 => avx512::available(),
-        Kernel::Avx2Fma => avx2::available(),
-        Kernel::Portable => true,
+        KernelIsa::Avx512 => avx512::available(),
+        KernelIsa::Avx2Fma => avx2::available(),
+        KernelIsa::Portable => true,
     };
     if !present {
         return Err(GemmError::IsaUnavailable { isa: kernel.name() });
@@ -714,7 +716,7 @@ struct Ctx<'a> {
     ep: &'a Epilogue<'a>,
     n: usize,
     k: usize,
-    kernel: Kernel,
+    kernel: KernelIsa,
 }
 
 impl Ctx<'_> {
@@ -723,11 +725,11 @@ impl Ctx<'_> {
         match self.kernel {
             // SAFETY: `Avx512` is only selected after `avx512::available()` confirmed
             // AVX-512F on this CPU (AVX2 and FMA come with every AVX-512F CPU).
-            Kernel::Avx512 => unsafe { avx512::run(self, i_lo, i_hi, p_lo, p_hi) },
+            KernelIsa::Avx512 => unsafe { avx512::run(self, i_lo, i_hi, p_lo, p_hi) },
             // SAFETY: `Avx2Fma` is only selected after `avx2::available()` confirmed AVX2 and
             // FMA on this CPU.
-            Kernel::Avx2Fma => unsafe { avx2::run(self, i_lo, i_hi, p_lo, p_hi) },
-            Kernel::Portable => self.block_loop::<portable::Portable>(i_lo, i_hi, p_lo, p_hi),
+            KernelIsa::Avx2Fma => unsafe { avx2::run(self, i_lo, i_hi, p_lo, p_hi) },
+            KernelIsa::Portable => self.block_loop::<portable::Portable>(i_lo, i_hi, p_lo, p_hi),
         }
     }
 

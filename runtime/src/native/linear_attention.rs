@@ -44,7 +44,7 @@ pub fn run(
     attrs: &kiln_ir::Attrs,
     ins: &[Option<&Tensor>],
     pool: &Pool,
-    out: &mut crate::kernel::arena::Outputs,
+    out: &mut crate::executor::arena::Outputs,
 ) -> Option<Tensor> {
     let a = kiln_ir::ops::linear_attention::LinearAttentionAttrs::of(attrs).ok()?;
     let (q, k, v) = ((*ins.first()?)?, (*ins.get(1)?)?, (*ins.get(2)?)?);
@@ -344,7 +344,7 @@ mod tests {
             attrs,
             ins,
             &pool,
-            &mut crate::kernel::arena::Outputs::none(),
+            &mut crate::executor::arena::Outputs::none(),
         )
         .expect("fast path");
         let want = kiln_ir::ops::eval(OpKind::LinearAttention, attrs, ins)
@@ -469,7 +469,7 @@ mod tests {
             &attrs,
             &[Some(&q), Some(&k), Some(&v), Some(&ld)],
             &pool,
-            &mut crate::kernel::arena::Outputs::none(),
+            &mut crate::executor::arena::Outputs::none(),
         )
         .unwrap();
         assert!(y.to_f64s().iter().all(|x| x.is_finite()));

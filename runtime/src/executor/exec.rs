@@ -6,7 +6,7 @@
 //! records the layout). Loop kernels go to a [`LoopRunner`] (the reference evaluator or a
 //! JIT's compiled code); contractions to their prepared routines ([`super::contraction`],
 //! on the runner's thread pool) or, where none applies, and fallbacks to the native
-//! routines ([`super::glue`]) or the interpreter's ops.
+//! routines ([`super::routines`]) or the interpreter's ops.
 
 use super::arena::Outputs;
 use kiln_ir::{EvalError, Tensor, ValueId};
@@ -294,7 +294,7 @@ impl CpuPlan {
             if let (Kernel::Fallback(n), None) = (k, slot) {
                 let node = &g.nodes[*n];
                 if let (true, Some(&Some(x)), [o]) = (
-                    super::glue::is_view(node.op),
+                    super::routines::is_view(node.op),
                     node.inputs.first(),
                     node.outputs.as_slice(),
                 ) {
@@ -313,7 +313,7 @@ impl CpuPlan {
                                 .iter()
                                 .map(|i| i.and_then(|i| env[i.index()].as_deref()))
                                 .collect();
-                            super::glue::movement_shape(node, &ins)
+                            super::routines::movement_shape(node, &ins)
                         })
                         .flatten();
                     let ty = g.ty(*o);
@@ -421,14 +421,15 @@ impl CpuPlan {
                     let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
                     runner.run_loop(ki, l, &flat, &mut regions).map_err(err)?
                 }
-                Kernel::Fallback(n) if super::glue::has_fast_path(g.nodes[*n].op) => {
+                Kernel::Fallback(n) if super::routines::has_fast_path(g.nodes[*n].op) => {
                     let node = &g.nodes[*n];
                     let single = crate::pool::Pool::single();
                     let pool = runner.pool().unwrap_or(&single);
-                    let mut outs = match super::glue::run_fast_on(node, &ins, pool, &mut regions) {
-                        Some(outs) => outs,
-                        None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
-                    };
+                    let mut outs =
+                        match super::routines::run_fast_on(node, &ins, pool, &mut regions) {
+                            Some(outs) => outs,
+                            None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                        };
                     // Trailing optional outputs the node does not name (a recurrent op's
                     // `Y_c`, say) are dropped, as on the other paths.
                     outs.truncate(node.outputs.len());
