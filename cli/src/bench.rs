@@ -634,6 +634,28 @@ fn profile_table(p: &Profile) -> String {
             100.0 * in_arena as f64 / produced as f64
         );
     }
+    // The interpreter's f64 ops are the slow path nothing should stay on.
+    let interp: u64 = kernels
+        .iter()
+        .filter(|k| k.kind == "interp")
+        .map(|k| k.nanos)
+        .sum();
+    let mut interp_ops: Vec<&str> = kernels
+        .iter()
+        .filter(|k| k.kind == "interp")
+        .map(|k| k.op.as_str())
+        .collect();
+    interp_ops.sort_unstable();
+    interp_ops.dedup();
+    s += &format!(
+        "interpreter ops: {:.1}% of kernel time{}\n",
+        pct(interp),
+        if interp_ops.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", interp_ops.join(", "))
+        }
+    );
     let mut ops: Vec<_> = by_op.into_iter().collect();
     ops.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
     s += &format!(

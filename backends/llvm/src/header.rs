@@ -178,7 +178,7 @@ const void *kiln_result_data(const kiln_ctx *ctx, size_t i);
 size_t kiln_result_bytes(const kiln_ctx *ctx, size_t i);
 
 /* Per-kernel timing: turn it on, run, then read kind (0 loop, 1 contraction,
- * 2 fallback), nanoseconds and label (the ONNX node name, or the values a fused loop
+ * 2 native routine, 3 interpreter op), nanoseconds and label (the ONNX node name, or the values a fused loop
  * writes; owned by the context until the next run, null when out of range) of each kernel
  * of the last run. */
 int kiln_set_profiling(kiln_ctx *ctx, int on);

@@ -267,7 +267,8 @@ impl AotLibrary {
                     let kind = match kind {
                         0 => "loop",
                         1 => "contraction",
-                        _ => "fallback",
+                        3 => "interp",
+                        _ => "native",
                     };
                     let p = (self.profile_label)(self.ctx, i);
                     let label = if p.is_null() {

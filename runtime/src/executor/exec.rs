@@ -22,7 +22,9 @@ use std::time::Instant;
 pub struct KernelTime {
     /// The kernel's label ([`Plan::label`]).
     pub label: String,
-    /// `loop`, `contraction` or `fallback`.
+    /// Which path ran it: `loop` (generated code), `contraction` (a prepared routine),
+    /// `native` (a routine for a glue op) or `interp` (the interpreter's op: no routine,
+    /// or the routine declined these inputs).
     pub kind: &'static str,
     /// The op (for loop kernels, `loop`).
     pub op: String,
@@ -416,6 +418,12 @@ impl CpuPlan {
                 _ => super::arena::Outputs::none(),
             };
             let started = report.as_ref().map(|_| Instant::now());
+            // Which path ran the kernel, for the profile: a declined fast path is `interp`.
+            let mut kind = match k {
+                Kernel::Loop(_) => "loop",
+                Kernel::Contraction(_) => "contraction",
+                Kernel::Fallback(_) => "native",
+            };
             let outs: Vec<Tensor> = match k {
                 Kernel::Loop(l) => {
                     let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
@@ -428,7 +436,10 @@ impl CpuPlan {
                     let mut outs =
                         match super::routines::run_fast_on(node, &ins, pool, &mut regions) {
                             Some(outs) => outs,
-                            None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                            None => {
+                                kind = "interp";
+                                kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?
+                            }
                         };
                     // Trailing optional outputs the node does not name (a recurrent op's
                     // `Y_c`, say) are dropped, as on the other paths.
@@ -444,7 +455,10 @@ impl CpuPlan {
                     });
                     let mut outs = match fast {
                         Some(r) => r.map_err(err)?,
-                        None => kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?,
+                        None => {
+                            kind = "interp";
+                            kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?
+                        }
                     };
                     outs.truncate(node.outputs.len());
                     outs
@@ -471,10 +485,11 @@ impl CpuPlan {
             }
             drop(ins);
             if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
-                let (kind, op) = match k {
-                    Kernel::Loop(_) => ("loop", "loop".to_string()),
-                    Kernel::Contraction(n) => ("contraction", g.nodes[*n].op.name().to_string()),
-                    Kernel::Fallback(n) => ("fallback", g.nodes[*n].op.name().to_string()),
+                let op = match k {
+                    Kernel::Loop(_) => "loop".to_string(),
+                    Kernel::Contraction(n) | Kernel::Fallback(n) => {
+                        g.nodes[*n].op.name().to_string()
+                    }
                 };
                 r.kernels.push(KernelTime {
                     label: self.label(ki),

@@ -79,7 +79,7 @@ pub struct Context {
     /// Whether runs time every kernel.
     profile: bool,
     /// Per-kernel (kind, nanoseconds, label) of the last profiled run; kind 0 loop,
-    /// 1 contraction, 2 fallback.
+    /// 1 contraction, 2 native routine, 3 interpreter op.
     times: Vec<(i32, u64, CString)>,
 }
 
@@ -495,6 +495,7 @@ pub unsafe extern "C" fn kiln_run(
                 let kind = match k.kind {
                     "loop" => 0,
                     "contraction" => 1,
+                    "interp" => 3,
                     _ => 2,
                 };
                 let label = CString::new(k.label.replace('\0', " ")).unwrap_or_default();
@@ -615,7 +616,7 @@ pub unsafe extern "C" fn kiln_profile_count(ctx: *const Context) -> usize {
     unsafe { ctx_ref(ctx) }.map_or(0, |c| c.times.len())
 }
 
-/// Kernel `i` of the last profiled run: its kind (0 loop, 1 contraction, 2 fallback) and
+/// Kernel `i` of the last profiled run: its kind (0 loop, 1 contraction, 2 native routine, 3 interpreter op) and
 /// wall time in nanoseconds.
 ///
 /// # Safety
