@@ -116,11 +116,28 @@ fn signature(n: &Node, g: &Graph) -> u64 {
     for &o in &n.outputs {
         g.ty(o).hash(&mut h);
     }
-    for (k, a) in &n.attrs.0 {
+    for (k, a) in n.attrs.0.iter().filter(|(k, _)| k.as_str() != PROVENANCE) {
         k.hash(&mut h);
         hash_attr(a, &mut h);
     }
     h.finish()
+}
+
+/// The attribute naming the exporter's nodes a fused op absorbed: it differs between
+/// copies and does not change what a node computes (the body keeps the first copy's).
+const PROVENANCE: &str = "fused_from";
+
+/// Whether two nodes' attributes are equal, provenance aside.
+fn same_attrs(a: &Attrs, b: &Attrs) -> bool {
+    let strip = |x: &Attrs| {
+        let mut x = x.clone();
+        x.0.remove(PROVENANCE);
+        x
+    };
+    if a.get(PROVENANCE).is_none() && b.get(PROVENANCE).is_none() {
+        return a == b;
+    }
+    strip(a) == strip(b)
 }
 
 /// Searches `g` for the roll that removes the most nodes.
@@ -133,7 +150,7 @@ fn find(g: &Graph) -> Option<Roll> {
         return None;
     }
     let sig: Vec<u64> = seq.iter().map(|&i| signature(&g.nodes[i], g)).collect();
-    // Candidates (saved nodes, start, period, copies) from maximal runs per period.
+    // Candidates (saved nodes, start, period, run length) from maximal runs per period.
     let mut cands: Vec<(usize, usize, usize, usize)> = vec![];
     for p in MIN_BODY_NODES..=n / 2 {
         let mut i = 0;
@@ -148,10 +165,9 @@ fn find(g: &Graph) -> Option<Roll> {
             }
             let run = i - a;
             if run >= p {
-                let copies = run / p + 1;
-                let saved = (copies - 1) * p;
+                let saved = (run / p) * p;
                 if saved >= MIN_SAVED_NODES {
-                    cands.push((saved, a, p, copies));
+                    cands.push((saved, a, p, run));
                 }
             }
         }
@@ -159,19 +175,36 @@ fn find(g: &Graph) -> Option<Roll> {
     cands.sort_by(|x, y| y.0.cmp(&x.0).then(x.2.cmp(&y.2)).then(x.1.cmp(&y.1)));
     let producer = rewrite::producers(g);
     let users = users_of(g);
-    for &(_, a, p, c) in cands.iter().take(64) {
-        // The whole run, or without its first or last copy (whose operands or readers
-        // may differ from the others').
-        for (start, copies) in [(a, c), (a + p, c - 1), (a, c - 1)] {
+    for &(_, a, p, run) in cands.iter().take(64) {
+        // Every alignment of the block in the run (a run may start mid-block): the one
+        // with the most copies, then the fewest carried values, is the block's own.
+        let mut best: Option<Roll> = None;
+        for shift in 0..p.min(run) {
+            let copies = (run - shift) / p + 1;
             if copies < 2 || (copies - 1) * p < MIN_SAVED_NODES {
                 continue;
             }
+            let start = a + shift;
             let blocks: Vec<Vec<usize>> = (0..copies)
                 .map(|k| seq[start + k * p..start + (k + 1) * p].to_vec())
                 .collect();
-            if let Some(r) = confirm(g, &producer, &users, blocks) {
-                return Some(r);
+            if let Some(mut r) = confirm(g, &producer, &users, blocks) {
+                // Copies before the run whose nodes the order interleaves with other
+                // work (the first layer of an encoder, beside its mask computation).
+                while let Some(longer) = extend_back(g, &producer, &users, &r) {
+                    r = longer;
+                }
+                let better = best.as_ref().is_none_or(|b| {
+                    (r.copies, std::cmp::Reverse(r.carried))
+                        > (b.copies, std::cmp::Reverse(b.carried))
+                });
+                if better {
+                    best = Some(r);
+                }
             }
+        }
+        if best.is_some() {
+            return best;
         }
     }
     None
@@ -189,6 +222,90 @@ fn users_of(g: &Graph) -> Vec<Vec<usize>> {
         u[o.index()].push(usize::MAX);
     }
     u
+}
+
+/// The copy before `r`'s first one, found by following the first copy's carried and
+/// internal operands back, wherever the order put its nodes; `r` with it prepended if
+/// it is a copy too.
+fn extend_back(
+    g: &Graph,
+    producer: &[Option<usize>],
+    users: &[Vec<usize>],
+    r: &Roll,
+) -> Option<Roll> {
+    let first = &r.blocks[0];
+    let mut prev: Vec<Option<usize>> = vec![None; r.body_nodes];
+    // Seeds: the values the first copy reads in carried slots come from the copy before.
+    let set = |prev: &mut Vec<Option<usize>>, j: usize, o: usize, v: ValueId| -> Option<()> {
+        let ni = producer.get(v.index()).copied().flatten()?;
+        if g.nodes[ni].outputs.get(o) != Some(&v) {
+            return None;
+        }
+        match prev[j] {
+            None => prev[j] = Some(ni),
+            Some(x) if x == ni => {}
+            Some(_) => return None,
+        }
+        Some(())
+    };
+    for (j, row) in r.slots.iter().enumerate() {
+        for (sl, class) in row.iter().enumerate() {
+            if let Some(Slot::Carried(jj, o)) = class {
+                let v = g.nodes[first[j]].inputs[sl]?;
+                set(&mut prev, *jj, *o, v)?;
+            }
+        }
+    }
+    // Then what those nodes read in internal slots, until nothing new is found.
+    loop {
+        let mut grew = false;
+        for j in 0..r.body_nodes {
+            let Some(x) = prev[j] else { continue };
+            for (sl, class) in r.slots[j].iter().enumerate() {
+                if let Some(Slot::Internal(jj, o)) = class {
+                    let v = g.nodes[x].inputs.get(sl).copied().flatten()?;
+                    let known = prev[*jj].is_some();
+                    set(&mut prev, *jj, *o, v)?;
+                    grew |= !known;
+                }
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    let prev: Vec<usize> = prev.into_iter().collect::<Option<_>>()?;
+    let taken: HashSet<usize> = r.blocks.iter().flatten().copied().collect();
+    let distinct: HashSet<usize> = prev.iter().copied().collect();
+    if distinct.len() != prev.len() || prev.iter().any(|ni| taken.contains(ni)) {
+        return None;
+    }
+    if prev
+        .iter()
+        .zip(first)
+        .any(|(&a, &b)| signature(&g.nodes[a], g) != signature(&g.nodes[b], g))
+    {
+        return None;
+    }
+    let mut blocks = vec![prev];
+    blocks.extend(r.blocks.iter().cloned());
+    confirm(g, producer, users, blocks)
+}
+
+/// Whether `a` and `b` are both defined by constants holding equal tensors.
+fn same_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: ValueId) -> bool {
+    let konst = |v: ValueId| {
+        producer
+            .get(v.index())
+            .copied()
+            .flatten()
+            .filter(|&ni| g.nodes[ni].op == OpKind::Constant)
+            .and_then(|ni| g.nodes[ni].attrs.tensor("value").ok().flatten())
+    };
+    match (konst(a), konst(b)) {
+        (Some(x), Some(y)) => Arc::ptr_eq(&x, &y) || x == y,
+        _ => false,
+    }
 }
 
 /// Checks that `blocks` are copies of one block chained by carried values, and
@@ -223,7 +340,10 @@ fn confirm(
     for k in 1..copies {
         for j in 0..p {
             let (na, nb) = (&g.nodes[blocks[k - 1][j]], &g.nodes[blocks[k][j]]);
-            if na.op != nb.op || na.attrs != nb.attrs || na.inputs.len() != nb.inputs.len() {
+            if na.op != nb.op
+                || !same_attrs(&na.attrs, &nb.attrs)
+                || na.inputs.len() != nb.inputs.len()
+            {
                 return None;
             }
             for (s, (ia, ib)) in na.inputs.iter().zip(&nb.inputs).enumerate() {
@@ -259,7 +379,9 @@ fn confirm(
                     }
                     Some(_) => return None,
                     None => {
-                        if a != b {
+                        // The same value, or two constants with the same contents (the
+                        // body copies the first).
+                        if a != b && !same_constant(g, producer, a, b) {
                             return None;
                         }
                         Slot::Invariant(a)
