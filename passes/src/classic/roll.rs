@@ -30,6 +30,9 @@ pub const MIN_SAVED_NODES: usize = 12;
 /// At most this many loops are made in one run (each search is quadratic in the nodes).
 const MAX_ROLLS: usize = 8;
 
+/// At most this many candidate runs are confirmed per search (largest saving first).
+const MAX_CANDIDATES: usize = 16;
+
 /// Graphs with more non-constant nodes than this are not searched.
 const MAX_SEARCH_NODES: usize = 50_000;
 
@@ -175,7 +178,7 @@ fn find(g: &Graph) -> Option<Roll> {
     cands.sort_by(|x, y| y.0.cmp(&x.0).then(x.2.cmp(&y.2)).then(x.1.cmp(&y.1)));
     let producer = rewrite::producers(g);
     let users = users_of(g);
-    for &(_, a, p, run) in cands.iter().take(64) {
+    for &(_, a, p, run) in cands.iter().take(MAX_CANDIDATES) {
         // Every alignment of the block in the run (a run may start mid-block): the one
         // with the most copies, then the fewest carried values, is the block's own.
         let mut best: Option<Roll> = None;
