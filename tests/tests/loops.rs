@@ -113,7 +113,7 @@ fn jit_runs_loops_and_scans_like_the_interpreter() {
 }
 
 #[test]
-fn the_jit_compiles_a_loop_body_once_and_reuses_its_arena() {
+fn the_jit_runs_a_whole_loop_as_one_kernel() {
     let m = Model::from_graph(WHILE_MATMUL.parse().unwrap());
     let jit = compile(&m, Backend::Jit, "-roll_blocks");
     let ins = vec![
@@ -197,16 +197,7 @@ fn rolling_never_changes_a_shared_model_result() {
         eprintln!("SKIPPED: no shared models");
         return;
     }
-    for name in models.iter().filter(|n| n.starts_with("tiny/")) {
-        rolled_equals_unrolled(name);
-    }
-}
-
-/// The bench models are heavier: run them with `--ignored` (a minute or so in release).
-#[test]
-#[ignore]
-fn rolling_never_changes_a_bench_model_result() {
-    for name in shared().iter().filter(|n| n.starts_with("bench/")) {
+    for name in &models {
         rolled_equals_unrolled(name);
     }
 }

@@ -419,6 +419,17 @@ fn confirm(
             }
         }
     }
+    // The loop sits where the last copy ends: what reads its outputs must come later.
+    let end = blocks[copies - 1].iter().copied().max().unwrap_or(0);
+    for ((j, o), _) in &keys {
+        let v = g.nodes[blocks[copies - 1][*j]].outputs[*o];
+        if users[v.index()]
+            .iter()
+            .any(|u| !at.contains_key(u) && *u != usize::MAX && *u < end)
+        {
+            return None;
+        }
+    }
     // A carried value keeps its type from one copy to the next.
     for ((j, o), init) in &keys {
         for b in &blocks {
@@ -573,7 +584,7 @@ fn apply(g: &mut Graph, r: &Roll) {
         name: g.nodes[last[0]].name.clone(),
     };
     let gone: HashSet<usize> = r.blocks.iter().flatten().copied().collect();
-    let end = *last.last().expect("a body has nodes");
+    let end = last.iter().copied().max().expect("a body has nodes");
     let old = std::mem::take(&mut g.nodes);
     let mut pending = Some((trip_node, loop_node));
     for (i, n) in old.into_iter().enumerate() {
