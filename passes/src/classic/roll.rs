@@ -33,6 +33,13 @@ const MAX_ROLLS: usize = 8;
 /// At most this many candidate runs are confirmed per search (largest saving first).
 const MAX_CANDIDATES: usize = 16;
 
+/// The most node visits the confirmations of one search may take (a bound on compile
+/// time for long graphs with many near-repeats, such as recurrences unrolled over time).
+const MAX_CONFIRM_WORK: usize = 200_000;
+
+/// Constants up to this many elements are compared by contents.
+const SMALL_CONSTANT: usize = 4096;
+
 /// Graphs with more non-constant nodes than this are not searched.
 const MAX_SEARCH_NODES: usize = 50_000;
 
@@ -178,6 +185,7 @@ fn find(g: &Graph) -> Option<Roll> {
     cands.sort_by(|x, y| y.0.cmp(&x.0).then(x.2.cmp(&y.2)).then(x.1.cmp(&y.1)));
     let producer = rewrite::producers(g);
     let users = users_of(g);
+    let mut work = 0usize;
     for &(_, a, p, run) in cands.iter().take(MAX_CANDIDATES) {
         // Every alignment of the block in the run (a run may start mid-block): the one
         // with the most copies, then the fewest carried values, is the block's own.
@@ -186,6 +194,10 @@ fn find(g: &Graph) -> Option<Roll> {
             let copies = (run - shift) / p + 1;
             if copies < 2 || (copies - 1) * p < MIN_SAVED_NODES {
                 continue;
+            }
+            work += copies * p;
+            if work > MAX_CONFIRM_WORK {
+                return best;
             }
             let start = a + shift;
             let blocks: Vec<Vec<usize>> = (0..copies)
@@ -306,7 +318,12 @@ fn same_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: ValueId) 
             .and_then(|ni| g.nodes[ni].attrs.tensor("value").ok().flatten())
     };
     match (konst(a), konst(b)) {
-        (Some(x), Some(y)) => Arc::ptr_eq(&x, &y) || x == y,
+        // Large ones only by identity: comparing two layers' weights element by element
+        // on every alignment would cost more than the pass is worth (`fold_constants` and
+        // CSE have merged equal constants by then).
+        (Some(x), Some(y)) => {
+            Arc::ptr_eq(&x, &y) || (x.len() <= SMALL_CONSTANT && x.shape() == y.shape() && x == y)
+        }
         _ => false,
     }
 }
