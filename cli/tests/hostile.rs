@@ -202,7 +202,63 @@ fn malformed() -> Vec<(&'static str, Vec<u8>)> {
         .encode_to_vec(),
     ));
     v.push(("nested_if", nested_if(120).encode_to_vec()));
+    // A Loop whose body takes no carried value though the node passes one.
+    v.push((
+        "loop_body_arity",
+        loop_model(
+            vec![vi("i", DType::I64, &[]), vi("c", DType::Bool, &[])],
+            vec![node("Identity", &["c"], &["c_out"])],
+            vec![out("c_out")],
+        )
+        .encode_to_vec(),
+    ));
+    // A Loop whose body reads a value defined nowhere.
+    v.push((
+        "loop_body_undefined",
+        loop_model(
+            vec![
+                vi("i", DType::I64, &[]),
+                vi("c", DType::Bool, &[]),
+                vi("v", DType::F32, &["3"]),
+            ],
+            vec![
+                node("Identity", &["c"], &["c_out"]),
+                node("Add", &["v", "nowhere"], &["v_out"]),
+            ],
+            vec![out("c_out"), out("v_out")],
+        )
+        .encode_to_vec(),
+    ));
     v
+}
+
+/// `y = Loop(n, "", x)` with the given body.
+fn loop_model(
+    inputs: Vec<ValueInfoProto>,
+    nodes: Vec<NodeProto>,
+    outputs: Vec<ValueInfoProto>,
+) -> ModelProto {
+    let body = GraphProto {
+        node: nodes,
+        name: "body".into(),
+        input: inputs,
+        output: outputs,
+        ..Default::default()
+    };
+    let mut n = node("Loop", &["n", "", "x"], &["y"]);
+    n.attribute.push(AttributeProto {
+        name: "body".into(),
+        r#type: attr_type::GRAPH,
+        g: Some(Box::new(body)),
+        ..Default::default()
+    });
+    model_with(
+        vec![n],
+        vec![vi("x", DType::F32, &["3"])],
+        vec![out("y")],
+        vec![scalar("n", 3)],
+        17,
+    )
 }
 
 /// `If` inside `If` `depth` times: past prost's recursion limit of 100.

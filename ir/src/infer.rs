@@ -94,7 +94,7 @@ pub(crate) fn fold_small_constants(
     ins: &[Option<&Fact>],
     out: &mut [Fact],
 ) {
-    if op == OpKind::If {
+    if op.holds_graphs() {
         return;
     }
     // An output the shape rule already knows to be large is not worth evaluating.

@@ -2,7 +2,7 @@
 //! topological order, unique names, consistent types). A failure is a compiler bug or a
 //! malformed input, reported with the node it concerns.
 
-use crate::{infer, Graph, OpKind};
+use crate::{infer, Attr, Graph, OpKind};
 use std::collections::HashSet;
 
 /// A broken invariant.
@@ -95,6 +95,15 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
         if node.op == OpKind::Constant && node.attrs.tensor("value").ok().flatten().is_none() {
             return bad(label, "constant without a tensor `value` attribute".into());
+        }
+        // A subgraph (a branch, a loop body) is a closed graph with the same invariants.
+        for (name, a) in &node.attrs.0 {
+            if let Attr::Graph(sub) = a {
+                verify(sub).map_err(|e| VerifyError {
+                    node: format!("{label}, in {name} `@{}` at {}", sub.name, e.node),
+                    msg: e.msg,
+                })?;
+            }
         }
     }
     for &o in &g.outputs {

@@ -247,6 +247,26 @@ impl CostModel {
             .map(|&v| self.operand(g.ty(v)))
             .collect();
         let outs: Vec<Operand> = n.outputs.iter().map(|&v| self.operand(g.ty(v))).collect();
+        // A loop with a constant trip count (as `roll_blocks` makes) costs its body that
+        // many times.
+        if n.op == OpKind::Loop {
+            let trips = n
+                .inputs
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|m| g.constant_value(m))
+                .and_then(|t| t.to_i64s().first().copied());
+            if let (Some(trips), Ok(Some(body))) = (trips, n.attrs.graph("body")) {
+                let mut c = self.graph_cost(&body);
+                let k = trips.max(0) as f64;
+                c.flops *= k;
+                c.bytes *= k;
+                c.time *= k;
+                c.kernels *= trips.max(0) as usize;
+                return c;
+            }
+        }
         self.op_cost(n.op, &ins, &outs)
     }
 

@@ -6,7 +6,7 @@ use crate::canon::{
 };
 use crate::classic::{
     AbsorbHeadTransposes, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants,
-    HoistShapeReads, SimplifyOps,
+    HoistShapeReads, RollBlocks, SimplifyOps,
 };
 use crate::{Pass, PassManager};
 
@@ -66,6 +66,9 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // `shape(layer_norm(x))` reads `x`'s shape instead, so a norm that the e-graph folded
         // into a matmul is not kept running for an exporter's reshape target.
         Box::new(HoistShapeReads),
+        // Weight-tied blocks repeated back to back (ALBERT's shared layers) become one
+        // `loop` whose body is compiled once; exact, and last, so the body is optimised.
+        Box::new(RollBlocks),
         // Remove whatever no longer reaches a graph output.
         Box::new(EliminateDeadCode),
     ]
@@ -99,7 +102,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 19);
+        assert_eq!(report.passes.len(), 20);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

@@ -12,9 +12,13 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/models` beside the repository.
+/// `../shared/models` beside the repository, or `$KILN_SHARED_MODELS` (a worktree
+/// elsewhere).
 pub fn shared_models() -> PathBuf {
-    repo_root().join("../shared/models")
+    match std::env::var_os("KILN_SHARED_MODELS") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join("../shared/models"),
+    }
 }
 
 /// The ONNX backend node tests: `$KILN_ONNX_NODE_TESTS`, or the `onnx` wheel in the

@@ -51,7 +51,116 @@ pub struct JitExecutable {
     /// Runs contractions and splits large loop kernels.
     pool: kiln_runtime::pool::Pool,
     fns: Vec<Option<RowFn>>,
+    /// The compiled loop kernels of `loop`/`scan` bodies, per kernel of the plan.
+    bodies: Vec<Option<BodyFns>>,
     _code: CodeHolder,
+}
+
+/// The row functions of one body plan (and of the bodies nested in it), by kernel.
+#[derive(Default)]
+struct BodyFns {
+    fns: Vec<Option<RowFn>>,
+    bodies: Vec<Option<BodyFns>>,
+}
+
+/// The function ids a module defined for one plan and its nested bodies.
+struct BodyIds {
+    ids: Vec<Option<cranelift_module::FuncId>>,
+    bodies: Vec<Option<BodyIds>>,
+}
+
+/// Defines the loop kernels of `plan` and, recursively, of the bodies `cpu` prepared.
+fn define_plan(
+    module: &mut JITModule,
+    plan: &Plan,
+    bodies: &[Option<std::sync::Arc<CpuPlan>>],
+    prefix: &str,
+) -> Result<BodyIds, CompileError> {
+    let mut ids = vec![];
+    for (i, k) in plan.kernels.iter().enumerate() {
+        ids.push(match k {
+            Kernel::Loop(l) => Some(
+                codegen::define(module, l, &format!("{prefix}loop{i}")).map_err(|msg| {
+                    CompileError::Codegen {
+                        kernel: plan.label(i),
+                        msg,
+                    }
+                })?,
+            ),
+            _ => None,
+        });
+    }
+    let mut nested = vec![];
+    for (i, b) in bodies.iter().enumerate() {
+        nested.push(match b {
+            Some(b) => Some(define_plan(
+                module,
+                &b.plan,
+                &b.bodies,
+                &format!("{prefix}body{i}_"),
+            )?),
+            None => None,
+        });
+    }
+    Ok(BodyIds {
+        ids,
+        bodies: nested,
+    })
+}
+
+/// The finalised row functions of [`define_plan`]'s ids.
+fn finalised(module: &JITModule, ids: BodyIds) -> BodyFns {
+    BodyFns {
+        fns: ids
+            .ids
+            .into_iter()
+            .map(|id| {
+                id.map(|id| {
+                    let p = module.get_finalized_function(id);
+                    // SAFETY: `define` gave this function the `RowFn` signature.
+                    unsafe { std::mem::transmute::<*const u8, RowFn>(p) }
+                })
+            })
+            .collect(),
+        bodies: ids
+            .bodies
+            .into_iter()
+            .map(|b| b.map(|b| finalised(module, b)))
+            .collect(),
+    }
+}
+
+/// Runs a body plan's loop kernels with their compiled row functions.
+struct BodyRunner<'a> {
+    fns: &'a BodyFns,
+    pool: &'a kiln_runtime::pool::Pool,
+}
+
+impl LoopRunner for BodyRunner<'_> {
+    fn run_loop(
+        &self,
+        index: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+        out: &mut kiln_runtime::executor::arena::Outputs,
+    ) -> Result<Vec<Tensor>, String> {
+        match self.fns.fns.get(index).copied().flatten() {
+            Some(f) => run_row_fn_par(f, k, inputs, self.pool, out),
+            None => kiln_plan::eval::run_loop(k, inputs),
+        }
+    }
+
+    fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {
+        Some(self.pool)
+    }
+
+    fn body_runner(&self, index: usize) -> Option<Box<dyn LoopRunner + '_>> {
+        let fns = self.fns.bodies.get(index)?.as_ref()?;
+        Some(Box::new(BodyRunner {
+            fns,
+            pool: self.pool,
+        }))
+    }
 }
 
 impl std::fmt::Debug for JitExecutable {
@@ -85,44 +194,26 @@ pub fn compile_plan(plan: Plan, opts: &JitOptions) -> Result<JitExecutable, Comp
         kernel: "module".into(),
         msg,
     })?;
-    let mut ids = vec![];
-    for (i, k) in plan.kernels.iter().enumerate() {
-        ids.push(match k {
-            Kernel::Loop(l) => Some(
-                codegen::define(&mut module, l, &format!("loop{i}")).map_err(|msg| {
-                    CompileError::Codegen {
-                        kernel: plan.label(i),
-                        msg,
-                    }
-                })?,
-            ),
-            _ => None,
-        });
-    }
+    // The CPU runtime prepares `loop`/`scan` bodies as plans of their own; their loop
+    // kernels are compiled into the same module.
+    let cpu = CpuPlan::new(plan);
+    let ids = define_plan(&mut module, &cpu.plan, &cpu.bodies, "")?;
     module
         .finalize_definitions()
         .map_err(|e| CompileError::Codegen {
             kernel: "module".into(),
             msg: e.to_string(),
         })?;
-    let fns = ids
-        .into_iter()
-        .map(|id| {
-            id.map(|id| {
-                let p = module.get_finalized_function(id);
-                // SAFETY: `define` gave this function the `RowFn` signature.
-                unsafe { std::mem::transmute::<*const u8, RowFn>(p) }
-            })
-        })
-        .collect();
+    let BodyFns { fns, bodies } = finalised(&module, ids);
     let pool = kiln_runtime::pool::Pool::new(threads).map_err(|e| CompileError::Codegen {
         kernel: "thread pool".into(),
         msg: e.to_string(),
     })?;
     Ok(JitExecutable {
-        plan: CpuPlan::new(plan),
+        plan: cpu,
         pool,
         fns,
+        bodies,
         _code: CodeHolder(module),
     })
 }
@@ -182,6 +273,14 @@ impl LoopRunner for JitExecutable {
 
     fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {
         Some(&self.pool)
+    }
+
+    fn body_runner(&self, index: usize) -> Option<Box<dyn LoopRunner + '_>> {
+        let fns = self.bodies.get(index)?.as_ref()?;
+        Some(Box::new(BodyRunner {
+            fns,
+            pool: &self.pool,
+        }))
     }
 }
 

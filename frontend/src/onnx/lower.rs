@@ -2,7 +2,7 @@
 //! Checks every definition and use (missing inputs, duplicates, cycles), sorts the nodes
 //! topologically, turns initializers and `Constant` nodes into `constant` nodes, converts
 //! attributes, migrates older opsets (see [`super::migrate`]) and computes the outer
-//! values each `If` branch captures.
+//! values each subgraph (an `If` branch, a `Loop` or `Scan` body) captures.
 
 use super::migrate;
 use super::proto::{
@@ -38,6 +38,9 @@ pub(crate) struct LGraph {
     pub name: String,
     /// Declared inputs (top graph only).
     pub inputs: Vec<(String, TensorType)>,
+    /// A loop or scan body's own inputs, with the types the model declares for them
+    /// (`None`: the build derives them from the node's operands).
+    pub params: Vec<(String, Option<TensorType>)>,
     /// Outer values used inside (subgraphs only); they become the IR graph's inputs.
     pub captures: Vec<String>,
     pub nodes: Vec<LNode>,
@@ -257,6 +260,7 @@ fn lower_graph(
     }
     // Graph inputs that also have an initializer are constants (a default value).
     let mut inputs = vec![];
+    let mut params = vec![];
     // Named dims of the inputs: the fresh names given to unknown dims must differ.
     let input_params: HashSet<&str> = g
         .input
@@ -275,14 +279,14 @@ fn lower_graph(
         if matches!(defs.get(&vi.name), Some(Def::Init)) {
             continue;
         }
-        if !top {
-            return Err(OnnxError::Type {
-                value: vi.name.clone(),
-                msg: "subgraph inputs are not supported (only If branches, which have none)".into(),
-            });
-        }
         if defs.insert(vi.name.clone(), Def::Input).is_some() {
             return Err(dup(&vi.name, "a second graph input".into()));
+        }
+        if !top {
+            // A body's inputs shadow outer names; a declared type is a hint the build
+            // checks against the operands.
+            params.push((vi.name.clone(), value_type(vi)?));
+            continue;
         }
         let ty = value_type_as_input(vi, &input_params)?.ok_or_else(|| OnnxError::Type {
             value: vi.name.clone(),
@@ -337,9 +341,9 @@ fn lower_graph(
             if super::attrs::kind(a) != attr_type::GRAPH {
                 continue;
             }
-            if n.op_type != "If" {
+            if !matches!(n.op_type.as_str(), "If" | "Loop" | "Scan") {
                 return Err(node_err(format!(
-                    "graph attribute `{}` is only supported on If",
+                    "graph attribute `{}` is only supported on If, Loop and Scan",
                     a.name
                 )));
             }
@@ -446,6 +450,7 @@ fn lower_graph(
     Ok(LGraph {
         name: g.name.clone(),
         inputs,
+        params,
         captures: my_captures,
         nodes,
         outputs: g.output.iter().map(|o| o.name.clone()).collect(),

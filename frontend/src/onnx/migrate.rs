@@ -71,6 +71,18 @@ pub(crate) fn convert_node(
         .iter()
         .map(|s| (!s.is_empty()).then(|| s.clone()))
         .collect();
+    if matches!(op, OpKind::Loop | OpKind::Scan) {
+        if op == OpKind::Scan && ctx.opset < 9 {
+            return Err(err(
+                "Scan before opset 9 (with a batch axis and sequence_lens) is not supported".into(),
+            ));
+        }
+        // Loop's optional trip count and condition keep their places.
+        if op == OpKind::Loop {
+            inputs.resize(inputs.len().max(2), None);
+        }
+        attrs.set("num_captures", Attr::Int(captures.len() as i64));
+    }
     inputs.extend(captures.into_iter().map(Some));
     let mut m = Migration {
         ctx,

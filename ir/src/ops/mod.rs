@@ -352,6 +352,8 @@ op_table! {
     Resize = "resize", "Resize", Resize, 1..=4, attrs, rule, Interp, Elem(1.0);
     // ---- control.rs: control flow with subgraphs
     If = "if", "If", Control, 1..=N, attrs, rule, Interp, Elem(1.0);
+    Loop = "loop", "Loop", Control, 0..=N, attrs, rule, Interp, Elem(1.0);
+    Scan = "scan", "Scan", Control, 1..=N, attrs, rule, Interp, Elem(1.0);
     // ---- loss.rs: training losses
     NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
@@ -379,6 +381,14 @@ op_table! {
     InvRms = "inv_rms", "", Fused, 2..=2, plain, rule, Native, RowStat;
     // ---- linear_attention.rs: linear attention and retention (kiln-only, recognised)
     LinearAttention = "linear_attention", "", LinearAttention, 3..=4, attrs, rule, Native, Contraction;
+}
+
+impl OpKind {
+    /// Whether its attributes hold subgraphs (`if`, `loop`, `scan`): such a node is never
+    /// folded at compile time (a loop may run for long) and is opaque to rewrites.
+    pub fn holds_graphs(self) -> bool {
+        matches!(self, OpKind::If | OpKind::Loop | OpKind::Scan)
+    }
 }
 
 /// What shape inference knows about a value: its type, and for small integer tensors

@@ -57,7 +57,7 @@ impl Pass for FoldConstants {
         let mut namer = Namer::new(g);
         let mut inserts: Vec<(usize, Node)> = Vec::new();
         for i in 0..g.nodes.len() {
-            if matches!(g.nodes[i].op, OpKind::Constant | OpKind::If) {
+            if g.nodes[i].op == OpKind::Constant || g.nodes[i].op.holds_graphs() {
                 continue;
             }
             if g.nodes[i].op == OpKind::Identity {

@@ -244,7 +244,7 @@ fn make_op(eg: &KEGraph, op: OpKind, out: usize, args: &[Id]) -> Data {
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .is_some_and(|n| n <= FOLD_LIMIT_ELEMS)
         });
-        if let (Some(ts), true) = (tensors, small && op != OpKind::If) {
+        if let (Some(ts), true) = (tensors, small && !op.holds_graphs()) {
             if let Ok(mut outs) = ops::eval(op, &attrs, &ts) {
                 if out < outs.len() && outs[out].dtype() == f.ty.dtype {
                     let t = Arc::new(outs.swap_remove(out));

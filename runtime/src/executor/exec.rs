@@ -66,6 +66,14 @@ pub trait LoopRunner: Send + Sync {
     fn pool(&self) -> Option<&crate::pool::Pool> {
         None
     }
+
+    /// The runner for the body of the `loop`/`scan` node that kernel `index` runs
+    /// ([`CpuPlan::bodies`]), where this runner compiled the body's loop kernels too
+    /// (`None`: the portable evaluator runs them, contractions on this runner's pool).
+    fn body_runner(&self, index: usize) -> Option<Box<dyn LoopRunner + '_>> {
+        let _ = index;
+        None
+    }
 }
 
 /// Runs loop kernels with the portable evaluator in [`super::eval`].
@@ -94,6 +102,9 @@ pub struct CpuPlan {
     /// Per kernel: the prepared routine of a `Contraction` (constant weights packed
     /// once), or `None` where the interpreter's op runs.
     pub contractions: Vec<Option<std::sync::Arc<super::contraction::Prepared>>>,
+    /// Per kernel: the compiled body of a `loop` or `scan` node (its own plan, prepared
+    /// once; its arena is reused from one iteration to the next).
+    pub bodies: Vec<Option<std::sync::Arc<CpuPlan>>>,
     /// Memoised shape arithmetic, filled by runs.
     memo: ShapeMemo,
     /// Arena layouts per input-shape set and reusable blocks, filled by runs.
@@ -115,9 +126,24 @@ impl CpuPlan {
                     _ => None,
                 })
                 .collect();
+        let bodies = plan
+            .kernels
+            .iter()
+            .map(|k| match k {
+                Kernel::Fallback(n) if plan.graph.nodes[*n].op.holds_graphs() => {
+                    let node = &plan.graph.nodes[*n];
+                    let body = node.attrs.graph("body").ok().flatten()?;
+                    // A body the partitioner declines runs in the interpreter.
+                    let p = kiln_plan::partition(&body).ok()?;
+                    Some(std::sync::Arc::new(CpuPlan::new(p)))
+                }
+                _ => None,
+            })
+            .collect();
         CpuPlan {
             plan,
             contractions,
+            bodies,
             memo: ShapeMemo::default(),
             arenas: Default::default(),
         }
@@ -446,6 +472,13 @@ impl CpuPlan {
                     outs.truncate(node.outputs.len());
                     outs
                 }
+                Kernel::Fallback(n) if self.bodies.get(ki).is_some_and(Option::is_some) => {
+                    let node = &g.nodes[*n];
+                    let body = self.bodies[ki].as_deref().expect("checked above");
+                    let mut outs = run_body_node(node, body, &ins, runner, ki).map_err(err)?;
+                    outs.truncate(node.outputs.len());
+                    outs
+                }
                 Kernel::Contraction(n) | Kernel::Fallback(n) => {
                     let node = &g.nodes[*n];
                     let prepared = self.contractions.get(ki).and_then(|p| p.as_deref());
@@ -592,6 +625,53 @@ impl CpuPlan {
             self.arenas.give_back(b);
         }
         outs
+    }
+}
+
+/// Runs a `loop` or `scan` node natively: the iteration driver of kiln-ir's control family
+/// calls the body's compiled plan once per iteration. The body's plan keeps its arena
+/// layout and block from one iteration to the next (the same input shapes each time).
+fn run_body_node(
+    node: &kiln_ir::Node,
+    body: &CpuPlan,
+    ins: &[Option<&Tensor>],
+    runner: &dyn LoopRunner,
+    index: usize,
+) -> Result<Vec<Tensor>, String> {
+    use kiln_ir::ops::control;
+    let compiled = runner.body_runner(index);
+    let portable = BodyRunner { outer: runner };
+    let inner: &dyn LoopRunner = match &compiled {
+        Some(r) => r.as_ref(),
+        None => &portable,
+    };
+    let mut run = |xs: Vec<Tensor>| body.run(xs, inner).map_err(|e| e.to_string());
+    let g = &body.plan.graph;
+    match node.op {
+        kiln_ir::OpKind::Loop => control::run_loop(&node.attrs, ins, g, &mut run),
+        _ => control::run_scan(&node.attrs, ins, g, &mut run),
+    }
+}
+
+/// Runs a body's loop kernels with the portable evaluator and its contractions on the
+/// outer runner's pool.
+struct BodyRunner<'a> {
+    outer: &'a dyn LoopRunner,
+}
+
+impl LoopRunner for BodyRunner<'_> {
+    fn run_loop(
+        &self,
+        _: usize,
+        k: &LoopKernel,
+        inputs: &[&Tensor],
+        _: &mut Outputs,
+    ) -> Result<Vec<Tensor>, String> {
+        kiln_plan::eval::run_loop(k, inputs)
+    }
+
+    fn pool(&self) -> Option<&crate::pool::Pool> {
+        self.outer.pool()
     }
 }
 
