@@ -472,7 +472,8 @@ fn flat_gemm(
     if sparse_input {
         if let Some(wd) = f32s(w) {
             let (active, density) = sparse::active_columns(xd, m, k);
-            if density <= sparse::max_density(m) {
+            let max = sparse::max_density(m);
+            if max > 0.0 && density <= max {
                 let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
                     sparse::sparse_gemm_in(pool, xd, m, k, wd, n, &active, y, ep)
                 };

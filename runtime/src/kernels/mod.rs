@@ -5,5 +5,5 @@
 pub mod attention;
 pub mod conv;
 pub mod gemm;
-pub mod linear_attention;
 pub mod gemm_i8;
+pub mod linear_attention;
