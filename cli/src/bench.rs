@@ -172,7 +172,6 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 opt_level: args.opt,
                 passes: args.passes.clone(),
                 backend,
-                ..Options::default()
             };
             let exe = match &approx {
                 Some((g, _, _)) => model.compile_optimised(g.clone(), &opts)?,

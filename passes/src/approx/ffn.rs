@@ -46,7 +46,7 @@ impl FfnThreshold {
         let s: f64 = p
             .parse()
             .map_err(|_| bad("expected a target sparsity, a number in (0, 1)"))?;
-        if !(s > 0.0 && s < 1.0) {
+        if s.is_nan() || s <= 0.0 || s >= 1.0 {
             return Err(bad("the target sparsity must lie in (0, 1)"));
         }
         Ok(FfnThreshold {

@@ -506,7 +506,7 @@ fn bound_cost_model(g: &Graph, inputs: &[Tensor], target: Target) -> CostModel {
 /// indices stay valid while nodes are inserted).
 fn apply_all(g: &Graph, rewrites: &[Box<dyn ApproxRewrite>], set: &[(usize, Candidate)]) -> Graph {
     let mut order: Vec<&(usize, Candidate)> = set.iter().collect();
-    order.sort_by(|a, b| b.1.site.node.cmp(&a.1.site.node));
+    order.sort_by_key(|c| std::cmp::Reverse(c.1.site.node));
     let mut out = g.clone();
     for (r, c) in order {
         rewrites[*r].apply(&mut out, c);

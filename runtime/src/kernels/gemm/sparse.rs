@@ -22,14 +22,16 @@ pub const ROW_BLOCK: usize = 8;
 /// The largest density (active fraction of K) at which one row (a GEMV) goes sparse
 /// (`KILN_SPARSE_MAX_DENSITY` or [`set_max_density_override`] replace both thresholds).
 /// Measured with `cargo run --release -p kiln-runtime --example sparse_gemv` (the script
-/// `bench/sparsity.sh` runs it and writes `bench/sparsity.md`): the sparse GEMV stays faster
-/// than the packed dense GEMM up to this density on OPT-125m FFN widths (3072 × 768 and
-/// 768 × 3072) at one and two threads on the CI machine kind.
+/// `bench/sparsity.sh` runs it into `bench/sparsity.md`) on OPT-125m FFN widths, 1 thread:
+/// sparse/dense was 0.81 at 50% and 1.10 at 70% density for 3072 → 768, 0.59 and 0.87 for
+/// 768 → 3072; the crossover lies at 63–78%, so one row goes sparse up to 60%.
 pub const GEMV_MAX_DENSITY: f32 = 0.6;
 
-/// The largest union density (per [`ROW_BLOCK`] rows) at which many rows go sparse; the
-/// dense GEMM's register tiling wins above it. Measured as [`GEMV_MAX_DENSITY`] is.
-pub const GEMM_MAX_DENSITY: f32 = 0.25;
+/// The largest union density (per [`ROW_BLOCK`] rows) at which many rows go sparse. The same
+/// measurement, 8 and 128 rows: the gather-GEMM costs about 3× the dense GEMM per active
+/// neuron (it streams where the dense kernel is register-tiled): sparse/dense 0.32–0.57 at a
+/// union density of 21–22%, 0.93–1.42 at 55–57%; crossover near 33%, so 30%.
+pub const GEMM_MAX_DENSITY: f32 = 0.3;
 
 /// A process-wide threshold override (f32 bits; `NONE` when unset).
 static OVERRIDE: AtomicU32 = AtomicU32::new(NONE);
@@ -243,42 +245,42 @@ impl Job<'_> {
     #[inline(always)]
     unsafe fn run(&self) {
         let (k, n, w) = (self.k, self.n, self.w);
+        // SAFETY: the caller's contract (rows of the output are `n` apart, `w <= n - j0`).
+        let acc =
+            |r: usize| unsafe { std::slice::from_raw_parts_mut(self.out.add(r * n + self.j0), w) };
         for r in self.r0..self.r0 + self.rows {
-            // SAFETY: the caller's contract.
-            let acc = unsafe { std::slice::from_raw_parts_mut(self.out.add(r * n + self.j0), w) };
-            acc.fill(0.0);
-            let arow = &self.a[r * k..r * k + k];
-            let brow = |kk: u32| {
-                let s = kk as usize * n + self.j0;
-                &self.b[s..s + w]
-            };
-            // The row's non-zero activations among the block's active columns, four at a
-            // time (one pass over the accumulator per four rows of B).
-            let mut quad = [(0f32, 0u32); 4];
-            let mut q = 0;
-            for &kk in self.act {
-                let x = arow[kk as usize];
+            acc(r).fill(0.0);
+        }
+        let brow = |kk: u32| {
+            let s = kk as usize * n + self.j0;
+            &self.b[s..s + w]
+        };
+        // Four active neurons at a time: their rows of B are read once for the whole block
+        // and each row of the block adds all four in one pass over its accumulator.
+        let mut quads = self.act.chunks_exact(4);
+        for q in quads.by_ref() {
+            let (b0, b1, b2, b3) = (brow(q[0]), brow(q[1]), brow(q[2]), brow(q[3]));
+            for r in self.r0..self.r0 + self.rows {
+                let arow = &self.a[r * k..r * k + k];
+                let x = [q[0], q[1], q[2], q[3]].map(|kk| arow[kk as usize]);
+                if x == [0.0; 4] {
+                    continue;
+                }
+                let [x0, x1, x2, x3] = x;
+                let rows = acc(r).iter_mut().zip(b0).zip(b1).zip(b2).zip(b3);
+                for ((((c, &p0), &p1), &p2), &p3) in rows {
+                    *c += x0 * p0 + x1 * p1 + (x2 * p2 + x3 * p3);
+                }
+            }
+        }
+        for &kk in quads.remainder() {
+            let b0 = brow(kk);
+            for r in self.r0..self.r0 + self.rows {
+                let x = self.a[r * k + kk as usize];
                 if x == 0.0 {
                     continue;
                 }
-                quad[q] = (x, kk);
-                q += 1;
-                if q == 4 {
-                    let [(x0, k0), (x1, k1), (x2, k2), (x3, k3)] = quad;
-                    let rows = acc
-                        .iter_mut()
-                        .zip(brow(k0))
-                        .zip(brow(k1))
-                        .zip(brow(k2))
-                        .zip(brow(k3));
-                    for ((((c, &p0), &p1), &p2), &p3) in rows {
-                        *c += x0 * p0 + x1 * p1 + (x2 * p2 + x3 * p3);
-                    }
-                    q = 0;
-                }
-            }
-            for &(x, kk) in &quad[..q] {
-                for (c, &p) in acc.iter_mut().zip(brow(kk)) {
+                for (c, &p) in acc(r).iter_mut().zip(b0) {
                     *c += x * p;
                 }
             }
