@@ -8,7 +8,8 @@ from fixed seeds, numpy reference outputs, ONNX test layout):
   (batch 1, seq 1: decode steps), shift 0.
 - tests/models/sparse/swiglu_ffn: LLaMA's gated FFN, y = (silu(x Wg) * (x Wu)) Wd + x, named
   output `logits` through a head W_o [32, 50], on x[batch, seq, 32], FFN width 96.
-  test_data_set_0..5 (batch 1, seq 4), calibration inputs for the approximate rewrites.
+  test_data_set_0..5 (batch 1, seq 1: decode steps), calibration inputs for the
+  approximate rewrites.
 
 usage: /work/main/.venv/bin/python scripts/make_sparse_models.py
 """
@@ -105,7 +106,7 @@ def swiglu_ffn(rng):
     folder = os.path.join(ROOT, "swiglu_ffn")
     save(m, folder)
     for k in range(6):
-        x = rng.uniform(-2, 2, (1, 4, D)).astype(np.float32)
+        x = rng.uniform(-2, 2, (1, 1, D)).astype(np.float32)
         gg = x @ wg
         h = gg / (1 + np.exp(-gg)) * (x @ wu)
         logits = ((h @ wd + x) @ wo).astype(np.float32)

@@ -16,8 +16,15 @@ use std::collections::HashSet;
 /// The family's `--approx` name.
 pub const THRESHOLD: &str = "ffn-threshold";
 
-/// Sparsities tried per site when none is given.
-pub const LADDER: [f64; 5] = [0.3, 0.5, 0.7, 0.85, 0.95];
+/// Sparsities tried per site when none is given (below 40% the runtime keeps the dense
+/// GEMV, so there is nothing to gain).
+pub const LADDER: [f64; 6] = [0.4, 0.5, 0.6, 0.7, 0.85, 0.95];
+
+/// The densities up to which the CPU runtime takes its sparse-input GEMM: one row, and the
+/// union per row block for more (mirrors `GEMV_MAX_DENSITY` / `GEMM_MAX_DENSITY` in
+/// `runtime/src/kernels/gemm/sparse.rs`, measured there). A candidate whose density is above
+/// them saves nothing and is not proposed.
+pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.6, 0.3);
 
 /// Rows the runtime's gather-GEMM takes together: with many rows, a neuron is skipped only
 /// when it is inactive in every row of its block.
@@ -142,17 +149,25 @@ impl ApproxRewrite for FfnThreshold {
             .map(|&s| {
                 let at = ((mags.len() as f64 * s) as usize).min(mags.len() - 1);
                 let t = mags[at];
-                // A neuron is skipped for a row block only when inactive in all its rows.
+                // A neuron is skipped for a row block only when inactive in all its rows, and
+                // the runtime goes sparse only below its measured density thresholds.
                 let block = rows.min(ROW_BLOCK as f64);
                 let skipped = s.powf(block);
+                let max = if block <= 1.0 {
+                    RUNTIME_MAX_DENSITY.0
+                } else {
+                    RUNTIME_MAX_DENSITY.1
+                };
+                let engaged = 1.0 - skipped <= max;
                 Candidate {
                     family: THRESHOLD,
                     site: site.clone(),
                     params: format!("sparsity={s:.2} threshold={t:.4e}"),
                     values: vec![s, t as f64],
-                    saving: time * skipped,
+                    saving: if engaged { time * skipped } else { 0.0 },
                 }
             })
+            .filter(|c| c.saving > 0.0)
             .collect()
     }
 

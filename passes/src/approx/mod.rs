@@ -376,6 +376,7 @@ pub fn approximate(
     let n_out = g.outputs.len();
     let mut cands: Vec<(usize, Candidate, f64)> = Vec::new();
     let mut rejected = 0;
+    let mut proposed = 0;
     for (j, (r, site)) in found.iter().enumerate() {
         let values: Vec<Tensor> = acts.iter().map(|o| o[n_out + j].clone()).collect();
         let probe = Probe {
@@ -383,6 +384,7 @@ pub fn approximate(
             cost,
         };
         for c in req.rewrites[*r].candidates(g, site, &probe) {
+            proposed += 1;
             let mut trial = g.clone();
             req.rewrites[*r].apply(&mut trial, &c);
             let e = error_of(eval, &trial, &calib.calibrate, &want, &names, metric)?;
@@ -422,6 +424,11 @@ pub fn approximate(
     if chosen.is_empty() {
         let why = if found.is_empty() {
             "the model has no site for the requested families".to_string()
+        } else if proposed == 0 {
+            format!(
+                "no candidate at the {} sites would run faster at these shapes (the CPU runtime skips zeros below a measured density: see `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`)",
+                found.len()
+            )
         } else {
             format!(
                 "none of {} candidates at {} sites fits the budget on the calibration sets",
