@@ -18,6 +18,7 @@
 use kiln_cranelift::{JitExecutable, JitOptions};
 use kiln_ir::interp::EvalError;
 use kiln_ir::{Dim, Graph};
+pub use kiln_passes::approx;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -146,6 +147,9 @@ pub enum Error {
     /// Running failed inside the model.
     #[error(transparent)]
     Run(#[from] EvalError),
+    /// An approximation request was bad, or refused under its error budget.
+    #[error(transparent)]
+    Approx(#[from] kiln_passes::approx::ApproxError),
 }
 
 /// A model input or output: its name and declared (possibly symbolic) type.
@@ -221,32 +225,88 @@ impl Model {
         let start = Instant::now();
         let graph = self.optimised(opts)?;
         let optimise_time = start.elapsed();
-        let inner = match opts.backend {
-            Backend::Jit => Inner::Jit(Box::new(
-                kiln_cranelift::compile_with(
-                    &graph,
-                    &JitOptions {
-                        threads: opts.threads,
-                    },
-                )
-                .map_err(|e| Error::Compile {
-                    backend: Backend::Jit,
-                    msg: e.to_string(),
-                })?,
-            )),
-            Backend::Aot => Inner::Aot(Box::new(aot::Aot::build(&graph, opts.threads)?)),
-            Backend::Interp => Inner::Interp,
-        };
-        Ok(Executable {
-            inputs: ios(&graph, &graph.inputs),
-            outputs: ios(&graph, &graph.outputs),
-            graph,
-            inner,
-            backend: opts.backend,
-            optimise_time,
-            compile_time: start.elapsed(),
-        })
+        compile_graph(graph, opts, start, optimise_time)
     }
+
+    /// Optimises like [`Model::optimised`], then applies the approximate rewrites of `req`
+    /// under its error budget ([`kiln_passes::approx::approximate`]), every candidate graph
+    /// measured on `calib` by the JIT with `opts.threads` threads. Errors with
+    /// [`kiln_passes::approx::ApproxError::Refused`] when the budget cannot be met.
+    pub fn approximate(
+        &self,
+        opts: &Options,
+        req: &approx::Request,
+        calib: &approx::Calibration,
+    ) -> Result<(Graph, approx::ApproxReport), Error> {
+        let graph = self.optimised(opts)?;
+        let eval = JitEvaluator {
+            threads: opts.threads,
+        };
+        Ok(approx::approximate(
+            &graph,
+            req,
+            calib,
+            &eval,
+            kiln_passes::target::Target::host(),
+        )?)
+    }
+
+    /// Compiles an already optimised graph (from [`Model::approximate`]) for
+    /// `opts.backend`; `opts.opt_level` and `opts.passes` are not applied again.
+    pub fn compile_optimised(&self, graph: Graph, opts: &Options) -> Result<Executable, Error> {
+        compile_graph(graph, opts, Instant::now(), Duration::ZERO)
+    }
+}
+
+/// The JIT as the approximation machinery's evaluator.
+struct JitEvaluator {
+    threads: usize,
+}
+
+impl approx::Evaluator for JitEvaluator {
+    fn run(&self, g: &Graph, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
+        let exe = kiln_cranelift::compile_with(
+            g,
+            &JitOptions {
+                threads: self.threads,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        exe.run(inputs.to_vec()).map_err(|e| e.to_string())
+    }
+}
+
+fn compile_graph(
+    graph: Graph,
+    opts: &Options,
+    start: Instant,
+    optimise_time: Duration,
+) -> Result<Executable, Error> {
+    let inner = match opts.backend {
+        Backend::Jit => Inner::Jit(Box::new(
+            kiln_cranelift::compile_with(
+                &graph,
+                &JitOptions {
+                    threads: opts.threads,
+                },
+            )
+            .map_err(|e| Error::Compile {
+                backend: Backend::Jit,
+                msg: e.to_string(),
+            })?,
+        )),
+        Backend::Aot => Inner::Aot(Box::new(aot::Aot::build(&graph, opts.threads)?)),
+        Backend::Interp => Inner::Interp,
+    };
+    Ok(Executable {
+        inputs: ios(&graph, &graph.inputs),
+        outputs: ios(&graph, &graph.outputs),
+        graph,
+        inner,
+        backend: opts.backend,
+        optimise_time,
+        compile_time: start.elapsed(),
+    })
 }
 
 enum Inner {

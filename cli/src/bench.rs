@@ -72,6 +72,8 @@ pub struct BenchArgs {
     /// The Python with onnxruntime (default: .venv/bin/python of the kiln checkout).
     #[arg(long, value_name = "PATH")]
     python: Option<PathBuf>,
+    #[command(flatten)]
+    approx: crate::approx::ApproxArgs,
 }
 
 /// One run; with `profile`, the per-kernel times and memory plan too.
@@ -133,6 +135,29 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         None
     };
     let show = std::io::stderr().is_terminal();
+    // With --approx: the approximate graph (chosen once, at the first thread count) is what
+    // every row measures; the report gets the measured speed-up over the exact model.
+    let first_opts = Options {
+        threads: args.threads.first().copied().unwrap_or(1),
+        opt_level: args.opt,
+        passes: args.passes.clone(),
+        ..Options::default()
+    };
+    let mut approx =
+        crate::approx::apply(&args.approx, &model, &args.model, &first_opts, &args.dims)?;
+    if let Some((g, report, _)) = &mut approx {
+        let exact = model.compile(&first_opts)?;
+        let apx = model.compile_optimised(g.clone(), &first_opts)?;
+        let ordered: Vec<Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
+        report.measured_speedup = Some(crate::approx::measure_speedup(
+            &exact, &apx, &ordered, args.runs,
+        )?);
+        if args.format == Format::Text {
+            println!("{report}");
+        } else {
+            eprintln!("{report}");
+        }
+    }
     let mut rows = Vec::new();
     let mut profile: Option<Profile> = None;
     for &backend in &args.backend {
@@ -142,13 +167,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 0,
                 format!("{name}: {backend}, compiling ({threads} threads)"),
             );
-            let exe = model.compile(&Options {
+            let opts = Options {
                 threads,
                 opt_level: args.opt,
                 passes: args.passes.clone(),
                 backend,
-                ..Options::default()
-            })?;
+            };
+            let exe = match &approx {
+                Some((g, _, _)) => model.compile_optimised(g.clone(), &opts)?,
+                None => model.compile(&opts)?,
+            };
             bar.finish_and_clear();
             let bar = progress(
                 show,

@@ -43,6 +43,8 @@ pub struct InspectArgs {
     /// export.json `bench_inputs` when there is one, else 1.
     #[arg(long = "dim", value_name = "NAME=N")]
     dims: Vec<String>,
+    #[command(flatten)]
+    approx: crate::approx::ApproxArgs,
 }
 
 /// One row of the per-pass table.
@@ -147,6 +149,10 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     for line in linear_attention_forms(&cm, &g) {
         println!("{line}");
     }
+    let approx_text = approx_section(args, &model, &g)?;
+    if !approx_text.is_empty() {
+        println!("\n{approx_text}");
+    }
 
     if let Some(path) = &args.html {
         let page = report::html(&report::Report {
@@ -155,6 +161,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             table,
             egraph: egraph_text,
             fused,
+            approx: approx_text,
             before: &original,
             after: &g,
         });
@@ -162,6 +169,41 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         println!("\nwrote {}", path.display());
     }
     Ok(())
+}
+
+/// With `--calibration`: the measured activation density of each sparse-input FFN layer of
+/// the optimised graph `g`; with `--approx`: the approximation report and the densities of
+/// the approximate graph. Empty without either.
+fn approx_section(args: &InspectArgs, model: &kiln::Model, g: &Graph) -> Result<String> {
+    let a = &args.approx;
+    let req = a.request()?;
+    if a.calibration.is_none() && req.is_none() {
+        return Ok(String::new());
+    }
+    let calib = crate::approx::calibration(a, model, &args.model, &args.dims)?;
+    let all: Vec<Vec<kiln::Tensor>> = calib
+        .calibrate
+        .iter()
+        .chain(&calib.held_out)
+        .cloned()
+        .collect();
+    let mut lines =
+        crate::approx::density_lines(&crate::approx::ffn_densities(g, &all)?, &calib.source);
+    if let Some(req) = req {
+        let opts = kiln::Options {
+            passes: args.passes.clone(),
+            ..kiln::Options::default()
+        };
+        let (ag, report) = model.approximate(&opts, &req, &calib)?;
+        lines.push(String::new());
+        lines.push(report.to_string());
+        lines.push(String::new());
+        lines.extend(crate::approx::density_lines(
+            &crate::approx::ffn_densities(&ag, &all)?,
+            &format!("{}, approximate graph", calib.source),
+        ));
+    }
+    Ok(lines.join("\n"))
 }
 
 /// For each `linear_attention` node: the form `linearise_attention` chose (its chunk) and

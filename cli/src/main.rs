@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 user error (bad file, bad arguments, unsupported model),
 //! 2 output mismatch against reference data.
 
+mod approx;
 mod bench;
 mod build;
 mod compare;

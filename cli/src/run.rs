@@ -42,16 +42,25 @@ pub struct RunArgs {
     /// Threads inside kernels (0: one per physical core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    approx: crate::approx::ApproxArgs,
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let model = Model::load(&args.model)?;
-    let exe = model.compile(&Options {
+    let opts = Options {
         threads: args.threads,
         opt_level: args.opt,
         backend: args.backend,
         ..Options::default()
-    })?;
+    };
+    let exe = match crate::approx::apply(&args.approx, &model, &args.model, &opts, &args.dims)? {
+        Some((g, report, _)) => {
+            println!("{report}");
+            model.compile_optimised(g, &opts)?
+        }
+        None => model.compile(&opts)?,
+    };
     if let Some(dir) = &args.test_data {
         return run_test_data(&exe, dir);
     }

@@ -19,6 +19,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod approx;
 pub mod canon;
 pub mod classic;
 pub mod cost;

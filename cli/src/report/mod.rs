@@ -19,6 +19,9 @@ pub struct Report<'a> {
     pub egraph: String,
     /// Fused ops: (op, output value, absorbed ONNX node names).
     pub fused: Vec<(String, String, Vec<String>)>,
+    /// Activation densities and the approximation report (empty without
+    /// `--calibration` / `--approx`), as preformatted text.
+    pub approx: String,
     /// The graph as imported.
     pub before: &'a kiln_ir::Graph,
     /// The graph after the pipeline.
@@ -83,6 +86,10 @@ pub fn html(r: &Report) -> String {
     }
     s.push_str("</table>\n<h2>E-graph</h2>\n");
     let _ = writeln!(s, "<pre>{}</pre>", esc(&r.egraph));
+    if !r.approx.is_empty() {
+        let _ = writeln!(s, "<h2>Approximation and activation density</h2>");
+        let _ = writeln!(s, "<pre>{}</pre>", esc(&r.approx));
+    }
     let _ = writeln!(s, "<h2>Fused ops ({})</h2>", r.fused.len());
     if r.fused.is_empty() {
         s.push_str("<p class=\"note\">No fused op in the optimised graph.</p>\n");

@@ -10,7 +10,7 @@ use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
 use crate::native::conv::{pack_weight, patch_conv, PatchConv};
 use crate::native::gemm::{
-    gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
+    gemm_in, sparse, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
 use crate::native::gemm_i8::{self, Bytes, IsaI8, PackedB8};
 use crate::pool::{Pool, SharedMut};
@@ -24,6 +24,9 @@ pub enum Prepared {
     MatMul {
         /// The packed constant right operand.
         packed: Option<PackedB>,
+        /// A is made by a sparsifying op (ReLU, shrink): skip its zeros when the measured
+        /// density is low ([`crate::native::gemm::sparse`]).
+        sparse_input: bool,
     },
     /// `linear(x, w, bias?, row_scale?, residual?)`.
     Linear {
@@ -31,6 +34,8 @@ pub enum Prepared {
         act: Activation,
         /// The packed constant weight.
         packed: Option<PackedB>,
+        /// As for `MatMul`.
+        sparse_input: bool,
     },
     /// ONNX `Gemm`: `alpha·op(A)·op(B) + beta·C`.
     Gemm {
@@ -73,9 +78,30 @@ pub enum Prepared {
 pub fn prepare(g: &Graph, n: usize, constants: &HashMap<ValueId, &Tensor>) -> Option<Prepared> {
     let node = g.nodes.get(n)?;
     let input = |i: usize| node.inputs.get(i).copied().flatten();
-    prepare_op(node.op, &node.attrs, |i| {
+    let mut p = prepare_op(node.op, &node.attrs, |i| {
         input(i).and_then(|v| constants.get(&v).copied())
-    })
+    })?;
+    if let Some(a) = input(0) {
+        if sparsifying_producer(&g.nodes[..n], a) {
+            p.set_sparse_input();
+        }
+    }
+    Some(p)
+}
+
+/// Whether `v` is made (among `before`) by an op whose output is mostly zeros: `relu`, a
+/// `linear` with a ReLU epilogue, `shrink` (the approximate `ffn-threshold` rewrite),
+/// `thresholded_relu` with `alpha >= 0`.
+pub fn sparsifying_producer(before: &[kiln_ir::Node], v: ValueId) -> bool {
+    let Some(p) = before.iter().rev().find(|p| p.outputs.contains(&v)) else {
+        return false;
+    };
+    match p.op {
+        OpKind::Relu | OpKind::Shrink => true,
+        OpKind::ThresholdedRelu => p.attrs.float_or("alpha", 1.0).is_ok_and(|a| a >= 0.0),
+        OpKind::Linear => p.attrs.string_or("activation", "none".into()).as_deref() == Ok("relu"),
+        _ => false,
+    }
 }
 
 /// Compiles one contraction op; `constant(i)` is input `i`'s value when known at compile
@@ -100,10 +126,12 @@ pub fn prepare_op<'t>(
     Some(match op {
         OpKind::MatMul => Prepared::MatMul {
             packed: pack(1, false),
+            sparse_input: false,
         },
         OpKind::Linear => Prepared::Linear {
             act: Activation::from_name(&attrs.string_or("activation", "none".into()).ok()?)?,
             packed: pack(1, false),
+            sparse_input: false,
         },
         OpKind::Gemm => {
             let trans_b = attrs.int_or("transB", 0).ok()? != 0;
@@ -265,6 +293,29 @@ fn row_vector(t: &Tensor, out: &[usize]) -> Option<Vec<f32>> {
 }
 
 impl Prepared {
+    /// Lets a `matmul` / `linear` skip the zeros of its left operand (no effect on other
+    /// contractions).
+    pub fn set_sparse_input(&mut self) {
+        if let Prepared::MatMul { sparse_input, .. } | Prepared::Linear { sparse_input, .. } = self
+        {
+            *sparse_input = true;
+        }
+    }
+
+    /// Whether the sparse-input path is enabled.
+    pub fn sparse_input(&self) -> bool {
+        matches!(
+            self,
+            Prepared::MatMul {
+                sparse_input: true,
+                ..
+            } | Prepared::Linear {
+                sparse_input: true,
+                ..
+            }
+        )
+    }
+
     /// Runs the node on `ins` (the node's inputs, in order), or `None` when this routine
     /// does not cover the inputs it got (the caller then runs the interpreter's op).
     /// Its output goes to its planned region in `out` where it has one.
@@ -286,8 +337,15 @@ impl Prepared {
             return None;
         }
         match self {
-            Prepared::MatMul { packed } => matmul(arg(0)?, arg(1)?, packed.as_ref(), pool, out),
-            Prepared::Linear { act, packed } => linear(ins, *act, packed.as_ref(), pool, out),
+            Prepared::MatMul {
+                packed,
+                sparse_input,
+            } => matmul(arg(0)?, arg(1)?, packed.as_ref(), *sparse_input, pool, out),
+            Prepared::Linear {
+                act,
+                packed,
+                sparse_input,
+            } => linear(ins, *act, packed.as_ref(), *sparse_input, pool, out),
             Prepared::Gemm {
                 alpha,
                 beta,
@@ -394,10 +452,12 @@ fn matmul_integer(
 }
 
 /// `x[.., K] · w[K, N]` as one `(rows·) × K` GEMM with the epilogue; `x` of rank >= 1.
+#[allow(clippy::too_many_arguments)]
 fn flat_gemm(
     x: &Tensor,
     w: &Tensor,
     packed: Option<&PackedB>,
+    sparse_input: bool,
     ep: &Epilogue<'_>,
     out_shape: Vec<usize>,
     pool: &Pool,
@@ -408,6 +468,23 @@ fn flat_gemm(
     let m: usize = x.shape()[..x.rank() - 1].iter().product();
     if *x.shape().last()? != k {
         return None;
+    }
+    if sparse_input {
+        if let Some(wd) = f32s(w) {
+            let (active, density) = sparse::active_columns(xd, m, k);
+            let max = sparse::max_density(m);
+            if max > 0.0 && density <= max {
+                let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
+                    sparse::sparse_gemm_in(pool, xd, m, k, wd, n, &active, y, ep)
+                };
+                // SAFETY: `sparse_gemm_in` returns Ok only when it wrote all `m·n` values.
+                let y = unsafe { out.write_f32(0, m * n, fill) };
+                return Some(
+                    y.map(|y| Tensor::from_buf(out_shape, y))
+                        .map_err(|e| e.to_string()),
+                );
+            }
+        }
     }
     let packed = packed.filter(|p| p.rows() == k && p.cols() == n);
     let wd = match packed {
@@ -437,6 +514,7 @@ fn matmul(
     a: &Tensor,
     b: &Tensor,
     packed: Option<&PackedB>,
+    sparse_input: bool,
     pool: &Pool,
     y: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
@@ -446,7 +524,16 @@ fn matmul(
     if b.rank() == 2 {
         let mut out = a.shape().to_vec();
         *out.last_mut()? = b.shape()[1];
-        return flat_gemm(a, b, packed, &Epilogue::default(), out, pool, y);
+        return flat_gemm(
+            a,
+            b,
+            packed,
+            sparse_input,
+            &Epilogue::default(),
+            out,
+            pool,
+            y,
+        );
     }
     if a.rank() < 2 {
         return None;
@@ -546,6 +633,7 @@ fn linear(
     ins: &[Option<&Tensor>],
     act: Activation,
     packed: Option<&PackedB>,
+    sparse_input: bool,
     pool: &Pool,
     y: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
@@ -581,7 +669,7 @@ fn linear(
         activation: act,
         residual,
     };
-    flat_gemm(x, w, packed, &ep, out, pool, y)
+    flat_gemm(x, w, packed, sparse_input, &ep, out, pool, y)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -68,6 +68,7 @@ mod pack;
 mod peak;
 mod portable;
 mod simd;
+pub mod sparse;
 #[cfg(test)]
 mod tests;
 

@@ -1,0 +1,308 @@
+//! `--approx FAMILY[=PARAMS],... --max-error E [--calibration DIR] [--metric M]`, shared by
+//! `kiln run`, `kiln bench` and `kiln inspect`: argument checks, calibration inputs (an ONNX
+//! test-data folder, or seeded random ones with a loud warning), the call into the budget
+//! machinery (`kiln_passes::approx`), the measured speed-up, and the per-layer activation
+//! density of sparse-input FFN layers.
+
+use anyhow::{bail, Context, Result};
+use kiln::approx::{self, ApproxReport, Calibration, Metric, Request};
+use kiln::{Model, Options, Tensor};
+use kiln_ir::{Dim, Graph};
+use kiln_reference::TestData;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Seeded random calibration sets used when no `--calibration` folder is given (the last
+/// two are held out).
+pub const RANDOM_SETS: usize = 6;
+
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ApproxArgs {
+    /// Opt in to approximate rewrites, comma-separated FAMILY[=PARAMS]:
+    /// `ffn-threshold[=SPARSITY]` (magnitude thresholds on FFN down-projection inputs of
+    /// SiLU/GELU models; without SPARSITY the budget picks per layer). Needs --max-error.
+    #[arg(long, value_name = "FAMILY[=PARAMS],...")]
+    pub approx: Option<String>,
+    /// The error budget for --approx, measured by --metric on every output against the
+    /// exact model; the approximation is refused (exit 1) when it cannot be met.
+    #[arg(long, value_name = "E", allow_negative_numbers = true)]
+    pub max_error: Option<f64>,
+    /// Calibration inputs: a folder of `test_data_set_*` folders (ONNX test layout) or one
+    /// such folder. Without it, seeded random inputs (which do not represent real data).
+    #[arg(long, value_name = "DIR")]
+    pub calibration: Option<PathBuf>,
+    /// How --max-error is measured: rel-l2 (default), max-rel, or top1 (fraction of rows of
+    /// logits-like outputs whose arg-max changes).
+    #[arg(long, value_name = "METRIC", default_value = "rel-l2")]
+    pub metric: String,
+}
+
+impl ApproxArgs {
+    /// The request, or `None` without `--approx`; argument errors name the flag.
+    pub fn request(&self) -> Result<Option<Request>> {
+        let metric: Metric = self
+            .metric
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--metric: {e}"))?;
+        let Some(spec) = &self.approx else {
+            if self.max_error.is_some() {
+                bail!("--max-error is given without --approx: name the approximate rewrites to apply (e.g. --approx {})", approx::ffn::THRESHOLD);
+            }
+            return Ok(None);
+        };
+        let Some(e) = self.max_error else {
+            bail!("--approx needs an error budget: add --max-error E (e.g. --max-error 1e-2)");
+        };
+        if !e.is_finite() || e < 0.0 {
+            bail!("--max-error must be a finite number >= 0, got {e}");
+        }
+        let rewrites = approx::parse_families(spec)?;
+        Ok(Some(Request {
+            rewrites,
+            max_error: e,
+            metric,
+        }))
+    }
+}
+
+/// The calibration sets for `model`: from `--calibration`, else seeded random ones (with
+/// the warning printed on stderr).
+pub fn calibration(
+    args: &ApproxArgs,
+    model: &Model,
+    model_path: &Path,
+    dims: &[String],
+) -> Result<Calibration> {
+    match &args.calibration {
+        Some(dir) => load_calibration(dir, model),
+        None => {
+            eprintln!(
+                "warning: no --calibration folder: calibrating on {RANDOM_SETS} sets of SEEDED RANDOM inputs.\n\
+                 warning: random inputs do not represent real activations; the accepted error may not hold on real data.\n\
+                 warning: pass --calibration DIR with test_data_set_* folders of representative inputs."
+            );
+            let sets = random_sets(model, model_path, dims, RANDOM_SETS)?;
+            Ok(Calibration::split(sets, "random (seeded)", true))
+        }
+    }
+}
+
+/// The `test_data_set_*` folders under `dir`, or `dir` itself when it holds `input_*.pb`.
+fn set_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    if !dir.is_dir() {
+        bail!("--calibration {}: not a folder", dir.display());
+    }
+    let has_inputs = |d: &Path| {
+        std::fs::read_dir(d).is_ok_and(|mut r| {
+            r.any(|e| {
+                e.is_ok_and(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    n.starts_with("input_") && n.ends_with(".pb")
+                })
+            })
+        })
+    };
+    if has_inputs(dir) {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
+        })
+        .collect();
+    sets.sort();
+    if sets.is_empty() {
+        bail!(
+            "--calibration {}: no test_data_set_* folders (ONNX test layout: test_data_set_N/input_K.pb) and no input_*.pb",
+            dir.display()
+        );
+    }
+    Ok(sets)
+}
+
+/// Loads every set under `dir` and checks it against the model's inputs.
+fn load_calibration(dir: &Path, model: &Model) -> Result<Calibration> {
+    let ios = model.inputs();
+    let mut sets = Vec::new();
+    for d in set_dirs(dir)? {
+        let data = TestData::load(&d).with_context(|| format!("--calibration: {}", d.display()))?;
+        if data.inputs.len() != ios.len() {
+            bail!(
+                "--calibration: {} has {} inputs but the model takes {} ({})",
+                d.display(),
+                data.inputs.len(),
+                ios.len(),
+                ios.iter()
+                    .map(|io| io.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        for (io, (file, t)) in ios.iter().zip(&data.inputs) {
+            if let Some(why) = mismatch(&io.ty, t) {
+                bail!(
+                    "--calibration: {}/{file} does not fit input `{}` ({}): got {}{:?}: {why}",
+                    d.display(),
+                    io.name,
+                    io.ty,
+                    t.dtype(),
+                    t.shape()
+                );
+            }
+        }
+        sets.push(data.inputs.into_iter().map(|(_, t)| t).collect());
+    }
+    Ok(Calibration::split(sets, &dir.display().to_string(), false))
+}
+
+/// Why `t` cannot be a value of `ty` (dtype, rank, a fixed dim), or `None`.
+fn mismatch(ty: &kiln_ir::TensorType, t: &Tensor) -> Option<String> {
+    if ty.dtype != t.dtype() {
+        return Some(format!("dtype {} instead of {}", t.dtype(), ty.dtype));
+    }
+    let dims = ty.shape.dims()?;
+    if dims.len() != t.rank() {
+        return Some(format!("rank {} instead of {}", t.rank(), dims.len()));
+    }
+    for (i, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
+        if let Dim::Fixed(f) = d {
+            if *f as usize != n {
+                return Some(format!("dim {i} is {n} instead of {f}"));
+            }
+        }
+    }
+    None
+}
+
+/// `n` sets of seeded random inputs (dims from `--dim`, else the export.json beside the
+/// model, else 1).
+pub fn random_sets(
+    model: &Model,
+    model_path: &Path,
+    dims: &[String],
+    n: usize,
+) -> Result<Vec<Vec<Tensor>>> {
+    let ios = model.inputs();
+    let mut bound = crate::random::bind_dims(dims, ios.iter().map(|io| &io.ty))?;
+    if dims.is_empty() {
+        bound = crate::random::dims_from_export_json(
+            model_path,
+            ios.iter().map(|io| (io.name.as_str(), &io.ty)),
+        );
+    }
+    let bounds = crate::random::index_bounds(model.graph());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    (0..n)
+        .map(|_| {
+            ios.iter()
+                .map(|io| {
+                    let end = bounds
+                        .get(&io.name)
+                        .copied()
+                        .unwrap_or(crate::random::DEFAULT_INT_END);
+                    crate::run::random_tensor(&io.ty, &bound, end, &mut rng)
+                        .with_context(|| format!("making a random value for input `{}`", io.name))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// With `--approx`: the approximate graph and its report (printed to stdout), or the
+/// refusal as an error (exit 1). `None` without `--approx`.
+pub fn apply(
+    args: &ApproxArgs,
+    model: &Model,
+    model_path: &Path,
+    opts: &Options,
+    dims: &[String],
+) -> Result<Option<(Graph, ApproxReport, Calibration)>> {
+    let Some(req) = args.request()? else {
+        return Ok(None);
+    };
+    let calib = calibration(args, model, model_path, dims)?;
+    let (g, report) = model.approximate(opts, &req, &calib)?;
+    Ok(Some((g, report, calib)))
+}
+
+/// Median wall time of `runs` runs of the exact and the approximate executables on the
+/// first calibration set; the exact over the approximate time.
+pub fn measure_speedup(
+    exact: &kiln::Executable,
+    approx: &kiln::Executable,
+    inputs: &[Tensor],
+    runs: usize,
+) -> Result<f64> {
+    let time = |exe: &kiln::Executable| -> Result<f64> {
+        exe.run_ordered(inputs.to_vec())?;
+        let mut ts: Vec<f64> = (0..runs.max(1))
+            .map(|_| {
+                let s = Instant::now();
+                exe.run_ordered(inputs.to_vec())
+                    .map(|_| s.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_, _>>()?;
+        ts.sort_by(f64::total_cmp);
+        Ok(ts[ts.len() / 2])
+    };
+    Ok(time(exact)? / time(approx)?.max(1e-12))
+}
+
+/// The per-layer activation density of the FFN layers the runtime runs with a
+/// sparse-input GEMM (inputs made by ReLU or by an approximate threshold), measured on the
+/// calibration sets: `(layer, mean density, min, max)`.
+pub fn ffn_densities(g: &Graph, sets: &[Vec<Tensor>]) -> Result<Vec<(String, f64, f64, f64)>> {
+    let sites = approx::ffn::sparse_input_sites(g);
+    if sites.is_empty() || sets.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut probed = g.clone();
+    let n_out = g.outputs.len();
+    probed.outputs.extend(sites.iter().map(|s| s.probe));
+    let mut per: Vec<Vec<f64>> = vec![vec![]; sites.len()];
+    let exe = Model::from_graph(probed.clone()).compile_optimised(probed, &Options::default())?;
+    for set in sets {
+        let outs = exe
+            .run_ordered(set.clone())
+            .context("measuring activation density")?;
+        for (j, t) in outs[n_out..].iter().enumerate() {
+            per[j].push(approx::ffn::density(t));
+        }
+    }
+    Ok(sites
+        .iter()
+        .zip(per)
+        .map(|(s, d)| {
+            let mean = d.iter().sum::<f64>() / d.len() as f64;
+            let min = d.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = d.iter().copied().fold(0.0, f64::max);
+            (s.name.clone(), mean, min, max)
+        })
+        .collect())
+}
+
+/// The density table as text lines.
+pub fn density_lines(rows: &[(String, f64, f64, f64)], source: &str) -> Vec<String> {
+    let mut lines = vec![format!(
+        "FFN activation density (non-zero fraction of the down-projection input; calibration {source}):"
+    )];
+    if rows.is_empty() {
+        lines.push(
+            "  no sparse-input FFN layers (ReLU or thresholded) in the optimised graph".into(),
+        );
+    }
+    for (name, mean, min, max) in rows {
+        lines.push(format!(
+            "  {name:<32} {:>6.1}%  (min {:.1}%, max {:.1}%)",
+            mean * 100.0,
+            min * 100.0,
+            max * 100.0
+        ));
+    }
+    lines
+}

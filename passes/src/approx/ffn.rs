@@ -1,0 +1,244 @@
+//! `ffn-threshold`: TEAL/CATS-style training-free activation sparsity. The input of an FFN
+//! down-projection of a SiLU/GELU model (`matmul`/`linear` with a constant `W[K, N]`,
+//! `K > N`, fed by a gate product or a smooth activation) goes through
+//! `shrink(h, lambd = t, bias = 0)`, which zeroes every `|h| <= t`; `t` is the magnitude
+//! quantile of the calibration activations at the target sparsity, per layer. The runtime's
+//! sparse-input GEMM then reads only the rows of W for non-zero activations.
+//!
+//! `ffn-threshold=S` asks for sparsity `S` in (0, 1) at every site; bare `ffn-threshold`
+//! lets the budget pick per site from [`LADDER`].
+
+use super::{ApproxError, ApproxRewrite, Candidate, Probe, Site};
+use crate::rewrite::Namer;
+use kiln_ir::{Attr, Attrs, DType, Graph, Node, OpKind, ValueId};
+use std::collections::HashSet;
+
+/// The family's `--approx` name.
+pub const THRESHOLD: &str = "ffn-threshold";
+
+/// Sparsities tried per site when none is given (below 40% the runtime keeps the dense
+/// GEMV, so there is nothing to gain).
+pub const LADDER: [f64; 6] = [0.4, 0.5, 0.6, 0.7, 0.85, 0.95];
+
+/// The densities up to which the CPU runtime takes its sparse-input GEMM: one row, and the
+/// union per row block for more (mirrors `GEMV_MAX_DENSITY` / `GEMM_MAX_DENSITY` in
+/// `runtime/src/native/gemm/sparse.rs`, measured there). A candidate whose density is above
+/// them saves nothing and is not proposed.
+pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.6, 0.3);
+
+/// Rows the runtime's gather-GEMM takes together: with many rows, a neuron is skipped only
+/// when it is inactive in every row of its block.
+pub const ROW_BLOCK: usize = 8;
+
+/// Magnitude thresholds on FFN down-projection inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FfnThreshold {
+    /// The target sparsities to try (one when the user named it).
+    pub sparsities: Vec<f64>,
+}
+
+impl FfnThreshold {
+    /// From `--approx ffn-threshold[=S]`.
+    pub fn parse(param: Option<&str>) -> Result<FfnThreshold, ApproxError> {
+        let Some(p) = param else {
+            return Ok(FfnThreshold {
+                sparsities: LADDER.to_vec(),
+            });
+        };
+        let bad = |why: &str| ApproxError::BadParam {
+            family: THRESHOLD.into(),
+            param: p.into(),
+            why: why.into(),
+        };
+        let s: f64 = p
+            .parse()
+            .map_err(|_| bad("expected a target sparsity, a number in (0, 1)"))?;
+        if s.is_nan() || s <= 0.0 || s >= 1.0 {
+            return Err(bad("the target sparsity must lie in (0, 1)"));
+        }
+        Ok(FfnThreshold {
+            sparsities: vec![s],
+        })
+    }
+}
+
+/// Whether `n` is a contraction with a constant 2-D f32 right operand `[K, N]`, `K > N`.
+fn down_projection(n: &Node, consts: &HashSet<ValueId>, g: &Graph) -> bool {
+    if !matches!(n.op, OpKind::MatMul | OpKind::Linear) {
+        return false;
+    }
+    let Some(Some(w)) = n.inputs.get(1) else {
+        return false;
+    };
+    let ty = g.ty(*w);
+    let dims: Option<Vec<u64>> = ty
+        .shape
+        .0
+        .as_ref()
+        .and_then(|d| d.iter().map(|d| d.fixed()).collect());
+    consts.contains(w) && ty.dtype == DType::F32 && matches!(dims.as_deref(), Some([k, n]) if k > n)
+}
+
+/// Whether the producer makes dense, smooth activations (a gate product, GELU, SiLU): the
+/// inputs this family sparsifies. ReLU outputs are exactly sparse already.
+fn smooth_producer(n: &Node) -> bool {
+    match n.op {
+        OpKind::Mul | OpKind::Gelu | OpKind::Silu => true,
+        OpKind::Linear => matches!(
+            n.attrs.string_or("activation", "none".into()).as_deref(),
+            Ok("gelu" | "gelu_tanh" | "silu")
+        ),
+        _ => false,
+    }
+}
+
+impl ApproxRewrite for FfnThreshold {
+    fn family(&self) -> &'static str {
+        THRESHOLD
+    }
+
+    fn sites(&self, g: &Graph) -> Vec<Site> {
+        let consts: HashSet<ValueId> = g
+            .nodes
+            .iter()
+            .filter(|n| n.op == OpKind::Constant)
+            .flat_map(|n| n.outputs.iter().copied())
+            .collect();
+        let producers = g.producers();
+        g.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| down_projection(n, &consts, g))
+            .filter_map(|(i, n)| {
+                let h = n.inputs.first().copied().flatten()?;
+                let p = &g.nodes[*producers.get(&h)?];
+                let out = *n.outputs.first()?;
+                smooth_producer(p).then(|| Site {
+                    node: i,
+                    name: format!("%{}", g.value(out).name),
+                    probe: h,
+                })
+            })
+            .collect()
+    }
+
+    fn candidates(&self, g: &Graph, site: &Site, probe: &Probe<'_>) -> Vec<Candidate> {
+        let mut mags: Vec<f32> = probe
+            .values
+            .iter()
+            .filter_map(|t| t.as_slice::<f32>())
+            .flat_map(|v| v.iter().map(|x| x.abs()))
+            .filter(|x| !x.is_nan())
+            .collect();
+        if mags.is_empty() {
+            return vec![];
+        }
+        mags.sort_by(f32::total_cmp);
+        let node = &g.nodes[site.node];
+        let time = probe.cost.node_cost(g, node).time;
+        // Rows per run: the product of the activation's leading dims (1 when unknown).
+        let rows = probe
+            .cost
+            .sizes(g.ty(site.probe))
+            .map_or(1.0, |d| {
+                d[..d.len().saturating_sub(1)].iter().product::<f64>()
+            })
+            .max(1.0);
+        self.sparsities
+            .iter()
+            .map(|&s| {
+                let at = ((mags.len() as f64 * s) as usize).min(mags.len() - 1);
+                let t = mags[at];
+                // A neuron is skipped for a row block only when inactive in all its rows, and
+                // the runtime goes sparse only below its measured density thresholds.
+                let block = rows.min(ROW_BLOCK as f64);
+                let skipped = s.powf(block);
+                let max = if block <= 1.0 {
+                    RUNTIME_MAX_DENSITY.0
+                } else {
+                    RUNTIME_MAX_DENSITY.1
+                };
+                let engaged = 1.0 - skipped <= max;
+                Candidate {
+                    family: THRESHOLD,
+                    site: site.clone(),
+                    params: format!("sparsity={s:.2} threshold={t:.4e}"),
+                    values: vec![s, t as f64],
+                    saving: if engaged { time * skipped } else { 0.0 },
+                }
+            })
+            .filter(|c| c.saving > 0.0)
+            .collect()
+    }
+
+    fn apply(&self, g: &mut Graph, c: &Candidate) {
+        let at = c.site.node;
+        let h = c.site.probe;
+        let ty = g.ty(h).clone();
+        let base = format!("{}_sparse", g.value(h).name);
+        let out = Namer::new(g).add_value(g, &base, ty);
+        let attrs = Attrs::new()
+            .with("lambd", Attr::Float(c.values[1] as f32))
+            .with("bias", Attr::Float(0.0));
+        let node = Node {
+            op: OpKind::Shrink,
+            attrs,
+            inputs: vec![Some(h)],
+            outputs: vec![out],
+            name: format!("approx:{THRESHOLD}"),
+        };
+        g.nodes[at].inputs[0] = Some(out);
+        crate::rewrite::insert_nodes(g, vec![(at, node)]);
+    }
+}
+
+/// Whether `n` makes mostly-zero outputs that the runtime's sparse-input GEMM skips: `relu`,
+/// a `linear` with a ReLU epilogue, `shrink` (this family's rewrite), `thresholded_relu`.
+pub fn sparsifying(n: &Node) -> bool {
+    match n.op {
+        OpKind::Relu | OpKind::Shrink | OpKind::ThresholdedRelu => true,
+        OpKind::Linear => n.attrs.string_or("activation", "none".into()).as_deref() == Ok("relu"),
+        _ => false,
+    }
+}
+
+/// The FFN layers whose down-projection input is exactly sparse (see [`sparsifying`]): the
+/// contraction (`matmul`/`linear` with a constant 2-D weight) as the site, its input as the
+/// probe.
+pub fn sparse_input_sites(g: &Graph) -> Vec<Site> {
+    let consts: HashSet<ValueId> = g
+        .nodes
+        .iter()
+        .filter(|n| n.op == OpKind::Constant)
+        .flat_map(|n| n.outputs.iter().copied())
+        .collect();
+    let producers = g.producers();
+    g.nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            matches!(n.op, OpKind::MatMul | OpKind::Linear)
+                && n.inputs.get(1).copied().flatten().is_some_and(|w| {
+                    consts.contains(&w) && g.ty(w).shape.dims().is_some_and(|d| d.len() == 2)
+                })
+        })
+        .filter_map(|(i, n)| {
+            let h = n.inputs.first().copied().flatten()?;
+            let out = *n.outputs.first()?;
+            sparsifying(&g.nodes[*producers.get(&h)?]).then(|| Site {
+                node: i,
+                name: format!("%{}", g.value(out).name),
+                probe: h,
+            })
+        })
+        .collect()
+}
+
+/// The fraction of non-zero elements of a float tensor (NaN counts as non-zero).
+pub fn density(t: &kiln_ir::Tensor) -> f64 {
+    let v = t.to_f64s();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.iter().filter(|&&x| x != 0.0).count() as f64 / v.len() as f64
+}
