@@ -9,7 +9,7 @@ use kiln::{Backend, Executable, Model, Options, RunReport, Tensor};
 use kiln_reference::TestData;
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -132,7 +132,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     } else {
         None
     };
-    let show = std::io::stderr().is_terminal();
+    let show = crate::progress::enabled();
     let mut rows = Vec::new();
     let mut profile: Option<Profile> = None;
     for &backend in &args.backend {

@@ -46,12 +46,17 @@ pub struct RunArgs {
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let model = Model::load(&args.model)?;
-    let exe = model.compile(&Options {
-        threads: args.threads,
-        opt_level: args.opt,
-        backend: args.backend,
-        ..Options::default()
-    })?;
+    let line = crate::progress::Line::start("compiling");
+    let exe = model.compile_with_progress(
+        &Options {
+            threads: args.threads,
+            opt_level: args.opt,
+            backend: args.backend,
+            ..Options::default()
+        },
+        Some(line.callback()),
+    )?;
+    line.finish();
     if let Some(dir) = &args.test_data {
         return run_test_data(&exe, dir);
     }
