@@ -22,8 +22,8 @@ mod movement;
 pub mod nn;
 pub mod pool;
 pub mod quant;
-pub mod recurrent;
 pub mod quant_linalg;
+pub mod recurrent;
 pub mod reduce;
 pub mod resize;
 
