@@ -30,7 +30,7 @@ fn a_missing_required_attribute_is_a_shape_inference_error() {
         if !op.takes_attrs() {
             continue;
         }
-        let n = op.arity().min.max(1).min(9);
+        let n = op.arity().min.clamp(1, 9);
         for dtype in [DType::F32, DType::I64] {
             for dims in shapes {
                 let ts: Vec<Tensor> = (0..n).map(|_| tensor(dtype, dims)).collect();
