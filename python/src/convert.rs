@@ -7,8 +7,7 @@ use kiln::{DType, Tensor};
 use kiln_ir::{Buf, TensorData};
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{
-    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
-    PyUntypedArrayMethods,
+    Element, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
@@ -130,7 +129,10 @@ pub fn to_tensor(py: Python<'_>, name: &str, obj: &Bound<'_, PyAny>) -> PyResult
             // numpy's bools are bytes that should be 0 or 1, but a `.view(bool)` of other
             // bytes is not: read them as bytes and copy, so no invalid `bool` exists.
             DType::Bool => {
-                let as_bytes = np.getattr("ascontiguousarray")?.call1((&arr, "u1"))?.cast_into::<PyUntypedArray>()?;
+                let as_bytes = np
+                    .getattr("ascontiguousarray")?
+                    .call1((&arr, "u1"))?
+                    .cast_into::<PyUntypedArray>()?;
                 let bytes = borrow::<u8>(&as_bytes)?;
                 let v: Vec<bool> = bytes
                     .as_slice::<u8>()
@@ -161,7 +163,10 @@ pub fn to_numpy<'py>(py: Python<'py>, t: Tensor) -> Bound<'py, PyAny> {
         TensorData::BF16(b) => array(
             py,
             &shape,
-            b.as_slice().iter().map(|x| x.to_f32()).collect::<Vec<f32>>(),
+            b.as_slice()
+                .iter()
+                .map(|x| x.to_f32())
+                .collect::<Vec<f32>>(),
         ),
         TensorData::I8(b) => array(py, &shape, b.into_vec()),
         TensorData::I16(b) => array(py, &shape, b.into_vec()),

@@ -31,12 +31,10 @@ fn load_model(py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<Model> {
 /// Text form when the bytes are UTF-8 text holding a `func`; an ONNX protobuf otherwise.
 fn model_from_bytes(bytes: Vec<u8>) -> PyResult<Model> {
     let graph = match std::str::from_utf8(&bytes) {
-        Ok(src) if src.contains("func @") => kiln_ir::text::parse(src).map_err(|e| {
-            ModelError::new_err(format!("<bytes>: {}", errors::chain_text(&e)))
-        })?,
-        _ => kiln_frontend::load_model_bytes(kiln_frontend::Bytes::from(bytes), None).map_err(
-            |e| to_py(kiln::Error::Load(kiln_frontend::LoadError::Onnx(e))),
-        )?,
+        Ok(src) if src.contains("func @") => kiln_ir::text::parse(src)
+            .map_err(|e| ModelError::new_err(format!("<bytes>: {}", errors::chain_text(&e))))?,
+        _ => kiln_frontend::load_model_bytes(kiln_frontend::Bytes::from(bytes), None)
+            .map_err(|e| to_py(kiln::Error::Load(kiln_frontend::LoadError::Onnx(e))))?,
     };
     kiln_ir::verify(&graph).map_err(|e| ModelError::new_err(format!("<bytes>: {e}")))?;
     Ok(Model::from_graph(graph))
@@ -215,12 +213,15 @@ impl Executable {
                 names
                     .iter()
                     .map(|n| {
-                        self.output_names.iter().position(|o| o == n).ok_or_else(|| {
-                            InputError::new_err(format!(
-                                "unknown output `{n}`: the model's outputs are {}",
-                                self.output_names.join(", ")
-                            ))
-                        })
+                        self.output_names
+                            .iter()
+                            .position(|o| o == n)
+                            .ok_or_else(|| {
+                                InputError::new_err(format!(
+                                    "unknown output `{n}`: the model's outputs are {}",
+                                    self.output_names.join(", ")
+                                ))
+                            })
                     })
                     .collect::<PyResult<_>>()?,
             ),
@@ -246,7 +247,12 @@ impl Executable {
     /// Runs `runs` times from Rust with no Python between runs (the feeds converted once)
     /// and returns each run's seconds: the Rust API's own latency, which bench/python.sh
     /// subtracts from `run`'s to get the Python overhead.
-    fn _time_rust_runs(&self, py: Python<'_>, feeds: &Bound<'_, PyAny>, runs: usize) -> PyResult<Vec<f64>> {
+    fn _time_rust_runs(
+        &self,
+        py: Python<'_>,
+        feeds: &Bound<'_, PyAny>,
+        runs: usize,
+    ) -> PyResult<Vec<f64>> {
         let inputs = self.ordered_inputs(py, feeds)?;
         let exe = &self.exe;
         py.detach(move || {
@@ -283,7 +289,12 @@ impl Executable {
     }
 }
 
-fn options(threads: Option<usize>, opt_level: u8, backend: &str, passes: &str) -> PyResult<Options> {
+fn options(
+    threads: Option<usize>,
+    opt_level: u8,
+    backend: &str,
+    passes: &str,
+) -> PyResult<Options> {
     let backend: Backend = backend
         .parse()
         .map_err(pyo3::exceptions::PyValueError::new_err)?;
