@@ -78,8 +78,8 @@ def compile(
     max_error, calibration: not supported yet (must be None)."""
 
 def inspect(model: _Model, passes: str = "") -> Dict[str, Any]:
-    """The optimiser's per-pass table: passes, skipped, total_time_s, rule_hits,
-    ops_before, ops_after, fused_ops."""
+    """The optimiser's per-pass table: passes, skipped, total_time_s, rule_hits (per
+    e-graph rule), egraph (eclasses, enodes, iterations), ops_before, ops_after, fused_ops."""
 
 def build(
     model: _Model,

@@ -347,7 +347,8 @@ fn compile(
 
 /// Runs the optimiser pass by pass and returns what it did: a dict with `passes` (one
 /// dict per pass: index, name, time_s, nodes_before, nodes_after, changed, removed,
-/// added, counters), `skipped`, `rule_hits` (the e-graph's counters), `ops_before`,
+/// added, counters), `skipped`, `rule_hits` (rewrites applied per e-graph rule), `egraph`
+/// (its eclasses, enodes and iterations), `ops_before`,
 /// `ops_after` and `fused_ops` (kiln-only ops the optimised graph uses, with counts).
 #[pyfunction]
 #[pyo3(signature = (model, passes=""))]
@@ -370,6 +371,7 @@ fn inspect<'py>(
     let d = PyDict::new(py);
     let rows = PyList::empty(py);
     let hits = PyDict::new(py);
+    let egraph = PyDict::new(py);
     for p in &report.passes {
         let r = PyDict::new(py);
         r.set_item("index", p.index)?;
@@ -384,7 +386,10 @@ fn inspect<'py>(
         for (k, v) in &p.stats.counters {
             c.set_item(*k, *v)?;
             if p.name == "saturate_egraph" {
-                hits.set_item(*k, *v)?;
+                match k.strip_prefix("egraph_") {
+                    Some(stat) => egraph.set_item(stat, *v)?,
+                    None => hits.set_item(*k, *v)?,
+                }
             }
         }
         r.set_item("counters", c)?;
@@ -394,6 +399,7 @@ fn inspect<'py>(
     d.set_item("skipped", report.skipped.to_vec())?;
     d.set_item("total_time_s", report.total_time().as_secs_f64())?;
     d.set_item("rule_hits", hits)?;
+    d.set_item("egraph", egraph)?;
     let hist = |h: &[(kiln_ir::OpKind, usize)]| -> PyResult<Bound<'py, PyDict>> {
         let out = PyDict::new(py);
         for (op, n) in h {

@@ -24,6 +24,8 @@ def test_inspect_reports_every_pass():
 def test_inspect_bert_tiny_fuses_attention_and_norms():
     r = kiln.inspect(shared_model("bert_tiny"))
     assert "attention" in r["fused_ops"], r["fused_ops"]
+    assert r["rule_hits"] and all(not k.startswith("egraph_") for k in r["rule_hits"])
+    assert r["egraph"]["enodes"] > 0
     assert r["ops_after"].get("layer_norm", 0) + r["fused_ops"].get("layer_norm", 0) > 0
     assert sum(r["ops_after"].values()) < sum(r["ops_before"].values())
 
