@@ -6,7 +6,8 @@
 # Seeds: the malformed and resource-hostile models of cli/tests/hostile.rs (ConstantOfShape,
 # Expand, Tile and Range asking for gigabytes; truncated, cyclic, deeply nested ...), written
 # by that test into fuzz/seeds/onnx_decode, and their text form (`kiln convert`, for those
-# that load) into fuzz/seeds/text_parse. The corpus grows in fuzz/corpus/<target>; crashes
+# that load) into fuzz/seeds/text_parse; the example MLP's weights as safetensors into
+# fuzz/seeds/weights_read. The corpus grows in fuzz/corpus/<target>; crashes
 # land in fuzz/artifacts/<target>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +18,17 @@ export RUSTC_BOOTSTRAP=1
 
 seeds=$PWD/fuzz/seeds
 rm -rf "$seeds"
-mkdir -p "$seeds/onnx_decode" "$seeds/text_parse" "$seeds/npy_read"
+mkdir -p "$seeds/onnx_decode" "$seeds/text_parse" "$seeds/npy_read" "$seeds/weights_read"
 KILN_WRITE_FUZZ_SEEDS="$seeds/onnx_decode" cargo test --quiet -p kiln-cli --test hostile write_fuzz_seeds >/dev/null
 cargo build --quiet -p kiln-cli
 for m in "$seeds"/onnx_decode/*.onnx; do
     target/debug/kiln convert "$m" -o "$seeds/text_parse/$(basename "$m" .onnx).kir" >/dev/null 2>&1 || true
 done
 cp examples/mlp/model.onnx "$seeds/onnx_decode/mlp.onnx"
+# A weights file and the text that names it (the text also seeds text_parse).
+target/debug/kiln convert examples/mlp/model.onnx -o "$seeds/weights_read/mlp.kir" \
+    --weights "$seeds/weights_read/mlp.safetensors" >/dev/null
+mv "$seeds/weights_read/mlp.kir" "$seeds/text_parse/mlp_weights.kir"
 
 printf '%-12s %8s %14s %8s\n' target minutes executions crashes
 for t in $(cd fuzz && cargo fuzz list); do

@@ -21,6 +21,7 @@ use kiln_ir::{Dim, Graph};
 pub use kiln_passes::approx;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use kiln_ir::{DType, Shape, Tensor, TensorType};
@@ -92,6 +93,28 @@ impl Default for Options {
         }
     }
 }
+
+/// A step of [`Model::compile_with_progress`], reported as it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Optimisation pass `index` of `total` (1-based) starts.
+    Pass {
+        /// 1-based position among the passes that run.
+        index: usize,
+        /// How many passes run.
+        total: usize,
+        /// The pass's name.
+        name: &'static str,
+    },
+    /// Code generation for `backend` starts.
+    Codegen {
+        /// The backend.
+        backend: Backend,
+    },
+}
+
+/// A callback told of each [`Phase`] as it starts.
+pub type Progress = Arc<dyn Fn(Phase) + Send + Sync>;
 
 /// Everything that can go wrong between a model file and its outputs.
 #[derive(Debug, thiserror::Error)]
@@ -211,10 +234,24 @@ impl Model {
     /// The graph after the pass pipeline `opts` selects (as imported when `opt_level` is 0):
     /// what [`Model::compile`] and the AOT builder compile.
     pub fn optimised(&self, opts: &Options) -> Result<Graph, Error> {
+        self.optimised_with_progress(opts, None)
+    }
+
+    /// [`Model::optimised`], telling `progress` of each pass as it starts.
+    pub fn optimised_with_progress(
+        &self,
+        opts: &Options,
+        progress: Option<Progress>,
+    ) -> Result<Graph, Error> {
         let mut graph = self.graph.clone();
         if opts.opt_level >= 1 {
             let mut pm = kiln_passes::default_pipeline();
             pm.configure(&opts.passes)?;
+            if let Some(p) = progress {
+                pm.on_pass(Box::new(move |index, total, name| {
+                    p(Phase::Pass { index, total, name })
+                }));
+            }
             pm.run(&mut graph)?;
         }
         Ok(graph)
@@ -222,9 +259,24 @@ impl Model {
 
     /// Optimises (unless `opt_level` is 0) and compiles for `opts.backend`.
     pub fn compile(&self, opts: &Options) -> Result<Executable, Error> {
+        self.compile_with_progress(opts, None)
+    }
+
+    /// [`Model::compile`], telling `progress` of each phase (pass by pass, then code
+    /// generation) as it starts.
+    pub fn compile_with_progress(
+        &self,
+        opts: &Options,
+        progress: Option<Progress>,
+    ) -> Result<Executable, Error> {
         let start = Instant::now();
-        let graph = self.optimised(opts)?;
+        let graph = self.optimised_with_progress(opts, progress.clone())?;
         let optimise_time = start.elapsed();
+        if let Some(p) = &progress {
+            p(Phase::Codegen {
+                backend: opts.backend,
+            });
+        }
         compile_graph(graph, opts, start, optimise_time)
     }
 

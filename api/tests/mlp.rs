@@ -94,3 +94,31 @@ fn backends_parse_from_their_names() {
     assert_eq!(Options::default().backend, Backend::Jit);
     assert_eq!(Options::default().opt_level, 1);
 }
+
+#[test]
+fn compile_with_progress_reports_every_pass_then_codegen() {
+    use std::sync::{Arc, Mutex};
+    let model = Model::load(example("model.onnx")).unwrap();
+    let seen: Arc<Mutex<Vec<kiln::Phase>>> = Arc::default();
+    let s = seen.clone();
+    let opts = Options::default();
+    model
+        .compile_with_progress(&opts, Some(Arc::new(move |p| s.lock().unwrap().push(p))))
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    let passes: Vec<(usize, usize)> = seen
+        .iter()
+        .filter_map(|p| match p {
+            kiln::Phase::Pass { index, total, .. } => Some((*index, *total)),
+            _ => None,
+        })
+        .collect();
+    let total = kiln_passes::default_pipeline().enabled_names().len();
+    assert_eq!(passes, (1..=total).map(|i| (i, total)).collect::<Vec<_>>());
+    assert_eq!(
+        seen.last(),
+        Some(&kiln::Phase::Codegen {
+            backend: Backend::Jit
+        })
+    );
+}

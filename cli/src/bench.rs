@@ -9,7 +9,7 @@ use kiln::{Backend, Executable, Model, Options, RunReport, Tensor};
 use kiln_reference::TestData;
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -134,7 +134,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     } else {
         None
     };
-    let show = std::io::stderr().is_terminal();
+    let show = crate::progress::enabled();
     // With --approx: the approximate graph (chosen once, at the first thread count) is what
     // every row measures; the report gets the measured speed-up over the exact model.
     let first_opts = Options {

@@ -41,12 +41,17 @@ pub struct BuildArgs {
 pub fn build(args: &BuildArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let model = kiln::Model::load(&args.model)?;
+    let line = crate::progress::Line::start("building");
     let g = model
-        .optimised(&kiln::Options {
-            opt_level: args.opt,
-            ..Default::default()
-        })
+        .optimised_with_progress(
+            &kiln::Options {
+                opt_level: args.opt,
+                ..Default::default()
+            },
+            Some(line.callback()),
+        )
         .context("optimising the graph (run with --opt 0 to skip)")?;
+    line.set("codegen (LLVM, O3) and link");
     let opts = kiln_llvm::BuildOptions {
         target_cpu: args.target_cpu.clone(),
         weights: match args.weights {
@@ -59,6 +64,7 @@ pub fn build(args: &BuildArgs) -> Result<()> {
     };
     let r = kiln_llvm::build_library(&g, &args.output, &opts)
         .with_context(|| format!("building {}", args.output.display()))?;
+    line.finish();
     println!(
         "wrote {} ({} kernels, {} compiled loop kernels; cpu {}; codegen+O3 {:.2} s, link {:.2} s, total {:.2} s)",
         r.library.display(),

@@ -41,7 +41,11 @@ pub fn compare_cmd(args: &CompareArgs) -> Result<ExitCode> {
         ..Options::default()
     };
     let unopt = model.compile(&interp(0))?;
-    let optimised = model.compile(&interp(1)).context("optimising the graph")?;
+    let line = crate::progress::Line::start("compiling");
+    let optimised = model
+        .compile_with_progress(&interp(1), Some(line.callback()))
+        .context("optimising the graph")?;
+    line.finish();
     let opt = optimised.graph();
     let inputs = random_inputs(&args.model, g, &args.dims, args.random_inputs_seed)?;
     let named: Vec<(&str, Tensor)> = inputs

@@ -77,6 +77,11 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     let mut rows: Vec<Row> = vec![];
     let mut skipped: Vec<&str> = vec![];
     let mut egraph: Option<(EgraphReport, bool)> = None;
+    let line = crate::progress::Line::start("inspecting");
+    let total = pm
+        .enabled_names()
+        .len()
+        .min(args.stop_after.unwrap_or(usize::MAX));
     for pass in kiln_passes::default_passes() {
         let name = pass.name();
         let index = rows.len() + 1;
@@ -84,6 +89,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             skipped.push(name);
             continue;
         }
+        line.set(format!("optimising {index}/{total} {name}"));
         let before_hist = histogram(&g);
         let nodes_before = g.nodes.len();
         dump(&args.dump_dir, &g, index, name, "before")?;
@@ -123,6 +129,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         });
     }
 
+    line.finish();
     if let Some(Some(path)) = &args.dot {
         std::fs::write(path, view::to_dot(&g))
             .with_context(|| format!("writing {}", path.display()))?;

@@ -7,9 +7,11 @@ mod approx;
 mod bench;
 mod build;
 mod compare;
+mod convert;
 mod info;
 mod inspect;
 mod limits;
+mod progress;
 mod random;
 mod report;
 mod run;
@@ -26,6 +28,10 @@ struct Cli {
     /// e.g. 512M or 8G (default: half of the RAM or of `ulimit -v`, whichever is smaller).
     #[arg(long, global = true, value_name = "SIZE")]
     max_memory: Option<String>,
+    /// No progress line on stderr (it is shown only on a terminal, for phases longer than
+    /// half a second).
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -44,6 +50,10 @@ enum Command {
         /// Where to write the text form.
         #[arg(short, long)]
         output: PathBuf,
+        /// Put the weights (constants of more than 16 elements) in this safetensors file,
+        /// which must be in the output's folder; the text names each tensor in it.
+        #[arg(long, value_name = "FILE")]
+        weights: Option<PathBuf>,
     },
     /// Run a model on given inputs, or check it against an ONNX test-data folder.
     Run(run::RunArgs),
@@ -60,13 +70,18 @@ enum Command {
 fn main() -> ExitCode {
     limits::exit_quietly_on_closed_stdout();
     let cli = Cli::parse();
+    progress::set_quiet(cli.quiet);
     if let Err(e) = limits::set_max_memory(cli.max_memory.as_deref()) {
         eprintln!("error: {e:#}");
         return ExitCode::from(1);
     }
     let result = match cli.command {
         Command::Info { model } => info::info(&model).map(|()| ExitCode::SUCCESS),
-        Command::Convert { model, output } => convert(&model, &output).map(|()| ExitCode::SUCCESS),
+        Command::Convert {
+            model,
+            output,
+            weights,
+        } => convert::convert(&model, &output, weights.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::bench(&args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::inspect(&args).map(|()| ExitCode::SUCCESS),
@@ -95,18 +110,4 @@ fn error_text(e: &anyhow::Error) -> String {
         }
     }
     text
-}
-
-fn convert(model: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let m = kiln::Model::load(model)?;
-    let text = kiln_ir::text::print(m.graph());
-    std::fs::write(output, text).with_context(|| format!("writing {}", output.display()))?;
-    println!(
-        "wrote {} ({} nodes, {} bytes)",
-        output.display(),
-        m.graph().nodes.len(),
-        std::fs::metadata(output).map(|m| m.len()).unwrap_or(0)
-    );
-    Ok(())
 }

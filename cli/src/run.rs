@@ -59,7 +59,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             println!("{report}");
             model.compile_optimised(g, &opts)?
         }
-        None => model.compile(&opts)?,
+        None => {
+            let line = crate::progress::Line::start("compiling");
+            let exe = model.compile_with_progress(&opts, Some(line.callback()))?;
+            line.finish();
+            exe
+        }
     };
     if let Some(dir) = &args.test_data {
         return run_test_data(&exe, dir);

@@ -87,6 +87,103 @@ fn convert_then_run_the_text_form() {
 }
 
 #[test]
+fn convert_with_a_weights_file_then_run_and_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let kir = dir.path().join("mlp.kir");
+    let st = dir.path().join("mlp.safetensors");
+    let o = kiln(&[
+        "convert",
+        &repo("examples/mlp/model.onnx"),
+        "-o",
+        kir.to_str().unwrap(),
+        "--weights",
+        st.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("mlp.safetensors ("), "{}", text(&o));
+    let src = std::fs::read_to_string(&kir).unwrap();
+    assert!(src.contains(r#"file("mlp.safetensors", "#), "{src}");
+    assert!(!src.contains("0x"), "no hex weights remain: {src}");
+    let o = kiln(&[
+        "run",
+        kir.to_str().unwrap(),
+        "--test-data",
+        &repo("examples/mlp/test_data_set_0"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = kiln(&["info", kir.to_str().unwrap()]);
+    assert!(
+        text(&o).contains("in the mapped file, no copy: 0.00"),
+        "weights are mapped: {}",
+        text(&o)
+    );
+    // A weights file outside the text's folder could not be read back: refused.
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let o = kiln(&[
+        "convert",
+        &repo("examples/mlp/model.onnx"),
+        "-o",
+        sub.join("m.kir").to_str().unwrap(),
+        "--weights",
+        st.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("must be in the folder"), "{}", text(&o));
+}
+
+#[test]
+fn a_missing_input_or_attribute_in_the_text_form_is_a_load_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (body, want) in [
+        (
+            "%n = layer_norm %x {axis = -1, epsilon = 1e-5}",
+            "layer_norm needs at least 2 inputs",
+        ),
+        ("%n = lrn %x {alpha = 0.1}", "missing attribute `size`"),
+        ("%n = cast %x", "missing attribute `to`"),
+    ] {
+        let p = dir.path().join("m.kir");
+        std::fs::write(
+            &p,
+            format!(
+                "func @f(%x: f32[1, 4, 2, 2]) -> (f32[1, 4, 2, 2]) {{\n  {body}\n  return %n\n}}\n"
+            ),
+        )
+        .unwrap();
+        let o = kiln(&["info", p.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{body}: {}", text(&o));
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            stderr.contains(want) && stderr.contains("%n"),
+            "{body}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn quiet_is_accepted_by_every_command_and_no_progress_goes_to_a_pipe() {
+    let o = kiln(&[
+        "run",
+        "--quiet",
+        &repo("examples/mlp/model.onnx"),
+        "--test-data",
+        &repo("examples/mlp/test_data_set_0"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // stderr is a pipe here: no progress line, however long compiling took.
+    let o = kiln(&["-q", "info", &repo("examples/mlp/model.onnx")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = kiln(&["run", &repo("examples/mlp/model.onnx"), "--random-inputs"]);
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
 fn run_writes_npy_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let o = kiln(&[

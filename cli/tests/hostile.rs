@@ -541,12 +541,19 @@ fn careless_command_lines_are_errors() {
 fn a_closed_stdout_ends_every_command_quietly() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "relu", &relu_model().encode_to_vec());
+    let out = |f: &str| dir.path().join(f).display().to_string();
+    let (kir, lib) = (out("relu.kir"), out("librelu.so"));
     for args in [
         vec!["info", path.as_str()],
         vec!["inspect", path.as_str()],
         vec!["inspect", path.as_str(), "--dot"],
         vec!["compare", path.as_str()],
         vec!["run", path.as_str(), "--random-inputs"],
+        vec!["convert", path.as_str(), "-o", kir.as_str()],
+        vec!["bench", path.as_str(), "--runs", "2", "--warmup", "1"],
+        vec!["build", path.as_str(), "-o", lib.as_str()],
+        vec!["--help"],
+        vec!["--version"],
     ] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(&args)

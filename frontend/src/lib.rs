@@ -4,6 +4,7 @@
 pub mod load;
 pub mod onnx;
 pub mod tensor_io;
+pub mod weights;
 
 /// The buffer type [`load_model_bytes`] takes, re-exported so callers need no `bytes` dependency.
 pub use bytes::Bytes;

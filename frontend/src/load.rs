@@ -45,7 +45,12 @@ pub fn load(path: impl AsRef<Path>) -> Result<Graph, LoadError> {
             path: shown.clone(),
             err,
         })?;
-        kiln_ir::text::parse(&src).map_err(|err| LoadError::Text {
+        let mut weights = crate::weights::WeightsReader::new(path.parent());
+        let mut resolve =
+            |r: &kiln_ir::text::ExternalRef, dtype: kiln_ir::DType, shape: &[usize]| {
+                weights.read(r, dtype, shape)
+            };
+        kiln_ir::text::parse_with(&src, &mut resolve).map_err(|err| LoadError::Text {
             path: shown.clone(),
             err,
         })?

@@ -241,6 +241,22 @@ pub fn read_npy(path: &Path) -> Result<Tensor, TensorIoError> {
 
 /// Decodes the bytes of a `.npy` file.
 pub fn read_npy_bytes(b: &[u8]) -> Result<Tensor, TensorIoError> {
+    let (dt, dims, start) = npy_layout(b)?;
+    let data = TensorData::from_le_bytes(dt, &b[start..]).map_err(npy)?;
+    Tensor::new(dims, data).map_err(npy)
+}
+
+/// Decodes a `.npy` file held in shared bytes (a mapped file): the elements are used in
+/// place when aligned for their type, copied once otherwise.
+pub fn read_npy_shared(b: &bytes::Bytes) -> Result<Tensor, TensorIoError> {
+    let (dt, dims, start) = npy_layout(b)?;
+    let data = TensorData::from_le_shared(dt, &b.slice(start..)).map_err(npy)?;
+    Tensor::new(dims, data).map_err(npy)
+}
+
+/// A `.npy` file's dtype, dims and where its data starts (checked to be exactly the bytes
+/// the shape needs).
+fn npy_layout(b: &[u8]) -> Result<(DType, Vec<usize>, usize), TensorIoError> {
     if b.len() < 10 || &b[..6] != MAGIC {
         return Err(npy("not an npy file (bad magic)"));
     }
@@ -296,8 +312,7 @@ pub fn read_npy_bytes(b: &[u8]) -> Result<Tensor, TensorIoError> {
             data.len()
         )));
     }
-    let data = TensorData::from_le_bytes(dt, data).map_err(npy)?;
-    Tensor::new(dims, data).map_err(npy)
+    Ok((dt, dims, end))
 }
 
 /// Encodes a tensor as `.npy` bytes (version 1.0, or 2.0 for very long headers).

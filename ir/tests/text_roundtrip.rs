@@ -2,7 +2,7 @@
 //! pinned by snapshots, and each kind of parse error points at the right line and column.
 
 use expect_test::{expect, Expect};
-use kiln_ir::text::{parse, print};
+use kiln_ir::text::{parse, parse_with, print, print_with, ExternalRef};
 use kiln_ir::{Attr, Attrs, DType, Dim, Graph, OpKind, Shape, Tensor, TensorData, TensorType};
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
@@ -211,6 +211,94 @@ proptest! {
         let back = parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         prop_assert_eq!(&back, &g, "{}", text);
         prop_assert_eq!(print(&back), text);
+    }
+}
+
+/// Prints `g` with every tensor in a weights "file" (a map here), every second one as a
+/// keyed safetensors entry and the others as one-tensor files; returns the text and map.
+fn print_external(g: &Graph) -> (String, BTreeMap<ExternalRef, Tensor>) {
+    let mut files = BTreeMap::new();
+    let text = print_with(g, &mut |t| {
+        let n = files.len();
+        let r = if n % 2 == 0 {
+            ExternalRef {
+                file: "w.safetensors".into(),
+                key: Some(format!("t{n}")),
+            }
+        } else {
+            ExternalRef {
+                file: format!("t{n}.npy"),
+                key: None,
+            }
+        };
+        files.insert(r.clone(), t.clone());
+        Some(r)
+    });
+    (text, files)
+}
+
+fn parse_external(
+    text: &str,
+    files: &BTreeMap<ExternalRef, Tensor>,
+) -> Result<Graph, kiln_ir::text::ParseError> {
+    parse_with(text, &mut |r, _, _| {
+        files.get(r).cloned().ok_or_else(|| format!("no {r:?}"))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn graphs_with_weights_in_files_parse_back_equal(g in arb_graph(2)) {
+        let (text, files) = print_external(&g);
+        prop_assert!(!text.contains("dense<") || text.contains("file("));
+        let back = parse_external(&text, &files).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        prop_assert_eq!(&back, &g, "{}", text);
+        // Printed inline, the graph read from files is the same text as the original.
+        prop_assert_eq!(print(&back), print(&g));
+    }
+}
+
+#[test]
+fn file_tensors_print_as_documented_and_are_checked() {
+    let mut g = Graph::new("w");
+    let k = g.add_constant(
+        "k",
+        Tensor::from_vec(vec![2, 2], vec![1.0f32, 2.0, 3.0, 4.0]),
+    );
+    g.outputs = vec![k];
+    let (text, files) = print_external(&g);
+    expect![[r#"
+        func @w() -> (f32[2, 2]) {
+          %k = constant {value = dense<f32[2, 2]> file("w.safetensors", "t0")} : f32[2, 2]
+          return %k
+        }
+    "#]]
+    .assert_eq(&text);
+    assert_eq!(parse_external(&text, &files).unwrap(), g);
+    // Without a resolver the reference is an error at the reference, not a panic.
+    let e = parse(&text).unwrap_err();
+    assert_eq!(
+        (e.line, e.message.contains("reads no files")),
+        (2, true),
+        "{e}"
+    );
+    // A tensor whose type differs from the declared one is an error naming the file.
+    let e = parse_with(&text, &mut |_, _, _| {
+        Ok(Tensor::from_vec(vec![4], vec![0.0f32; 4]))
+    })
+    .unwrap_err();
+    assert!(
+        e.message.contains("w.safetensors") && e.message.contains("[2, 2]"),
+        "{e}"
+    );
+    // The resolver's own error is shown at the reference.
+    let e = parse_with(&text, &mut |_, _, _| Err("no such tensor".into())).unwrap_err();
+    assert!(e.message.contains("no such tensor"), "{e}");
+    for bad in ["file()", "file(\"w\", 3)", "file(w.npy)", "file(\"w.npy\""] {
+        let src = text.replace("file(\"w.safetensors\", \"t0\")", bad);
+        assert!(parse_external(&src, &files).is_err(), "{src}");
     }
 }
 

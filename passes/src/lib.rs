@@ -33,6 +33,6 @@ pub mod target;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use manager::{ManagerError, PassManager, PassReport, PipelineReport};
+pub use manager::{ManagerError, PassManager, PassReport, PipelineReport, Progress};
 pub use pass::{Pass, PassError, PassStats};
 pub use pipeline::{default_passes, default_passes_for, default_pipeline, pipeline_for};

@@ -149,7 +149,12 @@ pub struct PassManager {
     stop_after: Option<usize>,
     dump_dir: Option<PathBuf>,
     verify: bool,
+    progress: Option<Progress>,
 }
+
+/// Called before each pass runs with its 1-based index among the passes that run, how
+/// many will run, and its name (a CLI draws a progress line from it).
+pub type Progress = Box<dyn Fn(usize, usize, &'static str) + Send + Sync>;
 
 impl Default for PassManager {
     fn default() -> PassManager {
@@ -171,7 +176,14 @@ impl PassManager {
             stop_after: None,
             dump_dir: None,
             verify: true,
+            progress: None,
         }
+    }
+
+    /// Calls `f` before each pass runs (see [`Progress`]).
+    pub fn on_pass(&mut self, f: Progress) -> &mut PassManager {
+        self.progress = Some(f);
+        self
     }
 
     /// Appends a pass.
@@ -280,6 +292,12 @@ impl PassManager {
             })?;
         }
         let mut report = PipelineReport::default();
+        let total = self
+            .entries
+            .iter()
+            .filter(|e| e.enabled)
+            .count()
+            .min(self.stop_after.unwrap_or(usize::MAX));
         for e in &self.entries {
             let name = e.pass.name();
             let index = report.passes.len() + 1;
@@ -291,6 +309,9 @@ impl PassManager {
                 report.stopped_after = self.stop_after;
                 report.skipped.push(name);
                 continue;
+            }
+            if let Some(f) = &self.progress {
+                f(index, total, name);
             }
             self.dump(g, index, name, "before", None)?;
             let nodes_before = g.nodes.len();

@@ -16,6 +16,7 @@ mod lower;
 mod migrate;
 mod tensor;
 
+pub(crate) use tensor::safe_location;
 pub use tensor::{tensor_from_proto, tensor_to_proto};
 
 use bytes::Bytes;

@@ -142,7 +142,7 @@ fn from_typed(t: &TensorProto, dtype: DType, n: usize) -> Result<TensorData, Onn
 }
 
 /// Checks an external data location: relative, and never leaving the model's folder.
-fn safe_location(location: &str) -> Result<(), &'static str> {
+pub(crate) fn safe_location(location: &str) -> Result<(), &'static str> {
     let p = Path::new(location);
     if location.is_empty() {
         return Err("the location is empty");

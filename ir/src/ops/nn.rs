@@ -39,10 +39,18 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         | OpKind::Hardmax
         | OpKind::RmsNorm
         | OpKind::InstanceNorm
-        | OpKind::GroupNorm
         | OpKind::LpNorm
-        | OpKind::MeanVarianceNorm
-        | OpKind::Lrn => vec![same()],
+        | OpKind::MeanVarianceNorm => vec![same()],
+        // Required attributes are checked here, so the verifier rejects a node without
+        // them when the model loads (not the interpreter when it runs).
+        OpKind::GroupNorm => {
+            attrs.req_int("num_groups")?;
+            vec![same()]
+        }
+        OpKind::Lrn => {
+            attrs.req_int("size")?;
+            vec![same()]
+        }
         _ => return Err(not_in_family(op)),
     })
 }

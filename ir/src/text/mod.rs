@@ -24,6 +24,11 @@
 //!   `ints[]` `floats[]` `strings[]`, tensors `dense<f32[2]> [1.0, 2.0]` or, past 16
 //!   elements, `dense<f32[768, 768]> 0x...` (little-endian bytes in hex), and graphs as a
 //!   nested `func`, which is a scope of its own (it sees none of the outer values).
+//! - A tensor's elements may live in a weights file beside the model:
+//!   `dense<f32[64, 64]> file("weights.safetensors", "layer0.wq")` names a tensor of a
+//!   safetensors file, `dense<f32[64]> file("b.npy")` an `.npy` file. [`parse`] rejects
+//!   them (it does no I/O); [`parse_with`] takes the function that reads them, and
+//!   `kiln_frontend::load` reads them memory-mapped, from the model's folder only.
 //!   `//` starts a comment. Statements need no separators.
 //!
 //! ```
@@ -37,7 +42,7 @@ mod lexer;
 mod parser;
 mod printer;
 
-use crate::Graph;
+use crate::{Graph, Tensor};
 use std::fmt;
 use std::str::FromStr;
 
@@ -45,14 +50,45 @@ pub use parser::MAX_NESTING;
 
 /// Prints a graph in the text form. [`parse`] reads it back to an equal graph.
 pub fn print(g: &Graph) -> String {
-    printer::print_graph(g)
+    printer::print_graph(g, None)
+}
+
+/// Prints a graph, asking `externalise` for every constant tensor whether its elements go
+/// to a weights file (`Some(where)`: printed as `file(...)`; the caller writes the file)
+/// or stay in the text (`None`). [`parse_with`] reads it back to an equal graph.
+pub fn print_with(
+    g: &Graph,
+    externalise: &mut dyn FnMut(&Tensor) -> Option<ExternalRef>,
+) -> String {
+    printer::print_graph(g, Some(externalise))
 }
 
 /// Parses the text form into a graph. Types that the text omits are inferred; the graph
-/// is not verified (see [`crate::verify`]).
+/// is not verified (see [`crate::verify`]). A tensor in a weights file (`file(...)`) is an
+/// error here: use [`parse_with`].
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
-    parser::parse_graph(src)
+    parser::parse_graph(src, None)
 }
+
+/// Parses the text form, reading each `file(...)` tensor with `resolve` (given where it
+/// is and the dtype and shape the text declares; its error message is shown at the
+/// reference).
+pub fn parse_with<'r>(src: &str, resolve: &'r mut Resolve<'r>) -> Result<Graph, ParseError> {
+    parser::parse_graph(src, Some(resolve))
+}
+
+/// Where a constant's elements live outside the text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExternalRef {
+    /// The file, relative to the model's folder.
+    pub file: String,
+    /// The tensor's name inside a safetensors file; `None` for a one-tensor file (`.npy`).
+    pub key: Option<String>,
+}
+
+/// Reads the tensor an [`ExternalRef`] names, given the dtype and shape the text declares.
+pub type Resolve<'a> =
+    dyn FnMut(&ExternalRef, crate::DType, &[usize]) -> Result<Tensor, String> + 'a;
 
 impl fmt::Display for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -14,11 +14,15 @@ use std::sync::Arc;
 /// How deeply `func`s may nest inside attributes (If branches within If branches).
 pub const MAX_NESTING: usize = 32;
 
-pub(crate) fn parse_graph(src: &str) -> Result<Graph, ParseError> {
+pub(crate) fn parse_graph<'r>(
+    src: &str,
+    resolve: Option<&'r mut super::Resolve<'r>>,
+) -> Result<Graph, ParseError> {
     let mut p = Parser {
         src,
         lex: Lexer::new(src),
         peeked: None,
+        resolve,
     };
     let g = p.func(0)?;
     let t = p.bump()?;
@@ -34,10 +38,11 @@ pub(crate) fn parse_graph(src: &str) -> Result<Graph, ParseError> {
     Ok(g)
 }
 
-struct Parser<'a> {
+struct Parser<'a, 'r> {
     src: &'a str,
     lex: Lexer<'a>,
     peeked: Option<Token<'a>>,
+    resolve: Option<&'r mut super::Resolve<'r>>,
 }
 
 /// One function's names and what inference knows about its values.
@@ -60,7 +65,7 @@ impl Scope {
     }
 }
 
-impl<'a> Parser<'a> {
+impl<'a, 'r> Parser<'a, 'r> {
     fn err(&self, pos: usize, msg: String) -> ParseError {
         ParseError::at(self.src, pos, msg)
     }
@@ -726,17 +731,78 @@ impl<'a> Parser<'a> {
                 self.bump()?;
                 by_dtype!(dtype, T => <T as crate::Elem>::wrap(self.elems::<T>(numel, t.pos)?))
             }
+            Tok::Ident("file") => {
+                self.bump()?;
+                let r = self.external_ref()?;
+                let Some(resolve) = self.resolve.as_mut() else {
+                    return Err(self.err(
+                        t.pos,
+                        format!(
+                            "the tensor is in `{}`, but this parse reads no files (load the \
+                             model from its file to read its weights)",
+                            r.file
+                        ),
+                    ));
+                };
+                let got = resolve(&r, dtype, &shape).map_err(|m| self.err(t.pos, m))?;
+                if got.dtype() != dtype || got.shape() != shape.as_slice() {
+                    return Err(self.err(
+                        t.pos,
+                        format!(
+                            "`{}` holds {}{:?}, the text declares {dtype}{shape:?}",
+                            r.file,
+                            got.dtype(),
+                            got.shape()
+                        ),
+                    ));
+                }
+                return Ok(got);
+            }
             other => {
                 return Err(self.err(
                     t.pos,
                     format!(
-                        "expected the elements `[...]` or `0x...`, found {}",
+                        "expected the elements `[...]`, `0x...` or `file(...)`, found {}",
                         other.describe()
                     ),
                 ))
             }
         };
         Tensor::new(shape, data).map_err(|m| self.err(start, m))
+    }
+
+    /// `("file")` or `("file", "tensor name")` after `file`.
+    fn external_ref(&mut self) -> Result<super::ExternalRef, ParseError> {
+        self.expect('(')?;
+        let t = self.bump()?;
+        let Tok::Str(file) = t.tok else {
+            return Err(self.err(
+                t.pos,
+                format!(
+                    "expected the file name as a string, found {}",
+                    t.tok.describe()
+                ),
+            ));
+        };
+        let mut key = None;
+        if self.eat(',')? {
+            let k = self.bump()?;
+            let Tok::Str(name) = k.tok else {
+                return Err(self.err(
+                    k.pos,
+                    format!(
+                        "expected the tensor's name as a string, found {}",
+                        k.tok.describe()
+                    ),
+                ));
+            };
+            key = Some(name.into_owned());
+        }
+        self.expect(')')?;
+        Ok(super::ExternalRef {
+            file: file.into_owned(),
+            key,
+        })
     }
 
     /// `n` elements and the closing `]` (the `[` is consumed).

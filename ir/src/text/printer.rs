@@ -9,9 +9,13 @@ use std::fmt::Write;
 /// Tensors with at most this many elements print as a list of literals, larger ones as hex.
 pub(crate) const MAX_LIST_ELEMS: usize = 16;
 
-pub(crate) fn print_graph(g: &Graph) -> String {
+/// Decides, per constant tensor, whether it is written to a weights file instead of the
+/// text; returns where it goes.
+pub(crate) type Externalise<'a> = Option<&'a mut dyn FnMut(&Tensor) -> Option<super::ExternalRef>>;
+
+pub(crate) fn print_graph(g: &Graph, mut ext: Externalise<'_>) -> String {
     let mut out = String::new();
-    graph(&mut out, g, 0);
+    graph(&mut out, g, 0, &mut ext);
     out.push('\n');
     out
 }
@@ -24,7 +28,7 @@ fn indent(out: &mut String, level: usize) {
 
 /// `func @name(...) -> (...) { ... }` without a trailing newline; the body is indented one
 /// level deeper than `level`.
-fn graph(out: &mut String, g: &Graph, level: usize) {
+fn graph(out: &mut String, g: &Graph, level: usize, ext: &mut Externalise<'_>) {
     let name = |id: crate::ValueId| g.values.get(id.index()).map_or("", |v| v.name.as_str());
     let ty = |out: &mut String, id: crate::ValueId| match g.values.get(id.index()) {
         Some(v) => tensor_type(out, &v.ty),
@@ -80,7 +84,7 @@ fn graph(out: &mut String, g: &Graph, level: usize) {
                     string(out, k);
                 }
                 out.push_str(" = ");
-                attr(out, v, level + 1);
+                attr(out, v, level + 1, ext);
             }
             out.push('}');
         }
@@ -177,7 +181,7 @@ fn list<T>(out: &mut String, kind: &str, xs: &[T], mut each: impl FnMut(&mut Str
     out.push(']');
 }
 
-fn attr(out: &mut String, a: &Attr, level: usize) {
+fn attr(out: &mut String, a: &Attr, level: usize, ext: &mut Externalise<'_>) {
     match a {
         Attr::Int(i) => {
             let _ = write!(out, "{i}");
@@ -187,8 +191,11 @@ fn attr(out: &mut String, a: &Attr, level: usize) {
         Attr::Ints(v) => list(out, "ints", v, |out, x| x.write(out)),
         Attr::Floats(v) => list(out, "floats", v, |out, x| x.write(out)),
         Attr::Strs(v) => list(out, "strings", v, |out, s| string(out, s)),
-        Attr::Tensor(t) => tensor(out, t),
-        Attr::Graph(g) => graph(out, g, level),
+        Attr::Tensor(t) => match ext.as_mut().and_then(|f| f(t)) {
+            Some(r) => external(out, t, &r),
+            None => tensor(out, t),
+        },
+        Attr::Graph(g) => graph(out, g, level, ext),
     }
 }
 
@@ -203,6 +210,21 @@ pub(crate) fn tensor(out: &mut String, t: &Tensor) {
     } else {
         hex(out, &t.data().to_le_bytes());
     }
+}
+
+/// `dense<f32[768, 768]> file("weights.safetensors", "layer0.wq")`, or
+/// `file("w.npy")` for a file that holds just this tensor.
+fn external(out: &mut String, t: &Tensor, r: &super::ExternalRef) {
+    out.push_str("dense<");
+    out.push_str(t.dtype().name());
+    shape(out, &Shape::fixed(t.shape()));
+    out.push_str("> file(");
+    string(out, &r.file);
+    if let Some(k) = &r.key {
+        out.push_str(", ");
+        string(out, k);
+    }
+    out.push(')');
 }
 
 /// `0x` and two lowercase hex digits per byte, written without per-byte allocation.
