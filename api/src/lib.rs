@@ -27,6 +27,8 @@ pub use kiln_plan::MemoryPlan;
 pub use kiln_runtime::kernel::{KernelTime, RunReport};
 
 mod aot;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// Which executor runs the compiled model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +69,42 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Where the compiled model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The host CPU, through [`Options::backend`].
+    #[default]
+    Cpu,
+    /// CUDA GPU `n` (needs the `cuda` feature, on by default, and an NVIDIA driver at run
+    /// time). The model is specialised to each set of input shapes it runs with (PTX made
+    /// and loaded on the first run of each); [`Options::backend`] is not used.
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
 /// How to compile a model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -77,8 +115,10 @@ pub struct Options {
     /// Pass toggles applied to the default pipeline, as `kiln inspect --passes` takes them:
     /// `"-saturate_egraph,-fuse_attention"`. Empty keeps every pass.
     pub passes: String,
-    /// Which executor runs the model.
+    /// Which executor runs the model (on [`Device::Cpu`]).
     pub backend: Backend,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 impl Default for Options {
@@ -88,6 +128,7 @@ impl Default for Options {
             opt_level: 1,
             passes: String::new(),
             backend: Backend::Jit,
+            device: Device::Cpu,
         }
     }
 }
@@ -142,6 +183,15 @@ pub enum Error {
         got: String,
         /// What does not fit.
         why: String,
+    },
+    /// The device could not be opened (no driver, no such GPU), or compiling or running
+    /// on it failed.
+    #[error("device {device}: {msg}")]
+    Device {
+        /// The device.
+        device: Device,
+        /// What went wrong.
+        msg: String,
     },
     /// Running failed inside the model.
     #[error(transparent)]
@@ -221,21 +271,32 @@ impl Model {
         let start = Instant::now();
         let graph = self.optimised(opts)?;
         let optimise_time = start.elapsed();
-        let inner = match opts.backend {
-            Backend::Jit => Inner::Jit(Box::new(
-                kiln_cranelift::compile_with(
-                    &graph,
-                    &JitOptions {
-                        threads: opts.threads,
-                    },
-                )
-                .map_err(|e| Error::Compile {
-                    backend: Backend::Jit,
-                    msg: e.to_string(),
-                })?,
-            )),
-            Backend::Aot => Inner::Aot(Box::new(aot::Aot::build(&graph, opts.threads)?)),
-            Backend::Interp => Inner::Interp,
+        let inner = match (opts.device, opts.backend) {
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(i), _) => Inner::Cuda(Box::new(cuda::Cuda::open(&self.graph, opts, i)?)),
+            #[cfg(not(feature = "cuda"))]
+            (Device::Cuda(i), _) => {
+                return Err(Error::Device {
+                    device: Device::Cuda(i),
+                    msg: "this build of kiln has no GPU support (the `cuda` feature)".into(),
+                })
+            }
+            (Device::Cpu, backend) => match backend {
+                Backend::Jit => Inner::Jit(Box::new(
+                    kiln_cranelift::compile_with(
+                        &graph,
+                        &JitOptions {
+                            threads: opts.threads,
+                        },
+                    )
+                    .map_err(|e| Error::Compile {
+                        backend: Backend::Jit,
+                        msg: e.to_string(),
+                    })?,
+                )),
+                Backend::Aot => Inner::Aot(Box::new(aot::Aot::build(&graph, opts.threads)?)),
+                Backend::Interp => Inner::Interp,
+            },
         };
         Ok(Executable {
             inputs: ios(&graph, &graph.inputs),
@@ -243,6 +304,7 @@ impl Model {
             graph,
             inner,
             backend: opts.backend,
+            device: opts.device,
             optimise_time,
             compile_time: start.elapsed(),
         })
@@ -252,6 +314,8 @@ impl Model {
 enum Inner {
     Jit(Box<JitExecutable>),
     Aot(Box<aot::Aot>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::Cuda>),
     Interp,
 }
 
@@ -263,6 +327,7 @@ pub struct Executable {
     inputs: Vec<Io>,
     outputs: Vec<Io>,
     backend: Backend,
+    device: Device,
     optimise_time: Duration,
     compile_time: Duration,
 }
@@ -299,6 +364,8 @@ impl Executable {
         Ok(match &self.inner {
             Inner::Jit(j) => j.run(inputs)?,
             Inner::Aot(a) => a.run(&inputs)?,
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(c) => c.run(inputs)?,
             Inner::Interp => kiln_ir::run(&self.graph, inputs)?,
         })
     }
@@ -317,6 +384,22 @@ impl Executable {
                 let (outs, kernels) = a.run_profiled(&ordered)?;
                 let report = RunReport {
                     kernels,
+                    ..RunReport::default()
+                };
+                (outs, report)
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(c) => {
+                let start = Instant::now();
+                let outs = c.run(ordered)?;
+                let report = RunReport {
+                    kernels: vec![KernelTime {
+                        label: c.describe(),
+                        kind: "cuda",
+                        op: "whole run".into(),
+                        nanos: start.elapsed().as_nanos() as u64,
+                    }],
+                    memory: MemoryPlan::default(),
                     ..RunReport::default()
                 };
                 (outs, report)
@@ -354,11 +437,28 @@ impl Executable {
         self.backend
     }
 
+    /// Where the executable runs.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// For [`Device::Cuda`]: the ops the last-made GPU program runs on the host, with
+    /// counts (empty on the CPU).
+    pub fn host_ops(&self) -> Vec<(String, usize)> {
+        match &self.inner {
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(c) => c.host_ops(),
+            _ => vec![],
+        }
+    }
+
     /// Threads used inside kernels (1 for the interpreter).
     pub fn threads(&self) -> usize {
         match &self.inner {
             Inner::Jit(j) => j.threads(),
             Inner::Aot(a) => a.threads(),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => 1,
             Inner::Interp => 1,
         }
     }
@@ -384,6 +484,8 @@ impl Executable {
         match &self.inner {
             Inner::Jit(j) => Some((j.jit_kernel_count(), j.plan().kernels.len())),
             Inner::Aot(a) => Some(a.kernel_counts()),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => None,
             Inner::Interp => None,
         }
     }

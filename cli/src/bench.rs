@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// The Python with onnxruntime (default: .venv/bin/python of the kiln checkout).
     #[arg(long, value_name = "PATH")]
     python: Option<PathBuf>,
+    /// Where to run: `cpu`, or `cuda` / `cuda:N` (an NVIDIA GPU through its driver; the
+    /// model is compiled to PTX for the input shapes; without a driver, an error).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: kiln::Device,
 }
 
 /// One run; with `profile`, the per-kernel times and memory plan too.
@@ -147,6 +151,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 opt_level: args.opt,
                 passes: args.passes.clone(),
                 backend,
+                device: args.device,
                 ..Options::default()
             })?;
             bar.finish_and_clear();

@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Threads inside kernels (0: one per physical core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where to run: `cpu`, or `cuda` / `cuda:N` (an NVIDIA GPU through its driver; the
+    /// model is compiled to PTX for the input shapes; without a driver, an error).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: kiln::Device,
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
@@ -50,6 +54,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         threads: args.threads,
         opt_level: args.opt,
         backend: args.backend,
+        device: args.device,
         ..Options::default()
     })?;
     if let Some(dir) = &args.test_data {

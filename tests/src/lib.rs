@@ -12,8 +12,11 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/models` beside the repository.
+/// `$KILN_SHARED_MODELS`, else `../shared/models` beside the repository.
 pub fn shared_models() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_SHARED_MODELS") {
+        return PathBuf::from(p);
+    }
     repo_root().join("../shared/models")
 }
 
