@@ -508,9 +508,9 @@ mod tests {
                     }
                     let mut v = acc * ep.alpha;
                     let mut e = 0;
-                    let mut at = |s: &Strides, e: &mut usize| {
+                    let at = |s: &Strides, e: &mut usize| {
                         *e += 1;
-                        ops[1 + *e][base(s) + (m * s[2] + n * s[3]) as usize]
+                        ops[2 + *e][base(s) + (m * s[2] + n * s[3]) as usize]
                     };
                     if ep.scale {
                         v *= at(&a.extras[e], &mut e);
@@ -692,7 +692,7 @@ mod tests {
         let x = g.add_input("x", f32s(&[4, 8]));
         let w = g.add_constant("w", Tensor::from_vec(vec![8, 8], vec![0.5f32; 64]));
         let b = g.add_constant("b", Tensor::from_vec(vec![8], vec![0.1f32; 8]));
-        let mut op = |g: &mut Graph, op, ins: &[ValueId], name: &str| {
+        let op = |g: &mut Graph, op, ins: &[ValueId], name: &str| {
             let ins = ins.iter().map(|&v| Some(v)).collect();
             g.add_node(
                 op,
