@@ -35,8 +35,8 @@ fn ptxas() -> Option<PathBuf> {
     None
 }
 
-/// PTX for `dir`'s model at its test-data shapes, for `sm`.
-fn emit(dir: &Path, sm: u32) -> kiln_cuda::Program {
+/// The plan of `dir`'s model specialised to its test-data shapes and optimised.
+fn plan(dir: &Path) -> kiln_plan::Plan {
     let name = dir.display();
     let model = Model::load(dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e}"));
     let (inputs, _) = test_data(model.graph(), dir);
@@ -46,8 +46,13 @@ fn emit(dir: &Path, sm: u32) -> kiln_cuda::Program {
         .optimised(&Options::default())
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     kiln_cuda::settle_shapes(&mut g).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let plan = kiln_plan::partition(&g).unwrap_or_else(|e| panic!("{name}: {e}"));
-    kiln_cuda::Program::new(plan, sm).unwrap_or_else(|e| panic!("{name}: sm_{sm}: {e}"))
+    kiln_plan::partition(&g).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// PTX for `plan`, for `sm`.
+fn emit(dir: &Path, plan: &kiln_plan::Plan, sm: u32) -> kiln_cuda::Program {
+    kiln_cuda::Program::new(plan.clone(), sm)
+        .unwrap_or_else(|e| panic!("{}: sm_{sm}: {e}", dir.display()))
 }
 
 /// Assembles `ptx` with `ptxas -arch=sm_<sm>`; panics with its messages on an error.
@@ -98,8 +103,9 @@ fn check_group(group: &str) {
             .file_name()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
+        let plan = plan(&dir);
         for sm in [80, 90] {
-            let p = emit(&dir, sm);
+            let p = emit(&dir, &plan, sm);
             let entries = p
                 .module
                 .kernels
@@ -139,7 +145,7 @@ fn every_bench_model_assembles_for_sm80_and_sm90() {
 #[test]
 fn the_manifest_places_every_value_and_names_every_kernel() {
     let dir = model_dir("tiny/bert_tiny");
-    let p = emit(&dir, 80);
+    let p = emit(&dir, &plan(&dir), 80);
     let m = p.manifest("m.ptx", "m.weights");
     let kernels = m["kernels"].as_array().expect("kernels");
     assert_eq!(kernels.len(), p.plan.kernels.len());

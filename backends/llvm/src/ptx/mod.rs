@@ -126,8 +126,8 @@ fn target_machine(sm: u32) -> Result<TargetMachine, BuildError> {
         .ok_or_else(|| BuildError::Llvm(format!("no NVPTX target machine for sm_{sm}")))
 }
 
-/// Emits one PTX module holding an entry for every loop kernel and GEMM-backed contraction
-/// of `plan` (entries `kiln_k<i>` for plan kernel `i`).
+/// Emits one PTX module holding an entry for every loop kernel of `plan` (`kiln_k<i>` for
+/// plan kernel `i`) and one GEMM entry per distinct epilogue (`kiln_gemm<j>`).
 pub fn emit(plan: &Plan, opts: &PtxOptions) -> Result<PtxModule, BuildError> {
     let tm = target_machine(opts.sm)?;
     let cx = Context::create();
@@ -135,6 +135,7 @@ pub fn emit(plan: &Plan, opts: &PtxOptions) -> Result<PtxModule, BuildError> {
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
     let mut kernels = vec![];
+    let mut gemms: Vec<(String, String)> = vec![];
     for (i, k) in plan.kernels.iter().enumerate() {
         let name = format!("kiln_k{i}");
         let err = |msg: String| BuildError::Codegen {
@@ -157,7 +158,17 @@ pub fn emit(plan: &Plan, opts: &PtxOptions) -> Result<PtxModule, BuildError> {
                     .all(|&o| plan.graph.ty(o).dtype == kiln_ir::DType::F32);
                 match geometry::gemm_epilogue(node).filter(|_| f32_out) {
                     Some(ep) => {
-                        gemm::define(&cx, &module, &ep, &name).map_err(err)?;
+                        // One entry per distinct epilogue, shared by every GEMM that uses it.
+                        let key = format!("{ep:?}");
+                        let name = match gemms.iter().find(|(k, _)| *k == key) {
+                            Some((_, n)) => n.clone(),
+                            None => {
+                                let name = format!("kiln_gemm{}", gemms.len());
+                                gemm::define(&cx, &module, &ep, &name).map_err(err)?;
+                                gemms.push((key, name.clone()));
+                                name
+                            }
+                        };
                         DeviceKernel::Gemm { name, epilogue: ep }
                     }
                     None => DeviceKernel::Host {
