@@ -4,8 +4,10 @@
 
 use crate::{Device, Error, Options};
 use kiln_ir::{Graph, Tensor};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// The input shapes a program was made for.
+type ShapeSet = Vec<Vec<usize>>;
 
 /// Programs kept per executable (distinct input-shape sets), oldest dropped first.
 const PROGRAMS: usize = 8;
@@ -15,7 +17,7 @@ pub(crate) struct Cuda {
     /// The graph as loaded (specialised before optimising, per shape set).
     graph: Graph,
     opts: Options,
-    loaded: Mutex<Vec<(Vec<Vec<usize>>, Arc<kiln_cuda::Loaded>)>>,
+    loaded: Mutex<Vec<(ShapeSet, Arc<kiln_cuda::Loaded>)>>,
 }
 
 pub(crate) fn err(ordinal: usize) -> impl Fn(String) -> Error {
@@ -85,11 +87,4 @@ impl Cuda {
     pub(crate) fn describe(&self) -> String {
         format!("{:?}", self.device)
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn f<T: Send + Sync>() {}
-    f::<Cuda>();
-    let _ = HashMap::<u8, u8>::new();
 }

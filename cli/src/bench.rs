@@ -146,14 +146,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 0,
                 format!("{name}: {backend}, compiling ({threads} threads)"),
             );
-            let exe = model.compile(&Options {
+            // Every field is set today; the update keeps this compiling as Options grows.
+            #[allow(clippy::needless_update)]
+            let opts = Options {
                 threads,
                 opt_level: args.opt,
                 passes: args.passes.clone(),
                 backend,
                 device: args.device,
                 ..Options::default()
-            })?;
+            };
+            let exe = model.compile(&opts)?;
             bar.finish_and_clear();
             let bar = progress(
                 show,
