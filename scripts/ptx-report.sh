@@ -33,8 +33,9 @@ out=bench/ptx.md
   echo "Host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'). No GPU is needed or used:"
   echo "these are the assembler's static figures (registers per thread, spill bytes, shared"
   echo "memory per block) for the PTX \`kiln build --target cuda\` emits, batch 1, sequence 128."
-  echo "Hot kernels: every GEMM entry and every loop kernel with a row reduction; the other"
-  echo "loop kernels are summarised (max registers, any spills)."
+  echo "Hot kernels: every GEMM entry (one per distinct fused epilogue, shared by the contractions"
+  echo "that use it; the launch shown is the first one's) and every loop kernel with a row"
+  echo "reduction; the other loop kernels are summarised (max registers, any spills)."
   echo
 } > "$out"
 for dir in "${models[@]}"; do
@@ -49,7 +50,11 @@ for dir in "${models[@]}"; do
 import json, re, sys
 vtxt, manifest, name, sm, build = sys.argv[1:]
 m = json.load(open(manifest))
-kinds = {k["entry"]: k for k in m["kernels"] if k.get("entry")}
+kinds, uses = {}, {}
+for k in m["kernels"]:
+    if k.get("entry"):
+        kinds.setdefault(k["entry"], k)
+        uses[k["entry"]] = uses.get(k["entry"], 0) + 1
 cur, res = None, {}
 for line in open(vtxt):
     e = re.search(r"Compiling entry function '(\w+)'", line)
@@ -70,10 +75,12 @@ print("|---|---|---|---|---:|---:|---:|")
 rest = []
 for ent, r in res.items():
     k = kinds.get(ent, {})
-    hot = k.get("kind") == "gemm" or "max" in k.get("label", "") or k.get("kind") == "loop" and k.get("shape") and False
     if k.get("kind") == "gemm" or r["smem"] > 0:
         l = k.get("launch", {})
-        print(f"| {ent} | {k.get('kind')} | {k.get('label','')[:48]} | {l.get('grid')} / {l.get('block')} | {r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['smem']} |")
+        label = k.get("label", "")[:48]
+        if uses.get(ent, 0) > 1:
+            label = f"{uses[ent]} contractions, first {label}"
+        print(f"| {ent} | {k.get('kind')} | {label} | {l.get('grid')} / {l.get('block')} | {r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['smem']} |")
     else:
         rest.append(r)
 if rest:
