@@ -167,7 +167,9 @@ fn build_cuda(args: &BuildArgs, model: &kiln::Model, t0: std::time::Instant) -> 
         .filter(|s| {
             matches!(
                 s,
-                kiln_cuda::Step::Loop { .. } | kiln_cuda::Step::Gemm { .. }
+                kiln_cuda::Step::Loop { .. }
+                    | kiln_cuda::Step::Gemm { .. }
+                    | kiln_cuda::Step::Attention { .. }
             )
         })
         .count();

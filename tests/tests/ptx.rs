@@ -151,7 +151,7 @@ fn the_manifest_places_every_value_and_names_every_kernel() {
     assert_eq!(kernels.len(), p.plan.kernels.len());
     for k in kernels {
         match k["kind"].as_str() {
-            Some("loop") | Some("gemm") => {
+            Some("loop") | Some("gemm") | Some("attention") => {
                 let grid = k["launch"]["grid"].as_array().expect("grid");
                 assert!(
                     grid.iter().all(|g| g.as_u64().is_some_and(|g| g >= 1)),

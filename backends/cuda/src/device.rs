@@ -166,7 +166,9 @@ impl Loaded {
         let mut functions = vec![];
         for s in &program.steps {
             functions.push(match s {
-                Step::Loop { entry, .. } | Step::Gemm { entry, .. } => {
+                Step::Loop { entry, .. }
+                | Step::Gemm { entry, .. }
+                | Step::Attention { entry, .. } => {
                     let n = CString::new(entry.as_str())
                         .map_err(|_| CudaError::Plan("bad entry name".into()))?;
                     // SAFETY: `module` was just loaded.
@@ -380,6 +382,38 @@ impl Loaded {
                         let f = h.functions[i].ok_or_else(|| kerr("no function".into()))?;
                         launch_with(f, launch, &mut vals, stream).map_err(kerr)?;
                     }
+                    Step::Attention {
+                        launch,
+                        args,
+                        operands,
+                        ..
+                    } => {
+                        for (o, &v) in operands.iter().enumerate() {
+                            if o != 3 {
+                                self.ensure_device(&h, v, &mut host, &mut on_device, &upload)?;
+                            }
+                        }
+                        let mut vals: Vec<u64> = vec![
+                            args.s,
+                            args.t,
+                            args.d,
+                            args.dv,
+                            args.group,
+                            args.scale.to_bits(),
+                        ];
+                        for (o, st) in args.strides.iter().enumerate() {
+                            vals.push(addr(&h, operands[o])?);
+                            vals.extend(st);
+                        }
+                        if let (Some(m), Some(&mv)) = (args.mask, operands.get(4)) {
+                            vals.push(addr(&h, mv)?);
+                            vals.extend(m);
+                        }
+                        on_device.insert(operands[3], true);
+                        host.remove(&operands[3]);
+                        let f = h.functions[i].ok_or_else(|| kerr("no function".into()))?;
+                        launch_with(f, launch, &mut vals, stream).map_err(kerr)?;
+                    }
                     Step::Host { node, .. } => {
                         let node = &g.nodes[*node];
                         let mut ins: Vec<Option<Tensor>> = vec![];
@@ -472,7 +506,7 @@ impl Loaded {
     }
 }
 
-/// Launches `f` with every parameter an 8-byte value (i64 or a device pointer).
+/// Launches `f` with every parameter an 8-byte value (i64, f64 bits or a device pointer).
 fn launch_with(
     f: sys::CUfunction,
     l: &kiln_llvm::ptx::geometry::Launch,
@@ -490,7 +524,7 @@ fn launch_with(
             f,
             (l.grid[0], l.grid[1], l.grid[2]),
             (l.block[0], l.block[1], l.block[2]),
-            0,
+            l.shared,
             stream,
             &mut params,
         )

@@ -5,8 +5,8 @@
 use crate::CudaError;
 use kiln_ir::{Tensor, ValueId};
 use kiln_llvm::ptx::geometry::{
-    self, device_memory, gemm_args, gemm_launch, loop_launch, DeviceMemory, GemmArgs, Launch,
-    LoopArgs,
+    self, attention_args, attention_launch, device_memory, gemm_args, gemm_launch, loop_launch,
+    AttentionArgs, DeviceMemory, GemmArgs, Launch, LoopArgs,
 };
 use kiln_llvm::ptx::{emit, DeviceKernel, PtxModule, PtxOptions};
 use kiln_plan::{Kernel, Plan};
@@ -37,6 +37,17 @@ pub enum Step {
         /// Its scalar arguments.
         args: GemmArgs,
         /// A, B, C, then the epilogue operands present.
+        operands: Vec<ValueId>,
+    },
+    /// An attention kernel launch.
+    Attention {
+        /// The `.entry`.
+        entry: String,
+        /// Grid, block and shared memory.
+        launch: Launch,
+        /// Its scalar arguments.
+        args: AttentionArgs,
+        /// q, k, v, out, then the mask when there is one.
         operands: Vec<ValueId>,
     },
     /// The interpreter runs node `node` on the host; `why` says why it is not on the GPU.
@@ -169,6 +180,34 @@ impl Program {
                         Err(why) => Step::Host { node: *n, why },
                     }
                 }
+                (
+                    Kernel::Contraction(n) | Kernel::Fallback(n),
+                    DeviceKernel::Attention { name, .. },
+                ) => {
+                    let node = &plan.graph.nodes[*n];
+                    let ins = node
+                        .inputs
+                        .iter()
+                        .map(|v| v.map(|v| shape_of(&plan, v)).transpose())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let refs: Vec<Option<&[usize]>> = ins.iter().map(|s| s.as_deref()).collect();
+                    match attention_args(node, &refs) {
+                        Ok(a) if a.b * a.hq * a.s * a.dv == 0 => Step::Empty,
+                        Ok(args) => {
+                            let mut operands: Vec<ValueId> =
+                                node.inputs.iter().take(3).flatten().copied().collect();
+                            operands.push(node.outputs[0]);
+                            operands.extend(node.inputs.get(3).copied().flatten());
+                            Step::Attention {
+                                entry: name.clone(),
+                                launch: attention_launch(&args),
+                                args,
+                                operands,
+                            }
+                        }
+                        Err(why) => Step::Host { node: *n, why },
+                    }
+                }
                 (Kernel::Contraction(n) | Kernel::Fallback(n), DeviceKernel::Host { op }) => {
                     let node = &plan.graph.nodes[*n];
                     let view = match (
@@ -250,7 +289,8 @@ impl Program {
                 })
                 .collect::<Vec<_>>()
         };
-        let launch = |l: &Launch| json!({"grid": l.grid, "block": l.block});
+        let launch =
+            |l: &Launch| json!({"grid": l.grid, "block": l.block, "shared_bytes": l.shared});
         let kernels: Vec<Json> = self
             .steps
             .iter()
@@ -280,6 +320,18 @@ impl Program {
                         "launch": launch(l), "m": args.m, "n": args.n, "k": args.k,
                         "batch": args.batch, "nb1": args.nb1, "a": args.a, "b": args.b,
                         "c": args.c, "epilogue": args.extras, "operands": names(operands),
+                    }),
+                    Step::Attention {
+                        entry,
+                        launch: l,
+                        args,
+                        operands,
+                    } => json!({
+                        "index": i, "label": label, "kind": "attention", "entry": entry,
+                        "launch": launch(l), "s": args.s, "t": args.t, "d": args.d,
+                        "dv": args.dv, "group": args.group, "scale": args.scale,
+                        "strides": args.strides, "mask_strides": args.mask,
+                        "operands": names(operands),
                     }),
                     Step::Host { node, why } => json!({
                         "index": i, "label": label, "kind": "host",

@@ -22,6 +22,8 @@ pub struct Launch {
     pub grid: [u32; 3],
     /// Threads per block along x, y, z.
     pub block: [u32; 3],
+    /// Dynamic shared memory per block, bytes.
+    pub shared: u32,
 }
 
 /// The launch of a loop kernel with rows of `n` elements: `tid.x` strides over a row with
@@ -39,6 +41,7 @@ pub fn loop_launch(n: usize, rows: usize, reductions: bool) -> Launch {
     Launch {
         grid: [gx, 1, 1],
         block: [tx, ty, 1],
+        shared: 0,
     }
 }
 
@@ -51,7 +54,127 @@ pub fn gemm_launch(a: &GemmArgs) -> Launch {
             a.batch as u32,
         ],
         block: [THREADS_XY, THREADS_XY, 1],
+        shared: 0,
     }
+}
+
+/// The most keys the attention kernel holds in shared memory (48 KiB of scores, the
+/// dynamic shared memory every sm_80+ GPU grants without opting in).
+pub const ATTENTION_MAX_KEYS: u64 = 12 * 1024;
+
+/// The scalar arguments of the attention kernel for concrete shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionArgs {
+    /// Batch, query heads, query rows, keys.
+    pub b: u64,
+    /// Query heads.
+    pub hq: u64,
+    /// Query rows.
+    pub s: u64,
+    /// Keys.
+    pub t: u64,
+    /// Head dim of q and k.
+    pub d: u64,
+    /// Head dim of v (and the output).
+    pub dv: u64,
+    /// Query heads per kv head.
+    pub group: u64,
+    /// The score scale.
+    pub scale: f64,
+    /// q, k, v, out: batch, head and row strides (element stride 1 along d).
+    pub strides: [[u64; 3]; 4],
+    /// The mask's strides over `[b, h, i, j]` (0 where broadcast), when it has one.
+    pub mask: Option<[u64; 4]>,
+}
+
+/// The launch of the attention kernel: a block per (query row, head, batch).
+pub fn attention_launch(a: &AttentionArgs) -> Launch {
+    Launch {
+        grid: [a.s as u32, a.hq as u32, a.b as u32],
+        block: [super::attention::ATTENTION_THREADS, 1, 1],
+        shared: (a.t * 4) as u32,
+    }
+}
+
+/// Whether an `attention` node can run as the GPU kernel: f32 operands, a float mask or
+/// none; returns `(causal, has mask)`.
+pub fn attention_variant(node: &Node, mask_float: bool) -> Option<(bool, bool)> {
+    if node.op != OpKind::Attention {
+        return None;
+    }
+    let causal = node.attrs.int_or("causal", 0).ok()? == 1;
+    let mask = node.inputs.get(3).is_some_and(|m| m.is_some());
+    if mask && !mask_float {
+        return None;
+    }
+    Some((causal, mask))
+}
+
+/// The attention kernel's arguments for q, k, v (and mask) shapes, or why it cannot run.
+pub fn attention_args(node: &Node, ins: &[Option<&[usize]>]) -> Result<AttentionArgs, String> {
+    let get = |i: usize| -> Result<&[usize], String> {
+        ins.get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("missing input #{i}"))
+    };
+    let seq_major = match node.attrs.string("layout")?.as_deref() {
+        None | Some("bhsd") => false,
+        Some("bshd") => true,
+        Some(o) => return Err(format!("attention layout {o:?}")),
+    };
+    // Head-major dims and [batch, head, row] strides of a 4-D tensor in either layout.
+    let dims = |sh: &[usize]| -> Result<([u64; 4], [u64; 3]), String> {
+        let [a, x, y, d] = <[usize; 4]>::try_from(sh)
+            .map_err(|_| format!("attention operand {sh:?} is not 4-D"))?;
+        let (a, x, y, d) = (a as u64, x as u64, y as u64, d as u64);
+        Ok(if seq_major {
+            ([a, y, x, d], [x * y * d, d, y * d])
+        } else {
+            ([a, x, y, d], [x * y * d, y * d, d])
+        })
+    };
+    let (q, qs) = dims(get(0)?)?;
+    let (k, ks) = dims(get(1)?)?;
+    let (v, vs) = dims(get(2)?)?;
+    let [b, hq, s, d] = q;
+    let [_, hkv, t, _] = k;
+    if k[0] != b || k[3] != d || v[0] != b || v[1] != hkv || v[2] != t || hkv == 0 || hq % hkv != 0
+    {
+        return Err(format!("attention shapes q {q:?}, k {k:?}, v {v:?}"));
+    }
+    if t > ATTENTION_MAX_KEYS {
+        return Err(format!("{t} keys exceed the kernel's {ATTENTION_MAX_KEYS}"));
+    }
+    let dv = v[3];
+    let (_, os) = dims(&if seq_major {
+        [b as usize, s as usize, hq as usize, dv as usize]
+    } else {
+        [b as usize, hq as usize, s as usize, dv as usize]
+    })?;
+    let mask = match ins.get(3).copied().flatten() {
+        None => None,
+        Some(m) => {
+            let st = broadcast_strides(m, &[b as usize, hq as usize, s as usize, t as usize])?;
+            Some([st[0], st[1], st[2], st[3]])
+        }
+    };
+    let scale = match node.attrs.float("scale")? {
+        Some(x) => x as f64,
+        None => 1.0 / (d as f64).sqrt(),
+    };
+    Ok(AttentionArgs {
+        b,
+        hq,
+        s,
+        t,
+        d,
+        dv,
+        group: hq / hkv,
+        scale,
+        strides: [qs, ks, vs, os],
+        mask,
+    })
 }
 
 /// The scalar arguments of a loop kernel for one set of input shapes.
@@ -734,5 +857,115 @@ mod tests {
             }
         }
         assert!(mem.offsets.contains_key(&x) && mem.offsets.contains_key(&y));
+    }
+
+    /// What the attention kernel computes from `a`, on flat buffers q, k, v (and mask).
+    fn emulate_attention(
+        a: &AttentionArgs,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        m: Option<&[f32]>,
+        causal: bool,
+        out_len: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![f32::NAN; out_len];
+        let [qs, ks, vs, os] = a.strides;
+        for b in 0..a.b {
+            for h in 0..a.hq {
+                let kh = h / a.group;
+                for i in 0..a.s {
+                    let qrow = (b * qs[0] + h * qs[1] + i * qs[2]) as usize;
+                    let pos = a.t as i64 - a.s as i64 + i as i64;
+                    let mut sc: Vec<f32> = (0..a.t)
+                        .map(|j| {
+                            let krow = (b * ks[0] + kh * ks[1] + j * ks[2]) as usize;
+                            let mut x: f32 =
+                                (0..a.d as usize).map(|d| q[qrow + d] * k[krow + d]).sum();
+                            x *= a.scale as f32;
+                            if let (Some(m), Some(st)) = (m, a.mask) {
+                                x += m[(b * st[0] + h * st[1] + i * st[2] + j * st[3]) as usize];
+                            }
+                            if causal && j as i64 > pos {
+                                x = f32::NEG_INFINITY;
+                            }
+                            x
+                        })
+                        .collect();
+                    let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let shift = if mx.is_finite() { mx } else { 0.0 };
+                    sc.iter_mut().for_each(|x| *x = (*x - shift).exp());
+                    let sum: f32 = sc.iter().sum();
+                    let orow = (b * os[0] + h * os[1] + i * os[2]) as usize;
+                    for d in 0..a.dv {
+                        let o: f32 = (0..a.t)
+                            .map(|j| {
+                                sc[j as usize]
+                                    * v[(b * vs[0] + kh * vs[1] + j * vs[2] + d) as usize]
+                            })
+                            .sum();
+                        out[orow + d as usize] = o / sum;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_arguments_compute_attention_in_both_layouts_with_gqa_masks_and_causality() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (layout, causal, mask) in [
+            ("bhsd", false, false),
+            ("bhsd", true, true),
+            ("bshd", true, false),
+            ("bshd", false, true),
+        ] {
+            let (b, hq, hkv, s, t, d) = (2, 4, 2, 3, 5, 8);
+            let shape = |h: usize, rows: usize| -> Vec<usize> {
+                if layout == "bshd" {
+                    vec![b, rows, h, d]
+                } else {
+                    vec![b, h, rows, d]
+                }
+            };
+            let q = random(&shape(hq, s), &mut rng);
+            let k = random(&shape(hkv, t), &mut rng);
+            let v = random(&shape(hkv, t), &mut rng);
+            let m = random(&[1, hq, 1, t], &mut rng);
+            let attrs = Attrs::new()
+                .with("layout", Attr::Str(layout.into()))
+                .with("causal", Attr::Int(causal as i64));
+            let n = node(OpKind::Attention, attrs, if mask { 4 } else { 3 }, &[]);
+            let mut ins = vec![Some(&q), Some(&k), Some(&v)];
+            if mask {
+                ins.push(Some(&m));
+            }
+            let want = kiln_ir::ops::eval(n.op, &n.attrs, &ins).expect("reference")[0].clone();
+            let shapes: Vec<Option<&[usize]>> = ins.iter().map(|t| t.map(|t| t.shape())).collect();
+            let a = attention_args(&n, &shapes).expect("args");
+            assert_eq!(attention_variant(&n, true), Some((causal, mask)));
+            let f = |t: &Tensor| t.as_slice::<f32>().expect("f32").to_vec();
+            let got = emulate_attention(
+                &a,
+                &f(&q),
+                &f(&k),
+                &f(&v),
+                mask.then(|| f(&m)).as_deref(),
+                causal,
+                want.len(),
+            );
+            for (i, (g, w)) in got.iter().zip(f(&want)).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "{layout} causal={causal} mask={mask} at {i}: {g} vs {w}"
+                );
+            }
+            let l = attention_launch(&a);
+            assert_eq!(
+                (l.grid, l.shared),
+                ([s as u32, hq as u32, b as u32], 4 * t as u32)
+            );
+        }
     }
 }

@@ -127,7 +127,7 @@ pub(crate) fn unary<'ctx>(nv: &Nv<'_, 'ctx>, op: UnOp, x: FloatValue<'ctx>) -> R
     })
 }
 
-fn combine<'ctx>(
+pub(crate) fn combine<'ctx>(
     nv: &Nv<'_, 'ctx>,
     op: RedOp,
     acc: FloatValue<'ctx>,
@@ -148,7 +148,7 @@ fn combine<'ctx>(
     }
 }
 
-fn identity(op: RedOp) -> f32 {
+pub(crate) fn identity(op: RedOp) -> f32 {
     match op {
         RedOp::Sum => 0.0,
         RedOp::Max => f32::NEG_INFINITY,
@@ -156,7 +156,11 @@ fn identity(op: RedOp) -> f32 {
 }
 
 /// Butterfly reduction over the 32 lanes of a warp (every lane gets the result).
-fn warp_reduce<'ctx>(nv: &Nv<'_, 'ctx>, op: RedOp, mut v: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+pub(crate) fn warp_reduce<'ctx>(
+    nv: &Nv<'_, 'ctx>,
+    op: RedOp,
+    mut v: FloatValue<'ctx>,
+) -> R<FloatValue<'ctx>> {
     for off in [16, 8, 4, 2, 1] {
         let o = nv.shfl_xor(v, off)?;
         v = combine(nv, op, v, o)?;

@@ -6,6 +6,7 @@
 //! [`geometry`] holds the launch geometry, kernel arguments and device memory plan, all
 //! computable without a device.
 
+pub mod attention;
 pub mod gemm;
 pub mod geometry;
 pub mod loops;
@@ -58,6 +59,15 @@ pub enum DeviceKernel {
         /// The fused epilogue.
         epilogue: Epilogue,
     },
+    /// The fused `attention` op as the attention kernel `name`.
+    Attention {
+        /// The entry's name.
+        name: String,
+        /// Keys past the query's position are masked.
+        causal: bool,
+        /// It takes a (float) mask operand.
+        mask: bool,
+    },
     /// Run on the host by the interpreter's op, with copies each way.
     Host {
         /// The op's text name.
@@ -69,7 +79,9 @@ impl DeviceKernel {
     /// The `.entry` name, for device kernels.
     pub fn entry(&self) -> Option<&str> {
         match self {
-            DeviceKernel::Loop { name, .. } | DeviceKernel::Gemm { name, .. } => Some(name),
+            DeviceKernel::Loop { name, .. }
+            | DeviceKernel::Gemm { name, .. }
+            | DeviceKernel::Attention { name, .. } => Some(name),
             DeviceKernel::Host { .. } => None,
         }
     }
@@ -156,6 +168,29 @@ pub fn emit(plan: &Plan, opts: &PtxOptions) -> Result<PtxModule, BuildError> {
                     .outputs
                     .iter()
                     .all(|&o| plan.graph.ty(o).dtype == kiln_ir::DType::F32);
+                let f32_in = |i: usize| {
+                    node.inputs
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|v| plan.graph.ty(v).dtype == kiln_ir::DType::F32)
+                };
+                let attn = geometry::attention_variant(node, f32_in(3))
+                    .filter(|_| f32_out && (0..3).all(f32_in));
+                if let Some((causal, mask)) = attn {
+                    let key = format!("attention {causal} {mask}");
+                    let name = match gemms.iter().find(|(k, _)| *k == key) {
+                        Some((_, n)) => n.clone(),
+                        None => {
+                            let name = format!("kiln_attn{}", gemms.len());
+                            attention::define(&cx, &module, causal, mask, &name).map_err(err)?;
+                            gemms.push((key, name.clone()));
+                            name
+                        }
+                    };
+                    kernels.push(DeviceKernel::Attention { name, causal, mask });
+                    continue;
+                }
                 match geometry::gemm_epilogue(node).filter(|_| f32_out) {
                     Some(ep) => {
                         // One entry per distinct epilogue, shared by every GEMM that uses it.
