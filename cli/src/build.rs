@@ -170,6 +170,8 @@ fn build_cuda(args: &BuildArgs, model: &kiln::Model, t0: std::time::Instant) -> 
                 kiln_cuda::Step::Loop { .. }
                     | kiln_cuda::Step::Gemm { .. }
                     | kiln_cuda::Step::Attention { .. }
+                    | kiln_cuda::Step::Strided { .. }
+                    | kiln_cuda::Step::Copy { .. }
             )
         })
         .count();

@@ -168,7 +168,8 @@ impl Loaded {
             functions.push(match s {
                 Step::Loop { entry, .. }
                 | Step::Gemm { entry, .. }
-                | Step::Attention { entry, .. } => {
+                | Step::Attention { entry, .. }
+                | Step::Strided { entry, .. } => {
                     let n = CString::new(entry.as_str())
                         .map_err(|_| CudaError::Plan("bad entry name".into()))?;
                     // SAFETY: `module` was just loaded.
@@ -381,6 +382,24 @@ impl Loaded {
                         host.remove(&operands[2]);
                         let f = h.functions[i].ok_or_else(|| kerr("no function".into()))?;
                         launch_with(f, launch, &mut vals, stream).map_err(kerr)?;
+                    }
+                    Step::Strided { copies, out, .. } => {
+                        let f = h.functions[i].ok_or_else(|| kerr("no function".into()))?;
+                        let dst = addr(&h, *out)?;
+                        for (launch, a, v) in copies {
+                            self.ensure_device(&h, *v, &mut host, &mut on_device, &upload)?;
+                            let mut vals: Vec<u64> = vec![a.total];
+                            vals.extend(a.dims);
+                            vals.push(addr(&h, *v)?);
+                            vals.push(a.src.0);
+                            vals.extend(a.src.1);
+                            vals.push(dst);
+                            vals.push(a.dst.0);
+                            vals.extend(a.dst.1);
+                            launch_with(f, launch, &mut vals, stream).map_err(kerr)?;
+                        }
+                        on_device.insert(*out, true);
+                        host.remove(out);
                     }
                     Step::Attention {
                         launch,

@@ -5,8 +5,8 @@
 use crate::CudaError;
 use kiln_ir::{Tensor, ValueId};
 use kiln_llvm::ptx::geometry::{
-    self, attention_args, attention_launch, device_memory, gemm_args, gemm_launch, loop_launch,
-    AttentionArgs, DeviceMemory, GemmArgs, Launch, LoopArgs,
+    self, attention_args, attention_launch, copy_launch, copy_plan, device_memory, gemm_args,
+    gemm_launch, loop_launch, AttentionArgs, CopyArgs, DeviceMemory, GemmArgs, Launch, LoopArgs,
 };
 use kiln_llvm::ptx::{emit, DeviceKernel, PtxModule, PtxOptions};
 use kiln_plan::{Kernel, Plan};
@@ -49,6 +49,15 @@ pub enum Step {
         args: AttentionArgs,
         /// q, k, v, out, then the mask when there is one.
         operands: Vec<ValueId>,
+    },
+    /// A movement op as strided copies (one launch each) into `out`.
+    Strided {
+        /// The `.entry`.
+        entry: String,
+        /// Per copy: its launch, arguments and source value.
+        copies: Vec<(Launch, CopyArgs, ValueId)>,
+        /// The value written.
+        out: ValueId,
     },
     /// The interpreter runs node `node` on the host; `why` says why it is not on the GPU.
     Host {
@@ -208,6 +217,31 @@ impl Program {
                         Err(why) => Step::Host { node: *n, why },
                     }
                 }
+                (Kernel::Contraction(n) | Kernel::Fallback(n), DeviceKernel::Copy { name }) => {
+                    let node = &plan.graph.nodes[*n];
+                    let ins = node
+                        .inputs
+                        .iter()
+                        .map(|v| v.map(|v| shape_of(&plan, v)).transpose())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let refs: Vec<Option<&[usize]>> = ins.iter().map(|s| s.as_deref()).collect();
+                    let out = shape_of(&plan, node.outputs[0])?;
+                    match copy_plan(node, &refs, &out) {
+                        Ok(c) if c.iter().all(|(_, a)| a.total == 0) => Step::Empty,
+                        Ok(c) => Step::Strided {
+                            entry: name.clone(),
+                            copies: c
+                                .into_iter()
+                                .filter_map(|(i, a)| {
+                                    let v = node.inputs.get(i).copied().flatten()?;
+                                    Some((copy_launch(&a), a, v))
+                                })
+                                .collect(),
+                            out: node.outputs[0],
+                        },
+                        Err(why) => Step::Host { node: *n, why },
+                    }
+                }
                 (Kernel::Contraction(n) | Kernel::Fallback(n), DeviceKernel::Host { op }) => {
                     let node = &plan.graph.nodes[*n];
                     let view = match (
@@ -332,6 +366,15 @@ impl Program {
                         "dv": args.dv, "group": args.group, "scale": args.scale,
                         "strides": args.strides, "mask_strides": args.mask,
                         "operands": names(operands),
+                    }),
+                    Step::Strided { entry, copies, out } => json!({
+                        "index": i, "label": label, "kind": "copy", "entry": entry,
+                        "launch": copies.first().map(|c| launch(&c.0)),
+                        "copies": copies.iter().map(|(l, a, v)| json!({
+                            "launch": launch(l), "from": name(*v), "dims": a.dims,
+                            "src": a.src, "dst": a.dst,
+                        })).collect::<Vec<_>>(),
+                        "writes": [name(*out)],
                     }),
                     Step::Host { node, why } => json!({
                         "index": i, "label": label, "kind": "host",

@@ -2,6 +2,7 @@
 //! argument values of loop and GEMM kernels for concrete shapes, and the device memory plan
 //! (one arena laid out by kiln-plan's memory planner, weights in a separate blob).
 
+use super::copy::{COPY_RANK, COPY_THREADS};
 use super::gemm::{Activation, Epilogue, THREADS_XY, TILE_M, TILE_N};
 use kiln_ir::{Node, OpKind, ValueId};
 use kiln_plan::memory::{self, Interval, MemoryPlan};
@@ -495,6 +496,116 @@ pub fn gemm_args(node: &Node, ins: &[Option<&[usize]>], out: &[usize]) -> Result
     })
 }
 
+/// One strided copy: the copy domain and both sides' offsets and strides, padded to
+/// [`COPY_RANK`] dims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyArgs {
+    /// Elements copied.
+    pub total: u64,
+    /// The copy domain.
+    pub dims: [u64; COPY_RANK],
+    /// Source element offset and strides.
+    pub src: (u64, [u64; COPY_RANK]),
+    /// Destination element offset and strides.
+    pub dst: (u64, [u64; COPY_RANK]),
+}
+
+fn pad(v: &[u64], fill: u64) -> Result<[u64; COPY_RANK], String> {
+    if v.len() > COPY_RANK {
+        return Err(format!(
+            "rank {} above the copy kernel's {COPY_RANK}",
+            v.len()
+        ));
+    }
+    let mut out = [fill; COPY_RANK];
+    out[COPY_RANK - v.len()..].copy_from_slice(v);
+    Ok(out)
+}
+
+fn copy(dims: &[usize], src: (u64, Vec<u64>), dst: (u64, Vec<u64>)) -> Result<CopyArgs, String> {
+    let d: Vec<u64> = dims.iter().map(|&x| x as u64).collect();
+    Ok(CopyArgs {
+        total: d.iter().product(),
+        dims: pad(&d, 1)?,
+        src: (src.0, pad(&src.1, 0)?),
+        dst: (dst.0, pad(&dst.1, 0)?),
+    })
+}
+
+/// The launch of one strided copy (a grid-stride loop; at most 2^16 blocks).
+pub fn copy_launch(a: &CopyArgs) -> Launch {
+    let blocks = a.total.div_ceil(COPY_THREADS as u64).clamp(1, 1 << 16);
+    Launch {
+        grid: [blocks as u32, 1, 1],
+        block: [COPY_THREADS, 1, 1],
+        shared: 0,
+    }
+}
+
+/// Ops the strided copy kernel runs.
+pub const COPY_OPS: &[OpKind] = &[OpKind::Transpose, OpKind::Expand, OpKind::Concat];
+
+/// The copies that compute a `transpose`, `expand` or `concat` node: `(input index, copy)`.
+pub fn copy_plan(
+    node: &Node,
+    ins: &[Option<&[usize]>],
+    out: &[usize],
+) -> Result<Vec<(usize, CopyArgs)>, String> {
+    let get = |i: usize| -> Result<&[usize], String> {
+        ins.get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("missing input #{i}"))
+    };
+    let dst = contiguous(out);
+    match node.op {
+        OpKind::Transpose => {
+            let x = get(0)?;
+            let r = x.len();
+            let perm: Vec<usize> = match node.attrs.ints("perm")? {
+                Some(p) => p.iter().map(|&i| i as usize).collect(),
+                None => (0..r).rev().collect(),
+            };
+            if perm.len() != r || perm.iter().any(|&p| p >= r) {
+                return Err(format!("transpose perm {perm:?} of rank {r}"));
+            }
+            let xs = contiguous(x);
+            let src: Vec<u64> = perm.iter().map(|&p| xs[p]).collect();
+            Ok(vec![(0, copy(out, (0, src), (0, dst))?)])
+        }
+        OpKind::Expand => {
+            let src = broadcast_strides(get(0)?, out)?;
+            Ok(vec![(0, copy(out, (0, src), (0, dst))?)])
+        }
+        OpKind::Concat => {
+            let r = out.len() as i64;
+            let axis = node.attrs.int_or("axis", 0)?;
+            let axis = if axis < 0 { axis + r } else { axis };
+            if !(0..r).contains(&axis) {
+                return Err(format!("concat axis {axis} of rank {r}"));
+            }
+            let axis = axis as usize;
+            let mut at = 0u64;
+            let mut copies = vec![];
+            for i in 0..node.inputs.len() {
+                let x = get(i)?;
+                if x.len() != out.len() {
+                    return Err(format!("concat input {x:?} into {out:?}"));
+                }
+                if x.iter().product::<usize>() > 0 {
+                    copies.push((
+                        i,
+                        copy(x, (0, contiguous(x)), (at * dst[axis], dst.clone()))?,
+                    ));
+                }
+                at += x[axis] as u64;
+            }
+            Ok(copies)
+        }
+        op => Err(format!("no GPU copy for `{}`", op.name())),
+    }
+}
+
 /// Where every intermediate value and every weight lives on the device for one set of
 /// input shapes.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -966,6 +1077,82 @@ mod tests {
                 (l.grid, l.shared),
                 ([s as u32, hq as u32, b as u32], 4 * t as u32)
             );
+        }
+    }
+
+    fn emulate_copies(copies: &[(usize, CopyArgs)], srcs: &[Vec<f32>], out_len: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; out_len];
+        for (i, c) in copies {
+            for idx in 0..c.total {
+                let (mut so, mut d, mut rest) = (c.src.0, c.dst.0, idx);
+                for k in (0..COPY_RANK).rev() {
+                    let ik = rest % c.dims[k];
+                    rest /= c.dims[k];
+                    so += ik * c.src.1[k];
+                    d += ik * c.dst.1[k];
+                }
+                out[d as usize] = srcs[*i][so as usize];
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn copy_plans_compute_transpose_expand_and_concat() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let cases: Vec<(OpKind, Attrs, Vec<Vec<usize>>, Option<Vec<i64>>)> = vec![
+            (
+                OpKind::Transpose,
+                Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])),
+                vec![vec![2, 3, 4, 5]],
+                None,
+            ),
+            (OpKind::Transpose, Attrs::new(), vec![vec![3, 4, 5]], None),
+            (
+                OpKind::Expand,
+                Attrs::new(),
+                vec![vec![3, 1, 5]],
+                Some(vec![2, 3, 4, 5]),
+            ),
+            (
+                OpKind::Concat,
+                Attrs::new().with("axis", Attr::Int(-2)),
+                vec![vec![2, 3, 4], vec![2, 1, 4], vec![2, 0, 4]],
+                None,
+            ),
+            (
+                OpKind::Concat,
+                Attrs::new().with("axis", Attr::Int(0)),
+                vec![vec![1, 3], vec![2, 3]],
+                None,
+            ),
+        ];
+        for (op, attrs, shapes, expand_to) in cases {
+            let ts: Vec<Tensor> = shapes.iter().map(|s| random(s, &mut rng)).collect();
+            let shape_t = expand_to.map(|v| Tensor::from_vec(vec![v.len()], v));
+            let mut refs: Vec<Option<&Tensor>> = ts.iter().map(Some).collect();
+            if let Some(t) = &shape_t {
+                refs.push(Some(t));
+            }
+            let n = node(op, attrs, refs.len(), &[]);
+            let want = kiln_ir::ops::eval(op, &n.attrs, &refs).expect("reference")[0].clone();
+            let ins: Vec<Option<&[usize]>> = refs.iter().map(|t| t.map(|t| t.shape())).collect();
+            let copies =
+                copy_plan(&n, &ins, want.shape()).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            let srcs: Vec<Vec<f32>> = ts
+                .iter()
+                .map(|t| t.as_slice::<f32>().expect("f32").to_vec())
+                .collect();
+            let got = emulate_copies(&copies, &srcs, want.len());
+            assert_eq!(
+                got,
+                want.as_slice::<f32>().expect("f32"),
+                "{op:?} {shapes:?}"
+            );
+            for (_, c) in &copies {
+                let l = copy_launch(c);
+                assert!(l.grid[0] as u64 * COPY_THREADS as u64 >= c.total.min(1 << 24));
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 //! computable without a device.
 
 pub mod attention;
+pub mod copy;
 pub mod gemm;
 pub mod geometry;
 pub mod loops;
@@ -68,6 +69,11 @@ pub enum DeviceKernel {
         /// It takes a (float) mask operand.
         mask: bool,
     },
+    /// A movement op (transpose, expand, concat) as strided copies with entry `name`.
+    Copy {
+        /// The entry's name.
+        name: String,
+    },
     /// Run on the host by the interpreter's op, with copies each way.
     Host {
         /// The op's text name.
@@ -81,7 +87,8 @@ impl DeviceKernel {
         match self {
             DeviceKernel::Loop { name, .. }
             | DeviceKernel::Gemm { name, .. }
-            | DeviceKernel::Attention { name, .. } => Some(name),
+            | DeviceKernel::Attention { name, .. }
+            | DeviceKernel::Copy { name } => Some(name),
             DeviceKernel::Host { .. } => None,
         }
     }
@@ -175,6 +182,36 @@ pub fn emit(plan: &Plan, opts: &PtxOptions) -> Result<PtxModule, BuildError> {
                         .flatten()
                         .is_some_and(|v| plan.graph.ty(v).dtype == kiln_ir::DType::F32)
                 };
+                // Movement ops whose data has one element size of 4 or 8 bytes: strided copies.
+                let out_dt = node.outputs.first().map(|&o| plan.graph.ty(o).dtype);
+                let same_dt = |i: usize| {
+                    node.inputs
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map(|v| plan.graph.ty(v).dtype)
+                        == out_dt
+                };
+                let data_inputs = if node.op == kiln_ir::OpKind::Concat {
+                    node.inputs.len()
+                } else {
+                    1
+                };
+                let copy_entry = out_dt.and_then(|d| copy::entry(d.size())).filter(|_| {
+                    geometry::COPY_OPS.contains(&node.op)
+                        && node.outputs.len() == 1
+                        && (0..data_inputs).all(same_dt)
+                });
+                if let (Some(entry), Some(dt)) = (copy_entry, out_dt) {
+                    if !gemms.iter().any(|(k, _)| k == entry) {
+                        copy::define(&cx, &module, dt.size()).map_err(err)?;
+                        gemms.push((entry.to_string(), entry.to_string()));
+                    }
+                    kernels.push(DeviceKernel::Copy {
+                        name: entry.to_string(),
+                    });
+                    continue;
+                }
                 let attn = geometry::attention_variant(node, f32_in(3))
                     .filter(|_| f32_out && (0..3).all(f32_in));
                 if let Some((causal, mask)) = attn {
