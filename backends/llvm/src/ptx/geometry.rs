@@ -1100,7 +1100,9 @@ mod tests {
     #[test]
     fn copy_plans_compute_transpose_expand_and_concat() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let cases: Vec<(OpKind, Attrs, Vec<Vec<usize>>, Option<Vec<i64>>)> = vec![
+        // (op, attributes, input shapes, expand's target shape)
+        type Case = (OpKind, Attrs, Vec<Vec<usize>>, Option<Vec<i64>>);
+        let cases: Vec<Case> = vec![
             (
                 OpKind::Transpose,
                 Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])),
