@@ -35,7 +35,7 @@ out=bench/ptx.md
   echo "memory per block) for the PTX \`kiln build --target cuda\` emits, batch 1, sequence 128."
   echo "Hot kernels: every GEMM entry (one per distinct fused epilogue, shared by the contractions"
   echo "that use it; the launch shown is the first one's) and every loop kernel with a row"
-  echo "reduction; the other loop kernels are summarised (max registers, any spills)."
+  echo "reduction; the other entries are summarised (max registers, any spills)."
   echo
 } > "$out"
 for dir in "${models[@]}"; do
@@ -84,7 +84,7 @@ for ent, r in res.items():
     else:
         rest.append(r)
 if rest:
-    print(f"\nOther loop kernels: {len(rest)}, registers max {max(r['regs'] for r in rest)}, "
+    print(f"\nOther entries (loop kernels without reductions, copies): {len(rest)}, registers max {max(r['regs'] for r in rest)}, "
           f"spills {sum(r['spill_st'] + r['spill_ld'] for r in rest)} bytes in all.")
 print()
 PY
