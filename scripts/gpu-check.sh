@@ -31,7 +31,7 @@ for dir in "$MODELS"/tiny/*/; do
     res="FAIL: $(echo "$log" | tail -1 | cut -c1-200)"; fail=1
   fi
   t1=$(date +%s.%N)
-  printf '| %s | %s | %.1f |\n' "$name" "$res" "$(echo "$t1 - $t0" | bc)" >> "$out"
+  printf '| %s | %s | %s |\n' "$name" "$res" "$(awk "BEGIN{printf \"%.1f\", $t1 - $t0}")" >> "$out"
   echo "$name: $res"
 done
 if [ "${1:-}" != "--no-bench" ]; then
