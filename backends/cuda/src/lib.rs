@@ -82,8 +82,8 @@ pub fn specialise(g: &Graph, shapes: &[Vec<usize>]) -> Result<Graph, CudaError> 
 
 /// Makes every value's shape static in a specialised, optimised graph: infers types again,
 /// then, where inference leaves a shape open (shape arithmetic it does not fold), runs the
-/// reference interpreter once on zero inputs of the graph's input shapes and records the
-/// shapes it produced. A shape that depends on the input data is then checked at run time.
+/// reference interpreter once, on zero inputs of the graph's input shapes, over the nodes
+/// those values depend on, and records the shapes it produced. A shape that depends on the input data is then checked at run time.
 pub fn settle_shapes(g: &mut Graph) -> Result<(), CudaError> {
     kiln_ir::infer_types(g).map_err(|e| CudaError::Plan(format!("shape inference: {e}")))?;
     let open: Vec<kiln_ir::ValueId> = g
@@ -102,7 +102,25 @@ pub fn settle_shapes(g: &mut Graph) -> Result<(), CudaError> {
         })?;
         inputs.push(kiln_ir::Tensor::zeros(g.ty(v).dtype, s));
     }
+    // Only the nodes the open values depend on (shape arithmetic, masks): not the model.
+    let producers = g.producers();
+    let mut need = vec![false; g.nodes.len()];
+    let mut stack: Vec<kiln_ir::ValueId> = open.clone();
+    while let Some(v) = stack.pop() {
+        if let Some(&n) = producers.get(&v) {
+            if !std::mem::replace(&mut need[n], true) {
+                stack.extend(g.nodes[n].inputs.iter().flatten().copied());
+            }
+        }
+    }
     let mut probe = g.clone();
+    probe.nodes = g
+        .nodes
+        .iter()
+        .zip(&need)
+        .filter(|(_, &k)| k)
+        .map(|(n, _)| n.clone())
+        .collect();
     probe.outputs = open.clone();
     let outs = kiln_ir::run(&probe, inputs)
         .map_err(|e| CudaError::Plan(format!("computing shapes inference left open: {e}")))?;
