@@ -29,6 +29,8 @@ pub use kiln_plan::MemoryPlan;
 pub use kiln_runtime::executor::{KernelTime, RunReport};
 
 mod aot;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// Which executor runs the compiled model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,6 +71,42 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Where the compiled model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The host CPU, through [`Options::backend`].
+    #[default]
+    Cpu,
+    /// CUDA GPU `n` (needs the `cuda` feature, on by default, and an NVIDIA driver at run
+    /// time). The model is specialised to each set of input shapes it runs with (PTX made
+    /// and loaded on the first run of each); [`Options::backend`] is not used.
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}` (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
 /// How to compile a model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -79,8 +117,10 @@ pub struct Options {
     /// Pass toggles applied to the default pipeline, as `kiln inspect --passes` takes them:
     /// `"-saturate_egraph,-fuse_attention"`. Empty keeps every pass.
     pub passes: String,
-    /// Which executor runs the model.
+    /// Which executor runs the model (on [`Device::Cpu`]).
     pub backend: Backend,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 impl Default for Options {
@@ -90,6 +130,7 @@ impl Default for Options {
             opt_level: 1,
             passes: String::new(),
             backend: Backend::Jit,
+            device: Device::Cpu,
         }
     }
 }
@@ -166,6 +207,15 @@ pub enum Error {
         got: String,
         /// What does not fit.
         why: String,
+    },
+    /// The device could not be opened (no driver, no such GPU), or compiling or running
+    /// on it failed.
+    #[error("device {device}: {msg}")]
+    Device {
+        /// The device.
+        device: Device,
+        /// What went wrong.
+        msg: String,
     },
     /// Running failed inside the model.
     #[error(transparent)]
@@ -269,6 +319,11 @@ impl Model {
         opts: &Options,
         progress: Option<Progress>,
     ) -> Result<Executable, Error> {
+        if let Device::Cuda(i) = opts.device {
+            // The GPU backend specialises the graph to each input-shape set and optimises
+            // it then; it takes the model as imported.
+            return self.compile_for_gpu(opts, i);
+        }
         let start = Instant::now();
         let graph = self.optimised_with_progress(opts, progress.clone())?;
         let optimise_time = start.elapsed();
@@ -306,7 +361,40 @@ impl Model {
     /// Compiles an already optimised graph (from [`Model::approximate`]) for
     /// `opts.backend`; `opts.opt_level` and `opts.passes` are not applied again.
     pub fn compile_optimised(&self, graph: Graph, opts: &Options) -> Result<Executable, Error> {
+        if let Device::Cuda(_) = opts.device {
+            return Err(Error::Device {
+                device: opts.device,
+                msg: "approximate graphs run on the CPU only so far".into(),
+            });
+        }
         compile_graph(graph, opts, Instant::now(), Duration::ZERO)
+    }
+
+    /// An executable on GPU `i` (`opts.device` is `Device::Cuda(i)`).
+    #[cfg(feature = "cuda")]
+    fn compile_for_gpu(&self, opts: &Options, i: usize) -> Result<Executable, Error> {
+        let start = Instant::now();
+        let inner = Inner::Cuda(Box::new(cuda::Cuda::open(&self.graph, opts, i)?));
+        let graph = self.graph.clone();
+        Ok(Executable {
+            inputs: ios(&graph, &graph.inputs),
+            outputs: ios(&graph, &graph.outputs),
+            graph,
+            inner,
+            backend: opts.backend,
+            device: opts.device,
+            optimise_time: Duration::ZERO,
+            compile_time: start.elapsed(),
+        })
+    }
+
+    /// Without the `cuda` feature there is no GPU backend.
+    #[cfg(not(feature = "cuda"))]
+    fn compile_for_gpu(&self, _opts: &Options, i: usize) -> Result<Executable, Error> {
+        Err(Error::Device {
+            device: Device::Cuda(i),
+            msg: "this build of kiln has no GPU support (the `cuda` feature)".into(),
+        })
     }
 }
 
@@ -356,6 +444,7 @@ fn compile_graph(
         graph,
         inner,
         backend: opts.backend,
+        device: opts.device,
         optimise_time,
         compile_time: start.elapsed(),
     })
@@ -364,6 +453,8 @@ fn compile_graph(
 enum Inner {
     Jit(Box<JitExecutable>),
     Aot(Box<aot::Aot>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::Cuda>),
     Interp,
 }
 
@@ -375,6 +466,7 @@ pub struct Executable {
     inputs: Vec<Io>,
     outputs: Vec<Io>,
     backend: Backend,
+    device: Device,
     optimise_time: Duration,
     compile_time: Duration,
 }
@@ -411,6 +503,8 @@ impl Executable {
         Ok(match &self.inner {
             Inner::Jit(j) => j.run(inputs)?,
             Inner::Aot(a) => a.run(&inputs)?,
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(c) => c.run(inputs)?,
             Inner::Interp => kiln_ir::run(&self.graph, inputs)?,
         })
     }
@@ -429,6 +523,22 @@ impl Executable {
                 let (outs, kernels) = a.run_profiled(&ordered)?;
                 let report = RunReport {
                     kernels,
+                    ..RunReport::default()
+                };
+                (outs, report)
+            }
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(c) => {
+                let start = Instant::now();
+                let outs = c.run(ordered)?;
+                let report = RunReport {
+                    kernels: vec![KernelTime {
+                        label: c.describe(),
+                        kind: "cuda",
+                        op: "whole run".into(),
+                        nanos: start.elapsed().as_nanos() as u64,
+                    }],
+                    memory: MemoryPlan::default(),
                     ..RunReport::default()
                 };
                 (outs, report)
@@ -466,11 +576,28 @@ impl Executable {
         self.backend
     }
 
+    /// Where the executable runs.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// For [`Device::Cuda`]: the ops the last-made GPU program runs on the host, with
+    /// counts (empty on the CPU).
+    pub fn host_ops(&self) -> Vec<(String, usize)> {
+        match &self.inner {
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(c) => c.host_ops(),
+            _ => vec![],
+        }
+    }
+
     /// Threads used inside kernels (1 for the interpreter).
     pub fn threads(&self) -> usize {
         match &self.inner {
             Inner::Jit(j) => j.threads(),
             Inner::Aot(a) => a.threads(),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => 1,
             Inner::Interp => 1,
         }
     }
@@ -496,6 +623,8 @@ impl Executable {
         match &self.inner {
             Inner::Jit(j) => Some((j.jit_kernel_count(), j.plan().kernels.len())),
             Inner::Aot(a) => Some(a.kernel_counts()),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => None,
             Inner::Interp => None,
         }
     }

@@ -74,6 +74,10 @@ pub struct BenchArgs {
     python: Option<PathBuf>,
     #[command(flatten)]
     approx: crate::approx::ApproxArgs,
+    /// Where to run: `cpu`, or `cuda` / `cuda:N` (an NVIDIA GPU through its driver; the
+    /// model is compiled to PTX for the input shapes; without a driver, an error).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: kiln::Device,
 }
 
 /// One run; with `profile`, the per-kernel times and memory plan too.
@@ -167,11 +171,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 0,
                 format!("{name}: {backend}, compiling ({threads} threads)"),
             );
+            // Every field is set today; the update keeps this compiling as Options grows.
+            #[allow(clippy::needless_update)]
             let opts = Options {
                 threads,
                 opt_level: args.opt,
                 passes: args.passes.clone(),
                 backend,
+                device: args.device,
+                ..Options::default()
             };
             let exe = match &approx {
                 Some((g, _, _)) => model.compile_optimised(g.clone(), &opts)?,

@@ -44,6 +44,10 @@ pub struct RunArgs {
     threads: usize,
     #[command(flatten)]
     approx: crate::approx::ApproxArgs,
+    /// Where to run: `cpu`, or `cuda` / `cuda:N` (an NVIDIA GPU through its driver; the
+    /// model is compiled to PTX for the input shapes; without a driver, an error).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: kiln::Device,
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode> {
@@ -52,6 +56,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         threads: args.threads,
         opt_level: args.opt,
         backend: args.backend,
+        device: args.device,
         ..Options::default()
     };
     let exe = match crate::approx::apply(&args.approx, &model, &args.model, &opts, &args.dims)? {

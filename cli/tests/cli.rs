@@ -456,3 +456,103 @@ fn build_writes_a_library_header_and_side_file() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("unknown target CPU"), "{}", text(&o));
 }
+
+/// Whether this machine has the CUDA driver library (then `--device cuda` may work).
+fn has_cuda_driver() -> bool {
+    ["libcuda.so", "libcuda.so.1"].iter().any(|l| {
+        // SAFETY: dlopen of a system library by name, closed at once.
+        unsafe {
+            let name = std::ffi::CString::new(*l).expect("name");
+            let h = libc::dlopen(name.as_ptr(), libc::RTLD_LAZY);
+            if !h.is_null() {
+                libc::dlclose(h);
+            }
+            !h.is_null()
+        }
+    })
+}
+
+#[test]
+fn device_cuda_without_a_driver_is_a_clear_error_with_exit_code_1() {
+    if has_cuda_driver() {
+        println!("skipping: this machine has a CUDA driver");
+        return;
+    }
+    for cmd in ["run", "bench"] {
+        let mut args = vec![cmd, "--device", "cuda"];
+        let model = repo("examples/mlp/model.onnx");
+        args.insert(1, &model);
+        if cmd == "run" {
+            args.push("--random-inputs");
+        } else {
+            args.extend(["--runs", "1", "--warmup", "0"]);
+        }
+        let o = kiln(&args);
+        assert_eq!(o.status.code(), Some(1), "{cmd}: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("cuda:0") && t.contains("no CUDA driver"),
+            "{cmd}: {t}"
+        );
+        assert!(!t.contains("panicked"), "{cmd}: {t}");
+    }
+    let o = kiln(&["run", &repo("examples/mlp/model.onnx"), "--device", "tpu"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a bad device name is a usage error: {}",
+        text(&o)
+    );
+}
+
+#[test]
+fn build_target_cuda_writes_ptx_manifest_and_weights() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let out = dir.path().join("mlp.ptx");
+    let o = kiln(&[
+        "build",
+        &repo("examples/mlp/model.onnx"),
+        "--target",
+        "cuda",
+        "--sm",
+        "90",
+        "-o",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ptx = std::fs::read_to_string(&out).expect("PTX written");
+    assert!(
+        ptx.contains(".target sm_90") && ptx.contains(".entry kiln_"),
+        "{ptx}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("mlp.json")).expect("manifest"))
+            .expect("JSON manifest");
+    assert_eq!(m["sm"], 90);
+    let weights = std::fs::read(dir.path().join("mlp.weights")).expect("weights written");
+    assert_eq!(
+        weights.len() as u64,
+        m["weights"]["bytes"].as_u64().expect("bytes")
+    );
+    let kernels = m["kernels"].as_array().expect("kernels");
+    assert!(kernels.iter().any(|k| k["kind"] == "gemm"), "{m}");
+    for k in kernels
+        .iter()
+        .filter(|k| k["kind"] == "gemm" || k["kind"] == "loop")
+    {
+        let entry = k["entry"].as_str().expect("entry");
+        assert!(ptx.contains(&format!(".entry {entry}(")), "{entry}");
+    }
+    let o = kiln(&[
+        "build",
+        &repo("examples/mlp/model.onnx"),
+        "--target",
+        "cuda",
+        "--sm",
+        "75",
+        "-o",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("sm_75"), "{}", text(&o));
+}

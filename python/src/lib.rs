@@ -308,6 +308,7 @@ fn options(
         opt_level,
         passes: passes.to_string(),
         backend,
+        ..Options::default()
     })
 }
 

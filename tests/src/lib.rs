@@ -12,13 +12,13 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/models` beside the repository, or `$KILN_SHARED_MODELS` (a worktree
-/// elsewhere).
+/// `$KILN_SHARED_MODELS`, else `../shared/models` beside the repository (a worktree
+/// elsewhere sets the variable).
 pub fn shared_models() -> PathBuf {
-    match std::env::var_os("KILN_SHARED_MODELS") {
-        Some(p) => PathBuf::from(p),
-        None => repo_root().join("../shared/models"),
+    if let Some(p) = std::env::var_os("KILN_SHARED_MODELS") {
+        return PathBuf::from(p);
     }
+    repo_root().join("../shared/models")
 }
 
 /// The ONNX backend node tests: `$KILN_ONNX_NODE_TESTS`, or the `onnx` wheel in the

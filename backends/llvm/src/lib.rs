@@ -8,6 +8,8 @@ pub mod codegen;
 pub mod header;
 mod library;
 mod loader;
+#[cfg(feature = "ptx")]
+pub mod ptx;
 pub mod vmath;
 
 pub use library::{build_library, find_runtime, BuildOptions, BuildReport, WeightsMode, EXPORTS};
