@@ -66,5 +66,8 @@ pub fn to_py(e: kiln::Error) -> PyErr {
         | kiln::Error::DuplicateInput { .. }
         | kiln::Error::BadInput { .. } => InputError::new_err(msg),
         kiln::Error::Run(_) => RunError::new_err(msg),
+        // No such device or driver, and an approximation refused by its budget: neither is
+        // the model's fault nor an input's.
+        kiln::Error::Device { .. } | kiln::Error::Approx(_) => KilnError::new_err(msg),
     }
 }
