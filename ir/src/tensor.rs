@@ -362,7 +362,7 @@ impl TensorData {
     /// element size.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<TensorData, String> {
         let size = dtype.size();
-        if bytes.len() % size != 0 {
+        if !bytes.len().is_multiple_of(size) {
             return Err(format!(
                 "{} bytes is not a whole number of {dtype} elements",
                 bytes.len()

@@ -186,7 +186,7 @@ impl Shared {
                 return None;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(64) && start.elapsed() > SPIN {
                 break;
             }
             std::hint::spin_loop();
@@ -308,7 +308,7 @@ impl Pool {
         let mut spins = 0u32;
         while s.pending.load(Acquire) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 // Oversubscribed (more pools than cores): let the worker holding an index run.
                 std::thread::yield_now();
             } else {

@@ -133,7 +133,7 @@ fn data(shape: &[usize], seed: u64, specials: bool) -> Tensor {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-            if specials && (s >> 20) % 11 == 0 {
+            if specials && (s >> 20).is_multiple_of(11) {
                 [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][((s >> 8) % 3) as usize]
             } else {
                 u * 6.0 - 3.0

@@ -468,7 +468,7 @@ fn reshape_target(shape: &[usize], target: &[i64], allowzero: bool) -> Result<Ve
         .try_fold(1usize, |a, &b| a.checked_mul(b))
         .ok_or("reshape target overflows")?;
     if let Some(i) = infer_at {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {shape:?} to {target:?}"));
         }
         out[i] = total / known;

@@ -570,7 +570,7 @@ fn conv(attrs: &Attrs, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<
     let mut g = conv_geom(attrs, x, w)?;
     let m = w.shape()[0];
     let cg = w.shape()[1];
-    if g.c != cg * g.group || m % g.group != 0 {
+    if g.c != cg * g.group || !m.is_multiple_of(g.group) {
         return Err(format!(
             "conv channels: input {} vs weights {:?} with group {}",
             g.c,

@@ -261,7 +261,7 @@ impl Mono {
     /// `self / other` when it is exact (every symbol of `other` cancels, the constant
     /// divides).
     pub(crate) fn div(&self, other: &Mono) -> Option<Mono> {
-        if other.k == 0 || self.k % other.k != 0 {
+        if other.k == 0 || !self.k.is_multiple_of(other.k) {
             return None;
         }
         let mut syms = self.syms.clone();

@@ -163,7 +163,7 @@ fn shape_parts(m: &Matcher, v: ValueId, x: ValueId) -> Option<Vec<Part>> {
         OpKind::Unsqueeze => {
             // A scalar made 1-D.
             let s = Matcher::input(n, 0)?;
-            if m.dims(s)?.len() != 0 || m.ints(Matcher::input(n, 1)?)? != [0] {
+            if !m.dims(s)?.is_empty() || m.ints(Matcher::input(n, 1)?)? != [0] {
                 return None;
             }
             let (_, gather) = m.def_op(s, OpKind::Gather)?;

@@ -225,7 +225,9 @@ impl Pass for SaturateEgraph {
         };
         let mut stats = PassStats::default();
         // Keep the graph untouched when nothing improved (no churn of names and order).
-        if !(report.cost_after < report.cost_before * (1.0 - 1e-9)) {
+        // `!(a < b)` also keeps the graph when a cost is NaN.
+        let improved = report.cost_after < report.cost_before * (1.0 - 1e-9);
+        if !improved {
             if let Ok(mut l) = self.last.lock() {
                 *l = Some(report);
             }

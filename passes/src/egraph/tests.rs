@@ -89,7 +89,9 @@ fn close(a: &Tensor, b: &Tensor) -> Result<(), String> {
     let m = bv.iter().fold(0.0f64, |m, x| m.max(x.abs()));
     let (atol, rtol) = RULE_TOLERANCE;
     for (i, (x, y)) in av.iter().zip(&bv).enumerate() {
-        if !((x - y).abs() <= atol + rtol * m) {
+        // Written so that a NaN on either side fails.
+        let close = (x - y).abs() <= atol + rtol * m;
+        if !close {
             return Err(format!("element {i}: {x} vs {y} (max |want| {m})"));
         }
     }

@@ -5,6 +5,10 @@
 //! the same vector code (the edge via a lane buffer), so a value never depends on its column
 //! position or on the thread split.
 
+// `match` instead of `Option::map` here on purpose: a closure around an intrinsic does not
+// inherit the caller's target features, so it would not inline into one instruction.
+#![allow(clippy::manual_map)]
+
 use super::epilogue::{Activation, Epilogue};
 use super::OutPtr;
 
