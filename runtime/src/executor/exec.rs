@@ -696,6 +696,9 @@ fn takes_regions(k: &Kernel, g: &kiln_ir::Graph) -> bool {
                 | kiln_ir::OpKind::Expand
                 | kiln_ir::OpKind::Where
                 | kiln_ir::OpKind::LinearAttention
+                | kiln_ir::OpKind::Add
+                | kiln_ir::OpKind::Sub
+                | kiln_ir::OpKind::Mul
         ),
     }
 }
