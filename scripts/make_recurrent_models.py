@@ -10,9 +10,9 @@ asks).
 `--bench DIR` instead writes two larger models for `kiln bench` (not committed): a
 bidirectional LSTM and GRU with S=64, B=4, I=128, H=256.
 
-Needs torch, onnx and numpy in a venv outside the repository, e.g.
-    python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch numpy onnx==1.22.0
-    /work/venv-torch/bin/python scripts/make_recurrent_models.py
+Needs torch, onnx and numpy in a venv (git-ignored), e.g.
+    python3 -m venv .venv-torch && .venv-torch/bin/pip install torch numpy onnx==1.22.0
+    .venv-torch/bin/python scripts/make_recurrent_models.py
 The unknown-dims model needs only onnx and numpy (its reference is computed with numpy).
 """
 

@@ -11,7 +11,7 @@ from fixed seeds, numpy reference outputs, ONNX test layout):
   test_data_set_0..5 (batch 1, seq 1: decode steps), calibration inputs for the
   approximate rewrites.
 
-usage: /work/main/.venv/bin/python scripts/make_sparse_models.py
+usage: .venv/bin/python scripts/make_sparse_models.py
 """
 
 import os

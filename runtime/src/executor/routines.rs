@@ -722,22 +722,7 @@ wrapping_int!(i64, i32);
 fn int_binary(ins: &[Option<&Tensor>], op: IntOp, y: &mut Outputs) -> Option<Tensor> {
     let (a, b) = ((*ins.first()?)?, (*ins.get(1)?)?);
     fn go<T: WrappingInt>(a: &Tensor, b: &Tensor, op: IntOp, y: &mut Outputs) -> Option<Tensor> {
-        let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
-        let out = kiln_ir::shape::broadcast_concrete(a.shape(), b.shape())?;
-        let (sa, sb) = (
-            bcast_strides(a.shape(), &out)?,
-            bcast_strides(b.shape(), &out)?,
-        );
-        let n = out.iter().try_fold(1usize, |x, &y| x.checked_mul(y))?;
-        let inner = out.last().copied().unwrap_or(1);
-        let (ia, ib) = (
-            sa.last().copied().unwrap_or(0),
-            sb.last().copied().unwrap_or(0),
-        );
-        let mut v = Vec::with_capacity(n);
-        for_each_row(&out, &[&sa, &sb], |off| {
-            v.extend((0..inner).map(|j| T::apply(op, av[off[0] + j * ia], bv[off[1] + j * ib])));
-        });
+        let (out, v) = broadcast_map(a, b, |x: T, z: T| T::apply(op, x, z))?;
         Some(into_region(y, out, v))
     }
     go::<i64>(a, b, op, y).or_else(|| go::<i32>(a, b, op, y))
@@ -745,7 +730,19 @@ fn int_binary(ins: &[Option<&Tensor>], op: IntOp, y: &mut Outputs) -> Option<Ten
 
 fn logical(ins: &[Option<&Tensor>], f: impl Fn(bool, bool) -> bool) -> Option<Tensor> {
     let (a, b) = ((*ins.first()?)?, (*ins.get(1)?)?);
-    let (av, bv) = (a.as_slice::<bool>()?, b.as_slice::<bool>()?);
+    let (out, v) = broadcast_map(a, b, f)?;
+    Some(Tensor::from_vec(out, v))
+}
+
+/// `f` over two tensors of element type `T` with numpy broadcasting: the output shape and
+/// its elements in row-major order (`None` for another dtype or shapes that do not
+/// broadcast). `f` is generic, not a `fn` pointer, so it inlines into the row loop.
+fn broadcast_map<T: Elem + Copy, R>(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(T, T) -> R,
+) -> Option<(Vec<usize>, Vec<R>)> {
+    let (av, bv) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
     let out = kiln_ir::shape::broadcast_concrete(a.shape(), b.shape())?;
     let (sa, sb) = (
         bcast_strides(a.shape(), &out)?,
@@ -761,7 +758,7 @@ fn logical(ins: &[Option<&Tensor>], f: impl Fn(bool, bool) -> bool) -> Option<Te
     for_each_row(&out, &[&sa, &sb], |off| {
         v.extend((0..inner).map(|j| f(av[off[0] + j * ia], bv[off[1] + j * ib])));
     });
-    Some(Tensor::from_vec(out, v))
+    Some((out, v))
 }
 
 /// `pow(x, e)` for f32 x and a single-element f32 exponent of 2 (`x·x`) or 0.5
