@@ -29,6 +29,7 @@ pub use kiln_plan::MemoryPlan;
 pub use kiln_runtime::executor::{KernelTime, RunReport};
 
 mod aot;
+mod calibration;
 #[cfg(feature = "cuda")]
 mod cuda;
 
@@ -220,6 +221,14 @@ pub enum Error {
     /// Running failed inside the model.
     #[error(transparent)]
     Run(#[from] EvalError),
+    /// Calibration inputs could not be read or do not fit the model's inputs.
+    #[error("calibration inputs {origin}: {msg}")]
+    Calibration {
+        /// The folder, or what the sets were called.
+        origin: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// An approximation request was bad, or refused under its error budget.
     #[error(transparent)]
     Approx(#[from] kiln_passes::approx::ApproxError),
@@ -636,7 +645,7 @@ impl Executable {
             let Some(k) = self.inputs.iter().position(|io| io.name == *name) else {
                 return Err(Error::UnknownInput {
                     name: name.to_string(),
-                    known: self.describe_inputs(),
+                    known: describe_inputs(&self.inputs),
                 });
             };
             if slots[k].replace(t).is_some() {
@@ -657,75 +666,79 @@ impl Executable {
             .collect()
     }
 
-    fn describe_inputs(&self) -> String {
-        self.inputs
-            .iter()
-            .map(|io| format!("`{}` ({})", io.name, io.ty))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// Checks inputs in graph order against their declared types, saying what differs; a
-    /// symbolic dim must have one size across all inputs.
     fn check(&self, inputs: &[Tensor]) -> Result<(), Error> {
-        if inputs.len() > self.inputs.len() {
-            return Err(Error::UnknownInput {
-                name: format!("#{}", self.inputs.len()),
-                known: self.describe_inputs(),
-            });
-        }
-        if let Some(io) = self.inputs.get(inputs.len()) {
-            return Err(Error::MissingInput {
-                name: io.name.clone(),
-                expected: io.ty.to_string(),
-            });
-        }
-        // Symbolic dim name -> (size, the input that bound it).
-        let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
-        for (io, t) in self.inputs.iter().zip(inputs) {
-            let bad = |why: String| Error::BadInput {
-                name: io.name.clone(),
-                expected: io.ty.to_string(),
-                got: format!("{}{:?}", t.dtype(), t.shape()),
-                why,
-            };
-            if t.dtype() != io.ty.dtype {
-                return Err(bad(format!(
-                    "dtype is {}, the model takes {}",
-                    t.dtype(),
-                    io.ty.dtype
-                )));
-            }
-            let Some(dims) = io.ty.shape.dims() else {
-                continue;
-            };
-            if dims.len() != t.shape().len() {
-                return Err(bad(format!(
-                    "rank is {}, the model takes rank {}",
-                    t.shape().len(),
-                    dims.len()
-                )));
-            }
-            for (axis, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
-                match d {
-                    Dim::Fixed(want) if *want as usize != n => {
-                        return Err(bad(format!("dim {axis} is {n}, the model takes {want}")))
-                    }
-                    Dim::Sym(s) => match bound.get(s.as_str()) {
-                        Some(&(size, by)) if size != n => {
-                            return Err(bad(format!(
-                                "dim {axis} (`{s}`) is {n}, but input `{by}` set `{s}` = {size}"
-                            )))
-                        }
-                        Some(_) => {}
-                        None => {
-                            bound.insert(s, (n, &io.name));
-                        }
-                    },
-                    _ => {}
-                }
-            }
-        }
-        Ok(())
+        check_inputs(&self.inputs, inputs)
     }
+}
+
+fn describe_inputs(ios: &[Io]) -> String {
+    ios
+        .iter()
+        .map(|io| format!("`{}` ({})", io.name, io.ty))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks inputs in graph order against the declared `ios`, saying what differs; a
+/// symbolic dim must have one size across all inputs.
+pub(crate) fn check_inputs(ios: &[Io], inputs: &[Tensor]) -> Result<(), Error> {
+    if inputs.len() > ios.len() {
+        return Err(Error::UnknownInput {
+            name: format!("#{}", ios.len()),
+            known: describe_inputs(ios),
+        });
+    }
+    if let Some(io) = ios.get(inputs.len()) {
+        return Err(Error::MissingInput {
+            name: io.name.clone(),
+            expected: io.ty.to_string(),
+        });
+    }
+    // Symbolic dim name -> (size, the input that bound it).
+    let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
+    for (io, t) in ios.iter().zip(inputs) {
+        let bad = |why: String| Error::BadInput {
+            name: io.name.clone(),
+            expected: io.ty.to_string(),
+            got: format!("{}{:?}", t.dtype(), t.shape()),
+            why,
+        };
+        if t.dtype() != io.ty.dtype {
+            return Err(bad(format!(
+                "dtype is {}, the model takes {}",
+                t.dtype(),
+                io.ty.dtype
+            )));
+        }
+        let Some(dims) = io.ty.shape.dims() else {
+            continue;
+        };
+        if dims.len() != t.shape().len() {
+            return Err(bad(format!(
+                "rank is {}, the model takes rank {}",
+                t.shape().len(),
+                dims.len()
+            )));
+        }
+        for (axis, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
+            match d {
+                Dim::Fixed(want) if *want as usize != n => {
+                    return Err(bad(format!("dim {axis} is {n}, the model takes {want}")))
+                }
+                Dim::Sym(s) => match bound.get(s.as_str()) {
+                    Some(&(size, by)) if size != n => {
+                        return Err(bad(format!(
+                            "dim {axis} (`{s}`) is {n}, but input `{by}` set `{s}` = {size}"
+                        )))
+                    }
+                    Some(_) => {}
+                    None => {
+                        bound.insert(s, (n, &io.name));
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }

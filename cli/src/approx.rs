@@ -7,8 +7,7 @@
 use anyhow::{bail, Context, Result};
 use kiln::approx::{self, ApproxReport, Calibration, Metric, Request};
 use kiln::{Model, Options, Tensor};
-use kiln_ir::{Dim, Graph};
-use kiln_reference::TestData;
+use kiln_ir::Graph;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,7 +20,9 @@ pub const RANDOM_SETS: usize = 6;
 pub struct ApproxArgs {
     /// Opt in to approximate rewrites, comma-separated FAMILY[=PARAMS]:
     /// `ffn-threshold[=SPARSITY]` (magnitude thresholds on FFN down-projection inputs of
-    /// SiLU/GELU models; without SPARSITY the budget picks per layer). Needs --max-error.
+    /// SiLU/GELU models; without SPARSITY the budget picks per layer),
+    /// `linear-attention[=FEATURES]` (softmax attention through FAVOR+ random features as
+    /// linear attention; without FEATURES the budget picks D, 2D or 4D). Needs --max-error.
     #[arg(long, value_name = "FAMILY[=PARAMS],...")]
     pub approx: Option<String>,
     /// The error budget for --approx, measured by --metric on every output against the
@@ -75,7 +76,7 @@ pub fn calibration(
     dims: &[String],
 ) -> Result<Calibration> {
     match &args.calibration {
-        Some(dir) => load_calibration(dir, model),
+        Some(dir) => Ok(model.calibration_from_dir(dir)?),
         None => {
             eprintln!(
                 "warning: no --calibration folder: calibrating on {RANDOM_SETS} sets of SEEDED RANDOM inputs.\n\
@@ -86,97 +87,6 @@ pub fn calibration(
             Ok(Calibration::split(sets, "random (seeded)", true))
         }
     }
-}
-
-/// The `test_data_set_*` folders under `dir`, or `dir` itself when it holds `input_*.pb`.
-fn set_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    if !dir.is_dir() {
-        bail!("--calibration {}: not a folder", dir.display());
-    }
-    let has_inputs = |d: &Path| {
-        std::fs::read_dir(d).is_ok_and(|mut r| {
-            r.any(|e| {
-                e.is_ok_and(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    n.starts_with("input_") && n.ends_with(".pb")
-                })
-            })
-        })
-    };
-    if has_inputs(dir) {
-        return Ok(vec![dir.to_path_buf()]);
-    }
-    let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
-        })
-        .collect();
-    sets.sort();
-    if sets.is_empty() {
-        bail!(
-            "--calibration {}: no test_data_set_* folders (ONNX test layout: test_data_set_N/input_K.pb) and no input_*.pb",
-            dir.display()
-        );
-    }
-    Ok(sets)
-}
-
-/// Loads every set under `dir` and checks it against the model's inputs.
-fn load_calibration(dir: &Path, model: &Model) -> Result<Calibration> {
-    let ios = model.inputs();
-    let mut sets = Vec::new();
-    for d in set_dirs(dir)? {
-        let data = TestData::load(&d).with_context(|| format!("--calibration: {}", d.display()))?;
-        if data.inputs.len() != ios.len() {
-            bail!(
-                "--calibration: {} has {} inputs but the model takes {} ({})",
-                d.display(),
-                data.inputs.len(),
-                ios.len(),
-                ios.iter()
-                    .map(|io| io.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        for (io, (file, t)) in ios.iter().zip(&data.inputs) {
-            if let Some(why) = mismatch(&io.ty, t) {
-                bail!(
-                    "--calibration: {}/{file} does not fit input `{}` ({}): got {}{:?}: {why}",
-                    d.display(),
-                    io.name,
-                    io.ty,
-                    t.dtype(),
-                    t.shape()
-                );
-            }
-        }
-        sets.push(data.inputs.into_iter().map(|(_, t)| t).collect());
-    }
-    Ok(Calibration::split(sets, &dir.display().to_string(), false))
-}
-
-/// Why `t` cannot be a value of `ty` (dtype, rank, a fixed dim), or `None`.
-fn mismatch(ty: &kiln_ir::TensorType, t: &Tensor) -> Option<String> {
-    if ty.dtype != t.dtype() {
-        return Some(format!("dtype {} instead of {}", t.dtype(), ty.dtype));
-    }
-    let dims = ty.shape.dims()?;
-    if dims.len() != t.rank() {
-        return Some(format!("rank {} instead of {}", t.rank(), dims.len()));
-    }
-    for (i, (d, &n)) in dims.iter().zip(t.shape()).enumerate() {
-        if let Dim::Fixed(f) = d {
-            if *f as usize != n {
-                return Some(format!("dim {i} is {n} instead of {f}"));
-            }
-        }
-    }
-    None
 }
 
 /// `n` sets of seeded random inputs (dims from `--dim`, else the export.json beside the

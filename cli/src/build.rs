@@ -50,31 +50,47 @@ pub struct BuildArgs {
     /// With `--target cuda`: the GPU architecture, 80 (A100) or 90 (H100/H200).
     #[arg(long, default_value_t = 80)]
     sm: u32,
-    /// With `--target cuda`: the size of a symbolic input dim, NAME=N (default 1). The PTX
-    /// and manifest are made for these shapes.
+    /// The size of a symbolic input dim, NAME=N (default 1): with `--target cuda` the PTX
+    /// and manifest are made for these shapes; with `--approx` and no --calibration, the
+    /// random calibration inputs have them.
     #[arg(long = "dim", value_name = "NAME=N")]
     dims: Vec<String>,
     /// Optimisation level of the graph: 0 as imported, 1 the default pass pipeline.
     #[arg(long, value_name = "LEVEL", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     opt: u8,
+    /// Approximate rewrites under an error budget (CPU libraries): the report is printed and
+    /// recorded in the library (`kiln_approx_report` in the C ABI).
+    #[command(flatten)]
+    approx: crate::approx::ApproxArgs,
 }
 
 pub fn build(args: &BuildArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
     let model = kiln::Model::load(&args.model)?;
     if args.target == TargetArg::Cuda {
+        if args.approx.approx.is_some() {
+            anyhow::bail!("--approx builds CPU libraries only so far (drop --target cuda or --approx)");
+        }
         return build_cuda(args, &model, t0);
     }
+    let kopts = kiln::Options {
+        opt_level: args.opt,
+        ..Default::default()
+    };
+    let approx = crate::approx::apply(&args.approx, &model, &args.model, &kopts, &args.dims)?;
     let line = crate::progress::Line::start("building");
-    let g = model
-        .optimised_with_progress(
-            &kiln::Options {
-                opt_level: args.opt,
-                ..Default::default()
-            },
-            Some(line.callback()),
-        )
-        .context("optimising the graph (run with --opt 0 to skip)")?;
+    let (g, approx_report) = match approx {
+        Some((g, report, _)) => {
+            println!("{report}");
+            (g, Some(report.to_string()))
+        }
+        None => (
+            model
+                .optimised_with_progress(&kopts, Some(line.callback()))
+                .context("optimising the graph (run with --opt 0 to skip)")?,
+            None,
+        ),
+    };
     line.set("codegen (LLVM, O3) and link");
     let opts = kiln_llvm::BuildOptions {
         target_cpu: args.target_cpu.clone(),
@@ -85,6 +101,7 @@ pub fn build(args: &BuildArgs) -> Result<()> {
         header: args.header.clone(),
         runtime: None,
         emit_ir: args.emit_ir,
+        approx_report,
     };
     let r = kiln_llvm::build_library(&g, &args.output, &opts)
         .with_context(|| format!("building {}", args.output.display()))?;

@@ -1,9 +1,13 @@
-//! `kiln info`: what a model takes and gives, what it is made of, and how big it is.
+//! `kiln info`: what a model takes and gives, what it is made of, and how big it is; for a
+//! library `kiln build` made (`.so`), its inputs, outputs and approximation report.
 
 use kiln_ir::OpKind;
 use std::path::Path;
 
 pub fn info(path: &Path) -> anyhow::Result<()> {
+    if path.extension().is_some_and(|e| e == "so") {
+        return library_info(path);
+    }
     let model = kiln::Model::load(path)?;
     let g = model.graph();
     println!("model: {} (graph @{})", path.display(), g.name);
@@ -42,6 +46,28 @@ pub fn info(path: &Path) -> anyhow::Result<()> {
     println!("ops:");
     for (op, count) in g.op_histogram() {
         println!("  {:<24} {count}", op.name());
+    }
+    Ok(())
+}
+
+/// `kiln info libmodel.so`: loads the library (its weights side file when one lies beside
+/// it) and prints what its C ABI says.
+fn library_info(path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let side = path.with_extension("weights");
+    let weights = side.is_file().then_some(side.as_path());
+    let lib = kiln_llvm::AotLibrary::load(path, weights)
+        .with_context(|| format!("loading {}", path.display()))?;
+    println!("library: {}", path.display());
+    for (what, ios) in [("inputs", lib.inputs()), ("outputs", lib.outputs())] {
+        println!("{what}:");
+        for io in ios {
+            println!("  %{}: {} (rank {})", io.name, io.dtype, io.rank);
+        }
+    }
+    match lib.approx_report() {
+        Some(r) => println!("built with approximate rewrites:\n{r}"),
+        None => println!("exact: built without approximate rewrites"),
     }
     Ok(())
 }

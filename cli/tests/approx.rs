@@ -1,4 +1,4 @@
-//! `--approx`, `--max-error`, `--calibration`, `--metric` on `kiln run|bench|inspect`: bad
+//! `--approx`, `--max-error`, `--calibration`, `--metric` on `kiln run|bench|inspect|build`: bad
 //! arguments exit 1 with a message naming the problem, a budget that cannot be met is
 //! refused (exit 1), a generous one prints the report, random calibration warns loudly, and
 //! `kiln inspect --calibration` prints the FFN activation density.
@@ -272,4 +272,54 @@ fn inspect_prints_ffn_density_and_the_report() {
     );
     let h = std::fs::read_to_string(&page).unwrap();
     assert!(h.contains("Approximation and activation density") && h.contains("ffn-threshold"));
+}
+
+#[test]
+fn build_records_the_report_in_the_library() {
+    let m = model("swiglu_ffn");
+    let calib = dir("swiglu_ffn").display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let approx = tmp.path().join("libapprox.so").display().to_string();
+    let exact = tmp.path().join("libexact.so").display().to_string();
+    let o = kiln(&[
+        "build",
+        &m,
+        "-o",
+        &approx,
+        "--approx",
+        "ffn-threshold=0.5",
+        "--max-error",
+        "0.5",
+        "--calibration",
+        &calib,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("ffn-threshold"), "{}", text(&o));
+    let o = kiln(&["info", &approx]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("built with approximate rewrites") && t.contains("ffn-threshold"), "{t}");
+    assert!(t.contains("held out"), "{t}");
+    let o = kiln(&["build", &m, "-o", &exact]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = kiln(&["info", &exact]);
+    assert!(text(&o).contains("exact: built without approximate rewrites"), "{}", text(&o));
+    // A budget that cannot be met builds nothing.
+    let refused = tmp.path().join("librefused.so");
+    fails_with(
+        &[
+            "build",
+            &m,
+            "-o",
+            &refused.display().to_string(),
+            "--approx",
+            "ffn-threshold=0.5",
+            "--max-error",
+            "1e-9",
+            "--calibration",
+            &calib,
+        ],
+        "approximation refused",
+    );
+    assert!(!refused.exists());
 }

@@ -51,6 +51,10 @@ class Executable:
     @property
     def optimise_time(self) -> float: ...
     @property
+    def approx_report(self) -> Optional[Dict[str, Any]]:
+        """What compile(approx=...) accepted (sites, errors, estimated speed-up, held-out
+        error, and `text` as the CLI prints it), or None for an exact executable."""
+    @property
     def backend(self) -> str: ...
     @property
     def threads(self) -> int: ...
@@ -74,8 +78,15 @@ def compile(
     """Loads and compiles a model (path, or bytes of ONNX / .kir text).
 
     backend: "jit" (Cranelift), "aot" (an LLVM-built shared library) or "interp" (the
-    reference interpreter). passes: toggles such as "-saturate_egraph". approx,
-    max_error, calibration: not supported yet (must be None)."""
+    reference interpreter). passes: toggles such as "-saturate_egraph".
+
+    approx: opt-in approximate rewrites, "FAMILY[=PARAMS],..." as `kiln run --approx`
+    (e.g. "ffn-threshold=0.5"); needs max_error (relative L2 over every output) and
+    calibration: a folder of test_data_set_* folders (ONNX test layout) or a list of
+    feed dicts of representative inputs (Python never falls back to random inputs). The
+    last third of the sets is held out for verification; a budget that cannot be met
+    raises KilnError ("approximation refused"). What was accepted is in
+    `Executable.approx_report`."""
 
 def inspect(model: _Model, passes: str = "") -> Dict[str, Any]:
     """The optimiser's per-pass table: passes, skipped, total_time_s, rule_hits (per

@@ -64,7 +64,8 @@ pub fn to_py(e: kiln::Error) -> PyErr {
         kiln::Error::MissingInput { .. }
         | kiln::Error::UnknownInput { .. }
         | kiln::Error::DuplicateInput { .. }
-        | kiln::Error::BadInput { .. } => InputError::new_err(msg),
+        | kiln::Error::BadInput { .. }
+        | kiln::Error::Calibration { .. } => InputError::new_err(msg),
         kiln::Error::Run(_) => RunError::new_err(msg),
         // No such device or driver, and an approximation refused by its budget: neither is
         // the model's fault nor an input's.

@@ -88,6 +88,44 @@ fn infos(py: Python<'_>, ios: &[kiln::Io]) -> PyResult<Vec<TensorInfo>> {
         .collect()
 }
 
+/// Converts `feeds` (a mapping name → array-like) into tensors in the order of `ios`.
+fn order_feeds(py: Python<'_>, ios: &[kiln::Io], feeds: &Bound<'_, PyAny>) -> PyResult<Vec<Tensor>> {
+    let feeds = feeds.cast::<PyDict>().map_err(|_| {
+        pyo3::exceptions::PyTypeError::new_err(
+            "feeds must be a dict mapping input names to numpy arrays",
+        )
+    })?;
+    let mut slots: Vec<Option<Tensor>> = (0..ios.len()).map(|_| None).collect();
+    for (k, v) in feeds.iter() {
+        let name: String = k
+            .extract()
+            .map_err(|_| InputError::new_err("feed names must be strings"))?;
+        let Some(i) = ios.iter().position(|io| io.name == name) else {
+            let known = ios
+                .iter()
+                .map(|io| format!("`{}` ({})", io.name, io.ty))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(InputError::new_err(format!(
+                "unknown input `{name}`: the model's inputs are {known}"
+            )));
+        };
+        slots[i] = Some(convert::to_tensor(py, &name, &v)?);
+    }
+    slots
+        .into_iter()
+        .zip(ios)
+        .map(|(t, io)| {
+            t.ok_or_else(|| {
+                InputError::new_err(format!(
+                    "missing input `{}`: the model expects {}",
+                    io.name, io.ty
+                ))
+            })
+        })
+        .collect()
+}
+
 /// A compiled model. Thread-safe: many Python threads may call `run` at once (the GIL is
 /// released while kiln runs).
 #[pyclass(frozen, module = "kiln")]
@@ -97,49 +135,15 @@ struct Executable {
     /// less about an output's dims).
     declared_inputs: Vec<kiln::Io>,
     declared_outputs: Vec<kiln::Io>,
-    input_names: Vec<String>,
     output_names: Vec<String>,
+    /// What the approximation accepted, when `compile` was given `approx`.
+    approx_report: Option<kiln::approx::ApproxReport>,
 }
 
 impl Executable {
     /// Converts `feeds` (a mapping name → array-like) into tensors in the model's input order.
     fn ordered_inputs(&self, py: Python<'_>, feeds: &Bound<'_, PyAny>) -> PyResult<Vec<Tensor>> {
-        let feeds = feeds.cast::<PyDict>().map_err(|_| {
-            pyo3::exceptions::PyTypeError::new_err(
-                "feeds must be a dict mapping input names to numpy arrays",
-            )
-        })?;
-        let mut slots: Vec<Option<Tensor>> = (0..self.input_names.len()).map(|_| None).collect();
-        for (k, v) in feeds.iter() {
-            let name: String = k
-                .extract()
-                .map_err(|_| InputError::new_err("feed names must be strings"))?;
-            let Some(i) = self.input_names.iter().position(|n| *n == name) else {
-                let known = self
-                    .exe
-                    .inputs()
-                    .iter()
-                    .map(|io| format!("`{}` ({})", io.name, io.ty))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(InputError::new_err(format!(
-                    "unknown input `{name}`: the model's inputs are {known}"
-                )));
-            };
-            slots[i] = Some(convert::to_tensor(py, &name, &v)?);
-        }
-        slots
-            .into_iter()
-            .zip(self.exe.inputs())
-            .map(|(t, io)| {
-                t.ok_or_else(|| {
-                    InputError::new_err(format!(
-                        "missing input `{}`: the model expects {}",
-                        io.name, io.ty
-                    ))
-                })
-            })
-            .collect()
+        order_feeds(py, self.exe.inputs(), feeds)
     }
 
     fn run_tensors(&self, py: Python<'_>, inputs: Vec<Tensor>) -> PyResult<Vec<Tensor>> {
@@ -160,6 +164,43 @@ impl Executable {
     #[getter]
     fn outputs(&self, py: Python<'_>) -> PyResult<Vec<TensorInfo>> {
         infos(py, &self.declared_outputs)
+    }
+
+    /// What `compile(approx=...)` accepted, or `None` for an exact executable: a dict with
+    /// `metric`, `budget`, `source`, `random`, `calibration_sets`, `held_out_sets`,
+    /// `accepted` (one dict per rewritten site: `site`, `rewrite`, `params`, `error_alone`,
+    /// `error_added`, `est_speedup`), `rejected`, `calibration_error`, `held_out_error`,
+    /// `est_speedup` and `text` (the report as the CLI prints it).
+    #[getter]
+    fn approx_report<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(r) = &self.approx_report else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("metric", r.metric.to_string())?;
+        d.set_item("budget", r.budget)?;
+        d.set_item("source", &r.source)?;
+        d.set_item("random", r.random)?;
+        d.set_item("calibration_sets", r.sets.0)?;
+        d.set_item("held_out_sets", r.sets.1)?;
+        let accepted = PyList::empty(py);
+        for a in &r.accepted {
+            let row = PyDict::new(py);
+            row.set_item("site", &a.candidate.site.name)?;
+            row.set_item("rewrite", a.candidate.family)?;
+            row.set_item("params", &a.candidate.params)?;
+            row.set_item("error_alone", a.error_alone)?;
+            row.set_item("error_added", a.error_added)?;
+            row.set_item("est_speedup", a.est_speedup)?;
+            accepted.append(row)?;
+        }
+        d.set_item("accepted", accepted)?;
+        d.set_item("rejected", r.rejected)?;
+        d.set_item("calibration_error", r.calibration_error)?;
+        d.set_item("held_out_error", r.held_out_error)?;
+        d.set_item("est_speedup", r.est_speedup)?;
+        d.set_item("text", r.to_string())?;
+        Ok(Some(d))
     }
 
     /// Seconds `compile` took: optimisation plus code generation.
@@ -327,23 +368,91 @@ fn compile(
     max_error: Option<f64>,
     calibration: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Executable> {
-    if approx.is_some() || max_error.is_some() || calibration.is_some() {
-        return Err(KilnError::new_err(
-            "approx, max_error and calibration are not supported yet: kiln compiles every \
-             model exactly (leave them None)",
-        ));
-    }
     let opts = options(threads, opt_level, backend, passes)?;
     let m = load_model(py, model)?;
+    let request = approx_request(py, &m, approx, max_error, calibration)?;
     let (declared_inputs, declared_outputs) = (m.inputs(), m.outputs());
-    let exe = py.detach(move || m.compile(&opts)).map_err(to_py)?;
+    let (exe, approx_report) = py
+        .detach(move || -> Result<_, kiln::Error> {
+            let Some((spec, max_error, calib)) = request else {
+                return Ok((m.compile(&opts)?, None));
+            };
+            let req = kiln::approx::Request {
+                rewrites: kiln::approx::parse_families(&spec)?,
+                max_error,
+                metric: kiln::approx::Metric::default(),
+            };
+            let (g, report) = m.approximate(&opts, &req, &calib)?;
+            Ok((m.compile_optimised(g, &opts)?, Some(report)))
+        })
+        .map_err(to_py)?;
     Ok(Executable {
         declared_inputs,
         declared_outputs,
-        input_names: exe.inputs().iter().map(|i| i.name.clone()).collect(),
         output_names: exe.outputs().iter().map(|o| o.name.clone()).collect(),
         exe,
+        approx_report,
     })
+}
+
+/// `compile`'s approximation arguments checked and gathered: the family spec, the budget and
+/// the calibration sets (a folder in ONNX test layout, or a list of feed dicts), or `None`
+/// without `approx`. Unlike the CLI, Python never falls back to random calibration inputs.
+fn approx_request(
+    py: Python<'_>,
+    m: &Model,
+    approx: Option<&Bound<'_, PyAny>>,
+    max_error: Option<f64>,
+    calibration: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<(String, f64, kiln::approx::Calibration)>> {
+    let value_err = |msg: &str| pyo3::exceptions::PyValueError::new_err(msg.to_string());
+    let Some(approx) = approx else {
+        if max_error.is_some() || calibration.is_some() {
+            return Err(value_err(
+                "max_error and calibration apply only with approx=\"FAMILY[=PARAMS],...\" \
+                 (e.g. approx=\"ffn-threshold\")",
+            ));
+        }
+        return Ok(None);
+    };
+    let spec: String = approx
+        .extract()
+        .map_err(|_| value_err("approx must be a string such as \"ffn-threshold=0.5\""))?;
+    let Some(e) = max_error else {
+        return Err(value_err(
+            "approx needs an error budget: pass max_error (e.g. max_error=1e-2)",
+        ));
+    };
+    if !e.is_finite() || e < 0.0 {
+        return Err(value_err(&format!(
+            "max_error must be a finite number >= 0, got {e}"
+        )));
+    }
+    let Some(calibration) = calibration else {
+        return Err(value_err(
+            "approx needs calibration inputs: pass calibration= a folder of test_data_set_* \
+             folders (ONNX test layout) or a list of feed dicts {input name: numpy array} \
+             that represent real data",
+        ));
+    };
+    let calib = if let Ok(sets) = calibration.cast::<PyList>() {
+        let ios = m.inputs();
+        let n = sets.len();
+        let sets = sets
+            .iter()
+            .map(|feeds| order_feeds(py, &ios, &feeds))
+            .collect::<PyResult<Vec<_>>>()?;
+        m.calibration_from_sets(sets, &format!("{n} feed dicts"))
+    } else {
+        let dir: PathBuf = calibration.extract().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(
+                "calibration must be a folder path or a list of feed dicts",
+            )
+        })?;
+        m.calibration_from_dir(&dir)
+    }
+    .map_err(to_py)?;
+    Ok(Some((spec, e, calib)))
 }
 
 /// Runs the optimiser pass by pass and returns what it did: a dict with `passes` (one
@@ -449,6 +558,7 @@ fn build<'py>(
         header: header.clone(),
         runtime: None,
         emit_ir: false,
+        approx_report: None,
     };
     let out = output.clone();
     let r = py

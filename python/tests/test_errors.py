@@ -68,5 +68,11 @@ def test_options_are_checked():
         kiln.compile(MLP, opt_level=3)
     with pytest.raises(kiln.ModelError, match="unknown pass"):
         kiln.compile(MLP, passes="-no_such_pass")
-    with pytest.raises(kiln.KilnError, match="not supported"):
+    with pytest.raises(ValueError, match="error budget"):
         kiln.compile(MLP, approx="fast")
+    with pytest.raises(ValueError, match="only with approx"):
+        kiln.compile(MLP, max_error=0.1)
+    with pytest.raises(ValueError, match="calibration inputs"):
+        kiln.compile(MLP, approx="ffn-threshold", max_error=0.1)
+    with pytest.raises(ValueError, match="finite"):
+        kiln.compile(MLP, approx="ffn-threshold", max_error=-1.0, calibration=[])

@@ -186,6 +186,10 @@ size_t kiln_profile_count(const kiln_ctx *ctx);
 int kiln_profile_kernel(const kiln_ctx *ctx, size_t i, int *kind, uint64_t *nanos);
 const char *kiln_profile_label(const kiln_ctx *ctx, size_t i);
 
+/* The approximation report the library was built under (`kiln build --approx`: rewritten
+ * sites, parameters, measured errors), or "" for an exact model. Owned by the context. */
+const char *kiln_approx_report(const kiln_ctx *ctx);
+
 #ifdef __cplusplus
 }}
 #endif

@@ -43,6 +43,9 @@ pub struct BuildOptions {
     pub runtime: Option<PathBuf>,
     /// Keep the LLVM IR (after O3) next to the library as `<lib>.ll`.
     pub emit_ir: bool,
+    /// The approximation report the graph was made under, recorded in the library
+    /// (`kiln_approx_report`); `None` for an exact model.
+    pub approx_report: Option<String>,
 }
 
 impl Default for BuildOptions {
@@ -53,6 +56,7 @@ impl Default for BuildOptions {
             header: None,
             runtime: None,
             emit_ir: false,
+            approx_report: None,
         }
     }
 }
@@ -245,6 +249,7 @@ pub const EXPORTS: &[&str] = &[
     "kiln_profile_count",
     "kiln_profile_kernel",
     "kiln_profile_label",
+    "kiln_approx_report",
 ];
 
 fn io_err(what: &str) -> impl Fn(std::io::Error) -> BuildError + '_ {
@@ -283,6 +288,7 @@ pub fn build_library(
         t ^ ((std::process::id() as u64) << 32) ^ 0x6b69_6c6e
     };
     let (mut meta, blob) = format::split(g, weights_id);
+    meta.approx_report = opts.approx_report.clone().unwrap_or_default();
     let blob = bytes::Bytes::from(blob);
     // Partition the graph as `kiln_create` will see it (after the text round trip) and
     // record the plan in the library: the kernel table below is compiled from it.

@@ -52,6 +52,7 @@ type BytesFn = unsafe extern "C" fn(*const c_void, usize) -> usize;
 type ProfOnFn = unsafe extern "C" fn(*mut c_void, i32) -> i32;
 type ProfKernelFn = unsafe extern "C" fn(*const c_void, usize, *mut i32, *mut u64) -> i32;
 type ProfLabelFn = unsafe extern "C" fn(*const c_void, usize) -> *const c_char;
+type ReportFn = unsafe extern "C" fn(*const c_void) -> *const c_char;
 
 /// One kernel's time in a profiled run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +91,7 @@ pub struct AotLibrary {
     profile_count: CountFn,
     profile_kernel: ProfKernelFn,
     profile_label: ProfLabelFn,
+    approx_report: ReportFn,
     inputs: Vec<IoDesc>,
     outputs: Vec<IoDesc>,
     // Dropped last: the function pointers above point into it.
@@ -168,6 +170,7 @@ impl AotLibrary {
             profile_count: sym!("kiln_profile_count", CountFn),
             profile_kernel: sym!("kiln_profile_kernel", ProfKernelFn),
             profile_label: sym!("kiln_profile_label", ProfLabelFn),
+            approx_report: sym!("kiln_approx_report", ReportFn),
             inputs: vec![],
             outputs: vec![],
             _lib: lib,
@@ -211,6 +214,19 @@ impl AotLibrary {
         me.inputs = inputs;
         me.outputs = outputs;
         Ok(me)
+    }
+
+    /// The approximation report the library was built under (`kiln_approx_report`), or
+    /// `None` for an exact model.
+    pub fn approx_report(&self) -> Option<String> {
+        // SAFETY: `ctx` is live; the library returns null or a C string it owns.
+        let p = unsafe { (self.approx_report)(self.ctx) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, a C string per the C ABI.
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        (!s.is_empty()).then_some(s)
     }
 
     /// The model's inputs, in order.

@@ -23,6 +23,14 @@
 //! `chunk` (≥ 0) is a schedule hint, not semantics: the block length of the chunked
 //! recurrent form the CPU kernel runs (0: one block, the parallel form). The optimiser's
 //! cost model picks it.
+//!
+//! `attention_key_keep(mask)` (attribute `causal`) serves the approximate linearisation of
+//! masked softmax attention (`--approx linear-attention`): it checks that an attention mask
+//! `[B|1, H|1, S, T]` (additive float: 0 kept, ≤ [`MASKED_AT_OR_BELOW`] dropped; or bool)
+//! is a key-padding mask, causal when `causal = 1` (key `j` seen by query `i` iff
+//! `keep[j]` and, causal, `j ≤ i + T − S`), and returns `keep` as `f32 [B|1, 1, T, 1]` (1 or
+//! 0). Any other mask (a bias, a non-causal pattern, heads that differ) is a run-time error
+//! naming the element: the approximate graph never silently assumes a mask it was not given.
 
 use super::movement::unify;
 use super::shared::{fact, from_f64s};
@@ -83,6 +91,9 @@ fn dims4<'a>(f: &'a Fact, what: &str) -> Result<Option<&'a [Dim]>, String> {
 
 /// Shape rule: `[B, H, S, D] × [B, H, S, D] × [B, H, S, Dv] (× [H]) → [B, H, S, Dv]`.
 pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>, String> {
+    if op == OpKind::AttentionKeyKeep {
+        return key_keep_shape(attrs, arg(inputs, 0)?);
+    }
     if op != OpKind::LinearAttention {
         return Err(not_in_family(op));
     }
@@ -136,6 +147,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
 
 /// Reference semantics: the quadratic form, in f64, rounded once (see the module docs).
 pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+    if op == OpKind::AttentionKeyKeep {
+        return Ok(vec![key_keep(attrs, arg(inputs, 0)?)?]);
+    }
     if op != OpKind::LinearAttention {
         return Err(not_in_family(op));
     }
@@ -218,6 +232,95 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         }
     }
     Ok(vec![from_f64s(dt, vec![b, h, s, dv], y)?])
+}
+
+/// An additive mask value at or below this drops its key (`exp` of it is 0 in f32 and f64
+/// against scores of any sane size); 0 keeps it; anything else is not a padding mask.
+pub const MASKED_AT_OR_BELOW: f64 = -1e4;
+
+fn key_keep_causal(attrs: &Attrs) -> Result<bool, String> {
+    match attrs.int_or("causal", 0)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        c => Err(format!("attention_key_keep `causal` must be 0 or 1, got {c}")),
+    }
+}
+
+/// Shape rule: `[B, H, S, T] → f32 [B, 1, T, 1]`.
+fn key_keep_shape(attrs: &Attrs, m: &Fact) -> Result<Vec<Fact>, String> {
+    key_keep_causal(attrs)?;
+    if !(m.ty.dtype.is_float() || m.ty.dtype == crate::DType::Bool) {
+        return Err(format!(
+            "attention_key_keep takes a float or bool mask, got {}",
+            m.ty.dtype
+        ));
+    }
+    let shape = match m.ty.shape.dims() {
+        None => Shape::unknown(),
+        Some([b, _, _, t]) => Shape::new(vec![b.clone(), Dim::Fixed(1), t.clone(), Dim::Fixed(1)]),
+        Some(d) => {
+            return Err(format!(
+                "attention_key_keep takes a 4-D mask [B, H, S, T], got rank {}",
+                d.len()
+            ))
+        }
+    };
+    Ok(vec![fact(crate::DType::F32, shape)])
+}
+
+/// Reference semantics (see the module docs): the per-key keep flags of a key-padding
+/// (optionally causal) mask, or an error naming the first element that breaks the pattern.
+fn key_keep(attrs: &Attrs, m: &Tensor) -> Result<Tensor, String> {
+    let causal = key_keep_causal(attrs)?;
+    let [b, h, s, t] = <[usize; 4]>::try_from(m.shape()).map_err(|_| {
+        format!(
+            "attention_key_keep takes a 4-D mask [B, H, S, T], got {:?}",
+            m.shape()
+        )
+    })?;
+    let kept: Vec<Option<bool>> = match m.data() {
+        crate::TensorData::Bool(v) => v.iter().map(|&x| Some(x)).collect(),
+        _ if m.dtype().is_float() => m
+            .to_f64s()
+            .into_iter()
+            .map(|x| {
+                if x == 0.0 {
+                    Some(true)
+                } else if x <= MASKED_AT_OR_BELOW {
+                    Some(false)
+                } else {
+                    None
+                }
+            })
+            .collect(),
+        _ => return Err(format!("attention_key_keep takes a float or bool mask, got {}", m.dtype())),
+    };
+    let mut keep = vec![0f32; b * t];
+    for bi in 0..b {
+        // The keys the last query sees: with a causal pattern it sees every key.
+        let row = |hi: usize, i: usize| &kept[((bi * h + hi) * s + i) * t..][..t];
+        for j in 0..t {
+            keep[bi * t + j] = if s == 0 { 0.0 } else { f32::from(u8::from(row(0, s - 1)[j] == Some(true))) };
+        }
+        for hi in 0..h {
+            for i in 0..s {
+                for (j, &k) in row(hi, i).iter().enumerate() {
+                    let visible = !causal || j + s <= i + t;
+                    let want = keep[bi * t + j] == 1.0 && visible;
+                    if k != Some(want) {
+                        return Err(format!(
+                            "the attention mask is not a {}key-padding mask at [{bi}, {hi}, {i}, {j}] \
+                             (value {}): the model was linearised approximately (--approx \
+                             linear-attention) for such masks only; compile it exactly for this input",
+                            if causal { "causal " } else { "" },
+                            m.to_f64s()[((bi * h + hi) * s + i) * t + j]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(vec![b, 1, t, 1], keep))
 }
 
 #[cfg(test)]

@@ -381,6 +381,7 @@ op_table! {
     InvRms = "inv_rms", "", Fused, 2..=2, plain, rule, Native, RowStat;
     // ---- linear_attention.rs: linear attention and retention (kiln-only, recognised)
     LinearAttention = "linear_attention", "", LinearAttention, 3..=4, attrs, rule, Native, Contraction;
+    AttentionKeyKeep = "attention_key_keep", "", LinearAttention, 1..=1, attrs, rule, Interp, Elem(1.0);
 }
 
 impl OpKind {

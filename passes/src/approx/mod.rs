@@ -16,6 +16,7 @@
 //! Graphs run through an [`Evaluator`]: the reference interpreter ([`Interpreter`]) here,
 //! the JIT in the host API.
 
+pub mod attention;
 pub mod ffn;
 mod metric;
 
@@ -83,7 +84,7 @@ pub enum ApproxError {
 
 /// The families `--approx` knows, by name.
 pub fn known_families() -> Vec<&'static str> {
-    vec![ffn::THRESHOLD]
+    vec![ffn::THRESHOLD, attention::LINEAR_ATTENTION]
 }
 
 /// Parses `--approx`'s `FAMILY[=PARAMS],...` into rewrites.
@@ -96,6 +97,9 @@ pub fn parse_families(spec: &str) -> Result<Vec<Box<dyn ApproxRewrite>>, ApproxE
         };
         match name {
             ffn::THRESHOLD => out.push(Box::new(ffn::FfnThreshold::parse(param)?)),
+            attention::LINEAR_ATTENTION => out.push(Box::new(
+                attention::LinearAttentionApprox::parse(param)?,
+            )),
             _ => {
                 return Err(ApproxError::UnknownFamily {
                     name: name.to_string(),
@@ -426,7 +430,7 @@ pub fn approximate(
             "the model has no site for the requested families".to_string()
         } else if proposed == 0 {
             format!(
-                "no candidate at the {} sites would run faster at these shapes (the CPU runtime skips zeros below a measured density: see `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`)",
+                "no candidate at the {} sites would run faster at these shapes by the cost model (ffn-threshold: the CPU runtime skips zeros only below a measured density, `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`; linear-attention: the linear form wins only on long sequences)",
                 found.len()
             )
         } else {

@@ -47,6 +47,9 @@ pub struct Meta {
     pub weights_id: u64,
     /// Total length of the weights blob, header included.
     pub weights_len: usize,
+    /// The approximation report the model was built under (`kiln build --approx`);
+    /// empty for an exact model. `kiln_approx_report` returns it.
+    pub approx_report: String,
 }
 
 /// Splits the large constants out of `g`: returns the meta (text with placeholders) and
@@ -89,6 +92,7 @@ pub fn split(g: &Graph, weights_id: u64) -> (Meta, Vec<u8>) {
         plan: vec![],
         weights_id,
         weights_len: blob.len(),
+        approx_report: String::new(),
     };
     (meta, blob)
 }
@@ -169,6 +173,8 @@ impl Meta {
         }
         put_u64(&mut out, self.plan.len() as u64);
         out.extend_from_slice(&self.plan);
+        put_u64(&mut out, self.approx_report.len() as u64);
+        out.extend_from_slice(self.approx_report.as_bytes());
         out
     }
 
@@ -207,7 +213,12 @@ impl Meta {
         }
         let plan_len = r.usize()?;
         let plan = r.take(plan_len)?.to_vec();
+        let report_len = r.usize()?;
+        let approx_report = std::str::from_utf8(r.take(report_len)?)
+            .map_err(|e| format!("approximation report is not UTF-8: {e}"))?
+            .to_string();
         Ok(Meta {
+            approx_report,
             text,
             weights,
             plan,

@@ -81,6 +81,8 @@ pub struct Context {
     /// Per-kernel (kind, nanoseconds, label) of the last profiled run; kind 0 loop,
     /// 1 contraction, 2 native routine, 3 interpreter op.
     times: Vec<(i32, u64, CString)>,
+    /// The approximation report the library was built under (empty when exact).
+    approx_report: CString,
 }
 
 impl Context {
@@ -223,6 +225,8 @@ unsafe fn create(
         last_encoded: vec![],
         profile: false,
         times: vec![],
+        // A NUL inside the report (it is kiln's own text) would only cut it short.
+        approx_report: CString::new(meta.approx_report.replace('\0', " ")).unwrap_or_default(),
     })
 }
 
@@ -654,4 +658,15 @@ pub unsafe extern "C" fn kiln_profile_label(ctx: *const Context, i: usize) -> *c
     unsafe { ctx_ref(ctx) }
         .and_then(|c| c.times.get(i))
         .map_or(std::ptr::null(), |(_, _, l)| l.as_ptr())
+}
+
+/// The approximation report the library was built under (`kiln build --approx`: sites,
+/// rewrites, parameters, the error measured on the calibration and held-out sets), or ""
+/// for an exact model; null for a null context. Owned by the context.
+///
+/// # Safety
+/// `ctx` must be a live context or null.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_approx_report(ctx: *const Context) -> *const c_char {
+    unsafe { ctx_ref(ctx) }.map_or(std::ptr::null(), |c| c.approx_report.as_ptr())
 }
