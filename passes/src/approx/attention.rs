@@ -115,15 +115,20 @@ fn site_shape(g: &Graph, n: &Node) -> Option<Shape4> {
         return None;
     }
     if let Some(m) = mask {
-        // `[B|1, H|1, S, S]`, float or bool.
+        // `[B|1, H|1, S|1, S|1]`, float or bool; dims shape inference could not name are
+        // accepted (`attention_key_keep` checks the mask's shape and pattern on every run).
         let ty = g.ty(m);
-        let md = ty.shape.dims()?;
-        let one = Dim::Fixed(1);
-        let fits = md.len() == 4
-            && (md[0] == one || md[0] == qd[0])
-            && (md[1] == one || md[1] == qd[1])
-            && md[2] == qd[2]
-            && md[3] == kd[2];
+        let fits = match ty.shape.dims() {
+            None => true,
+            Some(md) => {
+                let ok = |d: &Dim, want: &Dim| d == want || *d == Dim::Fixed(1) || *d == Dim::Unknown;
+                md.len() == 4
+                    && ok(&md[0], &qd[0])
+                    && ok(&md[1], &qd[1])
+                    && ok(&md[2], &qd[2])
+                    && ok(&md[3], &kd[2])
+            }
+        };
         if !fits || !(ty.dtype == DType::F32 || ty.dtype == DType::Bool) {
             return None;
         }
@@ -295,7 +300,8 @@ impl ApproxRewrite for LinearAttentionApprox {
         let mut pk = phi(&mut b, g, k, &kd, per_head, false);
         if let Some(mask) = s.mask {
             // Dropped keys get zero features (checked against the mask on every run).
-            let md = g.ty(mask).shape.dims().map(<[Dim]>::to_vec).unwrap_or_default();
+            let md = g.ty(mask).shape.dims().map(<[Dim]>::to_vec);
+            let md = md.unwrap_or_else(|| vec![Dim::Unknown; 4]);
             let keep_dims = vec![md[0].clone(), Dim::Fixed(1), md[3].clone(), Dim::Fixed(1)];
             let ka = Attrs::new().with("causal", Attr::Int(i64::from(mask_causal)));
             let keep = b.op(g, OpKind::AttentionKeyKeep, ka, vec![mask], keep_dims, "keep");
@@ -626,7 +632,7 @@ mod tests {
         // A mask that is not [B|1, H|1, S, S].
         let mut g = Graph::new("masked");
         let q = g.add_input("q", f32_ty(&[1, 2, 8, 4]));
-        let mask = g.add_input("mask", f32_ty(&[1, 1, 1, 8]));
+        let mask = g.add_input("mask", f32_ty(&[1, 1, 3, 8]));
         let y = node_with(&mut g, OpKind::Attention, Attrs::new(), &[q, q, q, mask], "y", f32_ty(&[1, 2, 8, 4]));
         g.outputs = vec![y];
         assert!(fam.sites(&g).is_empty());
