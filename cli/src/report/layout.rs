@@ -260,13 +260,15 @@ pub fn svg(v: &View, id: &str) -> String {
             Kind::Output => ("#dce7fa", "#4a72b8"),
             Kind::Fused => ("#ffe3b8", "#d08a1e"),
             Kind::Op => ("#f1f4f8", "#9aa6b2"),
+            Kind::Shape => ("#ece6f7", "#8a74b8"),
         };
         let x0 = it.x - it.width / 2.0;
         let y0 = y_of(layer[i]);
         let _ = writeln!(
             s,
-            "<g class=\"node\"><title>{}</title><rect x=\"{x0:.1}\" y=\"{y0:.1}\" width=\"{:.1}\" height=\"{BOX_H}\" rx=\"5\" fill=\"{fill}\" stroke=\"{stroke}\"/>\
+            "<g class=\"node{}\"><title>{}</title><rect x=\"{x0:.1}\" y=\"{y0:.1}\" width=\"{:.1}\" height=\"{BOX_H}\" rx=\"5\" fill=\"{fill}\" stroke=\"{stroke}\"/>\
              <text x=\"{:.1}\" y=\"{:.1}\" class=\"t\">{}</text><text x=\"{:.1}\" y=\"{:.1}\" class=\"s\">{}</text></g>",
+            if node.kind == Kind::Shape { " shape" } else { "" },
             xml(&node.detail),
             it.width,
             it.x,

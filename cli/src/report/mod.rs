@@ -1,6 +1,8 @@
-//! The `kiln inspect --html` report: one self-contained HTML file (inline CSS, SVG and a
-//! two-line script that scrolls each panel to its first input; nothing from the network) with a summary, the per-pass table, the e-graph statistics,
-//! the fused-op provenance list, and the graph before and after optimisation side by side.
+//! The `kiln inspect --html` report: one self-contained HTML file (inline CSS, SVG and a short
+//! script that scrolls each panel to its first input and expands collapsed shape arithmetic
+//! on click; nothing from the network) with a summary, the per-pass table, the e-graph
+//! statistics, the fused-op provenance list, and the graph before and after optimisation side
+//! by side.
 
 pub mod layout;
 pub mod view;
@@ -51,7 +53,7 @@ details ol{margin:4px 0 6px;font-family:ui-monospace,Menlo,monospace;font-size:1
 .scroll{overflow:auto;height:78vh;border:1px solid #c9d2dc;background:#fff}
 svg.graph text{font-family:ui-monospace,Menlo,Consolas,monospace;text-anchor:middle}
 svg.graph text.t{font-size:11.5px;font-weight:600;fill:#1d2733} svg.graph text.s{font-size:10px;fill:#4f5b67}
-svg.graph g.node:hover rect{stroke-width:2.5}
+svg.graph g.node:hover rect{stroke-width:2.5} svg.graph g.node.shape{cursor:pointer}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border-radius:4px;font-size:12px;border:1px solid #9aa6b2}
 ";
 
@@ -109,22 +111,44 @@ pub fn html(r: &Report) -> String {
     }
     s.push_str(
         "<h2>Graphs</h2>\n<p class=\"legend\"><span style=\"background:#dcf2dc\">input</span><span style=\"background:#f1f4f8\">op</span>\
-         <span style=\"background:#ffe3b8\">fused op</span><span style=\"background:#dce7fa\">output</span>\
+         <span style=\"background:#ffe3b8\">fused op</span><span style=\"background:#dce7fa\">output</span><span style=\"background:#ece6f7\">shape arithmetic (click)</span>\
          <span class=\"note\" style=\"border:none\">hover a box for its name, constants and what it absorbed; each panel scrolls</span></p>\n",
     );
     s.push_str("<div class=\"graphs\">\n");
     for (title, v, id) in [("Before", &before, "before"), ("After", &after, "after")] {
-        let _ = writeln!(
-            s,
-            "<div class=\"panel\"><h3>{title} ({} boxes)</h3><div class=\"scroll\">{}</div></div>",
-            v.nodes.len(),
-            layout::svg(v, id)
-        );
+        // Shape arithmetic collapsed into boxes that expand (the full graph) on click.
+        match view::collapse_shape_arithmetic(v) {
+            Some(c) => {
+                let _ = writeln!(
+                    s,
+                    "<div class=\"panel\"><h3>{title} ({} boxes, {} with shape arithmetic collapsed; \
+                     <a href=\"#\" class=\"toggle\">expand all</a>)</h3>\
+                     <div class=\"scroll collapsed\">{}</div><div class=\"scroll full\" hidden>{}</div></div>",
+                    v.nodes.len(),
+                    c.nodes.len(),
+                    layout::svg(&c, &format!("{id}-c")),
+                    layout::svg(v, id)
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "<div class=\"panel\"><h3>{title} ({} boxes)</h3><div class=\"scroll\">{}</div></div>",
+                    v.nodes.len(),
+                    layout::svg(v, id)
+                );
+            }
+        }
     }
     // Start each panel scrolled to its first graph input (layouts are wider than a panel).
     s.push_str(
         "</div>\n<script>for(const d of document.querySelectorAll('.scroll')){const r=d.querySelector('g.node rect');\
-         if(r){const b=r.getBBox();d.scrollLeft=Math.max(0,b.x+b.width/2-d.clientWidth/3);}}</script>\n</body></html>\n",
+         if(r){const b=r.getBBox();d.scrollLeft=Math.max(0,b.x+b.width/2-d.clientWidth/3);}}\
+         function flip(p){const c=p.querySelector('.collapsed'),f=p.querySelector('.full'),t=p.querySelector('.toggle');\
+         const show=f.hidden;f.hidden=!show;c.hidden=show;t.textContent=show?'collapse shape arithmetic':'expand all';}\
+         for(const p of document.querySelectorAll('.panel')){const t=p.querySelector('.toggle');if(!t)continue;\
+         t.addEventListener('click',e=>{e.preventDefault();flip(p);});\
+         for(const g of p.querySelectorAll('g.node.shape'))g.addEventListener('click',()=>flip(p));}</script>\n</body></html>\n",
     );
     s
 }
