@@ -206,7 +206,8 @@ impl ApproxRewrite for LinearAttentionApprox {
         let before = probe.cost.graph_cost(g).time;
         let mut out = vec![];
         for m in ms {
-            let chunk = choose_chunk(&probe.cost.target, m, dv_hint(probe.cost, &s.dv), s.causal);
+            let causal = s.causal || mask_causal;
+            let chunk = choose_chunk(&probe.cost.target, m, dv_hint(probe.cost, &s.dv), causal);
             for seed in 0..SEEDS {
                 let c = Candidate {
                     family: LINEAR_ATTENTION,
