@@ -266,9 +266,9 @@ pub fn collapse_shape_arithmetic(v: &View) -> Option<View> {
             }
         }
         if cycle {
-            for i in 0..n {
-                if group[i] == r {
-                    group[i] = i;
+            for (i, g) in group.iter_mut().enumerate() {
+                if *g == r {
+                    *g = i;
                 }
             }
         }

@@ -543,7 +543,7 @@ mod tests {
     }
 
     fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-        measure(Metric::RelL2, &[a.clone()], &[b.clone()], &["y".into()]).unwrap()
+        measure(Metric::RelL2, std::slice::from_ref(a), std::slice::from_ref(b), &["y".into()]).unwrap()
     }
 
     #[test]
