@@ -99,7 +99,11 @@ mod tests {
     use super::*;
 
     fn mlp() -> Model {
-        Model::load(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mlp/model.onnx")).unwrap()
+        Model::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/mlp/model.onnx"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -108,7 +112,9 @@ mod tests {
         let e = m.calibration_from_sets(vec![vec![]], "mem").unwrap_err();
         assert!(e.to_string().contains("set 0 has 0 inputs"), "{e}");
         let wrong = Tensor::from_vec(vec![2, 3], vec![0f32; 6]);
-        let e = m.calibration_from_sets(vec![vec![wrong]], "mem").unwrap_err();
+        let e = m
+            .calibration_from_sets(vec![vec![wrong]], "mem")
+            .unwrap_err();
         assert!(e.to_string().contains("set 0: input `x`"), "{e}");
         let e = m.calibration_from_sets(vec![], "mem").unwrap_err();
         assert!(e.to_string().contains("no calibration sets"), "{e}");

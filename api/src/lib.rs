@@ -672,8 +672,7 @@ impl Executable {
 }
 
 fn describe_inputs(ios: &[Io]) -> String {
-    ios
-        .iter()
+    ios.iter()
         .map(|io| format!("`{}` ({})", io.name, io.ty))
         .collect::<Vec<_>>()
         .join(", ")

@@ -69,7 +69,9 @@ pub fn build(args: &BuildArgs) -> Result<()> {
     let model = kiln::Model::load(&args.model)?;
     if args.target == TargetArg::Cuda {
         if args.approx.approx.is_some() {
-            anyhow::bail!("--approx builds CPU libraries only so far (drop --target cuda or --approx)");
+            anyhow::bail!(
+                "--approx builds CPU libraries only so far (drop --target cuda or --approx)"
+            );
         }
         return build_cuda(args, &model, t0);
     }

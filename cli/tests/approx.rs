@@ -298,12 +298,19 @@ fn build_records_the_report_in_the_library() {
     let o = kiln(&["info", &approx]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("built with approximate rewrites") && t.contains("ffn-threshold"), "{t}");
+    assert!(
+        t.contains("built with approximate rewrites") && t.contains("ffn-threshold"),
+        "{t}"
+    );
     assert!(t.contains("held out"), "{t}");
     let o = kiln(&["build", &m, "-o", &exact]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let o = kiln(&["info", &exact]);
-    assert!(text(&o).contains("exact: built without approximate rewrites"), "{}", text(&o));
+    assert!(
+        text(&o).contains("exact: built without approximate rewrites"),
+        "{}",
+        text(&o)
+    );
     // A budget that cannot be met builds nothing.
     let refused = tmp.path().join("librefused.so");
     fails_with(

@@ -114,9 +114,16 @@ fn inspect_html_is_one_file_with_two_svg_graphs_and_no_network() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let page = std::fs::read_to_string(&html).unwrap();
     // Before and after, each collapsed (shape arithmetic in one box per chain) and full.
-    assert_eq!(page.matches("<svg").count(), 4, "before and after, collapsed and full");
+    assert_eq!(
+        page.matches("<svg").count(),
+        4,
+        "before and after, collapsed and full"
+    );
     assert!(page.contains("class=\"node shape\"") && page.contains("shape arithmetic ("));
-    assert!(page.contains("class=\"scroll full\" hidden"), "the full graph starts hidden");
+    assert!(
+        page.contains("class=\"scroll full\" hidden"),
+        "the full graph starts hidden"
+    );
     assert!(!page.contains("http://") || !page.contains("src=\"http"));
     assert!(
         !page.contains("<script src") && !page.contains("<link"),

@@ -89,7 +89,11 @@ fn infos(py: Python<'_>, ios: &[kiln::Io]) -> PyResult<Vec<TensorInfo>> {
 }
 
 /// Converts `feeds` (a mapping name → array-like) into tensors in the order of `ios`.
-fn order_feeds(py: Python<'_>, ios: &[kiln::Io], feeds: &Bound<'_, PyAny>) -> PyResult<Vec<Tensor>> {
+fn order_feeds(
+    py: Python<'_>,
+    ios: &[kiln::Io],
+    feeds: &Bound<'_, PyAny>,
+) -> PyResult<Vec<Tensor>> {
     let feeds = feeds.cast::<PyDict>().map_err(|_| {
         pyo3::exceptions::PyTypeError::new_err(
             "feeds must be a dict mapping input names to numpy arrays",

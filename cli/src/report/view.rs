@@ -190,9 +190,30 @@ fn is_shape_math(g: &Graph, n: &kiln_ir::Node) -> bool {
     };
     matches!(
         n.op,
-        Gather | Unsqueeze | Squeeze | Concat | Range | Cast | Slice | Add | Sub | Mul | Div
-            | Equal | Where | Reshape | Expand | ConstantOfShape | Neg | Max | Min
-            | ReduceProd | Floor | Ceil | Mod | Identity
+        Gather
+            | Unsqueeze
+            | Squeeze
+            | Concat
+            | Range
+            | Cast
+            | Slice
+            | Add
+            | Sub
+            | Mul
+            | Div
+            | Equal
+            | Where
+            | Reshape
+            | Expand
+            | ConstantOfShape
+            | Neg
+            | Max
+            | Min
+            | ReduceProd
+            | Floor
+            | Ceil
+            | Mod
+            | Identity
     ) && !n.outputs.is_empty()
         && n.outputs.iter().all(small_int)
 }
@@ -211,7 +232,11 @@ pub fn collapse_shape_arithmetic(v: &View) -> Option<View> {
     let mut group: Vec<usize> = (0..n).collect();
     let mut taken = vec![false; n];
     for c in (0..n).filter(|&c| !v.nodes[c].shape_math) {
-        let mut stack: Vec<usize> = preds[c].iter().copied().filter(|&p| v.nodes[p].shape_math).collect();
+        let mut stack: Vec<usize> = preds[c]
+            .iter()
+            .copied()
+            .filter(|&p| v.nodes[p].shape_math)
+            .collect();
         let mut members = vec![];
         while let Some(x) = stack.pop() {
             if taken[x] {
@@ -242,7 +267,9 @@ pub fn collapse_shape_arithmetic(v: &View) -> Option<View> {
     for &(a, b) in &v.edges {
         succ[a].push(b);
     }
-    let roots: Vec<usize> = (0..n).filter(|&r| group[r] == r && size[r] >= 2 && v.nodes[r].shape_math).collect();
+    let roots: Vec<usize> = (0..n)
+        .filter(|&r| group[r] == r && size[r] >= 2 && v.nodes[r].shape_math)
+        .collect();
     for &r in &roots {
         // Nodes reachable from the group through at least one outside node.
         let mut seen = vec![false; n];
@@ -295,7 +322,9 @@ pub fn collapse_shape_arithmetic(v: &View) -> Option<View> {
         order.push(r);
         for &(a, b) in &gedges {
             if a == r {
-                let d = indeg.get_mut(&b).expect("every endpoint is a representative");
+                let d = indeg
+                    .get_mut(&b)
+                    .expect("every endpoint is a representative");
                 *d -= 1;
                 if *d == 0 {
                     ready.push(b);
@@ -321,7 +350,11 @@ pub fn collapse_shape_arithmetic(v: &View) -> Option<View> {
             detail: format!(
                 "{} shape-arithmetic ops collapsed (click to show every box):\n  {}",
                 members.len(),
-                members.iter().map(|&i| v.nodes[i].detail.lines().next().unwrap_or("")).collect::<Vec<_>>().join("\n  ")
+                members
+                    .iter()
+                    .map(|&i| v.nodes[i].detail.lines().next().unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
             ),
             kind: Kind::Shape,
             shape_math: true,
@@ -385,16 +418,46 @@ mod tests {
         let mut g = Graph::new("g");
         let x = g.add_input("x", ty(DType::F32, &[2, 3, 4]));
         let op = |g: &mut Graph, op: OpKind, ins: Vec<ValueId>, name: &str, t: TensorType| {
-            g.add_node(op, Attrs::new(), ins.into_iter().map(Some).collect(), vec![(name.into(), t)], name)[0]
+            g.add_node(
+                op,
+                Attrs::new(),
+                ins.into_iter().map(Some).collect(),
+                vec![(name.into(), t)],
+                name,
+            )[0]
         };
         let s = op(&mut g, OpKind::Shape, vec![x], "s", ty(DType::I64, &[3]));
         let zero = g.add_constant("zero", kiln_ir::Tensor::scalar(0i64));
-        let b = op(&mut g, OpKind::Gather, vec![s, zero], "b", ty(DType::I64, &[]));
+        let b = op(
+            &mut g,
+            OpKind::Gather,
+            vec![s, zero],
+            "b",
+            ty(DType::I64, &[]),
+        );
         let axes = g.add_constant("axes", kiln_ir::Tensor::from_vec(vec![1], vec![0i64]));
-        let u = op(&mut g, OpKind::Unsqueeze, vec![b, axes], "u", ty(DType::I64, &[1]));
+        let u = op(
+            &mut g,
+            OpKind::Unsqueeze,
+            vec![b, axes],
+            "u",
+            ty(DType::I64, &[1]),
+        );
         let m1 = g.add_constant("m1", kiln_ir::Tensor::from_vec(vec![1], vec![-1i64]));
-        let c = op(&mut g, OpKind::Concat, vec![u, m1], "c", ty(DType::I64, &[2]));
-        let y = op(&mut g, OpKind::Reshape, vec![x, c], "y", ty(DType::F32, &[2, 12]));
+        let c = op(
+            &mut g,
+            OpKind::Concat,
+            vec![u, m1],
+            "c",
+            ty(DType::I64, &[2]),
+        );
+        let y = op(
+            &mut g,
+            OpKind::Reshape,
+            vec![x, c],
+            "y",
+            ty(DType::F32, &[2, 12]),
+        );
         g.outputs = vec![y];
         g
     }
@@ -410,14 +473,25 @@ mod tests {
         assert_eq!(shape.len(), 1);
         assert!(shape[0].title.contains("4 ops"), "{}", shape[0].title);
         assert!(c.edges.iter().all(|&(a, b)| a < b), "{:?}", c.edges);
-        assert_eq!(c.edges.len(), 4, "x→shape, x→reshape, shape→reshape, reshape→y: {:?}", c.edges);
+        assert_eq!(
+            c.edges.len(),
+            4,
+            "x→shape, x→reshape, shape→reshape, reshape→y: {:?}",
+            c.edges
+        );
     }
 
     #[test]
     fn nothing_to_collapse_gives_none() {
         let mut g = Graph::new("g");
         let x = g.add_input("x", ty(DType::F32, &[2]));
-        let y = g.add_node(OpKind::Relu, Attrs::new(), vec![Some(x)], vec![("y".into(), ty(DType::F32, &[2]))], "")[0];
+        let y = g.add_node(
+            OpKind::Relu,
+            Attrs::new(),
+            vec![Some(x)],
+            vec![("y".into(), ty(DType::F32, &[2]))],
+            "",
+        )[0];
         g.outputs = vec![y];
         assert!(collapse_shape_arithmetic(&view(&g)).is_none());
     }

@@ -242,7 +242,9 @@ fn key_keep_causal(attrs: &Attrs) -> Result<bool, String> {
     match attrs.int_or("causal", 0)? {
         0 => Ok(false),
         1 => Ok(true),
-        c => Err(format!("attention_key_keep `causal` must be 0 or 1, got {c}")),
+        c => Err(format!(
+            "attention_key_keep `causal` must be 0 or 1, got {c}"
+        )),
     }
 }
 
@@ -293,14 +295,23 @@ fn key_keep(attrs: &Attrs, m: &Tensor) -> Result<Tensor, String> {
                 }
             })
             .collect(),
-        _ => return Err(format!("attention_key_keep takes a float or bool mask, got {}", m.dtype())),
+        _ => {
+            return Err(format!(
+                "attention_key_keep takes a float or bool mask, got {}",
+                m.dtype()
+            ))
+        }
     };
     let mut keep = vec![0f32; b * t];
     for bi in 0..b {
         // The keys the last query sees: with a causal pattern it sees every key.
         let row = |hi: usize, i: usize| &kept[((bi * h + hi) * s + i) * t..][..t];
         for j in 0..t {
-            keep[bi * t + j] = if s == 0 { 0.0 } else { f32::from(u8::from(row(0, s - 1)[j] == Some(true))) };
+            keep[bi * t + j] = if s == 0 {
+                0.0
+            } else {
+                f32::from(u8::from(row(0, s - 1)[j] == Some(true)))
+            };
         }
         for hi in 0..h {
             for i in 0..s {

@@ -57,13 +57,15 @@ impl LinearAttentionApprox {
         let Some(p) = param else {
             return Ok(LinearAttentionApprox { features: None });
         };
-        let m: usize = p.parse().ok().filter(|&m| (1..=65536).contains(&m)).ok_or_else(|| {
-            ApproxError::BadParam {
+        let m: usize = p
+            .parse()
+            .ok()
+            .filter(|&m| (1..=65536).contains(&m))
+            .ok_or_else(|| ApproxError::BadParam {
                 family: LINEAR_ATTENTION.into(),
                 param: p.into(),
                 why: "expected a feature count, an integer in 1..=65536".into(),
-            }
-        })?;
+            })?;
         Ok(LinearAttentionApprox { features: Some(m) })
     }
 }
@@ -121,7 +123,8 @@ fn site_shape(g: &Graph, n: &Node) -> Option<Shape4> {
         let fits = match ty.shape.dims() {
             None => true,
             Some(md) => {
-                let ok = |d: &Dim, want: &Dim| d == want || *d == Dim::Fixed(1) || *d == Dim::Unknown;
+                let ok =
+                    |d: &Dim, want: &Dim| d == want || *d == Dim::Fixed(1) || *d == Dim::Unknown;
                 md.len() == 4
                     && ok(&md[0], &qd[0])
                     && ok(&md[1], &qd[1])
@@ -220,7 +223,12 @@ impl ApproxRewrite for LinearAttentionApprox {
                             (Some(_), false) => " mask=padding",
                         }
                     ),
-                    values: vec![m as f64, seed as f64, chunk as f64, f64::from(u8::from(mask_causal))],
+                    values: vec![
+                        m as f64,
+                        seed as f64,
+                        chunk as f64,
+                        f64::from(u8::from(mask_causal)),
+                    ],
                     saving: 0.0,
                 };
                 let mut trial = g.clone();
@@ -239,7 +247,11 @@ impl ApproxRewrite for LinearAttentionApprox {
         let Some(s) = site_shape(g, &g.nodes[at]) else {
             return;
         };
-        let (m, seed, chunk) = (c.values[0] as usize, c.values[1] as u64, c.values[2] as usize);
+        let (m, seed, chunk) = (
+            c.values[0] as usize,
+            c.values[1] as u64,
+            c.values[2] as usize,
+        );
         let mask_causal = c.values.get(3).is_some_and(|&x| x == 1.0);
         let w = features(s.d, m, seed, s.scale.sqrt());
         let mut b = Builder {
@@ -251,7 +263,14 @@ impl ApproxRewrite for LinearAttentionApprox {
         let swap = [0i64, 2, 1, 3];
         let hm = |b: &mut Builder, g: &mut Graph, v: ValueId, dims: &[Dim]| {
             if s.seq_major {
-                b.op(g, OpKind::Transpose, perm(&swap), vec![v], dims.to_vec(), "hm")
+                b.op(
+                    g,
+                    OpKind::Transpose,
+                    perm(&swap),
+                    vec![v],
+                    dims.to_vec(),
+                    "hm",
+                )
             } else {
                 v
             }
@@ -276,7 +295,12 @@ impl ApproxRewrite for LinearAttentionApprox {
         let last = b.constant(g, "favor_axis", Tensor::from_vec(vec![1], vec![-1i64]));
         let per_head = b.constant(g, "favor_axes", Tensor::from_vec(vec![2], vec![2i64, 3]));
         // x: `[B, h, S, D]` → φ(x): `[B, h, S, m]`, stabilised over `axes`.
-        let phi = |b: &mut Builder, g: &mut Graph, x: ValueId, xd: &[Dim], axes: ValueId, per_row: bool| {
+        let phi = |b: &mut Builder,
+                   g: &mut Graph,
+                   x: ValueId,
+                   xd: &[Dim],
+                   axes: ValueId,
+                   per_row: bool| {
             let with = |last: Dim| {
                 let mut d = xd.to_vec();
                 d[3] = last;
@@ -288,11 +312,39 @@ impl ApproxRewrite for LinearAttentionApprox {
                 sd[2] = Dim::Fixed(1);
             }
             // W x' − |x'|²/2 − stab, then exp.
-            let proj = b.op(g, OpKind::MatMul, Attrs::new(), vec![x, wv], fd.clone(), "proj");
+            let proj = b.op(
+                g,
+                OpKind::MatMul,
+                Attrs::new(),
+                vec![x, wv],
+                fd.clone(),
+                "proj",
+            );
             let sq = b.op(g, OpKind::Mul, Attrs::new(), vec![x, x], xd.to_vec(), "sq");
-            let norm = b.op(g, OpKind::ReduceSum, keep(), vec![sq, last], rd.clone(), "norm");
-            let half = b.op(g, OpKind::Mul, Attrs::new(), vec![norm, half_c2], rd, "half");
-            let z = b.op(g, OpKind::Sub, Attrs::new(), vec![proj, half], fd.clone(), "z");
+            let norm = b.op(
+                g,
+                OpKind::ReduceSum,
+                keep(),
+                vec![sq, last],
+                rd.clone(),
+                "norm",
+            );
+            let half = b.op(
+                g,
+                OpKind::Mul,
+                Attrs::new(),
+                vec![norm, half_c2],
+                rd,
+                "half",
+            );
+            let z = b.op(
+                g,
+                OpKind::Sub,
+                Attrs::new(),
+                vec![proj, half],
+                fd.clone(),
+                "z",
+            );
             let mx = b.op(g, OpKind::ReduceMax, keep(), vec![z, axes], sd, "max");
             let zs = b.op(g, OpKind::Sub, Attrs::new(), vec![z, mx], fd.clone(), "zs");
             b.op(g, OpKind::Exp, Attrs::new(), vec![zs], fd, "phi")
@@ -305,7 +357,14 @@ impl ApproxRewrite for LinearAttentionApprox {
             let md = md.unwrap_or_else(|| vec![Dim::Unknown; 4]);
             let keep_dims = vec![md[0].clone(), Dim::Fixed(1), md[3].clone(), Dim::Fixed(1)];
             let ka = Attrs::new().with("causal", Attr::Int(i64::from(mask_causal)));
-            let keep = b.op(g, OpKind::AttentionKeyKeep, ka, vec![mask], keep_dims, "keep");
+            let keep = b.op(
+                g,
+                OpKind::AttentionKeyKeep,
+                ka,
+                vec![mask],
+                keep_dims,
+                "keep",
+            );
             let mut pkd = kd.clone();
             pkd[3] = Dim::Fixed(m as u64);
             pk = b.op(g, OpKind::Mul, Attrs::new(), vec![pk, keep], pkd, "pk_kept");
@@ -316,7 +375,14 @@ impl ApproxRewrite for LinearAttentionApprox {
             let idx: Vec<i64> = (0..hq).map(|h| (h / (hq / hk)) as i64).collect();
             let heads = b.constant(g, "favor_heads", Tensor::from_vec(vec![hq], idx));
             let axis1 = || Attrs::new().with("axis", Attr::Int(1));
-            pk = b.op(g, OpKind::Gather, axis1(), vec![pk, heads], feat_dims.clone(), "pk");
+            pk = b.op(
+                g,
+                OpKind::Gather,
+                axis1(),
+                vec![pk, heads],
+                feat_dims.clone(),
+                "pk",
+            );
             v = b.op(g, OpKind::Gather, axis1(), vec![v, heads], vd.clone(), "v");
         }
         let la_attrs = Attrs::new()
@@ -326,7 +392,14 @@ impl ApproxRewrite for LinearAttentionApprox {
             .with("chunk", Attr::Int(chunk as i64));
         let out = g.nodes[at].outputs[0];
         let node = if s.seq_major {
-            let y = b.op(g, OpKind::LinearAttention, la_attrs, vec![pq, pk, v], vd.clone(), "y");
+            let y = b.op(
+                g,
+                OpKind::LinearAttention,
+                la_attrs,
+                vec![pq, pk, v],
+                vd.clone(),
+                "y",
+            );
             Node {
                 op: OpKind::Transpose,
                 attrs: perm(&swap),
@@ -356,7 +429,8 @@ fn mask_pattern(values: &[Tensor]) -> Option<bool> {
         let attrs = Attrs::new().with("causal", Attr::Int(i64::from(causal)));
         !values.is_empty()
             && values.iter().all(|t| {
-                kiln_ir::ops::linear_attention::eval(OpKind::AttentionKeyKeep, &attrs, &[Some(t)]).is_ok()
+                kiln_ir::ops::linear_attention::eval(OpKind::AttentionKeyKeep, &attrs, &[Some(t)])
+                    .is_ok()
             })
     };
     if fits(false) {
@@ -509,7 +583,14 @@ mod tests {
         if bshd {
             attrs = attrs.with("layout", Attr::Str("bshd".into()));
         }
-        let y = node_with(&mut g, OpKind::Attention, attrs, &[q, k, v], "y", f32_ty(&dims));
+        let y = node_with(
+            &mut g,
+            OpKind::Attention,
+            attrs,
+            &[q, k, v],
+            "y",
+            f32_ty(&dims),
+        );
         g.outputs = vec![y];
         g
     }
@@ -519,7 +600,12 @@ mod tests {
         (0..3)
             .map(|_| {
                 let t = rng.tensor(DType::F32, dims);
-                let v: Vec<f32> = t.as_slice::<f32>().unwrap().iter().map(|x| x * scale / 4.0).collect();
+                let v: Vec<f32> = t
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x * scale / 4.0)
+                    .collect();
                 Tensor::from_vec(dims.to_vec(), v)
             })
             .collect()
@@ -543,7 +629,13 @@ mod tests {
     }
 
     fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-        measure(Metric::RelL2, std::slice::from_ref(a), std::slice::from_ref(b), &["y".into()]).unwrap()
+        measure(
+            Metric::RelL2,
+            std::slice::from_ref(a),
+            std::slice::from_ref(b),
+            &["y".into()],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -572,7 +664,14 @@ mod tests {
         let k = g.add_input("k", f32_ty(&[1, 2, 32, 8]));
         let v = g.add_input("v", f32_ty(&[1, 2, 32, 8]));
         let attrs = Attrs::new().with("causal", Attr::Int(1));
-        let y = node_with(&mut g, OpKind::Attention, attrs, &[q, k, v], "y", f32_ty(&[1, 4, 32, 8]));
+        let y = node_with(
+            &mut g,
+            OpKind::Attention,
+            attrs,
+            &[q, k, v],
+            "y",
+            f32_ty(&[1, 4, 32, 8]),
+        );
         g.outputs = vec![y];
         let approx = rewritten(&g, 4096, 0);
         let mut rng = Rng::new(11);
@@ -580,7 +679,12 @@ mod tests {
             .iter()
             .map(|d| {
                 let t = rng.tensor(DType::F32, d);
-                let v = t.as_slice::<f32>().unwrap().iter().map(|x| x / 4.0).collect();
+                let v = t
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x / 4.0)
+                    .collect();
                 Tensor::from_vec(d.to_vec(), v)
             })
             .collect();
@@ -622,8 +726,15 @@ mod tests {
         let y_hm = kiln_ir::run(&hm, x.clone()).unwrap();
         let y_sm = kiln_ir::run(&sm, x.iter().map(swap).collect()).unwrap();
         let back = swap(&y_sm[0]);
-        let (a, b) = (y_hm[0].as_slice::<f32>().unwrap(), back.as_slice::<f32>().unwrap());
-        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let (a, b) = (
+            y_hm[0].as_slice::<f32>().unwrap(),
+            back.as_slice::<f32>().unwrap(),
+        );
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(worst <= LAYOUT_TOLERANCE, "layouts differ by {worst}");
     }
 
@@ -634,7 +745,14 @@ mod tests {
         let mut g = Graph::new("masked");
         let q = g.add_input("q", f32_ty(&[1, 2, 8, 4]));
         let mask = g.add_input("mask", f32_ty(&[1, 1, 3, 8]));
-        let y = node_with(&mut g, OpKind::Attention, Attrs::new(), &[q, q, q, mask], "y", f32_ty(&[1, 2, 8, 4]));
+        let y = node_with(
+            &mut g,
+            OpKind::Attention,
+            Attrs::new(),
+            &[q, q, q, mask],
+            "y",
+            f32_ty(&[1, 2, 8, 4]),
+        );
         g.outputs = vec![y];
         assert!(fam.sites(&g).is_empty());
         // A causal decode step: one query against a longer key cache.
@@ -642,7 +760,14 @@ mod tests {
         let q = g.add_input("q", f32_ty(&[1, 2, 1, 4]));
         let k = g.add_input("k", f32_ty(&[1, 2, 8, 4]));
         let attrs = Attrs::new().with("causal", Attr::Int(1));
-        let y = node_with(&mut g, OpKind::Attention, attrs, &[q, k, k], "y", f32_ty(&[1, 2, 1, 4]));
+        let y = node_with(
+            &mut g,
+            OpKind::Attention,
+            attrs,
+            &[q, k, k],
+            "y",
+            f32_ty(&[1, 2, 1, 4]),
+        );
         g.outputs = vec![y];
         assert!(fam.sites(&g).is_empty());
         // The plain one is.
@@ -680,7 +805,10 @@ mod tests {
                 Err(ApproxError::BadParam { .. })
             ));
         }
-        assert_eq!(LinearAttentionApprox::parse(Some("64")).unwrap().features, Some(64));
+        assert_eq!(
+            LinearAttentionApprox::parse(Some("64")).unwrap().features,
+            Some(64)
+        );
     }
 
     /// `attention(q, k, v, mask)` with an additive mask input `[1, 1, S, S]` (non-causal op).
@@ -691,7 +819,14 @@ mod tests {
         let k = g.add_input("k", f32_ty(&dims));
         let v = g.add_input("v", f32_ty(&dims));
         let mask = g.add_input("mask", f32_ty(&[1, 1, s, s]));
-        let y = node_with(&mut g, OpKind::Attention, Attrs::new(), &[q, k, v, mask], "y", f32_ty(&dims));
+        let y = node_with(
+            &mut g,
+            OpKind::Attention,
+            Attrs::new(),
+            &[q, k, v, mask],
+            "y",
+            f32_ty(&dims),
+        );
         g.outputs = vec![y];
         g
     }
@@ -720,14 +855,19 @@ mod tests {
         assert_eq!(mask_pattern(&[mask(8, false, 0, false)]), Some(false));
         assert_eq!(mask_pattern(&[mask(8, true, 0, true)]), None);
         // One set that breaks the pattern is enough to refuse.
-        assert_eq!(mask_pattern(&[mask(8, true, 0, false), mask(8, true, 0, true)]), None);
+        assert_eq!(
+            mask_pattern(&[mask(8, true, 0, false), mask(8, true, 0, true)]),
+            None
+        );
     }
 
     #[test]
     fn a_causal_padding_mask_is_linearised_and_checked_on_every_run() {
         let (h, s, d) = (2, 40, 8);
         let g = masked_graph(h, s, d);
-        let fam = LinearAttentionApprox { features: Some(4096) };
+        let fam = LinearAttentionApprox {
+            features: Some(4096),
+        };
         let sites = fam.sites(&g);
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].probe, g.inputs[3], "the mask is the probe");
@@ -741,7 +881,10 @@ mod tests {
         let mut approx = g.clone();
         fam.apply(&mut approx, &c);
         kiln_ir::verify(&approx).unwrap();
-        assert!(approx.nodes.iter().any(|n| n.op == OpKind::AttentionKeyKeep));
+        assert!(approx
+            .nodes
+            .iter()
+            .any(|n| n.op == OpKind::AttentionKeyKeep));
         let mut x = inputs(4, &[1, h, s, d], 1.0);
         x.push(mask(s, true, 5, false));
         let want = kiln_ir::run(&g, x.clone()).unwrap();
@@ -751,7 +894,10 @@ mod tests {
         // A mask that is not causal + padding fails the run, naming the element.
         x[3] = mask(s, true, 5, true);
         let err = kiln_ir::run(&approx, x.clone()).unwrap_err().to_string();
-        assert!(err.contains("not a causal key-padding mask at [0, 0, 0, 0]"), "{err}");
+        assert!(
+            err.contains("not a causal key-padding mask at [0, 0, 0, 0]"),
+            "{err}"
+        );
         x[3] = mask(s, false, 0, false);
         let err = kiln_ir::run(&approx, x).unwrap_err().to_string();
         assert!(err.contains("not a causal key-padding mask"), "{err}");

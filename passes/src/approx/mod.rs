@@ -97,9 +97,9 @@ pub fn parse_families(spec: &str) -> Result<Vec<Box<dyn ApproxRewrite>>, ApproxE
         };
         match name {
             ffn::THRESHOLD => out.push(Box::new(ffn::FfnThreshold::parse(param)?)),
-            attention::LINEAR_ATTENTION => out.push(Box::new(
-                attention::LinearAttentionApprox::parse(param)?,
-            )),
+            attention::LINEAR_ATTENTION => {
+                out.push(Box::new(attention::LinearAttentionApprox::parse(param)?))
+            }
             _ => {
                 return Err(ApproxError::UnknownFamily {
                     name: name.to_string(),
