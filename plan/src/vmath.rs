@@ -401,7 +401,7 @@ pub fn silu<E: Emit>(e: &mut E, x: E::F) -> Result<E::F, E::Err> {
 /// `gelu(x) = 0.5·x·(1 + erf(x/√2)) = 0.5·x·erfc(-x/√2)` (the loop IR's [`UnOp::Gelu`]):
 /// erfc by Numerical Recipes' fit, `erfc(z) = t·e^(-z² + P(t))` with `t = 1/(1 + z/2)`,
 /// `z = |x|/√2`, and `2 - erfc` for x >= 0. The exponent is taken from `x` itself: `x² = hi +
-/// lo` split exactly by an fma and `-hi/2` reduced exactly ([`exp_sum`]), because rounding
+/// lo` split exactly by an fma and `-hi/2` reduced exactly (`exp_sum`), because rounding
 /// `z` or `z²` would be amplified by `2z²` in the far tail.
 #[inline(always)]
 pub fn gelu_erf<E: Emit>(e: &mut E, x: E::F) -> Result<E::F, E::Err> {
@@ -1108,6 +1108,16 @@ mod tests {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn constants_are_the_nearest_f32() {
+        let two_c = 2.0 * (2.0 / std::f64::consts::PI).sqrt();
+        assert_eq!(GELU_TANH_2C, two_c as f32);
+        assert_eq!(ROUND_MAGIC.to_bits() as i32, ROUND_MAGIC_BITS);
+        assert!((LN2_HI as f64 + LN2_LO as f64 - std::f64::consts::LN_2).abs() < 1e-10);
+        // n·LN2_HI is exact for the |n| <= 150 that exp reduces by.
+        assert_eq!(LN2_HI.to_bits() & 0x3fff, 0);
     }
 
     #[test]
