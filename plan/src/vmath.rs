@@ -183,7 +183,7 @@ pub trait Emit {
     /// The bits of `a`.
     fn bits(&mut self, a: Self::F) -> Result<Self::I, Self::Err>;
     /// The f32 with bits `a`.
-    fn from_bits(&mut self, a: Self::I) -> Result<Self::F, Self::Err>;
+    fn float_of_bits(&mut self, a: Self::I) -> Result<Self::F, Self::Err>;
     /// `a` converted to f32 (exact for the small integers recipes convert).
     fn to_float(&mut self, a: Self::I) -> Result<Self::F, Self::Err>;
     /// `a + b` (wrapping).
@@ -219,7 +219,7 @@ fn pow2i<E: Emit>(e: &mut E, n: E::I) -> Result<E::F, E::Err> {
     let bias = e.i(127)?;
     let b = e.iadd(n, bias)?;
     let b = e.shl::<23>(b)?;
-    e.from_bits(b)
+    e.float_of_bits(b)
 }
 
 /// `e^x`: `x = n ln2 + r`, |r| <= ln2/2, `n` rounded to nearest by the magic-number trick
@@ -311,7 +311,7 @@ pub fn log<E: Emit>(e: &mut E, x0: E::F) -> Result<E::F, E::Err> {
     let half = e.i(0x3F00_0000)?;
     let mb = e.and(bits, mant)?;
     let mb = e.or(mb, half)?;
-    let m = e.from_bits(mb)?;
+    let m = e.float_of_bits(mb)?;
     let sqrthf = e.f(std::f32::consts::FRAC_1_SQRT_2)?;
     let one = e.f(1.0)?;
     let e1 = e.sub(ex, one)?;
@@ -532,7 +532,7 @@ impl Emit for Scalar {
         Ok(a.to_bits() as i32)
     }
     #[inline(always)]
-    fn from_bits(&mut self, a: i32) -> Result<f32, Infallible> {
+    fn float_of_bits(&mut self, a: i32) -> Result<f32, Infallible> {
         Ok(f32::from_bits(a as u32))
     }
     #[inline(always)]
@@ -642,10 +642,10 @@ impl<E: Emit, const N: usize> Emit for Wide<E, N> {
         Ok(out)
     }
     #[inline(always)]
-    fn from_bits(&mut self, a: Self::I) -> Result<Self::F, E::Err> {
+    fn float_of_bits(&mut self, a: Self::I) -> Result<Self::F, E::Err> {
         let mut out = [self.0.f(0.0)?; N];
         for k in 0..N {
-            out[k] = self.0.from_bits(a[k])?;
+            out[k] = self.0.float_of_bits(a[k])?;
         }
         Ok(out)
     }

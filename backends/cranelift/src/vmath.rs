@@ -115,7 +115,7 @@ impl Emit for Math<'_, '_> {
         let ity = self.ity();
         Ok(self.cast(ity, a))
     }
-    fn from_bits(&mut self, a: Value) -> R {
+    fn float_of_bits(&mut self, a: Value) -> R {
         Ok(self.cast(self.ty, a))
     }
     fn to_float(&mut self, a: Value) -> R {

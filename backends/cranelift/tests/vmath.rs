@@ -79,7 +79,7 @@ fn jit_bits_equal_the_scalar_recipe() {
     let mut xs = sweep_inputs();
     xs.extend(random_inputs(50_000, 5));
     // Keep a scalar tail.
-    if xs.len() % 4 == 0 {
+    if xs.len().is_multiple_of(4) {
         xs.push(0.3);
     }
     let failures: Vec<String> = OPS

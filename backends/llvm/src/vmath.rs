@@ -180,7 +180,7 @@ impl<'ctx> Emit for Math<'_, 'ctx> {
     fn bits(&mut self, a: V<'ctx>) -> R<V<'ctx>> {
         self.cast(a, self.ity())
     }
-    fn from_bits(&mut self, a: V<'ctx>) -> R<V<'ctx>> {
+    fn float_of_bits(&mut self, a: V<'ctx>) -> R<V<'ctx>> {
         self.cast(a, self.fty())
     }
     fn to_float(&mut self, a: V<'ctx>) -> R<V<'ctx>> {

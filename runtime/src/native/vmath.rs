@@ -121,7 +121,7 @@ mod x86 {
         op!(min(x: __m256, c: __m256) -> __m256 { _mm256_min_ps(c, x) });
         op!(max(x: __m256, c: __m256) -> __m256 { _mm256_max_ps(c, x) });
         op!(bits(a: __m256) -> __m256i { _mm256_castps_si256(a) });
-        op!(from_bits(a: __m256i) -> __m256 { _mm256_castsi256_ps(a) });
+        op!(float_of_bits(a: __m256i) -> __m256 { _mm256_castsi256_ps(a) });
         op!(to_float(a: __m256i) -> __m256 { _mm256_cvtepi32_ps(a) });
         op!(iadd(a: __m256i, b: __m256i) -> __m256i { _mm256_add_epi32(a, b) });
         op!(isub(a: __m256i, b: __m256i) -> __m256i { _mm256_sub_epi32(a, b) });
@@ -185,7 +185,7 @@ mod x86 {
         op!(min(x: __m512, c: __m512) -> __m512 { _mm512_min_ps(c, x) });
         op!(max(x: __m512, c: __m512) -> __m512 { _mm512_max_ps(c, x) });
         op!(bits(a: __m512) -> __m512i { _mm512_castps_si512(a) });
-        op!(from_bits(a: __m512i) -> __m512 { _mm512_castsi512_ps(a) });
+        op!(float_of_bits(a: __m512i) -> __m512 { _mm512_castsi512_ps(a) });
         op!(to_float(a: __m512i) -> __m512 { _mm512_cvtepi32_ps(a) });
         op!(iadd(a: __m512i, b: __m512i) -> __m512i { _mm512_add_epi32(a, b) });
         op!(isub(a: __m512i, b: __m512i) -> __m512i { _mm512_sub_epi32(a, b) });
