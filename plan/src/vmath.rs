@@ -61,7 +61,7 @@ pub const TANH_SMALL: f32 = 0.625;
 /// the rational's accuracy).
 pub const ERF_CLAMP: f32 = 4.0;
 /// `2·√(2/π)`: gelu_tanh is `x·sigmoid(GELU_TANH_2C·(x + GELU_TANH_A·x³))`.
-pub const GELU_TANH_2C: f32 = 1.595_769_1;
+pub const GELU_TANH_2C: f32 = 1.595_769_2;
 /// gelu_tanh's cubic coefficient.
 pub const GELU_TANH_A: f32 = 0.044715;
 
