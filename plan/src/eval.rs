@@ -1,5 +1,6 @@
 //! The portable reference evaluator of loop kernels: plain Rust, one element at a time,
-//! in the same order of operations as the JIT's scalar path.
+//! in the same order of operations as the JIT's scalar path (transcendentals by
+//! the [`crate::vmath`] recipes, so its bits are the compiled kernels').
 
 use crate::layout::LoopShape;
 use crate::loop_ir::{Expr, InnerAccess, LoopKernel, RedOp};
@@ -29,7 +30,7 @@ pub fn run_loop(k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Tensor>, Strin
                 Expr::Const(c) => c,
                 Expr::RowLen => n as f32,
                 Expr::Reduced(r) => red.get(r).copied().unwrap_or(f32::NAN),
-                Expr::Un(op, a) => op.apply(vals[a]),
+                Expr::Un(op, a) => crate::vmath::scalar::unary(op, vals[a]),
                 Expr::Bin(op, a, b) => op.apply(vals[a], vals[b]),
             };
         }

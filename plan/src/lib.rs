@@ -17,10 +17,12 @@ pub mod memo;
 pub mod memory;
 pub mod partition;
 pub mod serial;
+pub mod vmath;
 
 pub use layout::LoopShape;
 pub use loop_ir::{
-    erf_f64, BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction, UnOp,
+    erf_f64, gelu_f64, BinOp, Expr, ExprId, InnerAccess, LoopInput, LoopKernel, RedOp, Reduction,
+    UnOp,
 };
 pub use memo::ShapeMemo;
 pub use memory::MemoryPlan;

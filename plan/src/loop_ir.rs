@@ -31,6 +31,9 @@ pub enum UnOp {
     Erf,
     /// `1 / (1 + e^-x)` (transcendental).
     Sigmoid,
+    /// `gelu(x) = 0.5·x·(1 + erf(x/√2))` (transcendental: one op so that its negative tail,
+    /// where `1 + erf` cancels, is computed as `0.5·x·erfc(-x/√2)`; see `crate::vmath`).
+    Gelu,
 }
 
 impl UnOp {
@@ -38,7 +41,7 @@ impl UnOp {
     pub fn is_transcendental(self) -> bool {
         matches!(
             self,
-            UnOp::Exp | UnOp::Log | UnOp::Tanh | UnOp::Erf | UnOp::Sigmoid
+            UnOp::Exp | UnOp::Log | UnOp::Tanh | UnOp::Erf | UnOp::Sigmoid | UnOp::Gelu
         )
     }
 
@@ -76,6 +79,7 @@ impl UnOp {
                     (e / (1.0 + e)) as f32
                 }
             }
+            UnOp::Gelu => gelu_f64(d) as f32,
         }
     }
 }
@@ -110,6 +114,27 @@ pub fn erf_f64(x: f64) -> f64 {
         1.0
     };
     r.copysign(x)
+}
+
+/// `erfc(a)` for `a >= 2` by its continued fraction (no cancellation: the far tail keeps its
+/// relative precision).
+fn erfc_tail_f64(a: f64) -> f64 {
+    let mut k = a;
+    for i in (1..80).rev() {
+        k = a + (i as f64 / 2.0) / k;
+    }
+    (-a * a).exp() / std::f64::consts::PI.sqrt() / k
+}
+
+/// `gelu(x) = 0.5·x·(1 + erf(x/√2))` in f64, as `0.5·x·erfc(|x|/√2)` where `x/√2 <= -2` so
+/// that the negative tail keeps its relative precision.
+pub fn gelu_f64(x: f64) -> f64 {
+    let z = x / std::f64::consts::SQRT_2;
+    if z <= -2.0 {
+        0.5 * x * erfc_tail_f64(-z)
+    } else {
+        0.5 * x * (1.0 + erf_f64(z))
+    }
 }
 
 /// Binary scalar ops.

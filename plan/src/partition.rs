@@ -429,26 +429,23 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
             let s = k.un(UnOp::Sigmoid, x);
             k.bin(BinOp::Mul, x, s)
         }
+        // gelu with `approximate = "tanh"` as `x·sigmoid(2√(2/π)·(x + 0.044715·x³))`, equal to
+        // `0.5·x·(1 + tanh(..))` without its cancellation for negative x; the erf form is one
+        // op (`crate::vmath::gelu_erf`, accurate in the negative tail).
         Gelu => {
-            let half = k.konst(0.5);
-            let one = k.konst(1.0);
-            let hx = k.bin(BinOp::Mul, half, x);
-            let t = if node.attrs.string_or("approximate", "none".into())? == "tanh" {
-                let c = k.konst((2.0 / std::f64::consts::PI).sqrt() as f32);
-                let a = k.konst(0.044715);
+            if node.attrs.string_or("approximate", "none".into())? == "tanh" {
+                let c = k.konst(crate::vmath::GELU_TANH_2C);
+                let a = k.konst(crate::vmath::GELU_TANH_A);
                 let x2 = k.bin(BinOp::Mul, x, x);
                 let x3 = k.bin(BinOp::Mul, x2, x);
                 let ax3 = k.bin(BinOp::Mul, a, x3);
                 let inner = k.bin(BinOp::Add, x, ax3);
                 let z = k.bin(BinOp::Mul, c, inner);
-                k.un(UnOp::Tanh, z)
+                let s = k.un(UnOp::Sigmoid, z);
+                k.bin(BinOp::Mul, x, s)
             } else {
-                let r2 = k.konst(std::f32::consts::SQRT_2);
-                let z = k.bin(BinOp::Div, x, r2);
-                k.un(UnOp::Erf, z)
-            };
-            let t1 = k.bin(BinOp::Add, one, t);
-            k.bin(BinOp::Mul, hx, t1)
+                k.un(UnOp::Gelu, x)
+            }
         }
         Softmax => {
             let m = k.reduce(RedOp::Max, x);

@@ -13,7 +13,8 @@ use kiln_ir::{Dim, ValueId};
 /// First bytes of a serialised kernel list.
 pub const PLAN_MAGIC: &[u8; 8] = b"KILNPLN1";
 
-const UN_OPS: [UnOp; 11] = [
+// Append only: a library records the index.
+const UN_OPS: [UnOp; 12] = [
     UnOp::Neg,
     UnOp::Abs,
     UnOp::Sqrt,
@@ -25,6 +26,7 @@ const UN_OPS: [UnOp; 11] = [
     UnOp::Tanh,
     UnOp::Erf,
     UnOp::Sigmoid,
+    UnOp::Gelu,
 ];
 const BIN_OPS: [BinOp; 6] = [
     BinOp::Add,

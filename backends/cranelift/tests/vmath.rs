@@ -1,11 +1,13 @@
-//! Accuracy of the JIT's inline transcendentals against their f64 definitions (the contract
-//! in `kiln_runtime::executor::vmath::accuracy`: ulp bounds over a dense sweep of f32 bit
-//! patterns plus edge cases, special values exact), in the vector body and the scalar tail
-//! alike.
+//! The JIT's inline transcendentals: the same bits as `kiln_plan::vmath`'s scalar recipe on a
+//! dense sweep of f32 bit patterns, random values and edge cases (so the JIT, the AOT backend
+//! and the runtime's kernels agree), and within the accuracy contract of
+//! `kiln_plan::vmath::accuracy` (ulp bounds against f64, special values exact), in the vector
+//! body and the scalar tail alike.
 
 use kiln_ir::{Dim, Tensor, ValueId};
+use kiln_plan::vmath::accuracy::{self, random_inputs, same_bits, sweep_inputs, Worst, OPS};
+use kiln_plan::vmath::Func;
 use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
-use kiln_runtime::executor::vmath::accuracy::{self, sweep_inputs, Worst, OPS};
 
 fn jit(op: UnOp, xs: &[f32]) -> Vec<f32> {
     let mut k = LoopKernel::new(vec![Dim::Fixed(xs.len() as u64)]);
@@ -47,7 +49,7 @@ fn vector_lanes_and_scalar_tail_agree_bitwise() {
     // 4k + 3 elements: the last three run in the scalar tail; each value appears at every
     // lane position and in the tail.
     let vals = [0.3f32, -2.7, 40.0, -90.0, 1e-3, 7.5, -0.9];
-    for op in [UnOp::Exp, UnOp::Log, UnOp::Tanh, UnOp::Sigmoid, UnOp::Erf] {
+    for (op, _) in OPS {
         for &v in &vals {
             let xs = vec![v; 11];
             let got = jit(op, &xs);
@@ -56,5 +58,64 @@ fn vector_lanes_and_scalar_tail_agree_bitwise() {
                 "{op:?}({v}) differs between lanes and tail: {got:?}"
             );
         }
+    }
+}
+
+/// The vector-math function a transcendental op computes.
+fn func(op: UnOp) -> Func {
+    match op {
+        UnOp::Exp => Func::Exp,
+        UnOp::Log => Func::Log,
+        UnOp::Tanh => Func::Tanh,
+        UnOp::Sigmoid => Func::Sigmoid,
+        UnOp::Erf => Func::Erf,
+        UnOp::Gelu => Func::GeluErf,
+        _ => unreachable!("{op:?} is not transcendental"),
+    }
+}
+
+#[test]
+fn jit_bits_equal_the_scalar_recipe() {
+    let mut xs = sweep_inputs();
+    xs.extend(random_inputs(50_000, 5));
+    // Keep a scalar tail.
+    if xs.len().is_multiple_of(4) {
+        xs.push(0.3);
+    }
+    let failures: Vec<String> = OPS
+        .iter()
+        .filter_map(|&(op, _)| same_bits("JIT", func(op), &xs, &jit(op, &xs)).err())
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn jit_silu_and_gelu_tanh_equal_the_scalar_recipe() {
+    // The graph ops lowered to loop kernels (x·sigmoid(x); x·sigmoid(2c(x + a x³))), compiled.
+    let mut xs = random_inputs(20_000, 9);
+    xs.extend(accuracy::EDGES);
+    let n = xs.len();
+    for (f, src) in [
+        (Func::Silu, "silu %x"),
+        (Func::GeluTanh, "gelu %x {approximate = \"tanh\"}"),
+        (Func::GeluErf, "gelu %x"),
+    ] {
+        let g: kiln_ir::Graph =
+            format!("func @t(%x: f32[{n}]) -> f32[{n}] {{\n  %y = {src}\n  return %y\n}}\n")
+                .parse()
+                .expect("test graph parses");
+        let plan = kiln_plan::partition(&g).expect("partitions");
+        let k = plan
+            .kernels
+            .iter()
+            .find_map(|k| match k {
+                kiln_plan::Kernel::Loop(l) => Some(l),
+                _ => None,
+            })
+            .expect("a loop kernel");
+        let f_jit = kiln_cranelift::compile_loop(k).expect("compiles");
+        let t = Tensor::from_vec(vec![n], xs.clone());
+        let out = f_jit.run(&[&t]).expect("runs");
+        same_bits("JIT", f, &xs, out[0].as_slice::<f32>().unwrap()).unwrap();
     }
 }

@@ -2,28 +2,43 @@
 //! definitions, over a dense sweep of f32 bit patterns (every `SWEEP_STEP`-th, both signs)
 //! plus edge cases, run through a compiled library's loop kernels (vector body and 1-lane
 //! tail alike); special values must match exactly; lanes and tail agree bitwise; and the
-//! AOT results equal the Cranelift JIT's (same algorithm, same roundings). Errors are in
+//! AOT results equal `kiln_plan::vmath`'s scalar recipe and the Cranelift JIT's bit for bit
+//! (one recipe, the same roundings). Errors are in
 //! units in the last place of the exact result (subnormal results count in units of the
 //! smallest subnormal).
 
 use kiln_ir::{Dim, Tensor, ValueId};
 use kiln_llvm::{build_library, AotLibrary, BuildOptions};
-use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
-use kiln_runtime::executor::vmath::accuracy::{
-    self, sweep_inputs, Worst, ERF_MAX_ULP, EXP_MAX_ULP, LOG_MAX_ULP, SIGMOID_MAX_ULP, TANH_MAX_ULP,
+use kiln_plan::vmath::accuracy::{
+    self, random_inputs, same_bits, sweep_inputs, Worst, ERF_MAX_ULP, EXP_MAX_ULP, GELU_MAX_ULP,
+    LOG_MAX_ULP, SIGMOID_MAX_ULP, TANH_MAX_ULP,
 };
+use kiln_plan::vmath::Func;
+use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
 
 /// The ops in the order of the test graph's outputs, with their text-form names and bounds.
-const OPS: [(UnOp, &str, f64); 5] = [
+const OPS: [(UnOp, &str, f64); 6] = [
     (UnOp::Exp, "exp", EXP_MAX_ULP),
     (UnOp::Log, "log", LOG_MAX_ULP),
     (UnOp::Tanh, "tanh", TANH_MAX_ULP),
     (UnOp::Sigmoid, "sigmoid", SIGMOID_MAX_ULP),
     (UnOp::Erf, "erf", ERF_MAX_ULP),
+    (UnOp::Gelu, "gelu", GELU_MAX_ULP),
+];
+
+/// The vector-math function of each op of [`OPS`].
+const FUNCS: [Func; 6] = [
+    Func::Exp,
+    Func::Log,
+    Func::Tanh,
+    Func::Sigmoid,
+    Func::Erf,
+    Func::GeluErf,
 ];
 
 fn inputs() -> Vec<f32> {
     let mut v = sweep_inputs();
+    v.extend(random_inputs(20_000, 13));
     // Keep a tail: the last `len % 8` elements run in the 1-lane loop.
     if v.len().is_multiple_of(8) {
         v.push(0.3);
@@ -85,7 +100,10 @@ fn transcendentals_are_within_their_ulp_bounds_and_match_the_jit() {
     let xs = inputs();
     let got = aot(&xs, &[xs.len()]);
     let mut failures = vec![];
-    for ((op, _, bound), g) in OPS.iter().zip(&got) {
+    for (((op, _, bound), g), f) in OPS.iter().zip(&got).zip(FUNCS) {
+        if let Err(d) = same_bits("AOT", f, &xs, g) {
+            failures.push(d);
+        }
         let w = max_ulp(*op, &xs, g);
         if w.0 > *bound {
             failures.push(format!("{op:?}: {w:?} exceeds {bound} ulp"));

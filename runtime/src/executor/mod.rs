@@ -12,7 +12,6 @@ pub mod par;
 mod recurrent;
 pub mod routines;
 pub mod rows;
-pub mod vmath;
 
 pub use exec::{CpuPlan, KernelTime, LoopRunner, ReferenceRunner, RunReport};
 pub use par::{ParallelFor, Serial};

@@ -11,23 +11,14 @@
 //! ([`kiln_ir::ops::recurrent`]); anything unusual (other dtypes, shapes the checks refuse)
 //! returns `None` and runs on the interpreter, which reports the error.
 
-use crate::native::gemm::{fast_exp, gemm_in, Epilogue, GemmConfig, MatMut, MatRef, PackedB, Rhs};
+use crate::native::gemm::{gemm_in, Epilogue, GemmConfig, MatMut, MatRef, PackedB, Rhs};
 use crate::pool::Pool;
 use kiln_ir::ops::recurrent::{input, seq_lens, Act, Cell, Dims, Spec};
 use kiln_ir::{Node, Tensor};
 
-/// `1 / (1 + e^-x)` on the GEMM epilogue's f32 `exp`; NaN stays NaN.
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + fast_exp(-x))
-}
-
-/// `tanh(x) = sign(x)·(1 - e^{-2|x|}) / (1 + e^{-2|x|})`: no overflow, odd by construction.
-#[inline(always)]
-fn tanh(x: f32) -> f32 {
-    let e = fast_exp(-2.0 * x.abs());
-    ((1.0 - e) / (1.0 + e)).copysign(x)
-}
+// sigmoid and tanh are `kiln_plan::vmath`'s recipes (the loop kernels' roundings); NaN
+// stays NaN.
+use kiln_plan::vmath::scalar::{sigmoid, tanh};
 
 /// An activation on a slice in f32: sigmoid and tanh natively (one loop each, so each
 /// vectorises), the rest through the reference's f64.

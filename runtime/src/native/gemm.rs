@@ -72,7 +72,6 @@ pub mod sparse;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use epilogue::exp as fast_exp;
 pub use epilogue::{Activation, Epilogue};
 pub use pack::PackedB;
 pub use peak::fma_peak_gflops;

@@ -7,3 +7,4 @@ pub mod conv;
 pub mod gemm;
 pub mod gemm_i8;
 pub mod linear_attention;
+pub mod vmath;

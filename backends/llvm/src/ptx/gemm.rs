@@ -11,7 +11,6 @@
 //! B: `ptr, b0, b1, k, n`; C: `ptr, b0, b1, m` (unit column stride); then, for each
 //! epilogue operand present (row scale, bias, residual, in that order): `ptr, b0, b1, m, n`.
 
-use super::loops::unary;
 use super::nv::{global, shared, Nv, PTX_KERNEL_CC, R};
 use crate::vmath::e;
 use inkwell::context::Context;
@@ -19,7 +18,7 @@ use inkwell::module::{Linkage, Module};
 use inkwell::types::BasicMetadataTypeEnum;
 use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
-use kiln_plan::UnOp;
+use kiln_plan::vmath::Func;
 
 /// Rows of C per thread block.
 pub const TILE_M: u32 = 64;
@@ -114,8 +113,9 @@ fn activation<'ctx>(
     x: FloatValue<'ctx>,
 ) -> R<FloatValue<'ctx>> {
     let b = nv.b;
-    let mul = |a, c| b.build_float_mul(a, c, "").map_err(e);
-    let add = |a, c| b.build_float_add(a, c, "").map_err(e);
+    let recipe = |f: Func| {
+        super::loops::on_one_lane(nv, x, |v| crate::vmath::func(nv.cx, nv.module, b, f, v))
+    };
     Ok(match act {
         Activation::None => x,
         Activation::Relu => {
@@ -126,19 +126,10 @@ fn activation<'ctx>(
                 .map_err(e)?
                 .into_float_value()
         }
-        Activation::Gelu => {
-            let z = mul(x, nv.f32c(std::f32::consts::FRAC_1_SQRT_2))?;
-            let t = unary(nv, UnOp::Erf, z)?;
-            mul(mul(nv.f32c(0.5), x)?, add(nv.f32c(1.0), t)?)?
-        }
-        Activation::GeluTanh => {
-            let c = nv.f32c((2.0 / std::f64::consts::PI).sqrt() as f32);
-            let x3 = mul(mul(x, x)?, x)?;
-            let inner = add(x, mul(nv.f32c(0.044715), x3)?)?;
-            let t = unary(nv, UnOp::Tanh, mul(c, inner)?)?;
-            mul(mul(nv.f32c(0.5), x)?, add(nv.f32c(1.0), t)?)?
-        }
-        Activation::Silu => mul(x, unary(nv, UnOp::Sigmoid, x)?)?,
+        // The shared recipes (`kiln_plan::vmath`): the CPU epilogues' and loop kernels' roundings.
+        Activation::Gelu => recipe(Func::GeluErf)?,
+        Activation::GeluTanh => recipe(Func::GeluTanh)?,
+        Activation::Silu => recipe(Func::Silu)?,
     })
 }
 

@@ -113,18 +113,28 @@ pub(crate) fn unary<'ctx>(nv: &Nv<'_, 'ctx>, op: UnOp, x: FloatValue<'ctx>) -> R
             b.build_select(fin, x, z, "").map_err(e)?.into_float_value()
         }
         _ if vmath::is_transcendental(op) => {
-            let i32t = nv.cx.i32_type();
-            let v1 = nv.cx.f32_type().vec_type(1).get_undef();
-            let v = b
-                .build_insert_element(v1, x, i32t.const_zero(), "")
-                .map_err(e)?;
-            let y = vmath::unary(nv.cx, nv.module, b, op, v)?;
-            b.build_extract_element(y, i32t.const_zero(), "")
-                .map_err(e)?
-                .into_float_value()
+            on_one_lane(nv, x, |v| vmath::unary(nv.cx, nv.module, b, op, v))?
         }
         _ => return Err(format!("no PTX lowering of {op:?}")),
     })
+}
+
+/// `f` (emitting on `<1 x float>`, as the shared vector math does) applied to a scalar.
+pub(crate) fn on_one_lane<'ctx>(
+    nv: &Nv<'_, 'ctx>,
+    x: FloatValue<'ctx>,
+    f: impl FnOnce(inkwell::values::VectorValue<'ctx>) -> R<inkwell::values::VectorValue<'ctx>>,
+) -> R<FloatValue<'ctx>> {
+    let b = nv.b;
+    let i32t = nv.cx.i32_type();
+    let v1 = nv.cx.f32_type().vec_type(1).get_undef();
+    let v = b
+        .build_insert_element(v1, x, i32t.const_zero(), "")
+        .map_err(e)?;
+    let y = f(v)?;
+    Ok(b.build_extract_element(y, i32t.const_zero(), "")
+        .map_err(e)?
+        .into_float_value())
 }
 
 pub(crate) fn combine<'ctx>(

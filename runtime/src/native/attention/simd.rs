@@ -1,14 +1,21 @@
 //! The vector primitives the attention kernel is written over: AVX-512F (16 lanes), AVX2+FMA
-//! (8 lanes) and a portable 8-lane array, plus the vector `exp` built from them (the same
-//! Cody-Waite + degree-7 polynomial as the GEMM epilogue's scalar `exp`).
+//! (8 lanes) and a portable 8-lane array; the softmax's `exp` is `kiln_plan::vmath`'s recipe on
+//! each one's emitter (the loop kernels' and the GEMM epilogue's roundings).
 //!
 //! Every method is `#[inline(always)]` so that, inlined into a `#[target_feature]` function,
 //! the intrinsics compile to single instructions.
+
+use kiln_plan::vmath::{self, Emit};
+use std::convert::Infallible;
 
 /// One SIMD register of f32 lanes.
 pub(super) trait Simd {
     /// The register type.
     type V: Copy;
+    /// The vector-math emitter on `V`.
+    type E: Emit<F = Self::V, Err = Infallible>;
+    /// The emitter (used, like every method, only where the ISA is enabled).
+    fn emitter() -> Self::E;
     /// Lanes per register.
     const W: usize;
     /// Whether the 8 × 32 score and `P·V` tiles run in assembly (`asm.rs`): AVX-512F only.
@@ -27,11 +34,6 @@ pub(super) trait Simd {
     fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a > b ? a : b` lane-wise, so a NaN in either gives `b` (x86 `maxps`).
     fn max(a: Self::V, b: Self::V) -> Self::V;
-    /// `a < b ? a : b` lane-wise, so a NaN in either gives `b` (x86 `minps`).
-    fn min(a: Self::V, b: Self::V) -> Self::V;
-    fn floor(a: Self::V) -> Self::V;
-    /// The bits of `a` shifted left by 23 (building `2^n` from `n + 127 + 2^23`).
-    fn shl23(a: Self::V) -> Self::V;
     /// `x == c ? a : b` lane-wise.
     fn select_eq(x: Self::V, c: Self::V, a: Self::V, b: Self::V) -> Self::V;
     /// Sum of the lanes in a fixed order.
@@ -40,38 +42,24 @@ pub(super) trait Simd {
     fn hmax(a: Self::V) -> f32;
 }
 
-/// `e^x` lane-wise, as the scalar GEMM-epilogue `exp`: clamped to the normal range, NaN stays
-/// NaN (the clamp keeps `x` as the second operand of max/min, which return it for NaN).
+/// `e^x` lane-wise by the shared recipe (clamped to `[-104, 89]`, NaN stays NaN).
 #[inline(always)]
 pub(super) fn exp<S: Simd>(x: S::V) -> S::V {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = S::min(S::splat(88.0), S::max(S::splat(-87.0), x));
-    let n = S::floor(S::fma(x, S::splat(std::f32::consts::LOG2_E), S::splat(0.5)));
-    let r = S::fma(n, S::splat(-LN2_HI), x);
-    let r = S::fma(n, S::splat(-LN2_LO), r);
-    let mut p = S::splat(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = S::fma(p, r, S::splat(c));
-    }
-    let scale = S::shl23(S::add(n, S::splat(127.0 + 8_388_608.0)));
-    S::mul(p, scale)
+    let Ok(y) = vmath::exp(&mut S::emitter(), x);
+    y
 }
 
 /// Eight lanes in plain Rust (any target); `fma` is an unfused multiply-add, so no libm call
-/// where the hardware has none.
+/// where the hardware has none (the vector math's fma is a true one: `f32::mul_add`).
 pub(super) struct Portable;
 
 impl Simd for Portable {
     type V = [f32; 8];
+    type E = vmath::Wide<vmath::Scalar, 8>;
+    #[inline(always)]
+    fn emitter() -> Self::E {
+        vmath::Wide(vmath::Scalar)
+    }
     const W: usize = 8;
     #[inline(always)]
     unsafe fn load(p: *const f32) -> [f32; 8] {
@@ -108,18 +96,6 @@ impl Simd for Portable {
         std::array::from_fn(|i| if a[i] > b[i] { a[i] } else { b[i] })
     }
     #[inline(always)]
-    fn min(a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|i| if a[i] < b[i] { a[i] } else { b[i] })
-    }
-    #[inline(always)]
-    fn floor(a: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|i| a[i].floor())
-    }
-    #[inline(always)]
-    fn shl23(a: [f32; 8]) -> [f32; 8] {
-        std::array::from_fn(|i| f32::from_bits(a[i].to_bits() << 23))
-    }
-    #[inline(always)]
     fn select_eq(x: [f32; 8], c: [f32; 8], a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
         std::array::from_fn(|i| if x[i] == c[i] { a[i] } else { b[i] })
     }
@@ -149,6 +125,11 @@ mod x86 {
     // CPU that has them (checked at dispatch).
     impl Simd for Avx2 {
         type V = __m256;
+        type E = crate::native::vmath::Avx2;
+        #[inline(always)]
+        fn emitter() -> Self::E {
+            unsafe { crate::native::vmath::Avx2::new() }
+        }
         const W: usize = 8;
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
@@ -183,18 +164,6 @@ mod x86 {
             unsafe { _mm256_max_ps(a, b) }
         }
         #[inline(always)]
-        fn min(a: __m256, b: __m256) -> __m256 {
-            unsafe { _mm256_min_ps(a, b) }
-        }
-        #[inline(always)]
-        fn floor(a: __m256) -> __m256 {
-            unsafe { _mm256_floor_ps(a) }
-        }
-        #[inline(always)]
-        fn shl23(a: __m256) -> __m256 {
-            unsafe { _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(a))) }
-        }
-        #[inline(always)]
         fn select_eq(x: __m256, c: __m256, a: __m256, b: __m256) -> __m256 {
             unsafe { _mm256_blendv_ps(b, a, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, c)) }
         }
@@ -224,6 +193,11 @@ mod x86 {
     // that has it (checked at dispatch).
     impl Simd for Avx512 {
         type V = __m512;
+        type E = crate::native::vmath::Avx512;
+        #[inline(always)]
+        fn emitter() -> Self::E {
+            unsafe { crate::native::vmath::Avx512::new() }
+        }
         const W: usize = 16;
         const ASM_8X32: bool = true;
         #[inline(always)]
@@ -259,18 +233,6 @@ mod x86 {
             unsafe { _mm512_max_ps(a, b) }
         }
         #[inline(always)]
-        fn min(a: __m512, b: __m512) -> __m512 {
-            unsafe { _mm512_min_ps(a, b) }
-        }
-        #[inline(always)]
-        fn floor(a: __m512) -> __m512 {
-            unsafe { _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(a) }
-        }
-        #[inline(always)]
-        fn shl23(a: __m512) -> __m512 {
-            unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(a))) }
-        }
-        #[inline(always)]
         fn select_eq(x: __m512, c: __m512, a: __m512, b: __m512) -> __m512 {
             unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, c), b, a) }
         }
@@ -282,6 +244,60 @@ mod x86 {
         #[inline(always)]
         fn hmax(a: __m512) -> f32 {
             unsafe { _mm512_reduce_max_ps(a) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_plan::vmath::accuracy::{random_inputs, same_bits, sweep_inputs, EDGES};
+    use kiln_plan::vmath::Func;
+
+    #[inline(always)]
+    fn exp_slice<S: Simd>(xs: &[f32]) -> Vec<f32> {
+        let mut out = xs.to_vec();
+        for c in out.chunks_exact_mut(S::W) {
+            // SAFETY: `c` holds `W` values.
+            unsafe { S::store(c.as_mut_ptr(), exp::<S>(S::load(c.as_ptr()))) };
+        }
+        out
+    }
+
+    /// The softmax's `exp` (of `x - max`, any argument) on every register type gives the
+    /// scalar recipe's bits.
+    #[test]
+    fn softmax_exp_equals_the_vmath_recipe_bit_for_bit() {
+        let mut xs = sweep_inputs();
+        xs.extend(random_inputs(50_000, 17));
+        for _ in 0..16 {
+            xs.extend(EDGES);
+            xs.push(-1.0);
+        }
+        xs.truncate(xs.len() / 16 * 16);
+        same_bits("Portable", Func::Exp, &xs, &exp_slice::<Portable>(&xs)).unwrap();
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(xs: &[f32]) -> Vec<f32> {
+                exp_slice::<Avx2>(xs)
+            }
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512(xs: &[f32]) -> Vec<f32> {
+                exp_slice::<Avx512>(xs)
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: checked.
+                same_bits("Avx2", Func::Exp, &xs, &unsafe { avx2(&xs) }).unwrap();
+            } else {
+                eprintln!("skipping AVX2: this CPU lacks it");
+            }
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: checked.
+                same_bits("Avx512", Func::Exp, &xs, &unsafe { avx512(&xs) }).unwrap();
+            } else {
+                eprintln!("skipping AVX-512: this CPU lacks it");
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The fused epilogue of kiln's `linear` op, applied to an output tile while it is in cache:
-//! `y = act(row_scale ⊙ acc + bias) + residual`, and the f32 activations it uses (written
-//! branch-free so that they vectorise inside the AVX2 loop nest).
+//! `y = act(row_scale ⊙ acc + bias) + residual`; the activations are `kiln_plan::vmath`'s
+//! recipes (branch-free, so that they vectorise inside the AVX2 loop nest).
 
 use super::{GemmError, MatRef, OutPtr};
 
@@ -162,76 +162,14 @@ fn relu(x: f32) -> f32 {
     }
 }
 
-/// `e^x` for f32: Cody-Waite reduction `x = n·ln2 + r`, a degree-7 Taylor polynomial on
-/// `|r| <= ln2/2` (error below 1e-8 relative), and `2^n` built from exponent bits. Inputs are
-/// clamped to the normal range; NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 / 5040.0;
-    let p = p * r + 1.0 / 720.0;
-    let p = p * r + 1.0 / 120.0;
-    let p = p * r + 1.0 / 24.0;
-    let p = p * r + 1.0 / 6.0;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
-    // n is an integer in [-126, 127] after the clamp. Adding 127 + 2^23 puts n + 127 in the
-    // low mantissa bits; shifting them into the exponent field builds 2^n without a float to
-    // int conversion (which would not vectorise). A NaN input gives garbage here, but `p`
-    // carries the NaN.
-    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
-    p * scale
-}
-
-#[inline(always)]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + exp(-x))
-}
-
-#[inline(always)]
-fn gelu_tanh(x: f32) -> f32 {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    let u = C * (x + 0.044_715 * x * x * x);
-    // 1 + tanh(u) = 2 - 2/(e^{2u} + 1) = 2·e^{2u}/(e^{2u}+1) = 2/(1 + e^{-2u}).
-    x / (1.0 + exp(-2.0 * u))
-}
-
-/// `gelu(x) = 0.5·x·erfc(-x/√2)`, with erfc from Numerical Recipes' Chebyshev fit (relative
-/// error below 1.2e-7 everywhere). Using erfc on `|z|` avoids cancellation for negative x.
-#[inline(always)]
-fn gelu_erf(x: f32) -> f32 {
-    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204
-                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
-    // exp(-z² + poly) with z² = x²/2 split exactly (x² = hi + lo by FMA): rounding z or z²
-    // would be amplified by |d(z²)/dz| = 2z in the tail (2e-6 relative at x = -6).
-    let hi = x * x;
-    // For x = ±inf, hi is inf and lo NaN: drop lo so that gelu(inf) = inf, gelu(-inf) = 0·…
-    let lo = if hi.is_finite() {
-        x.mul_add(x, -hi)
-    } else {
-        0.0
-    };
-    let erfc_z = t * exp(-0.5 * hi) * exp(poly - 0.5 * lo);
-    let g = if x >= 0.0 { 2.0 - erfc_z } else { erfc_z };
-    0.5 * x * g
-}
+// The activations: `kiln_plan::vmath`'s recipes on one value, the same roundings as the
+// SIMD epilogue (`simd.rs`) and the loop kernels.
+use kiln_plan::vmath::scalar::{gelu_erf, gelu_tanh, silu};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_plan::vmath::scalar::exp;
 
     /// Relative error of the f32 activations against f64 formulas.
     const ACT_TOL: f64 = 4e-6;

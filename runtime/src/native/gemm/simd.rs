@@ -1,7 +1,7 @@
-//! The fused epilogue in explicit SIMD (AVX-512F with 16 lanes, AVX2+FMA with 8): the same
-//! algorithms as the scalar activations in `epilogue.rs` (exp by Cody-Waite reduction and a
-//! degree-7 polynomial; gelu by Numerical Recipes' erfc fit with an exactly split `x²`), written
-//! once over the [`Simd`] trait. Every element, the ragged right edge included, goes through
+//! The fused epilogue in explicit SIMD (AVX-512F with 16 lanes, AVX2+FMA with 8), written
+//! once over the [`Simd`] trait; the activations are `kiln_plan::vmath`'s recipes on the
+//! runtime's emitters (`native::vmath`), so they round as the scalar activations in
+//! `epilogue.rs` and the loop kernels do. Every element, the ragged right edge included, goes through
 //! the same vector code (the edge via a lane buffer), so a value never depends on its column
 //! position or on the thread split.
 
@@ -11,6 +11,8 @@
 
 use super::epilogue::{Activation, Epilogue};
 use super::OutPtr;
+use kiln_plan::vmath::{self, Emit};
+use std::convert::Infallible;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -22,160 +24,37 @@ pub(super) trait Simd {
     const LANES: usize;
     /// The vector.
     type V: Copy;
+    /// The vector-math emitter on `V`.
+    type E: Emit<F = Self::V, Err = Infallible>;
+    /// # Safety: the CPU has the ISA's features and the emitter is used only in code
+    /// compiled with them.
+    unsafe fn emitter() -> Self::E;
     unsafe fn splat(x: f32) -> Self::V;
     /// # Safety: `p` readable for `LANES` values.
     unsafe fn load(p: *const f32) -> Self::V;
     /// # Safety: `p` writable for `LANES` values.
     unsafe fn store(p: *mut f32, v: Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
-    /// `a·b + c`, one rounding.
-    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// `max(lo, x)` that returns `x` when `x` is NaN.
-    unsafe fn max_keep_nan(lo: Self::V, x: Self::V) -> Self::V;
-    /// `min(hi, x)` that returns `x` when `x` is NaN.
-    unsafe fn min_keep_nan(hi: Self::V, x: Self::V) -> Self::V;
-    unsafe fn abs(x: Self::V) -> Self::V;
-    unsafe fn floor(x: Self::V) -> Self::V;
-    /// `x >= 0 ? t : f` (false for NaN).
-    unsafe fn select_ge0(x: Self::V, t: Self::V, f: Self::V) -> Self::V;
     /// `x <= 0 ? 0 : x` (NaN kept).
     unsafe fn zero_le0(x: Self::V) -> Self::V;
-    /// `x` with NaN lanes replaced by 0.
-    unsafe fn nan_to_zero(x: Self::V) -> Self::V;
-    /// `2^n` for integral `n` in [-126, 127] (garbage, never a trap, for NaN).
-    unsafe fn pow2(n: Self::V) -> Self::V;
-    /// `1 / d` for `d >= 1` or `+inf` (within 2 ulp; 0 for `+inf`; any value for NaN).
-    #[inline(always)]
-    unsafe fn recip_ge1(d: Self::V) -> Self::V {
-        // SAFETY: the caller has the target features.
-        unsafe { Self::div(Self::splat(1.0), d) }
-    }
 }
 
-/// ln 2 split for Cody-Waite reduction: `LN2_HI` has few enough bits that `n·LN2_HI` is exact.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-
-/// `e^x` (see `epilogue::exp`; clamped to the normal range, NaN stays NaN).
-#[inline(always)]
-unsafe fn exp<S: Simd>(x: S::V) -> S::V {
-    // SAFETY: the caller has S's target features.
-    unsafe {
-        let x = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), x));
-        let n = S::floor(S::fma(x, S::splat(std::f32::consts::LOG2_E), S::splat(0.5)));
-        let r = S::fma(n, S::splat(-LN2_HI), x);
-        let r = S::fma(n, S::splat(-LN2_LO), r);
-        exp_reduced::<S>(n, r)
-    }
-}
-
-#[inline(always)]
-unsafe fn silu<S: Simd>(x: S::V) -> S::V {
-    // SAFETY: the caller has S's target features.
-    unsafe {
-        let e = exp::<S>(S::sub(S::splat(0.0), x));
-        S::div(x, S::add(S::splat(1.0), e))
-    }
-}
-
-#[inline(always)]
-unsafe fn gelu_tanh<S: Simd>(x: S::V) -> S::V {
-    const C: f32 = 0.797_884_6; // sqrt(2/pi)
-                                // SAFETY: the caller has S's target features.
-    unsafe {
-        let x3 = S::mul(S::mul(x, x), x);
-        let u = S::mul(S::splat(C), S::fma(S::splat(0.044_715), x3, x));
-        let e = exp::<S>(S::mul(S::splat(-2.0), u));
-        S::div(x, S::add(S::splat(1.0), e))
-    }
-}
-
-/// `2^n · e^r` for the reduced argument `|r| <= ln2/2`: the degree-7 polynomial both `exp`
-/// and `exp_sum` end with.
-#[inline(always)]
-unsafe fn exp_reduced<S: Simd>(n: S::V, r: S::V) -> S::V {
-    // SAFETY: the caller has S's target features.
-    unsafe {
-        let mut p = S::splat(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = S::fma(p, r, S::splat(c));
+/// `f(x)` by the shared vector-math recipe on `S`'s emitter.
+macro_rules! vmath_fn {
+    ($name:ident) => {
+        #[inline(always)]
+        unsafe fn $name<S: Simd>(x: S::V) -> S::V {
+            // SAFETY: the caller has S's target features.
+            let mut e = unsafe { S::emitter() };
+            let Ok(y) = vmath::$name(&mut e, x);
+            y
         }
-        S::mul(p, S::pow2(n))
-    }
+    };
 }
-
-/// `e^(a + b)` for `a + b <= 88` with `|b|` small, reducing `a` exactly first (Cody-Waite):
-/// the sum is never rounded before the reduction, so a large `a` known exactly (gelu's
-/// `-x²/2`) keeps its precision. 0 where `a + b < -87` (f32 underflow); NaN stays NaN only
-/// through `a` or `b` reaching the result's callers (the select returns 0 for NaN).
-#[inline(always)]
-unsafe fn exp_sum<S: Simd>(a: S::V, b: S::V) -> S::V {
-    // SAFETY: the caller has S's target features.
-    unsafe {
-        let s = S::add(a, b);
-        let sc = S::min_keep_nan(S::splat(88.0), S::max_keep_nan(S::splat(-87.0), s));
-        let n = S::floor(S::fma(
-            sc,
-            S::splat(std::f32::consts::LOG2_E),
-            S::splat(0.5),
-        ));
-        let r = S::fma(n, S::splat(-LN2_HI), a);
-        let r = S::add(S::fma(n, S::splat(-LN2_LO), r), b);
-        S::select_ge0(
-            S::add(s, S::splat(87.0)),
-            exp_reduced::<S>(n, r),
-            S::splat(0.0),
-        )
-    }
-}
-
-/// `0.5·x·erfc(-x/√2)` by the same Numerical Recipes fit as `epilogue::gelu_erf`, with one
-/// exponential of `-x²/2 + poly` (`x² = hi + lo` split exactly, `hi/2` reduced exactly) where
-/// the scalar code takes two, and a refined reciprocal for `t`: together about a third of the
-/// vector ops, within a few ulp of the scalar result.
-#[inline(always)]
-unsafe fn gelu_erf<S: Simd>(x: S::V) -> S::V {
-    const P: [f32; 10] = [
-        0.170_872_77,
-        -0.822_152_2,
-        1.488_515_9,
-        -1.135_204,
-        0.278_868_07,
-        -0.186_288_06,
-        0.096_784_18,
-        0.374_091_96,
-        1.000_023_7,
-        -1.265_512_2,
-    ];
-    // SAFETY: the caller has S's target features.
-    unsafe {
-        let z = S::abs(S::mul(x, S::splat(std::f32::consts::FRAC_1_SQRT_2)));
-        let t = S::recip_ge1(S::fma(S::splat(0.5), z, S::splat(1.0)));
-        let mut poly = S::splat(P[0]);
-        for &c in &P[1..] {
-            poly = S::fma(poly, t, S::splat(c));
-        }
-        let hi = S::mul(x, x);
-        // x² = hi + lo exactly; lo is NaN for infinite x, where it must not matter.
-        let lo = S::nan_to_zero(S::fma(x, x, S::sub(S::splat(0.0), hi)));
-        let half = S::splat(-0.5);
-        let e = exp_sum::<S>(S::mul(half, hi), S::fma(half, lo, poly));
-        let erfc_z = S::mul(t, e);
-        let g = S::select_ge0(x, S::sub(S::splat(2.0), erfc_z), erfc_z);
-        S::mul(S::mul(S::splat(0.5), x), g)
-    }
-}
+vmath_fn!(silu);
+vmath_fn!(gelu_tanh);
+vmath_fn!(gelu_erf);
 
 /// One activation as a type, so that the epilogue loop is compiled once per activation with
 /// the function inlined (a `match` per vector became a jump table that serialised the
@@ -584,6 +463,12 @@ macro_rules! wide_map {
 impl<S: Simd, const N: usize> Simd for Wide<S, N> {
     const LANES: usize = S::LANES * N;
     type V = [S::V; N];
+    type E = vmath::Wide<S::E, N>;
+    #[inline(always)]
+    unsafe fn emitter() -> Self::E {
+        // SAFETY: forwarded.
+        vmath::Wide(unsafe { S::emitter() })
+    }
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self::V {
         // SAFETY: forwarded.
@@ -608,19 +493,8 @@ impl<S: Simd, const N: usize> Simd for Wide<S, N> {
         }
     }
     wide_map!(add(a, b));
-    wide_map!(sub(a, b));
     wide_map!(mul(a, b));
-    wide_map!(div(a, b));
-    wide_map!(fma(a, b, c));
-    wide_map!(max_keep_nan(lo, x));
-    wide_map!(min_keep_nan(hi, x));
-    wide_map!(abs(x));
-    wide_map!(floor(x));
-    wide_map!(select_ge0(x, t, f));
     wide_map!(zero_le0(x));
-    wide_map!(nan_to_zero(x));
-    wide_map!(pow2(n));
-    wide_map!(recip_ge1(d));
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -630,6 +504,12 @@ pub(super) struct Avx512;
 impl Simd for Avx512 {
     const LANES: usize = 16;
     type V = __m512;
+    type E = crate::native::vmath::Avx512;
+    #[inline(always)]
+    unsafe fn emitter() -> Self::E {
+        // SAFETY: forwarded.
+        unsafe { crate::native::vmath::Avx512::new() }
+    }
     #[inline(always)]
     unsafe fn splat(x: f32) -> __m512 {
         unsafe { _mm512_set1_ps(x) }
@@ -647,77 +527,14 @@ impl Simd for Avx512 {
         unsafe { _mm512_add_ps(a, b) }
     }
     #[inline(always)]
-    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_sub_ps(a, b) }
-    }
-    #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
         unsafe { _mm512_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn div(a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_div_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        unsafe { _mm512_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn max_keep_nan(lo: __m512, x: __m512) -> __m512 {
-        // maxps returns its second operand when either is NaN.
-        unsafe { _mm512_max_ps(lo, x) }
-    }
-    #[inline(always)]
-    unsafe fn min_keep_nan(hi: __m512, x: __m512) -> __m512 {
-        unsafe { _mm512_min_ps(hi, x) }
-    }
-    #[inline(always)]
-    unsafe fn abs(x: __m512) -> __m512 {
-        unsafe { _mm512_abs_ps(x) }
-    }
-    #[inline(always)]
-    unsafe fn floor(x: __m512) -> __m512 {
-        unsafe { _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(x) }
-    }
-    #[inline(always)]
-    unsafe fn select_ge0(x: __m512, t: __m512, f: __m512) -> __m512 {
-        unsafe {
-            let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_setzero_ps());
-            _mm512_mask_blend_ps(m, f, t)
-        }
     }
     #[inline(always)]
     unsafe fn zero_le0(x: __m512) -> __m512 {
         unsafe {
             let m = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_setzero_ps());
             _mm512_mask_blend_ps(m, x, _mm512_setzero_ps())
-        }
-    }
-    #[inline(always)]
-    unsafe fn nan_to_zero(x: __m512) -> __m512 {
-        unsafe {
-            let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
-            _mm512_maskz_mov_ps(ord, x)
-        }
-    }
-    #[inline(always)]
-    unsafe fn recip_ge1(d: __m512) -> __m512 {
-        // rcp14 (relative error < 2^-14) and one Newton step: within 2 ulp. For d = +inf
-        // rcp14 gives 0 and the step NaN (inf·0), mapped back to 0.
-        unsafe {
-            let r = _mm512_rcp14_ps(d);
-            let e = _mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0));
-            Self::nan_to_zero(_mm512_fmadd_ps(r, e, r))
-        }
-    }
-    #[inline(always)]
-    unsafe fn pow2(n: __m512) -> __m512 {
-        unsafe {
-            let i = _mm512_cvtps_epi32(n);
-            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
-                i,
-                _mm512_set1_epi32(127),
-            )))
         }
     }
 }
@@ -730,6 +547,12 @@ pub(super) struct Avx2;
 impl Simd for Avx2 {
     const LANES: usize = 8;
     type V = __m256;
+    type E = crate::native::vmath::Avx2;
+    #[inline(always)]
+    unsafe fn emitter() -> Self::E {
+        // SAFETY: forwarded.
+        unsafe { crate::native::vmath::Avx2::new() }
+    }
     #[inline(always)]
     unsafe fn splat(x: f32) -> __m256 {
         unsafe { _mm256_set1_ps(x) }
@@ -747,66 +570,14 @@ impl Simd for Avx2 {
         unsafe { _mm256_add_ps(a, b) }
     }
     #[inline(always)]
-    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_sub_ps(a, b) }
-    }
-    #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {
         unsafe { _mm256_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn div(a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_div_ps(a, b) }
-    }
-    #[inline(always)]
-    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        unsafe { _mm256_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn max_keep_nan(lo: __m256, x: __m256) -> __m256 {
-        unsafe { _mm256_max_ps(lo, x) }
-    }
-    #[inline(always)]
-    unsafe fn min_keep_nan(hi: __m256, x: __m256) -> __m256 {
-        unsafe { _mm256_min_ps(hi, x) }
-    }
-    #[inline(always)]
-    unsafe fn abs(x: __m256) -> __m256 {
-        unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), x) }
-    }
-    #[inline(always)]
-    unsafe fn floor(x: __m256) -> __m256 {
-        unsafe { _mm256_floor_ps(x) }
-    }
-    #[inline(always)]
-    unsafe fn select_ge0(x: __m256, t: __m256, f: __m256) -> __m256 {
-        unsafe {
-            let m = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_setzero_ps());
-            _mm256_blendv_ps(f, t, m)
-        }
     }
     #[inline(always)]
     unsafe fn zero_le0(x: __m256) -> __m256 {
         unsafe {
             let m = _mm256_cmp_ps::<_CMP_LE_OQ>(x, _mm256_setzero_ps());
             _mm256_andnot_ps(m, x)
-        }
-    }
-    #[inline(always)]
-    unsafe fn nan_to_zero(x: __m256) -> __m256 {
-        unsafe {
-            let ord = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
-            _mm256_and_ps(ord, x)
-        }
-    }
-    #[inline(always)]
-    unsafe fn pow2(n: __m256) -> __m256 {
-        unsafe {
-            let i = _mm256_cvtps_epi32(n);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-                i,
-                _mm256_set1_epi32(127),
-            )))
         }
     }
 }

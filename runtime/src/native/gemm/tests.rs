@@ -683,3 +683,60 @@ fn simd_activations_match_f64_on_every_kernel() {
         }
     }
 }
+
+/// The fused silu / gelu / gelu_tanh epilogues give `kiln_plan::vmath`'s scalar recipe's bits
+/// (the loop kernels' too) on every micro-kernel, full vectors and the buffered edge alike.
+#[test]
+fn epilogue_activations_equal_the_vmath_recipe_bit_for_bit() {
+    use kiln_plan::vmath::accuracy::{random_inputs, same_bits, EDGES};
+    use kiln_plan::vmath::Func;
+    let mut xs = random_inputs(6000, 21);
+    xs.extend(EDGES);
+    xs.extend((-300..=300).map(|i| i as f32 * 0.05));
+    let m = xs.len();
+    // x·1 + 0 = x, except -0 (then +0): the activation's input.
+    let pre: Vec<f32> = xs.iter().map(|&x| x + 0.0).collect();
+    for isa in Isa::available() {
+        let w = PackedB::pack_for(MatRef::row_major(&[1.0], 1, 1).unwrap(), isa).unwrap();
+        for (act, f) in [
+            (Activation::Silu, Func::Silu),
+            (Activation::GeluErf, Func::GeluErf),
+            (Activation::GeluTanh, Func::GeluTanh),
+        ] {
+            let mut out = vec![0.0f32; m];
+            let ep = Epilogue {
+                activation: act,
+                ..Epilogue::default()
+            };
+            gemm(
+                MatRef::row_major(&xs, m, 1).unwrap(),
+                Rhs::Packed(&w),
+                MatMut::row_major(&mut out, m, 1).unwrap(),
+                &ep,
+                &GemmConfig { threads: 1, isa },
+            )
+            .unwrap();
+            same_bits(&format!("GEMM {isa:?}"), f, &pre, &out).unwrap();
+            // A row (full vectors, the register-tile epilogue).
+            let ones = vec![1.0f32; m];
+            let eye = PackedB::pack_for(MatRef::new(&ones, 1, m, m, 1).unwrap(), isa).unwrap();
+            let mut row = vec![0.0f32; m];
+            let scale = [1.0f32];
+            let ep = Epilogue {
+                row_scale: Some(&scale),
+                bias: Some(&xs),
+                activation: act,
+                residual: None,
+            };
+            gemm(
+                MatRef::row_major(&[0.0], 1, 1).unwrap(),
+                Rhs::Packed(&eye),
+                MatMut::row_major(&mut row, 1, m).unwrap(),
+                &ep,
+                &GemmConfig { threads: 1, isa },
+            )
+            .unwrap();
+            same_bits(&format!("GEMM row {isa:?}"), f, &pre, &row).unwrap();
+        }
+    }
+}
