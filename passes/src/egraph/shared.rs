@@ -111,12 +111,13 @@ fn users_of(g: &Graph) -> Vec<Vec<usize>> {
 }
 
 /// Cuts `nodes` (in order) out of `g`: constants they read are copied in, other values
-/// they read become inputs, values read elsewhere become outputs.
+/// they read become inputs, the outputs at positions `exported` (node `j`'s output `o`)
+/// become outputs.
 fn cut(
     g: &Graph,
     nodes: &[usize],
     producer: &[Option<usize>],
-    users: &[Vec<usize>],
+    exported: &[(usize, usize)],
 ) -> Part {
     let inside: HashSet<usize> = nodes.iter().copied().collect();
     let mut pg = Graph::new(&format!("{}_block", g.name));
@@ -159,7 +160,6 @@ fn cut(
             inputs.push(v);
         }
     }
-    let mut outputs = vec![];
     for &ni in nodes {
         let n = &g.nodes[ni];
         let ins = n.inputs.iter().map(|i| i.map(|v| map[&v])).collect();
@@ -171,11 +171,12 @@ fn cut(
         let ids = pg.add_node(n.op, n.attrs.clone(), ins, outs, &n.name);
         for (&o, id) in n.outputs.iter().zip(ids) {
             map.insert(o, id);
-            if users[o.index()].iter().any(|u| !inside.contains(u)) {
-                outputs.push(o);
-            }
         }
     }
+    let outputs: Vec<ValueId> = exported
+        .iter()
+        .map(|&(j, o)| g.nodes[nodes[j]].outputs[o])
+        .collect();
     pg.outputs = outputs.iter().map(|o| map[o]).collect();
     Part {
         graph: pg,
@@ -265,7 +266,9 @@ fn build(eg: &mut KEGraph, d: &Derivation, konsts: &[Arc<Tensor>]) -> Id {
         Derivation::Node(n, kids) => {
             let ids: Vec<Id> = kids.iter().map(|k| build(eg, k, konsts)).collect();
             let mut it = ids.into_iter();
-            let node = n.clone().map_children(|_| it.next().expect("one id per child"));
+            let node = n
+                .clone()
+                .map_children(|_| it.next().expect("one id per child"));
             eg.add(node)
         }
     }
@@ -394,10 +397,16 @@ fn replay(t: &Template, part: &Part) -> Result<Graph, String> {
     if part.konsts.len() != t.konst_class.len() {
         return Err("a different number of constants".into());
     }
-    let keys: Vec<ConstKey> = part.konsts.iter().map(|k| ConstKey::new(k.clone())).collect();
+    let keys: Vec<ConstKey> = part
+        .konsts
+        .iter()
+        .map(|k| ConstKey::new(k.clone()))
+        .collect();
     for i in 0..keys.len() {
         if facts(&part.konsts[i]) != t.konst_facts[i] {
-            return Err(format!("constant {i} differs in facts (ones, zeros, sign, mean)"));
+            return Err(format!(
+                "constant {i} differs in facts (ones, zeros, sign, mean)"
+            ));
         }
         for j in 0..i {
             if (keys[i] == keys[j]) != (t.konst_class[i] == t.konst_class[j]) {
@@ -410,8 +419,9 @@ fn replay(t: &Template, part: &Part) -> Result<Graph, String> {
         let tensor = match src {
             Source::Konst(k) => part.konsts[*k].clone(),
             Source::Derived(d, want) => {
-                let got = evaluate(d, &part.konsts, &t.analysis)
-                    .ok_or_else(|| format!("derived constant `{}` did not fold", g.nodes[*ni].name))?;
+                let got = evaluate(d, &part.konsts, &t.analysis).ok_or_else(|| {
+                    format!("derived constant `{}` did not fold", g.nodes[*ni].name)
+                })?;
                 if facts(&got) != *want {
                     return Err(format!(
                         "derived constant `{}` differs in facts",
@@ -457,10 +467,25 @@ fn saturate_depth(
     };
     let producer = crate::rewrite::producers(g);
     let users = users_of(g);
+    // What any copy's values are read outside that copy: every copy exports it.
+    let mut exported: Vec<(usize, usize)> = vec![];
+    for b in &stack.blocks {
+        let inside: HashSet<usize> = b.iter().copied().collect();
+        for (j, &ni) in b.iter().enumerate() {
+            for (o, &v) in g.nodes[ni].outputs.iter().enumerate() {
+                if users[v.index()].iter().any(|u| !inside.contains(u))
+                    && !exported.contains(&(j, o))
+                {
+                    exported.push((j, o));
+                }
+            }
+        }
+    }
+    exported.sort_unstable();
     let parts: Vec<Part> = stack
         .blocks
         .iter()
-        .map(|b| cut(g, b, &producer, &users))
+        .map(|b| cut(g, b, &producer, &exported))
         .collect();
     let copies = parts.len();
     // Every copy's outputs are what the next one reads, and only the last copy's are read
@@ -473,7 +498,11 @@ fn saturate_depth(
         .collect();
     for k in 0..copies {
         if parts[k].inputs.len() != parts[0].inputs.len()
-            || parts[k].outputs.len() != parts[0].outputs.len()
+            || parts[k]
+                .inputs
+                .iter()
+                .zip(&parts[0].inputs)
+                .any(|(&a, &b)| g.ty(a) != g.ty(b))
         {
             return Ok(None);
         }
@@ -555,8 +584,11 @@ fn saturate_depth(
     let mut report = first.report.clone();
     let first_cost = (first.report.cost_before, first.report.cost_after);
     let first_changed = improved(&first.report);
-    let tpl = template(&parts[0], first_changed.then_some(first))
-        .map_err(|e| EgraphError::Extract(format!("sharing a block: {e}")))?;
+    // A first copy whose result cannot be replayed (a constant without a derivation):
+    // the graph is saturated whole instead.
+    let Ok(tpl) = template(&parts[0], first_changed.then_some(first)) else {
+        return Ok(None);
+    };
     let mut st = StackReport {
         copies,
         block_nodes: parts[0].graph.nodes.len(),
@@ -627,7 +659,10 @@ fn saturate_depth(
                         OpKind::Constant,
                         n.attrs.clone(),
                         vec![],
-                        vec![(fresh(names, &rename(&src.value(*o).name)), src.ty(*o).clone())],
+                        vec![(
+                            fresh(names, &rename(&src.value(*o).name)),
+                            src.ty(*o).clone(),
+                        )],
                         &rename_node(&n.name),
                     )[0];
                     smalls.insert(key, v);
@@ -640,12 +675,7 @@ fn saturate_depth(
         let outs = n
             .outputs
             .iter()
-            .map(|&o| {
-                (
-                    fresh(names, &rename(&src.value(o).name)),
-                    src.ty(o).clone(),
-                )
-            })
+            .map(|&o| (fresh(names, &rename(&src.value(o).name)), src.ty(o).clone()))
             .collect();
         let mut attrs = n.attrs.clone();
         if let Ok(Some(from)) = n.attrs.strings(super::convert::FUSED_FROM) {
@@ -675,9 +705,11 @@ fn saturate_depth(
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
     for (j, v) in feeds.iter().enumerate() {
         let rv = rest_g.outputs[n_out + j];
-        let x = *vmap
-            .get(&rv)
-            .ok_or_else(|| EgraphError::Extract("a block reads a late value".into()))?;
+        // What the copies read must not come to depend on them (extraction may pick
+        // another member of its class): else the graph is saturated whole.
+        let Some(&x) = vmap.get(&rv) else {
+            return Ok(None);
+        };
         outer.insert(*v, x);
     }
     for (k, (p, bg)) in parts.iter().zip(&block_graphs).enumerate() {
@@ -691,12 +723,10 @@ fn saturate_depth(
         let rename_node = |s: &str| nnames.get(s).cloned().unwrap_or_else(|| s.to_string());
         let mut bmap: HashMap<ValueId, ValueId> = HashMap::new();
         for (&bi, &v) in bg.inputs.iter().zip(&p.inputs) {
-            bmap.insert(
-                bi,
-                *outer
-                    .get(&v)
-                    .ok_or_else(|| EgraphError::Extract("a block input is undefined".into()))?,
-            );
+            let Some(&x) = outer.get(&v) else {
+                return Ok(None);
+            };
+            bmap.insert(bi, x);
         }
         for n in &bg.nodes {
             copy_node(
@@ -851,13 +881,43 @@ mod tests {
                 vec![(format!("n{l}"), f32_ty(&[3, 8]))],
                 &format!("ln{l}"),
             )[0];
-            let m = node(&mut g, OpKind::MatMul, &[n, w], &format!("m{l}"), f32_ty(&[3, 8]));
-            let a = node(&mut g, OpKind::Add, &[m, b], &format!("a{l}"), f32_ty(&[3, 8]));
-            let mut r = node(&mut g, OpKind::Relu, &[a], &format!("r{l}"), f32_ty(&[3, 8]));
+            let m = node(
+                &mut g,
+                OpKind::MatMul,
+                &[n, w],
+                &format!("m{l}"),
+                f32_ty(&[3, 8]),
+            );
+            let a = node(
+                &mut g,
+                OpKind::Add,
+                &[m, b],
+                &format!("a{l}"),
+                f32_ty(&[3, 8]),
+            );
+            let mut r = node(
+                &mut g,
+                OpKind::Relu,
+                &[a],
+                &format!("r{l}"),
+                f32_ty(&[3, 8]),
+            );
             if extra_at == Some(l) {
-                r = node(&mut g, OpKind::Tanh, &[r], &format!("t{l}"), f32_ty(&[3, 8]));
+                r = node(
+                    &mut g,
+                    OpKind::Tanh,
+                    &[r],
+                    &format!("t{l}"),
+                    f32_ty(&[3, 8]),
+                );
             }
-            h = node(&mut g, OpKind::Add, &[r, h], &format!("h{l}"), f32_ty(&[3, 8]));
+            h = node(
+                &mut g,
+                OpKind::Add,
+                &[r, h],
+                &format!("h{l}"),
+                f32_ty(&[3, 8]),
+            );
         }
         let y = node(&mut g, OpKind::Sigmoid, &[h], "y", f32_ty(&[3, 8]));
         g.outputs = vec![y];
@@ -866,8 +926,10 @@ mod tests {
 
     /// The graph after the e-graph pass, shared or whole, and the pass's report.
     fn run(g: &Graph, share: bool) -> (Graph, EgraphReport) {
-        let mut pass = super::super::SaturateEgraph::default();
-        pass.share = share;
+        let pass = super::super::SaturateEgraph {
+            share,
+            ..Default::default()
+        };
         let mut out = g.clone();
         pass.run(&mut out).unwrap();
         kiln_ir::verify(&out).unwrap();
