@@ -1,8 +1,10 @@
-//! Sharing one e-graph saturation between stacked layers (`saturate_egraph` on the copies
-//! of a block, each with its own weights) must give what saturating the whole graph gives:
-//! on every shared model, the default pipeline and the same pipeline with a whole-graph
-//! e-graph produce outputs equal bit for bit on the JIT, and models with several layers
-//! do share.
+//! Sharing one e-graph saturation between stacked layers (`saturate_egraph` saturates the
+//! first copy of a block and replays the result on the others, each with its own weights)
+//! must give what saturating every copy on its own gives: on every shared model, the
+//! default pipeline and the same pipeline with replaying off produce outputs equal bit for
+//! bit on the JIT, and models whose layers are copies do share. (Against the graph
+//! saturated whole, sharing may find a cheaper graph: on vit_s16_6l the whole graph's
+//! extraction came out dearer than the input and was dropped.)
 
 use kiln::{Backend, Model, Options};
 use kiln_passes::egraph::SaturateEgraph;
@@ -26,15 +28,15 @@ fn shared() -> Vec<String> {
     v
 }
 
-/// `m`'s graph through the default pipeline, its e-graph pass sharing or not; the
-/// pass's counter of shared copies.
-fn optimise(m: &Model, share: bool) -> (kiln_ir::Graph, usize) {
+/// `m`'s graph through the default pipeline, its e-graph pass replaying the first copy's
+/// saturation or saturating every copy; the pass's counter of replayed copies.
+fn optimise(m: &Model, replay: bool) -> (kiln_ir::Graph, usize) {
     let passes: Vec<Box<dyn Pass>> = kiln_passes::default_passes()
         .into_iter()
         .map(|p| {
             if p.name() == "saturate_egraph" {
                 let mut e = SaturateEgraph::new(kiln_passes::target::Target::host());
-                e.share = share;
+                e.replay = replay;
                 Box::new(e) as Box<dyn Pass>
             } else {
                 p
@@ -46,7 +48,7 @@ fn optimise(m: &Model, share: bool) -> (kiln_ir::Graph, usize) {
     let copies = report
         .passes
         .iter()
-        .map(|p| p.stats.counter("shared_copies"))
+        .map(|p| p.stats.counter("replayed_copies"))
         .sum();
     (g, copies)
 }
@@ -64,8 +66,8 @@ fn same(a: &[kiln_ir::Tensor], b: &[kiln_ir::Tensor]) -> bool {
         })
 }
 
-/// Runs `name` through both pipelines on the JIT; returns the copies shared.
-fn shared_equals_whole(name: &str) -> usize {
+/// Runs `name` through both pipelines on the JIT; returns the copies replayed.
+fn replayed_equals_per_copy(name: &str) -> usize {
     let dir = model_dir(name);
     let m = Model::load(dir.join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e}"));
     let opts = Options {
@@ -83,7 +85,7 @@ fn shared_equals_whole(name: &str) -> usize {
     let yb = b.run(&as_named(&inputs)).unwrap();
     assert!(
         same(&ya, &yb),
-        "{name}: shared and whole-graph saturation give different outputs"
+        "{name}: replayed and per-copy saturation give different outputs"
     );
     copies
 }
@@ -97,12 +99,13 @@ fn sharing_the_saturation_of_stacked_layers_never_changes_a_shared_model_result(
     }
     let mut sharing = vec![];
     for name in &models {
-        if shared_equals_whole(name) > 0 {
+        if replayed_equals_per_copy(name) > 0 {
             sharing.push(name.clone());
         }
     }
-    // Every two-layer transformer shares its layers.
-    for want in ["tiny/bert_tiny", "tiny/gpt2_tiny", "tiny/llama_tiny"] {
+    // Where the layers are copies (in bert_tiny and llama_tiny the first layer reads shape
+    // values the second computes itself, so they differ).
+    for want in ["tiny/gpt2_tiny", "bench/vit_s16_6l"] {
         if models.iter().any(|m| m == want) {
             assert!(sharing.iter().any(|m| m == want), "{want}: {sharing:?}");
         }

@@ -212,6 +212,9 @@ pub struct SaturateEgraph {
     /// Whether the copies of a stacked block share one saturation ([`shared`]); off, the
     /// graph is saturated whole (what tests compare sharing with).
     pub share: bool,
+    /// Whether a shared saturation is replayed on the other copies (on) or every copy is
+    /// saturated on its own (off: what tests compare replaying with, bit for bit).
+    pub replay: bool,
     last: Mutex<Option<EgraphReport>>,
 }
 
@@ -234,6 +237,7 @@ impl SaturateEgraph {
             limits: Limits::default(),
             cost,
             share: true,
+            replay: true,
             last: Mutex::new(None),
         }
     }
@@ -264,7 +268,7 @@ impl Pass for SaturateEgraph {
         // The copies of a stacked block share one saturation; else the graph is saturated
         // whole.
         let shared = if self.share {
-            match shared::saturate_shared(g, &rules, &self.limits, &self.cost) {
+            match shared::saturate_shared(g, &rules, &self.limits, &self.cost, self.replay) {
                 Ok(r) => r,
                 Err(EgraphError::Unsupported(_)) => None,
                 Err(e) => return Err(PassError::graph(self.name(), e)),

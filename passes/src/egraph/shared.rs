@@ -190,18 +190,15 @@ fn cut(
 /// (as the analysis and the guards compute them).
 fn facts(t: &Arc<Tensor>) -> (bool, bool, bool, bool) {
     let dt = t.dtype();
-    if !(dt.is_float() || dt.is_signed_int()) {
-        return (false, false, true, false);
+    let (nonneg, mean_free) = analysis::sign_and_mean_facts(t);
+    if !dt.is_float() {
+        return (false, false, nonneg, mean_free);
     }
-    let v = t.to_f64s();
-    let all = |x: f64| dt.is_float() && v.iter().all(|&e| e == x);
-    let nonneg = v.iter().all(|&x| x >= 0.0);
-    (
-        all(1.0),
-        all(0.0),
-        nonneg,
-        analysis::last_axis_mean_free(&v, t.shape()),
-    )
+    let all = |x: f64| match t.as_slice::<f32>() {
+        Some(v) => v.iter().all(|&e| e as f64 == x),
+        None => t.to_f64s().iter().all(|&e| e == x),
+    };
+    (all(1.0), all(0.0), nonneg, mean_free)
 }
 
 /// How a derived constant is computed from the block's own constants.
@@ -443,13 +440,16 @@ pub(crate) fn improved(r: &EgraphReport) -> bool {
 
 /// Saturates `g` sharing one saturation between the copies of its longest stacked block
 /// (None when `g` has no such stack). The report sums the parts.
+/// With `replay` off every copy is saturated on its own (the per-layer optimisation
+/// replaying must equal).
 pub fn saturate_shared(
     g: &Graph,
     rules: &[Rewrite<Kn, KilnAnalysis>],
     limits: &Limits,
     cm: &CostModel,
+    replay: bool,
 ) -> Result<Option<(Graph, EgraphReport)>, EgraphError> {
-    saturate_depth(g, rules, limits, cm, 0)
+    saturate_depth(g, rules, limits, cm, replay, 0)
 }
 
 fn saturate_depth(
@@ -457,6 +457,7 @@ fn saturate_depth(
     rules: &[Rewrite<Kn, KilnAnalysis>],
     limits: &Limits,
     cm: &CostModel,
+    replay_on: bool,
     depth: usize,
 ) -> Result<Option<(Graph, EgraphReport)>, EgraphError> {
     if depth >= MAX_DEPTH {
@@ -570,10 +571,11 @@ fn saturate_depth(
 
     // Saturate the rest (recursively sharing) and the first copy.
     let rest_nodes = rest.nodes.len();
-    let (rest_out, rest_report) = match saturate_depth(&rest, rules, limits, cm, depth + 1)? {
-        Some(r) => r,
-        None => saturate(&rest, rules, limits, cm)?,
-    };
+    let (rest_out, rest_report) =
+        match saturate_depth(&rest, rules, limits, cm, replay_on, depth + 1)? {
+            Some(r) => r,
+            None => saturate(&rest, rules, limits, cm)?,
+        };
     let rest_changed = improved(&rest_report)
         || rest_report
             .sharing
@@ -581,9 +583,11 @@ fn saturate_depth(
             .is_some_and(|s| !s.stacks.is_empty());
     let rest_g = if rest_changed { rest_out } else { rest };
     let first = saturate_keep(&parts[0].graph, rules, limits, cm)?;
-    let mut report = first.report.clone();
-    let first_cost = (first.report.cost_before, first.report.cost_after);
     let first_changed = improved(&first.report);
+    // Costs count what is kept: a part whose saturation found nothing cheaper stays as it
+    // was (so the pass's verdict on the whole adds up the parts' verdicts).
+    let mut report = kept(&first.report, first_changed);
+    let first_cost = (report.cost_before, report.cost_after);
     // A first copy whose result cannot be replayed (a constant without a derivation):
     // the graph is saturated whole instead.
     let Ok(tpl) = template(&parts[0], first_changed.then_some(first)) else {
@@ -598,7 +602,12 @@ fn saturate_depth(
     };
     let mut block_graphs: Vec<Graph> = vec![tpl.graph.clone()];
     for (k, p) in parts.iter().enumerate().skip(1) {
-        match replay(&tpl, p) {
+        let replayed = if replay_on {
+            replay(&tpl, p)
+        } else {
+            Err("replay turned off".to_string())
+        };
+        match replayed {
             Ok(bg) => {
                 st.replayed += 1;
                 block_graphs.push(bg);
@@ -606,7 +615,7 @@ fn saturate_depth(
             Err(why) => {
                 let (alone, r) = saturate(&p.graph, rules, limits, cm)?;
                 let keep = improved(&r);
-                add_report(&mut report, &r);
+                add_report(&mut report, &kept(&r, keep));
                 st.alone.push((k, why));
                 block_graphs.push(if keep { alone } else { p.graph.clone() });
             }
@@ -775,14 +784,12 @@ fn saturate_depth(
         }
     }
 
-    add_report(&mut report, &rest_report);
+    add_report(&mut report, &kept(&rest_report, rest_changed));
     report.nodes_before = g.nodes.len();
     report.nodes_after = out.nodes.len();
     // The replayed copies cost what the first does.
-    if first_changed {
-        report.cost_before += (st.replayed as f64) * first_cost.0;
-        report.cost_after += (st.replayed as f64) * first_cost.1;
-    }
+    report.cost_before += (st.replayed as f64) * first_cost.0;
+    report.cost_after += (st.replayed as f64) * first_cost.1;
     let mut sharing = rest_report.sharing.clone().unwrap_or_default();
     sharing.stacks.insert(0, st);
     if rest_report.sharing.is_none() {
@@ -831,6 +838,15 @@ fn name_maps(
         }
     }
     (v, n)
+}
+
+/// `r`, its cost after set to its cost before where the part is not `keep`.
+fn kept(r: &EgraphReport, keep: bool) -> EgraphReport {
+    let mut r = r.clone();
+    if !keep {
+        r.cost_after = r.cost_before;
+    }
+    r
 }
 
 /// Adds another part's numbers to a report.
@@ -925,15 +941,22 @@ mod tests {
     }
 
     /// The graph after the e-graph pass, shared or whole, and the pass's report.
-    fn run(g: &Graph, share: bool) -> (Graph, EgraphReport) {
+    /// The graph after the e-graph pass (saturated whole, per copy, or shared and
+    /// replayed), and the pass's report.
+    fn run_mode(g: &Graph, share: bool, replay: bool) -> (Graph, EgraphReport) {
         let pass = super::super::SaturateEgraph {
             share,
+            replay,
             ..Default::default()
         };
         let mut out = g.clone();
         pass.run(&mut out).unwrap();
         kiln_ir::verify(&out).unwrap();
         (out, pass.last_report().unwrap())
+    }
+
+    fn run(g: &Graph, share: bool) -> (Graph, EgraphReport) {
+        run_mode(g, share, true)
     }
 
     #[test]
@@ -959,6 +982,11 @@ mod tests {
         let text = kiln_ir::text::print(&shared);
         assert_eq!(kiln_ir::text::parse(&text).unwrap(), shared);
         assert!(text.contains("fused_from = [\"ln5\"]"), "{text}");
+        // And every copy saturated on its own gives the same graph's outputs.
+        let (per_copy, r) = run_mode(&g, true, false);
+        assert_eq!(r.sharing.unwrap().stacks[0].alone.len(), 5);
+        assert_eq!(ops(&per_copy), ops(&shared));
+        assert_same_outputs(&per_copy, &shared);
     }
 
     #[test]
