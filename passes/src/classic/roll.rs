@@ -13,6 +13,9 @@
 //! a copy may be read only by that copy and the next one; the last copy's carried values
 //! become the loop's outputs. Constants the block reads are copied into the body (so the
 //! body's contractions are prepared with their weights); other invariants are captures.
+//!
+//! The same search, with copies allowed to read constants of their own ([`find_stacked`]),
+//! finds the stacked layers `saturate_egraph` optimises once ([`crate::egraph::shared`]).
 
 use crate::rewrite;
 use crate::{Pass, PassError, PassStats};
