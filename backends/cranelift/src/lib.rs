@@ -13,6 +13,7 @@ use kiln_plan::{partition, Kernel, LoopKernel, Plan};
 use kiln_runtime::executor::rows::run_rows;
 pub use kiln_runtime::executor::rows::{run_row_fn, run_row_fn_par, PAR_MIN_WORK};
 use kiln_runtime::executor::{CpuPlan, LoopRunner, ParallelFor, RunReport};
+use std::collections::HashMap;
 
 /// How to compile and run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -53,6 +54,8 @@ pub struct JitExecutable {
     fns: Vec<Option<RowFn>>,
     /// The compiled loop kernels of `loop`/`scan` bodies, per kernel of the plan.
     bodies: Vec<Option<BodyFns>>,
+    /// Loop kernels that reused an identical earlier kernel's code.
+    reused: usize,
     _code: CodeHolder,
 }
 
@@ -69,24 +72,63 @@ struct BodyIds {
     bodies: Vec<Option<BodyIds>>,
 }
 
+/// Loop kernels already compiled, by their code-relevant form ([`code_key`]): a kernel
+/// that only differs from an earlier one in the graph values it reads and writes (the
+/// same norm or epilogue in every layer of a stacked model) reuses its function.
+#[derive(Default)]
+struct Compiled {
+    by_key: HashMap<String, Vec<(LoopKernel, cranelift_module::FuncId)>>,
+    reused: usize,
+}
+
+/// `k` with its graph values erased: what its generated code depends on (`codegen`
+/// reads positions, never value ids).
+fn code_key(k: &LoopKernel) -> LoopKernel {
+    let mut k = k.clone();
+    for i in &mut k.inputs {
+        i.value = kiln_ir::ValueId(0);
+    }
+    for o in &mut k.outputs {
+        o.0 = kiln_ir::ValueId(0);
+    }
+    k
+}
+
 /// Defines the loop kernels of `plan` and, recursively, of the bodies `cpu` prepared.
 fn define_plan(
     module: &mut JITModule,
     plan: &Plan,
     bodies: &[Option<std::sync::Arc<CpuPlan>>],
     prefix: &str,
+    compiled: &mut Compiled,
 ) -> Result<BodyIds, CompileError> {
     let mut ids = vec![];
     for (i, k) in plan.kernels.iter().enumerate() {
         ids.push(match k {
-            Kernel::Loop(l) => Some(
-                codegen::define(module, l, &format!("{prefix}loop{i}")).map_err(|msg| {
-                    CompileError::Codegen {
-                        kernel: plan.label(i),
-                        msg,
+            Kernel::Loop(l) => {
+                let key = code_key(l);
+                let text = format!("{key:?}");
+                let known = compiled
+                    .by_key
+                    .get(&text)
+                    .and_then(|v| v.iter().find(|(k, _)| *k == key).map(|(_, id)| *id));
+                match known {
+                    Some(id) => {
+                        compiled.reused += 1;
+                        Some(id)
                     }
-                })?,
-            ),
+                    None => {
+                        let id = codegen::define(module, l, &format!("{prefix}loop{i}")).map_err(
+                            |msg| CompileError::Codegen {
+                                kernel: plan.label(i),
+                                msg,
+                            },
+                        )?;
+                        compiled.by_key.entry(text).or_default().push((key, id));
+                        Some(id)
+                    }
+                }
+            }
             _ => None,
         });
     }
@@ -98,6 +140,7 @@ fn define_plan(
                 &b.plan,
                 &b.bodies,
                 &format!("{prefix}body{i}_"),
+                compiled,
             )?),
             None => None,
         });
@@ -197,7 +240,8 @@ pub fn compile_plan(plan: Plan, opts: &JitOptions) -> Result<JitExecutable, Comp
     // The CPU runtime prepares `loop`/`scan` bodies as plans of their own; their loop
     // kernels are compiled into the same module.
     let cpu = CpuPlan::new(plan);
-    let ids = define_plan(&mut module, &cpu.plan, &cpu.bodies, "")?;
+    let mut compiled = Compiled::default();
+    let ids = define_plan(&mut module, &cpu.plan, &cpu.bodies, "", &mut compiled)?;
     module
         .finalize_definitions()
         .map_err(|e| CompileError::Codegen {
@@ -214,6 +258,7 @@ pub fn compile_plan(plan: Plan, opts: &JitOptions) -> Result<JitExecutable, Comp
         pool,
         fns,
         bodies,
+        reused: compiled.reused,
         _code: CodeHolder(module),
     })
 }
@@ -244,6 +289,12 @@ impl JitExecutable {
     /// How many kernels run as JIT code.
     pub fn jit_kernel_count(&self) -> usize {
         self.fns.iter().filter(|f| f.is_some()).count()
+    }
+
+    /// Loop kernels (bodies' included) that reused the code of an identical earlier one
+    /// instead of being compiled again.
+    pub fn reused_kernel_count(&self) -> usize {
+        self.reused
     }
 
     /// Runs on inputs given by name; outputs come back in graph order.

@@ -297,3 +297,37 @@ fn row_split_results_are_bit_identical_for_any_thread_count() {
     let r = compare(&serial[0], &want[0], TOL);
     assert!(r.ok, "{r:?}");
 }
+
+#[test]
+fn a_kernel_equal_to_an_earlier_one_but_for_its_values_reuses_its_code() {
+    // Two tanh·tanh kernels around a contraction (so they are two kernels), and a third
+    // over another shape that must get code of its own.
+    let g = kiln_ir::text::parse(
+        "func @f(%x: f32[4, 8], %w: f32[8, 8], %v: f32[8, 4]) -> (f32[4, 8], f32[4, 4]) {
+  %a = tanh %x
+  %b = mul %a, %a
+  %m = matmul %b, %w
+  %c = tanh %m
+  %d = mul %c, %c
+  %n = matmul %d, %v
+  %e = tanh %n
+  %f = mul %e, %e
+  return %d, %f
+}
+",
+    )
+    .unwrap();
+    let exe = kiln_cranelift::compile(&g).unwrap();
+    assert_eq!(exe.jit_kernel_count(), 3);
+    assert_eq!(exe.reused_kernel_count(), 1);
+    let ins = vec![
+        data(&[4, 8], 1, false),
+        data(&[8, 8], 2, false),
+        data(&[8, 4], 3, false),
+    ];
+    let got = exe.run(ins.clone()).unwrap();
+    let want = kiln_ir::run(&g, ins).unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!(compare(a, b, TOL).ok);
+    }
+}

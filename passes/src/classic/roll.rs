@@ -13,6 +13,9 @@
 //! a copy may be read only by that copy and the next one; the last copy's carried values
 //! become the loop's outputs. Constants the block reads are copied into the body (so the
 //! body's contractions are prepared with their weights); other invariants are captures.
+//!
+//! The same search, with copies allowed to read constants of their own ([`find_stacked`]),
+//! finds the stacked layers `saturate_egraph` optimises once ([`crate::egraph::shared`]).
 
 use crate::rewrite;
 use crate::{Pass, PassError, PassStats};
@@ -58,7 +61,7 @@ impl Pass for RollBlocks {
         rewrite::check_ids(g).map_err(|m| PassError::graph(NAME, m))?;
         let mut stats = PassStats::default();
         for _ in 0..MAX_ROLLS {
-            let Some(r) = find(g) else { break };
+            let Some(r) = find(g, false) else { break };
             stats.removed += r.copies * r.body_nodes;
             stats.added += 1;
             stats.bump("loops", 1);
@@ -83,6 +86,9 @@ enum Slot {
     Carried(usize, usize),
     /// The same outer value in every copy.
     Invariant(ValueId),
+    /// A constant of the same type in every copy, its contents each copy's own (a layer's
+    /// weights; only when searching for stacked blocks, [`find_stacked`]).
+    Param,
 }
 
 /// A confirmed roll: node indices of each copy, the operand classes of the first copy,
@@ -150,8 +156,54 @@ fn same_attrs(a: &Attrs, b: &Attrs) -> bool {
     strip(a) == strip(b)
 }
 
-/// Searches `g` for the roll that removes the most nodes.
-fn find(g: &Graph) -> Option<Roll> {
+/// Copies of one block that a graph stacks back to back: the same nodes, operands and
+/// types, chained by carried values, where each copy may read its own constants (a
+/// transformer's layers, each with its own weights). What `saturate_egraph` optimises once
+/// and replays on every copy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stack {
+    /// `copies` blocks of node indices each, in order; node `j` of every copy is the same
+    /// node.
+    pub blocks: Vec<Vec<usize>>,
+    /// Values carried from one copy to the next.
+    pub carried: usize,
+}
+
+/// The longest stack of blocks in `g` whose copies differ at most in the contents of
+/// non-scalar constants they read (`None` if there is none worth sharing). Where a stack
+/// can be cut in several places, the cut whose carried values no normalisation produces
+/// is preferred (a norm folds into the linears that read it, which then sit in the same
+/// copy).
+pub fn find_stacked(g: &Graph) -> Option<Stack> {
+    find(g, true).map(|r| Stack {
+        blocks: r.blocks,
+        carried: r.carried,
+    })
+}
+
+/// Whether node `ni` is a normalisation (a cut right after one is a poor block boundary).
+fn is_norm(g: &Graph, ni: usize) -> bool {
+    matches!(
+        g.nodes[ni].op,
+        OpKind::LayerNorm
+            | OpKind::RmsNorm
+            | OpKind::BatchNorm
+            | OpKind::InstanceNorm
+            | OpKind::GroupNorm
+    )
+}
+
+/// How many of `r`'s carried values a normalisation produces.
+fn norm_carried(g: &Graph, r: &Roll) -> usize {
+    r.keys
+        .iter()
+        .filter(|((j, _), _)| is_norm(g, r.blocks[0][*j]))
+        .count()
+}
+
+/// Searches `g` for the roll that removes the most nodes; with `params`, copies may read
+/// their own constants ([`Slot::Param`]).
+fn find(g: &Graph, params: bool) -> Option<Roll> {
     let seq: Vec<usize> = (0..g.nodes.len())
         .filter(|&i| g.nodes[i].op != OpKind::Constant)
         .collect();
@@ -203,16 +255,21 @@ fn find(g: &Graph) -> Option<Roll> {
             let blocks: Vec<Vec<usize>> = (0..copies)
                 .map(|k| seq[start + k * p..start + (k + 1) * p].to_vec())
                 .collect();
-            if let Some(mut r) = confirm(g, &producer, &users, blocks) {
+            if let Some(mut r) = confirm(g, &producer, &users, blocks, params) {
                 // Copies before the run whose nodes the order interleaves with other
                 // work (the first layer of an encoder, beside its mask computation).
-                while let Some(longer) = extend_back(g, &producer, &users, &r) {
+                while let Some(longer) = extend_back(g, &producer, &users, &r, params) {
                     r = longer;
                 }
-                let better = best.as_ref().is_none_or(|b| {
-                    (r.copies, std::cmp::Reverse(r.carried))
-                        > (b.copies, std::cmp::Reverse(b.carried))
-                });
+                let key = |r: &Roll| {
+                    let norms = if params { norm_carried(g, r) } else { 0 };
+                    (
+                        r.copies,
+                        std::cmp::Reverse(r.carried),
+                        std::cmp::Reverse(norms),
+                    )
+                };
+                let better = best.as_ref().is_none_or(|b| key(&r) > key(b));
                 if better {
                     best = Some(r);
                 }
@@ -247,6 +304,7 @@ fn extend_back(
     producer: &[Option<usize>],
     users: &[Vec<usize>],
     r: &Roll,
+    params: bool,
 ) -> Option<Roll> {
     let first = &r.blocks[0];
     let mut prev: Vec<Option<usize>> = vec![None; r.body_nodes];
@@ -304,7 +362,7 @@ fn extend_back(
     }
     let mut blocks = vec![prev];
     blocks.extend(r.blocks.iter().cloned());
-    confirm(g, producer, users, blocks)
+    confirm(g, producer, users, blocks, params)
 }
 
 /// Whether `a` and `b` are both defined by constants holding equal tensors.
@@ -328,13 +386,35 @@ fn same_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: ValueId) 
     }
 }
 
+/// Whether `a` and `b` are both defined by constants of the same type with more than one
+/// element (a scalar that differs between copies is a different block: rules match on
+/// scalar values such as a GELU's constants).
+fn per_copy_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: ValueId) -> bool {
+    let konst = |v: ValueId| {
+        producer
+            .get(v.index())
+            .copied()
+            .flatten()
+            .filter(|&ni| g.nodes[ni].op == OpKind::Constant)
+            .and_then(|ni| g.nodes[ni].attrs.tensor("value").ok().flatten())
+    };
+    match (konst(a), konst(b)) {
+        (Some(x), Some(y)) => {
+            x.len() > 1 && x.shape() == y.shape() && x.dtype() == y.dtype() && g.ty(a) == g.ty(b)
+        }
+        _ => false,
+    }
+}
+
 /// Checks that `blocks` are copies of one block chained by carried values, and
-/// classifies the first copy's operands.
+/// classifies the first copy's operands; with `params`, copies may read their own
+/// constants.
 fn confirm(
     g: &Graph,
     producer: &[Option<usize>],
     users: &[Vec<usize>],
     blocks: Vec<Vec<usize>>,
+    params: bool,
 ) -> Option<Roll> {
     let p = blocks[0].len();
     let copies = blocks.len();
@@ -401,16 +481,27 @@ fn confirm(
                     None => {
                         // The same value, or two constants with the same contents (the
                         // body copies the first).
-                        if a != b && !same_constant(g, producer, a, b) {
+                        if a == b || same_constant(g, producer, a, b) {
+                            Slot::Invariant(a)
+                        } else if params && per_copy_constant(g, producer, a, b) {
+                            Slot::Param
+                        } else {
                             return None;
                         }
-                        Slot::Invariant(a)
                     }
                 };
-                match slots[j][s] {
-                    None => slots[j][s] = Some(class),
-                    Some(prev) if prev == class => {}
-                    Some(_) => return None,
+                let is_konst = |v: ValueId| {
+                    producer[v.index()].is_some_and(|ni| g.nodes[ni].op == OpKind::Constant)
+                };
+                match (slots[j][s], class) {
+                    (None, _) => slots[j][s] = Some(class),
+                    (Some(prev), _) if prev == class => {}
+                    // Two copies sharing a constant and a third with its own: a parameter.
+                    (Some(Slot::Invariant(c)), Slot::Param) if is_konst(c) => {
+                        slots[j][s] = Some(Slot::Param)
+                    }
+                    (Some(Slot::Param), Slot::Invariant(c)) if is_konst(c) => {}
+                    _ => return None,
                 }
             }
         }
@@ -542,6 +633,8 @@ fn apply(g: &mut Graph, r: &Roll) {
                     Some(Slot::Internal(jj, o)) => inner[&(*jj, *o)],
                     Some(Slot::Carried(jj, o)) => carried_in[&(*jj, *o)],
                     Some(Slot::Invariant(x)) => outer[x],
+                    // Not made by `find(g, false)`, the only search that rolls.
+                    Some(Slot::Param) => outer.get(&v).copied().unwrap_or(v),
                     // An operand no later copy constrains cannot occur: every slot of
                     // the first copy is classified against the second.
                     None => outer.get(&v).copied().unwrap_or(v),

@@ -167,15 +167,33 @@ impl egg::Analysis<Kn> for KilnAnalysis {
     }
 }
 
+/// Whether every element of `t` is ≥ 0 and whether it is mean-free along its last axis
+/// ([`last_axis_mean_free`]): non-numeric tensors are non-negative and not mean-free. f32
+/// is read in place, stopping at the first element or row that decides.
+pub fn sign_and_mean_facts(t: &Tensor) -> (bool, bool) {
+    if !(t.dtype().is_float() || t.dtype().is_signed_int()) {
+        return (true, false);
+    }
+    if let Some(v) = t.as_slice::<f32>() {
+        let nonneg = v.iter().all(|&x| x >= 0.0);
+        let mean_free = match t.shape().last() {
+            Some(&n) if n >= 2 && !v.is_empty() => v.chunks(n).all(|row| {
+                let s: f64 = row.iter().map(|&x| x as f64).sum();
+                let m = row.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+                s.is_finite() && (s / n as f64).abs() <= MEAN_FREE_RTOL * m.max(f64::MIN_POSITIVE)
+            }),
+            _ => false,
+        };
+        return (nonneg, mean_free);
+    }
+    let v = t.to_f64s();
+    let nonneg = v.iter().all(|&x| x >= 0.0);
+    (nonneg, last_axis_mean_free(&v, t.shape()))
+}
+
 /// Facts of a constant tensor.
 fn const_data(t: Arc<Tensor>) -> Data {
-    let (nonneg, mean_free) = if t.dtype().is_float() || t.dtype().is_signed_int() {
-        let v = t.to_f64s();
-        let nonneg = v.iter().all(|&x| x >= 0.0);
-        (nonneg, last_axis_mean_free(&v, t.shape()))
-    } else {
-        (true, false)
-    };
+    let (nonneg, mean_free) = sign_and_mean_facts(&t);
     Data {
         fact: Some(Fact {
             ty: TensorType::new(t.dtype(), Shape::fixed(t.shape())),

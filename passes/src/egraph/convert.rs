@@ -228,7 +228,15 @@ pub fn from_egraph(eg: &KEGraph, ext: &Extraction, o: &Origins) -> Result<Graph,
                     &mut used,
                     class_name.get(&c).map_or("const", |s| s.as_str()),
                 );
-                let v = ng.add_constant(&name, k.tensor.as_ref().clone());
+                // The same tensor, shared (not copied: weights are most of a model).
+                let ty = TensorType::new(k.tensor.dtype(), kiln_ir::Shape::fixed(k.tensor.shape()));
+                let v = ng.add_node(
+                    OpKind::Constant,
+                    Attrs::new().with("value", Attr::Tensor(k.tensor.clone())),
+                    vec![],
+                    vec![(name, ty)],
+                    "",
+                )[0];
                 value_of.insert(c, v);
             }
             Kn::Opaque(idx, out, args) => {

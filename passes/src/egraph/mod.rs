@@ -13,6 +13,7 @@ pub mod cost;
 pub mod extract;
 pub mod lang;
 pub mod rules;
+pub mod shared;
 
 #[cfg(test)]
 mod tests;
@@ -75,6 +76,9 @@ pub struct EgraphReport {
     pub nodes_before: usize,
     /// Node count after.
     pub nodes_after: usize,
+    /// What was optimised once and replayed on the copies of a stacked block (None when
+    /// the graph was saturated whole).
+    pub sharing: Option<shared::Sharing>,
 }
 
 impl fmt::Display for EgraphReport {
@@ -94,6 +98,9 @@ impl fmt::Display for EgraphReport {
             self.nodes_before,
             self.nodes_after
         )?;
+        if let Some(s) = &self.sharing {
+            write!(f, "{s}")?;
+        }
         for (rule, n) in &self.hits {
             writeln!(f, "  {n:6}  {rule}")?;
         }
@@ -130,6 +137,26 @@ pub fn saturate(
     limits: &Limits,
     cm: &CostModel,
 ) -> Result<(Graph, EgraphReport), EgraphError> {
+    saturate_keep(g, rules, limits, cm).map(|s| (s.graph, s.report))
+}
+
+/// A saturation's result with the e-graph and extraction it came from (what replaying it
+/// on another copy of a block needs, [`shared`]).
+pub(crate) struct Saturated {
+    pub graph: Graph,
+    pub report: EgraphReport,
+    pub egraph: KEGraph,
+    pub extraction: extract::Extraction,
+    pub origins: convert::Origins,
+}
+
+/// [`saturate`], keeping the e-graph.
+pub(crate) fn saturate_keep(
+    g: &Graph,
+    rules: &[Rewrite<Kn, analysis::KilnAnalysis>],
+    limits: &Limits,
+    cm: &CostModel,
+) -> Result<Saturated, EgraphError> {
     let t0 = Instant::now();
     let (eg, origins) = convert::to_egraph(g).map_err(EgraphError::Unsupported)?;
     let cost_before = extract::extract(&eg, &origins.roots, cm, &HashMap::new())
@@ -148,11 +175,11 @@ pub fn saturate(
             *hits.entry(name.to_string()).or_default() += n;
         }
     }
-    let eg: &KEGraph = &runner.egraph;
+    let eg: KEGraph = runner.egraph;
     let t1 = Instant::now();
     let ext =
-        extract::extract(eg, &origins.roots, cm, &HashMap::new()).map_err(EgraphError::Extract)?;
-    let out = convert::from_egraph(eg, &ext, &origins).map_err(EgraphError::Extract)?;
+        extract::extract(&eg, &origins.roots, cm, &HashMap::new()).map_err(EgraphError::Extract)?;
+    let out = convert::from_egraph(&eg, &ext, &origins).map_err(EgraphError::Extract)?;
     let report = EgraphReport {
         iterations: runner.iterations.len(),
         enodes: eg.total_number_of_nodes(),
@@ -165,8 +192,15 @@ pub fn saturate(
         cost_after: ext.dag_cost,
         nodes_before: g.nodes.len(),
         nodes_after: out.nodes.len(),
+        sharing: None,
     };
-    Ok((out, report))
+    Ok(Saturated {
+        graph: out,
+        report,
+        egraph: eg,
+        extraction: ext,
+        origins,
+    })
 }
 
 /// The pass: equality saturation with every rule family, for a target.
@@ -175,6 +209,12 @@ pub struct SaturateEgraph {
     pub limits: Limits,
     /// The cost model extraction minimises.
     pub cost: CostModel,
+    /// Whether the copies of a stacked block share one saturation ([`shared`]); off, the
+    /// graph is saturated whole (what tests compare sharing with).
+    pub share: bool,
+    /// Whether a shared saturation is replayed on the other copies (on) or every copy is
+    /// saturated on its own (off: what tests compare replaying with, bit for bit).
+    pub replay: bool,
     last: Mutex<Option<EgraphReport>>,
 }
 
@@ -196,8 +236,16 @@ impl SaturateEgraph {
         SaturateEgraph {
             limits: Limits::default(),
             cost,
+            share: true,
+            replay: true,
             last: Mutex::new(None),
         }
+    }
+
+    /// The pass saturating the graph whole, without sharing between stacked copies.
+    pub fn without_sharing(mut self) -> SaturateEgraph {
+        self.share = false;
+        self
     }
 
     /// The report of the last run (what `kiln inspect` prints).
@@ -217,7 +265,22 @@ impl Pass for SaturateEgraph {
 
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
         let rules = rules::all();
-        let (out, report) = match saturate(g, &rules, &self.limits, &self.cost) {
+        // The copies of a stacked block share one saturation; else the graph is saturated
+        // whole.
+        let shared = if self.share {
+            match shared::saturate_shared(g, &rules, &self.limits, &self.cost, self.replay) {
+                Ok(r) => r,
+                Err(EgraphError::Unsupported(_)) => None,
+                Err(e) => return Err(PassError::graph(self.name(), e)),
+            }
+        } else {
+            None
+        };
+        let result = match shared {
+            Some(r) => Ok(r),
+            None => saturate(g, &rules, &self.limits, &self.cost),
+        };
+        let (out, report) = match result {
             Ok(r) => r,
             // A graph the e-graph does not take is left as it is.
             Err(EgraphError::Unsupported(_)) => return Ok(PassStats::default()),
@@ -239,6 +302,12 @@ impl Pass for SaturateEgraph {
         for r in &rules {
             let n = report.hits.get(r.name.as_str()).copied().unwrap_or(0);
             stats.bump(r.name.as_str(), n);
+        }
+        if let Some(s) = &report.sharing {
+            for st in &s.stacks {
+                stats.bump("shared_copies", st.copies);
+                stats.bump("replayed_copies", st.replayed);
+            }
         }
         stats.bump("egraph_iterations", report.iterations);
         stats.bump("egraph_enodes", report.enodes);
