@@ -92,6 +92,28 @@ pub fn run_fast_on(
             crate::native::linear_attention::run(&node.attrs, ins, pool, out)?
         }
         OpKind::Cast => cast_to_f32(node, ins, out)?,
+        // The reduce family along any axes (`native/reduce.rs`).
+        OpKind::ReduceSum
+        | OpKind::ReduceMean
+        | OpKind::ReduceMax
+        | OpKind::ReduceMin
+        | OpKind::ReduceProd
+        | OpKind::ReduceL1
+        | OpKind::ReduceL2
+        | OpKind::ReduceLogSum
+        | OpKind::ReduceLogSumExp
+        | OpKind::ReduceSumSquare => crate::native::reduce::run(node, ins)?,
+        // Softmax-likes along any axis (a loop kernel takes the last one when it fuses) and
+        // the channel norms (`native/norm.rs`).
+        OpKind::Softmax
+        | OpKind::LogSoftmax
+        | OpKind::Hardmax
+        | OpKind::InstanceNorm
+        | OpKind::GroupNorm
+        | OpKind::BatchNorm => return crate::native::norm::run(node, ins),
+        // Strided copies (`native/layout.rs`) and scatters (`native/index.rs`).
+        OpKind::Slice | OpKind::Pad => crate::native::layout::run(node, ins)?,
+        OpKind::ScatterND => crate::native::index::run(node, ins)?,
         _ => return None,
     };
     Some(vec![y])

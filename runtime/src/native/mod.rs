@@ -4,6 +4,11 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_general;
 pub mod gemm;
 pub mod gemm_i8;
+pub mod index;
+pub mod layout;
 pub mod linear_attention;
+pub mod norm;
+pub mod reduce;
