@@ -199,6 +199,7 @@ fn lowerable(node: &Node, rank: usize) -> bool {
                 Ok("none") | Ok("tanh")
             ),
             Softmax | LogSoftmax => last_axis(-1),
+            Celu => node.attrs.float_or("alpha", 1.0).is_ok_and(|a| a > 0.0),
             LayerNorm => node.outputs.len() == 1 && last_axis(-1),
             RmsNorm => last_axis(-1),
             // Variadic in ONNX; the lowering is binary.
@@ -532,17 +533,19 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
             k.bin(BinOp::Mul, gamma, s)
         }
         Celu => {
-            // max(x, 0) + min(0, alpha·(exp(x/alpha) − 1)).
+            // max(x, 0) + min(0, alpha·(exp(x/alpha) − 1)), which for alpha > 0 (see
+            // `lowerable`) is max(x, 0) + alpha·(exp(min(x, 0)/alpha) − 1): exp never sees
+            // a large positive argument.
             let alpha = k.konst(node.attrs.float_or("alpha", 1.0)?);
             let zero = k.konst(0.0);
             let one = k.konst(1.0);
             let pos = k.bin(BinOp::Max, x, zero);
-            let xa = k.bin(BinOp::Div, x, alpha);
+            let neg = k.bin(BinOp::Min, x, zero);
+            let xa = k.bin(BinOp::Div, neg, alpha);
             let e = k.un(UnOp::Exp, xa);
             let em1 = k.bin(BinOp::Sub, e, one);
             let t = k.bin(BinOp::Mul, alpha, em1);
-            let neg = k.bin(BinOp::Min, t, zero);
-            k.bin(BinOp::Add, pos, neg)
+            k.bin(BinOp::Add, pos, t)
         }
         Softplus => softplus(k, x),
         Mish => {

@@ -287,8 +287,8 @@ op_table! {
     ReduceSumSquare = "reduce_sum_square", "ReduceSumSquare", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
     ArgMax = "arg_max", "ArgMax", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
     ArgMin = "arg_min", "ArgMin", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
-    CumSum = "cumsum", "CumSum", Reduce, 2..=2, attrs, rule, Interp, Elem(1.0);
-    CumProd = "cumprod", "CumProd", Reduce, 2..=2, attrs, rule, Interp, Elem(1.0);
+    CumSum = "cumsum", "CumSum", Reduce, 2..=2, attrs, rule, Native, Elem(1.0);
+    CumProd = "cumprod", "CumProd", Reduce, 2..=2, attrs, rule, Native, Elem(1.0);
     // ---- nn.rs: softmax and normalisations
     Softmax = "softmax", "Softmax", Nn, 1..=1, attrs, rule, Loop, Elem(12.0);
     LogSoftmax = "log_softmax", "LogSoftmax", Nn, 1..=1, attrs, rule, Loop, Elem(12.0);

@@ -91,7 +91,10 @@ pub fn run_fast_on(
         OpKind::LinearAttention => {
             crate::native::linear_attention::run(&node.attrs, ins, pool, out)?
         }
-        OpKind::Cast => cast_to_f32(node, ins, out)?,
+        OpKind::Cast => {
+            cast_to_f32(node, ins, out).or_else(|| crate::native::cast::run(node, ins))?
+        }
+        OpKind::CumSum | OpKind::CumProd => crate::native::reduce::cumulative(node, ins)?,
         // The reduce family along any axes (`native/reduce.rs`).
         OpKind::ReduceSum
         | OpKind::ReduceMean

@@ -3,6 +3,7 @@
 //! does not generate itself.
 
 pub mod attention;
+pub mod cast;
 pub mod conv;
 pub mod conv_general;
 pub mod gemm;

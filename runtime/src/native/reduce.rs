@@ -3,8 +3,9 @@
 //! accumulated in f64 (the interpreter's precision), without its f64 copy of the input or its
 //! per-element slot map where the reduced axes are one contiguous block (`outer × r × inner`:
 //! the last axis, the middle, the leading axes). Scattered axes take a slot map, still in one
-//! pass. Other dtypes, bad axes or `noop_with_empty_axes` corner cases return `None` (the
-//! interpreter's op runs and reports errors).
+//! pass. `cumsum`/`cumprod` along one axis in f32, i64 and i32 (integers wrap, as in the
+//! interpreter). Other dtypes, bad axes or `noop_with_empty_axes` corner cases return `None`
+//! (the interpreter's op runs and reports errors).
 
 use kiln_ir::{Node, OpKind, Tensor};
 
@@ -51,6 +52,84 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
         scattered(op, v, shape, &axes)
     };
     Some(Tensor::from_vec(out_shape, y))
+}
+
+/// `cumsum` / `cumprod` along the axis input, or `None` where the interpreter runs it.
+pub fn cumulative(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let a = (*ins.get(1)?)?;
+    let a = match a.as_slice::<i64>() {
+        Some(v) => *v.first()?,
+        None => i64::from(*a.as_slice::<i32>()?.first()?),
+    };
+    let rank = x.rank() as i64;
+    let axis = usize::try_from(if a < 0 { a + rank } else { a })
+        .ok()
+        .filter(|&a| a < x.rank())?;
+    let excl = node.attrs.int_or("exclusive", 0).ok()? != 0;
+    let rev = node.attrs.int_or("reverse", 0).ok()? != 0;
+    let shape = x.shape();
+    let outer: usize = shape[..axis].iter().product();
+    let len = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    fn go<T: Copy>(
+        v: &[T],
+        (outer, len, inner): (usize, usize, usize),
+        (excl, rev): (bool, bool),
+        init: T,
+        step: impl Fn(T, T) -> T,
+    ) -> Vec<T> {
+        let mut out = vec![init; v.len()];
+        let mut acc = vec![init; inner];
+        for o in 0..outer {
+            acc.fill(init);
+            for jj in 0..len {
+                let j = if rev { len - 1 - jj } else { jj };
+                let at = (o * len + j) * inner;
+                for ((y, a), &e) in out[at..at + inner]
+                    .iter_mut()
+                    .zip(acc.iter_mut())
+                    .zip(&v[at..at + inner])
+                {
+                    if excl {
+                        *y = *a;
+                        *a = step(*a, e);
+                    } else {
+                        *a = step(*a, e);
+                        *y = *a;
+                    }
+                }
+            }
+        }
+        out
+    }
+    let dims = (outer, len, inner);
+    let flags = (excl, rev);
+    let prod = node.op == OpKind::CumProd;
+    let shape = shape.to_vec();
+    Some(if let Some(v) = x.as_slice::<f32>() {
+        let y = if prod {
+            go(v, dims, flags, 1.0, |a, b| a * b)
+        } else {
+            go(v, dims, flags, 0.0, |a, b| a + b)
+        };
+        Tensor::from_vec(shape, y)
+    } else if let Some(v) = x.as_slice::<i64>() {
+        let y = if prod {
+            go(v, dims, flags, 1, i64::wrapping_mul)
+        } else {
+            go(v, dims, flags, 0, i64::wrapping_add)
+        };
+        Tensor::from_vec(shape, y)
+    } else {
+        let v = x.as_slice::<i32>()?;
+        let y = if prod {
+            go(v, dims, flags, 1, i32::wrapping_mul)
+        } else {
+            go(v, dims, flags, 0, i32::wrapping_add)
+        };
+        Tensor::from_vec(shape, y)
+    })
 }
 
 /// The reductions, with how each combines and finishes.
@@ -303,6 +382,31 @@ mod tests {
             }
         }
         assert!(cases > 500);
+    }
+
+    #[test]
+    fn cumulative_sums_and_products_match_the_interpreter() {
+        let xs = [
+            Tensor::from_vec(vec![2, 3, 4], data(24, 3, true)),
+            Tensor::from_vec(vec![3, 5], (0..15).map(|i| i * 7 - 40).collect::<Vec<i64>>()),
+            Tensor::from_vec(vec![4], vec![i32::MAX, 1, -3, 2]),
+        ];
+        for x in &xs {
+            for op in [OpKind::CumSum, OpKind::CumProd] {
+                for axis in -(x.rank() as i64)..x.rank() as i64 {
+                    for (excl, rev) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                        let attrs = Attrs::new()
+                            .with("exclusive", Attr::Int(excl))
+                            .with("reverse", Attr::Int(rev));
+                        let a = Tensor::from_vec(vec![], vec![axis]);
+                        let ins = [Some(x), Some(&a)];
+                        let want = kiln_ir::ops::eval(op, &attrs, &ins).expect("reference");
+                        let got = cumulative(&node(op, attrs), &ins).expect("native");
+                        assert_eq!(got, want[0], "{op:?} {:?} axis {axis} {excl} {rev}", x.shape());
+                    }
+                }
+            }
+        }
     }
 
     #[test]
