@@ -358,8 +358,8 @@ op_table! {
     NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     // ---- quant.rs: linear quantization
-    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
-    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
+    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Native, Elem(1.0);
+    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Native, Elem(1.0);
     // ---- recurrent.rs: recurrent cells over a sequence (runtime/src/executor/recurrent.rs)
     Lstm = "lstm", "LSTM", Recurrent, 3..=8, attrs, rule, Native, Contraction;
     Gru = "gru", "GRU", Recurrent, 3..=6, attrs, rule, Native, Contraction;

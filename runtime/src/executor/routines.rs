@@ -117,6 +117,7 @@ pub fn run_fast_on(
         // Strided copies (`native/layout.rs`) and scatters (`native/index.rs`).
         OpKind::Slice | OpKind::Pad => crate::native::layout::run(node, ins)?,
         OpKind::ScatterND => crate::native::index::run(node, ins)?,
+        OpKind::QuantizeLinear | OpKind::DequantizeLinear => crate::native::quant::run(node, ins)?,
         _ => return None,
     };
     Some(vec![y])

@@ -12,4 +12,5 @@ pub mod index;
 pub mod layout;
 pub mod linear_attention;
 pub mod norm;
+pub mod quant;
 pub mod reduce;
