@@ -273,7 +273,11 @@ fn slice_ends_from_shape_arithmetic_keep_dims() {
     let x = b.input("x", DType::F32, sym(&["B", "256", "L"]));
     let s = b.node(OpKind::Shape, Attrs::new(), &[x]);
     let idx = b.konst(Tensor::from_vec(vec![1], vec![1i64]));
-    let c = b.node(OpKind::Gather, Attrs::new().with("axis", Attr::Int(0)), &[s, idx]);
+    let c = b.node(
+        OpKind::Gather,
+        Attrs::new().with("axis", Attr::Int(0)),
+        &[s, idx],
+    );
     let two = b.ints(&[2]);
     let half = b.node(OpKind::Div, Attrs::new(), &[c, two]);
     let full = b.node(OpKind::Mul, Attrs::new(), &[half, two]);

@@ -40,8 +40,14 @@ fn f32_ty(d: Vec<Dim>) -> TensorType {
 /// A `constant` node holding `t`.
 fn konst(b: &mut GraphBuilder, name: &str, t: Tensor) -> kiln_ir::ValueId {
     let attrs = Attrs::new().with("value", Attr::Tensor(std::sync::Arc::new(t)));
-    b.node(OpKind::Constant, attrs, vec![], vec![(name.into(), None)], "")
-        .unwrap()[0]
+    b.node(
+        OpKind::Constant,
+        attrs,
+        vec![],
+        vec![(name.into(), None)],
+        "",
+    )
+    .unwrap()[0]
 }
 
 /// A graph of kind `kind` over x `[B, dims...]` and a broadcast operand y.
@@ -122,9 +128,13 @@ fn build(kind: u8, xd: &[Dim], mode: u8) -> Graph {
             let al = Attrs::new().with("alpha", Attr::Float(0.3));
             let lr = op(&mut b, OpKind::LeakyRelu, al, vec![x]);
             let n = concrete(&[xd.last().unwrap().clone()], 1)[0];
-            let slope = konst(&mut b, 
+            let slope = konst(
+                &mut b,
                 "slope",
-                Tensor::from_vec(vec![n], (0..n).map(|i| 0.25 - 0.1 * i as f32).collect::<Vec<f32>>()),
+                Tensor::from_vec(
+                    vec![n],
+                    (0..n).map(|i| 0.25 - 0.1 * i as f32).collect::<Vec<f32>>(),
+                ),
             );
             let pr = op(&mut b, OpKind::PRelu, no(), vec![lr, slope]);
             let hs_attrs = Attrs::new()
@@ -164,7 +174,13 @@ fn build(kind: u8, xd: &[Dim], mode: u8) -> Graph {
             // (A rank-0 bound: y may be rank 0, which a [1] bound would outrank.)
             let hi0 = konst(&mut b, "hi0", Tensor::from_vec(vec![], vec![1.25f32]));
             let c2 = b
-                .node(OpKind::Clip, no(), vec![Some(y), None, Some(hi0)], vec![("c2".into(), None)], "")
+                .node(
+                    OpKind::Clip,
+                    no(),
+                    vec![Some(y), None, Some(hi0)],
+                    vec![("c2".into(), None)],
+                    "",
+                )
                 .unwrap()[0];
             let a = op(&mut b, OpKind::Add, no(), vec![c1, c2]);
             let blo = b.input("blo", f32_ty(vec![]));

@@ -598,7 +598,9 @@ pub fn conv_geometry(attrs: &Attrs, x: &[usize], w: &[usize]) -> Result<ConvGeom
     let nsp = x.len() - 2;
     let mut win = Window::from_attrs(attrs, nsp, Some(w[2..].to_vec()))?;
     if win.kernel != w[2..] || x[1] != w[1] * group || !w[0].is_multiple_of(group) {
-        return Err(format!("conv input {x:?}, weight {w:?}, group {group} disagree"));
+        return Err(format!(
+            "conv input {x:?}, weight {w:?}, group {group} disagree"
+        ));
     }
     let out = win.resolve(&x[2..], false)?;
     Ok(ConvGeometry {

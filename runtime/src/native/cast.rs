@@ -56,13 +56,32 @@ mod tests {
     fn casts_match_the_interpreter_bit_for_bit() {
         let f = Tensor::from_vec(
             vec![10],
-            vec![0.0f32, -0.0, 1.5, -2.7, 300.9, -129.5, 1e20, f32::NAN, f32::INFINITY, 0.49],
+            vec![
+                0.0f32,
+                -0.0,
+                1.5,
+                -2.7,
+                300.9,
+                -129.5,
+                1e20,
+                f32::NAN,
+                f32::INFINITY,
+                0.49,
+            ],
         );
         let i = Tensor::from_vec(vec![6], vec![0i64, 1, -1, 255, 256, i64::MAX]);
         let i32s = Tensor::from_vec(vec![4], vec![0i32, -7, 70000, i32::MIN]);
         let b = Tensor::from_vec(vec![3], vec![true, false, true]);
         let u = Tensor::from_vec(vec![3], vec![0u8, 7, 255]);
-        let dts = [DType::F32, DType::F64, DType::I64, DType::I32, DType::I8, DType::U8, DType::Bool];
+        let dts = [
+            DType::F32,
+            DType::F64,
+            DType::I64,
+            DType::I32,
+            DType::I8,
+            DType::U8,
+            DType::Bool,
+        ];
         let mut native = 0;
         for x in [&f, &i, &i32s, &b, &u] {
             for to in dts {

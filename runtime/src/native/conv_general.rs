@@ -49,7 +49,15 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
         if cg == 1 && mg == 1 {
             depthwise(xv, wv, &runs, (n, c, in_sp, ksize, p), &mut y);
         } else {
-            grouped(pool, xv, wv, &runs, &geo, (n, c, m, cg, ksize, in_sp, p), &mut y)?;
+            grouped(
+                pool,
+                xv,
+                wv,
+                &runs,
+                &geo,
+                (n, c, m, cg, ksize, in_sp, p),
+                &mut y,
+            )?;
         }
         if let Some(b) = bias {
             for (i, row) in y.chunks_exact_mut(p).enumerate() {
@@ -194,7 +202,12 @@ mod tests {
 
     fn rand_t(rng: &mut StdRng, shape: Vec<usize>) -> Tensor {
         let n: usize = shape.iter().product();
-        Tensor::from_vec(shape, (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<f32>>())
+        Tensor::from_vec(
+            shape,
+            (0..n)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect::<Vec<f32>>(),
+        )
     }
 
     #[test]
@@ -207,7 +220,11 @@ mod tests {
             let depthwise = case % 4 == 0;
             let cg = if depthwise { 1 } else { rng.gen_range(1..4) };
             let c = cg * group;
-            let m = if depthwise { c } else { group * rng.gen_range(1..4) };
+            let m = if depthwise {
+                c
+            } else {
+                group * rng.gen_range(1..4)
+            };
             let kernel: Vec<usize> = (0..nsp).map(|_| rng.gen_range(1..4)).collect();
             let spatial: Vec<usize> = (0..nsp).map(|_| rng.gen_range(1..7)).collect();
             let mut attrs = Attrs::new().with("group", Attr::Int(group as i64));

@@ -26,7 +26,11 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
     }
     let idx: Vec<i64> = match ind.as_slice::<i64>() {
         Some(v) => v.to_vec(),
-        None => ind.as_slice::<i32>()?.iter().map(|&i| i64::from(i)).collect(),
+        None => ind
+            .as_slice::<i32>()?
+            .iter()
+            .map(|&i| i64::from(i))
+            .collect(),
     };
     let st = kiln_ir::tensor::strides(shape);
     let inner: usize = shape[k..].iter().product();
@@ -90,7 +94,9 @@ mod tests {
             let n: usize = shape.iter().product();
             let x = Tensor::from_vec(
                 shape.clone(),
-                (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect::<Vec<f32>>(),
+                (0..n)
+                    .map(|_| rng.gen_range(-3.0f32..3.0))
+                    .collect::<Vec<f32>>(),
             );
             let k = rng.gen_range(1..=rank);
             let tuples = rng.gen_range(0..4);
@@ -113,7 +119,9 @@ mod tests {
             let un: usize = us.iter().product();
             let upd = Tensor::from_vec(
                 us,
-                (0..un).map(|_| rng.gen_range(-3.0f32..3.0)).collect::<Vec<f32>>(),
+                (0..un)
+                    .map(|_| rng.gen_range(-3.0f32..3.0))
+                    .collect::<Vec<f32>>(),
             );
             let red = ["none", "add", "mul"][case % 3];
             let attrs = Attrs::new().with("reduction", Attr::Str(red.into()));

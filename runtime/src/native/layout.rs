@@ -20,7 +20,12 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
 
 /// The slice of `x` for the dtypes these copies take.
 fn slice_any(x: &Tensor, (first, step, out): SlicePlan) -> Option<Tensor> {
-    fn go<T: Elem + Copy>(x: &Tensor, first: &[i64], step: &[i64], out: &[usize]) -> Option<Tensor> {
+    fn go<T: Elem + Copy>(
+        x: &Tensor,
+        first: &[i64],
+        step: &[i64],
+        out: &[usize],
+    ) -> Option<Tensor> {
         let v = strided(x.as_slice::<T>()?, x.shape(), first, step, out);
         Some(Tensor::from_vec(out.to_vec(), v))
     }
@@ -67,7 +72,13 @@ fn slice_plan(shape: &[usize], ins: &[Option<&Tensor>]) -> Option<SlicePlan> {
 }
 
 /// Copies the strided selection (`first`, `step`, sizes `out`) of `src` (shape `shape`).
-fn strided<T: Copy>(src: &[T], shape: &[usize], first: &[i64], step: &[i64], out: &[usize]) -> Vec<T> {
+fn strided<T: Copy>(
+    src: &[T],
+    shape: &[usize],
+    first: &[i64],
+    step: &[i64],
+    out: &[usize],
+) -> Vec<T> {
     let rank = shape.len();
     let total: usize = out.iter().product();
     let mut y = Vec::with_capacity(total);
@@ -199,10 +210,7 @@ fn pad(node: &Node, x: &Tensor, ins: &[Option<&Tensor>]) -> Option<Tensor> {
                 .try_fold(0usize, |o, ((m, &i), &s)| m[i].map(|v| o + v * s));
             match base {
                 None => y.extend(std::iter::repeat_n(fv, last.len())),
-                Some(b) => y.extend(
-                    last.iter()
-                        .map(|m| m.map_or(fv, |j| src[b + j * lst])),
-                ),
+                Some(b) => y.extend(last.iter().map(|m| m.map_or(fv, |j| src[b + j * lst]))),
             }
             for d in (0..lead.len()).rev() {
                 idx[d] += 1;
@@ -244,7 +252,9 @@ mod tests {
         } else {
             Tensor::from_vec(
                 shape.to_vec(),
-                (0..n).map(|_| rng.gen_range(-5.0f32..5.0)).collect::<Vec<f32>>(),
+                (0..n)
+                    .map(|_| rng.gen_range(-5.0f32..5.0))
+                    .collect::<Vec<f32>>(),
             )
         }
     }
@@ -282,7 +292,13 @@ mod tests {
             axes.truncate(k);
             let axes: Vec<i64> = axes
                 .into_iter()
-                .map(|a| if rng.gen_bool(0.3) { a - rank as i64 } else { a })
+                .map(|a| {
+                    if rng.gen_bool(0.3) {
+                        a - rank as i64
+                    } else {
+                        a
+                    }
+                })
                 .collect();
             let pick = |rng: &mut StdRng| match rng.gen_range(0..6) {
                 0 => i64::MAX,

@@ -99,7 +99,12 @@ fn per_channel(t: Option<&Tensor>, c: usize) -> Option<&[f32]> {
 
 /// Instance and group normalisation over `(N, C, spatial...)`: mean and variance per
 /// (sample, group) in f64, then `(x − mean)·inv·scale[c] + bias[c]`.
-fn group_norm(node: &Node, v: &[f32], shape: &[usize], ins: &[Option<&Tensor>]) -> Option<Vec<f32>> {
+fn group_norm(
+    node: &Node,
+    v: &[f32],
+    shape: &[usize],
+    ins: &[Option<&Tensor>],
+) -> Option<Vec<f32>> {
     if shape.len() < 2 {
         return None;
     }
@@ -144,7 +149,12 @@ fn group_norm(node: &Node, v: &[f32], shape: &[usize], ins: &[Option<&Tensor>]) 
 }
 
 /// Inference-mode batch normalisation: `(x − mean[c])·scale[c]/sqrt(var[c] + eps) + bias[c]`.
-fn batch_norm(node: &Node, v: &[f32], shape: &[usize], ins: &[Option<&Tensor>]) -> Option<Vec<f32>> {
+fn batch_norm(
+    node: &Node,
+    v: &[f32],
+    shape: &[usize],
+    ins: &[Option<&Tensor>],
+) -> Option<Vec<f32>> {
     if shape.len() < 2 {
         return None;
     }
@@ -197,7 +207,7 @@ mod tests {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                if specials && s % 11 == 0 {
+                if specials && s.is_multiple_of(11) {
                     [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(s >> 5) as usize % 3]
                 } else {
                     ((s >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0
@@ -223,7 +233,11 @@ mod tests {
                     for specials in [false, true] {
                         let x = Tensor::from_vec(
                             shape.to_vec(),
-                            data(shape.iter().product(), (si as i64 * 8 + axis + 4) as u64, specials),
+                            data(
+                                shape.iter().product(),
+                                (si as i64 * 8 + axis + 4) as u64,
+                                specials,
+                            ),
                         );
                         let nd = node(op, Attrs::new().with("axis", Attr::Int(axis)), 1);
                         check(&nd, &[Some(&x)], &format!("{op:?} {shape:?} axis {axis}"));
@@ -240,9 +254,18 @@ mod tests {
             .enumerate()
         {
             let c = shape[1];
-            let x = Tensor::from_vec(shape.to_vec(), data(shape.iter().product(), si as u64, false));
+            let x = Tensor::from_vec(
+                shape.to_vec(),
+                data(shape.iter().product(), si as u64, false),
+            );
             let p = |k: u64, shift: f32| {
-                Tensor::from_vec(vec![c], data(c, k, false).iter().map(|v| v.abs() + shift).collect::<Vec<f32>>())
+                Tensor::from_vec(
+                    vec![c],
+                    data(c, k, false)
+                        .iter()
+                        .map(|v| v.abs() + shift)
+                        .collect::<Vec<f32>>(),
+                )
             };
             let (s, b, m, var) = (p(7, 0.1), p(8, -2.0), p(9, -1.0), p(10, 0.5));
             let eps = Attrs::new().with("epsilon", Attr::Float(1e-3));

@@ -32,12 +32,19 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
             };
             match zp.map(Tensor::dtype) {
                 None | Some(DType::U8) => {
-                    let z = zp.map_or(Some(0.0), |z| z.as_slice::<u8>().map(|z| f32::from(z[0])))?;
-                    Some(Tensor::from_vec(shape, q(0.0, 255.0, z).map(|f| f as u8).collect::<Vec<u8>>()))
+                    let z =
+                        zp.map_or(Some(0.0), |z| z.as_slice::<u8>().map(|z| f32::from(z[0])))?;
+                    Some(Tensor::from_vec(
+                        shape,
+                        q(0.0, 255.0, z).map(|f| f as u8).collect::<Vec<u8>>(),
+                    ))
                 }
                 Some(DType::I8) => {
                     let z = f32::from(zp?.as_slice::<i8>()?[0]);
-                    Some(Tensor::from_vec(shape, q(-128.0, 127.0, z).map(|f| f as i8).collect::<Vec<i8>>()))
+                    Some(Tensor::from_vec(
+                        shape,
+                        q(-128.0, 127.0, z).map(|f| f as i8).collect::<Vec<i8>>(),
+                    ))
                 }
                 _ => None,
             }
@@ -49,16 +56,28 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
             let s = f64::from(scale);
             let y: Vec<f32> = match x.dtype() {
                 DType::U8 => {
-                    let z = zp.map_or(Some(0.0), |z| z.as_slice::<u8>().map(|z| f64::from(z[0])))?;
-                    x.as_slice::<u8>()?.iter().map(|&q| ((f64::from(q) - z) * s) as f32).collect()
+                    let z =
+                        zp.map_or(Some(0.0), |z| z.as_slice::<u8>().map(|z| f64::from(z[0])))?;
+                    x.as_slice::<u8>()?
+                        .iter()
+                        .map(|&q| ((f64::from(q) - z) * s) as f32)
+                        .collect()
                 }
                 DType::I8 => {
-                    let z = zp.map_or(Some(0.0), |z| z.as_slice::<i8>().map(|z| f64::from(z[0])))?;
-                    x.as_slice::<i8>()?.iter().map(|&q| ((f64::from(q) - z) * s) as f32).collect()
+                    let z =
+                        zp.map_or(Some(0.0), |z| z.as_slice::<i8>().map(|z| f64::from(z[0])))?;
+                    x.as_slice::<i8>()?
+                        .iter()
+                        .map(|&q| ((f64::from(q) - z) * s) as f32)
+                        .collect()
                 }
                 DType::I32 => {
-                    let z = zp.map_or(Some(0.0), |z| z.as_slice::<i32>().map(|z| f64::from(z[0])))?;
-                    x.as_slice::<i32>()?.iter().map(|&q| ((f64::from(q) - z) * s) as f32).collect()
+                    let z =
+                        zp.map_or(Some(0.0), |z| z.as_slice::<i32>().map(|z| f64::from(z[0])))?;
+                    x.as_slice::<i32>()?
+                        .iter()
+                        .map(|&q| ((f64::from(q) - z) * s) as f32)
+                        .collect()
                 }
                 _ => return None,
             };
@@ -106,7 +125,11 @@ mod tests {
             let dins = [Some(&q), Some(&scale), zp.as_ref()];
             let d = node(OpKind::DequantizeLinear, 3);
             let want = kiln_ir::ops::eval(d.op, &d.attrs, &dins).expect("reference");
-            assert_eq!(run(&d, &dins).expect("native"), want[0], "dequantize {zp:?}");
+            assert_eq!(
+                run(&d, &dins).expect("native"),
+                want[0],
+                "dequantize {zp:?}"
+            );
         }
         let acc = Tensor::from_vec(vec![4], vec![i32::MIN, -5, 0, i32::MAX]);
         let d = node(OpKind::DequantizeLinear, 2);

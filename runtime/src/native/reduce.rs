@@ -338,7 +338,7 @@ mod tests {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                if specials && s % 13 == 0 {
+                if specials && s.is_multiple_of(13) {
                     [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][(s >> 5) as usize % 3]
                 } else {
                     // Positive values keep log_sum and l2 real; prod stays moderate.
@@ -388,7 +388,10 @@ mod tests {
     fn cumulative_sums_and_products_match_the_interpreter() {
         let xs = [
             Tensor::from_vec(vec![2, 3, 4], data(24, 3, true)),
-            Tensor::from_vec(vec![3, 5], (0..15).map(|i| i * 7 - 40).collect::<Vec<i64>>()),
+            Tensor::from_vec(
+                vec![3, 5],
+                (0..15).map(|i| i * 7 - 40).collect::<Vec<i64>>(),
+            ),
             Tensor::from_vec(vec![4], vec![i32::MAX, 1, -3, 2]),
         ];
         for x in &xs {
@@ -402,7 +405,12 @@ mod tests {
                         let ins = [Some(x), Some(&a)];
                         let want = kiln_ir::ops::eval(op, &attrs, &ins).expect("reference");
                         let got = cumulative(&node(op, attrs), &ins).expect("native");
-                        assert_eq!(got, want[0], "{op:?} {:?} axis {axis} {excl} {rev}", x.shape());
+                        assert_eq!(
+                            got,
+                            want[0],
+                            "{op:?} {:?} axis {axis} {excl} {rev}",
+                            x.shape()
+                        );
                     }
                 }
             }
@@ -416,7 +424,11 @@ mod tests {
         let got = run(&node(OpKind::ReduceSum, noop), &[Some(&x), None]).expect("identity");
         assert_eq!(got, x);
         let bad = Tensor::from_vec(vec![1], vec![5i64]);
-        assert!(run(&node(OpKind::ReduceSum, Attrs::new()), &[Some(&x), Some(&bad)]).is_none());
+        assert!(run(
+            &node(OpKind::ReduceSum, Attrs::new()),
+            &[Some(&x), Some(&bad)]
+        )
+        .is_none());
         let ints = Tensor::from_vec(vec![2], vec![1i64, 2]);
         assert!(run(&node(OpKind::ReduceSum, Attrs::new()), &[Some(&ints), None]).is_none());
     }
