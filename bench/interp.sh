@@ -8,7 +8,11 @@
 #   KILN=path/to/kiln         the binary measured (default: a release build of this checkout)
 #   KILN_BEFORE=path/to/kiln  also measure this binary (a build of the commit before), in
 #                             the same run, as the "before" columns
+#   LATENCY_NOTE=text         what the latency binaries are (printed above their rows)
+#   BEFORE_NOTE=text          what the before binary is (printed in the header)
 #   RUNS=N                    profiled runs per model (default 10)
+#   LATENCY_BINS="A B"        the binaries timed beside ONNX Runtime (default: $KILN only; a
+#                             release build of the commit before makes the before rows)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${KILN:-}" ]; then
@@ -60,6 +64,8 @@ name_of() {
   echo "the reference interpreter (no native routine, or the routine declined the inputs), with the ops"
   echo "named; kernels per run and kernel time per run in ms (profiled runs, so including timer overhead)."
   echo
+  echo "Binaries: after \`$KILN\`${KILN_BEFORE:+, before \`$KILN_BEFORE\`}${BEFORE_NOTE:+ ($BEFORE_NOTE)}."
+  echo
   if [ -n "${KILN_BEFORE:-}" ]; then
     echo "| model | before: interp share (ops) | kernels | ms | after: interp share (ops) | kernels | ms |"
     echo "|---|---|---:|---:|---|---:|---:|"
@@ -83,16 +89,14 @@ done
   echo
   echo "## Unrolled recurrences beside ONNX Runtime (batch 1, test data)"
   echo
-  echo "\`kiln bench MODEL --threads 1,2 --runs 200 --compare-ort --format md\`; a row per binary."
+  echo "\`kiln bench MODEL --threads 1,2 --runs 200 --compare-ort --format md\`, per binary.${LATENCY_NOTE:+ $LATENCY_NOTE}"
   echo
 } >>"$OUT"
 for m in rwkv_tiny mamba_tiny retnet_tiny; do
-  for bin in ${KILN_BEFORE:+"$KILN_BEFORE"} "$KILN"; do
-    label=$([ "$bin" = "$KILN" ] && echo "after" || echo "before")
-    [ -z "${KILN_BEFORE:-}" ] && label="kiln"
-    echo "$m ($label)" >&2
+  for bin in ${LATENCY_BINS:-$KILN}; do
+    echo "$m ($bin)" >&2
     {
-      echo "$m, $label (\`$bin\`):"
+      echo "$m, \`$bin\`:"
       echo
       "$bin" bench "$MODELS/tiny/$m/model.onnx" --threads 1,2 --runs 200 --compare-ort --format md 2>&1 |
         grep '^|' || echo "(failed)"

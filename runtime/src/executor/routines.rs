@@ -1,7 +1,11 @@
 //! Native fast paths for ops the partitioner leaves as fallbacks: data movement (f32
 //! `transpose`, `gather`, `concat`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
 //! `flatten`/`identity`/`shape`), the fused row ops `inv_std`/`inv_rms`/`rotary` in f32 and
-//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`),
+//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`), and the op
+//! families with a file of their own under `native/`: reductions and cumulative sums
+//! (`reduce.rs`), softmax-likes on any axis and channel norms (`norm.rs`), slice and pad
+//! (`layout.rs`), scatter_nd (`index.rs`), casts (`cast.rs`), per-tensor quantize/dequantize
+//! (`quant.rs`); general convs run from the executor's contraction path (`conv_general.rs`),
 //! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
 //! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
 //! indices) returns `None` and runs through the interpreter, which defines the semantics

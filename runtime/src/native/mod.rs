@@ -1,6 +1,8 @@
 //! Hand-written CPU kernels shared by kiln's CPU backends: contractions (GEMM with fused
-//! epilogues, the exact 8-bit integer GEMM) today; the JIT calls into these for the ops it
-//! does not generate itself.
+//! epilogues, the exact 8-bit integer GEMM, patch and general convs) and, one op family per
+//! file, the native routines of ops the loop kernels do not take (reductions, norms, slices
+//! and pads, scatters, casts, quantisation); the JIT calls into these for the ops it does not
+//! generate itself.
 
 pub mod attention;
 pub mod cast;
