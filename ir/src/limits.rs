@@ -32,8 +32,11 @@ pub fn set_max_memory(bytes: usize) {
 
 /// The limit in force on this thread: the process-wide one, or a scope's tighter budget.
 pub fn max_memory() -> usize {
+    // The default is read from /proc once: reading it per call (every expand, every
+    // interpreter allocation) cost tens of microseconds each, most of a small kernel's time.
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let global = match MAX_BYTES.load(Ordering::Relaxed) {
-        0 => default_max_memory(),
+        0 => *DEFAULT.get_or_init(default_max_memory),
         b => b,
     };
     global.min(SCOPED.with(Cell::get))

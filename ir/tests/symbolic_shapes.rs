@@ -262,3 +262,42 @@ fn if_runs_the_chosen_branch_and_merges_branch_shapes() {
     let e = run(&g, vec![Tensor::scalar(false), xs.clone()]).expect("else runs");
     assert_eq!(e[0], xs);
 }
+
+/// Mamba's split of `x [B, 256, L]` in halves: the slice ends are shape arithmetic
+/// (`shape(x)[1] // 2`, times 1 and 2) on a tensor whose batch is symbolic, so not constants,
+/// but their contents are known; and a slice to the axis's own symbolic size is the whole
+/// axis. Both must keep every dim (a `?` there left the following elementwise ops unfused).
+#[test]
+fn slice_ends_from_shape_arithmetic_keep_dims() {
+    let mut b = B::new();
+    let x = b.input("x", DType::F32, sym(&["B", "256", "L"]));
+    let s = b.node(OpKind::Shape, Attrs::new(), &[x]);
+    let idx = b.konst(Tensor::from_vec(vec![1], vec![1i64]));
+    let c = b.node(
+        OpKind::Gather,
+        Attrs::new().with("axis", Attr::Int(0)),
+        &[s, idx],
+    );
+    let two = b.ints(&[2]);
+    let half = b.node(OpKind::Div, Attrs::new(), &[c, two]);
+    let full = b.node(OpKind::Mul, Attrs::new(), &[half, two]);
+    let (zero, one) = (b.ints(&[0]), b.ints(&[1]));
+    let lo = b.node(OpKind::Slice, Attrs::new(), &[x, zero, half, one]);
+    let hi = b.node(OpKind::Slice, Attrs::new(), &[x, half, full, one]);
+    assert_eq!(b.shape_of(lo), "[B, 128, L]");
+    assert_eq!(b.shape_of(hi), "[B, 128, L]");
+    // x[:, :, :L] with L read from the shape: the whole symbolic axis.
+    let l = b.dim_of(s, 2);
+    let m1 = b.ints(&[-1]);
+    let all = b.node(OpKind::Slice, Attrs::new(), &[x, zero, l, m1]);
+    assert_eq!(b.shape_of(all), "[B, 256, L]");
+    // From 1 to L is one shorter than L: unknown, never L.
+    let part = b.node(OpKind::Slice, Attrs::new(), &[x, one, l, m1]);
+    assert_eq!(b.shape_of(part), "[B, 256, ?]");
+    // And the graph runs with the shapes it promised.
+    let g = b.0.finish(vec![lo, hi, all]);
+    let xs = Tensor::from_vec(vec![2, 256, 3], vec![0.5f32; 2 * 256 * 3]);
+    let outs = run(&g, vec![xs]).expect("runs");
+    assert_eq!(outs[0].shape(), &[2, 128, 3]);
+    assert_eq!(outs[2].shape(), &[2, 256, 3]);
+}

@@ -198,11 +198,14 @@ fn lowerable(node: &Node, rank: usize) -> bool {
                     .as_deref(),
                 Ok("none") | Ok("tanh")
             ),
-            Softmax => last_axis(-1),
+            Softmax | LogSoftmax => last_axis(-1),
+            Celu => node.attrs.float_or("alpha", 1.0).is_ok_and(|a| a > 0.0),
             LayerNorm => node.outputs.len() == 1 && last_axis(-1),
             RmsNorm => last_axis(-1),
             // Variadic in ONNX; the lowering is binary.
             Max | Min => node.inputs.len() == 2,
+            // Variadic: a chain of adds (and a scale for the mean).
+            Sum | Mean => node.inputs.iter().all(Option::is_some),
             _ => true,
         }
 }
@@ -224,12 +227,52 @@ fn fusable(g: &Graph, node: &Node) -> Option<Vec<Dim>> {
                 }
                 inner_access(&known_dims(g, *v)?, &dom)?;
             }
-            // Only layer_norm's bias (and rms_norm's ignored one) may be omitted.
-            None if k == 2 => {}
+            // Only layer_norm's bias (and rms_norm's ignored one) and clip's bounds may be
+            // omitted.
+            None if k == 2 || node.op == OpKind::Clip => {}
             None => return None,
         }
     }
+    match node.op {
+        // Clip's bounds are scalars (one element), broadcast to every row.
+        OpKind::Clip => {
+            let scalar = |v: &ValueId| {
+                g.ty(*v)
+                    .shape
+                    .dims()
+                    .is_some_and(|d| d.iter().all(|d| *d == Dim::Fixed(1)))
+            };
+            if !node.inputs.iter().skip(1).flatten().all(scalar) {
+                return None;
+            }
+        }
+        // `x < 0 ? slope·x : x` as `max(x, 0) + slope·min(x, 0)` is exact only for finite
+        // slopes (an infinite or NaN slope times 0 is NaN): the slope must be a constant
+        // with finite values. PRelu's slope broadcasts to x, never the other way.
+        OpKind::PRelu => {
+            let slope = node.inputs.get(1).copied().flatten()?;
+            let finite = constant_value(g, slope)
+                .and_then(|t| t.as_slice::<f32>().map(|v| v.iter().all(|x| x.is_finite())));
+            if finite != Some(true) || known_dims(g, node.inputs[0]?)? != dom {
+                return None;
+            }
+        }
+        _ => {}
+    }
     Some(dom)
+}
+
+/// The value of `v` when a `constant` node defines it.
+fn constant_value(g: &Graph, v: ValueId) -> Option<Tensor> {
+    let node = g
+        .nodes
+        .iter()
+        .find(|n| n.op == OpKind::Constant && n.outputs.contains(&v))?;
+    let at = node.outputs.iter().position(|&o| o == v)?;
+    kiln_ir::ops::eval(node.op, &node.attrs, &[])
+        .ok()?
+        .into_iter()
+        .nth(at)
 }
 
 /// Partitions `g` into kernels. Constant nodes are evaluated here.
@@ -447,13 +490,125 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
                 k.un(UnOp::Gelu, x)
             }
         }
-        Softmax => {
+        Softmax | LogSoftmax => {
             let m = k.reduce(RedOp::Max, x);
             let shift = k.un(UnOp::FiniteOrZero, m);
             let d = k.bin(BinOp::Sub, x, shift);
             let e = k.un(UnOp::Exp, d);
             let s = k.reduce(RedOp::Sum, e);
-            k.bin(BinOp::Div, e, s)
+            if node.op == Softmax {
+                k.bin(BinOp::Div, e, s)
+            } else {
+                let l = k.un(UnOp::Log, s);
+                k.bin(BinOp::Sub, d, l)
+            }
+        }
+        LeakyRelu | PRelu => {
+            // x < 0 ? a·x : x, as max(x, 0) + a·min(x, 0) (finite a: see `fusable`).
+            let a = match node.op {
+                LeakyRelu => k.konst(node.attrs.float_or("alpha", 0.01)?),
+                _ => arg(1)?,
+            };
+            let zero = k.konst(0.0);
+            let pos = k.bin(BinOp::Max, x, zero);
+            let neg = k.bin(BinOp::Min, x, zero);
+            let t = k.bin(BinOp::Mul, a, neg);
+            k.bin(BinOp::Add, pos, t)
+        }
+        Selu => {
+            // gamma·(max(x, 0) + alpha·(exp(min(x, 0)) − 1)).
+            let alpha = k.konst(node.attrs.float_or("alpha", 1.673_263_2)?);
+            let gamma = k.konst(node.attrs.float_or("gamma", 1.050_701)?);
+            let zero = k.konst(0.0);
+            let one = k.konst(1.0);
+            let pos = k.bin(BinOp::Max, x, zero);
+            let neg = k.bin(BinOp::Min, x, zero);
+            let e = k.un(UnOp::Exp, neg);
+            let em1 = k.bin(BinOp::Sub, e, one);
+            let t = k.bin(BinOp::Mul, alpha, em1);
+            let s = k.bin(BinOp::Add, pos, t);
+            k.bin(BinOp::Mul, gamma, s)
+        }
+        Celu => {
+            // max(x, 0) + min(0, alpha·(exp(x/alpha) − 1)), which for alpha > 0 (see
+            // `lowerable`) is max(x, 0) + alpha·(exp(min(x, 0)/alpha) − 1): exp never sees
+            // a large positive argument.
+            let alpha = k.konst(node.attrs.float_or("alpha", 1.0)?);
+            let zero = k.konst(0.0);
+            let one = k.konst(1.0);
+            let pos = k.bin(BinOp::Max, x, zero);
+            let neg = k.bin(BinOp::Min, x, zero);
+            let xa = k.bin(BinOp::Div, neg, alpha);
+            let e = k.un(UnOp::Exp, xa);
+            let em1 = k.bin(BinOp::Sub, e, one);
+            let t = k.bin(BinOp::Mul, alpha, em1);
+            k.bin(BinOp::Add, pos, t)
+        }
+        Softplus => softplus(k, x),
+        Mish => {
+            let sp = softplus(k, x);
+            let t = k.un(UnOp::Tanh, sp);
+            k.bin(BinOp::Mul, x, t)
+        }
+        Softsign => {
+            let one = k.konst(1.0);
+            let a = k.un(UnOp::Abs, x);
+            let d = k.bin(BinOp::Add, one, a);
+            k.bin(BinOp::Div, x, d)
+        }
+        HardSigmoid | HardSwish => {
+            // clamp(alpha·x + beta, 0, 1), times x for hard_swish (alpha 1/6, beta 1/2).
+            let (alpha, beta) = match node.op {
+                HardSigmoid => (
+                    node.attrs.float_or("alpha", 0.2)?,
+                    node.attrs.float_or("beta", 0.5)?,
+                ),
+                _ => (1.0 / 6.0, 0.5),
+            };
+            let (alpha, beta) = (k.konst(alpha), k.konst(beta));
+            let zero = k.konst(0.0);
+            let one = k.konst(1.0);
+            let ax = k.bin(BinOp::Mul, alpha, x);
+            let v = k.bin(BinOp::Add, ax, beta);
+            let lo = k.bin(BinOp::Max, v, zero);
+            let h = k.bin(BinOp::Min, lo, one);
+            match node.op {
+                HardSigmoid => h,
+                _ => k.bin(BinOp::Mul, x, h),
+            }
+        }
+        Clip => {
+            // max then min, NaN-propagating like the interpreter's comparisons for NaN x.
+            let mut y = x;
+            if let Some(lo) = ins.get(1).copied().flatten() {
+                y = k.bin(BinOp::Max, y, lo);
+            }
+            if let Some(hi) = ins.get(2).copied().flatten() {
+                y = k.bin(BinOp::Min, y, hi);
+            }
+            y
+        }
+        Sign => {
+            // clamp(x·2^126·2^126, −1, 1): ±1 for every nonzero x (the smallest subnormal
+            // scales to 2^103), ±0 kept, NaN kept.
+            let big = k.konst(2f32.powi(126));
+            let one = k.konst(1.0);
+            let m1 = k.konst(-1.0);
+            let a = k.bin(BinOp::Mul, x, big);
+            let b = k.bin(BinOp::Mul, a, big);
+            let lo = k.bin(BinOp::Max, b, m1);
+            k.bin(BinOp::Min, lo, one)
+        }
+        Sum | Mean => {
+            let mut y = x;
+            for i in 1..ins.len() {
+                y = k.bin(BinOp::Add, y, arg(i)?);
+            }
+            if node.op == Mean {
+                let n = k.konst(ins.len() as f32);
+                y = k.bin(BinOp::Div, y, n);
+            }
+            y
         }
         LayerNorm | RmsNorm => {
             let eps = k.konst(node.attrs.float_or("epsilon", 1e-5)?);
@@ -480,4 +635,23 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
         }
         op => return Err(format!("no loop lowering for `{}`", op.name())),
     })
+}
+
+/// softplus(x) = max(x, 0) + log1p(exp(−|x|)), with log1p(u) = log(w) − ((w − 1) − u)/w for
+/// w = 1 + u: the correction restores what rounding `1 + u` lost, so a large negative x
+/// gives exp(x) rather than 0 (as the interpreter's `ln_1p`).
+fn softplus(k: &mut LoopKernel, x: ExprId) -> ExprId {
+    let zero = k.konst(0.0);
+    let one = k.konst(1.0);
+    let pos = k.bin(BinOp::Max, x, zero);
+    let a = k.un(UnOp::Abs, x);
+    let na = k.un(UnOp::Neg, a);
+    let u = k.un(UnOp::Exp, na);
+    let w = k.bin(BinOp::Add, one, u);
+    let lw = k.un(UnOp::Log, w);
+    let wm1 = k.bin(BinOp::Sub, w, one);
+    let err = k.bin(BinOp::Sub, wm1, u);
+    let c = k.bin(BinOp::Div, err, w);
+    let l1p = k.bin(BinOp::Sub, lw, c);
+    k.bin(BinOp::Add, pos, l1p)
 }

@@ -17,7 +17,7 @@ const TOL: Tolerance = Tolerance::ScaledByMax {
 };
 
 /// Number of graph kinds `build` knows.
-const KINDS: u8 = 11;
+const KINDS: u8 = 17;
 
 /// How the second operand broadcasts against x `[B, ..., n]`.
 fn y_dims(x: &[Dim], mode: u8) -> Vec<Dim> {
@@ -35,6 +35,19 @@ fn y_dims(x: &[Dim], mode: u8) -> Vec<Dim> {
 
 fn f32_ty(d: Vec<Dim>) -> TensorType {
     TensorType::new(DType::F32, Shape::new(d))
+}
+
+/// A `constant` node holding `t`.
+fn konst(b: &mut GraphBuilder, name: &str, t: Tensor) -> kiln_ir::ValueId {
+    let attrs = Attrs::new().with("value", Attr::Tensor(std::sync::Arc::new(t)));
+    b.node(
+        OpKind::Constant,
+        attrs,
+        vec![],
+        vec![(name.into(), None)],
+        "",
+    )
+    .unwrap()[0]
 }
 
 /// A graph of kind `kind` over x `[B, dims...]` and a broadcast operand y.
@@ -110,6 +123,81 @@ fn build(kind: u8, xd: &[Dim], mode: u8) -> Graph {
             let g = op(&mut b, OpKind::Gelu, no(), vec![ln]);
             return b.finish(vec![g, a]);
         }
+        11 => {
+            // leaky_relu, prelu (constant finite slope per column), hard_sigmoid, hard_swish.
+            let al = Attrs::new().with("alpha", Attr::Float(0.3));
+            let lr = op(&mut b, OpKind::LeakyRelu, al, vec![x]);
+            let n = concrete(&[xd.last().unwrap().clone()], 1)[0];
+            let slope = konst(
+                &mut b,
+                "slope",
+                Tensor::from_vec(
+                    vec![n],
+                    (0..n).map(|i| 0.25 - 0.1 * i as f32).collect::<Vec<f32>>(),
+                ),
+            );
+            let pr = op(&mut b, OpKind::PRelu, no(), vec![lr, slope]);
+            let hs_attrs = Attrs::new()
+                .with("alpha", Attr::Float(0.3))
+                .with("beta", Attr::Float(0.4));
+            let hs = op(&mut b, OpKind::HardSigmoid, hs_attrs, vec![y]);
+            let hw = op(&mut b, OpKind::HardSwish, no(), vec![pr]);
+            op(&mut b, OpKind::Add, no(), vec![hw, hs])
+        }
+        12 => {
+            // softplus and mish (large |x| too: the inputs are scaled by 12), softsign.
+            let k12 = konst(&mut b, "k12", Tensor::from_vec(vec![], vec![12.0f32]));
+            let big = op(&mut b, OpKind::Mul, no(), vec![x, k12]);
+            let sp = op(&mut b, OpKind::Softplus, no(), vec![big]);
+            let mi = op(&mut b, OpKind::Mish, no(), vec![y]);
+            let ss = op(&mut b, OpKind::Softsign, no(), vec![big]);
+            let a = op(&mut b, OpKind::Add, no(), vec![sp, mi]);
+            op(&mut b, OpKind::Sub, no(), vec![a, ss])
+        }
+        13 => {
+            // selu and celu with non-default attributes, sign.
+            let sa = Attrs::new()
+                .with("alpha", Attr::Float(1.5))
+                .with("gamma", Attr::Float(0.9));
+            let se = op(&mut b, OpKind::Selu, sa, vec![x]);
+            let ca = Attrs::new().with("alpha", Attr::Float(0.6));
+            let ce = op(&mut b, OpKind::Celu, ca, vec![y]);
+            let sg = op(&mut b, OpKind::Sign, no(), vec![x]);
+            let a = op(&mut b, OpKind::Add, no(), vec![se, ce]);
+            op(&mut b, OpKind::Mul, no(), vec![a, sg])
+        }
+        14 => {
+            // clip with constant bounds, with only a max bound, and with graph-input bounds.
+            let lo = konst(&mut b, "lo", Tensor::from_vec(vec![], vec![-0.5f32]));
+            let hi = konst(&mut b, "hi", Tensor::from_vec(vec![1], vec![1.25f32]));
+            let c1 = op(&mut b, OpKind::Clip, no(), vec![x, lo, hi]);
+            // (A rank-0 bound: y may be rank 0, which a [1] bound would outrank.)
+            let hi0 = konst(&mut b, "hi0", Tensor::from_vec(vec![], vec![1.25f32]));
+            let c2 = b
+                .node(
+                    OpKind::Clip,
+                    no(),
+                    vec![Some(y), None, Some(hi0)],
+                    vec![("c2".into(), None)],
+                    "",
+                )
+                .unwrap()[0];
+            let a = op(&mut b, OpKind::Add, no(), vec![c1, c2]);
+            let blo = b.input("blo", f32_ty(vec![]));
+            let bhi = b.input("bhi", f32_ty(vec![Dim::Fixed(1)]));
+            op(&mut b, OpKind::Clip, no(), vec![a, blo, bhi])
+        }
+        15 => {
+            // log_softmax on the last axis, after a broadcast add.
+            let a = op(&mut b, OpKind::Add, no(), vec![x, y]);
+            op(&mut b, OpKind::LogSoftmax, no(), vec![a])
+        }
+        16 => {
+            // variadic sum and mean.
+            let t = op(&mut b, OpKind::Tanh, no(), vec![x]);
+            let su = op(&mut b, OpKind::Sum, no(), vec![x, y, t]);
+            op(&mut b, OpKind::Mean, no(), vec![su, y])
+        }
         _ => {
             // erf, and elu (linear attention's feature map) with a non-default alpha.
             let e = op(&mut b, OpKind::Erf, no(), vec![x]);
@@ -166,7 +254,7 @@ fn check(kind: u8, dims: &[usize], batch: usize, mode: u8, seed: u64, specials: 
         exe.plan().kernels
     );
     assert!(exe.jit_kernel_count() >= 1);
-    let names = ["x", "y", "s", "bias"];
+    let names = ["x", "y", "s", "bias", "blo", "bhi"];
     let inputs: Vec<(&str, Tensor)> = g
         .inputs
         .iter()

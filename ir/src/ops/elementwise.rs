@@ -489,7 +489,15 @@ fn unary_fn(op: OpKind, attrs: &Attrs) -> Result<Box<dyn Fn(f64) -> f64>, String
         }
         Celu => {
             let al = a("alpha", 1.0)?;
-            Box::new(move |x| x.max(0.0) + (al * (x / al).exp_m1()).min(0.0))
+            // NaN stays NaN (numpy's maximum/minimum, as the ONNX reference); f64::max and
+            // min would drop it and give celu(NaN) = 0.
+            Box::new(move |x: f64| {
+                if x.is_nan() {
+                    x
+                } else {
+                    x.max(0.0) + (al * (x / al).exp_m1()).min(0.0)
+                }
+            })
         }
         Gelu => {
             if attrs.string_or("approximate", "none".into())? == "tanh" {

@@ -740,8 +740,9 @@ fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor, S
 
 // ---- slice
 
-/// Slice parameters per axis: (axis, start, end, step).
-fn slice_params(
+/// Slice parameters per axis: (axis, start, end, step). Shared with the runtime's native
+/// slice, so both read the inputs the same way.
+pub fn slice_params(
     rank: usize,
     starts: &[i64],
     ends: &[i64],
@@ -781,7 +782,7 @@ fn slice_params(
 }
 
 /// The effective first index and element count of a slice of a dim of size `n`.
-fn slice_range(n: usize, start: i64, end: i64, step: i64) -> (i64, usize) {
+pub fn slice_range(n: usize, start: i64, end: i64, step: i64) -> (i64, usize) {
     let n = n as i128;
     let (step, mut s, mut e) = (step as i128, start as i128, end as i128);
     if s < 0 {
@@ -827,8 +828,17 @@ fn infer_slice(x: &Fact, inputs: &[Option<&Fact>]) -> Result<Fact, String> {
     let Some(d) = x.ty.shape.dims() else {
         return Ok(fact(dt, Shape::unknown()));
     };
-    let starts = const_ints(arg(inputs, 1)?);
-    let ends = const_ints(arg(inputs, 2)?);
+    // Starts and ends are often shape arithmetic on a tensor with a symbolic dim elsewhere
+    // (`x.shape[1] // 2`): not a constant, but its contents are known dims.
+    let bound = |f: &Fact| {
+        const_ints(f).or_else(|| {
+            f.value_dims()?
+                .iter()
+                .map(|d| d.fixed().and_then(|n| i64::try_from(n).ok()))
+                .collect()
+        })
+    };
+    let starts = bound(arg(inputs, 1)?);
     let axes = match opt_arg(inputs, 3) {
         None => Some(None),
         Some(a) => const_ints(a).map(Some),
@@ -837,6 +847,24 @@ fn infer_slice(x: &Fact, inputs: &[Option<&Fact>]) -> Result<Fact, String> {
         None => Some(None),
         Some(a) => const_ints(a).map(Some),
     };
+    // An end that is the sliced axis's own symbolic size (`x[:, :S]` with `S = x.shape[1]`)
+    // runs to the end of that axis.
+    let ends = bound(arg(inputs, 2)?).or_else(|| {
+        let e = arg(inputs, 2).ok()?.value_dims()?;
+        let axes: Vec<usize> = match &axes {
+            Some(Some(a)) => norm_axes(a, d.len()).ok()?,
+            Some(None) => (0..e.len()).collect(),
+            None => return None,
+        };
+        e.iter()
+            .zip(axes.iter().chain(std::iter::repeat(&usize::MAX)))
+            .map(|(dim, &a)| match dim {
+                Dim::Fixed(n) => i64::try_from(*n).ok(),
+                Dim::Sym(_) if d.get(a) == Some(dim) => Some(i64::MAX),
+                _ => None,
+            })
+            .collect()
+    });
     let (Some(starts), Some(ends), Some(axes), Some(steps)) = (starts, ends, axes, steps) else {
         return Ok(fact(dt, Shape::unknown_of_rank(d.len())));
     };
@@ -926,8 +954,9 @@ pub(crate) fn broadcast_map(src: &[usize], out: &[usize]) -> Vec<usize> {
     map
 }
 
-/// Per-axis (begin, end) pad amounts from the `pads` and `axes` inputs.
-fn pad_amounts(pads: &[i64], axes: &[i64], rank: usize) -> Result<Vec<(i64, i64)>, String> {
+/// Per-axis (begin, end) pad amounts from the `pads` and `axes` inputs (shared with the
+/// runtime's native pad).
+pub fn pad_amounts(pads: &[i64], axes: &[i64], rank: usize) -> Result<Vec<(i64, i64)>, String> {
     let axes = norm_axes(axes, rank)?;
     if pads.len() != 2 * axes.len() {
         return Err(format!("{} pads for {} axes", pads.len(), axes.len()));

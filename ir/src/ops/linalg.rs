@@ -566,6 +566,53 @@ fn conv_geom(attrs: &Attrs, x: &Tensor, w: &Tensor) -> Result<ConvGeom, String> 
     })
 }
 
+/// A conv's geometry as the interpreter resolves it (auto_pad applied), for native conv
+/// routines that must read the attributes exactly as the reference does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvGeometry {
+    /// Groups.
+    pub group: usize,
+    /// Kernel size per spatial axis.
+    pub kernel: Vec<usize>,
+    /// Stride per spatial axis.
+    pub strides: Vec<usize>,
+    /// Dilation per spatial axis.
+    pub dilations: Vec<usize>,
+    /// Leading pad per spatial axis.
+    pub pads_begin: Vec<usize>,
+    /// Output size per spatial axis.
+    pub out: Vec<usize>,
+}
+
+/// The geometry of `conv(x, w)` from its attributes and operand shapes, with the checks
+/// of the reference (channels against groups, kernel against weights).
+pub fn conv_geometry(attrs: &Attrs, x: &[usize], w: &[usize]) -> Result<ConvGeometry, String> {
+    if x.len() < 3 || w.len() != x.len() {
+        return Err(format!("conv input {x:?} and weight {w:?} do not fit"));
+    }
+    let group = attrs.int_or("group", 1)?;
+    let group = usize::try_from(group)
+        .ok()
+        .filter(|&g| g > 0)
+        .ok_or_else(|| format!("bad group {group}"))?;
+    let nsp = x.len() - 2;
+    let mut win = Window::from_attrs(attrs, nsp, Some(w[2..].to_vec()))?;
+    if win.kernel != w[2..] || x[1] != w[1] * group || !w[0].is_multiple_of(group) {
+        return Err(format!(
+            "conv input {x:?}, weight {w:?}, group {group} disagree"
+        ));
+    }
+    let out = win.resolve(&x[2..], false)?;
+    Ok(ConvGeometry {
+        group,
+        pads_begin: win.pads[..nsp].to_vec(),
+        kernel: win.kernel,
+        strides: win.strides,
+        dilations: win.dilations,
+        out,
+    })
+}
+
 fn conv(attrs: &Attrs, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, String> {
     let mut g = conv_geom(attrs, x, w)?;
     let m = w.shape()[0];

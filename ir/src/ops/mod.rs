@@ -214,7 +214,7 @@ op_table! {
     Floor = "floor", "Floor", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
     Ceil = "ceil", "Ceil", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
     Round = "round", "Round", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
-    Sign = "sign", "Sign", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    Sign = "sign", "Sign", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
     Sin = "sin", "Sin", Elementwise, 1..=1, plain, same, Native, Elem(10.0);
     Cos = "cos", "Cos", Elementwise, 1..=1, plain, same, Native, Elem(10.0);
     Tan = "tan", "Tan", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
@@ -230,16 +230,16 @@ op_table! {
     Tanh = "tanh", "Tanh", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
     Sigmoid = "sigmoid", "Sigmoid", Elementwise, 1..=1, plain, same, Loop, Elem(10.0);
     Relu = "relu", "Relu", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
-    LeakyRelu = "leaky_relu", "LeakyRelu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    LeakyRelu = "leaky_relu", "LeakyRelu", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
     Elu = "elu", "Elu", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
-    Selu = "selu", "Selu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
-    Celu = "celu", "Celu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Selu = "selu", "Selu", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
+    Celu = "celu", "Celu", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
     Gelu = "gelu", "Gelu", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
-    Mish = "mish", "Mish", Elementwise, 1..=1, attrs, same, Interp, Elem(10.0);
-    Softplus = "softplus", "Softplus", Elementwise, 1..=1, attrs, same, Interp, Elem(10.0);
-    Softsign = "softsign", "Softsign", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
-    HardSigmoid = "hard_sigmoid", "HardSigmoid", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
-    HardSwish = "hard_swish", "HardSwish", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
+    Mish = "mish", "Mish", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
+    Softplus = "softplus", "Softplus", Elementwise, 1..=1, attrs, same, Loop, Elem(10.0);
+    Softsign = "softsign", "Softsign", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
+    HardSigmoid = "hard_sigmoid", "HardSigmoid", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
+    HardSwish = "hard_swish", "HardSwish", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
     ThresholdedRelu = "thresholded_relu", "ThresholdedRelu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
     Shrink = "shrink", "Shrink", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
     IsNaN = "is_nan", "IsNaN", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
@@ -248,7 +248,7 @@ op_table! {
     BitwiseNot = "bitwise_not", "BitwiseNot", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
     Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
     CastLike = "cast_like", "CastLike", Elementwise, 2..=2, attrs, same, Interp, Elem(1.0);
-    Clip = "clip", "Clip", Elementwise, 1..=3, plain, same, Interp, Elem(1.0);
+    Clip = "clip", "Clip", Elementwise, 1..=3, plain, same, Loop, Elem(1.0);
     // ---- elementwise.rs: binary and variadic with broadcasting
     Add = "add", "Add", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
     Sub = "sub", "Sub", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
@@ -258,9 +258,9 @@ op_table! {
     Mod = "mod", "Mod", Elementwise, 2..=2, attrs, rule, Interp, Elem(1.0);
     Max = "max", "Max", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
     Min = "min", "Min", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
-    Sum = "sum", "Sum", Elementwise, 1..=N, plain, rule, Interp, Elem(1.0);
-    Mean = "mean", "Mean", Elementwise, 1..=N, plain, rule, Interp, Elem(1.0);
-    PRelu = "prelu", "PRelu", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    Sum = "sum", "Sum", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
+    Mean = "mean", "Mean", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
+    PRelu = "prelu", "PRelu", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
     Equal = "equal", "Equal", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
     Less = "less", "Less", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
     LessOrEqual = "less_equal", "LessOrEqual", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
@@ -275,29 +275,29 @@ op_table! {
     BitShift = "bit_shift", "BitShift", Elementwise, 2..=2, attrs, rule, Interp, Elem(1.0);
     Where = "where", "Where", Elementwise, 3..=3, plain, rule, Native, Elem(1.0);
     // ---- reduce.rs: reductions along axes, arg-reductions, scans
-    ReduceSum = "reduce_sum", "ReduceSum", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceMean = "reduce_mean", "ReduceMean", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceMax = "reduce_max", "ReduceMax", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceMin = "reduce_min", "ReduceMin", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceProd = "reduce_prod", "ReduceProd", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceL1 = "reduce_l1", "ReduceL1", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceL2 = "reduce_l2", "ReduceL2", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceLogSum = "reduce_log_sum", "ReduceLogSum", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceLogSumExp = "reduce_log_sum_exp", "ReduceLogSumExp", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
-    ReduceSumSquare = "reduce_sum_square", "ReduceSumSquare", Reduce, 1..=2, attrs, rule, Interp, Elem(1.0);
+    ReduceSum = "reduce_sum", "ReduceSum", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceMean = "reduce_mean", "ReduceMean", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceMax = "reduce_max", "ReduceMax", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceMin = "reduce_min", "ReduceMin", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceProd = "reduce_prod", "ReduceProd", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceL1 = "reduce_l1", "ReduceL1", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceL2 = "reduce_l2", "ReduceL2", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceLogSum = "reduce_log_sum", "ReduceLogSum", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceLogSumExp = "reduce_log_sum_exp", "ReduceLogSumExp", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
+    ReduceSumSquare = "reduce_sum_square", "ReduceSumSquare", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
     ArgMax = "arg_max", "ArgMax", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
     ArgMin = "arg_min", "ArgMin", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
-    CumSum = "cumsum", "CumSum", Reduce, 2..=2, attrs, rule, Interp, Elem(1.0);
-    CumProd = "cumprod", "CumProd", Reduce, 2..=2, attrs, rule, Interp, Elem(1.0);
+    CumSum = "cumsum", "CumSum", Reduce, 2..=2, attrs, rule, Native, Elem(1.0);
+    CumProd = "cumprod", "CumProd", Reduce, 2..=2, attrs, rule, Native, Elem(1.0);
     // ---- nn.rs: softmax and normalisations
     Softmax = "softmax", "Softmax", Nn, 1..=1, attrs, rule, Loop, Elem(12.0);
-    LogSoftmax = "log_softmax", "LogSoftmax", Nn, 1..=1, attrs, rule, Interp, Elem(12.0);
-    Hardmax = "hardmax", "Hardmax", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
+    LogSoftmax = "log_softmax", "LogSoftmax", Nn, 1..=1, attrs, rule, Loop, Elem(12.0);
+    Hardmax = "hardmax", "Hardmax", Nn, 1..=1, attrs, rule, Native, Elem(1.0);
     LayerNorm = "layer_norm", "LayerNormalization", Nn, 2..=3, attrs, rule, Loop, Elem(8.0);
     RmsNorm = "rms_norm", "RMSNormalization", Nn, 2..=2, attrs, rule, Loop, Elem(8.0);
-    BatchNorm = "batch_norm", "BatchNormalization", Nn, 5..=5, attrs, rule, Interp, Elem(8.0);
-    InstanceNorm = "instance_norm", "InstanceNormalization", Nn, 3..=3, attrs, rule, Interp, Elem(8.0);
-    GroupNorm = "group_norm", "GroupNormalization", Nn, 3..=3, attrs, rule, Interp, Elem(8.0);
+    BatchNorm = "batch_norm", "BatchNormalization", Nn, 5..=5, attrs, rule, Native, Elem(8.0);
+    InstanceNorm = "instance_norm", "InstanceNormalization", Nn, 3..=3, attrs, rule, Native, Elem(8.0);
+    GroupNorm = "group_norm", "GroupNormalization", Nn, 3..=3, attrs, rule, Native, Elem(8.0);
     LpNorm = "lp_norm", "LpNormalization", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
     MeanVarianceNorm = "mean_variance_norm", "MeanVarianceNormalization", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
     Lrn = "lrn", "LRN", Nn, 1..=1, attrs, rule, Interp, Elem(1.0);
@@ -325,10 +325,10 @@ op_table! {
     Transpose = "transpose", "Transpose", Layout, 1..=1, attrs, rule, Native, Elem(1.0);
     Concat = "concat", "Concat", Layout, 1..=N, attrs, rule, Native, Elem(1.0);
     Split = "split", "Split", Layout, 1..=2, attrs, rule, Native, Elem(1.0);
-    Slice = "slice", "Slice", Layout, 3..=5, attrs, rule, Interp, Elem(1.0);
+    Slice = "slice", "Slice", Layout, 3..=5, attrs, rule, Native, Elem(1.0);
     Expand = "expand", "Expand", Layout, 2..=2, plain, rule, Native, Elem(1.0);
     Tile = "tile", "Tile", Layout, 2..=2, plain, rule, Interp, Elem(1.0);
-    Pad = "pad", "Pad", Layout, 2..=4, attrs, rule, Interp, Elem(1.0);
+    Pad = "pad", "Pad", Layout, 2..=4, attrs, rule, Native, Elem(1.0);
     DepthToSpace = "depth_to_space", "DepthToSpace", Layout, 1..=1, attrs, rule, Interp, Elem(1.0);
     SpaceToDepth = "space_to_depth", "SpaceToDepth", Layout, 1..=1, attrs, rule, Interp, Elem(1.0);
     ReverseSequence = "reverse_sequence", "ReverseSequence", Layout, 2..=2, attrs, rule, Interp, Elem(1.0);
@@ -337,7 +337,7 @@ op_table! {
     GatherElements = "gather_elements", "GatherElements", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
     GatherND = "gather_nd", "GatherND", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
     ScatterElements = "scatter_elements", "ScatterElements", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
-    ScatterND = "scatter_nd", "ScatterND", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
+    ScatterND = "scatter_nd", "ScatterND", Index, 3..=3, attrs, rule, Native, Elem(1.0);
     OneHot = "one_hot", "OneHot", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
     NonZero = "non_zero", "NonZero", Index, 1..=1, plain, rule, Interp, Elem(1.0);
     Compress = "compress", "Compress", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
@@ -358,8 +358,8 @@ op_table! {
     NegativeLogLikelihoodLoss = "negative_log_likelihood_loss", "NegativeLogLikelihoodLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     SoftmaxCrossEntropyLoss = "softmax_cross_entropy_loss", "SoftmaxCrossEntropyLoss", Loss, 2..=3, attrs, rule, Interp, Elem(1.0);
     // ---- quant.rs: linear quantization
-    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
-    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Interp, Elem(1.0);
+    QuantizeLinear = "quantize_linear", "QuantizeLinear", Quant, 2..=3, attrs, rule, Native, Elem(1.0);
+    DequantizeLinear = "dequantize_linear", "DequantizeLinear", Quant, 2..=3, attrs, rule, Native, Elem(1.0);
     // ---- recurrent.rs: recurrent cells over a sequence (runtime/src/executor/recurrent.rs)
     Lstm = "lstm", "LSTM", Recurrent, 3..=8, attrs, rule, Native, Contraction;
     Gru = "gru", "GRU", Recurrent, 3..=6, attrs, rule, Native, Contraction;

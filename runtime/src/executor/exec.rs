@@ -486,6 +486,12 @@ impl CpuPlan {
                         Some(pool) => p.run(&ins, pool, &mut regions),
                         None => p.run(&ins, &crate::pool::Pool::single(), &mut regions),
                     });
+                    // A conv without a prepared routine: the general one, unpacked.
+                    let fast = fast.or_else(|| {
+                        let single = crate::pool::Pool::single();
+                        let pool = runner.pool().unwrap_or(&single);
+                        crate::native::conv_general::run(node, &ins, pool).map(|t| Ok(vec![t]))
+                    });
                     let mut outs = match fast {
                         Some(r) => r.map_err(err)?,
                         None => {

@@ -1,7 +1,11 @@
 //! Native fast paths for ops the partitioner leaves as fallbacks: data movement (f32
 //! `transpose`, `gather`, `concat`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
 //! `flatten`/`identity`/`shape`), the fused row ops `inv_std`/`inv_rms`/`rotary` in f32 and
-//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`),
+//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`), and the op
+//! families with a file of their own under `native/`: reductions and cumulative sums
+//! (`reduce.rs`), softmax-likes on any axis and channel norms (`norm.rs`), slice and pad
+//! (`layout.rs`), scatter_nd (`index.rs`), casts (`cast.rs`), per-tensor quantize/dequantize
+//! (`quant.rs`); general convs run from the executor's contraction path (`conv_general.rs`),
 //! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
 //! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
 //! indices) returns `None` and runs through the interpreter, which defines the semantics
@@ -91,7 +95,33 @@ pub fn run_fast_on(
         OpKind::LinearAttention => {
             crate::native::linear_attention::run(&node.attrs, ins, pool, out)?
         }
-        OpKind::Cast => cast_to_f32(node, ins, out)?,
+        OpKind::Cast => {
+            cast_to_f32(node, ins, out).or_else(|| crate::native::cast::run(node, ins))?
+        }
+        OpKind::CumSum | OpKind::CumProd => crate::native::reduce::cumulative(node, ins)?,
+        // The reduce family along any axes (`native/reduce.rs`).
+        OpKind::ReduceSum
+        | OpKind::ReduceMean
+        | OpKind::ReduceMax
+        | OpKind::ReduceMin
+        | OpKind::ReduceProd
+        | OpKind::ReduceL1
+        | OpKind::ReduceL2
+        | OpKind::ReduceLogSum
+        | OpKind::ReduceLogSumExp
+        | OpKind::ReduceSumSquare => crate::native::reduce::run(node, ins)?,
+        // Softmax-likes along any axis (a loop kernel takes the last one when it fuses) and
+        // the channel norms (`native/norm.rs`).
+        OpKind::Softmax
+        | OpKind::LogSoftmax
+        | OpKind::Hardmax
+        | OpKind::InstanceNorm
+        | OpKind::GroupNorm
+        | OpKind::BatchNorm => return crate::native::norm::run(node, ins),
+        // Strided copies (`native/layout.rs`) and scatters (`native/index.rs`).
+        OpKind::Slice | OpKind::Pad => crate::native::layout::run(node, ins)?,
+        OpKind::ScatterND => crate::native::index::run(node, ins)?,
+        OpKind::QuantizeLinear | OpKind::DequantizeLinear => crate::native::quant::run(node, ins)?,
         _ => return None,
     };
     Some(vec![y])

@@ -1,10 +1,19 @@
 //! Hand-written CPU kernels shared by kiln's CPU backends: contractions (GEMM with fused
-//! epilogues, the exact 8-bit integer GEMM) today; the JIT calls into these for the ops it
-//! does not generate itself.
+//! epilogues, the exact 8-bit integer GEMM, patch and general convs) and, one op family per
+//! file, the native routines of ops the loop kernels do not take (reductions, norms, slices
+//! and pads, scatters, casts, quantisation); the JIT calls into these for the ops it does not
+//! generate itself.
 
 pub mod attention;
+pub mod cast;
 pub mod conv;
+pub mod conv_general;
 pub mod gemm;
 pub mod gemm_i8;
+pub mod index;
+pub mod layout;
 pub mod linear_attention;
+pub mod norm;
+pub mod quant;
+pub mod reduce;
 pub mod vmath;
