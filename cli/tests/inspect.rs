@@ -180,3 +180,71 @@ fn compare_prints_errors_below_tolerance() {
         assert!(errs.len() == 2 && errs[0] < 1e-4, "{m}: {row}");
     }
 }
+
+/// The first of `chromium`, `chromium-browser`, `google-chrome` on PATH.
+fn chromium() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|b| std::env::split_paths(&path).map(move |d| d.join(b)))
+        .find(|p| p.is_file())
+}
+
+/// Loads the report in headless Chromium with a probe script appended: each panel starts
+/// collapsed, a click on a shape-arithmetic box shows the full graph, the toggle link
+/// collapses it again. Skips (with a message) where no Chromium is installed, as in CI;
+/// run by hand after `apt-get install chromium`.
+#[test]
+fn inspect_html_expands_shape_arithmetic_in_headless_chromium() {
+    let Some(chrome) = chromium() else {
+        eprintln!("skipping: no chromium on PATH (apt-get install chromium to run this check)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    let o = kiln(&[
+        "inspect",
+        &tiny("llama_tiny"),
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let probe = r#"<script>
+const out=[];
+for(const p of document.querySelectorAll('.panel')){
+  const c=p.querySelector('.collapsed'),f=p.querySelector('.full');
+  if(!c){out.push('none');continue;}
+  const s=[c.hidden,f.hidden];
+  p.querySelector('g.node.shape').dispatchEvent(new MouseEvent('click',{bubbles:true}));
+  const e=[c.hidden,f.hidden];
+  p.querySelector('.toggle').dispatchEvent(new MouseEvent('click',{bubbles:true,cancelable:true}));
+  out.push(JSON.stringify([s,e,[c.hidden,f.hidden]]));
+}
+const pre=document.createElement('pre');pre.id='probe';pre.textContent=out.join(';');document.body.appendChild(pre);
+</script>"#;
+    let page = std::fs::read_to_string(&html).unwrap() + probe;
+    std::fs::write(&html, page).unwrap();
+    let o = std::process::Command::new(chrome)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+        ])
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("running chromium");
+    let dom = String::from_utf8_lossy(&o.stdout);
+    let got = dom
+        .split("<pre id=\"probe\">")
+        .nth(1)
+        .and_then(|r| r.split("</pre>").next())
+        .unwrap_or_else(|| panic!("no probe output: {dom}"));
+    let want = "[[false,true],[true,false],[false,true]]";
+    assert_eq!(
+        got,
+        format!("{want};{want}"),
+        "collapsed, expanded on click, collapsed again"
+    );
+}
