@@ -612,14 +612,21 @@ mod tests {
     }
 
     fn rewritten(g: &Graph, m: usize, seed: u64) -> Graph {
-        let fam = LinearAttentionApprox { features: Some(m) };
+        rewritten_with(g, vec![m as f64, seed as f64, 16.0])
+    }
+
+    /// `g`'s one site rewritten with the candidate values `[m, seed, chunk, mask causal?]`.
+    fn rewritten_with(g: &Graph, values: Vec<f64>) -> Graph {
+        let fam = LinearAttentionApprox {
+            features: Some(values[0] as usize),
+        };
         let sites = fam.sites(g);
         assert_eq!(sites.len(), 1);
         let c = Candidate {
             family: LINEAR_ATTENTION,
             site: sites[0].clone(),
             params: String::new(),
-            values: vec![m as f64, seed as f64, 16.0],
+            values,
             saving: 1.0,
         };
         let mut out = g.clone();
@@ -865,22 +872,10 @@ mod tests {
     fn a_causal_padding_mask_is_linearised_and_checked_on_every_run() {
         let (h, s, d) = (2, 40, 8);
         let g = masked_graph(h, s, d);
-        let fam = LinearAttentionApprox {
-            features: Some(4096),
-        };
-        let sites = fam.sites(&g);
+        let sites = LinearAttentionApprox { features: None }.sites(&g);
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].probe, g.inputs[3], "the mask is the probe");
-        let c = Candidate {
-            family: LINEAR_ATTENTION,
-            site: sites[0].clone(),
-            params: String::new(),
-            values: vec![4096.0, 0.0, 16.0, 1.0],
-            saving: 1.0,
-        };
-        let mut approx = g.clone();
-        fam.apply(&mut approx, &c);
-        kiln_ir::verify(&approx).unwrap();
+        let approx = rewritten_with(&g, vec![4096.0, 0.0, 16.0, 1.0]);
         assert!(approx
             .nodes
             .iter()

@@ -283,7 +283,7 @@ fn find(g: &Graph, params: bool) -> Option<Roll> {
 }
 
 /// Per value: the nodes that read it (`usize::MAX` for a graph output).
-fn users_of(g: &Graph) -> Vec<Vec<usize>> {
+pub(crate) fn users_of(g: &Graph) -> Vec<Vec<usize>> {
     let mut u = vec![vec![]; g.values.len()];
     for (i, n) in g.nodes.iter().enumerate() {
         for &v in n.inputs.iter().flatten() {

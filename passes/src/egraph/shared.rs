@@ -20,7 +20,7 @@
 use super::analysis::{self, KEGraph, KilnAnalysis};
 use super::lang::{ConstKey, Kn};
 use super::{saturate, saturate_keep, EgraphError, EgraphReport, Limits, Saturated};
-use crate::classic::roll::find_stacked;
+use crate::classic::roll::{find_stacked, users_of};
 use crate::cost::CostModel;
 use egg::{Id, Language, Rewrite};
 use kiln_ir::{Attr, Graph, Node, OpKind, Tensor, ValueId};
@@ -94,20 +94,6 @@ struct Part {
     outputs: Vec<ValueId>,
     /// The constants `graph` holds, in order (their nodes come first in `graph`).
     konsts: Vec<Arc<Tensor>>,
-}
-
-/// Per value: the nodes that read it (`usize::MAX` for a graph output).
-fn users_of(g: &Graph) -> Vec<Vec<usize>> {
-    let mut u = vec![vec![]; g.values.len()];
-    for (i, n) in g.nodes.iter().enumerate() {
-        for &v in n.inputs.iter().flatten() {
-            u[v.index()].push(i);
-        }
-    }
-    for &o in &g.outputs {
-        u[o.index()].push(usize::MAX);
-    }
-    u
 }
 
 /// Cuts `nodes` (in order) out of `g`: constants they read are copied in, other values
