@@ -152,6 +152,11 @@ pub enum BinOp {
     Max,
     /// Minimum, NaN-propagating.
     Min,
+    /// `a < b ? b : a`: a lower clamp that keeps a NaN `a` and ignores a NaN bound `b`
+    /// (Clip's meaning, as in ONNX Runtime).
+    ClampBelow,
+    /// `a > b ? b : a`: the upper clamp, with the same NaN rules.
+    ClampAbove,
 }
 
 impl BinOp {
@@ -165,6 +170,20 @@ impl BinOp {
             BinOp::Max | BinOp::Min if a.is_nan() || b.is_nan() => f32::NAN,
             BinOp::Max => a.max(b),
             BinOp::Min => a.min(b),
+            BinOp::ClampBelow => {
+                if a < b {
+                    b
+                } else {
+                    a
+                }
+            }
+            BinOp::ClampAbove => {
+                if a > b {
+                    b
+                } else {
+                    a
+                }
+            }
         }
     }
 }

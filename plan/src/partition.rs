@@ -578,13 +578,13 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
             }
         }
         Clip => {
-            // max then min, NaN-propagating like the interpreter's comparisons for NaN x.
+            // The interpreter's comparisons: a NaN x stays NaN, a NaN bound is ignored.
             let mut y = x;
             if let Some(lo) = ins.get(1).copied().flatten() {
-                y = k.bin(BinOp::Max, y, lo);
+                y = k.bin(BinOp::ClampBelow, y, lo);
             }
             if let Some(hi) = ins.get(2).copied().flatten() {
-                y = k.bin(BinOp::Min, y, hi);
+                y = k.bin(BinOp::ClampAbove, y, hi);
             }
             y
         }

@@ -28,13 +28,15 @@ const UN_OPS: [UnOp; 12] = [
     UnOp::Sigmoid,
     UnOp::Gelu,
 ];
-const BIN_OPS: [BinOp; 6] = [
+const BIN_OPS: [BinOp; 8] = [
     BinOp::Add,
     BinOp::Sub,
     BinOp::Mul,
     BinOp::Div,
     BinOp::Max,
     BinOp::Min,
+    BinOp::ClampBelow,
+    BinOp::ClampAbove,
 ];
 const RED_OPS: [RedOp; 2] = [RedOp::Sum, RedOp::Max];
 

@@ -304,6 +304,14 @@ impl Gen<'_> {
                     BinOp::Div => b.ins().fdiv(x, y),
                     BinOp::Max => b.ins().fmax(x, y),
                     BinOp::Min => b.ins().fmin(x, y),
+                    BinOp::ClampBelow => {
+                        let lt = b.ins().fcmp(FloatCC::LessThan, x, y);
+                        select(b, lt, y, x, ty)
+                    }
+                    BinOp::ClampAbove => {
+                        let gt = b.ins().fcmp(FloatCC::GreaterThan, x, y);
+                        select(b, gt, y, x, ty)
+                    }
                 }
             }
             Expr::Un(op, x) => {

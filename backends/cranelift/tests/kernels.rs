@@ -310,6 +310,14 @@ proptest! {
 }
 
 #[test]
+fn clip_ignores_a_nan_bound_and_keeps_a_nan_input() {
+    // Found by the property test in CI: a NaN bound from a graph input must leave x
+    // unchanged (the interpreter's comparisons, and ONNX Runtime's), not make it NaN.
+    check(14, &[1], 2, 0, 456, true);
+    check(14, &[1, 2], 2, 3, 456, true);
+}
+
+#[test]
 fn symbolic_dim_bound_to_one_and_odd_row_lengths_run() {
     for kind in 0..KINDS {
         for n in [1, 3, 4, 5, 7, 8, 9, 17] {

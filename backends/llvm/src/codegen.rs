@@ -163,6 +163,14 @@ impl<'a, 'ctx> Gen<'a, 'ctx> {
                     // NaN-propagating, as the kernel IR defines them.
                     BinOp::Max => self.intrinsic("llvm.maximum", &[x, y])?,
                     BinOp::Min => self.intrinsic("llvm.minimum", &[x, y])?,
+                    BinOp::ClampBelow | BinOp::ClampAbove => {
+                        let p = match op {
+                            BinOp::ClampBelow => FloatPredicate::OLT,
+                            _ => FloatPredicate::OGT,
+                        };
+                        let c = b.build_float_compare(p, x, y, "").map_err(e)?;
+                        self.select(c, y, x)?
+                    }
                 }
             }
             Expr::Un(op, x) => {

@@ -78,6 +78,14 @@ impl<'ctx> Gen<'_, 'ctx> {
                     BinOp::Div => b.build_float_div(x, y, "").map_err(e)?,
                     BinOp::Max => nv.fcall("llvm.maximum", &[x, y])?,
                     BinOp::Min => nv.fcall("llvm.minimum", &[x, y])?,
+                    BinOp::ClampBelow | BinOp::ClampAbove => {
+                        let p = match op {
+                            BinOp::ClampBelow => FloatPredicate::OLT,
+                            _ => FloatPredicate::OGT,
+                        };
+                        let c = b.build_float_compare(p, x, y, "").map_err(e)?;
+                        b.build_select(c, y, x, "").map_err(e)?.into_float_value()
+                    }
                 }
             }
             Expr::Un(op, x) => {
