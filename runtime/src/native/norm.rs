@@ -141,7 +141,7 @@ fn group_norm(
             let (m, a, b) = (mean as f32, (inv * scale[ch] as f64) as f32, bias[ch]);
             let at = gi * len + k * sp;
             for (d, &e) in y[at..at + sp].iter_mut().zip(&row[k * sp..(k + 1) * sp]) {
-                *d = (e - m).mul_add(a, b);
+                *d = (e - m) * a + b;
             }
         }
     }
@@ -172,7 +172,7 @@ fn batch_norm(
         let a = (scale[ch] as f64 / (var[ch] as f64 + eps).sqrt()) as f32;
         let (m, b) = (mean[ch], bias[ch]);
         for (d, &e) in d.iter_mut().zip(s) {
-            *d = (e - m).mul_add(a, b);
+            *d = (e - m) * a + b;
         }
     }
     Some(y)
