@@ -465,24 +465,14 @@ pub fn unary<E: Emit>(e: &mut E, op: UnOp, x: E::F) -> Result<Option<E::F>, E::E
     }))
 }
 
-/// `a·b + c` rounded once, as [`f32::mul_add`], without a libm call where the code is built
-/// without FMA (kiln's default x86-64 build: its portable paths run on CPUs without FMA, and
-/// there `mul_add` is a call to `fmaf`, about 1.6× slower than this even where the CPU has
-/// FMA and far slower where glibc emulates it). The product of two f32 is exact in f64; the
-/// f64 sum is turned into its round-to-odd value (TwoSum gives the rounding error; an inexact
-/// sum with an even last bit moves one ulp toward the exact value), and round-to-odd at 53
-/// bits followed by round-to-nearest at 24 bits is correctly rounded (53 ≥ 2·24 + 2; Boldo
-/// and Melquiond, "Emulation of FMA and correctly rounded sums", 2008). Branch-free.
-#[inline(always)]
-pub fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_feature = "fma") {
-        a.mul_add(b, c)
-    } else {
-        fma_emulated(a, b, c)
-    }
-}
-
-/// The emulation [`fma_f32`] uses where the build has no FMA (public for its test).
+/// `a·b + c` rounded once, bit-identical to [`f32::mul_add`], in inline arithmetic: the
+/// product of two f32 is exact in f64; the f64 sum is turned into its round-to-odd value
+/// (TwoSum gives the rounding error; an inexact sum with an even last bit moves one ulp toward
+/// the exact value), and round-to-odd at 53 bits followed by round-to-nearest at 24 bits is
+/// correctly rounded (53 ≥ 2·24 + 2; Boldo and Melquiond, "Emulation of FMA and correctly
+/// rounded sums", 2008). Branch-free. Outside FMA-enabled code, `mul_add` is a libm `fmaf`
+/// call: this is about 1.6× faster than that call on a CPU with FMA and far faster than
+/// glibc's software `fmaf` on one without.
 #[inline(always)]
 pub fn fma_emulated(a: f32, b: f32, c: f32) -> f32 {
     let p = a as f64 * b as f64;
@@ -498,8 +488,9 @@ pub fn fma_emulated(a: f32, b: f32, c: f32) -> f32 {
     f64::from_bits((bits + step) as u64) as f32
 }
 
-/// Plain f32 arithmetic, one value at a time (`fma` is [`fma_f32`]: one instruction where
-/// the code is compiled with FMA, an inline exact emulation elsewhere).
+/// Plain f32 arithmetic, one value at a time (`fma` is [`f32::mul_add`]: one instruction
+/// where it is inlined into code compiled with FMA, such as a `#[target_feature]` kernel, and
+/// a libm `fmaf` call elsewhere; the portable paths use [`SoftFma`] instead).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Scalar;
 
@@ -533,7 +524,7 @@ impl Emit for Scalar {
     }
     #[inline(always)]
     fn fma(&mut self, a: f32, b: f32, c: f32) -> Result<f32, Infallible> {
-        Ok(fma_f32(a, b, c))
+        Ok(a.mul_add(b, c))
     }
     #[inline(always)]
     fn neg(&mut self, a: f32) -> Result<f32, Infallible> {
@@ -599,6 +590,63 @@ impl Emit for Scalar {
     #[inline(always)]
     fn srl<const N: i32>(&mut self, a: i32) -> Result<i32, Infallible> {
         Ok(((a as u32) >> N) as i32)
+    }
+}
+
+/// [`Scalar`] with [`fma_emulated`] for its fused multiply-adds: the emitter of the portable
+/// paths (CPUs without AVX2+FMA), which run outside FMA-enabled code, so that the recipes
+/// there make no library call per operation. Same bits as [`Scalar`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SoftFma;
+
+macro_rules! soft_fma_delegate {
+    ($($name:ident($($a:ident: $t:ty),*) -> $r:ty;)*) => {$(
+        #[inline(always)]
+        fn $name(&mut self, $($a: $t),*) -> Result<$r, Infallible> {
+            Scalar.$name($($a),*)
+        }
+    )*};
+}
+
+impl Emit for SoftFma {
+    type F = f32;
+    type I = i32;
+    type Err = Infallible;
+    soft_fma_delegate! {
+        f(c: f32) -> f32;
+        i(c: i32) -> i32;
+        add(a: f32, b: f32) -> f32;
+        sub(a: f32, b: f32) -> f32;
+        mul(a: f32, b: f32) -> f32;
+        div(a: f32, b: f32) -> f32;
+        neg(a: f32) -> f32;
+        abs(a: f32) -> f32;
+        min(x: f32, c: f32) -> f32;
+        max(x: f32, c: f32) -> f32;
+        select(cmp: Cmp, a: f32, b: f32, t: f32, f: f32) -> f32;
+        bits(a: f32) -> i32;
+        float_of_bits(a: i32) -> f32;
+        to_float(a: i32) -> f32;
+        iadd(a: i32, b: i32) -> i32;
+        isub(a: i32, b: i32) -> i32;
+        and(a: i32, b: i32) -> i32;
+        or(a: i32, b: i32) -> i32;
+    }
+    #[inline(always)]
+    fn fma(&mut self, a: f32, b: f32, c: f32) -> Result<f32, Infallible> {
+        Ok(fma_emulated(a, b, c))
+    }
+    #[inline(always)]
+    fn shl<const N: i32>(&mut self, a: i32) -> Result<i32, Infallible> {
+        Scalar.shl::<N>(a)
+    }
+    #[inline(always)]
+    fn sra<const N: i32>(&mut self, a: i32) -> Result<i32, Infallible> {
+        Scalar.sra::<N>(a)
+    }
+    #[inline(always)]
+    fn srl<const N: i32>(&mut self, a: i32) -> Result<i32, Infallible> {
+        Scalar.srl::<N>(a)
     }
 }
 
@@ -816,6 +864,12 @@ impl Func {
     /// The recipe on one value.
     pub fn scalar(self, x: f32) -> f32 {
         let Ok(y) = self.emit(&mut Scalar, x);
+        y
+    }
+
+    /// The recipe on one value through [`SoftFma`] (the portable paths; same bits).
+    pub fn soft(self, x: f32) -> f32 {
+        let Ok(y) = self.emit(&mut SoftFma, x);
         y
     }
 
@@ -1237,6 +1291,8 @@ mod tests {
                 got.extend(y);
             }
             same_bits("Wide<Scalar, 8>", f, &xs, &got).unwrap();
+            let soft: Vec<f32> = xs.iter().map(|&x| f.soft(x)).collect();
+            same_bits("SoftFma", f, &xs, &soft).unwrap();
         }
     }
 }

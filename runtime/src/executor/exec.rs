@@ -111,21 +111,67 @@ pub struct CpuPlan {
     arenas: super::arena::Arenas,
 }
 
+/// Each contraction kernel's prepared routine (weights packed), on every core: packing a
+/// large model's weights is most of its preparation, and the kernels are independent.
+fn prepare_contractions(plan: &Plan) -> Vec<Option<std::sync::Arc<super::contraction::Prepared>>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let known: HashMap<ValueId, &Tensor> = plan.constants.iter().map(|(v, t)| (*v, t)).collect();
+    let todo: Vec<(usize, usize)> = plan
+        .kernels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, k)| match k {
+            Kernel::Contraction(n) => Some((i, *n)),
+            _ => None,
+        })
+        .collect();
+    let mut out: Vec<Option<std::sync::Arc<super::contraction::Prepared>>> =
+        (0..plan.kernels.len()).map(|_| None).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(todo.len());
+    let prepare =
+        |n: usize| super::contraction::prepare(&plan.graph, n, &known).map(std::sync::Arc::new);
+    if threads <= 1 {
+        for &(i, n) in &todo {
+            out[i] = prepare(n);
+        }
+        return out;
+    }
+    let next = AtomicUsize::new(0);
+    let done: Vec<Vec<(usize, Option<std::sync::Arc<super::contraction::Prepared>>)>> =
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = vec![];
+                        loop {
+                            let j = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&(i, n)) = todo.get(j) else { break };
+                            mine.push((i, prepare(n)));
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            // A worker that panicked re-raises here (prepare returns None, never panics,
+            // on bad input).
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+    for (i, p) in done.into_iter().flatten() {
+        out[i] = p;
+    }
+    out
+}
+
 impl CpuPlan {
     /// Prepares `plan` for the CPU: each contraction whose weights are constants gets its
     /// routine, weights packed.
     pub fn new(plan: Plan) -> CpuPlan {
-        let known: HashMap<ValueId, &Tensor> =
-            plan.constants.iter().map(|(v, t)| (*v, t)).collect();
-        let contractions =
-            plan.kernels
-                .iter()
-                .map(|k| match k {
-                    Kernel::Contraction(n) => super::contraction::prepare(&plan.graph, *n, &known)
-                        .map(std::sync::Arc::new),
-                    _ => None,
-                })
-                .collect();
+        let contractions = prepare_contractions(&plan);
         let bodies = plan
             .kernels
             .iter()

@@ -73,7 +73,7 @@ pub mod sparse;
 mod tests;
 
 pub use epilogue::{Activation, Epilogue};
-pub use pack::PackedB;
+pub use pack::{HugePages, PackedB};
 pub use peak::fma_peak_gflops;
 
 use crate::pool::Pool;

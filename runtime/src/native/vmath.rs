@@ -45,7 +45,7 @@ pub fn map(f: Func, isa: Isa, xs: &mut [f32]) -> bool {
         return false;
     }
     match isa {
-        Isa::Scalar => xs.iter_mut().for_each(|x| *x = f.scalar(*x)),
+        Isa::Scalar => xs.iter_mut().for_each(|x| *x = f.soft(*x)),
         // SAFETY: `available` checked the features.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::map_avx2(f, xs) },

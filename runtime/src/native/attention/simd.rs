@@ -55,10 +55,10 @@ pub(super) struct Portable;
 
 impl Simd for Portable {
     type V = [f32; 8];
-    type E = vmath::Wide<vmath::Scalar, 8>;
+    type E = vmath::Wide<vmath::SoftFma, 8>;
     #[inline(always)]
     fn emitter() -> Self::E {
-        vmath::Wide(vmath::Scalar)
+        vmath::Wide(vmath::SoftFma)
     }
     const W: usize = 8;
     #[inline(always)]
