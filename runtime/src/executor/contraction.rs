@@ -246,12 +246,26 @@ fn expand(t: &Tensor, shape: &[usize]) -> Option<Vec<f32>> {
         return Some(data.to_vec());
     }
     let mut out = Vec::with_capacity(total);
-    let mut idx = vec![0usize; shape.len()];
-    for _ in 0..total {
-        out.push(data[idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()]);
-        for ax in (0..shape.len()).rev() {
+    let Some((&inner, outer_dims)) = shape.split_last() else {
+        return Some(data.to_vec());
+    };
+    if total == 0 {
+        return Some(out);
+    }
+    // One run of the last axis at a time: a slice copy where the operand varies along it,
+    // a fill where it broadcasts (a bias broadcast over rows is one copy per row).
+    let inner_stride = strides[shape.len() - 1];
+    let mut idx = vec![0usize; outer_dims.len()];
+    for _ in 0..total / inner {
+        let base: usize = idx.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        if inner_stride == 0 {
+            out.extend(std::iter::repeat_n(data[base], inner));
+        } else {
+            out.extend_from_slice(&data[base..base + inner]);
+        }
+        for ax in (0..outer_dims.len()).rev() {
             idx[ax] += 1;
-            if idx[ax] < shape[ax] {
+            if idx[ax] < outer_dims[ax] {
                 break;
             }
             idx[ax] = 0;
@@ -652,8 +666,18 @@ fn linear(
         Some(t) => Some(row_vector(t, &out)?),
         None => None,
     };
-    // A residual of the output's own shape is read in place; others are broadcast first.
-    let resid: Option<std::borrow::Cow<'_, [f32]>> = match arg(4) {
+    // A residual of the output's own shape is read in place; one that only varies along
+    // the last axis, added after no activation to a product with no bias, is that bias (the
+    // optimiser leaves a folded LayerNorm's shift there, beside the 1/σ row scale); others
+    // are broadcast first.
+    let (bias, resid_arg) = match (bias, arg(4)) {
+        (None, Some(t)) if act == Activation::None => match column_vector(t, &out) {
+            Some(v) => (Some(v), None),
+            None => (None, Some(t)),
+        },
+        (b, r) => (b, r),
+    };
+    let resid: Option<std::borrow::Cow<'_, [f32]>> = match resid_arg {
         Some(t) if t.shape() == out.as_slice() => Some(f32s(t)?.into()),
         Some(t) => Some(expand(t, &out)?.into()),
         None => None,
@@ -859,6 +883,45 @@ fn conv_op(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn expand_broadcasts_like_numpy() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for _ in 0..300 {
+            let rank = rng.gen_range(1..5);
+            let shape: Vec<usize> = (0..rank).map(|_| rng.gen_range(1..5)).collect();
+            // An operand of lower or equal rank, each of its dims either the target's or 1.
+            let lower = rng.gen_range(0..=rank);
+            let ts: Vec<usize> = shape[rank - lower..]
+                .iter()
+                .map(|&d| if rng.gen_bool(0.4) { 1 } else { d })
+                .collect();
+            let n: usize = ts.iter().product();
+            let t = Tensor::from_vec(ts.clone(), (0..n).map(|i| i as f32).collect::<Vec<_>>());
+            let got = expand(&t, &shape).unwrap();
+            // Reference: each output index mapped back through the broadcast.
+            let total: usize = shape.iter().product();
+            let want: Vec<f32> = (0..total)
+                .map(|mut flat| {
+                    let mut src = 0;
+                    let mut mul = 1;
+                    for ax in (0..rank).rev() {
+                        let i = flat % shape[ax];
+                        flat /= shape[ax];
+                        if ax >= rank - lower {
+                            let d = ts[ax - (rank - lower)];
+                            src += if d == 1 { 0 } else { i * mul };
+                            mul *= d;
+                        }
+                    }
+                    src as f32
+                })
+                .collect();
+            assert_eq!(got, want, "{ts:?} -> {shape:?}");
+        }
+        let t = Tensor::from_vec(vec![3], vec![1.0f32, 2.0, 3.0]);
+        assert!(expand(&t, &[2, 4]).is_none());
+    }
 
     fn t8(rng: &mut rand::rngs::StdRng, shape: &[usize], signed: bool) -> Tensor {
         let n: usize = shape.iter().product();
