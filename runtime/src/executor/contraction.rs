@@ -658,24 +658,28 @@ fn linear(
     }
     let mut out = x.shape().to_vec();
     *out.last_mut()? = w.shape()[1];
-    let bias = match arg(2) {
-        Some(t) => Some(column_vector(t, &out)?),
-        None => None,
-    };
     let scale = match arg(3) {
         Some(t) => Some(row_vector(t, &out)?),
         None => None,
     };
-    // A residual of the output's own shape is read in place; one that only varies along
-    // the last axis, added after no activation to a product with no bias, is that bias (the
-    // optimiser leaves a folded LayerNorm's shift there, beside the 1/σ row scale); others
-    // are broadcast first.
-    let (bias, resid_arg) = match (bias, arg(4)) {
-        (None, Some(t)) if act == Activation::None => match column_vector(t, &out) {
-            Some(v) => (Some(v), None),
-            None => (None, Some(t)),
-        },
-        (b, r) => (b, r),
+    // With no activation, `bias` and `residual` are both added once after the product, so
+    // either slot may hold either kind: a per-column vector runs as the epilogue's bias, a
+    // full tensor as its residual (the optimiser fuses a residual add into the bias slot and
+    // leaves a folded LayerNorm's shift in the residual slot).
+    let (bias, resid_arg) = match (arg(2), arg(4)) {
+        (Some(t), None) | (None, Some(t)) if act == Activation::None => {
+            match column_vector(t, &out) {
+                Some(v) => (Some(v), None),
+                None => (None, Some(t)),
+            }
+        }
+        (b, r) => (
+            match b {
+                Some(t) => Some(column_vector(t, &out)?),
+                None => None,
+            },
+            r,
+        ),
     };
     let resid: Option<std::borrow::Cow<'_, [f32]>> = match resid_arg {
         Some(t) if t.shape() == out.as_slice() => Some(f32s(t)?.into()),
@@ -990,5 +994,71 @@ mod tests {
         let p = prepare_op(OpKind::MatMulInteger, &Attrs::new(), |_| None).unwrap();
         let ins = [Some(&a), Some(&b), Some(&odd)];
         assert!(p.run(&ins, &pool, &mut Outputs::none()).is_none());
+    }
+
+    #[test]
+    fn linear_runs_a_residual_in_either_slot_natively() {
+        // The optimiser may put a full residual in the bias slot and a per-column shift in
+        // the residual slot; with no activation both run natively and match the interpreter.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let pool = Pool::new(2).unwrap();
+        let mut f = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            Tensor::from_vec(
+                shape.to_vec(),
+                (0..n)
+                    .map(|_| rng.gen_range(-1.0f32..1.0))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (x, w) = (f(&[2, 5, 7]), f(&[7, 6]));
+        let (full, col, rows, scale) = (f(&[2, 5, 6]), f(&[6]), f(&[5, 1]), f(&[2, 5, 1]));
+        let cases: Vec<(&str, [Option<&Tensor>; 5])> = vec![
+            (
+                "full in bias",
+                [Some(&x), Some(&w), Some(&full), None, None],
+            ),
+            (
+                "column in residual",
+                [Some(&x), Some(&w), None, None, Some(&col)],
+            ),
+            (
+                "column in residual, row scale",
+                [Some(&x), Some(&w), None, Some(&scale), Some(&col)],
+            ),
+            (
+                "full in bias, row scale",
+                [Some(&x), Some(&w), Some(&full), Some(&scale), None],
+            ),
+            (
+                "row-broadcast residual",
+                [Some(&x), Some(&w), Some(&col), None, Some(&rows)],
+            ),
+        ];
+        for (what, ins) in cases {
+            let want = kiln_ir::ops::eval(OpKind::Linear, &Attrs::new(), &ins).unwrap();
+            for constant in [false, true] {
+                let p = prepare_op(OpKind::Linear, &Attrs::new(), |i| {
+                    (constant && i == 1).then_some(&w)
+                })
+                .unwrap();
+                let got = p
+                    .run(&ins, &pool, &mut Outputs::none())
+                    .unwrap_or_else(|| panic!("{what}: left to the interpreter"))
+                    .unwrap()
+                    .remove(0);
+                let (g, w) = (
+                    got.as_slice::<f32>().unwrap(),
+                    want[0].as_slice::<f32>().unwrap(),
+                );
+                assert_eq!(got.shape(), want[0].shape(), "{what}");
+                for (a, b) in g.iter().zip(w) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{what}: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 }
