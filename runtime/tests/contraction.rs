@@ -524,3 +524,42 @@ fn every_available_gemm_kernel_meets_the_activation_tolerances() {
         }
     }
 }
+
+#[test]
+fn linear_runs_a_residual_in_either_slot_natively() {
+    // The optimiser may fuse a full residual into the bias slot and leave a per-column shift
+    // in the residual slot; with no activation both run natively (never the interpreter).
+    let mut rng = StdRng::seed_from_u64(9);
+    let (x, w) = (rand_t(&mut rng, &[2, 5, 7]), rand_t(&mut rng, &[7, 6]));
+    let full = rand_t(&mut rng, &[2, 5, 6]);
+    let col = rand_t(&mut rng, &[6]);
+    let rows = rand_t(&mut rng, &[5, 1]);
+    let scale = rand_t(&mut rng, &[2, 5, 1]);
+    let cases: [(&str, [Option<&Tensor>; 5]); 5] = [
+        (
+            "full in bias",
+            [Some(&x), Some(&w), Some(&full), None, None],
+        ),
+        (
+            "column in residual",
+            [Some(&x), Some(&w), None, None, Some(&col)],
+        ),
+        (
+            "column in residual, row scale",
+            [Some(&x), Some(&w), None, Some(&scale), Some(&col)],
+        ),
+        (
+            "full in bias, row scale",
+            [Some(&x), Some(&w), Some(&full), Some(&scale), None],
+        ),
+        (
+            "row-broadcast residual",
+            [Some(&x), Some(&w), Some(&col), None, Some(&rows)],
+        ),
+    ];
+    for (what, ins) in cases {
+        for const_w in [false, true] {
+            check(OpKind::Linear, &Attrs::new(), &ins, const_w, what);
+        }
+    }
+}
