@@ -330,3 +330,31 @@ fn build_records_the_report_in_the_library() {
     );
     assert!(!refused.exists());
 }
+
+#[test]
+fn softmax_attention_of_our_own_model_is_a_site_and_the_refusal_says_why() {
+    // tests/models/attention/mha_causal: heads of width 64 and an additive [S, S] causal
+    // bias (leading dims left out). The site is found (the mask is a causal key-padding
+    // pattern); at 1K tokens and 2 heads the cost model expects the FAVOR+ form to be
+    // slower, and the budget machinery says so instead of approximating for nothing.
+    let m = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/models/attention/mha_causal/model.onnx")
+        .display()
+        .to_string();
+    fails_with(
+        &[
+            "run",
+            &m,
+            "--random-inputs",
+            "--dim",
+            "seq=1024",
+            "--dim",
+            "batch=1",
+            "--approx",
+            "linear-attention",
+            "--max-error",
+            "1",
+        ],
+        "no candidate at the 1 sites would run faster",
+    );
+}

@@ -259,10 +259,16 @@ fn key_keep_shape(attrs: &Attrs, m: &Fact) -> Result<Vec<Fact>, String> {
     }
     let shape = match m.ty.shape.dims() {
         None => Shape::unknown(),
-        Some([b, _, _, t]) => Shape::new(vec![b.clone(), Dim::Fixed(1), t.clone(), Dim::Fixed(1)]),
+        Some(d) if (2..=4).contains(&d.len()) => {
+            // Right-aligned like `attention`'s broadcast: [S, T] and [H|B, S, T] are a
+            // [1, 1, S, T] and [1, H|B, S, T] mask.
+            let b = if d.len() == 4 { d[0].clone() } else { Dim::Fixed(1) };
+            let t = d[d.len() - 1].clone();
+            Shape::new(vec![b, Dim::Fixed(1), t, Dim::Fixed(1)])
+        }
         Some(d) => {
             return Err(format!(
-                "attention_key_keep takes a 4-D mask [B, H, S, T], got rank {}",
+                "attention_key_keep takes a mask [B, H, S, T] (leading dims may be left out), got rank {}",
                 d.len()
             ))
         }
@@ -274,12 +280,15 @@ fn key_keep_shape(attrs: &Attrs, m: &Fact) -> Result<Vec<Fact>, String> {
 /// (optionally causal) mask, or an error naming the first element that breaks the pattern.
 fn key_keep(attrs: &Attrs, m: &Tensor) -> Result<Tensor, String> {
     let causal = key_keep_causal(attrs)?;
-    let [b, h, s, t] = <[usize; 4]>::try_from(m.shape()).map_err(|_| {
-        format!(
-            "attention_key_keep takes a 4-D mask [B, H, S, T], got {:?}",
-            m.shape()
-        )
-    })?;
+    let ms = m.shape();
+    if !(2..=4).contains(&ms.len()) {
+        return Err(format!(
+            "attention_key_keep takes a mask [B, H, S, T] (leading dims may be left out), got {ms:?}"
+        ));
+    }
+    let mut full = vec![1usize; 4 - ms.len()];
+    full.extend_from_slice(ms);
+    let [b, h, s, t] = <[usize; 4]>::try_from(full).map_err(|f| format!("mask shape {f:?}"))?;
     let kept: Vec<Option<bool>> = match m.data() {
         crate::TensorData::Bool(v) => v.iter().map(|&x| Some(x)).collect(),
         _ if m.dtype().is_float() => m

@@ -88,6 +88,14 @@ struct Shape4 {
     seq_major: bool,
 }
 
+/// A mask's dims right-aligned to rank 4 (leading 1s), as `attention` broadcasts it; ranks
+/// above 4 are returned unchanged (and refused by the caller).
+fn pad4(d: &[Dim]) -> Vec<Dim> {
+    let mut full = vec![Dim::Fixed(1); 4usize.saturating_sub(d.len())];
+    full.extend_from_slice(d);
+    full
+}
+
 fn site_shape(g: &Graph, n: &Node) -> Option<Shape4> {
     if n.op != OpKind::Attention {
         return None;
@@ -125,6 +133,8 @@ fn site_shape(g: &Graph, n: &Node) -> Option<Shape4> {
             Some(md) => {
                 let ok =
                     |d: &Dim, want: &Dim| d == want || *d == Dim::Fixed(1) || *d == Dim::Unknown;
+                // Leading dims may be left out (broadcast), as in `attention`.
+                let md = pad4(md);
                 md.len() == 4
                     && ok(&md[0], &qd[0])
                     && ok(&md[1], &qd[1])
@@ -353,7 +363,7 @@ impl ApproxRewrite for LinearAttentionApprox {
         let mut pk = phi(&mut b, g, k, &kd, per_head, false);
         if let Some(mask) = s.mask {
             // Dropped keys get zero features (checked against the mask on every run).
-            let md = g.ty(mask).shape.dims().map(<[Dim]>::to_vec);
+            let md = g.ty(mask).shape.dims().map(pad4);
             let md = md.unwrap_or_else(|| vec![Dim::Unknown; 4]);
             let keep_dims = vec![md[0].clone(), Dim::Fixed(1), md[3].clone(), Dim::Fixed(1)];
             let ka = Attrs::new().with("causal", Attr::Int(i64::from(mask_causal)));
@@ -861,6 +871,16 @@ mod tests {
         assert_eq!(mask_pattern(&[mask(8, false, 2, false)]), Some(false));
         assert_eq!(mask_pattern(&[mask(8, false, 0, false)]), Some(false));
         assert_eq!(mask_pattern(&[mask(8, true, 0, true)]), None);
+        // A [S, T] mask (leading dims left out, as `attention` broadcasts it) is the same.
+        let flat = |t: Tensor| {
+            Tensor::from_vec(
+                t.shape()[2..].to_vec(),
+                t.as_slice::<f32>().unwrap().to_vec(),
+            )
+        };
+        assert_eq!(mask_pattern(&[flat(mask(8, true, 0, false))]), Some(true));
+        assert_eq!(mask_pattern(&[flat(mask(8, false, 3, false))]), Some(false));
+        assert_eq!(mask_pattern(&[flat(mask(8, true, 0, true))]), None);
         // One set that breaks the pattern is enough to refuse.
         assert_eq!(
             mask_pattern(&[mask(8, true, 0, false), mask(8, true, 0, true)]),
