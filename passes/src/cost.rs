@@ -203,7 +203,10 @@ impl CostModel {
                     let sk = k.len().checked_sub(2).and_then(|i| k.get(i).copied());
                     let sq = q.len().checked_sub(2).and_then(|i| q.get(i).copied());
                     let qn: f64 = q.iter().product();
-                    4.0 * qn * sk.unwrap_or(1.0) + 12.0 * sq.unwrap_or(1.0) * sk.unwrap_or(1.0)
+                    // The softmax's ~12 FLOPs per score, for every (batch, head) pair.
+                    let pairs: f64 = q.iter().rev().skip(2).product();
+                    4.0 * qn * sk.unwrap_or(1.0)
+                        + 12.0 * pairs * sq.unwrap_or(1.0) * sk.unwrap_or(1.0)
                 }
                 // Recurrent cells: per time step and batch entry, x·Wᵀ and h·Rᵀ of every
                 // direction. Y is `[S, D, B, H]` (either layout) and R `[D, G·H, H]`; with Y
