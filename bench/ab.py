@@ -101,7 +101,7 @@ def main():
             f"Machine: {cpu_name()}, {os.cpu_count()} cores; load average at start "
             f"{' '.join(load0)}, at the end {' '.join(load1)} (other work on the machine makes "
             "absolute figures noisy; A and B alternate, so they share it).\n"
-            f"A = {a.label_a} (`{a.a}`), B = {a.label_b} (`{a.b}`). Each cell: median over "
+            f"A = {a.label_a}, B = {a.label_b} (release builds of kiln). Each cell: median over "
             f"{a.rounds} rounds of each round's median of {a.runs} runs (after 3 warm-up runs); "
             "min = the fastest single run; ORT = ONNX Runtime's median from B's first round "
             "(`--compare-ort`), ratios below 1: kiln is faster.\n\n"
