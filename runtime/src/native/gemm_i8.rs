@@ -193,13 +193,79 @@ pub fn matmul_integer(
     pool: &Pool,
     isa: IsaI8,
 ) -> Result<(), GemmI8Error> {
+    let n = b.n;
+    if c.len() != m * n {
+        return Err(GemmI8Error::Shape(format!(
+            "C has {} elements, not {m}×{n}",
+            c.len()
+        )));
+    }
+    let out = SharedI32(c.as_mut_ptr());
+    // SAFETY: (i, j) < (m, n), the length checked above; each element is written by the one
+    // tile owning row i.
+    run(a, m, za, b, zb, pool, isa, |i, j, v| unsafe {
+        *out.get().add(i * n + j) = v
+    })
+}
+
+/// [`matmul_integer`] with a dequantising epilogue: `c = f32((a - za)·(b - zb)) · scale +
+/// bias`, each element rounded to f32 at each step as a `cast`, `mul` and `add` would
+/// (`scale` has 1 or `n` values, `bias` 0, 1 or `n`). Nothing in i32 is stored.
+#[allow(clippy::too_many_arguments)] // as for `matmul_integer`, plus the epilogue's vectors
+pub fn matmul_integer_scaled(
+    a: Bytes<'_>,
+    m: usize,
+    za: &[i32],
+    b: &PackedB8,
+    zb: &[i32],
+    scale: &[f32],
+    bias: &[f32],
+    c: &mut [std::mem::MaybeUninit<f32>],
+    pool: &Pool,
+    isa: IsaI8,
+) -> Result<(), GemmI8Error> {
+    let n = b.n;
+    if c.len() != m * n {
+        return Err(GemmI8Error::Shape(format!(
+            "C has {} elements, not {m}×{n}",
+            c.len()
+        )));
+    }
+    if !(scale.len() == 1 || scale.len() == n) || !(bias.len() <= 1 || bias.len() == n) {
+        return Err(GemmI8Error::Shape(format!(
+            "a scale of {} and a bias of {} values for {n} columns",
+            scale.len(),
+            bias.len()
+        )));
+    }
+    let out = SharedF32(c.as_mut_ptr().cast());
+    let at = |v: &[f32], j: usize| v[if v.len() == 1 { 0 } else { j }];
+    let emit = |i: usize, j: usize, v: i32| {
+        let y = v as f32 * at(scale, j);
+        let y = if bias.is_empty() { y } else { y + at(bias, j) };
+        // SAFETY: as in `matmul_integer`: (i, j) < (m, n), written by one tile.
+        unsafe { *out.get().add(i * n + j) = y }
+    };
+    run(a, m, za, b, zb, pool, isa, emit)
+}
+
+/// The integer GEMM, handing each finished element `(row, column, value)` to `emit` (from
+/// the pool's threads; each element once).
+#[allow(clippy::too_many_arguments)] // as for `matmul_integer`
+fn run(
+    a: Bytes<'_>,
+    m: usize,
+    za: &[i32],
+    b: &PackedB8,
+    zb: &[i32],
+    pool: &Pool,
+    isa: IsaI8,
+    emit: impl Fn(usize, usize, i32) + Sync,
+) -> Result<(), GemmI8Error> {
     let (k, n) = (b.k, b.n);
     let bad = |what: String| Err(GemmI8Error::Shape(what));
     if a.len() != m * k {
         return bad(format!("A has {} elements, not {m}×{k}", a.len()));
-    }
-    if c.len() != m * n {
-        return bad(format!("C has {} elements, not {m}×{n}", c.len()));
     }
     if !(za.len() == 1 || za.len() == m) || !(zb.len() == 1 || zb.len() == n) {
         return bad(format!(
@@ -233,8 +299,7 @@ pub fn matmul_integer(
     }
     let kk = k as i32;
     let tiles = mp / MR;
-    let out = SharedI32(c.as_mut_ptr());
-    let (ap, row_sums) = (&ap, &row_sums);
+    let (ap, row_sums, emit) = (&ap, &row_sums, &emit);
     pool.parallel_ranges(tiles, |range| {
         let mut acc = [0i32; MR * PANEL * 2];
         for t in range {
@@ -261,9 +326,7 @@ pub fn matmul_integer(
                                 .wrapping_sub(za_i.wrapping_mul(b.col_sums[j]))
                                 .wrapping_sub(zb_j.wrapping_mul(row_sums[i]))
                                 .wrapping_add(kk.wrapping_mul(za_i).wrapping_mul(zb_j));
-                            // SAFETY: row i < m and column j < n of C, written by this tile
-                            // only (tiles own disjoint rows).
-                            unsafe { *out.get().add(i * n + j) = v };
+                            emit(i, j, v);
                         }
                     }
                 }
@@ -283,6 +346,19 @@ unsafe impl Send for SharedI32 {}
 unsafe impl Sync for SharedI32 {}
 impl SharedI32 {
     fn get(self) -> *mut i32 {
+        self.0
+    }
+}
+
+/// A raw pointer to the f32 C of [`matmul_integer_scaled`] (disjoint rows per tile).
+#[derive(Clone, Copy)]
+struct SharedF32(*mut f32);
+// SAFETY: each tile writes only its own rows of C.
+unsafe impl Send for SharedF32 {}
+// SAFETY: as above.
+unsafe impl Sync for SharedF32 {}
+impl SharedF32 {
+    fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -505,6 +581,45 @@ mod tests {
                     )
                     .unwrap();
                     assert_eq!(c, want, "{isa:?} {m}x{k}x{n} signed {sa}/{sb}");
+                    // The scaled form: the cast, product and sum of each element, bit for bit.
+                    let scale: Vec<f32> = (0..if per_row { n } else { 1 })
+                        .map(|j| 0.37 / (j as f32 + 3.0))
+                        .collect();
+                    for bias in [
+                        vec![],
+                        vec![0.25f32],
+                        (0..n).map(|j| j as f32 - 0.5).collect(),
+                    ] {
+                        let mut y = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+                        matmul_integer_scaled(
+                            bytes(&au, &ai, sa),
+                            m,
+                            &za32,
+                            &packed,
+                            &zb32,
+                            &scale,
+                            &bias,
+                            &mut y,
+                            &pool,
+                            isa,
+                        )
+                        .unwrap();
+                        for (e, (&got, &acc)) in y.iter().zip(&want).enumerate() {
+                            let j = e % n;
+                            let pick = |v: &[f32]| v[if v.len() == 1 { 0 } else { j }];
+                            let mut w = acc as f32 * pick(&scale);
+                            if !bias.is_empty() {
+                                w += pick(&bias);
+                            }
+                            // SAFETY: every element was written (checked against NaN-free `w`).
+                            let got = unsafe { got.assume_init() };
+                            assert_eq!(
+                                got.to_bits(),
+                                w.to_bits(),
+                                "{isa:?} scaled {m}x{k}x{n} at {e}"
+                            );
+                        }
+                    }
                 }
             }
         }
