@@ -65,7 +65,9 @@ fn range(v: &[f32]) -> Option<(f32, f32)> {
         lo[i] = if e < lo[i] { e } else { lo[i] };
         hi[i] = if e > hi[i] { e } else { hi[i] };
         // `e - e` is 0 for finite values and NaN for a NaN or an infinity.
-        bad[i] += e - e;
+        #[allow(clippy::eq_op)]
+        let nonfinite = e - e;
+        bad[i] += nonfinite;
     };
     let chunks = v.chunks_exact(LANES);
     let tail = chunks.remainder();
