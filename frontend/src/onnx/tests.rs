@@ -263,7 +263,11 @@ fn declared_symbols_of_another_tool_yield_to_inferred_ones() {
     let sym = |s: &str| Dim::Sym(s.into());
     let by_name = |n: &str| {
         let v = ir.values.iter().position(|v| v.name == n).unwrap();
-        ir.ty(kiln_ir::ValueId(v as u32)).shape.dims().unwrap().to_vec()
+        ir.ty(kiln_ir::ValueId(v as u32))
+            .shape
+            .dims()
+            .unwrap()
+            .to_vec()
     };
     assert_eq!(by_name("y"), [sym("S"), Dim::Fixed(4)]);
     assert_eq!(by_name("z"), [sym("S"), Dim::Fixed(4)]);
