@@ -201,10 +201,11 @@ pub fn matmul_integer(
         )));
     }
     let out = SharedI32(c.as_mut_ptr());
-    // SAFETY: (i, j) < (m, n), the length checked above; each element is written by the one
-    // tile owning row i.
-    run(a, m, za, b, zb, pool, isa, |i, j, v| unsafe {
-        *out.get().add(i * n + j) = v
+    run(a, m, za, b, zb, pool, isa, |i, j, v: &[i32]| {
+        // SAFETY: row i < m, columns j..j + v.len() <= n, inside the m·n checked above;
+        // written only by the tile owning row i.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(i * n + j), v.len()) };
+        dst.copy_from_slice(v);
     })
 }
 
@@ -238,19 +239,43 @@ pub fn matmul_integer_scaled(
             bias.len()
         )));
     }
+    // One value per column (a single value repeated), so each segment is lane arithmetic.
+    let per_col = |v: &[f32]| -> Vec<f32> {
+        (0..n)
+            .map(|j| v[if v.len() == 1 { 0 } else { j }])
+            .collect()
+    };
+    let (scale, bias) = (
+        per_col(scale),
+        if bias.is_empty() {
+            vec![]
+        } else {
+            per_col(bias)
+        },
+    );
     let out = SharedF32(c.as_mut_ptr().cast());
-    let at = |v: &[f32], j: usize| v[if v.len() == 1 { 0 } else { j }];
-    let emit = |i: usize, j: usize, v: i32| {
-        let y = v as f32 * at(scale, j);
-        let y = if bias.is_empty() { y } else { y + at(bias, j) };
-        // SAFETY: as in `matmul_integer`: (i, j) < (m, n), written by one tile.
-        unsafe { *out.get().add(i * n + j) = y }
+    let emit = |i: usize, j: usize, v: &[i32]| {
+        // SAFETY: as in `matmul_integer`: row i < m, columns j..j + v.len() <= n, written
+        // by the tile owning row i (f32 has MaybeUninit<f32>'s layout).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(i * n + j), v.len()) };
+        let s = &scale[j..j + v.len()];
+        if bias.is_empty() {
+            for ((y, &x), &s) in dst.iter_mut().zip(v).zip(s) {
+                *y = x as f32 * s;
+            }
+        } else {
+            // The product rounded, then the sum rounded: the mul and add it replaces.
+            let bb = &bias[j..j + v.len()];
+            for (((y, &x), &s), &b) in dst.iter_mut().zip(v).zip(s).zip(bb) {
+                *y = x as f32 * s + b;
+            }
+        }
     };
     run(a, m, za, b, zb, pool, isa, emit)
 }
 
-/// The integer GEMM, handing each finished element `(row, column, value)` to `emit` (from
-/// the pool's threads; each element once).
+/// The integer GEMM, handing each finished row segment `(row, first column, values)` to
+/// `emit` (from the pool's threads; each element once).
 #[allow(clippy::too_many_arguments)] // as for `matmul_integer`
 fn run(
     a: Bytes<'_>,
@@ -260,7 +285,7 @@ fn run(
     zb: &[i32],
     pool: &Pool,
     isa: IsaI8,
-    emit: impl Fn(usize, usize, i32) + Sync,
+    emit: impl Fn(usize, usize, &[i32]) + Sync,
 ) -> Result<(), GemmI8Error> {
     let (k, n) = (b.k, b.n);
     let bad = |what: String| Err(GemmI8Error::Shape(what));
@@ -299,9 +324,15 @@ fn run(
     }
     let kk = k as i32;
     let tiles = mp / MR;
-    let (ap, row_sums, emit) = (&ap, &row_sums, &emit);
+    // B's zero point per column, shifted as B was (one vector, so the corrections below
+    // are plain lane arithmetic).
+    let zbs: Vec<i32> = (0..n)
+        .map(|j| zb[if zb.len() == 1 { 0 } else { j }].wrapping_sub(b.shift))
+        .collect();
+    let (ap, row_sums, zbs, emit) = (&ap, &row_sums, &zbs, &emit);
     pool.parallel_ranges(tiles, |range| {
         let mut acc = [0i32; MR * PANEL * 2];
+        let mut row = [0i32; PANEL * 2];
         for t in range {
             let r0 = t * MR;
             let a_tile = &ap[r0 * kp..][..MR * kp];
@@ -311,24 +342,22 @@ fn run(
                 let two = p + 1 < panels;
                 let width = if two { 2 } else { 1 };
                 tile(isa, a_tile, kp, b, p, two, &mut acc);
-                // Corrections and store of the valid rows and columns.
+                // Corrections of the valid rows and columns, a row segment at a time:
+                // Σ(a-za)(b-zb) = Σab - za·Σb - zb·(Σa - K·za), in wrapping i32.
+                let j0 = p * PANEL;
+                let w = (width * PANEL).min(n - j0);
+                let (cs, zj) = (&b.col_sums[j0..j0 + w], &zbs[j0..j0 + w]);
                 for r in 0..MR.min(m - r0) {
                     let i = r0 + r;
                     let za_i = za[if za.len() == 1 { 0 } else { i }].wrapping_add(a_shift);
-                    for w in 0..width {
-                        for cc in 0..PANEL {
-                            let j = (p + w) * PANEL + cc;
-                            if j >= n {
-                                break;
-                            }
-                            let zb_j = zb[if zb.len() == 1 { 0 } else { j }].wrapping_sub(b.shift);
-                            let v = acc[r * PANEL * 2 + w * PANEL + cc]
-                                .wrapping_sub(za_i.wrapping_mul(b.col_sums[j]))
-                                .wrapping_sub(zb_j.wrapping_mul(row_sums[i]))
-                                .wrapping_add(kk.wrapping_mul(za_i).wrapping_mul(zb_j));
-                            emit(i, j, v);
-                        }
+                    let t_i = row_sums[i].wrapping_sub(kk.wrapping_mul(za_i));
+                    let a_row = &acc[r * PANEL * 2..][..w];
+                    for (((o, &x), &c), &z) in row[..w].iter_mut().zip(a_row).zip(cs).zip(zj) {
+                        *o = x
+                            .wrapping_sub(za_i.wrapping_mul(c))
+                            .wrapping_sub(z.wrapping_mul(t_i));
                     }
+                    emit(i, j0, &row[..w]);
                 }
                 p += width;
             }

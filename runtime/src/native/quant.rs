@@ -25,8 +25,6 @@ const LANES: usize = 16;
 const ROUND_MAGIC: f32 = 12_582_912.0;
 /// Quotients are clamped into ±this before rounding (any value past ±255 + 255 saturates).
 const QUOTIENT_BOUND: f32 = 1024.0;
-/// `2²³`: an integral f32 in 0..=255 plus this holds the integer in its low mantissa bits.
-const INT_MAGIC: f32 = 8_388_608.0;
 /// Elements per parallel chunk of the quantize pass (below two chunks it runs on one thread).
 const CHUNK: usize = 1 << 15;
 
@@ -46,10 +44,10 @@ pub fn dynamic(ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
             let (a, b) = (r.start * CHUNK, (r.end * CHUNK).min(v.len()));
             // SAFETY: chunks `r` own elements `a..b` of `y` (len `v.len()`), written only here.
             let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(a), b - a) };
-            quantize_u8(&v[a..b], scale, zp, out);
+            quantize(&v[a..b], scale, zp, (0.0, 255.0), out);
         });
     } else {
-        quantize_u8(v, scale, zp, &mut y);
+        quantize(v, scale, zp, (0.0, 255.0), &mut y);
     }
     Some(vec![
         Tensor::from_vec(x.shape().to_vec(), y),
@@ -88,13 +86,14 @@ fn range(v: &[f32]) -> Option<(f32, f32)> {
     Some((lo, hi))
 }
 
-/// `y = clamp(round_half_even(x / scale) + zp, 0, 255)` for finite `x`, in lanes of
-/// [`LANES`]. A scale that is not a positive normal number (a range so small that it
-/// underflowed, or one that overflowed) takes the interpreter's own scalar formula.
-fn quantize_u8(v: &[f32], scale: f32, zp: f32, y: &mut [u8]) {
-    if !(scale.is_normal() && scale > 0.0) {
+/// `y = clamp(round_half_even(x / scale) + zp, lo, hi)` (a NaN giving 0, as the
+/// interpreter's saturating cast does), each value's low byte in two's complement, in lanes
+/// of [`LANES`]. A scale that is not a normal number (zero, a range so small that it
+/// underflowed, an infinity, a NaN) takes the interpreter's own scalar formula.
+fn quantize(v: &[f32], scale: f32, zp: f32, (lo, hi): (f32, f32), y: &mut [u8]) {
+    if !scale.is_normal() {
         for (o, &e) in y.iter_mut().zip(v) {
-            *o = ((e / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8;
+            *o = ((e / scale).round_ties_even() + zp).clamp(lo, hi) as i32 as u8;
         }
         return;
     }
@@ -104,19 +103,20 @@ fn quantize_u8(v: &[f32], scale: f32, zp: f32, y: &mut [u8]) {
         let o: &mut [u8; LANES] = o.try_into().expect("a whole chunk");
         let c: &[f32; LANES] = c.try_into().expect("a whole chunk");
         for (o, &e) in o.iter_mut().zip(c) {
-            *o = quantize_one(e, scale, zp);
+            *o = quantize_one(e, scale, zp, lo, hi);
         }
     }
     for (o, &e) in yc.into_remainder().iter_mut().zip(vc.remainder()) {
-        *o = quantize_one(e, scale, zp);
+        *o = quantize_one(e, scale, zp, lo, hi);
     }
 }
 
-/// One element of [`quantize_u8`] (finite `e`, positive normal `scale`), branch-free so
+/// One element of [`quantize`] (normal `scale`, `lo..=hi` within -128..=255), branch-free so
 /// that the loops vectorise: the quotient clamped, rounded by [`ROUND_MAGIC`], shifted and
-/// clamped into 0..=255, and read as an integer from the low mantissa bits of `r + 2²³`.
+/// clamped, a NaN made 0, and the integer read from the low mantissa bits of
+/// `r + ROUND_MAGIC` (exact for |r| < 2²², whose low byte is r's two's complement byte).
 #[inline(always)]
-fn quantize_one(e: f32, scale: f32, zp: f32) -> u8 {
+fn quantize_one(e: f32, scale: f32, zp: f32, lo: f32, hi: f32) -> u8 {
     let q = e / scale;
     let q = if q < -QUOTIENT_BOUND {
         -QUOTIENT_BOUND
@@ -129,9 +129,11 @@ fn quantize_one(e: f32, scale: f32, zp: f32) -> u8 {
         q
     };
     let r = (q + ROUND_MAGIC) - ROUND_MAGIC + zp;
-    let r = if r < 0.0 { 0.0 } else { r };
-    let r = if r > 255.0 { 255.0 } else { r };
-    ((r + INT_MAGIC).to_bits() & 0xff) as u8
+    let r = if r < lo { lo } else { r };
+    let r = if r > hi { hi } else { r };
+    #[allow(clippy::eq_op)]
+    let r = if r == r { r } else { 0.0 };
+    ((r + ROUND_MAGIC).to_bits() & 0xff) as u8
 }
 
 /// `y`'s buffer shared by the quantize chunks, which write disjoint ranges.
@@ -166,25 +168,20 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
     match node.op {
         OpKind::QuantizeLinear => {
             let v = x.as_slice::<f32>()?;
-            let q = |lo: f32, hi: f32, z: f32| {
-                v.iter()
-                    .map(move |&a| ((a / scale).round_ties_even() + z).clamp(lo, hi))
-            };
+            let mut y = vec![0u8; v.len()];
             match zp.map(Tensor::dtype) {
                 None | Some(DType::U8) => {
                     let z =
                         zp.map_or(Some(0.0), |z| z.as_slice::<u8>().map(|z| f32::from(z[0])))?;
-                    Some(Tensor::from_vec(
-                        shape,
-                        q(0.0, 255.0, z).map(|f| f as u8).collect::<Vec<u8>>(),
-                    ))
+                    quantize(v, scale, z, (0.0, 255.0), &mut y);
+                    Some(Tensor::from_vec(shape, y))
                 }
                 Some(DType::I8) => {
                     let z = f32::from(zp?.as_slice::<i8>()?[0]);
-                    Some(Tensor::from_vec(
-                        shape,
-                        q(-128.0, 127.0, z).map(|f| f as i8).collect::<Vec<i8>>(),
-                    ))
+                    quantize(v, scale, z, (-128.0, 127.0), &mut y);
+                    // The low byte of each value in two's complement.
+                    let y: Vec<i8> = y.into_iter().map(|b| b as i8).collect();
+                    Some(Tensor::from_vec(shape, y))
                 }
                 _ => None,
             }
@@ -246,9 +243,21 @@ mod tests {
     fn per_tensor_quantize_and_dequantize_match_the_interpreter_bit_for_bit() {
         let xs: Vec<f32> = (0..400)
             .map(|i| (i as f32 - 200.0) * 0.173)
+            // Quotients at every half step (ties) for the 0.25 scale.
+            .chain((-600..600).map(|k| k as f32 * 0.125))
             .chain([0.5, 1.5, -0.5, -2.5, 1e9, -1e9, f32::NAN, f32::INFINITY])
+            .chain([f32::NEG_INFINITY, -0.0, f32::from_bits(0x7fc0_00ff), -f32::NAN])
             .collect();
         let x = Tensor::from_vec(vec![xs.len()], xs);
+        for odd in [-0.3f32, 0.0, 1e-40, f32::INFINITY] {
+            let s = Tensor::scalar(odd);
+            for zp in [Tensor::scalar(7u8), Tensor::scalar(-3i8)] {
+                let ins = [Some(&x), Some(&s), Some(&zp)];
+                let n = node(OpKind::QuantizeLinear, 3);
+                let want = kiln_ir::ops::eval(n.op, &n.attrs, &ins).expect("reference");
+                assert_eq!(run(&n, &ins).expect("native"), want[0], "scale {odd}");
+            }
+        }
         let scale = Tensor::scalar(0.25f32);
         let zps = [
             None,
