@@ -246,7 +246,12 @@ mod tests {
             // Quotients at every half step (ties) for the 0.25 scale.
             .chain((-600..600).map(|k| k as f32 * 0.125))
             .chain([0.5, 1.5, -0.5, -2.5, 1e9, -1e9, f32::NAN, f32::INFINITY])
-            .chain([f32::NEG_INFINITY, -0.0, f32::from_bits(0x7fc0_00ff), -f32::NAN])
+            .chain([
+                f32::NEG_INFINITY,
+                -0.0,
+                f32::from_bits(0x7fc0_00ff),
+                -f32::NAN,
+            ])
             .collect();
         let x = Tensor::from_vec(vec![xs.len()], xs);
         for odd in [-0.3f32, 0.0, 1e-40, f32::INFINITY] {
