@@ -10,7 +10,12 @@
 
 Fixed seeds, random weights. Run with the repo's venv (onnx, onnxruntime, numpy):
     .venv/bin/python scripts/make_quant_models.py
+
+With `--bench DIR` it writes full-size versions for `bench/quant.sh` instead (not committed):
+DIR/bert_dynq_base (hidden 384, 6 heads, FFN 1536, 4 layers, batch 1 × seq 128) and
+DIR/convnet_qdq_224 (the same conv net on a 224×224 image), each with one test-data set.
 """
+import argparse
 import os
 import shutil
 import tempfile
@@ -108,7 +113,7 @@ def bert_like(rng, vocab=100, seq_max=32, hidden=64, heads=4, ffn=256, layers=2)
     return model
 
 
-def conv_net(rng):
+def conv_net(rng, size=16):
     inits = [
         init(rng, "c1.w", (8, 3, 3, 3), 0.3), init(rng, "c1.b", (8,), 0.1),
         init(rng, "c2.w", (16, 8, 3, 3), 0.15), init(rng, "c2.b", (16,), 0.1),
@@ -126,7 +131,7 @@ def conv_net(rng):
     ]
     graph = helper.make_graph(
         nodes, "convnet",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
@@ -138,17 +143,17 @@ def conv_net(rng):
 class RandomReader(CalibrationDataReader):
     """A few seeded random images."""
 
-    def __init__(self, rng, n=4):
-        self.data = iter([{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    def __init__(self, rng, n=4, size=16):
+        self.data = iter([{"x": rng.standard_normal((1, 3, size, size)).astype(np.float32)}
                           for _ in range(n)])
 
     def get_next(self):
         return next(self.data, None)
 
 
-def write(name, model_path, inputs):
-    """Copies the quantised model to tests/models/<name> with ORT's outputs as reference."""
-    out = os.path.join(ROOT, name)
+def write(name, model_path, inputs, root=ROOT, max_bytes=2 << 20):
+    """Copies the quantised model to <root>/<name> with ORT's outputs as reference."""
+    out = os.path.join(root, name)
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(os.path.join(out, "test_data_set_0"))
@@ -165,12 +170,41 @@ def write(name, model_path, inputs):
         with open(os.path.join(data, f"output_{i}.pb"), "wb") as f:
             f.write(numpy_helper.from_array(r, o.name).SerializeToString())
     size = os.path.getsize(os.path.join(out, "model.onnx"))
-    assert size < 2 << 20, f"{name}: {size} bytes"
+    assert size < max_bytes, f"{name}: {size} bytes"
     ops = sorted({n.op_type for n in onnx.load(model_path).graph.node})
     print(f"wrote {out} ({size} bytes; ops: {', '.join(ops)})")
 
 
+def bench_models(root):
+    """Full-size versions for bench/quant.sh (not committed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(99)
+        f32 = os.path.join(tmp, "bert.onnx")
+        onnx.save(bert_like(rng, vocab=1000, seq_max=128, hidden=384, heads=6, ffn=1536,
+                            layers=4), f32)
+        q = os.path.join(tmp, "bert_dynq_base.onnx")
+        quantize_dynamic(f32, q, weight_type=QuantType.QInt8)
+        ids = rng.integers(0, 1000, size=(1, 128)).astype(np.int64)
+        write("bert_dynq_base", q, {"input_ids": ids}, root, 64 << 20)
+
+        rng = np.random.default_rng(98)
+        f32 = os.path.join(tmp, "convnet.onnx")
+        onnx.save(conv_net(rng, 224), f32)
+        q = os.path.join(tmp, "convnet_qdq_224.onnx")
+        quantize_static(f32, q, RandomReader(rng, size=224), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+        x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+        write("convnet_qdq_224", q, {"x": x}, root, 64 << 20)
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bench", metavar="DIR", help="write the full-size benchmark models to DIR")
+    args = ap.parse_args()
+    if args.bench:
+        bench_models(args.bench)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(1234)
         f32 = os.path.join(tmp, "bert.onnx")

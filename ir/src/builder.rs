@@ -2,7 +2,7 @@
 //! text parser do: each new node's output types come from its op's shape rule, refined by
 //! any type the source declares.
 
-use crate::infer::{fold_small_constants, refine, InferError};
+use crate::infer::{fold_small_constants, refine_declared, InferError};
 use crate::ops::{self, Fact};
 use crate::{Attrs, Graph, OpKind, TensorType, ValueId};
 
@@ -85,7 +85,8 @@ impl GraphBuilder {
         let mut typed = Vec::with_capacity(outputs.len());
         for (f, (oname, declared)) in out.iter_mut().zip(&outputs) {
             if let Some(d) = declared {
-                f.ty = refine(d, &f.ty).map_err(|m| err(format!("output `{oname}`: {m}")))?;
+                f.ty =
+                    refine_declared(d, &f.ty).map_err(|m| err(format!("output `{oname}`: {m}")))?;
             }
             if f.dims.is_none() {
                 f.dims = f.value_dims();

@@ -132,6 +132,24 @@ pub(crate) fn fold_small_constants(
 /// Merges a declared type with an inferred one: the inferred dtype must match; each dim
 /// takes whichever side knows more, and two known sizes must agree.
 pub fn refine(declared: &TensorType, inferred: &TensorType) -> Result<TensorType, String> {
+    refine_with(declared, inferred, false)
+}
+
+/// [`refine`] for a type a model declares for a node's output (ONNX value_info, graph
+/// outputs): where both sides name a symbol, the inferred one wins. Inferred symbols tie
+/// the value to the graph's inputs (`seq` through `Shape → Gather → Range`); a declared
+/// one is another tool's name for the same size (ONNX Runtime's shape inference writes
+/// fresh `unk__N` names), and keeping it would make equal dims look unrelated, so that
+/// broadcasts and row kernels over them could not fuse.
+pub fn refine_declared(declared: &TensorType, inferred: &TensorType) -> Result<TensorType, String> {
+    refine_with(declared, inferred, true)
+}
+
+fn refine_with(
+    declared: &TensorType,
+    inferred: &TensorType,
+    inferred_syms: bool,
+) -> Result<TensorType, String> {
     if declared.dtype != inferred.dtype {
         return Err(format!("declared {declared} but inferred {inferred}"));
     }
@@ -150,6 +168,7 @@ pub fn refine(declared: &TensorType, inferred: &TensorType) -> Result<TensorType
                     }
                     (Dim::Fixed(_), _) => a.clone(),
                     (_, Dim::Fixed(_)) => b.clone(),
+                    (Dim::Sym(_), Dim::Sym(_)) if inferred_syms => b.clone(),
                     (Dim::Sym(_), _) => a.clone(),
                     (Dim::Unknown, _) => b.clone(),
                 });

@@ -182,7 +182,9 @@ impl CostModel {
             // A row statistic reads every element (mean, centred squares) and writes one per row.
             CostClass::RowStat => 4.0 * ins.first().map_or(n_out, Operand::numel),
             CostClass::Contraction => match op {
-                MatMul | Gemm | MatMulInteger | QLinearMatMul => 2.0 * n_out * last_of(0),
+                MatMul | Gemm | MatMulInteger | MatMulIntegerScaled | QLinearMatMul => {
+                    2.0 * n_out * last_of(0)
+                }
                 // The product, then one FLOP per element for each epilogue operand present
                 // (bias, row scale, residual); the activation runs on values in registers
                 // and is not counted, so folding an op into the epilogue never adds FLOPs.

@@ -2,7 +2,8 @@
 //! pass and why it sits there. Names are what `--passes=-name` and dump files use.
 
 use crate::canon::{
-    FuseAttention, FuseGelu, FuseNorms, FuseRotary, FuseSilu, LineariseAttention, UnflattenGemm,
+    FuseAttention, FuseGelu, FuseNorms, FuseQuantEpilogue, FuseRotary, FuseSilu,
+    LineariseAttention, UnflattenGemm,
 };
 use crate::classic::{
     AbsorbHeadTransposes, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants,
@@ -46,6 +47,9 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // decay) v, row-sum normaliser): one op run in the chunked recurrent form, exact
         // up to reassociation.
         Box::new(LineariseAttention::default()),
+        // onnxruntime's dynamic quantisation: matmul_integer → cast → mul(scale) → add(bias)
+        // becomes one integer GEMM with a scaling epilogue (bit-exact).
+        Box::new(FuseQuantEpilogue),
         // Compose the transposes fuse_attention inserts with the exporter's head transposes.
         Box::new(SimplifyOps),
         // Merge duplicate constants and computations (after folding made more of them equal).
@@ -102,7 +106,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 20);
+        assert_eq!(report.passes.len(), 21);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

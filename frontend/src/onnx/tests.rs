@@ -240,6 +240,40 @@ fn negative_and_zero_input_dims_are_fresh_symbols_and_elsewhere_unknown() {
     );
 }
 
+#[test]
+fn declared_symbols_of_another_tool_yield_to_inferred_ones() {
+    // ONNX Runtime's shape inference writes fresh `unk__N` names into value_info (and
+    // graph outputs) for dims kiln infers as the input's `S`: the inferred symbol wins, so
+    // equal dims stay equal; a declared symbol where inference knows nothing is kept.
+    let mut g = graph(
+        vec![
+            node("Relu", &["x"], &["y"], vec![]),
+            node("Add", &["x", "y"], &["z"], vec![]),
+            node("NonZero", &["z"], &["nz"], vec![]),
+        ],
+        vec![tensor_vi("x", DType::F32, &["S", "4"])],
+        vec![
+            tensor_vi("z", DType::F32, &["unk__1", "4"]),
+            tensor_vi("nz", DType::I64, &["2", "N"]),
+        ],
+        vec![],
+    );
+    g.value_info = vec![tensor_vi("y", DType::F32, &["unk__0", "4"])];
+    let ir = load(&model(g, 17)).unwrap();
+    let sym = |s: &str| Dim::Sym(s.into());
+    let by_name = |n: &str| {
+        let v = ir.values.iter().position(|v| v.name == n).unwrap();
+        ir.ty(kiln_ir::ValueId(v as u32))
+            .shape
+            .dims()
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(by_name("y"), [sym("S"), Dim::Fixed(4)]);
+    assert_eq!(by_name("z"), [sym("S"), Dim::Fixed(4)]);
+    assert_eq!(by_name("nz")[0], Dim::Fixed(2));
+}
+
 fn with_init(t: TensorProto) -> ModelProto {
     let name = t.name.clone();
     model(

@@ -312,8 +312,8 @@ op_table! {
     MaxPool = "max_pool", "MaxPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
     AveragePool = "average_pool", "AveragePool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
     LpPool = "lp_pool", "LpPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
-    GlobalMaxPool = "global_max_pool", "GlobalMaxPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
-    GlobalAveragePool = "global_average_pool", "GlobalAveragePool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    GlobalMaxPool = "global_max_pool", "GlobalMaxPool", Pool, 1..=1, attrs, rule, Native, Elem(1.0);
+    GlobalAveragePool = "global_average_pool", "GlobalAveragePool", Pool, 1..=1, attrs, rule, Native, Elem(1.0);
     GlobalLpPool = "global_lp_pool", "GlobalLpPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
     // ---- layout.rs: shape and data movement
     Shape = "shape", "Shape", Layout, 1..=1, attrs, rule, Native, View;
@@ -364,9 +364,10 @@ op_table! {
     Lstm = "lstm", "LSTM", Recurrent, 3..=8, attrs, rule, Native, Contraction;
     Gru = "gru", "GRU", Recurrent, 3..=6, attrs, rule, Native, Contraction;
     Rnn = "rnn", "RNN", Recurrent, 3..=6, attrs, rule, Native, Contraction;
-    DynamicQuantizeLinear = "dynamic_quantize_linear", "DynamicQuantizeLinear", Quant, 1..=1, plain, rule, Interp, Elem(4.0);
+    DynamicQuantizeLinear = "dynamic_quantize_linear", "DynamicQuantizeLinear", Quant, 1..=1, plain, rule, Native, Elem(4.0);
     // ---- quant_linalg.rs: integer contractions
     MatMulInteger = "matmul_integer", "MatMulInteger", QuantLinalg, 2..=4, plain, rule, Contraction, Contraction;
+    MatMulIntegerScaled = "matmul_integer_scaled", "", QuantLinalg, 5..=6, attrs, rule, Contraction, Contraction;
     ConvInteger = "conv_integer", "ConvInteger", QuantLinalg, 2..=4, attrs, rule, Interp, Contraction;
     QLinearMatMul = "qlinear_matmul", "QLinearMatMul", QuantLinalg, 8..=8, plain, rule, Interp, Contraction;
     QLinearConv = "qlinear_conv", "QLinearConv", QuantLinalg, 8..=9, attrs, rule, Interp, Contraction;

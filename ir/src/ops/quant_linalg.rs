@@ -13,6 +13,12 @@
 //!   reference, the multiplier `s_a·s_b / s_y` is computed in the scales' dtype (each step
 //!   rounded to it) and the product `acc · multiplier` in f64.
 //!
+//! - `matmul_integer_scaled(a, b, a_zp?, b_zp?, scale, bias?)` (kiln's, made by the
+//!   `fuse_quant_epilogue` pass from onnxruntime's dynamic quantisation):
+//!   `f32(matmul_integer(a, b, a_zp, b_zp)) · scale (+ bias)`, each step rounded to f32 as the
+//!   `cast`, `mul` and `add` it replaces (so the fused form equals them bit for bit). `scale`
+//!   and `bias` are f32 and broadcast to the product's shape without enlarging it.
+//!
 //! The integer products run through the linalg family's matmul and conv on centred i32
 //! operands, so there is one dense kernel; accumulation wraps in 32 bits, as ONNX allows.
 
@@ -27,8 +33,20 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     for (f, what) in [(a, "first operand"), (b, "second operand")] {
         check_int8(f.ty.dtype, what)?;
     }
+    if op == OpKind::MatMulIntegerScaled {
+        for (i, what) in [(4, "scale"), (5, "bias")] {
+            match opt_arg(inputs, i) {
+                Some(f) if f.ty.dtype != DType::F32 => {
+                    return Err(format!("the {what} must be f32, got {}", f.ty.dtype))
+                }
+                None if i == 4 => return Err("the scale (input #4) is missing".into()),
+                _ => {}
+            }
+        }
+    }
     let dtype = match op {
         OpKind::MatMulInteger | OpKind::ConvInteger => DType::I32,
+        OpKind::MatMulIntegerScaled => DType::F32,
         _ => match opt_arg(inputs, 7) {
             Some(z) => {
                 check_int8(z.ty.dtype, "output zero point")?;
@@ -45,7 +63,9 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
 /// The two integer operands of `op` and the float op whose shape rule it shares.
 fn operands<'a, T>(op: OpKind, inputs: &[Option<&'a T>]) -> Result<(&'a T, &'a T, OpKind), String> {
     Ok(match op {
-        OpKind::MatMulInteger => (arg(inputs, 0)?, arg(inputs, 1)?, OpKind::MatMul),
+        OpKind::MatMulInteger | OpKind::MatMulIntegerScaled => {
+            (arg(inputs, 0)?, arg(inputs, 1)?, OpKind::MatMul)
+        }
         OpKind::ConvInteger => (arg(inputs, 0)?, arg(inputs, 1)?, OpKind::Conv),
         OpKind::QLinearMatMul => (arg(inputs, 0)?, arg(inputs, 3)?, OpKind::MatMul),
         OpKind::QLinearConv => (arg(inputs, 0)?, arg(inputs, 3)?, OpKind::Conv),
@@ -64,7 +84,9 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         (Layout::Row, Layout::Col)
     };
     let (za, zb) = match op {
-        OpKind::MatMulInteger | OpKind::ConvInteger => (opt_arg(inputs, 2), opt_arg(inputs, 3)),
+        OpKind::MatMulInteger | OpKind::ConvInteger | OpKind::MatMulIntegerScaled => {
+            (opt_arg(inputs, 2), opt_arg(inputs, 3))
+        }
         _ => (opt_arg(inputs, 2), opt_arg(inputs, 5)),
     };
     let ca = centre(a, za, la, "first operand")?;
@@ -84,6 +106,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
     let acc = linalg::eval(inner, attrs, &ins)?.remove(0);
     let out = match op {
         OpKind::MatMulInteger | OpKind::ConvInteger => acc,
+        OpKind::MatMulIntegerScaled => scale_epilogue(acc, arg(inputs, 4)?, opt_arg(inputs, 5))?,
         _ => {
             let sa = arg(inputs, 1)?;
             let sb = arg(inputs, 4)?;
@@ -110,6 +133,26 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         }
     };
     Ok(vec![out])
+}
+
+/// `matmul_integer_scaled`'s epilogue: `f32(acc) · scale (+ bias)` by the elementwise ops
+/// it stands for, the result keeping the product's shape.
+fn scale_epilogue(acc: Tensor, scale: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, String> {
+    let shape = acc.shape().to_vec();
+    let to_f32 = Attrs::new().with("to", crate::Attr::Str("f32".into()));
+    let mut y = super::eval(OpKind::Cast, &to_f32, &[Some(&acc)])?.remove(0);
+    y = super::eval(OpKind::Mul, &Attrs::new(), &[Some(&y), Some(scale)])?.remove(0);
+    if let Some(b) = bias {
+        y = super::eval(OpKind::Add, &Attrs::new(), &[Some(&y), Some(b)])?.remove(0);
+    }
+    if y.shape() != shape {
+        return Err(format!(
+            "the scale {:?} and bias {:?} must broadcast to the product {shape:?} without enlarging it",
+            scale.shape(),
+            bias.map(Tensor::shape)
+        ));
+    }
+    Ok(y)
 }
 
 /// Where a zero point or scale applies within its operand.
@@ -306,6 +349,35 @@ mod tests {
         } else {
             Tensor::from_vec(shape.to_vec(), v.iter().map(|&x| x as u8).collect())
         }
+    }
+
+    #[test]
+    fn matmul_integer_scaled_is_the_cast_mul_add_it_replaces() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let a = t8(&[2, 3, 5], &bytes(&mut rng, 30, false), false);
+        let b = t8(&[5, 4], &bytes(&mut rng, 20, true), true);
+        let (za, zb) = (Tensor::scalar(131u8), Tensor::scalar(-3i8));
+        let scale = Tensor::from_vec(vec![4], vec![0.013f32, 1e-3, 7.5, -0.25]);
+        let bias = Tensor::from_vec(vec![4], vec![0.5f32, -1.0, 3.25, 1e-7]);
+        let ins = [Some(&a), Some(&b), Some(&za), Some(&zb)];
+        let acc = run(OpKind::MatMulInteger, &Attrs::new(), &ins).unwrap();
+        let to = Attrs::new().with("to", Attr::Str("f32".into()));
+        let f = run(OpKind::Cast, &to, &[Some(&acc)]).unwrap();
+        let m = run(OpKind::Mul, &Attrs::new(), &[Some(&f), Some(&scale)]).unwrap();
+        let want = run(OpKind::Add, &Attrs::new(), &[Some(&m), Some(&bias)]).unwrap();
+        let mut sins = ins.to_vec();
+        sins.extend([Some(&scale), Some(&bias)]);
+        let got = run(OpKind::MatMulIntegerScaled, &Attrs::new(), &sins).unwrap();
+        assert_eq!(got, want);
+        let got = run(OpKind::MatMulIntegerScaled, &Attrs::new(), &sins[..5]).unwrap();
+        assert_eq!(got, m);
+        // A scale that would enlarge the product, or an integer scale: errors.
+        let big = Tensor::from_vec(vec![3, 1, 1, 4], vec![1f32; 12]);
+        sins[4] = Some(&big);
+        assert!(run(OpKind::MatMulIntegerScaled, &Attrs::new(), &sins).is_err());
+        let int = Tensor::scalar(2i32);
+        sins[4] = Some(&int);
+        assert!(run(OpKind::MatMulIntegerScaled, &Attrs::new(), &sins).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod gelu;
 pub mod gemm;
 pub mod linear_attention;
 pub mod norms;
+pub mod quant;
 pub mod rotary;
 
 pub use activations::FuseSilu;
@@ -28,6 +29,7 @@ pub use gelu::FuseGelu;
 pub use gemm::UnflattenGemm;
 pub use linear_attention::LineariseAttention;
 pub use norms::FuseNorms;
+pub use quant::FuseQuantEpilogue;
 pub use rotary::FuseRotary;
 
 use crate::rewrite::{self, Namer, Subst};
@@ -311,7 +313,15 @@ fn is_fused_op(op: OpKind) -> bool {
     use OpKind::*;
     matches!(
         op,
-        Attention | LayerNorm | RmsNorm | Gelu | Silu | Rotary | Linear | LinearAttention
+        Attention
+            | LayerNorm
+            | RmsNorm
+            | Gelu
+            | Silu
+            | Rotary
+            | Linear
+            | LinearAttention
+            | MatMulIntegerScaled
     )
 }
 

@@ -64,6 +64,12 @@ pub enum Prepared {
         /// The packed constant right operand.
         packed: Option<PackedB8>,
     },
+    /// `matmul_integer_scaled(a, b, a_zp?, b_zp?, scale, bias?)`: the integer GEMM storing
+    /// `f32(acc)·scale + bias`.
+    MatMulIntegerScaled {
+        /// The packed constant right operand.
+        packed: Option<PackedB8>,
+    },
     /// A conv whose kernel equals its stride, no padding, dilation 1, one group.
     PatchConv {
         /// The strides (the weight's kernel must equal them).
@@ -153,6 +159,12 @@ pub fn prepare_op<'t>(
             seq_major: kiln_ir::ops::fused::attention_seq_major(attrs).ok()?,
         },
         OpKind::MatMulInteger => Prepared::MatMulInteger {
+            packed: constant(1).and_then(|t| {
+                let [k, n] = <[usize; 2]>::try_from(t.shape()).ok()?;
+                PackedB8::pack(bytes(t)?, k, n).ok()
+            }),
+        },
+        OpKind::MatMulIntegerScaled => Prepared::MatMulIntegerScaled {
             packed: constant(1).and_then(|t| {
                 let [k, n] = <[usize; 2]>::try_from(t.shape()).ok()?;
                 PackedB8::pack(bytes(t)?, k, n).ok()
@@ -340,8 +352,15 @@ impl Prepared {
         out: &mut Outputs,
     ) -> Option<Result<Vec<Tensor>, String>> {
         let arg = |i: usize| ins.get(i).copied().flatten();
-        if let Prepared::MatMulInteger { packed } = self {
-            return matmul_integer(ins, packed.as_ref(), pool, out).map(|r| r.map(|t| vec![t]));
+        match self {
+            Prepared::MatMulInteger { packed } => {
+                return matmul_integer(ins, packed.as_ref(), pool, out).map(|r| r.map(|t| vec![t]));
+            }
+            Prepared::MatMulIntegerScaled { packed } => {
+                return matmul_integer_scaled(ins, packed.as_ref(), pool, out)
+                    .map(|r| r.map(|t| vec![t]));
+            }
+            _ => {}
         }
         if ins
             .iter()
@@ -384,7 +403,7 @@ impl Prepared {
             Prepared::PatchConv { stride, packed } => {
                 conv_op(ins, *stride, packed.as_ref(), pool, out)
             }
-            Prepared::MatMulInteger { .. } => None,
+            Prepared::MatMulInteger { .. } | Prepared::MatMulIntegerScaled { .. } => None,
         }
         .map(|r| r.map(|t| vec![t]))
     }
@@ -461,6 +480,77 @@ fn matmul_integer(
     shape.push(n);
     Some(
         r.map(|()| Tensor::from_buf(shape, y))
+            .map_err(|e| e.to_string()),
+    )
+}
+
+/// The integer GEMM's operands as [`matmul_integer`] reads them: A's bytes, the row count,
+/// the zero points, B packed (or packed now), the output's shape.
+type IntOperands<'t> = (Bytes<'t>, usize, Vec<i32>, Vec<i32>, Vec<usize>);
+
+fn int_operands<'t>(ins: &[Option<&'t Tensor>]) -> Option<IntOperands<'t>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (a, b) = (arg(0)?, arg(1)?);
+    let [k, n] = <[usize; 2]>::try_from(b.shape()).ok()?;
+    if a.rank() == 0 || *a.shape().last()? != k {
+        return None;
+    }
+    let lead = &a.shape()[..a.rank() - 1];
+    let m: usize = lead.iter().product();
+    let mut row_shape = lead.to_vec();
+    row_shape.push(1);
+    let za = if a.rank() == 2 {
+        zero_point(arg(2), a, m, &[&[m], &row_shape])?
+    } else {
+        zero_point(arg(2), a, m, &[&row_shape])?
+    };
+    let zb = zero_point(arg(3), b, n, &[&[n], &[1, n]])?;
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    Some((bytes(a)?, m, za, zb, shape))
+}
+
+/// `matmul_integer_scaled`: the integer GEMM of [`matmul_integer`] storing `f32(acc)·scale
+/// (+ bias)` with the scale and bias one value or one per column (`None` otherwise).
+fn matmul_integer_scaled(
+    ins: &[Option<&Tensor>],
+    packed: Option<&PackedB8>,
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let b = arg(1)?;
+    let (a, m, za, zb, shape) = int_operands(ins)?;
+    let (k, n) = (b.shape()[0], b.shape()[1]);
+    // One value, or one per column; a vector broadcast along other axes goes to the
+    // interpreter.
+    let vector = |t: &Tensor| -> Option<Vec<f32>> {
+        let v = t.as_slice::<f32>()?;
+        let ts = t.shape();
+        let fits =
+            ts.len() <= shape.len() && (t.len() == 1 || (t.len() == n && ts.last() == Some(&n)));
+        fits.then(|| v.to_vec())
+    };
+    let scale = vector(arg(4)?)?;
+    let bias = match arg(5) {
+        Some(t) => vector(t)?,
+        None => vec![],
+    };
+    let fresh;
+    let packed = match packed.filter(|p| p.rows() == k && p.cols() == n) {
+        Some(p) => p,
+        None => {
+            fresh = PackedB8::pack(bytes(b)?, k, n).ok()?;
+            &fresh
+        }
+    };
+    let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
+        gemm_i8::matmul_integer_scaled(a, m, &za, packed, &zb, &scale, &bias, y, pool, IsaI8::Auto)
+    };
+    // SAFETY: `matmul_integer_scaled` returns Ok only when it wrote all `m·n` values.
+    let y = unsafe { out.write_f32(0, m * n, fill) };
+    Some(
+        y.map(|y| Tensor::from_buf(shape, y))
             .map_err(|e| e.to_string()),
     )
 }
@@ -984,6 +1074,31 @@ mod tests {
                         .expect("the integer GEMM covers it")
                         .unwrap();
                     assert_eq!(got, want, "{ash:?}x[{k}, {n}] signed {sa}/{sb}");
+                }
+                // The scaled form, per tensor or per column, with and without a bias: equal
+                // to the interpreter's cast, mul and add bit for bit.
+                let per_col = rng.gen_bool(0.5);
+                let scale = if per_col {
+                    Tensor::from_vec(vec![n], (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect())
+                } else {
+                    Tensor::scalar(0.0371f32)
+                };
+                let bias =
+                    Tensor::from_vec(vec![n], (0..n).map(|j| j as f32 * 0.3 - 1.0).collect());
+                for with_bias in [false, true] {
+                    let mut sins = ins.to_vec();
+                    sins.push(Some(&scale));
+                    if with_bias {
+                        sins.push(Some(&bias));
+                    }
+                    let op = OpKind::MatMulIntegerScaled;
+                    let want = kiln_ir::ops::eval(op, &Attrs::new(), &sins).unwrap();
+                    let p = prepare_op(op, &Attrs::new(), |i| (i == 1).then_some(&b)).unwrap();
+                    let got = p
+                        .run(&sins, &pool, &mut Outputs::none())
+                        .expect("the scaled integer GEMM covers it")
+                        .unwrap();
+                    assert_eq!(got, want, "scaled {ash:?}x[{k}, {n}] {per_col} {with_bias}");
                 }
             }
         }

@@ -5,7 +5,7 @@
 //! families with a file of their own under `native/`: reductions and cumulative sums
 //! (`reduce.rs`), softmax-likes on any axis and channel norms (`norm.rs`), slice and pad
 //! (`layout.rs`), scatter_nd (`index.rs`), casts (`cast.rs`), per-tensor quantize/dequantize
-//! (`quant.rs`); general convs run from the executor's contraction path (`conv_general.rs`),
+//! and dynamic_quantize_linear (`quant.rs`), global average/max pooling (`reduce.rs`); general convs run from the executor's contraction path (`conv_general.rs`),
 //! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
 //! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
 //! indices) returns `None` and runs through the interpreter, which defines the semantics
@@ -110,6 +110,9 @@ pub fn run_fast_on(
         | OpKind::ReduceLogSum
         | OpKind::ReduceLogSumExp
         | OpKind::ReduceSumSquare => crate::native::reduce::run(node, ins)?,
+        OpKind::GlobalAveragePool | OpKind::GlobalMaxPool => {
+            crate::native::reduce::global_pool(node, ins)?
+        }
         // Softmax-likes along any axis (a loop kernel takes the last one when it fuses) and
         // the channel norms (`native/norm.rs`).
         OpKind::Softmax
@@ -122,6 +125,7 @@ pub fn run_fast_on(
         OpKind::Slice | OpKind::Pad => crate::native::layout::run(node, ins)?,
         OpKind::ScatterND => crate::native::index::run(node, ins)?,
         OpKind::QuantizeLinear | OpKind::DequantizeLinear => crate::native::quant::run(node, ins)?,
+        OpKind::DynamicQuantizeLinear => return crate::native::quant::dynamic(ins, pool),
         _ => return None,
     };
     Some(vec![y])

@@ -193,13 +193,104 @@ pub fn matmul_integer(
     pool: &Pool,
     isa: IsaI8,
 ) -> Result<(), GemmI8Error> {
+    let n = b.n;
+    if c.len() != m * n {
+        return Err(GemmI8Error::Shape(format!(
+            "C has {} elements, not {m}×{n}",
+            c.len()
+        )));
+    }
+    let out = SharedI32(c.as_mut_ptr());
+    run(a, m, za, b, zb, pool, isa, |i, j, v: &[i32]| {
+        // SAFETY: row i < m, columns j..j + v.len() <= n, inside the m·n checked above;
+        // written only by the tile owning row i.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(i * n + j), v.len()) };
+        dst.copy_from_slice(v);
+    })
+}
+
+/// [`matmul_integer`] with a dequantising epilogue: `c = f32((a - za)·(b - zb)) · scale +
+/// bias`, each element rounded to f32 at each step as a `cast`, `mul` and `add` would
+/// (`scale` has 1 or `n` values, `bias` 0, 1 or `n`). Nothing in i32 is stored.
+#[allow(clippy::too_many_arguments)] // as for `matmul_integer`, plus the epilogue's vectors
+pub fn matmul_integer_scaled(
+    a: Bytes<'_>,
+    m: usize,
+    za: &[i32],
+    b: &PackedB8,
+    zb: &[i32],
+    scale: &[f32],
+    bias: &[f32],
+    c: &mut [std::mem::MaybeUninit<f32>],
+    pool: &Pool,
+    isa: IsaI8,
+) -> Result<(), GemmI8Error> {
+    let n = b.n;
+    if c.len() != m * n {
+        return Err(GemmI8Error::Shape(format!(
+            "C has {} elements, not {m}×{n}",
+            c.len()
+        )));
+    }
+    if !(scale.len() == 1 || scale.len() == n) || !(bias.len() <= 1 || bias.len() == n) {
+        return Err(GemmI8Error::Shape(format!(
+            "a scale of {} and a bias of {} values for {n} columns",
+            scale.len(),
+            bias.len()
+        )));
+    }
+    // One value per column (a single value repeated), so each segment is lane arithmetic.
+    let per_col = |v: &[f32]| -> Vec<f32> {
+        (0..n)
+            .map(|j| v[if v.len() == 1 { 0 } else { j }])
+            .collect()
+    };
+    let (scale, bias) = (
+        per_col(scale),
+        if bias.is_empty() {
+            vec![]
+        } else {
+            per_col(bias)
+        },
+    );
+    let out = SharedF32(c.as_mut_ptr().cast());
+    let emit = |i: usize, j: usize, v: &[i32]| {
+        // SAFETY: as in `matmul_integer`: row i < m, columns j..j + v.len() <= n, written
+        // by the tile owning row i (f32 has MaybeUninit<f32>'s layout).
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(i * n + j), v.len()) };
+        let s = &scale[j..j + v.len()];
+        if bias.is_empty() {
+            for ((y, &x), &s) in dst.iter_mut().zip(v).zip(s) {
+                *y = x as f32 * s;
+            }
+        } else {
+            // The product rounded, then the sum rounded: the mul and add it replaces.
+            let bb = &bias[j..j + v.len()];
+            for (((y, &x), &s), &b) in dst.iter_mut().zip(v).zip(s).zip(bb) {
+                *y = x as f32 * s + b;
+            }
+        }
+    };
+    run(a, m, za, b, zb, pool, isa, emit)
+}
+
+/// The integer GEMM, handing each finished row segment `(row, first column, values)` to
+/// `emit` (from the pool's threads; each element once).
+#[allow(clippy::too_many_arguments)] // as for `matmul_integer`
+fn run(
+    a: Bytes<'_>,
+    m: usize,
+    za: &[i32],
+    b: &PackedB8,
+    zb: &[i32],
+    pool: &Pool,
+    isa: IsaI8,
+    emit: impl Fn(usize, usize, &[i32]) + Sync,
+) -> Result<(), GemmI8Error> {
     let (k, n) = (b.k, b.n);
     let bad = |what: String| Err(GemmI8Error::Shape(what));
     if a.len() != m * k {
         return bad(format!("A has {} elements, not {m}×{k}", a.len()));
-    }
-    if c.len() != m * n {
-        return bad(format!("C has {} elements, not {m}×{n}", c.len()));
     }
     if !(za.len() == 1 || za.len() == m) || !(zb.len() == 1 || zb.len() == n) {
         return bad(format!(
@@ -233,10 +324,15 @@ pub fn matmul_integer(
     }
     let kk = k as i32;
     let tiles = mp / MR;
-    let out = SharedI32(c.as_mut_ptr());
-    let (ap, row_sums) = (&ap, &row_sums);
+    // B's zero point per column, shifted as B was (one vector, so the corrections below
+    // are plain lane arithmetic).
+    let zbs: Vec<i32> = (0..n)
+        .map(|j| zb[if zb.len() == 1 { 0 } else { j }].wrapping_sub(b.shift))
+        .collect();
+    let (ap, row_sums, zbs, emit) = (&ap, &row_sums, &zbs, &emit);
     pool.parallel_ranges(tiles, |range| {
         let mut acc = [0i32; MR * PANEL * 2];
+        let mut row = [0i32; PANEL * 2];
         for t in range {
             let r0 = t * MR;
             let a_tile = &ap[r0 * kp..][..MR * kp];
@@ -246,26 +342,22 @@ pub fn matmul_integer(
                 let two = p + 1 < panels;
                 let width = if two { 2 } else { 1 };
                 tile(isa, a_tile, kp, b, p, two, &mut acc);
-                // Corrections and store of the valid rows and columns.
+                // Corrections of the valid rows and columns, a row segment at a time:
+                // Σ(a-za)(b-zb) = Σab - za·Σb - zb·(Σa - K·za), in wrapping i32.
+                let j0 = p * PANEL;
+                let w = (width * PANEL).min(n - j0);
+                let (cs, zj) = (&b.col_sums[j0..j0 + w], &zbs[j0..j0 + w]);
                 for r in 0..MR.min(m - r0) {
                     let i = r0 + r;
                     let za_i = za[if za.len() == 1 { 0 } else { i }].wrapping_add(a_shift);
-                    for w in 0..width {
-                        for cc in 0..PANEL {
-                            let j = (p + w) * PANEL + cc;
-                            if j >= n {
-                                break;
-                            }
-                            let zb_j = zb[if zb.len() == 1 { 0 } else { j }].wrapping_sub(b.shift);
-                            let v = acc[r * PANEL * 2 + w * PANEL + cc]
-                                .wrapping_sub(za_i.wrapping_mul(b.col_sums[j]))
-                                .wrapping_sub(zb_j.wrapping_mul(row_sums[i]))
-                                .wrapping_add(kk.wrapping_mul(za_i).wrapping_mul(zb_j));
-                            // SAFETY: row i < m and column j < n of C, written by this tile
-                            // only (tiles own disjoint rows).
-                            unsafe { *out.get().add(i * n + j) = v };
-                        }
+                    let t_i = row_sums[i].wrapping_sub(kk.wrapping_mul(za_i));
+                    let a_row = &acc[r * PANEL * 2..][..w];
+                    for (((o, &x), &c), &z) in row[..w].iter_mut().zip(a_row).zip(cs).zip(zj) {
+                        *o = x
+                            .wrapping_sub(za_i.wrapping_mul(c))
+                            .wrapping_sub(z.wrapping_mul(t_i));
                     }
+                    emit(i, j0, &row[..w]);
                 }
                 p += width;
             }
@@ -283,6 +375,19 @@ unsafe impl Send for SharedI32 {}
 unsafe impl Sync for SharedI32 {}
 impl SharedI32 {
     fn get(self) -> *mut i32 {
+        self.0
+    }
+}
+
+/// A raw pointer to the f32 C of [`matmul_integer_scaled`] (disjoint rows per tile).
+#[derive(Clone, Copy)]
+struct SharedF32(*mut f32);
+// SAFETY: each tile writes only its own rows of C.
+unsafe impl Send for SharedF32 {}
+// SAFETY: as above.
+unsafe impl Sync for SharedF32 {}
+impl SharedF32 {
+    fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -505,6 +610,45 @@ mod tests {
                     )
                     .unwrap();
                     assert_eq!(c, want, "{isa:?} {m}x{k}x{n} signed {sa}/{sb}");
+                    // The scaled form: the cast, product and sum of each element, bit for bit.
+                    let scale: Vec<f32> = (0..if per_row { n } else { 1 })
+                        .map(|j| 0.37 / (j as f32 + 3.0))
+                        .collect();
+                    for bias in [
+                        vec![],
+                        vec![0.25f32],
+                        (0..n).map(|j| j as f32 - 0.5).collect(),
+                    ] {
+                        let mut y = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+                        matmul_integer_scaled(
+                            bytes(&au, &ai, sa),
+                            m,
+                            &za32,
+                            &packed,
+                            &zb32,
+                            &scale,
+                            &bias,
+                            &mut y,
+                            &pool,
+                            isa,
+                        )
+                        .unwrap();
+                        for (e, (&got, &acc)) in y.iter().zip(&want).enumerate() {
+                            let j = e % n;
+                            let pick = |v: &[f32]| v[if v.len() == 1 { 0 } else { j }];
+                            let mut w = acc as f32 * pick(&scale);
+                            if !bias.is_empty() {
+                                w += pick(&bias);
+                            }
+                            // SAFETY: every element was written (checked against NaN-free `w`).
+                            let got = unsafe { got.assume_init() };
+                            assert_eq!(
+                                got.to_bits(),
+                                w.to_bits(),
+                                "{isa:?} scaled {m}x{k}x{n} at {e}"
+                            );
+                        }
+                    }
                 }
             }
         }
