@@ -16,6 +16,7 @@
 
 pub mod activations;
 pub mod attention;
+pub mod conv;
 pub mod gelu;
 pub mod gemm;
 pub mod linear_attention;
@@ -24,6 +25,7 @@ pub mod rotary;
 
 pub use activations::FuseSilu;
 pub use attention::FuseAttention;
+pub use conv::FuseConvEpilogue;
 pub use gelu::FuseGelu;
 pub use gemm::UnflattenGemm;
 pub use linear_attention::LineariseAttention;
@@ -311,7 +313,15 @@ fn is_fused_op(op: OpKind) -> bool {
     use OpKind::*;
     matches!(
         op,
-        Attention | LayerNorm | RmsNorm | Gelu | Silu | Rotary | Linear | LinearAttention
+        Attention
+            | LayerNorm
+            | RmsNorm
+            | Gelu
+            | Silu
+            | Rotary
+            | Linear
+            | LinearAttention
+            | FusedConv
     )
 }
 

@@ -121,6 +121,13 @@ pub fn run_fast_on(
         // Strided copies (`native/layout.rs`) and scatters (`native/index.rs`).
         OpKind::Slice | OpKind::Pad => crate::native::layout::run(node, ins)?,
         OpKind::ScatterND => crate::native::index::run(node, ins)?,
+        // Max and average pools, windowed and global (`native/pool.rs`).
+        OpKind::MaxPool
+        | OpKind::AveragePool
+        | OpKind::GlobalMaxPool
+        | OpKind::GlobalAveragePool => crate::native::pool::run(node, ins, pool)?,
+        // Nearest-neighbour resize (`native/resize.rs`); the other modes decline.
+        OpKind::Resize => crate::native::resize::run(node, ins, pool)?,
         OpKind::QuantizeLinear | OpKind::DequantizeLinear => crate::native::quant::run(node, ins)?,
         _ => return None,
     };
