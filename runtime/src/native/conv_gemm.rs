@@ -12,7 +12,7 @@
 //! split over the pool. Which input each kernel offset reads is precomputed per input shape
 //! as runs along the last spatial axis ([`Geometry`]).
 
-use super::gemm::{gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, Rhs};
+use super::gemm::{gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs};
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::ops::linalg::conv_geometry;
 use kiln_ir::Attrs;
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 /// Values of one chunk's `cols` block (`(C_g·k + 1) × pixels`): 96 KiB, under glibc's mmap
 /// threshold (the GEMM's per-call B packing allocates as much) and well inside L2.
-const CHUNK_VALUES: usize = 24 * 1024;
+const CHUNK_VALUES: usize = 128 * 1024;
 /// Chunks per thread at least, where the pixels allow, so the dynamic job queue balances.
 const CHUNKS_PER_THREAD: usize = 4;
 /// Chunk widths are multiples of this (the AVX-512 kernel's panel width).
@@ -315,9 +315,15 @@ fn chunk_width(k1: usize, p: usize, blocks: usize, threads: usize) -> usize {
     w.clamp(1, p.max(1))
 }
 
+/// One thread's `cols` block, packed for the GEMM, and the scratch row it is gathered in.
+struct Scratch {
+    packed: PackedB,
+    row: Vec<f32>,
+}
+
 thread_local! {
-    /// Each thread's `cols` block, grown on demand and kept for later calls.
-    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each thread's [`Scratch`], grown on demand and kept for later calls.
+    static COLS: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Groups with several channels: per (image, group, pixel chunk) one job that gathers the
@@ -353,18 +359,21 @@ fn gemm_conv(
         let (ni, g) = (ng / group, ng % group);
         let lo = ch * cw;
         let pc = cw.min(p - lo);
-        let r = COLS.with(|cols| {
-            let mut cols = cols.borrow_mut();
-            if cols.len() < k1 * pc {
-                cols.resize(k1 * pc, 0.0);
-            }
-            let cols = &mut cols[..k1 * pc];
+        let r = COLS.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let sc = match cell.as_mut() {
+                Some(sc) => sc,
+                None => cell.insert(Scratch {
+                    packed: PackedB::empty()?,
+                    row: Vec::new(),
+                }),
+            };
             let img = &a.x[(ni * c + g * cg) * geo.in_sp..][..cg * geo.in_sp];
-            gather(geo, img, cg, lo, pc, cols);
+            sc.packed
+                .refill(k1, pc, &mut sc.row, |r, row| gather_row(geo, img, cg, r, lo, row))?;
             let wg = &weights.data[g * mg * k1..][..mg * k1];
             let off = (ni * m + g * mg) * p + lo;
             let am = MatRef::row_major(wg, mg, k1)?;
-            let bm = MatRef::row_major(cols, k1, pc)?;
             // SAFETY: this job alone writes rows `g·mg..(g+1)·mg` of image `ni`, pixels
             // `lo..lo + pc`: the view's elements, disjoint from every other job's; `y` lives
             // until `parallel_for` returns.
@@ -378,7 +387,7 @@ fn gemm_conv(
                 residual,
                 ..Epilogue::default()
             };
-            gemm_in(&single, am, Rhs::Plain(bm), cm, &ep, &cfg)
+            gemm_in(&single, am, Rhs::Packed(&sc.packed), cm, &ep, &cfg)
         });
         if let Err(e) = r {
             *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
@@ -390,46 +399,57 @@ fn gemm_conv(
     }
 }
 
-/// `cols[(ci·ksize + k), j]` for pixels `lo..lo + pc`: the input each kernel offset reads
-/// (zero in the padding), and a last row of ones.
-fn gather(geo: &Geometry, img: &[f32], cg: usize, lo: usize, pc: usize, cols: &mut [f32]) {
-    let hi = lo + pc;
+/// Row `r` of `cols` for pixels `lo..lo + row.len()`: for `r = ci·ksize + k`, the input
+/// channel `ci` read at kernel offset `k` (zero in the padding); the last row (`r =
+/// cg·ksize`) is ones.
+fn gather_row(geo: &Geometry, img: &[f32], cg: usize, r: usize, lo: usize, row: &mut [f32]) {
+    let hi = lo + row.len();
     let in_sp = geo.in_sp;
-    let (rows, ones) = cols.split_at_mut(cg * geo.ksize * pc);
-    ones.fill(1.0);
+    let (ci, k) = (r / geo.ksize, r % geo.ksize);
+    if ci == cg {
+        row.fill(1.0);
+        return;
+    }
+    let xc = &img[ci * in_sp..][..in_sp];
     if geo.pointwise {
-        for (ci, row) in rows.chunks_exact_mut(pc).enumerate() {
-            row.copy_from_slice(&img[ci * in_sp + lo..ci * in_sp + hi]);
-        }
+        row.copy_from_slice(&xc[lo..hi]);
         return;
     }
     let step = geo.step;
-    for (r, row) in rows.chunks_exact_mut(pc).enumerate() {
-        let (ci, k) = (r / geo.ksize, r % geo.ksize);
-        let xc = &img[ci * in_sp..][..in_sp];
-        let rs = &geo.runs[k];
-        // The first run that ends after `lo`.
-        let first = rs.partition_point(|run| run.out + run.len <= lo);
-        let mut at = lo;
-        for run in &rs[first..] {
-            if run.out >= hi {
-                break;
-            }
-            let (s, e) = (run.out.max(lo), (run.out + run.len).min(hi));
-            row[at - lo..s - lo].fill(0.0);
-            let src0 = run.src + (s - run.out) * step;
-            let dst = &mut row[s - lo..e - lo];
-            if step == 1 {
-                dst.copy_from_slice(&xc[src0..src0 + dst.len()]);
+    let rs = &geo.runs[k];
+    // The first run that ends after `lo`.
+    let first = rs.partition_point(|run| run.out + run.len <= lo);
+    let mut at = lo;
+    for run in &rs[first..] {
+        if run.out >= hi {
+            break;
+        }
+        let (s, e) = (run.out.max(lo), (run.out + run.len).min(hi));
+        row[at - lo..s - lo].fill(0.0);
+        let src0 = run.src + (s - run.out) * step;
+        let dst = &mut row[s - lo..e - lo];
+        let n = dst.len();
+        if step == 1 {
+            dst.copy_from_slice(&xc[src0..src0 + n]);
+        } else {
+            // One bounds check for the run, then a plain strided loop (pairs for stride 2,
+            // the common downsampling conv, which the compiler turns into shuffles).
+            let src = &xc[src0..src0 + (n - 1) * step + 1];
+            if step == 2 {
+                let (body, last) = dst.split_at_mut(n - 1);
+                for (v, c) in body.iter_mut().zip(src.chunks_exact(2)) {
+                    *v = c[0];
+                }
+                last[0] = src[2 * (n - 1)];
             } else {
-                for (j, v) in dst.iter_mut().enumerate() {
-                    *v = xc[src0 + j * step];
+                for (v, c) in dst.iter_mut().zip(src.chunks(step)) {
+                    *v = c[0];
                 }
             }
-            at = e;
         }
-        row[at - lo..].fill(0.0);
+        at = e;
     }
+    row[at - lo..].fill(0.0);
 }
 
 /// One input and one output channel per group: `y[n, ch] = act(b + Σ_k w[ch, k]·x[n, ch,
