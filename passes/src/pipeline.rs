@@ -2,7 +2,8 @@
 //! pass and why it sits there. Names are what `--passes=-name` and dump files use.
 
 use crate::canon::{
-    FuseAttention, FuseConvEpilogue, FuseGelu, FuseNorms, FuseRotary, FuseSilu, LineariseAttention, UnflattenGemm,
+    FuseAttention, FuseConvEpilogue, FuseGelu, FuseNorms, FuseRotary, FuseSilu, LineariseAttention,
+    UnflattenGemm,
 };
 use crate::classic::{
     AbsorbHeadTransposes, EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants,

@@ -72,8 +72,17 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         OpKind::InvStd | OpKind::InvRms => row_stat_shape(x, arg(inputs, 1)?)?,
         OpKind::FusedConv => {
             activation(attrs)?;
-            let conv = super::linalg::infer(OpKind::Conv, &conv_attrs(attrs), &inputs[..3.min(inputs.len())])?;
-            let out = conv.into_iter().next().ok_or("conv has one output")?.ty.shape;
+            let conv = super::linalg::infer(
+                OpKind::Conv,
+                &conv_attrs(attrs),
+                &inputs[..3.min(inputs.len())],
+            )?;
+            let out = conv
+                .into_iter()
+                .next()
+                .ok_or("conv has one output")?
+                .ty
+                .shape;
             if let Some(r) = opt_arg(inputs, 3) {
                 broadcast(&r.ty.shape, &out)?;
             }
@@ -123,7 +132,11 @@ fn conv_attrs(attrs: &Attrs) -> Attrs {
 /// and does not enlarge it.
 fn fused_conv(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
     let act = activation(attrs)?;
-    let conv = super::linalg::eval(OpKind::Conv, &conv_attrs(attrs), &inputs[..3.min(inputs.len())])?;
+    let conv = super::linalg::eval(
+        OpKind::Conv,
+        &conv_attrs(attrs),
+        &inputs[..3.min(inputs.len())],
+    )?;
     let y = conv.into_iter().next().ok_or("conv has one output")?;
     let dt = y.dtype();
     let shape = y.shape().to_vec();

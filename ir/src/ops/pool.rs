@@ -83,7 +83,10 @@ pub struct PoolGeometry {
 /// The geometry of pool `op` on an input of shape `x` (rank >= 3).
 pub fn pool_geometry(op: OpKind, attrs: &Attrs, x: &[usize]) -> Result<PoolGeometry, String> {
     if x.len() < 3 {
-        return Err(format!("pooling needs an (N, C, ...) input, got rank {}", x.len()));
+        return Err(format!(
+            "pooling needs an (N, C, ...) input, got rank {}",
+            x.len()
+        ));
     }
     let nsp = x.len() - 2;
     let spatial = &x[2..];

@@ -43,7 +43,11 @@ fn find(m: &Matcher, i: usize) -> Option<Fusion> {
         for (r, y) in Matcher::operands(root)? {
             let (at, n) = m.def(y)?;
             let (conv_at, act_at, act) = match activation(n.op) {
-                Some(a) => (m.def_op(Matcher::input(n, 0)?, OpKind::Conv)?.0, Some(at), a),
+                Some(a) => (
+                    m.def_op(Matcher::input(n, 0)?, OpKind::Conv)?.0,
+                    Some(at),
+                    a,
+                ),
                 None if n.op == OpKind::Conv => (at, None, "none"),
                 None => continue,
             };

@@ -281,17 +281,31 @@ impl PreparedConv {
         let mg = m / geo.group;
         if cg == 1 && mg == 1 {
             if a.w.len() != w_len {
-                return Err(format!("conv: {} weight values for {:?}", a.w.len(), geo.w_shape));
+                return Err(format!(
+                    "conv: {} weight values for {:?}",
+                    a.w.len(),
+                    geo.w_shape
+                ));
             }
             depthwise(pool, geo, a, self.act, y);
             return Ok(());
         }
         let here;
         let weights = match &self.weights {
-            Some(w) if w.shape == geo.w_shape && w.group == geo.group && w.biased == a.bias.is_some() => w,
+            Some(w)
+                if w.shape == geo.w_shape
+                    && w.group == geo.group
+                    && w.biased == a.bias.is_some() =>
+            {
+                w
+            }
             _ => {
                 if a.w.len() != w_len {
-                    return Err(format!("conv: {} weight values for {:?}", a.w.len(), geo.w_shape));
+                    return Err(format!(
+                        "conv: {} weight values for {:?}",
+                        a.w.len(),
+                        geo.w_shape
+                    ));
                 }
                 here = ConvWeights::new(a.w, &geo.w_shape, a.bias, geo.group)
                     .ok_or_else(|| format!("conv: weight {:?} does not fit", geo.w_shape))?;
@@ -369,8 +383,9 @@ fn gemm_conv(
                 }),
             };
             let img = &a.x[(ni * c + g * cg) * geo.in_sp..][..cg * geo.in_sp];
-            sc.packed
-                .refill(k1, pc, &mut sc.row, |r, row| gather_row(geo, img, cg, r, lo, row))?;
+            sc.packed.refill(k1, pc, &mut sc.row, |r, row| {
+                gather_row(geo, img, cg, r, lo, row)
+            })?;
             let wg = &weights.data[g * mg * k1..][..mg * k1];
             let off = (ni * m + g * mg) * p + lo;
             let am = MatRef::row_major(wg, mg, k1)?;
@@ -520,7 +535,10 @@ mod tests {
     }
 
     /// One random conv: (attrs, x, w, bias?, residual wanted, activation name).
-    fn case(rng: &mut StdRng, i: usize) -> (Attrs, Tensor, Tensor, Option<Tensor>, bool, &'static str) {
+    fn case(
+        rng: &mut StdRng,
+        i: usize,
+    ) -> (Attrs, Tensor, Tensor, Option<Tensor>, bool, &'static str) {
         let nsp = [1, 2, 2, 2, 3][rng.gen_range(0..5)];
         let kind = i % 4; // 0 dense, 1 grouped, 2 depthwise, 3 pointwise
         let group = match kind {
@@ -529,16 +547,33 @@ mod tests {
             _ => 1,
         };
         let cg = if kind == 2 { 1 } else { rng.gen_range(1..6) };
-        let mg = if kind == 2 { [1, 1, 2][rng.gen_range(0..3)] } else { rng.gen_range(1..20) };
+        let mg = if kind == 2 {
+            [1, 1, 2][rng.gen_range(0..3)]
+        } else {
+            rng.gen_range(1..20)
+        };
         let k: Vec<usize> = (0..nsp)
-            .map(|_| if kind == 3 { 1 } else { [1, 2, 3, 5, 7][rng.gen_range(0..5)] })
+            .map(|_| {
+                if kind == 3 {
+                    1
+                } else {
+                    [1, 2, 3, 5, 7][rng.gen_range(0..5)]
+                }
+            })
             .collect();
         let max_side = if nsp == 3 { 7 } else { 19 };
         let spatial: Vec<usize> = (0..nsp).map(|_| rng.gen_range(1..max_side)).collect();
         let mut attrs = Attrs::new().with("group", Attr::Int(group as i64));
         if kind != 3 {
             match rng.gen_range(0..4) {
-                0 => attrs = attrs.with("auto_pad", Attr::Str(["SAME_UPPER", "SAME_LOWER", "VALID"][rng.gen_range(0..3)].into())),
+                0 => {
+                    attrs = attrs.with(
+                        "auto_pad",
+                        Attr::Str(
+                            ["SAME_UPPER", "SAME_LOWER", "VALID"][rng.gen_range(0..3)].into(),
+                        ),
+                    )
+                }
                 _ => {
                     let pads: Vec<i64> = (0..2 * nsp).map(|_| rng.gen_range(0..4)).collect();
                     attrs = attrs.with("pads", Attr::Ints(pads));

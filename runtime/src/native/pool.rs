@@ -244,7 +244,10 @@ mod tests {
                 for pool in &pools {
                     match (run(&node, &[Some(&x)], pool), &want) {
                         (Some(g), Ok(w)) => {
-                            let (gv, wv) = (g.as_slice::<f32>().unwrap(), w[0].as_slice::<f32>().unwrap());
+                            let (gv, wv) = (
+                                g.as_slice::<f32>().unwrap(),
+                                w[0].as_slice::<f32>().unwrap(),
+                            );
                             assert_eq!(g.shape(), w[0].shape(), "{op:?} {attrs:?}");
                             for (a, b) in gv.iter().zip(wv) {
                                 assert!(
@@ -256,7 +259,9 @@ mod tests {
                             native += 1;
                         }
                         (None, Err(_)) => {}
-                        (g, w) => panic!("case {case} {op:?} {attrs:?}: native {g:?}, interpreter {w:?}"),
+                        (g, w) => {
+                            panic!("case {case} {op:?} {attrs:?}: native {g:?}, interpreter {w:?}")
+                        }
                     }
                 }
             }

@@ -28,7 +28,10 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
     }
     let rows = total / last;
     // The last axis's source offsets, shared by every row.
-    let cols: Vec<Option<usize>> = pick[rank - 1].iter().map(|p| p.map(|i| i * st[rank - 1])).collect();
+    let cols: Vec<Option<usize>> = pick[rank - 1]
+        .iter()
+        .map(|p| p.map(|i| i * st[rank - 1]))
+        .collect();
     let fill = extrap as f32;
     let y_ptr = SharedMut::new(y.as_mut_ptr());
     let (out, pick, cols) = (&out, &pick, &cols);
@@ -83,24 +86,55 @@ mod tests {
             let rank = rng.gen_range(1..5);
             let shape: Vec<usize> = (0..rank).map(|_| rng.gen_range(1..6)).collect();
             let n: usize = shape.iter().product();
-            let x = Tensor::from_vec(shape.clone(), (0..n).map(|i| i as f32 * 0.5 - 3.0).collect::<Vec<f32>>());
-            let ctm = ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel", "tf_crop_and_resize"][rng.gen_range(0..5)];
-            let nm = ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"][rng.gen_range(0..4)];
+            let x = Tensor::from_vec(
+                shape.clone(),
+                (0..n).map(|i| i as f32 * 0.5 - 3.0).collect::<Vec<f32>>(),
+            );
+            let ctm = [
+                "half_pixel",
+                "asymmetric",
+                "align_corners",
+                "pytorch_half_pixel",
+                "tf_crop_and_resize",
+            ][rng.gen_range(0..5)];
+            let nm =
+                ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"][rng.gen_range(0..4)];
             let attrs = Attrs::new()
-                .with("mode", Attr::Str(if case % 9 == 0 { "linear" } else { "nearest" }.into()))
+                .with(
+                    "mode",
+                    Attr::Str(if case % 9 == 0 { "linear" } else { "nearest" }.into()),
+                )
                 .with("coordinate_transformation_mode", Attr::Str(ctm.into()))
                 .with("nearest_mode", Attr::Str(nm.into()))
                 .with("extrapolation_value", Attr::Float(-7.0));
             let roi = Tensor::from_vec(
                 vec![2 * rank],
-                (0..2 * rank).map(|i| if i < rank { rng.gen_range(-0.2f32..0.4) } else { rng.gen_range(0.6f32..1.2) }).collect::<Vec<f32>>(),
+                (0..2 * rank)
+                    .map(|i| {
+                        if i < rank {
+                            rng.gen_range(-0.2f32..0.4)
+                        } else {
+                            rng.gen_range(0.6f32..1.2)
+                        }
+                    })
+                    .collect::<Vec<f32>>(),
             );
             let (scales, sizes);
             let ins: Vec<Option<&Tensor>> = if rng.gen_bool(0.5) {
-                scales = Tensor::from_vec(vec![rank], (0..rank).map(|_| [0.5f32, 1.0, 2.0, 3.0, 1.7][rng.gen_range(0..5)]).collect::<Vec<f32>>());
+                scales = Tensor::from_vec(
+                    vec![rank],
+                    (0..rank)
+                        .map(|_| [0.5f32, 1.0, 2.0, 3.0, 1.7][rng.gen_range(0..5)])
+                        .collect::<Vec<f32>>(),
+                );
                 vec![Some(&x), Some(&roi), Some(&scales)]
             } else {
-                sizes = Tensor::from_vec(vec![rank], (0..rank).map(|_| rng.gen_range(1..9) as i64).collect::<Vec<i64>>());
+                sizes = Tensor::from_vec(
+                    vec![rank],
+                    (0..rank)
+                        .map(|_| rng.gen_range(1..9) as i64)
+                        .collect::<Vec<i64>>(),
+                );
                 vec![Some(&x), Some(&roi), None, Some(&sizes)]
             };
             let node = Node {
