@@ -71,7 +71,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         }
         OpKind::InvStd | OpKind::InvRms => row_stat_shape(x, arg(inputs, 1)?)?,
         OpKind::FusedConv => {
-            activation(attrs)?;
+            let _ = conv_activation(attrs)?;
             let conv = super::linalg::infer(
                 OpKind::Conv,
                 &conv_attrs(attrs),
@@ -127,11 +127,39 @@ fn conv_attrs(attrs: &Attrs) -> Attrs {
     a
 }
 
+/// A `fused_conv`'s activation: one of `linear`'s, or `sigmoid`, `hardswish` (ONNX
+/// HardSwish) or `clip` (ONNX Clip between the optional `clip_min` and `clip_max`
+/// attributes: NaN passes through, as does a NaN bound).
+#[allow(clippy::type_complexity)]
+fn conv_activation(attrs: &Attrs) -> Result<Box<dyn Fn(f64) -> f64>, String> {
+    Ok(
+        match attrs.string_or("activation", "none".into())?.as_str() {
+            "sigmoid" => Box::new(|x: f64| 1.0 / (1.0 + (-x).exp())),
+            "hardswish" => Box::new(|x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0)),
+            "clip" => {
+                let lo = attrs.float("clip_min")?.map(|v| v as f64);
+                let hi = attrs.float("clip_max")?.map(|v| v as f64);
+                Box::new(move |x: f64| {
+                    let a = match lo {
+                        Some(l) if x < l => l,
+                        _ => x,
+                    };
+                    match hi {
+                        Some(h) if a > h => h,
+                        _ => a,
+                    }
+                })
+            }
+            _ => Box::new(activation(attrs)?),
+        },
+    )
+}
+
 /// `fused_conv(x, w, bias?, residual?)` = `act(conv(x, w, bias)) + residual` (the conv's
 /// attributes, `activation` as `linear`'s); the residual broadcasts to the conv's output
 /// and does not enlarge it.
 fn fused_conv(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
-    let act = activation(attrs)?;
+    let act = conv_activation(attrs)?;
     let conv = super::linalg::eval(
         OpKind::Conv,
         &conv_attrs(attrs),
@@ -140,7 +168,7 @@ fn fused_conv(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, Strin
     let y = conv.into_iter().next().ok_or("conv has one output")?;
     let dt = y.dtype();
     let shape = y.shape().to_vec();
-    let mut v: Vec<f64> = y.to_f64s().into_iter().map(act).collect();
+    let mut v: Vec<f64> = y.to_f64s().into_iter().map(|x| act(x)).collect();
     if let Some(r) = opt_arg(inputs, 3) {
         fits(r, &shape, "residual")?;
         let rv = float_input(r, "residual", dt)?;

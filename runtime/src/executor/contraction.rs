@@ -9,7 +9,7 @@
 use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
 use crate::native::conv::{pack_weight, patch_conv, PatchConv};
-use crate::native::conv_gemm::{ConvArgs, PreparedConv};
+use crate::native::conv_gemm::{ConvAct, ConvArgs, PreparedConv};
 use crate::native::gemm::{
     gemm_in, sparse, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -171,10 +171,8 @@ pub fn prepare_op<'t>(
         },
         OpKind::Conv | OpKind::FusedConv => {
             let act = match op {
-                OpKind::FusedConv => {
-                    Activation::from_name(&attrs.string_or("activation", "none".into()).ok()?)?
-                }
-                _ => Activation::None,
+                OpKind::FusedConv => ConvAct::from_attrs(attrs)?,
+                _ => ConvAct::Epilogue(Activation::None),
             };
             // The weight is laid out now when it (and the bias, if any) is a constant; a
             // bias that is not a constant makes the run lay it out per call.

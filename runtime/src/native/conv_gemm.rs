@@ -12,7 +12,9 @@
 //! split over the pool. Which input each kernel offset reads is precomputed per input shape
 //! as runs along the last spatial axis ([`Geometry`]).
 
-use super::gemm::{gemm_in, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs};
+use super::gemm::{
+    gemm_in, Activation, Epilogue, GemmConfig, GemmError, Isa, MatMut, MatRef, PackedB, Rhs,
+};
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::ops::linalg::conv_geometry;
 use kiln_ir::Attrs;
@@ -188,12 +190,73 @@ impl Geometry {
     }
 }
 
+/// A conv's fused activation: one the GEMM epilogue applies to the tile in registers, or
+/// one applied to each finished output strip while it is still in cache (then the
+/// residual is added after it there too).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConvAct {
+    /// In the GEMM epilogue (`none`, `relu`, `gelu`, `gelu_tanh`, `silu`).
+    Epilogue(Activation),
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// ONNX HardSwish: `x · clamp(x/6 + 1/2, 0, 1)`.
+    HardSwish,
+    /// ONNX Clip: below `lo` becomes `lo`, above `hi` becomes `hi`; NaN passes.
+    Clip(Option<f32>, Option<f32>),
+}
+
+impl ConvAct {
+    /// The activation a `fused_conv`'s attributes name (`None`: unknown).
+    pub fn from_attrs(attrs: &Attrs) -> Option<Self> {
+        let name = attrs.string_or("activation", "none".into()).ok()?;
+        Some(match name.as_str() {
+            "sigmoid" => ConvAct::Sigmoid,
+            "hardswish" => ConvAct::HardSwish,
+            "clip" => ConvAct::Clip(attrs.float("clip_min").ok()?, attrs.float("clip_max").ok()?),
+            other => ConvAct::Epilogue(Activation::from_name(other)?),
+        })
+    }
+
+    /// The activation of one value.
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            ConvAct::Epilogue(a) => a.apply(x),
+            ConvAct::Sigmoid => kiln_plan::vmath::scalar::sigmoid(x),
+            ConvAct::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+            ConvAct::Clip(lo, hi) => {
+                let a = match lo {
+                    Some(l) if x < l => l,
+                    _ => x,
+                };
+                match hi {
+                    Some(h) if a > h => h,
+                    _ => a,
+                }
+            }
+        }
+    }
+
+    /// Applies the activation to a slice (one loop per kind, so each vectorises).
+    fn apply_slice(self, xs: &mut [f32]) {
+        match self {
+            ConvAct::Epilogue(Activation::None) => {}
+            ConvAct::Epilogue(a) => xs.iter_mut().for_each(|v| *v = a.apply(*v)),
+            ConvAct::Sigmoid => xs.iter_mut().for_each(|v| *v = ConvAct::Sigmoid.apply(*v)),
+            ConvAct::HardSwish => xs
+                .iter_mut()
+                .for_each(|v| *v = ConvAct::HardSwish.apply(*v)),
+            c @ ConvAct::Clip(..) => xs.iter_mut().for_each(|v| *v = c.apply(*v)),
+        }
+    }
+}
+
 /// A conv node prepared once: attributes, the fused activation, the weight laid out when it
 /// is a constant, and the geometry of the last input shape seen.
 #[derive(Debug)]
 pub struct PreparedConv {
     attrs: Attrs,
-    act: Activation,
+    act: ConvAct,
     weights: Option<ConvWeights>,
     geometry: Mutex<Option<Arc<Geometry>>>,
 }
@@ -215,7 +278,7 @@ impl PreparedConv {
     /// the node has one) is laid out now when it is a constant.
     pub fn new(
         attrs: &Attrs,
-        act: Activation,
+        act: ConvAct,
         w: Option<(&[f32], &[usize])>,
         bias: Option<&[f32]>,
     ) -> Self {
@@ -347,7 +410,7 @@ fn gemm_conv(
     geo: &Geometry,
     a: &ConvArgs<'_>,
     weights: &ConvWeights,
-    act: Activation,
+    act: ConvAct,
     y: &mut [f32],
 ) -> Result<(), String> {
     let (n, c) = (geo.x_shape[0], geo.x_shape[1]);
@@ -373,7 +436,7 @@ fn gemm_conv(
         let (ni, g) = (ng / group, ng % group);
         let lo = ch * cw;
         let pc = cw.min(p - lo);
-        let r = COLS.with(|cell| {
+        let r: Result<(), GemmError> = COLS.with(|cell| {
             let mut cell = cell.borrow_mut();
             let sc = match cell.as_mut() {
                 Some(sc) => sc,
@@ -393,16 +456,31 @@ fn gemm_conv(
             // `lo..lo + pc`: the view's elements, disjoint from every other job's; `y` lives
             // until `parallel_for` returns.
             let cm = unsafe { MatMut::from_raw(y_ptr.get().add(off), y_len - off, mg, pc, p)? };
-            let residual = match a.residual {
-                Some(r) => Some(MatRef::new(&r[off..], mg, pc, p, 1)?),
-                None => None,
+            let ep = match act {
+                ConvAct::Epilogue(activation) => Epilogue {
+                    activation,
+                    residual: match a.residual {
+                        Some(r) => Some(MatRef::new(&r[off..], mg, pc, p, 1)?),
+                        None => None,
+                    },
+                    ..Epilogue::default()
+                },
+                _ => Epilogue::default(),
             };
-            let ep = Epilogue {
-                activation: act,
-                residual,
-                ..Epilogue::default()
-            };
-            gemm_in(&single, am, Rhs::Packed(&sc.packed), cm, &ep, &cfg)
+            gemm_in(&single, am, Rhs::Packed(&sc.packed), cm, &ep, &cfg)?;
+            if !matches!(act, ConvAct::Epilogue(_)) {
+                for o in 0..mg {
+                    // SAFETY: as for the GEMM's view: this job's own strip of row `o`.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(off + o * p), pc) };
+                    act.apply_slice(row);
+                    if let Some(r) = a.residual {
+                        let rr = &r[off + o * p..][..pc];
+                        row.iter_mut().zip(rr).for_each(|(v, r)| *v += r);
+                    }
+                }
+            }
+            Ok(())
         });
         if let Err(e) = r {
             *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
@@ -469,7 +547,7 @@ fn gather_row(geo: &Geometry, img: &[f32], cg: usize, r: usize, lo: usize, row: 
 
 /// One input and one output channel per group: `y[n, ch] = act(b + Σ_k w[ch, k]·x[n, ch,
 /// shifted]) + residual`, rows (image, channel) split over the pool.
-fn depthwise(pool: &Pool, geo: &Geometry, a: &ConvArgs<'_>, act: Activation, y: &mut [f32]) {
+fn depthwise(pool: &Pool, geo: &Geometry, a: &ConvArgs<'_>, act: ConvAct, y: &mut [f32]) {
     let c = geo.x_shape[1];
     let (p, in_sp, ksize, step) = (geo.p, geo.in_sp, geo.ksize, geo.step);
     let rows = geo.x_shape[0] * c;
@@ -497,9 +575,7 @@ fn depthwise(pool: &Pool, geo: &Geometry, a: &ConvArgs<'_>, act: Activation, y: 
                     }
                 }
             }
-            if act != Activation::None {
-                yr.iter_mut().for_each(|v| *v = act.apply(*v));
-            }
+            act.apply_slice(yr);
             if let Some(res) = a.residual {
                 for (o, &v) in yr.iter_mut().zip(&res[row * p..(row + 1) * p]) {
                     *o += v;
@@ -592,7 +668,7 @@ mod tests {
         let x = rand_t(rng, xs);
         let w = rand_t(rng, ws);
         let b = rng.gen_bool(0.7).then(|| rand_t(rng, vec![mg * group]));
-        let act = ["none", "relu", "silu"][rng.gen_range(0..3)];
+        let act = ["none", "relu", "silu", "sigmoid", "hardswish", "clip"][rng.gen_range(0..6)];
         (attrs, x, w, b, rng.gen_bool(0.5), act)
     }
 
@@ -611,10 +687,16 @@ mod tests {
                     continue;
                 };
                 let res = with_res.then(|| rand_t(&mut rng, geo.out_shape().to_vec()));
-                let fattrs = attrs.clone().with("activation", Attr::Str(act.into()));
+                let mut fattrs = attrs.clone().with("activation", Attr::Str(act.into()));
+                if act == "clip" {
+                    fattrs = fattrs.with("clip_min", Attr::Float(-0.25));
+                    if i % 2 == 0 {
+                        fattrs = fattrs.with("clip_max", Attr::Float(0.5));
+                    }
+                }
                 let ins = [Some(&x), Some(&w), b.as_ref(), res.as_ref()];
                 let want = kiln_ir::ops::eval(OpKind::FusedConv, &fattrs, &ins).unwrap();
-                let a = Activation::from_name(act).unwrap();
+                let a = ConvAct::from_attrs(&fattrs).unwrap();
                 for (pi, pool) in pools.iter().enumerate() {
                     for constant in [false, true] {
                         let pc = PreparedConv::new(
@@ -656,7 +738,7 @@ mod tests {
         let x = Tensor::from_vec(vec![1, 2, 5, 5], xv);
         let w = Tensor::from_vec(vec![3, 2, 3, 3], vec![0.1f32; 54]);
         let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
-        let pc = PreparedConv::new(&attrs, Activation::Relu, None, None);
+        let pc = PreparedConv::new(&attrs, ConvAct::Epilogue(Activation::Relu), None, None);
         let args = ConvArgs {
             x: x.as_slice().unwrap(),
             w: w.as_slice().unwrap(),
