@@ -125,9 +125,9 @@ pub fn run_fast_on(
         OpKind::MaxPool
         | OpKind::AveragePool
         | OpKind::GlobalMaxPool
-        | OpKind::GlobalAveragePool => crate::native::pool::run(node, ins, pool)?,
+        | OpKind::GlobalAveragePool => crate::native::pool::run(node, ins, pool, out)?,
         // Nearest-neighbour resize (`native/resize.rs`); the other modes decline.
-        OpKind::Resize => crate::native::resize::run(node, ins, pool)?,
+        OpKind::Resize => crate::native::resize::run(node, ins, pool, out)?,
         OpKind::QuantizeLinear | OpKind::DequantizeLinear => crate::native::quant::run(node, ins)?,
         _ => return None,
     };

@@ -8,6 +8,7 @@
 //! optional indices output, other dtypes and more spatial axes return `None` (the
 //! interpreter runs the node).
 
+use crate::executor::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::ops::pool::pool_geometry;
 use kiln_ir::{Node, OpKind, Tensor};
@@ -25,7 +26,8 @@ struct Taps {
 }
 
 /// The output of a pool node, or `None` where the interpreter runs it.
-pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> {
+/// Its output goes to its planned region in `out` where it has one.
+pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool, out: &mut Outputs) -> Option<Tensor> {
     let op = node.op;
     let is_max = match op {
         OpKind::MaxPool | OpKind::GlobalMaxPool => true,
@@ -85,9 +87,10 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
     let osp: usize = geo.out.iter().product();
     let mut out_shape = shape[..2].to_vec();
     out_shape.extend_from_slice(&geo.out);
-    let mut y = vec![0f32; planes.checked_mul(osp)?];
+    // Every element is written below.
+    let mut y = out.f32s(0, planes.checked_mul(osp)?);
     if planes * osp == 0 {
-        return Some(Tensor::from_vec(out_shape, y));
+        return Some(Tensor::from_buf(out_shape, y));
     }
     let include_pad = geo.count_include_pad;
     let y_ptr = SharedMut::new(y.as_mut_ptr());
@@ -124,7 +127,7 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
             }
         }
     });
-    Some(Tensor::from_vec(out_shape, y))
+    Some(Tensor::from_buf(out_shape, y))
 }
 
 /// The reference's max: the first real element, then each later one that is greater
@@ -242,7 +245,7 @@ mod tests {
                 };
                 let want = kiln_ir::ops::eval(op, &attrs, &[Some(&x)]);
                 for pool in &pools {
-                    match (run(&node, &[Some(&x)], pool), &want) {
+                    match (run(&node, &[Some(&x)], pool, &mut Outputs::none()), &want) {
                         (Some(g), Ok(w)) => {
                             let (gv, wv) = (
                                 g.as_slice::<f32>().unwrap(),

@@ -4,27 +4,30 @@
 //! output is gathered row by row (rows of the last axis split over the pool). Other modes
 //! and dtypes return `None` (the interpreter runs the node).
 
+use crate::executor::arena::Outputs;
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Node, OpKind, Tensor};
 
 /// The output of a `resize` node, or `None` where the interpreter runs it.
-pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> {
+/// Its output goes to its planned region in `out` where it has one.
+pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool, out: &mut Outputs) -> Option<Tensor> {
     if node.op != OpKind::Resize {
         return None;
     }
     let x = (*ins.first()?)?;
     let xv = x.as_slice::<f32>()?;
-    let (out, pick, extrap) = kiln_ir::ops::resize::nearest_picks(&node.attrs, ins).ok()??;
-    let rank = out.len();
+    let (shape, pick, extrap) = kiln_ir::ops::resize::nearest_picks(&node.attrs, ins).ok()??;
+    let rank = shape.len();
     if rank == 0 || pick.len() != rank {
         return None;
     }
     let st = kiln_ir::tensor::strides(x.shape());
-    let total: usize = out.iter().product();
-    let mut y = vec![0f32; total];
-    let last = out[rank - 1];
+    let total: usize = shape.iter().product();
+    // Every element is written below.
+    let mut y = out.f32s(0, total);
+    let last = shape[rank - 1];
     if total == 0 {
-        return Some(Tensor::from_vec(out, y));
+        return Some(Tensor::from_buf(shape, y));
     }
     let rows = total / last;
     // The last axis's source offsets, shared by every row.
@@ -34,15 +37,15 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
         .collect();
     let fill = extrap as f32;
     let y_ptr = SharedMut::new(y.as_mut_ptr());
-    let (out, pick, cols) = (&out, &pick, &cols);
+    let (dims, pick, cols) = (&shape, &pick, &cols);
     pool.parallel_ranges(rows, |range| {
         let mut idx = vec![0usize; rank - 1];
         for row in range {
             // Row `row`'s index over the leading axes and its source offset.
             let mut r = row;
             for a in (0..rank - 1).rev() {
-                idx[a] = r % out[a];
-                r /= out[a];
+                idx[a] = r % dims[a];
+                r /= dims[a];
             }
             let mut src = Some(0usize);
             for a in 0..rank - 1 {
@@ -67,7 +70,7 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
             }
         }
     });
-    Some(Tensor::from_vec(out.clone(), y))
+    Some(Tensor::from_buf(shape.clone(), y))
 }
 
 #[cfg(test)]
@@ -145,7 +148,7 @@ mod tests {
                 name: String::new(),
             };
             let want = kiln_ir::ops::eval(OpKind::Resize, &attrs, &ins);
-            match (run(&node, &ins, &pool), want) {
+            match (run(&node, &ins, &pool, &mut Outputs::none()), want) {
                 (Some(g), Ok(w)) => {
                     assert_eq!(g, w[0], "case {case} {attrs:?} {shape:?}");
                     native += 1;
