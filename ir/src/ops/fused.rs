@@ -168,7 +168,7 @@ fn fused_conv(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, Strin
     let y = conv.into_iter().next().ok_or("conv has one output")?;
     let dt = y.dtype();
     let shape = y.shape().to_vec();
-    let mut v: Vec<f64> = y.to_f64s().into_iter().map(|x| act(x)).collect();
+    let mut v: Vec<f64> = y.to_f64s().into_iter().map(&act).collect();
     if let Some(r) = opt_arg(inputs, 3) {
         fits(r, &shape, "residual")?;
         let rv = float_input(r, "residual", dt)?;
