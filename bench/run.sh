@@ -45,6 +45,16 @@ table "$MODELS/bench" jit,aot
   echo
 } >> "$OUT.tmp"
 table "$MODELS/tiny" jit
+# The conv nets of scripts/make_conv_models.py at full size (built here, not committed).
+CONV_MODELS=${CONV_MODELS:-target/conv-models}
+[ -f "$CONV_MODELS/yolo_slice/model.onnx" ] && [ -f "$CONV_MODELS/conv1d_cls/model.onnx" ] ||
+  .venv/bin/python scripts/make_conv_models.py --bench "$CONV_MODELS" >&2
+{
+  echo
+  echo "## Conv nets (scripts/make_conv_models.py --bench; bench/conv.sh has their profiles)"
+  echo
+} >> "$OUT.tmp"
+table "$CONV_MODELS" jit
 {
   echo
   echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

@@ -2,7 +2,7 @@
 //! pass and why it sits there. Names are what `--passes=-name` and dump files use.
 
 use crate::canon::{
-    FuseAttention, FuseGelu, FuseNorms, FuseQuantEpilogue, FuseRotary, FuseSilu,
+    FuseAttention, FuseConvEpilogue, FuseGelu, FuseNorms, FuseQuantEpilogue, FuseRotary, FuseSilu,
     LineariseAttention, UnflattenGemm,
 };
 use crate::classic::{
@@ -65,6 +65,9 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         Box::new(HoistShapeReads),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::new(target)),
+        // A conv's activation and residual add join it as one `fused_conv` (after the
+        // e-graph folded BatchNorm into the conv), run in the GEMM's epilogue.
+        Box::new(FuseConvEpilogue),
         // Attention reads and writes `[B, S, H, D]` instead of transposing heads around it.
         Box::new(AbsorbHeadTransposes),
         // `shape(layer_norm(x))` reads `x`'s shape instead, so a norm that the e-graph folded
@@ -106,7 +109,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 21);
+        assert_eq!(report.passes.len(), 22);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

@@ -302,11 +302,46 @@ fn patch_conv_matches_the_interpreter() {
             "conv",
         );
     }
-    // Padding or a stride other than the kernel: no routine (the interpreter runs it).
+    // Padding or a stride other than the kernel: the general prepared conv
+    // (`native/conv_gemm.rs`), with the weight constant or not, dense, grouped and 1-D.
     let padded = Attrs::new()
         .with("strides", Attr::Ints(vec![2, 2]))
-        .with("pads", Attr::Ints(vec![1, 1, 1, 1]));
-    assert!(prepare_op(OpKind::Conv, &padded, |_| None).is_none());
+        .with("pads", Attr::Ints(vec![1, 0, 2, 1]));
+    assert!(matches!(
+        prepare_op(OpKind::Conv, &padded, |_| None),
+        Some(Prepared::Conv(_))
+    ));
+    let x = rand_t(&mut rng, &[2, 6, 9, 7]);
+    for (attrs, w) in [
+        (padded.clone(), rand_t(&mut rng, &[5, 6, 3, 3])),
+        (
+            padded.with("group", Attr::Int(3)),
+            rand_t(&mut rng, &[9, 2, 3, 3]),
+        ),
+    ] {
+        for const_w in [false, true] {
+            check(
+                OpKind::Conv,
+                &attrs,
+                &[Some(&x), Some(&w)],
+                const_w,
+                "padded conv",
+            );
+        }
+    }
+    let x1 = rand_t(&mut rng, &[3, 4, 50]);
+    let w1 = rand_t(&mut rng, &[8, 4, 5]);
+    let b1 = rand_t(&mut rng, &[8]);
+    let a1 = Attrs::new()
+        .with("dilations", Attr::Ints(vec![2]))
+        .with("auto_pad", Attr::Str("SAME_UPPER".into()));
+    check(
+        OpKind::Conv,
+        &a1,
+        &[Some(&x1), Some(&w1), Some(&b1)],
+        true,
+        "conv1d",
+    );
 }
 
 #[test]

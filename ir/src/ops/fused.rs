@@ -70,6 +70,24 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
             linear_shape(inputs)?
         }
         OpKind::InvStd | OpKind::InvRms => row_stat_shape(x, arg(inputs, 1)?)?,
+        OpKind::FusedConv => {
+            let _ = conv_activation(attrs)?;
+            let conv = super::linalg::infer(
+                OpKind::Conv,
+                &conv_attrs(attrs),
+                &inputs[..3.min(inputs.len())],
+            )?;
+            let out = conv
+                .into_iter()
+                .next()
+                .ok_or("conv has one output")?
+                .ty
+                .shape;
+            if let Some(r) = opt_arg(inputs, 3) {
+                broadcast(&r.ty.shape, &out)?;
+            }
+            out
+        }
         _ => return Err(not_in_family(op)),
     };
     Ok(vec![fact(dtype, shape)])
@@ -96,9 +114,70 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         OpKind::Linear => linear(attrs, inputs)?,
         OpKind::InvStd => row_stat(x, arg(inputs, 1)?, true)?,
         OpKind::InvRms => row_stat(x, arg(inputs, 1)?, false)?,
+        OpKind::FusedConv => fused_conv(attrs, inputs)?,
         _ => return Err(not_in_family(op)),
     };
     Ok(vec![out])
+}
+
+/// A `fused_conv`'s attributes without `activation`: those of its conv.
+fn conv_attrs(attrs: &Attrs) -> Attrs {
+    let mut a = attrs.clone();
+    a.0.remove("activation");
+    a
+}
+
+/// A `fused_conv`'s activation: one of `linear`'s, or `sigmoid`, `hardswish` (ONNX
+/// HardSwish) or `clip` (ONNX Clip between the optional `clip_min` and `clip_max`
+/// attributes: NaN passes through, as does a NaN bound).
+#[allow(clippy::type_complexity)]
+fn conv_activation(attrs: &Attrs) -> Result<Box<dyn Fn(f64) -> f64>, String> {
+    Ok(
+        match attrs.string_or("activation", "none".into())?.as_str() {
+            "sigmoid" => Box::new(|x: f64| 1.0 / (1.0 + (-x).exp())),
+            "hardswish" => Box::new(|x: f64| x * (x / 6.0 + 0.5).clamp(0.0, 1.0)),
+            "clip" => {
+                let lo = attrs.float("clip_min")?.map(|v| v as f64);
+                let hi = attrs.float("clip_max")?.map(|v| v as f64);
+                Box::new(move |x: f64| {
+                    let a = match lo {
+                        Some(l) if x < l => l,
+                        _ => x,
+                    };
+                    match hi {
+                        Some(h) if a > h => h,
+                        _ => a,
+                    }
+                })
+            }
+            _ => Box::new(activation(attrs)?),
+        },
+    )
+}
+
+/// `fused_conv(x, w, bias?, residual?)` = `act(conv(x, w, bias)) + residual` (the conv's
+/// attributes, `activation` as `linear`'s); the residual broadcasts to the conv's output
+/// and does not enlarge it.
+fn fused_conv(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Tensor, String> {
+    let act = conv_activation(attrs)?;
+    let conv = super::linalg::eval(
+        OpKind::Conv,
+        &conv_attrs(attrs),
+        &inputs[..3.min(inputs.len())],
+    )?;
+    let y = conv.into_iter().next().ok_or("conv has one output")?;
+    let dt = y.dtype();
+    let shape = y.shape().to_vec();
+    let mut v: Vec<f64> = y.to_f64s().into_iter().map(&act).collect();
+    if let Some(r) = opt_arg(inputs, 3) {
+        fits(r, &shape, "residual")?;
+        let rv = float_input(r, "residual", dt)?;
+        let offs = bcast_offsets(&shape, r.shape());
+        for (o, off) in v.iter_mut().zip(offs) {
+            *o += rv[off];
+        }
+    }
+    from_f64s(dt, shape, v)
 }
 
 /// `inv_std(x, eps)` / `inv_rms(x, eps)`: x `[.., K]` and a scalar epsilon give `[.., 1]`.

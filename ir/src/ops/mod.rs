@@ -309,8 +309,8 @@ op_table! {
     Conv = "conv", "Conv", Linalg, 2..=3, attrs, rule, Contraction, Contraction;
     ConvTranspose = "conv_transpose", "ConvTranspose", Linalg, 2..=3, attrs, rule, Contraction, Contraction;
     // ---- pool.rs: pooling windows
-    MaxPool = "max_pool", "MaxPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
-    AveragePool = "average_pool", "AveragePool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
+    MaxPool = "max_pool", "MaxPool", Pool, 1..=1, attrs, rule, Native, Elem(1.0);
+    AveragePool = "average_pool", "AveragePool", Pool, 1..=1, attrs, rule, Native, Elem(1.0);
     LpPool = "lp_pool", "LpPool", Pool, 1..=1, attrs, rule, Interp, Elem(1.0);
     GlobalMaxPool = "global_max_pool", "GlobalMaxPool", Pool, 1..=1, attrs, rule, Native, Elem(1.0);
     GlobalAveragePool = "global_average_pool", "GlobalAveragePool", Pool, 1..=1, attrs, rule, Native, Elem(1.0);
@@ -349,7 +349,7 @@ op_table! {
     Range = "range", "Range", Generate, 3..=3, attrs, rule, Interp, Elem(1.0);
     EyeLike = "eye_like", "EyeLike", Generate, 1..=1, attrs, rule, Interp, Elem(1.0);
     // ---- resize.rs: resampling
-    Resize = "resize", "Resize", Resize, 1..=4, attrs, rule, Interp, Elem(1.0);
+    Resize = "resize", "Resize", Resize, 1..=4, attrs, rule, Native, Elem(1.0);
     // ---- control.rs: control flow with subgraphs
     If = "if", "If", Control, 1..=N, attrs, rule, Interp, Elem(1.0);
     Loop = "loop", "Loop", Control, 0..=N, attrs, rule, Interp, Elem(1.0);
@@ -376,6 +376,7 @@ op_table! {
     Rotary = "rotary", "", Fused, 3..=3, attrs, rule, Native, Elem(4.0);
     Attention = "attention", "", Fused, 3..=4, attrs, rule, Contraction, Contraction;
     Linear = "linear", "", Fused, 2..=5, attrs, rule, Contraction, Contraction;
+    FusedConv = "fused_conv", "", Fused, 2..=4, attrs, rule, Contraction, Contraction;
     OnnxAttention = "onnx_attention", "Attention", Fused, 3..=7, attrs, rule, Interp, Elem(1.0);
     RotaryEmbedding = "rotary_embedding", "RotaryEmbedding", Fused, 3..=4, attrs, rule, Interp, Elem(1.0);
     InvStd = "inv_std", "", Fused, 2..=2, plain, rule, Native, RowStat;

@@ -61,6 +61,58 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     Ok(outs)
 }
 
+/// A windowed pool's geometry as the interpreter resolves it (auto_pad and ceil_mode
+/// applied), for native pool routines that must read the attributes exactly as the
+/// reference does. Global pools have the whole spatial extent as their window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolGeometry {
+    /// Window size per spatial axis.
+    pub kernel: Vec<usize>,
+    /// Stride per spatial axis.
+    pub strides: Vec<usize>,
+    /// Dilation per spatial axis.
+    pub dilations: Vec<usize>,
+    /// Begin pads then end pads.
+    pub pads: Vec<usize>,
+    /// Output size per spatial axis.
+    pub out: Vec<usize>,
+    /// `count_include_pad` (average pool).
+    pub count_include_pad: bool,
+}
+
+/// The geometry of pool `op` on an input of shape `x` (rank >= 3).
+pub fn pool_geometry(op: OpKind, attrs: &Attrs, x: &[usize]) -> Result<PoolGeometry, String> {
+    if x.len() < 3 {
+        return Err(format!(
+            "pooling needs an (N, C, ...) input, got rank {}",
+            x.len()
+        ));
+    }
+    let nsp = x.len() - 2;
+    let spatial = &x[2..];
+    let mut win = if is_global(op) {
+        Window {
+            kernel: spatial.to_vec(),
+            strides: vec![1; nsp],
+            dilations: vec![1; nsp],
+            pads: vec![0; 2 * nsp],
+            auto_pad: "NOTSET".into(),
+        }
+    } else {
+        Window::from_attrs(attrs, nsp, None)?
+    };
+    let ceil = attrs.int_or("ceil_mode", 0)? != 0;
+    let out = win.resolve(spatial, ceil)?;
+    Ok(PoolGeometry {
+        kernel: win.kernel,
+        strides: win.strides,
+        dilations: win.dilations,
+        pads: win.pads,
+        out,
+        count_include_pad: attrs.int_or("count_include_pad", 0)? != 0,
+    })
+}
+
 /// One input position a window reads along an axis: a real element or a pad.
 #[derive(Clone, Copy)]
 enum Tap {

@@ -82,11 +82,17 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
     Ok(vec![fact(dt, Shape::new(out))])
 }
 
-/// Reference semantics of the resize op.
-pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
-    if op != OpKind::Resize {
-        return Err(not_in_family(op));
-    }
+/// What `resize` computes, resolved from its attributes and inputs: the output shape, per
+/// axis the source coordinate of every output coordinate (None: extrapolate), the mode
+/// and the extrapolation value.
+struct Plan {
+    out: Vec<usize>,
+    coords: Vec<Vec<Option<f64>>>,
+    mode: String,
+    extrap: f64,
+}
+
+fn plan(attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Plan, String> {
     let x = arg(inputs, 0)?;
     let shape = x.shape();
     let rank = x.rank();
@@ -143,20 +149,59 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         }
         coords.push(v);
     }
-    match mode.as_str() {
+    Ok(Plan {
+        out,
+        coords,
+        mode,
+        extrap,
+    })
+}
+
+/// A nearest-mode resize's source index along every axis for each output index (None:
+/// the extrapolation value), with the output shape and that value: what a native routine
+/// needs to gather exactly as the reference does. `Ok(None)` for the other modes.
+#[allow(clippy::type_complexity)]
+pub fn nearest_picks(
+    attrs: &Attrs,
+    inputs: &[Option<&Tensor>],
+) -> Result<Option<(Vec<usize>, Vec<Vec<Option<usize>>>, f64)>, String> {
+    let p = plan(attrs, inputs)?;
+    if p.mode != "nearest" {
+        return Ok(None);
+    }
+    let shape = arg(inputs, 0)?.shape();
+    Ok(Some((p.out.clone(), picks(attrs, &p, shape)?, p.extrap)))
+}
+
+fn picks(attrs: &Attrs, p: &Plan, shape: &[usize]) -> Result<Vec<Vec<Option<usize>>>, String> {
+    let nm = attrs.string_or("nearest_mode", "round_prefer_floor".into())?;
+    let mut pick: Vec<Vec<Option<usize>>> = Vec::with_capacity(shape.len());
+    for (a, cs) in p.coords.iter().enumerate() {
+        let mut v = Vec::with_capacity(p.out[a]);
+        for c in cs {
+            v.push(match c {
+                None => None,
+                Some(c) => Some(nearest(*c, &nm, shape[a])?),
+            });
+        }
+        pick.push(v);
+    }
+    Ok(pick)
+}
+
+/// Reference semantics of the resize op.
+pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>, String> {
+    if op != OpKind::Resize {
+        return Err(not_in_family(op));
+    }
+    let x = arg(inputs, 0)?;
+    let shape = x.shape();
+    let rank = x.rank();
+    let p = plan(attrs, inputs)?;
+    let (out, coords, mode, extrap) = (p.out.clone(), &p.coords, p.mode.as_str(), p.extrap);
+    match mode {
         "nearest" => {
-            let nm = attrs.string_or("nearest_mode", "round_prefer_floor".into())?;
-            let mut pick: Vec<Vec<Option<usize>>> = Vec::with_capacity(rank);
-            for a in 0..rank {
-                let mut v = Vec::with_capacity(out[a]);
-                for c in &coords[a] {
-                    v.push(match c {
-                        None => None,
-                        Some(c) => Some(nearest(*c, &nm, shape[a])?),
-                    });
-                }
-                pick.push(v);
-            }
+            let pick = picks(attrs, &p, shape)?;
             let st = strides(shape);
             let mut map = Vec::with_capacity(out.iter().product());
             super::movement::for_each_index(&out, |ix| {

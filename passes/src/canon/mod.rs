@@ -16,6 +16,7 @@
 
 pub mod activations;
 pub mod attention;
+pub mod conv;
 pub mod gelu;
 pub mod gemm;
 pub mod linear_attention;
@@ -25,6 +26,7 @@ pub mod rotary;
 
 pub use activations::FuseSilu;
 pub use attention::FuseAttention;
+pub use conv::FuseConvEpilogue;
 pub use gelu::FuseGelu;
 pub use gemm::UnflattenGemm;
 pub use linear_attention::LineariseAttention;
@@ -322,6 +324,7 @@ fn is_fused_op(op: OpKind) -> bool {
             | Linear
             | LinearAttention
             | MatMulIntegerScaled
+            | FusedConv
     )
 }
 

@@ -9,6 +9,7 @@
 use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
 use crate::native::conv::{pack_weight, patch_conv, PatchConv};
+use crate::native::conv_gemm::{ConvAct, ConvArgs, PreparedConv};
 use crate::native::gemm::{
     gemm_in, sparse, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -77,6 +78,9 @@ pub enum Prepared {
         /// The constant weight, packed as `Wᵀ[C·kh·kw, OC]`.
         packed: Option<PackedB>,
     },
+    /// Any other f32 conv (and `fused_conv`: conv, activation, residual add): the weight
+    /// laid out once, im2col chunks on the GEMM ([`crate::native::conv_gemm`]).
+    Conv(PreparedConv),
 }
 
 /// Compiles contraction node `n` of `g`; `None` when no CPU routine applies (the
@@ -170,13 +174,24 @@ pub fn prepare_op<'t>(
                 PackedB8::pack(bytes(t)?, k, n).ok()
             }),
         },
-        OpKind::Conv => Prepared::PatchConv {
+        OpKind::Conv if patch_stride(attrs).is_some() => Prepared::PatchConv {
             stride: patch_stride(attrs)?,
             packed: constant(1).and_then(|t| {
                 let [oc, c, kh, kw] = <[usize; 4]>::try_from(t.shape()).ok()?;
                 pack_weight(t.as_slice::<f32>()?, oc, c * kh * kw).ok()
             }),
         },
+        OpKind::Conv | OpKind::FusedConv => {
+            let act = match op {
+                OpKind::FusedConv => ConvAct::from_attrs(attrs)?,
+                _ => ConvAct::Epilogue(Activation::None),
+            };
+            // The weight is laid out now when it (and the bias, if any) is a constant; a
+            // bias that is not a constant makes the run lay it out per call.
+            let w = constant(1).and_then(|t| Some((t.as_slice::<f32>()?, t.shape())));
+            let bias = constant(2).and_then(|t| t.as_slice::<f32>());
+            Prepared::Conv(PreparedConv::new(attrs, act, w, bias))
+        }
         _ => return None,
     })
 }
@@ -403,6 +418,7 @@ impl Prepared {
             Prepared::PatchConv { stride, packed } => {
                 conv_op(ins, *stride, packed.as_ref(), pool, out)
             }
+            Prepared::Conv(pc) => general_conv(pc, ins, pool, out),
             Prepared::MatMulInteger { .. } | Prepared::MatMulIntegerScaled { .. } => None,
         }
         .map(|r| r.map(|t| vec![t]))
@@ -970,6 +986,44 @@ fn conv_op(
     Some(
         patch_conv(pool, &p, f32s(x)?, f32s(w)?, packed, bias, &mut y)
             .map(|()| Tensor::from_buf(shape.to_vec(), y)),
+    )
+}
+
+/// A conv (or `fused_conv`) of any geometry: `None` where the geometry or operands are
+/// not the routine's (the interpreter then runs the node and reports any error).
+fn general_conv(
+    pc: &PreparedConv,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (x, w) = (arg(0)?, arg(1)?);
+    let geo = pc.geometry(x.shape(), w.shape()).ok()?;
+    let m = w.shape()[0];
+    let bias = match arg(2) {
+        Some(b) if b.shape() == [m] => Some(f32s(b)?),
+        Some(_) => return None,
+        None => None,
+    };
+    let shape = geo.out_shape().to_vec();
+    // A residual of another (broadcast) shape is expanded first.
+    let resid: Option<std::borrow::Cow<'_, [f32]>> = match arg(3) {
+        Some(t) if t.shape() == shape.as_slice() => Some(f32s(t)?.into()),
+        Some(t) => Some(expand(t, &shape)?.into()),
+        None => None,
+    };
+    let args = ConvArgs {
+        x: f32s(x)?,
+        w: f32s(w)?,
+        bias,
+        residual: resid.as_deref(),
+    };
+    // The conv writes every element.
+    let mut y = out.f32s(0, shape.iter().product());
+    Some(
+        pc.run(pool, &geo, &args, &mut y)
+            .map(|()| Tensor::from_buf(shape, y)),
     )
 }
 

@@ -748,6 +748,11 @@ fn takes_regions(k: &Kernel, g: &kiln_ir::Graph) -> bool {
                 | kiln_ir::OpKind::Expand
                 | kiln_ir::OpKind::Where
                 | kiln_ir::OpKind::LinearAttention
+                | kiln_ir::OpKind::MaxPool
+                | kiln_ir::OpKind::AveragePool
+                | kiln_ir::OpKind::GlobalMaxPool
+                | kiln_ir::OpKind::GlobalAveragePool
+                | kiln_ir::OpKind::Resize
                 | kiln_ir::OpKind::Add
                 | kiln_ir::OpKind::Sub
                 | kiln_ir::OpKind::Mul

@@ -110,9 +110,6 @@ pub fn run_fast_on(
         | OpKind::ReduceLogSum
         | OpKind::ReduceLogSumExp
         | OpKind::ReduceSumSquare => crate::native::reduce::run(node, ins)?,
-        OpKind::GlobalAveragePool | OpKind::GlobalMaxPool => {
-            crate::native::reduce::global_pool(node, ins)?
-        }
         // Softmax-likes along any axis (a loop kernel takes the last one when it fuses) and
         // the channel norms (`native/norm.rs`).
         OpKind::Softmax
@@ -124,6 +121,13 @@ pub fn run_fast_on(
         // Strided copies (`native/layout.rs`) and scatters (`native/index.rs`).
         OpKind::Slice | OpKind::Pad => crate::native::layout::run(node, ins)?,
         OpKind::ScatterND => crate::native::index::run(node, ins)?,
+        // Max and average pools, windowed and global (`native/pool.rs`).
+        OpKind::MaxPool
+        | OpKind::AveragePool
+        | OpKind::GlobalMaxPool
+        | OpKind::GlobalAveragePool => crate::native::pool::run(node, ins, pool, out)?,
+        // Nearest-neighbour resize (`native/resize.rs`); the other modes decline.
+        OpKind::Resize => crate::native::resize::run(node, ins, pool, out)?,
         OpKind::QuantizeLinear | OpKind::DequantizeLinear => crate::native::quant::run(node, ins)?,
         OpKind::DynamicQuantizeLinear => return crate::native::quant::dynamic(ins, pool),
         _ => return None,

@@ -260,6 +260,23 @@ impl<'a> MatMut<'a> {
         Self::new(data, rows, cols, cols)
     }
 
+    /// A view with row stride `row_stride` of `len` values at `ptr`; `Err` if rows overlap or
+    /// it reaches past `len`. For callers whose threads each write a disjoint strided block
+    /// of one buffer (a conv's output channels × a pixel range).
+    ///
+    /// # Safety
+    /// `ptr` is valid for reads and writes of `len` f32s for `'a`, and nothing else reads or
+    /// writes the elements the view covers while it lives.
+    pub unsafe fn from_raw(
+        ptr: *mut f32,
+        len: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> Result<Self, GemmError> {
+        Self::checked(ptr, len, rows, cols, row_stride)
+    }
+
     /// A dense row-major view of uninitialised memory (a fresh `Vec`'s spare capacity), which
     /// `gemm` fills completely: the caller may `set_len` after an `Ok` return. Zeroing every
     /// output first cost 4% of bert_base_1l at two threads.

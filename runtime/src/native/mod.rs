@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod cast;
 pub mod conv;
+pub mod conv_gemm;
 pub mod conv_general;
 pub mod gemm;
 pub mod gemm_i8;
@@ -14,6 +15,8 @@ pub mod index;
 pub mod layout;
 pub mod linear_attention;
 pub mod norm;
+pub mod pool;
 pub mod quant;
 pub mod reduce;
+pub mod resize;
 pub mod vmath;

@@ -4,11 +4,9 @@
 //! per-element slot map where the reduced axes are one contiguous block (`outer × r × inner`:
 //! the last axis, the middle, the leading axes). Scattered axes take a slot map, still in one
 //! pass. `cumsum`/`cumprod` along one axis in f32, i64 and i32 (integers wrap, as in the
-//! interpreter). `global_average_pool` / `global_max_pool` (any rank >= 3: every spatial
-//! plane of `[N, C, ...]` reduced to one value) are the same blocked reduction, bit for bit
-//! the interpreter's (its sequential f64 sum divided by the count; its first-wins maximum).
-//! Other dtypes, bad axes or `noop_with_empty_axes` corner cases return `None` (the
-//! interpreter's op runs and reports errors).
+//! interpreter). Global pooling lives with the other pools (`pool.rs`). Other dtypes, bad
+//! axes or `noop_with_empty_axes` corner cases return `None` (the interpreter's op runs and
+//! reports errors).
 
 use kiln_ir::{Node, OpKind, Tensor};
 
@@ -53,35 +51,6 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
         blocked(op, v, outer, count, inner)
     } else {
         scattered(op, v, shape, &axes)
-    };
-    Some(Tensor::from_vec(out_shape, y))
-}
-
-/// `global_average_pool` / `global_max_pool` of an f32 `[N, C, d1, ..]` input (rank >= 3,
-/// non-empty planes), or `None` where the interpreter runs it.
-pub fn global_pool(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
-    let x = (*ins.first()?)?;
-    let v = x.as_slice::<f32>()?;
-    let shape = x.shape();
-    if shape.len() < 3 || node.attrs.0.keys().any(|k| k != "fused_from") {
-        return None;
-    }
-    let planes = shape[0] * shape[1];
-    let sp: usize = shape[2..].iter().product();
-    if sp == 0 {
-        return None;
-    }
-    let mut out_shape = shape[..2].to_vec();
-    out_shape.resize(shape.len(), 1);
-    let y = match node.op {
-        OpKind::GlobalAveragePool => blocked(Red::Mean, v, planes, sp, 1),
-        // The interpreter's pooling maximum: the first element, replaced only by a greater
-        // one (so a NaN wins only in front, and the first of equal zeros stays).
-        OpKind::GlobalMaxPool => v
-            .chunks_exact(sp)
-            .map(|p| p[1..].iter().fold(p[0], |b, &e| if e > b { e } else { b }))
-            .collect(),
-        _ => return None,
     };
     Some(Tensor::from_vec(out_shape, y))
 }
@@ -446,53 +415,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn global_pools_equal_the_interpreter_bit_for_bit() {
-        let shapes: [&[usize]; 5] = [
-            &[2, 3, 5, 7],
-            &[1, 4, 9],
-            &[2, 2, 3, 2, 2],
-            &[1, 1, 1, 1],
-            &[3, 2, 64, 1],
-        ];
-        for (si, shape) in shapes.iter().enumerate() {
-            for specials in [false, true] {
-                let n: usize = shape.iter().product();
-                let mut d = data(n, si as u64 + 7, specials);
-                // Signed zeros and a leading NaN: the maximum keeps the first of equals.
-                if n > 3 {
-                    d[0] = -0.0;
-                    d[1] = 0.0;
-                }
-                let x = Tensor::from_vec(shape.to_vec(), d);
-                for op in [OpKind::GlobalAveragePool, OpKind::GlobalMaxPool] {
-                    let attrs = Attrs::new();
-                    let want = kiln_ir::ops::eval(op, &attrs, &[Some(&x)]).expect("reference");
-                    let got = global_pool(&node(op, attrs), &[Some(&x)]).expect("native");
-                    assert_eq!(got.shape(), want[0].shape(), "{op:?} {shape:?}");
-                    let (g, w) = (
-                        got.as_slice::<f32>().unwrap(),
-                        want[0].as_slice::<f32>().unwrap(),
-                    );
-                    for (a, b) in g.iter().zip(w) {
-                        assert_eq!(
-                            a.to_bits(),
-                            b.to_bits(),
-                            "{op:?} {shape:?} {specials}: {g:?} vs {w:?}"
-                        );
-                    }
-                }
-            }
-        }
-        // Rank 2, empty planes and other dtypes go to the interpreter.
-        let two = Tensor::from_vec(vec![2, 3], data(6, 1, false));
-        let empty = Tensor::from_vec(vec![1, 2, 0], Vec::<f32>::new());
-        let ints = Tensor::from_vec(vec![1, 1, 2], vec![1i64, 2]);
-        for x in [&two, &empty, &ints] {
-            assert!(global_pool(&node(OpKind::GlobalMaxPool, Attrs::new()), &[Some(x)]).is_none());
         }
     }
 

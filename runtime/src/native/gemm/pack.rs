@@ -284,6 +284,64 @@ impl PackedB {
         })
     }
 
+    /// An empty packing (0 × 0) for the best micro-kernel of this CPU, to [`Self::refill`].
+    pub fn empty() -> Result<Self, GemmError> {
+        let kernel = super::select_kernel(super::Isa::Auto, None)?;
+        let (nr, kc_max) = kernel.layout();
+        Ok(PackedB {
+            buf: AlignedBuf::new(0),
+            rows: 0,
+            cols: 0,
+            padded_cols: 0,
+            nr,
+            kc_max,
+            kernel,
+        })
+    }
+
+    /// Repacks in place as the `k × n` matrix whose row `r` `fill(r, row)` writes into `row`
+    /// (`n` values of `scratch`), growing the buffer when it is too small: for a B built
+    /// on every call (a conv's im2col block) by a caller that keeps one packing per thread,
+    /// with no separate unpacked copy and no allocation once warm.
+    pub fn refill(
+        &mut self,
+        k: usize,
+        n: usize,
+        scratch: &mut Vec<f32>,
+        mut fill: impl FnMut(usize, &mut [f32]),
+    ) -> Result<(), GemmError> {
+        let (nr, kc_max) = (self.nr, self.kc_max);
+        let of = || GemmError::Overflow { what: "packed B" };
+        let padded_cols = n.div_ceil(nr).checked_mul(nr).ok_or_else(of)?;
+        let len = k.checked_mul(padded_cols).ok_or_else(of)?;
+        if self.buf.len() < len {
+            self.buf = AlignedBuf::new(len);
+        }
+        if scratch.len() < padded_cols {
+            scratch.resize(padded_cols, 0.0);
+        }
+        let row = &mut scratch[..padded_cols];
+        row[n..].fill(0.0);
+        let dst = self.buf.as_mut_slice();
+        let npanels = padded_cols / nr;
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = super::slab_depth(kc_max, k, k0);
+            for kk in 0..kc {
+                fill(k0 + kk, &mut row[..n]);
+                for p in 0..npanels {
+                    let at = k0 * padded_cols + p * kc * nr + kk * nr;
+                    dst[at..at + nr].copy_from_slice(&row[p * nr..(p + 1) * nr]);
+                }
+            }
+            k0 += kc;
+        }
+        self.rows = k;
+        self.cols = n;
+        self.padded_cols = padded_cols;
+        Ok(())
+    }
+
     /// Packs a dense row-major `k × n` matrix.
     pub fn from_row_major(data: &[f32], k: usize, n: usize) -> Result<Self, GemmError> {
         Self::pack(MatRef::row_major(data, k, n)?)
