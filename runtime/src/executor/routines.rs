@@ -5,10 +5,12 @@
 //! families with a file of their own under `native/`: reductions and cumulative sums
 //! (`reduce.rs`), softmax-likes on any axis and channel norms (`norm.rs`), slice and pad
 //! (`layout.rs`), scatter_nd (`index.rs`), casts (`cast.rs`), per-tensor quantize/dequantize
-//! and dynamic_quantize_linear (`quant.rs`), global average/max pooling (`reduce.rs`); general convs run from the executor's contraction path (`conv_general.rs`),
-//! so glue between kernels costs a copy or one pass, not the interpreter's f64 round trip and
-//! per-element index maps. Anything unusual (other dtypes, bad attributes, out-of-range
-//! indices) returns `None` and runs through the interpreter, which defines the semantics
+//! and dynamic_quantize_linear (`quant.rs`), windowed and global pooling (`pool.rs`),
+//! nearest resize (`resize.rs`); convs are prepared contractions (`conv_gemm.rs`), with
+//! `conv_general.rs` for a conv that was not prepared. So glue between kernels costs a copy
+//! or one pass, not the interpreter's f64 round trip and per-element index maps. Anything
+//! unusual (other dtypes, bad attributes, out-of-range indices) returns `None` and runs
+//! through the interpreter, which defines the semantics
 //! and reports the errors (naming the node, through the executor). `lstm`/`gru`/`rnn`
 //! dispatch from here to their own routine in `recurrent.rs`, under the same contract.
 
