@@ -60,9 +60,9 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // Centre the weights of linears whose every reader ignores a per-row shift (layer
         // norms, residual sums read only by layer norms): the stream becomes mean-free.
         Box::new(crate::classic::CentreMeanInvariant),
-        // Shape reads move to the earliest value of the same shape, so the e-graph never
-        // keeps a norm or product alive only for its shape.
-        Box::new(HoistShapeReads),
+        // A shape read of a norm's or activation's output reads its input instead, so the
+        // e-graph never keeps a norm alive only for its shape (local: never across layers).
+        Box::new(crate::classic::HoistShapeReadsLocal),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::new(target)),
         // A conv's activation and residual add join it as one `fused_conv` (after the

@@ -19,5 +19,5 @@ pub use cse::EliminateCommonSubexpressions;
 pub use dce::EliminateDeadCode;
 pub use fold::FoldConstants;
 pub use roll::RollBlocks;
-pub use shape_reads::HoistShapeReads;
+pub use shape_reads::{HoistShapeReads, HoistShapeReadsLocal};
 pub use simplify::SimplifyOps;
