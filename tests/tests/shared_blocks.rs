@@ -2,9 +2,7 @@
 //! first copy of a block and replays the result on the others, each with its own weights)
 //! must give what saturating every copy on its own gives: on every shared model, the
 //! default pipeline and the same pipeline with replaying off produce outputs equal bit for
-//! bit on the JIT, and models whose layers are copies do share. (Against the graph
-//! saturated whole, sharing may find a cheaper graph: on vit_s16_6l the whole graph's
-//! extraction came out dearer than the input and was dropped.)
+//! bit on the JIT, and models whose layers are copies do share.
 
 use kiln::{Backend, Model, Options};
 use kiln_passes::egraph::SaturateEgraph;

@@ -6,9 +6,9 @@
 //! Where the chain ends at a value that only shape reads need, the read moves to the
 //! earliest value of the same fully known shape that is computed anyway (extraction may
 //! pick `shape(matmul)` beside a `linear` that absorbed that matmul).
-//! [`HoistShapeReadsLocal`] is the form that runs before the e-graph (see its docs).
-//! Runs after `centre_mean_invariant` (an extra reader of `x` would hide from it that
-//! every other reader of the residual stream is a layer norm), before and after the
+//! [`HoistShapeReadsLocal`], the one-step form, runs before the e-graph, after
+//! `centre_mean_invariant` (an extra reader of `x` would hide from it that every other
+//! reader of the residual stream is a layer norm); [`HoistShapeReads`] runs after the
 //! e-graph. The result is exact (a `shape` reads no values); dead producers go in the next
 //! `eliminate_dead_code`.
 
