@@ -16,6 +16,7 @@ use crate::native::gemm::{
 use crate::native::gemm_i8::{self, Bytes, IsaI8, PackedB8};
 use crate::pool::{Pool, SharedMut};
 use kiln_ir::{Attrs, DType, Graph, OpKind, Tensor, TensorData, ValueId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// A contraction node compiled for the CPU.
@@ -463,45 +464,30 @@ fn matmul_integer(
     pool: &Pool,
     out: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
-    let arg = |i: usize| ins.get(i).copied().flatten();
-    let (a, b) = (arg(0)?, arg(1)?);
-    let [k, n] = <[usize; 2]>::try_from(b.shape()).ok()?;
-    if a.rank() == 0 || *a.shape().last()? != k {
-        return None;
-    }
-    let lead = &a.shape()[..a.rank() - 1];
-    let m: usize = lead.iter().product();
-    // Per row: [M] for a 2-D A, or A's shape with the last dim 1.
-    let mut row_shape = lead.to_vec();
-    row_shape.push(1);
-    let za = if a.rank() == 2 {
-        zero_point(arg(2), a, m, &[&[m], &row_shape])?
-    } else {
-        zero_point(arg(2), a, m, &[&row_shape])?
-    };
-    let zb = zero_point(arg(3), b, n, &[&[n], &[1, n]])?;
-    let fresh;
-    let packed = match packed.filter(|p| p.rows() == k && p.cols() == n) {
-        Some(p) => p,
-        None => {
-            fresh = PackedB8::pack(bytes(b)?, k, n).ok()?;
-            &fresh
-        }
-    };
+    let (a, m, za, zb, shape) = int_operands(ins)?;
+    let packed = packed_b8(packed, ins.get(1).copied().flatten()?)?;
+    let n = packed.cols();
     let mut y = out
         .region::<i32>(0, m * n)
         .unwrap_or_else(|| vec![0i32; m * n].into());
-    let r = gemm_i8::matmul_integer(bytes(a)?, m, &za, packed, &zb, &mut y, pool, IsaI8::Auto);
-    let mut shape = lead.to_vec();
-    shape.push(n);
+    let r = gemm_i8::matmul_integer(a, m, &za, &packed, &zb, &mut y, pool, IsaI8::Auto);
     Some(
         r.map(|()| Tensor::from_buf(shape, y))
             .map_err(|e| e.to_string()),
     )
 }
 
+/// The prepared packing of the constant B `[K, N]` when it fits `b`, else `b` packed now.
+fn packed_b8<'p>(packed: Option<&'p PackedB8>, b: &Tensor) -> Option<Cow<'p, PackedB8>> {
+    let [k, n] = <[usize; 2]>::try_from(b.shape()).ok()?;
+    Some(match packed.filter(|p| p.rows() == k && p.cols() == n) {
+        Some(p) => Cow::Borrowed(p),
+        None => Cow::Owned(PackedB8::pack(bytes(b)?, k, n).ok()?),
+    })
+}
+
 /// The integer GEMM's operands as [`matmul_integer`] reads them: A's bytes, the row count,
-/// the zero points, B packed (or packed now), the output's shape.
+/// the zero points, the output's shape.
 type IntOperands<'t> = (Bytes<'t>, usize, Vec<i32>, Vec<i32>, Vec<usize>);
 
 fn int_operands<'t>(ins: &[Option<&'t Tensor>]) -> Option<IntOperands<'t>> {
@@ -535,9 +521,9 @@ fn matmul_integer_scaled(
     out: &mut Outputs,
 ) -> Option<Result<Tensor, String>> {
     let arg = |i: usize| ins.get(i).copied().flatten();
-    let b = arg(1)?;
     let (a, m, za, zb, shape) = int_operands(ins)?;
-    let (k, n) = (b.shape()[0], b.shape()[1]);
+    let packed = packed_b8(packed, arg(1)?)?;
+    let n = packed.cols();
     // One value, or one per column; a vector broadcast along other axes goes to the
     // interpreter.
     let vector = |t: &Tensor| -> Option<Vec<f32>> {
@@ -552,16 +538,8 @@ fn matmul_integer_scaled(
         Some(t) => vector(t)?,
         None => vec![],
     };
-    let fresh;
-    let packed = match packed.filter(|p| p.rows() == k && p.cols() == n) {
-        Some(p) => p,
-        None => {
-            fresh = PackedB8::pack(bytes(b)?, k, n).ok()?;
-            &fresh
-        }
-    };
     let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
-        gemm_i8::matmul_integer_scaled(a, m, &za, packed, &zb, &scale, &bias, y, pool, IsaI8::Auto)
+        gemm_i8::matmul_integer_scaled(a, m, &za, &packed, &zb, &scale, &bias, y, pool, IsaI8::Auto)
     };
     // SAFETY: `matmul_integer_scaled` returns Ok only when it wrote all `m·n` values.
     let y = unsafe { out.write_f32(0, m * n, fill) };
