@@ -6,8 +6,7 @@
 
 use kiln::{Backend, Model, Options};
 use kiln_ir::OpKind;
-use kiln_reference::{compare, MODEL_TOLERANCE};
-use kiln_tests::{as_named, repo_root, test_data};
+use kiln_tests::{as_named, assert_outputs_match, repo_root, test_data};
 
 #[test]
 fn causal_softmax_attention_block_fuses_and_matches_onnx_runtime() {
@@ -36,10 +35,6 @@ fn causal_softmax_attention_block_fuses_and_matches_onnx_runtime() {
             })
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         let got = exe.run(&named).unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(got.len(), want.len(), "{what}: output count");
-        for (g, w) in got.iter().zip(&want) {
-            let e = compare(g, w, MODEL_TOLERANCE);
-            assert!(e.ok, "{what}: max abs {:e}: {:?}", e.max_abs, e.reason);
-        }
+        assert_outputs_match(&what, &got, &want);
     }
 }

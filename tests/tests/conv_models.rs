@@ -5,8 +5,7 @@
 //! Runtime's outputs within `MODEL_TOLERANCE`; the text form round-trips them.
 
 use kiln::{Backend, Model, Options};
-use kiln_reference::{compare, MODEL_TOLERANCE};
-use kiln_tests::{as_named, repo_root, test_data};
+use kiln_tests::{as_named, assert_outputs_match, repo_root, test_data};
 
 fn check_model(name: &str) {
     let dir = repo_root().join("tests/models").join(name);
@@ -32,15 +31,7 @@ fn check_model(name: &str) {
             })
             .unwrap_or_else(|e| panic!("{what}: {e}"));
         let got = exe.run(&named).unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(got.len(), want.len(), "{what}: output count");
-        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-            let e = compare(g, w, MODEL_TOLERANCE);
-            assert!(
-                e.ok,
-                "{what}: output #{k}: max abs {:e}: {:?}",
-                e.max_abs, e.reason
-            );
-        }
+        assert_outputs_match(&what, &got, &want);
     }
 }
 
