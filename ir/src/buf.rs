@@ -27,6 +27,10 @@ pub enum Storage {
     /// A writable region of an arena, used by this buffer alone while it lives. A clone
     /// is an owned copy, so the region is never shared.
     Region,
+    /// Writable memory that this buffer alone uses and that goes back to a pool when the
+    /// buffer is dropped (a graph output: the next run reuses the pages instead of
+    /// faulting in fresh ones). Like an owned `Vec`, it may move from value to value.
+    Pooled,
 }
 
 /// A tensor's elements: dereferences to `[T]` wherever they live (see [`Storage`]).
@@ -105,6 +109,23 @@ impl<T> Buf<T> {
         }
     }
 
+    /// `len` writable elements at `ptr` that `owner` returns to its pool when the last
+    /// clone of `owner` goes.
+    ///
+    /// # Safety
+    /// As [`Buf::region`]: aligned, initialised, valid while `owner` lives, and used by
+    /// nothing else while the returned buffer lives.
+    pub unsafe fn pooled(owner: Owner, ptr: *mut T, len: usize) -> Buf<T> {
+        Buf {
+            repr: Repr::Borrowed {
+                _owner: owner,
+                ptr: NonNull::new(ptr).unwrap_or(NonNull::dangling()),
+                len,
+                kind: Storage::Pooled,
+            },
+        }
+    }
+
     /// Where the elements live.
     pub fn storage(&self) -> Storage {
         match &self.repr {
@@ -154,8 +175,9 @@ impl<T: Clone> Buf<T> {
         }
         match &mut self.repr {
             Repr::Owned(v) => v,
-            // SAFETY: only a region is left borrowed here, and `region`'s contract says
-            // nothing else uses it while `self` lives; `&mut self` is unique.
+            // SAFETY: only a region or pooled memory is left borrowed here, and their
+            // constructors' contracts say nothing else uses it while `self` lives;
+            // `&mut self` is unique.
             Repr::Borrowed { ptr, len, .. } => unsafe {
                 std::slice::from_raw_parts_mut(ptr.as_ptr(), *len)
             },

@@ -466,7 +466,7 @@ impl TensorData {
     pub fn into_shared(self) -> TensorData {
         dispatch!(self, v, T => match v.storage() {
             Storage::Mapped | Storage::Shared => <T as Elem>::wrap_buf(v),
-            Storage::Owned | Storage::Region => {
+            Storage::Owned | Storage::Region | Storage::Pooled => {
                 <T as Elem>::wrap_buf(Buf::shared(std::sync::Arc::new(v.into_vec())))
             }
         })

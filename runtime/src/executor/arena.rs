@@ -1,18 +1,28 @@
 //! The arena a run's intermediate values live in: one block per run, laid out by the
 //! [`kiln_plan::memory`] plan recorded on the first run with the same input shapes, blocks
-//! reused from run to run, and [`Outputs`], through which a kernel takes its outputs'
-//! planned regions (or fresh memory where a value has none).
+//! reused from run to run; the pool that graph outputs come from and go back to when the
+//! caller drops them; and [`Outputs`], through which a kernel takes its outputs' planned
+//! regions or pooled memory (or fresh memory where a value has neither).
 
 use kiln_ir::{Buf, DType, Elem, ValueId};
 use kiln_plan::memory::{MemoryPlan, ALIGN};
 use std::alloc::Layout;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Input-shape sets whose arena layouts a plan keeps; past this many, the oldest go.
 const MAX_LAYOUTS: usize = 16;
 /// Free blocks a plan keeps for reuse (one per concurrent run).
 const MAX_FREE_BLOCKS: usize = 8;
+/// Graph outputs smaller than this come from the allocator as before: small allocations
+/// are served from the heap's bins without faulting in pages, and pooling them would only
+/// add a lock.
+const MIN_POOLED_OUTPUT_BYTES: usize = 64 << 10;
+/// The most memory dropped outputs may keep in a plan's pool, and how many blocks.
+const MAX_POOLED_BYTES: usize = 256 << 20;
+const MAX_POOLED_BLOCKS: usize = 64;
+/// A pooled block is reused for an output that needs at least this fraction of it.
+const POOLED_FIT_DIVISOR: usize = 2;
 
 /// Zeroed, [`ALIGN`]-aligned memory for one run's intermediate values.
 pub struct Block {
@@ -89,6 +99,82 @@ impl ArenaLayout {
     }
 }
 
+/// Blocks that dropped graph outputs left behind, for the next run's outputs.
+type PoolFree = Mutex<Vec<Block>>;
+
+/// The owner of a pooled output's memory: gives the block back to its pool (if the pool
+/// still exists and has room) when the output's last clone of it goes.
+struct Pooled {
+    block: Option<Block>,
+    home: Weak<PoolFree>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let (Some(b), Some(home)) = (self.block.take(), self.home.upgrade()) else {
+            return;
+        };
+        let mut free = home.lock().unwrap_or_else(|e| e.into_inner());
+        let kept: usize = free.iter().map(Block::bytes).sum();
+        if free.len() < MAX_POOLED_BLOCKS && kept + b.bytes() <= MAX_POOLED_BYTES {
+            free.push(b);
+        }
+    }
+}
+
+/// The memory graph outputs are written into: blocks that come back when the caller drops
+/// an output, so a run that returns large outputs every time (a KV cache) reuses pages
+/// already faulted in instead of new ones (glibc trims and re-maps the heap otherwise).
+#[derive(Debug, Default)]
+pub struct OutputPool {
+    free: Arc<PoolFree>,
+}
+
+impl OutputPool {
+    /// `n` elements of `T` in pooled memory, or `None` for outputs below
+    /// [`MIN_POOLED_OUTPUT_BYTES`] and bools. The elements hold stale values: the kernel
+    /// must write every one.
+    pub fn take<T: Elem>(&self, n: usize) -> Option<Buf<T>> {
+        let bytes = n.checked_mul(size_of::<T>())?;
+        if T::DTYPE == DType::Bool || bytes < MIN_POOLED_OUTPUT_BYTES || align_of::<T>() > ALIGN
+        {
+            return None;
+        }
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let fits = |b: &Block| b.bytes() >= bytes && b.bytes() / POOLED_FIT_DIVISOR <= bytes;
+            let best = (0..free.len())
+                .filter(|&i| fits(&free[i]))
+                .min_by_key(|&i| free[i].bytes());
+            best.map(|i| free.swap_remove(i))
+        };
+        let block = match reused {
+            Some(b) => b,
+            None => Block::new(bytes)?,
+        };
+        if cfg!(debug_assertions) {
+            // SAFETY: the block is `bytes()` long and nobody else holds it. NaN bytes, so a
+            // kernel that leaves part of an output unwritten fails the tests.
+            unsafe { std::ptr::write_bytes(block.ptr.as_ptr(), 0xFF, block.bytes()) };
+        }
+        let ptr = block.ptr.as_ptr().cast::<T>();
+        let owner: kiln_ir::buf::Owner = Arc::new(Pooled {
+            block: Some(block),
+            home: Arc::downgrade(&self.free),
+        });
+        // SAFETY: the block is ALIGN-aligned (ALIGN >= align_of::<T>(), checked), at least
+        // `bytes` long, initialised (zeroed when made, then only written with non-bool
+        // element values, and every bit pattern is a valid non-bool element), and owned by
+        // `owner` alone, which keeps it alive and hands it to no one else while it lives.
+        Some(unsafe { Buf::pooled(owner, ptr, n) })
+    }
+
+    /// How many blocks the pool holds now.
+    pub fn free_blocks(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 /// A set of input shapes, in graph input order: what a layout is recorded for.
 type ShapesKey = Vec<Vec<usize>>;
 
@@ -97,15 +183,18 @@ type ShapesKey = Vec<Vec<usize>>;
 pub struct Arenas {
     layouts: Mutex<Vec<(ShapesKey, Arc<ArenaLayout>)>>,
     free: Mutex<Vec<Block>>,
+    /// Where graph outputs come from.
+    pub outputs: Arc<OutputPool>,
 }
 
-/// A clone shares the recorded layouts, not the free blocks.
+/// A clone shares the recorded layouts, not the free blocks or the output pool.
 impl Clone for Arenas {
     fn clone(&self) -> Self {
         let l = self.layouts.lock().unwrap_or_else(|e| e.into_inner());
         Arenas {
             layouts: Mutex::new(l.clone()),
             free: Mutex::new(Vec::new()),
+            outputs: Default::default(),
         }
     }
 }
@@ -162,10 +251,12 @@ impl Arenas {
 }
 
 /// The places a kernel's outputs may go: output `i`'s planned region in this run's block,
-/// when it has one. Each region is handed out once.
+/// when it has one (each region is handed out once), or pooled memory for a graph output.
 pub struct Outputs {
     block: Option<Arc<Block>>,
     slots: Vec<Option<(usize, usize)>>,
+    /// The pool, and which outputs are graph outputs that may take pooled memory.
+    pooled: Option<(Arc<OutputPool>, Vec<bool>)>,
 }
 
 impl Outputs {
@@ -174,7 +265,17 @@ impl Outputs {
         Outputs {
             block: None,
             slots: Vec::new(),
+            pooled: None,
         }
+    }
+
+    /// Lets output `i` take memory from `pool` where `graph_output(i)` (and it has no
+    /// region).
+    pub fn with_pool(mut self, pool: &Arc<OutputPool>, graph_output: Vec<bool>) -> Outputs {
+        if graph_output.iter().any(|&o| o) {
+            self.pooled = Some((pool.clone(), graph_output));
+        }
+        self
     }
 
     /// Regions of `block` for the outputs `values` of one kernel, from `layout`.
@@ -196,14 +297,23 @@ impl Outputs {
                         .filter(|&(off, bytes)| off + bytes <= block.bytes())
                 })
                 .collect(),
+            pooled: None,
         }
     }
 
     /// Output `i`'s planned region as `n` elements of `T`, if it has one of at least that
-    /// size that was not taken yet (never for bool, whose stale bytes may not be 0 or 1).
+    /// size that was not taken yet, or pooled memory for a graph output (never for bool,
+    /// whose stale bytes may not be 0 or 1). Its elements hold stale values.
     pub fn region<T: Elem>(&mut self, i: usize, n: usize) -> Option<Buf<T>> {
         if T::DTYPE == DType::Bool {
             return None;
+        }
+        if let Some((pool, outs)) = &mut self.pooled {
+            if outs.get(i).copied().unwrap_or(false) {
+                // Handed out once, like a region.
+                outs[i] = false;
+                return pool.take::<T>(n);
+            }
         }
         let block = self.block.as_ref()?;
         let (off, bytes) = self.slots.get_mut(i)?.take()?;
@@ -319,6 +429,42 @@ mod tests {
                 assert_eq!(rep.in_arena_bytes, want_in, "run {i}: {rep:?}");
             }
         }
+    }
+
+    /// Rows enough that the transposed output `%t` (8 × rows f32) is pooled.
+    const POOLED_ROWS: usize = 4096;
+
+    #[test]
+    fn a_dropped_output_gives_its_memory_to_the_next_run_and_a_kept_one_keeps_it() {
+        let g = kiln_ir::text::parse(SRC).expect("parses");
+        let plan = CpuPlan::partition(&g).expect("partitions");
+        let w = input(8, 7);
+        let ins = vec![input(POOLED_ROWS, 3), w.clone()];
+        let want = kiln_ir::interp::run(&g, ins.clone()).expect("interpreter runs");
+        let t_of = |outs: &[Tensor]| outs[1].as_slice::<f32>().expect("f32").as_ptr();
+        // The first run records the layout; from the second on the output is pooled.
+        let _ = plan.run(ins.clone(), &ReferenceRunner).expect("records");
+        let first = plan.run(ins.clone(), &ReferenceRunner).expect("runs");
+        assert_eq!(first[1].data().storage(), Storage::Pooled);
+        let at = t_of(&first);
+        drop(first);
+        let second = plan.run(ins.clone(), &ReferenceRunner).expect("runs");
+        assert_eq!(t_of(&second), at, "the dropped output's memory is reused");
+        // Kept alive, an output is never handed out again: the next run writes elsewhere
+        // and the kept values stay those of their own run.
+        let other = plan
+            .run(vec![input(POOLED_ROWS, 11), w], &ReferenceRunner)
+            .expect("runs");
+        assert_ne!(t_of(&other), at);
+        for (a, b) in second.iter().zip(&want) {
+            let r = kiln_reference::compare(a, b, kiln_reference::MODEL_TOLERANCE);
+            assert!(r.ok, "{r:?}");
+        }
+        assert_ne!(other[1], second[1], "different inputs, different outputs");
+        // A clone is an owned copy; dropping the plan first frees the memory later.
+        assert_eq!(second[1].clone().data().storage(), Storage::Owned);
+        drop(plan);
+        drop(second);
     }
 
     #[test]

@@ -480,7 +480,7 @@ impl CpuPlan {
             };
             // The outputs' arena regions. Not for static kernels (the memo keeps their
             // values), nor for graph outputs (returned to the caller), which the layout
-            // leaves out.
+            // leaves out: they take pooled memory that comes back when the caller drops it.
             let mut regions = match (&block, &layout, slot) {
                 // SAFETY: `layout` was recorded for these input shapes, and every value is
                 // dropped from `env` at its last use, which is where its interval ends.
@@ -489,6 +489,10 @@ impl CpuPlan {
                 },
                 _ => super::arena::Outputs::none(),
             };
+            if slot.is_none() {
+                let graph_output = out_ids.iter().map(|o| g.outputs.contains(o)).collect();
+                regions = regions.with_pool(&self.arenas.outputs, graph_output);
+            }
             let started = report.as_ref().map(|_| Instant::now());
             // Which path ran the kernel, for the profile: a declined fast path is `interp`.
             let mut kind = match k {
