@@ -150,7 +150,8 @@ impl Graph {
     /// Appends a `constant` node holding `t` and returns its value.
     pub fn add_constant(&mut self, name: &str, t: Tensor) -> ValueId {
         let ty = TensorType::new(t.dtype(), Shape::fixed(t.shape()));
-        let attrs = Attrs::new().with("value", Attr::Tensor(Arc::new(t)));
+        // Shared, so the plan's copy of the constant is not a copy of its elements.
+        let attrs = Attrs::new().with("value", Attr::Tensor(Arc::new(t.into_shared())));
         self.add_node(
             OpKind::Constant,
             attrs,

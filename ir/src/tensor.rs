@@ -626,6 +626,16 @@ impl Tensor {
         T::unwrap(&self.data).map(|v| v.as_slice())
     }
 
+    /// The same tensor with its elements shared by every clone ([`TensorData::into_shared`]:
+    /// no copy): what a constant node holds, so evaluating it or folding it never copies a
+    /// weight.
+    pub fn into_shared(self) -> Tensor {
+        Tensor {
+            shape: self.shape,
+            data: self.data.into_shared(),
+        }
+    }
+
     /// The same data with a new shape of equal element count.
     pub fn reshaped(self, shape: Vec<usize>) -> Result<Tensor, String> {
         Tensor::new(shape, self.data)

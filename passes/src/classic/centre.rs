@@ -70,11 +70,7 @@ fn centred(t: &Tensor) -> Option<Tensor> {
     }
     // f32 (every weight so far): read in place, each element rounded once as below.
     if let Some(s) = t.as_slice::<f32>() {
-        let mut out: Vec<f32> = Vec::with_capacity(s.len());
-        for row in s.chunks(n) {
-            let m = row.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
-            out.extend(row.iter().map(|&x| (x as f64 - m) as f32));
-        }
+        let out = crate::dense::centre_rows(s, n);
         return Some(Tensor::from_vec(t.shape().to_vec(), out));
     }
     let mut v = t.to_f64s();
@@ -161,9 +157,18 @@ impl Pass for CentreMeanInvariant {
                         if p.op != OpKind::MatMul || !private || cv.shape().len() != 1 {
                             continue;
                         }
-                        if let (Some(w), Some(cc)) = (w.and_then(|w| centred(&w)), centred(&cv)) {
-                            // A shift-invariant product has its W centred by its own arm.
-                            if !si[mv.index()] {
+                        // A shift-invariant product has its W centred by its own arm
+                        // (not computed twice: these are the model's largest weights).
+                        let w = match (si[mv.index()], w) {
+                            (true, Some(_)) => None,
+                            (false, Some(w)) => match centred(&w) {
+                                Some(w) => Some(w),
+                                None => continue,
+                            },
+                            (_, None) => continue,
+                        };
+                        if let Some(cc) = centred(&cv) {
+                            if let Some(w) = w {
                                 edits.push((pi, 1, w));
                             }
                             edits.push((ni, c, cc));

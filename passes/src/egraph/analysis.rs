@@ -107,7 +107,8 @@ impl egg::Analysis<Kn> for KilnAnalysis {
                     .collect();
                 let attrs = args.iter().find_map(|&a| eg[a].data.attrs.clone());
                 match ks.and_then(|ks| eval_helper(*h, &ks, attrs.as_deref()).ok()) {
-                    Some(t) => const_data(Arc::new(t)),
+                    // Shared: the extracted graph's constant and the plan's are this one.
+                    Some(t) => const_data(Arc::new(t.into_shared())),
                     None => Data::default(),
                 }
             }
@@ -177,11 +178,9 @@ pub fn sign_and_mean_facts(t: &Tensor) -> (bool, bool) {
     if let Some(v) = t.as_slice::<f32>() {
         let nonneg = v.iter().all(|&x| x >= 0.0);
         let mean_free = match t.shape().last() {
-            Some(&n) if n >= 2 && !v.is_empty() => v.chunks(n).all(|row| {
-                let s: f64 = row.iter().map(|&x| x as f64).sum();
-                let m = row.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
-                s.is_finite() && (s / n as f64).abs() <= MEAN_FREE_RTOL * m.max(f64::MIN_POSITIVE)
-            }),
+            Some(&n) if n >= 2 && !v.is_empty() => v
+                .chunks(n)
+                .all(|row| crate::dense::row_mean_free(row, MEAN_FREE_RTOL)),
             _ => false,
         };
         return (nonneg, mean_free);
@@ -340,6 +339,9 @@ pub fn eval_helper(h: Helper, ks: &[Arc<Tensor>], attrs: Option<&Attrs>) -> Resu
     let make = |shape: Vec<usize>, v: Vec<f64>| {
         Tensor::new(shape, TensorData::from_f64s(dt, v.into_iter()))
     };
+    if let Some(t) = eval_helper_f32(h, ks)? {
+        return Ok(t);
+    }
     let av = a.to_f64s();
     let arg = |i: usize| {
         ks.get(i)
@@ -450,6 +452,50 @@ pub fn eval_helper(h: Helper, ks: &[Arc<Tensor>], attrs: Option<&Attrs>) -> Resu
         }
         Helper::LastAxis | Helper::EpsLike => Err("folded in make".into()),
     }
+}
+
+/// [`eval_helper`] on f32 weights (every weight so far) without f64 copies of them, the
+/// same values where the f64 path rounds once ([`crate::dense`]); `None` where the helper
+/// or the operands take the f64 path (small vectors, other dtypes, shapes it rejects).
+fn eval_helper_f32(h: Helper, ks: &[Arc<Tensor>]) -> Result<Option<Tensor>, String> {
+    use crate::dense;
+    let f = |i: usize| ks.get(i).and_then(|t| t.as_slice::<f32>());
+    let Some(a) = f(0) else {
+        return Ok(None);
+    };
+    let shape = ks[0].shape();
+    let t = match h {
+        Helper::OnesLike => Tensor::from_vec(shape.to_vec(), vec![1.0f32; a.len()]),
+        Helper::ZerosLike => Tensor::from_vec(shape.to_vec(), vec![0.0f32; a.len()]),
+        Helper::Centre => {
+            let n = *shape.last().ok_or("centre needs rank ≥ 1")?;
+            Tensor::from_vec(shape.to_vec(), dense::centre_rows(a, n))
+        }
+        Helper::ScaleRows => {
+            let (Some(w), [.., k, n]) = (f(1), ks.get(1).map_or(&[][..], |w| w.shape())) else {
+                return Ok(None);
+            };
+            if shape != [*k] {
+                return Ok(None);
+            }
+            Tensor::from_vec(ks[1].shape().to_vec(), dense::scale_rows(a, w, *n))
+        }
+        Helper::RowTimes => {
+            let (Some(w), [k, n]) = (f(1), ks.get(1).map_or(&[][..], |w| w.shape())) else {
+                return Ok(None);
+            };
+            if shape != [*k] {
+                return Ok(None);
+            }
+            Tensor::from_vec(vec![*n], dense::row_times(a, w, *n))
+        }
+        Helper::T => {
+            let [r, c] = <[usize; 2]>::try_from(shape).map_err(|_| "t needs a matrix")?;
+            Tensor::from_vec(vec![c, r], dense::transpose(a, r, c))
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(t))
 }
 
 /// An f32 fact helper for tests.

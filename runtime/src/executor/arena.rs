@@ -136,8 +136,7 @@ impl OutputPool {
     /// must write every one.
     pub fn take<T: Elem>(&self, n: usize) -> Option<Buf<T>> {
         let bytes = n.checked_mul(size_of::<T>())?;
-        if T::DTYPE == DType::Bool || bytes < MIN_POOLED_OUTPUT_BYTES || align_of::<T>() > ALIGN
-        {
+        if T::DTYPE == DType::Bool || bytes < MIN_POOLED_OUTPUT_BYTES || align_of::<T>() > ALIGN {
             return None;
         }
         let reused = {
