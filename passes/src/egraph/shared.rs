@@ -556,19 +556,30 @@ fn saturate_depth(
     crate::rewrite::remove_dead(&mut rest);
 
     // Saturate the rest (recursively sharing) and the first copy.
+    // The rest and the first copy are independent e-graphs: the rest saturates on a second
+    // thread while this one saturates the first copy and replays it.
     let rest_nodes = rest.nodes.len();
-    let (rest_out, rest_report) =
-        match saturate_depth(&rest, rules, limits, cm, replay_on, depth + 1)? {
-            Some(r) => r,
-            None => saturate(&rest, rules, limits, cm)?,
-        };
+    let saturate_rest = || match saturate_depth(&rest, rules, limits, cm, replay_on, depth + 1) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => saturate(&rest, rules, limits, cm),
+        Err(e) => Err(e),
+    };
+    let (rest_result, first_result) = std::thread::scope(|s| {
+        let rest_job = s.spawn(saturate_rest);
+        let first = saturate_keep(&parts[0].graph, rules, limits, cm);
+        let rest = rest_job
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (rest, first)
+    });
+    let (rest_out, rest_report) = rest_result?;
     let rest_changed = improved(&rest_report)
         || rest_report
             .sharing
             .as_ref()
             .is_some_and(|s| !s.stacks.is_empty());
     let rest_g = if rest_changed { rest_out } else { rest };
-    let first = saturate_keep(&parts[0].graph, rules, limits, cm)?;
+    let first = first_result?;
     let first_changed = improved(&first.report);
     // Costs count what is kept: a part whose saturation found nothing cheaper stays as it
     // was (so the pass's verdict on the whole adds up the parts' verdicts).
