@@ -211,6 +211,85 @@ fn finite_shift(m: f64) -> f64 {
     }
 }
 
+/// Independent accumulators of a contiguous row's fold: enough to hide the f64 add
+/// latency and to fill a vector register (the sums reassociate; f64 keeps that within the
+/// interpreter's rounding of the f32 result).
+const LANES: usize = 8;
+
+/// Folds one contiguous row. Sums and max/min run in [`LANES`] independent accumulators
+/// (NaN sticks in each lane, and any NaN lane wins when the lanes combine); `prod` and
+/// log-sum-exp fold in order, as the interpreter does.
+fn fold_row(op: Red, row: &[f32], shift: f64) -> f64 {
+    #[inline(always)]
+    fn lanes(row: &[f32], init: f64, step: impl Fn(f64, f64) -> f64) -> f64 {
+        let mut acc = [init; LANES];
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for (a, &e) in acc.iter_mut().zip(c) {
+                *a = step(*a, e as f64);
+            }
+        }
+        let tail = chunks
+            .remainder()
+            .iter()
+            .fold(init, |a, &e| step(a, e as f64));
+        acc.iter().fold(tail, |a, &l| step(a, l))
+    }
+    match op {
+        Red::Sum | Red::Mean | Red::LogSum => lanes(row, 0.0, |a, e| a + e),
+        Red::SumSquare | Red::L2 => {
+            // Squares are summed per lane; combining lanes adds the partial sums.
+            let mut acc = [0f64; LANES];
+            let mut chunks = row.chunks_exact(LANES);
+            for c in &mut chunks {
+                for (a, &e) in acc.iter_mut().zip(c) {
+                    *a += e as f64 * e as f64;
+                }
+            }
+            let tail: f64 = chunks
+                .remainder()
+                .iter()
+                .map(|&e| e as f64 * e as f64)
+                .sum();
+            acc.iter().sum::<f64>() + tail
+        }
+        Red::L1 => {
+            let mut acc = [0f64; LANES];
+            let mut chunks = row.chunks_exact(LANES);
+            for c in &mut chunks {
+                for (a, &e) in acc.iter_mut().zip(c) {
+                    *a += (e as f64).abs();
+                }
+            }
+            let tail: f64 = chunks.remainder().iter().map(|&e| (e as f64).abs()).sum();
+            acc.iter().sum::<f64>() + tail
+        }
+        // In f32 (exact: the f64 of an f32 maximum is the maximum of the f64s), so that the
+        // lanes compile to vector compares and blends.
+        Red::Max => extreme(row, f32::NEG_INFINITY, |e, a| e > a) as f64,
+        Red::Min => extreme(row, f32::INFINITY, |e, a| e < a) as f64,
+        Red::Prod | Red::LogSumExp => row
+            .iter()
+            .fold(op.init(), |a, &e| op.step(a, e as f64, shift)),
+    }
+}
+
+/// A row's maximum (`better = >`) or minimum (`<`) in [`LANES`] lanes; NaN sticks in a
+/// lane once seen and wins when the lanes combine, as in the interpreter's ordered fold.
+#[inline(always)]
+fn extreme(row: &[f32], init: f32, better: impl Fn(f32, f32) -> bool) -> f32 {
+    let pick = |a: f32, e: f32| if better(e, a) || e.is_nan() { e } else { a };
+    let mut acc = [init; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &e) in acc.iter_mut().zip(c) {
+            *a = pick(*a, e);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(init, |a, &e| pick(a, e));
+    acc.iter().fold(tail, |a, &l| pick(a, l))
+}
+
 /// Reduces the middle axis of `v` viewed as `outer × r × inner`.
 fn blocked(op: Red, v: &[f32], outer: usize, r: usize, inner: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(outer * inner);
@@ -230,10 +309,7 @@ fn blocked(op: Red, v: &[f32], outer: usize, r: usize, inner: usize) -> Vec<f32>
         acc.fill(op.init());
         if inner == 1 {
             let s = shift.first().copied().unwrap_or(0.0);
-            let a = block
-                .iter()
-                .fold(op.init(), |a, &e| op.step(a, e as f64, s));
-            y.push(op.finish(a, r, s));
+            y.push(op.finish(fold_row(op, block, s), r, s));
             continue;
         }
         for row in block.chunks_exact(inner.max(1)).take(r) {
@@ -351,7 +427,16 @@ mod tests {
 
     #[test]
     fn reductions_match_the_interpreter_on_any_axes() {
-        let shapes: [&[usize]; 5] = [&[7], &[3, 5], &[2, 3, 4], &[2, 1, 3, 5], &[4, 0, 3]];
+        // Rows longer than the accumulator lanes, with ragged tails, too.
+        let shapes: [&[usize]; 7] = [
+            &[7],
+            &[3, 5],
+            &[2, 3, 4],
+            &[2, 1, 3, 5],
+            &[4, 0, 3],
+            &[3, 37],
+            &[2, 2, 67],
+        ];
         let mut cases = 0;
         for (si, shape) in shapes.iter().enumerate() {
             let rank = shape.len() as i64;
