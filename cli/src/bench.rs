@@ -120,7 +120,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    let loading = std::time::Instant::now();
     let model = Model::load(&args.model)?;
+    let load_ms = loading.elapsed().as_secs_f64() * 1e3;
     let name = args.name.clone().unwrap_or_else(|| {
         args.model
             .parent()
@@ -257,7 +259,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         Format::Text => text_table(&name, args, &source, &rows),
         Format::Md => md_rows(&name, &rows, true),
         Format::MdRows => md_rows(&name, &rows, false),
-        Format::Json => json(&name, args, &source, &rows),
+        Format::Json => json(&name, args, &source, load_ms, &rows),
     };
     print!("{text}");
     if let Some(p) = profile {
@@ -601,7 +603,8 @@ fn md_rows(name: &str, rows: &[Row], header: bool) -> String {
     s
 }
 
-fn json(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> String {
+/// `load_ms`: reading and importing the model file (before any compile).
+fn json(name: &str, args: &BenchArgs, source: &str, load_ms: f64, rows: &[Row]) -> String {
     let rows: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
@@ -629,6 +632,7 @@ fn json(name: &str, args: &BenchArgs, source: &str, rows: &[Row]) -> String {
         "runs": args.runs,
         "warmup": args.warmup,
         "inputs": source,
+        "load_ms": load_ms,
         "results": rows,
     });
     format!("{v}\n")
