@@ -1,9 +1,18 @@
 //! Sparse-input GEMM: `C = epilogue(A · B)` reading only the rows of `B[K, N]` (row-major, so
 //! each row is contiguous) whose column of A is non-zero. For one row of A (a decode step)
 //! that is a sparse-input GEMV over the active neurons; for many rows, A is taken in blocks
-//! of [`ROW_BLOCK`] rows and a row of B is read once for the union of the block's active
-//! neurons (a gather-GEMM). The caller picks it over the dense GEMM when the measured
-//! density of A is at most [`max_density`] (see there for how the thresholds were measured).
+//! of [`ROW_BLOCK`] rows and a row of B is read once per column tile for the union of the
+//! block's active neurons (a gather-GEMM). The caller picks it over the dense GEMM when the
+//! measured density of A is at most [`max_density`] (see there for how the thresholds were
+//! measured).
+//!
+//! The GEMV streams each active row of B whole (so at 100% density it reads B front to back,
+//! as the dense GEMV reads its packed panels): four active rows per pass over `y`, which lives
+//! in L1, with the next four rows prefetched; two or more threads split the columns. The
+//! gather-GEMM packs a block's active columns of A (transposed, 8 rows per neuron) and runs
+//! an 8 × 32 register tile over them, column tiles outer so that a tile's rows of B stay in
+//! L2 while every row block reads them. Both have AVX-512 kernels; elsewhere a portable loop
+//! (compiled with AVX2 + FMA when the CPU has them).
 //!
 //! Exactness: the same products as the dense GEMM minus the ones whose A entry is ±0, summed
 //! in a different order (rounding-level differences). A NaN or infinity in A counts as
@@ -16,22 +25,31 @@ use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// Rows of A whose active neurons are gathered together.
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Rows of A whose active neurons are gathered together (the register tile's height).
 pub const ROW_BLOCK: usize = 8;
+
+/// Columns of the gather-GEMM's register tile (two zmm vectors).
+const TILE_N: usize = 32;
+
+/// Active rows of B added per pass over `y` in the GEMV.
+const GEMV_ROWS: usize = 4;
+
+/// Below this many multiply-adds the GEMV stays on one thread.
+const GEMV_PARALLEL_WORK: usize = 1 << 16;
 
 /// The largest density (active fraction of K) at which one row (a GEMV) goes sparse
 /// (`KILN_SPARSE_MAX_DENSITY` or [`set_max_density_override`] replace both thresholds).
 /// Measured with `cargo run --release -p kiln-runtime --example sparse_gemv` (the script
-/// `bench/sparsity.sh` runs it into `bench/sparsity.md`) on OPT-125m FFN widths, 1 thread:
-/// sparse/dense was 0.81 at 50% and 1.10 at 70% density for 3072 → 768, 0.59 and 0.87 for
-/// 768 → 3072; the crossover lies at 63–78%, so one row goes sparse up to 60%.
-pub const GEMV_MAX_DENSITY: f32 = 0.6;
+/// `bench/sparsity.sh` runs it into `bench/sparsity.md`) on OPT-125m FFN widths (3072 → 768
+/// and 768 → 3072), 1 and 2 threads, AMD EPYC (Zen 4, AVX-512): see the figures there.
+pub const GEMV_MAX_DENSITY: f32 = 0.9;
 
 /// The largest union density (per [`ROW_BLOCK`] rows) at which many rows go sparse. The same
-/// measurement, 8 and 128 rows: the gather-GEMM costs about 3× the dense GEMM per active
-/// neuron (it streams where the dense kernel is register-tiled): sparse/dense 0.32–0.57 at a
-/// union density of 21–22%, 0.93–1.42 at 55–57%; crossover near 33%, so 30%.
-pub const GEMM_MAX_DENSITY: f32 = 0.3;
+/// measurement at 8 and 128 rows: see `bench/sparsity.md`.
+pub const GEMM_MAX_DENSITY: f32 = 0.5;
 
 /// A process-wide threshold override (f32 bits; `NONE` when unset).
 static OVERRIDE: AtomicU32 = AtomicU32::new(NONE);
@@ -80,6 +98,7 @@ pub fn max_density(m: usize) -> f32 {
 pub fn active_columns(a: &[f32], m: usize, k: usize) -> (Vec<Vec<u32>>, f32) {
     let mut blocks = Vec::with_capacity(m.div_ceil(ROW_BLOCK));
     let mut total = 0usize;
+    let mut union = vec![false; k];
     for r0 in (0..m).step_by(ROW_BLOCK) {
         let r1 = (r0 + ROW_BLOCK).min(m);
         let mut act = Vec::new();
@@ -92,11 +111,19 @@ pub fn active_columns(a: &[f32], m: usize, k: usize) -> (Vec<Vec<u32>>, f32) {
                     .map(|(i, _)| i as u32),
             );
         } else {
-            for kk in 0..k {
-                if (r0..r1).any(|r| a[r * k + kk] != 0.0) {
-                    act.push(kk as u32);
+            union.fill(false);
+            for r in r0..r1 {
+                for (u, &x) in union.iter_mut().zip(&a[r * k..r * k + k]) {
+                    *u |= x != 0.0;
                 }
             }
+            act.extend(
+                union
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &u)| u)
+                    .map(|(i, _)| i as u32),
+            );
         }
         total += act.len();
         blocks.push(act);
@@ -113,6 +140,23 @@ pub fn active_columns(a: &[f32], m: usize, k: usize) -> (Vec<Vec<u32>>, f32) {
 /// [`active_columns`]); writes every element of `c`.
 #[allow(clippy::too_many_arguments)]
 pub fn sparse_gemm_in(
+    pool: &Pool,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    b: &[f32],
+    n: usize,
+    active: &[Vec<u32>],
+    c: &mut [MaybeUninit<f32>],
+    ep: &Epilogue<'_>,
+) -> Result<(), GemmError> {
+    sparse_gemm_with(Kernel::detect(), pool, a, m, k, b, n, active, c, ep)
+}
+
+/// [`sparse_gemm_in`] on the kernels `isa` (which the CPU must support).
+#[allow(clippy::too_many_arguments)]
+fn sparse_gemm_with(
+    isa: Kernel,
     pool: &Pool,
     a: &[f32],
     m: usize,
@@ -156,134 +200,424 @@ pub fn sparse_gemm_in(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    // Column tiles: whole rows of B on one thread; a few tiles per thread otherwise.
-    let threads = pool.threads().max(1);
-    let work = m.saturating_mul(n).saturating_mul(k);
-    let tiles = if threads == 1 || work < (1 << 16) {
-        1
-    } else {
-        (threads * 2).min(n.div_ceil(64))
-    };
-    let tile = n.div_ceil(tiles).next_multiple_of(16).min(n);
-    let tiles = n.div_ceil(tile);
-    let blocks = active.len();
     let out = SharedMut::new(c.as_mut_ptr().cast::<f32>());
-    let avx2 = super::avx2::available();
-    pool.parallel_for(blocks * tiles, |t| {
-        let (blk, ti) = (t / tiles, t % tiles);
-        let (r0, j0) = (blk * ROW_BLOCK, ti * tile);
-        let rows = ROW_BLOCK.min(m - r0);
-        let w = tile.min(n - j0);
-        let job = Job {
-            a,
-            k,
-            b,
-            n,
-            act: &active[blk],
-            r0,
-            rows,
-            j0,
-            w,
-            out: out.get(),
+    if m == 1 {
+        // Column ranges (multiples of 16) per thread; one range when the work is small.
+        let act = &active[0];
+        let threads = pool.threads().max(1);
+        let parts = if act.len().saturating_mul(n) < GEMV_PARALLEL_WORK {
+            1
+        } else {
+            threads.min(n.div_ceil(16))
         };
-        // SAFETY: the tiles of (row block, column range) are disjoint and inside C, whose
-        // length was checked; active indices are < k (checked above).
-        unsafe {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                job.run_avx2();
-            } else {
-                job.run();
+        let step = n.div_ceil(parts).next_multiple_of(16);
+        let parts = n.div_ceil(step);
+        pool.parallel_for(parts, |t| {
+            let (j0, j1) = (t * step, ((t + 1) * step).min(n));
+            // SAFETY: the column ranges are disjoint and inside the one-row C (length
+            // checked); B holds `k·n` values and active indices are < k (checked above).
+            unsafe {
+                let y = out.get();
+                std::ptr::write_bytes(y.add(j0), 0, j1 - j0);
+                isa.gemv(a, act, b.as_ptr(), n, j0, j1, y);
+                ep.apply(OutPtr { ptr: y, rs: n }, 0, 1, j0, j1 - j0);
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = avx2;
-                job.run();
+        });
+        return Ok(());
+    }
+    // Many rows: each block's active columns of A packed neuron-major (8 rows per neuron,
+    // zero-padded), then column tiles outer, row blocks inner.
+    let offsets: Vec<usize> = active
+        .iter()
+        .scan(0usize, |s, act| {
+            let o = *s;
+            *s += act.len() * ROW_BLOCK;
+            Some(o)
+        })
+        .collect();
+    let packed_len = active
+        .iter()
+        .map(|act| act.len() * ROW_BLOCK)
+        .sum::<usize>();
+    let mut packed = vec![0f32; packed_len];
+    let pk = SharedMut::new(packed.as_mut_ptr());
+    pool.parallel_for(active.len(), |blk| {
+        let r0 = blk * ROW_BLOCK;
+        let rows = ROW_BLOCK.min(m - r0);
+        let act = &active[blk];
+        // SAFETY: block `blk` owns `packed[offsets[blk]..][..act.len() * ROW_BLOCK]`.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(pk.get().add(offsets[blk]), act.len() * ROW_BLOCK)
+        };
+        for r in 0..rows {
+            let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
+            for (i, &kk) in act.iter().enumerate() {
+                dst[i * ROW_BLOCK + r] = row[kk as usize];
             }
-            ep.apply(
-                OutPtr {
-                    ptr: out.get(),
-                    rs: n,
-                },
-                r0,
-                rows,
-                j0,
-                w,
-            );
+        }
+    });
+    let packed = &packed;
+    let tiles = n.div_ceil(TILE_N);
+    pool.parallel_for(tiles, |t| {
+        let j = t * TILE_N;
+        let w = TILE_N.min(n - j);
+        for (blk, act) in active.iter().enumerate() {
+            let r0 = blk * ROW_BLOCK;
+            let rows = ROW_BLOCK.min(m - r0);
+            let ap = &packed[offsets[blk]..offsets[blk] + act.len() * ROW_BLOCK];
+            // SAFETY: the (row block, column tile) rectangles are disjoint and inside C;
+            // B holds `k·n` values and active indices are < k (checked above).
+            unsafe {
+                let o = out.get();
+                isa.tile(ap, act, b.as_ptr(), n, j, w, rows, o.add(r0 * n + j), n);
+                ep.apply(OutPtr { ptr: o, rs: n }, r0, rows, j, w);
+            }
         }
     });
     Ok(())
 }
 
-/// One (row block, column tile) of the product.
-struct Job<'a> {
-    a: &'a [f32],
-    k: usize,
-    b: &'a [f32],
-    n: usize,
-    act: &'a [u32],
-    r0: usize,
-    rows: usize,
-    j0: usize,
-    w: usize,
-    out: *mut f32,
+/// Which kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Avx512,
+    Avx2,
+    Portable,
 }
 
-impl Job<'_> {
-    /// # Safety
-    /// As [`Job::run`]; the CPU has AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(&self) {
-        // SAFETY: forwarded.
-        unsafe { self.run() }
+impl Kernel {
+    fn detect() -> Kernel {
+        if super::avx512::available() {
+            Kernel::Avx512
+        } else if super::avx2::available() {
+            Kernel::Avx2
+        } else {
+            Kernel::Portable
+        }
     }
 
+    /// `y[j0..j1] += Σ_{kk ∈ act} x[kk] · b[kk, j0..j1]`.
+    ///
     /// # Safety
-    /// Rows `r0..r0 + rows`, columns `j0..j0 + w` of the `n`-wide output are in bounds and
-    /// owned by this job.
-    #[inline(always)]
-    unsafe fn run(&self) {
-        let (k, n, w) = (self.k, self.n, self.w);
-        // SAFETY: the caller's contract (rows of the output are `n` apart, `w <= n - j0`).
-        let acc =
-            |r: usize| unsafe { std::slice::from_raw_parts_mut(self.out.add(r * n + self.j0), w) };
-        for r in self.r0..self.r0 + self.rows {
-            acc(r).fill(0.0);
-        }
-        let brow = |kk: u32| {
-            let s = kk as usize * n + self.j0;
-            &self.b[s..s + w]
-        };
-        // Four active neurons at a time: their rows of B are read once for the whole block
-        // and each row of the block adds all four in one pass over its accumulator.
-        let mut quads = self.act.chunks_exact(4);
-        for q in quads.by_ref() {
-            let (b0, b1, b2, b3) = (brow(q[0]), brow(q[1]), brow(q[2]), brow(q[3]));
-            for r in self.r0..self.r0 + self.rows {
-                let arow = &self.a[r * k..r * k + k];
-                let x = [q[0], q[1], q[2], q[3]].map(|kk| arow[kk as usize]);
-                if x == [0.0; 4] {
-                    continue;
-                }
-                let [x0, x1, x2, x3] = x;
-                let rows = acc(r).iter_mut().zip(b0).zip(b1).zip(b2).zip(b3);
-                for ((((c, &p0), &p1), &p2), &p3) in rows {
-                    *c += x0 * p0 + x1 * p1 + (x2 * p2 + x3 * p3);
-                }
+    /// `b` points to `k·n` readable values with every `act` index < k, `j0 <= j1 <= n`, and
+    /// `y[j0..j1]` is writable and initialised. The selected kernel's CPU features exist.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv(
+        self,
+        x: &[f32],
+        act: &[u32],
+        b: *const f32,
+        n: usize,
+        j0: usize,
+        j1: usize,
+        y: *mut f32,
+    ) {
+        // SAFETY: forwarded; `detect` checked the features.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => gemv_avx512(x, act, b, n, j0, j1, y),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => gemv_avx2(x, act, b, n, j0, j1, y),
+                _ => gemv_portable(x, act, b, n, j0, j1, y),
             }
         }
-        for &kk in quads.remainder() {
-            let b0 = brow(kk);
-            for r in self.r0..self.r0 + self.rows {
-                let x = self.a[r * k + kk as usize];
-                if x == 0.0 {
-                    continue;
+    }
+
+    /// `out[r, 0..w] = Σ_i ap[i, r] · b[act[i], j..j + w]` for `r < rows` (`out` rows `ldo`
+    /// apart); `ap` is neuron-major, [`ROW_BLOCK`] values per active neuron.
+    ///
+    /// # Safety
+    /// As [`Kernel::gemv`] for `b`; `w <= TILE_N`, `j + w <= n`, `rows <= ROW_BLOCK`,
+    /// `ap.len() >= act.len() · ROW_BLOCK`, and the `rows × w` rectangle at `out` is writable.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        self,
+        ap: &[f32],
+        act: &[u32],
+        b: *const f32,
+        n: usize,
+        j: usize,
+        w: usize,
+        rows: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        // SAFETY: forwarded; `detect` checked the features.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => tile_avx512(ap, act, b, n, j, w, rows, out, ldo),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => tile_avx2(ap, act, b, n, j, w, rows, out, ldo),
+                _ => tile_portable(ap, act, b, n, j, w, rows, out, ldo),
+            }
+        }
+    }
+}
+
+/// The AVX-512 GEMV: four active rows per pass over `y[j0..j1]` in 64-column steps (four
+/// zmm of `y` loaded, 16 FMAs, stored), prefetching the next four rows' lines at the same
+/// columns into L2; 16-wide and masked tails. (Measured with the example, weights from DRAM,
+/// 1 thread, AMD EPYC: prefetching into L2 one group ahead gave sparse/dense 1.10 at 100%
+/// density on 3072 → 768 where into L1 gave 1.84 and none 1.62; two or four groups ahead
+/// were no better.)
+///
+/// # Safety
+/// As [`Kernel::gemv`]; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_avx512(
+    x: &[f32],
+    act: &[u32],
+    b: *const f32,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    y: *mut f32,
+) {
+    // SAFETY: every load is at `b + kk·n + j` with `kk < k`, `j < j1 <= n` (masked past the
+    // end) and every store inside `y[j0..j1]`; prefetches do not fault.
+    unsafe {
+        let row = |kk: u32| b.add(kk as usize * n);
+        let groups = act.len() / GEMV_ROWS;
+        for g in 0..groups {
+            let q = &act[g * GEMV_ROWS..g * GEMV_ROWS + GEMV_ROWS];
+            let r = [row(q[0]), row(q[1]), row(q[2]), row(q[3])];
+            let xs = [q[0], q[1], q[2], q[3]].map(|kk| _mm512_set1_ps(x[kk as usize]));
+            // The next group's rows (this group's when it is the last: harmless).
+            let nq = act
+                .get((g + 1) * GEMV_ROWS..(g + 2) * GEMV_ROWS)
+                .unwrap_or(q);
+            let p = [row(nq[0]), row(nq[1]), row(nq[2]), row(nq[3])];
+            let mut j = j0;
+            while j + 64 <= j1 {
+                for c in 0..4 {
+                    let o = j + 16 * c;
+                    let mut acc = _mm512_loadu_ps(y.add(o));
+                    acc = _mm512_fmadd_ps(xs[0], _mm512_loadu_ps(r[0].add(o)), acc);
+                    acc = _mm512_fmadd_ps(xs[1], _mm512_loadu_ps(r[1].add(o)), acc);
+                    acc = _mm512_fmadd_ps(xs[2], _mm512_loadu_ps(r[2].add(o)), acc);
+                    acc = _mm512_fmadd_ps(xs[3], _mm512_loadu_ps(r[3].add(o)), acc);
+                    _mm512_storeu_ps(y.add(o), acc);
+                    for pr in p {
+                        _mm_prefetch::<_MM_HINT_T1>(pr.add(o).cast());
+                    }
                 }
-                for (c, &p) in acc(r).iter_mut().zip(b0) {
+                j += 64;
+            }
+            while j < j1 {
+                let mask: __mmask16 = if j1 - j >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << (j1 - j)) - 1
+                };
+                let mut acc = _mm512_maskz_loadu_ps(mask, y.add(j));
+                for i in 0..GEMV_ROWS {
+                    acc = _mm512_fmadd_ps(xs[i], _mm512_maskz_loadu_ps(mask, r[i].add(j)), acc);
+                }
+                _mm512_mask_storeu_ps(y.add(j), mask, acc);
+                j += 16;
+            }
+        }
+        for &kk in &act[groups * GEMV_ROWS..] {
+            let r = row(kk);
+            let xv = _mm512_set1_ps(x[kk as usize]);
+            let mut j = j0;
+            while j < j1 {
+                let mask: __mmask16 = if j1 - j >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << (j1 - j)) - 1
+                };
+                let acc = _mm512_maskz_loadu_ps(mask, y.add(j));
+                let acc = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mask, r.add(j)), acc);
+                _mm512_mask_storeu_ps(y.add(j), mask, acc);
+                j += 16;
+            }
+        }
+    }
+}
+
+/// The portable GEMV compiled with AVX2 + FMA.
+///
+/// # Safety
+/// As [`Kernel::gemv`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_avx2(
+    x: &[f32],
+    act: &[u32],
+    b: *const f32,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    y: *mut f32,
+) {
+    // SAFETY: forwarded.
+    unsafe { gemv_portable(x, act, b, n, j0, j1, y) }
+}
+
+/// The GEMV in plain loops over slices (vectorised by the compiler): four active rows per
+/// pass over `y[j0..j1]`.
+///
+/// # Safety
+/// As [`Kernel::gemv`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_portable(
+    x: &[f32],
+    act: &[u32],
+    b: *const f32,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    y: *mut f32,
+) {
+    let w = j1 - j0;
+    // SAFETY: by the contract, `y[j0..j1]` and every `b[kk, j0..j1]` are in bounds.
+    let (yv, row) = unsafe {
+        (std::slice::from_raw_parts_mut(y.add(j0), w), |kk: u32| {
+            std::slice::from_raw_parts(b.add(kk as usize * n + j0), w)
+        })
+    };
+    let mut quads = act.chunks_exact(GEMV_ROWS);
+    for q in quads.by_ref() {
+        let (b0, b1, b2, b3) = (row(q[0]), row(q[1]), row(q[2]), row(q[3]));
+        let [x0, x1, x2, x3] = [q[0], q[1], q[2], q[3]].map(|kk| x[kk as usize]);
+        for i in 0..w {
+            yv[i] += x0 * b0[i] + x1 * b1[i] + (x2 * b2[i] + x3 * b3[i]);
+        }
+    }
+    for &kk in quads.remainder() {
+        let (b0, x0) = (row(kk), x[kk as usize]);
+        for i in 0..w {
+            yv[i] += x0 * b0[i];
+        }
+    }
+}
+
+/// How many active neurons ahead the gather tile prefetches its row of B.
+const TILE_PREFETCH: usize = 8;
+
+/// The AVX-512 gather tile: 8 rows × 32 columns in 16 zmm accumulators; per active neuron
+/// two (masked) loads of B, eight broadcasts of packed A, 16 FMAs.
+///
+/// # Safety
+/// As [`Kernel::tile`]; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512(
+    ap: &[f32],
+    act: &[u32],
+    b: *const f32,
+    n: usize,
+    j: usize,
+    w: usize,
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let m0: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+    let m1: __mmask16 = if w >= 32 {
+        0xffff
+    } else if w > 16 {
+        (1u16 << (w - 16)) - 1
+    } else {
+        0
+    };
+    // SAFETY: loads of B at `kk·n + j (+16)` masked to `w` columns, `kk < k`; `ap` holds
+    // `ROW_BLOCK` values per neuron; stores masked inside the `rows × w` rectangle.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROW_BLOCK];
+        let a = ap.as_ptr();
+        for (i, &kk) in act.iter().enumerate() {
+            if let Some(&pk) = act.get(i + TILE_PREFETCH) {
+                let p = b.add(pk as usize * n + j);
+                _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                _mm_prefetch::<_MM_HINT_T0>(p.add(16).cast());
+            }
+            let br = b.add(kk as usize * n + j);
+            let b0 = _mm512_maskz_loadu_ps(m0, br);
+            let b1 = _mm512_maskz_loadu_ps(m1, br.add(16));
+            let av = a.add(i * ROW_BLOCK);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*av.add(r));
+                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            let o = out.add(r * ldo);
+            _mm512_mask_storeu_ps(o, m0, acc[0]);
+            _mm512_mask_storeu_ps(o.add(16), m1, acc[1]);
+        }
+    }
+}
+
+/// The portable gather tile compiled with AVX2 + FMA.
+///
+/// # Safety
+/// As [`Kernel::tile`]; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx2(
+    ap: &[f32],
+    act: &[u32],
+    b: *const f32,
+    n: usize,
+    j: usize,
+    w: usize,
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    // SAFETY: forwarded.
+    unsafe { tile_portable(ap, act, b, n, j, w, rows, out, ldo) }
+}
+
+/// The gather tile in plain loops: 8 rows × 16 columns of accumulators at a time (fits 16
+/// ymm registers), twice for a 32-wide tile.
+///
+/// # Safety
+/// As [`Kernel::tile`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable(
+    ap: &[f32],
+    act: &[u32],
+    b: *const f32,
+    n: usize,
+    j: usize,
+    w: usize,
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    const HALF: usize = TILE_N / 2;
+    for h in (0..w).step_by(HALF) {
+        let hw = HALF.min(w - h);
+        let mut acc = [[0f32; HALF]; ROW_BLOCK];
+        for (i, &kk) in act.iter().enumerate() {
+            // SAFETY: `b[kk, j + h..j + h + hw]` is in bounds by the contract.
+            let br = unsafe { std::slice::from_raw_parts(b.add(kk as usize * n + j + h), hw) };
+            let mut bv = [0f32; HALF];
+            bv[..hw].copy_from_slice(br);
+            let av = &ap[i * ROW_BLOCK..i * ROW_BLOCK + ROW_BLOCK];
+            for (acc, &x) in acc.iter_mut().zip(av) {
+                for (c, &p) in acc.iter_mut().zip(&bv) {
                     *c += x * p;
                 }
             }
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows) {
+            // SAFETY: row `r < rows`, columns `h..h + hw` of the rectangle.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * ldo + h), hw) };
+            o.copy_from_slice(&acc[..hw]);
         }
     }
 }
@@ -342,25 +676,87 @@ mod tests {
         .unwrap();
         let (act, d) = active_columns(&a, m, k);
         assert!(d <= 1.0);
-        let mut sparse = vec![MaybeUninit::new(f32::NAN); m * n];
-        sparse_gemm_in(&pool, &a, m, k, &b, n, &act, &mut sparse, &ep).unwrap();
-        let scale = dense.iter().fold(1e-6f32, |s, x| s.max(x.abs()));
-        for (i, (s, d)) in sparse.iter().zip(&dense).enumerate() {
-            // SAFETY: initialised above and overwritten by the kernel.
-            let s = unsafe { s.assume_init() };
-            assert!(
-                (s - d).abs() <= SPARSE_VS_DENSE_TOLERANCE * scale,
-                "m={m} k={k} n={n} density={density} threads={threads}: [{i}] {s} vs {d}"
-            );
+        for isa in kernels() {
+            let mut sparse = vec![MaybeUninit::new(f32::NAN); m * n];
+            sparse_gemm_with(isa, &pool, &a, m, k, &b, n, &act, &mut sparse, &ep).unwrap();
+            let scale = dense.iter().fold(1e-6f32, |s, x| s.max(x.abs()));
+            for (i, (s, d)) in sparse.iter().zip(&dense).enumerate() {
+                // SAFETY: initialised above and overwritten by the kernel.
+                let s = unsafe { s.assume_init() };
+                // A NaN fails the comparison.
+                assert!(
+                    (s - d).abs() <= SPARSE_VS_DENSE_TOLERANCE * scale,
+                    "{isa:?} m={m} k={k} n={n} density={density} threads={threads}: [{i}] {s} vs {d}"
+                );
+            }
         }
+    }
+
+    /// The kernels this CPU can run (the portable one always).
+    fn kernels() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Portable];
+        if super::super::avx2::available() {
+            v.push(Kernel::Avx2);
+        }
+        if super::super::avx512::available() {
+            v.push(Kernel::Avx512);
+        }
+        v
     }
 
     #[test]
     fn sparse_equals_dense_at_every_density() {
+        // One row: short and long column ranges (64-wide steps, 16-wide and masked tails,
+        // one group of four rows or fewer); many rows: ragged blocks and tiles.
         for density in [0.0, 0.03, 0.3, 0.5, 0.9, 1.0] {
-            for (m, k, n) in [(1, 96, 40), (1, 300, 77), (5, 64, 33), (19, 128, 70)] {
+            for (m, k, n) in [
+                (1, 96, 40),
+                (1, 300, 77),
+                (1, 3, 200),
+                (1, 700, 1000),
+                (5, 64, 33),
+                (8, 256, 64),
+                (19, 128, 70),
+                (130, 200, 100),
+            ] {
                 for threads in [1, 3] {
                     check(m, k, n, density, threads);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_activation_propagates() {
+        let (m, k, n) = (9, 40, 50);
+        for isa in kernels() {
+            for m in [1, m] {
+                let mut a = vec![0f32; m * k];
+                a[m * k - 3] = f32::NAN;
+                let b = vec![1f32; k * n];
+                let (act, _) = active_columns(&a, m, k);
+                let mut c = vec![MaybeUninit::new(0f32); m * n];
+                let pool = Pool::single();
+                sparse_gemm_with(
+                    isa,
+                    &pool,
+                    &a,
+                    m,
+                    k,
+                    &b,
+                    n,
+                    &act,
+                    &mut c,
+                    &Epilogue::default(),
+                )
+                .unwrap();
+                // SAFETY: written by the kernel.
+                let last = unsafe { c[(m - 1) * n + n - 1].assume_init() };
+                assert!(last.is_nan(), "{isa:?} m={m}: {last}");
+                if m > 1 {
+                    // SAFETY: as above.
+                    let first = unsafe { c[0].assume_init() };
+                    assert_eq!(first, 0.0, "{isa:?}");
                 }
             }
         }
