@@ -17,14 +17,14 @@ use std::collections::HashSet;
 pub const THRESHOLD: &str = "ffn-threshold";
 
 /// Sparsities tried per site when none is given (the runtime's sparse GEMV pays off from
-/// about 20% sparsity; see `RUNTIME_MAX_DENSITY`).
+/// about 10% sparsity; see `RUNTIME_MAX_DENSITY`).
 pub const LADDER: [f64; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 0.95];
 
 /// The densities up to which the CPU runtime takes its sparse-input GEMM: one row, and the
 /// union per row block for more (mirrors `GEMV_MAX_DENSITY` / `GEMM_MAX_DENSITY` in
 /// `runtime/src/native/gemm/sparse.rs`, measured there). A candidate whose density is above
 /// them saves nothing and is not proposed.
-pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.8, 0.2);
+pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.9, 0.3);
 
 /// Rows the runtime's gather-GEMM takes together: with many rows, a neuron is skipped only
 /// when it is inactive in every row of its block.

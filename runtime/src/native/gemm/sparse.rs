@@ -43,13 +43,18 @@ const GEMV_PARALLEL_WORK: usize = 1 << 16;
 /// The largest density (active fraction of K) at which one row (a GEMV) goes sparse
 /// (`KILN_SPARSE_MAX_DENSITY` or [`set_max_density_override`] replace both thresholds).
 /// Measured with `cargo run --release -p kiln-runtime --example sparse_gemv` (the script
-/// `bench/sparsity.sh` runs it into `bench/sparsity.md`) on OPT-125m FFN widths (3072 → 768
-/// and 768 → 3072), 1 and 2 threads, AMD EPYC (Zen 4, AVX-512): see the figures there.
+/// `bench/sparsity.sh` runs it into `bench/sparsity.md`) on OPT-125m FFN widths, weights from
+/// DRAM, 1 thread, AMD EPYC (Zen 4, AVX-512), loaded machine: sparse/dense 1.00 at 100%,
+/// 0.90 at 90%, 0.80 at 70% density for 3072 → 768; 0.85, 0.86, 0.62 for 768 → 3072. The
+/// sparse GEMV is never slower within noise, so one row goes sparse up to 90%.
 pub const GEMV_MAX_DENSITY: f32 = 0.9;
 
 /// The largest union density (per [`ROW_BLOCK`] rows) at which many rows go sparse. The same
-/// measurement at 8 and 128 rows: see `bench/sparsity.md`.
-pub const GEMM_MAX_DENSITY: f32 = 0.5;
+/// measurement at 8 and 128 rows: sparse/dense 0.37–0.60 at a union density of 21–22%,
+/// 0.61–1.66 at 55–57%, 1.3–5.4 at 94–100% (the gather tile reads 128-byte pieces of rows
+/// of B scattered in DRAM where the dense GEMM streams packed panels); crossover near 35%,
+/// so 30%.
+pub const GEMM_MAX_DENSITY: f32 = 0.3;
 
 /// A process-wide threshold override (f32 bits; `NONE` when unset).
 static OVERRIDE: AtomicU32 = AtomicU32::new(NONE);
