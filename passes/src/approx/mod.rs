@@ -83,6 +83,17 @@ pub enum ApproxError {
     },
 }
 
+/// The key under which [`approximate`] records its report in the approximate graph's
+/// metadata (`Graph::metadata`): a `.kir` written from that graph carries it
+/// (`attributes {approx_report = "..."}`), `kiln info` and `kiln inspect` show it, and
+/// `kiln build` records it in the library.
+pub const REPORT_KEY: &str = "approx_report";
+
+/// The report an approximate graph carries in its metadata ([`REPORT_KEY`]), if any.
+pub fn recorded_report(g: &Graph) -> Option<&str> {
+    g.metadata.get(REPORT_KEY).map(String::as_str)
+}
+
 /// The families `--approx` knows, by name.
 pub fn known_families() -> Vec<&'static str> {
     vec![ffn::THRESHOLD, topk::TOPK, attention::LINEAR_ATTENTION]
@@ -497,6 +508,9 @@ pub fn approximate(
         est_speedup: total / (total - saved).max(f64::MIN_POSITIVE),
         measured_speedup: None,
     };
+    current
+        .metadata
+        .insert(REPORT_KEY.to_string(), report.to_string());
     Ok((current, report))
 }
 

@@ -139,6 +139,11 @@ fn a_generous_budget_is_accepted_and_holds_on_unseen_inputs() {
     );
     assert!(s > 0.0 && t > 0.0);
     assert!(report.to_string().contains("ffn-threshold"));
+    // The graph carries its report, and the text form keeps it.
+    assert_eq!(recorded_report(&approx), Some(report.to_string().as_str()));
+    let back = kiln_ir::text::parse(&kiln_ir::text::print(&approx)).unwrap();
+    assert_eq!(recorded_report(&back), recorded_report(&approx));
+    assert_eq!(recorded_report(&g), None);
 }
 
 #[test]
