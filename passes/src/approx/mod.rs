@@ -17,6 +17,7 @@
 //! the JIT in the host API.
 
 pub mod attention;
+pub mod attn;
 pub mod ffn;
 mod metric;
 pub mod topk;
@@ -96,7 +97,12 @@ pub fn recorded_report(g: &Graph) -> Option<&str> {
 
 /// The families `--approx` knows, by name.
 pub fn known_families() -> Vec<&'static str> {
-    vec![ffn::THRESHOLD, topk::TOPK, attention::LINEAR_ATTENTION]
+    vec![
+        ffn::THRESHOLD,
+        topk::TOPK,
+        attn::ATTN_THRESHOLD,
+        attention::LINEAR_ATTENTION,
+    ]
 }
 
 /// Parses `--approx`'s `FAMILY[=PARAMS],...` into rewrites.
@@ -110,6 +116,7 @@ pub fn parse_families(spec: &str) -> Result<Vec<Box<dyn ApproxRewrite>>, ApproxE
         match name {
             ffn::THRESHOLD => out.push(Box::new(ffn::FfnThreshold::parse(param)?)),
             topk::TOPK => out.push(Box::new(topk::FfnTopK::parse(param)?)),
+            attn::ATTN_THRESHOLD => out.push(Box::new(attn::AttnThreshold::parse(param)?)),
             attention::LINEAR_ATTENTION => {
                 out.push(Box::new(attention::LinearAttentionApprox::parse(param)?))
             }
@@ -443,7 +450,7 @@ pub fn approximate(
             "the model has no site for the requested families".to_string()
         } else if proposed == 0 {
             format!(
-                "no candidate at the {} sites would run faster at these shapes by the cost model (ffn-threshold, ffn-topk: the CPU runtime skips zeros only below a measured density, `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`; linear-attention: the linear form wins only on long sequences)",
+                "no candidate at the {} sites would run faster at these shapes by the cost model (ffn-threshold, ffn-topk, attn-threshold: the CPU runtime skips zeros only below a measured density, `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`; linear-attention: the linear form wins only on long sequences)",
                 found.len()
             )
         } else {

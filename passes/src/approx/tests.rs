@@ -5,7 +5,7 @@
 use super::*;
 use crate::target::Target;
 use crate::testutil::{f32_ty, node, Rng};
-use kiln_ir::{OpKind, Tensor};
+use kiln_ir::{Attr, Attrs, OpKind, Tensor};
 
 const HIDDEN: usize = 16;
 const FFN: usize = 64;
@@ -179,6 +179,8 @@ fn bad_arguments_are_errors() {
         "ffn-topk=-0.1",
         "ffn-topk=abc",
         "ffn-topk=NaN",
+        "attn-threshold=1",
+        "attn-threshold=x",
     ] {
         assert!(
             matches!(parse_families(p), Err(ApproxError::BadParam { .. })),
@@ -296,4 +298,145 @@ fn topk_tiny_budget_is_refused_and_generous_budget_holds_on_unseen_inputs() {
     }
     // The inspect listing finds the masked input as a sparse-input site.
     assert_eq!(ffn::sparse_input_sites(&approx).len(), 1);
+}
+
+/// A decode-step attention layer: `x[1, 1, 256]` → q/k/v projections → `[1, 4, 1, 64]` heads
+/// → `attention` → back to `[1, 1, 256]` → output projection, plus the residual.
+fn attention_layer() -> Graph {
+    let (d, heads, hd) = (256usize, 4usize, 64usize);
+    let mut rng = Rng::new(21);
+    let mut g = Graph::new("attn_layer");
+    let x = g.add_input("x", f32_ty(&[1, 1, d]));
+    let split = g.add_constant(
+        "split",
+        Tensor::from_vec(vec![4], vec![1i64, 1, heads as i64, hd as i64]),
+    );
+    let merge = g.add_constant("merge", Tensor::from_vec(vec![3], vec![1i64, 1, d as i64]));
+    let mut head = |g: &mut Graph, name: &str| {
+        let w = g.add_constant(&format!("w{name}"), weights(&mut rng, d, d));
+        let p = node(g, OpKind::MatMul, &[x, w], name, f32_ty(&[1, 1, d]));
+        let r = node(
+            g,
+            OpKind::Reshape,
+            &[p, split],
+            &format!("{name}_r"),
+            f32_ty(&[1, 1, heads, hd]),
+        );
+        crate::testutil::node_with(
+            g,
+            OpKind::Transpose,
+            Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])),
+            &[r],
+            &format!("{name}_t"),
+            f32_ty(&[1, heads, 1, hd]),
+        )
+    };
+    let (q, k, v) = (head(&mut g, "q"), head(&mut g, "k"), head(&mut g, "v"));
+    let a = node(
+        &mut g,
+        OpKind::Attention,
+        &[q, k, v],
+        "a",
+        f32_ty(&[1, heads, 1, hd]),
+    );
+    let t = crate::testutil::node_with(
+        &mut g,
+        OpKind::Transpose,
+        Attrs::new().with("perm", Attr::Ints(vec![0, 2, 1, 3])),
+        &[a],
+        "a_t",
+        f32_ty(&[1, 1, heads, hd]),
+    );
+    let m = node(
+        &mut g,
+        OpKind::Reshape,
+        &[t, merge],
+        "a_m",
+        f32_ty(&[1, 1, d]),
+    );
+    let wo = g.add_constant("wo", weights(&mut rng, d, d));
+    let o = node(&mut g, OpKind::MatMul, &[m, wo], "o", f32_ty(&[1, 1, d]));
+    let y = node(&mut g, OpKind::Add, &[o, x], "y", f32_ty(&[1, 1, d]));
+    g.outputs = vec![y];
+    g
+}
+
+fn attention_sets(seed: u64, n: usize) -> Vec<Vec<Tensor>> {
+    sets_dims(seed, n, 1, 256)
+        .into_iter()
+        .map(|s| vec![s[0].clone().reshaped(vec![1, 1, 256]).unwrap()])
+        .collect()
+}
+
+#[test]
+fn attn_threshold_finds_the_qkv_input_and_the_output_projection_input() {
+    let g = attention_layer();
+    let sites = attn::AttnThreshold::parse(None).unwrap().sites(&g);
+    let probes: Vec<&str> = sites
+        .iter()
+        .map(|s| g.value(s.probe).name.as_str())
+        .collect();
+    assert_eq!(probes, ["x", "a_m"], "{sites:?}");
+    assert_eq!(sites[0].name, "%q,%k,%v");
+    assert_eq!(sites[1].name, "%o");
+    // An FFN has no attention site.
+    assert!(attn::AttnThreshold::parse(None)
+        .unwrap()
+        .sites(&gelu_ffn())
+        .is_empty());
+}
+
+#[test]
+fn attn_threshold_budget_is_enforced_and_holds_on_unseen_inputs() {
+    let g = attention_layer();
+    let calib = Calibration::split(attention_sets(5, 6), "test", true);
+    match approximate(
+        &g,
+        &request("attn-threshold=0.5", 1e-9),
+        &calib,
+        &Interpreter,
+        Target::host(),
+    ) {
+        Err(ApproxError::Refused { why, .. }) => assert!(why.contains("fits the budget"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let budget = 0.3;
+    let (approx, report) = approximate(
+        &g,
+        &request("attn-threshold", budget),
+        &calib,
+        &Interpreter,
+        Target::host(),
+    )
+    .unwrap();
+    assert_eq!(report.accepted.len(), 2, "{report}");
+    kiln_ir::verify(&approx).unwrap();
+    // One shrink per site; q, k and v read the same one.
+    let shrinks: Vec<&kiln_ir::Node> = approx
+        .nodes
+        .iter()
+        .filter(|n| n.op == OpKind::Shrink)
+        .collect();
+    assert_eq!(shrinks.len(), 2);
+    let qkv_in: Vec<_> = approx
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.op == OpKind::MatMul
+                && ["q", "k", "v"].contains(&approx.value(n.outputs[0]).name.as_str())
+        })
+        .map(|n| n.inputs[0])
+        .collect();
+    assert_eq!(qkv_in.len(), 3);
+    assert!(qkv_in
+        .iter()
+        .all(|&i| i == qkv_in[0] && i == Some(shrinks[0].outputs[0])));
+    assert!(report.held_out_error.unwrap() <= budget);
+    let names = vec!["y".to_string()];
+    for s in attention_sets(4321, 6) {
+        let want = kiln_ir::run(&g, s.clone()).unwrap();
+        let got = kiln_ir::run(&approx, s).unwrap();
+        let e = measure(Metric::RelL2, &got, &want, &names).unwrap();
+        assert!(e <= budget, "unseen error {e} over budget {budget}");
+    }
 }
