@@ -114,7 +114,7 @@ impl Facts {
     }
 
     /// Whether `v` comes from an `attention` node through at most `hops` views.
-    fn from_attention(&self, g: &Graph, v: ValueId, hops: usize) -> bool {
+    fn made_by_attention(&self, g: &Graph, v: ValueId, hops: usize) -> bool {
         self.producers.get(&v).is_some_and(|&p| {
             let n = &g.nodes[p];
             match n.op {
@@ -124,7 +124,7 @@ impl Facts {
                     .first()
                     .copied()
                     .flatten()
-                    .is_some_and(|x| self.from_attention(g, x, hops - 1)),
+                    .is_some_and(|x| self.made_by_attention(g, x, hops - 1)),
                 _ => false,
             }
         })
@@ -133,7 +133,7 @@ impl Facts {
     /// The projections reading `h` as their input that belong to attention (q/k/v: their
     /// output feeds an attention node; o: `h` comes from one).
     fn attention_projections(&self, g: &Graph, h: ValueId) -> Vec<usize> {
-        let from = self.from_attention(g, h, MAX_HOPS);
+        let from = self.made_by_attention(g, h, MAX_HOPS);
         self.consumers
             .get(&h)
             .map(|cs| {
