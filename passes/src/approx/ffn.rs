@@ -24,7 +24,7 @@ pub const LADDER: [f64; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 0.95];
 /// union per row block for more (mirrors `GEMV_MAX_DENSITY` / `GEMM_MAX_DENSITY` in
 /// `runtime/src/native/gemm/sparse.rs`, measured there). A candidate whose density is above
 /// them saves nothing and is not proposed.
-pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.9, 0.3);
+pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.9, 0.4);
 
 /// Rows the runtime's gather-GEMM takes together: with many rows, a neuron is skipped only
 /// when it is inactive in every row of its block.
