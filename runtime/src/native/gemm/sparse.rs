@@ -565,8 +565,8 @@ unsafe fn rows_avx512(
                     let y = out.add(r * ldo + j);
                     for c in 0..4 {
                         let mut acc = _mm512_loadu_ps(y.add(16 * c));
-                        for i in 0..GEMV_ROWS {
-                            acc = _mm512_fmadd_ps(x[i], w[i][c], acc);
+                        for (xi, wi) in x.iter().zip(&w) {
+                            acc = _mm512_fmadd_ps(*xi, wi[c], acc);
                         }
                         _mm512_storeu_ps(y.add(16 * c), acc);
                     }
