@@ -21,6 +21,8 @@ pub struct ApproxArgs {
     /// Opt in to approximate rewrites, comma-separated FAMILY[=PARAMS]:
     /// `ffn-threshold[=SPARSITY]` (magnitude thresholds on FFN down-projection inputs of
     /// SiLU/GELU models; without SPARSITY the budget picks per layer),
+    /// `ffn-topk[=FRACTION]` (the same inputs keep the FRACTION of largest magnitudes in
+    /// every row; without FRACTION the budget picks per layer),
     /// `linear-attention[=FEATURES]` (softmax attention through FAVOR+ random features as
     /// linear attention; without FEATURES the budget picks D, 2D or 4D). Needs --max-error.
     #[arg(long, value_name = "FAMILY[=PARAMS],...")]

@@ -86,11 +86,12 @@ pub fn build(args: &BuildArgs) -> Result<()> {
             println!("{report}");
             (g, Some(report.to_string()))
         }
+        // A `.kir` written from an approximate graph carries its report: record it too.
         None => (
             model
                 .optimised_with_progress(&kopts, Some(line.callback()))
                 .context("optimising the graph (run with --opt 0 to skip)")?,
-            None,
+            kiln::approx::recorded_report(model.graph()).map(str::to_string),
         ),
     };
     line.set("codegen (LLVM, O3) and link");

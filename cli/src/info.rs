@@ -1,5 +1,6 @@
-//! `kiln info`: what a model takes and gives, what it is made of, and how big it is; for a
-//! library `kiln build` made (`.so`), its inputs, outputs and approximation report.
+//! `kiln info`: what a model takes and gives, what it is made of, and how big it is, and the
+//! approximation report a `.kir` written from an approximate graph carries; for a library
+//! `kiln build` made (`.so`), its inputs, outputs and approximation report.
 
 use kiln_ir::OpKind;
 use std::path::Path;
@@ -46,6 +47,9 @@ pub fn info(path: &Path) -> anyhow::Result<()> {
     println!("ops:");
     for (op, count) in g.op_histogram() {
         println!("  {:<24} {count}", op.name());
+    }
+    if let Some(r) = kiln::approx::recorded_report(g) {
+        println!("approximate: the graph was made by approximate rewrites:\n{r}");
     }
     Ok(())
 }

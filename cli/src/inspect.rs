@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 pub struct InspectArgs {
     /// An ONNX file or a text-form `.kir` file.
     model: PathBuf,
-    /// Write the graph before and after every pass as DIR/NN.<pass>.{before,after}.kir.
+    /// Write the graph before and after every pass as DIR/NN.<pass>.{before,after}.kir
+    /// (with --approx also DIR/approximate.kir, which carries the approximation report).
     #[arg(long, value_name = "DIR")]
     dump_dir: Option<PathBuf>,
     /// Write a self-contained HTML report (graphs before and after, tables).
@@ -184,8 +185,12 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 fn approx_section(args: &InspectArgs, model: &kiln::Model, g: &Graph) -> Result<String> {
     let a = &args.approx;
     let req = a.request()?;
+    // A model loaded from a `.kir` written from an approximate graph carries its report.
+    let recorded = kiln::approx::recorded_report(model.graph()).map(|r| {
+        format!("the model was made by approximate rewrites (report recorded in it):\n{r}")
+    });
     if a.calibration.is_none() && req.is_none() {
-        return Ok(String::new());
+        return Ok(recorded.unwrap_or_default());
     }
     let calib = crate::approx::calibration(a, model, &args.model, &args.dims)?;
     let all: Vec<Vec<kiln::Tensor>> = calib
@@ -194,8 +199,11 @@ fn approx_section(args: &InspectArgs, model: &kiln::Model, g: &Graph) -> Result<
         .chain(&calib.held_out)
         .cloned()
         .collect();
-    let mut lines =
-        crate::approx::density_lines(&crate::approx::ffn_densities(g, &all)?, &calib.source);
+    let mut lines: Vec<String> = recorded.into_iter().collect();
+    lines.extend(crate::approx::density_lines(
+        &crate::approx::ffn_densities(g, &all)?,
+        &calib.source,
+    ));
     if let Some(req) = req {
         let opts = kiln::Options {
             passes: args.passes.clone(),
@@ -204,6 +212,13 @@ fn approx_section(args: &InspectArgs, model: &kiln::Model, g: &Graph) -> Result<
         let (ag, report) = model.approximate(&opts, &req, &calib)?;
         lines.push(String::new());
         lines.push(report.to_string());
+        if let Some(dir) = &args.dump_dir {
+            // The approximate graph as text, its report in its `attributes`.
+            let path = dir.join("approximate.kir");
+            std::fs::write(&path, kiln_ir::text::print(&ag))
+                .with_context(|| format!("writing {}", path.display()))?;
+            lines.push(format!("wrote {}", path.display()));
+        }
         lines.push(String::new());
         lines.extend(crate::approx::density_lines(
             &crate::approx::ffn_densities(&ag, &all)?,

@@ -71,6 +71,14 @@ fn bad_approx_arguments_are_clear_errors() {
             "bad parameter `1.5`",
         ),
         (
+            with(&["--approx", "ffn-topk=0", "--max-error", "0.1"]),
+            "bad parameter `0` for --approx ffn-topk",
+        ),
+        (
+            with(&["--approx", "ffn-topk=half", "--max-error", "0.1"]),
+            "bad parameter `half` for --approx ffn-topk",
+        ),
+        (
             with(&[
                 "--approx",
                 "ffn-threshold",
@@ -272,6 +280,43 @@ fn inspect_prints_ffn_density_and_the_report() {
     );
     let h = std::fs::read_to_string(&page).unwrap();
     assert!(h.contains("Approximation and activation density") && h.contains("ffn-threshold"));
+}
+
+#[test]
+fn a_kir_written_from_an_approximate_graph_carries_the_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dump = tmp.path().join("dump");
+    let o = kiln(&[
+        "inspect",
+        &model("swiglu_ffn"),
+        "--approx",
+        "ffn-threshold=0.8",
+        "--max-error",
+        "0.3",
+        "--calibration",
+        &dir("swiglu_ffn").display().to_string(),
+        "--dump-dir",
+        &dump.display().to_string(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let kir = dump.join("approximate.kir");
+    let src = std::fs::read_to_string(&kir).unwrap();
+    assert!(src.contains("attributes {approx_report = "), "{src}");
+    let k = kir.display().to_string();
+    for args in [vec!["info", k.as_str()], vec!["inspect", k.as_str()]] {
+        let o = kiln(&args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {t}");
+        assert!(
+            t.contains("approximate rewrites")
+                && t.contains("ffn-threshold")
+                && t.contains("held out"),
+            "{args:?}: {t}"
+        );
+    }
+    // The exact model says nothing about approximation.
+    let o = kiln(&["info", &model("swiglu_ffn")]);
+    assert!(!text(&o).contains("approximate rewrites"), "{}", text(&o));
 }
 
 #[test]

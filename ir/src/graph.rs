@@ -5,7 +5,7 @@
 //! unique. Constants are `constant` nodes whose `value` attribute holds the tensor.
 
 use crate::{Attr, Attrs, DType, OpKind, Shape, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Index of a value in [`Graph::values`].
@@ -86,6 +86,11 @@ pub struct Graph {
     pub inputs: Vec<ValueId>,
     /// Graph outputs, in order.
     pub outputs: Vec<ValueId>,
+    /// Notes carried with the graph, printed and parsed by the text form
+    /// (`func @g(...) -> (...) attributes {key = "value"} { ... }`): e.g. `approx_report`,
+    /// the approximation report of a graph that approximate rewrites produced. Empty for most
+    /// graphs; passes do not read it.
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl Graph {
@@ -197,6 +202,7 @@ impl Graph {
 impl PartialEq for Graph {
     fn eq(&self, other: &Graph) -> bool {
         if self.name != other.name
+            || self.metadata != other.metadata
             || self.inputs.len() != other.inputs.len()
             || self.nodes.len() != other.nodes.len()
             || self.outputs.len() != other.outputs.len()

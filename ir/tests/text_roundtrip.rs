@@ -160,9 +160,12 @@ fn arb_graph(depth: u32) -> BoxedStrategy<Graph> {
         prop::collection::vec((arb_name(), arb_type()), 0..4),
         prop::collection::vec(arb_node(depth), 0..6),
         prop::collection::vec(any::<Index>(), 0..3),
+        // Graph metadata (an approximation report and the like): any keys, any text.
+        prop::collection::btree_map(arb_name(), any::<String>(), 0..3),
     )
-        .prop_map(|(name, inputs, nodes, outputs)| {
+        .prop_map(|(name, inputs, nodes, outputs, metadata)| {
             let mut g = Graph::new(&name);
+            g.metadata = metadata;
             let mut used = HashSet::new();
             let mut unique = |n: String| {
                 let mut n2 = n.clone();
@@ -212,6 +215,21 @@ proptest! {
         prop_assert_eq!(&back, &g, "{}", text);
         prop_assert_eq!(print(&back), text);
     }
+}
+
+#[test]
+fn graph_metadata_prints_as_attributes_and_parses_back() {
+    let src = "func @f(%x: f32[2]) -> (f32[2]) attributes {approx_report = \"approximation: metric rel-l2\\n  accepted 1\", \"odd key\" = \"\"} {\n  %y = relu %x : f32[2]\n  return %y\n}\n";
+    let g = parse(src).unwrap();
+    assert_eq!(
+        g.metadata.get("approx_report").map(String::as_str),
+        Some("approximation: metric rel-l2\n  accepted 1")
+    );
+    assert_eq!(g.metadata.get("odd key").map(String::as_str), Some(""));
+    assert_eq!(print(&g), src);
+    let bad = "func @f(%x: f32[2]) -> (f32[2]) attributes {n = 3} {\n  return %x\n}\n";
+    let e = parse(bad).unwrap_err().to_string();
+    assert!(e.contains("must be a string"), "{e}");
 }
 
 /// Prints `g` with every tensor in a weights "file" (a map here), every second one as a

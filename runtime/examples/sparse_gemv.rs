@@ -5,6 +5,10 @@
 //! The crossover densities it shows are where `GEMV_MAX_DENSITY` / `GEMM_MAX_DENSITY` come
 //! from. `bench/sparsity.sh` runs it.
 //!
+//! Before every timed call a buffer larger than the last-level cache is read, so both paths
+//! find their weights in DRAM (as a decode step over many layers does) and neither evicts the
+//! other's: the dense and sparse timings see the same cache state.
+//!
 //! `cargo run --release -p kiln-runtime --example sparse_gemv [threads] [runs]`
 
 use kiln_runtime::native::gemm::sparse::{active_columns, sparse_gemm_in};
@@ -26,6 +30,14 @@ fn rand(seed: &mut u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Reads `buf` (larger than the last-level cache) so that the weights leave the caches.
+fn evict(buf: &[f32]) -> f32 {
+    buf.iter().step_by(16).sum()
+}
+
+/// Bytes read by [`evict`]: above the 32 MiB L3 of the machines we measure on.
+const EVICT_BYTES: usize = 96 << 20;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -40,6 +52,8 @@ fn main() {
         threads,
         isa: Isa::Auto,
     };
+    let flush = vec![1f32; EVICT_BYTES / 4];
+    let mut sink = 0f32;
     let densities = [1.0f32, 0.9, 0.7, 0.5, 0.3, 0.1, 0.03];
     println!(
         "threads {threads}, median of {runs} runs (rows 1) or {} (more rows); times in µs\n",
@@ -69,6 +83,7 @@ fn main() {
                 let mut cu = vec![MaybeUninit::new(0f32); m * n];
                 let mut union = 0.0;
                 for r in 0..reps + 3 {
+                    sink += evict(&flush);
                     let s = Instant::now();
                     gemm_in(
                         &pool,
@@ -80,6 +95,7 @@ fn main() {
                     )
                     .unwrap();
                     let t_dense = s.elapsed().as_secs_f64();
+                    sink += evict(&flush);
                     let s = Instant::now();
                     let (act, u) = active_columns(&a, m, k);
                     sparse_gemm_in(&pool, &a, m, k, &b, n, &act, &mut cu, &Epilogue::default())
@@ -102,4 +118,5 @@ fn main() {
             println!();
         }
     }
+    std::hint::black_box(sink);
 }

@@ -5,7 +5,11 @@
 //! (opt_tiny, opt_1l, opt_1l_kv) on its test data; the default thresholds take the sparse
 //! path where the density is low. Approximate: `ffn-threshold` on the SwiGLU FFN is refused
 //! under a tiny budget and, under a generous one, accepted with its error below the budget
-//! on inputs outside the calibration sets.
+//! on inputs outside the calibration sets. `ffn-topk`: the JIT of the masked SwiGLU FFN (its
+//! down-projection on the sparse-input GEMM) equals the interpreter of the same graph at
+//! kept densities 0%, ~3%, 50% and 100% (its budget is tested in `kiln-passes`, on an FFN
+//! wide enough for the cost model to see a saving: at this FFN's width the mask costs more
+//! than it saves, so the budget machinery proposes nothing).
 
 use kiln::approx::{self, ApproxError, Calibration, Metric, Request};
 use kiln::{Model, Options, Tensor};
@@ -198,5 +202,70 @@ fn ffn_threshold_budget_is_enforced_on_a_swiglu_ffn() {
         }
         let e = approx::measure(Metric::RelL2, &got, &want, &["logits".into()]).unwrap();
         assert!(e <= budget, "seq {seq}: error {e} over budget {budget}");
+    }
+}
+
+/// Largest difference between the JIT and the interpreter on the same approximate graph,
+/// relative to the largest output magnitude: f32 sums in another order.
+const TOPK_JIT_TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn ffn_topk_on_the_jit_equals_the_interpreter_at_every_density() {
+    let _g = OVERRIDE.lock().unwrap_or_else(|e| e.into_inner());
+    let (model, _) = swiglu();
+    let opts = Options::default();
+    let g = model.optimised(&opts).unwrap();
+    let fam = approx::topk::FfnTopK::parse(None).unwrap();
+    let sites = approx::ApproxRewrite::sites(&fam, &g);
+    assert_eq!(sites.len(), 1, "one SwiGLU down-projection");
+    let width = g
+        .ty(sites[0].probe)
+        .shape
+        .dims()
+        .unwrap()
+        .last()
+        .unwrap()
+        .fixed()
+        .unwrap() as usize;
+    let mut seed = 9u64;
+    for (what, kept, scale) in [
+        ("0% (zero input)", width / 2, 0.0f32),
+        ("~3%", approx::topk::kept(0.03, width), 2.0),
+        ("50%", width / 2, 2.0),
+        ("100%", width, 2.0),
+    ] {
+        let c = approx::Candidate {
+            family: approx::topk::TOPK,
+            site: sites[0].clone(),
+            params: String::new(),
+            values: vec![kept as f64 / width as f64, kept as f64],
+            saving: 1.0,
+        };
+        let mut ag = g.clone();
+        approx::ApproxRewrite::apply(&fam, &mut ag, &c);
+        let exe = model.compile_optimised(ag.clone(), &opts).unwrap();
+        for seq in [1usize, 3] {
+            let x: Vec<f32> = (0..seq * 32).map(|_| scale * xorshift(&mut seed)).collect();
+            let ins = vec![Tensor::from_vec(vec![1, seq, 32], x)];
+            let want = kiln_ir::run(&ag, ins.clone()).unwrap();
+            let before = sparse::sparse_runs();
+            let got = exe.run_ordered(ins).unwrap();
+            if seq == 1 && kept < width {
+                assert!(
+                    sparse::sparse_runs() > before,
+                    "{what}: decode step took the dense GEMM"
+                );
+            }
+            for (gt, wt) in got.iter().zip(&want) {
+                let (a, b) = (gt.to_f64s(), wt.to_f64s());
+                let m = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (x - y).abs() <= TOPK_JIT_TOLERANCE * m,
+                        "{what} seq {seq}: [{i}] jit {x} vs interpreter {y}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -15,6 +15,9 @@
 //!
 //! - Value names are `%` and `[A-Za-z0-9_.:/-]+` (not ending in `:`), or quoted: `%"a b"`.
 //!   The graph name is `@name` or `@"..."`. A node's origin name is `loc("...")`.
+//! - `attributes {key = "text", ...}` between the result types and the body is the graph's
+//!   metadata (`Graph::metadata`, strings only), e.g. the `approx_report` of a graph made by
+//!   approximate rewrites.
 //! - `_` is an omitted optional input. Dims are integers, symbols (`B`, or quoted `"n+1"`)
 //!   or `?`; `[*]` is a shape of unknown rank.
 //! - The types after `:` are optional: when given they are taken verbatim, when omitted

@@ -196,6 +196,23 @@ impl<'a, 'r> Parser<'a, 'r> {
             }
             result_types = Some(tys);
         }
+        // Graph metadata: `attributes {key = "value", ...}`, string values only.
+        if self.eat_ident("attributes")? {
+            let pos = self.peek()?.pos;
+            for (k, v) in self.attrs(depth)?.0 {
+                match v {
+                    Attr::Str(v) => {
+                        scope.graph.metadata.insert(k, v);
+                    }
+                    _ => {
+                        return Err(self.err(
+                            pos,
+                            format!("function attribute `{k}` must be a string"),
+                        ))
+                    }
+                }
+            }
+        }
         self.expect('{')?;
         loop {
             if *self.peek_tok()? == Tok::Ident("return") {

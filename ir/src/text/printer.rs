@@ -52,7 +52,24 @@ fn graph(out: &mut String, g: &Graph, level: usize, ext: &mut Externalise<'_>) {
         }
         ty(out, id);
     }
-    out.push_str(") {\n");
+    out.push(')');
+    if !g.metadata.is_empty() {
+        out.push_str(" attributes {");
+        for (i, (k, v)) in g.metadata.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            if is_ident(k) {
+                out.push_str(k);
+            } else {
+                string(out, k);
+            }
+            out.push_str(" = ");
+            string(out, v);
+        }
+        out.push('}');
+    }
+    out.push_str(" {\n");
     for node in &g.nodes {
         indent(out, level + 1);
         for (i, &o) in node.outputs.iter().enumerate() {

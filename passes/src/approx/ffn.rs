@@ -16,15 +16,15 @@ use std::collections::HashSet;
 /// The family's `--approx` name.
 pub const THRESHOLD: &str = "ffn-threshold";
 
-/// Sparsities tried per site when none is given (below 40% the runtime keeps the dense
-/// GEMV, so there is nothing to gain).
-pub const LADDER: [f64; 6] = [0.4, 0.5, 0.6, 0.7, 0.85, 0.95];
+/// Sparsities tried per site when none is given (the runtime's sparse GEMV pays off from
+/// about 10% sparsity; see `RUNTIME_MAX_DENSITY`).
+pub const LADDER: [f64; 7] = [0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 0.95];
 
 /// The densities up to which the CPU runtime takes its sparse-input GEMM: one row, and the
 /// union per row block for more (mirrors `GEMV_MAX_DENSITY` / `GEMM_MAX_DENSITY` in
 /// `runtime/src/native/gemm/sparse.rs`, measured there). A candidate whose density is above
 /// them saves nothing and is not proposed.
-pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.6, 0.3);
+pub const RUNTIME_MAX_DENSITY: (f64, f64) = (0.9, 0.4);
 
 /// Rows the runtime's gather-GEMM takes together: with many rows, a neuron is skipped only
 /// when it is inactive in every row of its block.
@@ -92,34 +92,69 @@ fn smooth_producer(n: &Node) -> bool {
     }
 }
 
+/// The down-projections of SiLU/GELU FFNs in `g` ([`down_projection`] fed by a
+/// [`smooth_producer`]): the sites of `ffn-threshold` and `ffn-topk`, probing their input.
+pub(super) fn smooth_down_projection_sites(g: &Graph) -> Vec<Site> {
+    let consts: HashSet<ValueId> = g
+        .nodes
+        .iter()
+        .filter(|n| n.op == OpKind::Constant)
+        .flat_map(|n| n.outputs.iter().copied())
+        .collect();
+    let producers = g.producers();
+    g.nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| down_projection(n, &consts, g))
+        .filter_map(|(i, n)| {
+            let h = n.inputs.first().copied().flatten()?;
+            let p = &g.nodes[*producers.get(&h)?];
+            let out = *n.outputs.first()?;
+            smooth_producer(p).then(|| Site {
+                node: i,
+                name: format!("%{}", g.value(out).name),
+                probe: h,
+            })
+        })
+        .collect()
+}
+
+/// Rows per run of a site's activation: the product of its leading dims (1 when unknown).
+pub(super) fn rows_of(g: &Graph, site: &Site, probe: &Probe<'_>) -> f64 {
+    probe
+        .cost
+        .sizes(g.ty(site.probe))
+        .map_or(1.0, |d| {
+            d[..d.len().saturating_sub(1)].iter().product::<f64>()
+        })
+        .max(1.0)
+}
+
+/// The fraction of a row block's neurons the runtime skips when each row keeps a fraction
+/// `density` of them independently, or 0 when the runtime would run the dense GEMM at that
+/// density (its thresholds, [`RUNTIME_MAX_DENSITY`]).
+pub(super) fn skipped_fraction(density: f64, rows: f64) -> f64 {
+    let block = rows.min(ROW_BLOCK as f64);
+    let skipped = (1.0 - density).clamp(0.0, 1.0).powf(block);
+    let max = if block <= 1.0 {
+        RUNTIME_MAX_DENSITY.0
+    } else {
+        RUNTIME_MAX_DENSITY.1
+    };
+    if 1.0 - skipped <= max {
+        skipped
+    } else {
+        0.0
+    }
+}
+
 impl ApproxRewrite for FfnThreshold {
     fn family(&self) -> &'static str {
         THRESHOLD
     }
 
     fn sites(&self, g: &Graph) -> Vec<Site> {
-        let consts: HashSet<ValueId> = g
-            .nodes
-            .iter()
-            .filter(|n| n.op == OpKind::Constant)
-            .flat_map(|n| n.outputs.iter().copied())
-            .collect();
-        let producers = g.producers();
-        g.nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| down_projection(n, &consts, g))
-            .filter_map(|(i, n)| {
-                let h = n.inputs.first().copied().flatten()?;
-                let p = &g.nodes[*producers.get(&h)?];
-                let out = *n.outputs.first()?;
-                smooth_producer(p).then(|| Site {
-                    node: i,
-                    name: format!("%{}", g.value(out).name),
-                    probe: h,
-                })
-            })
-            .collect()
+        smooth_down_projection_sites(g)
     }
 
     fn candidates(&self, g: &Graph, site: &Site, probe: &Probe<'_>) -> Vec<Candidate> {
@@ -136,14 +171,7 @@ impl ApproxRewrite for FfnThreshold {
         mags.sort_by(f32::total_cmp);
         let node = &g.nodes[site.node];
         let time = probe.cost.node_cost(g, node).time;
-        // Rows per run: the product of the activation's leading dims (1 when unknown).
-        let rows = probe
-            .cost
-            .sizes(g.ty(site.probe))
-            .map_or(1.0, |d| {
-                d[..d.len().saturating_sub(1)].iter().product::<f64>()
-            })
-            .max(1.0);
+        let rows = rows_of(g, site, probe);
         self.sparsities
             .iter()
             .map(|&s| {
@@ -151,20 +179,12 @@ impl ApproxRewrite for FfnThreshold {
                 let t = mags[at];
                 // A neuron is skipped for a row block only when inactive in all its rows, and
                 // the runtime goes sparse only below its measured density thresholds.
-                let block = rows.min(ROW_BLOCK as f64);
-                let skipped = s.powf(block);
-                let max = if block <= 1.0 {
-                    RUNTIME_MAX_DENSITY.0
-                } else {
-                    RUNTIME_MAX_DENSITY.1
-                };
-                let engaged = 1.0 - skipped <= max;
                 Candidate {
                     family: THRESHOLD,
                     site: site.clone(),
                     params: format!("sparsity={s:.2} threshold={t:.4e}"),
                     values: vec![s, t as f64],
-                    saving: if engaged { time * skipped } else { 0.0 },
+                    saving: time * skipped_fraction(1.0 - s, rows),
                 }
             })
             .filter(|c| c.saving > 0.0)
@@ -202,7 +222,8 @@ pub fn sparsifying(n: &Node) -> bool {
     }
 }
 
-/// The FFN layers whose down-projection input is exactly sparse (see [`sparsifying`]): the
+/// The FFN layers whose down-projection input is exactly sparse (see [`sparsifying`], and
+/// the `ffn-topk` mask, [`super::topk::is_zero_where`]): the
 /// contraction (`matmul`/`linear` with a constant 2-D weight) as the site, its input as the
 /// probe.
 pub fn sparse_input_sites(g: &Graph) -> Vec<Site> {
@@ -225,7 +246,9 @@ pub fn sparse_input_sites(g: &Graph) -> Vec<Site> {
         .filter_map(|(i, n)| {
             let h = n.inputs.first().copied().flatten()?;
             let out = *n.outputs.first()?;
-            sparsifying(&g.nodes[*producers.get(&h)?]).then(|| Site {
+            let pi = *producers.get(&h)?;
+            let pn = &g.nodes[pi];
+            (sparsifying(pn) || super::topk::is_zero_where(pn, &g.nodes[..pi])).then(|| Site {
                 node: i,
                 name: format!("%{}", g.value(out).name),
                 probe: h,

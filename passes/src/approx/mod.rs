@@ -17,8 +17,10 @@
 //! the JIT in the host API.
 
 pub mod attention;
+pub mod attn;
 pub mod ffn;
 mod metric;
+pub mod topk;
 
 pub use metric::{measure, Metric};
 
@@ -82,9 +84,25 @@ pub enum ApproxError {
     },
 }
 
+/// The key under which [`approximate`] records its report in the approximate graph's
+/// metadata (`Graph::metadata`): a `.kir` written from that graph carries it
+/// (`attributes {approx_report = "..."}`), `kiln info` and `kiln inspect` show it, and
+/// `kiln build` records it in the library.
+pub const REPORT_KEY: &str = "approx_report";
+
+/// The report an approximate graph carries in its metadata ([`REPORT_KEY`]), if any.
+pub fn recorded_report(g: &Graph) -> Option<&str> {
+    g.metadata.get(REPORT_KEY).map(String::as_str)
+}
+
 /// The families `--approx` knows, by name.
 pub fn known_families() -> Vec<&'static str> {
-    vec![ffn::THRESHOLD, attention::LINEAR_ATTENTION]
+    vec![
+        ffn::THRESHOLD,
+        topk::TOPK,
+        attn::ATTN_THRESHOLD,
+        attention::LINEAR_ATTENTION,
+    ]
 }
 
 /// Parses `--approx`'s `FAMILY[=PARAMS],...` into rewrites.
@@ -97,6 +115,8 @@ pub fn parse_families(spec: &str) -> Result<Vec<Box<dyn ApproxRewrite>>, ApproxE
         };
         match name {
             ffn::THRESHOLD => out.push(Box::new(ffn::FfnThreshold::parse(param)?)),
+            topk::TOPK => out.push(Box::new(topk::FfnTopK::parse(param)?)),
+            attn::ATTN_THRESHOLD => out.push(Box::new(attn::AttnThreshold::parse(param)?)),
             attention::LINEAR_ATTENTION => {
                 out.push(Box::new(attention::LinearAttentionApprox::parse(param)?))
             }
@@ -430,7 +450,7 @@ pub fn approximate(
             "the model has no site for the requested families".to_string()
         } else if proposed == 0 {
             format!(
-                "no candidate at the {} sites would run faster at these shapes by the cost model (ffn-threshold: the CPU runtime skips zeros only below a measured density, `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`; linear-attention: the linear form wins only on long sequences)",
+                "no candidate at the {} sites would run faster at these shapes by the cost model (ffn-threshold, ffn-topk, attn-threshold: the CPU runtime skips zeros only below a measured density, `kiln_passes::approx::ffn::RUNTIME_MAX_DENSITY`; linear-attention: the linear form wins only on long sequences)",
                 found.len()
             )
         } else {
@@ -495,6 +515,9 @@ pub fn approximate(
         est_speedup: total / (total - saved).max(f64::MIN_POSITIVE),
         measured_speedup: None,
     };
+    current
+        .metadata
+        .insert(REPORT_KEY.to_string(), report.to_string());
     Ok((current, report))
 }
 

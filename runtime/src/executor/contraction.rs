@@ -102,13 +102,20 @@ pub fn prepare(g: &Graph, n: usize, constants: &HashMap<ValueId, &Tensor>) -> Op
 
 /// Whether `v` is made (among `before`) by an op whose output is mostly zeros: `relu`, a
 /// `linear` with a ReLU epilogue, `shrink` (the approximate `ffn-threshold` rewrite),
-/// `thresholded_relu` with `alpha >= 0`.
+/// `thresholded_relu` with `alpha >= 0`, `where(_, _, 0)` with a constant zero (`ffn-topk`).
 pub fn sparsifying_producer(before: &[kiln_ir::Node], v: ValueId) -> bool {
     let Some(p) = before.iter().rev().find(|p| p.outputs.contains(&v)) else {
         return false;
     };
     match p.op {
         OpKind::Relu | OpKind::Shrink => true,
+        // `where(mask, h, 0)`: the approximate `ffn-topk` rewrite.
+        OpKind::Where => p.inputs.get(2).copied().flatten().is_some_and(|z| {
+            before.iter().rev().find(|c| c.outputs.contains(&z)).is_some_and(|c| {
+                c.op == OpKind::Constant
+                    && matches!(c.attrs.get("value"), Some(kiln_ir::Attr::Tensor(t)) if t.to_f64s().iter().all(|&x| x == 0.0))
+            })
+        }),
         OpKind::ThresholdedRelu => p.attrs.float_or("alpha", 1.0).is_ok_and(|a| a >= 0.0),
         OpKind::Linear => p.attrs.string_or("activation", "none".into()).as_deref() == Ok("relu"),
         _ => false,
