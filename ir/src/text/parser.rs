@@ -205,10 +205,9 @@ impl<'a, 'r> Parser<'a, 'r> {
                         scope.graph.metadata.insert(k, v);
                     }
                     _ => {
-                        return Err(self.err(
-                            pos,
-                            format!("function attribute `{k}` must be a string"),
-                        ))
+                        return Err(
+                            self.err(pos, format!("function attribute `{k}` must be a string"))
+                        )
                     }
                 }
             }

@@ -12,7 +12,7 @@
 //! `attn-threshold=S` asks for sparsity `S` in (0, 1) at every site; bare `attn-threshold`
 //! lets the budget pick per site from [`super::ffn::LADDER`].
 
-use super::ffn::{rows_of, skipped_fraction, LADDER};
+use super::ffn::{rows_of, skipped_fraction};
 use super::{ApproxError, ApproxRewrite, Candidate, Probe, Site};
 use crate::rewrite::Namer;
 use kiln_ir::{Attr, Attrs, DType, Graph, Node, OpKind, ValueId};
@@ -34,24 +34,8 @@ pub struct AttnThreshold {
 impl AttnThreshold {
     /// From `--approx attn-threshold[=S]`.
     pub fn parse(param: Option<&str>) -> Result<AttnThreshold, ApproxError> {
-        let Some(p) = param else {
-            return Ok(AttnThreshold {
-                sparsities: LADDER.to_vec(),
-            });
-        };
-        let bad = |why: &str| ApproxError::BadParam {
-            family: ATTN_THRESHOLD.into(),
-            param: p.into(),
-            why: why.into(),
-        };
-        let s: f64 = p
-            .parse()
-            .map_err(|_| bad("expected a target sparsity, a number in (0, 1)"))?;
-        if s.is_nan() || s <= 0.0 || s >= 1.0 {
-            return Err(bad("the target sparsity must lie in (0, 1)"));
-        }
         Ok(AttnThreshold {
-            sparsities: vec![s],
+            sparsities: super::ffn::parse_sparsity(ATTN_THRESHOLD, param)?,
         })
     }
 }

@@ -40,26 +40,30 @@ pub struct FfnThreshold {
 impl FfnThreshold {
     /// From `--approx ffn-threshold[=S]`.
     pub fn parse(param: Option<&str>) -> Result<FfnThreshold, ApproxError> {
-        let Some(p) = param else {
-            return Ok(FfnThreshold {
-                sparsities: LADDER.to_vec(),
-            });
-        };
-        let bad = |why: &str| ApproxError::BadParam {
-            family: THRESHOLD.into(),
-            param: p.into(),
-            why: why.into(),
-        };
-        let s: f64 = p
-            .parse()
-            .map_err(|_| bad("expected a target sparsity, a number in (0, 1)"))?;
-        if s.is_nan() || s <= 0.0 || s >= 1.0 {
-            return Err(bad("the target sparsity must lie in (0, 1)"));
-        }
         Ok(FfnThreshold {
-            sparsities: vec![s],
+            sparsities: parse_sparsity(THRESHOLD, param)?,
         })
     }
+}
+
+/// The target sparsities of a threshold family: [`LADDER`] without a parameter, else the one
+/// given, which must lie in (0, 1).
+pub fn parse_sparsity(family: &str, param: Option<&str>) -> Result<Vec<f64>, ApproxError> {
+    let Some(p) = param else {
+        return Ok(LADDER.to_vec());
+    };
+    let bad = |why: &str| ApproxError::BadParam {
+        family: family.into(),
+        param: p.into(),
+        why: why.into(),
+    };
+    let s: f64 = p
+        .parse()
+        .map_err(|_| bad("expected a target sparsity, a number in (0, 1)"))?;
+    if s.is_nan() || s <= 0.0 || s >= 1.0 {
+        return Err(bad("the target sparsity must lie in (0, 1)"));
+    }
+    Ok(vec![s])
 }
 
 /// Whether `n` is a contraction with a constant 2-D f32 right operand `[K, N]`, `K > N`.

@@ -544,7 +544,9 @@ unsafe fn rows_avx512(
         for g in 0..groups {
             let q = &act[g * GEMV_ROWS..g * GEMV_ROWS + GEMV_ROWS];
             let src = [row(q[0]), row(q[1]), row(q[2]), row(q[3])];
-            let nq = act.get((g + 1) * GEMV_ROWS..(g + 2) * GEMV_ROWS).unwrap_or(q);
+            let nq = act
+                .get((g + 1) * GEMV_ROWS..(g + 2) * GEMV_ROWS)
+                .unwrap_or(q);
             let p = [row(nq[0]), row(nq[1]), row(nq[2]), row(nq[3])];
             let av = a.add(g * GEMV_ROWS * ROW_BLOCK);
             let mut j = j0;
