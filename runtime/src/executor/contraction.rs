@@ -1,15 +1,17 @@
 //! Contraction kernels: a `Kernel::Contraction` node compiled into a [`Prepared`] routine
 //! (constant weights packed once, attributes parsed once) and run on the CPU kernels in
 //! [`crate::native`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
-//! flash attention for `attention`, im2col + GEMM for patch convolutions, the exact 8-bit
-//! GEMM ([`crate::native::gemm_i8`]) for `matmul_integer`. Anything these do
-//! not cover (other dtypes, layouts, attributes) returns `None` from [`Prepared::run`] and the
-//! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
+//! flash attention for `attention`, im2col + GEMM for convolutions, GEMM + col2im for
+//! `conv_transpose`, the exact 8-bit GEMM ([`crate::native::gemm_i8`]) for
+//! `matmul_integer`. Anything these do not cover (other dtypes, layouts, attributes) returns
+//! `None` from [`Prepared::run`] and the executor runs the interpreter's op instead, so an
+//! unsupported case is slow, never wrong.
 
 use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
 use crate::native::conv::{pack_weight, patch_conv, PatchConv};
 use crate::native::conv_gemm::{ConvAct, ConvArgs, PreparedConv};
+use crate::native::conv_transpose::PreparedConvTranspose;
 use crate::native::gemm::{
     gemm_in, sparse, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -82,6 +84,9 @@ pub enum Prepared {
     /// Any other f32 conv (and `fused_conv`: conv, activation, residual add): the weight
     /// laid out once, im2col chunks on the GEMM ([`crate::native::conv_gemm`]).
     Conv(PreparedConv),
+    /// An f32 `conv_transpose` of any geometry: the transposed weight laid out once, GEMM
+    /// into columns and col2im ([`crate::native::conv_transpose`]).
+    ConvTranspose(PreparedConvTranspose),
 }
 
 /// Compiles contraction node `n` of `g`; `None` when no CPU routine applies (the
@@ -192,6 +197,10 @@ pub fn prepare_op<'t>(
             let w = constant(1).and_then(|t| Some((t.as_slice::<f32>()?, t.shape())));
             let bias = constant(2).and_then(|t| t.as_slice::<f32>());
             Prepared::Conv(PreparedConv::new(attrs, act, w, bias))
+        }
+        OpKind::ConvTranspose => {
+            let w = constant(1).and_then(|t| Some((t.as_slice::<f32>()?, t.shape())));
+            Prepared::ConvTranspose(PreparedConvTranspose::new(attrs, w))
         }
         _ => return None,
     })
@@ -420,6 +429,7 @@ impl Prepared {
                 conv_op(ins, *stride, packed.as_ref(), pool, out)
             }
             Prepared::Conv(pc) => general_conv(pc, ins, pool, out),
+            Prepared::ConvTranspose(pc) => conv_transpose_op(pc, ins, pool, out),
             Prepared::MatMulInteger { .. } | Prepared::MatMulIntegerScaled { .. } => None,
         }
         .map(|r| r.map(|t| vec![t]))
@@ -1001,6 +1011,31 @@ fn general_conv(
     let mut y = out.f32s(0, shape.iter().product());
     Some(
         pc.run(pool, &geo, &args, &mut y)
+            .map(|()| Tensor::from_buf(shape, y)),
+    )
+}
+
+/// A conv_transpose of any geometry: `None` where the geometry or operands are not the
+/// routine's (the interpreter then runs the node and reports any error).
+fn conv_transpose_op(
+    pc: &PreparedConvTranspose,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (x, w) = (arg(0)?, arg(1)?);
+    let geo = pc.geometry(x.shape(), w.shape()).ok()?;
+    let shape = geo.out_shape().to_vec();
+    let bias = match arg(2) {
+        Some(b) if b.shape() == [shape[1]] => Some(f32s(b)?),
+        Some(_) => return None,
+        None => None,
+    };
+    // The routine writes every element.
+    let mut y = out.f32s(0, shape.iter().product());
+    Some(
+        pc.run(pool, &geo, f32s(x)?, f32s(w)?, bias, &mut y)
             .map(|()| Tensor::from_buf(shape, y)),
     )
 }
