@@ -3,9 +3,10 @@
 //! [`crate::native`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
 //! flash attention for `attention`, im2col + GEMM for convolutions, GEMM + col2im for
 //! `conv_transpose`, the exact 8-bit GEMM ([`crate::native::gemm_i8`]) for
-//! `matmul_integer`. Anything these do not cover (other dtypes, layouts, attributes) returns
-//! `None` from [`Prepared::run`] and the executor runs the interpreter's op instead, so an
-//! unsupported case is slow, never wrong.
+//! `matmul_integer`; also the constant weights of the recurrent ops' native routine (those
+//! nodes are `Fallback` kernels). Anything these do not cover (other dtypes, layouts,
+//! attributes) returns `None` from [`Prepared::run`] and the executor runs the
+//! interpreter's op instead, so an unsupported case is slow, never wrong.
 
 use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
@@ -87,6 +88,10 @@ pub enum Prepared {
     /// An f32 `conv_transpose` of any geometry: the transposed weight laid out once, GEMM
     /// into columns and col2im ([`crate::native::conv_transpose`]).
     ConvTranspose(PreparedConvTranspose),
+    /// `lstm` / `gru` / `rnn` with constant `W` and `R`, laid out once
+    /// ([`super::recurrent`]; a node without constant weights is not prepared and runs the
+    /// same routine on its operands).
+    Recurrent(super::recurrent::PreparedRecurrent),
 }
 
 /// Compiles contraction node `n` of `g`; `None` when no CPU routine applies (the
@@ -198,6 +203,9 @@ pub fn prepare_op<'t>(
             let bias = constant(2).and_then(|t| t.as_slice::<f32>());
             Prepared::Conv(PreparedConv::new(attrs, act, w, bias))
         }
+        OpKind::Lstm | OpKind::Gru | OpKind::Rnn => Prepared::Recurrent(
+            super::recurrent::PreparedRecurrent::new(op, attrs, constant(1), constant(2))?,
+        ),
         OpKind::ConvTranspose => {
             let w = constant(1).and_then(|t| Some((t.as_slice::<f32>()?, t.shape())));
             Prepared::ConvTranspose(PreparedConvTranspose::new(attrs, w))
@@ -385,6 +393,8 @@ impl Prepared {
                 return matmul_integer_scaled(ins, packed.as_ref(), pool, out)
                     .map(|r| r.map(|t| vec![t]));
             }
+            // Its sequence lengths are i32.
+            Prepared::Recurrent(p) => return p.run(ins, pool).map(Ok),
             _ => {}
         }
         if ins
@@ -430,7 +440,9 @@ impl Prepared {
             }
             Prepared::Conv(pc) => general_conv(pc, ins, pool, out),
             Prepared::ConvTranspose(pc) => conv_transpose_op(pc, ins, pool, out),
-            Prepared::MatMulInteger { .. } | Prepared::MatMulIntegerScaled { .. } => None,
+            Prepared::MatMulInteger { .. }
+            | Prepared::MatMulIntegerScaled { .. }
+            | Prepared::Recurrent(_) => None,
         }
         .map(|r| r.map(|t| vec![t]))
     }
