@@ -2,10 +2,11 @@
 //! pads, output_padding, output_shape, auto_pad, groups) on the GEMM, NCHW in and out, bias
 //! fused. Per image and group, `cols[(OC_g·k), P_in] = W_gᵀ · X_g` (the transposed weight,
 //! row-major `[OC_g·k, C_g]`, is laid out once when the weight is a constant; `X_g` is packed
-//! once per call as the GEMM's right-hand side) and col2im scatter-adds each row of `cols`
-//! into its output channel, which starts as the bias. Jobs are (image, group, block of
-//! output channels): each computes its block's rows of `cols` into a per-thread scratch
-//! (single-threaded GEMM) and scatters them into its own output channels, so the pool's
+//! once per call as the GEMM's right-hand side, in chunks of input pixels) and col2im
+//! scatter-adds each row of `cols` into its output channel, which starts as the bias. Jobs
+//! are (image, group, block of output channels): each walks the input chunks, computing
+//! its block's rows of `cols` for the chunk into a per-thread scratch that stays in cache
+//! (single-threaded GEMM) and scattering them into its own output channels, so the pool's
 //! threads never write the same output. Where each input lands for each kernel offset is
 //! precomputed per input shape as runs along the last spatial axis ([`Geometry`]).
 
@@ -15,9 +16,11 @@ use kiln_ir::ops::linalg::conv_transpose_geometry;
 use kiln_ir::Attrs;
 use std::sync::{Arc, Mutex};
 
-/// Values of one job's `cols` block at most (where one output channel's rows fit): 1 MiB,
-/// about one core's L2.
-const BLOCK_VALUES: usize = 256 * 1024;
+/// Values of one chunk's `cols` block (`channels·k × pixels`) at most: 256 KiB, inside L2.
+const CHUNK_VALUES: usize = 64 * 1024;
+/// Chunk widths are multiples of this (the AVX-512 kernel's panel width) where the input
+/// allows.
+const CHUNK_ALIGN: usize = 32;
 /// Jobs per thread at least, where the channels allow, so the dynamic job queue balances.
 const JOBS_PER_THREAD: usize = 4;
 
@@ -238,6 +241,19 @@ impl PreparedConvTranspose {
         bias: Option<&[f32]>,
         y: &mut [f32],
     ) -> Result<(), String> {
+        self.run_chunked(pool, geo, (x, w, bias), y, CHUNK_VALUES)
+    }
+
+    /// [`Self::run`] with chunks of `cols` of at most `chunk_values` values (where the
+    /// chunk width allows).
+    fn run_chunked(
+        &self,
+        pool: &Pool,
+        geo: &Geometry,
+        (x, w, bias): (&[f32], &[f32], Option<&[f32]>),
+        y: &mut [f32],
+        chunk_values: usize,
+    ) -> Result<(), String> {
         let total: usize = geo.out_shape.iter().product();
         let x_len: usize = geo.x_shape.iter().product();
         let w_len: usize = geo.w_shape.iter().product();
@@ -280,23 +296,41 @@ impl PreparedConvTranspose {
             fill_bias(y, bias, m, p);
             return Ok(());
         }
-        // X_g `[C_g, P_in]` packed once per (image, group), shared by that pair's jobs.
-        let packs = (0..n * group)
-            .map(|ng| {
-                let xg = &x[ng * cg * in_sp..][..cg * in_sp];
-                PackedB::pack(MatRef::row_major(xg, cg, in_sp)?)
+        // Output channels per job: all of a group's where the images and groups give the
+        // pool enough jobs, else fewer.
+        let threads = pool.threads();
+        let per_ng = if threads > 1 {
+            (threads * JOBS_PER_THREAD).div_ceil(n * group).min(mg)
+        } else {
+            1
+        };
+        let blk = mg.div_ceil(per_ng);
+        let blocks = mg.div_ceil(blk);
+        // Input pixels per chunk: a chunk's `cols` block (`blk·k × cw`) stays in cache.
+        let cw = ((chunk_values / (blk * k)) / CHUNK_ALIGN * CHUNK_ALIGN)
+            .max(CHUNK_ALIGN)
+            .min(in_sp);
+        let chunks = in_sp.div_ceil(cw);
+        // X_g's columns of each chunk (`[C_g, cw]`) packed once per call, on the pool, and
+        // shared by the jobs of that image and group.
+        let slots: Vec<Mutex<Option<Result<PackedB, GemmError>>>> =
+            (0..n * group * chunks).map(|_| Mutex::new(None)).collect();
+        pool.parallel_for(slots.len(), |j| {
+            let (ng, ch) = (j / chunks, j % chunks);
+            let (lo, pc) = (ch * cw, cw.min(in_sp - ch * cw));
+            let xg = &x[ng * cg * in_sp..][..cg * in_sp];
+            let packed = MatRef::new(&xg[lo..], cg, pc, in_sp, 1).and_then(PackedB::pack);
+            *slots[j].lock().unwrap_or_else(|p| p.into_inner()) = Some(packed);
+        });
+        let packs = slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or(Err(GemmError::ZeroThreads))
             })
             .collect::<Result<Vec<_>, GemmError>>()
             .map_err(|e| format!("conv_transpose: {e}"))?;
-        // Output channels per job: a block's cols fit BLOCK_VALUES, and enough jobs for the
-        // pool.
-        let per_chan = k * in_sp;
-        let mut blk = (BLOCK_VALUES / per_chan).clamp(1, mg);
-        let want = pool.threads() * JOBS_PER_THREAD;
-        if pool.threads() > 1 && n * group * mg.div_ceil(blk) < want {
-            blk = blk.min(mg.div_ceil(want.div_ceil(n * group)).max(1));
-        }
-        let blocks = mg.div_ceil(blk);
         let jobs = n * group * blocks;
         let y_ptr = SharedMut::new(y.as_mut_ptr());
         let y_len = y.len();
@@ -312,34 +346,33 @@ impl PreparedConvTranspose {
             let g = ng % group;
             let (lo, hi) = (b * blk, ((b + 1) * blk).min(mg));
             let rows = (hi - lo) * k;
+            let chan = |o: usize| {
+                let off = ((ng / group) * m + g * mg + o) * p;
+                debug_assert!(off + p <= y_len);
+                // SAFETY: output channel `g·mg + o` of this image (`p` values at `off`, inside
+                // `y`) is written by this job only (its block of channels); `y` lives until
+                // `parallel_for` returns.
+                unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(off), p) }
+            };
+            for o in lo..hi {
+                chan(o).fill(bias.map_or(0.0, |b| b[g * mg + o]));
+            }
             let r: Result<(), GemmError> = COLS.with(|cell| {
                 let mut cols = cell.borrow_mut();
-                if cols.len() < rows * in_sp {
-                    cols.resize(rows * in_sp, 0.0);
+                if cols.len() < rows * cw {
+                    cols.resize(rows * cw, 0.0);
                 }
-                let cols = &mut cols[..rows * in_sp];
                 let wg = &weights.data[g * rows_g * cg..][..rows_g * cg];
                 let am = MatRef::row_major(&wg[lo * k * cg..], rows, cg)?;
-                let cm = MatMut::row_major(cols, rows, in_sp)?;
-                gemm_in(
-                    &single,
-                    am,
-                    Rhs::Packed(&packs[ng]),
-                    cm,
-                    &Epilogue::default(),
-                    &cfg,
-                )?;
-                for (oi, o) in (lo..hi).enumerate() {
-                    let ch = g * mg + o;
-                    let off = ((ng / group) * m + ch) * p;
-                    debug_assert!(off + p <= y_len);
-                    // SAFETY: output channel `ch` of this image (`p` values at `off`, inside
-                    // `y`) is written by this job only; `y` lives until `parallel_for`
-                    // returns.
-                    let yr = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(off), p) };
-                    yr.fill(bias.map_or(0.0, |b| b[ch]));
-                    let crows = &cols[oi * k * in_sp..][..k * in_sp];
-                    scatter(geo, crows, yr);
+                for ch in 0..chunks {
+                    let (x0, pc) = (ch * cw, cw.min(in_sp - ch * cw));
+                    let cols = &mut cols[..rows * pc];
+                    let cm = MatMut::row_major(cols, rows, pc)?;
+                    let rhs = Rhs::Packed(&packs[ng * chunks + ch]);
+                    gemm_in(&single, am, rhs, cm, &Epilogue::default(), &cfg)?;
+                    for (oi, o) in (lo..hi).enumerate() {
+                        scatter(geo, &cols[oi * k * pc..][..k * pc], x0, chan(o));
+                    }
                 }
                 Ok(())
             });
@@ -364,20 +397,29 @@ fn fill_bias(y: &mut [f32], bias: Option<&[f32]>, m: usize, p: usize) {
     }
 }
 
-/// col2im for one output channel: `crows` holds its `k` rows of `cols` (one per kernel
-/// offset, `P_in` values each), added where each input lands.
-fn scatter(geo: &Geometry, crows: &[f32], yr: &mut [f32]) {
-    let (in_sp, step) = (geo.in_sp, geo.step);
+/// col2im for one output channel and one chunk of input pixels: `crows` holds the chunk's
+/// `k` rows of `cols` (one per kernel offset, inputs `x0..x0 + crows.len() / k`), each added
+/// where its input lands.
+fn scatter(geo: &Geometry, crows: &[f32], x0: usize, yr: &mut [f32]) {
+    let pc = crows.len() / geo.ksize.max(1);
+    let (x1, step) = (x0 + pc, geo.step);
     for (ki, rs) in geo.runs.iter().enumerate() {
-        let row = &crows[ki * in_sp..][..in_sp];
-        for r in rs {
-            let src = &row[r.src..r.src + r.len];
+        let row = &crows[ki * pc..][..pc];
+        // The first run that ends after `x0`.
+        let first = rs.partition_point(|r| r.src + r.len <= x0);
+        for r in &rs[first..] {
+            if r.src >= x1 {
+                break;
+            }
+            let (a, e) = (r.src.max(x0), (r.src + r.len).min(x1));
+            let src = &row[a - x0..e - x0];
+            let out = r.out + (a - r.src) * step;
             if step == 1 {
-                let dst = &mut yr[r.out..r.out + r.len];
+                let dst = &mut yr[out..out + src.len()];
                 dst.iter_mut().zip(src).for_each(|(o, v)| *o += v);
             } else {
                 // One bounds check for the run, then a plain strided loop.
-                let dst = &mut yr[r.out..r.out + (r.len - 1) * step + 1];
+                let dst = &mut yr[out..out + (src.len() - 1) * step + 1];
                 for (o, v) in dst.iter_mut().step_by(step).zip(src) {
                     *o += v;
                 }
@@ -494,17 +536,16 @@ mod tests {
                             constant.then(|| (w.as_slice::<f32>().unwrap(), w.shape())),
                         );
                         assert_eq!(pc.has_weights(), constant);
-                        // NaN-filled: every output must be written.
+                        // NaN-filled: every output must be written. Small chunks on the
+                        // constant weight, so the chunked scatter is exercised.
                         let mut y = vec![f32::NAN; geo.out_shape().iter().product()];
-                        pc.run(
-                            pool,
-                            &geo,
+                        let ops = (
                             x.as_slice().unwrap(),
                             w.as_slice().unwrap(),
                             b.as_ref().map(|b| b.as_slice().unwrap()),
-                            &mut y,
-                        )
-                        .unwrap();
+                        );
+                        let chunk = if constant { 1 } else { CHUNK_VALUES };
+                        pc.run_chunked(pool, &geo, ops, &mut y, chunk).unwrap();
                         let got = Tensor::from_vec(geo.out_shape().to_vec(), y);
                         let r = compare(&got, &want[0], TOL);
                         assert!(
