@@ -3,10 +3,11 @@
 //! [`crate::native`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
 //! flash attention for `attention`, im2col + GEMM for convolutions, GEMM + col2im for
 //! `conv_transpose`, the exact 8-bit GEMM ([`crate::native::gemm_i8`]) for
-//! `matmul_integer`; also the constant weights of the recurrent ops' native routine (those
-//! nodes are `Fallback` kernels). Anything these do not cover (other dtypes, layouts,
-//! attributes) returns `None` from [`Prepared::run`] and the executor runs the
-//! interpreter's op instead, so an unsupported case is slow, never wrong.
+//! `matmul_integer`, `qlinear_matmul`, `conv_integer` and `qlinear_conv`; also the constant
+//! weights of the recurrent ops' native routine (those nodes are `Fallback` kernels).
+//! Anything these do not cover (other dtypes, layouts, attributes) returns `None` from
+//! [`Prepared::run`] and the executor runs the interpreter's op instead, so an unsupported
+//! case is slow, never wrong.
 
 use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
@@ -81,6 +82,9 @@ pub enum Prepared {
         /// The packed constant right operand.
         packed: Option<PackedB8>,
     },
+    /// `conv_integer` / `qlinear_conv` of any geometry on the integer GEMM, the weight
+    /// packed once ([`crate::native::conv_integer`]).
+    ConvI8(crate::native::conv_integer::PreparedConvI8),
     /// A conv whose kernel equals its stride, no padding, dilation 1, one group.
     PatchConv {
         /// The strides (the weight's kernel must equal them).
@@ -197,6 +201,16 @@ pub fn prepare_op<'t>(
                 PackedB8::pack(bytes(t)?, k, n).ok()
             }),
         },
+        OpKind::ConvInteger => Prepared::ConvI8(crate::native::conv_integer::PreparedConvI8::new(
+            op,
+            attrs,
+            constant(1),
+        )?),
+        OpKind::QLinearConv => Prepared::ConvI8(crate::native::conv_integer::PreparedConvI8::new(
+            op,
+            attrs,
+            constant(3),
+        )?),
         OpKind::Conv if patch_stride(attrs).is_some() => Prepared::PatchConv {
             stride: patch_stride(attrs)?,
             packed: constant(1).and_then(|t| {
@@ -408,6 +422,7 @@ impl Prepared {
             Prepared::QLinearMatMul { packed } => {
                 return qlinear_matmul(ins, packed.as_ref(), pool).map(|r| r.map(|t| vec![t]));
             }
+            Prepared::ConvI8(p) => return p.run(ins, pool).map(|r| r.map(|t| vec![t])),
             // Its sequence lengths are i32.
             Prepared::Recurrent(p) => return p.run(ins, pool).map(Ok),
             _ => {}
@@ -458,6 +473,7 @@ impl Prepared {
             Prepared::MatMulInteger { .. }
             | Prepared::MatMulIntegerScaled { .. }
             | Prepared::QLinearMatMul { .. }
+            | Prepared::ConvI8(_)
             | Prepared::Recurrent(_) => None,
         }
         .map(|r| r.map(|t| vec![t]))
