@@ -60,9 +60,9 @@ fn weights_prepared_once(name: &str, op: OpKind) {
         .plan
         .kernels
         .iter()
-        .position(|k| {
-            matches!(k, kiln_plan::Kernel::Fallback(n) if plan.plan.graph.nodes[*n].op == op)
-        })
+        .position(
+            |k| matches!(k, kiln_plan::Kernel::Fallback(n) if plan.plan.graph.nodes[*n].op == op),
+        )
         .unwrap_or_else(|| panic!("{name}: no `{}` kernel", op.name()));
     assert!(
         plan.contractions[i].is_some(),
