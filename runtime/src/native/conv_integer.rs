@@ -22,6 +22,9 @@ pub struct PreparedConvI8 {
     attrs: Attrs,
     /// The weight's shape and its per-group packing.
     packed: Option<(Vec<usize>, Vec<PackedB8>)>,
+    /// The input and weight shapes last seen and [`sources`] for them.
+    #[allow(clippy::type_complexity)]
+    sources: std::sync::Mutex<Option<(Vec<usize>, Vec<usize>, std::sync::Arc<Vec<u32>>)>>,
 }
 
 /// An 8-bit tensor's elements.
@@ -94,21 +97,87 @@ fn scale(t: &Tensor, per_channel: Option<usize>) -> Option<Vec<f64>> {
     Some(v.iter().map(|&x| f64::from(x)).collect())
 }
 
-/// im2col's transpose for one image and group: `cols[p, ci·k + ki]` = the input channel
-/// `ci` read at kernel offset `ki` for output pixel `p`, `zp` in the padding.
-fn gather<T: Copy>(img: &[T], zp: T, src: &[u32], cg: usize, in_sp: usize, p: usize) -> Vec<T> {
-    let k = src.len() / p.max(1);
-    let mut cols = Vec::with_capacity(p * cg * k);
-    for pi in 0..p {
+/// im2col's transpose for one image and group into `cols`: `cols[p, ci·k + ki]` = the input
+/// channel `ci` read at kernel offset `ki` for output pixel `p`, `zp` in the padding; `src`
+/// is pixel-major (`src[p·k + ki]`), so each pixel's offsets are read once per channel
+/// from one cache line or two.
+fn gather<T: Copy>(
+    img: &[T],
+    zp: T,
+    src: &[u32],
+    (cg, k, in_sp): (usize, usize, usize),
+    cols: &mut Vec<T>,
+) {
+    let p = src.len() / k.max(1);
+    cols.clear();
+    cols.reserve(p * cg * k);
+    for offs in src.chunks_exact(k) {
         for ci in 0..cg {
             let xc = &img[ci * in_sp..][..in_sp];
-            for ki in 0..k {
-                let s = src[ki * p + pi];
-                cols.push(if s == u32::MAX { zp } else { xc[s as usize] });
-            }
+            cols.extend(
+                offs.iter()
+                    .map(|&s| if s == u32::MAX { zp } else { xc[s as usize] }),
+            );
         }
     }
-    cols
+}
+
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2⁵¹` (as
+/// `f64::round_ties_even`, without a libm call on baseline x86-64); larger values stay
+/// beyond any 8-bit range, so after the clamp the result is the same.
+#[inline(always)]
+fn round_even(v: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2⁵²
+    (v + MAGIC) - MAGIC
+}
+
+/// For each output pixel and kernel offset, the input offset it reads (`u32::MAX`:
+/// padding), pixel-major; `None` when the input is too large for u32 offsets.
+fn sources(geo: &kiln_ir::ops::linalg::ConvGeometry, xs: &[usize]) -> Option<Vec<u32>> {
+    let nsp = xs.len() - 2;
+    let in_sp: usize = xs[2..].iter().product();
+    if in_sp >= u32::MAX as usize {
+        return None;
+    }
+    let ksize: usize = geo.kernel.iter().product();
+    let p: usize = geo.out.iter().product();
+    let in_st = kiln_ir::tensor::strides(&xs[2..]);
+    let mut src = vec![u32::MAX; ksize * p];
+    let mut kix = vec![0usize; nsp];
+    for ki in 0..ksize {
+        let mut o = vec![0usize; nsp];
+        for pi in 0..p {
+            let mut off = Some(0usize);
+            for a in 0..nsp {
+                let pos = (o[a] * geo.strides[a] + kix[a] * geo.dilations[a]) as i64
+                    - geo.pads_begin[a] as i64;
+                off = match off {
+                    Some(v) if (0..xs[2 + a] as i64).contains(&pos) => {
+                        Some(v + pos as usize * in_st[a])
+                    }
+                    _ => None,
+                };
+            }
+            if let Some(v) = off {
+                src[pi * ksize + ki] = v as u32;
+            }
+            for a in (0..nsp).rev() {
+                o[a] += 1;
+                if o[a] < geo.out[a] {
+                    break;
+                }
+                o[a] = 0;
+            }
+        }
+        for a in (0..nsp).rev() {
+            kix[a] += 1;
+            if kix[a] < geo.kernel[a] {
+                break;
+            }
+            kix[a] = 0;
+        }
+    }
+    Some(src)
 }
 
 impl PreparedConvI8 {
@@ -123,6 +192,7 @@ impl PreparedConvI8 {
             op,
             attrs: attrs.clone(),
             packed,
+            sources: std::sync::Mutex::new(None),
         })
     }
 
@@ -200,47 +270,18 @@ impl PreparedConvI8 {
         } else {
             None
         };
-        // For each kernel offset, the input offset each output pixel reads (MAX: padding).
-        let nsp = xs.len() - 2;
-        let in_st = kiln_ir::tensor::strides(&xs[2..]);
-        let mut src = vec![u32::MAX; ksize * p];
-        if in_sp >= u32::MAX as usize {
-            return None;
-        }
-        let mut kix = vec![0usize; nsp];
-        for ki in 0..ksize {
-            let mut o = vec![0usize; nsp];
-            for pi in 0..p {
-                let mut off = Some(0usize);
-                for a in 0..nsp {
-                    let pos = (o[a] * geo.strides[a] + kix[a] * geo.dilations[a]) as i64
-                        - geo.pads_begin[a] as i64;
-                    off = match off {
-                        Some(v) if (0..xs[2 + a] as i64).contains(&pos) => {
-                            Some(v + pos as usize * in_st[a])
-                        }
-                        _ => None,
-                    };
-                }
-                if let Some(v) = off {
-                    src[ki * p + pi] = v as u32;
-                }
-                for a in (0..nsp).rev() {
-                    o[a] += 1;
-                    if o[a] < geo.out[a] {
-                        break;
-                    }
-                    o[a] = 0;
+        // Which input each output pixel reads, cached for the last shapes seen.
+        let src = {
+            let mut cached = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            match cached.as_ref().filter(|(x, w, _)| x == xs && w == ws) {
+                Some((_, _, s)) => s.clone(),
+                None => {
+                    let s = std::sync::Arc::new(sources(&geo, xs)?);
+                    *cached = Some((xs.to_vec(), ws.to_vec(), s.clone()));
+                    s
                 }
             }
-            for a in (0..nsp).rev() {
-                kix[a] += 1;
-                if kix[a] < geo.kernel[a] {
-                    break;
-                }
-                kix[a] = 0;
-            }
-        }
+        };
         let here;
         let packs = match &self.packed {
             Some((shape, packs)) if shape == ws && packs.len() == group => packs,
@@ -251,6 +292,7 @@ impl PreparedConvI8 {
         };
         let mut acc = vec![0i32; n * m * p];
         let mut yt = vec![0i32; p * mg];
+        let (mut cols_u, mut cols_i) = (Vec::new(), Vec::new());
         for ni in 0..n {
             for g in 0..group {
                 let zb: Vec<i32> = if zw.len() == 1 {
@@ -261,9 +303,10 @@ impl PreparedConvI8 {
                 let at = (ni * c + g * cg) * in_sp;
                 let r = match bytes(x)? {
                     Bytes::U8(v) => {
-                        let cols = gather(&v[at..at + cg * in_sp], zx[0] as u8, &src, cg, in_sp, p);
+                        let img = &v[at..at + cg * in_sp];
+                        gather(img, zx[0] as u8, &src, (cg, ksize, in_sp), &mut cols_u);
                         gemm_i8::matmul_integer(
-                            Bytes::U8(&cols),
+                            Bytes::U8(&cols_u),
                             p,
                             &zx,
                             &packs[g],
@@ -274,9 +317,10 @@ impl PreparedConvI8 {
                         )
                     }
                     Bytes::I8(v) => {
-                        let cols = gather(&v[at..at + cg * in_sp], zx[0] as i8, &src, cg, in_sp, p);
+                        let img = &v[at..at + cg * in_sp];
+                        gather(img, zx[0] as i8, &src, (cg, ksize, in_sp), &mut cols_i);
                         gemm_i8::matmul_integer(
-                            Bytes::I8(&cols),
+                            Bytes::I8(&cols_i),
                             p,
                             &zx,
                             &packs[g],
@@ -311,7 +355,7 @@ impl PreparedConvI8 {
         let qv = |i: usize, a: i32| {
             let ch = (i / p) % m;
             let a = a.wrapping_add(bias.map_or(0, |b| b[ch]));
-            ((f64::from(a) * mult[ch]).round_ties_even() + z).clamp(lo, hi)
+            (round_even(f64::from(a) * mult[ch]) + z).clamp(lo, hi)
         };
         Some(Ok(if ydt == DType::I8 {
             Tensor::from_vec(
@@ -346,6 +390,28 @@ mod tests {
             Tensor::from_vec(shape.to_vec(), (0..n).map(|_| rng.gen::<i8>()).collect())
         } else {
             Tensor::from_vec(shape.to_vec(), (0..n).map(|_| rng.gen::<u8>()).collect())
+        }
+    }
+
+    #[test]
+    fn round_even_is_round_ties_even_below_two_to_the_51() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let ties = [
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.0,
+            -0.0,
+            3.49999,
+            1e15 + 0.5,
+            -1e15 - 0.5,
+        ];
+        let random = (0..10_000).map(|_| rng.gen_range(-1e6f64..1e6));
+        for v in ties.into_iter().chain(random) {
+            assert_eq!(round_even(v), v.round_ties_even(), "{v}");
         }
     }
 
