@@ -352,27 +352,29 @@ impl PreparedConvI8 {
         } else {
             (0.0, 255.0)
         };
-        let qv = |i: usize, a: i32| {
-            let ch = (i / p) % m;
-            let a = a.wrapping_add(bias.map_or(0, |b| b[ch]));
-            (round_even(f64::from(a) * mult[ch]) + z).clamp(lo, hi)
-        };
+        // Row by row (one output channel of one image each): its multiplier and bias once.
+        fn requantise<T>(
+            acc: &[i32],
+            p: usize,
+            m: usize,
+            (mult, bias, z, lo, hi): (&[f64], Option<&[i32]>, f64, f64, f64),
+            to: impl Fn(f64) -> T,
+        ) -> Vec<T> {
+            let mut out = Vec::with_capacity(acc.len());
+            for (r, row) in acc.chunks_exact(p).enumerate() {
+                let ch = r % m;
+                let (mu, b) = (mult[ch], bias.map_or(0, |b| b[ch]));
+                out.extend(row.iter().map(|&a| {
+                    to((round_even(f64::from(a.wrapping_add(b)) * mu) + z).clamp(lo, hi))
+                }));
+            }
+            out
+        }
+        let params = (&mult[..], bias, z, lo, hi);
         Some(Ok(if ydt == DType::I8 {
-            Tensor::from_vec(
-                shape,
-                acc.iter()
-                    .enumerate()
-                    .map(|(i, &a)| qv(i, a) as i8)
-                    .collect(),
-            )
+            Tensor::from_vec(shape, requantise(&acc, p, m, params, |v| v as i8))
         } else {
-            Tensor::from_vec(
-                shape,
-                acc.iter()
-                    .enumerate()
-                    .map(|(i, &a)| qv(i, a) as u8)
-                    .collect(),
-            )
+            Tensor::from_vec(shape, requantise(&acc, p, m, params, |v| v as u8))
         }))
     }
 }
