@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes bench/conv.md: the conv nets of scripts/make_conv_models.py at full size (a
 # YOLOv8-n-like backbone slice at 320x320, a 1-D conv byte classifier over 4096 bytes,
-# batch 4; built into $CONV_MODELS, not committed) with `kiln bench --compare-ort` at 1 and 2
+# batch 4, a U-Net-style decoder with ConvTranspose and bilinear Resize at 256x256; built
+# into $CONV_MODELS, not committed) with `kiln bench --compare-ort` at 1 and 2
 # threads (kiln and ONNX Runtime in the same run, alternating rounds), and the per-op
 # profile (`kiln bench --profile`, 1 thread) of each.
 #
@@ -20,7 +21,8 @@ fi
 DIR=${CONV_MODELS:-target/conv-models}
 OUT=bench/conv.md
 CPU=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
-[ -f "$DIR/yolo_slice/model.onnx" ] && [ -f "$DIR/conv1d_cls/model.onnx" ] ||
+[ -f "$DIR/yolo_slice/model.onnx" ] && [ -f "$DIR/conv1d_cls/model.onnx" ] &&
+  [ -f "$DIR/unet_dec/model.onnx" ] ||
   .venv/bin/python scripts/make_conv_models.py --bench "$DIR" >&2
 
 # "ms per run" and the top ops by share from a profiled run of binary $1 on model $2.
@@ -38,7 +40,9 @@ profile() {
   echo "Models: \`scripts/make_conv_models.py --bench\` (random weights): yolo_slice = YOLOv8-n"
   echo "widths at 1x3x320x320 (Conv-BN-SiLU, C2f, SPPF, nearest Resize + Concat head);"
   echo "conv1d_cls = byte embedding + Conv1d/ReLU/MaxPool1d x2, dilated and depthwise Conv1d,"
-  echo "global average pool, Gemm, on 4x4096 bytes."
+  echo "global average pool, Gemm, on 4x4096 bytes; unet_dec = 3x3 conv+ReLU encoder (32, 64,"
+  echo "128 channels, two stride-2), ConvTranspose 2x2/2 and 4x4/2 (pad 1) each + skip Concat +"
+  echo "3x3 conv, 1x1 head plus a bilinear x4 Resize of an auxiliary head, at 1x3x256x256."
   echo "\`kiln bench MODEL --threads 1,2 --runs $RUNS --warmup 3 --compare-ort\`: median and min of"
   echo "$RUNS runs; kiln/ORT is the ratio of medians (below 1: kiln is faster)."
   echo
@@ -51,13 +55,13 @@ for bin in ${KILN_BEFORE:+"$KILN_BEFORE"} "$KILN"; do
     echo
   } >>"$OUT"
   format=md
-  for m in yolo_slice conv1d_cls; do
+  for m in yolo_slice conv1d_cls unet_dec; do
     echo "$m ($bin)" >&2
     "$bin" bench "$DIR/$m/model.onnx" --threads 1,2 --runs "$RUNS" --warmup 3 --compare-ort --format "$format" >>"$OUT"
     format=md-rows
   done
   echo >>"$OUT"
-  for m in yolo_slice conv1d_cls; do
+  for m in yolo_slice conv1d_cls unet_dec; do
     {
       echo "Profile of $m (\`$bin bench ... --threads 1 --runs 5 --profile\`):"
       echo

@@ -9,13 +9,18 @@
 - conv1d_cls: a 1-D conv byte classifier: Gather byte embeddings, Transpose to [N, C, L],
   Conv1d+ReLU+MaxPool1d twice, a dilated Conv1d+ReLU, a depthwise Conv1d, global average
   pool, Gemm to logits.
+- unet_dec: a small U-Net-style segmentation net: three conv+ReLU encoder stages (two
+  stride-2), a decoder of ConvTranspose 2x2/2 (bias) and ConvTranspose 4x4/2 pad 1 each
+  followed by Concat with the encoder skip and a 3x3 conv+ReLU, a 1x1 class head, plus an
+  auxiliary 1x1 head on the deepest feature upsampled x4 by a bilinear Resize
+  (pytorch_half_pixel) and added to the main head.
 
 The test versions (tests/models/<name>, each under 2 MB) are narrow and small; `--bench DIR`
 writes the full-size versions instead (YOLOv8-n widths at 320x320, a 4096-byte sequence,
 batch 4), which are not committed. Random weights, fixed seeds. Run with the repo's venv
 (onnx, onnxruntime, numpy):
-    .venv/bin/python scripts/make_conv_models.py              # tests/models/{yolo_slice,conv1d_cls}
-    .venv/bin/python scripts/make_conv_models.py --bench DIR  # DIR/{yolo_slice,conv1d_cls}
+    .venv/bin/python scripts/make_conv_models.py              # tests/models/{yolo_slice,conv1d_cls,unet_dec}
+    .venv/bin/python scripts/make_conv_models.py --bench DIR  # the same names under DIR
 """
 import argparse
 import os
@@ -152,6 +157,36 @@ def conv1d_cls(rng, width, seq):
         [helper.make_tensor_value_info(logits, TensorProto.FLOAT, None)])
 
 
+def unet_dec(rng, c, size, classes=4):
+    """Image [1, 3, size, size] -> per-pixel class logits [1, classes, size, size]."""
+    b = Builder(rng)
+    relu = lambda x: b.node("Relu", [x])
+    e1 = relu(b.conv("image", 3, c, 3, bias=True))                  # size
+    e2 = relu(b.conv(e1, c, 2 * c, 3, s=2, bias=True))              # size/2
+    e3 = relu(b.conv(e2, 2 * c, 4 * c, 3, s=2, bias=True))          # size/4
+    e3 = relu(b.conv(e3, 4 * c, 4 * c, 3, bias=True))
+
+    def up(x, c1, c2, k, pad):
+        w = b.weight([c1, c2, k, k], c1)
+        bias = b.const("b", (0.1 * rng.standard_normal(c2)).astype(np.float32))
+        return b.node("ConvTranspose", [x, w, bias], kernel_shape=[k, k], strides=[2, 2],
+                      pads=[pad] * 4)
+
+    d2 = up(e3, 4 * c, 2 * c, 2, 0)                                 # size/2
+    d2 = relu(b.conv(b.node("Concat", [d2, e2], axis=1), 4 * c, 2 * c, 3, bias=True))
+    d1 = up(d2, 2 * c, c, 4, 1)                                     # size
+    d1 = relu(b.conv(b.node("Concat", [d1, e1], axis=1), 2 * c, c, 3, bias=True))
+    head = b.conv(d1, c, classes, 1, bias=True)
+    aux = b.conv(e3, 4 * c, classes, 1, bias=True)
+    aux = b.node("Resize", [aux, "", b.const("scales", np.array([1, 1, 4, 4], np.float32))],
+                 mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
+    out = b.node("Add", [head, aux])
+    return b.model(
+        "unet_dec",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
 def write(out, model, inputs):
     """Saves `model` to out/model.onnx with ORT's outputs as test_data_set_0."""
     if os.path.isdir(out):
@@ -196,6 +231,13 @@ def main():
     m = conv1d_cls(rng, 1.0 if full else 0.5, seq)
     ids = rng.integers(0, 256, size=(batch, seq)).astype(np.int64)
     s = write(os.path.join(root, "conv1d_cls"), m, {"bytes": ids})
+    assert full or s < 2 << 20, s
+
+    rng = np.random.default_rng(2026)
+    size = 256 if full else 32
+    m = unet_dec(rng, 32 if full else 8, size)
+    x = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    s = write(os.path.join(root, "unet_dec"), m, {"image": x})
     assert full or s < 2 << 20, s
 
 

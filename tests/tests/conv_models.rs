@@ -1,6 +1,7 @@
 //! The conv-net fixtures in `tests/models` (made by `scripts/make_conv_models.py`: a
 //! YOLOv8-n-like backbone slice with unfused BatchNorm, SiLU, C2f, SPPF and a nearest
-//! Resize; a 1-D conv byte classifier with a dilated and a depthwise conv) run through
+//! Resize; a 1-D conv byte classifier with a dilated and a depthwise conv; a U-Net-style
+//! decoder with ConvTranspose, skip Concat and a bilinear Resize) run through
 //! `kiln::Model` on the interpreter (as imported and optimised) and the JIT, and match ONNX
 //! Runtime's outputs within `MODEL_TOLERANCE`; the text form round-trips them.
 
@@ -43,4 +44,9 @@ fn yolo_slice_matches_onnx_runtime() {
 #[test]
 fn conv1d_classifier_matches_onnx_runtime() {
     check_model("conv1d_cls");
+}
+
+#[test]
+fn unet_decoder_matches_onnx_runtime() {
+    check_model("unet_dec");
 }

@@ -51,6 +51,26 @@ fn runs_natively(exe: &Executable, name: &str, op: OpKind) {
     assert!(kiln_runtime::executor::routines::has_fast_path(op));
 }
 
+/// The plan lays out the recurrent node's constant `W` and `R` once (a prepared routine
+/// in its kernel's slot), instead of on every run.
+fn weights_prepared_once(name: &str, op: OpKind) {
+    let model = Model::load(dir(name).join("model.onnx")).unwrap();
+    let plan = kiln_runtime::executor::CpuPlan::partition(model.graph()).unwrap();
+    let i = plan
+        .plan
+        .kernels
+        .iter()
+        .position(
+            |k| matches!(k, kiln_plan::Kernel::Fallback(n) if plan.plan.graph.nodes[*n].op == op),
+        )
+        .unwrap_or_else(|| panic!("{name}: no `{}` kernel", op.name()));
+    assert!(
+        plan.contractions[i].is_some(),
+        "{name}: `{}` has no prepared weights",
+        op.name()
+    );
+}
+
 /// The JIT against the interpreter on other sequence lengths and batch sizes than the test
 /// data's (the models' seq and batch dims are symbolic).
 fn jit_matches_interp_on_other_sizes(name: &str) {
@@ -102,6 +122,7 @@ fn jit_matches_interp_on_other_sizes(name: &str) {
 fn lstm_bidir_matches_pytorch_on_jit_and_interpreter() {
     let jit = matches_reference("lstm_bidir", Backend::Jit);
     runs_natively(&jit, "lstm_bidir", OpKind::Lstm);
+    weights_prepared_once("lstm_bidir", OpKind::Lstm);
     matches_reference("lstm_bidir", Backend::Interp);
     jit_matches_interp_on_other_sizes("lstm_bidir");
 }
@@ -110,6 +131,7 @@ fn lstm_bidir_matches_pytorch_on_jit_and_interpreter() {
 fn gru_bidir_matches_pytorch_on_jit_and_interpreter() {
     let jit = matches_reference("gru_bidir", Backend::Jit);
     runs_natively(&jit, "gru_bidir", OpKind::Gru);
+    weights_prepared_once("gru_bidir", OpKind::Gru);
     matches_reference("gru_bidir", Backend::Interp);
     jit_matches_interp_on_other_sizes("gru_bidir");
 }

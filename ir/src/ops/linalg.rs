@@ -613,6 +613,63 @@ pub fn conv_geometry(attrs: &Attrs, x: &[usize], w: &[usize]) -> Result<ConvGeom
     })
 }
 
+/// A conv_transpose's geometry as the interpreter resolves it (auto_pad, output_padding
+/// and output_shape applied), for native routines that must read the attributes exactly
+/// as the reference does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvTransposeGeometry {
+    /// Groups.
+    pub group: usize,
+    /// Kernel size per spatial axis.
+    pub kernel: Vec<usize>,
+    /// Stride per spatial axis.
+    pub strides: Vec<usize>,
+    /// Dilation per spatial axis.
+    pub dilations: Vec<usize>,
+    /// Per spatial axis, the output position of input 0 at kernel offset 0 is `-begin`
+    /// (`i·stride + k·dilation − begin`; negative where output_shape asks for more than the
+    /// full size under SAME padding).
+    pub begins: Vec<i64>,
+    /// Output size per spatial axis.
+    pub out: Vec<usize>,
+}
+
+/// The geometry of `conv_transpose(x, w)` from its attributes and operand shapes, with the
+/// checks of the reference (weights `[C, M/group, k...]`, channels against groups).
+pub fn conv_transpose_geometry(
+    attrs: &Attrs,
+    x: &[usize],
+    w: &[usize],
+) -> Result<ConvTransposeGeometry, String> {
+    if x.len() < 3 || w.len() != x.len() {
+        return Err(format!(
+            "conv_transpose input {x:?} and weight {w:?} do not fit"
+        ));
+    }
+    let group = attrs.int_or("group", 1)?;
+    let group = usize::try_from(group)
+        .ok()
+        .filter(|&g| g > 0)
+        .ok_or_else(|| format!("bad group {group}"))?;
+    let nsp = x.len() - 2;
+    let win = Window::from_attrs(attrs, nsp, Some(w[2..].to_vec()))?;
+    if win.kernel != w[2..] || w[0] != x[1] || !x[1].is_multiple_of(group) {
+        return Err(format!(
+            "conv_transpose input {x:?}, weight {w:?}, group {group} disagree"
+        ));
+    }
+    let (out, begins) = transpose_geometry(attrs, &win, &x[2..])?;
+    checked_numel(&out)?;
+    Ok(ConvTransposeGeometry {
+        group,
+        kernel: win.kernel,
+        strides: win.strides,
+        dilations: win.dilations,
+        begins,
+        out,
+    })
+}
+
 fn conv(attrs: &Attrs, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, String> {
     let mut g = conv_geom(attrs, x, w)?;
     let m = w.shape()[0];

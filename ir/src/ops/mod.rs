@@ -368,9 +368,9 @@ op_table! {
     // ---- quant_linalg.rs: integer contractions
     MatMulInteger = "matmul_integer", "MatMulInteger", QuantLinalg, 2..=4, plain, rule, Contraction, Contraction;
     MatMulIntegerScaled = "matmul_integer_scaled", "", QuantLinalg, 5..=6, attrs, rule, Contraction, Contraction;
-    ConvInteger = "conv_integer", "ConvInteger", QuantLinalg, 2..=4, attrs, rule, Interp, Contraction;
-    QLinearMatMul = "qlinear_matmul", "QLinearMatMul", QuantLinalg, 8..=8, plain, rule, Interp, Contraction;
-    QLinearConv = "qlinear_conv", "QLinearConv", QuantLinalg, 8..=9, attrs, rule, Interp, Contraction;
+    ConvInteger = "conv_integer", "ConvInteger", QuantLinalg, 2..=4, attrs, rule, Contraction, Contraction;
+    QLinearMatMul = "qlinear_matmul", "QLinearMatMul", QuantLinalg, 8..=8, plain, rule, Contraction, Contraction;
+    QLinearConv = "qlinear_conv", "QLinearConv", QuantLinalg, 8..=9, attrs, rule, Contraction, Contraction;
     // ---- fused.rs: kiln-only ops that canonicalisation recognises (no ONNX name)
     Silu = "silu", "", Fused, 1..=1, plain, rule, Loop, Elem(10.0);
     Rotary = "rotary", "", Fused, 3..=3, attrs, rule, Native, Elem(4.0);

@@ -173,6 +173,40 @@ pub fn nearest_picks(
     Ok(Some((p.out.clone(), picks(attrs, &p, shape)?, p.extrap)))
 }
 
+/// Per-axis interpolation taps of a linear or cubic resize.
+pub type AxisTaps = Vec<Option<Vec<(usize, f64)>>>;
+
+/// A linear- or cubic-mode resize's interpolation taps along every axis for each output
+/// index (input index and weight per tap, None: the extrapolation value), with the output
+/// shape and that value: what a native routine needs to interpolate exactly as the
+/// reference does (one axis after another, axis 0 first). `Ok(None)` for nearest mode.
+#[allow(clippy::type_complexity)]
+pub fn interp_taps(
+    attrs: &Attrs,
+    inputs: &[Option<&Tensor>],
+) -> Result<Option<(Vec<usize>, Vec<AxisTaps>, f64)>, String> {
+    let p = plan(attrs, inputs)?;
+    let cubic = match p.mode.as_str() {
+        "linear" => false,
+        "cubic" => true,
+        _ => return Ok(None),
+    };
+    let shape = arg(inputs, 0)?.shape();
+    let a_coef = attrs.float_or("cubic_coeff_a", -0.75)? as f64;
+    let exclude = attrs.int_or("exclude_outside", 0)? != 0;
+    let taps = p
+        .coords
+        .iter()
+        .enumerate()
+        .map(|(a, cs)| {
+            cs.iter()
+                .map(|c| c.map(|c| weights(c, shape[a], cubic, a_coef, exclude)))
+                .collect()
+        })
+        .collect();
+    Ok(Some((p.out, taps, p.extrap)))
+}
+
 fn picks(attrs: &Attrs, p: &Plan, shape: &[usize]) -> Result<Vec<Vec<Option<usize>>>, String> {
     let nm = attrs.string_or("nearest_mode", "round_prefer_floor".into())?;
     let mut pick: Vec<Vec<Option<usize>>> = Vec::with_capacity(shape.len());

@@ -1,15 +1,19 @@
 //! Contraction kernels: a `Kernel::Contraction` node compiled into a [`Prepared`] routine
 //! (constant weights packed once, attributes parsed once) and run on the CPU kernels in
 //! [`crate::native`]: GEMM with the fused `linear` epilogue for matmul / gemm / linear,
-//! flash attention for `attention`, im2col + GEMM for patch convolutions, the exact 8-bit
-//! GEMM ([`crate::native::gemm_i8`]) for `matmul_integer`. Anything these do
-//! not cover (other dtypes, layouts, attributes) returns `None` from [`Prepared::run`] and the
-//! executor runs the interpreter's op instead, so an unsupported case is slow, never wrong.
+//! flash attention for `attention`, im2col + GEMM for convolutions, GEMM + col2im for
+//! `conv_transpose`, the exact 8-bit GEMM ([`crate::native::gemm_i8`]) for
+//! `matmul_integer`, `qlinear_matmul`, `conv_integer` and `qlinear_conv`; also the constant
+//! weights of the recurrent ops' native routine (those nodes are `Fallback` kernels).
+//! Anything these do not cover (other dtypes, layouts, attributes) returns `None` from
+//! [`Prepared::run`] and the executor runs the interpreter's op instead, so an unsupported
+//! case is slow, never wrong.
 
 use super::arena::Outputs;
 use crate::native::attention::{self, Attention, Mask};
 use crate::native::conv::{pack_weight, patch_conv, PatchConv};
 use crate::native::conv_gemm::{ConvAct, ConvArgs, PreparedConv};
+use crate::native::conv_transpose::PreparedConvTranspose;
 use crate::native::gemm::{
     gemm_in, sparse, Activation, Epilogue, GemmConfig, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -72,6 +76,15 @@ pub enum Prepared {
         /// The packed constant right operand.
         packed: Option<PackedB8>,
     },
+    /// `qlinear_matmul(a, sa, za, b, sb, zb, sy, zy)` with a 2-D `b`: the integer GEMM, then
+    /// the reference's requantisation.
+    QLinearMatMul {
+        /// The packed constant right operand.
+        packed: Option<PackedB8>,
+    },
+    /// `conv_integer` / `qlinear_conv` of any geometry on the integer GEMM, the weight
+    /// packed once ([`crate::native::conv_integer`]).
+    ConvI8(crate::native::conv_integer::PreparedConvI8),
     /// A conv whose kernel equals its stride, no padding, dilation 1, one group.
     PatchConv {
         /// The strides (the weight's kernel must equal them).
@@ -82,6 +95,13 @@ pub enum Prepared {
     /// Any other f32 conv (and `fused_conv`: conv, activation, residual add): the weight
     /// laid out once, im2col chunks on the GEMM ([`crate::native::conv_gemm`]).
     Conv(PreparedConv),
+    /// An f32 `conv_transpose` of any geometry: the transposed weight laid out once, GEMM
+    /// into columns and col2im ([`crate::native::conv_transpose`]).
+    ConvTranspose(PreparedConvTranspose),
+    /// `lstm` / `gru` / `rnn` with constant `W` and `R`, laid out once
+    /// ([`super::recurrent`]; a node without constant weights is not prepared and runs the
+    /// same routine on its operands).
+    Recurrent(super::recurrent::PreparedRecurrent),
 }
 
 /// Compiles contraction node `n` of `g`; `None` when no CPU routine applies (the
@@ -182,6 +202,22 @@ pub fn prepare_op<'t>(
                 PackedB8::pack(bytes(t)?, k, n).ok()
             }),
         },
+        OpKind::QLinearMatMul => Prepared::QLinearMatMul {
+            packed: constant(3).and_then(|t| {
+                let [k, n] = <[usize; 2]>::try_from(t.shape()).ok()?;
+                PackedB8::pack(bytes(t)?, k, n).ok()
+            }),
+        },
+        OpKind::ConvInteger => Prepared::ConvI8(crate::native::conv_integer::PreparedConvI8::new(
+            op,
+            attrs,
+            constant(1),
+        )?),
+        OpKind::QLinearConv => Prepared::ConvI8(crate::native::conv_integer::PreparedConvI8::new(
+            op,
+            attrs,
+            constant(3),
+        )?),
         OpKind::Conv if patch_stride(attrs).is_some() => Prepared::PatchConv {
             stride: patch_stride(attrs)?,
             packed: constant(1).and_then(|t| {
@@ -199,6 +235,13 @@ pub fn prepare_op<'t>(
             let w = constant(1).and_then(|t| Some((t.as_slice::<f32>()?, t.shape())));
             let bias = constant(2).and_then(|t| t.as_slice::<f32>());
             Prepared::Conv(PreparedConv::new(attrs, act, w, bias))
+        }
+        OpKind::Lstm | OpKind::Gru | OpKind::Rnn => Prepared::Recurrent(
+            super::recurrent::PreparedRecurrent::new(op, attrs, constant(1), constant(2))?,
+        ),
+        OpKind::ConvTranspose => {
+            let w = constant(1).and_then(|t| Some((t.as_slice::<f32>()?, t.shape())));
+            Prepared::ConvTranspose(PreparedConvTranspose::new(attrs, w))
         }
         _ => return None,
     })
@@ -383,6 +426,12 @@ impl Prepared {
                 return matmul_integer_scaled(ins, packed.as_ref(), pool, out)
                     .map(|r| r.map(|t| vec![t]));
             }
+            Prepared::QLinearMatMul { packed } => {
+                return qlinear_matmul(ins, packed.as_ref(), pool).map(|r| r.map(|t| vec![t]));
+            }
+            Prepared::ConvI8(p) => return p.run(ins, pool).map(|r| r.map(|t| vec![t])),
+            // Its sequence lengths are i32.
+            Prepared::Recurrent(p) => return p.run(ins, pool).map(Ok),
             _ => {}
         }
         if ins
@@ -427,7 +476,12 @@ impl Prepared {
                 conv_op(ins, *stride, packed.as_ref(), pool, out)
             }
             Prepared::Conv(pc) => general_conv(pc, ins, pool, out),
-            Prepared::MatMulInteger { .. } | Prepared::MatMulIntegerScaled { .. } => None,
+            Prepared::ConvTranspose(pc) => conv_transpose_op(pc, ins, pool, out),
+            Prepared::MatMulInteger { .. }
+            | Prepared::MatMulIntegerScaled { .. }
+            | Prepared::QLinearMatMul { .. }
+            | Prepared::ConvI8(_)
+            | Prepared::Recurrent(_) => None,
         }
         .map(|r| r.map(|t| vec![t]))
     }
@@ -482,6 +536,93 @@ fn matmul_integer(
         r.map(|()| Tensor::from_buf(shape, y))
             .map_err(|e| e.to_string()),
     )
+}
+
+/// `qlinear_matmul(a, sa, za, b, sb, zb, sy, zy)`: the integer GEMM of [`matmul_integer`]
+/// (A's scale and zero point per tensor, B's per tensor or per column), then the
+/// reference's requantisation `saturate(round_half_even(acc · m) + zy)` with `m = f32(f32(sa
+/// · sb) / sy)` per column and the product in f64, so the bytes equal the interpreter's.
+/// f32 scales only; other forms return `None` (the interpreter runs the node).
+fn qlinear_matmul(
+    ins: &[Option<&Tensor>],
+    packed: Option<&PackedB8>,
+    pool: &Pool,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (a, sa, za, b, sb, zb, sy, zy) = (
+        arg(0)?,
+        arg(1)?,
+        arg(2),
+        arg(3)?,
+        arg(4)?,
+        arg(5),
+        arg(6)?,
+        arg(7),
+    );
+    let [_, n] = <[usize; 2]>::try_from(b.shape()).ok()?;
+    let single = |t: Option<&Tensor>| t.is_none_or(|t| t.len() == 1);
+    let per_col =
+        |t: &Tensor| t.len() == 1 || (t.len() == n && [&[n][..], &[1, n]].contains(&t.shape()));
+    let ydt = zy.map_or(a.dtype(), Tensor::dtype);
+    if sa.len() != 1
+        || sy.len() != 1
+        || !single(za)
+        || !single(zy)
+        || !per_col(sb)
+        || zb.is_some_and(|z| z.shape() != sb.shape() && !(z.len() == 1 && sb.len() == 1))
+        || !matches!(ydt, DType::I8 | DType::U8)
+    {
+        return None;
+    }
+    let f = |t: &Tensor| {
+        t.as_slice::<f32>()
+            .map(|v| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>())
+    };
+    let (sav, sbv, syv) = (f(sa)?, f(sb)?, f(sy)?);
+    let acc = match matmul_integer(
+        &[Some(a), Some(b), za, zb],
+        packed,
+        pool,
+        &mut Outputs::none(),
+    )? {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e)),
+    };
+    let acc_v = acc.as_slice::<i32>()?;
+    // The multiplier per column, each step rounded to f32 as in the reference.
+    let mult: Vec<f64> = (0..n)
+        .map(|j| {
+            let sab = f64::from((sav[0] * sbv[if sbv.len() == 1 { 0 } else { j }]) as f32);
+            f64::from((sab / syv[0]) as f32)
+        })
+        .collect();
+    let z = zy.map_or(0.0, |z| z.to_f64s()[0]);
+    let (lo, hi) = if ydt == DType::I8 {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    let q = |i: usize, c: i32| ((f64::from(c) * mult[i % n]).round_ties_even() + z).clamp(lo, hi);
+    let shape = acc.shape().to_vec();
+    Some(Ok(if ydt == DType::I8 {
+        Tensor::from_vec(
+            shape,
+            acc_v
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| q(i, c) as i8)
+                .collect(),
+        )
+    } else {
+        Tensor::from_vec(
+            shape,
+            acc_v
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| q(i, c) as u8)
+                .collect(),
+        )
+    }))
 }
 
 /// The prepared packing of the constant B `[K, N]` when it fits `b`, else `b` packed now.
@@ -1012,6 +1153,31 @@ fn general_conv(
     )
 }
 
+/// A conv_transpose of any geometry: `None` where the geometry or operands are not the
+/// routine's (the interpreter then runs the node and reports any error).
+fn conv_transpose_op(
+    pc: &PreparedConvTranspose,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    out: &mut Outputs,
+) -> Option<Result<Tensor, String>> {
+    let arg = |i: usize| ins.get(i).copied().flatten();
+    let (x, w) = (arg(0)?, arg(1)?);
+    let geo = pc.geometry(x.shape(), w.shape()).ok()?;
+    let shape = geo.out_shape().to_vec();
+    let bias = match arg(2) {
+        Some(b) if b.shape() == [shape[1]] => Some(f32s(b)?),
+        Some(_) => return None,
+        None => None,
+    };
+    // The routine writes every element.
+    let mut y = out.f32s(0, shape.iter().product());
+    Some(
+        pc.run(pool, &geo, f32s(x)?, f32s(w)?, bias, &mut y)
+            .map(|()| Tensor::from_buf(shape, y)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1147,6 +1313,95 @@ mod tests {
         let odd = t8(&mut rng, &[1, 2], false);
         let p = prepare_op(OpKind::MatMulInteger, &Attrs::new(), |_| None).unwrap();
         let ins = [Some(&a), Some(&b), Some(&odd)];
+        assert!(p.run(&ins, &pool, &mut Outputs::none()).is_none());
+    }
+
+    #[test]
+    fn qlinear_matmul_matches_the_interpreter_exactly() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let pool = Pool::new(2).unwrap();
+        let mut checked = 0;
+        for &(lead, k, n) in &[
+            (&[3usize][..], 5usize, 7usize),
+            (&[2, 5][..], 64, 33),
+            (&[1][..], 1, 1),
+            (&[4, 3][..], 130, 16),
+            (&[][..], 9, 4),
+        ] {
+            for (sa, sb, sy) in [
+                (false, true, false),
+                (true, false, true),
+                (false, false, false),
+                (true, true, true),
+            ] {
+                let mut ash = lead.to_vec();
+                ash.push(k);
+                let a = t8(&mut rng, &ash, sa);
+                let b = t8(&mut rng, &[k, n], sb);
+                let za = t8(&mut rng, &[], sa);
+                let col = rng.gen_bool(0.5);
+                let zb_shape = if col { vec![n] } else { vec![] };
+                let zb = t8(&mut rng, &zb_shape, sb);
+                let a_scale = Tensor::scalar(rng.gen_range(0.001f32..0.05));
+                let b_scale = if col {
+                    Tensor::from_vec(
+                        vec![n],
+                        (0..n).map(|_| rng.gen_range(0.001f32..0.05)).collect(),
+                    )
+                } else {
+                    Tensor::scalar(rng.gen_range(0.001f32..0.05))
+                };
+                // Small output scales saturate many values, large ones round many to zero.
+                let y_scale = Tensor::scalar([0.0005f32, 0.01, 0.2][rng.gen_range(0..3)]);
+                let zy = t8(&mut rng, &[], sy);
+                let ins = [
+                    Some(&a),
+                    Some(&a_scale),
+                    Some(&za),
+                    Some(&b),
+                    Some(&b_scale),
+                    Some(&zb),
+                    Some(&y_scale),
+                    Some(&zy),
+                ];
+                let want = kiln_ir::ops::eval(OpKind::QLinearMatMul, &Attrs::new(), &ins).unwrap();
+                for constant in [false, true] {
+                    let p = prepare_op(OpKind::QLinearMatMul, &Attrs::new(), |i| {
+                        (constant && i == 3).then_some(&b)
+                    })
+                    .unwrap();
+                    let got = p
+                        .run(&ins, &pool, &mut Outputs::none())
+                        .expect("the integer GEMM covers it")
+                        .unwrap();
+                    assert_eq!(
+                        got, want,
+                        "{ash:?}x[{k}, {n}] signed {sa}/{sb}/{sy} per column {col}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 40);
+        // A per-row scale of A is left to the interpreter.
+        let a = t8(&mut rng, &[2, 3], false);
+        let b = t8(&mut rng, &[3, 2], true);
+        let rows = Tensor::from_vec(vec![2], vec![0.01f32, 0.02]);
+        let (one, za, zb) = (
+            Tensor::scalar(0.01f32),
+            t8(&mut rng, &[], false),
+            t8(&mut rng, &[], true),
+        );
+        let ins = [
+            Some(&a),
+            Some(&rows),
+            Some(&za),
+            Some(&b),
+            Some(&one),
+            Some(&zb),
+            Some(&one),
+        ];
+        let p = prepare_op(OpKind::QLinearMatMul, &Attrs::new(), |_| None).unwrap();
         assert!(p.run(&ins, &pool, &mut Outputs::none()).is_none());
     }
 }

@@ -122,6 +122,15 @@ fn prepare_contractions(plan: &Plan) -> Vec<Option<std::sync::Arc<super::contrac
         .enumerate()
         .filter_map(|(i, k)| match k {
             Kernel::Contraction(n) => Some((i, *n)),
+            // Recurrent ops run a native routine whose constant weights are laid out once.
+            Kernel::Fallback(n)
+                if matches!(
+                    plan.graph.nodes[*n].op,
+                    kiln_ir::OpKind::Lstm | kiln_ir::OpKind::Gru | kiln_ir::OpKind::Rnn
+                ) =>
+            {
+                Some((i, *n))
+            }
             _ => None,
         })
         .collect();
@@ -509,14 +518,18 @@ impl CpuPlan {
                     let node = &g.nodes[*n];
                     let single = crate::pool::Pool::single();
                     let pool = runner.pool().unwrap_or(&single);
-                    let mut outs =
-                        match super::routines::run_fast_on(node, &ins, pool, &mut regions) {
-                            Some(outs) => outs,
-                            None => {
-                                kind = "interp";
-                                kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?
-                            }
-                        };
+                    let prepared = self.contractions.get(ki).and_then(|p| p.as_deref());
+                    let fast = match prepared.and_then(|p| p.run(&ins, pool, &mut regions)) {
+                        Some(r) => Some(r.map_err(err)?),
+                        None => super::routines::run_fast_on(node, &ins, pool, &mut regions),
+                    };
+                    let mut outs = match fast {
+                        Some(outs) => outs,
+                        None => {
+                            kind = "interp";
+                            kiln_ir::ops::eval(node.op, &node.attrs, &ins).map_err(err)?
+                        }
+                    };
                     // Trailing optional outputs the node does not name (a recurrent op's
                     // `Y_c`, say) are dropped, as on the other paths.
                     outs.truncate(node.outputs.len());

@@ -1,8 +1,11 @@
 //! The native routine of the recurrent ops (`lstm`, `gru`, `rnn`) in f32, so a recurrent
 //! model does not run its time loop on the interpreter's f64 path.
 //!
-//! Per direction: the input projection `X·Wᵀ + Wb + Rb` of every time step is ONE GEMM
-//! (`[S·B, I] × [I, G·H]` on the pool, biases in its epilogue); the per-step loop does the
+//! Constant `W` and `R` are laid out once with the plan ([`PreparedRecurrent`]: `Wᵀ`
+//! packed, `R` in the step's form), else on every run. Per direction: the input projection
+//! `X·Wᵀ + Wb + Rb` of every time step is ONE GEMM (`[S·B, I] × [I, G·H]` on the pool,
+//! biases in its epilogue); then the directions' time loops run, the two of a
+//! bidirectional node on two threads where the pool has them. The per-step loop does the
 //! recurrent `h·Rᵀ` for every batch entry at once, on a small register-blocked kernel over
 //! `Rᵀ` for batches up to [`SMALL_BATCH`], else as one `[B, H] × [H, G·H]` GEMM on `Rᵀ` packed
 //! once per run, followed by the gate math on each active batch entry's row. `gru` without
@@ -12,9 +15,11 @@
 //! returns `None` and runs on the interpreter, which reports the error.
 
 use crate::native::gemm::{gemm_in, Epilogue, GemmConfig, MatMut, MatRef, PackedB, Rhs};
-use crate::pool::Pool;
+use crate::pool::{Pool, SharedMut};
 use kiln_ir::ops::recurrent::{input, seq_lens, Act, Cell, Dims, Spec};
-use kiln_ir::{Node, Tensor};
+use kiln_ir::{Attrs, Node, OpKind, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 // sigmoid and tanh are `kiln_plan::vmath`'s recipes (the loop kernels' roundings); NaN
 // stays NaN.
@@ -89,6 +94,7 @@ const SMALL_BATCH: usize = 4;
 const NC: usize = 16;
 
 /// One direction's recurrent weights (a block of `R`'s rows) in the form the step uses.
+#[derive(Debug)]
 enum Recur {
     /// `Rᵀ` as `[H, n]`, row-major, for the small-batch kernel.
     Cols(Vec<f32>, usize),
@@ -211,156 +217,269 @@ fn block<const BB: usize>(
     }
 }
 
+/// A recurrent node's constant weights in the forms its run uses, prepared once with the
+/// plan (like a contraction's packed weights): `Wᵀ` packed for the input projection per
+/// direction now, and `R` per direction in the step's form for small batches (`Rᵀ`
+/// row-major) or large ones (`Rᵀ` packed), each built at the first run that needs it and
+/// kept.
+#[derive(Debug)]
+pub struct PreparedRecurrent {
+    op: OpKind,
+    attrs: Attrs,
+    /// The shapes of `W` and `R` these were made from.
+    w_shape: Vec<usize>,
+    r_shape: Vec<usize>,
+    /// Per direction, `Wᵀ` (`[I, G·H]`) packed.
+    w: Vec<PackedB>,
+    /// `R` itself (`[dirs, G·H, H]`), for the forms below.
+    r: Vec<f32>,
+    /// gru without `linear_before_reset`: `R` split into its z/r and h parts.
+    split_gru: bool,
+    /// Per direction, `R` for batches up to [`SMALL_BATCH`] and for larger ones.
+    small: OnceLock<Vec<RecurPair>>,
+    big: OnceLock<Vec<RecurPair>>,
+}
+
+/// One direction's `R` in the step's form: the main block and, for split gru, the h part.
+type RecurPair = (Recur, Option<Recur>);
+
+impl PreparedRecurrent {
+    /// Prepares `op` with `attrs` when its `W` and `R` are constant f32 tensors; `None`
+    /// otherwise (the run then lays them out on every call).
+    pub fn new(op: OpKind, attrs: &Attrs, w: Option<&Tensor>, r: Option<&Tensor>) -> Option<Self> {
+        let spec = Spec::new(op, attrs).ok()?;
+        let (w, r) = (w?, r?);
+        let (wv, rv) = (w.as_slice::<f32>()?, r.as_slice::<f32>()?);
+        let [dirs, gh, i_n] = <[usize; 3]>::try_from(w.shape()).ok()?;
+        let [rd, rgh, h_n] = <[usize; 3]>::try_from(r.shape()).ok()?;
+        if rd != dirs || rgh != gh || gh != spec.cell.gates() * h_n || dirs != spec.dirs() {
+            return None;
+        }
+        let packed = (0..dirs)
+            .map(|d| {
+                let wd = &wv[d * gh * i_n..(d + 1) * gh * i_n];
+                PackedB::pack(MatRef::new(wd, i_n, gh, 1, i_n).ok()?).ok()
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(PreparedRecurrent {
+            op,
+            attrs: attrs.clone(),
+            w_shape: w.shape().to_vec(),
+            r_shape: r.shape().to_vec(),
+            w: packed,
+            r: rv.to_vec(),
+            split_gru: spec.cell == Cell::Gru && !spec.linear_before_reset,
+            small: OnceLock::new(),
+            big: OnceLock::new(),
+        })
+    }
+
+    /// Whether it was made from weights of these shapes.
+    fn fits(&self, w: &[usize], r: &[usize]) -> bool {
+        self.w_shape == w && self.r_shape == r
+    }
+
+    /// `R` of every direction in the step's form for batch `b_n`.
+    fn recur(&self, b_n: usize) -> Option<&[RecurPair]> {
+        let (dirs, gh, h_n) = (self.r_shape[0], self.r_shape[1], self.r_shape[2]);
+        let build = || {
+            (0..dirs)
+                .map(|d| {
+                    recur_pair(
+                        &self.r[d * gh * h_n..(d + 1) * gh * h_n],
+                        h_n,
+                        b_n,
+                        self.split_gru,
+                    )
+                })
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default()
+        };
+        let forms = if b_n <= SMALL_BATCH {
+            self.small.get_or_init(build)
+        } else {
+            self.big.get_or_init(build)
+        };
+        (forms.len() == dirs).then_some(forms.as_slice())
+    }
+}
+
+/// R's rows `lo..hi` (of one direction's `rd`, `[G·H, H]`) as the step uses them: as
+/// stored for small batches, else `Rᵀ` packed (`[H, hi − lo]`).
+fn recur_block(rd: &[f32], h_n: usize, b_n: usize, lo: usize, hi: usize) -> Option<Recur> {
+    let rows = &rd[lo * h_n..hi * h_n];
+    let n = hi - lo;
+    if b_n <= SMALL_BATCH {
+        // Transposed in 16 × 16 tiles, so neither side strides through memory.
+        let mut rt = vec![0f32; h_n * n];
+        for k0 in (0..n).step_by(16) {
+            for j0 in (0..h_n).step_by(16) {
+                for j in j0..(j0 + 16).min(h_n) {
+                    let dst = &mut rt[j * n + k0..j * n + (k0 + 16).min(n)];
+                    for (kk, v) in dst.iter_mut().enumerate() {
+                        *v = rows[(k0 + kk) * h_n + j];
+                    }
+                }
+            }
+        }
+        return Some(Recur::Cols(rt, n));
+    }
+    let t = MatRef::new(rows, h_n, n, 1, h_n).ok()?;
+    PackedB::pack(t).ok().map(Recur::Packed)
+}
+
+/// One direction's `R` in the step's form: `[H, G·H]`, or for split gru `[H, 2H]` (z, r)
+/// and `[H, H]` (h).
+fn recur_pair(rd: &[f32], h_n: usize, b_n: usize, split_gru: bool) -> Option<RecurPair> {
+    let gh = rd.len() / h_n.max(1);
+    Some(if split_gru {
+        (
+            recur_block(rd, h_n, b_n, 0, 2 * h_n)?,
+            Some(recur_block(rd, h_n, b_n, 2 * h_n, gh)?),
+        )
+    } else {
+        (recur_block(rd, h_n, b_n, 0, gh)?, None)
+    })
+}
+
 /// The outputs of a recurrent node, or `None` to leave it to the interpreter.
 pub(crate) fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
+    let mut out = run_op(node.op, &node.attrs, ins, pool, None)?;
+    out.truncate(node.outputs.len());
+    Some(out)
+}
+
+impl PreparedRecurrent {
+    /// Every output of the prepared node (`Y`, `Y_h`, and `Y_c` for lstm) on `ins`, or
+    /// `None` to leave it to the interpreter.
+    pub fn run(&self, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
+        run_op(self.op, &self.attrs, ins, pool, Some(self))
+    }
+}
+
+/// Every output of `op` with `attrs` on `ins`, with the weights prepared once where `prep`
+/// has them.
+fn run_op(
+    op: OpKind,
+    attrs: &Attrs,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    prep: Option<&PreparedRecurrent>,
+) -> Option<Vec<Tensor>> {
     #[cfg(target_arch = "x86_64")]
     if crate::native::gemm::avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { run_avx2(node, ins, pool) };
+        return unsafe { run_avx2(op, attrs, ins, pool, prep) };
     }
-    run_body(node, ins, pool)
+    run_body(op, attrs, ins, pool, prep)
 }
 
 /// [`run`] compiled with AVX2+FMA, so the gate math vectorises and the inline `exp` rounds
 /// with `vroundps` instead of calling `floorf`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
-    run_body(node, ins, pool)
+unsafe fn run_avx2(
+    op: OpKind,
+    attrs: &Attrs,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    prep: Option<&PreparedRecurrent>,
+) -> Option<Vec<Tensor>> {
+    run_body(op, attrs, ins, pool, prep)
 }
 
-#[inline(always)]
-fn run_body(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Tensor>> {
-    let spec = Spec::new(node.op, &node.attrs).ok()?;
-    let get = |i: usize| ins.get(i).copied().flatten();
-    // Every float operand in f32 (`None`: omitted); any other dtype goes to the interpreter.
-    let f32s = |i: usize| -> Option<Option<&[f32]>> {
-        match get(i) {
-            None => Some(None),
-            Some(t) => t.as_slice::<f32>().map(Some),
+/// What every direction's step loop reads, and where it writes.
+struct Steps<'a> {
+    spec: &'a Spec,
+    d: &'a Dims,
+    lens: &'a [usize],
+    /// Per direction, the input projections `[S·B, G·H]` (biases folded in).
+    proj: &'a [f32],
+    /// Per direction, `R`'s bias (gru's `Rbh` under linear_before_reset is read from it).
+    rbias: &'a [f32],
+    recur: &'a [RecurPair],
+    h0: Option<&'a [f32]>,
+    c0: Option<&'a [f32]>,
+    peep: Option<&'a [f32]>,
+    /// `Y` (`[S, dirs, B, H]` or batch-major), `Y_h` and `Y_c`: each direction writes its
+    /// own entries only.
+    y: SharedMut,
+    yh: SharedMut,
+    yc: SharedMut,
+}
+
+impl Steps<'_> {
+    /// Direction `dir`'s step loop, with AVX2+FMA where the CPU has it.
+    fn direction(&self, dir: usize) -> Option<()> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::native::gemm::avx2::available() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { self.direction_avx2(dir) };
         }
-    };
-    let (x, w, r) = (f32s(input::X)??, f32s(input::W)??, f32s(input::R)??);
-    let (bias, h0) = (f32s(input::B)?, f32s(input::INITIAL_H)?);
-    let (c0, peep) = if spec.cell == Cell::Lstm {
-        (f32s(input::INITIAL_C)?, f32s(input::P)?)
-    } else {
-        (None, None)
-    };
-    let shapes: Vec<Option<&[usize]>> = ins.iter().map(|t| t.map(Tensor::shape)).collect();
-    let d = Dims::check(&spec, &shapes).ok()?;
-    let lens = seq_lens(get(input::SEQ_LENS), &d).ok()?;
-    let (s_n, b_n, i_n, h_n, dirs) = (d.seq, d.batch, d.input, d.hidden, d.dirs);
-    let g_n = spec.cell.gates();
-    let gh = g_n * h_n;
-    let bm = spec.batch_major;
-    let y_len = s_n.checked_mul(dirs)?.checked_mul(b_n)?.checked_mul(h_n)?;
-    let mut y = vec![0f32; y_len];
-    let mut yh = vec![0f32; dirs * b_n * h_n];
-    let mut yc = vec![0f32; dirs * b_n * h_n];
-    // Rows of X and of its projection: `t·B + b` time-major, `b·S + t` batch-major.
-    let row = |t: usize, b: usize| if bm { b * s_n + t } else { t * b_n + b };
-    let state_at = |dir: usize, b: usize| {
-        if bm {
-            (b * dirs + dir) * h_n
-        } else {
-            (dir * b_n + b) * h_n
-        }
-    };
-    let y_at = |t: usize, dir: usize, b: usize| {
-        if bm {
-            ((b * s_n + t) * dirs + dir) * h_n
-        } else {
-            ((t * dirs + dir) * b_n + b) * h_n
-        }
-    };
-    let big = GemmConfig {
-        threads: pool.threads(),
-        ..GemmConfig::default()
-    };
-    let split_gru = spec.cell == Cell::Gru && !spec.linear_before_reset;
-    let rows = s_n * b_n;
-    let mut proj = vec![0f32; rows.checked_mul(gh)?];
-    let mut hr = vec![0f32; b_n * gh];
-    let mut rh = vec![0f32; b_n * h_n];
-    let mut hr_h = vec![0f32; b_n * h_n];
-    let max_len = lens.iter().copied().max().unwrap_or(0);
-    for dir in 0..dirs {
-        let wd = &w[dir * gh * i_n..(dir + 1) * gh * i_n];
-        let rd = &r[dir * gh * h_n..(dir + 1) * gh * h_n];
-        // The bias folded into the projection: Wb + Rb, except gru's Rbh under
-        // linear_before_reset (it sits inside `r ⊙ (h·Rhᵀ + Rbh)`).
-        let (mut pbias, mut rbias) = (vec![0f32; gh], vec![0f32; gh]);
-        if let Some(bv) = bias {
-            let bd = &bv[dir * 2 * gh..(dir + 1) * 2 * gh];
-            pbias.copy_from_slice(&bd[..gh]);
-            rbias.copy_from_slice(&bd[gh..]);
-        }
-        let keep_rbh = spec.cell == Cell::Gru && spec.linear_before_reset;
-        for k in 0..gh {
-            if !(keep_rbh && k >= 2 * h_n) {
-                pbias[k] += rbias[k];
+        self.direction_body(dir)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn direction_avx2(&self, dir: usize) -> Option<()> {
+        self.direction_body(dir)
+    }
+
+    /// Direction `dir`'s time loop: the recurrent product and gate math per step; writes
+    /// `Y[.., dir, ..]`, `Y_h[dir]` and `Y_c[dir]` only.
+    #[inline(always)]
+    fn direction_body(&self, dir: usize) -> Option<()> {
+        let (spec, d, lens) = (self.spec, self.d, self.lens);
+        let (s_n, b_n, h_n, dirs) = (d.seq, d.batch, d.hidden, d.dirs);
+        let g_n = spec.cell.gates();
+        let gh = g_n * h_n;
+        let bm = spec.batch_major;
+        let row = |t: usize, b: usize| if bm { b * s_n + t } else { t * b_n + b };
+        let state_at = |b: usize| {
+            if bm {
+                (b * dirs + dir) * h_n
+            } else {
+                (dir * b_n + b) * h_n
             }
-        }
-        if rows > 0 && gh > 0 {
-            gemm_in(
-                pool,
-                MatRef::new(x, rows, i_n, i_n, 1).ok()?,
-                Rhs::Plain(MatRef::new(wd, i_n, gh, 1, i_n).ok()?),
-                MatMut::new(&mut proj, rows, gh, gh).ok()?,
-                &Epilogue {
-                    bias: Some(&pbias),
-                    ..Epilogue::default()
-                },
-                &big,
-            )
-            .ok()?;
-        }
-        // R's rows `lo..hi` as the step uses them: as stored for small batches, else `Rᵀ`
-        // packed once (`[H, G·H]`, or for split gru `[H, 2H]` (z, r) and `[H, H]` (h)).
-        let pack = |lo: usize, hi: usize| {
-            let rows = &rd[lo * h_n..hi * h_n];
-            let n = hi - lo;
-            if b_n <= SMALL_BATCH {
-                // Transposed in 16 × 16 tiles, so neither side strides through memory.
-                let mut rt = vec![0f32; h_n * n];
-                for k0 in (0..n).step_by(16) {
-                    for j0 in (0..h_n).step_by(16) {
-                        for j in j0..(j0 + 16).min(h_n) {
-                            let dst = &mut rt[j * n + k0..j * n + (k0 + 16).min(n)];
-                            for (kk, v) in dst.iter_mut().enumerate() {
-                                *v = rows[(k0 + kk) * h_n + j];
-                            }
-                        }
-                    }
-                }
-                return Some(Recur::Cols(rt, n));
+        };
+        let y_at = |t: usize, b: usize| {
+            if bm {
+                ((b * s_n + t) * dirs + dir) * h_n
+            } else {
+                ((t * dirs + dir) * b_n + b) * h_n
             }
-            let t = MatRef::new(rows, h_n, hi - lo, 1, h_n).ok()?;
-            PackedB::pack(t).ok().map(Recur::Packed)
         };
-        let (r_main, r_h) = if split_gru {
-            (pack(0, 2 * h_n)?, Some(pack(2 * h_n, gh)?))
-        } else {
-            (pack(0, gh)?, None)
+        // SAFETY: `y` holds `S·dirs·B·H` values, `yh` and `yc` `dirs·B·H`; this direction
+        // alone writes the `h_n`-long runs at `y_at(_, _)` and `state_at(_)` (both include
+        // `dir`), and the buffers outlive the call.
+        let put = |p: SharedMut, at: usize, v: &[f32]| unsafe {
+            std::slice::from_raw_parts_mut(p.get().add(at), v.len()).copy_from_slice(v)
         };
+        let proj = &self.proj[dir * s_n * b_n * gh..(dir + 1) * s_n * b_n * gh];
+        let rbias = &self.rbias[dir * gh..(dir + 1) * gh];
+        let (r_main, r_h) = &self.recur[dir];
+        let split_gru = r_h.is_some();
         let main_cols = r_main.cols();
-        let peep_d = peep.map(|p| &p[dir * 3 * h_n..(dir + 1) * 3 * h_n]);
+        let peep_d = self.peep.map(|p| &p[dir * 3 * h_n..(dir + 1) * 3 * h_n]);
         let acts = spec.acts_of(dir);
+        let mut hr = vec![0f32; b_n * gh];
+        let mut rh = vec![0f32; b_n * h_n];
+        let mut hr_h = vec![0f32; b_n * h_n];
         // The states of every batch entry, `[B, H]`.
         let mut h = vec![0f32; b_n * h_n];
         let mut c = vec![0f32; b_n * h_n];
         // One batch entry's gate pre-activations.
         let mut z = vec![0f32; gh];
         for b in 0..b_n {
-            let at = state_at(dir, b);
-            if let Some(v) = h0 {
+            let at = state_at(b);
+            if let Some(v) = self.h0 {
                 h[b * h_n..(b + 1) * h_n].copy_from_slice(&v[at..at + h_n]);
             }
-            if let Some(v) = c0 {
+            if let Some(v) = self.c0 {
                 c[b * h_n..(b + 1) * h_n].copy_from_slice(&v[at..at + h_n]);
             }
         }
+        let max_len = lens.iter().copied().max().unwrap_or(0);
         for s in 0..max_len {
             if h_n > 0 {
                 r_main.apply(&h, b_n, h_n, &mut hr)?;
@@ -450,7 +569,7 @@ fn run_body(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Ten
                             *rj = g * hj;
                         }
                     }
-                    if let Some(rhp) = &r_h {
+                    if let Some(rhp) = r_h {
                         // (r ⊙ h)·Rhᵀ for every entry (inactive rows are computed and unused).
                         rhp.apply(&rh, b_n, h_n, &mut hr_h)?;
                     }
@@ -480,14 +599,150 @@ fn run_body(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Ten
                 }
             }
             for b in (0..b_n).filter(|&b| active(b)) {
-                let at = y_at(t_of(b), dir, b);
-                y[at..at + h_n].copy_from_slice(&h[b * h_n..(b + 1) * h_n]);
+                put(self.y, y_at(t_of(b), b), &h[b * h_n..(b + 1) * h_n]);
             }
         }
         for b in 0..b_n {
-            let at = state_at(dir, b);
-            yh[at..at + h_n].copy_from_slice(&h[b * h_n..(b + 1) * h_n]);
-            yc[at..at + h_n].copy_from_slice(&c[b * h_n..(b + 1) * h_n]);
+            put(self.yh, state_at(b), &h[b * h_n..(b + 1) * h_n]);
+            put(self.yc, state_at(b), &c[b * h_n..(b + 1) * h_n]);
+        }
+        Some(())
+    }
+}
+
+#[inline(always)]
+fn run_body(
+    op: OpKind,
+    attrs: &Attrs,
+    ins: &[Option<&Tensor>],
+    pool: &Pool,
+    prep: Option<&PreparedRecurrent>,
+) -> Option<Vec<Tensor>> {
+    let spec = Spec::new(op, attrs).ok()?;
+    let get = |i: usize| ins.get(i).copied().flatten();
+    // Every float operand in f32 (`None`: omitted); any other dtype goes to the interpreter.
+    let f32s = |i: usize| -> Option<Option<&[f32]>> {
+        match get(i) {
+            None => Some(None),
+            Some(t) => t.as_slice::<f32>().map(Some),
+        }
+    };
+    let (x, w, r) = (f32s(input::X)??, f32s(input::W)??, f32s(input::R)??);
+    let (bias, h0) = (f32s(input::B)?, f32s(input::INITIAL_H)?);
+    let (c0, peep) = if spec.cell == Cell::Lstm {
+        (f32s(input::INITIAL_C)?, f32s(input::P)?)
+    } else {
+        (None, None)
+    };
+    let shapes: Vec<Option<&[usize]>> = ins.iter().map(|t| t.map(Tensor::shape)).collect();
+    let d = Dims::check(&spec, &shapes).ok()?;
+    let lens = seq_lens(get(input::SEQ_LENS), &d).ok()?;
+    let (s_n, b_n, i_n, h_n, dirs) = (d.seq, d.batch, d.input, d.hidden, d.dirs);
+    let g_n = spec.cell.gates();
+    let gh = g_n * h_n;
+    let bm = spec.batch_major;
+    let y_len = s_n.checked_mul(dirs)?.checked_mul(b_n)?.checked_mul(h_n)?;
+    let mut y = vec![0f32; y_len];
+    let mut yh = vec![0f32; dirs * b_n * h_n];
+    let mut yc = vec![0f32; dirs * b_n * h_n];
+    let big = GemmConfig {
+        threads: pool.threads(),
+        ..GemmConfig::default()
+    };
+    let split_gru = spec.cell == Cell::Gru && !spec.linear_before_reset;
+    // The prepared weights, where they were made from operands of these shapes.
+    let prep = prep.filter(|p| {
+        let (ws, rs) = (
+            get(input::W).map(Tensor::shape),
+            get(input::R).map(Tensor::shape),
+        );
+        ws.zip(rs).is_some_and(|(ws, rs)| p.fits(ws, rs))
+    });
+    let rows = s_n * b_n;
+    let dir_len = rows.checked_mul(gh)?;
+    let mut proj = vec![0f32; dir_len.checked_mul(dirs)?];
+    let mut rbias_all = vec![0f32; dirs * gh];
+    for dir in 0..dirs {
+        let wd = &w[dir * gh * i_n..(dir + 1) * gh * i_n];
+        // The bias folded into the projection: Wb + Rb, except gru's Rbh under
+        // linear_before_reset (it sits inside `r ⊙ (h·Rhᵀ + Rbh)`).
+        let mut pbias = vec![0f32; gh];
+        let rbias = &mut rbias_all[dir * gh..(dir + 1) * gh];
+        if let Some(bv) = bias {
+            let bd = &bv[dir * 2 * gh..(dir + 1) * 2 * gh];
+            pbias.copy_from_slice(&bd[..gh]);
+            rbias.copy_from_slice(&bd[gh..]);
+        }
+        let keep_rbh = spec.cell == Cell::Gru && spec.linear_before_reset;
+        for k in 0..gh {
+            if !(keep_rbh && k >= 2 * h_n) {
+                pbias[k] += rbias[k];
+            }
+        }
+        if rows > 0 && gh > 0 {
+            let rhs = match prep {
+                Some(p) => Rhs::Packed(&p.w[dir]),
+                None => Rhs::Plain(MatRef::new(wd, i_n, gh, 1, i_n).ok()?),
+            };
+            gemm_in(
+                pool,
+                MatRef::new(x, rows, i_n, i_n, 1).ok()?,
+                rhs,
+                MatMut::new(&mut proj[dir * dir_len..(dir + 1) * dir_len], rows, gh, gh).ok()?,
+                &Epilogue {
+                    bias: Some(&pbias),
+                    ..Epilogue::default()
+                },
+                &big,
+            )
+            .ok()?;
+        }
+    }
+    let laid_out;
+    let recur = match prep.and_then(|p| p.recur(b_n)) {
+        Some(forms) => forms,
+        None => {
+            laid_out = (0..dirs)
+                .map(|dir| {
+                    recur_pair(
+                        &r[dir * gh * h_n..(dir + 1) * gh * h_n],
+                        h_n,
+                        b_n,
+                        split_gru,
+                    )
+                })
+                .collect::<Option<Vec<_>>>()?;
+            &laid_out
+        }
+    };
+    let steps = Steps {
+        spec: &spec,
+        d: &d,
+        lens: &lens,
+        proj: &proj,
+        rbias: &rbias_all,
+        recur,
+        h0,
+        c0,
+        peep,
+        y: SharedMut::new(y.as_mut_ptr()),
+        yh: SharedMut::new(yh.as_mut_ptr()),
+        yc: SharedMut::new(yc.as_mut_ptr()),
+    };
+    // The directions are independent: on two threads where the pool has them.
+    if dirs == 2 && pool.threads() >= 2 {
+        let failed = AtomicBool::new(false);
+        pool.parallel_for(2, |dir| {
+            if steps.direction(dir).is_none() {
+                failed.store(true, Ordering::Relaxed);
+            }
+        });
+        if failed.load(Ordering::Relaxed) {
+            return None;
+        }
+    } else {
+        for dir in 0..dirs {
+            steps.direction(dir)?;
         }
     }
     let mut out = vec![
@@ -497,7 +752,6 @@ fn run_body(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Vec<Ten
     if spec.cell == Cell::Lstm {
         out.push(Tensor::from_vec(d.state_shape(bm), yc));
     }
-    out.truncate(node.outputs.len());
     Some(out)
 }
 
@@ -578,6 +832,17 @@ mod tests {
         let n_out = spec.cell.outputs() as u32;
         let n = node(op, attrs.clone(), ins.len() as u32, n_out);
         let got = run(&n, &ins, pool).expect("the native routine takes f32 inputs");
+        // With W and R prepared once: the same values, on the first run (which lays out
+        // R's step form) and on the next (which reuses it).
+        let prep = PreparedRecurrent::new(op, &attrs, Some(&w), Some(&r)).unwrap();
+        for _ in 0..2 {
+            let mut again = prep.run(&ins, pool).unwrap();
+            again.truncate(got.len());
+            assert_eq!(
+                again, got,
+                "{op:?} {attrs:?}: prepared against per-run weights"
+            );
+        }
         let want = kiln_ir::ops::eval(op, &attrs, &ins).unwrap();
         assert_eq!(got.len(), want.len());
         for (k, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -594,8 +859,12 @@ mod tests {
     #[test]
     fn native_cells_match_the_interpreter_in_every_direction_and_layout() {
         let mut rng = StdRng::seed_from_u64(14);
-        let pool = Pool::new(2).unwrap();
-        for op in [OpKind::Lstm, OpKind::Gru, OpKind::Rnn] {
+        // Two threads run a bidirectional node's directions at once.
+        let pools = [Pool::new(2).unwrap(), Pool::single()];
+        for (op, pool) in [OpKind::Lstm, OpKind::Gru, OpKind::Rnn]
+            .into_iter()
+            .flat_map(|op| pools.iter().map(move |p| (op, p)))
+        {
             for dir in ["forward", "reverse", "bidirectional"] {
                 for layout in [0, 1] {
                     for with_lens in [false, true] {
@@ -605,7 +874,7 @@ mod tests {
                         if op == OpKind::Gru && rng.gen_bool(0.5) {
                             attrs.set("linear_before_reset", Attr::Int(1));
                         }
-                        check_case(&mut rng, op, attrs, with_lens, &pool);
+                        check_case(&mut rng, op, attrs, with_lens, pool);
                     }
                 }
             }
