@@ -111,7 +111,7 @@ pub fn run_fast_on(
         | OpKind::ReduceL2
         | OpKind::ReduceLogSum
         | OpKind::ReduceLogSumExp
-        | OpKind::ReduceSumSquare => crate::native::reduce::run(node, ins)?,
+        | OpKind::ReduceSumSquare => crate::native::reduce::run(node, ins, pool)?,
         // Softmax-likes along any axis (a loop kernel takes the last one when it fuses) and
         // the channel norms (`native/norm.rs`).
         OpKind::Softmax

@@ -8,10 +8,16 @@
 //! axes or `noop_with_empty_axes` corner cases return `None` (the interpreter's op runs and
 //! reports errors).
 
+use crate::pool::Pool;
 use kiln_ir::{Node, OpKind, Tensor};
+use std::sync::Mutex;
+
+/// Inputs with fewer elements than this reduce on one thread.
+const PAR_MIN_ELEMS: usize = 1 << 18;
 
 /// The outputs of a reduce node on f32 input, or `None` where the interpreter runs it.
-pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+/// Contiguous reductions of large inputs split their outer blocks over `pool`.
+pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> {
     let x = (*ins.first()?)?;
     let v = x.as_slice::<f32>()?;
     let shape = x.shape();
@@ -48,7 +54,7 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
         let (a0, a1) = (axes[0], *axes.last()?);
         let outer: usize = shape[..a0].iter().product();
         let inner: usize = shape[a1 + 1..].iter().product();
-        blocked(op, v, outer, count, inner)
+        blocked_par(op, v, (outer, count, inner), pool)
     } else {
         scattered(op, v, shape, &axes)
     };
@@ -290,6 +296,29 @@ fn extreme(row: &[f32], init: f32, better: impl Fn(f32, f32) -> bool) -> f32 {
     acc.iter().fold(tail, |a, &l| pick(a, l))
 }
 
+/// [`blocked`] with the outer blocks split over `pool` (each block is reduced the same way
+/// whatever the split, so the result does not depend on the thread count).
+fn blocked_par(
+    op: Red,
+    v: &[f32],
+    (outer, r, inner): (usize, usize, usize),
+    pool: &Pool,
+) -> Vec<f32> {
+    let parts = pool.threads().min(outer).max(1);
+    if parts <= 1 || v.len() < PAR_MIN_ELEMS {
+        return blocked(op, v, outer, r, inner);
+    }
+    let outs: Vec<Mutex<Vec<f32>>> = (0..parts).map(|_| Mutex::new(Vec::new())).collect();
+    pool.parallel_for(parts, |t| {
+        let (a, b) = (outer * t / parts, outer * (t + 1) / parts);
+        let y = blocked(op, &v[a * r * inner..b * r * inner], b - a, r, inner);
+        *outs[t].lock().unwrap_or_else(|e| e.into_inner()) = y;
+    });
+    outs.into_iter()
+        .flat_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
 /// Reduces the middle axis of `v` viewed as `outer × r × inner`.
 fn blocked(op: Red, v: &[f32], outer: usize, r: usize, inner: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(outer * inner);
@@ -458,7 +487,7 @@ mod tests {
                             let attrs = Attrs::new().with("keepdims", Attr::Int(keep));
                             let ins = [Some(&x), Some(&a)];
                             let want = kiln_ir::ops::eval(op, &attrs, &ins).expect("reference");
-                            let got = run(&node(op, attrs), &ins).expect("native");
+                            let got = run(&node(op, attrs), &ins, &Pool::single()).expect("native");
                             let r = compare(&got, &want[0], TOL);
                             assert!(r.ok, "{op:?} {shape:?} axes {axes:?} keep {keep}: {r:?}");
                             cases += 1;
@@ -507,15 +536,52 @@ mod tests {
     fn noop_with_empty_axes_and_bad_axes() {
         let x = Tensor::from_vec(vec![2, 3], data(6, 1, false));
         let noop = Attrs::new().with("noop_with_empty_axes", Attr::Int(1));
-        let got = run(&node(OpKind::ReduceSum, noop), &[Some(&x), None]).expect("identity");
+        let got = run(
+            &node(OpKind::ReduceSum, noop),
+            &[Some(&x), None],
+            &Pool::single(),
+        )
+        .expect("identity");
         assert_eq!(got, x);
         let bad = Tensor::from_vec(vec![1], vec![5i64]);
         assert!(run(
             &node(OpKind::ReduceSum, Attrs::new()),
-            &[Some(&x), Some(&bad)]
+            &[Some(&x), Some(&bad)],
+            &Pool::single()
         )
         .is_none());
         let ints = Tensor::from_vec(vec![2], vec![1i64, 2]);
-        assert!(run(&node(OpKind::ReduceSum, Attrs::new()), &[Some(&ints), None]).is_none());
+        assert!(run(
+            &node(OpKind::ReduceSum, Attrs::new()),
+            &[Some(&ints), None],
+            &Pool::single()
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn a_large_reduction_gives_the_same_bits_on_any_thread_count() {
+        // Above the threading threshold, with outer blocks that do not split evenly.
+        let shape = vec![7, 301, 131];
+        let n: usize = shape.iter().product();
+        assert!(n >= super::PAR_MIN_ELEMS);
+        let x = Tensor::from_vec(shape, data(n, 5, true));
+        let pools = [Pool::single(), Pool::new(2).unwrap(), Pool::new(3).unwrap()];
+        for op in OPS {
+            for axes in [vec![-1i64], vec![1], vec![1, 2]] {
+                let a = Tensor::from_vec(vec![axes.len()], axes.clone());
+                let ins = [Some(&x), Some(&a)];
+                let want = kiln_ir::ops::eval(op, &Attrs::new(), &ins).expect("reference");
+                let runs: Vec<Tensor> = pools
+                    .iter()
+                    .map(|p| run(&node(op, Attrs::new()), &ins, p).expect("native"))
+                    .collect();
+                let r = compare(&runs[0], &want[0], TOL);
+                assert!(r.ok, "{op:?} axes {axes:?}: {r:?}");
+                for (t, got) in runs.iter().enumerate().skip(1) {
+                    assert_eq!(got, &runs[0], "{op:?} axes {axes:?}, pool {t}");
+                }
+            }
+        }
     }
 }
