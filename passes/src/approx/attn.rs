@@ -12,7 +12,7 @@
 //! `attn-threshold=S` asks for sparsity `S` in (0, 1) at every site; bare `attn-threshold`
 //! lets the budget pick per site from [`super::ffn::LADDER`].
 
-use super::ffn::{rows_of, skipped_fraction};
+use super::ffn::threshold_candidates;
 use super::{ApproxError, ApproxRewrite, Candidate, Probe, Site};
 use crate::rewrite::Namer;
 use kiln_ir::{Attr, Attrs, DType, Graph, Node, OpKind, ValueId};
@@ -172,39 +172,12 @@ impl ApproxRewrite for AttnThreshold {
     }
 
     fn candidates(&self, g: &Graph, site: &Site, probe: &Probe<'_>) -> Vec<Candidate> {
-        let mut mags: Vec<f32> = probe
-            .values
-            .iter()
-            .filter_map(|t| t.as_slice::<f32>())
-            .flat_map(|v| v.iter().map(|x| x.abs()))
-            .filter(|x| !x.is_nan())
-            .collect();
-        if mags.is_empty() {
-            return vec![];
-        }
-        mags.sort_by(f32::total_cmp);
-        let facts = Facts::of(g);
-        let time: f64 = facts
+        let time: f64 = Facts::of(g)
             .attention_projections(g, site.probe)
             .iter()
             .map(|&p| probe.cost.node_cost(g, &g.nodes[p]).time)
             .sum();
-        let rows = rows_of(g, site, probe);
-        self.sparsities
-            .iter()
-            .map(|&s| {
-                let at = ((mags.len() as f64 * s) as usize).min(mags.len() - 1);
-                let t = mags[at];
-                Candidate {
-                    family: ATTN_THRESHOLD,
-                    site: site.clone(),
-                    params: format!("sparsity={s:.2} threshold={t:.4e}"),
-                    values: vec![s, t as f64],
-                    saving: time * skipped_fraction(1.0 - s, rows),
-                }
-            })
-            .filter(|c| c.saving > 0.0)
-            .collect()
+        threshold_candidates(ATTN_THRESHOLD, &self.sparsities, g, site, probe, time)
     }
 
     fn apply(&self, g: &mut Graph, c: &Candidate) {

@@ -152,6 +152,48 @@ pub(super) fn skipped_fraction(density: f64, rows: f64) -> f64 {
     }
 }
 
+/// A threshold family's candidates at `site`: for each target sparsity, the magnitude of the
+/// probed values at that quantile, and the estimated saving of the projections that take
+/// `time` when that fraction of their inputs is skipped. A neuron is skipped for a row block
+/// only when inactive in all its rows, and the runtime goes sparse only below its measured
+/// density thresholds ([`skipped_fraction`]).
+pub fn threshold_candidates(
+    family: &'static str,
+    sparsities: &[f64],
+    g: &Graph,
+    site: &Site,
+    probe: &Probe<'_>,
+    time: f64,
+) -> Vec<Candidate> {
+    let mut mags: Vec<f32> = probe
+        .values
+        .iter()
+        .filter_map(|t| t.as_slice::<f32>())
+        .flat_map(|v| v.iter().map(|x| x.abs()))
+        .filter(|x| !x.is_nan())
+        .collect();
+    if mags.is_empty() {
+        return vec![];
+    }
+    mags.sort_by(f32::total_cmp);
+    let rows = rows_of(g, site, probe);
+    sparsities
+        .iter()
+        .map(|&s| {
+            let at = ((mags.len() as f64 * s) as usize).min(mags.len() - 1);
+            let t = mags[at];
+            Candidate {
+                family,
+                site: site.clone(),
+                params: format!("sparsity={s:.2} threshold={t:.4e}"),
+                values: vec![s, t as f64],
+                saving: time * skipped_fraction(1.0 - s, rows),
+            }
+        })
+        .filter(|c| c.saving > 0.0)
+        .collect()
+}
+
 impl ApproxRewrite for FfnThreshold {
     fn family(&self) -> &'static str {
         THRESHOLD
@@ -162,37 +204,8 @@ impl ApproxRewrite for FfnThreshold {
     }
 
     fn candidates(&self, g: &Graph, site: &Site, probe: &Probe<'_>) -> Vec<Candidate> {
-        let mut mags: Vec<f32> = probe
-            .values
-            .iter()
-            .filter_map(|t| t.as_slice::<f32>())
-            .flat_map(|v| v.iter().map(|x| x.abs()))
-            .filter(|x| !x.is_nan())
-            .collect();
-        if mags.is_empty() {
-            return vec![];
-        }
-        mags.sort_by(f32::total_cmp);
-        let node = &g.nodes[site.node];
-        let time = probe.cost.node_cost(g, node).time;
-        let rows = rows_of(g, site, probe);
-        self.sparsities
-            .iter()
-            .map(|&s| {
-                let at = ((mags.len() as f64 * s) as usize).min(mags.len() - 1);
-                let t = mags[at];
-                // A neuron is skipped for a row block only when inactive in all its rows, and
-                // the runtime goes sparse only below its measured density thresholds.
-                Candidate {
-                    family: THRESHOLD,
-                    site: site.clone(),
-                    params: format!("sparsity={s:.2} threshold={t:.4e}"),
-                    values: vec![s, t as f64],
-                    saving: time * skipped_fraction(1.0 - s, rows),
-                }
-            })
-            .filter(|c| c.saving > 0.0)
-            .collect()
+        let time = probe.cost.node_cost(g, &g.nodes[site.node]).time;
+        threshold_candidates(THRESHOLD, &self.sparsities, g, site, probe, time)
     }
 
     fn apply(&self, g: &mut Graph, c: &Candidate) {

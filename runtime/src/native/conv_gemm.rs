@@ -258,7 +258,7 @@ pub struct PreparedConv {
     attrs: Attrs,
     act: ConvAct,
     weights: Option<ConvWeights>,
-    geometry: Mutex<Option<Arc<Geometry>>>,
+    geometry: super::LastShapes<Geometry>,
 }
 
 /// The operands of one run.
@@ -291,7 +291,7 @@ impl PreparedConv {
             attrs: attrs.clone(),
             act,
             weights: w.and_then(|(w, shape)| ConvWeights::new(w, shape, bias, group)),
-            geometry: Mutex::new(None),
+            geometry: Default::default(),
         }
     }
 
@@ -302,13 +302,7 @@ impl PreparedConv {
 
     /// The geometry for these shapes (cached for the last shapes seen).
     pub fn geometry(&self, x: &[usize], w: &[usize]) -> Result<Arc<Geometry>, String> {
-        let mut cached = self.geometry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(g) = cached.as_ref().filter(|g| g.x_shape == x && g.w_shape == w) {
-            return Ok(g.clone());
-        }
-        let g = Arc::new(Geometry::new(&self.attrs, x, w)?);
-        *cached = Some(g.clone());
-        Ok(g)
+        self.geometry.get(x, w, || Geometry::new(&self.attrs, x, w))
     }
 
     /// Runs the conv of geometry `geo` into `y` (`geo.out_shape()` values, every one

@@ -189,7 +189,7 @@ impl Geometry {
 pub struct PreparedConvTranspose {
     attrs: Attrs,
     weights: Option<TransposedWeights>,
-    geometry: Mutex<Option<Arc<Geometry>>>,
+    geometry: super::LastShapes<Geometry>,
 }
 
 thread_local! {
@@ -209,7 +209,7 @@ impl PreparedConvTranspose {
         PreparedConvTranspose {
             attrs: attrs.clone(),
             weights: w.and_then(|(w, shape)| TransposedWeights::new(w, shape, group)),
-            geometry: Mutex::new(None),
+            geometry: Default::default(),
         }
     }
 
@@ -220,13 +220,7 @@ impl PreparedConvTranspose {
 
     /// The geometry for these shapes (cached for the last shapes seen).
     pub fn geometry(&self, x: &[usize], w: &[usize]) -> Result<Arc<Geometry>, String> {
-        let mut cached = self.geometry.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(g) = cached.as_ref().filter(|g| g.x_shape == x && g.w_shape == w) {
-            return Ok(g.clone());
-        }
-        let g = Arc::new(Geometry::new(&self.attrs, x, w)?);
-        *cached = Some(g.clone());
-        Ok(g)
+        self.geometry.get(x, w, || Geometry::new(&self.attrs, x, w))
     }
 
     /// Runs the conv_transpose of geometry `geo` on `x` (weight `w`, ignored where a
