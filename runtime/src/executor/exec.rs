@@ -298,8 +298,10 @@ impl CpuPlan {
         for (ki, k) in self.plan.kernels.iter().enumerate() {
             each_use(k, &mut |v| last_use[v.index()] = ki);
         }
+        let mut is_output = vec![false; g.values.len()];
         for &o in &g.outputs {
             last_use[o.index()] = usize::MAX;
+            is_output[o.index()] = true;
         }
         // Lifetimes of the values kernels produce: the arena layout of a first run, the
         // memory plan of a reported one. `interval_of` finds a value's interval (a value that
@@ -312,7 +314,7 @@ impl CpuPlan {
         let mut takeovers = std::collections::HashSet::new();
         let (mut in_arena_bytes, mut produced_bytes) = (0usize, 0usize);
         let end_of = |o: ValueId, ki: usize| {
-            if g.outputs.contains(&o) {
+            if is_output[o.index()] {
                 self.plan.kernels.len()
             } else if last_use[o.index()] == usize::MAX {
                 ki
@@ -498,8 +500,8 @@ impl CpuPlan {
                 },
                 _ => super::arena::Outputs::none(),
             };
-            if slot.is_none() {
-                let graph_output = out_ids.iter().map(|o| g.outputs.contains(o)).collect();
+            if slot.is_none() && out_ids.iter().any(|o| is_output[o.index()]) {
+                let graph_output = out_ids.iter().map(|o| is_output[o.index()]).collect();
                 regions = regions.with_pool(&self.arenas.outputs, graph_output);
             }
             let started = report.as_ref().map(|_| Instant::now());
@@ -611,7 +613,7 @@ impl CpuPlan {
                 let writes_regions = slot.is_none() && takes_regions(k, g);
                 for (t, &o) in outs.iter().zip(&out_ids) {
                     interval_of[o.index()] = Some(iv.len());
-                    arena_ok.push(writes_regions && !g.outputs.contains(&o));
+                    arena_ok.push(writes_regions && !is_output[o.index()]);
                     iv.push(Interval {
                         value: o,
                         bytes: t.len() * t.dtype().size(),
@@ -626,7 +628,7 @@ impl CpuPlan {
             for (t, o) in outs.into_iter().zip(out_ids) {
                 // A value nothing reads is dropped now, where its interval ends (its region
                 // may be another value's from the next kernel on).
-                if last_use[o.index()] != usize::MAX || g.outputs.contains(&o) {
+                if last_use[o.index()] != usize::MAX || is_output[o.index()] {
                     env[o.index()] = Some(Cow::Owned(t));
                 }
             }
