@@ -240,11 +240,11 @@ op_table! {
     Softsign = "softsign", "Softsign", Elementwise, 1..=1, plain, same, Loop, Elem(1.0);
     HardSigmoid = "hard_sigmoid", "HardSigmoid", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
     HardSwish = "hard_swish", "HardSwish", Elementwise, 1..=1, attrs, same, Loop, Elem(1.0);
-    ThresholdedRelu = "thresholded_relu", "ThresholdedRelu", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
-    Shrink = "shrink", "Shrink", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
-    IsNaN = "is_nan", "IsNaN", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
-    IsInf = "is_inf", "IsInf", Elementwise, 1..=1, attrs, same, Interp, Elem(1.0);
-    Not = "not", "Not", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
+    ThresholdedRelu = "thresholded_relu", "ThresholdedRelu", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
+    Shrink = "shrink", "Shrink", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
+    IsNaN = "is_nan", "IsNaN", Elementwise, 1..=1, plain, same, Native, Elem(1.0);
+    IsInf = "is_inf", "IsInf", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
+    Not = "not", "Not", Elementwise, 1..=1, plain, same, Native, Elem(1.0);
     BitwiseNot = "bitwise_not", "BitwiseNot", Elementwise, 1..=1, plain, same, Interp, Elem(1.0);
     Cast = "cast", "Cast", Elementwise, 1..=1, attrs, same, Native, Elem(1.0);
     CastLike = "cast_like", "CastLike", Elementwise, 2..=2, attrs, same, Interp, Elem(1.0);
@@ -261,11 +261,11 @@ op_table! {
     Sum = "sum", "Sum", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
     Mean = "mean", "Mean", Elementwise, 1..=N, plain, rule, Loop, Elem(1.0);
     PRelu = "prelu", "PRelu", Elementwise, 2..=2, plain, rule, Loop, Elem(1.0);
-    Equal = "equal", "Equal", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
-    Less = "less", "Less", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
-    LessOrEqual = "less_equal", "LessOrEqual", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
-    Greater = "greater", "Greater", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
-    GreaterOrEqual = "greater_equal", "GreaterOrEqual", Elementwise, 2..=2, plain, rule, Interp, Elem(1.0);
+    Equal = "equal", "Equal", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    Less = "less", "Less", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    LessOrEqual = "less_equal", "LessOrEqual", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    Greater = "greater", "Greater", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
+    GreaterOrEqual = "greater_equal", "GreaterOrEqual", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
     And = "and", "And", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
     Or = "or", "Or", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
     Xor = "xor", "Xor", Elementwise, 2..=2, plain, rule, Native, Elem(1.0);
@@ -285,8 +285,8 @@ op_table! {
     ReduceLogSum = "reduce_log_sum", "ReduceLogSum", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
     ReduceLogSumExp = "reduce_log_sum_exp", "ReduceLogSumExp", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
     ReduceSumSquare = "reduce_sum_square", "ReduceSumSquare", Reduce, 1..=2, attrs, rule, Native, Elem(1.0);
-    ArgMax = "arg_max", "ArgMax", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
-    ArgMin = "arg_min", "ArgMin", Reduce, 1..=1, attrs, rule, Interp, Elem(1.0);
+    ArgMax = "arg_max", "ArgMax", Reduce, 1..=1, attrs, rule, Native, Elem(1.0);
+    ArgMin = "arg_min", "ArgMin", Reduce, 1..=1, attrs, rule, Native, Elem(1.0);
     CumSum = "cumsum", "CumSum", Reduce, 2..=2, attrs, rule, Native, Elem(1.0);
     CumProd = "cumprod", "CumProd", Reduce, 2..=2, attrs, rule, Native, Elem(1.0);
     // ---- nn.rs: softmax and normalisations
@@ -341,7 +341,7 @@ op_table! {
     OneHot = "one_hot", "OneHot", Index, 3..=3, attrs, rule, Interp, Elem(1.0);
     NonZero = "non_zero", "NonZero", Index, 1..=1, plain, rule, Interp, Elem(1.0);
     Compress = "compress", "Compress", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
-    TopK = "top_k", "TopK", Index, 2..=2, attrs, rule, Interp, Elem(1.0);
+    TopK = "top_k", "TopK", Index, 2..=2, attrs, rule, Native, Elem(1.0);
     Trilu = "trilu", "Trilu", Index, 1..=2, attrs, rule, Interp, Elem(1.0);
     // ---- generate.rs: tensors made from attributes or shapes
     Constant = "constant", "Constant", Generate, 0..=0, attrs, rule, Interp, Free;

@@ -1,9 +1,12 @@
-//! `ffn-threshold`: TEAL/CATS-style training-free activation sparsity. The input of an FFN
-//! down-projection of a SiLU/GELU model (`matmul`/`linear` with a constant `W[K, N]`,
-//! `K > N`, fed by a gate product or a smooth activation) goes through
-//! `shrink(h, lambd = t, bias = 0)`, which zeroes every `|h| <= t`; `t` is the magnitude
-//! quantile of the calibration activations at the target sparsity, per layer. The runtime's
-//! sparse-input GEMM then reads only the rows of W for non-zero activations.
+//! `ffn-threshold`: TEAL/CATS-style training-free activation sparsity on the inputs of the
+//! FFN projections of a SiLU/GELU model. Two kinds of site per FFN: the input of the
+//! down-projection (`matmul`/`linear` with a constant `W[K, N]`, `K > N`, fed by a gate
+//! product or a smooth activation), and the value its up/gate projections share (the FFN's
+//! input, one threshold for all of them; see [`up_projections`]). Each goes through
+//! `shrink(h, lambd = t, bias = 0)`, which zeroes every `|h| <= t`, for those projections
+//! only (a residual sum or a norm reading the same value still reads it whole); `t` is the
+//! magnitude quantile of the calibration activations at the target sparsity, per site. The
+//! runtime's sparse-input GEMM then reads only the rows of W for non-zero activations.
 //!
 //! `ffn-threshold=S` asks for sparsity `S` in (0, 1) at every site; bare `ffn-threshold`
 //! lets the budget pick per site from [`LADDER`].
@@ -11,7 +14,7 @@
 use super::{ApproxError, ApproxRewrite, Candidate, Probe, Site};
 use crate::rewrite::Namer;
 use kiln_ir::{Attr, Attrs, DType, Graph, Node, OpKind, ValueId};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// The family's `--approx` name.
 pub const THRESHOLD: &str = "ffn-threshold";
@@ -123,6 +126,115 @@ pub(super) fn smooth_down_projection_sites(g: &Graph) -> Vec<Site> {
         .collect()
 }
 
+/// How many gate/activation ops (`mul`, `silu`, `gelu`, `sigmoid`, and this family's own
+/// `shrink`) may lie between an up/gate projection and its FFN's down-projection.
+const UP_HOPS: usize = 3;
+
+/// The FFN up/gate projections that read `x` as their input: contractions with a constant
+/// 2-D f32 weight whose output reaches a down-projection ([`down_projection`]) as its input
+/// through at most [`UP_HOPS`] gate/activation ops. Sorted by node index.
+pub(super) fn up_projections(g: &Graph, x: ValueId) -> Vec<usize> {
+    let consts = constants(g);
+    let mut consumers: HashMap<ValueId, Vec<usize>> = HashMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        for v in n.inputs.iter().flatten() {
+            consumers.entry(*v).or_default().push(i);
+        }
+    }
+    fn reaches_down(
+        g: &Graph,
+        v: ValueId,
+        hops: usize,
+        consts: &HashSet<ValueId>,
+        consumers: &HashMap<ValueId, Vec<usize>>,
+    ) -> bool {
+        consumers.get(&v).is_some_and(|cs| {
+            cs.iter().any(|&c| {
+                let n = &g.nodes[c];
+                if down_projection(n, consts, g) && n.inputs.first() == Some(&Some(v)) {
+                    return true;
+                }
+                hops > 0
+                    && matches!(
+                        n.op,
+                        OpKind::Mul | OpKind::Silu | OpKind::Gelu | OpKind::Sigmoid | OpKind::Shrink
+                    )
+                    && n
+                        .outputs
+                        .iter()
+                        .any(|&o| reaches_down(g, o, hops - 1, consts, consumers))
+            })
+        })
+    }
+    let mut out: Vec<usize> = consumers
+        .get(&x)
+        .map(|cs| {
+            cs.iter()
+                .copied()
+                .filter(|&c| {
+                    let n = &g.nodes[c];
+                    matches!(n.op, OpKind::MatMul | OpKind::Linear)
+                        && n.inputs.first() == Some(&Some(x))
+                        && n.inputs.get(1).copied().flatten().is_some_and(|w| {
+                            consts.contains(&w)
+                                && g.ty(w).dtype == DType::F32
+                                && g.ty(w).shape.dims().is_some_and(|d| d.len() == 2)
+                        })
+                        && !down_projection(n, &consts, g)
+                        && n
+                            .outputs
+                            .iter()
+                            .any(|&o| reaches_down(g, o, UP_HOPS, &consts, &consumers))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// The FFN inputs of `g`: one site per value that FFN up/gate projections read
+/// ([`up_projections`]), anchored at the first of them, probing the value.
+fn ffn_input_sites(g: &Graph) -> Vec<Site> {
+    let mut seen = HashSet::new();
+    let mut out = vec![];
+    for n in &g.nodes {
+        let Some(x) = n.inputs.first().copied().flatten() else {
+            continue;
+        };
+        if !matches!(n.op, OpKind::MatMul | OpKind::Linear)
+            || g.ty(x).dtype != DType::F32
+            || !seen.insert(x)
+        {
+            continue;
+        }
+        let projs = up_projections(g, x);
+        if let Some(&first) = projs.first() {
+            let names: Vec<String> = projs
+                .iter()
+                .filter_map(|&p| g.nodes[p].outputs.first())
+                .map(|&o| format!("%{}", g.value(o).name))
+                .collect();
+            out.push(Site {
+                node: first,
+                name: names.join(","),
+                probe: x,
+            });
+        }
+    }
+    out
+}
+
+/// The constant values of `g`.
+fn constants(g: &Graph) -> HashSet<ValueId> {
+    g.nodes
+        .iter()
+        .filter(|n| n.op == OpKind::Constant)
+        .flat_map(|n| n.outputs.iter().copied())
+        .collect()
+}
+
 /// Rows per run of a site's activation: the product of its leading dims (1 when unknown).
 pub(super) fn rows_of(g: &Graph, site: &Site, probe: &Probe<'_>) -> f64 {
     probe
@@ -200,20 +312,48 @@ impl ApproxRewrite for FfnThreshold {
     }
 
     fn sites(&self, g: &Graph) -> Vec<Site> {
-        smooth_down_projection_sites(g)
+        let mut sites = smooth_down_projection_sites(g);
+        sites.extend(ffn_input_sites(g));
+        sites
     }
 
     fn candidates(&self, g: &Graph, site: &Site, probe: &Probe<'_>) -> Vec<Candidate> {
-        let time = probe.cost.node_cost(g, &g.nodes[site.node]).time;
+        let at = &g.nodes[site.node];
+        let projs = if at.inputs.first() == Some(&Some(site.probe))
+            && down_projection(at, &constants(g), g)
+        {
+            vec![site.node]
+        } else {
+            up_projections(g, site.probe)
+        };
+        let time: f64 = projs
+            .iter()
+            .map(|&p| probe.cost.node_cost(g, &g.nodes[p]).time)
+            .sum();
         threshold_candidates(THRESHOLD, &self.sparsities, g, site, probe, time)
     }
 
     fn apply(&self, g: &mut Graph, c: &Candidate) {
-        let at = c.site.node;
         let h = c.site.probe;
+        let anchor = &g.nodes[c.site.node];
+        // The projections are found again (other sites' rewrites may have moved them): the
+        // down-projection the site names, or every up/gate projection reading `h`.
+        let projs = if anchor.inputs.first() == Some(&Some(h))
+            && down_projection(anchor, &constants(g), g)
+        {
+            vec![c.site.node]
+        } else {
+            up_projections(g, h)
+        };
+        let Some(&at) = projs.first() else {
+            return;
+        };
         let ty = g.ty(h).clone();
         let base = format!("{}_sparse", g.value(h).name);
         let out = Namer::new(g).add_value(g, &base, ty);
+        for &p in &projs {
+            g.nodes[p].inputs[0] = Some(out);
+        }
         let attrs = Attrs::new()
             .with("lambd", Attr::Float(c.values[1] as f32))
             .with("bias", Attr::Float(0.0));
@@ -224,7 +364,6 @@ impl ApproxRewrite for FfnThreshold {
             outputs: vec![out],
             name: format!("approx:{THRESHOLD}"),
         };
-        g.nodes[at].inputs[0] = Some(out);
         crate::rewrite::insert_nodes(g, vec![(at, node)]);
     }
 }

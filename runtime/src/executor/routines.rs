@@ -90,6 +90,22 @@ pub fn run_fast_on(
         OpKind::And => logical(ins, |a, b| a & b)?,
         OpKind::Or => logical(ins, |a, b| a | b)?,
         OpKind::Xor => logical(ins, |a, b| a ^ b)?,
+        OpKind::Equal
+        | OpKind::Less
+        | OpKind::LessOrEqual
+        | OpKind::Greater
+        | OpKind::GreaterOrEqual => compare(node.op, ins, out)?,
+        OpKind::Not => {
+            let x = (*ins.first()?)?;
+            let v: Vec<bool> = x.as_slice::<bool>()?.iter().map(|b| !b).collect();
+            into_region(out, x.shape().to_vec(), v)
+        }
+        OpKind::IsNaN | OpKind::IsInf | OpKind::Shrink | OpKind::ThresholdedRelu => {
+            unary_select(node, ins, out)?
+        }
+        // Selection (`native/index.rs`, `native/reduce.rs`).
+        OpKind::TopK => return crate::native::index::top_k(node, ins),
+        OpKind::ArgMax | OpKind::ArgMin => crate::native::reduce::arg(node, ins)?,
         OpKind::Pow => pow(ins)?,
         OpKind::Sin => unary_f64(ins, f64::sin)?,
         OpKind::Cos => unary_f64(ins, f64::cos)?,
@@ -774,6 +790,69 @@ fn logical(ins: &[Option<&Tensor>], f: impl Fn(bool, bool) -> bool) -> Option<Te
     Some(Tensor::from_vec(out, v))
 }
 
+/// A comparison of two f32, i64, i32 or bool tensors with numpy broadcasting, as the
+/// interpreter compares (IEEE: every comparison with a NaN is false).
+fn compare(op: OpKind, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
+    let (a, b) = ((*ins.first()?)?, (*ins.get(1)?)?);
+    fn go<T: Elem + Copy + PartialOrd>(
+        op: OpKind,
+        a: &Tensor,
+        b: &Tensor,
+        y: &mut Outputs,
+    ) -> Option<Tensor> {
+        let (out, v) = match op {
+            OpKind::Equal => broadcast_map(a, b, |x: T, z: T| x == z)?,
+            OpKind::Less => broadcast_map(a, b, |x: T, z: T| x < z)?,
+            OpKind::LessOrEqual => broadcast_map(a, b, |x: T, z: T| x <= z)?,
+            OpKind::Greater => broadcast_map(a, b, |x: T, z: T| x > z)?,
+            OpKind::GreaterOrEqual => broadcast_map(a, b, |x: T, z: T| x >= z)?,
+            _ => return None,
+        };
+        Some(into_region(y, out, v))
+    }
+    go::<f32>(op, a, b, y)
+        .or_else(|| go::<i64>(op, a, b, y))
+        .or_else(|| go::<i32>(op, a, b, y))
+        .or_else(|| go::<bool>(op, a, b, y))
+}
+
+/// The f32 elementwise ops that select rather than compute (`is_nan`, `is_inf` to bool;
+/// `shrink`, `thresholded_relu` to f32), with the interpreter's comparisons. `shrink`'s
+/// `x ± bias` is one f32 addition, which rounds as the interpreter's f64 one does.
+fn unary_select(node: &Node, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let v = x.as_slice::<f32>()?;
+    let shape = x.shape().to_vec();
+    let f = |name: &str, d: f32| node.attrs.float_or(name, d).ok();
+    Some(match node.op {
+        OpKind::IsNaN => into_region(y, shape, v.iter().map(|a| a.is_nan()).collect()),
+        OpKind::IsInf => {
+            let neg = node.attrs.int_or("detect_negative", 1).ok()? != 0;
+            let pos = node.attrs.int_or("detect_positive", 1).ok()? != 0;
+            let t = |a: &f32| a.is_infinite() && ((*a > 0.0 && pos) || (*a < 0.0 && neg));
+            into_region(y, shape, v.iter().map(t).collect())
+        }
+        OpKind::Shrink => {
+            let (bias, l) = (f("bias", 0.0)?, f("lambd", 0.5)?);
+            let s = |&a: &f32| {
+                if a < -l {
+                    a + bias
+                } else if a > l {
+                    a - bias
+                } else {
+                    0.0
+                }
+            };
+            into_region(y, shape, v.iter().map(s).collect())
+        }
+        OpKind::ThresholdedRelu => {
+            let al = f("alpha", 1.0)?;
+            into_region(y, shape, v.iter().map(|&a| if a > al { a } else { 0.0 }).collect())
+        }
+        _ => return None,
+    })
+}
+
 /// `f` over two tensors of element type `T` with numpy broadcasting: the output shape and
 /// its elements in row-major order (`None` for another dtype or shapes that do not
 /// broadcast). `f` is generic, not a `fn` pointer, so it inlines into the row loop.
@@ -1409,6 +1488,116 @@ mod tests {
             let got = run_fast(&n, &ins).expect("fast path").remove(0);
             assert_close(&got, &reference(&n, &ins), |_| 0.0, &format!("{op:?}"));
         }
+    }
+
+    /// f32 values drawn from a small set (so ties happen), with NaN, ±Inf and ±0 among them.
+    fn rand_tied(rng: &mut StdRng, shape: &[usize]) -> Tensor {
+        const POOL: [f32; 9] = [-1.5, -0.5, -0.0, 0.0, 0.25, 0.5, 2.0, f32::INFINITY, f32::NAN];
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| match rng.gen_range(0..8) {
+                0..=2 => POOL[rng.gen_range(0..POOL.len())],
+                3 => f32::NEG_INFINITY,
+                _ => rng.gen_range(-2.0f32..2.0),
+            })
+            .collect();
+        Tensor::from_vec(shape.to_vec(), v)
+    }
+
+    /// Equal, or both NaN at the same places (the outputs are selections, never computed,
+    /// except shrink's `x ± bias`, one correctly rounded addition either way).
+    fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
+        assert_close(got, want, |_| 0.0, what);
+    }
+
+    #[test]
+    fn comparisons_selections_top_k_and_arg_max_match_the_interpreter_exactly() {
+        let mut rng = StdRng::seed_from_u64(29);
+        let mut native = 0;
+        for case in 0..CASES {
+            let out = rand_shape(&mut rng);
+            let (as_, bs) = (rand_bcast(&mut rng, &out), rand_bcast(&mut rng, &out));
+            let (a, b) = (rand_tied(&mut rng, &as_), rand_tied(&mut rng, &bs));
+            let ints = |t: &Tensor| {
+                let v = t.as_slice::<f32>().unwrap();
+                Tensor::from_vec(
+                    t.shape().to_vec(),
+                    v.iter().map(|x| (x * 2.0) as i64 % 5).collect::<Vec<_>>(),
+                )
+            };
+            let (ai, bi) = (ints(&a), ints(&b));
+            for op in [
+                OpKind::Equal,
+                OpKind::Less,
+                OpKind::LessOrEqual,
+                OpKind::Greater,
+                OpKind::GreaterOrEqual,
+            ] {
+                let n = node(op, Attrs::new(), 2);
+                for ins in [[Some(&a), Some(&b)], [Some(&ai), Some(&bi)]] {
+                    let got = run_fast(&n, &ins).expect("fast path").remove(0);
+                    assert_eq!(got, reference(&n, &ins), "{op:?} {as_:?} {bs:?}");
+                }
+            }
+            let p = rand_bool(&mut rng, &out);
+            let n = node(OpKind::Not, Attrs::new(), 1);
+            assert_eq!(run_fast(&n, &[Some(&p)]).unwrap()[0], reference(&n, &[Some(&p)]));
+            let x = rand_tied(&mut rng, &out);
+            let unary = [
+                (OpKind::IsNaN, Attrs::new()),
+                (OpKind::IsInf, Attrs::new().with("detect_positive", Attr::Int(0))),
+                (OpKind::IsInf, Attrs::new()),
+                (OpKind::Shrink, Attrs::new().with("lambd", Attr::Float(0.5))),
+                (
+                    OpKind::Shrink,
+                    Attrs::new()
+                        .with("lambd", Attr::Float(0.3))
+                        .with("bias", Attr::Float(0.1)),
+                ),
+                (OpKind::ThresholdedRelu, Attrs::new().with("alpha", Attr::Float(0.25))),
+            ];
+            for (op, attrs) in unary {
+                let n = node(op, attrs, 1);
+                let got = run_fast(&n, &[Some(&x)]).expect("fast path").remove(0);
+                assert_same(&got, &reference(&n, &[Some(&x)]), &format!("{op:?} {out:?}"));
+            }
+            // Selection along every axis, negative axes included.
+            let rank = out.len() as i64;
+            let axis = rng.gen_range(-rank..rank);
+            let ax = usize::try_from(if axis < 0 { axis + rank } else { axis }).unwrap();
+            for op in [OpKind::ArgMax, OpKind::ArgMin] {
+                let attrs = Attrs::new()
+                    .with("axis", Attr::Int(axis))
+                    .with("keepdims", Attr::Int(i64::from(case % 2 == 0)))
+                    .with("select_last_index", Attr::Int(i64::from(case % 3 == 0)));
+                let n = node(op, attrs, 1);
+                for t in [&x, &ints(&x)] {
+                    let got = run_fast(&n, &[Some(t)]).expect("fast path").remove(0);
+                    assert_eq!(got, reference(&n, &[Some(t)]), "{op:?} axis {axis} {out:?}");
+                }
+            }
+            let k = rng.gen_range(0..=out[ax]);
+            let attrs = Attrs::new()
+                .with("axis", Attr::Int(axis))
+                .with("largest", Attr::Int(i64::from(case % 2 == 1)));
+            let mut n = node(OpKind::TopK, attrs, 2);
+            n.outputs.push(ValueId(3));
+            let kt = Tensor::from_vec(vec![1], vec![k as i64]);
+            for t in [&x, &ints(&x)] {
+                let ins = [Some(t), Some(&kt)];
+                let got = run_fast(&n, &ins).expect("fast path");
+                let want = kiln_ir::ops::eval(n.op, &n.attrs, &ins).unwrap();
+                assert_same(&got[0], &want[0], &format!("top_k values k={k} axis {axis}"));
+                assert_eq!(got[1], want[1], "top_k indices k={k} axis {axis} {out:?}");
+                native += 1;
+            }
+        }
+        assert_eq!(native, 2 * CASES);
+        // k beyond the axis: the interpreter runs it and reports the error.
+        let x = Tensor::from_vec(vec![3], vec![1.0f32, 2.0, 3.0]);
+        let kt = Tensor::from_vec(vec![1], vec![4i64]);
+        let n = node(OpKind::TopK, Attrs::new(), 2);
+        assert!(run_fast(&n, &[Some(&x), Some(&kt)]).is_none());
     }
 
     #[test]

@@ -1,9 +1,92 @@
-//! The index family's `scatter_nd` natively: the data copied once, then each index tuple's
-//! slice of updates written as one block (f32, i64, i32 and bool; reductions `none`, and
-//! `add`/`mul` in f32). Out-of-range indices, shape mismatches and other reductions return
-//! `None`: the interpreter runs the node and reports the error.
+//! The index family natively: `scatter_nd` (the data copied once, then each index tuple's
+//! slice of updates written as one block; f32, i64, i32 and bool; reductions `none`, and
+//! `add`/`mul` in f32) and `top_k` (f32, i64 and i32 along any axis: a linear-time selection
+//! of the k first under the interpreter's order, then a sort of those k only).
+//! Out-of-range indices, shape mismatches and other reductions return `None`: the
+//! interpreter runs the node and reports the error.
 
 use kiln_ir::{Elem, Node, OpKind, Tensor};
+use std::cmp::Ordering;
+
+/// The outputs of a `top_k` node (values and i64 indices), or `None` where the interpreter
+/// runs it. Its order is the interpreter's: by value (NaN above every number; descending
+/// when `largest`), ties by the lower index, so the k chosen and their order are the same.
+pub fn top_k(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
+    let x = (*ins.first()?)?;
+    let kt = (*ins.get(1)?)?;
+    let k = match (kt.as_slice::<i64>(), kt.as_slice::<i32>()) {
+        (Some([k]), _) => usize::try_from(*k).ok()?,
+        (_, Some([k])) => usize::try_from(*k).ok()?,
+        _ => return None,
+    };
+    let shape = x.shape();
+    let rank = shape.len();
+    let a = node.attrs.int_or("axis", -1).ok()?;
+    let a = usize::try_from(if a < 0 { a + rank as i64 } else { a })
+        .ok()
+        .filter(|&a| a < rank)?;
+    let n = shape[a];
+    if k > n {
+        return None;
+    }
+    let largest = node.attrs.int_or("largest", 1).ok()? != 0;
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product();
+    let mut out = shape.to_vec();
+    out[a] = k;
+    fn go<T: Elem + Copy + PartialOrd>(
+        x: &Tensor,
+        (outer, n, inner, k): (usize, usize, usize, usize),
+        largest: bool,
+        out: &[usize],
+    ) -> Option<Vec<Tensor>> {
+        let v = x.as_slice::<T>()?;
+        let mut vals = vec![v.first().copied()?; outer * k * inner];
+        let mut idx = vec![0i64; outer * k * inner];
+        let mut line: Vec<(T, usize)> = Vec::with_capacity(n);
+        // The interpreter's order: NaN (unequal to itself) above every number, then by index.
+        #[allow(clippy::eq_op)]
+        let cmp = |p: &(T, usize), q: &(T, usize)| {
+            let c = match (p.0 != p.0, q.0 != q.0) {
+                (true, true) => Ordering::Equal,
+                (true, false) => Ordering::Greater,
+                (false, true) => Ordering::Less,
+                _ => p.0.partial_cmp(&q.0).unwrap_or(Ordering::Equal),
+            };
+            let c = if largest { c.reverse() } else { c };
+            c.then(p.1.cmp(&q.1))
+        };
+        for o in 0..outer {
+            for i in 0..inner {
+                line.clear();
+                line.extend((0..n).map(|j| (v[(o * n + j) * inner + i], j)));
+                if k == 0 {
+                    continue;
+                }
+                if k < n {
+                    line.select_nth_unstable_by(k - 1, cmp);
+                }
+                line[..k].sort_unstable_by(cmp);
+                for (r, &(val, j)) in line[..k].iter().enumerate() {
+                    let dst = (o * k + r) * inner + i;
+                    vals[dst] = val;
+                    idx[dst] = j as i64;
+                }
+            }
+        }
+        Some(vec![
+            Tensor::from_vec(out.to_vec(), vals),
+            Tensor::from_vec(out.to_vec(), idx),
+        ])
+    }
+    if x.is_empty() {
+        return None;
+    }
+    let geo = (outer, n, inner, k);
+    go::<f32>(x, geo, largest, &out)
+        .or_else(|| go::<i64>(x, geo, largest, &out))
+        .or_else(|| go::<i32>(x, geo, largest, &out))
+}
 
 /// The output of a `scatter_nd` node, or `None` where the interpreter runs it.
 pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {

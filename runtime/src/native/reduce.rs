@@ -4,7 +4,9 @@
 //! per-element slot map where the reduced axes are one contiguous block (`outer × r × inner`:
 //! the last axis, the middle, the leading axes). Scattered axes take a slot map, still in one
 //! pass. `cumsum`/`cumprod` along one axis in f32, i64 and i32 (integers wrap, as in the
-//! interpreter). Global pooling lives with the other pools (`pool.rs`). Other dtypes, bad
+//! interpreter). `arg_max`/`arg_min` along one axis in f32, i64 and i32 (the interpreter's
+//! scan: the first best, or the last with `select_last_index`; a NaN is never better than the
+//! kept element). Global pooling lives with the other pools (`pool.rs`). Other dtypes, bad
 //! axes or `noop_with_empty_axes` corner cases return `None` (the interpreter's op runs and
 //! reports errors).
 
@@ -58,6 +60,85 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool) -> Option<Tensor> 
     } else {
         scattered(op, v, shape, &axes)
     };
+    Some(Tensor::from_vec(out_shape, y))
+}
+
+/// `arg_max` / `arg_min` (i64 indices), or `None` where the interpreter runs it.
+pub fn arg(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let x = (*ins.first()?)?;
+    let shape = x.shape();
+    let rank = shape.len();
+    let a = node.attrs.int_or("axis", 0).ok()?;
+    let a = usize::try_from(if a < 0 { a + rank as i64 } else { a })
+        .ok()
+        .filter(|&a| a < rank)?;
+    let keep = node.attrs.int_or("keepdims", 1).ok()? != 0;
+    let last = node.attrs.int_or("select_last_index", 0).ok()? != 0;
+    let max = match node.op {
+        OpKind::ArgMax => true,
+        OpKind::ArgMin => false,
+        _ => return None,
+    };
+    let len = shape[a];
+    if len == 0 {
+        return None;
+    }
+    let outer: usize = shape[..a].iter().product();
+    let inner: usize = shape[a + 1..].iter().product();
+    let mut out_shape = shape.to_vec();
+    if keep {
+        out_shape[a] = 1;
+    } else {
+        out_shape.remove(a);
+    }
+    fn go<T: kiln_ir::Elem + Copy + PartialOrd>(
+        x: &Tensor,
+        (outer, len, inner): (usize, usize, usize),
+        max: bool,
+        last: bool,
+    ) -> Option<Vec<i64>> {
+        let v = x.as_slice::<T>()?;
+        let better = |c: T, b: T| {
+            if max {
+                c > b || (last && c == b)
+            } else {
+                c < b || (last && c == b)
+            }
+        };
+        let mut out = Vec::with_capacity(outer * inner);
+        for o in 0..outer {
+            if inner == 1 {
+                // A contiguous row: the best value carried in a register.
+                let row = &v[o * len..(o + 1) * len];
+                let (mut best, mut bv) = (0usize, row[0]);
+                for (j, &c) in row.iter().enumerate().skip(1) {
+                    if better(c, bv) {
+                        (best, bv) = (j, c);
+                    }
+                }
+                out.push(best as i64);
+                continue;
+            }
+            // Columns: one running best per inner position, the rows read in order.
+            let base = o * len * inner;
+            let mut best = vec![0i64; inner];
+            let mut bv = v[base..base + inner].to_vec();
+            for j in 1..len {
+                let row = &v[base + j * inner..base + (j + 1) * inner];
+                for ((b, bvi), &c) in best.iter_mut().zip(bv.iter_mut()).zip(row) {
+                    if better(c, *bvi) {
+                        (*b, *bvi) = (j as i64, c);
+                    }
+                }
+            }
+            out.extend(best);
+        }
+        Some(out)
+    }
+    let geo = (outer, len, inner);
+    let y = go::<f32>(x, geo, max, last)
+        .or_else(|| go::<i64>(x, geo, max, last))
+        .or_else(|| go::<i32>(x, geo, max, last))?;
     Some(Tensor::from_vec(out_shape, y))
 }
 
