@@ -472,6 +472,30 @@ impl TensorData {
         })
     }
 
+    /// A read-only view of these elements that copies nothing (a clone shares it).
+    ///
+    /// # Safety
+    /// `self`'s elements must stay valid and unchanged for as long as the view or anything
+    /// cloned from it lives.
+    pub unsafe fn view(&self) -> TensorData {
+        let owner: crate::buf::Owner = std::sync::Arc::new(());
+        dispatch!(self, v, T => {
+            let s = v.as_slice();
+            // SAFETY: the caller keeps `self` alive and unchanged while the view lives.
+            <T as Elem>::wrap_buf(unsafe { Buf::mapped(owner, s.as_ptr(), s.len()) })
+        })
+    }
+
+    /// The bytes the elements occupy: `(address, length)`.
+    pub fn byte_range(&self) -> (usize, usize) {
+        dispatch!(self, v, T => (v.as_slice().as_ptr() as usize, std::mem::size_of_val(v.as_slice())))
+    }
+
+    /// An owned copy of the elements (never shared with `self`).
+    pub fn deep_copy(&self) -> TensorData {
+        dispatch!(self, v, T => <T as Elem>::wrap(v.as_slice().to_vec()))
+    }
+
     /// Where the elements live (see [`Storage`]).
     pub fn storage(&self) -> Storage {
         dispatch!(self, v, T => v.storage())

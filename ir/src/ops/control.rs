@@ -402,9 +402,55 @@ pub type RunBody<'a> = dyn FnMut(Vec<Tensor>) -> Result<Vec<Tensor>, String> + '
 
 /// The same tensor with its elements shared by every clone, so that passing a capture
 /// to each iteration copies nothing.
-fn shared(t: &Tensor) -> Tensor {
-    Tensor::new(t.shape().to_vec(), t.data().clone().into_shared())
-        .expect("the shape is the tensor's own")
+/// Captures as every iteration's body sees them: views of the operands' memory, no copy
+/// (a loop over a large tensor would otherwise copy it once per call). The operands are
+/// borrowed for the whole call, so the views stay valid while it runs; [`detach`] copies
+/// any result that still views one.
+struct Captures<'a> {
+    views: Vec<Tensor>,
+    ranges: Vec<(usize, usize)>,
+    _borrowed: std::marker::PhantomData<&'a Tensor>,
+}
+
+impl<'a> Captures<'a> {
+    fn new(ts: impl Iterator<Item = Result<&'a Tensor, String>>) -> Result<Self, String> {
+        let (mut views, mut ranges) = (vec![], vec![]);
+        for t in ts {
+            let t = t?;
+            // SAFETY: `t` is borrowed for `'a`, which outlives this value and the loop
+            // call that uses it; results are detached before the call returns.
+            let data = unsafe { t.data().view() };
+            ranges.push(t.data().byte_range());
+            views.push(
+                Tensor::new(t.shape().to_vec(), data).expect("the shape is the tensor's own"),
+            );
+        }
+        Ok(Captures {
+            views,
+            ranges,
+            _borrowed: std::marker::PhantomData,
+        })
+    }
+
+    /// `ts` with every tensor that shares memory with a capture replaced by a copy.
+    fn detach(&self, ts: Vec<Tensor>) -> Vec<Tensor> {
+        ts.into_iter()
+            .map(|t| {
+                let (a, n) = t.data().byte_range();
+                let aliased = n > 0
+                    && self
+                        .ranges
+                        .iter()
+                        .any(|&(b, m)| m > 0 && a < b + m && b < a + n);
+                if aliased {
+                    Tensor::new(t.shape().to_vec(), t.data().deep_copy())
+                        .expect("the shape is the tensor's own")
+                } else {
+                    t
+                }
+            })
+            .collect()
+    }
 }
 
 /// An empty stack of `ty`s: no iteration ran. Dims the type does not know are 0.
@@ -505,9 +551,8 @@ pub fn run_loop(
     let mut carried: Vec<Tensor> = (0..p.carried)
         .map(|i| arg(inputs, 2 + i).cloned())
         .collect::<Result<_, _>>()?;
-    let captures: Vec<Tensor> = (0..p.captures)
-        .map(|c| arg(inputs, inputs.len() - p.captures + c).map(shared))
-        .collect::<Result<_, _>>()?;
+    let captures =
+        Captures::new((0..p.captures).map(|c| arg(inputs, inputs.len() - p.captures + c)))?;
     let mut scans: Vec<Vec<Tensor>> = vec![Vec::new(); p.scanned];
     let mut i: i64 = 0;
     while cond && max.is_none_or(|m| i < m) {
@@ -515,7 +560,7 @@ pub fn run_loop(
         ins.push(Tensor::scalar(i));
         ins.push(Tensor::scalar(cond));
         ins.append(&mut carried);
-        ins.extend(captures.iter().cloned());
+        ins.extend(captures.views.iter().cloned());
         let mut outs = run_body(ins).map_err(|e| format!("iteration {i}: {e}"))?;
         if outs.len() != 1 + p.carried + p.scanned {
             return Err(format!(
@@ -535,7 +580,7 @@ pub fn run_loop(
         }
         i += 1;
     }
-    let mut res = carried;
+    let mut res = captures.detach(carried);
     for (j, s) in scans.iter().enumerate() {
         res.push(if s.is_empty() {
             empty_stack(body.ty(body.outputs[1 + p.carried + j]), 0)?
@@ -578,15 +623,14 @@ pub fn run_scan(
         slices.push(s);
     }
     let steps = steps.unwrap_or(0);
-    let captures: Vec<Tensor> = (0..p.captures)
-        .map(|c| arg(inputs, inputs.len() - p.captures + c).map(shared))
-        .collect::<Result<_, _>>()?;
+    let captures =
+        Captures::new((0..p.captures).map(|c| arg(inputs, inputs.len() - p.captures + c)))?;
     let mut outs_per_step: Vec<Vec<Tensor>> = vec![Vec::with_capacity(steps); p.outputs];
     for t in 0..steps {
         let mut ins = Vec::with_capacity(inputs.len());
         ins.append(&mut state);
         ins.extend(slices.iter().map(|s| s[t].clone()));
-        ins.extend(captures.iter().cloned());
+        ins.extend(captures.views.iter().cloned());
         let mut outs = run_body(ins).map_err(|e| format!("step {t}: {e}"))?;
         if outs.len() != p.state + p.outputs {
             return Err(format!(
@@ -601,7 +645,7 @@ pub fn run_scan(
             s.push(v);
         }
     }
-    let mut res = state;
+    let mut res = captures.detach(state);
     for (j, mut s) in outs_per_step.into_iter().enumerate() {
         if p.out_reverse[j] {
             s.reverse();

@@ -157,10 +157,13 @@ pub(super) fn up_projections(g: &Graph, x: ValueId) -> Vec<usize> {
                 hops > 0
                     && matches!(
                         n.op,
-                        OpKind::Mul | OpKind::Silu | OpKind::Gelu | OpKind::Sigmoid | OpKind::Shrink
+                        OpKind::Mul
+                            | OpKind::Silu
+                            | OpKind::Gelu
+                            | OpKind::Sigmoid
+                            | OpKind::Shrink
                     )
-                    && n
-                        .outputs
+                    && n.outputs
                         .iter()
                         .any(|&o| reaches_down(g, o, hops - 1, consts, consumers))
             })
@@ -181,8 +184,7 @@ pub(super) fn up_projections(g: &Graph, x: ValueId) -> Vec<usize> {
                                 && g.ty(w).shape.dims().is_some_and(|d| d.len() == 2)
                         })
                         && !down_projection(n, &consts, g)
-                        && n
-                            .outputs
+                        && n.outputs
                             .iter()
                             .any(|&o| reaches_down(g, o, UP_HOPS, &consts, &consumers))
                 })

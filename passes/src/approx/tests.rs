@@ -101,7 +101,13 @@ fn swiglu_ffn() -> Graph {
     let s = node(&mut g, OpKind::Silu, &[a], "act", f32_ty(&[1, FFN]));
     let u = node(&mut g, OpKind::MatMul, &[x, wu], "up", f32_ty(&[1, FFN]));
     let h = node(&mut g, OpKind::Mul, &[s, u], "h", f32_ty(&[1, FFN]));
-    let d = node(&mut g, OpKind::MatMul, &[h, wd], "down", f32_ty(&[1, HIDDEN]));
+    let d = node(
+        &mut g,
+        OpKind::MatMul,
+        &[h, wd],
+        "down",
+        f32_ty(&[1, HIDDEN]),
+    );
     let y = node(&mut g, OpKind::Add, &[d, x], "y", f32_ty(&[1, HIDDEN]));
     g.outputs = vec![y];
     g
@@ -121,12 +127,19 @@ fn the_ffn_input_site_sparsifies_gate_and_up_together_and_nothing_else() {
     let mut approx = g.clone();
     let values: Vec<Tensor> = calib.iter().map(|s| s[0].clone()).collect();
     let cost = crate::cost::CostModel::new(Target::host());
-    let probe = Probe { values: &values, cost: &cost };
+    let probe = Probe {
+        values: &values,
+        cost: &cost,
+    };
     let cands = fam.candidates(&g, input, &probe);
     assert_eq!(cands.len(), 1);
     fam.apply(&mut approx, &cands[0]);
     kiln_ir::verify(&approx).unwrap();
-    let shrink = approx.nodes.iter().find(|n| n.op == OpKind::Shrink).unwrap();
+    let shrink = approx
+        .nodes
+        .iter()
+        .find(|n| n.op == OpKind::Shrink)
+        .unwrap();
     let sparse = shrink.outputs[0];
     let readers: Vec<&str> = approx
         .nodes
@@ -137,14 +150,22 @@ fn the_ffn_input_site_sparsifies_gate_and_up_together_and_nothing_else() {
     assert_eq!(readers, ["gate", "up"]);
     // The residual sum still reads the input whole.
     let x = g.inputs[0];
-    let y = approx.nodes.iter().find(|n| approx.value(n.outputs[0]).name == "y").unwrap();
+    let y = approx
+        .nodes
+        .iter()
+        .find(|n| approx.value(n.outputs[0]).name == "y")
+        .unwrap();
     assert_eq!(y.inputs[1], Some(x));
     // Half the input is zeroed: the output moves, and equals the graph run on that input.
     let t = cands[0].values[1] as f32;
     let xin = calib[0][0].clone();
     let zeroed = Tensor::from_vec(
         xin.shape().to_vec(),
-        xin.as_slice::<f32>().unwrap().iter().map(|&v| if v.abs() <= t { 0.0 } else { v }).collect(),
+        xin.as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| if v.abs() <= t { 0.0 } else { v })
+            .collect(),
     );
     let got = kiln_ir::run(&approx, vec![xin.clone()]).unwrap();
     let exact = kiln_ir::run(&g, vec![xin.clone()]).unwrap();

@@ -61,13 +61,22 @@ impl Pass for RollBlocks {
         rewrite::check_ids(g).map_err(|m| PassError::graph(NAME, m))?;
         let mut stats = PassStats::default();
         for _ in 0..MAX_ROLLS {
-            let Some(r) = find(g, false) else { break };
+            let Some(r) = find(g, Mode::Roll) else { break };
             stats.removed += r.copies * r.body_nodes;
             stats.added += 1;
             stats.bump("loops", 1);
             stats.bump("body_nodes", r.body_nodes);
             stats.bump("trip_count", r.copies);
             stats.bump("carried", r.carried);
+            let stepped = r
+                .slots
+                .iter()
+                .flatten()
+                .filter(|s| **s == Some(Slot::Param));
+            let stepped = stepped.count();
+            if stepped > 0 {
+                stats.bump("stepped_constants", stepped);
+            }
             apply(g, &r);
         }
         if stats.added > 0 {
@@ -76,6 +85,26 @@ impl Pass for RollBlocks {
         Ok(stats)
     }
 }
+
+/// What copies of a block may differ in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Nothing but the carried values, or small integer constants each copy has its own of
+    /// (the per-step indices of a recurrence an exporter unrolled over time: `gather(k, t)`,
+    /// `scatter_nd(out, [t], row)`); rolled into a `loop` that reads them from a stacked
+    /// constant at its iteration number.
+    Roll,
+    /// Also constants of any size each copy has its own of (a transformer's layers with
+    /// their weights): found for `saturate_egraph` to optimise once, never rolled.
+    Stacked,
+}
+
+/// A step's gather along an inner axis whose rows are shorter than this (in elements)
+/// reads a copy of its tensor transposed steps-first (see [`apply`]).
+const SHORT_ROW: u64 = 64;
+
+/// Per-copy constants of at most this many elements roll (stacked, read by iteration).
+pub const STEP_CONSTANT: usize = 64;
 
 /// How an operand of a node in a copy relates to the copy before it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -87,7 +116,8 @@ enum Slot {
     /// The same outer value in every copy.
     Invariant(ValueId),
     /// A constant of the same type in every copy, its contents each copy's own (a layer's
-    /// weights; only when searching for stacked blocks, [`find_stacked`]).
+    /// weights when searching for stacked blocks, [`find_stacked`]; a step's index when
+    /// rolling, [`Mode::Roll`]).
     Param,
 }
 
@@ -103,6 +133,20 @@ struct Roll {
     slots: Vec<Vec<Option<Slot>>>,
     /// Carried keys `(node, output)` in order, with the first copy's initial value.
     keys: Vec<((usize, usize), ValueId)>,
+    /// Values every copy makes once, all read by one `concat` outside the blocks along an
+    /// axis where they have size 1 (an exporter's `torch.stack` of a recurrence's
+    /// per-step outputs): `(node, output)`, the concat node, the operand position of the
+    /// first copy's value in it, and the axis. The loop returns them stacked.
+    scans: Vec<Scan>,
+}
+
+/// A value the loop collects over its iterations (see [`Roll::scans`]).
+#[derive(Clone, Copy, Debug)]
+struct Scan {
+    key: (usize, usize),
+    concat: usize,
+    start: usize,
+    axis: usize,
 }
 
 fn hash_attr<H: Hasher>(a: &Attr, h: &mut H) {
@@ -175,7 +219,7 @@ pub struct Stack {
 /// is preferred (a norm folds into the linears that read it, which then sit in the same
 /// copy).
 pub fn find_stacked(g: &Graph) -> Option<Stack> {
-    find(g, true).map(|r| Stack {
+    find(g, Mode::Stacked).map(|r| Stack {
         blocks: r.blocks,
         carried: r.carried,
     })
@@ -201,9 +245,9 @@ fn norm_carried(g: &Graph, r: &Roll) -> usize {
         .count()
 }
 
-/// Searches `g` for the roll that removes the most nodes; with `params`, copies may read
-/// their own constants ([`Slot::Param`]).
-fn find(g: &Graph, params: bool) -> Option<Roll> {
+/// Searches `g` for the roll that removes the most nodes; copies may read their own
+/// constants ([`Slot::Param`]) as `mode` allows.
+fn find(g: &Graph, mode: Mode) -> Option<Roll> {
     let seq: Vec<usize> = (0..g.nodes.len())
         .filter(|&i| g.nodes[i].op != OpKind::Constant)
         .collect();
@@ -255,14 +299,18 @@ fn find(g: &Graph, params: bool) -> Option<Roll> {
             let blocks: Vec<Vec<usize>> = (0..copies)
                 .map(|k| seq[start + k * p..start + (k + 1) * p].to_vec())
                 .collect();
-            if let Some(mut r) = confirm(g, &producer, &users, blocks, params) {
+            if let Some(mut r) = confirm(g, &producer, &users, blocks, mode) {
                 // Copies before the run whose nodes the order interleaves with other
                 // work (the first layer of an encoder, beside its mask computation).
-                while let Some(longer) = extend_back(g, &producer, &users, &r, params) {
+                while let Some(longer) = extend_back(g, &producer, &users, &r, mode) {
                     r = longer;
                 }
                 let key = |r: &Roll| {
-                    let norms = if params { norm_carried(g, r) } else { 0 };
+                    let norms = if mode == Mode::Stacked {
+                        norm_carried(g, r)
+                    } else {
+                        0
+                    };
                     (
                         r.copies,
                         std::cmp::Reverse(r.carried),
@@ -304,7 +352,7 @@ fn extend_back(
     producer: &[Option<usize>],
     users: &[Vec<usize>],
     r: &Roll,
-    params: bool,
+    mode: Mode,
 ) -> Option<Roll> {
     let first = &r.blocks[0];
     let mut prev: Vec<Option<usize>> = vec![None; r.body_nodes];
@@ -362,7 +410,7 @@ fn extend_back(
     }
     let mut blocks = vec![prev];
     blocks.extend(r.blocks.iter().cloned());
-    confirm(g, producer, users, blocks, params)
+    confirm(g, producer, users, blocks, mode)
 }
 
 /// Whether `a` and `b` are both defined by constants holding equal tensors.
@@ -386,10 +434,19 @@ fn same_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: ValueId) 
     }
 }
 
-/// Whether `a` and `b` are both defined by constants of the same type with more than one
-/// element (a scalar that differs between copies is a different block: rules match on
-/// scalar values such as a GELU's constants).
-fn per_copy_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: ValueId) -> bool {
+/// Whether `a` and `b` are both defined by constants of the same type that `mode` lets
+/// copies own: with [`Mode::Stacked`] any with more than one element (a scalar that
+/// differs between copies is a different block there: rules match on scalar values such
+/// as a GELU's constants); with [`Mode::Roll`] integer or boolean ones of at most
+/// [`STEP_CONSTANT`] elements, scalars included (a float weight stacked into a loop would
+/// lose its packing at compile time).
+fn per_copy_constant(
+    g: &Graph,
+    producer: &[Option<usize>],
+    a: ValueId,
+    b: ValueId,
+    mode: Mode,
+) -> bool {
     let konst = |v: ValueId| {
         producer
             .get(v.index())
@@ -400,21 +457,36 @@ fn per_copy_constant(g: &Graph, producer: &[Option<usize>], a: ValueId, b: Value
     };
     match (konst(a), konst(b)) {
         (Some(x), Some(y)) => {
-            x.len() > 1 && x.shape() == y.shape() && x.dtype() == y.dtype() && g.ty(a) == g.ty(b)
+            let owned = match mode {
+                Mode::Stacked => x.len() > 1,
+                Mode::Roll => {
+                    x.len() <= STEP_CONSTANT
+                        && matches!(
+                            x.dtype(),
+                            DType::I64
+                                | DType::I32
+                                | DType::I16
+                                | DType::I8
+                                | DType::U8
+                                | DType::Bool
+                        )
+                }
+            };
+            owned && x.shape() == y.shape() && x.dtype() == y.dtype() && g.ty(a) == g.ty(b)
         }
         _ => false,
     }
 }
 
 /// Checks that `blocks` are copies of one block chained by carried values, and
-/// classifies the first copy's operands; with `params`, copies may read their own
-/// constants.
+/// classifies the first copy's operands; copies may read their own constants as `mode`
+/// allows.
 fn confirm(
     g: &Graph,
     producer: &[Option<usize>],
     users: &[Vec<usize>],
     blocks: Vec<Vec<usize>>,
-    params: bool,
+    mode: Mode,
 ) -> Option<Roll> {
     let p = blocks[0].len();
     let copies = blocks.len();
@@ -483,7 +555,7 @@ fn confirm(
                         // body copies the first).
                         if a == b || same_constant(g, producer, a, b) {
                             Slot::Invariant(a)
-                        } else if params && per_copy_constant(g, producer, a, b) {
+                        } else if per_copy_constant(g, producer, a, b, mode) {
                             Slot::Param
                         } else {
                             return None;
@@ -510,7 +582,9 @@ fn confirm(
     keys.sort_by_key(|(k, _)| *k);
     let is_key: HashSet<(usize, usize)> = keys.iter().map(|(k, _)| *k).collect();
     // Readers: a copy's values are read by that copy and the next one only; the last
-    // copy's values outside the blocks only where they are carried (loop outputs).
+    // copy's values outside the blocks only where they are carried (loop outputs), or by
+    // the one concat that collects every copy's (when rolling).
+    let mut collectors: HashMap<(usize, usize), usize> = HashMap::new();
     for (k, b) in blocks.iter().enumerate() {
         for (j, &ni) in b.iter().enumerate() {
             for (o, &v) in g.nodes[ni].outputs.iter().enumerate() {
@@ -520,15 +594,31 @@ fn confirm(
                         Some(ku) => ku == k || (ku == k + 1 && is_key.contains(&(j, o))),
                         None => k + 1 == copies && is_key.contains(&(j, o)),
                     };
-                    if !ok {
+                    if ok {
+                        continue;
+                    }
+                    let collects = mode == Mode::Roll
+                        && ku.is_none()
+                        && u != usize::MAX
+                        && !is_key.contains(&(j, o))
+                        && g.nodes[u].op == OpKind::Concat;
+                    if !collects || *collectors.entry((j, o)).or_insert(u) != u {
                         return None;
                     }
                 }
             }
         }
     }
+    let mut scans = vec![];
+    for (&key, &c) in &collectors {
+        scans.push(collected(g, &blocks, users, key, c)?);
+    }
+    scans.sort_by_key(|s| s.key);
     // The loop sits where the last copy ends: what reads its outputs must come later.
     let end = blocks[copies - 1].iter().copied().max().unwrap_or(0);
+    if scans.iter().any(|s| s.concat < end) {
+        return None;
+    }
     for ((j, o), _) in &keys {
         let v = g.nodes[blocks[copies - 1][*j]].outputs[*o];
         if users[v.index()]
@@ -556,6 +646,61 @@ fn confirm(
         carried: keys.len(),
         slots,
         keys,
+        scans,
+    })
+}
+
+/// The scan of value `key` of every copy by concat node `c`: its operands hold every
+/// copy's value, in order, once, and nothing else outside the blocks reads them; the
+/// values have a known rank and size 1 along the concat's axis.
+fn collected(
+    g: &Graph,
+    blocks: &[Vec<usize>],
+    users: &[Vec<usize>],
+    key: (usize, usize),
+    c: usize,
+) -> Option<Scan> {
+    let (j, o) = key;
+    let vals: Vec<ValueId> = blocks.iter().map(|b| g.nodes[b[j]].outputs[o]).collect();
+    let ins = &g.nodes[c].inputs;
+    let start = ins.iter().position(|i| *i == Some(vals[0]))?;
+    if ins.len() < start + vals.len()
+        || ins[start..start + vals.len()]
+            .iter()
+            .zip(&vals)
+            .any(|(i, v)| *i != Some(*v))
+        || ins
+            .iter()
+            .filter(|i| vals.iter().any(|v| **i == Some(*v)))
+            .count()
+            != vals.len()
+    {
+        return None;
+    }
+    let taken: HashSet<usize> = blocks.iter().flatten().copied().collect();
+    for v in &vals {
+        if users[v.index()]
+            .iter()
+            .any(|&u| u != c && !taken.contains(&u))
+        {
+            return None;
+        }
+    }
+    let dims = g.ty(vals[0]).shape.dims()?;
+    let rank = dims.len() as i64;
+    let axis = g.nodes[c].attrs.get("axis").and_then(|a| match a {
+        Attr::Int(x) => Some(*x),
+        _ => None,
+    })?;
+    let axis = if axis < 0 { axis + rank } else { axis };
+    if !(0..rank).contains(&axis) || dims[axis as usize] != kiln_ir::Dim::Fixed(1) {
+        return None;
+    }
+    Some(Scan {
+        key,
+        concat: c,
+        start,
+        axis: axis as usize,
     })
 }
 
@@ -566,6 +711,12 @@ fn scalar(d: DType) -> TensorType {
 /// Replaces the copies by a `loop` node placed where the last copy ended.
 fn apply(g: &mut Graph, r: &Roll) {
     let producer = rewrite::producers(g);
+    let end = r.blocks[r.copies - 1]
+        .iter()
+        .copied()
+        .max()
+        .expect("a body has nodes");
+    let step_only = step_only_nodes(g, r, end);
     let mut body = Graph::new(&format!("{}_block", g.name));
     let mut names: HashSet<String> = HashSet::new();
     let mut fresh = |base: &str| {
@@ -584,17 +735,89 @@ fn apply(g: &mut Graph, r: &Roll) {
         let name = fresh(&format!("{}_in", g.value(*init).name));
         carried_in.insert(*key, body.add_input(&name, g.ty(*init).clone()));
     }
+    // A step's slice of an outer tensor along an inner axis with short rows (Mamba's
+    // `gather(dA, t, axis=2)` over [batch, inner, S, state]) is a strided copy every
+    // iteration; the tensor is transposed once before the loop so that each step's slice
+    // is contiguous, and the body gathers along axis 0.
+    let mut pre: Vec<Node> = vec![];
+    let mut steps_first: HashMap<usize, ValueId> = HashMap::new();
+    let mut transposed: HashMap<(ValueId, usize), ValueId> = HashMap::new();
+    for (j, row) in r.slots.iter().enumerate().filter(|(j, _)| !step_only[*j]) {
+        let n = &g.nodes[r.blocks[0][j]];
+        let (Some(Some(Slot::Invariant(x))), Some(Some(Slot::Param))) = (row.first(), row.get(1))
+        else {
+            continue;
+        };
+        let x = *x;
+        if n.op != OpKind::Gather
+            || producer[x.index()].is_some_and(|ni| g.nodes[ni].op == OpKind::Constant)
+        {
+            continue;
+        }
+        let Some(dims) = g.ty(x).shape.dims().map(|d| d.to_vec()) else {
+            continue;
+        };
+        let rank = dims.len() as i64;
+        let axis = n.attrs.get("axis").and_then(|a| match a {
+            Attr::Int(v) => Some(*v),
+            _ => None,
+        });
+        let axis = axis.unwrap_or(0);
+        let axis = if axis < 0 { axis + rank } else { axis };
+        let idx_scalar = g
+            .ty(n.inputs[1].expect("a gather has indices"))
+            .shape
+            .rank()
+            == Some(0);
+        if axis <= 0 || axis >= rank || !idx_scalar {
+            continue;
+        }
+        let a = axis as usize;
+        let row_len: Option<u64> = dims[a + 1..].iter().map(|d| d.fixed()).product();
+        if row_len.is_none_or(|l| l >= SHORT_ROW) {
+            continue;
+        }
+        let xt = *transposed.entry((x, a)).or_insert_with(|| {
+            let perm: Vec<i64> = std::iter::once(a as i64)
+                .chain((0..rank).filter(|&i| i != a as i64))
+                .collect();
+            let moved: Vec<kiln_ir::Dim> = perm.iter().map(|&i| dims[i as usize].clone()).collect();
+            let mut name = format!("{}_steps_first", g.value(x).name);
+            {
+                let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
+                while taken.contains(name.as_str()) {
+                    name.push('_');
+                }
+            }
+            let ty = TensorType::new(g.ty(x).dtype, Shape::new(moved));
+            let xt = g.add_value(&name, ty);
+            pre.push(Node {
+                op: OpKind::Transpose,
+                attrs: Attrs::new().with("perm", Attr::Ints(perm)),
+                inputs: vec![Some(x)],
+                outputs: vec![xt],
+                name: String::new(),
+            });
+            xt
+        });
+        steps_first.insert(j, xt);
+    }
     // Invariants: constants are copied in, other values captured (in first-use order).
     let mut captures: Vec<ValueId> = vec![];
     let mut outer: HashMap<ValueId, ValueId> = HashMap::new();
     let mut constants: Vec<(ValueId, Arc<Tensor>)> = vec![];
-    for row in &r.slots {
-        for s in row.iter().flatten() {
+    for (j, row) in r.slots.iter().enumerate().filter(|(j, _)| !step_only[*j]) {
+        for (sl, s) in row.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let s = match (sl, steps_first.get(&j)) {
+                (0, Some(&xt)) => &Slot::Invariant(xt),
+                _ => s,
+            };
             if let Slot::Invariant(v) = *s {
                 if outer.contains_key(&v) || constants.iter().any(|(c, _)| *c == v) {
                     continue;
                 }
-                let konst = producer[v.index()]
+                let konst = (producer.get(v.index()).copied().flatten())
                     .filter(|&ni| g.nodes[ni].op == OpKind::Constant)
                     .and_then(|ni| g.nodes[ni].attrs.tensor("value").ok().flatten());
                 match konst {
@@ -620,21 +843,171 @@ fn apply(g: &mut Graph, r: &Roll) {
         )[0];
         outer.insert(*v, id);
     }
-    // The first copy's nodes, operands resolved by class.
+    // Per-copy constants (a step's indices): stacked on a new axis 0, read at the
+    // iteration number. One stack per distinct sequence of values.
+    let iter = body.inputs[0];
+    let mut stepped: HashMap<(usize, usize), ValueId> = HashMap::new();
+    let mut stacks: HashMap<Vec<ValueId>, ValueId> = HashMap::new();
+    for (j, row) in r.slots.iter().enumerate().filter(|(j, _)| !step_only[*j]) {
+        for (sl, s) in row.iter().enumerate() {
+            if *s != Some(Slot::Param) {
+                continue;
+            }
+            let per_copy: Vec<ValueId> = r
+                .blocks
+                .iter()
+                .map(|b| g.nodes[b[j]].inputs[sl].expect("a classified operand is present"))
+                .collect();
+            if let Some(&id) = stacks.get(&per_copy) {
+                stepped.insert((j, sl), id);
+                continue;
+            }
+            let first = per_copy[0];
+            let parts: Vec<Arc<Tensor>> = per_copy
+                .iter()
+                .map(|v| {
+                    producer[v.index()]
+                        .and_then(|ni| g.nodes[ni].attrs.tensor("value").ok().flatten())
+                        .expect("a per-copy operand is a constant (confirm)")
+                })
+                .collect();
+            let mut shape = vec![parts.len()];
+            shape.extend_from_slice(parts[0].shape());
+            let bytes: Vec<u8> = parts.iter().flat_map(|t| t.data().to_le_bytes()).collect();
+            let dtype = parts[0].dtype();
+            let data = kiln_ir::TensorData::from_le_bytes(dtype, &bytes)
+                .expect("constants of one dtype concatenate");
+            let stacked = Tensor::new(shape.clone(), data).expect("stacked shape matches its data");
+            let base = g.value(first).name.clone();
+            let all = body.add_node(
+                OpKind::Constant,
+                Attrs::new().with("value", Attr::Tensor(Arc::new(stacked))),
+                vec![],
+                vec![(
+                    fresh(&format!("{base}_steps")),
+                    TensorType::new(dtype, Shape::fixed(&shape)),
+                )],
+                "",
+            )[0];
+            let step = body.add_node(
+                OpKind::Gather,
+                Attrs::new().with("axis", Attr::Int(0)),
+                vec![Some(all), Some(iter)],
+                vec![(fresh(&base), g.ty(first).clone())],
+                "",
+            )[0];
+            stacks.insert(per_copy, step);
+            stepped.insert((j, sl), step);
+        }
+    }
+    // Values the step-only nodes compute for the rest of the body: every copy's stays in
+    // the outer graph (shape and index arithmetic there is memoised per input shapes),
+    // stacked on a new axis 0 and captured; the body reads its step's slice.
     let mut inner: HashMap<(usize, usize), ValueId> = HashMap::new();
+    let mut frontier: Vec<(usize, usize)> = vec![];
+    for (_, row) in r.slots.iter().enumerate().filter(|(j, _)| !step_only[*j]) {
+        for s in row.iter().flatten() {
+            if let Slot::Internal(jj, o) = *s {
+                if step_only[jj] && !frontier.contains(&(jj, o)) {
+                    frontier.push((jj, o));
+                }
+            }
+        }
+    }
+    for &(jj, o) in &frontier {
+        let per_copy: Vec<ValueId> = r.blocks.iter().map(|b| g.nodes[b[jj]].outputs[o]).collect();
+        let first = per_copy[0];
+        let ty = g.ty(first).clone();
+        let base = g.value(first).name.clone();
+        let unique = |g: &Graph, want: String| {
+            let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
+            let mut n = want;
+            while taken.contains(n.as_str()) {
+                n.push('_');
+            }
+            n
+        };
+        let axes_name = unique(g, format!("{base}_stack_axis"));
+        let axes = g.add_value(&axes_name, TensorType::new(DType::I64, Shape::fixed(&[1])));
+        pre.push(Node {
+            op: OpKind::Constant,
+            attrs: Attrs::new().with(
+                "value",
+                Attr::Tensor(Arc::new(Tensor::from_vec(vec![1], vec![0i64]))),
+            ),
+            inputs: vec![],
+            outputs: vec![axes],
+            name: String::new(),
+        });
+        let mut one_dims = vec![kiln_ir::Dim::Fixed(1)];
+        let mut all_dims = vec![kiln_ir::Dim::Fixed(r.copies as u64)];
+        let stacked_ty = match ty.shape.dims() {
+            Some(d) => {
+                one_dims.extend(d.iter().cloned());
+                all_dims.extend(d.iter().cloned());
+                (
+                    TensorType::new(ty.dtype, Shape::new(one_dims)),
+                    TensorType::new(ty.dtype, Shape::new(all_dims)),
+                )
+            }
+            None => (
+                TensorType::new(ty.dtype, Shape::unknown()),
+                TensorType::new(ty.dtype, Shape::unknown()),
+            ),
+        };
+        let mut parts = vec![];
+        for (k, &v) in per_copy.iter().enumerate() {
+            let name = unique(g, format!("{base}_step{k}"));
+            let u = g.add_value(&name, stacked_ty.0.clone());
+            pre.push(Node {
+                op: OpKind::Unsqueeze,
+                attrs: Attrs::new(),
+                inputs: vec![Some(v), Some(axes)],
+                outputs: vec![u],
+                name: String::new(),
+            });
+            parts.push(Some(u));
+        }
+        let all_name = unique(g, format!("{base}_steps"));
+        let all = g.add_value(&all_name, stacked_ty.1.clone());
+        pre.push(Node {
+            op: OpKind::Concat,
+            attrs: Attrs::new().with("axis", Attr::Int(0)),
+            inputs: parts,
+            outputs: vec![all],
+            name: String::new(),
+        });
+        let all_in = body.add_input(&fresh(&all_name), stacked_ty.1);
+        captures.push(all);
+        let step = body.add_node(
+            OpKind::Gather,
+            Attrs::new().with("axis", Attr::Int(0)),
+            vec![Some(all_in), Some(iter)],
+            vec![(fresh(&base), ty)],
+            "",
+        )[0];
+        inner.insert((jj, o), step);
+    }
+    // The other nodes of the first copy, operands resolved by class.
     for (j, &ni) in r.blocks[0].iter().enumerate() {
+        if step_only[j] {
+            continue;
+        }
         let n = &g.nodes[ni];
         let inputs = n
             .inputs
             .iter()
             .zip(&r.slots[j])
-            .map(|(i, s)| {
+            .enumerate()
+            .map(|(sl, (i, s))| {
                 i.map(|v| match s {
                     Some(Slot::Internal(jj, o)) => inner[&(*jj, *o)],
                     Some(Slot::Carried(jj, o)) => carried_in[&(*jj, *o)],
+                    Some(Slot::Invariant(_)) if sl == 0 && steps_first.contains_key(&j) => {
+                        outer[&steps_first[&j]]
+                    }
                     Some(Slot::Invariant(x)) => outer[x],
-                    // Not made by `find(g, false)`, the only search that rolls.
-                    Some(Slot::Param) => outer.get(&v).copied().unwrap_or(v),
+                    Some(Slot::Param) => stepped[&(j, sl)],
                     // An operand no later copy constrains cannot occur: every slot of
                     // the first copy is classified against the second.
                     None => outer.get(&v).copied().unwrap_or(v),
@@ -646,13 +1019,19 @@ fn apply(g: &mut Graph, r: &Roll) {
             .iter()
             .map(|&o| (fresh(&g.value(o).name), g.ty(o).clone()))
             .collect();
-        let outs = body.add_node(n.op, n.attrs.clone(), inputs, outputs, &n.name);
+        let attrs = if steps_first.contains_key(&j) {
+            n.attrs.clone().with("axis", Attr::Int(0))
+        } else {
+            n.attrs.clone()
+        };
+        let outs = body.add_node(n.op, attrs, inputs, outputs, &n.name);
         for (o, id) in outs.into_iter().enumerate() {
             inner.insert((j, o), id);
         }
     }
     body.outputs = std::iter::once(cond)
         .chain(r.keys.iter().map(|(k, _)| inner[k]))
+        .chain(r.scans.iter().map(|s| inner[&s.key]))
         .collect();
 
     // The loop node: a constant trip count, no condition, initial values, captures.
@@ -679,11 +1058,94 @@ fn apply(g: &mut Graph, r: &Roll) {
     let mut inputs: Vec<Option<ValueId>> = vec![Some(trips), None];
     inputs.extend(r.keys.iter().map(|(_, init)| Some(*init)));
     inputs.extend(captures.iter().map(|&v| Some(v)));
-    let outputs: Vec<ValueId> = r
+    let mut outputs: Vec<ValueId> = r
         .keys
         .iter()
         .map(|((j, o), _)| g.nodes[last[*j]].outputs[*o])
         .collect();
+    // Scanned values: stacked on a new axis 0 by the loop, then squeezed and moved to the
+    // collecting concat's axis, where they replace every copy's value.
+    let mut post: Vec<Node> = vec![];
+    for sc in &r.scans {
+        let v0 = g.nodes[r.blocks[0][sc.key.0]].outputs[sc.key.1];
+        let ty = g.ty(v0).clone();
+        let dims = ty
+            .shape
+            .dims()
+            .expect("a scanned value has a known rank")
+            .to_vec();
+        let base = g.value(v0).name.clone();
+        let unique = |g: &Graph, want: String| {
+            let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
+            let mut n = want;
+            while taken.contains(n.as_str()) {
+                n.push('_');
+            }
+            n
+        };
+        let n = kiln_ir::Dim::Fixed(r.copies as u64);
+        let stacked_dims: Vec<kiln_ir::Dim> = std::iter::once(n.clone())
+            .chain(dims.iter().cloned())
+            .collect();
+        let name = unique(g, format!("{base}_scanned"));
+        let stacked = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(stacked_dims)));
+        outputs.push(stacked);
+        let name = unique(g, format!("{base}_scan_axis"));
+        let axes = g.add_value(&name, TensorType::new(DType::I64, Shape::fixed(&[1])));
+        post.push(Node {
+            op: OpKind::Constant,
+            attrs: Attrs::new().with(
+                "value",
+                Attr::Tensor(Arc::new(Tensor::from_vec(
+                    vec![1],
+                    vec![sc.axis as i64 + 1],
+                ))),
+            ),
+            inputs: vec![],
+            outputs: vec![axes],
+            name: String::new(),
+        });
+        let mut squeezed_dims = vec![n.clone()];
+        squeezed_dims.extend(
+            dims.iter()
+                .enumerate()
+                .filter(|(i, _)| *i != sc.axis)
+                .map(|(_, d)| d.clone()),
+        );
+        let name = unique(g, format!("{base}_scan_squeezed"));
+        let squeezed = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(squeezed_dims)));
+        post.push(Node {
+            op: OpKind::Squeeze,
+            attrs: Attrs::new(),
+            inputs: vec![Some(stacked), Some(axes)],
+            outputs: vec![squeezed],
+            name: String::new(),
+        });
+        let mut result = squeezed;
+        if sc.axis > 0 {
+            let rank = dims.len();
+            let perm: Vec<i64> = (1..=sc.axis as i64)
+                .chain(std::iter::once(0))
+                .chain(sc.axis as i64 + 1..rank as i64)
+                .collect();
+            let mut moved = dims.clone();
+            moved[sc.axis] = n;
+            let name = unique(g, format!("{base}_scan"));
+            result = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(moved)));
+            post.push(Node {
+                op: OpKind::Transpose,
+                attrs: Attrs::new().with("perm", Attr::Ints(perm)),
+                inputs: vec![Some(squeezed)],
+                outputs: vec![result],
+                name: String::new(),
+            });
+        }
+        let c = &mut g.nodes[sc.concat];
+        let mut ins: Vec<Option<ValueId>> = c.inputs[..sc.start].to_vec();
+        ins.push(Some(result));
+        ins.extend_from_slice(&c.inputs[sc.start + r.copies..]);
+        c.inputs = ins;
+    }
     let loop_node = Node {
         op: OpKind::Loop,
         attrs: Attrs::new()
@@ -693,21 +1155,76 @@ fn apply(g: &mut Graph, r: &Roll) {
         outputs,
         name: g.nodes[last[0]].name.clone(),
     };
-    let gone: HashSet<usize> = r.blocks.iter().flatten().copied().collect();
-    let end = last.iter().copied().max().expect("a body has nodes");
+    // Step-only nodes stay (their values are stacked above); the rest of every copy goes.
+    let gone: HashSet<usize> = r
+        .blocks
+        .iter()
+        .flat_map(|b| b.iter().enumerate().filter(|(j, _)| !step_only[*j]))
+        .map(|(_, &ni)| ni)
+        .collect();
     let old = std::mem::take(&mut g.nodes);
-    let mut pending = Some((trip_node, loop_node));
+    let mut pending = Some((pre, trip_node, loop_node, post));
     for (i, n) in old.into_iter().enumerate() {
         if !gone.contains(&i) {
             g.nodes.push(n);
         }
         if i == end {
-            if let Some((t, l)) = pending.take() {
+            if let Some((pre, t, l, post)) = pending.take() {
+                g.nodes.extend(pre);
                 g.nodes.push(t);
                 g.nodes.push(l);
+                g.nodes.extend(post);
             }
         }
     }
+}
+
+/// Per node of `r`'s block: whether it computes integer or boolean values only from the
+/// step's own constants and loop invariants (no carried value): index arithmetic such as
+/// a step's scatter indices. Such nodes are left in the outer graph for every copy (where they are
+/// memoised shape arithmetic) instead of recomputed in the body each iteration. A node
+/// producing a carried value stays in the body (the loop returns the last copy's); none
+/// is step-only where one would sit after the loop's place.
+fn step_only_nodes(g: &Graph, r: &Roll, end: usize) -> Vec<bool> {
+    let p = r.body_nodes;
+    // Index arithmetic only: a step's slice of float data is read in the body directly
+    // (stacking it outside would copy every step's data once more).
+    let index_like = |j: usize| {
+        g.nodes[r.blocks[0][j]]
+            .outputs
+            .iter()
+            .all(|&v| matches!(g.ty(v).dtype, DType::I64 | DType::I32 | DType::Bool))
+    };
+    let keyed: HashSet<usize> = r
+        .keys
+        .iter()
+        .map(|((j, _), _)| *j)
+        .chain(r.scans.iter().map(|s| s.key.0))
+        .collect();
+    let mut only = vec![false; p];
+    let mut reads_param = vec![false; p];
+    for j in 0..p {
+        let mut ok = true;
+        let mut param = false;
+        for s in r.slots[j].iter().flatten() {
+            match *s {
+                Slot::Param => param = true,
+                Slot::Invariant(_) => {}
+                Slot::Internal(jj, _) if only[jj] => param |= reads_param[jj],
+                _ => ok = false,
+            }
+        }
+        only[j] = ok && param && !keyed.contains(&j) && index_like(j);
+        reads_param[j] = param;
+    }
+    let late = r
+        .blocks
+        .iter()
+        .any(|b| b.iter().zip(&only).any(|(&ni, &o)| o && ni > end));
+    if late {
+        return vec![false; p];
+    }
+    only
 }
 
 #[cfg(test)]
@@ -789,6 +1306,186 @@ mod tests {
             let text = kiln_ir::text::print(&g);
             assert_eq!(kiln_ir::text::parse(&text).unwrap(), g);
         }
+    }
+
+    /// A recurrence unrolled over `steps` the way exporters write it: step `t` reads
+    /// `x[:, t]` (`gather` with the constant `t`), updates `h = tanh(h·w + x_t)`, writes
+    /// `h` into row `t` of a carried buffer with `scatter_nd` (indices built from the
+    /// constant `[t]`), and every step's `h` is also collected by one `concat` of
+    /// `unsqueeze`d values (a `torch.stack`). `x` has short rows, so the roll reads it
+    /// transposed steps-first.
+    fn unrolled(steps: usize) -> Graph {
+        let (b, d) = (2usize, 4usize);
+        let mut g = Graph::new("unrolled");
+        let x = g.add_input("x", f32_ty(&[b, steps, d]));
+        let h0 = g.add_input("h0", f32_ty(&[b, d]));
+        let buf0 = g.add_input("buf", f32_ty(&[b, steps, d]));
+        let mut rng = Rng::new(11);
+        let w = g.add_constant("w", rng.tensor(DType::F32, &[d, d]));
+        let rows = g.add_constant("rows", Tensor::from_vec(vec![b, 1], vec![0i64, 1]));
+        let shape = g.add_constant("shape", Tensor::from_vec(vec![2], vec![b as i64, 1]));
+        let one = g.add_constant("one", Tensor::from_vec(vec![1], vec![1i64]));
+        let i64_ty = |dims: &[usize]| TensorType::new(DType::I64, Shape::fixed(dims));
+        let (mut h, mut buf) = (h0, buf0);
+        let mut ys = vec![];
+        for t in 0..steps {
+            let ti = g.add_constant(&format!("t{t}"), Tensor::scalar(t as i64));
+            let tv = g.add_constant(&format!("tv{t}"), Tensor::from_vec(vec![1], vec![t as i64]));
+            let axis1 = Attrs::new().with("axis", Attr::Int(1));
+            let xt = node_with(
+                &mut g,
+                OpKind::Gather,
+                axis1,
+                &[x, ti],
+                &format!("x{t}"),
+                f32_ty(&[b, d]),
+            );
+            let m = node(
+                &mut g,
+                OpKind::MatMul,
+                &[h, w],
+                &format!("m{t}"),
+                f32_ty(&[b, d]),
+            );
+            let a = node(
+                &mut g,
+                OpKind::Add,
+                &[m, xt],
+                &format!("a{t}"),
+                f32_ty(&[b, d]),
+            );
+            h = node(
+                &mut g,
+                OpKind::Tanh,
+                &[a],
+                &format!("state{t}"),
+                f32_ty(&[b, d]),
+            );
+            let e = node(
+                &mut g,
+                OpKind::Expand,
+                &[tv, shape],
+                &format!("e{t}"),
+                i64_ty(&[b, 1]),
+            );
+            let axis_last = Attrs::new().with("axis", Attr::Int(-1));
+            let idx = node_with(
+                &mut g,
+                OpKind::Concat,
+                axis_last,
+                &[rows, e],
+                &format!("i{t}"),
+                i64_ty(&[b, 2]),
+            );
+            buf = node(
+                &mut g,
+                OpKind::ScatterND,
+                &[buf, idx, h],
+                &format!("s{t}"),
+                f32_ty(&[b, steps, d]),
+            );
+            ys.push(node(
+                &mut g,
+                OpKind::Unsqueeze,
+                &[h, one],
+                &format!("y{t}"),
+                f32_ty(&[b, 1, d]),
+            ));
+        }
+        let axis1 = Attrs::new().with("axis", Attr::Int(1));
+        let stacked = node_with(
+            &mut g,
+            OpKind::Concat,
+            axis1,
+            &ys,
+            "ys",
+            f32_ty(&[b, steps, d]),
+        );
+        g.outputs = vec![h, buf, stacked];
+        g
+    }
+
+    #[test]
+    fn a_recurrence_unrolled_over_time_rolls_with_per_step_indices_and_a_stacked_output() {
+        for steps in [5, 9] {
+            let mut g = unrolled(steps);
+            kiln_ir::verify(&g).unwrap();
+            let before = g.clone();
+            let stats = RollBlocks.run(&mut g).unwrap();
+            kiln_ir::verify(&g).unwrap();
+            let text = kiln_ir::text::print(&g);
+            assert_eq!(stats.counter("loops"), 1, "{text}");
+            assert_eq!(stats.counter("trip_count"), steps, "{text}");
+            assert!(stats.counter("stepped_constants") >= 1, "{stats}");
+            // The per-step reads of x became one transpose, the stack one loop output.
+            assert_eq!(
+                ops(&g).iter().filter(|o| **o == OpKind::Transpose).count(),
+                2,
+                "{text}"
+            );
+            let ys = g
+                .nodes
+                .iter()
+                .find(|n| g.value(n.outputs[0]).name == "ys")
+                .unwrap();
+            assert_eq!(
+                ys.inputs.len(),
+                1,
+                "the stack still reads every step: {text}"
+            );
+            // The index arithmetic stays outside the body (memoised there), one per step.
+            let l = g.nodes.iter().find(|n| n.op == OpKind::Loop).unwrap();
+            let body = l.attrs.req_graph("body").unwrap();
+            assert!(!body.nodes.iter().any(|n| n.op == OpKind::Expand), "{text}");
+            assert_same_outputs(&before, &g);
+            assert_eq!(kiln_ir::text::parse(&text).unwrap(), g);
+        }
+    }
+
+    #[test]
+    fn per_step_float_constants_do_not_roll() {
+        // Steps that differ in a float constant are different blocks for rolling (a
+        // stacked float weight would lose its packing).
+        let mut g = Graph::new("float_steps");
+        let x = g.add_input("x", f32_ty(&[2, 4]));
+        let mut h = x;
+        for t in 0..6 {
+            let c = g.add_constant(
+                &format!("c{t}"),
+                Tensor::from_vec(vec![4], vec![t as f32; 4]),
+            );
+            let a = node(
+                &mut g,
+                OpKind::Add,
+                &[h, c],
+                &format!("a{t}"),
+                f32_ty(&[2, 4]),
+            );
+            let s = node(
+                &mut g,
+                OpKind::Tanh,
+                &[a],
+                &format!("s{t}"),
+                f32_ty(&[2, 4]),
+            );
+            let m = node(
+                &mut g,
+                OpKind::Mul,
+                &[s, s],
+                &format!("m{t}"),
+                f32_ty(&[2, 4]),
+            );
+            h = node(
+                &mut g,
+                OpKind::Sub,
+                &[m, h],
+                &format!("h{t}"),
+                f32_ty(&[2, 4]),
+            );
+        }
+        g.outputs = vec![h];
+        let stats = RollBlocks.run(&mut g).unwrap();
+        assert!(stats.is_noop(), "{stats}");
     }
 
     #[test]

@@ -109,6 +109,34 @@ pub struct CpuPlan {
     memo: ShapeMemo,
     /// Arena layouts per input-shape set and reusable blocks, filled by runs.
     arenas: super::arena::Arenas,
+    /// Per value: the last kernel that reads it (`usize::MAX`: none, or a graph output).
+    last_use: Vec<usize>,
+    /// Per value: whether it is a graph output.
+    is_output: Vec<bool>,
+}
+
+/// Per value: the last kernel of `plan` that reads it (`usize::MAX` for values no kernel
+/// reads and for graph outputs), and whether it is a graph output. Computed once per plan:
+/// a loop body's plan runs once per iteration.
+fn value_uses(plan: &Plan) -> (Vec<usize>, Vec<bool>) {
+    let g = &plan.graph;
+    let mut last_use = vec![usize::MAX; g.values.len()];
+    for (ki, k) in plan.kernels.iter().enumerate() {
+        match k {
+            Kernel::Loop(l) => l.inputs.iter().for_each(|i| last_use[i.value.index()] = ki),
+            Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n]
+                .inputs
+                .iter()
+                .flatten()
+                .for_each(|&v| last_use[v.index()] = ki),
+        }
+    }
+    let mut is_output = vec![false; g.values.len()];
+    for &o in &g.outputs {
+        last_use[o.index()] = usize::MAX;
+        is_output[o.index()] = true;
+    }
+    (last_use, is_output)
 }
 
 /// Each contraction kernel's prepared routine (weights packed), on every core: packing a
@@ -195,12 +223,15 @@ impl CpuPlan {
                 _ => None,
             })
             .collect();
+        let (last_use, is_output) = value_uses(&plan);
         CpuPlan {
             plan,
             contractions,
             bodies,
             memo: ShapeMemo::default(),
             arenas: Default::default(),
+            last_use,
+            is_output,
         }
     }
 
@@ -294,15 +325,7 @@ impl CpuPlan {
                 g.nodes[*n].inputs.iter().flatten().for_each(|&v| f(v))
             }
         };
-        let mut last_use = vec![usize::MAX; g.values.len()];
-        for (ki, k) in self.plan.kernels.iter().enumerate() {
-            each_use(k, &mut |v| last_use[v.index()] = ki);
-        }
-        let mut is_output = vec![false; g.values.len()];
-        for &o in &g.outputs {
-            last_use[o.index()] = usize::MAX;
-            is_output[o.index()] = true;
-        }
+        let (last_use, is_output) = (&self.last_use, &self.is_output);
         // Lifetimes of the values kernels produce: the arena layout of a first run, the
         // memory plan of a reported one. `interval_of` finds a value's interval (a value that
         // took over its input's buffer shares that buffer's), `takeovers` lists those values,

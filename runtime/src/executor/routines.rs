@@ -847,7 +847,11 @@ fn unary_select(node: &Node, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option
         }
         OpKind::ThresholdedRelu => {
             let al = f("alpha", 1.0)?;
-            into_region(y, shape, v.iter().map(|&a| if a > al { a } else { 0.0 }).collect())
+            into_region(
+                y,
+                shape,
+                v.iter().map(|&a| if a > al { a } else { 0.0 }).collect(),
+            )
         }
         _ => return None,
     })
@@ -1492,7 +1496,17 @@ mod tests {
 
     /// f32 values drawn from a small set (so ties happen), with NaN, ±Inf and ±0 among them.
     fn rand_tied(rng: &mut StdRng, shape: &[usize]) -> Tensor {
-        const POOL: [f32; 9] = [-1.5, -0.5, -0.0, 0.0, 0.25, 0.5, 2.0, f32::INFINITY, f32::NAN];
+        const POOL: [f32; 9] = [
+            -1.5,
+            -0.5,
+            -0.0,
+            0.0,
+            0.25,
+            0.5,
+            2.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
         let n: usize = shape.iter().product();
         let v = (0..n)
             .map(|_| match rng.gen_range(0..8) {
@@ -1541,11 +1555,17 @@ mod tests {
             }
             let p = rand_bool(&mut rng, &out);
             let n = node(OpKind::Not, Attrs::new(), 1);
-            assert_eq!(run_fast(&n, &[Some(&p)]).unwrap()[0], reference(&n, &[Some(&p)]));
+            assert_eq!(
+                run_fast(&n, &[Some(&p)]).unwrap()[0],
+                reference(&n, &[Some(&p)])
+            );
             let x = rand_tied(&mut rng, &out);
             let unary = [
                 (OpKind::IsNaN, Attrs::new()),
-                (OpKind::IsInf, Attrs::new().with("detect_positive", Attr::Int(0))),
+                (
+                    OpKind::IsInf,
+                    Attrs::new().with("detect_positive", Attr::Int(0)),
+                ),
                 (OpKind::IsInf, Attrs::new()),
                 (OpKind::Shrink, Attrs::new().with("lambd", Attr::Float(0.5))),
                 (
@@ -1554,12 +1574,19 @@ mod tests {
                         .with("lambd", Attr::Float(0.3))
                         .with("bias", Attr::Float(0.1)),
                 ),
-                (OpKind::ThresholdedRelu, Attrs::new().with("alpha", Attr::Float(0.25))),
+                (
+                    OpKind::ThresholdedRelu,
+                    Attrs::new().with("alpha", Attr::Float(0.25)),
+                ),
             ];
             for (op, attrs) in unary {
                 let n = node(op, attrs, 1);
                 let got = run_fast(&n, &[Some(&x)]).expect("fast path").remove(0);
-                assert_same(&got, &reference(&n, &[Some(&x)]), &format!("{op:?} {out:?}"));
+                assert_same(
+                    &got,
+                    &reference(&n, &[Some(&x)]),
+                    &format!("{op:?} {out:?}"),
+                );
             }
             // Selection along every axis, negative axes included.
             let rank = out.len() as i64;
@@ -1587,7 +1614,11 @@ mod tests {
                 let ins = [Some(t), Some(&kt)];
                 let got = run_fast(&n, &ins).expect("fast path");
                 let want = kiln_ir::ops::eval(n.op, &n.attrs, &ins).unwrap();
-                assert_same(&got[0], &want[0], &format!("top_k values k={k} axis {axis}"));
+                assert_same(
+                    &got[0],
+                    &want[0],
+                    &format!("top_k values k={k} axis {axis}"),
+                );
                 assert_eq!(got[1], want[1], "top_k indices k={k} axis {axis} {out:?}");
                 native += 1;
             }
