@@ -77,7 +77,7 @@ fn the_jit_matches_the_unoptimised_interpreter_at_batch_1_and_3() {
         let jit = compile(&model, 1, Backend::Jit);
         let interp = compile(&model, 0, Backend::Interp);
         for (batch, seed) in [(1, 7), (3, 11), (3, 12)] {
-            let ins = vec![("input_ids", token_ids(batch, seed))];
+            let ins = [("input_ids", token_ids(batch, seed))];
             let got = jit.run(&ins).unwrap_or_else(|e| panic!("{name} jit: {e}"));
             let want = interp
                 .run(&ins)
