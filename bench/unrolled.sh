@@ -12,6 +12,8 @@
 #   SEQS="16 64 256"     sequence lengths
 #   RUNS=N               timed runs per thread count (default 100; S >= 256: RUNS_LONG, 30)
 #   REPS=N               ORT session creations timed (median; default 3)
+#   ROUNDS=N             kiln bench --compare-ort processes per model (default 3): medians are
+#                        the median over rounds of each round's median, minima the least minimum
 #   OUT=FILE             the report (default bench/unrolled.md)
 #   KILN_UNROLLED_MODELS=DIR  where the models are (made there unless already present;
 #                        default /tmp/kiln-unrolled)
@@ -34,6 +36,7 @@ SEQS=${SEQS:-16 64 256}
 RUNS=${RUNS:-100}
 RUNS_LONG=${RUNS_LONG:-30}
 REPS=${REPS:-3}
+ROUNDS=${ROUNDS:-3}
 MODELS="rwkv mamba"
 # Compile time and code size count as independent of S when compile(S_max) <= this many times
 # compile(S_min) and the AOT kernel count is the same at every S.
@@ -97,16 +100,20 @@ for m in $MODELS; do
     rm -f "$TMP"/m.*
     jitk=$("$KILN" bench "$f" --threads 1 --runs 3 --warmup 1 --profile -q 2>/dev/null \
       | sed -n 's/^profile ([^)]*): \([0-9]*\) kernels.*/\1/p')
-    "$KILN" bench "$f" --threads 1,2 --runs "$runs" --compare-ort --format json -q >"$TMP/b.json" 2>/dev/null
+    rm -f "$TMP"/b*.json
+    for r in $(seq "$ROUNDS"); do
+      "$KILN" bench "$f" --threads 1,2 --runs "$runs" --compare-ort --format json -q >"$TMP/b$r.json" 2>/dev/null
+    done
     ort_s=$(ort_session_ms "$f")
-    lat=$("$PY" - "$TMP/b.json" <<'PYEOF'
-import json, sys
-j = json.load(open(sys.argv[1]))
-r = {x["threads"]: x for x in j["results"]}
-out = ["%.1f" % r[1]["compile_ms"], "%.1f" % j["load_ms"]]
+    lat=$("$PY" - "$TMP"/b*.json <<'PYEOF'
+import json, statistics, sys
+js = [json.load(open(f)) for f in sys.argv[1:]]
+rs = [{x["threads"]: x for x in j["results"]} for j in js]
+med = statistics.median
+out = ["%.1f" % med(r[1]["compile_ms"] for r in rs), "%.1f" % med(j["load_ms"] for j in js)]
 for t in (1, 2):
-    x = r[t]
-    out += ["%.3f" % x["median_ms"], "%.3f" % x["min_ms"], "%.3f" % x["ort"]["median_ms"], "%.3f" % x["ort"]["min_ms"]]
+    out += ["%.3f" % med(r[t]["median_ms"] for r in rs), "%.3f" % min(r[t]["min_ms"] for r in rs),
+            "%.3f" % med(r[t]["ort"]["median_ms"] for r in rs), "%.3f" % min(r[t]["ort"]["min_ms"] for r in rs)]
 print(" ".join(out))
 PYEOF
 )
@@ -143,7 +150,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
   echo
   echo "nodes = \`kiln inspect\`: as imported -> after the default pipeline; rolled = roll_blocks's"
   echo "row. compile = \`kiln bench\`'s compile ms (optimise + JIT codegen + weight packing; the"
-  echo "1-thread row), load = reading and importing the file. Code size: the JIT does not report its"
+  echo "1-thread row), load = reading and importing the file, both the median of $ROUNDS processes. Code size: the JIT does not report its"
   echo "code size, so the same optimised graph is built by the AOT backend (\`kiln build --weights"
   echo "file --emit-ir\`): kernels (compiled loop kernels), lines of the model's LLVM IR, and the"
   echo "build's total seconds; JIT kernels = the JIT plan's kernel count (\`kiln bench --profile\`)."
@@ -158,7 +165,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
   echo
   echo "## Latency (JIT, batch 1): kiln beside ONNX Runtime in the same \`kiln bench --compare-ort\` run"
   echo
-  echo "$RUNS timed runs per thread count ($RUNS_LONG at S >= 256) after 3 warm-up runs; ms."
+  echo "$ROUNDS rounds (processes) of $RUNS timed runs per thread count ($RUNS_LONG at S >= 256) after 3"
+  echo "warm-up runs; median = the median of the rounds' medians, min = the least of their minima; ms."
   echo
   echo "kiln/ORT = ratio of the medians (the goal's measure), and in brackets of the minima."
   echo
@@ -192,7 +200,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
     echo "  **$time_ok**. Code size, AOT kernels at S = $(echo $SEQS | tr ' ' /): $kset: **$size_ok**."
   done
   echo
-  echo "The machine is shared and noisy: read the medians beside the minima, and the ratios as"
-  echo "measured in one run, not as a stable speed-up."
+  echo "The machine is shared and noisy (the load averages above): read the medians beside the"
+  echo "minima, and the ratios as this run's, not as a stable speed-up."
 } >"$OUT"
 echo "wrote $OUT"
