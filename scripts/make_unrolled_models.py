@@ -89,7 +89,8 @@ class G:
         return m
 
 
-def fill(shape, value):
+def fill(value):
+    """The one-element `value` tensor of a ConstantOfShape (float32 or int64)."""
     return numpy_helper.from_array(np.array([value], np.float32 if isinstance(value, float) else np.int64))
 
 
@@ -128,7 +129,7 @@ def rwkv_params(cfg, seed):
 def time_shift(g, x, s):
     """ZeroPad2d((0, 0, 1, -1)) as the exporter writes it: the pads [0, 0, 1, -1] padded to the
     rank with zeros, reversed in pairs (Reshape, Slice with step -1, Transpose), then Pad."""
-    zeros = g.op("ConstantOfShape", [g.const([2])], s, value=fill([1], 0))
+    zeros = g.op("ConstantOfShape", [g.const([2])], s, value=fill(0))
     pads = g.op("Concat", [g.const([0, 0, 1, -1]), zeros], s, axis=0)
     pads = g.op("Reshape", [pads, g.const([-1, 2])], s)
     pads = g.op("Slice", [pads, g.const([-1]), g.const([-(2**63) + 1]), g.const([0]), g.const([-1])], s)
@@ -148,9 +149,9 @@ def wkv(g, k, v, time_decay, time_first, seq, s):
     """HF's rwkv_linear_attention_cpu unrolled over `seq` steps: per step Gather(k, t, axis=1),
     the max-subtracted exp update of num/den/max, and the output row written with ScatterND
     into a zero-initialised [batch, seq, att] buffer."""
-    out = g.op("ConstantOfShape", [g.op("Shape", [k], s)], s, value=fill([1], 0.0))
+    out = g.op("ConstantOfShape", [g.op("Shape", [k], s)], s, value=fill(0.0))
     k0 = g.op("Gather", [k, g.const(0)], s, axis=1)
-    zeros = g.op("ConstantOfShape", [g.op("Shape", [k0], s)], s, value=fill([1], 0.0))
+    zeros = g.op("ConstantOfShape", [g.op("Shape", [k0], s)], s, value=fill(0.0))
     num, den = zeros, zeros
     mx = g.op("Sub", [zeros, g.const(1e38, np.float32)], s)
     w = g.op("Neg", [g.op("Exp", [time_decay], s)], s)
@@ -339,7 +340,7 @@ def mamba_graph(cfg, seq, p):
         shape = g.op("Shape", [hs], sm)
         batch = g.op("Unsqueeze", [g.op("Gather", [shape, g.const(0)], sm, axis=0), g.const([0])], sm)
         state_shape = g.op("Concat", [batch, g.const([e]), g.const([n])], sm, axis=0)
-        state = g.op("ConstantOfShape", [state_shape], sm, value=fill([1], 0.0))
+        state = g.op("ConstantOfShape", [state_shape], sm, value=fill(0.0))
         ys = []
         for t in range(seq):
             ct = g.const(t)
