@@ -1,0 +1,93 @@
+//! RWKV-4 and Mamba with the recurrence unrolled over time as the TorchScript exporter writes
+//! it (`tests/models/unrolled/{rwkv,mamba}`, made by `scripts/make_unrolled_models.py --tiny`:
+//! hidden 32, sequence 8, 2 layers, symbolic batch; reference outputs from ONNX Runtime at
+//! batch 2): the default pipeline on the JIT matches the stored outputs, and matches the
+//! interpreter running the graph as imported at batch 1 and 3 on other token ids.
+
+use kiln::{Backend, Executable, Model, Options, Tensor};
+use kiln_tests::{as_named, assert_outputs_match, check_graph_on_test_data, repo_root, test_data};
+use std::path::PathBuf;
+
+const MODELS: [&str; 2] = ["rwkv", "mamba"];
+
+/// The models' fixed sequence length, width and vocabulary (`--tiny` in the script).
+const SEQ: usize = 8;
+const HIDDEN: usize = 32;
+const VOCAB: u64 = 128;
+
+fn dir(name: &str) -> PathBuf {
+    repo_root().join("tests/models/unrolled").join(name)
+}
+
+fn compile(model: &Model, opt_level: u8, backend: Backend) -> Executable {
+    model
+        .compile(&Options {
+            opt_level,
+            backend,
+            threads: 2,
+            ..Options::default()
+        })
+        .unwrap_or_else(|e| panic!("{backend} at opt {opt_level}: {e}"))
+}
+
+fn load(name: &str) -> Model {
+    Model::load(dir(name).join("model.onnx")).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Seeded token ids `[batch, SEQ]` in `0..VOCAB`.
+fn token_ids(batch: usize, seed: u64) -> Tensor {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let ids: Vec<i64> = (0..batch * SEQ)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % VOCAB) as i64
+        })
+        .collect();
+    Tensor::from_vec(vec![batch, SEQ], ids)
+}
+
+#[test]
+fn the_imported_graph_matches_the_stored_outputs_on_the_interpreter() {
+    for name in MODELS {
+        let model = load(name);
+        check_graph_on_test_data(model.graph(), &dir(name));
+    }
+}
+
+#[test]
+fn the_default_pipeline_on_the_jit_matches_the_stored_outputs() {
+    for name in MODELS {
+        let jit = compile(&load(name), 1, Backend::Jit);
+        let (inputs, want) = test_data(jit.graph(), &dir(name));
+        let got = jit
+            .run(&as_named(&inputs))
+            .unwrap_or_else(|e| panic!("{name} on the JIT: {e}"));
+        assert_outputs_match(&format!("{name} jit vs onnxruntime"), &got, &want);
+    }
+}
+
+#[test]
+fn the_jit_matches_the_unoptimised_interpreter_at_batch_1_and_3() {
+    for name in MODELS {
+        let model = load(name);
+        let jit = compile(&model, 1, Backend::Jit);
+        let interp = compile(&model, 0, Backend::Interp);
+        for (batch, seed) in [(1, 7), (3, 11), (3, 12)] {
+            let ins = [("input_ids", token_ids(batch, seed))];
+            let got = jit.run(&ins).unwrap_or_else(|e| panic!("{name} jit: {e}"));
+            let want = interp
+                .run(&ins)
+                .unwrap_or_else(|e| panic!("{name} interp: {e}"));
+            assert_eq!(
+                got[0].shape(),
+                [batch, SEQ, HIDDEN].as_slice(),
+                "{name} batch {batch}"
+            );
+            assert_outputs_match(&format!("{name} batch {batch} seed {seed}"), &got, &want);
+        }
+    }
+}
