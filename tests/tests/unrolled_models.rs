@@ -2,7 +2,8 @@
 //! it (`tests/models/unrolled/{rwkv,mamba}`, made by `scripts/make_unrolled_models.py --tiny`:
 //! hidden 32, sequence 8, 2 layers, symbolic batch; reference outputs from ONNX Runtime at
 //! batch 2): the default pipeline on the JIT matches the stored outputs, and matches the
-//! interpreter running the graph as imported at batch 1 and 3 on other token ids.
+//! interpreter running the graph as imported at batch 1 and 3 on other token ids; the
+//! recurrences run rolled into loops (`roll_blocks`).
 
 use kiln::{Backend, Executable, Model, Options, Tensor};
 use kiln_tests::{as_named, assert_outputs_match, check_graph_on_test_data, repo_root, test_data};
@@ -62,6 +63,14 @@ fn the_imported_graph_matches_the_stored_outputs_on_the_interpreter() {
 fn the_default_pipeline_on_the_jit_matches_the_stored_outputs() {
     for name in MODELS {
         let jit = compile(&load(name), 1, Backend::Jit);
+        // The recurrence runs rolled: one loop per layer, the steps its iterations.
+        let loops = jit
+            .graph()
+            .nodes
+            .iter()
+            .filter(|n| n.op == kiln_ir::OpKind::Loop)
+            .count();
+        assert_eq!(loops, 2, "{name}: roll_blocks should roll each layer's recurrence");
         let (inputs, want) = test_data(jit.graph(), &dir(name));
         let got = jit
             .run(&as_named(&inputs))
