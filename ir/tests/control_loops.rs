@@ -286,3 +286,29 @@ fn a_loop_without_trip_count_or_condition_is_an_error() {
         .to_string();
     assert!(e.contains("never ends"), "{e}");
 }
+
+/// A loop whose carried value becomes a capture: the body returns what it reads from
+/// outside, which the loop shares with the operand (no copy) while it runs.
+const RETURNS_CAPTURE: &str = "func @returns_capture(%n: i64[], %x: f32[4], %k: f32[4]) -> (f32[4]) {
+  %s = loop %n, _, %x, %k {body = func @body(%i: i64[], %c: bool[], %v: f32[4], %kk: f32[4]) -> (bool[], f32[4]) {
+    %w = identity %kk
+    return %c, %w
+  }, num_captures = 1}
+  return %s
+}
+";
+
+#[test]
+fn a_loop_result_never_shares_memory_with_a_capture() {
+    let g: Graph = parse(RETURNS_CAPTURE).unwrap();
+    verify(&g).unwrap();
+    let (x, k) = (random(4, 5), random(4, 6));
+    let kt = f32s(&[4], &k);
+    let k_range = kt.data().byte_range();
+    let out = interp::run(&g, vec![Tensor::scalar(3i64), f32s(&[4], &x), kt]).unwrap();
+    assert_eq!(floats(&out[0]), k);
+    // The operands are gone with the run; the result is a copy of its own.
+    let (a, n) = out[0].data().byte_range();
+    assert!(a + n <= k_range.0 || k_range.0 + k_range.1 <= a || n == 0);
+    assert_ne!(out[0].data().storage(), kiln_ir::Storage::Mapped);
+}

@@ -70,7 +70,10 @@ fn the_default_pipeline_on_the_jit_matches_the_stored_outputs() {
             .iter()
             .filter(|n| n.op == kiln_ir::OpKind::Loop)
             .count();
-        assert_eq!(loops, 2, "{name}: roll_blocks should roll each layer's recurrence");
+        assert_eq!(
+            loops, 2,
+            "{name}: roll_blocks should roll each layer's recurrence"
+        );
         let (inputs, want) = test_data(jit.graph(), &dir(name));
         let got = jit
             .run(&as_named(&inputs))
