@@ -15,7 +15,7 @@ Full width (issue 18 item 4; the files are generated, not committed):
                        vocab 1000, RMSNorm
 Batch is symbolic ("batch"), the sequence S is fixed; test data at batch 1.
 
-  --tiny   hidden 32, seq 8, 2 layers, vocab 128, RWKV FFN 64, Mamba inner 64, state 8,
+  --tiny   hidden 32, seq 40, 2 layers, vocab 128, RWKV FFN 64, Mamba inner 64, state 8,
            dt_rank 4 (each file < 200 KB), written to
            tests/models/unrolled/{rwkv,mamba}/ (committed; test data at batch 2; read by
            tests/tests/unrolled_models.rs)
@@ -46,7 +46,7 @@ FULL_RWKV = dict(hidden=256, att=256, ffn=1024, vocab=1000, layers=2)
 FULL_MAMBA = dict(hidden=256, inner=512, state=16, conv=4, dt_rank=16, vocab=1000, layers=2)
 TINY_RWKV = dict(hidden=32, att=32, ffn=64, vocab=128, layers=2)
 TINY_MAMBA = dict(hidden=32, inner=64, state=8, conv=4, dt_rank=4, vocab=128, layers=2)
-TINY_SEQ = 8
+TINY_SEQ = 40
 
 
 class G:

@@ -75,7 +75,7 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         Box::new(HoistShapeReads),
         // Weight-tied blocks repeated back to back (ALBERT's shared layers) become one
         // `loop` whose body is compiled once; exact, and last, so the body is optimised.
-        Box::new(RollBlocks),
+        Box::new(RollBlocks::default()),
         // Remove whatever no longer reaches a graph output.
         Box::new(EliminateDeadCode),
     ]

@@ -1,6 +1,6 @@
 //! RWKV-4 and Mamba with the recurrence unrolled over time as the TorchScript exporter writes
 //! it (`tests/models/unrolled/{rwkv,mamba}`, made by `scripts/make_unrolled_models.py --tiny`:
-//! hidden 32, sequence 8, 2 layers, symbolic batch; reference outputs from ONNX Runtime at
+//! hidden 32, sequence 40, 2 layers, symbolic batch; reference outputs from ONNX Runtime at
 //! batch 2): the default pipeline on the JIT matches the stored outputs, and matches the
 //! interpreter running the graph as imported at batch 1 and 3 on other token ids; the
 //! recurrences run rolled into loops (`roll_blocks`).
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 const MODELS: [&str; 2] = ["rwkv", "mamba"];
 
 /// The models' fixed sequence length, width and vocabulary (`--tiny` in the script).
-const SEQ: usize = 8;
+const SEQ: usize = 40;
 const HIDDEN: usize = 32;
 const VOCAB: u64 = 128;
 

@@ -46,9 +46,29 @@ const SMALL_CONSTANT: usize = 4096;
 /// Graphs with more non-constant nodes than this are not searched.
 const MAX_SEARCH_NODES: usize = 50_000;
 
-/// Rolls weight-tied repeated blocks into `loop`s.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RollBlocks;
+/// Steps from which a recurrence unrolled over time (copies that own per-step constants)
+/// rolls. A rolled step pays the body's per-run overhead (about 4 µs on an AMD EPYC: a
+/// whole plan run per iteration), which made the shared 16-step rwkv_tiny and mamba_tiny
+/// 1.2-1.3x slower rolled; from 64 steps on, the full-width RWKV-4 and Mamba exports of
+/// `scripts/make_unrolled_models.py` ran as fast or faster rolled (`bench/unrolled.md`),
+/// and the unrolled graph (compile time, code) grows with every step.
+pub const MIN_STEPPED_TRIPS: usize = 32;
+
+/// Rolls weight-tied repeated blocks, and recurrences unrolled over time of at least
+/// `min_stepped_trips` steps, into `loop`s.
+#[derive(Clone, Copy, Debug)]
+pub struct RollBlocks {
+    /// See [`MIN_STEPPED_TRIPS`] (the default).
+    pub min_stepped_trips: usize,
+}
+
+impl Default for RollBlocks {
+    fn default() -> Self {
+        RollBlocks {
+            min_stepped_trips: MIN_STEPPED_TRIPS,
+        }
+    }
+}
 
 const NAME: &str = "roll_blocks";
 
@@ -61,7 +81,10 @@ impl Pass for RollBlocks {
         rewrite::check_ids(g).map_err(|m| PassError::graph(NAME, m))?;
         let mut stats = PassStats::default();
         for _ in 0..MAX_ROLLS {
-            let Some(r) = find(g, Mode::Roll) else { break };
+            let mode = Mode::Roll {
+                min_stepped_trips: self.min_stepped_trips,
+            };
+            let Some(r) = find(g, mode) else { break };
             stats.removed += r.copies * r.body_nodes;
             stats.added += 1;
             stats.bump("loops", 1);
@@ -92,8 +115,9 @@ enum Mode {
     /// Nothing but the carried values, or small integer constants each copy has its own of
     /// (the per-step indices of a recurrence an exporter unrolled over time: `gather(k, t)`,
     /// `scatter_nd(out, [t], row)`); rolled into a `loop` that reads them from a stacked
-    /// constant at its iteration number.
-    Roll,
+    /// constant at its iteration number. A block whose copies own such constants rolls
+    /// only from `min_stepped_trips` copies on.
+    Roll { min_stepped_trips: usize },
     /// Also constants of any size each copy has its own of (a transformer's layers with
     /// their weights): found for `saturate_egraph` to optimise once, never rolled.
     Stacked,
@@ -459,7 +483,7 @@ fn per_copy_constant(
         (Some(x), Some(y)) => {
             let owned = match mode {
                 Mode::Stacked => x.len() > 1,
-                Mode::Roll => {
+                Mode::Roll { .. } => {
                     x.len() <= STEP_CONSTANT
                         && matches!(
                             x.dtype(),
@@ -597,7 +621,7 @@ fn confirm(
                     if ok {
                         continue;
                     }
-                    let collects = mode == Mode::Roll
+                    let collects = matches!(mode, Mode::Roll { .. })
                         && ku.is_none()
                         && u != usize::MAX
                         && !is_key.contains(&(j, o))
@@ -638,6 +662,12 @@ fn confirm(
     }
     if keys.is_empty() {
         return None;
+    }
+    if let Mode::Roll { min_stepped_trips } = mode {
+        let stepped = slots.iter().flatten().any(|s| *s == Some(Slot::Param));
+        if stepped && copies < min_stepped_trips {
+            return None;
+        }
     }
     Some(Roll {
         blocks,
@@ -1287,7 +1317,7 @@ mod tests {
         for layers in [4, 7] {
             let mut g = tied(layers);
             let before = g.clone();
-            let stats = RollBlocks.run(&mut g).unwrap();
+            let stats = RollBlocks::default().run(&mut g).unwrap();
             kiln_ir::verify(&g).unwrap();
             assert_eq!(stats.counter("loops"), 1, "{}", kiln_ir::text::print(&g));
             assert_eq!(stats.counter("trip_count"), layers);
@@ -1411,7 +1441,13 @@ mod tests {
             let mut g = unrolled(steps);
             kiln_ir::verify(&g).unwrap();
             let before = g.clone();
-            let stats = RollBlocks.run(&mut g).unwrap();
+            // Below the default's step count it stays unrolled.
+            assert!(RollBlocks::default().run(&mut g.clone()).unwrap().is_noop());
+            let stats = RollBlocks {
+                min_stepped_trips: 2,
+            }
+            .run(&mut g)
+            .unwrap();
             kiln_ir::verify(&g).unwrap();
             let text = kiln_ir::text::print(&g);
             assert_eq!(stats.counter("loops"), 1, "{text}");
@@ -1484,7 +1520,11 @@ mod tests {
             );
         }
         g.outputs = vec![h];
-        let stats = RollBlocks.run(&mut g).unwrap();
+        let stats = RollBlocks {
+            min_stepped_trips: 2,
+        }
+        .run(&mut g)
+        .unwrap();
         assert!(stats.is_noop(), "{stats}");
     }
 
@@ -1526,7 +1566,7 @@ mod tests {
             );
         }
         g.outputs = vec![h];
-        let stats = RollBlocks.run(&mut g).unwrap();
+        let stats = RollBlocks::default().run(&mut g).unwrap();
         assert!(stats.is_noop(), "{stats}");
     }
 
@@ -1543,7 +1583,7 @@ mod tests {
             .unwrap();
         g.outputs.push(h1);
         let before = g.clone();
-        RollBlocks.run(&mut g).unwrap();
+        RollBlocks::default().run(&mut g).unwrap();
         kiln_ir::verify(&g).unwrap();
         assert_same_outputs(&before, &g);
     }

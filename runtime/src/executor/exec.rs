@@ -364,7 +364,7 @@ impl CpuPlan {
                 if let (true, Some(e)) = (memo_live, memo_entry.as_deref()) {
                     if !shape_only || seen(&env) == e.seen[s] {
                         let started = report.as_ref().map(|_| Instant::now());
-                        for (t, &o) in e.outs[s].iter().zip(&out_ids) {
+                        for (t, &o) in e.outs[s].iter().zip(out_ids.iter()) {
                             env[o.index()] = Some(Cow::Borrowed(t));
                         }
                         if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
@@ -481,9 +481,10 @@ impl CpuPlan {
                     }
                 }
             }
-            let ins_ids: Vec<Option<ValueId>> = match k {
+            // Borrowed from the node where it has them (no allocation per kernel).
+            let ins_ids: Cow<'_, [Option<ValueId>]> = match k {
                 Kernel::Loop(l) => l.inputs.iter().map(|i| Some(i.value)).collect(),
-                Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].inputs.clone(),
+                Kernel::Contraction(n) | Kernel::Fallback(n) => Cow::Borrowed(&g.nodes[*n].inputs),
             };
             let ins: Vec<Option<&Tensor>> = ins_ids
                 .iter()
@@ -508,9 +509,9 @@ impl CpuPlan {
                     )));
                 }
             }
-            let out_ids: Vec<ValueId> = match k {
+            let out_ids: Cow<'_, [ValueId]> = match k {
                 Kernel::Loop(l) => l.outputs.iter().map(|o| o.0).collect(),
-                Kernel::Contraction(n) | Kernel::Fallback(n) => g.nodes[*n].outputs.clone(),
+                Kernel::Contraction(n) | Kernel::Fallback(n) => Cow::Borrowed(&g.nodes[*n].outputs),
             };
             // The outputs' arena regions. Not for static kernels (the memo keeps their
             // values), nor for graph outputs (returned to the caller), which the layout
@@ -599,7 +600,7 @@ impl CpuPlan {
                     out_ids.len()
                 )));
             }
-            for (t, &o) in outs.iter().zip(&out_ids) {
+            for (t, &o) in outs.iter().zip(out_ids.iter()) {
                 let ty = g.ty(o);
                 if t.dtype() != ty.dtype || !ty.shape.admits(t.shape()) {
                     return Err(err(format!(
@@ -634,7 +635,7 @@ impl CpuPlan {
             }
             if let Some(iv) = intervals.as_mut() {
                 let writes_regions = slot.is_none() && takes_regions(k, g);
-                for (t, &o) in outs.iter().zip(&out_ids) {
+                for (t, &o) in outs.iter().zip(out_ids.iter()) {
                     interval_of[o.index()] = Some(iv.len());
                     arena_ok.push(writes_regions && !is_output[o.index()]);
                     iv.push(Interval {
@@ -648,7 +649,7 @@ impl CpuPlan {
             if let (Some(s), Some(rec)) = (slot, memo_rec.as_mut()) {
                 rec.outs[s] = outs.clone();
             }
-            for (t, o) in outs.into_iter().zip(out_ids) {
+            for (t, o) in outs.into_iter().zip(out_ids.iter().copied()) {
                 // A value nothing reads is dropped now, where its interval ends (its region
                 // may be another value's from the next kernel on).
                 if last_use[o.index()] != usize::MAX || is_output[o.index()] {
