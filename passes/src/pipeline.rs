@@ -63,6 +63,10 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // A shape read of a norm's or activation's output reads its input instead, so the
         // e-graph never keeps a norm alive only for its shape (local: never across layers).
         Box::new(crate::classic::HoistShapeReadsLocal),
+        // Recurrences an exporter unrolled over time (one block of nodes per step, indexed by
+        // the step's constants) become one `loop`, so the e-graph and every pass after it
+        // see one step, not S (weight-tied layers roll last, with optimised bodies).
+        Box::new(RollBlocks::recurrences()),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::new(target)),
         // A conv's activation and residual add join it as one `fused_conv` (after the

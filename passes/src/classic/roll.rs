@@ -60,12 +60,26 @@ pub const MIN_STEPPED_TRIPS: usize = 32;
 pub struct RollBlocks {
     /// See [`MIN_STEPPED_TRIPS`] (the default).
     pub min_stepped_trips: usize,
+    /// Only recurrences unrolled over time (the early `roll_recurrences` pass, which runs
+    /// before the e-graph so that it and the passes after it see one step, not S).
+    pub stepped_only: bool,
 }
 
 impl Default for RollBlocks {
     fn default() -> Self {
         RollBlocks {
             min_stepped_trips: MIN_STEPPED_TRIPS,
+            stepped_only: false,
+        }
+    }
+}
+
+impl RollBlocks {
+    /// The early pass that rolls only recurrences unrolled over time.
+    pub fn recurrences() -> Self {
+        RollBlocks {
+            stepped_only: true,
+            ..RollBlocks::default()
         }
     }
 }
@@ -74,7 +88,11 @@ const NAME: &str = "roll_blocks";
 
 impl Pass for RollBlocks {
     fn name(&self) -> &'static str {
-        NAME
+        if self.stepped_only {
+            "roll_recurrences"
+        } else {
+            NAME
+        }
     }
 
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
@@ -83,6 +101,7 @@ impl Pass for RollBlocks {
         for _ in 0..MAX_ROLLS {
             let mode = Mode::Roll {
                 min_stepped_trips: self.min_stepped_trips,
+                stepped_only: self.stepped_only,
             };
             let Some(r) = find(g, mode) else { break };
             stats.removed += r.copies * r.body_nodes;
@@ -117,7 +136,10 @@ enum Mode {
     /// `scatter_nd(out, [t], row)`); rolled into a `loop` that reads them from a stacked
     /// constant at its iteration number. A block whose copies own such constants rolls
     /// only from `min_stepped_trips` copies on.
-    Roll { min_stepped_trips: usize },
+    Roll {
+        min_stepped_trips: usize,
+        stepped_only: bool,
+    },
     /// Also constants of any size each copy has its own of (a transformer's layers with
     /// their weights): found for `saturate_egraph` to optimise once, never rolled.
     Stacked,
@@ -663,9 +685,13 @@ fn confirm(
     if keys.is_empty() {
         return None;
     }
-    if let Mode::Roll { min_stepped_trips } = mode {
+    if let Mode::Roll {
+        min_stepped_trips,
+        stepped_only,
+    } = mode
+    {
         let stepped = slots.iter().flatten().any(|s| *s == Some(Slot::Param));
-        if stepped && copies < min_stepped_trips {
+        if (stepped && copies < min_stepped_trips) || (stepped_only && !stepped) {
             return None;
         }
     }

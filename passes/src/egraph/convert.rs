@@ -26,8 +26,8 @@ pub struct Origins {
     pub roots: Vec<Id>,
 }
 
-/// Builds the e-graph of `g`. Errors where the graph holds something the e-graph must
-/// not reorder (subgraphs, whose bodies capture outer values by name).
+/// Builds the e-graph of `g` (nodes with subgraphs are opaque). Errors where an operand
+/// is used before it is defined.
 pub fn to_egraph(g: &Graph) -> Result<(KEGraph, Origins), String> {
     let analysis = KilnAnalysis {
         inputs: g.inputs.iter().map(|&i| g.ty(i).clone()).collect(),
@@ -40,13 +40,6 @@ pub fn to_egraph(g: &Graph) -> Result<(KEGraph, Origins), String> {
     }
     let hole = eg.add(Kn::Hole);
     for (idx, node) in g.nodes.iter().enumerate() {
-        if node.attrs.0.values().any(|a| matches!(a, Attr::Graph(_))) {
-            return Err(format!(
-                "node `{}` ({}) has a subgraph",
-                node.name,
-                node.op.name()
-            ));
-        }
         if node.op == OpKind::Constant {
             if let (Ok(Some(t)), [o]) = (node.attrs.tensor("value"), node.outputs.as_slice()) {
                 value_class[o.index()] = Some(eg.add(Kn::Const(ConstKey::new(t))));
@@ -69,8 +62,12 @@ pub fn to_egraph(g: &Graph) -> Result<(KEGraph, Origins), String> {
         // `fused_from` is provenance only (an earlier pass's fusion, e.g. `fuse_silu`): it
         // must not make an attribute-less op opaque, or no rule could match it (silu(matmul)
         // never became linear{silu}).
+        // A node with a subgraph (`loop`, `scan`, `if`) is opaque: its body is closed (every
+        // outer value it reads is an explicit operand), so the e-graph may rewrite around
+        // it, never into it.
         let opaque = (!takes_attrs(node.op) && node.attrs.0.keys().any(|k| k != FUSED_FROM))
-            || canonical_arity(node.op).is_some_and(|n| args.len() > n);
+            || canonical_arity(node.op).is_some_and(|n| args.len() > n)
+            || node.attrs.0.values().any(|a| matches!(a, Attr::Graph(_)));
         if opaque {
             for (k, &o) in node.outputs.iter().enumerate() {
                 eg.analysis
