@@ -12,6 +12,7 @@
 //! split over the pool. Which input each kernel offset reads is precomputed per input shape
 //! as runs along the last spatial axis ([`Geometry`]).
 
+use super::conv_direct::{self, DirectArgs, DirectGeo, DirectIsa, DirectWeights};
 use super::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, GemmError, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -90,6 +91,8 @@ pub struct Geometry {
     pointwise: bool,
     /// Per kernel offset (row-major over the kernel), its runs in output order.
     runs: Vec<Vec<Run>>,
+    /// The direct kernel's view (1-D and 2-D, not depthwise).
+    direct: Option<DirectGeo>,
 }
 
 impl Geometry {
@@ -170,7 +173,9 @@ impl Geometry {
             && geo.strides.iter().all(|&s| s == 1)
             && geo.pads_begin.iter().all(|&p| p == 0)
             && geo.out == spatial;
+        let direct = DirectGeo::new(&geo, x, w);
         Ok(Geometry {
+            direct,
             x_shape: x.to_vec(),
             w_shape: w.to_vec(),
             out_shape,
@@ -238,7 +243,7 @@ impl ConvAct {
     }
 
     /// Applies the activation to a slice (one loop per kind, so each vectorises).
-    fn apply_slice(self, xs: &mut [f32]) {
+    pub(crate) fn apply_slice(self, xs: &mut [f32]) {
         match self {
             ConvAct::Epilogue(Activation::None) => {}
             ConvAct::Epilogue(a) => xs.iter_mut().for_each(|v| *v = a.apply(*v)),
@@ -258,6 +263,9 @@ pub struct PreparedConv {
     attrs: Attrs,
     act: ConvAct,
     weights: Option<ConvWeights>,
+    /// The weight packed for the direct kernel, when it is a constant, the kernel has more
+    /// than one tap and this CPU has a direct ISA.
+    direct: Option<(DirectIsa, DirectWeights)>,
     geometry: super::LastShapes<Geometry>,
 }
 
@@ -287,12 +295,44 @@ impl PreparedConv {
             .ok()
             .and_then(|g| usize::try_from(g).ok())
             .unwrap_or(0);
+        let direct = DirectIsa::detect().and_then(|isa| {
+            let (w, shape) = w?;
+            // Pointwise convs stay on the GEMM (no im2col to save there).
+            if shape.len() < 3 || shape[2..].iter().product::<usize>() <= 1 {
+                return None;
+            }
+            Some((isa, DirectWeights::new(w, shape, bias, group)?))
+        });
         PreparedConv {
             attrs: attrs.clone(),
             act,
             weights: w.and_then(|(w, shape)| ConvWeights::new(w, shape, bias, group)),
+            direct,
             geometry: Default::default(),
         }
+    }
+
+    /// This conv with its direct path dropped (or kept), for comparisons.
+    pub fn with_direct(mut self, keep: bool) -> Self {
+        if !keep {
+            self.direct = None;
+        }
+        self
+    }
+
+    /// This conv's direct path on `isa` instead of the detected one (tests of the narrower
+    /// ISA on a wider CPU).
+    #[cfg(test)]
+    fn with_direct_isa(mut self, isa: DirectIsa) -> Self {
+        if let Some((i, _)) = &mut self.direct {
+            *i = isa;
+        }
+        self
+    }
+
+    /// Whether runs of geometry `geo` take the direct kernel.
+    pub fn uses_direct(&self, geo: &Geometry, biased: bool) -> bool {
+        matches!((&self.direct, &geo.direct), (Some((_, w)), Some(_)) if w.fits(&geo.w_shape, geo.group, biased))
     }
 
     /// Whether the weight was laid out at prepare time.
@@ -346,6 +386,16 @@ impl PreparedConv {
             }
             depthwise(pool, geo, a, self.act, y);
             return Ok(());
+        }
+        if let (Some((isa, dw)), Some(dg)) = (&self.direct, &geo.direct) {
+            if dw.fits(&geo.w_shape, geo.group, a.bias.is_some()) {
+                let da = DirectArgs {
+                    x: a.x,
+                    residual: a.residual,
+                };
+                conv_direct::run(pool, *isa, dg, dw, &da, self.act, y);
+                return Ok(());
+            }
         }
         let here;
         let weights = match &self.weights {
@@ -670,6 +720,7 @@ mod tests {
     fn prepared_convs_match_the_interpreter_on_random_geometries() {
         let pools = [Pool::single(), Pool::new(3).unwrap()];
         let mut checked = 0;
+        let mut direct_runs = 0;
         for seed in [1u64, 2, 3, 5, 8, 13] {
             let mut rng = StdRng::seed_from_u64(seed);
             for i in 0..60 {
@@ -692,13 +743,19 @@ mod tests {
                 let want = kiln_ir::ops::eval(OpKind::FusedConv, &fattrs, &ins).unwrap();
                 let a = ConvAct::from_attrs(&fattrs).unwrap();
                 for (pi, pool) in pools.iter().enumerate() {
-                    for constant in [false, true] {
+                    // Weight at run time; constant (direct kernel where it applies); constant
+                    // on the GEMM.
+                    for (constant, direct) in [(false, false), (true, true), (true, false)] {
                         let pc = PreparedConv::new(
                             &attrs,
                             a,
                             constant.then(|| (w.as_slice::<f32>().unwrap(), w.shape())),
                             b.as_ref().map(|b| b.as_slice::<f32>().unwrap()),
-                        );
+                        )
+                        .with_direct(direct);
+                        let is_direct = pc.uses_direct(&geo, b.is_some());
+                        assert!(direct || !is_direct);
+                        direct_runs += usize::from(is_direct);
                         let args = ConvArgs {
                             x: x.as_slice().unwrap(),
                             w: w.as_slice().unwrap(),
@@ -712,7 +769,7 @@ mod tests {
                         let r = compare(&got, &want[0], TOL);
                         assert!(
                             r.ok,
-                            "seed {seed} case {i} pool {pi} constant {constant}: x {:?} w {:?} {attrs:?} act {act} res {with_res}: {r:?}",
+                            "seed {seed} case {i} pool {pi} constant {constant} direct {is_direct}: x {:?} w {:?} {attrs:?} act {act} res {with_res}: {r:?}",
                             x.shape(),
                             w.shape()
                         );
@@ -721,7 +778,96 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 1000, "{checked}");
+        assert!(checked > 1500, "{checked}");
+        if DirectIsa::detect().is_some() {
+            assert!(direct_runs > 200, "{direct_runs}");
+        }
+    }
+
+    /// Wide convs (channel blocks with tails, several vectors of positions, bands over
+    /// threads) on the direct kernel against the GEMM path and the interpreter.
+    #[test]
+    fn direct_convs_match_on_wide_geometries() {
+        let Some(_) = DirectIsa::detect() else {
+            return;
+        };
+        let pools = [Pool::single(), Pool::new(2).unwrap()];
+        let mut rng = StdRng::seed_from_u64(77);
+        // (C, OC, group, spatial, kernel, stride, dilation, pad)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            &'static [usize],
+            usize,
+            usize,
+            usize,
+            usize,
+        );
+        let cases: [Case; 7] = [
+            (16, 32, 1, &[23, 37], 3, 1, 1, 1),
+            (13, 19, 1, &[40, 9], 3, 2, 1, 1),
+            (8, 40, 2, &[17, 33], 5, 1, 2, 4),
+            (3, 16, 1, &[31, 30], 3, 2, 1, 0),
+            (32, 64, 1, &[200], 7, 1, 1, 3),
+            (24, 12, 1, &[101], 5, 3, 2, 2),
+            (64, 128, 1, &[6, 5], 3, 1, 1, 1),
+        ];
+        for (ci, &(c, oc, group, sp, k, s, d, pad)) in cases.iter().enumerate() {
+            let nsp = sp.len();
+            let attrs = Attrs::new()
+                .with("group", Attr::Int(group as i64))
+                .with("strides", Attr::Ints(vec![s as i64; nsp]))
+                .with("dilations", Attr::Ints(vec![d as i64; nsp]))
+                .with("pads", Attr::Ints(vec![pad as i64; 2 * nsp]));
+            let mut xs = vec![2, c];
+            xs.extend(sp);
+            let mut ws = vec![oc, c / group];
+            ws.extend(vec![k; nsp]);
+            let x = rand_t(&mut rng, xs);
+            let w = rand_t(&mut rng, ws);
+            let b = rand_t(&mut rng, vec![oc]);
+            let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
+            let res = rand_t(&mut rng, geo.out_shape().to_vec());
+            let fattrs = attrs.clone().with("activation", Attr::Str("silu".into()));
+            let want = kiln_ir::ops::eval(
+                OpKind::FusedConv,
+                &fattrs,
+                &[Some(&x), Some(&w), Some(&b), Some(&res)],
+            )
+            .unwrap();
+            let pc = PreparedConv::new(
+                &attrs,
+                ConvAct::from_attrs(&fattrs).unwrap(),
+                Some((w.as_slice().unwrap(), w.shape())),
+                Some(b.as_slice().unwrap()),
+            );
+            assert!(pc.uses_direct(&geo, true), "case {ci}");
+            let isas: Vec<DirectIsa> = [DirectIsa::Avx512, DirectIsa::Avx2]
+                .into_iter()
+                .filter(|i| i.available())
+                .collect();
+            for (pool, isa) in pools.iter().flat_map(|p| isas.iter().map(move |i| (p, *i))) {
+                let pc = PreparedConv::new(
+                    &attrs,
+                    ConvAct::from_attrs(&fattrs).unwrap(),
+                    Some((w.as_slice().unwrap(), w.shape())),
+                    Some(b.as_slice().unwrap()),
+                )
+                .with_direct_isa(isa);
+                let args = ConvArgs {
+                    x: x.as_slice().unwrap(),
+                    w: w.as_slice().unwrap(),
+                    bias: Some(b.as_slice().unwrap()),
+                    residual: Some(res.as_slice().unwrap()),
+                };
+                let mut y = vec![f32::NAN; geo.out_shape().iter().product()];
+                pc.run(pool, &geo, &args, &mut y).unwrap();
+                let got = Tensor::from_vec(geo.out_shape().to_vec(), y);
+                let r = compare(&got, &want[0], TOL);
+                assert!(r.ok, "case {ci} threads {} {isa:?}: {r:?}", pool.threads());
+            }
+        }
     }
 
     #[test]
@@ -732,22 +878,34 @@ mod tests {
         let x = Tensor::from_vec(vec![1, 2, 5, 5], xv);
         let w = Tensor::from_vec(vec![3, 2, 3, 3], vec![0.1f32; 54]);
         let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
-        let pc = PreparedConv::new(&attrs, ConvAct::Epilogue(Activation::Relu), None, None);
-        let args = ConvArgs {
-            x: x.as_slice().unwrap(),
-            w: w.as_slice().unwrap(),
-            bias: None,
-            residual: None,
-        };
-        let mut y = vec![0.0; 3 * 25];
-        pc.run(&Pool::single(), &geo, &args, &mut y).unwrap();
-        assert!(y.iter().any(|v| v.is_nan()));
         let want = kiln_ir::ops::eval(
             OpKind::FusedConv,
             &attrs.clone().with("activation", Attr::Str("relu".into())),
             &[Some(&x), Some(&w)],
         )
         .unwrap();
-        assert!(compare(&Tensor::from_vec(vec![1, 3, 5, 5], y), &want[0], TOL).ok);
+        // Weight at run time (GEMM), constant (the direct kernel where this CPU has one).
+        for constant in [false, true] {
+            let pc = PreparedConv::new(
+                &attrs,
+                ConvAct::Epilogue(Activation::Relu),
+                constant.then(|| (w.as_slice::<f32>().unwrap(), w.shape())),
+                None,
+            );
+            if constant && DirectIsa::detect().is_some() {
+                assert!(pc.uses_direct(&geo, false));
+            }
+            let args = ConvArgs {
+                x: x.as_slice().unwrap(),
+                w: w.as_slice().unwrap(),
+                bias: None,
+                residual: None,
+            };
+            let mut y = vec![0.0; 3 * 25];
+            pc.run(&Pool::single(), &geo, &args, &mut y).unwrap();
+            assert!(y.iter().any(|v| v.is_nan()), "constant {constant}");
+            let r = compare(&Tensor::from_vec(vec![1, 3, 5, 5], y), &want[0], TOL);
+            assert!(r.ok, "constant {constant}: {r:?}");
+        }
     }
 }
