@@ -157,16 +157,13 @@ pub struct DirectGeo {
 
 impl DirectGeo {
     /// The direct geometry of a conv on input `x` (`[N, C, spatial...]`) with weight `w`,
-    /// `None` where the direct kernel does not apply (3-D and up, depthwise).
+    /// `None` where the direct kernels do not apply (3-D and up).
     pub fn new(geo: &ConvGeometry, x: &[usize], w: &[usize]) -> Option<Self> {
         let nsp = x.len().checked_sub(2)?;
         if !(1..=2).contains(&nsp) || w.len() != x.len() {
             return None;
         }
         let (cg, mg) = (w[1], w[0] / geo.group);
-        if cg == 1 && mg == 1 {
-            return None;
-        }
         let two = nsp == 2;
         let (h, kh, sh, dh, pt, oh) = if two {
             (
@@ -280,23 +277,15 @@ pub fn run(
             let (xs, ys) = &mut *cell;
             let img = &a.x[(ni * g.group + gi) * g.cg * g.h * g.w..][..g.cg * g.h * g.w];
             let hb = r + g.halo_h;
-            fill_band(g, img, oh0, hb, xs);
+            fill_band(isa, g, img, oh0, hb, xs);
             let lanes = isa.lanes();
             let q = r * g.wq;
             let qpad = q.next_multiple_of(lanes);
             if ys.len() < MB * qpad {
                 ys.resize(MB * qpad, 0.0);
             }
-            let phase_len = hb * g.wq;
-            let mut offs = Vec::with_capacity(g.kh * g.kw);
-            for kh in 0..g.kh {
-                for kw in 0..g.kw {
-                    let (a, b) = (kh * g.dh, kw * g.dw);
-                    let phase = (a % g.sh) * g.sw + b % g.sw;
-                    offs.push(phase * phase_len + (a / g.sh) * g.wq + b / g.sw);
-                }
-            }
-            let ic_stride = g.phases() * phase_len;
+            let offs = tap_offsets(g, hb);
+            let ic_stride = g.phases() * hb * g.wq;
             let taps = offs.len();
             for b in b0..b1 {
                 let m0 = b * MB;
@@ -327,22 +316,204 @@ pub fn run(
                     // belong to this job alone; `y` lives until `parallel_for` returns.
                     let dst =
                         unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(off), r * g.ow) };
-                    let src = &ys[j * qpad..][..q];
-                    for i in 0..r {
-                        dst[i * g.ow..(i + 1) * g.ow]
-                            .copy_from_slice(&src[i * g.wq..i * g.wq + g.ow]);
-                    }
-                    apply_act(act, isa, dst);
-                    if let Some(res) = a.residual {
-                        dst.iter_mut()
-                            .zip(&res[off..off + r * g.ow])
-                            .for_each(|(v, r)| *v += r);
-                    }
+                    let res = a.residual.map(|res| &res[off..off + r * g.ow]);
+                    epilogue(g, r, &ys[j * qpad..][..q], dst, act, isa, res);
                 }
             }
         });
     });
 }
+
+/// Runs a depthwise conv (one input and one output channel per group) of geometry `g`:
+/// per (image, channel, band of output rows) one job fills the band like [`run`] does and
+/// sums the taps over vectors of output positions, the weight (`[C, 1, k...]`, run-time
+/// or constant) broadcast per tap. `bias` is `[C]`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_depthwise(
+    pool: &Pool,
+    isa: DirectIsa,
+    g: &DirectGeo,
+    w: &[f32],
+    bias: Option<&[f32]>,
+    a: &DirectArgs<'_>,
+    act: ConvAct,
+    y: &mut [f32],
+) {
+    debug_assert!(g.cg == 1 && g.mg == 1);
+    let c = g.group;
+    let p = g.oh * g.ow;
+    let taps = g.kh * g.kw;
+    debug_assert_eq!(y.len(), g.n * c * p);
+    debug_assert_eq!(w.len(), c * taps);
+    let row_vals = g.phases() * g.wq;
+    let rows = (BAND_VALUES / row_vals.max(1))
+        .saturating_sub(g.halo_h)
+        .clamp(1, g.oh);
+    let bands = g.oh.div_ceil(rows);
+    let jobs = g.n * c * bands;
+    let y_ptr = SharedMut::new(y.as_mut_ptr());
+    let y_len = y.len();
+    pool.parallel_for(jobs, |job| {
+        let (row, band) = (job / bands, job % bands);
+        let ch = row % c;
+        let oh0 = band * rows;
+        let r = rows.min(g.oh - oh0);
+        SCRATCH.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            let (xs, ys) = &mut *cell;
+            let img = &a.x[row * g.h * g.w..][..g.h * g.w];
+            let hb = r + g.halo_h;
+            fill_band(isa, g, img, oh0, hb, xs);
+            let q = r * g.wq;
+            let qpad = q.next_multiple_of(isa.lanes());
+            if ys.len() < qpad {
+                ys.resize(qpad, 0.0);
+            }
+            let offs = tap_offsets(g, hb);
+            let wc = &w[ch * taps..][..taps];
+            let b = bias.map_or(0.0, |b| b[ch]);
+            // SAFETY: as in `run` (one block of one channel); the ISA was detected by the
+            // caller.
+            unsafe { dw_rows(isa, xs.as_ptr(), &offs, wc, b, ys.as_mut_ptr(), qpad) };
+            let off = (row * g.oh + oh0) * g.ow;
+            debug_assert!(off + r * g.ow <= y_len);
+            // SAFETY: rows `oh0..oh0 + r` of this (image, channel) belong to this job alone;
+            // `y` lives until `parallel_for` returns.
+            let dst = unsafe { std::slice::from_raw_parts_mut(y_ptr.get().add(off), r * g.ow) };
+            epilogue(
+                g,
+                r,
+                &ys[..q],
+                dst,
+                act,
+                isa,
+                a.residual.map(|res| &res[off..off + r * g.ow]),
+            );
+        });
+    });
+}
+
+/// The scratch offset of each kernel tap (row-major over the kernel) from an output
+/// position, for a band of `hb` phase rows.
+fn tap_offsets(g: &DirectGeo, hb: usize) -> Vec<usize> {
+    let phase_len = hb * g.wq;
+    let mut offs = Vec::with_capacity(g.kh * g.kw);
+    for kh in 0..g.kh {
+        for kw in 0..g.kw {
+            let (a, b) = (kh * g.dh, kw * g.dw);
+            let phase = (a % g.sh) * g.sw + b % g.sw;
+            offs.push(phase * phase_len + (a / g.sh) * g.wq + b / g.sw);
+        }
+    }
+    offs
+}
+
+/// Copies the `ow` valid columns of each of `r` rows of `src` (`[r][wq]`) into `dst`
+/// (`[r][ow]`), then applies the activation and adds the residual.
+fn epilogue(
+    g: &DirectGeo,
+    r: usize,
+    src: &[f32],
+    dst: &mut [f32],
+    act: ConvAct,
+    isa: DirectIsa,
+    residual: Option<&[f32]>,
+) {
+    for i in 0..r {
+        dst[i * g.ow..(i + 1) * g.ow].copy_from_slice(&src[i * g.wq..i * g.wq + g.ow]);
+    }
+    apply_act(act, isa, dst);
+    if let Some(res) = residual {
+        dst.iter_mut().zip(res).for_each(|(v, r)| *v += r);
+    }
+}
+
+/// `out[q] = bias + Σ_t w[t] · x[offs[t] + q]` for `q < qpad` (a multiple of the lanes).
+///
+/// # Safety
+/// `x` is readable at every `offs[t] + qpad`; `out` is writable for `qpad`; the CPU has
+/// `isa`.
+unsafe fn dw_rows(
+    isa: DirectIsa,
+    x: *const f32,
+    offs: &[usize],
+    w: &[f32],
+    bias: f32,
+    out: *mut f32,
+    qpad: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        DirectIsa::Avx512 => dw_rows512(x, offs, w, bias, out, qpad),
+        DirectIsa::Avx2 => dw_rows256(x, offs, w, bias, out, qpad),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("{isa:?} on another architecture");
+}
+
+/// Defines a depthwise row kernel on one vector ISA: four vectors of output positions at
+/// a time (then one), each tap's weight broadcast once per step.
+macro_rules! dw_kernel {
+    ($name:ident, $feat:literal, $lanes:literal, $set1:ident, $load:ident, $fma:ident, $store:ident) => {
+        /// [`dw_rows`] on one ISA.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        unsafe fn $name(
+            x: *const f32,
+            offs: &[usize],
+            w: &[f32],
+            bias: f32,
+            out: *mut f32,
+            qpad: usize,
+        ) {
+            use std::arch::x86_64::*;
+            const L: usize = $lanes;
+            let b = $set1(bias);
+            let mut q = 0;
+            while q + 4 * L <= qpad {
+                let mut acc = [b; 4];
+                for (&off, &wt) in offs.iter().zip(w) {
+                    let wv = $set1(wt);
+                    let xt = x.add(off + q);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = $fma(wv, $load(xt.add(j * L)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    $store(out.add(q + j * L), *a);
+                }
+                q += 4 * L;
+            }
+            while q < qpad {
+                let mut acc = b;
+                for (&off, &wt) in offs.iter().zip(w) {
+                    acc = $fma($set1(wt), $load(x.add(off + q)), acc);
+                }
+                $store(out.add(q), acc);
+                q += L;
+            }
+        }
+    };
+}
+
+dw_kernel!(
+    dw_rows512,
+    "avx512f",
+    16,
+    _mm512_set1_ps,
+    _mm512_loadu_ps,
+    _mm512_fmadd_ps,
+    _mm512_storeu_ps
+);
+dw_kernel!(
+    dw_rows256,
+    "avx2,fma",
+    8,
+    _mm256_set1_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    _mm256_storeu_ps
+);
 
 /// The activation of `act` over `xs`, vectorised where `vmath` has the function.
 pub fn apply_act(act: ConvAct, isa: DirectIsa, xs: &mut [f32]) {
@@ -368,7 +539,7 @@ pub fn apply_act(act: ConvAct, isa: DirectIsa, xs: &mut [f32]) {
 
 /// Copies rows `oh0·sh − pt ..` of `img` (`[cg, h, w]`) into `xs` as `[cg][phase][hb][wq]`
 /// (zero outside the input), plus a zero tail for the kernel's reads past the last phase.
-fn fill_band(g: &DirectGeo, img: &[f32], oh0: usize, hb: usize, xs: &mut Vec<f32>) {
+fn fill_band(isa: DirectIsa, g: &DirectGeo, img: &[f32], oh0: usize, hb: usize, xs: &mut Vec<f32>) {
     let (sh, sw) = (g.sh, g.sw);
     let phase_len = hb * g.wq;
     let total = g.cg * g.phases() * phase_len;
@@ -404,6 +575,11 @@ fn fill_band(g: &DirectGeo, img: &[f32], oh0: usize, hb: usize, xs: &mut Vec<f32
                         let c0 = sw * jlo + pw - g.pl;
                         if sw == 1 {
                             dst[jlo..jhi].copy_from_slice(&row[c0..c0 + jhi - jlo]);
+                        } else if sw == 2 {
+                            let n = jhi - jlo;
+                            let src = &row[c0..c0 + 2 * n - 1];
+                            // SAFETY: the ISA was detected by the caller.
+                            unsafe { copy_stride2(isa, src, &mut dst[jlo..jhi]) };
                         } else {
                             let src = &row[c0..];
                             for (d, s) in dst[jlo..jhi].iter_mut().zip(src.iter().step_by(sw)) {
@@ -414,6 +590,66 @@ fn fill_band(g: &DirectGeo, img: &[f32], oh0: usize, hb: usize, xs: &mut Vec<f32
                 }
             }
         }
+    }
+}
+
+/// `dst[i] = src[2i]` for every `i < dst.len()` (`src.len() == 2 · dst.len() − 1`), a vector
+/// of outputs at a time from two vectors of input.
+///
+/// # Safety
+/// The CPU has `isa`.
+unsafe fn copy_stride2(isa: DirectIsa, src: &[f32], dst: &mut [f32]) {
+    let n = dst.len();
+    debug_assert_eq!(src.len(), (2 * n).saturating_sub(1));
+    #[cfg(target_arch = "x86_64")]
+    let i = {
+        use std::arch::x86_64::*;
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        match isa {
+            DirectIsa::Avx512 => {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn body(s: *const f32, d: *mut f32, n: usize) -> usize {
+                    let idx = _mm512_setr_epi32(
+                        0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                    );
+                    let mut i = 0;
+                    // Reads `src[2i .. 2i + 32]`: within `2n − 1` while `i + 16 < n`.
+                    while i + 16 < n {
+                        let a = _mm512_loadu_ps(s.add(2 * i));
+                        let b = _mm512_loadu_ps(s.add(2 * i + 16));
+                        _mm512_storeu_ps(d.add(i), _mm512_permutex2var_ps(a, idx, b));
+                        i += 16;
+                    }
+                    i
+                }
+                body(s, d, n)
+            }
+            DirectIsa::Avx2 => {
+                #[target_feature(enable = "avx2")]
+                unsafe fn body(s: *const f32, d: *mut f32, n: usize) -> usize {
+                    let mut i = 0;
+                    while i + 8 < n {
+                        let a = _mm256_loadu_ps(s.add(2 * i));
+                        let b = _mm256_loadu_ps(s.add(2 * i + 8));
+                        // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 b0 b2 b4 b6]
+                        let t = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                        let t = _mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(t));
+                        _mm256_storeu_ps(d.add(i), _mm256_castpd_ps(t));
+                        i += 8;
+                    }
+                    i
+                }
+                body(s, d, n)
+            }
+        }
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let i = {
+        let _ = isa;
+        0
+    };
+    for j in i..n {
+        dst[j] = src[2 * j];
     }
 }
 

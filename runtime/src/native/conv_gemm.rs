@@ -91,7 +91,7 @@ pub struct Geometry {
     pointwise: bool,
     /// Per kernel offset (row-major over the kernel), its runs in output order.
     runs: Vec<Vec<Run>>,
-    /// The direct kernel's view (1-D and 2-D, not depthwise).
+    /// The direct kernels' view (1-D and 2-D).
     direct: Option<DirectGeo>,
 }
 
@@ -193,6 +193,11 @@ impl Geometry {
     pub fn out_shape(&self) -> &[usize] {
         &self.out_shape
     }
+
+    /// Whether each group has one input and one output channel.
+    fn depthwise(&self) -> bool {
+        self.w_shape[1] == 1 && self.w_shape[0] == self.group
+    }
 }
 
 /// A conv's fused activation: one the GEMM epilogue applies to the tile in registers, or
@@ -263,6 +268,8 @@ pub struct PreparedConv {
     attrs: Attrs,
     act: ConvAct,
     weights: Option<ConvWeights>,
+    /// The direct kernels' ISA (`None`: this CPU has none, or they are switched off).
+    direct_isa: Option<DirectIsa>,
     /// The weight packed for the direct kernel, when it is a constant, the kernel has more
     /// than one tap and this CPU has a direct ISA.
     direct: Option<(DirectIsa, DirectWeights)>,
@@ -295,7 +302,8 @@ impl PreparedConv {
             .ok()
             .and_then(|g| usize::try_from(g).ok())
             .unwrap_or(0);
-        let direct = DirectIsa::detect().and_then(|isa| {
+        let direct_isa = DirectIsa::detect();
+        let direct = direct_isa.and_then(|isa| {
             let (w, shape) = w?;
             // Pointwise convs stay on the GEMM (no im2col to save there).
             if shape.len() < 3 || shape[2..].iter().product::<usize>() <= 1 {
@@ -307,6 +315,7 @@ impl PreparedConv {
             attrs: attrs.clone(),
             act,
             weights: w.and_then(|(w, shape)| ConvWeights::new(w, shape, bias, group)),
+            direct_isa,
             direct,
             geometry: Default::default(),
         }
@@ -316,6 +325,7 @@ impl PreparedConv {
     pub fn with_direct(mut self, keep: bool) -> Self {
         if !keep {
             self.direct = None;
+            self.direct_isa = None;
         }
         self
     }
@@ -327,11 +337,17 @@ impl PreparedConv {
         if let Some((i, _)) = &mut self.direct {
             *i = isa;
         }
+        if self.direct_isa.is_some() {
+            self.direct_isa = Some(isa);
+        }
         self
     }
 
     /// Whether runs of geometry `geo` take the direct kernel.
     pub fn uses_direct(&self, geo: &Geometry, biased: bool) -> bool {
+        if geo.depthwise() {
+            return self.direct_isa.is_some() && geo.direct.is_some();
+        }
         matches!((&self.direct, &geo.direct), (Some((_, w)), Some(_)) if w.fits(&geo.w_shape, geo.group, biased))
     }
 
@@ -374,15 +390,21 @@ impl PreparedConv {
         if total == 0 {
             return Ok(());
         }
-        let cg = geo.w_shape[1];
-        let mg = m / geo.group;
-        if cg == 1 && mg == 1 {
+        if geo.depthwise() {
             if a.w.len() != w_len {
                 return Err(format!(
                     "conv: {} weight values for {:?}",
                     a.w.len(),
                     geo.w_shape
                 ));
+            }
+            if let (Some(isa), Some(dg)) = (self.direct_isa, &geo.direct) {
+                let da = DirectArgs {
+                    x: a.x,
+                    residual: a.residual,
+                };
+                conv_direct::run_depthwise(pool, isa, dg, a.w, a.bias, &da, self.act, y);
+                return Ok(());
             }
             depthwise(pool, geo, a, self.act, y);
             return Ok(());
@@ -804,7 +826,7 @@ mod tests {
             usize,
             usize,
         );
-        let cases: [Case; 7] = [
+        let cases: [Case; 10] = [
             (16, 32, 1, &[23, 37], 3, 1, 1, 1),
             (13, 19, 1, &[40, 9], 3, 2, 1, 1),
             (8, 40, 2, &[17, 33], 5, 1, 2, 4),
@@ -812,6 +834,9 @@ mod tests {
             (32, 64, 1, &[200], 7, 1, 1, 3),
             (24, 12, 1, &[101], 5, 3, 2, 2),
             (64, 128, 1, &[6, 5], 3, 1, 1, 1),
+            (96, 96, 96, &[57, 56], 3, 1, 1, 1),
+            (32, 32, 32, &[33, 31], 5, 2, 1, 2),
+            (16, 16, 16, &[300], 7, 1, 2, 6),
         ];
         for (ci, &(c, oc, group, sp, k, s, d, pad)) in cases.iter().enumerate() {
             let nsp = sp.len();
@@ -867,6 +892,43 @@ mod tests {
                 let r = compare(&got, &want[0], TOL);
                 assert!(r.ok, "case {ci} threads {} {isa:?}: {r:?}", pool.threads());
             }
+        }
+    }
+
+    #[test]
+    fn a_nan_input_is_not_hidden_by_a_depthwise_conv() {
+        let attrs = Attrs::new()
+            .with("pads", Attr::Ints(vec![1, 1, 1, 1]))
+            .with("group", Attr::Int(2));
+        let mut xv = vec![0.5f32; 2 * 5 * 40];
+        xv[310] = f32::NAN; // channel 1, row 2: 3 × 3 outputs
+        let x = Tensor::from_vec(vec![1, 2, 5, 40], xv);
+        let w = Tensor::from_vec(vec![2, 1, 3, 3], vec![0.1f32; 18]);
+        let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
+        let fattrs = attrs.clone().with("activation", Attr::Str("relu".into()));
+        let want = kiln_ir::ops::eval(OpKind::FusedConv, &fattrs, &[Some(&x), Some(&w)]).unwrap();
+        for direct in [false, true] {
+            let pc = PreparedConv::new(&attrs, ConvAct::Epilogue(Activation::Relu), None, None)
+                .with_direct(direct);
+            assert_eq!(
+                pc.uses_direct(&geo, false),
+                direct && DirectIsa::detect().is_some()
+            );
+            let args = ConvArgs {
+                x: x.as_slice().unwrap(),
+                w: w.as_slice().unwrap(),
+                bias: None,
+                residual: None,
+            };
+            let mut y = vec![0.0; 2 * 5 * 40];
+            pc.run(&Pool::single(), &geo, &args, &mut y).unwrap();
+            assert_eq!(
+                y.iter().filter(|v| v.is_nan()).count(),
+                9,
+                "direct {direct}"
+            );
+            let r = compare(&Tensor::from_vec(vec![1, 2, 5, 40], y), &want[0], TOL);
+            assert!(r.ok, "direct {direct}: {r:?}");
         }
     }
 
