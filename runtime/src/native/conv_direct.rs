@@ -155,10 +155,52 @@ pub struct DirectGeo {
     pl: usize,
     oh: usize,
     ow: usize,
-    /// Extra phase rows/columns a tap reaches past the output position.
+    /// Extra phase rows a tap reaches below the output position.
     halo_h: usize,
-    /// Phase width: `ow + halo_w`.
+    /// Extra phase columns a tap reaches right of the output position.
+    halo_w: usize,
+    /// Phase row width: at least `ow`, and narrower than `ow + halo_w` where the zero
+    /// columns of the left padding can be shared: a tap reading past a row's end then reads
+    /// the next row's leading zeros (see [`phase_width`]).
     wq: usize,
+    /// Zeros after each phase's last row, for those reads past it.
+    spill: usize,
+}
+
+/// Phase columns `jlo..jhi` of phase `pw` hold input (read column `sw·j + pw − pl`).
+fn phase_columns(w: usize, sw: usize, pl: usize, pw: usize) -> (usize, usize) {
+    let jlo = pl.saturating_sub(pw).div_ceil(sw);
+    let jhi = if w + pl > pw {
+        (w + pl - pw).div_ceil(sw)
+    } else {
+        0
+    };
+    (jlo, jhi.max(jlo))
+}
+
+/// The phase row width of a conv's last spatial axis and the spill it needs: the output
+/// position `j < ow` reads column `j + t` of phase `pw` for each tap offset `t ≤ mx_pw`
+/// there, so columns up to `need = ow + mx_pw` are read; a width `wq < need` is right where
+/// the columns past it, read from the next row's start, are that row's zeros (`need − wq ≤
+/// jlo`) and the input columns read (`jlo..min(jhi, need)`) fit in the row.
+fn phase_width(w: usize, k: usize, s: usize, d: usize, pl: usize, ow: usize) -> (usize, usize) {
+    let mut wq = ow.max(1);
+    let mut need_max = 0;
+    for pw in 0..s {
+        let Some(mx) = (0..k)
+            .map(|t| t * d)
+            .filter(|b| b % s == pw)
+            .map(|b| b / s)
+            .max()
+        else {
+            continue;
+        };
+        let need = ow + mx;
+        let (jlo, jhi) = phase_columns(w, s, pl, pw);
+        wq = wq.max(jhi.min(need)).max(need.saturating_sub(jlo));
+        need_max = need_max.max(need);
+    }
+    (wq, need_max.saturating_sub(wq))
 }
 
 impl DirectGeo {
@@ -195,6 +237,7 @@ impl DirectGeo {
         if [kh, kw, sh, sw, dh, dw].contains(&0) {
             return None;
         }
+        let (wq, spill) = phase_width(wd, kw, sw, dw, pl, ow);
         Some(DirectGeo {
             n: x[0],
             cg,
@@ -213,12 +256,19 @@ impl DirectGeo {
             oh,
             ow,
             halo_h: (kh - 1) * dh / sh,
-            wq: ow + (kw - 1) * dw / sw,
+            halo_w: (kw - 1) * dw / sw,
+            wq,
+            spill,
         })
     }
 
     fn phases(&self) -> usize {
         self.sh * self.sw
+    }
+
+    /// Scratch values per phase of a band of `hb` phase rows.
+    fn phase_len(&self, hb: usize) -> usize {
+        hb * self.wq + self.spill
     }
 }
 
@@ -289,7 +339,7 @@ pub fn run(
                 ys.resize(MB * qpad, 0.0);
             }
             let offs = tap_offsets(g, hb);
-            let ic_stride = g.phases() * hb * g.wq;
+            let ic_stride = g.phases() * g.phase_len(hb);
             let taps = offs.len();
             for b in b0..b1 {
                 let m0 = b * MB;
@@ -407,7 +457,7 @@ fn band_rows(g: &DirectGeo, row_vals: usize) -> usize {
 /// The scratch offset of each kernel tap (row-major over the kernel) from an output
 /// position, for a band of `hb` phase rows.
 fn tap_offsets(g: &DirectGeo, hb: usize) -> Vec<usize> {
-    let phase_len = hb * g.wq;
+    let phase_len = g.phase_len(hb);
     let mut offs = Vec::with_capacity(g.kh * g.kw);
     for kh in 0..g.kh {
         for kw in 0..g.kw {
@@ -549,12 +599,14 @@ pub fn apply_act(act: ConvAct, isa: DirectIsa, xs: &mut [f32]) {
 }
 
 /// Copies rows `oh0·sh − pt ..` of `img` (`[cg, h, w]`) into `xs` as `[cg][phase][hb][wq]`
-/// (zero outside the input), plus a zero tail for the kernel's reads past the last phase.
+/// (zero outside the input; each phase followed by `spill` zeros), plus a zero tail for the
+/// kernel's reads past the last phase.
 fn fill_band(isa: DirectIsa, g: &DirectGeo, img: &[f32], oh0: usize, hb: usize, xs: &mut Vec<f32>) {
     let (sh, sw) = (g.sh, g.sw);
-    let phase_len = hb * g.wq;
+    let phase_len = g.phase_len(hb);
     let total = g.cg * g.phases() * phase_len;
-    let tail = g.wq + 64;
+    // Reads past the last phase: a tap's offset within the row plus a vector's overshoot.
+    let tail = g.wq + g.halo_w + 64;
     if xs.len() < total + tail {
         xs.resize(total + tail, 0.0);
     }
@@ -564,14 +616,10 @@ fn fill_band(isa: DirectIsa, g: &DirectGeo, img: &[f32], oh0: usize, hb: usize, 
         for ph in 0..sh {
             for pw in 0..sw {
                 let base = (ic * g.phases() + ph * sw + pw) * phase_len;
-                // Phase columns j read input column sw·j + pw − pl: those in 0..w.
-                let jlo = g.pl.saturating_sub(pw).div_ceil(sw).min(g.wq);
-                let jhi = if g.w + g.pl > pw {
-                    (g.w + g.pl - pw).div_ceil(sw).min(g.wq)
-                } else {
-                    0
-                }
-                .max(jlo);
+                xs[base + hb * g.wq..base + phase_len].fill(0.0);
+                // Columns past `wq` are either not read or zeros ([`phase_width`]).
+                let (jlo, jhi) = phase_columns(g.w, sw, g.pl, pw);
+                let (jlo, jhi) = (jlo.min(g.wq), jhi.min(g.wq));
                 for i in 0..hb {
                     let dst = &mut xs[base + i * g.wq..][..g.wq];
                     let ir = (sh * (oh0 + i) + ph) as isize - g.pt as isize;
@@ -808,5 +856,28 @@ unsafe fn tile256<const M: usize, const V: usize>(
         for (v, a) in row.iter().enumerate() {
             _mm256_storeu_ps(out.add(m * out_stride + 8 * v), *a);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows share their padding columns where the left padding covers the right reach.
+    #[test]
+    fn phase_rows_share_padding_columns() {
+        // 3 taps, pad 1: [0 x0 .. x9] + the next row's leading 0 as the right pad.
+        assert_eq!(phase_width(10, 3, 1, 1, 1, 10), (11, 1));
+        // No left padding: nothing to share, the full reach.
+        assert_eq!(phase_width(10, 3, 1, 1, 0, 8), (10, 0));
+        // 5 taps, pad 2.
+        assert_eq!(phase_width(20, 5, 1, 1, 2, 20), (22, 2));
+        // Stride 2, 3 taps, pad 1: phase 0 (input columns -1, 1, ..) reaches one column
+        // right and holds input there; phase 1 reaches none.
+        assert_eq!(phase_width(20, 3, 2, 1, 1, 10), (11, 0));
+        // Stride 2, 3 taps, pad 2: phase 0 starts with a zero to share.
+        assert_eq!(phase_width(20, 3, 2, 1, 2, 11), (11, 1));
+        // A dilated kernel wider than the output.
+        assert_eq!(phase_width(3, 3, 1, 4, 4, 3), (7, 4));
     }
 }
