@@ -5,6 +5,7 @@
 //!
 //! `cargo run --release -p kiln-runtime --example conv_bench -- [N C H W OC K STRIDE PAD GROUP [DIL]]...`
 //! (`H = 0`: a 1-D conv over `W`); without arguments, a list of common conv-net geometries.
+//! The fused activation is ReLU (`ACT=silu` or `ACT=none` for another).
 
 use kiln_ir::{Attr, Attrs};
 use kiln_runtime::native::conv_gemm::{ConvAct, ConvArgs, Geometry, PreparedConv};
@@ -91,7 +92,11 @@ fn main() {
         let geo = Geometry::new(&attrs, &xs, &ws).expect("geometry");
         let out: usize = geo.out_shape().iter().product();
         let mflop = 2.0 * out as f64 * (ws[1..].iter().product::<usize>()) as f64 / 1e6;
-        let act = ConvAct::Epilogue(Activation::Relu);
+        let act = match std::env::var("ACT").as_deref() {
+            Ok("silu") => ConvAct::Epilogue(Activation::Silu),
+            Ok("none") => ConvAct::Epilogue(Activation::None),
+            _ => ConvAct::Epilogue(Activation::Relu),
+        };
         let mut y = vec![0.0f32; out];
         let mut cells = Vec::new();
         for pool in &pools {
