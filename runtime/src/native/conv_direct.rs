@@ -446,11 +446,12 @@ pub fn run_depthwise(
 }
 
 /// Output rows per band for `row_vals` scratch values per output row: the band in
-/// [`BAND_VALUES`], but at least [`MIN_ROWS_PER_HALO`] × the halo.
+/// [`BAND_VALUES`], but at least [`MIN_ROWS_PER_HALO`] × the halo while the band stays
+/// within 4 × [`BAND_VALUES`] (wide dilated kernels).
 fn band_rows(g: &DirectGeo, row_vals: usize) -> usize {
-    (BAND_VALUES / row_vals.max(1))
-        .saturating_sub(g.halo_h)
-        .max(MIN_ROWS_PER_HALO * g.halo_h)
+    let fit = |vals: usize| (vals / row_vals.max(1)).saturating_sub(g.halo_h);
+    fit(BAND_VALUES)
+        .max((MIN_ROWS_PER_HALO * g.halo_h).min(fit(4 * BAND_VALUES)))
         .clamp(1, g.oh)
 }
 
