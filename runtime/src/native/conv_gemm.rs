@@ -10,7 +10,9 @@
 //! output pixels. A 1×1 stride-1 unpadded conv copies its rows of `x` instead of gathering.
 //! Depthwise convs (one input and one output channel per group) accumulate directly, rows
 //! split over the pool. Which input each kernel offset reads is precomputed per input shape
-//! as runs along the last spatial axis ([`Geometry`]).
+//! as runs along the last spatial axis ([`Geometry`]). Where the CPU has AVX-512 or AVX2,
+//! 1-D and 2-D convs with a constant weight and more than one tap, and depthwise convs,
+//! take [`super::conv_direct`] instead (this file decides, per run, which path applies).
 
 use super::conv_direct::{self, DirectArgs, DirectGeo, DirectIsa, DirectWeights};
 use super::gemm::{
