@@ -10,8 +10,11 @@
 //! output pixels. A 1×1 stride-1 unpadded conv copies its rows of `x` instead of gathering.
 //! Depthwise convs (one input and one output channel per group) accumulate directly, rows
 //! split over the pool. Which input each kernel offset reads is precomputed per input shape
-//! as runs along the last spatial axis ([`Geometry`]).
+//! as runs along the last spatial axis ([`Geometry`]). Where the CPU has AVX-512 or AVX2,
+//! 1-D and 2-D convs with a constant weight and more than one tap, and depthwise convs,
+//! take [`super::conv_direct`] instead (this file decides, per run, which path applies).
 
+use super::conv_direct::{self, DirectArgs, DirectGeo, DirectIsa, DirectWeights};
 use super::gemm::{
     gemm_in, Activation, Epilogue, GemmConfig, GemmError, Isa, MatMut, MatRef, PackedB, Rhs,
 };
@@ -90,6 +93,8 @@ pub struct Geometry {
     pointwise: bool,
     /// Per kernel offset (row-major over the kernel), its runs in output order.
     runs: Vec<Vec<Run>>,
+    /// The direct kernels' view (1-D and 2-D).
+    direct: Option<DirectGeo>,
 }
 
 impl Geometry {
@@ -170,7 +175,9 @@ impl Geometry {
             && geo.strides.iter().all(|&s| s == 1)
             && geo.pads_begin.iter().all(|&p| p == 0)
             && geo.out == spatial;
+        let direct = DirectGeo::new(&geo, x, w);
         Ok(Geometry {
+            direct,
             x_shape: x.to_vec(),
             w_shape: w.to_vec(),
             out_shape,
@@ -187,6 +194,11 @@ impl Geometry {
     /// The output shape `[N, OC, out...]`.
     pub fn out_shape(&self) -> &[usize] {
         &self.out_shape
+    }
+
+    /// Whether each group has one input and one output channel.
+    fn depthwise(&self) -> bool {
+        self.w_shape[1] == 1 && self.w_shape[0] == self.group
     }
 }
 
@@ -238,7 +250,7 @@ impl ConvAct {
     }
 
     /// Applies the activation to a slice (one loop per kind, so each vectorises).
-    fn apply_slice(self, xs: &mut [f32]) {
+    pub(crate) fn apply_slice(self, xs: &mut [f32]) {
         match self {
             ConvAct::Epilogue(Activation::None) => {}
             ConvAct::Epilogue(a) => xs.iter_mut().for_each(|v| *v = a.apply(*v)),
@@ -258,6 +270,11 @@ pub struct PreparedConv {
     attrs: Attrs,
     act: ConvAct,
     weights: Option<ConvWeights>,
+    /// The direct kernels' ISA (`None`: this CPU has none, or they are switched off).
+    direct_isa: Option<DirectIsa>,
+    /// The weight packed for the direct kernel, when it is a constant, the kernel has more
+    /// than one tap and this CPU has a direct ISA.
+    direct: Option<(DirectIsa, DirectWeights)>,
     geometry: super::LastShapes<Geometry>,
 }
 
@@ -287,12 +304,53 @@ impl PreparedConv {
             .ok()
             .and_then(|g| usize::try_from(g).ok())
             .unwrap_or(0);
+        let direct_isa = DirectIsa::detect();
+        let direct = direct_isa.and_then(|isa| {
+            let (w, shape) = w?;
+            // Pointwise convs stay on the GEMM (no im2col to save there).
+            if shape.len() < 3 || shape[2..].iter().product::<usize>() <= 1 {
+                return None;
+            }
+            Some((isa, DirectWeights::new(w, shape, bias, group)?))
+        });
         PreparedConv {
             attrs: attrs.clone(),
             act,
             weights: w.and_then(|(w, shape)| ConvWeights::new(w, shape, bias, group)),
+            direct_isa,
+            direct,
             geometry: Default::default(),
         }
+    }
+
+    /// This conv with its direct path dropped (or kept), for comparisons.
+    pub fn with_direct(mut self, keep: bool) -> Self {
+        if !keep {
+            self.direct = None;
+            self.direct_isa = None;
+        }
+        self
+    }
+
+    /// This conv's direct path on `isa` instead of the detected one (tests of the narrower
+    /// ISA on a wider CPU).
+    #[cfg(test)]
+    fn with_direct_isa(mut self, isa: DirectIsa) -> Self {
+        if let Some((i, _)) = &mut self.direct {
+            *i = isa;
+        }
+        if self.direct_isa.is_some() {
+            self.direct_isa = Some(isa);
+        }
+        self
+    }
+
+    /// Whether runs of geometry `geo` take the direct kernel.
+    pub fn uses_direct(&self, geo: &Geometry, biased: bool) -> bool {
+        if geo.depthwise() {
+            return self.direct_isa.is_some() && geo.direct.is_some();
+        }
+        matches!((&self.direct, &geo.direct), (Some((_, w)), Some(_)) if w.fits(&geo.w_shape, geo.group, biased))
     }
 
     /// Whether the weight was laid out at prepare time.
@@ -334,9 +392,7 @@ impl PreparedConv {
         if total == 0 {
             return Ok(());
         }
-        let cg = geo.w_shape[1];
-        let mg = m / geo.group;
-        if cg == 1 && mg == 1 {
+        if geo.depthwise() {
             if a.w.len() != w_len {
                 return Err(format!(
                     "conv: {} weight values for {:?}",
@@ -344,8 +400,26 @@ impl PreparedConv {
                     geo.w_shape
                 ));
             }
+            if let (Some(isa), Some(dg)) = (self.direct_isa, &geo.direct) {
+                let da = DirectArgs {
+                    x: a.x,
+                    residual: a.residual,
+                };
+                conv_direct::run_depthwise(pool, isa, dg, a.w, a.bias, &da, self.act, y);
+                return Ok(());
+            }
             depthwise(pool, geo, a, self.act, y);
             return Ok(());
+        }
+        if let (Some((isa, dw)), Some(dg)) = (&self.direct, &geo.direct) {
+            if dw.fits(&geo.w_shape, geo.group, a.bias.is_some()) {
+                let da = DirectArgs {
+                    x: a.x,
+                    residual: a.residual,
+                };
+                conv_direct::run(pool, *isa, dg, dw, &da, self.act, y);
+                return Ok(());
+            }
         }
         let here;
         let weights = match &self.weights {
@@ -670,6 +744,7 @@ mod tests {
     fn prepared_convs_match_the_interpreter_on_random_geometries() {
         let pools = [Pool::single(), Pool::new(3).unwrap()];
         let mut checked = 0;
+        let mut direct_runs = 0;
         for seed in [1u64, 2, 3, 5, 8, 13] {
             let mut rng = StdRng::seed_from_u64(seed);
             for i in 0..60 {
@@ -692,13 +767,19 @@ mod tests {
                 let want = kiln_ir::ops::eval(OpKind::FusedConv, &fattrs, &ins).unwrap();
                 let a = ConvAct::from_attrs(&fattrs).unwrap();
                 for (pi, pool) in pools.iter().enumerate() {
-                    for constant in [false, true] {
+                    // Weight at run time; constant (direct kernel where it applies); constant
+                    // on the GEMM.
+                    for (constant, direct) in [(false, false), (true, true), (true, false)] {
                         let pc = PreparedConv::new(
                             &attrs,
                             a,
                             constant.then(|| (w.as_slice::<f32>().unwrap(), w.shape())),
                             b.as_ref().map(|b| b.as_slice::<f32>().unwrap()),
-                        );
+                        )
+                        .with_direct(direct);
+                        let is_direct = pc.uses_direct(&geo, b.is_some());
+                        assert!(direct || !is_direct);
+                        direct_runs += usize::from(is_direct);
                         let args = ConvArgs {
                             x: x.as_slice().unwrap(),
                             w: w.as_slice().unwrap(),
@@ -712,7 +793,7 @@ mod tests {
                         let r = compare(&got, &want[0], TOL);
                         assert!(
                             r.ok,
-                            "seed {seed} case {i} pool {pi} constant {constant}: x {:?} w {:?} {attrs:?} act {act} res {with_res}: {r:?}",
+                            "seed {seed} case {i} pool {pi} constant {constant} direct {is_direct}: x {:?} w {:?} {attrs:?} act {act} res {with_res}: {r:?}",
                             x.shape(),
                             w.shape()
                         );
@@ -721,7 +802,137 @@ mod tests {
                 }
             }
         }
-        assert!(checked > 1000, "{checked}");
+        assert!(checked > 1500, "{checked}");
+        if DirectIsa::detect().is_some() {
+            assert!(direct_runs > 200, "{direct_runs}");
+        }
+    }
+
+    /// Wide convs (channel blocks with tails, several vectors of positions, bands over
+    /// threads) on the direct kernel against the GEMM path and the interpreter.
+    #[test]
+    fn direct_convs_match_on_wide_geometries() {
+        let Some(_) = DirectIsa::detect() else {
+            return;
+        };
+        let pools = [Pool::single(), Pool::new(2).unwrap()];
+        let mut rng = StdRng::seed_from_u64(77);
+        // (C, OC, group, spatial, kernel, stride, dilation, pad)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            &'static [usize],
+            usize,
+            usize,
+            usize,
+            usize,
+        );
+        let cases: [Case; 11] = [
+            (16, 32, 1, &[23, 37], 3, 1, 1, 1),
+            (13, 19, 1, &[40, 9], 3, 2, 1, 1),
+            (8, 40, 2, &[17, 33], 5, 1, 2, 4),
+            (3, 16, 1, &[31, 30], 3, 2, 1, 0),
+            (32, 64, 1, &[200], 7, 1, 1, 3),
+            (24, 12, 1, &[101], 5, 3, 2, 2),
+            (64, 128, 1, &[6, 5], 3, 1, 1, 1),
+            (96, 96, 96, &[57, 56], 3, 1, 1, 1),
+            (32, 32, 32, &[33, 31], 5, 2, 1, 2),
+            (16, 16, 16, &[300], 7, 1, 2, 6),
+            (40, 16, 1, &[70, 45], 7, 1, 4, 12),
+        ];
+        for (ci, &(c, oc, group, sp, k, s, d, pad)) in cases.iter().enumerate() {
+            let nsp = sp.len();
+            let attrs = Attrs::new()
+                .with("group", Attr::Int(group as i64))
+                .with("strides", Attr::Ints(vec![s as i64; nsp]))
+                .with("dilations", Attr::Ints(vec![d as i64; nsp]))
+                .with("pads", Attr::Ints(vec![pad as i64; 2 * nsp]));
+            let mut xs = vec![2, c];
+            xs.extend(sp);
+            let mut ws = vec![oc, c / group];
+            ws.extend(vec![k; nsp]);
+            let x = rand_t(&mut rng, xs);
+            let w = rand_t(&mut rng, ws);
+            let b = rand_t(&mut rng, vec![oc]);
+            let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
+            let res = rand_t(&mut rng, geo.out_shape().to_vec());
+            let fattrs = attrs.clone().with("activation", Attr::Str("silu".into()));
+            let want = kiln_ir::ops::eval(
+                OpKind::FusedConv,
+                &fattrs,
+                &[Some(&x), Some(&w), Some(&b), Some(&res)],
+            )
+            .unwrap();
+            let pc = PreparedConv::new(
+                &attrs,
+                ConvAct::from_attrs(&fattrs).unwrap(),
+                Some((w.as_slice().unwrap(), w.shape())),
+                Some(b.as_slice().unwrap()),
+            );
+            assert!(pc.uses_direct(&geo, true), "case {ci}");
+            let isas: Vec<DirectIsa> = [DirectIsa::Avx512, DirectIsa::Avx2]
+                .into_iter()
+                .filter(|i| i.available())
+                .collect();
+            for (pool, isa) in pools.iter().flat_map(|p| isas.iter().map(move |i| (p, *i))) {
+                let pc = PreparedConv::new(
+                    &attrs,
+                    ConvAct::from_attrs(&fattrs).unwrap(),
+                    Some((w.as_slice().unwrap(), w.shape())),
+                    Some(b.as_slice().unwrap()),
+                )
+                .with_direct_isa(isa);
+                let args = ConvArgs {
+                    x: x.as_slice().unwrap(),
+                    w: w.as_slice().unwrap(),
+                    bias: Some(b.as_slice().unwrap()),
+                    residual: Some(res.as_slice().unwrap()),
+                };
+                let mut y = vec![f32::NAN; geo.out_shape().iter().product()];
+                pc.run(pool, &geo, &args, &mut y).unwrap();
+                let got = Tensor::from_vec(geo.out_shape().to_vec(), y);
+                let r = compare(&got, &want[0], TOL);
+                assert!(r.ok, "case {ci} threads {} {isa:?}: {r:?}", pool.threads());
+            }
+        }
+    }
+
+    #[test]
+    fn a_nan_input_is_not_hidden_by_a_depthwise_conv() {
+        let attrs = Attrs::new()
+            .with("pads", Attr::Ints(vec![1, 1, 1, 1]))
+            .with("group", Attr::Int(2));
+        let mut xv = vec![0.5f32; 2 * 5 * 40];
+        xv[310] = f32::NAN; // channel 1, row 2: 3 × 3 outputs
+        let x = Tensor::from_vec(vec![1, 2, 5, 40], xv);
+        let w = Tensor::from_vec(vec![2, 1, 3, 3], vec![0.1f32; 18]);
+        let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
+        let fattrs = attrs.clone().with("activation", Attr::Str("relu".into()));
+        let want = kiln_ir::ops::eval(OpKind::FusedConv, &fattrs, &[Some(&x), Some(&w)]).unwrap();
+        for direct in [false, true] {
+            let pc = PreparedConv::new(&attrs, ConvAct::Epilogue(Activation::Relu), None, None)
+                .with_direct(direct);
+            assert_eq!(
+                pc.uses_direct(&geo, false),
+                direct && DirectIsa::detect().is_some()
+            );
+            let args = ConvArgs {
+                x: x.as_slice().unwrap(),
+                w: w.as_slice().unwrap(),
+                bias: None,
+                residual: None,
+            };
+            let mut y = vec![0.0; 2 * 5 * 40];
+            pc.run(&Pool::single(), &geo, &args, &mut y).unwrap();
+            assert_eq!(
+                y.iter().filter(|v| v.is_nan()).count(),
+                9,
+                "direct {direct}"
+            );
+            let r = compare(&Tensor::from_vec(vec![1, 2, 5, 40], y), &want[0], TOL);
+            assert!(r.ok, "direct {direct}: {r:?}");
+        }
     }
 
     #[test]
@@ -732,22 +943,34 @@ mod tests {
         let x = Tensor::from_vec(vec![1, 2, 5, 5], xv);
         let w = Tensor::from_vec(vec![3, 2, 3, 3], vec![0.1f32; 54]);
         let geo = Geometry::new(&attrs, x.shape(), w.shape()).unwrap();
-        let pc = PreparedConv::new(&attrs, ConvAct::Epilogue(Activation::Relu), None, None);
-        let args = ConvArgs {
-            x: x.as_slice().unwrap(),
-            w: w.as_slice().unwrap(),
-            bias: None,
-            residual: None,
-        };
-        let mut y = vec![0.0; 3 * 25];
-        pc.run(&Pool::single(), &geo, &args, &mut y).unwrap();
-        assert!(y.iter().any(|v| v.is_nan()));
         let want = kiln_ir::ops::eval(
             OpKind::FusedConv,
             &attrs.clone().with("activation", Attr::Str("relu".into())),
             &[Some(&x), Some(&w)],
         )
         .unwrap();
-        assert!(compare(&Tensor::from_vec(vec![1, 3, 5, 5], y), &want[0], TOL).ok);
+        // Weight at run time (GEMM), constant (the direct kernel where this CPU has one).
+        for constant in [false, true] {
+            let pc = PreparedConv::new(
+                &attrs,
+                ConvAct::Epilogue(Activation::Relu),
+                constant.then(|| (w.as_slice::<f32>().unwrap(), w.shape())),
+                None,
+            );
+            if constant && DirectIsa::detect().is_some() {
+                assert!(pc.uses_direct(&geo, false));
+            }
+            let args = ConvArgs {
+                x: x.as_slice().unwrap(),
+                w: w.as_slice().unwrap(),
+                bias: None,
+                residual: None,
+            };
+            let mut y = vec![0.0; 3 * 25];
+            pc.run(&Pool::single(), &geo, &args, &mut y).unwrap();
+            assert!(y.iter().any(|v| v.is_nan()), "constant {constant}");
+            let r = compare(&Tensor::from_vec(vec![1, 3, 5, 5], y), &want[0], TOL);
+            assert!(r.ok, "constant {constant}: {r:?}");
+        }
     }
 }

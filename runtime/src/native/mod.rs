@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod cast;
 pub mod conv;
+pub mod conv_direct;
 pub mod conv_gemm;
 pub mod conv_general;
 pub mod conv_integer;

@@ -93,6 +93,19 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool, out: &mut Outputs)
         return Some(Tensor::from_buf(out_shape, y));
     }
     let include_pad = geo.count_include_pad;
+    // Along the last axis, the outputs whose windows are whole (every tap real) start at
+    // input column `o · stride − pad`: max pools fold those a tap at a time over the row.
+    let last = &axes[2];
+    let kw = geo.kernel[nsp - 1];
+    let (sw, pw) = (geo.strides[nsp - 1], geo.pads[nsp - 1]);
+    let whole = |o: usize, t: &Taps| t.real == kw && t.total == kw && o * sw >= pw;
+    let olo = (0..last.len())
+        .find(|&o| whole(o, &last[o]))
+        .unwrap_or(last.len());
+    let ohi = (olo..last.len())
+        .find(|&o| !whole(o, &last[o]))
+        .unwrap_or(last.len());
+    let interior = is_max && ohi > olo;
     let y_ptr = SharedMut::new(y.as_mut_ptr());
     let axes = &axes;
     pool.parallel_ranges(planes, |range| {
@@ -104,6 +117,29 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>], pool: &Pool, out: &mut Outputs)
             let mut at = 0;
             for t0 in &axes[0] {
                 for t1 in &axes[1] {
+                    if interior && t0.real * t1.real > 0 {
+                        let row = &mut yp[at..at + last.len()];
+                        let rows = (0..t0.real).flat_map(|i| {
+                            (0..t1.real)
+                                .map(move |j| t0.first + i * t0.step + t1.first + j * t1.step)
+                        });
+                        max_rows(
+                            xp,
+                            rows,
+                            olo * sw - pw,
+                            last[olo].step,
+                            kw,
+                            sw,
+                            &mut row[olo..ohi],
+                        );
+                        for (o, t2) in last.iter().enumerate() {
+                            if o < olo || o >= ohi {
+                                row[o] = window_max(xp, [t0, t1, t2]);
+                            }
+                        }
+                        at += last.len();
+                        continue;
+                    }
                     for t2 in &axes[2] {
                         let w = [t0, t1, t2];
                         yp[at] = if is_max {
@@ -156,6 +192,55 @@ fn window_max(x: &[f32], [t0, t1, t2]: [&Taps; 3]) -> f32 {
     best
 }
 
+/// Max pool outputs `out[o]` whose windows are whole along the last axis: in each input
+/// row offset of `rows` (the window's real rows in order), taps `k < kw` at column
+/// `c0 + o · stride + k · step`. Folded a tap at a time over all outputs, each output's
+/// taps in [`window_max`]'s order with its comparison, so the result (NaN included) is the
+/// same; the loop over outputs vectorises where the stride is 1.
+fn max_rows(
+    x: &[f32],
+    mut rows: impl Iterator<Item = usize>,
+    c0: usize,
+    step: usize,
+    kw: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let span = (n - 1) * stride + 1;
+    let Some(r0) = rows.next() else {
+        return;
+    };
+    let taps = |r: usize, k: usize| &x[r + c0 + k * step..][..span];
+    if stride == 1 {
+        out.copy_from_slice(taps(r0, 0));
+    } else {
+        out.iter_mut()
+            .zip(taps(r0, 0).iter().step_by(stride))
+            .for_each(|(b, &e)| *b = e);
+    }
+    let fold = |r: usize, k: usize, out: &mut [f32]| {
+        let src = taps(r, k);
+        if stride == 1 {
+            for (b, &e) in out.iter_mut().zip(src) {
+                *b = if e > *b { e } else { *b };
+            }
+        } else {
+            for (b, &e) in out.iter_mut().zip(src.iter().step_by(stride)) {
+                *b = if e > *b { e } else { *b };
+            }
+        }
+    };
+    for k in 1..kw {
+        fold(r0, k, out);
+    }
+    for r in rows {
+        for k in 0..kw {
+            fold(r, k, out);
+        }
+    }
+}
+
 /// Sum of a window's real elements, in f64 and in the reference's order.
 #[inline(always)]
 fn window_sum(x: &[f32], [t0, t1, t2]: [&Taps; 3]) -> f64 {
@@ -177,6 +262,80 @@ mod tests {
     use kiln_ir::{Attr, Attrs, ValueId};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// Wide rows (the whole-window fold over outputs), many NaNs and infinities, 1-D to
+    /// 3-D, strides, dilations and pads: bit for bit the interpreter's max.
+    #[test]
+    fn max_pools_fold_wide_rows_exactly() {
+        let pools = [Pool::single(), Pool::new(2).unwrap()];
+        let mut rng = StdRng::seed_from_u64(29);
+        let mut checked = 0;
+        for case in 0..60 {
+            let nsp = [1, 2, 2, 3][case % 4];
+            let mut shape = vec![rng.gen_range(1..3), rng.gen_range(1..4)];
+            shape.extend((0..nsp).map(|a| {
+                if a + 1 == nsp {
+                    rng.gen_range(20..70)
+                } else {
+                    rng.gen_range(1..7)
+                }
+            }));
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| match rng.gen_range(0..12) {
+                    0 => f32::NAN,
+                    1 => f32::INFINITY,
+                    2 => f32::NEG_INFINITY,
+                    _ => rng.gen_range(-4.0f32..4.0),
+                })
+                .collect();
+            let x = Tensor::from_vec(shape, v);
+            let attrs = Attrs::new()
+                .with(
+                    "kernel_shape",
+                    Attr::Ints((0..nsp).map(|_| rng.gen_range(1..6)).collect()),
+                )
+                .with(
+                    "strides",
+                    Attr::Ints((0..nsp).map(|_| rng.gen_range(1..5)).collect()),
+                )
+                .with(
+                    "dilations",
+                    Attr::Ints((0..nsp).map(|_| rng.gen_range(1..3)).collect()),
+                )
+                .with(
+                    "pads",
+                    Attr::Ints((0..2 * nsp).map(|_| rng.gen_range(0..2)).collect()),
+                );
+            let node = Node {
+                op: OpKind::MaxPool,
+                attrs: attrs.clone(),
+                inputs: vec![Some(ValueId(0))],
+                outputs: vec![ValueId(1)],
+                name: String::new(),
+            };
+            let Ok(want) = kiln_ir::ops::eval(OpKind::MaxPool, &attrs, &[Some(&x)]) else {
+                continue;
+            };
+            for pool in &pools {
+                let got = run(&node, &[Some(&x)], pool, &mut Outputs::none()).unwrap();
+                let (gv, wv) = (
+                    got.as_slice::<f32>().unwrap(),
+                    want[0].as_slice::<f32>().unwrap(),
+                );
+                assert_eq!(got.shape(), want[0].shape());
+                for (i, (a, b)) in gv.iter().zip(wv).enumerate() {
+                    assert!(
+                        a.to_bits() == b.to_bits(),
+                        "case {case} {attrs:?} {:?} at {i}: {a} vs {b}",
+                        x.shape()
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 60, "{checked}");
+    }
 
     #[test]
     fn pools_match_the_interpreter_exactly_on_random_windows() {
