@@ -1471,6 +1471,7 @@ mod tests {
             assert!(RollBlocks::default().run(&mut g.clone()).unwrap().is_noop());
             let stats = RollBlocks {
                 min_stepped_trips: 2,
+                ..RollBlocks::default()
             }
             .run(&mut g)
             .unwrap();
@@ -1502,6 +1503,22 @@ mod tests {
             assert_same_outputs(&before, &g);
             assert_eq!(kiln_ir::text::parse(&text).unwrap(), g);
         }
+    }
+
+    #[test]
+    fn the_early_pass_rolls_recurrences_and_leaves_tied_layers() {
+        let mut tied_layers = tied(6);
+        let early = RollBlocks {
+            min_stepped_trips: 2,
+            ..RollBlocks::recurrences()
+        };
+        assert_eq!(early.name(), "roll_recurrences");
+        assert!(early.run(&mut tied_layers).unwrap().is_noop());
+        let mut g = unrolled(7);
+        let before = g.clone();
+        let stats = early.run(&mut g).unwrap();
+        assert_eq!(stats.counter("loops"), 1, "{stats}");
+        assert_same_outputs(&before, &g);
     }
 
     #[test]
@@ -1548,6 +1565,7 @@ mod tests {
         g.outputs = vec![h];
         let stats = RollBlocks {
             min_stepped_trips: 2,
+            ..RollBlocks::default()
         }
         .run(&mut g)
         .unwrap();
