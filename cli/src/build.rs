@@ -108,11 +108,19 @@ pub fn build(args: &BuildArgs) -> Result<()> {
         None => (
             model
                 .optimised_with_progress(&kopts, Some(line.callback()))
-                .context("optimising the graph (run with --opt 0 to skip)")?,
+                .map_err(|e| match e {
+                    // Its message says what the step cannot express; --opt 0 does not help.
+                    kiln::Error::DecodeStep(_) => anyhow::Error::new(e),
+                    e => anyhow::Error::new(e)
+                        .context("optimising the graph (run with --opt 0 to skip)"),
+                })?,
             kiln::approx::recorded_report(model.graph()).map(str::to_string),
         ),
     };
-    if let Some(r) = g.metadata.get(kiln_passes::decode_step::DECODE_STEP_METADATA) {
+    if let Some(r) = g
+        .metadata
+        .get(kiln_passes::decode_step::DECODE_STEP_METADATA)
+    {
         print!("{r}");
     }
     line.set("codegen (LLVM, O3) and link");

@@ -73,7 +73,10 @@ fn library_info(path: &Path) -> anyhow::Result<()> {
     let states = lib
         .inputs()
         .iter()
-        .filter(|io| io.name.starts_with(kiln_passes::decode_step::STATE_IN_PREFIX))
+        .filter(|io| {
+            io.name
+                .starts_with(kiln_passes::decode_step::STATE_IN_PREFIX)
+        })
         .count();
     if states > 0 {
         let pos = lib

@@ -26,7 +26,9 @@
 //! [`check_against_prefix`], which runs the full graph once on seeded inputs of length
 //! `n` and the step graph `n` times, and refuses when any row differs.
 
-use crate::classic::{EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, SimplifyOps};
+use crate::classic::{
+    EliminateCommonSubexpressions, EliminateDeadCode, FoldConstants, SimplifyOps,
+};
 use crate::rewrite::Namer;
 use crate::Pass;
 use kiln_ir::{Attr, Attrs, DType, Dim, Graph, Node, OpKind, Shape, Tensor, TensorType, ValueId};
@@ -273,8 +275,7 @@ pub fn decode_step(g: &mut Graph) -> Result<DecodeStepReport, DecodeStepError> {
                 ))
             }
         }
-        if scalar_const(g, n.inputs[0]) != Some(0.0) || scalar_const(g, n.inputs[2]) != Some(1.0)
-        {
+        if scalar_const(g, n.inputs[0]) != Some(0.0) || scalar_const(g, n.inputs[2]) != Some(1.0) {
             return Err(unsupported(
                 g,
                 n,
@@ -371,6 +372,9 @@ pub fn decode_step(g: &mut Graph) -> Result<DecodeStepReport, DecodeStepError> {
     Ok(report)
 }
 
+/// Appends a node `op(attrs)(inputs) -> output` to a graph; returns the output.
+type PushNode<'a> = dyn FnMut(&mut Graph, OpKind, Attrs, Vec<ValueId>, ValueId) -> ValueId + 'a;
+
 /// Appends the one-step update of `n` (a causal `linear_attention` of a graph whose
 /// sequence is 1) to `g`, its state the `index`-th.
 fn step_of(
@@ -416,7 +420,11 @@ fn step_of(
         o
     };
     let base = format!("{}_step", g.value(out).name);
-    let kt_v = namer.add_value(g, &format!("{base}_kt"), ty(vec![b.clone(), h.clone(), d.clone(), Dim::Fixed(1)]));
+    let kt_v = namer.add_value(
+        g,
+        &format!("{base}_kt"),
+        ty(vec![b.clone(), h.clone(), d.clone(), Dim::Fixed(1)]),
+    );
     let kt = push(
         g,
         OpKind::Transpose,
@@ -446,33 +454,34 @@ fn step_of(
         }
     };
     let mut tensors = vec![];
-    let mut state = |g: &mut Graph,
-                     push: &mut dyn FnMut(&mut Graph, OpKind, Attrs, Vec<ValueId>, ValueId) -> ValueId,
-                     which: &str,
-                     sdims: Vec<Dim>,
-                     add: ValueId|
-     -> Result<ValueId, DecodeStepError> {
-        let (iname, oname) = (
-            format!("{STATE_IN_PREFIX}{index}.{which}"),
-            format!("{STATE_OUT_PREFIX}{index}.{which}"),
-        );
-        if g.values.iter().any(|v| v.name == iname || v.name == oname) {
-            return Err(DecodeStepError::Sequence(format!(
-                "the model already has a value named `{iname}` or `{oname}`"
-            )));
-        }
-        let s_in = g.add_input(&iname, ty(sdims.clone()));
-        let mut prev = s_in;
-        if let Some(gm) = gamma {
-            let d_v = namer.add_value(g, &format!("{base}_{which}_decayed"), ty(sdims.clone()));
-            prev = push(g, OpKind::Mul, Attrs::new(), vec![s_in, gm], d_v);
-        }
-        let s_out = g.add_value(&oname, ty(sdims.clone()));
-        push(g, OpKind::Add, Attrs::new(), vec![prev, add], s_out);
-        g.outputs.push(s_out);
-        tensors.push((iname, oname, sdims));
-        Ok(s_out)
-    };
+    let mut state =
+        |g: &mut Graph,
+         push: &mut PushNode,
+         which: &str,
+         sdims: Vec<Dim>,
+         add: ValueId|
+         -> Result<ValueId, DecodeStepError> {
+            let (iname, oname) = (
+                format!("{STATE_IN_PREFIX}{index}.{which}"),
+                format!("{STATE_OUT_PREFIX}{index}.{which}"),
+            );
+            if g.values.iter().any(|v| v.name == iname || v.name == oname) {
+                return Err(DecodeStepError::Sequence(format!(
+                    "the model already has a value named `{iname}` or `{oname}`"
+                )));
+            }
+            let s_in = g.add_input(&iname, ty(sdims.clone()));
+            let mut prev = s_in;
+            if let Some(gm) = gamma {
+                let d_v = namer.add_value(g, &format!("{base}_{which}_decayed"), ty(sdims.clone()));
+                prev = push(g, OpKind::Mul, Attrs::new(), vec![s_in, gm], d_v);
+            }
+            let s_out = g.add_value(&oname, ty(sdims.clone()));
+            push(g, OpKind::Add, Attrs::new(), vec![prev, add], s_out);
+            g.outputs.push(s_out);
+            tensors.push((iname, oname, sdims));
+            Ok(s_out)
+        };
     let s_new = state(g, &mut push, "S", sd, kv)?;
     let row = vec![b.clone(), h.clone(), Dim::Fixed(1)];
     if !a.normalize {
@@ -548,8 +557,11 @@ fn token_input(ty: &TensorType, rng: &mut Lcg) -> Result<Tensor, String> {
             }
         })
         .collect();
-    Tensor::new(dims, kiln_ir::TensorData::from_f64s(ty.dtype, vals.into_iter()))
-        .map_err(|e| e.to_string())
+    Tensor::new(
+        dims,
+        kiln_ir::TensorData::from_f64s(ty.dtype, vals.into_iter()),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// The axis of `seq` in a value's declared dims.
@@ -611,9 +623,12 @@ pub fn check_against_prefix(
         .map_err(mismatch)?;
     let want = kiln_ir::run(full, full_inputs)
         .map_err(|e| mismatch(format!("running the full graph: {e}")))?;
+    let by_step: Vec<Vec<&Tensor>> = (0..n)
+        .map(|t| per_step.iter().map(|s| &s[t]).collect())
+        .collect();
     let mut states: Vec<Tensor> = vec![];
     let mut worst = 0.0f64;
-    for t in 0..n {
+    for (t, tokens) in by_step.iter().enumerate() {
         let mut ins = vec![];
         let mut si = 0;
         for &i in &step.inputs {
@@ -641,7 +656,7 @@ pub fn check_against_prefix(
                     .iter()
                     .position(|&f| full.value(f).name == v.name)
                     .ok_or_else(|| mismatch(format!("input `{}` is new", v.name)))?;
-                ins.push(per_step[k][t].clone());
+                ins.push(tokens[k].clone());
             }
         }
         let got =
