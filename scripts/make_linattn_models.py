@@ -13,7 +13,7 @@ k = elu(xk)+1 for the linear-attention variants, q = xq, k = xk for retention):
   noncausal      (q kT) v / (rowsum + 1e-6)
   causal_padded  causal, with k and v rows multiplied by a key padding mask pad: [batch, seq]
   retention      (q kT * where(i >= j, exp((i - j) * log_gamma), 0)) v   (retnet_tiny's form)
-  causal_pos     causal, with positions: xq, xk + P[range(seq)] (a learned table P: [64, D]
+  causal_pos     causal, with positions: xq, xk + P[range(seq)] (a learned table P: [1024, D]
                  gathered by the positions), and xq scaled by cos(0.05 * position) (a Cast of
                  the same range), the shapes `kiln build --decode-step` drives by `position`
 """
@@ -72,7 +72,7 @@ def decay(g, x, log_gamma):
     return g.op("Where", [cond, e, zeros])
 
 
-POS_TABLE = np.random.default_rng(17).standard_normal((64, D)).astype(np.float32) * 0.5
+POS_TABLE = np.random.default_rng(17).standard_normal((1024, D)).astype(np.float32) * 0.5
 POS_FREQ = 0.05
 
 
