@@ -23,7 +23,21 @@
 //! answer) when a mask breaks it. Candidates per site: `m` in {D, 2D, 4D} features ×
 //! [`SEEDS`] seeds (`linear-attention=M` fixes `m`); the calibration sets pick among them,
 //! and the cost model proposes only those that are cheaper at the calibration shapes.
-//! Not built: the polynomial (Taylor) kernel and the hybrid exact local window.
+//!
+//! The polynomial kernel (`linear-attention=poly[:R]`, and among the default candidates):
+//! the second-order Taylor expansion of `exp(t)`, `t = s·q·k`, as in "Based" (Arora et al.
+//! 2024): `φ(x)·φ(y) = 1 + t + t²/2`. With `x' = √s·x` and `x̃ = [1, x']` (`pad`), the
+//! features are `w_ab·x̃_a·x̃_b` over the pairs `a ≤ b` of `x̃` (two `gather`s and a `mul`):
+//! `(0, 0)` gives 1, `(0, i)` gives `x'_i` (the `t` term), `(i, i)` gives `x'_i²/√2` and
+//! `(i, j)`, `i < j`, gives `x'_i·x'_j` — so the quadratic terms sum to `(x'·y')²/2`, the
+//! `(x'⊗x')/√2` of the paper with each symmetric pair kept once: `m = (R+1)(R+2)/2` features
+//! instead of `1 + R + R²`. `1 + t + t²/2 = ((t + 1)² + 1)/2 ≥ 1/2`: every weight is
+//! positive, no stabiliser is needed. With `R < D` the queries and keys are first projected
+//! by a seeded Gaussian `[D, R]` matrix scaled by `1/√R` (so `E[(Px)·(Py)] = x·y`), which
+//! makes the map cheap on wide heads at the price of the projection's error: candidates
+//! `R` in {D, 32, 16} (those below `D`), `poly:R` fixes it. Exact where `t` is small; where
+//! it is not the budget refuses it like any other candidate.
+//! Not built: the hybrid exact local window.
 
 use super::{ApproxError, ApproxRewrite, Candidate, Probe, Site};
 use crate::canon::linear_attention::choose_chunk;
@@ -44,30 +58,77 @@ pub const SEEDS: u64 = 2;
 /// Added to the linear attention's row sums (see the module docs).
 pub const ROW_SUM_EPSILON: f32 = 1e-30;
 
-/// Softmax attention through random features.
+/// Projected widths tried for the polynomial kernel besides the head width itself (those
+/// below it).
+pub const POLY_RANKS: [usize; 2] = [32, 16];
+
+/// The feature maps a `linear-attention` request tries.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LinearAttentionApprox {
-    /// A fixed feature count, or `None` for the ladder.
-    pub features: Option<usize>,
+pub enum Kernels {
+    /// FAVOR+ over the feature ladder and the polynomial kernel over its ranks.
+    All,
+    /// FAVOR+ with this many features (`linear-attention=M`).
+    Favor(usize),
+    /// The polynomial kernel (`linear-attention=poly[:R]`), projected to `R` when given.
+    Poly(Option<usize>),
 }
 
+/// Softmax attention through a feature map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearAttentionApprox {
+    /// Which feature maps the candidates use.
+    pub kernels: Kernels,
+}
+
+/// `Candidate::values[4]`: the FAVOR+ feature map.
+const KIND_FAVOR: f64 = 0.0;
+/// `Candidate::values[4]`: the polynomial feature map (`values[5]` its width `R`).
+const KIND_POLY: f64 = 1.0;
+
 impl LinearAttentionApprox {
-    /// From `--approx linear-attention[=M]`.
+    /// From `--approx linear-attention[=M|poly|poly:R]`.
     pub fn parse(param: Option<&str>) -> Result<LinearAttentionApprox, ApproxError> {
         let Some(p) = param else {
-            return Ok(LinearAttentionApprox { features: None });
+            return Ok(LinearAttentionApprox {
+                kernels: Kernels::All,
+            });
         };
+        let bad = |why: &str| ApproxError::BadParam {
+            family: LINEAR_ATTENTION.into(),
+            param: p.into(),
+            why: why.into(),
+        };
+        if p == "poly" {
+            return Ok(LinearAttentionApprox {
+                kernels: Kernels::Poly(None),
+            });
+        }
+        if let Some(r) = p.strip_prefix("poly:") {
+            let r: usize = r
+                .parse()
+                .ok()
+                .filter(|&r| (1..=256).contains(&r))
+                .ok_or_else(|| bad("expected poly:R with a projected width R in 1..=256"))?;
+            return Ok(LinearAttentionApprox {
+                kernels: Kernels::Poly(Some(r)),
+            });
+        }
         let m: usize = p
             .parse()
             .ok()
             .filter(|&m| (1..=65536).contains(&m))
-            .ok_or_else(|| ApproxError::BadParam {
-                family: LINEAR_ATTENTION.into(),
-                param: p.into(),
-                why: "expected a feature count, an integer in 1..=65536".into(),
+            .ok_or_else(|| {
+                bad("expected a feature count (an integer in 1..=65536), poly or poly:R")
             })?;
-        Ok(LinearAttentionApprox { features: Some(m) })
+        Ok(LinearAttentionApprox {
+            kernels: Kernels::Favor(m),
+        })
     }
+}
+
+/// The polynomial kernel's feature count at width `r`: the pairs `a ≤ b` of `r + 1`.
+pub fn poly_features(r: usize) -> usize {
+    (r + 1) * (r + 2) / 2
 }
 
 /// What a site's attention looks like: its inputs, scale and layout.
@@ -212,41 +273,84 @@ impl ApproxRewrite for LinearAttentionApprox {
                 None => return vec![],
             },
         };
-        let ms: Vec<usize> = match self.features {
-            Some(m) => vec![m],
-            None => FEATURE_LADDER.iter().map(|f| f * s.d).collect(),
+        let ms: Vec<usize> = match self.kernels {
+            Kernels::Favor(m) => vec![m],
+            Kernels::All => FEATURE_LADDER.iter().map(|f| f * s.d).collect(),
+            Kernels::Poly(_) => vec![],
         };
-        let before = probe.cost.graph_cost(g).time;
-        let mut out = vec![];
+        // Polynomial: (R, seed of the projection); R = D is not projected.
+        let poly: Vec<(usize, u64)> = match self.kernels {
+            Kernels::Favor(_) => vec![],
+            Kernels::Poly(Some(r)) if r >= s.d => vec![(s.d, 0)],
+            Kernels::Poly(Some(r)) => (0..SEEDS).map(|seed| (r, seed)).collect(),
+            Kernels::All | Kernels::Poly(None) => std::iter::once((s.d, 0))
+                .chain(
+                    POLY_RANKS
+                        .iter()
+                        .filter(|&&r| r < s.d)
+                        .flat_map(|&r| (0..SEEDS).map(move |seed| (r, seed))),
+                )
+                .collect(),
+        };
+        let mask_note = match (s.mask, mask_causal) {
+            (None, _) => "",
+            (Some(_), true) => " mask=causal+padding",
+            (Some(_), false) => " mask=padding",
+        };
+        let causal = s.causal || mask_causal;
+        let dv = dv_hint(probe.cost, &s.dv);
+        let mut trials = vec![];
         for m in ms {
-            let causal = s.causal || mask_causal;
-            let chunk = choose_chunk(&probe.cost.target, m, dv_hint(probe.cost, &s.dv), causal);
+            let chunk = choose_chunk(&probe.cost.target, m, dv, causal);
             for seed in 0..SEEDS {
-                let c = Candidate {
-                    family: LINEAR_ATTENTION,
-                    site: site.clone(),
-                    params: format!(
-                        "favor+ m={m} seed={seed} chunk={chunk}{}",
-                        match (s.mask, mask_causal) {
-                            (None, _) => "",
-                            (Some(_), true) => " mask=causal+padding",
-                            (Some(_), false) => " mask=padding",
-                        }
-                    ),
-                    values: vec![
+                trials.push((
+                    format!("favor+ m={m} seed={seed} chunk={chunk}{mask_note}"),
+                    vec![
                         m as f64,
                         seed as f64,
                         chunk as f64,
                         f64::from(u8::from(mask_causal)),
+                        KIND_FAVOR,
+                        0.0,
                     ],
-                    saving: 0.0,
-                };
-                let mut trial = g.clone();
-                self.apply(&mut trial, &c);
-                let saving = before - probe.cost.graph_cost(&trial).time;
-                if saving > 0.0 {
-                    out.push(Candidate { saving, ..c });
-                }
+                ));
+            }
+        }
+        for (r, seed) in poly {
+            let m = poly_features(r);
+            let chunk = choose_chunk(&probe.cost.target, m, dv, causal);
+            let proj = if r < s.d {
+                format!(" proj={r} seed={seed}")
+            } else {
+                String::new()
+            };
+            trials.push((
+                format!("poly m={m}{proj} chunk={chunk}{mask_note}"),
+                vec![
+                    m as f64,
+                    seed as f64,
+                    chunk as f64,
+                    f64::from(u8::from(mask_causal)),
+                    KIND_POLY,
+                    r as f64,
+                ],
+            ));
+        }
+        let before = probe.cost.graph_cost(g).time;
+        let mut out = vec![];
+        for (params, values) in trials {
+            let c = Candidate {
+                family: LINEAR_ATTENTION,
+                site: site.clone(),
+                params,
+                values,
+                saving: 0.0,
+            };
+            let mut trial = g.clone();
+            self.apply(&mut trial, &c);
+            let saving = before - probe.cost.graph_cost(&trial).time;
+            if saving > 0.0 {
+                out.push(Candidate { saving, ..c });
             }
         }
         out
@@ -263,7 +367,8 @@ impl ApproxRewrite for LinearAttentionApprox {
             c.values[2] as usize,
         );
         let mask_causal = c.values.get(3).is_some_and(|&x| x == 1.0);
-        let w = features(s.d, m, seed, s.scale.sqrt());
+        let poly_rank = (c.values.get(4) == Some(&KIND_POLY))
+            .then(|| c.values.get(5).map_or(s.d, |&r| r as usize));
         let mut b = Builder {
             namer: Namer::new(g),
             nodes: vec![],
@@ -300,67 +405,17 @@ impl ApproxRewrite for LinearAttentionApprox {
         let q = hm(&mut b, g, s.q, &s.dims);
         let k = hm(&mut b, g, s.k, &kd);
         let v = hm(&mut b, g, s.v, &kvd);
-        let wv = b.constant(g, "favor_w", w);
-        let half_c2 = b.constant(g, "favor_half_c2", Tensor::scalar((s.scale / 2.0) as f32));
-        let last = b.constant(g, "favor_axis", Tensor::from_vec(vec![1], vec![-1i64]));
-        let per_head = b.constant(g, "favor_axes", Tensor::from_vec(vec![2], vec![2i64, 3]));
-        // x: `[B, h, S, D]` → φ(x): `[B, h, S, m]`, stabilised over `axes`.
-        let phi = |b: &mut Builder,
-                   g: &mut Graph,
-                   x: ValueId,
-                   xd: &[Dim],
-                   axes: ValueId,
-                   per_row: bool| {
-            let with = |last: Dim| {
-                let mut d = xd.to_vec();
-                d[3] = last;
-                d
-            };
-            let (fd, rd) = (with(Dim::Fixed(m as u64)), with(Dim::Fixed(1)));
-            let mut sd = rd.clone();
-            if !per_row {
-                sd[2] = Dim::Fixed(1);
+        let (pq, mut pk) = match poly_rank {
+            None => {
+                let w = features(s.d, m, seed, s.scale.sqrt());
+                favor_maps(&mut b, g, w, s.scale, m, (q, &s.dims), (k, &kd))
             }
-            // W x' − |x'|²/2 − stab, then exp.
-            let proj = b.op(
-                g,
-                OpKind::MatMul,
-                Attrs::new(),
-                vec![x, wv],
-                fd.clone(),
-                "proj",
-            );
-            let sq = b.op(g, OpKind::Mul, Attrs::new(), vec![x, x], xd.to_vec(), "sq");
-            let norm = b.op(
-                g,
-                OpKind::ReduceSum,
-                keep(),
-                vec![sq, last],
-                rd.clone(),
-                "norm",
-            );
-            let half = b.op(
-                g,
-                OpKind::Mul,
-                Attrs::new(),
-                vec![norm, half_c2],
-                rd,
-                "half",
-            );
-            let z = b.op(
-                g,
-                OpKind::Sub,
-                Attrs::new(),
-                vec![proj, half],
-                fd.clone(),
-                "z",
-            );
-            let mx = b.op(g, OpKind::ReduceMax, keep(), vec![z, axes], sd, "max");
-            let zs = b.op(g, OpKind::Sub, Attrs::new(), vec![z, mx], fd.clone(), "zs");
-            b.op(g, OpKind::Exp, Attrs::new(), vec![zs], fd, "phi")
+            Some(r) => {
+                let pq = poly_map(&mut b, g, q, &s.dims, s.d, r, seed, s.scale);
+                let pk = poly_map(&mut b, g, k, &kd, s.d, r, seed, s.scale);
+                (pq, pk)
+            }
         };
-        let pq = phi(&mut b, g, q, &s.dims, last, true);
-        let mut pk = phi(&mut b, g, k, &kd, per_head, false);
         if let Some(mask) = s.mask {
             // Dropped keys get zero features (checked against the mask on every run).
             let md = g.ty(mask).shape.dims().map(pad4);
@@ -430,6 +485,172 @@ impl ApproxRewrite for LinearAttentionApprox {
         let inserts = b.nodes.into_iter().map(|n| (at, n)).collect();
         crate::rewrite::insert_nodes(g, inserts);
     }
+}
+
+/// FAVOR+'s `(φ(q), φ(k))` with the `[D, m]` matrix `w` (see the module docs): queries
+/// stabilised per row, keys per (batch, head).
+fn favor_maps(
+    b: &mut Builder,
+    g: &mut Graph,
+    w: Tensor,
+    scale: f64,
+    m: usize,
+    (q, qd): (ValueId, &[Dim]),
+    (k, kd): (ValueId, &[Dim]),
+) -> (ValueId, ValueId) {
+    let wv = b.constant(g, "favor_w", w);
+    let half_c2 = b.constant(g, "favor_half_c2", Tensor::scalar((scale / 2.0) as f32));
+    let last = b.constant(g, "favor_axis", Tensor::from_vec(vec![1], vec![-1i64]));
+    let per_head = b.constant(g, "favor_axes", Tensor::from_vec(vec![2], vec![2i64, 3]));
+    // x: `[B, h, S, D]` → φ(x): `[B, h, S, m]`, stabilised over `axes`.
+    let phi =
+        |b: &mut Builder, g: &mut Graph, x: ValueId, xd: &[Dim], axes: ValueId, per_row: bool| {
+            let with = |last: Dim| {
+                let mut d = xd.to_vec();
+                d[3] = last;
+                d
+            };
+            let (fd, rd) = (with(Dim::Fixed(m as u64)), with(Dim::Fixed(1)));
+            let mut sd = rd.clone();
+            if !per_row {
+                sd[2] = Dim::Fixed(1);
+            }
+            // W x' − |x'|²/2 − stab, then exp.
+            let proj = b.op(
+                g,
+                OpKind::MatMul,
+                Attrs::new(),
+                vec![x, wv],
+                fd.clone(),
+                "proj",
+            );
+            let sq = b.op(g, OpKind::Mul, Attrs::new(), vec![x, x], xd.to_vec(), "sq");
+            let norm = b.op(
+                g,
+                OpKind::ReduceSum,
+                keep(),
+                vec![sq, last],
+                rd.clone(),
+                "norm",
+            );
+            let half = b.op(
+                g,
+                OpKind::Mul,
+                Attrs::new(),
+                vec![norm, half_c2],
+                rd,
+                "half",
+            );
+            let z = b.op(
+                g,
+                OpKind::Sub,
+                Attrs::new(),
+                vec![proj, half],
+                fd.clone(),
+                "z",
+            );
+            let mx = b.op(g, OpKind::ReduceMax, keep(), vec![z, axes], sd, "max");
+            let zs = b.op(g, OpKind::Sub, Attrs::new(), vec![z, mx], fd.clone(), "zs");
+            b.op(g, OpKind::Exp, Attrs::new(), vec![zs], fd, "phi")
+        };
+    let pq = phi(b, g, q, qd, last, true);
+    let pk = phi(b, g, k, kd, per_head, false);
+    (pq, pk)
+}
+
+/// The polynomial kernel's `φ(x)` (see the module docs) of `x: [B, h, S, d]`, projected to
+/// width `r` first when `r < d` (seeded by `seed`): `[B, h, S, (r+1)(r+2)/2]`.
+#[allow(clippy::too_many_arguments)]
+fn poly_map(
+    b: &mut Builder,
+    g: &mut Graph,
+    x: ValueId,
+    xd: &[Dim],
+    d: usize,
+    r: usize,
+    seed: u64,
+    scale: f64,
+) -> ValueId {
+    let with = |last: usize| {
+        let mut v = xd.to_vec();
+        v[3] = Dim::Fixed(last as u64);
+        v
+    };
+    let c = scale.sqrt();
+    let xs = if r < d {
+        let p = b.constant(g, "poly_proj", poly_projection(d, r, seed, c));
+        b.op(
+            g,
+            OpKind::MatMul,
+            Attrs::new(),
+            vec![x, p],
+            with(r),
+            "poly_x",
+        )
+    } else {
+        let cv = b.constant(g, "poly_c", Tensor::scalar(c as f32));
+        b.op(g, OpKind::Mul, Attrs::new(), vec![x, cv], with(r), "poly_x")
+    };
+    // x̃ = [1, x']: pad the last axis at its start with 1.
+    let pads = b.constant(
+        g,
+        "poly_pads",
+        Tensor::from_vec(vec![8], vec![0i64, 0, 0, 1, 0, 0, 0, 0]),
+    );
+    let one = b.constant(g, "poly_one", Tensor::scalar(1.0f32));
+    let xt = b.op(
+        g,
+        OpKind::Pad,
+        Attrs::new().with("mode", Attr::Str("constant".into())),
+        vec![xs, pads, one],
+        with(r + 1),
+        "poly_xt",
+    );
+    let (mut ia, mut ib, mut w) = (vec![], vec![], vec![]);
+    for a in 0..=r {
+        for bb in a..=r {
+            ia.push(a as i64);
+            ib.push(bb as i64);
+            w.push(if a == bb && a > 0 {
+                std::f32::consts::FRAC_1_SQRT_2
+            } else {
+                1.0
+            });
+        }
+    }
+    let m = ia.len();
+    let ia = b.constant(g, "poly_a", Tensor::from_vec(vec![m], ia));
+    let ib = b.constant(g, "poly_b", Tensor::from_vec(vec![m], ib));
+    let wv = b.constant(g, "poly_w", Tensor::from_vec(vec![m], w));
+    let axis = || Attrs::new().with("axis", Attr::Int(3));
+    let xa = b.op(g, OpKind::Gather, axis(), vec![xt, ia], with(m), "poly_xa");
+    let xb = b.op(g, OpKind::Gather, axis(), vec![xt, ib], with(m), "poly_xb");
+    let ab = b.op(
+        g,
+        OpKind::Mul,
+        Attrs::new(),
+        vec![xa, xb],
+        with(m),
+        "poly_ab",
+    );
+    b.op(
+        g,
+        OpKind::Mul,
+        Attrs::new(),
+        vec![ab, wv],
+        with(m),
+        "poly_phi",
+    )
+}
+
+/// The polynomial kernel's projection: a seeded Gaussian `[d, r]` matrix scaled by `c/√r`
+/// (so `E[(Px)·(Py)] = c²·x·y`).
+pub fn poly_projection(d: usize, r: usize, seed: u64, c: f64) -> Tensor {
+    let mut rng = SplitMix(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x706f_6c79);
+    let w: Vec<f32> = (0..d * r)
+        .map(|_| (rng.gaussian() * c / (r as f64).sqrt()) as f32)
+        .collect();
+    Tensor::from_vec(vec![d, r], w)
 }
 
 /// The pattern of a mask on every calibration set: `Some(true)` causal + key padding,
@@ -581,6 +802,11 @@ mod tests {
     const MANY_FEATURES_TOLERANCE: f64 = 0.1;
     /// Two layouts of one rewrite differ only by rounding.
     const LAYOUT_TOLERANCE: f32 = 1e-5;
+    /// The polynomial rewrite (f32) against its f64 definition, relative to the largest
+    /// magnitude.
+    const POLY_TOLERANCE: f64 = 1e-4;
+    /// The second-order Taylor kernel against softmax attention when `|t| ≲ 0.1` (rel-l2).
+    const POLY_SMALL_SCORE_TOLERANCE: f64 = 0.01;
 
     /// `attention(q, k, v)` on `[1, H, S, D]` (or `[1, S, H, D]` with `bshd`).
     fn attention_graph(h: usize, s: usize, d: usize, causal: bool, bshd: bool) -> Graph {
@@ -628,7 +854,7 @@ mod tests {
     /// `g`'s one site rewritten with the candidate values `[m, seed, chunk, mask causal?]`.
     fn rewritten_with(g: &Graph, values: Vec<f64>) -> Graph {
         let fam = LinearAttentionApprox {
-            features: Some(values[0] as usize),
+            kernels: Kernels::Favor(values[0] as usize),
         };
         let sites = fam.sites(g);
         assert_eq!(sites.len(), 1);
@@ -757,7 +983,9 @@ mod tests {
 
     #[test]
     fn odd_masks_and_decode_attention_are_not_sites() {
-        let fam = LinearAttentionApprox { features: None };
+        let fam = LinearAttentionApprox {
+            kernels: Kernels::All,
+        };
         // A mask that is not [B|1, H|1, S, S].
         let mut g = Graph::new("masked");
         let q = g.add_input("q", f32_ty(&[1, 2, 8, 4]));
@@ -814,6 +1042,174 @@ mod tests {
         assert!(approx.nodes.iter().any(|n| n.op == OpKind::LinearAttention));
     }
 
+    /// The polynomial kernel's output against its definition, computed here in f64:
+    /// weights `1 + t + t²/2`, `t = s·(Pq)·(Pk)` (`P` the identity at full width).
+    fn poly_reference(x: &[Tensor], causal: bool, proj: Option<&Tensor>) -> Vec<f64> {
+        let sh = x[0].shape().to_vec();
+        let (h, n, d) = (sh[1], sh[2], sh[3]);
+        let s = 1.0 / (d as f64).sqrt();
+        let f = |t: &Tensor| -> Vec<f64> { t.to_f64s() };
+        let (q, k, v) = (f(&x[0]), f(&x[1]), f(&x[2]));
+        // (Pq)·(Pk) = q·(P Pᵀ)k; with P scaled by √s the dot product already carries s.
+        let (ppt, s) = match proj {
+            None => (None, s),
+            Some(p) => {
+                let r = p.shape()[1];
+                let pv = p.to_f64s();
+                let mut m = vec![0f64; d * d];
+                for a in 0..d {
+                    for b in 0..d {
+                        m[a * d + b] = (0..r).map(|c| pv[a * r + c] * pv[b * r + c]).sum();
+                    }
+                }
+                (Some(m), 1.0)
+            }
+        };
+        let mut y = vec![0f64; h * n * d];
+        for hh in 0..h {
+            let row = |t: &[f64], i: usize| -> Vec<f64> {
+                t[(hh * n + i) * d..(hh * n + i + 1) * d].to_vec()
+            };
+            for i in 0..n {
+                let qi = row(&q, i);
+                let (mut num, mut den) = (vec![0f64; d], 0f64);
+                for j in 0..n {
+                    if causal && j > i {
+                        continue;
+                    }
+                    let kj = row(&k, j);
+                    let dot: f64 = match &ppt {
+                        None => qi.iter().zip(&kj).map(|(a, b)| a * b).sum(),
+                        Some(m) => (0..d)
+                            .map(|a| (0..d).map(|b| qi[a] * m[a * d + b] * kj[b]).sum::<f64>())
+                            .sum(),
+                    };
+                    let t = s * dot;
+                    let w = 1.0 + t + t * t / 2.0;
+                    den += w;
+                    for (c, vj) in row(&v, j).iter().enumerate() {
+                        num[c] += w * vj;
+                    }
+                }
+                for c in 0..d {
+                    y[(hh * n + i) * d + c] = num[c] / (den + f64::from(ROW_SUM_EPSILON));
+                }
+            }
+        }
+        y
+    }
+
+    /// The poly rewrite of `g`'s one site at width `r` (projection seed 0).
+    fn poly_rewritten(g: &Graph, d: usize, r: usize) -> Graph {
+        rewritten_with(
+            g,
+            vec![poly_features(r) as f64, 0.0, 16.0, 0.0, KIND_POLY, r as f64],
+        )
+        .tap(|a| {
+            assert!(
+                a.nodes.iter().any(|n| n.op == OpKind::LinearAttention),
+                "{d}"
+            )
+        })
+    }
+
+    trait Tap: Sized {
+        fn tap(self, f: impl FnOnce(&Self)) -> Self {
+            f(&self);
+            self
+        }
+    }
+    impl Tap for Graph {}
+
+    #[test]
+    fn the_polynomial_kernel_computes_its_taylor_weights_at_odd_lengths() {
+        // Scores up to |t| ~ 3: far from softmax, but the map must still be exactly
+        // 1 + t + t²/2 (and positive: no NaN, no sign change in the row sums).
+        let d = 8;
+        for n in [1, 7, 65] {
+            for causal in [false, true] {
+                let g = attention_graph(2, n, d, causal, false);
+                let x = inputs(40 + n as u64, &[1, 2, n, d], 4.0);
+                for r in [d, 5] {
+                    let approx = poly_rewritten(&g, d, r);
+                    let got = kiln_ir::run(&approx, x.clone()).unwrap()[0].to_f64s();
+                    let p =
+                        (r < d).then(|| poly_projection(d, r, 0, 1.0 / (d as f64).sqrt().sqrt()));
+                    let want = poly_reference(&x, causal, p.as_ref());
+                    let scale = want.iter().fold(1e-6f64, |m, x| m.max(x.abs()));
+                    for (e, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= POLY_TOLERANCE * scale,
+                            "n {n} causal {causal} r {r}: element {e}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_polynomial_kernel_approaches_softmax_on_small_scores() {
+        for causal in [false, true] {
+            let g = attention_graph(2, 33, 8, causal, false);
+            let x = inputs(9, &[1, 2, 33, 8], 0.5);
+            let want = kiln_ir::run(&g, x.clone()).unwrap();
+            let got = kiln_ir::run(&poly_rewritten(&g, 8, 8), x.clone()).unwrap();
+            let e = rel_l2(&got[0], &want[0]);
+            assert!(
+                e < POLY_SMALL_SCORE_TOLERANCE,
+                "causal={causal}: rel-l2 {e}"
+            );
+            // Larger scores, larger error: the Taylor expansion really is truncated.
+            let big = inputs(9, &[1, 2, 33, 8], 8.0);
+            let want = kiln_ir::run(&g, big.clone()).unwrap();
+            let got = kiln_ir::run(&poly_rewritten(&g, 8, 8), big).unwrap();
+            assert!(rel_l2(&got[0], &want[0]) > e, "causal={causal}");
+        }
+    }
+
+    #[test]
+    fn the_budget_takes_or_refuses_the_polynomial_kernel() {
+        // Long enough that the cost model expects the 45-feature map to win.
+        let (h, s, d) = (2, 2048, 8);
+        let g = attention_graph(h, s, d, true, false);
+        let sets: Vec<Vec<Tensor>> = (0..3).map(|i| inputs(30 + i, &[1, h, s, d], 1.0)).collect();
+        let calib = Calibration::split(sets, "test", true);
+        let req = |e: f64| Request {
+            rewrites: super::super::parse_families("linear-attention=poly").unwrap(),
+            max_error: e,
+            metric: Metric::RelL2,
+        };
+        let r = approximate(&g, &req(1e-6), &calib, &Interpreter, Target::host());
+        assert!(matches!(r, Err(ApproxError::Refused { .. })), "{r:?}");
+        let (approx, report) =
+            approximate(&g, &req(0.5), &calib, &Interpreter, Target::host()).unwrap();
+        assert_eq!(report.accepted.len(), 1, "{report}");
+        assert!(report.held_out_error.unwrap() <= 0.5, "{report}");
+        let params = &report.accepted[0].candidate.params;
+        assert!(params.starts_with("poly m=45 "), "{params}");
+        assert!(approx.nodes.iter().any(|n| n.op == OpKind::LinearAttention));
+        // A NaN in a query or a key gives NaN wherever softmax attention gives it (its row;
+        // every later row), never a finite value in its place. (The `linear_attention`
+        // reference sums the masked terms too, NaN · 0: a NaN key poisons its whole head,
+        // earlier rows included, as in the exported quadratic graphs.)
+        for input in [0, 1] {
+            let mut x = inputs(33, &[1, h, s, d], 1.0);
+            let mut vals = x[input].as_slice::<f32>().unwrap().to_vec();
+            vals[(s + 700) * d + 3] = f32::NAN;
+            x[input] = Tensor::from_vec(vec![1, h, s, d], vals);
+            let want = kiln_ir::run(&g, x.clone()).unwrap()[0].to_f64s();
+            let got = kiln_ir::run(&approx, x).unwrap()[0].to_f64s();
+            assert!(want.iter().any(|x| x.is_nan()), "input {input}");
+            for (e, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    b.is_finite() || !a.is_finite(),
+                    "input {input} element {e}: {a}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bad_feature_counts_are_errors() {
         for p in ["0", "-3", "x", "70000"] {
@@ -823,9 +1219,28 @@ mod tests {
             ));
         }
         assert_eq!(
-            LinearAttentionApprox::parse(Some("64")).unwrap().features,
-            Some(64)
+            LinearAttentionApprox::parse(Some("64")).unwrap().kernels,
+            Kernels::Favor(64)
         );
+        assert_eq!(
+            LinearAttentionApprox::parse(Some("poly")).unwrap().kernels,
+            Kernels::Poly(None)
+        );
+        assert_eq!(
+            LinearAttentionApprox::parse(Some("poly:16"))
+                .unwrap()
+                .kernels,
+            Kernels::Poly(Some(16))
+        );
+        for p in ["poly:0", "poly:", "poly:x", "poly:1000", "polynomial"] {
+            assert!(
+                matches!(
+                    LinearAttentionApprox::parse(Some(p)),
+                    Err(ApproxError::BadParam { .. })
+                ),
+                "{p}"
+            );
+        }
     }
 
     /// `attention(q, k, v, mask)` with an additive mask input `[1, 1, S, S]` (non-causal op).
@@ -892,7 +1307,10 @@ mod tests {
     fn a_causal_padding_mask_is_linearised_and_checked_on_every_run() {
         let (h, s, d) = (2, 40, 8);
         let g = masked_graph(h, s, d);
-        let sites = LinearAttentionApprox { features: None }.sites(&g);
+        let sites = LinearAttentionApprox {
+            kernels: Kernels::All,
+        }
+        .sites(&g);
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].probe, g.inputs[3], "the mask is the probe");
         let approx = rewritten_with(&g, vec![4096.0, 0.0, 16.0, 1.0]);
