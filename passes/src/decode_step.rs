@@ -454,34 +454,33 @@ fn step_of(
         }
     };
     let mut tensors = vec![];
-    let mut state =
-        |g: &mut Graph,
-         push: &mut PushNode,
-         which: &str,
-         sdims: Vec<Dim>,
-         add: ValueId|
-         -> Result<ValueId, DecodeStepError> {
-            let (iname, oname) = (
-                format!("{STATE_IN_PREFIX}{index}.{which}"),
-                format!("{STATE_OUT_PREFIX}{index}.{which}"),
-            );
-            if g.values.iter().any(|v| v.name == iname || v.name == oname) {
-                return Err(DecodeStepError::Sequence(format!(
-                    "the model already has a value named `{iname}` or `{oname}`"
-                )));
-            }
-            let s_in = g.add_input(&iname, ty(sdims.clone()));
-            let mut prev = s_in;
-            if let Some(gm) = gamma {
-                let d_v = namer.add_value(g, &format!("{base}_{which}_decayed"), ty(sdims.clone()));
-                prev = push(g, OpKind::Mul, Attrs::new(), vec![s_in, gm], d_v);
-            }
-            let s_out = g.add_value(&oname, ty(sdims.clone()));
-            push(g, OpKind::Add, Attrs::new(), vec![prev, add], s_out);
-            g.outputs.push(s_out);
-            tensors.push((iname, oname, sdims));
-            Ok(s_out)
-        };
+    let mut state = |g: &mut Graph,
+                     push: &mut PushNode,
+                     which: &str,
+                     sdims: Vec<Dim>,
+                     add: ValueId|
+     -> Result<ValueId, DecodeStepError> {
+        let (iname, oname) = (
+            format!("{STATE_IN_PREFIX}{index}.{which}"),
+            format!("{STATE_OUT_PREFIX}{index}.{which}"),
+        );
+        if g.values.iter().any(|v| v.name == iname || v.name == oname) {
+            return Err(DecodeStepError::Sequence(format!(
+                "the model already has a value named `{iname}` or `{oname}`"
+            )));
+        }
+        let s_in = g.add_input(&iname, ty(sdims.clone()));
+        let mut prev = s_in;
+        if let Some(gm) = gamma {
+            let d_v = namer.add_value(g, &format!("{base}_{which}_decayed"), ty(sdims.clone()));
+            prev = push(g, OpKind::Mul, Attrs::new(), vec![s_in, gm], d_v);
+        }
+        let s_out = g.add_value(&oname, ty(sdims.clone()));
+        push(g, OpKind::Add, Attrs::new(), vec![prev, add], s_out);
+        g.outputs.push(s_out);
+        tensors.push((iname, oname, sdims));
+        Ok(s_out)
+    };
     let s_new = state(g, &mut push, "S", sd, kv)?;
     let row = vec![b.clone(), h.clone(), Dim::Fixed(1)];
     if !a.normalize {
