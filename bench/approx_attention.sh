@@ -9,14 +9,16 @@
 # bench/approx_attention.md.
 #
 # usage: bench/approx_attention.sh [SEQS] [THREADS] [FORMS]
-#   (default "2048", "1" and "linear-attention linear-attention=poly linear-attention=hybrid")
+#   (default "2048", "1" and "linear-attention linear-attention=poly linear-attention=hybrid");
+#   env BUDGETS (default "1e-1 1e-2") and OUT (default bench/approx_attention.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEQS="${1:-2048}"
 THREADS="${2:-1}"
 FORMS="${3:-linear-attention linear-attention=poly linear-attention=hybrid}"
 M=../shared/models/bench/llama_2l_512/model.onnx
-OUT=bench/approx_attention.md
+OUT="${OUT:-bench/approx_attention.md}"
+BUDGETS="${BUDGETS:-1e-1 1e-2}"
 cargo build --release --quiet --bin kiln
 KILN=target/release/kiln
 TMP=$(mktemp -d)
@@ -48,7 +50,7 @@ for s in $SEQS; do
     echo
   } >> "$OUT"
   for form in $FORMS; do
-    for e in 1e-1 1e-2; do
+    for e in $BUDGETS; do
       echo "seq $s, $form, $e" >&2
       {
         echo "## seq $s, --approx $form --max-error $e"

@@ -349,6 +349,12 @@ impl Model {
         progress: Option<Progress>,
     ) -> Result<Executable, Error> {
         if let Device::Cuda(i) = opts.device {
+            if opts.decode_step {
+                return Err(Error::Device {
+                    device: opts.device,
+                    msg: "the decode step (Options::decode_step) compiles for the CPU only".into(),
+                });
+            }
             // The GPU backend specialises the graph to each input-shape set and optimises
             // it then; it takes the model as imported.
             return self.compile_for_gpu(opts, i);
