@@ -13,6 +13,9 @@ k = elu(xk)+1 for the linear-attention variants, q = xq, k = xk for retention):
   noncausal      (q kT) v / (rowsum + 1e-6)
   causal_padded  causal, with k and v rows multiplied by a key padding mask pad: [batch, seq]
   retention      (q kT * where(i >= j, exp((i - j) * log_gamma), 0)) v   (retnet_tiny's form)
+  causal_pos     causal, with positions: xq, xk + P[range(seq)] (a learned table P: [1024, D]
+                 gathered by the positions), and xq scaled by cos(0.05 * position) (a Cast of
+                 the same range), the shapes `kiln build --decode-step` drives by `position`
 """
 import os
 import numpy as np
@@ -69,6 +72,19 @@ def decay(g, x, log_gamma):
     return g.op("Where", [cond, e, zeros])
 
 
+POS_TABLE = np.random.default_rng(17).standard_normal((1024, D)).astype(np.float32) * 0.5
+POS_FREQ = 0.05
+
+
+def positions(g, x):
+    """(P[range(seq)] : [seq, D], cos(POS_FREQ * range(seq)) : [seq, 1])."""
+    r = g.op("Range", [g.const(np.array(0, np.int64)), seq_len(g, x), g.const(np.array(1, np.int64))])
+    table = g.op("Gather", [g.const(POS_TABLE), r], axis=0)
+    f = g.op("Cast", [r], to=TensorProto.FLOAT)
+    c = g.op("Cos", [g.op("Mul", [f, g.const(np.array(POS_FREQ, np.float32))])])
+    return table, g.op("Unsqueeze", [c, g.const(np.array([1], np.int64))])
+
+
 LOG_GAMMA = np.log(1 - 2.0 ** (-5 - np.arange(H, dtype=np.float64))).astype(np.float32).reshape(H, 1, 1)
 
 
@@ -79,6 +95,10 @@ def build(variant):
     v = "v"
     if variant == "retention":
         q, k = "xq", "xk"
+    elif variant == "causal_pos":
+        table, c = positions(g, "xq")
+        xq = g.op("Mul", [g.op("Add", ["xq", table]), c])
+        q, k = phi(g, xq), phi(g, g.op("Add", ["xk", table]))
     else:
         q, k = phi(g, "xq"), phi(g, "xk")
     if variant == "causal_padded":
@@ -87,7 +107,7 @@ def build(variant):
         k, v = g.op("Mul", [k, p]), g.op("Mul", [v, p])
     kt = g.op("Transpose", [k], perm=[0, 1, 3, 2])
     s = g.op("MatMul", [q, kt])
-    if variant in ("causal", "causal_padded"):
+    if variant in ("causal", "causal_padded", "causal_pos"):
         s = g.op("Mul", [s, causal_ones(g, "xq")])
     elif variant == "retention":
         s = g.op("Mul", [s, decay(g, "xq", LOG_GAMMA)])
@@ -111,14 +131,19 @@ def elu1(x):
 
 def reference(variant, ins):
     xq, xk, v = (a.astype(np.float64) for a in ins[:3])
+    n = xq.shape[2]
+    if variant == "causal_pos":
+        pos = np.arange(n)
+        table = POS_TABLE.astype(np.float64)[pos]
+        xq = (xq + table) * np.cos(POS_FREQ * pos.astype(np.float32)).astype(np.float64)[:, None]
+        xk = xk + table
     q, k = (xq, xk) if variant == "retention" else (elu1(xq), elu1(xk))
     if variant == "causal_padded":
         p = ins[3].astype(np.float64)[:, None, :, None]
         k, v = k * p, v * p
-    n = xq.shape[2]
     s = q @ np.swapaxes(k, -1, -2)
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    if variant in ("causal", "causal_padded"):
+    if variant in ("causal", "causal_padded", "causal_pos"):
         s = s * (j <= i)
     elif variant == "retention":
         lg = LOG_GAMMA.astype(np.float64)
@@ -131,7 +156,7 @@ def reference(variant, ins):
 
 def main():
     rng = np.random.default_rng(0)
-    for variant in ("causal", "noncausal", "causal_padded", "retention"):
+    for variant in ("causal", "noncausal", "causal_padded", "retention", "causal_pos"):
         d = os.path.join(ROOT, variant)
         os.makedirs(os.path.join(d, "test_data_set_0"), exist_ok=True)
         m = build(variant)

@@ -122,6 +122,11 @@ pub struct Options {
     pub backend: Backend,
     /// Where the model runs.
     pub device: Device,
+    /// Compile the one-token recurrent step of a causal linear-attention or retention
+    /// model ([`kiln_passes::decode_step`]): sequence length 1, a `state.<i>.S` (and
+    /// `state.<i>.z`) input per `linear_attention` op and the matching `state_out.<i>.*`
+    /// outputs after the model's own; zeros are the start. Needs `opt_level` 1.
+    pub decode_step: bool,
 }
 
 impl Default for Options {
@@ -132,6 +137,7 @@ impl Default for Options {
             passes: String::new(),
             backend: Backend::Jit,
             device: Device::Cpu,
+            decode_step: false,
         }
     }
 }
@@ -167,6 +173,9 @@ pub enum Error {
     /// The optimiser failed or a pass toggle named no pass.
     #[error("optimising the graph (opt_level 0 skips it): {0}")]
     Optimise(#[from] kiln_passes::ManagerError),
+    /// The model has no recurrent decode step (`Options::decode_step`).
+    #[error(transparent)]
+    DecodeStep(#[from] kiln_passes::decode_step::DecodeStepError),
     /// The backend could not compile the graph.
     #[error("compiling for the {backend} backend: {msg}")]
     Compile {
@@ -313,6 +322,17 @@ impl Model {
             }
             pm.run(&mut graph)?;
         }
+        if opts.decode_step {
+            if opts.opt_level == 0 {
+                return Err(kiln_passes::decode_step::DecodeStepError::Sequence(
+                    "the decode step is made from the optimised graph (opt_level 1)".into(),
+                )
+                .into());
+            }
+            let full = graph.clone();
+            let report = kiln_passes::decode_step::decode_step(&mut graph)?;
+            kiln_passes::decode_step::check_against_prefix(&full, &graph, &report)?;
+        }
         Ok(graph)
     }
 
@@ -329,6 +349,12 @@ impl Model {
         progress: Option<Progress>,
     ) -> Result<Executable, Error> {
         if let Device::Cuda(i) = opts.device {
+            if opts.decode_step {
+                return Err(Error::Device {
+                    device: opts.device,
+                    msg: "the decode step (Options::decode_step) compiles for the CPU only".into(),
+                });
+            }
             // The GPU backend specialises the graph to each input-shape set and optimises
             // it then; it takes the model as imported.
             return self.compile_for_gpu(opts, i);

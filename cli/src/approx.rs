@@ -23,8 +23,13 @@ pub struct ApproxArgs {
     /// SiLU/GELU models; without SPARSITY the budget picks per layer),
     /// `ffn-topk[=FRACTION]` (the same inputs keep the FRACTION of largest magnitudes in
     /// every row; without FRACTION the budget picks per layer),
-    /// `linear-attention[=FEATURES]` (softmax attention through FAVOR+ random features as
-    /// linear attention; without FEATURES the budget picks D, 2D or 4D). Needs --max-error.
+    /// `linear-attention[=FEATURES|poly|poly:R|hybrid|hybrid:W]` (softmax attention as
+    /// linear attention through FAVOR+ random features, FEATURES of them, or the
+    /// second-order Taylor polynomial kernel, its queries and keys projected to width R
+    /// first when given; without a parameter the budget picks among FAVOR+ with D, 2D or 4D
+    /// features and the polynomial kernel at width D, 32 and 16; `hybrid` keeps the W most
+    /// recent keys exact, W in 16, 32, 64 unless given, causal attention only). Needs
+    /// --max-error.
     #[arg(long, value_name = "FAMILY[=PARAMS],...")]
     pub approx: Option<String>,
     /// The error budget for --approx, measured by --metric on every output against the

@@ -62,6 +62,14 @@ pub struct BuildArgs {
     /// recorded in the library (`kiln_approx_report` in the C ABI).
     #[command(flatten)]
     approx: crate::approx::ApproxArgs,
+    /// A causal linear-attention or retention model's one-token recurrent step: each run
+    /// takes one token and the state of every `linear_attention` op (`state.<i>.S`, and
+    /// `state.<i>.z` when normalised; zeros at the start; `position`, the token's index,
+    /// where the model reads positions) and returns the model's outputs, then the new
+    /// states (`state_out.<i>.*`). O(1) per token. Checked against the full graph on
+    /// seeded inputs before it is built.
+    #[arg(long)]
+    decode_step: bool,
 }
 
 pub fn build(args: &BuildArgs) -> Result<()> {
@@ -73,10 +81,20 @@ pub fn build(args: &BuildArgs) -> Result<()> {
                 "--approx builds CPU libraries only so far (drop --target cuda or --approx)"
             );
         }
+        if args.decode_step {
+            anyhow::bail!("--decode-step builds CPU libraries only so far (drop --target cuda)");
+        }
         return build_cuda(args, &model, t0);
+    }
+    if args.decode_step && args.approx.approx.is_some() {
+        anyhow::bail!(
+            "--decode-step and --approx do not combine (the approximate linearisation \
+             stabilises its keys over every position)"
+        );
     }
     let kopts = kiln::Options {
         opt_level: args.opt,
+        decode_step: args.decode_step,
         ..Default::default()
     };
     let approx = crate::approx::apply(&args.approx, &model, &args.model, &kopts, &args.dims)?;
@@ -90,10 +108,21 @@ pub fn build(args: &BuildArgs) -> Result<()> {
         None => (
             model
                 .optimised_with_progress(&kopts, Some(line.callback()))
-                .context("optimising the graph (run with --opt 0 to skip)")?,
+                .map_err(|e| match e {
+                    // Its message says what the step cannot express; --opt 0 does not help.
+                    kiln::Error::DecodeStep(_) => anyhow::Error::new(e),
+                    e => anyhow::Error::new(e)
+                        .context("optimising the graph (run with --opt 0 to skip)"),
+                })?,
             kiln::approx::recorded_report(model.graph()).map(str::to_string),
         ),
     };
+    if let Some(r) = g
+        .metadata
+        .get(kiln_passes::decode_step::DECODE_STEP_METADATA)
+    {
+        print!("{r}");
+    }
     line.set("codegen (LLVM, O3) and link");
     let opts = kiln_llvm::BuildOptions {
         target_cpu: args.target_cpu.clone(),

@@ -69,6 +69,30 @@ fn library_info(path: &Path) -> anyhow::Result<()> {
             println!("  %{}: {} (rank {})", io.name, io.dtype, io.rank);
         }
     }
+    // A decode-step library (`kiln build --decode-step`) is known by its state names.
+    let states = lib
+        .inputs()
+        .iter()
+        .filter(|io| {
+            io.name
+                .starts_with(kiln_passes::decode_step::STATE_IN_PREFIX)
+        })
+        .count();
+    if states > 0 {
+        let pos = lib
+            .inputs()
+            .iter()
+            .any(|io| io.name == kiln_passes::decode_step::POSITION_INPUT);
+        println!(
+            "decode step: one token per run; {states} recurrent state input(s) `state.<i>.*`, \
+             returned updated as `state_out.<i>.*` (zeros at the start){}",
+            if pos {
+                "; `position` is the token's 0-based index"
+            } else {
+                ""
+            }
+        );
+    }
     match lib.approx_report() {
         Some(r) => println!("built with approximate rewrites:\n{r}"),
         None => println!("exact: built without approximate rewrites"),

@@ -457,6 +457,49 @@ fn build_writes_a_library_header_and_side_file() {
     assert!(text(&o).contains("unknown target CPU"), "{}", text(&o));
 }
 
+#[test]
+fn build_decode_step_writes_a_step_library_that_info_names_and_refuses_what_it_cannot_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libstep.so");
+    let o = kiln(&[
+        "build",
+        &repo("tests/models/linattn/causal_pos/model.onnx"),
+        "--decode-step",
+        "-o",
+        lib.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("%state.0.S -> %state_out.0.S") && text(&o).contains("`position: i64[]`"),
+        "{}",
+        text(&o)
+    );
+    let o = kiln(&["info", lib.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("decode step: one token per run; 2 recurrent state input(s)")
+            && text(&o).contains("`position` is the token's 0-based index"),
+        "{}",
+        text(&o)
+    );
+    // Non-causal linear attention has no step: exit 1, naming the node, without the
+    // optimiser's "--opt 0" hint.
+    let o = kiln(&[
+        "build",
+        &repo("tests/models/linattn/noncausal/model.onnx"),
+        "--decode-step",
+        "-o",
+        lib.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("node `y` (linear_attention): non-causal")
+            && !text(&o).contains("--opt 0"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// Whether this machine has the CUDA driver library (then `--device cuda` may work).
 fn has_cuda_driver() -> bool {
     ["libcuda.so", "libcuda.so.1"].iter().any(|l| {

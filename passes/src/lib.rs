@@ -23,6 +23,7 @@ pub mod approx;
 pub mod canon;
 pub mod classic;
 pub mod cost;
+pub mod decode_step;
 pub mod dense;
 pub mod egraph;
 pub mod manager;

@@ -58,9 +58,10 @@ pub fn to_py(e: kiln::Error) -> PyErr {
         kiln::Error::Load(kiln_frontend::LoadError::Onnx(
             kiln_frontend::OnnxError::UnsupportedOps { .. },
         )) => UnsupportedOpError::new_err(msg),
-        kiln::Error::Load(_) | kiln::Error::Optimise(_) | kiln::Error::Compile { .. } => {
-            ModelError::new_err(msg)
-        }
+        kiln::Error::Load(_)
+        | kiln::Error::Optimise(_)
+        | kiln::Error::DecodeStep(_)
+        | kiln::Error::Compile { .. } => ModelError::new_err(msg),
         kiln::Error::MissingInput { .. }
         | kiln::Error::UnknownInput { .. }
         | kiln::Error::DuplicateInput { .. }

@@ -15,7 +15,13 @@ use std::path::PathBuf;
 /// between the chunked f32 kernel and the interpreter's quadratic graph.
 const LINATTN_MODEL_RTOL: f64 = 1e-4;
 
-const VARIANTS: [&str; 4] = ["causal", "noncausal", "causal_padded", "retention"];
+const VARIANTS: [&str; 5] = [
+    "causal",
+    "noncausal",
+    "causal_padded",
+    "retention",
+    "causal_pos",
+];
 
 fn variant_dir(v: &str) -> PathBuf {
     repo_root().join("tests/models/linattn").join(v)

@@ -401,6 +401,8 @@ pub fn approximate(
     let mut cands: Vec<(usize, Candidate, f64)> = Vec::new();
     let mut rejected = 0;
     let mut proposed = 0;
+    // The smallest error alone per site (NaN as infinite), for a refusal's message.
+    let mut best: Vec<(String, f64, String)> = Vec::new();
     for (j, (r, site)) in found.iter().enumerate() {
         let values: Vec<Tensor> = acts.iter().map(|o| o[n_out + j].clone()).collect();
         let probe = Probe {
@@ -412,6 +414,12 @@ pub fn approximate(
             let mut trial = g.clone();
             req.rewrites[*r].apply(&mut trial, &c);
             let e = error_of(eval, &trial, &calib.calibrate, &want, &names, metric)?;
+            let ek = if e.is_nan() { f64::INFINITY } else { e };
+            match best.iter_mut().find(|b| b.0 == site.name) {
+                Some(b) if b.1 <= ek => {}
+                Some(b) => *b = (site.name.clone(), ek, c.params.clone()),
+                None => best.push((site.name.clone(), ek, c.params.clone())),
+            }
             if e <= budget {
                 cands.push((*r, c, e));
             } else {
@@ -454,10 +462,16 @@ pub fn approximate(
                 found.len()
             )
         } else {
+            let per_site: Vec<String> = best
+                .iter()
+                .map(|(site, e, params)| format!("{site} {e:.3e} ({params})"))
+                .collect();
             format!(
-                "none of {} candidates at {} sites fits the budget on the calibration sets",
+                "none of {} candidates at {} sites fits the budget on the calibration sets \
+                 (smallest error alone per site: {})",
                 rejected,
-                found.len()
+                found.len(),
+                per_site.join("; ")
             )
         };
         return Err(ApproxError::Refused {
