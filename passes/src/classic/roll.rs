@@ -838,13 +838,7 @@ fn apply(g: &mut Graph, r: &Roll) {
                 .chain((0..rank).filter(|&i| i != a as i64))
                 .collect();
             let moved: Vec<kiln_ir::Dim> = perm.iter().map(|&i| dims[i as usize].clone()).collect();
-            let mut name = format!("{}_steps_first", g.value(x).name);
-            {
-                let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
-                while taken.contains(name.as_str()) {
-                    name.push('_');
-                }
-            }
+            let name = unique_name(g, format!("{}_steps_first", g.value(x).name));
             let ty = TensorType::new(g.ty(x).dtype, Shape::new(moved));
             let xt = g.add_value(&name, ty);
             pre.push(Node {
@@ -975,15 +969,7 @@ fn apply(g: &mut Graph, r: &Roll) {
         let first = per_copy[0];
         let ty = g.ty(first).clone();
         let base = g.value(first).name.clone();
-        let unique = |g: &Graph, want: String| {
-            let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
-            let mut n = want;
-            while taken.contains(n.as_str()) {
-                n.push('_');
-            }
-            n
-        };
-        let axes_name = unique(g, format!("{base}_stack_axis"));
+        let axes_name = unique_name(g, format!("{base}_stack_axis"));
         let axes = g.add_value(&axes_name, TensorType::new(DType::I64, Shape::fixed(&[1])));
         pre.push(Node {
             op: OpKind::Constant,
@@ -1013,7 +999,7 @@ fn apply(g: &mut Graph, r: &Roll) {
         };
         let mut parts = vec![];
         for (k, &v) in per_copy.iter().enumerate() {
-            let name = unique(g, format!("{base}_step{k}"));
+            let name = unique_name(g, format!("{base}_step{k}"));
             let u = g.add_value(&name, stacked_ty.0.clone());
             pre.push(Node {
                 op: OpKind::Unsqueeze,
@@ -1024,7 +1010,7 @@ fn apply(g: &mut Graph, r: &Roll) {
             });
             parts.push(Some(u));
         }
-        let all_name = unique(g, format!("{base}_steps"));
+        let all_name = unique_name(g, format!("{base}_steps"));
         let all = g.add_value(&all_name, stacked_ty.1.clone());
         pre.push(Node {
             op: OpKind::Concat,
@@ -1092,13 +1078,10 @@ fn apply(g: &mut Graph, r: &Roll) {
 
     // The loop node: a constant trip count, no condition, initial values, captures.
     let last = r.blocks[r.copies - 1].clone();
-    let mut trip_name = format!("{}_trips", g.value(g.nodes[last[0]].outputs[0]).name);
-    {
-        let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
-        while taken.contains(trip_name.as_str()) {
-            trip_name.push('_');
-        }
-    }
+    let trip_name = unique_name(
+        g,
+        format!("{}_trips", g.value(g.nodes[last[0]].outputs[0]).name),
+    );
     let trip_ty = scalar(DType::I64);
     let trips = g.add_value(&trip_name, trip_ty);
     let trip_node = Node {
@@ -1131,22 +1114,14 @@ fn apply(g: &mut Graph, r: &Roll) {
             .expect("a scanned value has a known rank")
             .to_vec();
         let base = g.value(v0).name.clone();
-        let unique = |g: &Graph, want: String| {
-            let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
-            let mut n = want;
-            while taken.contains(n.as_str()) {
-                n.push('_');
-            }
-            n
-        };
         let n = kiln_ir::Dim::Fixed(r.copies as u64);
         let stacked_dims: Vec<kiln_ir::Dim> = std::iter::once(n.clone())
             .chain(dims.iter().cloned())
             .collect();
-        let name = unique(g, format!("{base}_scanned"));
+        let name = unique_name(g, format!("{base}_scanned"));
         let stacked = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(stacked_dims)));
         outputs.push(stacked);
-        let name = unique(g, format!("{base}_scan_axis"));
+        let name = unique_name(g, format!("{base}_scan_axis"));
         let axes = g.add_value(&name, TensorType::new(DType::I64, Shape::fixed(&[1])));
         post.push(Node {
             op: OpKind::Constant,
@@ -1168,7 +1143,7 @@ fn apply(g: &mut Graph, r: &Roll) {
                 .filter(|(i, _)| *i != sc.axis)
                 .map(|(_, d)| d.clone()),
         );
-        let name = unique(g, format!("{base}_scan_squeezed"));
+        let name = unique_name(g, format!("{base}_scan_squeezed"));
         let squeezed = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(squeezed_dims)));
         post.push(Node {
             op: OpKind::Squeeze,
@@ -1186,7 +1161,7 @@ fn apply(g: &mut Graph, r: &Roll) {
                 .collect();
             let mut moved = dims.clone();
             moved[sc.axis] = n;
-            let name = unique(g, format!("{base}_scan"));
+            let name = unique_name(g, format!("{base}_scan"));
             result = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(moved)));
             post.push(Node {
                 op: OpKind::Transpose,
@@ -1233,6 +1208,16 @@ fn apply(g: &mut Graph, r: &Roll) {
             }
         }
     }
+}
+
+/// `want`, or `want` with underscores appended until no value of `g` has the name.
+fn unique_name(g: &Graph, want: String) -> String {
+    let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
+    let mut n = want;
+    while taken.contains(n.as_str()) {
+        n.push('_');
+    }
+    n
 }
 
 /// Per node of `r`'s block: whether it computes integer or boolean values only from the
