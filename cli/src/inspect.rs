@@ -157,6 +157,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     for line in linear_attention_forms(&cm, &g) {
         println!("{line}");
     }
+    for line in recurrence_forms(&cm, &g) {
+        println!("{line}");
+    }
     let approx_text = approx_section(args, &model, &g)?;
     if !approx_text.is_empty() {
         println!("\n{approx_text}");
@@ -276,6 +279,47 @@ fn linear_attention_forms(cm: &CostModel, g: &Graph) -> Vec<String> {
                 f.form,
                 f.flops / 1e9,
                 f.bytes / 1e6,
+                f.time * 1e6
+            ));
+        }
+    }
+    lines
+}
+
+/// For each `linear_scan` node: the form `select_recurrence_form` chose (its chunk) and the
+/// estimated time of each form at the cost model's dims and threads.
+fn recurrence_forms(cm: &CostModel, g: &Graph) -> Vec<String> {
+    use kiln_passes::classic::recurrence_form::scan_form_costs;
+    let mut lines = vec![];
+    for n in g
+        .nodes
+        .iter()
+        .filter(|n| n.op == kiln_ir::OpKind::LinearScan)
+    {
+        let Some(a) = n.inputs[0].and_then(|v| cm.sizes(g.ty(v))) else {
+            continue;
+        };
+        let Some((&steps, state)) = a.split_first() else {
+            continue;
+        };
+        let (steps, state) = (steps as usize, state.iter().product::<f64>() as usize);
+        let chunk = kiln_ir::ops::linear_scan::chunk_of(&n.attrs).unwrap_or(0);
+        if lines.is_empty() {
+            lines.push(format!(
+                "\nlinear recurrences (select_recurrence_form): chosen form, estimated time at the dims above, {} threads",
+                cm.target.cores
+            ));
+        }
+        lines.push(format!(
+            "  %{} [{steps} steps, state of {state} elements]: chunk attribute {chunk}",
+            g.value(n.outputs[0]).name
+        ));
+        for f in scan_form_costs(&cm.target, steps, state) {
+            let mark = if f.chunk == Some(chunk) { "*" } else { " " };
+            lines.push(format!(
+                "    {mark} {:<34} {:>2} threads {:>12.1} µs",
+                f.form,
+                f.threads,
                 f.time * 1e6
             ));
         }

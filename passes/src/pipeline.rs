@@ -67,6 +67,10 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // the step's constants) become one `loop`, so the e-graph and every pass after it
         // see one step, not S (weight-tied layers roll last, with optimised bodies).
         Box::new(RollBlocks::recurrences()),
+        // A loop whose carried values are linear recurrences (h = a ⊙ h + b: Mamba's scan)
+        // becomes one `linear_scan` (sequential or chunked, by cost) with the rest of its
+        // body run once over every step; other loops stay.
+        Box::new(crate::classic::SelectRecurrenceForm::new(target.clone())),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::new(target)),
         // A conv's activation and residual add join it as one `fused_conv` (after the
@@ -113,7 +117,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 23);
+        assert_eq!(report.passes.len(), 24);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

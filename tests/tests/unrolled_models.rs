@@ -3,7 +3,10 @@
 //! hidden 32, sequence 40, 2 layers, symbolic batch; reference outputs from ONNX Runtime at
 //! batch 2): the default pipeline on the JIT matches the stored outputs, and matches the
 //! interpreter running the graph as imported at batch 1 and 3 on other token ids; the
-//! recurrences run rolled into loops (`roll_blocks`).
+//! recurrences run rolled into loops (`roll_blocks`), and Mamba's loops, whose only carried
+//! value is the linear state `h = a ⊙ h + b`, run as one `linear_scan` per layer with the
+//! rest of the step lifted over the sequence (`select_recurrence_form`). RWKV's state
+//! carries a running maximum, not a linear recurrence: its loops stay.
 
 use kiln::{Backend, Executable, Model, Options, Tensor};
 use kiln_tests::{as_named, assert_outputs_match, check_graph_on_test_data, repo_root, test_data};
@@ -63,16 +66,19 @@ fn the_imported_graph_matches_the_stored_outputs_on_the_interpreter() {
 fn the_default_pipeline_on_the_jit_matches_the_stored_outputs() {
     for name in MODELS {
         let jit = compile(&load(name), 1, Backend::Jit);
-        // The recurrence runs rolled: one loop per layer, the steps its iterations.
-        let loops = jit
-            .graph()
-            .nodes
-            .iter()
-            .filter(|n| n.op == kiln_ir::OpKind::Loop)
-            .count();
+        // The recurrence runs rolled: one loop per layer, the steps its iterations; or,
+        // for Mamba, one scan per layer.
+        let count = |op| jit.graph().nodes.iter().filter(|n| n.op == op).count();
+        let (loops, scans) = (
+            count(kiln_ir::OpKind::Loop),
+            count(kiln_ir::OpKind::LinearScan),
+        );
+        let want = if name == "mamba" { (0, 2) } else { (2, 0) };
         assert_eq!(
-            loops, 2,
-            "{name}: roll_blocks should roll each layer's recurrence"
+            (loops, scans),
+            want,
+            "{name}: (loops, linear scans): roll_blocks rolls each layer's recurrence, \
+             select_recurrence_form turns linear ones into scans"
         );
         let (inputs, want) = test_data(jit.graph(), &dir(name));
         let got = jit

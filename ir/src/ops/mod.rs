@@ -16,6 +16,7 @@ pub mod index;
 pub mod layout;
 pub mod linalg;
 pub mod linear_attention;
+pub mod linear_scan;
 pub mod loss;
 mod movement;
 pub mod nn;
@@ -43,6 +44,7 @@ pub enum Family {
     Control,
     Fused,
     LinearAttention,
+    LinearScan,
     Loss,
     Quant,
     Recurrent,
@@ -384,6 +386,8 @@ op_table! {
     // ---- linear_attention.rs: linear attention and retention (kiln-only, recognised)
     LinearAttention = "linear_attention", "", LinearAttention, 3..=4, attrs, rule, Native, Contraction;
     AttentionKeyKeep = "attention_key_keep", "", LinearAttention, 1..=1, attrs, rule, Interp, Elem(1.0);
+    // ---- linear_scan.rs: first-order linear recurrences (kiln-only, recognised in loops)
+    LinearScan = "linear_scan", "", LinearScan, 3..=3, attrs, rule, Native, Elem(2.0);
 }
 
 impl OpKind {
@@ -458,6 +462,7 @@ pub fn infer(op: OpKind, attrs: &Attrs, inputs: &[Option<&Fact>]) -> Result<Vec<
         Family::Control => control::infer(op, attrs, inputs),
         Family::Fused => fused::infer(op, attrs, inputs),
         Family::LinearAttention => linear_attention::infer(op, attrs, inputs),
+        Family::LinearScan => linear_scan::infer(op, attrs, inputs),
         Family::Loss => loss::infer(op, attrs, inputs),
         Family::Quant => quant::infer(op, attrs, inputs),
         Family::Recurrent => recurrent::infer(op, attrs, inputs),
@@ -481,6 +486,7 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
         Family::Control => control::eval(op, attrs, inputs),
         Family::Fused => fused::eval(op, attrs, inputs),
         Family::LinearAttention => linear_attention::eval(op, attrs, inputs),
+        Family::LinearScan => linear_scan::eval(op, attrs, inputs),
         Family::Loss => loss::eval(op, attrs, inputs),
         Family::Quant => quant::eval(op, attrs, inputs),
         Family::Recurrent => recurrent::eval(op, attrs, inputs),

@@ -791,6 +791,7 @@ fn takes_regions(k: &Kernel, g: &kiln_ir::Graph) -> bool {
                 | kiln_ir::OpKind::Expand
                 | kiln_ir::OpKind::Where
                 | kiln_ir::OpKind::LinearAttention
+                | kiln_ir::OpKind::LinearScan
                 | kiln_ir::OpKind::MaxPool
                 | kiln_ir::OpKind::AveragePool
                 | kiln_ir::OpKind::GlobalMaxPool

@@ -1,7 +1,8 @@
 //! Native fast paths for ops the partitioner leaves as fallbacks: data movement (f32
 //! `transpose`, `gather`, `concat`, `expand`, and the copy-only `reshape`/`squeeze`/`unsqueeze`/
 //! `flatten`/`identity`/`shape`), the fused row ops `inv_std`/`inv_rms`/`rotary` in f32 and
-//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`), and the op
+//! `linear_attention` (its chunked kernel in `native/linear_attention.rs`), `linear_scan`
+//! (`native/linear_scan.rs`), and the op
 //! families with a file of their own under `native/`: reductions and cumulative sums
 //! (`reduce.rs`), softmax-likes on any axis and channel norms (`norm.rs`), slice and pad
 //! (`layout.rs`), scatter_nd (`index.rs`), casts (`cast.rs`), per-tensor quantize/dequantize
@@ -58,6 +59,8 @@ pub fn run_fast_on(
         OpKind::Transpose => return transpose(node, ins, pool, out),
         OpKind::Split => return split(node, ins, out),
         OpKind::Lstm | OpKind::Gru | OpKind::Rnn => return super::recurrent::run(node, ins, pool),
+        // First-order linear recurrences, sequential or chunked (`native/linear_scan.rs`).
+        OpKind::LinearScan => return crate::native::linear_scan::run(&node.attrs, ins, pool, out),
         OpKind::Gather => gather(node, ins, out)?,
         OpKind::Concat => concat(node, ins, out)?,
         OpKind::Expand => expand(ins, out)?,

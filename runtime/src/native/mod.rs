@@ -17,6 +17,7 @@ pub mod gemm_i8;
 pub mod index;
 pub mod layout;
 pub mod linear_attention;
+pub mod linear_scan;
 pub mod norm;
 pub mod pool;
 pub mod quant;
