@@ -495,24 +495,29 @@ impl Lifter<'_> {
         } else {
             v
         };
-        let shape = self.one(
-            OpKind::Shape,
-            Attrs::new(),
-            vec![Some(h0)],
-            "scan_state_shape",
-        )?;
+        self.expand_over_steps(v, h0, "scan_operand")
+    }
+
+    /// `v` broadcast to `[S, *shape(like)]`.
+    fn expand_over_steps(
+        &mut self,
+        v: ValueId,
+        like: ValueId,
+        name: &str,
+    ) -> Result<ValueId, Keep> {
+        let shape = self.one(OpKind::Shape, Attrs::new(), vec![Some(like)], "shape")?;
         let steps = self.ints(&[self.s as i64], "scan_steps");
         let full = self.one(
             OpKind::Concat,
             Attrs::new().with("axis", Attr::Int(0)),
             vec![Some(steps), Some(shape)],
-            "scan_shape",
+            "shape",
         )?;
         self.one(
             OpKind::Expand,
             Attrs::new(),
             vec![Some(v), Some(full)],
-            "scan_operand",
+            name,
         )
     }
 
@@ -528,20 +533,7 @@ impl Lifter<'_> {
                     vec![Some(x), Some(zero)],
                     &name,
                 )?;
-                let shape = self.one(OpKind::Shape, Attrs::new(), vec![Some(x)], "shape")?;
-                let steps = self.ints(&[self.s as i64], "scan_steps");
-                let full = self.one(
-                    OpKind::Concat,
-                    Attrs::new().with("axis", Attr::Int(0)),
-                    vec![Some(steps), Some(shape)],
-                    "shape",
-                )?;
-                self.one(
-                    OpKind::Expand,
-                    Attrs::new(),
-                    vec![Some(x1), Some(full)],
-                    &name,
-                )
+                self.expand_over_steps(x1, x, &name)
             }
             other => Ok(self.materialise(other, &name).0),
         }
@@ -1020,7 +1012,7 @@ mod tests {
     /// constant `c: [D]`. Per step: `x_t = x[t + 1]` (an index chain on the iteration
     /// number), `a = sigmoid(x_t)`, `b = x_t · exp(c)` (`exp(c)` the same every step),
     /// then `h_out = b + a · h` when `linear` (else `max(h, x_t)`). Scanned: the row sums
-    /// of `h_in · h_out` (it reads the state the step starts from) and `h_outᵀ`.
+    /// of `h_in · h_out` (it reads the state the step starts from), `h_outᵀ` and `-c`.
     fn looped(linear: bool) -> Graph {
         let mut body = Graph::new("step");
         let iter = body.add_input("iter", scalar(DType::I64));
@@ -1070,7 +1062,9 @@ mod tests {
             "y2",
             f32_ty(&[D, B]),
         );
-        body.outputs = vec![cond, h_out, y1, y2];
+        // The same at every step: broadcast over the steps.
+        let y3 = node(&mut body, OpKind::Neg, &[c], "y3", f32_ty(&[D]));
+        body.outputs = vec![cond, h_out, y1, y2, y3];
 
         let mut g = Graph::new("looped");
         let h0 = g.add_input("h0", f32_ty(&[B, D]));
@@ -1088,6 +1082,7 @@ mod tests {
                 ("h".into(), f32_ty(&[B, D])),
                 ("y1s".into(), f32_ty(&[S, B, 1])),
                 ("y2s".into(), f32_ty(&[S, D, B])),
+                ("y3s".into(), f32_ty(&[S, D])),
             ],
             "scan_loop",
         );
