@@ -42,11 +42,12 @@ pub fn facts(g: &Graph) -> Result<Vec<Fact>, InferError> {
             .iter()
             .map(|i| i.and_then(|i| facts[i.index()].as_ref()))
             .collect();
-        let inputs_desc = describe(&ins);
+        // The description is built only for an error (this runs for every node of every
+        // verification).
         let err = |msg: String| InferError {
             node: node_label(g, node),
             op: node.op.name().to_string(),
-            inputs: inputs_desc.clone(),
+            inputs: describe(&ins),
             msg,
         };
         let mut out = ops::infer(node.op, &node.attrs, &ins).map_err(err)?;

@@ -650,6 +650,13 @@ impl Tensor {
         T::unwrap(&self.data).map(|v| v.as_slice())
     }
 
+    /// The elements as a mutable slice if the dtype is `T`: mapped or shared elements are
+    /// copied into an owned `Vec` first (see [`Buf::as_mut_slice`]), so writing never
+    /// changes another tensor.
+    pub fn as_mut_slice<T: Elem>(&mut self) -> Option<&mut [T]> {
+        T::unwrap_mut(&mut self.data).map(|v| v.as_mut_slice())
+    }
+
     /// The same tensor with its elements shared by every clone ([`TensorData::into_shared`]:
     /// no copy): what a constant node holds, so evaluating it or folding it never copies a
     /// weight.

@@ -397,12 +397,16 @@ impl CpuPlan {
                 }
             }
             // A reshape-like op on a tensor this kernel reads last takes the buffer over:
-            // no copy at all. (Static kernels are left to the normal path, which records
-            // their values in the memo.)
+            // no copy at all; a `scatter_nd` into such a tensor writes its updates there.
+            // (Static kernels are left to the normal path, which records their values in
+            // the memo.)
             if let (Kernel::Fallback(n), None) = (k, slot) {
                 let node = &g.nodes[*n];
+                let scatter = node.op == kiln_ir::OpKind::ScatterND
+                    && node.inputs.len() == 3
+                    && node.inputs[1..].iter().all(|i| *i != node.inputs[0]);
                 if let (true, Some(&Some(x)), [o]) = (
-                    super::routines::is_view(node.op),
+                    super::routines::is_view(node.op) || scatter,
                     node.inputs.first(),
                     node.outputs.as_slice(),
                 ) {
@@ -421,7 +425,13 @@ impl CpuPlan {
                                 .iter()
                                 .map(|i| i.and_then(|i| env[i.index()].as_deref()))
                                 .collect();
-                            super::routines::movement_shape(node, &ins)
+                            if scatter {
+                                crate::native::index::scatter_runs_natively(node, &ins)
+                                    .then(|| ins[0].map(|t| t.shape().to_vec()))
+                                    .flatten()
+                            } else {
+                                super::routines::movement_shape(node, &ins)
+                            }
                         })
                         .flatten();
                     let ty = g.ty(*o);
@@ -436,12 +446,32 @@ impl CpuPlan {
                             let Some(Cow::Owned(t)) = env[x.index()].take() else {
                                 unreachable!("checked to be owned above")
                             };
-                            let t = t.reshaped(shape).map_err(|msg| EvalError::Node {
-                                node: self.label(ki),
-                                op: node.op.name().to_string(),
-                                inputs: String::new(),
-                                msg,
-                            })?;
+                            let t = if scatter {
+                                let arg = |i: usize| {
+                                    node.inputs[i].and_then(|v| env[v.index()].as_deref())
+                                };
+                                // Checked by `scatter_runs_natively` above: it cannot
+                                // decline now.
+                                let done = match (arg(1), arg(2)) {
+                                    (Some(ind), Some(upd)) => {
+                                        crate::native::index::run_in_place(node, t, ind, upd).ok()
+                                    }
+                                    _ => None,
+                                };
+                                done.ok_or_else(|| EvalError::Node {
+                                    node: self.label(ki),
+                                    op: node.op.name().to_string(),
+                                    inputs: String::new(),
+                                    msg: "scatter_nd declined after its check".into(),
+                                })?
+                            } else {
+                                t.reshaped(shape).map_err(|msg| EvalError::Node {
+                                    node: self.label(ki),
+                                    op: node.op.name().to_string(),
+                                    inputs: String::new(),
+                                    msg,
+                                })?
+                            };
                             if let (Some(r), Some(t0)) = (report.as_deref_mut(), started) {
                                 r.kernels.push(KernelTime {
                                     label: self.label(ki),

@@ -90,6 +90,43 @@ pub fn top_k(node: &Node, ins: &[Option<&Tensor>]) -> Option<Vec<Tensor>> {
 
 /// The output of a `scatter_nd` node, or `None` where the interpreter runs it.
 pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
+    let (x, upd) = ((*ins.first()?)?, (*ins.get(2)?)?);
+    let plan = scatter_plan(node, ins)?;
+    let mut out = Tensor::new(x.shape().to_vec(), x.data().deep_copy()).ok()?;
+    plan.apply(&mut out, upd).then_some(out)
+}
+
+/// `scatter_nd` written into its data operand `x` itself (the executor's path when `x` is
+/// at its last use and owned: a recurrence writing one row per step into a carried buffer
+/// then costs the row, not the buffer). `Err(x)` gives `x` back unchanged where
+/// [`run`] would return `None`.
+pub fn run_in_place(node: &Node, x: Tensor, ind: &Tensor, upd: &Tensor) -> Result<Tensor, Tensor> {
+    let Some(plan) = scatter_plan(node, &[Some(&x), Some(ind), Some(upd)]) else {
+        return Err(x);
+    };
+    let mut x = x;
+    if plan.apply(&mut x, upd) {
+        Ok(x)
+    } else {
+        Err(x)
+    }
+}
+
+/// Whether [`run`] (and [`run_in_place`]) compute this `scatter_nd` rather than decline.
+pub fn scatter_runs_natively(node: &Node, ins: &[Option<&Tensor>]) -> bool {
+    scatter_plan(node, ins).is_some()
+}
+
+/// A checked `scatter_nd`: where each index tuple's block goes, its length, the reduction.
+struct ScatterPlan {
+    offs: Vec<usize>,
+    inner: usize,
+    reduction: String,
+}
+
+/// Checks a `scatter_nd` (shapes, dtypes, indices in range, a reduction run natively)
+/// before anything is written.
+fn scatter_plan(node: &Node, ins: &[Option<&Tensor>]) -> Option<ScatterPlan> {
     if node.op != OpKind::ScatterND {
         return None;
     }
@@ -129,34 +166,61 @@ pub fn run(node: &Node, ins: &[Option<&Tensor>]) -> Option<Tensor> {
             })
         })
         .collect::<Option<_>>()?;
-    let combine = node.attrs.string_or("reduction", "none".into()).ok()?;
-    fn go<T: Elem + Copy>(
-        x: &Tensor,
-        upd: &Tensor,
-        offs: &[usize],
-        inner: usize,
-        f: Option<fn(T, T) -> T>,
-    ) -> Option<Tensor> {
-        let mut out = x.as_slice::<T>()?.to_vec();
-        let u = upd.as_slice::<T>()?;
-        for (t, &o) in offs.iter().enumerate() {
-            let src = &u[t * inner..(t + 1) * inner];
-            let dst = &mut out[o..o + inner];
-            match f {
-                None => dst.copy_from_slice(src),
-                Some(f) => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(*d, s)),
+    let reduction = node.attrs.string_or("reduction", "none".into()).ok()?;
+    let native = match reduction.as_str() {
+        "none" => matches!(
+            x.dtype(),
+            kiln_ir::DType::F32 | kiln_ir::DType::I64 | kiln_ir::DType::I32 | kiln_ir::DType::Bool
+        ),
+        "add" | "mul" => x.dtype() == kiln_ir::DType::F32,
+        _ => false,
+    };
+    native.then_some(ScatterPlan {
+        offs,
+        inner,
+        reduction,
+    })
+}
+
+impl ScatterPlan {
+    /// Writes the updates into `out` (of the data's shape and dtype); false for a dtype the
+    /// plan does not run (nothing is written then).
+    fn apply(&self, out: &mut Tensor, upd: &Tensor) -> bool {
+        fn go<T: Elem + Copy>(
+            out: &mut Tensor,
+            upd: &Tensor,
+            offs: &[usize],
+            inner: usize,
+            f: Option<fn(T, T) -> T>,
+        ) -> bool {
+            let Some(u) = upd.as_slice::<T>() else {
+                return false;
+            };
+            let Some(dst) = out.as_mut_slice::<T>() else {
+                return false;
+            };
+            for (t, &o) in offs.iter().enumerate() {
+                let src = &u[t * inner..(t + 1) * inner];
+                let d = &mut dst[o..o + inner];
+                match f {
+                    None => d.copy_from_slice(src),
+                    Some(f) => d.iter_mut().zip(src).for_each(|(d, &s)| *d = f(*d, s)),
+                }
             }
+            true
         }
-        Some(Tensor::from_vec(x.shape().to_vec(), out))
-    }
-    match combine.as_str() {
-        "none" => go::<f32>(x, upd, &offs, inner, None)
-            .or_else(|| go::<i64>(x, upd, &offs, inner, None))
-            .or_else(|| go::<i32>(x, upd, &offs, inner, None))
-            .or_else(|| go::<bool>(x, upd, &offs, inner, None)),
-        "add" => go::<f32>(x, upd, &offs, inner, Some(|a, b| a + b)),
-        "mul" => go::<f32>(x, upd, &offs, inner, Some(|a, b| a * b)),
-        _ => None,
+        let (o, i) = (&self.offs, self.inner);
+        match self.reduction.as_str() {
+            "none" => {
+                go::<f32>(out, upd, o, i, None)
+                    || go::<i64>(out, upd, o, i, None)
+                    || go::<i32>(out, upd, o, i, None)
+                    || go::<bool>(out, upd, o, i, None)
+            }
+            "add" => go::<f32>(out, upd, o, i, Some(|a, b| a + b)),
+            "mul" => go::<f32>(out, upd, o, i, Some(|a, b| a * b)),
+            _ => false,
+        }
     }
 }
 
