@@ -390,12 +390,50 @@ fn dump_text(g: &Graph) -> String {
     kiln_ir::text::print(g)
 }
 
+/// A multiply-rotate hasher (the fingerprint runs after every pass over every node; it
+/// needs speed, not resistance to chosen inputs).
+struct FastHasher(u64);
+
+impl FastHasher {
+    fn add(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.add(u64::from_le_bytes(tail) ^ (bytes.len() as u64) << 56);
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.add(x);
+    }
+
+    fn write_u32(&mut self, x: u32) {
+        self.add(u64::from(x));
+    }
+
+    fn write_usize(&mut self, x: usize) {
+        self.add(x as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// A structural fingerprint of a graph: names, types, nodes (op, operands, results,
 /// attributes) and metadata. Tensors and subgraphs held in attributes count by address: a
 /// pass never writes into a shared constant, it makes a new one.
 fn fingerprint(g: &Graph) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = FastHasher(0);
     (&g.name, &g.inputs, &g.outputs, &g.metadata).hash(&mut h);
     g.values.len().hash(&mut h);
     for v in &g.values {
@@ -468,6 +506,42 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(5i64));
         g.outputs = vec![a];
         g
+    }
+
+    #[test]
+    fn the_fingerprint_sees_every_kind_of_edit_a_pass_makes() {
+        let g = graph();
+        assert_eq!(fingerprint(&g), fingerprint(&g.clone()));
+        let edits: Vec<(&str, Box<dyn Fn(&mut Graph)>)> = vec![
+            (
+                "an attribute",
+                Box::new(|g| g.nodes[0].attrs.set("axis", kiln_ir::Attr::Int(1))),
+            ),
+            (
+                "a constant",
+                Box::new(|g| {
+                    g.nodes[0].attrs.set(
+                        "value",
+                        kiln_ir::Attr::Tensor(std::sync::Arc::new(Tensor::scalar(1i64))),
+                    )
+                }),
+            ),
+            ("an operand", Box::new(|g| g.nodes[1].inputs.push(None))),
+            (
+                "a type",
+                Box::new(|g| {
+                    g.values[0].ty = kiln_ir::TensorType::unknown_shape(kiln_ir::DType::I64)
+                }),
+            ),
+            ("an output", Box::new(|g| g.outputs.push(ValueId(1)))),
+            ("a node's name", Box::new(|g| g.nodes[2].name = "x".into())),
+            ("the node order", Box::new(|g| g.nodes.swap(0, 1))),
+        ];
+        for (what, edit) in edits {
+            let mut h = g.clone();
+            edit(&mut h);
+            assert_ne!(fingerprint(&g), fingerprint(&h), "{what}");
+        }
     }
 
     fn classic() -> PassManager {
