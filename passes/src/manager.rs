@@ -1,5 +1,6 @@
 //! The pass manager: runs a pipeline of passes over a graph, verifying the graph after
-//! every pass (a failure names the pass that broke it), timing each pass, turning passes
+//! every pass that changed it (a structural fingerprint tells; a failure names the pass
+//! that broke it), timing each pass, turning passes
 //! on and off from a spec (`"-fold_constants,-cse"`), stopping after pass N to bisect a
 //! bad optimisation, and dumping the graph before and after each pass into a directory
 //! (`03.fold_constants.before.kir`). It returns a [`PipelineReport`] a CLI prints as a
@@ -512,7 +513,8 @@ mod tests {
     fn the_fingerprint_sees_every_kind_of_edit_a_pass_makes() {
         let g = graph();
         assert_eq!(fingerprint(&g), fingerprint(&g.clone()));
-        let edits: Vec<(&str, Box<dyn Fn(&mut Graph)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Graph)>;
+        let edits: Vec<(&str, Edit)> = vec![
             (
                 "an attribute",
                 Box::new(|g| g.nodes[0].attrs.set("axis", kiln_ir::Attr::Int(1))),
