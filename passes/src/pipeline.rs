@@ -71,6 +71,10 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // becomes one `linear_scan` (sequential or chunked, by cost) with the rest of its
         // body run once over every step; other loops stay.
         Box::new(crate::classic::SelectRecurrenceForm::new(target.clone())),
+        // The steps-first transposes rolling put in front of per-step reads move onto the
+        // smaller operands of the elementwise chains they read, which then write that
+        // layout themselves (not earlier: the pattern fusions see the exported layout).
+        Box::new(crate::classic::MoveTransposesUp),
         // Equality saturation: norm folding, LN→RMSNorm, epilogue fusion; cheapest by cost model.
         Box::new(crate::egraph::SaturateEgraph::new(target)),
         // A conv's activation and residual add join it as one `fused_conv` (after the
@@ -117,7 +121,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 24);
+        assert_eq!(report.passes.len(), 25);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

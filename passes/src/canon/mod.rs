@@ -49,20 +49,20 @@ pub const CANON_TOLERANCE: f64 = 1e-4;
 /// (`0.044715`, `sqrt(2)`): exporters store them as f32.
 const CONST_RTOL: f64 = 1e-6;
 
-/// Read-only view of a graph for matching: producers, users and inference facts.
+/// Read-only view of a graph for matching: producers, users and inference facts (inferred
+/// on the first question: most passes find no candidate in most graphs).
 pub(crate) struct Matcher<'g> {
     pub g: &'g Graph,
     prod: Vec<Option<usize>>,
     users: Vec<Vec<usize>>,
     outputs: HashSet<ValueId>,
-    facts: Vec<Fact>,
+    facts: std::cell::OnceCell<Vec<Fact>>,
 }
 
 impl<'g> Matcher<'g> {
-    /// Indexes `g`; fails if its ids are broken or shape inference rejects it.
+    /// Indexes `g`; fails if its ids are broken.
     pub fn new(g: &'g Graph, pass: &'static str) -> Result<Matcher<'g>, PassError> {
         rewrite::check_ids(g).map_err(|m| PassError::graph(pass, m))?;
-        let facts = kiln_ir::infer::facts(g).map_err(|e| PassError::graph(pass, e))?;
         let mut users = vec![vec![]; g.values.len()];
         for (i, n) in g.nodes.iter().enumerate() {
             for v in n.inputs.iter().flatten() {
@@ -74,7 +74,7 @@ impl<'g> Matcher<'g> {
             prod: rewrite::producers(g),
             users,
             outputs: g.outputs.iter().copied().collect(),
-            facts,
+            facts: std::cell::OnceCell::new(),
         })
     }
 
@@ -119,7 +119,18 @@ impl<'g> Matcher<'g> {
 
     /// What inference knows about `v`.
     pub fn fact(&self, v: ValueId) -> &Fact {
-        &self.facts[v.index()]
+        // The pass manager verified the graph, so inference succeeds; were it to fail, the
+        // declared types are what is known.
+        let facts = self.facts.get_or_init(|| {
+            kiln_ir::infer::facts(self.g).unwrap_or_else(|_| {
+                self.g
+                    .values
+                    .iter()
+                    .map(|v| Fact::of(v.ty.clone()))
+                    .collect()
+            })
+        });
+        &facts[v.index()]
     }
 
     /// The dims of `v`, if its rank is known.

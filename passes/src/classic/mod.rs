@@ -14,6 +14,7 @@ pub mod recurrence_form;
 pub mod roll;
 pub mod shape_reads;
 pub mod simplify;
+pub mod transpose_up;
 
 pub use attention_layout::AbsorbHeadTransposes;
 pub use centre::CentreMeanInvariant;
@@ -24,3 +25,4 @@ pub use recurrence_form::SelectRecurrenceForm;
 pub use roll::RollBlocks;
 pub use shape_reads::{HoistShapeReads, HoistShapeReadsLocal};
 pub use simplify::SimplifyOps;
+pub use transpose_up::MoveTransposesUp;

@@ -241,6 +241,7 @@ fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
         || body.inputs.len() != 2 + m + k
         || body.outputs.first() != body.inputs.get(1)
         || node.outputs.len() + 1 != body.outputs.len()
+        || body.outputs.len() < 1 + m
         || m == 0
     {
         return Err(Keep::NotCounted);
