@@ -108,24 +108,17 @@ pub fn eval(op: OpKind, attrs: &Attrs, inputs: &[Option<&Tensor>]) -> Result<Vec
             h0.shape()
         ));
     }
-    // Rounds through the dtype (a one-element tensor), as the interpreter's `mul` and `add`
-    // do for every dtype: f32 arithmetic is f64 arithmetic rounded once.
-    let round =
-        |x: f64| -> Result<f64, String> { Ok(from_f64s(dt, vec![], vec![x])?.to_f64s()[0]) };
+    // Rounds through the dtype, as the interpreter's `mul` and `add` do for every dtype:
+    // f32 arithmetic is f64 arithmetic rounded once.
+    let round: fn(f64) -> f64 = crate::dispatch!(h0.data(), _v, T => |x| crate::Elem::to_f64(<T as crate::Elem>::from_f64(x)));
     let (av, bv) = (a.to_f64s(), b.to_f64s());
     let mut h = h0.to_f64s();
     let n = h.len();
     let s = a.shape()[0];
     let mut all = Vec::with_capacity(s * n);
-    let exact_f32 = dt == crate::DType::F32;
     for t in 0..s {
         for (i, hi) in h.iter_mut().enumerate() {
-            let (at, bt) = (av[t * n + i], bv[t * n + i]);
-            *hi = if exact_f32 {
-                f64::from((at as f32) * (*hi as f32) + bt as f32)
-            } else {
-                round(round(at * *hi)? + bt)?
-            };
+            *hi = round(round(av[t * n + i] * *hi) + bv[t * n + i]);
         }
         all.extend_from_slice(&h);
     }

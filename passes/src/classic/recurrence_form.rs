@@ -247,12 +247,7 @@ fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
         return Err(Keep::NotCounted);
     }
     let s = trips as usize;
-    let mut producer = vec![None; body.values.len()];
-    for (ni, n) in body.nodes.iter().enumerate() {
-        for &o in &n.outputs {
-            producer[o.index()] = Some(ni);
-        }
-    }
+    let producer = rewrite::producers(&body);
     // Each carried value: h_out = add(mul(a, h_in), b), in any operand order.
     let mut recs = vec![];
     for j in 0..m {
@@ -874,13 +869,9 @@ impl Lifter<'_> {
                     )
                 }
                 Some(Lifted::Inv(v)) => {
-                    let c = self
-                        .konst
-                        .get(v)
-                        .filter(|c| c.len() <= FOLD_LIMIT)?
-                        .as_ref()
-                        .clone();
-                    Some(vec![c; self.s])
+                    // The same tensor at every step: one copy (indexed below).
+                    let c = self.konst.get(v).filter(|c| c.len() <= FOLD_LIMIT)?;
+                    Some(vec![c.as_ref().clone()])
                 }
                 Some(Lifted::Step(_)) => return None,
             });
@@ -888,8 +879,10 @@ impl Lifter<'_> {
         let mut outs: Vec<Vec<i64>> = vec![vec![]; n.outputs.len()];
         let mut shapes: Vec<Vec<usize>> = vec![vec![]; n.outputs.len()];
         for t in 0..self.s {
-            let args: Vec<Option<&Tensor>> =
-                per_step.iter().map(|p| p.as_ref().map(|v| &v[t])).collect();
+            let args: Vec<Option<&Tensor>> = per_step
+                .iter()
+                .map(|p| p.as_ref().map(|v| &v[t.min(v.len() - 1)]))
+                .collect();
             let r = kiln_ir::ops::eval(n.op, &n.attrs, &args).ok()?;
             for (k, x) in r.iter().enumerate().take(n.outputs.len()) {
                 if x.dtype() != DType::I64 || (t > 0 && shapes[k] != x.shape()) {

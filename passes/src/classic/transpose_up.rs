@@ -158,33 +158,39 @@ impl Pass for MoveTransposesUp {
 
     fn run(&self, g: &mut Graph) -> Result<PassStats, PassError> {
         let mut stats = PassStats::default();
+        // The indexes are built once and again only after a rewrite (which moves nodes).
+        let mut index = None;
+        let mut namer = Namer::new(g);
         let mut ti = 0;
         while ti < g.nodes.len() {
             let n = &g.nodes[ti];
-            let (Some(Some(x)), [y]) = (n.inputs.first(), n.outputs.as_slice()) else {
+            let (Some(Some(x)), [y], OpKind::Transpose) =
+                (n.inputs.first(), n.outputs.as_slice(), n.op)
+            else {
                 ti += 1;
                 continue;
             };
             let (x, y) = (*x, *y);
-            let perm = n.attrs.ints("perm").ok().flatten();
             let rank = g.ty(x).shape.rank();
             // A permutation of the operand's axes (the verifier checked; this pass must not
             // index out of range on anything else).
-            let perm = perm.filter(|p| {
+            let perm = n.attrs.ints("perm").ok().flatten().filter(|p| {
                 let mut seen = vec![false; p.len()];
                 p.iter().all(|&a| {
                     usize::try_from(a)
                         .is_ok_and(|a| a < seen.len() && !std::mem::replace(&mut seen[a], true))
                 })
             });
-            let (Some(perm), Some(rank), OpKind::Transpose) = (perm, rank, n.op) else {
+            let (Some(perm), Some(rank)) = (perm, rank) else {
                 ti += 1;
                 continue;
             };
+            let (producer, uses) =
+                index.get_or_insert_with(|| (rewrite::producers(g), rewrite::use_counts(g)));
             let mut m = Mover {
-                producer: rewrite::producers(g),
-                uses: rewrite::use_counts(g),
-                namer: Namer::new(g),
+                producer: std::mem::take(producer),
+                uses: std::mem::take(uses),
+                namer: std::mem::take(&mut namer),
                 nodes: vec![],
                 g,
             };
@@ -195,6 +201,8 @@ impl Pass for MoveTransposesUp {
                     .is_some_and(|(c, o)| c < o);
             let moved = if worth { m.transposed(x, &perm) } else { None };
             let nodes = std::mem::take(&mut m.nodes);
+            namer = std::mem::take(&mut m.namer);
+            let (producer, uses) = (m.producer, m.uses);
             match moved {
                 Some(root) => {
                     let added = nodes.len();
@@ -205,9 +213,13 @@ impl Pass for MoveTransposesUp {
                     stats.changed += 1;
                     stats.added += added;
                     stats.bump("transposes_moved", 1);
+                    index = None;
                     ti += added + 1;
                 }
-                None => ti += 1,
+                None => {
+                    index = Some((producer, uses));
+                    ti += 1;
+                }
             }
         }
         if stats.changed > 0 {

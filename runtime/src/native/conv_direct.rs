@@ -787,11 +787,10 @@ unsafe fn tile512<const M: usize, const V: usize>(
             *a = b;
         }
     }
-    let taps = offs.len();
     let mut wp = w;
     for ic in 0..cg {
         let xc = x.add(ic * ic_stride);
-        for &off in offs.iter().take(taps) {
+        for &off in offs {
             let xt = xc.add(off);
             let mut xv = [_mm512_setzero_ps(); V];
             for (v, r) in xv.iter_mut().enumerate() {
