@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Writes bench/quant.md: the quantised models beside ONNX Runtime. For each of
-# tests/models/{bert_dynq,convnet_qdq} (the CI fixtures) and their full-size versions
-# (bert_dynq_base: hidden 384, FFN 1536, 4 layers, seq 128; convnet_qdq_224: the same conv
-# net on a 224×224 image; made by `scripts/make_quant_models.py --bench`, not committed):
+# tests/models/{bert_dynq,convnet_qdq,mobile_qop} (the CI fixtures) and their full-size
+# versions (bert_dynq_base: hidden 384, FFN 1536, 4 layers, seq 128; convnet_qdq_224 and
+# mobile_qop_224: the same conv nets on a 224×224 image; made by
+# `scripts/make_quant_models.py --bench`, not committed):
 # the share of kernel time in interpreter fallbacks and the kinds of kernel that take the
 # time (`kiln bench --profile`, 1 thread), then kiln's and ONNX Runtime's latency at 1 and
 # 2 threads in the same run (`kiln bench --compare-ort`).
@@ -25,7 +26,8 @@ fi
 PY=${PYTHON:-.venv/bin/python}
 BIG=${KILN_QUANT_MODELS:-/tmp/kiln-quant-bench}
 RUNS=${RUNS:-300}
-if [ ! -f "$BIG/bert_dynq_base/model.onnx" ] || [ ! -f "$BIG/convnet_qdq_224/model.onnx" ]; then
+if [ ! -f "$BIG/bert_dynq_base/model.onnx" ] || [ ! -f "$BIG/convnet_qdq_224/model.onnx" ] ||
+  [ ! -f "$BIG/mobile_qop_224/model.onnx" ]; then
   "$PY" scripts/make_quant_models.py --bench "$BIG" >&2
 fi
 OUT=bench/quant.md
@@ -45,6 +47,9 @@ FLAGS=$(grep -o -w -E 'avx512_vnni|avx512vnni|avx_vnni|avx2' /proc/cpuinfo | sor
   echo "  batch 1 × seq 128."
   echo "- \`convnet_qdq\`: \`quantize_static\` in QDQ form (per-channel int8 weights, u8"
   echo "  activations), 2×3×16×16; \`convnet_qdq_224\` the same net on 1×3×224×224."
+  echo "- \`mobile_qop\`: \`quantize_static\` in QOperator form (every Conv+ReLU a"
+  echo "  \`QLinearConv\`: strided stem, dense 3×3, depthwise 3×3, pointwise 1×1, strided 3×3),"
+  echo "  2×3×24×24; \`mobile_qop_224\` the same net on 1×3×224×224."
   echo
   echo "Binaries: after \`$KILN\`${KILN_BEFORE:+, before \`$KILN_BEFORE\`}${BEFORE_NOTE:+ ($BEFORE_NOTE)}."
   echo
@@ -57,8 +62,10 @@ FLAGS=$(grep -o -w -E 'avx512_vnni|avx512vnni|avx_vnni|avx2' /proc/cpuinfo | sor
 models() {
   echo tests/models/bert_dynq/model.onnx
   echo tests/models/convnet_qdq/model.onnx
+  echo tests/models/mobile_qop/model.onnx
   echo "$BIG/bert_dynq_base/model.onnx"
   echo "$BIG/convnet_qdq_224/model.onnx"
+  echo "$BIG/mobile_qop_224/model.onnx"
 }
 
 runs_for() {

@@ -7,13 +7,17 @@
 - tests/models/convnet_qdq: a small conv net (conv 3->8 3x3, relu, conv 8->16 3x3 stride 2,
   relu, depthwise-free; global average pool, gemm 16->10) quantised in QDQ format with
   `quantize_static` (u8 activations, per-channel int8 weights; a tiny random calibration set).
+- tests/models/mobile_qop: a MobileNet-like stack (strided stem, dense 3x3, depthwise 3x3,
+  pointwise 1x1, strided 3x3, each with ReLU; global average pool, gemm 64->10) quantised in
+  QOperator format (`QLinearConv`, ReLU fused by the quantiser), batch 2 × 3 × 24 × 24.
 
 Fixed seeds, random weights. Run with the repo's venv (onnx, onnxruntime, numpy):
     .venv/bin/python scripts/make_quant_models.py
 
 With `--bench DIR` it writes full-size versions for `bench/quant.sh` instead (not committed):
 DIR/bert_dynq_base (hidden 384, 6 heads, FFN 1536, 4 layers, batch 1 × seq 128) and
-DIR/convnet_qdq_224 (the same conv net on a 224×224 image), each with one test-data set.
+DIR/convnet_qdq_224 (the same conv net on a 224×224 image) and DIR/mobile_qop_224 (the
+QOperator stack on a 224×224 image), each with one test-data set.
 """
 import argparse
 import os
@@ -140,6 +144,53 @@ def conv_net(rng, size=16):
     return model
 
 
+def mobile_net(rng, size=24):
+    """A MobileNet-like stack for the QOperator (QLinearConv) models: a strided stem, a
+    dense 3x3 conv, a depthwise 3x3 conv, a pointwise 1x1 conv and a strided 3x3 conv, each
+    followed by ReLU, then global average pool and a classifier."""
+    inits = []
+    nodes = []
+    x = "x"
+
+    def conv(name, x, cin, cout, k, stride=1, group=1):
+        inits.append(init(rng, f"{name}.w", (cout, cin // group, k, k),
+                          (2.0 / (cin // group * k * k)) ** 0.5))
+        inits.append(init(rng, f"{name}.b", (cout,), 0.1))
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name,
+                                      pads=[k // 2] * 4, strides=[stride, stride], group=group))
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.r"], name=f"{name}.relu"))
+        return f"{name}.r"
+
+    x = conv("stem", x, 3, 16, 3, stride=2)
+    x = conv("c2", x, 16, 32, 3)
+    x = conv("dw", x, 32, 32, 3, group=32)
+    x = conv("pw", x, 32, 64, 1)
+    x = conv("c3", x, 64, 64, 3, stride=2)
+    inits += [init(rng, "fc.w", (64, 10), 0.2), init(rng, "fc.b", (10,), 0.1)]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mobile_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="kiln-make_quant_models")
+    onnx.checker.check_model(model)
+    return model
+
+
+def quantize_qoperator(f32, q, rng, size):
+    """QOperator form: Conv+ReLU become QLinearConv (u8 activations, per-channel int8
+    weights); the rest stays f32 between a DequantizeLinear and the classifier."""
+    quantize_static(f32, q, RandomReader(rng, size=size), quant_format=QuantFormat.QOperator,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, op_types_to_quantize=["Conv", "Relu"])
+
+
 class RandomReader(CalibrationDataReader):
     """A few seeded random images."""
 
@@ -197,6 +248,14 @@ def bench_models(root):
         x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
         write("convnet_qdq_224", q, {"x": x}, root, 64 << 20)
 
+        rng = np.random.default_rng(97)
+        f32 = os.path.join(tmp, "mobile.onnx")
+        onnx.save(mobile_net(rng, 224), f32)
+        q = os.path.join(tmp, "mobile_qop_224.onnx")
+        quantize_qoperator(f32, q, rng, 224)
+        x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+        write("mobile_qop_224", q, {"x": x}, root, 64 << 20)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -223,6 +282,14 @@ def main():
                         per_channel=True)
         x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
         write("convnet_qdq", q, {"x": x})
+
+        rng = np.random.default_rng(2468)
+        f32 = os.path.join(tmp, "mobile.onnx")
+        onnx.save(mobile_net(rng), f32)
+        q = os.path.join(tmp, "mobile_qop.onnx")
+        quantize_qoperator(f32, q, rng, 24)
+        x = rng.standard_normal((2, 3, 24, 24)).astype(np.float32)
+        write("mobile_qop", q, {"x": x})
 
 
 if __name__ == "__main__":

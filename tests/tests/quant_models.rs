@@ -1,6 +1,6 @@
 //! The quantised fixtures in `tests/models` (made by `scripts/make_quant_models.py`: a BERT
-//! quantised with onnxruntime's `quantize_dynamic`, a conv net in QDQ format) run through
-//! `kiln::Model` on the interpreter (as imported and optimised) and the JIT, and match ONNX
+//! quantised with onnxruntime's `quantize_dynamic`, a conv net in QDQ format, a MobileNet-like
+//! stack in QOperator format) run through `kiln::Model` on the interpreter (as imported and optimised) and the JIT, and match ONNX
 //! Runtime's outputs within `QUANT_MODEL_TOLERANCE`; the text form round-trips them.
 
 use kiln::{Backend, Model, Options};
@@ -49,4 +49,9 @@ fn bert_dynamically_quantised_matches_onnx_runtime() {
 #[test]
 fn convnet_qdq_matches_onnx_runtime() {
     check_model("convnet_qdq");
+}
+
+#[test]
+fn mobile_net_in_qoperator_form_matches_onnx_runtime() {
+    check_model("mobile_qop");
 }

@@ -429,7 +429,7 @@ impl Prepared {
             Prepared::QLinearMatMul { packed } => {
                 return qlinear_matmul(ins, packed.as_ref(), pool).map(|r| r.map(|t| vec![t]));
             }
-            Prepared::ConvI8(p) => return p.run(ins, pool).map(|r| r.map(|t| vec![t])),
+            Prepared::ConvI8(p) => return p.run(ins, pool, out).map(|r| r.map(|t| vec![t])),
             // Its sequence lengths are i32.
             Prepared::Recurrent(p) => return p.run(ins, pool).map(Ok),
             _ => {}

@@ -22,7 +22,18 @@ use crate::pool::Pool;
 /// Columns per packed panel of B.
 pub const PANEL: usize = 16;
 /// Rows per register tile (A's run-time copy is padded to a multiple of it).
-const MR: usize = 8;
+pub const MR: usize = 8;
+
+/// Which operand of a register tile holds the signed bytes: the GEMM's own layout (A u8,
+/// B i8), or the integer convolutions' (A the i8 weights, B the u8 activations), which
+/// lets their symmetric weights (zero point 0) skip the column sums of B.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signs {
+    /// A's bytes are u8, B's i8.
+    UnsignedA,
+    /// A's bytes are i8, B's u8.
+    SignedA,
+}
 
 /// Which kernel runs the integer GEMM.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -395,32 +406,97 @@ impl SharedF32 {
 /// The raw u8×i8 products of an `MR`-row A tile (`kp` bytes per row) with panel `p` (and
 /// `p + 1` when `two`) into `acc` (`MR × 2·PANEL`, row-major).
 fn tile(isa: IsaI8, a: &[u8], kp: usize, b: &PackedB8, p: usize, two: bool, acc: &mut [i32]) {
-    let b0 = b.panel(p);
-    let b1 = if two { b.panel(p + 1) } else { b0 };
+    let b1 = two.then(|| b.panel(p + 1));
+    tile_panels(
+        isa,
+        (a, Signs::UnsignedA),
+        kp,
+        b.panel(p),
+        b1,
+        acc,
+        PANEL * 2,
+    );
+}
+
+/// The raw u8×i8 products of an `MR`-row A tile (`kp = 4·kq` bytes per row; which side
+/// is signed is `signs`) with one or two panels in [`PackedB8`]'s layout (`kq` groups of `PANEL × 4` i8 each) into `acc`
+/// (`MR` rows of `2·PANEL` i32, `ldc` apart; without `b1` the second half of each row may
+/// be overwritten with values to ignore). For callers that pack B themselves, block by
+/// block (the integer convolutions); `isa` must come from [`IsaI8::resolve`].
+pub fn tile_panels(
+    isa: IsaI8,
+    (a, signs): (&[u8], Signs),
+    kp: usize,
+    b0: &[i8],
+    b1: Option<&[i8]>,
+    acc: &mut [i32],
+    ldc: usize,
+) {
+    assert!(
+        kp.is_multiple_of(4)
+            && a.len() >= MR * kp
+            && b0.len() >= kp * PANEL
+            && b1.is_none_or(|b| b.len() >= kp * PANEL)
+            && ldc >= PANEL * 2
+            && acc.len() >= (MR - 1) * ldc + PANEL * 2,
+        "integer GEMM tile: operand sizes"
+    );
+    let two = b1.is_some();
+    let b1 = b1.unwrap_or(b0);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `resolve` returned this kernel only where the CPU has its features; the
-        // slices hold `MR·kp` and `kq·PANEL·4` bytes.
-        IsaI8::Avx512Vnni => unsafe { x86::vnni_tile(a, kp, b0, b1, acc) },
+        // slices hold `MR·kp` and `kq·PANEL·4` bytes, and `acc` its rows (asserted above).
+        IsaI8::Avx512Vnni => unsafe {
+            match signs {
+                Signs::UnsignedA => x86::vnni_tile::<false>(a, kp, b0, b1, acc, ldc),
+                Signs::SignedA => x86::vnni_tile::<true>(a, kp, b0, b1, acc, ldc),
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, AVX2.
         IsaI8::Avx2 => unsafe {
-            x86::avx2_tile_at(a, kp, b0, acc, 0);
+            let mut at = |b, off| match signs {
+                Signs::UnsignedA => x86::avx2_tile_at::<false>(a, kp, b, acc, (off, ldc)),
+                Signs::SignedA => x86::avx2_tile_at::<true>(a, kp, b, acc, (off, ldc)),
+            };
+            at(b0, 0);
             if two {
-                x86::avx2_tile_at(a, kp, b1, acc, PANEL);
+                at(b1, PANEL);
             }
         },
         _ => {
-            portable_tile(a, kp, b0, acc, 0);
+            portable_tile((a, signs), kp, b0, acc, (0, ldc));
             if two {
-                portable_tile(a, kp, b1, acc, PANEL);
+                portable_tile((a, signs), kp, b1, acc, (PANEL, ldc));
             }
         }
     }
 }
 
-/// Scalar reference of one tile: `acc[r][off + c] = Σ a[r][k]·panel[k][c]`.
-fn portable_tile(a: &[u8], kp: usize, panel: &[i8], acc: &mut [i32], off: usize) {
+/// Scalar reference of one tile: `acc[r·ldc + off + c] = Σ a[r][k]·panel[k][c]`.
+fn portable_tile(
+    (a, signs): (&[u8], Signs),
+    kp: usize,
+    panel: &[i8],
+    acc: &mut [i32],
+    (off, ldc): (usize, usize),
+) {
+    let signed_a = signs == Signs::SignedA;
+    let sa = |x: u8| {
+        if signed_a {
+            i32::from(x as i8)
+        } else {
+            i32::from(x)
+        }
+    };
+    let sb = |x: i8| {
+        if signed_a {
+            i32::from(x as u8)
+        } else {
+            i32::from(x)
+        }
+    };
     for r in 0..MR {
         let row = &a[r * kp..][..kp];
         let mut s = [0i32; PANEL];
@@ -429,11 +505,11 @@ fn portable_tile(a: &[u8], kp: usize, panel: &[i8], acc: &mut [i32], off: usize)
             for (c, sc) in s.iter_mut().enumerate() {
                 let bv = &group[c * 4..][..4];
                 for d in 0..4 {
-                    *sc = sc.wrapping_add(av[d] as i32 * bv[d] as i32);
+                    *sc = sc.wrapping_add(sa(av[d]) * sb(bv[d]));
                 }
             }
         }
-        acc[r * PANEL * 2 + off..][..PANEL].copy_from_slice(&s);
+        acc[r * ldc + off..][..PANEL].copy_from_slice(&s);
     }
 }
 
@@ -442,9 +518,17 @@ mod x86 {
     use super::{MR, PANEL};
     use std::arch::x86_64::*;
 
-    /// `vpdpbusd`: 8 rows × 2 panels, one zmm of B per panel and k group.
+    /// `vpdpbusd`: 8 rows × 2 panels, one zmm of B per panel and k group (its u8 operand
+    /// A's broadcast bytes, or with `A_SIGNED` the panel's).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn vnni_tile(a: &[u8], kp: usize, b0: &[i8], b1: &[i8], acc: &mut [i32]) {
+    pub(super) unsafe fn vnni_tile<const A_SIGNED: bool>(
+        a: &[u8],
+        kp: usize,
+        b0: &[i8],
+        b1: &[i8],
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
         let kq = kp / 4;
         debug_assert!(a.len() >= MR * kp && b0.len() >= kq * 64 && b1.len() >= kq * 64);
         let mut c = [[_mm512_setzero_si512(); 2]; MR];
@@ -455,23 +539,35 @@ mod x86 {
             let v1 = _mm512_loadu_si512(p1.add(q * 64).cast());
             for (r, cr) in c.iter_mut().enumerate() {
                 let av = _mm512_set1_epi32(pa.add(r * kp + q * 4).cast::<i32>().read_unaligned());
-                cr[0] = _mm512_dpbusd_epi32(cr[0], av, v0);
-                cr[1] = _mm512_dpbusd_epi32(cr[1], av, v1);
+                if A_SIGNED {
+                    cr[0] = _mm512_dpbusd_epi32(cr[0], v0, av);
+                    cr[1] = _mm512_dpbusd_epi32(cr[1], v1, av);
+                } else {
+                    cr[0] = _mm512_dpbusd_epi32(cr[0], av, v0);
+                    cr[1] = _mm512_dpbusd_epi32(cr[1], av, v1);
+                }
             }
         }
         for (r, cr) in c.iter().enumerate() {
-            let o = acc.as_mut_ptr().add(r * PANEL * 2);
+            let o = acc.as_mut_ptr().add(r * ldc);
             _mm512_storeu_si512(o.cast(), cr[0]);
             _mm512_storeu_si512(o.add(PANEL).cast(), cr[1]);
         }
     }
 
     /// One panel with `vpmaddwd` into `acc[r][off..off + PANEL]`: per k group, the panel's
-    /// 64 bytes become four i16 vectors (4 columns × 4 k each); A's four bytes, zero-extended
-    /// and repeated, multiply them pairwise into i32 partial sums (two per column), which
-    /// are added pairwise at the end.
+    /// 64 bytes become four i16 vectors (4 columns × 4 k each); A's four bytes, widened and
+    /// repeated, multiply them pairwise into i32 partial sums (two per column), which are
+    /// added pairwise at the end. The u8 side is zero-extended, the i8 side sign-extended
+    /// (A's with `A_SIGNED`, else B's); no pair sum reaches `2·255·128`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn avx2_tile_at(a: &[u8], kp: usize, b: &[i8], acc: &mut [i32], off: usize) {
+    pub(super) unsafe fn avx2_tile_at<const A_SIGNED: bool>(
+        a: &[u8],
+        kp: usize,
+        b: &[i8],
+        acc: &mut [i32],
+        (off, ldc): (usize, usize),
+    ) {
         let kq = kp / 4;
         debug_assert!(a.len() >= MR * kp && b.len() >= kq * 64);
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -480,15 +576,27 @@ mod x86 {
             let mut c = [[_mm256_setzero_si256(); 4]; 2];
             for q in 0..kq {
                 let g = pb.add(q * 64);
+                let widen = |x: __m128i| {
+                    if A_SIGNED {
+                        _mm256_cvtepu8_epi16(x)
+                    } else {
+                        _mm256_cvtepi8_epi16(x)
+                    }
+                };
                 let bw = [
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(g.cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(g.add(16).cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(g.add(32).cast())),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(g.add(48).cast())),
+                    widen(_mm_loadu_si128(g.cast())),
+                    widen(_mm_loadu_si128(g.add(16).cast())),
+                    widen(_mm_loadu_si128(g.add(32).cast())),
+                    widen(_mm_loadu_si128(g.add(48).cast())),
                 ];
                 for (h, ch) in c.iter_mut().enumerate() {
                     let a4 = pa.add((r + h) * kp + q * 4).cast::<i32>().read_unaligned();
-                    let aw = _mm256_cvtepu8_epi16(_mm_set1_epi32(a4));
+                    let a4 = _mm_set1_epi32(a4);
+                    let aw = if A_SIGNED {
+                        _mm256_cvtepi8_epi16(a4)
+                    } else {
+                        _mm256_cvtepu8_epi16(a4)
+                    };
                     for (cv, bv) in ch.iter_mut().zip(&bw) {
                         *cv = _mm256_add_epi32(*cv, _mm256_madd_epi16(aw, *bv));
                     }
@@ -504,7 +612,7 @@ mod x86 {
                     _mm256_permutevar8x32_epi32(s01, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
                 let hi =
                     _mm256_permutevar8x32_epi32(s23, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-                let o = acc.as_mut_ptr().add((r + h) * PANEL * 2 + off);
+                let o = acc.as_mut_ptr().add((r + h) * ldc + off);
                 _mm256_storeu_si256(o.cast(), lo);
                 _mm256_storeu_si256(o.add(8).cast(), hi);
             }
