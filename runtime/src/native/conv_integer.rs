@@ -25,6 +25,9 @@ use kiln_ir::{Attrs, DType, OpKind, Tensor};
 /// Bytes of one block's B panels (`kp` × block pixels) the GEMM path aims at: they stay in
 /// L2 while every row tile of the weight passes over them.
 const BLOCK_BYTES: usize = 128 << 10;
+/// At most this many pixels per block of the GEMM path: a row tile's i32 sums over the
+/// block (`MR ×` this × 4 bytes) stay in L1 until they are requantised.
+const MAX_BLOCK: usize = 512;
 /// Output pixels per block of a depthwise conv (its rows are short: one per tap).
 const DEPTHWISE_BLOCK: usize = 512;
 /// Bytes after the padded input that a block's last panel may read (and drop).
@@ -548,8 +551,10 @@ mod x86 {
     /// `dst[j] = clamp(round_half_even(f64(v[j] − fix.cols·cs[j] − fix.row) · mu) + z, lo,
     /// hi)` as a byte (the i32 arithmetic wrapping), 16 values at a time (`v.len()` a
     /// multiple of 16, `mu` and `z` finite): the arithmetic of the scalar loop, lane by
-    /// lane, so the bytes are the same. The bytes are packed in registers and stored 64 at
-    /// a time (a narrowing store to memory is slow on some CPUs).
+    /// lane, so the bytes are the same. The lower clamp is the saturation of the packs to
+    /// bytes (a value below −2³¹ converts to i32::MIN, which saturates the same way). The
+    /// bytes are packed in registers and stored 64 at a time (a narrowing store to memory
+    /// is slow on some CPUs).
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
     pub(super) unsafe fn requantise16(
@@ -560,19 +565,23 @@ mod x86 {
         assert!(v.len().is_multiple_of(16) && dst.len() == v.len() && cs.len() == v.len());
         let (vcols, vrow) = (_mm512_set1_epi32(fix.cols), _mm512_set1_epi32(fix.row));
         let (vmu, vz) = (_mm512_set1_pd(mu), _mm512_set1_pd(z));
-        let (vlo, vhi) = (_mm512_set1_pd(lo), _mm512_set1_pd(hi));
+        let vhi = _mm512_set1_pd(hi);
+        let (ilo, ihi) = (_mm512_set1_epi32(lo as i32), _mm512_set1_epi32(hi as i32));
         let half = |x: __m256i| {
             let y = _mm512_mul_pd(_mm512_cvtepi32_pd(x), vmu);
             let y = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
-            let y = _mm512_min_pd(_mm512_max_pd(_mm512_add_pd(y, vz), vlo), vhi);
-            _mm512_cvtpd_epi32(y)
+            _mm512_cvtpd_epi32(_mm512_min_pd(_mm512_add_pd(y, vz), vhi))
         };
+        let with_cols = fix.cols != 0;
         // 16 values (from `j`) as 16 i32 in a register.
         let lanes16 = |j: usize| {
             // SAFETY: 16 i32s read from `v` and `cs` at j (j + 16 ≤ len, from the loops).
-            let raw = _mm512_loadu_si512(v.as_ptr().add(j).cast());
-            let c = _mm512_loadu_si512(cs.as_ptr().add(j).cast());
-            let v = _mm512_sub_epi32(_mm512_sub_epi32(raw, _mm512_mullo_epi32(vcols, c)), vrow);
+            let mut raw = _mm512_loadu_si512(v.as_ptr().add(j).cast());
+            if with_cols {
+                let c = _mm512_loadu_si512(cs.as_ptr().add(j).cast());
+                raw = _mm512_sub_epi32(raw, _mm512_mullo_epi32(vcols, c));
+            }
+            let v = _mm512_sub_epi32(raw, vrow);
             let lo8 = half(_mm512_castsi512_si256(v));
             let hi8 = half(_mm512_extracti64x4_epi64::<1>(v));
             _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo8), hi8)
@@ -598,11 +607,9 @@ mod x86 {
             );
         }
         for (i, d) in dst[whole..].chunks_exact_mut(16).enumerate() {
+            let y = _mm512_min_epi32(_mm512_max_epi32(lanes16(whole + i * 16), ilo), ihi);
             // SAFETY: 16 bytes written to `d`.
-            _mm_storeu_si128(
-                d.as_mut_ptr().cast(),
-                _mm512_cvtepi32_epi8(lanes16(whole + i * 16)),
-            );
+            _mm_storeu_si128(d.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(y));
         }
     }
 }
@@ -1088,7 +1095,7 @@ impl PreparedConvI8 {
         let target = if depthwise {
             DEPTHWISE_BLOCK
         } else {
-            (BLOCK_BYTES / kp / (2 * PANEL)).max(1) * 2 * PANEL
+            (BLOCK_BYTES / kp / (2 * PANEL)).clamp(1, MAX_BLOCK / (2 * PANEL)) * 2 * PANEL
         };
         let domain = taps.pq;
         let want_blocks = (4 * pool.threads()).div_ceil(n * group);
