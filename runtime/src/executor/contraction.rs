@@ -602,26 +602,28 @@ fn qlinear_matmul(
     } else {
         (0.0, 255.0)
     };
-    let q = |i: usize, c: i32| ((f64::from(c) * mult[i % n]).round_ties_even() + z).clamp(lo, hi);
+    // Row by row against the column multipliers (a loop the compiler vectorises; the
+    // magic-number rounding equals `round_ties_even` wherever the clamp does not decide,
+    // and NaN still becomes 0 as the reference's cast makes it).
+    let mut bytes = vec![0u8; acc_v.len()];
+    for (row_out, row) in bytes
+        .chunks_exact_mut(n.max(1))
+        .zip(acc_v.chunks_exact(n.max(1)))
+    {
+        for ((d, &c), &mu) in row_out.iter_mut().zip(row).zip(&mult) {
+            let y = (crate::native::conv_integer::round_even(f64::from(c) * mu) + z).clamp(lo, hi);
+            // An i8 result keeps its two's-complement byte.
+            *d = y as i32 as u8;
+        }
+    }
     let shape = acc.shape().to_vec();
     Some(Ok(if ydt == DType::I8 {
         Tensor::from_vec(
             shape,
-            acc_v
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| q(i, c) as i8)
-                .collect(),
+            bytes.into_iter().map(|b| b as i8).collect::<Vec<i8>>(),
         )
     } else {
-        Tensor::from_vec(
-            shape,
-            acc_v
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| q(i, c) as u8)
-                .collect(),
-        )
+        Tensor::from_vec(shape, bytes)
     }))
 }
 

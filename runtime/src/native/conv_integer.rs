@@ -149,7 +149,7 @@ fn scale(t: &Tensor, per_channel: Option<usize>) -> Option<Vec<f64>> {
 /// `f64::round_ties_even`, without a libm call on baseline x86-64); larger values stay
 /// beyond any 8-bit range, so after the clamp the result is the same.
 #[inline(always)]
-fn round_even(v: f64) -> f64 {
+pub(crate) fn round_even(v: f64) -> f64 {
     const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2⁵²
     (v + MAGIC) - MAGIC
 }
