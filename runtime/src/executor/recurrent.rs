@@ -96,7 +96,8 @@ const NC: usize = 16;
 /// One direction's recurrent weights (a block of `R`'s rows) in the form the step uses.
 #[derive(Debug)]
 enum Recur {
-    /// `Rᵀ` as `[H, n]`, row-major, for the small-batch kernel.
+    /// `Rᵀ` (`[H, n]`) for the small-batch kernel, in panels of [`NC`] columns (the last
+    /// one zero-padded), each `[H, NC]` row-major, so a block streams one contiguous panel.
     Cols(Vec<f32>, usize),
     /// `Rᵀ` packed for the GEMM.
     Packed(PackedB),
@@ -135,14 +136,33 @@ impl Recur {
     }
 }
 
-/// [`Recur::Cols`]'s product, with AVX2+FMA where the CPU has it.
+/// [`Recur::Cols`]'s product, with AVX-512F, or AVX2+FMA, where the CPU has it.
 fn small_batch(h: &[f32], b_n: usize, h_n: usize, rt: &[f32], n: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX-512F and FMA (checked just above).
+        unsafe { small_batch_avx512(h, b_n, h_n, rt, n, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::native::gemm::avx2::available() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         unsafe { small_batch_avx2(h, b_n, h_n, rt, n, out) };
         return;
     }
+    small_batch_body(h, b_n, h_n, rt, n, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn small_batch_avx512(
+    h: &[f32],
+    b_n: usize,
+    h_n: usize,
+    rt: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
     small_batch_body(h, b_n, h_n, rt, n, out);
 }
 
@@ -161,39 +181,29 @@ unsafe fn small_batch_avx2(
 
 #[inline(always)]
 fn small_batch_body(h: &[f32], b_n: usize, h_n: usize, rt: &[f32], n: usize, out: &mut [f32]) {
-    let full = n / NC * NC;
     let mut b0 = 0;
     while b0 < b_n {
         let bb = (b_n - b0).min(SMALL_BATCH);
-        for kc in (0..full).step_by(NC) {
+        for kc in (0..n).step_by(NC) {
+            let panel = &rt[kc * h_n..(kc + NC) * h_n];
             match bb {
-                1 => block::<1>(h, h_n, rt, n, kc, out, b0),
-                2 => block::<2>(h, h_n, rt, n, kc, out, b0),
-                3 => block::<3>(h, h_n, rt, n, kc, out, b0),
-                _ => block::<4>(h, h_n, rt, n, kc, out, b0),
-            }
-        }
-        // The last `n % NC` columns, one at a time.
-        for b in b0..b0 + bb {
-            for k in full..n {
-                let mut sum = 0f32;
-                for j in 0..h_n {
-                    sum = h[b * h_n + j].mul_add(rt[j * n + k], sum);
-                }
-                out[b * n + k] = sum;
+                1 => block::<1>(h, h_n, panel, n, kc, out, b0),
+                2 => block::<2>(h, h_n, panel, n, kc, out, b0),
+                3 => block::<3>(h, h_n, panel, n, kc, out, b0),
+                _ => block::<4>(h, h_n, panel, n, kc, out, b0),
             }
         }
         b0 += bb;
     }
 }
 
-/// Columns `kc..kc + NC` of `BB` batch entries from `b0`: the accumulators stay in
-/// registers over the whole contraction.
+/// Columns `kc..kc + NC` (those below `n`) of `BB` batch entries from `b0`, from their
+/// panel (`[H, NC]`): the accumulators stay in registers over the whole contraction.
 #[inline(always)]
 fn block<const BB: usize>(
     h: &[f32],
     h_n: usize,
-    rt: &[f32],
+    panel: &[f32],
     n: usize,
     kc: usize,
     out: &mut [f32],
@@ -201,8 +211,8 @@ fn block<const BB: usize>(
 ) {
     let mut acc = [[0f32; NC]; BB];
     let hs = &h[b0 * h_n..(b0 + BB) * h_n];
-    for j in 0..h_n {
-        let Ok(row) = <&[f32; NC]>::try_from(&rt[j * n + kc..j * n + kc + NC]) else {
+    for (j, row) in panel.chunks_exact(NC).enumerate().take(h_n) {
+        let Ok(row) = <&[f32; NC]>::try_from(row) else {
             return;
         };
         for (b, a) in acc.iter_mut().enumerate() {
@@ -212,8 +222,9 @@ fn block<const BB: usize>(
             }
         }
     }
+    let w = NC.min(n - kc);
     for (b, a) in acc.iter().enumerate() {
-        out[(b0 + b) * n + kc..(b0 + b) * n + kc + NC].copy_from_slice(a);
+        out[(b0 + b) * n + kc..(b0 + b) * n + kc + w].copy_from_slice(&a[..w]);
     }
 }
 
@@ -310,13 +321,13 @@ fn recur_block(rd: &[f32], h_n: usize, b_n: usize, lo: usize, hi: usize) -> Opti
     let rows = &rd[lo * h_n..hi * h_n];
     let n = hi - lo;
     if b_n <= SMALL_BATCH {
-        // Transposed in 16 × 16 tiles, so neither side strides through memory.
-        let mut rt = vec![0f32; h_n * n];
-        for k0 in (0..n).step_by(16) {
-            for j0 in (0..h_n).step_by(16) {
-                for j in j0..(j0 + 16).min(h_n) {
-                    let dst = &mut rt[j * n + k0..j * n + (k0 + 16).min(n)];
-                    for (kk, v) in dst.iter_mut().enumerate() {
+        // Panels of NC columns (`[H, NC]` each, zero past column n).
+        let mut rt = vec![0f32; h_n * n.div_ceil(NC) * NC];
+        for k0 in (0..n).step_by(NC) {
+            let panel = &mut rt[k0 * h_n..(k0 + NC) * h_n];
+            for j in 0..h_n {
+                for (kk, v) in panel[j * NC..(j + 1) * NC].iter_mut().enumerate() {
+                    if k0 + kk < n {
                         *v = rows[(k0 + kk) * h_n + j];
                     }
                 }
