@@ -117,6 +117,19 @@ def bert_like(rng, vocab=100, seq_max=32, hidden=64, heads=4, ffn=256, layers=2)
     return model
 
 
+def image_classifier(nodes, inits, name, size):
+    """The checked model of a graph from an image `x` [batch, 3, size, size] to `logits`."""
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="kiln-make_quant_models")
+    onnx.checker.check_model(model)
+    return model
+
+
 def conv_net(rng, size=16):
     inits = [
         init(rng, "c1.w", (8, 3, 3, 3), 0.3), init(rng, "c1.b", (8,), 0.1),
@@ -133,15 +146,7 @@ def conv_net(rng, size=16):
         helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
         helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc"),
     ]
-    graph = helper.make_graph(
-        nodes, "convnet",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="kiln-make_quant_models")
-    onnx.checker.check_model(model)
-    return model
+    return image_classifier(nodes, inits, "convnet", size)
 
 
 def mobile_net(rng, size=24):
@@ -172,15 +177,7 @@ def mobile_net(rng, size=24):
         helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
         helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc"),
     ]
-    graph = helper.make_graph(
-        nodes, "mobile_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="kiln-make_quant_models")
-    onnx.checker.check_model(model)
-    return model
+    return image_classifier(nodes, inits, "mobile_net", size)
 
 
 def quantize_qoperator(f32, q, rng, size):
