@@ -878,20 +878,26 @@ impl Job<'_> {
             }
             let pack = &self.packs[g];
             if self.depthwise {
-                // One output channel: Σ_taps (w - zw)·(x - zx) in i32 lanes.
+                // One output channel: Σ_taps (w - zw)·x' in i32 lanes, less
+                // zx'·Σ_taps (w - zw) once (wrapping, so exactly the reference's sum).
                 let acc = &mut s.sums[..np];
                 acc.fill(0);
                 let za = self.za[g];
+                let mut wsum = 0i32;
                 for ki in 0..ksize {
                     let wv = i32::from(pack.data[ki] as i8) - za;
+                    wsum = wsum.wrapping_add(wv);
                     let row = &img[taps.offsets[ki] + p0..][..np];
                     for (a, &v) in acc.iter_mut().zip(row) {
-                        *a = a.wrapping_add(wv.wrapping_mul(i32::from(v) - zb));
+                        *a = a.wrapping_add(wv.wrapping_mul(i32::from(v)));
                     }
                 }
-                let none = Fix { cols: 0, row: 0 };
+                let fix = Fix {
+                    cols: 0,
+                    row: zb.wrapping_mul(wsum),
+                };
                 // SAFETY: this item alone writes channel g of image ni at these pixels.
-                unsafe { sink.put_row((ni, g), (m, p), acc, (acc, none), &s.segs, &mut s.bytes) };
+                unsafe { sink.put_row((ni, g), (m, p), acc, (acc, fix), &s.segs, &mut s.bytes) };
                 continue;
             }
             // Column sums only where some weight zero point is not 0 (after the shift).
