@@ -46,6 +46,9 @@ pub struct PreparedConvI8 {
     padded: std::sync::Mutex<Vec<u8>>,
     /// The integer GEMM kernel (and, with it, how wide the other loops go).
     isa: IsaI8,
+    /// The input and weight shapes last seen and their [`Taps`].
+    #[allow(clippy::type_complexity)]
+    taps: std::sync::Mutex<Option<(Vec<usize>, Vec<usize>, std::sync::Arc<Taps>)>>,
 }
 
 /// One group's weight `W_g[OC_g, C_g·k]` as the integer GEMM's signed A operand
@@ -161,6 +164,7 @@ pub(crate) fn round_even(v: f64) -> f64 {
 /// phase plane, so each tap's im2col row over a run of `q`s is a plain slice of one phase
 /// plane, at the tap's offset. Blocks run over `0..pq`; the `q`s that are no output pixel
 /// (past an output row's end) are computed and dropped.
+#[derive(Debug)]
 struct Taps {
     /// Per kernel offset: where its row starts within a channel (its phase plane, and
     /// `Σ_a ⌊k_a·dilation_a / s_a⌋·plane_stride_a`).
@@ -284,6 +288,8 @@ impl Taps {
                 let start = (phase * sw + f) * self.plane_len + at + first;
                 let d = &mut dst[start..start + count];
                 match sw {
+                    // u8 inputs are copied as they are.
+                    1 if flip == 0 => d.copy_from_slice(row),
                     1 => {
                         for (d, &v) in d.iter_mut().zip(row) {
                             *d = v ^ flip;
@@ -808,7 +814,7 @@ struct Dims {
 
 /// One run of a prepared integer conv, split into work items (image, group, pixel block).
 struct Job<'a> {
-    taps: Taps,
+    taps: &'a Taps,
     packs: &'a [PackedRows],
     sink: Sink,
     isa: IsaI8,
@@ -1012,6 +1018,7 @@ impl PreparedConvI8 {
             packed,
             padded: std::sync::Mutex::new(Vec::new()),
             isa: IsaI8::Auto,
+            taps: std::sync::Mutex::new(None),
         })
     }
 
@@ -1078,7 +1085,19 @@ impl PreparedConvI8 {
             }
         };
         let isa = self.isa.resolve()?;
-        let taps = Taps::new(&geo, xs);
+        // The taps depend on the shapes alone: kept for the last shapes seen.
+        let taps = {
+            let mut cached = self.taps.lock().unwrap_or_else(|e| e.into_inner());
+            match cached.as_ref().filter(|(x, w, _)| x == xs && w == ws) {
+                Some((_, _, t)) => t.clone(),
+                None => {
+                    let t = std::sync::Arc::new(Taps::new(&geo, xs));
+                    *cached = Some((xs.to_vec(), ws.to_vec(), t.clone()));
+                    t
+                }
+            }
+        };
+        let taps = &*taps;
         let flip = if xsigned { 0x80u8 } else { 0 };
         // The vector loops go no wider than the GEMM kernel asked for.
         let wide = match isa {
@@ -1451,6 +1470,27 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// One prepared node run on inputs of changing spatial sizes (symbolic dims) keeps
+    /// equal to the interpreter: what it keeps per shape follows the shapes.
+    #[test]
+    fn a_prepared_conv_follows_changing_input_shapes() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let attrs = Attrs::new()
+            .with("strides", Attr::Ints(vec![2, 1]))
+            .with("pads", Attr::Ints(vec![1, 1, 1, 1]));
+        let w = t8(&mut rng, &[8, 4, 3, 3], true);
+        let zx = t8(&mut rng, &[], false);
+        let pc = PreparedConvI8::new(OpKind::ConvInteger, &attrs, Some(&w)).unwrap();
+        let pool = Pool::single();
+        for (h, wd) in [(9, 13), (16, 5), (9, 13), (1, 1)] {
+            let x = t8(&mut rng, &[1, 4, h, wd], false);
+            let ins = [&x, &w, &zx].map(Some);
+            let want = kiln_ir::ops::eval(OpKind::ConvInteger, &attrs, &ins).unwrap();
+            let got = pc.run(&ins, &pool, &mut Outputs::none()).unwrap().unwrap();
+            assert_eq!(got, want[0], "{h}×{wd}");
         }
     }
 }
