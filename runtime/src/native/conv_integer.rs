@@ -638,42 +638,15 @@ impl Fix {
 }
 
 impl Sink {
-    /// Stores the exact sums of output channel `ch` (of `m`) of image `ni` at pixels
-    /// `j0..j0 + v.len()` (of `p`): `v` corrected by `fix` with the column sums `cs`.
+    /// Stores the exact sums of output channel `ch` (of `m`) of image `ni` from a block's
+    /// row `v` (over the block's columns; `v` corrected by `fix` with the column sums `cs`)
+    /// at the output pixels `segs` names (`(column, length, pixel)` of `p`). A requantised
+    /// row is made whole in `bytes` (long vector loops) and its stretches copied out.
     ///
     /// # Safety
-    /// The segment lies inside the output, and no other thread writes it.
+    /// The stretches lie inside the output, and no other thread writes them.
     #[inline(always)]
-    unsafe fn put(
-        &self,
-        (ni, ch, j0): (usize, usize, usize),
-        (m, p): (usize, usize),
-        v: &[i32],
-        (cs, fix): (&[i32], Fix),
-    ) {
-        let at = (ni * m + ch) * p + j0;
-        match self {
-            Sink::I32(o) => {
-                let dst = std::slice::from_raw_parts_mut(o.0.add(at), v.len());
-                for ((d, &a), &c) in dst.iter_mut().zip(v).zip(cs) {
-                    *d = fix.exact(a, c);
-                }
-            }
-            Sink::Q8 { out, .. } => {
-                let dst = std::slice::from_raw_parts_mut(out.0.add(at), v.len());
-                self.requantise(ch, v, (cs, fix), dst);
-            }
-        }
-    }
-
-    /// [`Sink::put`] for a block's row `v` (over the block's columns) of which `segs`
-    /// are output pixels: a requantised row is made whole in `bytes` (long vector loops)
-    /// and its stretches copied out.
-    ///
-    /// # Safety
-    /// As for [`Sink::put`], for every stretch.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)] // put's arguments, the stretches and a buffer
+    #[allow(clippy::too_many_arguments)] // the place, the row, the stretches and a buffer
     unsafe fn put_row(
         &self,
         (ni, ch): (usize, usize),
@@ -683,11 +656,18 @@ impl Sink {
         segs: &[(usize, usize, usize)],
         bytes: &mut Vec<u8>,
     ) {
-        let Sink::Q8 { out, .. } = self else {
-            for &(j, len, pix) in segs {
-                self.put((ni, ch, pix), dims, &v[j..j + len], (&cs[j..j + len], fix));
+        let out = match self {
+            Sink::I32(o) => {
+                for &(j, len, pix) in segs {
+                    let at = (ni * dims.0 + ch) * dims.1 + pix;
+                    let dst = std::slice::from_raw_parts_mut(o.0.add(at), len);
+                    for ((d, &a), &c) in dst.iter_mut().zip(&v[j..j + len]).zip(&cs[j..]) {
+                        *d = fix.exact(a, c);
+                    }
+                }
+                return;
             }
-            return;
+            Sink::Q8 { out, .. } => out,
         };
         let Some(&(j_end, len_end, _)) = segs.last() else {
             return;
@@ -806,9 +786,10 @@ struct Dims {
     /// Output pixels per image.
     p: usize,
     kp: usize,
-    /// Pixels per block, that rounded up to whole panels, and blocks per image and group.
+    /// Pixels per block, the row stride of a row tile's sums (the block rounded up to a
+    /// whole pair of panels), and blocks per image and group.
     nb: usize,
-    nbp: usize,
+    ldo: usize,
     blocks: usize,
 }
 
@@ -861,7 +842,7 @@ impl Job<'_> {
             p,
             kp,
             nb,
-            nbp,
+            ldo,
             blocks,
         } = self.dims;
         let (taps, sink, zb) = (&self.taps, &self.sink, self.zb);
@@ -911,9 +892,7 @@ impl Job<'_> {
             let wide = self.avx512;
             panels_direct(img, &self.row_at, (p0, np, kp), &mut s.panels, sums, wide);
             let npanels = np.div_ceil(PANEL);
-            // The tiles write straight into `out`'s rows (`ldo` apart, room for a last
-            // half-used pair of panels).
-            let ldo = nbp.div_ceil(2 * PANEL) * 2 * PANEL;
+            // The tiles write straight into `out`'s rows, `ldo` apart.
             for rt in 0..pack.rows.div_ceil(MR) {
                 let live = MR.min(pack.rows - rt * MR);
                 let a_tile = &pack.data[rt * MR * kp..][..MR * kp];
@@ -1128,6 +1107,7 @@ impl PreparedConvI8 {
             .min(domain.div_ceil(want_blocks).div_ceil(2 * PANEL) * 2 * PANEL)
             .max(2 * PANEL);
         let nbp = nb.div_ceil(PANEL) * PANEL;
+        let ldo = nbp.div_ceil(2 * PANEL) * 2 * PANEL;
         let blocks = domain.div_ceil(nb);
         // The integer identity behind the corrections, per output channel o and pixel j
         // (a' = w as i8, −128 for a u8 weight; b' = x as u8, +128 for an i8 input; each
@@ -1200,7 +1180,7 @@ impl PreparedConvI8 {
                 p,
                 kp,
                 nb,
-                nbp,
+                ldo,
                 blocks,
             },
             need_sums: za.iter().any(|&z| z != 0),
@@ -1213,14 +1193,7 @@ impl PreparedConvI8 {
             let mut s = Scratch {
                 panels: vec![0i8; if depthwise { 0 } else { kp * nbp }],
                 sums: vec![0i32; nbp],
-                out: vec![
-                    0i32;
-                    if depthwise {
-                        0
-                    } else {
-                        MR * nbp.div_ceil(2 * PANEL) * 2 * PANEL
-                    }
-                ],
+                out: vec![0i32; if depthwise { 0 } else { MR * ldo }],
                 segs: Vec::new(),
                 bytes: Vec::new(),
             };
