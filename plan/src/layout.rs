@@ -116,6 +116,71 @@ impl LoopShape {
         self.rows * self.n
     }
 
+    /// Per input: its element stride between consecutive rows of a run (the stride of the
+    /// domain's last outer dim; 0 where broadcast, and for a domain without outer dims).
+    pub fn run_strides(&self) -> Vec<usize> {
+        self.strides
+            .iter()
+            .map(|st| st.last().copied().unwrap_or(0))
+            .collect()
+    }
+
+    /// Calls `f(row, offsets, m)` for the rows `lo..hi` (clamped to the domain) in runs: `m`
+    /// consecutive rows along the domain's last outer dim, starting at `row`, where input `i`'s
+    /// rows start at `offsets[i] + r * run_strides()[i]` for `r < m`. A row function that
+    /// walks a run itself pays one call per run, not per row (rows of 16 elements cost more
+    /// in the call than in the work).
+    pub fn for_row_runs(&self, lo: usize, hi: usize, mut f: impl FnMut(usize, &[usize], usize)) {
+        let hi = hi.min(self.rows);
+        if self.n == 0 || lo >= hi {
+            return;
+        }
+        let outer = &self.shape[..self.shape.len().saturating_sub(1)];
+        let Some(&run_len) = outer.last() else {
+            // No outer dims: the single row is its own run.
+            f(lo, &vec![0; self.strides.len()], 1);
+            return;
+        };
+        let last = outer.len() - 1;
+        let mut idx = vec![0usize; outer.len()];
+        let mut rest = lo;
+        for d in (0..outer.len()).rev() {
+            idx[d] = rest % outer[d];
+            rest /= outer[d];
+        }
+        let mut offs: Vec<usize> = self
+            .strides
+            .iter()
+            .map(|st| idx.iter().zip(st).map(|(i, s)| i * s).sum())
+            .collect();
+        let mut r = lo;
+        while r < hi {
+            let m = (run_len - idx[last]).min(hi - r);
+            f(r, &offs, m);
+            r += m;
+            // Step past the run, then carry through the outer dims like an odometer.
+            idx[last] += m;
+            for (o, st) in offs.iter_mut().zip(&self.strides) {
+                *o += st[last] * m;
+            }
+            for d in (0..outer.len()).rev() {
+                if idx[d] < outer[d] {
+                    break;
+                }
+                for (o, st) in offs.iter_mut().zip(&self.strides) {
+                    *o -= st[d] * outer[d];
+                }
+                idx[d] = 0;
+                if d > 0 {
+                    idx[d - 1] += 1;
+                    for (o, st) in offs.iter_mut().zip(&self.strides) {
+                        *o += st[d - 1];
+                    }
+                }
+            }
+        }
+    }
+
     /// Calls `f(row, offsets)` for every row in order, where `offsets[i]` is input `i`'s
     /// element offset of that row's start (the output row starts at `row * n`).
     pub fn for_each_row(&self, f: impl FnMut(usize, &[usize])) {
@@ -159,5 +224,59 @@ impl LoopShape {
                 idx[d] = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LoopShape;
+
+    /// Every (row, offsets) of `for_rows`, expanded from the runs of `for_row_runs`.
+    fn expanded_runs(ls: &LoopShape, lo: usize, hi: usize) -> Vec<(usize, Vec<usize>)> {
+        let st = ls.run_strides();
+        let mut v = vec![];
+        ls.for_row_runs(lo, hi, |row, offs, m| {
+            assert!(m >= 1);
+            for r in 0..m {
+                v.push((
+                    row + r,
+                    offs.iter().zip(&st).map(|(o, s)| o + r * s).collect(),
+                ));
+            }
+        });
+        v
+    }
+
+    #[test]
+    fn row_runs_cover_the_rows_in_order() {
+        // Domain [3, 4, 5, n=2]: input 0 contiguous over all of it, input 1 broadcast over
+        // the middle dim, input 2 broadcast over the run dim.
+        let ls = LoopShape {
+            shape: vec![3, 4, 5, 2],
+            n: 2,
+            rows: 60,
+            strides: vec![vec![40, 10, 2], vec![10, 0, 2], vec![8, 2, 0]],
+        };
+        for (lo, hi) in [
+            (0, 60),
+            (0, 7),
+            (3, 4),
+            (4, 23),
+            (19, 61),
+            (59, 60),
+            (10, 10),
+        ] {
+            let mut want = vec![];
+            ls.for_rows(lo, hi, |row, offs| want.push((row, offs.to_vec())));
+            assert_eq!(expanded_runs(&ls, lo, hi), want, "rows {lo}..{hi}");
+        }
+        // Rank 1: one row, one run.
+        let ls = LoopShape {
+            shape: vec![7],
+            n: 7,
+            rows: 1,
+            strides: vec![vec![]],
+        };
+        assert_eq!(expanded_runs(&ls, 0, 1), vec![(0, vec![0])]);
     }
 }

@@ -1,6 +1,6 @@
 //! Cranelift code generation for loop kernels: one native function per kernel that
-//! processes one row, `fn(ins: *const *const f32, outs: *const *mut f32, n: i64)`. Each
-//! pass over the row (one per reduction, then the store pass) is an F32X4 loop over
+//! processes a run of `m` rows, `fn(ins: *const *const f32, outs: *const *mut f32, n: i64,
+//! m: i64, in_strides: *const i64)` (the [`RowFn`] ABI). Each pass over a row (one per reduction, then the store pass) is an F32X4 loop over
 //! `n & !3` elements followed by a scalar tail; every pass first runs four F32X4 chains side
 //! by side over `n & !15` (four accumulators in a reduction). Transcendentals are inlined ([`crate::vmath`]).
 
@@ -13,6 +13,8 @@ use cranelift_module::{FuncId, Linkage, Module};
 use kiln_plan::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use std::collections::HashMap;
 
+use kiln_plan::vmath::Func;
+use kiln_runtime::executor::rows::PostMap;
 pub use kiln_runtime::executor::rows::RowFn;
 
 const LANES: i64 = 4;
@@ -29,6 +31,42 @@ pub fn new_module() -> Result<JITModule, String> {
     Ok(JITModule::new(b))
 }
 
+/// The kernel to compile for `k`, and the function the runtime applies to its output after
+/// it: where `k` has one output whose root is a transcendental the runtime maps on wider
+/// registers (exp, log, tanh, sigmoid, erf, gelu, and `x·sigmoid(x)` as silu), the compiled
+/// kernel stops below that root. Otherwise `k` itself and `None`.
+pub fn split_post(k: &LoopKernel) -> (LoopKernel, Option<PostMap>) {
+    let whole = (k.clone(), None);
+    let [(v, root)] = k.outputs[..] else {
+        return whole;
+    };
+    let (func, arg) = match k.exprs[root] {
+        Expr::Un(op, x) => match op {
+            UnOp::Exp => (Func::Exp, x),
+            UnOp::Log => (Func::Log, x),
+            UnOp::Tanh => (Func::Tanh, x),
+            UnOp::Sigmoid => (Func::Sigmoid, x),
+            UnOp::Erf => (Func::Erf, x),
+            UnOp::Gelu => (Func::GeluErf, x),
+            _ => return whole,
+        },
+        // silu(x) = x·sigmoid(x), the recipe's own order of operations (a product is
+        // commutative bit for bit).
+        Expr::Bin(BinOp::Mul, a, b) => match (&k.exprs[a], &k.exprs[b]) {
+            (_, Expr::Un(UnOp::Sigmoid, s)) if *s == a => (Func::Silu, a),
+            (Expr::Un(UnOp::Sigmoid, s), _) if *s == b => (Func::Silu, b),
+            _ => return whole,
+        },
+        _ => return whole,
+    };
+    let Some(post) = PostMap::widest(func) else {
+        return whole;
+    };
+    let mut code = k.clone();
+    code.outputs[0] = (v, arg);
+    (code, Some(post))
+}
+
 /// Declares and defines the row function of `k` in `module` (finalize separately).
 pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<FuncId, String> {
     let ptr = module.target_config().pointer_type();
@@ -37,6 +75,8 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
         AbiParam::new(ptr),
         AbiParam::new(ptr),
         AbiParam::new(types::I64),
+        AbiParam::new(types::I64),
+        AbiParam::new(ptr),
     ];
     let id = module
         .declare_function(name, Linkage::Local, &ctx.func.signature)
@@ -48,116 +88,44 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let params = b.block_params(entry).to_vec();
-        let (ins, outs, n) = (params[0], params[1], params[2]);
+        let (ins, outs, n, m, strides) = (params[0], params[1], params[2], params[3], params[4]);
         let flags = MemFlagsData::new().with_notrap();
-        let in_ptrs: Vec<Value> = (0..k.inputs.len())
+        let in_bases: Vec<Value> = (0..k.inputs.len())
             .map(|i| b.ins().load(ptr, flags, ins, (i * 8) as i32))
             .collect();
-        let out_ptrs: Vec<Value> = (0..k.outputs.len())
+        let in_steps: Vec<Value> = (0..k.inputs.len())
+            .map(|i| {
+                let st = b.ins().load(types::I64, flags, strides, (i * 8) as i32);
+                b.ins().ishl_imm_s(st, 2)
+            })
+            .collect();
+        let out_bases: Vec<Value> = (0..k.outputs.len())
             .map(|i| b.ins().load(ptr, flags, outs, (i * 8) as i32))
             .collect();
-        let n4 = b.ins().band_imm_s(n, !(LANES - 1));
-        let n_unrolled = b.ins().band_imm_s(n, !(UNROLL * LANES - 1));
+        let out_step = b.ins().ishl_imm_s(n, 2);
         let zero = b.ins().iconst(types::I64, 0);
-        let mut g = Gen {
-            k,
-            in_ptrs,
+        let row = Row {
             n,
-            red: vec![],
-        };
-        for r in 0..k.reductions.len() {
-            let rd = &k.reductions[r];
-            let id = match rd.op {
-                RedOp::Sum => 0.0f32,
-                RedOp::Max => f32::NEG_INFINITY,
-            };
-            let idv = b.ins().f32const(id);
-            let init = b.ins().splat(types::F32X4, idv);
-            // UNROLL independent accumulators over UNROLL·4 elements per iteration: with one,
-            // every step waited for the previous add (4 cycles per 4 elements).
-            let inits = [init; UNROLL as usize];
-            let accs = emit_loop(
-                &mut b,
-                zero,
-                n_unrolled,
-                UNROLL * LANES,
-                &inits,
-                types::F32X4,
-                |b, j, a| {
-                    (0..UNROLL)
-                        .map(|u| {
-                            let ju = b.ins().iadd_imm_s(j, u * LANES);
-                            let x = g.expr(b, rd.arg, types::F32X4, ju, &mut HashMap::new());
-                            combine(b, rd.op, a[u as usize], x, types::F32X4)
-                        })
-                        .collect()
-                },
-            );
-            let lo = combine(&mut b, rd.op, accs[0], accs[1], types::F32X4);
-            let hi = combine(&mut b, rd.op, accs[2], accs[3], types::F32X4);
-            let init = combine(&mut b, rd.op, lo, hi, types::F32X4);
-            let acc = emit_loop(
-                &mut b,
-                n_unrolled,
-                n4,
-                LANES,
-                &[init],
-                types::F32X4,
-                |b, j, a| {
-                    let x = g.expr(b, rd.arg, types::F32X4, j, &mut HashMap::new());
-                    vec![combine(b, rd.op, a[0], x, types::F32X4)]
-                },
-            );
-            let mut h = b.ins().extractlane(acc[0], 0u8);
-            for l in 1..LANES as u8 {
-                let x = b.ins().extractlane(acc[0], l);
-                h = combine(&mut b, rd.op, h, x, types::F32);
-            }
-            let acc = emit_loop(&mut b, n4, n, 1, &[h], types::F32, |b, j, a| {
-                let x = g.expr(b, rd.arg, types::F32, j, &mut HashMap::new());
-                vec![combine(b, rd.op, a[0], x, types::F32)]
-            });
-            g.red.push(acc[0]);
-        }
-        // The store pass: UNROLL independent F32X4 chains per iteration (one basic block, so
-        // the CPU overlaps them: an inlined exp is a long dependent chain), then single
-        // vectors, then scalars.
-        emit_loop(
-            &mut b,
+            n4: b.ins().band_imm_s(n, !(LANES - 1)),
+            n_unrolled: b.ins().band_imm_s(n, !(UNROLL * LANES - 1)),
             zero,
-            n_unrolled,
-            UNROLL * LANES,
-            &[],
-            types::F32X4,
-            |b, j, _| {
-                for u in 0..UNROLL {
-                    let ju = b.ins().iadd_imm_s(j, u * LANES);
-                    let mut memo = HashMap::new();
-                    let off = b.ins().ishl_imm_s(ju, 2);
-                    for (o, &(_, e)) in k.outputs.iter().enumerate() {
-                        let v = g.expr(b, e, types::F32X4, ju, &mut memo);
-                        let at = b.ins().iadd(out_ptrs[o], off);
-                        b.ins().store(flags, v, at, 0);
-                    }
-                }
-                vec![]
-            },
-        );
-        for (step, ty, lo, hi) in [
-            (LANES, types::F32X4, n_unrolled, n4),
-            (1, types::F32, n4, n),
-        ] {
-            emit_loop(&mut b, lo, hi, step, &[], ty, |b, j, _| {
-                let mut memo = HashMap::new();
-                let off = b.ins().ishl_imm_s(j, 2);
-                for (o, &(_, e)) in k.outputs.iter().enumerate() {
-                    let v = g.expr(b, e, ty, j, &mut memo);
-                    let at = b.ins().iadd(out_ptrs[o], off);
-                    b.ins().store(flags, v, at, 0);
-                }
-                vec![]
-            });
-        }
+        };
+        // The run: row `r` reads input `i` at `in_bases[i] + r * in_steps[i]` bytes and
+        // writes at `out_bases[o] + r * 4n`.
+        emit_loop(&mut b, zero, m, 1, &[], types::F32X4, |b, r, _| {
+            let at = |b: &mut FunctionBuilder, base: Value, step: Value| {
+                let off = b.ins().imul(r, step);
+                b.ins().iadd(base, off)
+            };
+            let in_ptrs: Vec<Value> = in_bases
+                .iter()
+                .zip(&in_steps)
+                .map(|(&p, &st)| at(b, p, st))
+                .collect();
+            let out_ptrs: Vec<Value> = out_bases.iter().map(|&p| at(b, p, out_step)).collect();
+            emit_row(b, k, &row, in_ptrs, &out_ptrs);
+            vec![]
+        });
         b.ins().return_(&[]);
         b.seal_all_blocks();
         b.finalize(module.target_config());
@@ -167,6 +135,131 @@ pub fn define(module: &mut JITModule, k: &LoopKernel, name: &str) -> Result<Func
         .map_err(|e| format!("{e:?}"))?;
     module.clear_context(&mut ctx);
     Ok(id)
+}
+
+/// The row-length values every row of a run shares.
+struct Row {
+    n: Value,
+    n4: Value,
+    n_unrolled: Value,
+    zero: Value,
+}
+
+/// Emits one row of `k`: its reduction passes, then the store pass, reading inputs at
+/// `in_ptrs` and writing outputs at `out_ptrs`. The builder is left after the row.
+fn emit_row(
+    b: &mut FunctionBuilder,
+    k: &LoopKernel,
+    row: &Row,
+    in_ptrs: Vec<Value>,
+    out_ptrs: &[Value],
+) {
+    let Row {
+        n,
+        n4,
+        n_unrolled,
+        zero,
+    } = *row;
+    let flags = MemFlagsData::new().with_notrap();
+    let mut g = Gen {
+        k,
+        in_ptrs,
+        n,
+        red: vec![],
+    };
+    for r in 0..k.reductions.len() {
+        let rd = &k.reductions[r];
+        let id = match rd.op {
+            RedOp::Sum => 0.0f32,
+            RedOp::Max => f32::NEG_INFINITY,
+        };
+        let idv = b.ins().f32const(id);
+        let init = b.ins().splat(types::F32X4, idv);
+        // UNROLL independent accumulators over UNROLL·4 elements per iteration: with one,
+        // every step waited for the previous add (4 cycles per 4 elements).
+        let inits = [init; UNROLL as usize];
+        let accs = emit_loop(
+            b,
+            zero,
+            n_unrolled,
+            UNROLL * LANES,
+            &inits,
+            types::F32X4,
+            |b, j, a| {
+                (0..UNROLL)
+                    .map(|u| {
+                        let ju = b.ins().iadd_imm_s(j, u * LANES);
+                        let x = g.expr(b, rd.arg, types::F32X4, ju, &mut HashMap::new());
+                        combine(b, rd.op, a[u as usize], x, types::F32X4)
+                    })
+                    .collect()
+            },
+        );
+        let lo = combine(b, rd.op, accs[0], accs[1], types::F32X4);
+        let hi = combine(b, rd.op, accs[2], accs[3], types::F32X4);
+        let init = combine(b, rd.op, lo, hi, types::F32X4);
+        let acc = emit_loop(
+            b,
+            n_unrolled,
+            n4,
+            LANES,
+            &[init],
+            types::F32X4,
+            |b, j, a| {
+                let x = g.expr(b, rd.arg, types::F32X4, j, &mut HashMap::new());
+                vec![combine(b, rd.op, a[0], x, types::F32X4)]
+            },
+        );
+        let mut h = b.ins().extractlane(acc[0], 0u8);
+        for l in 1..LANES as u8 {
+            let x = b.ins().extractlane(acc[0], l);
+            h = combine(b, rd.op, h, x, types::F32);
+        }
+        let acc = emit_loop(b, n4, n, 1, &[h], types::F32, |b, j, a| {
+            let x = g.expr(b, rd.arg, types::F32, j, &mut HashMap::new());
+            vec![combine(b, rd.op, a[0], x, types::F32)]
+        });
+        g.red.push(acc[0]);
+    }
+    // The store pass: UNROLL independent F32X4 chains per iteration (one basic block, so
+    // the CPU overlaps them: an inlined exp is a long dependent chain), then single
+    // vectors, then scalars.
+    emit_loop(
+        b,
+        zero,
+        n_unrolled,
+        UNROLL * LANES,
+        &[],
+        types::F32X4,
+        |b, j, _| {
+            for u in 0..UNROLL {
+                let ju = b.ins().iadd_imm_s(j, u * LANES);
+                let mut memo = HashMap::new();
+                let off = b.ins().ishl_imm_s(ju, 2);
+                for (o, &(_, e)) in k.outputs.iter().enumerate() {
+                    let v = g.expr(b, e, types::F32X4, ju, &mut memo);
+                    let at = b.ins().iadd(out_ptrs[o], off);
+                    b.ins().store(flags, v, at, 0);
+                }
+            }
+            vec![]
+        },
+    );
+    for (step, ty, lo, hi) in [
+        (LANES, types::F32X4, n_unrolled, n4),
+        (1, types::F32, n4, n),
+    ] {
+        emit_loop(b, lo, hi, step, &[], ty, |b, j, _| {
+            let mut memo = HashMap::new();
+            let off = b.ins().ishl_imm_s(j, 2);
+            for (o, &(_, e)) in k.outputs.iter().enumerate() {
+                let v = g.expr(b, e, ty, j, &mut memo);
+                let at = b.ins().iadd(out_ptrs[o], off);
+                b.ins().store(flags, v, at, 0);
+            }
+            vec![]
+        });
+    }
 }
 
 /// Emits `for j in (lo..hi).step_by(step)` carrying accumulators of type `acc_ty`; returns

@@ -11,6 +11,7 @@ use cranelift_jit::JITModule;
 use kiln_ir::{EvalError, Graph, Tensor};
 use kiln_plan::{partition, Kernel, LoopKernel, Plan};
 use kiln_runtime::executor::rows::run_rows;
+use kiln_runtime::executor::rows::PostMap;
 pub use kiln_runtime::executor::rows::{run_row_fn, run_row_fn_par, PAR_MIN_WORK};
 use kiln_runtime::executor::{CpuPlan, LoopRunner, ParallelFor, RunReport};
 use std::collections::HashMap;
@@ -46,12 +47,20 @@ struct CodeHolder(#[allow(dead_code)] JITModule);
 unsafe impl Send for CodeHolder {}
 unsafe impl Sync for CodeHolder {}
 
+/// A compiled loop kernel: its row function, and what the runtime maps over its output
+/// after it ([`codegen::split_post`]).
+#[derive(Clone, Copy, Debug)]
+struct JitRow {
+    f: RowFn,
+    post: Option<PostMap>,
+}
+
 /// A graph compiled for the CPU: JIT row functions for loop kernels, the runtime for the rest.
 pub struct JitExecutable {
     plan: CpuPlan,
     /// Runs contractions and splits large loop kernels.
     pool: kiln_runtime::pool::Pool,
-    fns: Vec<Option<RowFn>>,
+    fns: Vec<Option<JitRow>>,
     /// The compiled loop kernels of `loop`/`scan` bodies, per kernel of the plan.
     bodies: Vec<Option<BodyFns>>,
     /// Loop kernels that reused an identical earlier kernel's code.
@@ -62,13 +71,13 @@ pub struct JitExecutable {
 /// The row functions of one body plan (and of the bodies nested in it), by kernel.
 #[derive(Default)]
 struct BodyFns {
-    fns: Vec<Option<RowFn>>,
+    fns: Vec<Option<JitRow>>,
     bodies: Vec<Option<BodyFns>>,
 }
 
 /// The function ids a module defined for one plan and its nested bodies.
 struct BodyIds {
-    ids: Vec<Option<cranelift_module::FuncId>>,
+    ids: Vec<Option<(cranelift_module::FuncId, Option<PostMap>)>>,
     bodies: Vec<Option<BodyIds>>,
 }
 
@@ -106,6 +115,8 @@ fn define_plan(
     for (i, k) in plan.kernels.iter().enumerate() {
         ids.push(match k {
             Kernel::Loop(l) => {
+                let (l, post) = codegen::split_post(l);
+                let l = &l;
                 let key = code_key(l);
                 let text = format!("{key:?}");
                 let known = compiled
@@ -115,7 +126,7 @@ fn define_plan(
                 match known {
                     Some(id) => {
                         compiled.reused += 1;
-                        Some(id)
+                        Some((id, post))
                     }
                     None => {
                         let id = codegen::define(module, l, &format!("{prefix}loop{i}")).map_err(
@@ -125,7 +136,7 @@ fn define_plan(
                             },
                         )?;
                         compiled.by_key.entry(text).or_default().push((key, id));
-                        Some(id)
+                        Some((id, post))
                     }
                 }
             }
@@ -158,10 +169,11 @@ fn finalised(module: &JITModule, ids: BodyIds) -> BodyFns {
             .ids
             .into_iter()
             .map(|id| {
-                id.map(|id| {
+                id.map(|(id, post)| {
                     let p = module.get_finalized_function(id);
                     // SAFETY: `define` gave this function the `RowFn` signature.
-                    unsafe { std::mem::transmute::<*const u8, RowFn>(p) }
+                    let f = unsafe { std::mem::transmute::<*const u8, RowFn>(p) };
+                    JitRow { f, post }
                 })
             })
             .collect(),
@@ -188,7 +200,7 @@ impl LoopRunner for BodyRunner<'_> {
         out: &mut kiln_runtime::executor::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         match self.fns.fns.get(index).copied().flatten() {
-            Some(f) => run_row_fn_par(f, k, inputs, self.pool, out),
+            Some(r) => run_row_fn_par(r.f, r.post, k, inputs, self.pool, out),
             None => kiln_plan::eval::run_loop(k, inputs),
         }
     }
@@ -316,10 +328,10 @@ impl LoopRunner for JitExecutable {
         inputs: &[&Tensor],
         out: &mut kiln_runtime::executor::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
-        let Some(f) = self.fns.get(index).copied().flatten() else {
+        let Some(r) = self.fns.get(index).copied().flatten() else {
             return kiln_plan::eval::run_loop(k, inputs);
         };
-        run_row_fn_par(f, k, inputs, &self.pool, out)
+        run_row_fn_par(r.f, r.post, k, inputs, &self.pool, out)
     }
 
     fn pool(&self) -> Option<&kiln_runtime::pool::Pool> {
@@ -338,6 +350,7 @@ impl LoopRunner for JitExecutable {
 /// One loop kernel compiled on its own (for tests and tools).
 pub struct LoopFn {
     f: RowFn,
+    post: Option<PostMap>,
     kernel: LoopKernel,
     _code: CodeHolder,
 }
@@ -350,14 +363,29 @@ impl std::fmt::Debug for LoopFn {
     }
 }
 
-/// JIT-compiles one loop kernel.
+/// JIT-compiles one loop kernel as [`compile`] does (a root transcendental left to the
+/// runtime's vector math where this CPU has AVX2 or AVX-512).
 pub fn compile_loop(k: &LoopKernel) -> Result<LoopFn, CompileError> {
+    let (code, post) = codegen::split_post(k);
+    compile_loop_as(k, &code, post)
+}
+
+/// JIT-compiles one loop kernel entirely as Cranelift code (every transcendental inline).
+pub fn compile_loop_inline(k: &LoopKernel) -> Result<LoopFn, CompileError> {
+    compile_loop_as(k, k, None)
+}
+
+fn compile_loop_as(
+    k: &LoopKernel,
+    code: &LoopKernel,
+    post: Option<PostMap>,
+) -> Result<LoopFn, CompileError> {
     let err = |msg: String| CompileError::Codegen {
         kernel: "loop".into(),
         msg,
     };
     let mut module = codegen::new_module().map_err(err)?;
-    let id = codegen::define(&mut module, k, "loop").map_err(err)?;
+    let id = codegen::define(&mut module, code, "loop").map_err(err)?;
     module
         .finalize_definitions()
         .map_err(|e| err(e.to_string()))?;
@@ -366,6 +394,7 @@ pub fn compile_loop(k: &LoopKernel) -> Result<LoopFn, CompileError> {
     let f = unsafe { std::mem::transmute::<*const u8, RowFn>(p) };
     Ok(LoopFn {
         f,
+        post,
         kernel: k.clone(),
         _code: CodeHolder(module),
     })
@@ -374,7 +403,7 @@ pub fn compile_loop(k: &LoopKernel) -> Result<LoopFn, CompileError> {
 impl LoopFn {
     /// Runs the kernel on its inputs (one per kernel input), on the calling thread.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
-        run_row_fn(self.f, &self.kernel, inputs)
+        run_row_fn(self.f, self.post, &self.kernel, inputs)
     }
 
     /// Runs the kernel, splitting rows through `par` whenever there are at least two.
@@ -385,6 +414,7 @@ impl LoopFn {
     ) -> Result<Vec<Tensor>, String> {
         run_rows(
             self.f,
+            self.post,
             &self.kernel,
             inputs,
             par,

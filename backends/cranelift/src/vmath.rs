@@ -90,12 +90,14 @@ impl Emit for Math<'_, '_> {
     fn abs(&mut self, a: Value) -> R {
         Ok(self.b.ins().fabs(a))
     }
-    // fmin/fmax propagate NaN.
+    // `c < x ? c : x` and `x < c ? c : x`: a NaN `x` fails the compare and stays. Written as
+    // a select on `fcmp lt` so that x64 lowers each to one `minps`/`maxps` (`minss`/`maxss`);
+    // `fmin`/`fmax` order ±0 and NaN per IEEE 754-2019 and cost about seven instructions.
     fn min(&mut self, x: Value, c: Value) -> R {
-        Ok(self.b.ins().fmin(x, c))
+        self.select(Cmp::Lt, c, x, c, x)
     }
     fn max(&mut self, x: Value, c: Value) -> R {
-        Ok(self.b.ins().fmax(x, c))
+        self.select(Cmp::Lt, x, c, c, x)
     }
     fn select(&mut self, cmp: Cmp, a: Value, b: Value, t: Value, f: Value) -> R {
         let cc = match cmp {

@@ -2,22 +2,36 @@
 //! dense sweep of f32 bit patterns, random values and edge cases (so the JIT, the AOT backend
 //! and the runtime's kernels agree), and within the accuracy contract of
 //! `kiln_plan::vmath::accuracy` (ulp bounds against f64, special values exact), in the vector
-//! body and the scalar tail alike.
+//! body and the scalar tail alike; and the runtime's AVX2/AVX-512 vector math, which the JIT
+//! leaves a kernel's root transcendental to, gives the same bits as the inline code.
 
 use kiln_ir::{Dim, Tensor, ValueId};
 use kiln_plan::vmath::accuracy::{self, random_inputs, same_bits, sweep_inputs, Worst, OPS};
 use kiln_plan::vmath::Func;
 use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
 
+/// `op` over `xs` as the JIT computes it: inline Cranelift code, and (where this CPU has
+/// AVX2 or AVX-512) the runtime's vector math applied to the kernel's output root. Both
+/// must give the same bits; the inline result is returned.
 fn jit(op: UnOp, xs: &[f32]) -> Vec<f32> {
     let mut k = LoopKernel::new(vec![Dim::Fixed(xs.len() as u64)]);
     let x = k.load(ValueId(0), InnerAccess::Contiguous);
     let y = k.push(Expr::Un(op, x));
     k.outputs.push((ValueId(1), y));
-    let f = kiln_cranelift::compile_loop(&k).expect("compiles");
     let t = Tensor::from_vec(vec![xs.len()], xs.to_vec());
-    let out = f.run(&[&t]).expect("runs");
-    out[0].as_slice::<f32>().unwrap().to_vec()
+    let run = |f: kiln_cranelift::LoopFn| {
+        let out = f.run(&[&t]).expect("runs");
+        out[0].as_slice::<f32>().unwrap().to_vec()
+    };
+    let inline = run(kiln_cranelift::compile_loop_inline(&k).expect("compiles"));
+    let mapped = run(kiln_cranelift::compile_loop(&k).expect("compiles"));
+    if let Some(i) = (0..xs.len()).find(|&i| inline[i].to_bits() != mapped[i].to_bits()) {
+        panic!(
+            "{op:?}({:e}): inline {:e}, post-mapped {:e}",
+            xs[i], inline[i], mapped[i]
+        );
+    }
+    inline
 }
 
 /// The largest ulp error over the sweep, and where; special values must match exactly.
@@ -113,9 +127,13 @@ fn jit_silu_and_gelu_tanh_equal_the_scalar_recipe() {
                 _ => None,
             })
             .expect("a loop kernel");
-        let f_jit = kiln_cranelift::compile_loop(k).expect("compiles");
         let t = Tensor::from_vec(vec![n], xs.clone());
-        let out = f_jit.run(&[&t]).expect("runs");
-        same_bits("JIT", f, &xs, out[0].as_slice::<f32>().unwrap()).unwrap();
+        for f_jit in [
+            kiln_cranelift::compile_loop(k).expect("compiles"),
+            kiln_cranelift::compile_loop_inline(k).expect("compiles"),
+        ] {
+            let out = f_jit.run(&[&t]).expect("runs");
+            same_bits("JIT", f, &xs, out[0].as_slice::<f32>().unwrap()).unwrap();
+        }
     }
 }

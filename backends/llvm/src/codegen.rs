@@ -1,6 +1,8 @@
-//! LLVM code generation for loop kernels: one function per kernel that processes one row,
-//! `void f(const float **ins, float **outs, int64_t n)` (the Cranelift backend's ABI).
-//! Each pass over the row (one per reduction, then the store pass) is an explicit
+//! LLVM code generation for loop kernels: one function per kernel that processes a run of
+//! `m` rows, `void f(const float **ins, float **outs, int64_t n, int64_t m, const int64_t
+//! *in_strides)` (the Cranelift backend's ABI, `RowFn`): row `r` reads input `i` at
+//! `ins[i] + r * in_strides[i]` and writes output `o` at `outs[o] + r * n`.
+//! Each pass over a row (one per reduction, then the store pass) is an explicit
 //! `<8 x float>` loop over `n & !7` elements followed by a `<1 x float>` tail loop, so
 //! the order of every reduction is fixed by the code (four `<8 x float>` accumulators over
 //! `n & !31`, combined pairwise, then one over the rest of `n & !7`, then its lanes combined
@@ -313,9 +315,10 @@ pub fn define<'ctx>(
 ) -> R<FunctionValue<'ctx>> {
     let ptr = cx.ptr_type(inkwell::AddressSpace::default());
     let i64t = cx.i64_type();
-    let fty = cx
-        .void_type()
-        .fn_type(&[ptr.into(), ptr.into(), i64t.into()], false);
+    let fty = cx.void_type().fn_type(
+        &[ptr.into(), ptr.into(), i64t.into(), i64t.into(), ptr.into()],
+        false,
+    );
     let func = module.add_function(name, fty, Some(Linkage::Internal));
     let nounwind = cx.create_enum_attribute(
         inkwell::attributes::Attribute::get_named_enum_kind_id("nounwind"),
@@ -325,32 +328,88 @@ pub fn define<'ctx>(
     let b = cx.create_builder();
     let entry = cx.append_basic_block(func, "entry");
     b.position_at_end(entry);
-    let ins = func
-        .get_nth_param(0)
-        .ok_or("missing param")?
-        .into_pointer_value();
-    let outs = func
-        .get_nth_param(1)
-        .ok_or("missing param")?
-        .into_pointer_value();
-    let n = func
-        .get_nth_param(2)
-        .ok_or("missing param")?
-        .into_int_value();
-    let load_ptr = |base: PointerValue<'ctx>, i: usize| -> R<PointerValue<'ctx>> {
-        // SAFETY (of the generated code): the caller passes one pointer per input/output.
+    let param = |i: u32| func.get_nth_param(i).ok_or("missing param");
+    let ins = param(0)?.into_pointer_value();
+    let outs = param(1)?.into_pointer_value();
+    let n = param(2)?.into_int_value();
+    let m = param(3)?.into_int_value();
+    let strides = param(4)?.into_pointer_value();
+    let load = |base: PointerValue<'ctx>, i: usize, ty: inkwell::types::BasicTypeEnum<'ctx>| {
+        // SAFETY (of the generated code): the caller passes one pointer (and one stride) per
+        // input, one pointer per output.
         let at = unsafe {
-            b.build_in_bounds_gep(ptr, base, &[i64t.const_int(i as u64, false)], "")
+            b.build_in_bounds_gep(ty, base, &[i64t.const_int(i as u64, false)], "")
                 .map_err(e)?
         };
-        Ok(b.build_load(ptr, at, "").map_err(e)?.into_pointer_value())
+        b.build_load(ty, at, "").map_err(e)
     };
-    let in_ptrs = (0..k.inputs.len())
-        .map(|i| load_ptr(ins, i))
+    let in_bases = (0..k.inputs.len())
+        .map(|i| Ok(load(ins, i, ptr.into())?.into_pointer_value()))
         .collect::<R<Vec<_>>>()?;
-    let out_ptrs = (0..k.outputs.len())
-        .map(|i| load_ptr(outs, i))
+    let in_steps = (0..k.inputs.len())
+        .map(|i| Ok(load(strides, i, i64t.into())?.into_int_value()))
         .collect::<R<Vec<_>>>()?;
+    let out_bases = (0..k.outputs.len())
+        .map(|i| Ok(load(outs, i, ptr.into())?.into_pointer_value()))
+        .collect::<R<Vec<_>>>()?;
+    // The run: for r in 0..m, one row.
+    let header = cx.append_basic_block(func, "run");
+    let body = cx.append_basic_block(func, "row");
+    let exit = cx.append_basic_block(func, "done");
+    b.build_unconditional_branch(header).map_err(e)?;
+    b.position_at_end(header);
+    let rphi = b.build_phi(i64t, "r").map_err(e)?;
+    rphi.add_incoming(&[(&i64t.const_zero(), entry)]);
+    let r = rphi.as_basic_value().into_int_value();
+    let more = b
+        .build_int_compare(inkwell::IntPredicate::SLT, r, m, "")
+        .map_err(e)?;
+    b.build_conditional_branch(more, body, exit).map_err(e)?;
+    b.position_at_end(body);
+    let f32t = cx.f32_type();
+    let row_ptr = |base: PointerValue<'ctx>, step: IntValue<'ctx>| -> R<PointerValue<'ctx>> {
+        let off = b.build_int_mul(r, step, "").map_err(e)?;
+        // SAFETY (of the generated code): the caller's pointers cover all `m` rows.
+        unsafe { b.build_gep(f32t, base, &[off], "").map_err(e) }
+    };
+    let in_ptrs = in_bases
+        .iter()
+        .zip(&in_steps)
+        .map(|(&p, &st)| row_ptr(p, st))
+        .collect::<R<Vec<_>>>()?;
+    let out_ptrs = out_bases
+        .iter()
+        .map(|&p| row_ptr(p, n))
+        .collect::<R<Vec<_>>>()?;
+    emit_row(cx, module, &b, k, func, in_ptrs, &out_ptrs, n)?;
+    let r2 = b
+        .build_int_add(r, i64t.const_int(1, false), "")
+        .map_err(e)?;
+    let end = b.get_insert_block().ok_or("builder not positioned")?;
+    rphi.add_incoming(&[(&r2, end)]);
+    b.build_unconditional_branch(header).map_err(e)?;
+    b.position_at_end(exit);
+    b.build_return(None).map_err(e)?;
+    if !func.verify(false) {
+        return Err(format!("LLVM rejected the function {name}"));
+    }
+    Ok(func)
+}
+
+/// Emits one row of `k` (its reduction passes, then the store pass) reading inputs at
+/// `in_ptrs` and writing outputs at `out_ptrs`; the builder is left after the row.
+#[allow(clippy::too_many_arguments)]
+fn emit_row<'ctx>(
+    cx: &'ctx Context,
+    module: &Module<'ctx>,
+    b: &Builder<'ctx>,
+    k: &LoopKernel,
+    func: FunctionValue<'ctx>,
+    in_ptrs: Vec<PointerValue<'ctx>>,
+    out_ptrs: &[PointerValue<'ctx>],
+    n: IntValue<'ctx>,
+) -> R<()> {
+    let i64t = cx.i64_type();
     let nv = b
         .build_and(n, i64t.const_int(!(LANES as u64 - 1), true), "nv")
         .map_err(e)?;
@@ -365,7 +424,7 @@ pub fn define<'ctx>(
     let mut g = Gen {
         cx,
         module,
-        b: &b,
+        b,
         k,
         func,
         in_ptrs,
@@ -434,9 +493,5 @@ pub fn define<'ctx>(
             Ok(vec![])
         })?;
     }
-    b.build_return(None).map_err(e)?;
-    if !func.verify(false) {
-        return Err(format!("LLVM rejected the function {name}"));
-    }
-    Ok(func)
+    Ok(())
 }

@@ -182,61 +182,27 @@ fn transpose(
             return None;
         }
     }
-    let st = kiln_ir::tensor::strides(shape);
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-    let in_st: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
     let total = src.len();
     if total == 0 || rank == 0 {
         return Some(vec![Tensor::from_vec(out_shape, src.to_vec())]);
     }
-    let inner = out_shape[rank - 1];
-    let ist = in_st[rank - 1];
-    let outer = &out_shape[..rank - 1];
-    let rows = total / inner;
-    // Into the planned region, or fresh memory left uninitialised: every output row is
-    // written below (by exactly one range).
+    let plan = crate::native::permute::Permute::new(shape, &perm);
+    let units = plan.units();
+    // Into the planned region, or fresh memory left uninitialised: every output value is
+    // written below (by exactly one range of units).
     let fill = |out: &mut [std::mem::MaybeUninit<f32>]| -> Result<(), std::convert::Infallible> {
         let dst = SharedMut::new(out.as_mut_ptr().cast());
-        // Output rows `lo..hi`: the odometer over the outer dims starts at row `lo`.
-        let run = |lo: usize, hi: usize| {
-            let mut idx = vec![0usize; rank - 1];
-            let mut rest = lo;
-            for d in (0..outer.len()).rev() {
-                idx[d] = rest % outer[d];
-                rest /= outer[d];
-            }
-            let mut off: usize = idx.iter().zip(&in_st).map(|(i, s)| i * s).sum();
-            for r in lo..hi {
-                // SAFETY: row `r < rows` of the `rows · inner = total` reserved values, written
-                // by this range only.
-                let row =
-                    unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * inner), inner) };
-                if ist == 1 {
-                    row.copy_from_slice(&src[off..off + inner]);
-                } else {
-                    for (j, y) in row.iter_mut().enumerate() {
-                        *y = src[off + j * ist];
-                    }
-                }
-                for d in (0..outer.len()).rev() {
-                    idx[d] += 1;
-                    off += in_st[d];
-                    if idx[d] < outer[d] {
-                        break;
-                    }
-                    off -= in_st[d] * outer[d];
-                    idx[d] = 0;
-                }
-            }
-        };
-        if total >= PAR_MIN_MOVE && pool.threads() > 1 && rows > 1 {
-            pool.parallel_ranges(rows, |r| run(r.start, r.end));
+        // SAFETY: `out` holds `total` values; each range of units is written by one task.
+        let run = |lo: usize, hi: usize| unsafe { plan.run(src, dst.get(), lo, hi) };
+        if total >= PAR_MIN_MOVE && pool.threads() > 1 && units > 1 {
+            pool.parallel_ranges(units, |r| run(r.start, r.end));
         } else {
-            run(0, rows);
+            run(0, units);
         }
         Ok(())
     };
-    // SAFETY: the ranges above cover rows `0..rows`, each writing its `inner` values.
+    // SAFETY: the ranges above cover every unit, so every output value.
     let Ok(out) = unsafe { y.write_f32(0, total, fill) };
     Some(vec![Tensor::from_buf(out_shape, out)])
 }

@@ -1,16 +1,45 @@
-//! Running a compiled row function (`fn(in_ptrs, out_ptrs, n)`, one call per row of a loop
-//! kernel's domain: the ABI both the Cranelift JIT and LLVM AOT backends emit) over every
-//! row, split across a [`ParallelFor`] when the kernel is big enough to pay for it.
+//! Running a compiled row function (`fn(in_ptrs, out_ptrs, n, m, in_strides)`, one call per
+//! run of `m` rows of a loop kernel's domain: the ABI both the Cranelift JIT and LLVM AOT
+//! backends emit) over every row, split across a [`ParallelFor`] when the kernel is big
+//! enough to pay for it.
 
 use super::arena::Outputs;
 use super::par::{ParallelFor, Serial};
+use crate::native::vmath::{self, Isa};
 use crate::pool::SharedMut;
 use kiln_ir::{Buf, Tensor};
 use kiln_plan::layout::LoopShape;
 use kiln_plan::loop_ir::{Expr, LoopKernel, UnOp};
+use kiln_plan::vmath::Func;
 
-/// A compiled row function: `fn(in_ptrs, out_ptrs, n)`.
-pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64);
+/// A compiled row function: `fn(in_ptrs, out_ptrs, n, m, in_strides)` computes `m` rows of
+/// `n` elements. Row `r < m` reads input `i` from `in_ptrs[i] + r * in_strides[i]` (elements;
+/// 0 where the input is broadcast across rows) and writes output `o` at
+/// `out_ptrs[o] + r * n`.
+pub type RowFn = unsafe extern "C" fn(*const *const f32, *const *mut f32, i64, i64, *const i64);
+
+/// A vector-math function the runtime applies to a kernel's only output, run by run, right
+/// after the row function wrote it: the JIT leaves an output's root transcendental to the
+/// runtime's AVX-512/AVX2 routines (Cranelift's vectors are 4 lanes). Both compute the same
+/// recipe (`kiln_plan::vmath`), so the bits do not depend on who applies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostMap {
+    /// The function.
+    pub func: Func,
+    /// Where it runs ([`Isa::available`] on this CPU).
+    pub isa: Isa,
+}
+
+impl PostMap {
+    /// `func` on the widest instruction set this CPU has, or `None` with neither AVX2 nor
+    /// AVX-512 (the JIT's 4-lane inline code then beats a scalar map).
+    pub fn widest(func: Func) -> Option<PostMap> {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.available())
+            .map(|isa| PostMap { func, isa })
+    }
+}
 
 /// Estimated work (domain elements × expression evaluations per element, all passes)
 /// below which a loop kernel runs on the calling thread. A layer_norm over 128×768 is
@@ -25,8 +54,21 @@ const TASKS_PER_THREAD: usize = 4;
 const TRANSCENDENTAL_WEIGHT: usize = 16;
 
 /// Runs a compiled row function over every row of the bound domain, on the calling thread.
-pub fn run_row_fn(f: RowFn, k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
-    run_rows(f, k, inputs, &Serial, usize::MAX, &mut Outputs::none())
+pub fn run_row_fn(
+    f: RowFn,
+    post: Option<PostMap>,
+    k: &LoopKernel,
+    inputs: &[&Tensor],
+) -> Result<Vec<Tensor>, String> {
+    run_rows(
+        f,
+        post,
+        k,
+        inputs,
+        &Serial,
+        usize::MAX,
+        &mut Outputs::none(),
+    )
 }
 
 /// Runs a compiled row function, splitting the rows through `par` when the kernel's
@@ -35,12 +77,13 @@ pub fn run_row_fn(f: RowFn, k: &LoopKernel, inputs: &[&Tensor]) -> Result<Vec<Te
 /// results are bit-identical for any thread count.
 pub fn run_row_fn_par(
     f: RowFn,
+    post: Option<PostMap>,
     k: &LoopKernel,
     inputs: &[&Tensor],
     par: &dyn ParallelFor,
     out: &mut Outputs,
 ) -> Result<Vec<Tensor>, String> {
-    run_rows(f, k, inputs, par, PAR_MIN_WORK, out)
+    run_rows(f, post, k, inputs, par, PAR_MIN_WORK, out)
 }
 
 /// The work estimate of one domain element of `k` (see [`PAR_MIN_WORK`]).
@@ -69,9 +112,11 @@ fn un_weight(op: UnOp) -> usize {
 }
 
 /// Runs `f` over every row, splitting through `par` when the estimated work reaches
-/// `min_work`; outputs go to their regions in `out` where they have one.
+/// `min_work`; outputs go to their regions in `out` where they have one. `post`, when
+/// given, is applied to the kernel's only output after each run.
 pub fn run_rows(
     f: RowFn,
+    post: Option<PostMap>,
     k: &LoopKernel,
     inputs: &[&Tensor],
     par: &dyn ParallelFor,
@@ -84,6 +129,14 @@ pub fn run_rows(
         .map(|t| t.as_slice::<f32>().ok_or("loop kernel input is not f32"))
         .collect::<Result<_, _>>()?;
     let (n, numel) = (ls.n, ls.numel());
+    if let Some(p) = post {
+        if k.outputs.len() != 1 {
+            return Err("a post-map needs a kernel with one output".into());
+        }
+        if !p.isa.available() {
+            return Err(format!("a post-map on {:?}, which this CPU lacks", p.isa));
+        }
+    }
     // An output's planned region, else fresh memory left uninitialised: the row function
     // writes all `n` values of every row (zeroing first cost as much as a simple
     // elementwise kernel itself).
@@ -103,21 +156,42 @@ pub fn run_rows(
             None => SharedMut::new(o.spare_capacity_mut().as_mut_ptr().cast()),
         })
         .collect();
+    let run_strides: Vec<i64> = ls
+        .run_strides()
+        .into_iter()
+        .map(|st| i64::try_from(st).map_err(|_| "input stride too large"))
+        .collect::<Result<_, _>>()?;
     let run_range = |lo: usize, hi: usize| {
         let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
         let mut out_ptrs: Vec<*mut f32> = vec![std::ptr::null_mut(); bases.len()];
-        ls.for_rows(lo, hi, |row, offs| {
+        ls.for_row_runs(lo, hi, |row, offs, m| {
             for ((p, d), &o) in in_ptrs.iter_mut().zip(&data).zip(offs) {
                 // `bind` checked that every row read (o..o+n, or o alone when broadcast)
-                // lies inside the input.
+                // lies inside the input, the run's later rows included.
                 *p = d[o..].as_ptr();
             }
             for (p, b) in out_ptrs.iter_mut().zip(&bases) {
-                // SAFETY: row < rows, so row * n + n <= numel, the buffer's length.
+                // SAFETY: row + m <= rows, so (row + m) * n <= numel, the buffer's length.
                 *p = unsafe { b.get().add(row * n) };
             }
-            // SAFETY: pointers cover `n` elements (or one, for broadcast inputs) per `bind`.
-            unsafe { f(in_ptrs.as_ptr(), out_ptrs.as_ptr(), n_i64) };
+            // SAFETY: pointers cover the run's `m` rows of `n` elements (or one element per
+            // row, for inputs broadcast along the row) per `bind`; `m` fits i64 as rows do.
+            unsafe {
+                f(
+                    in_ptrs.as_ptr(),
+                    out_ptrs.as_ptr(),
+                    n_i64,
+                    m as i64,
+                    run_strides.as_ptr(),
+                )
+            };
+            if let Some(p) = post {
+                // SAFETY: the call above wrote the run's m·n values of the only output,
+                // which no other range touches.
+                let ys = unsafe { std::slice::from_raw_parts_mut(out_ptrs[0], m * n) };
+                let done = vmath::map(p.func, p.isa, ys);
+                debug_assert!(done, "the isa was checked above");
+            }
         });
     };
     let work = ls.numel().saturating_mul(work_per_element(k));

@@ -19,6 +19,7 @@ pub mod layout;
 pub mod linear_attention;
 pub mod linear_scan;
 pub mod norm;
+pub mod permute;
 pub mod pool;
 pub mod quant;
 pub mod reduce;

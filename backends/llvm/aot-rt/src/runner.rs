@@ -59,7 +59,7 @@ impl LoopRunner for AotRunner {
         out: &mut kiln_runtime::executor::arena::Outputs,
     ) -> Result<Vec<Tensor>, String> {
         match self.fns.get(index).copied().flatten() {
-            Some(f) => run_row_fn_par(f, k, inputs, &self.pool, out),
+            Some(f) => run_row_fn_par(f, None, k, inputs, &self.pool, out),
             None => kiln_plan::eval::run_loop(k, inputs),
         }
     }
