@@ -41,6 +41,10 @@ impl PostMap {
     }
 }
 
+/// Values per call of a post-mapped kernel (16 KiB of f32: the output is still in L1 when
+/// the map reads it back).
+const POST_CHUNK: usize = 4096;
+
 /// Estimated work (domain elements × expression evaluations per element, all passes)
 /// below which a loop kernel runs on the calling thread. A layer_norm over 128×768 is
 /// about 4.5M units and runs in ~0.07 ms serially; the pool's workers spin between a run's
@@ -161,36 +165,46 @@ pub fn run_rows(
         .into_iter()
         .map(|st| i64::try_from(st).map_err(|_| "input stride too large"))
         .collect::<Result<_, _>>()?;
+    let rows_per_call = match post {
+        Some(_) => (POST_CHUNK / n.max(1)).max(1),
+        None => usize::MAX,
+    };
     let run_range = |lo: usize, hi: usize| {
         let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
         let mut out_ptrs: Vec<*mut f32> = vec![std::ptr::null_mut(); bases.len()];
         ls.for_row_runs(lo, hi, |row, offs, m| {
-            for ((p, d), &o) in in_ptrs.iter_mut().zip(&data).zip(offs) {
-                // `bind` checked that every row read (o..o+n, or o alone when broadcast)
-                // lies inside the input, the run's later rows included.
-                *p = d[o..].as_ptr();
-            }
-            for (p, b) in out_ptrs.iter_mut().zip(&bases) {
-                // SAFETY: row + m <= rows, so (row + m) * n <= numel, the buffer's length.
-                *p = unsafe { b.get().add(row * n) };
-            }
-            // SAFETY: pointers cover the run's `m` rows of `n` elements (or one element per
-            // row, for inputs broadcast along the row) per `bind`; `m` fits i64 as rows do.
-            unsafe {
-                f(
-                    in_ptrs.as_ptr(),
-                    out_ptrs.as_ptr(),
-                    n_i64,
-                    m as i64,
-                    run_strides.as_ptr(),
-                )
-            };
-            if let Some(p) = post {
-                // SAFETY: the call above wrote the run's m·n values of the only output,
-                // which no other range touches.
-                let ys = unsafe { std::slice::from_raw_parts_mut(out_ptrs[0], m * n) };
-                let done = vmath::map(p.func, p.isa, ys);
-                debug_assert!(done, "the isa was checked above");
+            // A post-mapped run is cut into calls of about POST_CHUNK values, so the map
+            // reads what the row function just wrote from L1.
+            for s0 in (0..m).step_by(rows_per_call) {
+                let mm = rows_per_call.min(m - s0);
+                for (((p, d), &o), &st) in in_ptrs.iter_mut().zip(&data).zip(offs).zip(&run_strides)
+                {
+                    // `bind` checked that every row read (o..o+n, or o alone when broadcast)
+                    // lies inside the input, the run's later rows included.
+                    *p = d[o + s0 * st as usize..].as_ptr();
+                }
+                for (p, b) in out_ptrs.iter_mut().zip(&bases) {
+                    // SAFETY: row + m <= rows, so (row + m) * n <= numel, the buffer's length.
+                    *p = unsafe { b.get().add((row + s0) * n) };
+                }
+                // SAFETY: pointers cover `mm` rows of `n` elements (or one element per row,
+                // for inputs broadcast along the row) per `bind`; `mm` fits i64 as rows do.
+                unsafe {
+                    f(
+                        in_ptrs.as_ptr(),
+                        out_ptrs.as_ptr(),
+                        n_i64,
+                        mm as i64,
+                        run_strides.as_ptr(),
+                    )
+                };
+                if let Some(p) = post {
+                    // SAFETY: the call above wrote these mm·n values of the only output,
+                    // which no other range touches.
+                    let ys = unsafe { std::slice::from_raw_parts_mut(out_ptrs[0], mm * n) };
+                    let done = vmath::map(p.func, p.isa, ys);
+                    debug_assert!(done, "the isa was checked above");
+                }
             }
         });
     };
