@@ -401,6 +401,12 @@ fn compile_loop_as(
 }
 
 impl LoopFn {
+    /// The vector-math function the runtime maps over the output after the compiled code,
+    /// if the kernel's root transcendental was left to it.
+    pub fn post_map(&self) -> Option<kiln_plan::vmath::Func> {
+        self.post.map(|p| p.func)
+    }
+
     /// Runs the kernel on its inputs (one per kernel input), on the calling thread.
     pub fn run(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         run_row_fn(self.f, self.post, &self.kernel, inputs)

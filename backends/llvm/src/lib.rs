@@ -1,5 +1,5 @@
 //! kiln-llvm: the ahead-of-time backend. [`build_library`] partitions an optimised graph,
-//! lowers every loop kernel to LLVM IR ([`codegen`]), optimises with `default<O3>` for the
+//! lowers every loop kernel to LLVM IR ([`codegen`]), optimises with `default<O2>` for the
 //! chosen CPU, emits an object file and links it with the serialized model and the
 //! `kiln-aot-rt` static runtime into a shared library with a C ABI ([`header`] documents
 //! it). [`AotLibrary`] loads such a library back into a Rust process.
