@@ -1,7 +1,7 @@
 //! Binding a loop kernel to run-time tensors: the concrete domain (symbolic dims bound
 //! from the inputs), the row length, and each input's element offset for every row.
 
-use crate::loop_ir::{InnerAccess, LoopKernel};
+use crate::loop_ir::{Expr, InnerAccess, LoopKernel};
 use kiln_ir::{DType, Dim, Tensor};
 
 /// A loop kernel's concrete iteration space for one call.
@@ -9,13 +9,23 @@ use kiln_ir::{DType, Dim, Tensor};
 pub struct LoopShape {
     /// The concrete domain shape (every output's shape).
     pub shape: Vec<usize>,
-    /// The inner row length (the domain's last dim; 1 for rank 0).
+    /// The row length: the domain's last dim (1 for rank 0), times the outer dims folded
+    /// into it ([`MIN_ROW`]).
     pub n: usize,
-    /// Number of rows (the product of the other dims).
+    /// Number of rows (the product of the outer dims).
     pub rows: usize,
-    /// Per input: its element stride for each outer domain dim (0 where broadcast).
+    /// The outer dims: the domain's dims before the row, less those folded into it.
+    outer: Vec<usize>,
+    /// Per input: its element stride for each outer dim (0 where broadcast).
     strides: Vec<Vec<usize>>,
 }
+
+/// Rows shorter than this take in the outer dims next to them where every input continues
+/// its row there (contiguous inputs) or stays put (inputs broadcast along the row), unless
+/// the kernel's meaning depends on the row (a reduction, the row length): a domain like
+/// `[64, 1, 512, 1]` is then one row of 32,768 values, not 32,768 rows of one. Rows are not
+/// merged past this, so a big kernel keeps rows to split between threads.
+pub const MIN_ROW: usize = 1024;
 
 impl LoopShape {
     /// Binds `k` to `inputs` (one per kernel input, in order), checking dtypes, the static
@@ -103,10 +113,37 @@ impl LoopShape {
             }
             strides.push(st);
         }
+        let mut outer = shape[..rank.saturating_sub(1)].to_vec();
+        let (mut n, mut rows) = (n, rows);
+        let row_bound = !k.reductions.is_empty()
+            || k.exprs
+                .iter()
+                .any(|e| matches!(e, Expr::RowLen | Expr::Reduced(_)));
+        while let (Some(&d), false) = (outer.last(), row_bound) {
+            let last = outer.len() - 1;
+            let continues = d == 1
+                || k.inputs
+                    .iter()
+                    .zip(&strides)
+                    .all(|(spec, st)| match spec.inner {
+                        InnerAccess::Contiguous => st[last] == n,
+                        InnerAccess::Broadcast => st[last] == 0,
+                    });
+            if d == 0 || n == 0 || n >= MIN_ROW || !continues {
+                break;
+            }
+            n *= d;
+            rows /= d;
+            outer.pop();
+            for st in &mut strides {
+                st.pop();
+            }
+        }
         Ok(LoopShape {
             shape,
             n,
             rows,
+            outer,
             strides,
         })
     }
@@ -135,7 +172,7 @@ impl LoopShape {
         if self.n == 0 || lo >= hi {
             return;
         }
-        let outer = &self.shape[..self.shape.len().saturating_sub(1)];
+        let outer = &self.outer;
         let Some(&run_len) = outer.last() else {
             // No outer dims: the single row is its own run.
             f(lo, &vec![0; self.strides.len()], 1);
@@ -194,7 +231,7 @@ impl LoopShape {
         if self.n == 0 || lo >= hi {
             return;
         }
-        let outer = &self.shape[..self.shape.len().saturating_sub(1)];
+        let outer = &self.outer;
         // The odometer position of row `lo`.
         let mut idx = vec![0usize; outer.len()];
         let mut rest = lo;
@@ -229,7 +266,61 @@ impl LoopShape {
 
 #[cfg(test)]
 mod tests {
-    use super::LoopShape;
+    use super::{LoopShape, MIN_ROW};
+    use crate::loop_ir::{BinOp, Expr, InnerAccess, LoopKernel, RedOp};
+    use kiln_ir::{Dim, Tensor, ValueId};
+
+    /// `x + y` over a domain of `dims`, `y` read with `y_inner`; with `reduce`, a row sum too.
+    fn add_kernel(dims: &[u64], y_inner: InnerAccess, reduce: bool) -> LoopKernel {
+        let mut k = LoopKernel::new(dims.iter().map(|&d| Dim::Fixed(d)).collect());
+        let x = k.load(ValueId(0), InnerAccess::Contiguous);
+        let y = k.load(ValueId(1), y_inner);
+        let mut e = k.push(Expr::Bin(BinOp::Add, x, y));
+        if reduce {
+            let r = k.reduce(RedOp::Sum, x);
+            e = k.push(Expr::Bin(BinOp::Add, e, r));
+        }
+        k.outputs.push((ValueId(2), e));
+        k
+    }
+
+    fn zeros(shape: &[usize]) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), vec![0.0f32; shape.iter().product()])
+    }
+
+    #[test]
+    fn short_rows_take_in_the_outer_dims_their_inputs_continue_in() {
+        // Trailing and inner 1s, all contiguous: one row of everything.
+        let k = add_kernel(&[64, 1, 512, 1], InnerAccess::Contiguous, false);
+        let (x, y) = (zeros(&[64, 1, 512, 1]), zeros(&[64, 1, 512, 1]));
+        let ls = LoopShape::bind(&k, &[&x, &y]).unwrap();
+        assert_eq!(
+            (ls.n, ls.rows, ls.shape.clone()),
+            (64 * 512, 1, vec![64, 1, 512, 1])
+        );
+        // y broadcast along the row ([64, 512, 1]): it changes from row to row, so nothing
+        // merges past its row dim.
+        let k = add_kernel(&[64, 512, 16], InnerAccess::Broadcast, false);
+        let (x, y) = (zeros(&[64, 512, 16]), zeros(&[64, 512, 1]));
+        let ls = LoopShape::bind(&k, &[&x, &y]).unwrap();
+        assert_eq!((ls.n, ls.rows), (16, 64 * 512));
+        // y a row vector shared by every row: x continues, y does not.
+        let k = add_kernel(&[8, 16], InnerAccess::Contiguous, false);
+        let (x, y) = (zeros(&[8, 16]), zeros(&[16]));
+        let ls = LoopShape::bind(&k, &[&x, &y]).unwrap();
+        assert_eq!((ls.n, ls.rows), (16, 8));
+        // A row reduction keeps its rows.
+        let k = add_kernel(&[64, 1, 8], InnerAccess::Contiguous, true);
+        let (x, y) = (zeros(&[64, 1, 8]), zeros(&[64, 1, 8]));
+        let ls = LoopShape::bind(&k, &[&x, &y]).unwrap();
+        assert_eq!((ls.n, ls.rows), (8, 64));
+        // Rows stop growing at MIN_ROW, so big kernels keep rows for the threads.
+        let k = add_kernel(&[64, 80, 80], InnerAccess::Contiguous, false);
+        let (x, y) = (zeros(&[64, 80, 80]), zeros(&[64, 80, 80]));
+        let ls = LoopShape::bind(&k, &[&x, &y]).unwrap();
+        assert!(ls.n >= MIN_ROW && ls.rows > 1, "{ls:?}");
+        assert_eq!((ls.n, ls.rows), (6400, 64));
+    }
 
     /// Every (row, offsets) of `for_rows`, expanded from the runs of `for_row_runs`.
     fn expanded_runs(ls: &LoopShape, lo: usize, hi: usize) -> Vec<(usize, Vec<usize>)> {
@@ -255,6 +346,7 @@ mod tests {
             shape: vec![3, 4, 5, 2],
             n: 2,
             rows: 60,
+            outer: vec![3, 4, 5],
             strides: vec![vec![40, 10, 2], vec![10, 0, 2], vec![8, 2, 0]],
         };
         for (lo, hi) in [
@@ -275,6 +367,7 @@ mod tests {
             shape: vec![7],
             n: 7,
             rows: 1,
+            outer: vec![],
             strides: vec![vec![]],
         };
         assert_eq!(expanded_runs(&ls, 0, 1), vec![(0, vec![0])]);

@@ -174,10 +174,13 @@ pub fn inner_access(dims: &[Dim], domain: &[Dim]) -> Option<InnerAccess> {
             return None;
         }
     }
-    match dims.last() {
-        None => Some(InnerAccess::Broadcast),
-        Some(Dim::Fixed(1)) => Some(InnerAccess::Broadcast),
-        Some(_) => Some(InnerAccess::Contiguous),
+    match (dims.last(), domain.last()) {
+        (None, _) => Some(InnerAccess::Broadcast),
+        // Rows of one value: the input's row is the domain's, read as contiguous so that
+        // the run can fold such rows together (`LoopShape::bind`).
+        (Some(Dim::Fixed(1)), Some(Dim::Fixed(1))) => Some(InnerAccess::Contiguous),
+        (Some(Dim::Fixed(1)), _) => Some(InnerAccess::Broadcast),
+        (Some(_), _) => Some(InnerAccess::Contiguous),
     }
 }
 
