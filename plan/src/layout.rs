@@ -3,6 +3,11 @@
 
 use crate::loop_ir::{Expr, InnerAccess, LoopKernel};
 use kiln_ir::{DType, Dim, Tensor};
+use smallvec::SmallVec;
+
+/// Per-dim or per-input numbers of one binding, inline up to rank 6 / 6 inputs (a loop
+/// kernel is bound once per call; on graphs of small kernels the heap traffic showed).
+pub type Small = SmallVec<[usize; 6]>;
 
 /// A loop kernel's concrete iteration space for one call.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,9 +20,9 @@ pub struct LoopShape {
     /// Number of rows (the product of the outer dims).
     pub rows: usize,
     /// The outer dims: the domain's dims before the row, less those folded into it.
-    outer: Vec<usize>,
+    outer: Small,
     /// Per input: its element stride for each outer dim (0 where broadcast).
-    strides: Vec<Vec<usize>>,
+    strides: SmallVec<[Small; 6]>,
 }
 
 /// Rows shorter than this take in the outer dims next to them where every input continues
@@ -83,7 +88,7 @@ impl LoopShape {
             rows = rows.checked_mul(d).ok_or("domain size overflows")?;
         }
         rows.checked_mul(n).ok_or("domain size overflows")?;
-        let mut strides = vec![];
+        let mut strides: SmallVec<[Small; 6]> = SmallVec::new();
         for (t, spec) in inputs.iter().zip(&k.inputs) {
             let off = rank - t.rank();
             let last = if t.rank() == 0 {
@@ -102,7 +107,7 @@ impl LoopShape {
                     spec.inner
                 ));
             }
-            let mut st = vec![0usize; rank.saturating_sub(1)];
+            let mut st: Small = smallvec::smallvec![0usize; rank.saturating_sub(1)];
             let mut acc = 1usize;
             for i in (0..t.rank()).rev() {
                 let d = t.shape()[i];
@@ -113,7 +118,7 @@ impl LoopShape {
             }
             strides.push(st);
         }
-        let mut outer = shape[..rank.saturating_sub(1)].to_vec();
+        let mut outer: Small = shape[..rank.saturating_sub(1)].iter().copied().collect();
         let (mut n, mut rows) = (n, rows);
         let row_bound = !k.reductions.is_empty()
             || k.exprs
@@ -155,7 +160,7 @@ impl LoopShape {
 
     /// Per input: its element stride between consecutive rows of a run (the stride of the
     /// domain's last outer dim; 0 where broadcast, and for a domain without outer dims).
-    pub fn run_strides(&self) -> Vec<usize> {
+    pub fn run_strides(&self) -> Small {
         self.strides
             .iter()
             .map(|st| st.last().copied().unwrap_or(0))
@@ -175,17 +180,18 @@ impl LoopShape {
         let outer = &self.outer;
         let Some(&run_len) = outer.last() else {
             // No outer dims: the single row is its own run.
-            f(lo, &vec![0; self.strides.len()], 1);
+            let zeros: Small = smallvec::smallvec![0; self.strides.len()];
+            f(lo, &zeros, 1);
             return;
         };
         let last = outer.len() - 1;
-        let mut idx = vec![0usize; outer.len()];
+        let mut idx: Small = smallvec::smallvec![0usize; outer.len()];
         let mut rest = lo;
         for d in (0..outer.len()).rev() {
             idx[d] = rest % outer[d];
             rest /= outer[d];
         }
-        let mut offs: Vec<usize> = self
+        let mut offs: Small = self
             .strides
             .iter()
             .map(|st| idx.iter().zip(st).map(|(i, s)| i * s).sum())
@@ -233,13 +239,13 @@ impl LoopShape {
         }
         let outer = &self.outer;
         // The odometer position of row `lo`.
-        let mut idx = vec![0usize; outer.len()];
+        let mut idx: Small = smallvec::smallvec![0usize; outer.len()];
         let mut rest = lo;
         for d in (0..outer.len()).rev() {
             idx[d] = rest % outer[d];
             rest /= outer[d];
         }
-        let mut offs: Vec<usize> = self
+        let mut offs: Small = self
             .strides
             .iter()
             .map(|st| idx.iter().zip(st).map(|(i, s)| i * s).sum())
@@ -266,7 +272,7 @@ impl LoopShape {
 
 #[cfg(test)]
 mod tests {
-    use super::{LoopShape, MIN_ROW};
+    use super::{LoopShape, Small, MIN_ROW};
     use crate::loop_ir::{BinOp, Expr, InnerAccess, LoopKernel, RedOp};
     use kiln_ir::{Dim, Tensor, ValueId};
 
@@ -346,8 +352,11 @@ mod tests {
             shape: vec![3, 4, 5, 2],
             n: 2,
             rows: 60,
-            outer: vec![3, 4, 5],
-            strides: vec![vec![40, 10, 2], vec![10, 0, 2], vec![8, 2, 0]],
+            outer: [3, 4, 5].into_iter().collect(),
+            strides: [[40, 10, 2], [10, 0, 2], [8, 2, 0]]
+                .into_iter()
+                .map(|st| st.into_iter().collect())
+                .collect(),
         };
         for (lo, hi) in [
             (0, 60),
@@ -367,8 +376,8 @@ mod tests {
             shape: vec![7],
             n: 7,
             rows: 1,
-            outer: vec![],
-            strides: vec![vec![]],
+            outer: Small::new(),
+            strides: [Small::new()].into_iter().collect(),
         };
         assert_eq!(expanded_runs(&ls, 0, 1), vec![(0, vec![0])]);
     }

@@ -113,6 +113,16 @@ pub struct CpuPlan {
     last_use: Vec<usize>,
     /// Per value: whether it is a graph output.
     is_output: Vec<bool>,
+    /// Per kernel: its input and output values, listed once (a body plan runs its kernels
+    /// once per iteration).
+    kernel_ids: Vec<KernelIds>,
+}
+
+/// A kernel's input values (as a node's optional inputs) and output values.
+#[derive(Debug)]
+struct KernelIds {
+    ins: Vec<Option<ValueId>>,
+    outs: Vec<ValueId>,
 }
 
 /// Per value: the last kernel of `plan` that reads it (`usize::MAX` for values no kernel
@@ -224,6 +234,20 @@ impl CpuPlan {
             })
             .collect();
         let (last_use, is_output) = value_uses(&plan);
+        let kernel_ids = plan
+            .kernels
+            .iter()
+            .map(|k| match k {
+                Kernel::Loop(l) => KernelIds {
+                    ins: l.inputs.iter().map(|i| Some(i.value)).collect(),
+                    outs: l.outputs.iter().map(|o| o.0).collect(),
+                },
+                Kernel::Contraction(n) | Kernel::Fallback(n) => KernelIds {
+                    ins: plan.graph.nodes[*n].inputs.clone(),
+                    outs: plan.graph.nodes[*n].outputs.clone(),
+                },
+            })
+            .collect();
         CpuPlan {
             plan,
             contractions,
@@ -232,6 +256,7 @@ impl CpuPlan {
             arenas: Default::default(),
             last_use,
             is_output,
+            kernel_ids,
         }
     }
 
@@ -512,11 +537,8 @@ impl CpuPlan {
                 }
             }
             // Borrowed from the node where it has them (no allocation per kernel).
-            let ins_ids: Cow<'_, [Option<ValueId>]> = match k {
-                Kernel::Loop(l) => l.inputs.iter().map(|i| Some(i.value)).collect(),
-                Kernel::Contraction(n) | Kernel::Fallback(n) => Cow::Borrowed(&g.nodes[*n].inputs),
-            };
-            let ins: Vec<Option<&Tensor>> = ins_ids
+            let ins_ids: &[Option<ValueId>] = &self.kernel_ids[ki].ins;
+            let ins: smallvec::SmallVec<[Option<&Tensor>; 6]> = ins_ids
                 .iter()
                 .map(|i| i.and_then(|i| env[i.index()].as_deref()))
                 .collect();
@@ -539,10 +561,7 @@ impl CpuPlan {
                     )));
                 }
             }
-            let out_ids: Cow<'_, [ValueId]> = match k {
-                Kernel::Loop(l) => l.outputs.iter().map(|o| o.0).collect(),
-                Kernel::Contraction(n) | Kernel::Fallback(n) => Cow::Borrowed(&g.nodes[*n].outputs),
-            };
+            let out_ids: &[ValueId] = &self.kernel_ids[ki].outs;
             // The outputs' arena regions. Not for static kernels (the memo keeps their
             // values), nor for graph outputs (returned to the caller), which the layout
             // leaves out: they take pooled memory that comes back when the caller drops it.
@@ -550,7 +569,7 @@ impl CpuPlan {
                 // SAFETY: `layout` was recorded for these input shapes, and every value is
                 // dropped from `env` at its last use, which is where its interval ends.
                 (Some(b), Some(l), None) => unsafe {
-                    super::arena::Outputs::planned(b, l, &out_ids)
+                    super::arena::Outputs::planned(b, l, out_ids)
                 },
                 _ => super::arena::Outputs::none(),
             };

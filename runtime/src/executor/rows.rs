@@ -11,6 +11,7 @@ use kiln_ir::{Buf, Tensor};
 use kiln_plan::layout::LoopShape;
 use kiln_plan::loop_ir::{Expr, LoopKernel, UnOp};
 use kiln_plan::vmath::Func;
+use smallvec::{smallvec, SmallVec};
 
 /// A compiled row function: `fn(in_ptrs, out_ptrs, n, m, in_strides)` computes `m` rows of
 /// `n` elements. Row `r < m` reads input `i` from `in_ptrs[i] + r * in_strides[i]` (elements;
@@ -128,7 +129,7 @@ pub fn run_rows(
     out: &mut Outputs,
 ) -> Result<Vec<Tensor>, String> {
     let ls = LoopShape::bind(k, inputs)?;
-    let data: Vec<&[f32]> = inputs
+    let data: SmallVec<[&[f32]; 6]> = inputs
         .iter()
         .map(|t| t.as_slice::<f32>().ok_or("loop kernel input is not f32"))
         .collect::<Result<_, _>>()?;
@@ -144,15 +145,15 @@ pub fn run_rows(
     // An output's planned region, else fresh memory left uninitialised: the row function
     // writes all `n` values of every row (zeroing first cost as much as a simple
     // elementwise kernel itself).
-    let mut regions: Vec<Option<Buf<f32>>> = (0..k.outputs.len())
+    let mut regions: SmallVec<[Option<Buf<f32>>; 2]> = (0..k.outputs.len())
         .map(|i| out.region::<f32>(i, numel))
         .collect();
-    let mut outs: Vec<Vec<f32>> = regions
+    let mut outs: SmallVec<[Vec<f32>; 2]> = regions
         .iter()
         .map(|r| Vec::with_capacity(if r.is_some() { 0 } else { numel }))
         .collect();
     let n_i64 = i64::try_from(n).map_err(|_| "row too long")?;
-    let bases: Vec<SharedMut> = regions
+    let bases: SmallVec<[SharedMut; 2]> = regions
         .iter_mut()
         .zip(outs.iter_mut())
         .map(|(r, o)| match r {
@@ -160,7 +161,7 @@ pub fn run_rows(
             None => SharedMut::new(o.spare_capacity_mut().as_mut_ptr().cast()),
         })
         .collect();
-    let run_strides: Vec<i64> = ls
+    let run_strides: SmallVec<[i64; 6]> = ls
         .run_strides()
         .into_iter()
         .map(|st| i64::try_from(st).map_err(|_| "input stride too large"))
@@ -170,8 +171,8 @@ pub fn run_rows(
         None => usize::MAX,
     };
     let run_range = |lo: usize, hi: usize| {
-        let mut in_ptrs: Vec<*const f32> = vec![std::ptr::null(); data.len()];
-        let mut out_ptrs: Vec<*mut f32> = vec![std::ptr::null_mut(); bases.len()];
+        let mut in_ptrs: SmallVec<[*const f32; 6]> = smallvec![std::ptr::null(); data.len()];
+        let mut out_ptrs: SmallVec<[*mut f32; 2]> = smallvec![std::ptr::null_mut(); bases.len()];
         ls.for_row_runs(lo, hi, |row, offs, m| {
             // A post-mapped run is cut into calls of about POST_CHUNK values, so the map
             // reads what the row function just wrote from L1.
