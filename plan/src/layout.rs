@@ -233,40 +233,16 @@ impl LoopShape {
     /// Like [`LoopShape::for_each_row`] for the rows `lo..hi` only (clamped to the domain),
     /// so disjoint row ranges can run on different threads.
     pub fn for_rows(&self, lo: usize, hi: usize, mut f: impl FnMut(usize, &[usize])) {
-        let hi = hi.min(self.rows);
-        if self.n == 0 || lo >= hi {
-            return;
-        }
-        let outer = &self.outer;
-        // The odometer position of row `lo`.
-        let mut idx: Small = smallvec::smallvec![0usize; outer.len()];
-        let mut rest = lo;
-        for d in (0..outer.len()).rev() {
-            idx[d] = rest % outer[d];
-            rest /= outer[d];
-        }
-        let mut offs: Small = self
-            .strides
-            .iter()
-            .map(|st| idx.iter().zip(st).map(|(i, s)| i * s).sum())
-            .collect();
-        for r in lo..hi {
-            f(r, &offs);
-            // Odometer step over the outer dims.
-            for d in (0..outer.len()).rev() {
-                idx[d] += 1;
-                for (o, st) in offs.iter_mut().zip(&self.strides) {
-                    *o += st[d];
+        let st = self.run_strides();
+        let mut row_offs: Small = smallvec::smallvec![0; st.len()];
+        self.for_row_runs(lo, hi, |row, offs, m| {
+            for r in 0..m {
+                for ((o, &base), &s) in row_offs.iter_mut().zip(offs).zip(&st) {
+                    *o = base + r * s;
                 }
-                if idx[d] < outer[d] {
-                    break;
-                }
-                for (o, st) in offs.iter_mut().zip(&self.strides) {
-                    *o -= st[d] * outer[d];
-                }
-                idx[d] = 0;
+                f(row + r, &row_offs);
             }
-        }
+        });
     }
 }
 
@@ -344,6 +320,21 @@ mod tests {
         v
     }
 
+    /// Row `row`'s input offsets by the definition: its index over the outer dims, times
+    /// each input's strides.
+    fn offsets_of(ls: &LoopShape, row: usize) -> Vec<usize> {
+        let mut idx = vec![0; ls.outer.len()];
+        let mut rest = row;
+        for d in (0..ls.outer.len()).rev() {
+            idx[d] = rest % ls.outer[d];
+            rest /= ls.outer[d];
+        }
+        ls.strides
+            .iter()
+            .map(|st| idx.iter().zip(st).map(|(i, s)| i * s).sum())
+            .collect()
+    }
+
     #[test]
     fn row_runs_cover_the_rows_in_order() {
         // Domain [3, 4, 5, n=2]: input 0 contiguous over all of it, input 1 broadcast over
@@ -367,9 +358,12 @@ mod tests {
             (59, 60),
             (10, 10),
         ] {
-            let mut want = vec![];
-            ls.for_rows(lo, hi, |row, offs| want.push((row, offs.to_vec())));
-            assert_eq!(expanded_runs(&ls, lo, hi), want, "rows {lo}..{hi}");
+            let want: Vec<(usize, Vec<usize>)> =
+                (lo..hi.min(60)).map(|r| (r, offsets_of(&ls, r))).collect();
+            assert_eq!(expanded_runs(&ls, lo, hi), want, "runs, rows {lo}..{hi}");
+            let mut rows = vec![];
+            ls.for_rows(lo, hi, |row, offs| rows.push((row, offs.to_vec())));
+            assert_eq!(rows, want, "rows {lo}..{hi}");
         }
         // Rank 1: one row, one run.
         let ls = LoopShape {
