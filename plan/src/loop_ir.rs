@@ -34,6 +34,9 @@ pub enum UnOp {
     /// `gelu(x) = 0.5·x·(1 + erf(x/√2))` (transcendental: one op so that its negative tail,
     /// where `1 + erf` cancels, is computed as `0.5·x·erfc(-x/√2)`; see `crate::vmath`).
     Gelu,
+    /// `softplus(x) = ln(1 + e^x)` (transcendental: one op so that a kernel whose output it
+    /// is can hand it to wider vector code; see `crate::vmath::softplus`).
+    Softplus,
 }
 
 impl UnOp {
@@ -41,7 +44,13 @@ impl UnOp {
     pub fn is_transcendental(self) -> bool {
         matches!(
             self,
-            UnOp::Exp | UnOp::Log | UnOp::Tanh | UnOp::Erf | UnOp::Sigmoid | UnOp::Gelu
+            UnOp::Exp
+                | UnOp::Log
+                | UnOp::Tanh
+                | UnOp::Erf
+                | UnOp::Sigmoid
+                | UnOp::Gelu
+                | UnOp::Softplus
         )
     }
 
@@ -80,8 +89,14 @@ impl UnOp {
                 }
             }
             UnOp::Gelu => gelu_f64(d) as f32,
+            UnOp::Softplus => softplus_f64(d) as f32,
         }
     }
+}
+
+/// `ln(1 + e^x)` in f64 without overflow: `max(x, 0) + ln(1 + e^-|x|)`.
+pub fn softplus_f64(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
 /// erf in f64 to well below f32 resolution: the Maclaurin series near 0 and the

@@ -640,21 +640,9 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
     })
 }
 
-/// softplus(x) = max(x, 0) + log1p(exp(−|x|)), with log1p(u) = log(w) − ((w − 1) − u)/w for
-/// w = 1 + u: the correction restores what rounding `1 + u` lost, so a large negative x
-/// gives exp(x) rather than 0 (as the interpreter's `ln_1p`).
+/// softplus(x) = ln(1 + e^x): one transcendental op (`kiln_plan::vmath::softplus` has the
+/// recipe: max(x, 0) + log1p(exp(−|x|)), the log1p with a correction so that a large negative
+/// x gives exp(x) rather than 0, as the interpreter's `ln_1p`).
 fn softplus(k: &mut LoopKernel, x: ExprId) -> ExprId {
-    let zero = k.konst(0.0);
-    let one = k.konst(1.0);
-    let pos = k.bin(BinOp::Max, x, zero);
-    let a = k.un(UnOp::Abs, x);
-    let na = k.un(UnOp::Neg, a);
-    let u = k.un(UnOp::Exp, na);
-    let w = k.bin(BinOp::Add, one, u);
-    let lw = k.un(UnOp::Log, w);
-    let wm1 = k.bin(BinOp::Sub, w, one);
-    let err = k.bin(BinOp::Sub, wm1, u);
-    let c = k.bin(BinOp::Div, err, w);
-    let l1p = k.bin(BinOp::Sub, lw, c);
-    k.bin(BinOp::Add, pos, l1p)
+    k.un(UnOp::Softplus, x)
 }

@@ -14,7 +14,7 @@ use kiln_ir::{Dim, ValueId};
 pub const PLAN_MAGIC: &[u8; 8] = b"KILNPLN1";
 
 // Append only: a library records the index.
-const UN_OPS: [UnOp; 12] = [
+const UN_OPS: [UnOp; 13] = [
     UnOp::Neg,
     UnOp::Abs,
     UnOp::Sqrt,
@@ -27,6 +27,7 @@ const UN_OPS: [UnOp; 12] = [
     UnOp::Erf,
     UnOp::Sigmoid,
     UnOp::Gelu,
+    UnOp::Softplus,
 ];
 const BIN_OPS: [BinOp; 8] = [
     BinOp::Add,

@@ -33,7 +33,7 @@ pub fn new_module() -> Result<JITModule, String> {
 
 /// The kernel to compile for `k`, and the function the runtime applies to its output after
 /// it: where `k` has one output whose root is a transcendental the runtime maps on wider
-/// registers (exp, log, tanh, sigmoid, erf, gelu, and `x·sigmoid(x)` as silu), the compiled
+/// registers (exp, log, tanh, sigmoid, erf, gelu, softplus, and `x·sigmoid(x)` as silu), the compiled
 /// kernel stops below that root. Otherwise `k` itself and `None`.
 pub fn split_post(k: &LoopKernel) -> (LoopKernel, Option<PostMap>) {
     let whole = (k.clone(), None);
@@ -48,6 +48,7 @@ pub fn split_post(k: &LoopKernel) -> (LoopKernel, Option<PostMap>) {
             UnOp::Sigmoid => (Func::Sigmoid, x),
             UnOp::Erf => (Func::Erf, x),
             UnOp::Gelu => (Func::GeluErf, x),
+            UnOp::Softplus => (Func::Softplus, x),
             _ => return whole,
         },
         // silu(x) = x·sigmoid(x), the recipe's own order of operations (a product is

@@ -97,6 +97,7 @@ fn func(op: UnOp) -> Func {
         UnOp::Sigmoid => Func::Sigmoid,
         UnOp::Erf => Func::Erf,
         UnOp::Gelu => Func::GeluErf,
+        UnOp::Softplus => Func::Softplus,
         _ => unreachable!("{op:?} is not transcendental"),
     }
 }

@@ -11,29 +11,31 @@ use kiln_ir::{Dim, Tensor, ValueId};
 use kiln_llvm::{build_library, AotLibrary, BuildOptions};
 use kiln_plan::vmath::accuracy::{
     self, random_inputs, same_bits, sweep_inputs, Worst, ERF_MAX_ULP, EXP_MAX_ULP, GELU_MAX_ULP,
-    LOG_MAX_ULP, SIGMOID_MAX_ULP, TANH_MAX_ULP,
+    LOG_MAX_ULP, SIGMOID_MAX_ULP, SOFTPLUS_MAX_ULP, TANH_MAX_ULP,
 };
 use kiln_plan::vmath::Func;
 use kiln_plan::{Expr, InnerAccess, LoopKernel, UnOp};
 
 /// The ops in the order of the test graph's outputs, with their text-form names and bounds.
-const OPS: [(UnOp, &str, f64); 6] = [
+const OPS: [(UnOp, &str, f64); 7] = [
     (UnOp::Exp, "exp", EXP_MAX_ULP),
     (UnOp::Log, "log", LOG_MAX_ULP),
     (UnOp::Tanh, "tanh", TANH_MAX_ULP),
     (UnOp::Sigmoid, "sigmoid", SIGMOID_MAX_ULP),
     (UnOp::Erf, "erf", ERF_MAX_ULP),
     (UnOp::Gelu, "gelu", GELU_MAX_ULP),
+    (UnOp::Softplus, "softplus", SOFTPLUS_MAX_ULP),
 ];
 
 /// The vector-math function of each op of [`OPS`].
-const FUNCS: [Func; 6] = [
+const FUNCS: [Func; 7] = [
     Func::Exp,
     Func::Log,
     Func::Tanh,
     Func::Sigmoid,
     Func::Erf,
     Func::GeluErf,
+    Func::Softplus,
 ];
 
 fn inputs() -> Vec<f32> {
