@@ -438,6 +438,7 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
         Tanh => un(UnOp::Tanh)?,
         Erf => un(UnOp::Erf)?,
         Sigmoid => un(UnOp::Sigmoid)?,
+        Softplus => un(UnOp::Softplus)?,
         _ => None,
     };
     if let Some(op) = unary {
@@ -547,9 +548,8 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
             let t = k.bin(BinOp::Mul, alpha, em1);
             k.bin(BinOp::Add, pos, t)
         }
-        Softplus => softplus(k, x),
         Mish => {
-            let sp = softplus(k, x);
+            let sp = k.un(UnOp::Softplus, x);
             let t = k.un(UnOp::Tanh, sp);
             k.bin(BinOp::Mul, x, t)
         }
@@ -638,11 +638,4 @@ fn lower(k: &mut LoopKernel, node: &Node, ins: &[Option<ExprId>]) -> Result<Expr
         }
         op => return Err(format!("no loop lowering for `{}`", op.name())),
     })
-}
-
-/// softplus(x) = ln(1 + e^x): one transcendental op (`kiln_plan::vmath::softplus` has the
-/// recipe: max(x, 0) + log1p(exp(−|x|)), the log1p with a correction so that a large negative
-/// x gives exp(x) rather than 0, as the interpreter's `ln_1p`).
-fn softplus(k: &mut LoopKernel, x: ExprId) -> ExprId {
-    k.un(UnOp::Softplus, x)
 }

@@ -147,8 +147,8 @@ impl Permute {
                 let o_out: Vec<usize> = others.iter().map(|&d| self.out_st[d]).collect();
                 for u in lo..hi {
                     let (plane, band) = (u / bands, u % bands);
-                    let from = self.offset(plane, &o_dims, &o_in);
-                    let to = self.offset(plane, &o_dims, &o_out);
+                    let from = offset(plane, &o_dims, &o_in);
+                    let to = offset(plane, &o_dims, &o_out);
                     let (r0, r1) = (band * TILE, ((band + 1) * TILE).min(rows));
                     for c0 in (0..cols).step_by(TILE) {
                         let c1 = (c0 + TILE).min(cols);
@@ -165,16 +165,16 @@ impl Permute {
             }
         }
     }
+}
 
-    /// The offset of odometer position `u` over `dims` (outermost first) with `strides`.
-    fn offset(&self, mut u: usize, dims: &[usize], strides: &[usize]) -> usize {
-        let mut off = 0;
-        for (&d, &s) in dims.iter().zip(strides).rev() {
-            off += (u % d) * s;
-            u /= d;
-        }
-        off
+/// The offset of odometer position `u` over `dims` (outermost first) with `strides`.
+fn offset(mut u: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for (&d, &s) in dims.iter().zip(strides).rev() {
+        off += (u % d) * s;
+        u /= d;
     }
+    off
 }
 
 #[cfg(test)]
