@@ -13,9 +13,8 @@ use cranelift_module::{FuncId, Linkage, Module};
 use kiln_plan::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, RedOp, UnOp};
 use std::collections::HashMap;
 
-use kiln_plan::vmath::Func;
-use kiln_runtime::executor::rows::PostMap;
 pub use kiln_runtime::executor::rows::RowFn;
+use kiln_runtime::executor::rows::{post_root, PostMap};
 
 const LANES: i64 = 4;
 /// Independent F32X4 accumulators of a row reduction (4: the add latency over its throughput).
@@ -33,38 +32,16 @@ pub fn new_module() -> Result<JITModule, String> {
 
 /// The kernel to compile for `k`, and the function the runtime applies to its output after
 /// it: where `k` has one output whose root is a transcendental the runtime maps on wider
-/// registers (exp, log, tanh, sigmoid, erf, gelu, softplus, and `x·sigmoid(x)` as silu), the compiled
-/// kernel stops below that root. Otherwise `k` itself and `None`.
+/// registers ([`post_root`]) and this CPU has AVX2 or AVX-512, the compiled kernel stops
+/// below that root. Otherwise `k` itself and `None`.
 pub fn split_post(k: &LoopKernel) -> (LoopKernel, Option<PostMap>) {
-    let whole = (k.clone(), None);
-    let [(v, root)] = k.outputs[..] else {
-        return whole;
-    };
-    let (func, arg) = match k.exprs[root] {
-        Expr::Un(op, x) => match op {
-            UnOp::Exp => (Func::Exp, x),
-            UnOp::Log => (Func::Log, x),
-            UnOp::Tanh => (Func::Tanh, x),
-            UnOp::Sigmoid => (Func::Sigmoid, x),
-            UnOp::Erf => (Func::Erf, x),
-            UnOp::Gelu => (Func::GeluErf, x),
-            UnOp::Softplus => (Func::Softplus, x),
-            _ => return whole,
-        },
-        // silu(x) = x·sigmoid(x), the recipe's own order of operations (a product is
-        // commutative bit for bit).
-        Expr::Bin(BinOp::Mul, a, b) => match (&k.exprs[a], &k.exprs[b]) {
-            (_, Expr::Un(UnOp::Sigmoid, s)) if *s == a => (Func::Silu, a),
-            (Expr::Un(UnOp::Sigmoid, s), _) if *s == b => (Func::Silu, b),
-            _ => return whole,
-        },
-        _ => return whole,
-    };
-    let Some(post) = PostMap::widest(func) else {
-        return whole;
+    let Some((post, arg)) =
+        post_root(k).and_then(|(func, arg)| PostMap::widest(func).map(|p| (p, arg)))
+    else {
+        return (k.clone(), None);
     };
     let mut code = k.clone();
-    code.outputs[0] = (v, arg);
+    code.outputs[0].1 = arg;
     (code, Some(post))
 }
 

@@ -157,3 +157,56 @@ fn jit_silu_and_gelu_tanh_equal_the_scalar_recipe() {
         }
     }
 }
+
+#[test]
+fn a_kernel_that_only_maps_its_input_gives_the_inline_bits_at_every_shape() {
+    // Such a kernel runs as one pass from the input into the output (`vmath::map_raw`),
+    // run by run: long rows, short rows that `bind` folds, ragged lengths, one element.
+    for shape in [
+        vec![6usize, 33],
+        vec![5, 16],
+        vec![3, 5, 17],
+        vec![4, 3, 9],
+        vec![2, 3000],
+        vec![1],
+    ] {
+        let numel: usize = shape.iter().product();
+        let xs: Vec<f32> = random_inputs(numel, 5)
+            .into_iter()
+            .map(|x| x.clamp(-30.0, 30.0))
+            .collect();
+        let t = Tensor::from_vec(shape.clone(), xs);
+        for f in [Func::Exp, Func::Tanh, Func::Silu, Func::GeluErf] {
+            let mut k = LoopKernel::new(shape.iter().map(|&d| Dim::Fixed(d as u64)).collect());
+            let x = k.load(ValueId(0), InnerAccess::Contiguous);
+            let y = match f {
+                Func::Silu => {
+                    let s = k.push(Expr::Un(UnOp::Sigmoid, x));
+                    k.push(Expr::Bin(kiln_plan::BinOp::Mul, x, s))
+                }
+                Func::Exp => k.push(Expr::Un(UnOp::Exp, x)),
+                Func::Tanh => k.push(Expr::Un(UnOp::Tanh, x)),
+                _ => k.push(Expr::Un(UnOp::Gelu, x)),
+            };
+            k.outputs.push((ValueId(1), y));
+            let want = kiln_cranelift::compile_loop_inline(&k)
+                .expect("compiles")
+                .run(&[&t])
+                .expect("runs");
+            let mapped = kiln_cranelift::compile_loop(&k).expect("compiles");
+            assert_eq!(mapped.post_map(), wide_isa().then_some(f), "{f:?}");
+            let got = mapped.run(&[&t]).expect("runs");
+            assert_eq!(got[0].shape(), shape.as_slice(), "{f:?}");
+            let (g, w) = (
+                got[0].as_slice::<f32>().unwrap(),
+                want[0].as_slice::<f32>().unwrap(),
+            );
+            if let Some(i) = (0..g.len()).find(|&i| g[i].to_bits() != w[i].to_bits()) {
+                panic!(
+                    "{f:?} over {shape:?}: element {i} mapped {:e}, inline {:e}",
+                    g[i], w[i]
+                );
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ use crate::native::vmath::{self, Isa};
 use crate::pool::SharedMut;
 use kiln_ir::{Buf, Tensor};
 use kiln_plan::layout::LoopShape;
-use kiln_plan::loop_ir::{Expr, LoopKernel, UnOp};
+use kiln_plan::loop_ir::{BinOp, Expr, ExprId, InnerAccess, LoopKernel, UnOp};
 use kiln_plan::vmath::Func;
 use smallvec::{smallvec, SmallVec};
 
@@ -116,9 +116,59 @@ fn un_weight(op: UnOp) -> usize {
     }
 }
 
+/// The root of `k`'s only output when it is a transcendental the runtime's vector math
+/// maps (exp, log, tanh, sigmoid, erf, gelu, softplus, and `x·sigmoid(x)` as silu): the
+/// function and the expression it is applied to. A JIT may stop its code below that root
+/// and leave the function to a [`PostMap`].
+pub fn post_root(k: &LoopKernel) -> Option<(Func, ExprId)> {
+    let [(_, root)] = k.outputs[..] else {
+        return None;
+    };
+    match k.exprs[root] {
+        Expr::Un(op, x) => {
+            let func = match op {
+                UnOp::Exp => Func::Exp,
+                UnOp::Log => Func::Log,
+                UnOp::Tanh => Func::Tanh,
+                UnOp::Sigmoid => Func::Sigmoid,
+                UnOp::Erf => Func::Erf,
+                UnOp::Gelu => Func::GeluErf,
+                UnOp::Softplus => Func::Softplus,
+                _ => return None,
+            };
+            Some((func, x))
+        }
+        // silu(x) = x·sigmoid(x), the recipe's own order of operations (a product is
+        // commutative bit for bit).
+        Expr::Bin(BinOp::Mul, a, b) => match (&k.exprs[a], &k.exprs[b]) {
+            (_, Expr::Un(UnOp::Sigmoid, s)) if *s == a => Some((Func::Silu, a)),
+            (Expr::Un(UnOp::Sigmoid, s), _) if *s == b => Some((Func::Silu, b)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The input `k` only maps with `func`: `k` (the whole kernel, root included) has no
+/// reductions and its root is `func` of a load of one input read along the row. The
+/// runtime then maps that input straight into the output.
+fn direct_source(k: &LoopKernel, func: Func) -> Option<usize> {
+    if !k.reductions.is_empty() {
+        return None;
+    }
+    match post_root(k)? {
+        (f, arg) if f == func => match k.exprs[arg] {
+            Expr::Load(j) if k.inputs[j].inner == InnerAccess::Contiguous => Some(j),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Runs `f` over every row, splitting through `par` when the estimated work reaches
 /// `min_work`; outputs go to their regions in `out` where they have one. `post`, when
-/// given, is applied to the kernel's only output after each run.
+/// given, is applied to the kernel's only output after each run: `k` is then the whole
+/// kernel and `f` its code below the root ([`post_root`]).
 pub fn run_rows(
     f: RowFn,
     post: Option<PostMap>,
@@ -166,6 +216,10 @@ pub fn run_rows(
         .into_iter()
         .map(|st| i64::try_from(st).map_err(|_| "input stride too large"))
         .collect::<Result<_, _>>()?;
+    // A kernel that is only the post-mapped function of one input, read row by row as the
+    // output is written: the runtime maps that input straight into the output, one pass
+    // instead of the row function's copy and a second pass in place.
+    let direct = post.and_then(|p| direct_source(k, p.func));
     let rows_per_call = match post {
         Some(_) => (POST_CHUNK / n.max(1)).max(1),
         None => usize::MAX,
@@ -187,6 +241,22 @@ pub fn run_rows(
                 for (p, b) in out_ptrs.iter_mut().zip(&bases) {
                     // SAFETY: row + m <= rows, so (row + m) * n <= numel, the buffer's length.
                     *p = unsafe { b.get().add((row + s0) * n) };
+                }
+                if let (Some(j), Some(p)) = (direct, post) {
+                    // Rows that follow each other in the input (always, for a kernel whose
+                    // domain is its one input's shape): one map over the whole call.
+                    if mm == 1 || run_strides[j] as usize == n {
+                        // SAFETY: input `j` (read along the row, checked by
+                        // `direct_source`) holds these `mm · n` values from the run's start,
+                        // per `bind`; the output's rows are this range's alone, and an output
+                        // region is the input's own buffer or disjoint from it (the arena
+                        // plan), as `map_raw` allows.
+                        let done = unsafe {
+                            vmath::map_raw(p.func, p.isa, in_ptrs[j], out_ptrs[0], mm * n)
+                        };
+                        debug_assert!(done, "the isa was checked above");
+                        continue;
+                    }
                 }
                 // SAFETY: pointers cover `mm` rows of `n` elements (or one element per row,
                 // for inputs broadcast along the row) per `bind`; `mm` fits i64 as rows do.

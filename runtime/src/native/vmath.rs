@@ -41,17 +41,46 @@ impl Isa {
 /// register, so every element goes through the same vector code). `false`, with `xs`
 /// untouched, when this CPU lacks `isa`.
 pub fn map(f: Func, isa: Isa, xs: &mut [f32]) -> bool {
+    let p = xs.as_mut_ptr();
+    // SAFETY: `p` covers `xs.len()` values; reading and writing the same element is the
+    // in-place case `map_raw` allows.
+    unsafe { map_raw(f, isa, p, p, xs.len()) }
+}
+
+/// Writes `f(src[i])` to `dst[i]` on `isa`: [`map`] from one buffer into another, one pass
+/// over memory instead of a copy and a pass in place. `false`, with `dst` untouched, when
+/// this CPU lacks `isa`.
+///
+/// # Panics
+/// When the lengths differ.
+pub fn map_into(f: Func, isa: Isa, src: &[f32], dst: &mut [f32]) -> bool {
+    assert_eq!(src.len(), dst.len(), "map_into: lengths differ");
+    // SAFETY: `src` and `dst` cover `len` values each and, one shared and one exclusive
+    // borrow, do not overlap.
+    unsafe { map_raw(f, isa, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+}
+
+/// Writes `f(*src.add(i))` to `*dst.add(i)` for `i < len` on `isa`, 16 or 8 values at a
+/// time: each block is loaded before it is stored.
+///
+/// # Safety
+/// `src` is valid for `len` reads and `dst` for `len` writes; the two are the same pointer
+/// (in place) or do not overlap.
+pub unsafe fn map_raw(f: Func, isa: Isa, src: *const f32, dst: *mut f32, len: usize) -> bool {
     if !isa.available() {
         return false;
     }
     match isa {
-        Isa::Scalar => xs.iter_mut().for_each(|x| *x = f.soft(*x)),
-        // SAFETY: `available` checked the features.
+        Isa::Scalar => (0..len).for_each(|i| {
+            // SAFETY: i < len, per the contract.
+            unsafe { *dst.add(i) = f.soft(*src.add(i)) }
+        }),
+        // SAFETY: `available` checked the features; the pointers per the contract.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { x86::map_avx2(f, xs) },
+        Isa::Avx2 => unsafe { x86::map_avx2(f, src, dst, len) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::map_avx512(f, xs) },
+        Isa::Avx512 => unsafe { x86::map_avx512(f, src, dst, len) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => return false,
     }
@@ -229,63 +258,61 @@ mod x86 {
         }
     }
 
-    /// `f` over `xs` in AVX2 registers.
+    /// `f` from `src` into `dst` in AVX2 registers.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA.
+    /// The CPU has AVX2 and FMA; the pointers are as [`super::map_raw`] requires.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn map_avx2(f: Func, xs: &mut [f32]) {
+    pub(super) unsafe fn map_avx2(f: Func, src: *const f32, dst: *mut f32, len: usize) {
         // SAFETY: this function has the features.
         let mut e = unsafe { Avx2::new() };
-        let mut chunks = xs.chunks_exact_mut(8);
-        for c in &mut chunks {
-            // SAFETY: `c` holds 8 values.
+        let full = len - len % 8;
+        for i in (0..full).step_by(8) {
+            // SAFETY: i + 8 <= len; the block is loaded before it is stored (in place).
             unsafe {
-                let Ok(y) = f.emit(&mut e, _mm256_loadu_ps(c.as_ptr()));
-                _mm256_storeu_ps(c.as_mut_ptr(), y);
+                let Ok(y) = f.emit(&mut e, _mm256_loadu_ps(src.add(i)));
+                _mm256_storeu_ps(dst.add(i), y);
             }
         }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
+        let rest = len - full;
+        if rest > 0 {
             let mut buf = [0.0f32; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            // SAFETY: `buf` holds 8 values.
+            // SAFETY: `rest` values from `full` on lie inside both buffers; `buf` holds 8.
             unsafe {
+                std::ptr::copy(src.add(full), buf.as_mut_ptr(), rest);
                 let Ok(y) = f.emit(&mut e, _mm256_loadu_ps(buf.as_ptr()));
                 _mm256_storeu_ps(buf.as_mut_ptr(), y);
+                std::ptr::copy(buf.as_ptr(), dst.add(full), rest);
             }
-            let n = rest.len();
-            rest.copy_from_slice(&buf[..n]);
         }
     }
 
-    /// `f` over `xs` in AVX-512 registers.
+    /// `f` from `src` into `dst` in AVX-512 registers.
     ///
     /// # Safety
-    /// The CPU has AVX-512F.
+    /// The CPU has AVX-512F; the pointers are as [`super::map_raw`] requires.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn map_avx512(f: Func, xs: &mut [f32]) {
-        // SAFETY: this function has the feature.
+    pub(super) unsafe fn map_avx512(f: Func, src: *const f32, dst: *mut f32, len: usize) {
+        // SAFETY: this function has the features.
         let mut e = unsafe { Avx512::new() };
-        let mut chunks = xs.chunks_exact_mut(16);
-        for c in &mut chunks {
-            // SAFETY: `c` holds 16 values.
+        let full = len - len % 16;
+        for i in (0..full).step_by(16) {
+            // SAFETY: i + 16 <= len; the block is loaded before it is stored (in place).
             unsafe {
-                let Ok(y) = f.emit(&mut e, _mm512_loadu_ps(c.as_ptr()));
-                _mm512_storeu_ps(c.as_mut_ptr(), y);
+                let Ok(y) = f.emit(&mut e, _mm512_loadu_ps(src.add(i)));
+                _mm512_storeu_ps(dst.add(i), y);
             }
         }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
+        let rest = len - full;
+        if rest > 0 {
             let mut buf = [0.0f32; 16];
-            buf[..rest.len()].copy_from_slice(rest);
-            // SAFETY: `buf` holds 16 values.
+            // SAFETY: `rest` values from `full` on lie inside both buffers; `buf` holds 16.
             unsafe {
+                std::ptr::copy(src.add(full), buf.as_mut_ptr(), rest);
                 let Ok(y) = f.emit(&mut e, _mm512_loadu_ps(buf.as_ptr()));
                 _mm512_storeu_ps(buf.as_mut_ptr(), y);
+                std::ptr::copy(buf.as_ptr(), dst.add(full), rest);
             }
-            let n = rest.len();
-            rest.copy_from_slice(&buf[..n]);
         }
     }
 }
@@ -323,6 +350,34 @@ mod tests {
                     got.iter().zip(&xs).all(|(g, x)| !x.is_nan() || g.is_nan()),
                     "{isa:?} {f:?}: NaN in, not NaN out"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn map_into_another_buffer_equals_map_in_place_bit_for_bit() {
+        let xs = inputs();
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            if !isa.available() {
+                eprintln!("skipping {isa:?}: this CPU lacks it");
+                continue;
+            }
+            for f in Func::ALL {
+                let mut in_place = xs.clone();
+                assert!(map(f, isa, &mut in_place));
+                // Every ragged length, and a source that starts off a vector boundary.
+                for (lo, len) in [(0, xs.len()), (1, 15), (3, 17), (5, 0), (7, 33)] {
+                    let mut got = vec![f32::NAN; len];
+                    assert!(map_into(f, isa, &xs[lo..lo + len], &mut got));
+                    let want = &in_place[lo..lo + len];
+                    assert!(
+                        got.iter()
+                            .zip(want)
+                            .all(|(g, w)| g.to_bits() == w.to_bits()),
+                        "{isa:?} {f:?}: map_into differs from map on [{lo}, {})",
+                        lo + len
+                    );
+                }
             }
         }
     }
