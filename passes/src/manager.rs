@@ -391,9 +391,15 @@ fn dump_text(g: &Graph) -> String {
     kiln_ir::text::print(g)
 }
 
-/// A multiply-rotate hasher (the fingerprint runs after every pass over every node; it
-/// needs speed, not resistance to chosen inputs).
-struct FastHasher(u64);
+/// A multiply-rotate hasher (the fingerprint runs after every pass over every node, and
+/// `roll_blocks` maps every node of its candidate copies; they need speed, not resistance to
+/// chosen inputs).
+#[derive(Default)]
+pub(crate) struct FastHasher(u64);
+
+/// A `HashMap` keyed through [`FastHasher`].
+pub(crate) type FastMap<K, V> =
+    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
 
 impl FastHasher {
     fn add(&mut self, x: u64) {

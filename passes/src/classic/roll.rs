@@ -17,6 +17,7 @@
 //! The same search, with copies allowed to read constants of their own ([`find_stacked`]),
 //! finds the stacked layers `saturate_egraph` optimises once ([`crate::egraph::shared`]).
 
+use crate::manager::FastMap;
 use crate::rewrite;
 use crate::{Pass, PassError, PassStats};
 use kiln_ir::{Attr, Attrs, DType, Graph, Node, OpKind, Shape, Tensor, TensorType, ValueId};
@@ -302,29 +303,7 @@ fn find(g: &Graph, mode: Mode) -> Option<Roll> {
         return None;
     }
     let sig: Vec<u64> = seq.iter().map(|&i| signature(&g.nodes[i], g)).collect();
-    // Candidates (saved nodes, start, period, run length) from maximal runs per period.
-    let mut cands: Vec<(usize, usize, usize, usize)> = vec![];
-    for p in MIN_BODY_NODES..=n / 2 {
-        let mut i = 0;
-        while i + p < n {
-            if sig[i] != sig[i + p] {
-                i += 1;
-                continue;
-            }
-            let a = i;
-            while i + p < n && sig[i] == sig[i + p] {
-                i += 1;
-            }
-            let run = i - a;
-            if run >= p {
-                let saved = (run / p) * p;
-                if saved >= MIN_SAVED_NODES {
-                    cands.push((saved, a, p, run));
-                }
-            }
-        }
-    }
-    cands.sort_by(|x, y| y.0.cmp(&x.0).then(x.2.cmp(&y.2)).then(x.1.cmp(&y.1)));
+    let cands = candidates(&sig);
     let producer = rewrite::producers(g);
     let users = users_of(g);
     let mut work = 0usize;
@@ -374,6 +353,107 @@ fn find(g: &Graph, mode: Mode) -> Option<Roll> {
         }
     }
     None
+}
+
+/// The runs of `sig` (node signatures in order) worth confirming, best first: (saved nodes,
+/// start, period, run length) of maximal runs where `sig[i] == sig[i + p]`, ranked by saved
+/// nodes, then shorter period, then earlier start; at most MAX_CANDIDATES.
+fn candidates(sig: &[u64]) -> Vec<(usize, usize, usize, usize)> {
+    let n = sig.len();
+    // Candidates (saved nodes, start, period, run length) from maximal runs per period.
+    // A run of period `p` saves at most as many nodes as `sig[i] == sig[i + p]` holds for
+    // (its matches): periods are scanned in order of their match counts, and the scan stops
+    // once MAX_CANDIDATES candidates save more than any period left could. The candidates
+    // kept are those a scan of every period would rank first; counting is a branch-free
+    // pass the compiler vectorises, the run scan a branchy one.
+    // Counted on the low 32 bits (SSE2 compares those, not 64): a collision only raises a
+    // count, so it stays a bound.
+    let low: Vec<u32> = sig.iter().map(|&s| s as u32).collect();
+    let mut periods: Vec<(usize, usize)> = (MIN_BODY_NODES..=n / 2)
+        .map(|p| (count_equal(&low[..n - p], &low[p..]), p))
+        .filter(|&(m, p)| m >= p.max(MIN_SAVED_NODES))
+        .collect();
+    periods.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
+    let mut cands: Vec<(usize, usize, usize, usize)> = vec![];
+    // The saved counts of the candidates so far, largest first (at most MAX_CANDIDATES).
+    let mut best_saved: Vec<usize> = vec![];
+    for &(matches, p) in &periods {
+        if best_saved.len() == MAX_CANDIDATES && best_saved[MAX_CANDIDATES - 1] > matches {
+            break;
+        }
+        let (x, y) = (&sig[..n - p], &sig[p..]);
+        let mut i = 0;
+        while i < x.len() {
+            i = next_match(x, y, i);
+            if i == x.len() {
+                break;
+            }
+            let a = i;
+            while i < x.len() && x[i] == y[i] {
+                i += 1;
+            }
+            let run = i - a;
+            if run >= p {
+                let saved = (run / p) * p;
+                if saved >= MIN_SAVED_NODES {
+                    cands.push((saved, a, p, run));
+                    let at = best_saved.partition_point(|&s| s >= saved);
+                    best_saved.insert(at, saved);
+                    best_saved.truncate(MAX_CANDIDATES);
+                }
+            }
+        }
+    }
+    cands.sort_by(|x, y| y.0.cmp(&x.0).then(x.2.cmp(&y.2)).then(x.1.cmp(&y.1)));
+    cands.truncate(MAX_CANDIDATES);
+    cands
+}
+
+/// How many `i` have `x[i] == y[i]`, in 16 lanes (vectorised: the count runs for every
+/// period of [`candidates`]).
+fn count_equal(x: &[u32], y: &[u32]) -> usize {
+    const LANES: usize = 16;
+    let mut acc = [0u32; LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .filter(|(a, b)| a == b)
+        .count();
+    let mut total = tail;
+    for (k, (a, b)) in xc.zip(yc).enumerate() {
+        for l in 0..LANES {
+            acc[l] += u32::from(a[l] == b[l]);
+        }
+        // Drain before a lane could overflow.
+        if k % (1 << 20) == (1 << 20) - 1 {
+            total += acc.iter().map(|&c| c as usize).sum::<usize>();
+            acc = [0; LANES];
+        }
+    }
+    total + acc.iter().map(|&c| c as usize).sum::<usize>()
+}
+
+/// The first `i' >= i` where `x[i'] == y[i']`, or `x.len()`: the period scan of [`find`]
+/// is quadratic in the nodes and mostly mismatches, so whole blocks of 16 are ruled out at
+/// a time (a comparison the compiler vectorises).
+fn next_match(x: &[u64], y: &[u64], mut i: usize) -> usize {
+    const BLOCK: usize = 16;
+    while i + BLOCK <= x.len() {
+        let any = x[i..i + BLOCK]
+            .iter()
+            .zip(&y[i..i + BLOCK])
+            .fold(false, |acc, (a, b)| acc | (a == b));
+        if any {
+            break;
+        }
+        i += BLOCK;
+    }
+    while i < x.len() && x[i] != y[i] {
+        i += 1;
+    }
+    i
 }
 
 /// Per value: the nodes that read it (`usize::MAX` for a graph output).
@@ -537,7 +617,8 @@ fn confirm(
     let p = blocks[0].len();
     let copies = blocks.len();
     // node index -> (copy, position in the copy)
-    let mut at: HashMap<usize, (usize, usize)> = HashMap::new();
+    let mut at: FastMap<usize, (usize, usize)> = FastMap::default();
+    at.reserve(copies * p);
     for (k, b) in blocks.iter().enumerate() {
         for (j, &ni) in b.iter().enumerate() {
             at.insert(ni, (k, j));
@@ -1272,6 +1353,107 @@ fn step_only_nodes(g: &Graph, r: &Roll, end: usize) -> Vec<bool> {
 mod tests {
     use super::*;
     use crate::testutil::*;
+
+    /// [`candidates`] as a scan of every period ranks them (the bound it prunes with must
+    /// not change which runs are confirmed).
+    fn candidates_by_scanning_every_period(sig: &[u64]) -> Vec<(usize, usize, usize, usize)> {
+        let n = sig.len();
+        let mut cands = vec![];
+        for p in MIN_BODY_NODES..=n / 2 {
+            let mut i = 0;
+            while i + p < n {
+                if sig[i] != sig[i + p] {
+                    i += 1;
+                    continue;
+                }
+                let a = i;
+                while i + p < n && sig[i] == sig[i + p] {
+                    i += 1;
+                }
+                let run = i - a;
+                if run >= p && (run / p) * p >= MIN_SAVED_NODES {
+                    cands.push(((run / p) * p, a, p, run));
+                }
+            }
+        }
+        cands.sort_by(|x, y| y.0.cmp(&x.0).then(x.2.cmp(&y.2)).then(x.1.cmp(&y.1)));
+        cands.truncate(MAX_CANDIDATES);
+        cands
+    }
+
+    #[test]
+    fn pruned_candidates_equal_those_of_a_scan_of_every_period() {
+        let mut seed = 11u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for trial in 0..60 {
+            // Noise with blocks repeated back to back planted in it (several periods,
+            // copies and alphabets), so runs of many lengths compete.
+            let alphabet = [3u64, 8, 50][trial % 3];
+            let mut sig: Vec<u64> = vec![];
+            while sig.len() < 400 + 20 * trial {
+                if next(3) == 0 {
+                    let p = 4 + next(30) as usize;
+                    let block: Vec<u64> = (0..p).map(|_| next(alphabet)).collect();
+                    for _ in 0..2 + next(6) {
+                        sig.extend(&block);
+                    }
+                } else {
+                    sig.extend((0..next(40)).map(|_| next(alphabet)));
+                }
+            }
+            assert_eq!(
+                candidates(&sig),
+                candidates_by_scanning_every_period(&sig),
+                "trial {trial}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_lane_count_of_equal_pairs_is_the_plain_count() {
+        let mut seed = 5u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m) as u32
+        };
+        for len in [0usize, 1, 15, 16, 17, 33, 1000] {
+            for alphabet in [1u64, 2, 9] {
+                let x: Vec<u32> = (0..len).map(|_| next(alphabet)).collect();
+                let y: Vec<u32> = (0..len).map(|_| next(alphabet)).collect();
+                let plain = x.iter().zip(&y).filter(|(a, b)| a == b).count();
+                assert_eq!(count_equal(&x, &y), plain, "len {len}, alphabet {alphabet}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_blockwise_match_scan_finds_what_a_plain_scan_finds() {
+        // Signatures from a small alphabet, so matches are sparse and dense by turns.
+        let mut seed = 3u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for len in [0usize, 1, 15, 16, 17, 40, 300] {
+            for alphabet in [2u64, 7, 1000] {
+                let x: Vec<u64> = (0..len).map(|_| next(alphabet)).collect();
+                let y: Vec<u64> = (0..len).map(|_| next(alphabet)).collect();
+                for i in 0..=len {
+                    let plain = (i..len).find(|&j| x[j] == y[j]).unwrap_or(len);
+                    assert_eq!(next_match(&x, &y, i), plain, "len {len}, from {i}");
+                }
+            }
+        }
+    }
 
     /// `layers` copies of `x -> tanh(x·w + b) + x`, all reading the same `w` and `b`.
     fn tied(layers: usize) -> Graph {

@@ -357,7 +357,12 @@ impl CpuPlan {
         // and `arena_ok` marks the intervals of kernels that write into regions.
         let mut intervals: Option<Vec<Interval>> =
             (report.is_some() || layout.is_none()).then(Vec::new);
-        let mut interval_of: Vec<Option<usize>> = vec![None; g.values.len()];
+        // (Only a run that records intervals reads it: a steady-state run, such as a loop
+        // body's iterations, allocates nothing here.)
+        let mut interval_of: Vec<Option<usize>> = match intervals {
+            Some(_) => vec![None; g.values.len()],
+            None => Vec::new(),
+        };
         let mut arena_ok: Vec<bool> = Vec::new();
         let mut takeovers = std::collections::HashSet::new();
         let (mut in_arena_bytes, mut produced_bytes) = (0usize, 0usize);
@@ -586,7 +591,8 @@ impl CpuPlan {
             };
             let outs: Vec<Tensor> = match k {
                 Kernel::Loop(l) => {
-                    let flat: Vec<&Tensor> = ins.iter().flatten().copied().collect();
+                    let flat: smallvec::SmallVec<[&Tensor; 6]> =
+                        ins.iter().flatten().copied().collect();
                     runner.run_loop(ki, l, &flat, &mut regions).map_err(err)?
                 }
                 Kernel::Fallback(n) if super::routines::has_fast_path(g.nodes[*n].op) => {

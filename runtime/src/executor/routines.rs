@@ -348,16 +348,22 @@ fn gather(node: &Node, ins: &[Option<&Tensor>], y: &mut Outputs) -> Option<Tenso
     let a = norm_axis(node.attrs.int_or("axis", 0).ok()?, shape.len())?;
     let n = shape[a];
     let ni = i64::try_from(n).ok()?;
-    let idx: Vec<usize> = int_values(ind)?
-        .into_iter()
-        .map(|i| {
-            let j = if i < 0 { i + ni } else { i };
-            (0..ni).contains(&j).then_some(j as usize)
-        })
-        .collect::<Option<_>>()?;
+    let wrap = |i: i64| {
+        let j = if i < 0 { i + ni } else { i };
+        (0..ni).contains(&j).then_some(j as usize)
+    };
+    // (A loop body gathers one step's slice per iteration: no allocation for a few indices.)
+    let idx: smallvec::SmallVec<[usize; 4]> = match ind.as_slice::<i64>() {
+        Some(v) => v.iter().map(|&i| wrap(i)).collect::<Option<_>>()?,
+        None => int_values(ind)?
+            .into_iter()
+            .map(wrap)
+            .collect::<Option<_>>()?,
+    };
     let outer: usize = shape[..a].iter().product();
     let inner: usize = shape[a + 1..].iter().product();
-    let mut out = shape[..a].to_vec();
+    let mut out = Vec::with_capacity(shape.len() - 1 + ind.rank());
+    out.extend_from_slice(&shape[..a]);
     out.extend_from_slice(ind.shape());
     out.extend_from_slice(&shape[a + 1..]);
     fn go<T: Elem>(
