@@ -90,8 +90,22 @@ pub struct Entry {
     pub seen: Vec<Vec<usize>>,
 }
 
+/// The graph inputs' shapes, in order, flattened into one vector: each input's rank, then
+/// its dims (one allocation per run, not one per input).
+pub type ShapesKey = Vec<usize>;
+
+/// The [`ShapesKey`] of `tensors`.
+pub fn shapes_key(tensors: &[Tensor]) -> ShapesKey {
+    let mut key = Vec::with_capacity(tensors.iter().map(|t| 1 + t.rank()).sum());
+    for t in tensors {
+        key.push(t.rank());
+        key.extend_from_slice(t.shape());
+    }
+    key
+}
+
 /// Memo entries with their keys (the graph inputs' shapes).
-type Entries = Vec<(Vec<Vec<usize>>, Arc<Entry>)>;
+type Entries = Vec<(ShapesKey, Arc<Entry>)>;
 
 /// A plan's memo of static values, keyed by the graph inputs' shapes. Cloning a plan
 /// gives the clone an empty memo.
@@ -126,13 +140,13 @@ impl ShapeMemo {
     }
 
     /// The entry recorded for these graph-input shapes, if any.
-    pub fn lookup(&self, key: &[Vec<usize>]) -> Option<Arc<Entry>> {
+    pub fn lookup(&self, key: &[usize]) -> Option<Arc<Entry>> {
         let e = self.entries.lock().ok()?;
         e.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
     }
 
     /// Records an entry for these graph-input shapes, replacing any with the same key.
-    pub fn store(&self, key: Vec<Vec<usize>>, entry: Entry) {
+    pub fn store(&self, key: ShapesKey, entry: Entry) {
         let bytes: usize = entry
             .outs
             .iter()

@@ -5,6 +5,7 @@
 //! regions or pooled memory (or fresh memory where a value has neither).
 
 use kiln_ir::{Buf, DType, Elem, ValueId};
+use kiln_plan::memo::ShapesKey;
 use kiln_plan::memory::{MemoryPlan, ALIGN};
 use std::alloc::Layout;
 use std::collections::{HashMap, HashSet};
@@ -174,9 +175,6 @@ impl OutputPool {
     }
 }
 
-/// A set of input shapes, in graph input order: what a layout is recorded for.
-type ShapesKey = Vec<Vec<usize>>;
-
 /// A plan's arena layouts (per input-shape set) and its free blocks.
 #[derive(Debug, Default)]
 pub struct Arenas {
@@ -200,7 +198,7 @@ impl Clone for Arenas {
 
 impl Arenas {
     /// The layout recorded for these input shapes, if any.
-    pub fn layout(&self, key: &[Vec<usize>]) -> Option<Arc<ArenaLayout>> {
+    pub fn layout(&self, key: &[usize]) -> Option<Arc<ArenaLayout>> {
         let l = self.layouts.lock().unwrap_or_else(|e| e.into_inner());
         l.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
     }
