@@ -870,6 +870,21 @@ impl Func {
         Func::Softplus,
     ];
 
+    /// The function a loop-IR transcendental computes (`None` for the other unary ops;
+    /// silu and gelu_tanh are expressions, not ops).
+    pub fn of(op: UnOp) -> Option<Func> {
+        Some(match op {
+            UnOp::Exp => Func::Exp,
+            UnOp::Log => Func::Log,
+            UnOp::Tanh => Func::Tanh,
+            UnOp::Sigmoid => Func::Sigmoid,
+            UnOp::Erf => Func::Erf,
+            UnOp::Gelu => Func::GeluErf,
+            UnOp::Softplus => Func::Softplus,
+            _ => return None,
+        })
+    }
+
     /// Applies the recipe with emitter `e`.
     #[inline(always)]
     pub fn emit<E: Emit>(self, e: &mut E, x: E::F) -> Result<E::F, E::Err> {

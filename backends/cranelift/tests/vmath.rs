@@ -90,16 +90,7 @@ fn wide_isa() -> bool {
 
 /// The vector-math function a transcendental op computes.
 fn func(op: UnOp) -> Func {
-    match op {
-        UnOp::Exp => Func::Exp,
-        UnOp::Log => Func::Log,
-        UnOp::Tanh => Func::Tanh,
-        UnOp::Sigmoid => Func::Sigmoid,
-        UnOp::Erf => Func::Erf,
-        UnOp::Gelu => Func::GeluErf,
-        UnOp::Softplus => Func::Softplus,
-        _ => unreachable!("{op:?} is not transcendental"),
-    }
+    Func::of(op).unwrap_or_else(|| unreachable!("{op:?} is not transcendental"))
 }
 
 #[test]

@@ -1383,13 +1383,8 @@ mod tests {
 
     #[test]
     fn pruned_candidates_equal_those_of_a_scan_of_every_period() {
-        let mut seed = 11u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
+        let mut rng = Rng::new(11);
+        let mut next = |m: u64| rng.next() % m;
         for trial in 0..60 {
             // Noise with blocks repeated back to back planted in it (several periods,
             // copies and alphabets), so runs of many lengths compete.
@@ -1416,13 +1411,8 @@ mod tests {
 
     #[test]
     fn the_lane_count_of_equal_pairs_is_the_plain_count() {
-        let mut seed = 5u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % m) as u32
-        };
+        let mut rng = Rng::new(5);
+        let mut next = |m: u64| (rng.next() % m) as u32;
         for len in [0usize, 1, 15, 16, 17, 33, 1000] {
             for alphabet in [1u64, 2, 9] {
                 let x: Vec<u32> = (0..len).map(|_| next(alphabet)).collect();
@@ -1436,13 +1426,8 @@ mod tests {
     #[test]
     fn the_blockwise_match_scan_finds_what_a_plain_scan_finds() {
         // Signatures from a small alphabet, so matches are sparse and dense by turns.
-        let mut seed = 3u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
+        let mut rng = Rng::new(3);
+        let mut next = |m: u64| rng.next() % m;
         for len in [0usize, 1, 15, 16, 17, 40, 300] {
             for alphabet in [2u64, 7, 1000] {
                 let x: Vec<u64> = (0..len).map(|_| next(alphabet)).collect();

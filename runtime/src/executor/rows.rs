@@ -125,19 +125,7 @@ pub fn post_root(k: &LoopKernel) -> Option<(Func, ExprId)> {
         return None;
     };
     match k.exprs[root] {
-        Expr::Un(op, x) => {
-            let func = match op {
-                UnOp::Exp => Func::Exp,
-                UnOp::Log => Func::Log,
-                UnOp::Tanh => Func::Tanh,
-                UnOp::Sigmoid => Func::Sigmoid,
-                UnOp::Erf => Func::Erf,
-                UnOp::Gelu => Func::GeluErf,
-                UnOp::Softplus => Func::Softplus,
-                _ => return None,
-            };
-            Some((func, x))
-        }
+        Expr::Un(op, x) => Func::of(op).map(|f| (f, x)),
         // silu(x) = x·sigmoid(x), the recipe's own order of operations (a product is
         // commutative bit for bit).
         Expr::Bin(BinOp::Mul, a, b) => match (&k.exprs[a], &k.exprs[b]) {
