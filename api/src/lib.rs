@@ -528,8 +528,15 @@ impl Executable {
     /// Runs on inputs given by name (any order); outputs come back in [`Executable::outputs`]
     /// order. Every input is checked against its declared dtype and shape first.
     pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Error> {
-        let ordered = self.order(inputs)?;
-        self.run_ordered(ordered)
+        let refs = self.order_refs(inputs)?;
+        match &self.inner {
+            // The JIT reads the caller's tensors where they are (no copy per run).
+            Inner::Jit(j) => {
+                check_inputs(&self.inputs, &refs)?;
+                Ok(j.run_borrowed(&refs)?)
+            }
+            _ => self.run_ordered(refs.into_iter().cloned().collect()),
+        }
     }
 
     /// Runs on inputs in [`Executable::inputs`] order.
@@ -550,6 +557,11 @@ impl Executable {
         &self,
         inputs: &[(&str, Tensor)],
     ) -> Result<(Vec<Tensor>, RunReport), Error> {
+        if let Inner::Jit(j) = &self.inner {
+            let refs = self.order_refs(inputs)?;
+            check_inputs(&self.inputs, &refs)?;
+            return Ok(j.run_borrowed_profiled(&refs)?);
+        }
         let ordered = self.order(inputs)?;
         self.check(&ordered)?;
         Ok(match &self.inner {
@@ -664,8 +676,14 @@ impl Executable {
         }
     }
 
-    /// Puts named inputs into graph order: unknown, duplicate or missing names are errors.
+    /// Puts named inputs into graph order, copied: unknown, duplicate or missing names are
+    /// errors.
     fn order(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Error> {
+        Ok(self.order_refs(inputs)?.into_iter().cloned().collect())
+    }
+
+    /// [`Executable::order`] without the copies.
+    fn order_refs<'t>(&self, inputs: &'t [(&str, Tensor)]) -> Result<Vec<&'t Tensor>, Error> {
         let mut slots: Vec<Option<&Tensor>> = vec![None; self.inputs.len()];
         for (name, t) in inputs {
             let Some(k) = self.inputs.iter().position(|io| io.name == *name) else {
@@ -684,7 +702,7 @@ impl Executable {
             .into_iter()
             .zip(&self.inputs)
             .map(|(t, io)| {
-                t.cloned().ok_or_else(|| Error::MissingInput {
+                t.ok_or_else(|| Error::MissingInput {
                     name: io.name.clone(),
                     expected: io.ty.to_string(),
                 })
@@ -706,7 +724,10 @@ fn describe_inputs(ios: &[Io]) -> String {
 
 /// Checks inputs in graph order against the declared `ios`, saying what differs; a
 /// symbolic dim must have one size across all inputs.
-pub(crate) fn check_inputs(ios: &[Io], inputs: &[Tensor]) -> Result<(), Error> {
+pub(crate) fn check_inputs<T: std::borrow::Borrow<Tensor>>(
+    ios: &[Io],
+    inputs: &[T],
+) -> Result<(), Error> {
     if inputs.len() > ios.len() {
         return Err(Error::UnknownInput {
             name: format!("#{}", ios.len()),
@@ -722,6 +743,7 @@ pub(crate) fn check_inputs(ios: &[Io], inputs: &[Tensor]) -> Result<(), Error> {
     // Symbolic dim name -> (size, the input that bound it).
     let mut bound: HashMap<&str, (usize, &str)> = HashMap::new();
     for (io, t) in ios.iter().zip(inputs) {
+        let t: &Tensor = t.borrow();
         let bad = |why: String| Error::BadInput {
             name: io.name.clone(),
             expected: io.ty.to_string(),

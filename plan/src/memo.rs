@@ -95,8 +95,8 @@ pub struct Entry {
 pub type ShapesKey = Vec<usize>;
 
 /// The [`ShapesKey`] of `tensors`.
-pub fn shapes_key(tensors: &[Tensor]) -> ShapesKey {
-    let mut key = Vec::with_capacity(tensors.iter().map(|t| 1 + t.rank()).sum());
+pub fn shapes_key<'a>(tensors: impl Iterator<Item = &'a Tensor> + Clone) -> ShapesKey {
+    let mut key = Vec::with_capacity(tensors.clone().map(|t| 1 + t.rank()).sum());
     for t in tensors {
         key.push(t.rank());
         key.extend_from_slice(t.shape());

@@ -318,6 +318,22 @@ impl JitExecutable {
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, EvalError> {
         self.plan.run(inputs, self)
     }
+
+    /// Runs on inputs in graph order that the caller keeps: read in place, never copied
+    /// ([`CpuPlan::run_borrowed`]).
+    pub fn run_borrowed(&self, inputs: &[&Tensor]) -> Result<Vec<Tensor>, EvalError> {
+        self.plan.run_borrowed(inputs, self, None)
+    }
+
+    /// [`JitExecutable::run_borrowed`], timing every kernel and planning memory.
+    pub fn run_borrowed_profiled(
+        &self,
+        inputs: &[&Tensor],
+    ) -> Result<(Vec<Tensor>, RunReport), EvalError> {
+        let mut report = RunReport::default();
+        let outs = self.plan.run_borrowed(inputs, self, Some(&mut report))?;
+        Ok((outs, report))
+    }
 }
 
 impl LoopRunner for JitExecutable {

@@ -302,6 +302,33 @@ impl CpuPlan {
         &self,
         inputs: Vec<Tensor>,
         runner: &dyn LoopRunner,
+        report: Option<&mut RunReport>,
+    ) -> Result<Vec<Tensor>, EvalError> {
+        self.run_cow(inputs.into_iter().map(Cow::Owned).collect(), runner, report)
+    }
+
+    /// Runs on inputs the caller keeps (graph order), without copying them: they are read
+    /// where they are, like the plan's constants, so no kernel writes into them or takes
+    /// their buffers over, and an output that is an input comes back as a copy.
+    pub fn run_borrowed(
+        &self,
+        inputs: &[&Tensor],
+        runner: &dyn LoopRunner,
+        report: Option<&mut RunReport>,
+    ) -> Result<Vec<Tensor>, EvalError> {
+        self.run_cow(
+            inputs.iter().map(|&t| Cow::Borrowed(t)).collect(),
+            runner,
+            report,
+        )
+    }
+
+    /// The run itself: owned inputs may be written in place or taken over by a view;
+    /// borrowed ones are only read.
+    fn run_cow(
+        &self,
+        inputs: Vec<Cow<'_, Tensor>>,
+        runner: &dyn LoopRunner,
         mut report: Option<&mut RunReport>,
     ) -> Result<Vec<Tensor>, EvalError> {
         let g = &self.plan.graph;
@@ -314,7 +341,7 @@ impl CpuPlan {
         // Static shape arithmetic comes from the memo when an entry for these input shapes
         // exists (validated kernel by kernel); otherwise this run records one.
         let statics = self.memo.statics(&self.plan);
-        let shapes_key = memo::shapes_key(&inputs);
+        let shapes_key = memo::shapes_key(inputs.iter().map(|t| t.as_ref()));
         let memo_entry = if statics.count > 0 {
             self.memo.lookup(&shapes_key)
         } else {
@@ -338,7 +365,7 @@ impl CpuPlan {
         for (&id, t) in g.inputs.iter().zip(inputs) {
             let v = g.value(id);
             kiln_ir::interp::check_input(&v.name, &v.ty, &t, &mut bindings)?;
-            env[id.index()] = Some(Cow::Owned(t));
+            env[id.index()] = Some(t);
         }
         for (v, t) in &self.plan.constants {
             env[v.index()] = Some(Cow::Borrowed(t));
