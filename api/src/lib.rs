@@ -528,7 +528,7 @@ impl Executable {
     /// Runs on inputs given by name (any order); outputs come back in [`Executable::outputs`]
     /// order. Every input is checked against its declared dtype and shape first.
     pub fn run(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Error> {
-        let refs = self.order_refs(inputs)?;
+        let refs = self.order(inputs)?;
         match &self.inner {
             // The JIT reads the caller's tensors where they are (no copy per run).
             Inner::Jit(j) => {
@@ -557,17 +557,14 @@ impl Executable {
         &self,
         inputs: &[(&str, Tensor)],
     ) -> Result<(Vec<Tensor>, RunReport), Error> {
-        if let Inner::Jit(j) = &self.inner {
-            let refs = self.order_refs(inputs)?;
-            check_inputs(&self.inputs, &refs)?;
-            return Ok(j.run_borrowed_profiled(&refs)?);
-        }
-        let ordered = self.order(inputs)?;
-        self.check(&ordered)?;
+        let refs = self.order(inputs)?;
+        check_inputs(&self.inputs, &refs)?;
+        // The JIT reads the caller's tensors in place; the other backends take copies.
+        let ordered = || refs.iter().map(|&t| t.clone()).collect::<Vec<Tensor>>();
         Ok(match &self.inner {
-            Inner::Jit(j) => j.run_profiled(ordered)?,
+            Inner::Jit(j) => j.run_borrowed_profiled(&refs)?,
             Inner::Aot(a) => {
-                let (outs, kernels) = a.run_profiled(&ordered)?;
+                let (outs, kernels) = a.run_profiled(&ordered())?;
                 let report = RunReport {
                     kernels,
                     ..RunReport::default()
@@ -577,7 +574,7 @@ impl Executable {
             #[cfg(feature = "cuda")]
             Inner::Cuda(c) => {
                 let start = Instant::now();
-                let outs = c.run(ordered)?;
+                let outs = c.run(ordered())?;
                 let report = RunReport {
                     kernels: vec![KernelTime {
                         label: c.describe(),
@@ -592,7 +589,7 @@ impl Executable {
             }
             Inner::Interp => {
                 let start = Instant::now();
-                let outs = kiln_ir::run(&self.graph, ordered)?;
+                let outs = kiln_ir::run(&self.graph, ordered())?;
                 let report = RunReport {
                     kernels: vec![KernelTime {
                         label: "interpreter".into(),
@@ -676,14 +673,9 @@ impl Executable {
         }
     }
 
-    /// Puts named inputs into graph order, copied: unknown, duplicate or missing names are
-    /// errors.
-    fn order(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>, Error> {
-        Ok(self.order_refs(inputs)?.into_iter().cloned().collect())
-    }
-
-    /// [`Executable::order`] without the copies.
-    fn order_refs<'t>(&self, inputs: &'t [(&str, Tensor)]) -> Result<Vec<&'t Tensor>, Error> {
+    /// Puts named inputs into graph order (borrowed): unknown, duplicate or missing names
+    /// are errors.
+    fn order<'t>(&self, inputs: &'t [(&str, Tensor)]) -> Result<Vec<&'t Tensor>, Error> {
         let mut slots: Vec<Option<&Tensor>> = vec![None; self.inputs.len()];
         for (name, t) in inputs {
             let Some(k) = self.inputs.iter().position(|io| io.name == *name) else {

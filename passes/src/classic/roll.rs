@@ -5,14 +5,15 @@
 //!
 //! How blocks are found: every non-constant node gets a signature (op, attributes, output
 //! types, arity); a block of `p` nodes repeated `c` times is a run where the signature at
-//! `i` equals the one at `i + p` (one scan per period over the topological order). A
-//! candidate is then confirmed slot by slot, copy against previous copy: each operand is
-//! either *internal* (the same node of the same copy), *carried* (the previous copy's
-//! value at the same place; the first copy reads the loop's initial value there) or
-//! *invariant* (the very same outer value in every copy: a tied weight, a mask). Values of
-//! a copy may be read only by that copy and the next one; the last copy's carried values
-//! become the loop's outputs. Constants the block reads are copied into the body (so the
-//! body's contractions are prepared with their weights); other invariants are captures.
+//! `i` equals the one at `i + p` (periods scanned in order of their match counts,
+//! [`candidates`]). A candidate is then confirmed slot by slot, copy against previous
+//! copy: each operand is either *internal* (the same node of the same copy), *carried*
+//! (the previous copy's value at the same place; the first copy reads the loop's initial
+//! value there) or *invariant* (the very same outer value in every copy: a tied weight, a
+//! mask). Values of a copy may be read only by that copy and the next one; the last copy's
+//! carried values become the loop's outputs. Constants the block reads are copied into the
+//! body (so the body's contractions are prepared with their weights); other invariants are
+//! captures.
 //!
 //! The same search, with copies allowed to read constants of their own ([`find_stacked`]),
 //! finds the stacked layers `saturate_egraph` optimises once ([`crate::egraph::shared`]).
@@ -410,7 +411,8 @@ fn candidates(sig: &[u64]) -> Vec<(usize, usize, usize, usize)> {
 }
 
 /// How many `i` have `x[i] == y[i]`, in 16 lanes (vectorised: the count runs for every
-/// period of [`candidates`]).
+/// period of [`candidates`]). A lane counts at most `len / 16` pairs, and `find` searches at
+/// most MAX_SEARCH_NODES signatures, so a `u32` lane never overflows.
 fn count_equal(x: &[u32], y: &[u32]) -> usize {
     const LANES: usize = 16;
     let mut acc = [0u32; LANES];
@@ -421,18 +423,12 @@ fn count_equal(x: &[u32], y: &[u32]) -> usize {
         .zip(yc.remainder())
         .filter(|(a, b)| a == b)
         .count();
-    let mut total = tail;
-    for (k, (a, b)) in xc.zip(yc).enumerate() {
+    for (a, b) in xc.zip(yc) {
         for l in 0..LANES {
             acc[l] += u32::from(a[l] == b[l]);
         }
-        // Drain before a lane could overflow.
-        if k % (1 << 20) == (1 << 20) - 1 {
-            total += acc.iter().map(|&c| c as usize).sum::<usize>();
-            acc = [0; LANES];
-        }
     }
-    total + acc.iter().map(|&c| c as usize).sum::<usize>()
+    tail + acc.iter().map(|&c| c as usize).sum::<usize>()
 }
 
 /// The first `i' >= i` where `x[i'] == y[i']`, or `x.len()`: the period scan of [`find`]

@@ -406,29 +406,16 @@ impl CpuPlan {
             let slot = statics.slot[ki];
             if let Some(s) = slot {
                 // A static kernel: a fallback node, or a loop over static values.
-                let (node, out_ids): (Option<&kiln_ir::Node>, Vec<ValueId>) = match k {
-                    Kernel::Fallback(n) => (Some(&g.nodes[*n]), g.nodes[*n].outputs.clone()),
-                    Kernel::Loop(l) => (None, l.outputs.iter().map(|o| o.0).collect()),
-                    Kernel::Contraction(n) => (Some(&g.nodes[*n]), g.nodes[*n].outputs.clone()),
+                let node = match k {
+                    Kernel::Fallback(n) | Kernel::Contraction(n) => Some(&g.nodes[*n]),
+                    Kernel::Loop(_) => None,
                 };
+                let out_ids: &[ValueId] = &self.kernel_ids[ki].outs;
                 let shape_only = node.is_some_and(|n| memo::reads_shape_only(n.op));
-                let seen = |env: &[Option<Cow<'_, Tensor>>]| {
-                    node.and_then(|n| n.inputs.first().copied().flatten())
-                        .and_then(|v| env[v.index()].as_deref())
-                        .map(|t| t.shape().to_vec())
-                        .unwrap_or_default()
-                };
-                // The same comparison without a copy (it runs for every memoised kernel of
-                // every run).
-                let saw = |env: &[Option<Cow<'_, Tensor>>], want: &[usize]| {
-                    let got = node
-                        .and_then(|n| n.inputs.first().copied().flatten())
-                        .and_then(|v| env[v.index()].as_deref())
-                        .map_or(&[][..], |t| t.shape());
-                    got == want
-                };
+                // What a `shape`/`size` kernel reads: its first input's shape.
+                let read = node.and_then(|n| n.inputs.first().copied().flatten());
                 if let (true, Some(e)) = (memo_live, memo_entry.as_deref()) {
-                    if !shape_only || saw(&env, &e.seen[s]) {
+                    if !shape_only || shape_in(&env, read) == e.seen[s].as_slice() {
                         let started = report.as_ref().map(|_| Instant::now());
                         for (t, &o) in e.outs[s].iter().zip(out_ids.iter()) {
                             env[o.index()] = Some(Cow::Borrowed(t));
@@ -458,7 +445,7 @@ impl CpuPlan {
                 }
                 if let Some(rec) = memo_rec.as_mut() {
                     if shape_only {
-                        rec.seen[s] = seen(&env);
+                        rec.seen[s] = shape_in(&env, read).to_vec();
                     }
                 }
             }
@@ -812,6 +799,12 @@ impl CpuPlan {
         }
         outs
     }
+}
+
+/// The shape of value `v` in a run's environment (empty where there is none).
+fn shape_in<'e>(env: &'e [Option<Cow<'_, Tensor>>], v: Option<ValueId>) -> &'e [usize] {
+    v.and_then(|v| env[v.index()].as_deref())
+        .map_or(&[], |t| t.shape())
 }
 
 /// Runs a `loop` or `scan` node natively: the iteration driver of kiln-ir's control family
