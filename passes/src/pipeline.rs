@@ -63,6 +63,10 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // A shape read of a norm's or activation's output reads its input instead, so the
         // e-graph never keeps a norm alive only for its shape (local: never across layers).
         Box::new(crate::classic::HoistShapeReadsLocal),
+        // A recurrence's `out[:, t] = h` over every step (a chain of row scatter_nds)
+        // becomes one concat of the rows, which the roll below returns as a scan output
+        // instead of carrying the whole buffer through its loop.
+        Box::new(crate::classic::StackRowScatters),
         // Recurrences an exporter unrolled over time (one block of nodes per step, indexed by
         // the step's constants) become one `loop`, so the e-graph and every pass after it
         // see one step, not S (weight-tied layers roll last, with optimised bodies).
@@ -121,7 +125,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 25);
+        assert_eq!(report.passes.len(), 26);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }

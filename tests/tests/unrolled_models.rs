@@ -109,3 +109,30 @@ fn the_jit_matches_the_unoptimised_interpreter_at_batch_1_and_3() {
         }
     }
 }
+
+/// RWKV's loops (a step of gathered rows, elementwise kernels over the carried state and
+/// one row returned per step, after `stack_row_scatters` made the exporter's `out[:, t] =`
+/// a scan output) run as one native loop each (`kind` `stepped` in the profile), and give
+/// what the interpreter gives on the graph as imported, at batch 1 and 3.
+#[test]
+fn rwkv_loops_run_as_native_stepped_loops() {
+    let model = load("rwkv");
+    let jit = compile(&model, 1, Backend::Jit);
+    let interp = compile(&model, 0, Backend::Interp);
+    for (batch, seed) in [(1, 3), (3, 5)] {
+        let ins = [("input_ids", token_ids(batch, seed))];
+        let (got, report) = jit.run_profiled(&ins).unwrap();
+        let stepped = report
+            .kernels
+            .iter()
+            .filter(|k| k.kind == "stepped")
+            .count();
+        assert_eq!(
+            stepped, 2,
+            "one stepped loop per layer: {:?}",
+            report.kernels
+        );
+        let want = interp.run(&ins).unwrap();
+        assert_outputs_match(&format!("rwkv stepped batch {batch}"), &got, &want);
+    }
+}

@@ -216,6 +216,15 @@ impl LoopRunner for BodyRunner<'_> {
             pool: self.pool,
         }))
     }
+
+    fn row_fn(&self, index: usize) -> Option<(RowFn, Option<PostMap>)> {
+        self.fns
+            .fns
+            .get(index)
+            .copied()
+            .flatten()
+            .map(|r| (r.f, r.post))
+    }
 }
 
 impl std::fmt::Debug for JitExecutable {

@@ -23,8 +23,10 @@ pub struct KernelTime {
     /// The kernel's label ([`Plan::label`]).
     pub label: String,
     /// Which path ran it: `loop` (generated code), `contraction` (a prepared routine),
-    /// `native` (a routine for a glue op) or `interp` (the interpreter's op: no routine,
-    /// or the routine declined these inputs).
+    /// `native` (a routine for a glue op, or a `loop` node's body plan run per iteration),
+    /// `stepped` (a `loop` node run as one native loop over its body's row functions,
+    /// [`super::stepped`]) or `interp` (the interpreter's op: no routine, or the routine
+    /// declined these inputs).
     pub kind: &'static str,
     /// The op (for loop kernels, `loop`).
     pub op: String,
@@ -74,6 +76,15 @@ pub trait LoopRunner: Send + Sync {
         let _ = index;
         None
     }
+
+    /// The compiled row function of loop kernel `index` and its post-map, where this
+    /// runner runs that kernel through one ([`super::rows`]): what the native driver of
+    /// stepped loops ([`super::stepped`]) calls directly (`None`: it then runs the general
+    /// path).
+    fn row_fn(&self, index: usize) -> Option<(super::rows::RowFn, Option<super::rows::PostMap>)> {
+        let _ = index;
+        None
+    }
 }
 
 /// Runs loop kernels with the portable evaluator in [`super::eval`].
@@ -105,6 +116,9 @@ pub struct CpuPlan {
     /// Per kernel: the compiled body of a `loop` or `scan` node (its own plan, prepared
     /// once; its arena is reused from one iteration to the next).
     pub bodies: Vec<Option<std::sync::Arc<CpuPlan>>>,
+    /// Per kernel: how a `loop` whose body is an elementwise time step runs as one native
+    /// loop ([`super::stepped`]), where it is one.
+    stepped: Vec<Option<super::stepped::StepPlan>>,
     /// Memoised shape arithmetic, filled by runs.
     memo: ShapeMemo,
     /// Arena layouts per input-shape set and reusable blocks, filled by runs.
@@ -233,6 +247,19 @@ impl CpuPlan {
                 _ => None,
             })
             .collect();
+        let stepped = plan
+            .kernels
+            .iter()
+            .zip(&bodies)
+            .map(
+                |(k, b): (&Kernel, &Option<std::sync::Arc<CpuPlan>>)| match (k, b.as_deref()) {
+                    (Kernel::Fallback(n), Some(b)) => {
+                        super::stepped::StepPlan::new(&plan.graph.nodes[*n], b)
+                    }
+                    _ => None,
+                },
+            )
+            .collect();
         let (last_use, is_output) = value_uses(&plan);
         let kernel_ids = plan
             .kernels
@@ -252,6 +279,7 @@ impl CpuPlan {
             plan,
             contractions,
             bodies,
+            stepped,
             memo: ShapeMemo::default(),
             arenas: Default::default(),
             last_use,
@@ -642,7 +670,12 @@ impl CpuPlan {
                 Kernel::Fallback(n) if self.bodies.get(ki).is_some_and(Option::is_some) => {
                     let node = &g.nodes[*n];
                     let body = self.bodies[ki].as_deref().expect("checked above");
-                    let mut outs = run_body_node(node, body, &ins, runner, ki).map_err(err)?;
+                    let step = self.stepped[ki].as_ref();
+                    let (mut outs, stepped) =
+                        run_body_node(node, body, step, &ins, runner, ki).map_err(err)?;
+                    if stepped {
+                        kind = "stepped";
+                    }
                     outs.truncate(node.outputs.len());
                     outs
                 }
@@ -813,12 +846,20 @@ fn shape_in<'e>(env: &'e [Option<Cow<'_, Tensor>>], v: Option<ValueId>) -> &'e [
 fn run_body_node(
     node: &kiln_ir::Node,
     body: &CpuPlan,
+    step: Option<&super::stepped::StepPlan>,
     ins: &[Option<&Tensor>],
     runner: &dyn LoopRunner,
     index: usize,
-) -> Result<Vec<Tensor>, String> {
+) -> Result<(Vec<Tensor>, bool), String> {
     use kiln_ir::ops::control;
     let compiled = runner.body_runner(index);
+    // An elementwise time step with compiled row functions: one native loop.
+    if let (Some(step), Some(r)) = (step, &compiled) {
+        let threads = runner.pool().map_or(1, |p| p.threads());
+        if let Some(done) = super::stepped::run(step, body, ins, r.as_ref(), threads) {
+            return done.map(|outs| (outs, true));
+        }
+    }
     let portable = BodyRunner { outer: runner };
     let inner: &dyn LoopRunner = match &compiled {
         Some(r) => r.as_ref(),
@@ -830,6 +871,7 @@ fn run_body_node(
         kiln_ir::OpKind::Loop => control::run_loop(&node.attrs, ins, g, &mut run),
         _ => control::run_scan(&node.attrs, ins, g, &mut run),
     }
+    .map(|outs| (outs, false))
 }
 
 /// Runs a body's loop kernels with the portable evaluator and its contractions on the

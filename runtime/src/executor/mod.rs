@@ -3,7 +3,8 @@
 //! contractions on the hand-written kernels, [`routines`] holds the native data-movement and
 //! small-op routines (and dispatches to `recurrent`, the LSTM/GRU/RNN routine), [`arena`]
 //! the memory values are placed in, [`rows`] the row runner both code generators' loop
-//! kernels run through, [`par`] the parallel-for over rows.
+//! kernels run through, [`stepped`] the native driver of loops whose body is an
+//! elementwise time step, [`par`] the parallel-for over rows.
 
 pub mod arena;
 pub mod contraction;
@@ -12,6 +13,7 @@ pub mod par;
 mod recurrent;
 pub mod routines;
 pub mod rows;
+pub mod stepped;
 
 pub use exec::{CpuPlan, KernelTime, LoopRunner, ReferenceRunner, RunReport};
 pub use par::{ParallelFor, Serial};

@@ -92,7 +92,7 @@ pub fn run_row_fn_par(
 }
 
 /// The work estimate of one domain element of `k` (see [`PAR_MIN_WORK`]).
-fn work_per_element(k: &LoopKernel) -> usize {
+pub(crate) fn work_per_element(k: &LoopKernel) -> usize {
     let per_pass: usize = k
         .exprs
         .iter()
