@@ -26,7 +26,7 @@ pub use interp::{run, run_named, EvalError};
 pub use ops::{Fact, OpKind};
 pub use shape::{Dim, Shape};
 pub use tensor::{Buf, Elem, Storage, Tensor, TensorData};
-pub use verify::{verify, VerifyError};
+pub use verify::{verify, verify_and_infer, VerifyError};
 
 #[doc(hidden)]
 pub use half;

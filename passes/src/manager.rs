@@ -284,8 +284,7 @@ impl PassManager {
     pub fn run(&self, g: &mut Graph) -> Result<PipelineReport, ManagerError> {
         let mut checked = 0;
         if self.verify {
-            kiln_ir::verify(g).map_err(ManagerError::InvalidInput)?;
-            let _ = kiln_ir::infer_types(g);
+            kiln_ir::verify_and_infer(g).map_err(ManagerError::InvalidInput)?;
             checked = fingerprint(g);
         }
         if let Some(dir) = &self.dump_dir {
@@ -327,17 +326,17 @@ impl PassManager {
             // A graph the pass left exactly as it was verified and typed after the pass
             // before (or on entry): checking it again would find the same.
             let unchanged = self.verify && fingerprint(g) == checked;
-            let verified = if self.verify && !unchanged {
-                kiln_ir::verify(g)
-            } else {
-                Ok(())
-            };
             // Types only ever refine: what a pass made known (folded shape arithmetic,
             // merged shape reads) reaches every value, so later passes and the cost model
-            // see it.
-            if verified.is_ok() && !unchanged {
-                let _ = kiln_ir::infer_types(g);
-            }
+            // see it (one shape inference both checks the graph and writes its types).
+            let verified = if self.verify && !unchanged {
+                kiln_ir::verify_and_infer(g)
+            } else {
+                if !unchanged {
+                    let _ = kiln_ir::infer_types(g);
+                }
+                Ok(())
+            };
             if self.verify && !unchanged && verified.is_ok() {
                 checked = fingerprint(g);
             }

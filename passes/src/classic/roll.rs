@@ -844,6 +844,7 @@ fn scalar(d: DType) -> TensorType {
 /// Replaces the copies by a `loop` node placed where the last copy ended.
 fn apply(g: &mut Graph, r: &Roll) {
     let producer = rewrite::producers(g);
+    let mut names = Names::new(g);
     let end = r.blocks[r.copies - 1]
         .iter()
         .copied()
@@ -851,11 +852,11 @@ fn apply(g: &mut Graph, r: &Roll) {
         .expect("a body has nodes");
     let step_only = step_only_nodes(g, r, end);
     let mut body = Graph::new(&format!("{}_block", g.name));
-    let mut names: HashSet<String> = HashSet::new();
+    let mut body_names: HashSet<String> = HashSet::new();
     let mut fresh = |base: &str| {
         let mut n = base.to_string();
         let mut i = 0;
-        while !names.insert(n.clone()) {
+        while !body_names.insert(n.clone()) {
             i += 1;
             n = format!("{base}_{i}");
         }
@@ -915,7 +916,7 @@ fn apply(g: &mut Graph, r: &Roll) {
                 .chain((0..rank).filter(|&i| i != a as i64))
                 .collect();
             let moved: Vec<kiln_ir::Dim> = perm.iter().map(|&i| dims[i as usize].clone()).collect();
-            let name = unique_name(g, format!("{}_steps_first", g.value(x).name));
+            let name = names.fresh(format!("{}_steps_first", g.value(x).name));
             let ty = TensorType::new(g.ty(x).dtype, Shape::new(moved));
             let xt = g.add_value(&name, ty);
             pre.push(Node {
@@ -1046,7 +1047,7 @@ fn apply(g: &mut Graph, r: &Roll) {
         let first = per_copy[0];
         let ty = g.ty(first).clone();
         let base = g.value(first).name.clone();
-        let axes_name = unique_name(g, format!("{base}_stack_axis"));
+        let axes_name = names.fresh(format!("{base}_stack_axis"));
         let axes = g.add_value(&axes_name, TensorType::new(DType::I64, Shape::fixed(&[1])));
         pre.push(Node {
             op: OpKind::Constant,
@@ -1076,7 +1077,7 @@ fn apply(g: &mut Graph, r: &Roll) {
         };
         let mut parts = vec![];
         for (k, &v) in per_copy.iter().enumerate() {
-            let name = unique_name(g, format!("{base}_step{k}"));
+            let name = names.fresh(format!("{base}_step{k}"));
             let u = g.add_value(&name, stacked_ty.0.clone());
             pre.push(Node {
                 op: OpKind::Unsqueeze,
@@ -1087,7 +1088,7 @@ fn apply(g: &mut Graph, r: &Roll) {
             });
             parts.push(Some(u));
         }
-        let all_name = unique_name(g, format!("{base}_steps"));
+        let all_name = names.fresh(format!("{base}_steps"));
         let all = g.add_value(&all_name, stacked_ty.1.clone());
         pre.push(Node {
             op: OpKind::Concat,
@@ -1155,10 +1156,10 @@ fn apply(g: &mut Graph, r: &Roll) {
 
     // The loop node: a constant trip count, no condition, initial values, captures.
     let last = r.blocks[r.copies - 1].clone();
-    let trip_name = unique_name(
-        g,
-        format!("{}_trips", g.value(g.nodes[last[0]].outputs[0]).name),
-    );
+    let trip_name = names.fresh(format!(
+        "{}_trips",
+        g.value(g.nodes[last[0]].outputs[0]).name
+    ));
     let trip_ty = scalar(DType::I64);
     let trips = g.add_value(&trip_name, trip_ty);
     let trip_node = Node {
@@ -1195,10 +1196,10 @@ fn apply(g: &mut Graph, r: &Roll) {
         let stacked_dims: Vec<kiln_ir::Dim> = std::iter::once(n.clone())
             .chain(dims.iter().cloned())
             .collect();
-        let name = unique_name(g, format!("{base}_scanned"));
+        let name = names.fresh(format!("{base}_scanned"));
         let stacked = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(stacked_dims)));
         outputs.push(stacked);
-        let name = unique_name(g, format!("{base}_scan_axis"));
+        let name = names.fresh(format!("{base}_scan_axis"));
         let axes = g.add_value(&name, TensorType::new(DType::I64, Shape::fixed(&[1])));
         post.push(Node {
             op: OpKind::Constant,
@@ -1220,7 +1221,7 @@ fn apply(g: &mut Graph, r: &Roll) {
                 .filter(|(i, _)| *i != sc.axis)
                 .map(|(_, d)| d.clone()),
         );
-        let name = unique_name(g, format!("{base}_scan_squeezed"));
+        let name = names.fresh(format!("{base}_scan_squeezed"));
         let squeezed = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(squeezed_dims)));
         post.push(Node {
             op: OpKind::Squeeze,
@@ -1238,7 +1239,7 @@ fn apply(g: &mut Graph, r: &Roll) {
                 .collect();
             let mut moved = dims.clone();
             moved[sc.axis] = n;
-            let name = unique_name(g, format!("{base}_scan"));
+            let name = names.fresh(format!("{base}_scan"));
             result = g.add_value(&name, TensorType::new(ty.dtype, Shape::new(moved)));
             post.push(Node {
                 op: OpKind::Transpose,
@@ -1287,14 +1288,25 @@ fn apply(g: &mut Graph, r: &Roll) {
     }
 }
 
-/// `want`, or `want` with underscores appended until no value of `g` has the name.
-fn unique_name(g: &Graph, want: String) -> String {
-    let taken: HashSet<&str> = g.values.iter().map(|v| v.name.as_str()).collect();
-    let mut n = want;
-    while taken.contains(n.as_str()) {
-        n.push('_');
+/// The value names of a graph, for making fresh ones: one set per [`apply`], which names a
+/// value per step of a long recurrence (a set per name was quadratic in the steps).
+struct Names(HashSet<String>);
+
+impl Names {
+    fn new(g: &Graph) -> Names {
+        Names(g.values.iter().map(|v| v.name.clone()).collect())
     }
-    n
+
+    /// `want`, or `want` with underscores appended until no value has the name; the name
+    /// is then taken.
+    fn fresh(&mut self, want: String) -> String {
+        let mut n = want;
+        while self.0.contains(&n) {
+            n.push('_');
+        }
+        self.0.insert(n.clone());
+        n
+    }
 }
 
 /// Per node of `r`'s block: whether it computes integer or boolean values only from the
