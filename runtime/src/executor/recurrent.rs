@@ -89,9 +89,13 @@ fn add_product(z: &mut [f32], a: &[f32], b: &[f32]) {
 /// `Rᵀ`, whose micro-kernel computes 6 or 12 rows at a time.
 const SMALL_BATCH: usize = 4;
 
-/// Output columns per block of the small-batch kernel: `4 × 16` accumulators fill eight
-/// AVX2 registers.
-const NC: usize = 16;
+/// Output columns per panel of the small-batch kernel's `Rᵀ` layout: an AVX-512 block
+/// computes all 64 (`4 × 4` zmm accumulators for four batch entries: enough independent
+/// FMAs to cover their latency), an AVX2 or portable one 16 at a time (`4 × 2` ymm).
+const NC: usize = 64;
+
+/// Output columns per block of the AVX2 and portable small-batch kernels.
+const NC_NARROW: usize = 16;
 
 /// One direction's recurrent weights (a block of `R`'s rows) in the form the step uses.
 #[derive(Debug)]
@@ -163,7 +167,64 @@ unsafe fn small_batch_avx512(
     n: usize,
     out: &mut [f32],
 ) {
-    small_batch_body(h, b_n, h_n, rt, n, out);
+    let mut b0 = 0;
+    while b0 < b_n {
+        let bb = (b_n - b0).min(SMALL_BATCH);
+        for kc in (0..n).step_by(NC) {
+            let panel = &rt[kc * h_n..(kc + NC) * h_n];
+            // SAFETY: the CPU has AVX-512F (the caller checked); the panel holds `h_n`
+            // rows of NC columns.
+            unsafe {
+                match bb {
+                    1 => block_avx512::<1>(h, h_n, panel, n, kc, out, b0),
+                    2 => block_avx512::<2>(h, h_n, panel, n, kc, out, b0),
+                    3 => block_avx512::<3>(h, h_n, panel, n, kc, out, b0),
+                    _ => block_avx512::<4>(h, h_n, panel, n, kc, out, b0),
+                }
+            }
+        }
+        b0 += bb;
+    }
+}
+
+/// All NC columns of a panel for `BB` batch entries from `b0`, in 16-lane registers. Each
+/// output is `Σ_j h[b, j]·Rᵀ[j, k]` accumulated by FMAs in `j` order, as the portable
+/// [`block`] does, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512<const BB: usize>(
+    h: &[f32],
+    h_n: usize,
+    panel: &[f32],
+    n: usize,
+    kc: usize,
+    out: &mut [f32],
+    b0: usize,
+) {
+    use std::arch::x86_64::*;
+    const Q: usize = NC / 16;
+    let hs = &h[b0 * h_n..(b0 + BB) * h_n];
+    let mut acc = [[_mm512_setzero_ps(); Q]; BB];
+    for (j, row) in panel.chunks_exact(NC).enumerate().take(h_n) {
+        // SAFETY: `row` holds NC = 16·Q values.
+        let r: [__m512; Q] =
+            std::array::from_fn(|q| unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * q)) });
+        for (b, a) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(hs[b * h_n + j]);
+            for q in 0..Q {
+                a[q] = _mm512_fmadd_ps(x, r[q], a[q]);
+            }
+        }
+    }
+    let w = NC.min(n - kc);
+    let mut lanes = [0f32; NC];
+    for (b, a) in acc.iter().enumerate() {
+        for (q, v) in a.iter().enumerate() {
+            // SAFETY: `lanes` holds NC = 16·Q values.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * q), *v) };
+        }
+        out[(b0 + b) * n + kc..(b0 + b) * n + kc + w].copy_from_slice(&lanes[..w]);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -186,45 +247,51 @@ fn small_batch_body(h: &[f32], b_n: usize, h_n: usize, rt: &[f32], n: usize, out
         let bb = (b_n - b0).min(SMALL_BATCH);
         for kc in (0..n).step_by(NC) {
             let panel = &rt[kc * h_n..(kc + NC) * h_n];
-            match bb {
-                1 => block::<1>(h, h_n, panel, n, kc, out, b0),
-                2 => block::<2>(h, h_n, panel, n, kc, out, b0),
-                3 => block::<3>(h, h_n, panel, n, kc, out, b0),
-                _ => block::<4>(h, h_n, panel, n, kc, out, b0),
+            for c0 in (0..NC).step_by(NC_NARROW).take_while(|c| kc + c < n) {
+                match bb {
+                    1 => block::<1>(h, h_n, panel, n, kc, c0, out, b0),
+                    2 => block::<2>(h, h_n, panel, n, kc, c0, out, b0),
+                    3 => block::<3>(h, h_n, panel, n, kc, c0, out, b0),
+                    _ => block::<4>(h, h_n, panel, n, kc, c0, out, b0),
+                }
             }
         }
         b0 += bb;
     }
 }
 
-/// Columns `kc..kc + NC` (those below `n`) of `BB` batch entries from `b0`, from their
-/// panel (`[H, NC]`): the accumulators stay in registers over the whole contraction.
+/// Columns `kc + c0..kc + c0 + NC_NARROW` (those below `n`) of `BB` batch entries from `b0`,
+/// from their panel (`[H, NC]`): the accumulators stay in registers over the whole
+/// contraction.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn block<const BB: usize>(
     h: &[f32],
     h_n: usize,
     panel: &[f32],
     n: usize,
     kc: usize,
+    c0: usize,
     out: &mut [f32],
     b0: usize,
 ) {
-    let mut acc = [[0f32; NC]; BB];
+    let mut acc = [[0f32; NC_NARROW]; BB];
     let hs = &h[b0 * h_n..(b0 + BB) * h_n];
     for (j, row) in panel.chunks_exact(NC).enumerate().take(h_n) {
-        let Ok(row) = <&[f32; NC]>::try_from(row) else {
+        let Ok(row) = <&[f32; NC_NARROW]>::try_from(&row[c0..c0 + NC_NARROW]) else {
             return;
         };
         for (b, a) in acc.iter_mut().enumerate() {
             let x = hs[b * h_n + j];
-            for l in 0..NC {
+            for l in 0..NC_NARROW {
                 a[l] = x.mul_add(row[l], a[l]);
             }
         }
     }
-    let w = NC.min(n - kc);
+    let w = NC_NARROW.min(n - kc - c0);
     for (b, a) in acc.iter().enumerate() {
-        out[(b0 + b) * n + kc..(b0 + b) * n + kc + w].copy_from_slice(&a[..w]);
+        let at = (b0 + b) * n + kc + c0;
+        out[at..at + w].copy_from_slice(&a[..w]);
     }
 }
 
@@ -423,6 +490,11 @@ impl Steps<'_> {
     /// Direction `dir`'s step loop, with AVX2+FMA where the CPU has it.
     fn direction(&self, dir: usize) -> Option<()> {
         #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && crate::native::gemm::avx2::available() {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (checked just above).
+            return unsafe { self.direction_avx512(dir) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if crate::native::gemm::avx2::available() {
             // SAFETY: the CPU has AVX2 and FMA (checked just above).
             return unsafe { self.direction_avx2(dir) };
@@ -433,6 +505,13 @@ impl Steps<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn direction_avx2(&self, dir: usize) -> Option<()> {
+        self.direction_body(dir)
+    }
+
+    /// The gate math in 16 lanes (elementwise: the same bits as in 8).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn direction_avx512(&self, dir: usize) -> Option<()> {
         self.direction_body(dir)
     }
 
@@ -863,6 +942,43 @@ mod tests {
                     (a - e).abs() <= NATIVE_TOLERANCE,
                     "{op:?} {attrs:?} output {k}: {a} vs {e} (S={s} B={b} I={i} H={h})"
                 );
+            }
+        }
+    }
+
+    /// The small-batch `h·Rᵀ` over several 64-column panels and partial ones: the
+    /// dispatched kernel (AVX-512, AVX2 or portable, by CPU) gives the portable one's bits,
+    /// both within float rounding of an f64 product.
+    #[test]
+    fn small_batch_kernels_agree_across_panels() {
+        let mut rng = StdRng::seed_from_u64(21);
+        for &n in &[1usize, 17, 64, 65, 130] {
+            for &h_n in &[1usize, 7, 33] {
+                for b_n in 1..=SMALL_BATCH + 1 {
+                    let r: Vec<f32> = (0..n * h_n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                    let h: Vec<f32> = (0..b_n * h_n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                    let Some(Recur::Cols(rt, _)) = recur_block(&r, h_n, 1, 0, n) else {
+                        panic!("a small batch lays R out in panels");
+                    };
+                    let mut fast = vec![f32::NAN; b_n * n];
+                    let mut portable = vec![f32::NAN; b_n * n];
+                    small_batch(&h, b_n, h_n, &rt, n, &mut fast);
+                    small_batch_body(&h, b_n, h_n, &rt, n, &mut portable);
+                    assert_eq!(
+                        fast.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "n {n} h {h_n} b {b_n}"
+                    );
+                    for b in 0..b_n {
+                        for k in 0..n {
+                            let want: f64 = (0..h_n)
+                                .map(|j| f64::from(h[b * h_n + j]) * f64::from(r[k * h_n + j]))
+                                .sum();
+                            let got = f64::from(fast[b * n + k]);
+                            assert!((got - want).abs() <= 1e-5 * h_n as f64, "{got} vs {want}");
+                        }
+                    }
+                }
             }
         }
     }
