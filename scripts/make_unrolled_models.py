@@ -13,6 +13,9 @@ Full width (issue 18 item 4; the files are generated, not committed):
   rwkv_unrolled_s{S}   RWKV-4, 2 layers, hidden 256, attention hidden 256, FFN 1024, vocab 1000
   mamba_unrolled_s{S}  Mamba, 2 layers, d_model 256, inner 512, state 16, conv 4, dt_rank 16,
                        vocab 1000, RMSNorm
+  rnn_unrolled_s{S}    an Elman RNN written as a Python loop over `nn.RNNCell`-style steps
+                       (h = tanh(x_t·W_ih + h·W_hh + b), the steps stacked by one Concat),
+                       2 layers, hidden 256, vocab 1000: the per-step matmul case
 Batch is symbolic ("batch"), the sequence S is fixed; test data at batch 1.
 
   --tiny   hidden 32, seq 40, 2 layers, vocab 128, RWKV FFN 64, Mamba inner 64, state 8,
@@ -46,6 +49,8 @@ FULL_RWKV = dict(hidden=256, att=256, ffn=1024, vocab=1000, layers=2)
 FULL_MAMBA = dict(hidden=256, inner=512, state=16, conv=4, dt_rank=16, vocab=1000, layers=2)
 TINY_RWKV = dict(hidden=32, att=32, ffn=64, vocab=128, layers=2)
 TINY_MAMBA = dict(hidden=32, inner=64, state=8, conv=4, dt_rank=4, vocab=128, layers=2)
+FULL_RNN = dict(hidden=256, vocab=1000, layers=2)
+TINY_RNN = dict(hidden=32, vocab=128, layers=2)
 TINY_SEQ = 40
 
 
@@ -407,6 +412,63 @@ MODELS = {
 }
 
 
+# ---------------------------------------------------------------------------- Elman RNN
+
+
+def rnn_params(cfg, seed):
+    rng = np.random.default_rng(seed)
+    h = cfg["hidden"]
+    s = 1.0 / np.sqrt(h)
+    p = {"emb": rng.normal(0, 1, (cfg["vocab"], h)).astype(np.float32), "layers": []}
+    for _ in range(cfg["layers"]):
+        p["layers"].append({
+            "w_ih": rng.uniform(-s, s, (h, h)).astype(np.float32),
+            "w_hh": rng.uniform(-s, s, (h, h)).astype(np.float32),
+            "b": rng.uniform(-s, s, (h,)).astype(np.float32),
+        })
+    return p
+
+
+def rnn_graph(cfg, seq, p):
+    g = G()
+    hid = cfg["hidden"]
+    x = g.op("Gather", [g.weight("emb", p["emb"]), "input_ids"], "/emb")
+    for li, lp in enumerate(p["layers"]):
+        s = f"/layers.{li}"
+        w_ih = g.weight(f"layers.{li}.w_ih", lp["w_ih"])
+        w_hh = g.weight(f"layers.{li}.w_hh", lp["w_hh"])
+        b = g.weight(f"layers.{li}.b", lp["b"])
+        # torch.zeros(batch, hidden): the batch read from the input's shape.
+        batch = g.op("Gather", [g.op("Shape", [x], s), g.const(0)], s, axis=0)
+        shape = g.op("Concat", [g.op("Unsqueeze", [batch, g.const([0])], s), g.const([hid])], s, axis=0)
+        h = g.op("ConstantOfShape", [shape], s, value=fill(0.0))
+        outs = []
+        for t in range(seq):
+            xt = g.op("Gather", [x, g.const(t)], s, axis=1)
+            a = g.op("MatMul", [xt, w_ih], s)
+            r = g.op("MatMul", [h, w_hh], s)
+            h = g.op("Tanh", [g.op("Add", [g.op("Add", [a, r], s), b], s)], s)
+            outs.append(g.op("Unsqueeze", [h, g.const([1])], s))
+        x = g.op("Concat", outs, s, axis=1)
+    g.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="/output"))
+    return g
+
+
+def rnn_reference(ids, p):
+    x = p["emb"].astype(np.float64)[ids]
+    for lp in p["layers"]:
+        h = np.zeros((x.shape[0], x.shape[2]))
+        ys = []
+        for t in range(x.shape[1]):
+            h = np.tanh(x[:, t] @ lp["w_ih"] + h @ lp["w_hh"] + lp["b"])
+            ys.append(h)
+        x = np.stack(ys, axis=1)
+    return x
+
+
+MODELS["rnn"] = (rnn_params, rnn_graph, rnn_reference)
+
+
 def ort_session(path):
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -467,17 +529,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqs", default="16,64,256", help="sequence lengths of the full-width models")
     ap.add_argument("--out", default="/tmp/kiln-unrolled", help="folder of the full-width models")
-    ap.add_argument("--models", default="rwkv,mamba")
+    ap.add_argument("--models", default="rwkv,mamba,rnn")
     ap.add_argument("--tiny", action="store_true", help=f"write the small test models to {os.path.relpath(TINY_OUT)} instead")
     ap.add_argument("--check", action="store_true", help="check ORT against the numpy reference")
     args = ap.parse_args()
     jobs = []  # (kind, cfg, seq, dir, test-data batch, seed)
     for kind in args.models.split(","):
         if args.tiny:
-            cfg = TINY_RWKV if kind == "rwkv" else TINY_MAMBA
+            cfg = {"rwkv": TINY_RWKV, "mamba": TINY_MAMBA, "rnn": TINY_RNN}[kind]
             jobs.append((kind, cfg, TINY_SEQ, os.path.join(TINY_OUT, kind), 2, 18))
         else:
-            cfg = FULL_RWKV if kind == "rwkv" else FULL_MAMBA
+            cfg = {"rwkv": FULL_RWKV, "mamba": FULL_MAMBA, "rnn": FULL_RNN}[kind]
             for seq in (int(x) for x in args.seqs.split(",")):
                 jobs.append((kind, cfg, seq, os.path.join(args.out, f"{kind}_unrolled_s{seq}"), 1, 4))
     ok = True

@@ -81,6 +81,54 @@ fn close(a: &[Tensor], b: &[Tensor]) -> bool {
             .all(|(x, y)| kiln_reference::compare(x, y, kiln_reference::MODEL_TOLERANCE).ok)
 }
 
+/// A recurrent step as `roll_recurrences` leaves one: the step's index read from a
+/// stacked constant at the iteration number, the step's row of the input, a matmul with a
+/// weight the body holds (prepared once), a bias, tanh; the new state returned carried and
+/// scanned. `{W}` is the weight's values; the batch is symbolic.
+const RNN_STEPS: &str = "func @rnn(%x: f32[B, 6, 8], %h0: f32[B, 8]) -> (f32[B, 8], f32[5, B, 8]) {
+  %n = constant {value = dense<i64[]> [5]}
+  %h, %ys = loop %n, _, %h0, %x {body = func @step(%i: i64[], %c: bool[], %hin: f32[B, 8], %xs: f32[B, 6, 8]) -> (bool[], f32[B, 8], f32[B, 8]) {
+    %steps = constant {value = dense<i64[5]> [1, 2, 3, 4, 5]}
+    %w = constant {value = dense<f32[8, 8]> [{W}]}
+    %bias = constant {value = dense<f32[8]> [0.5, -0.25, 0.125, 0.0, 1.0, -1.0, 0.75, -0.5]}
+    %t = gather %steps, %i {axis = 0}
+    %xt = gather %xs, %t {axis = 1}
+    %m = matmul %hin, %w
+    %mb = add %m, %bias
+    %a = add %mb, %xt
+    %h = tanh %a
+    return %c, %h, %h
+  }, num_captures = 1}
+  return %h, %ys
+}
+";
+
+/// A loop whose step is row reads, a matmul with its weight in the body and elementwise
+/// kernels runs as one native loop (`stepped` in the profile: the matmul on its prepared
+/// routine, the rest on the JIT's row functions, no plan run per step) and gives the
+/// interpreter's values, at batch 1 and 3.
+#[test]
+fn a_recurrent_step_with_a_matmul_runs_as_a_stepped_loop() {
+    let w: Vec<String> = random(&[8, 8], 9)
+        .to_f64s()
+        .iter()
+        .map(|v| format!("{v}"))
+        .collect();
+    let text = RNN_STEPS.replace("{W}", &w.join(", "));
+    let m = Model::from_graph(text.parse().unwrap());
+    let jit = compile(&m, Backend::Jit, "");
+    let interp = compile(&m, Backend::Interp, "");
+    for b in [1usize, 3] {
+        let ins = vec![("x", random(&[b, 6, 8], 4)), ("h0", random(&[b, 8], 5))];
+        let (got, report) = jit.run_profiled(&ins).unwrap();
+        let kinds: Vec<&str> = report.kernels.iter().map(|k| k.kind).collect();
+        assert!(kinds.contains(&"stepped"), "batch {b}: {kinds:?}");
+        let want = interp.run(&ins).unwrap();
+        assert_eq!(got[1].shape(), [5, b, 8].as_slice());
+        assert!(close(&got, &want), "batch {b}: {got:?} vs {want:?}");
+    }
+}
+
 #[test]
 fn jit_runs_loops_and_scans_like_the_interpreter() {
     let m = Model::from_graph(WHILE_MATMUL.parse().unwrap());

@@ -186,8 +186,56 @@ fn prepare_contractions(plan: &Plan) -> Vec<Option<std::sync::Arc<super::contrac
             _ => None,
         })
         .collect();
+    // Kernels that would prepare the same routine (the same op and attributes on the same
+    // constant weights: an unrolled recurrence's per-step matmuls, tied weights) share one,
+    // so its packed weights are packed and kept in cache once.
+    let key = |n: usize| {
+        let node = &plan.graph.nodes[n];
+        let mut attrs = node.attrs.clone();
+        attrs.0.remove("fused_from");
+        // A kernel with a large tensor attribute keeps its own routine (printing it for the
+        // key would cost more than packing).
+        let large = attrs.0.values().any(|a| match a {
+            kiln_ir::Attr::Tensor(t) => t.len() > 64,
+            kiln_ir::Attr::Graph(_) => true,
+            _ => false,
+        });
+        if large {
+            return format!("#{n}");
+        }
+        let consts: Vec<Option<ValueId>> = node
+            .inputs
+            .iter()
+            .map(|v| v.filter(|v| known.contains_key(v)))
+            .collect();
+        let sparse =
+            node.inputs.first().copied().flatten().is_some_and(|a| {
+                super::contraction::sparsifying_producer(&plan.graph.nodes[..n], a)
+            });
+        format!("{:?} {attrs:?} {consts:?} {sparse}", node.op)
+    };
+    let mut first_of: HashMap<String, usize> = HashMap::new();
+    let mut same_as: Vec<(usize, usize)> = vec![];
+    let todo: Vec<(usize, usize)> = todo
+        .into_iter()
+        .filter(|&(i, n)| match first_of.entry(key(n)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                same_as.push((i, *e.get()));
+                false
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(i);
+                true
+            }
+        })
+        .collect();
     let mut out: Vec<Option<std::sync::Arc<super::contraction::Prepared>>> =
         (0..plan.kernels.len()).map(|_| None).collect();
+    let share = |out: &mut Vec<Option<std::sync::Arc<super::contraction::Prepared>>>| {
+        for &(i, j) in &same_as {
+            out[i] = out[j].clone();
+        }
+    };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(todo.len());
@@ -197,6 +245,7 @@ fn prepare_contractions(plan: &Plan) -> Vec<Option<std::sync::Arc<super::contrac
         for &(i, n) in &todo {
             out[i] = prepare(n);
         }
+        share(&mut out);
         return out;
     }
     let next = AtomicUsize::new(0);
@@ -225,6 +274,7 @@ fn prepare_contractions(plan: &Plan) -> Vec<Option<std::sync::Arc<super::contrac
     for (i, p) in done.into_iter().flatten() {
         out[i] = p;
     }
+    share(&mut out);
     out
 }
 

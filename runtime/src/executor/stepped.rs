@@ -1,11 +1,13 @@
-//! Running a `loop` whose body is a time step of an elementwise recurrence (a row of each
-//! per-step input read at the step's index, compiled loop kernels over the carried state,
-//! rows returned or carried: an RNN cell or RWKV's WKV after `roll_recurrences`) as one
-//! native loop: every buffer is bound once per loop run, and an iteration is the row
-//! copies and one call per compiled row function, with no plan run, allocation or shape
-//! check per step. The row functions are the ones the body's plan runs, on the same
-//! values, so results are bit for bit the general path's. [`StepPlan::new`] decides at
-//! prepare time whether a body qualifies; anything else runs through the general path.
+//! Running a `loop` whose body is one time step of a recurrence (a row of each per-step
+//! input read at the step's index, compiled loop kernels and prepared contractions over
+//! the carried state, rows returned or carried: an RNN cell, RWKV's WKV after
+//! `roll_recurrences`) as one native loop: every buffer is bound once per loop run, and an
+//! iteration is the row copies, one call per compiled row function and one per prepared
+//! contraction (its packed weights reused every step), with no plan run, allocation of the
+//! loop kernels' values or shape check per step. The row functions and routines are the
+//! ones the body's plan runs, on the same values, so results are bit for bit the general
+//! path's. [`StepPlan::new`] decides at prepare time whether a body qualifies; anything else
+//! runs through the general path.
 
 use super::exec::{CpuPlan, LoopRunner};
 use super::rows::{work_per_element, PostMap, RowFn, PAR_MIN_WORK};
@@ -45,6 +47,13 @@ enum Step {
     },
     /// Loop kernel `kernel` of the body's plan, its outputs into `bufs`.
     Loop { kernel: usize, bufs: Vec<usize> },
+    /// Contraction `kernel` of the body's plan (graph node `node`: a per-step matmul with
+    /// its weights packed once), on its prepared routine; its outputs into `bufs`.
+    Contraction {
+        kernel: usize,
+        node: usize,
+        bufs: Vec<usize>,
+    },
 }
 
 /// How a `loop` node's body runs as one native loop (see the module docs).
@@ -67,8 +76,8 @@ pub struct StepPlan {
 
 impl StepPlan {
     /// The plan for `node` (a `loop`) whose body `body` prepared, where every kernel of the
-    /// body is a step index, a row read of a capture at one, a loop kernel, a view of one
-    /// of those, or index arithmetic only views read.
+    /// body is a step index, a row read of a capture at one, a loop kernel, a contraction
+    /// with a prepared routine, a view of one of those, or index arithmetic only views read.
     pub fn new(node: &Node, body: &CpuPlan) -> Option<StepPlan> {
         if node.op != OpKind::Loop {
             return None;
@@ -113,7 +122,26 @@ impl StepPlan {
                     }
                     steps.push(Step::Loop { kernel, bufs: out });
                 }
-                Kernel::Contraction(_) => return None,
+                Kernel::Contraction(n) => {
+                    let node = &g.nodes[*n];
+                    body.contractions.get(kernel)?.as_ref()?;
+                    if node.inputs.iter().flatten().any(|v| !src.contains_key(v))
+                        || node.outputs.iter().any(|&o| g.ty(o).dtype != DType::F32)
+                    {
+                        return None;
+                    }
+                    let mut out = vec![];
+                    for &v in &node.outputs {
+                        src.insert(v, Src::Buf(bufs.len()));
+                        out.push(bufs.len());
+                        bufs.push(v);
+                    }
+                    steps.push(Step::Contraction {
+                        kernel,
+                        node: *n,
+                        bufs: out,
+                    });
+                }
                 Kernel::Fallback(n) => {
                     let n = &g.nodes[*n];
                     let arg = |i: usize| n.inputs.get(i).copied().flatten();
@@ -221,6 +249,20 @@ impl StepPlan {
     }
 }
 
+/// A step bound for this loop run.
+enum Bind {
+    /// Nothing to bind (an index, a row read).
+    None,
+    /// A loop kernel.
+    Loop(Bound),
+    /// A contraction: each operand's source and shape (`None`: omitted), and the shape of
+    /// each output.
+    Contraction {
+        ins: Vec<Option<(Src, Vec<usize>)>>,
+        outs: Vec<Vec<usize>>,
+    },
+}
+
 /// A loop kernel bound for this loop run: its row function, where each input's rows are
 /// read from, and its runs of rows.
 struct Bound {
@@ -296,7 +338,7 @@ pub fn run(
         body.plan.constants.iter().map(|(v, t)| (*v, t)).collect();
     // Shapes of every buffer and of every value read: loop kernels bind on stand-ins.
     let mut buf_shape: Vec<Option<Vec<usize>>> = vec![None; plan.bufs.len()];
-    let mut bound: Vec<Option<Bound>> = vec![];
+    let mut bound: Vec<Bind> = vec![];
     // A value's shape: its source's, or for a view of the source, its own type's (the
     // source's element count).
     let shape_of = |s: Src, v: ValueId, buf_shape: &[Option<Vec<usize>>]| -> Option<Vec<usize>> {
@@ -315,7 +357,7 @@ pub fn run(
     let mut work = 0usize;
     for step in &plan.steps {
         match step {
-            Step::Index { .. } => bound.push(None),
+            Step::Index { .. } => bound.push(Bind::None),
             Step::Row {
                 buf,
                 src,
@@ -329,7 +371,30 @@ pub fn run(
                     return None;
                 }
                 buf_shape[*buf] = Some(s);
-                bound.push(None);
+                bound.push(Bind::None);
+            }
+            Step::Contraction { node, bufs, .. } => {
+                let n = &g.nodes[*node];
+                let ins = n
+                    .inputs
+                    .iter()
+                    .map(|v| match v {
+                        None => Some(None),
+                        Some(v) => {
+                            let s = plan.src[v];
+                            shape_of(s, *v, &buf_shape).map(|shape| Some((s, shape)))
+                        }
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                let outs = n
+                    .outputs
+                    .iter()
+                    .map(|&o| concrete(o))
+                    .collect::<Option<Vec<_>>>()?;
+                for (&b, shape) in bufs.iter().zip(&outs) {
+                    buf_shape[b] = Some(shape.clone());
+                }
+                bound.push(Bind::Contraction { ins, outs });
             }
             Step::Loop { kernel, bufs } => {
                 let Kernel::Loop(l) = &body.plan.kernels[*kernel] else {
@@ -363,7 +428,7 @@ pub fn run(
                     .iter()
                     .map(|&s| i64::try_from(s).ok())
                     .collect::<Option<Vec<_>>>()?;
-                bound.push(Some(Bound {
+                bound.push(Bind::Loop(Bound {
                     f,
                     post,
                     ins: srcs,
@@ -389,8 +454,12 @@ pub fn run(
             return None;
         }
     }
+    let single = crate::pool::Pool::single();
+    let pool = runner.pool().unwrap_or(&single);
     Some(drive(
         plan,
+        body,
+        pool,
         &bound,
         trips,
         &carried,
@@ -405,7 +474,9 @@ pub fn run(
 #[allow(clippy::too_many_arguments)]
 fn drive(
     plan: &StepPlan,
-    bound: &[Option<Bound>],
+    body: &CpuPlan,
+    pool: &crate::pool::Pool,
+    bound: &[Bind],
     trips: usize,
     carried: &[&Tensor],
     captures: &[&Tensor],
@@ -485,8 +556,79 @@ fn drive(
                     }
                 }
                 Step::Loop { .. } => {
-                    let b = b.as_ref().expect("loop steps are bound");
+                    let Bind::Loop(b) = b else {
+                        unreachable!("loop steps are bound as loops")
+                    };
                     call(b, &state, &capture_data, &consts, &mut bufs)?;
+                }
+                Step::Contraction {
+                    kernel,
+                    node,
+                    bufs: out_bufs,
+                } => {
+                    let Bind::Contraction { ins, outs } = b else {
+                        unreachable!("contractions are bound as contractions")
+                    };
+                    // Operands: captures and constants as they are, the step's own values
+                    // as tensors of their shapes (a row or a state is small).
+                    let mut owned: Vec<Option<std::borrow::Cow<'_, Tensor>>> = vec![];
+                    for i in ins {
+                        owned.push(match i {
+                            None => None,
+                            Some((Src::Capture(k), shape))
+                                if captures[*k].shape() == shape.as_slice() =>
+                            {
+                                Some(std::borrow::Cow::Borrowed(captures[*k]))
+                            }
+                            Some((Src::Const(c), shape))
+                                if constants
+                                    .get(c)
+                                    .is_some_and(|t| t.shape() == shape.as_slice()) =>
+                            {
+                                Some(std::borrow::Cow::Borrowed(constants[c]))
+                            }
+                            Some((s, shape)) => {
+                                let data = read(*s, &state, &capture_data, &consts, &bufs)?;
+                                Some(std::borrow::Cow::Owned(Tensor::from_vec(
+                                    shape.clone(),
+                                    data.to_vec(),
+                                )))
+                            }
+                        });
+                    }
+                    let refs: Vec<Option<&Tensor>> = owned.iter().map(|t| t.as_deref()).collect();
+                    let node = &body.plan.graph.nodes[*node];
+                    let prepared = body.contractions.get(*kernel).and_then(|p| p.as_deref());
+                    let got = match prepared
+                        .and_then(|p| p.run(&refs, pool, &mut super::arena::Outputs::none()))
+                    {
+                        Some(r) => r?,
+                        None => kiln_ir::ops::eval(node.op, &node.attrs, &refs)
+                            .map_err(|e| e.to_string())?,
+                    };
+                    drop(refs);
+                    drop(owned);
+                    if got.len() < out_bufs.len() {
+                        return Err(format!(
+                            "iteration {it}: {} gave {} outputs, expected {}",
+                            node.op.name(),
+                            got.len(),
+                            out_bufs.len()
+                        ));
+                    }
+                    for ((t, &ob), shape) in got.iter().zip(out_bufs).zip(outs) {
+                        let data = t
+                            .as_slice::<f32>()
+                            .filter(|_| t.shape() == shape.as_slice())
+                            .ok_or_else(|| {
+                                format!(
+                                    "iteration {it}: {} gave {:?}, expected f32{shape:?}",
+                                    node.op.name(),
+                                    t.shape()
+                                )
+                            })?;
+                        bufs[ob].copy_from_slice(data);
+                    }
                 }
             }
         }
