@@ -76,7 +76,19 @@ impl Pass for SelectRecurrenceForm {
                 }
                 Err(why) => {
                     stats.bump(why.counter(), 1);
-                    start = i + 1;
+                    // A loop kept per step still runs the part of its step that no carried
+                    // value reaches once over every step, where that part has a matmul.
+                    let mut work = g.clone();
+                    match hoist_step_part(&mut work, i) {
+                        Ok(h) => {
+                            *g = work;
+                            stats.changed += 1;
+                            stats.added += h.added;
+                            stats.bump("values_hoisted", h.values);
+                            start = i + h.added + 1;
+                        }
+                        Err(_) => start = i + 1,
+                    }
                 }
             }
         }
@@ -350,6 +362,158 @@ fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
         added,
         scans,
         chunked,
+    })
+}
+
+/// What [`hoist_step_part`] did to one loop.
+struct Hoisted {
+    values: usize,
+    added: usize,
+}
+
+/// For a loop that keeps its per-step form: the body values that no carried value reaches,
+/// that a contraction computes and that the recurrence reads (an RNN cell's input
+/// projection `x_t·W_ih + b`) are lifted over every step (one batched matmul instead of a
+/// matrix-vector product per step), and the body reads step `t`'s slice of the result,
+/// `gather(steps, iter)`. Exact up to the batched matmul's order of summation.
+fn hoist_step_part(g: &mut Graph, li: usize) -> Result<Hoisted, Keep> {
+    let node = g.nodes[li].clone();
+    let body = node
+        .attrs
+        .graph("body")
+        .ok()
+        .flatten()
+        .ok_or(Keep::NoRule)?;
+    let k = node
+        .attrs
+        .int_or("num_captures", 0)
+        .map_err(|_| Keep::NoRule)? as usize;
+    let m = node
+        .inputs
+        .len()
+        .checked_sub(2 + k)
+        .ok_or(Keep::NotCounted)?;
+    let trips = node.inputs[0]
+        .and_then(|t| g.constant_value(t))
+        .filter(|t| t.len() == 1 && t.dtype() == DType::I64)
+        .map(|t| t.to_i64s()[0])
+        .ok_or(Keep::NotCounted)?;
+    if trips < 1 || node.inputs[1].is_some() || body.inputs.len() != 2 + m + k {
+        return Err(Keep::NotCounted);
+    }
+    // Values a carried value reaches, and values (reached by none) a contraction computes.
+    let mut dep = vec![false; body.values.len()];
+    let mut heavy = vec![false; body.values.len()];
+    for j in 0..m {
+        dep[body.inputs[2 + j].index()] = true;
+    }
+    for n in &body.nodes {
+        let d = n.inputs.iter().flatten().any(|v| dep[v.index()]);
+        let h = matches!(
+            n.op,
+            OpKind::MatMul | OpKind::Gemm | OpKind::Linear | OpKind::Einsum
+        ) || n.inputs.iter().flatten().any(|v| heavy[v.index()]);
+        for o in &n.outputs {
+            dep[o.index()] = d;
+            heavy[o.index()] = h && !d;
+        }
+    }
+    // Those the recurrence or the body's results read.
+    let mut frontier: Vec<ValueId> = vec![];
+    let reads = body
+        .nodes
+        .iter()
+        .filter(|n| n.outputs.iter().any(|o| dep[o.index()]))
+        .flat_map(|n| n.inputs.iter().flatten().copied())
+        .chain(body.outputs[1..].iter().copied());
+    for v in reads {
+        if heavy[v.index()] && !frontier.contains(&v) {
+            frontier.push(v);
+        }
+    }
+    if frontier.is_empty() {
+        return Err(Keep::NoRule);
+    }
+    let outer_consts: HashMap<ValueId, Arc<Tensor>> = g
+        .nodes
+        .iter()
+        .filter(|n| n.op == OpKind::Constant)
+        .filter_map(|n| Some((*n.outputs.first()?, n.attrs.tensor("value").ok()??)))
+        .collect();
+    let mut l = Lifter {
+        namer: Namer::new(g),
+        g,
+        body: &body,
+        producer: rewrite::producers(&body),
+        s: trips as usize,
+        m,
+        loop_inputs: node.inputs.clone(),
+        memo: HashMap::new(),
+        nodes: vec![],
+        konst: outer_consts,
+        scans: vec![],
+        shifted: HashMap::new(),
+        label: node.name.clone(),
+    };
+    let mut stacked = vec![];
+    for &v in &frontier {
+        let lifted = l.lift(v)?;
+        stacked.push(l.as_steps(lifted, v)?);
+    }
+    let nodes = std::mem::take(&mut l.nodes);
+    drop(l);
+    let bytes: f64 = nodes
+        .iter()
+        .filter(|n| n.op != OpKind::Constant)
+        .flat_map(|n| n.outputs.iter())
+        .map(|&o| elems(g.ty(o)) * g.ty(o).dtype.size() as f64)
+        .sum();
+    if bytes > MAX_MATERIALISED_BYTES {
+        return Err(Keep::Memory);
+    }
+    // The body reads each hoisted value as step `iter` of a new capture.
+    let mut b = (*body).clone();
+    let iter = b.inputs[0];
+    let mut namer = Namer::new(&b);
+    let mut pairs = vec![];
+    let mut step_reads = vec![];
+    for (&v, &st) in frontier.iter().zip(&stacked) {
+        let base = b.value(v).name.clone();
+        let cap = namer.add_value(&mut b, &format!("{base}_steps"), g.ty(st).clone());
+        b.inputs.push(cap);
+        let row_ty = b.ty(v).clone();
+        let row = namer.add_value(&mut b, &format!("{base}_step"), row_ty);
+        step_reads.push((
+            0,
+            Node {
+                op: OpKind::Gather,
+                attrs: Attrs::new().with("axis", Attr::Int(0)),
+                inputs: vec![Some(cap), Some(iter)],
+                outputs: vec![row],
+                name: format!("{}/hoisted_step", node.name),
+            },
+        ));
+        pairs.push((v, row));
+    }
+    let mut sub = Subst::new(&b);
+    for (v, row) in pairs {
+        sub.replace(v, row);
+    }
+    sub.apply(&mut b);
+    rewrite::insert_nodes(&mut b, step_reads);
+    rewrite::remove_dead(&mut b);
+    let mut looped = node;
+    looped.inputs.extend(stacked.iter().map(|&v| Some(v)));
+    looped
+        .attrs
+        .set("num_captures", Attr::Int((k + frontier.len()) as i64));
+    looped.attrs.set("body", Attr::Graph(Arc::new(b)));
+    g.nodes[li] = looped;
+    let added = nodes.len();
+    rewrite::insert_nodes(g, nodes.into_iter().map(|n| (li, n)).collect());
+    Ok(Hoisted {
+        values: frontier.len(),
+        added,
     })
 }
 
@@ -1115,6 +1279,90 @@ mod tests {
         assert_eq!(stats.counter("kept_not_linear"), 1, "{stats}");
         assert!(ops(&after).contains(&OpKind::Loop));
         assert_same_outputs(&before, &after);
+    }
+
+    /// An RNN step: `h_out = tanh(x_t·W_x + h_in·W_h)` over `S` steps, `x_t = x[t + 1]`,
+    /// `W_x` captured, `W_h` held by the body; every step's state scanned.
+    fn rnn_looped() -> Graph {
+        let mut body = Graph::new("rnn_step");
+        let iter = body.add_input("iter", scalar(DType::I64));
+        let cond = body.add_input("cond", scalar(DType::Bool));
+        let h_in = body.add_input("h_in", f32_ty(&[B, D]));
+        let x = body.add_input("x", f32_ty(&[S + 1, B, D]));
+        let wx = body.add_input("wx", f32_ty(&[D, D]));
+        let steps = body.add_constant("steps", Tensor::from_vec(vec![S], (1..=S as i64).collect()));
+        let wh = body.add_constant("wh", Rng::new(8).tensor(DType::F32, &[D, D]));
+        let idx = node(
+            &mut body,
+            OpKind::Gather,
+            &[steps, iter],
+            "idx",
+            scalar(DType::I64),
+        );
+        let xt = node(&mut body, OpKind::Gather, &[x, idx], "xt", f32_ty(&[B, D]));
+        let px = node(&mut body, OpKind::MatMul, &[xt, wx], "px", f32_ty(&[B, D]));
+        let ph = node(
+            &mut body,
+            OpKind::MatMul,
+            &[h_in, wh],
+            "ph",
+            f32_ty(&[B, D]),
+        );
+        let a = node(&mut body, OpKind::Add, &[px, ph], "a", f32_ty(&[B, D]));
+        let h_out = node(&mut body, OpKind::Tanh, &[a], "h_out", f32_ty(&[B, D]));
+        body.outputs = vec![cond, h_out, h_out];
+        let mut g = Graph::new("rnn_looped");
+        let h0 = g.add_input("h0", f32_ty(&[B, D]));
+        let x = g.add_input("x", f32_ty(&[S + 1, B, D]));
+        let wx = g.add_constant("wx", Rng::new(9).tensor(DType::F32, &[D, D]));
+        let trips = g.add_constant("trips", Tensor::scalar(S as i64));
+        let attrs = Attrs::new()
+            .with("body", Attr::Graph(Arc::new(body)))
+            .with("num_captures", Attr::Int(2));
+        g.outputs = g.add_node(
+            OpKind::Loop,
+            attrs,
+            vec![Some(trips), None, Some(h0), Some(x), Some(wx)],
+            vec![
+                ("h".into(), f32_ty(&[B, D])),
+                ("hs".into(), f32_ty(&[S, B, D])),
+            ],
+            "rnn",
+        );
+        g
+    }
+
+    #[test]
+    fn a_kept_loop_runs_its_step_input_projection_once_over_every_step() {
+        let before = rnn_looped();
+        let mut after = before.clone();
+        let stats = run_pass(&mut after);
+        assert_eq!(stats.counter("kept_not_linear"), 1, "{stats}");
+        assert_eq!(stats.counter("values_hoisted"), 1, "{stats}");
+        let li = after
+            .nodes
+            .iter()
+            .position(|n| n.op == OpKind::Loop)
+            .unwrap();
+        // x_t·W_x left the body: one matmul over every step outside, h·W_h inside.
+        assert!(
+            ops(&after)[..li].contains(&OpKind::MatMul),
+            "{:?}",
+            ops(&after)
+        );
+        let body = after.nodes[li].attrs.graph("body").unwrap().unwrap();
+        assert_eq!(
+            ops(&body).iter().filter(|&&k| k == OpKind::MatMul).count(),
+            1
+        );
+        assert_eq!(after.nodes[li].attrs.int("num_captures").unwrap(), Some(3));
+        // The interpreter's batched matmul sums each row as the per-step one did.
+        assert_same_outputs(&before, &after);
+        // A loop without a matmul on its step inputs is left as it was.
+        let before = looped(false);
+        let mut after = before.clone();
+        let stats = run_pass(&mut after);
+        assert_eq!(stats.counter("values_hoisted"), 0, "{stats}");
     }
 
     #[test]

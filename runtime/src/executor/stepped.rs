@@ -37,13 +37,14 @@ enum Step {
     /// `out = table[iter]` (a `gather` of a constant integer vector at the iteration
     /// number: the exporter's per-step index).
     Index { out: usize, table: Vec<i64> },
-    /// `buf = gather(src, index, axis)` with a scalar index: one row of a per-step input.
+    /// `buf = gather(src, index, axis)` with a scalar index (an index slot, or `None`: the
+    /// iteration number): one row of a per-step input.
     Row {
         buf: usize,
         src: Src,
         src_value: ValueId,
         axis: usize,
-        index: usize,
+        index: Option<usize>,
     },
     /// Loop kernel `kernel` of the body's plan, its outputs into `bufs`.
     Loop { kernel: usize, bufs: Vec<usize> },
@@ -147,6 +148,29 @@ impl StepPlan {
                     let arg = |i: usize| n.inputs.get(i).copied().flatten();
                     let out = *n.outputs.first()?;
                     match n.op {
+                        // Step `iter` of a capture stacked over the steps (what
+                        // `select_recurrence_form` hoists out of a step).
+                        OpKind::Gather
+                            if arg(1) == Some(iter)
+                                && arg(0).is_some_and(|d| {
+                                    matches!(src.get(&d), Some(Src::Capture(_)))
+                                }) =>
+                        {
+                            let data = arg(0)?;
+                            if g.ty(out).dtype != DType::F32 || n.attrs.int_or("axis", 0).ok()? != 0
+                            {
+                                return None;
+                            }
+                            src.insert(out, Src::Buf(bufs.len()));
+                            steps.push(Step::Row {
+                                buf: bufs.len(),
+                                src: src[&data],
+                                src_value: data,
+                                axis: 0,
+                                index: None,
+                            });
+                            bufs.push(out);
+                        }
                         OpKind::Gather if arg(1) == Some(iter) => {
                             let table = constants.get(&arg(0)?)?;
                             if table.rank() != 1
@@ -179,7 +203,7 @@ impl StepPlan {
                                 src: s,
                                 src_value: data,
                                 axis,
-                                index: index_of[&arg(1)?],
+                                index: Some(index_of[&arg(1)?]),
                             });
                             bufs.push(out);
                         }
@@ -537,14 +561,11 @@ fn drive(
                         _ => unreachable!("rows are read from captures and constants"),
                     };
                     let dim = shape[*axis] as i64;
-                    let mut s = index[*ix];
-                    if s < 0 {
-                        s += dim;
-                    }
+                    let at = ix.map_or(it as i64, |ix| index[ix]);
+                    let s = if at < 0 { at + dim } else { at };
                     if !(0..dim).contains(&s) {
                         return Err(format!(
-                            "iteration {it}: gather index {} is out of range for a dim of {dim}",
-                            index[*ix]
+                            "iteration {it}: gather index {at} is out of range for a dim of {dim}"
                         ));
                     }
                     let inner: usize = shape[axis + 1..].iter().product();
