@@ -29,6 +29,26 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         Box::new(FoldConstants::default()),
         // Folding turns reshape targets into constants: reshapes may now compose or vanish.
         Box::new(SimplifyOps),
+        // Recurrences unrolled over time are rolled next, so that every pass after them runs
+        // on one step, not S (compile time on a long unrolled export is mostly passes over
+        // its copies). First the copies' duplicate constants merge (a step's weights read
+        // as one value) and shape reads move to where a shape is first known (a step's
+        // `shape(buffer)` would otherwise be one more reader of the chain below).
+        Box::new(EliminateCommonSubexpressions),
+        Box::new(crate::classic::HoistShapeReadsLocal),
+        // A recurrence's `out[:, t] = h` over every step (a chain of row scatter_nds)
+        // becomes one concat of the rows, which the roll below returns as a scan output
+        // instead of carrying the whole buffer through its loop.
+        Box::new(crate::classic::StackRowScatters),
+        // Recurrences an exporter unrolled over time (one block of nodes per step, indexed by
+        // the step's constants) become one `loop`, so the e-graph and every pass after it
+        // see one step, not S (weight-tied layers roll last, with optimised bodies).
+        Box::new(RollBlocks::recurrences()),
+        // A loop whose carried values are linear recurrences (h = a ⊙ h + b: Mamba's scan)
+        // becomes one `linear_scan` (sequential or chunked, by cost) with the rest of its
+        // body run once over every step, so the pattern fusions below see the lifted ops;
+        // other loops stay, their step's input projections lifted the same way.
+        Box::new(crate::classic::SelectRecurrenceForm::new(target.clone())),
         // A gemm over rows an exporter flattened (GPT-2's Conv1D) becomes a matmul on the
         // unflattened input, so norms and epilogues meet it as they meet every matmul.
         Box::new(UnflattenGemm),
@@ -63,18 +83,6 @@ pub fn default_passes_for(target: crate::target::Target) -> Vec<Box<dyn Pass>> {
         // A shape read of a norm's or activation's output reads its input instead, so the
         // e-graph never keeps a norm alive only for its shape (local: never across layers).
         Box::new(crate::classic::HoistShapeReadsLocal),
-        // A recurrence's `out[:, t] = h` over every step (a chain of row scatter_nds)
-        // becomes one concat of the rows, which the roll below returns as a scan output
-        // instead of carrying the whole buffer through its loop.
-        Box::new(crate::classic::StackRowScatters),
-        // Recurrences an exporter unrolled over time (one block of nodes per step, indexed by
-        // the step's constants) become one `loop`, so the e-graph and every pass after it
-        // see one step, not S (weight-tied layers roll last, with optimised bodies).
-        Box::new(RollBlocks::recurrences()),
-        // A loop whose carried values are linear recurrences (h = a ⊙ h + b: Mamba's scan)
-        // becomes one `linear_scan` (sequential or chunked, by cost) with the rest of its
-        // body run once over every step; other loops stay.
-        Box::new(crate::classic::SelectRecurrenceForm::new(target.clone())),
         // The steps-first transposes rolling put in front of per-step reads move onto the
         // smaller operands of the elementwise chains they read, which then write that
         // layout themselves (not earlier: the pattern fusions see the exported layout).
@@ -125,7 +133,7 @@ mod tests {
         g.add_constant("dead", Tensor::scalar(3.0f32));
         g.outputs = vec![x, a];
         let report = pm.run(&mut g).unwrap();
-        assert_eq!(report.passes.len(), 26);
+        assert_eq!(report.passes.len(), 28);
         assert_eq!(g.nodes.len(), 1);
         assert_eq!(g.value(g.outputs[1]).name, "a");
     }
