@@ -224,8 +224,18 @@ fn i64_tensor(shape: Vec<usize>, v: Vec<i64>) -> Tensor {
     Tensor::from_vec(shape, v)
 }
 
-/// Rewrites the loop at node `li` of `g` into its lifted form, or says why not.
-fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
+/// A `loop` node with a constant trip count and no condition operand: the node, its body,
+/// its number of captures `k` and carried values `m`, and the trip count.
+struct Counted {
+    node: Node,
+    body: Arc<Graph>,
+    k: usize,
+    m: usize,
+    trips: usize,
+}
+
+/// The loop at node `li` of `g` as a [`Counted`] one, or why it is not.
+fn counted_loop(g: &Graph, li: usize) -> Result<Counted, Keep> {
     let node = g.nodes[li].clone();
     let body = node
         .attrs
@@ -242,23 +252,40 @@ fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
         .len()
         .checked_sub(2 + k)
         .ok_or(Keep::NotCounted)?;
-    // A constant trip count, no condition, a body that passes the condition through.
     let trips = node.inputs[0]
         .and_then(|t| g.constant_value(t))
         .filter(|t| t.len() == 1 && t.dtype() == DType::I64)
         .map(|t| t.to_i64s()[0])
         .ok_or(Keep::NotCounted)?;
-    if trips < 1
-        || node.inputs[1].is_some()
-        || body.inputs.len() != 2 + m + k
-        || body.outputs.first() != body.inputs.get(1)
+    if trips < 1 || node.inputs[1].is_some() || body.inputs.len() != 2 + m + k {
+        return Err(Keep::NotCounted);
+    }
+    Ok(Counted {
+        node,
+        body,
+        k,
+        m,
+        trips: trips as usize,
+    })
+}
+
+/// Rewrites the loop at node `li` of `g` into its lifted form, or says why not.
+fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
+    // A constant trip count, no condition, a body that passes the condition through.
+    let Counted {
+        node,
+        body,
+        m,
+        trips: s,
+        ..
+    } = counted_loop(g, li)?;
+    if body.outputs.first() != body.inputs.get(1)
         || node.outputs.len() + 1 != body.outputs.len()
         || body.outputs.len() < 1 + m
         || m == 0
     {
         return Err(Keep::NotCounted);
     }
-    let s = trips as usize;
     let producer = rewrite::producers(&body);
     // Each carried value: h_out = add(mul(a, h_in), b), in any operand order.
     let mut recs = vec![];
@@ -377,30 +404,13 @@ struct Hoisted {
 /// matrix-vector product per step), and the body reads step `t`'s slice of the result,
 /// `gather(steps, iter)`. Exact up to the batched matmul's order of summation.
 fn hoist_step_part(g: &mut Graph, li: usize) -> Result<Hoisted, Keep> {
-    let node = g.nodes[li].clone();
-    let body = node
-        .attrs
-        .graph("body")
-        .ok()
-        .flatten()
-        .ok_or(Keep::NoRule)?;
-    let k = node
-        .attrs
-        .int_or("num_captures", 0)
-        .map_err(|_| Keep::NoRule)? as usize;
-    let m = node
-        .inputs
-        .len()
-        .checked_sub(2 + k)
-        .ok_or(Keep::NotCounted)?;
-    let trips = node.inputs[0]
-        .and_then(|t| g.constant_value(t))
-        .filter(|t| t.len() == 1 && t.dtype() == DType::I64)
-        .map(|t| t.to_i64s()[0])
-        .ok_or(Keep::NotCounted)?;
-    if trips < 1 || node.inputs[1].is_some() || body.inputs.len() != 2 + m + k {
-        return Err(Keep::NotCounted);
-    }
+    let Counted {
+        node,
+        body,
+        k,
+        m,
+        trips,
+    } = counted_loop(g, li)?;
     // Values a carried value reaches, and values (reached by none) a contraction computes.
     let mut dep = vec![false; body.values.len()];
     let mut heavy = vec![false; body.values.len()];
@@ -445,7 +455,7 @@ fn hoist_step_part(g: &mut Graph, li: usize) -> Result<Hoisted, Keep> {
         g,
         body: &body,
         producer: rewrite::producers(&body),
-        s: trips as usize,
+        s: trips,
         m,
         loop_inputs: node.inputs.clone(),
         memo: HashMap::new(),
