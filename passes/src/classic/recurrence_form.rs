@@ -313,27 +313,7 @@ fn lift_loop(g: &mut Graph, li: usize, target: &Target) -> Result<Done, Keep> {
         let (a, b) = rec.ok_or(Keep::NotLinear)?;
         recs.push((a, b, out));
     }
-    let outer_consts: HashMap<ValueId, Arc<Tensor>> = g
-        .nodes
-        .iter()
-        .filter(|n| n.op == OpKind::Constant)
-        .filter_map(|n| Some((*n.outputs.first()?, n.attrs.tensor("value").ok()??)))
-        .collect();
-    let mut l = Lifter {
-        namer: Namer::new(g),
-        g,
-        body: &body,
-        producer,
-        s,
-        m,
-        loop_inputs: node.inputs.clone(),
-        memo: HashMap::new(),
-        nodes: vec![],
-        konst: outer_consts,
-        scans: vec![],
-        shifted: HashMap::new(),
-        label: node.name.clone(),
-    };
+    let mut l = Lifter::new(g, &body, s, m, &node);
     for &(a, b, out) in &recs {
         let j = l.scans.len();
         let h0 = l.loop_inputs[2 + j].ok_or(Keep::NotLinear)?;
@@ -444,27 +424,7 @@ fn hoist_step_part(g: &mut Graph, li: usize) -> Result<Hoisted, Keep> {
     if frontier.is_empty() {
         return Err(Keep::NoRule);
     }
-    let outer_consts: HashMap<ValueId, Arc<Tensor>> = g
-        .nodes
-        .iter()
-        .filter(|n| n.op == OpKind::Constant)
-        .filter_map(|n| Some((*n.outputs.first()?, n.attrs.tensor("value").ok()??)))
-        .collect();
-    let mut l = Lifter {
-        namer: Namer::new(g),
-        g,
-        body: &body,
-        producer: rewrite::producers(&body),
-        s: trips,
-        m,
-        loop_inputs: node.inputs.clone(),
-        memo: HashMap::new(),
-        nodes: vec![],
-        konst: outer_consts,
-        scans: vec![],
-        shifted: HashMap::new(),
-        label: node.name.clone(),
-    };
+    let mut l = Lifter::new(g, &body, trips, m, &node);
     let mut stacked = vec![];
     for &v in &frontier {
         let lifted = l.lift(v)?;
@@ -544,6 +504,33 @@ struct Lifter<'a> {
     /// Per carried value: the state each step starts from (`[h0, h_0 .. h_{S-2}]`).
     shifted: HashMap<usize, ValueId>,
     label: String,
+}
+
+impl<'a> Lifter<'a> {
+    /// A lifting of `body`, the body of loop `node` (`s` steps, `m` carried values), into `g`.
+    fn new(g: &'a mut Graph, body: &'a Graph, s: usize, m: usize, node: &Node) -> Lifter<'a> {
+        let konst = g
+            .nodes
+            .iter()
+            .filter(|n| n.op == OpKind::Constant)
+            .filter_map(|n| Some((*n.outputs.first()?, n.attrs.tensor("value").ok()??)))
+            .collect();
+        Lifter {
+            namer: Namer::new(g),
+            g,
+            body,
+            producer: rewrite::producers(body),
+            s,
+            m,
+            loop_inputs: node.inputs.clone(),
+            memo: HashMap::new(),
+            nodes: vec![],
+            konst,
+            scans: vec![],
+            shifted: HashMap::new(),
+            label: node.name.clone(),
+        }
+    }
 }
 
 impl Lifter<'_> {
