@@ -129,6 +129,30 @@ fn a_recurrent_step_with_a_matmul_runs_as_a_stepped_loop() {
     }
 }
 
+/// A stepped loop whose trip count runs past its per-step index table fails with an error
+/// naming the loop and the index, as the interpreter does: never a panic or a wrong row.
+#[test]
+fn a_stepped_loop_past_its_step_table_is_an_error() {
+    let w: Vec<String> = (0..64)
+        .map(|i| format!("{}", (i % 7) as f32 * 0.01))
+        .collect();
+    let text = RNN_STEPS
+        .replace("{W}", &w.join(", "))
+        .replace("dense<i64[]> [5]", "dense<i64[]> [7]")
+        .replace("f32[5, B, 8]", "f32[7, B, 8]");
+    let m = Model::from_graph(text.parse().unwrap());
+    let jit = compile(&m, Backend::Jit, "");
+    let interp = compile(&m, Backend::Interp, "");
+    let ins = vec![("x", random(&[2, 6, 8], 4)), ("h0", random(&[2, 8], 5))];
+    let got = jit.run(&ins).expect_err("the jit must refuse step 5 of 5");
+    let msg = got.to_string();
+    assert!(
+        msg.contains("out of range") && msg.contains("loop"),
+        "{msg}"
+    );
+    assert!(interp.run(&ins).is_err(), "the interpreter refuses it too");
+}
+
 #[test]
 fn jit_runs_loops_and_scans_like_the_interpreter() {
     let m = Model::from_graph(WHILE_MATMUL.parse().unwrap());
