@@ -56,6 +56,39 @@ const MAX_SEARCH_NODES: usize = 50_000;
 /// and the unrolled graph (compile time, code) grows with every step.
 pub const MIN_STEPPED_TRIPS: usize = 32;
 
+/// Steps from which a recurrence whose step is only elementwise math, row gathers, matmuls,
+/// views and shape arithmetic ([`native_step`]) rolls: such a loop runs on the stepped
+/// driver (`runtime/src/executor/stepped.rs`, no plan run per step) or lifts into a
+/// `linear_scan`, and rolled it beat its unrolled form from 16 steps on (the full-width
+/// Mamba and Elman RNN of `bench/unrolled.sh` at S = 16: 1.31 → 0.90 and 0.26 → 0.17 ms).
+pub const MIN_NATIVE_STEP_TRIPS: usize = 16;
+
+/// Whether every node of a step is one the stepped driver or the lifting runs natively
+/// (see [`MIN_NATIVE_STEP_TRIPS`]); a `scatter_nd`, a reduction or any other op keeps the
+/// step on the general path, which pays a whole plan run per step.
+fn native_step(g: &Graph, block: &[usize]) -> bool {
+    block.iter().all(|&ni| {
+        let op = g.nodes[ni].op;
+        op.family() == kiln_ir::ops::Family::Elementwise
+            || matches!(
+                op,
+                OpKind::Gather
+                    | OpKind::MatMul
+                    | OpKind::Gemm
+                    | OpKind::Reshape
+                    | OpKind::Squeeze
+                    | OpKind::Unsqueeze
+                    | OpKind::Flatten
+                    | OpKind::Identity
+                    | OpKind::Shape
+                    | OpKind::Concat
+                    | OpKind::Expand
+                    | OpKind::Constant
+                    | OpKind::Cast
+            )
+    })
+}
+
 /// Rolls weight-tied repeated blocks, and recurrences unrolled over time of at least
 /// `min_stepped_trips` steps, into `loop`s.
 #[derive(Clone, Copy, Debug)]
@@ -768,7 +801,12 @@ fn confirm(
     } = mode
     {
         let stepped = slots.iter().flatten().any(|s| *s == Some(Slot::Param));
-        if (stepped && copies < min_stepped_trips) || (stepped_only && !stepped) {
+        let min_trips = if native_step(g, &blocks[0]) {
+            min_stepped_trips.min(MIN_NATIVE_STEP_TRIPS)
+        } else {
+            min_stepped_trips
+        };
+        if (stepped && copies < min_trips) || (stepped_only && !stepped) {
             return None;
         }
     }
@@ -1619,6 +1657,27 @@ mod tests {
         );
         g.outputs = vec![h, buf, stacked];
         g
+    }
+
+    /// A step of row gathers, a matmul and elementwise math rolls from
+    /// [`MIN_NATIVE_STEP_TRIPS`] steps on; the same step writing a buffer with `scatter_nd`
+    /// (the general path's) waits for [`MIN_STEPPED_TRIPS`].
+    #[test]
+    fn native_steps_roll_from_fewer_steps_than_others() {
+        let steps = MIN_NATIVE_STEP_TRIPS + 2;
+        assert!(steps < MIN_STEPPED_TRIPS);
+        let with_scatter = unrolled(steps);
+        let mut g = with_scatter.clone();
+        assert!(RollBlocks::recurrences().run(&mut g).unwrap().is_noop());
+        // Without the buffer output the scatters are dead: the step is native.
+        let mut g = with_scatter.clone();
+        g.outputs.remove(1);
+        rewrite::remove_dead(&mut g);
+        let before = g.clone();
+        let stats = RollBlocks::recurrences().run(&mut g).unwrap();
+        assert_eq!(stats.counter("loops"), 1, "{stats}");
+        kiln_ir::verify(&g).unwrap();
+        assert_same_outputs(&before, &g);
     }
 
     #[test]
