@@ -156,7 +156,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
   echo "roll_recurrences (before the e-graph) and roll_blocks (last but one); a recurrence rolls"
   echo "from MIN_NATIVE_STEP_TRIPS = 16 copies on where its step is elementwise math, row gathers,"
   echo "matmuls and views, else from MIN_STEPPED_TRIPS = 32 (passes/src/classic/roll.rs), so RWKV at"
-  echo "S = 16 (14 copies) stays unrolled, and the size and compile-time goals are read from S = 64 on. compile = \`kiln bench\`'s compile ms (optimise + JIT codegen + weight packing; the"
+  echo "S = 16 (fewer than 16 repeated copies) stays unrolled, and the size and compile-time goals are read from S = 64 on. compile = \`kiln bench\`'s compile ms (optimise + JIT codegen + weight packing; the"
   echo "1-thread row), load = reading and importing the file, both the median of $ROUNDS processes. Code size: the JIT does not report its"
   echo "code size, so the same optimised graph is built by the AOT backend (\`kiln build --weights"
   echo "file --emit-ir\`): kernels (compiled loop kernels), lines of the model's LLVM IR, and the"
