@@ -94,18 +94,18 @@ fn find_chains(g: &Graph) -> Vec<Chain> {
         .filter(|(_, n)| n.op == OpKind::ScatterND)
         .filter_map(|(i, _)| forms.row_write(i).map(|w| (i, w)))
         .collect();
+    // Per value: the row scatter that writes into it (reads it as its data).
+    let scatter_into: HashMap<ValueId, usize> = row_of
+        .keys()
+        .filter_map(|&j| Some((g.nodes[j].inputs[0]?, j)))
+        .collect();
     // The scatter that reads node i's output as its data, where it is the only reader.
     let next = |i: usize| -> Option<usize> {
         let out = g.nodes[i].outputs[0];
         if uses[out.index()] != 1 || g.outputs.contains(&out) {
             return None;
         }
-        let j = g.nodes[i + 1..]
-            .iter()
-            .position(|n| n.inputs.iter().flatten().any(|&v| v == out))?
-            + i
-            + 1;
-        (row_of.contains_key(&j) && g.nodes[j].inputs[0] == Some(out)).then_some(j)
+        scatter_into.get(&out).copied()
     };
     let mut has_prev = vec![false; g.nodes.len()];
     let mut links = HashMap::new();

@@ -48,13 +48,9 @@ enum Step {
     },
     /// Loop kernel `kernel` of the body's plan, its outputs into `bufs`.
     Loop { kernel: usize, bufs: Vec<usize> },
-    /// Contraction `kernel` of the body's plan (graph node `node`: a per-step matmul with
-    /// its weights packed once), on its prepared routine; its outputs into `bufs`.
-    Contraction {
-        kernel: usize,
-        node: usize,
-        bufs: Vec<usize>,
-    },
+    /// Contraction `kernel` of the body's plan (a per-step matmul with its weights packed
+    /// once), on its prepared routine; its outputs into `bufs`.
+    Contraction { kernel: usize, bufs: Vec<usize> },
 }
 
 /// How a `loop` node's body runs as one native loop (see the module docs).
@@ -137,41 +133,19 @@ impl StepPlan {
                         out.push(bufs.len());
                         bufs.push(v);
                     }
-                    steps.push(Step::Contraction {
-                        kernel,
-                        node: *n,
-                        bufs: out,
-                    });
+                    steps.push(Step::Contraction { kernel, bufs: out });
                 }
                 Kernel::Fallback(n) => {
                     let n = &g.nodes[*n];
                     let arg = |i: usize| n.inputs.get(i).copied().flatten();
                     let out = *n.outputs.first()?;
                     match n.op {
-                        // Step `iter` of a capture stacked over the steps (what
-                        // `select_recurrence_form` hoists out of a step).
                         OpKind::Gather
                             if arg(1) == Some(iter)
                                 && arg(0).is_some_and(|d| {
-                                    matches!(src.get(&d), Some(Src::Capture(_)))
+                                    constants.get(&d).is_some_and(|t| t.dtype() != DType::F32)
                                 }) =>
                         {
-                            let data = arg(0)?;
-                            if g.ty(out).dtype != DType::F32 || n.attrs.int_or("axis", 0).ok()? != 0
-                            {
-                                return None;
-                            }
-                            src.insert(out, Src::Buf(bufs.len()));
-                            steps.push(Step::Row {
-                                buf: bufs.len(),
-                                src: src[&data],
-                                src_value: data,
-                                axis: 0,
-                                index: None,
-                            });
-                            bufs.push(out);
-                        }
-                        OpKind::Gather if arg(1) == Some(iter) => {
                             let table = constants.get(&arg(0)?)?;
                             if table.rank() != 1
                                 || !matches!(table.dtype(), DType::I64 | DType::I32)
@@ -185,7 +159,12 @@ impl StepPlan {
                                 table: table.to_i64s(),
                             });
                         }
-                        OpKind::Gather if arg(1).is_some_and(|i| index_of.contains_key(&i)) => {
+                        // A row of a per-step input: at a step index, or at the iteration
+                        // number of a capture stacked over the steps (what
+                        // `select_recurrence_form` hoists out of a step).
+                        OpKind::Gather
+                            if arg(1).is_some_and(|i| i == iter || index_of.contains_key(&i)) =>
+                        {
                             let data = arg(0)?;
                             let s = *src.get(&data)?;
                             if !matches!(s, Src::Capture(_) | Src::Const(_))
@@ -197,13 +176,14 @@ impl StepPlan {
                             let axis = n.attrs.int_or("axis", 0).ok()?;
                             let axis = if axis < 0 { axis + rank } else { axis };
                             let axis = usize::try_from(axis).ok().filter(|&a| (a as i64) < rank)?;
+                            let index = arg(1).filter(|&i| i != iter).map(|i| index_of[&i]);
                             src.insert(out, Src::Buf(bufs.len()));
                             steps.push(Step::Row {
                                 buf: bufs.len(),
                                 src: s,
                                 src_value: data,
                                 axis,
-                                index: Some(index_of[&arg(1)?]),
+                                index,
                             });
                             bufs.push(out);
                         }
@@ -397,8 +377,11 @@ pub fn run(
                 buf_shape[*buf] = Some(s);
                 bound.push(Bind::None);
             }
-            Step::Contraction { node, bufs, .. } => {
-                let n = &g.nodes[*node];
+            Step::Contraction { kernel, bufs } => {
+                let Kernel::Contraction(node) = body.plan.kernels[*kernel] else {
+                    return None;
+                };
+                let n = &g.nodes[node];
                 let ins = n
                     .inputs
                     .iter()
@@ -584,7 +567,6 @@ fn drive(
                 }
                 Step::Contraction {
                     kernel,
-                    node,
                     bufs: out_bufs,
                 } => {
                     let Bind::Contraction { ins, outs } = b else {
@@ -618,7 +600,10 @@ fn drive(
                         });
                     }
                     let refs: Vec<Option<&Tensor>> = owned.iter().map(|t| t.as_deref()).collect();
-                    let node = &body.plan.graph.nodes[*node];
+                    let Kernel::Contraction(n) = body.plan.kernels[*kernel] else {
+                        unreachable!("contraction steps are contraction kernels")
+                    };
+                    let node = &body.plan.graph.nodes[n];
                     let prepared = body.contractions.get(*kernel).and_then(|p| p.as_deref());
                     let got = match prepared
                         .and_then(|p| p.run(&refs, pool, &mut super::arena::Outputs::none()))
